@@ -1,0 +1,222 @@
+"""The public API: apply / remove / config_of / methods, re-entrancy, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import pytest
+import torch
+from conftest import tiny_vit
+from torch import nn
+
+import tokcomp
+from tokcomp.config import ConfigError
+
+
+def test_methods_lists_tome():
+    assert "tome" in tokcomp.methods()
+
+
+@torch.no_grad()
+def test_remove_restores_forward_and_state_dict_exactly(timm_variant, images):
+    model = tiny_vit(timm_variant)
+    expected = model(images)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    original_dict = set(model.__dict__)
+    tokcomp.apply(model, "tome", r=6)
+    assert not torch.equal(model(images), expected)
+    assert tokcomp.remove(model) is model
+    assert set(model.__dict__) == original_dict
+    assert model.forward.__func__ is type(model).forward
+    assert model.forward_features.__func__ is type(model).forward_features
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model(images), expected)
+
+
+@torch.no_grad()
+def test_apply_twice_replaces_the_previous_method(images):
+    model = tiny_vit("vit")
+    once = tokcomp.apply(copy.deepcopy(model), "tome", r=5)(images)
+    twice = tokcomp.apply(tokcomp.apply(model, "tome", r=11), "tome", r=5)
+    torch.testing.assert_close(twice(images), once, atol=0, rtol=0)
+    assert tokcomp.config_of(twice).options == {"r": 5}
+    tokcomp.remove(twice)
+    assert not tokcomp.is_patched(twice)
+
+
+@torch.no_grad()
+def test_patched_state_dict_is_unchanged_and_loadable(images):
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=4)
+    fresh = tiny_vit("vit", seed=5)
+    fresh.load_state_dict(model.state_dict())
+    tokcomp.apply(fresh, "tome", r=4)
+    torch.testing.assert_close(fresh(images), model(images), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_deepcopy_of_patched_model_is_independent(images):
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=4)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(0.5)
+    assert not torch.allclose(clone(images), model(images))
+    tokcomp.remove(clone)
+    assert tokcomp.is_patched(model)
+
+
+@torch.no_grad()
+def test_two_threads_get_what_sequential_runs_get():
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=7)
+    torch.manual_seed(3)
+    inputs = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    sequential = [model(x) for x in inputs for _ in range(5)]
+    results: dict[int, list[torch.Tensor]] = {}
+
+    def worker(index: int) -> None:
+        with torch.no_grad():
+            results[index] = [model(inputs[index]) for _ in range(5)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(2):
+        for got, want in zip(results[index], sequential[index * 5 : index * 5 + 5], strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_target_macs_picks_the_nearest_schedule_and_reports_it():
+    model = tokcomp.apply(tiny_vit("vit"), "tome", target_macs=0.7)
+    config = tokcomp.config_of(model)
+    assert set(config.options) == {"r"}
+    ratios = []
+    for r in range(33):
+        tokcomp.apply(model, "tome", r=r)
+        ratios.append(tokcomp.config_of(model).macs_ratio)
+    assert abs(config.macs_ratio - 0.7) == pytest.approx(min(abs(x - 0.7) for x in ratios))
+    assert config.macs_ratio == pytest.approx(ratios[config.options["r"]])
+
+
+# -- clear errors -------------------------------------------------------------------------
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown method 'tomme'; known methods: .*tome"):
+        tokcomp.apply(tiny_vit("vit"), "tomme")
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"no option 'ratio'; its options are: .*\br\b"):
+        tokcomp.apply(tiny_vit("vit"), "tome", ratio=0.5)
+
+
+def test_impossible_budget_states_the_reachable_range():
+    with pytest.raises(ValueError, match=r"reachable range is 0\.\d+\.\.1\.000"):
+        tokcomp.apply(tiny_vit("vit"), "tome", target_macs=0.05)
+    with pytest.raises(ValueError, match=r"fraction of the unpruned MACs in \(0, 1\]"):
+        tokcomp.apply(tiny_vit("vit"), "tome", target_macs=1.5)
+
+
+def test_unsupported_model_says_what_is_supported():
+    with pytest.raises(tokcomp.UnsupportedModelError, match="supported: timm VisionTransformer"):
+        tokcomp.apply(nn.Sequential(nn.Linear(3, 3)), "tome", r=1)
+
+
+def test_unsupported_timm_variant_names_the_block():
+    model = tiny_vit("vit", global_pool="map")
+    with pytest.raises(tokcomp.UnsupportedModelError, match="global_pool='map'"):
+        tokcomp.apply(model, "tome", r=1)
+
+
+def test_remove_on_unpatched_model_says_so():
+    with pytest.raises(ValueError, match="not patched by tokcomp"):
+        tokcomp.remove(tiny_vit("vit"))
+
+
+def test_wrong_input_size_is_explained(images):
+    model = tokcomp.apply(tiny_vit("vit", dynamic_img_size=True), "tome", r=3)
+    with pytest.raises(ValueError, match="built for 65 tokens per image, the input gives 17"):
+        model(torch.randn(1, 3, 16, 16))
+
+
+# -- configs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@torch.no_grad()
+def test_config_round_trip_reloads_to_same_schedule_and_outputs(tmp_path, suffix, images):
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=[8, 4, 2, 1])
+    path = tokcomp.config_of(model).save(tmp_path / f"tome{suffix}")
+    loaded = tokcomp.Config.load(path)
+    assert loaded == tokcomp.config_of(model)
+    other = tokcomp.apply(tiny_vit("vit"), path)
+    assert tokcomp.config_of(other).schedule == tokcomp.config_of(model).schedule
+    torch.testing.assert_close(other(images), model(images), atol=0, rtol=0)
+
+
+def test_config_for_another_model_names_the_field(tmp_path):
+    path = tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), "tome", r=2)).save(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match=r"model\.depth=4, but the model has depth=6"):
+        tokcomp.apply(tiny_vit("vit", depth=6), path)
+    with pytest.raises(ConfigError, match=r"model\.tokens=65, but the model has tokens=66"):
+        tokcomp.apply(tiny_vit("deit_distilled"), path)
+
+
+def test_options_beside_a_config_are_refused(tmp_path):
+    path = tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), "tome", r=2)).save(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="edit the config instead"):
+        tokcomp.apply(tiny_vit("vit"), path, r=3)
+
+
+def _write(tmp_path, text: str, name: str = "bad.json"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _valid_dict() -> dict:
+    return tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), "tome", r=2)).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schedule": "62,60"}, "'schedule' must be a list of ints"),
+        ({"method": "nope"}, "unknown method 'nope'"),
+        ({"version": 99}, "version 99 is newer"),
+        ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
+        ({"macs": -3}, "'macs' must be a positive int"),
+        ({"options": []}, "'options' must be a dict"),
+    ],
+)
+def test_malformed_config_gets_a_clear_error(tmp_path, change, message):
+    path = _write(tmp_path, json.dumps({**_valid_dict(), **change}))
+    with pytest.raises(ConfigError, match=message):
+        tokcomp.apply(tiny_vit("vit"), path)
+
+
+def test_config_missing_fields_and_bad_syntax(tmp_path):
+    data = _valid_dict()
+    del data["schedule"]
+    with pytest.raises(ConfigError, match=r"missing field\(s\) \['schedule'\]"):
+        tokcomp.Config.load(_write(tmp_path, json.dumps(data)))
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        tokcomp.Config.load(_write(tmp_path, "{method: tome"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        tokcomp.Config.load(_write(tmp_path, "a: [1, 2", "bad.yaml"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        tokcomp.apply(tiny_vit("vit"), tmp_path / "missing.json")
+
+
+def test_config_with_invalid_schedule_is_refused(tmp_path):
+    data = {**_valid_dict(), "schedule": [62, 63, 60, 60]}
+    with pytest.raises(ValueError, match="schedule must not increase: block 1"):
+        tokcomp.apply(tiny_vit("vit"), _write(tmp_path, json.dumps(data)))
+    data = {**_valid_dict(), "schedule": [62, 60]}
+    with pytest.raises(ValueError, match="schedule has 2 entries, the model has 4 blocks"):
+        tokcomp.apply(tiny_vit("vit"), _write(tmp_path, json.dumps(data)))

@@ -1,0 +1,59 @@
+"""The analytic MACs model against torch's FLOP counter on eager-attention runs."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import tiny_vit
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokcomp
+from tokcomp.adapters import find_adapter
+from tokcomp.schedule import model_macs
+
+
+def _counted_macs(model, images) -> float:
+    """MACs per image counted by torch (FLOPs / 2), attention in its eager (math) form."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(images)
+    return counter.get_total_flops() / 2 / images.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("deit_small_patch16_224", None),
+        ("deit_small_patch16_224", {"r": 13}),
+        ("deit_tiny_distilled_patch16_224", {"r": 8, "inflection": -1}),
+        ("vit_base_patch16_reg4_gap_256", {"r": 16}),
+    ],
+)
+def test_analytic_macs_within_2_percent_of_flop_counter(name, options):
+    model = timm.create_model(name).eval()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    size = model.pretrained_cfg["input_size"][1:]
+    images = torch.randn(1, 3, *size)
+    if options is None:
+        analytic = model_macs(find_adapter(model).spec())
+    else:
+        analytic = tokcomp.config_of(tokcomp.apply(model, "tome", **options)).macs
+    assert analytic == pytest.approx(_counted_macs(model, images), rel=0.02)
+
+
+def test_deit_small_is_4_6_gmacs():
+    spec = find_adapter(timm.create_model("deit_small_patch16_224")).spec()
+    assert model_macs(spec) / 1e9 == pytest.approx(4.6, abs=0.05)
+
+
+def test_schedule_macs_decrease_with_fewer_tokens():
+    model = tiny_vit("vit")
+    ratios = []
+    for r in (0, 4, 8, 16):
+        ratios.append(tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).macs_ratio)
+    assert ratios[0] == 1.0
+    assert ratios == sorted(ratios, reverse=True)

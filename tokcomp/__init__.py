@@ -1,0 +1,25 @@
+"""tokcomp: make pretrained vision transformers and VLMs faster by pruning and merging tokens.
+
+>>> import timm, tokcomp
+>>> model = tokcomp.apply(timm.create_model("deit_small_patch16_224"), "tome", r=13)
+"""
+
+from tokcomp.adapters import UnsupportedModelError
+from tokcomp.api import apply, config_of, forward_tokens, is_patched, methods, remove
+from tokcomp.config import Config, ConfigError
+from tokcomp.ops import backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "UnsupportedModelError",
+    "apply",
+    "backend",
+    "config_of",
+    "forward_tokens",
+    "is_patched",
+    "methods",
+    "remove",
+]

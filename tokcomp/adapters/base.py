@@ -1,0 +1,155 @@
+"""What every model-family adapter does, and the per-block logic they share."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MethodType
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokcomp.methods import Layer, Method, Signal, Signals, TokenState
+from tokcomp.schedule import ModelSpec
+
+
+class UnsupportedModelError(TypeError):
+    """Raised for a model (or a part of one) that no adapter can patch."""
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A method bound to its per-block schedule on one model. Immutable: everything that
+    changes during a forward lives in the TokenState passed along, so a patched model is
+    re-entrant and thread safe."""
+
+    method: Method
+    schedule: tuple[int, ...]
+    spec: ModelSpec
+
+    def start(self, x: torch.Tensor, protected: int) -> TokenState:
+        """The state entering block 0 for embedded tokens `x`."""
+        if x.shape[1] != self.spec.tokens:
+            raise ValueError(
+                f"this tokcomp schedule was built for {self.spec.tokens} tokens per image, "
+                f"the input gives {x.shape[1]} (another image size?); apply tokcomp again "
+                "with the model set to this input size"
+            )
+        source = None
+        if self.method.trace_source:
+            eye = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)
+            source = eye.expand(x.shape[0], -1, -1)
+        return TokenState(x, protected, source=source)
+
+    def needs(self, index: int, state: TokenState) -> frozenset[Signal]:
+        """Signals block `index` must compute: the method's, but only where it reduces."""
+        return self.method.needs if self.schedule[index] < state.tokens else frozenset()
+
+    def attention_bias(self, state: TokenState) -> torch.Tensor | None:
+        """Additive attention mask for proportional attention, or None."""
+        return state.log_size_bias() if self.method.prop_attn else None
+
+    def reduce(self, index: int, state: TokenState, signals: Signals) -> TokenState:
+        """Reduce `state` to block `index`'s budget (no-op where the budget keeps all)."""
+        keep = self.schedule[index]
+        if keep >= state.tokens:
+            return state
+        return self.method.reduce(state, signals, keep, Layer(index, len(self.schedule)))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    needs: frozenset[Signal],
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, Signals]:
+    """Multi-head attention on (B, heads, N, head_dim) q, k, v plus the requested signals.
+
+    Fused attention (scaled_dot_product_attention) unless the full attention matrix is
+    needed; the class-token row alone is computed on the side when only it is needed.
+    """
+    keys = k.mean(dim=1) if Signal.KEYS in needs else None
+    if Signal.ATTN in needs:
+        attn = _attention_probs(q, k, scale, bias)
+        mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
+        return mixed, Signals(keys=keys, cls_attn=attn[:, :, 0], attn=attn)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    cls_attn = None
+    if Signal.CLS_ATTN in needs:
+        cls_attn = _attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
+    return out, Signals(keys=keys, cls_attn=cls_attn)
+
+
+def _attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> torch.Tensor:
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1).to(q.dtype)
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens (B, N, C) -> (B, C), each token weighted by how many patches it holds."""
+    if size is None:
+        return x.mean(dim=1)
+    weights = (size / size.sum(dim=1, keepdim=True)).to(x.dtype)
+    return (x * weights[..., None]).sum(dim=1)
+
+
+class Adapter(abc.ABC):
+    """Patches the models of one family. Adding a family = adding one file with a subclass.
+
+    A subclass names the attributes it shadows (`overrides`) with adapter methods that take
+    the Compression first; `install` binds them to the Patch object so a deep copy of the
+    patched model carries its own copy of the adapter and the compression.
+    """
+
+    family: ClassVar[str]
+    #: What this family's adapter supports, for error messages.
+    supported: ClassVar[str]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abc.abstractmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        """Whether `model` belongs to this family (it may still be an unsupported variant)."""
+
+    @abc.abstractmethod
+    def spec(self) -> ModelSpec:
+        """The model's shape for schedules and MACs; raises UnsupportedModelError for
+        variants of the family this adapter cannot patch."""
+
+    @abc.abstractmethod
+    def forward_tokens(self, compression: Compression, *args: Any, **kwargs: Any) -> TokenState:
+        """Run the compressed trunk; the final token state (after the final norm)."""
+
+    @abc.abstractmethod
+    def overrides(self) -> list[tuple[nn.Module, str, str]]:
+        """(module, attribute, adapter method) triples: what the patch shadows, and with what."""
+
+    def install(self, patch: Any) -> None:
+        """Shadow each overridden attribute on its module instance with the adapter method."""
+        for module, attribute, method in self.overrides():
+            object.__setattr__(module, attribute, MethodType(_delegate(method), patch))
+
+    def uninstall(self) -> None:
+        """Remove the instance-level overrides: the class methods are visible again."""
+        for module, attribute, _ in self.overrides():
+            module.__dict__.pop(attribute, None)
+
+
+def _delegate(method: str) -> Callable[..., Any]:
+    def call(patch: Any, *args: Any, **kwargs: Any) -> Any:
+        return getattr(patch.adapter, method)(patch.compression, *args, **kwargs)
+
+    call.__name__ = method
+    return call

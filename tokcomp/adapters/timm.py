@@ -1,0 +1,135 @@
+"""timm VisionTransformer family: ViT/AugReg, DeiT (distilled too), DeiT-III (LayerScale),
+register-token and global-average-pool models."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from tokcomp.adapters.base import (
+    Adapter,
+    Compression,
+    UnsupportedModelError,
+    attend,
+    size_weighted_mean,
+)
+from tokcomp.methods import Signal, Signals, TokenState
+from tokcomp.schedule import ModelSpec
+
+_POOLS = ("token", "avg", "")
+
+
+class TimmViTAdapter(Adapter):
+    """Patches timm's VisionTransformer (and subclasses such as VisionTransformerDistilled)."""
+
+    family = "timm"
+    supported = (
+        "timm VisionTransformer models built from timm's Block and Attention (ViT, AugReg, "
+        "DeiT and distilled DeiT, DeiT-III, register tokens), with 'token', 'avg' or no pooling"
+    )
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def spec(self) -> ModelSpec:
+        model = self.model
+        self._check_supported()
+        attn = model.blocks[0].attn
+        patch = model.patch_embed
+        stem = patch.num_patches * model.embed_dim * patch.proj.in_channels
+        stem *= math.prod(patch.patch_size)
+        return ModelSpec(
+            tokens=patch.num_patches + model.num_prefix_tokens,
+            protected=model.num_prefix_tokens,
+            depth=len(model.blocks),
+            family=self.family,
+            name=getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
+            width=model.embed_dim,
+            heads=attn.num_heads,
+            attn_dim=attn.num_heads * attn.head_dim,
+            mlp_hidden=model.blocks[0].mlp.fc1.out_features,
+            stem_macs=stem,
+            head_macs=_linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None)),
+        )
+
+    def _check_supported(self) -> None:
+        model = self.model
+        for index, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise UnsupportedModelError(
+                    f"block {index} of this {type(model).__name__} is {type(block).__name__} "
+                    f"with {type(block.attn).__name__}; tokcomp supports {self.supported}"
+                )
+        if model.attn_pool is not None or model.global_pool not in _POOLS:
+            raise UnsupportedModelError(
+                f"global_pool={model.global_pool!r} is not supported; tokcomp supports "
+                f"{self.supported} (create the model with global_pool='token' or 'avg')"
+            )
+
+    def overrides(self) -> list[tuple[nn.Module, str, str]]:
+        return [
+            (self.model, "forward", "forward"),
+            (self.model, "forward_features", "forward_features"),
+        ]
+
+    # -- the compressed forward -----------------------------------------------------------
+    def forward(self, compression: Compression, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_tokens(compression, x))
+
+    def forward_features(self, compression: Compression, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(compression, x).x
+
+    def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        state = compression.start(x, model.num_prefix_tokens)
+        for index, block in enumerate(model.blocks):
+            state = _block_forward(block, index, state, compression)
+        return state.with_x(model.norm(state.x))
+
+    def forward_head(self, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head, with the average pool weighted by token size."""
+        model = self.model
+        if model.global_pool != "avg":
+            return model.forward_head(state.x, pre_logits=pre_logits)
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        size = None if state.size is None else state.size[:, start:]
+        x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], size)))
+        return x if pre_logits else model.head(x)
+
+
+def _block_forward(
+    block: Block, index: int, state: TokenState, compression: Compression
+) -> TokenState:
+    needs = compression.needs(index, state)
+    bias = compression.attention_bias(state)
+    attn_out, signals = _attention_forward(block.attn, block.norm1(state.x), bias, needs)
+    state = state.with_x(state.x + block.drop_path1(block.ls1(attn_out)))
+    state = compression.reduce(index, state, signals)
+    return state.with_x(state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x)))))
+
+
+def _attention_forward(
+    attn: Attention, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[Signal]
+) -> tuple[torch.Tensor, Signals]:
+    """timm's Attention.forward, with the log-size mask and the requested signals."""
+    batch, tokens, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out, signals = attend(q, k, v, attn.scale, bias, needs, dropout)
+    out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(batch, tokens, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), signals
+
+
+def _linear_macs(head: nn.Module | None) -> int:
+    return head.in_features * head.out_features if isinstance(head, nn.Linear) else 0

@@ -1,0 +1,120 @@
+"""The public functions: apply, remove, config_of, forward_tokens, methods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from tokcomp.adapters import Adapter, Compression, find_adapter
+from tokcomp.config import Config, ConfigError
+from tokcomp.methods import TokenState, create_method, method_names
+from tokcomp.schedule import model_macs, resolve
+
+M = TypeVar("M", bound=nn.Module)
+
+_PATCH = "_tokcomp"
+_CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+@dataclass
+class Patch:
+    """What `apply` leaves on a model: the adapter that patched it and the compression."""
+
+    adapter: Adapter
+    compression: Compression
+
+
+def apply(model: M, method_or_config: str | Path | Config, **options: Any) -> M:
+    """Make `model` compress its tokens, in place; returns it.
+
+    `method_or_config` is a method name (see `methods()`) with its options, a Config, or the
+    path of a saved config. Applying again replaces the previous method.
+    """
+    adapter = find_adapter(model)
+    spec = adapter.spec()
+    config = _as_config(method_or_config)
+    if config is None:
+        method, schedule = resolve(create_method(str(method_or_config), **options), spec)
+    else:
+        if options:
+            raise ValueError(
+                f"options {sorted(options)} given with a config; edit the config instead "
+                "(its 'options' field) or apply the method by name"
+            )
+        config.check_model(spec)
+        method = create_method(config.method, **config.options, schedule=config.schedule)
+        method, schedule = resolve(method, spec)
+    if is_patched(model):
+        remove(model)
+    patch = Patch(adapter, Compression(method, tuple(schedule), spec))
+    adapter.install(patch)
+    object.__setattr__(model, _PATCH, patch)
+    return model
+
+
+def remove(model: M) -> M:
+    """Undo `apply`: the model's original forward, exactly; returns the model."""
+    patch = _patch_of(model)
+    patch.adapter.uninstall()
+    del model.__dict__[_PATCH]
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether tokcomp has patched `model`."""
+    return _PATCH in model.__dict__
+
+
+def config_of(model: nn.Module) -> Config:
+    """The resolved configuration of a patched model: method, options, schedule, MACs."""
+    compression = _patch_of(model).compression
+    spec, schedule = compression.spec, list(compression.schedule)
+    options = compression.method.options()
+    for settled in ("schedule", "target_macs"):
+        options.pop(settled, None)
+    return Config(
+        method=compression.method.name,
+        options=options,
+        schedule=schedule,
+        model=spec.as_dict(),
+        macs=model_macs(spec, schedule),
+        base_macs=model_macs(spec),
+    )
+
+
+def forward_tokens(model: nn.Module, *inputs: Any, **kwargs: Any) -> TokenState:
+    """Run a patched model's trunk and return the final tokens with their sizes (and
+    sources when the method was applied with trace_source=True)."""
+    patch = _patch_of(model)
+    with torch.inference_mode(not torch.is_grad_enabled()):
+        return patch.adapter.forward_tokens(patch.compression, *inputs, **kwargs)
+
+
+def methods() -> list[str]:
+    """Names of every method tokcomp ships."""
+    return method_names()
+
+
+def _patch_of(model: nn.Module) -> Patch:
+    if not is_patched(model):
+        raise ValueError(
+            "this model is not patched by tokcomp; call tokcomp.apply(model, ...) first"
+        )
+    return model.__dict__[_PATCH]
+
+
+def _as_config(method_or_config: str | Path | Config) -> Config | None:
+    if isinstance(method_or_config, Config):
+        return method_or_config
+    path = Path(method_or_config)
+    if path.suffix in _CONFIG_SUFFIXES or path.is_file():
+        return Config.load(path)
+    if not isinstance(method_or_config, str):
+        raise ConfigError(
+            f"expected a method name, a Config or a config path, got {method_or_config!r}"
+        )
+    return None

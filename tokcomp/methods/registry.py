@@ -1,0 +1,45 @@
+"""Method names to method classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokcomp.methods.base import Method, option_names
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available under `cls.name`."""
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as `name`; a clear error listing the known names otherwise."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; known methods: {', '.join(method_names())}"
+        ) from None
+
+
+def create_method(name: str, **options: Any) -> Method:
+    """Build method `name` from its options, naming any option it does not take."""
+    cls = method_class(name)
+    valid = option_names(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(valid)}"
+        )
+    return cls(**options)

@@ -1,0 +1,78 @@
+"""ToMe: bipartite soft matching between attention and MLP (Bolya et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.registry import register
+from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.ops import bipartite_plan, max_bipartite_merges
+
+
+@register
+@dataclass(kw_only=True)
+class ToMe(Method):
+    """Merge the `r` most similar tokens per block (keys metric, size-weighted average).
+
+    r: tokens merged per block (int), or an explicit per-block list (padded with 0).
+    inflection: with an int r, ToMe's linear schedule: the first block merges
+    int(r * (1 - inflection)), the last 2r minus that (-1 = the paper's decreasing schedule).
+    """
+
+    name: ClassVar[str] = "tome"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEYS})
+
+    r: int | list[int] = 0
+    inflection: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        per_block = self.r if isinstance(self.r, list) else [self.r]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in per_block):
+            raise ValueError(
+                f"tome: r must be a non-negative int or a list of them, got {self.r!r}"
+            )
+        if self.inflection is not None and isinstance(self.r, list):
+            raise ValueError("tome: inflection applies to an int r, not to a per-block list")
+
+    def merges_per_block(self, depth: int) -> list[int]:
+        """ToMe's per-block r before clipping to what each block can merge."""
+        if isinstance(self.r, list):
+            if len(self.r) > depth:
+                raise ValueError(f"tome: r lists {len(self.r)} blocks, the model has {depth}")
+            return self.r + [0] * (depth - len(self.r))
+        if self.inflection is None:
+            return [self.r] * depth
+        first = int(self.r * (1.0 - self.inflection))
+        last = 2 * self.r - first
+        step = (last - first) / max(depth - 1, 1)
+        return [int(first + step * i) for i in range(depth)]
+
+    def knob_schedule(self, layout: Layout) -> list[int]:
+        tokens, schedule = layout.tokens, []
+        for r in self.merges_per_block(layout.depth):
+            tokens -= min(r, max_bipartite_merges(tokens, layout.protected))
+            schedule.append(tokens)
+        return schedule
+
+    def candidates(self, layout: Layout) -> Iterator[Method]:
+        for r in range(max_bipartite_merges(layout.tokens, layout.protected) + 1):
+            yield self.with_options(r=r, inflection=None, target_macs=None, schedule=None)
+
+    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
+        tokens = layout.tokens
+        for index, keep in enumerate(schedule):
+            most = max_bipartite_merges(tokens, layout.protected)
+            if tokens - keep > most:
+                raise ValueError(
+                    f"tome merges at most half the unprotected tokens per block: block {index} "
+                    f"goes from {tokens} to {keep} tokens, at least {tokens - most} must remain"
+                )
+            tokens = keep
+
+    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+        plan = bipartite_plan(signals.keys, state.protected, state.tokens - keep)
+        return state.merge(plan)

@@ -1,0 +1,47 @@
+"""ToMe's bipartite soft matching as a MergePlan (METHODS.md section 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from tokcomp.ops.match import best_match
+from tokcomp.ops.plan import MergePlan
+
+
+def max_bipartite_merges(tokens: int, protected: int) -> int:
+    """The most tokens one bipartite step can merge away: half of the unprotected ones."""
+    return max(tokens - protected, 0) // 2
+
+
+def bipartite_plan(metric: torch.Tensor, protected: int, r: int) -> MergePlan:
+    """Merge the `r` tokens of the alternate set A that best match a token of set B.
+
+    metric: (B, N, C), compared by cosine. A = even positions, B = odd positions; the first
+    `protected` tokens are never merged nor merged into. Output order: protected tokens,
+    the unmerged A tokens by position, then the B tokens.
+    """
+    tokens = metric.shape[1]
+    if not 0 <= r <= max_bipartite_merges(tokens, protected):
+        raise ValueError(
+            f"bipartite step can merge 0..{max_bipartite_merges(tokens, protected)} of {tokens} "
+            f"tokens with {protected} protected, asked for {r}"
+        )
+    a_protected, b_protected = (protected + 1) // 2, protected // 2
+    score, match = best_match(metric[:, ::2], metric[:, 1::2], a_protected, b_protected)
+    order = score.argsort(dim=1, descending=True)
+    src_a = order[:, :r]
+    unmerged_a = order[:, r:].sort(dim=1).values
+    a_count, b_count = score.shape[1], metric.shape[1] // 2
+    b_rows = torch.arange(b_count, device=metric.device).expand(metric.shape[0], -1)
+    keep_idx = torch.cat(
+        [
+            2 * unmerged_a[:, :a_protected],
+            2 * b_rows[:, :b_protected] + 1,
+            2 * unmerged_a[:, a_protected:],
+            2 * b_rows[:, b_protected:] + 1,
+        ],
+        dim=1,
+    )
+    dst_b = match.gather(1, src_a)
+    dst_pos = torch.where(dst_b < b_protected, a_protected + dst_b, a_count - r + dst_b)
+    return MergePlan(keep_idx, 2 * src_a, dst_pos)
