@@ -16,8 +16,8 @@ from tokcomp.schedule import ModelSpec
 CONFIG_VERSION = 1
 
 #: Spec fields that must agree for a config to apply to a model (name is informational).
-_MODEL_FIELDS = ("family", "depth", "tokens", "protected", "width", "heads", "attn_dim",
-                 "mlp_hidden")  # fmt: skip
+_MODEL_FIELDS = ("family", "depth", "tokens", "protected", "class_token", "width", "heads",
+                 "attn_dim", "mlp_hidden")  # fmt: skip
 
 
 class ConfigError(ValueError):

@@ -44,18 +44,28 @@ class Compression:
             source = eye.expand(x.shape[0], -1, -1)
         return TokenState(x, protected, source=source)
 
-    def needs(self, index: int, state: TokenState) -> frozenset[Signal]:
-        """Signals block `index` must compute: the method's, but only where it reduces."""
-        return self.method.needs if self.schedule[index] < state.tokens else frozenset()
-
-    def attention_bias(self, state: TokenState) -> torch.Tensor | None:
-        """Additive attention mask for proportional attention, or None."""
-        return state.log_size_bias() if self.method.prop_attn else None
+    def attention(
+        self,
+        index: int,
+        state: TokenState,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        dropout: float = 0.0,
+    ) -> tuple[torch.Tensor, Signals]:
+        """Block `index`'s multi-head attention on (B, heads, N, head_dim) q, k, v: with
+        proportional attention and the search mask where they apply, plus the signals the
+        method needs at this block (and only where it reduces)."""
+        keep = self.schedule[index]
+        needs = self.method.needs if self.method.acts(keep, state.tokens) else frozenset()
+        bias = state.log_size_bias() if self.method.prop_attn else None
+        return attend(q, k, v, scale, bias, needs, dropout, state.mask, self.spec.class_token)
 
     def reduce(self, index: int, state: TokenState, signals: Signals) -> TokenState:
-        """Reduce `state` to block `index`'s budget (no-op where the budget keeps all)."""
+        """Reduce `state` to block `index`'s budget (no-op where the method does not act)."""
         keep = self.schedule[index]
-        if keep >= state.tokens:
+        if not self.method.acts(keep, state.tokens):
             return state
         return self.method.reduce(state, signals, keep, Layer(index, len(self.schedule)))
 
@@ -65,20 +75,29 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    bias: torch.Tensor | None,
-    needs: frozenset[Signal],
+    bias: torch.Tensor | None = None,
+    needs: frozenset[Signal] = frozenset(),
     dropout: float = 0.0,
+    key_mask: torch.Tensor | None = None,
+    class_token: bool = True,
 ) -> tuple[torch.Tensor, Signals]:
-    """Multi-head attention on (B, heads, N, head_dim) q, k, v plus the requested signals.
+    """Multi-head attention plus the requested signals.
 
     Fused attention (scaled_dot_product_attention) unless the full attention matrix is
-    needed; the class-token row alone is computed on the side when only it is needed.
+    needed or a differentiable `key_mask` (B, N) must keep masked keys out (DiffRate's
+    search); the class-token row alone is computed on the side when only it is needed.
+    Without a class token, CLS_ATTN is the mean attention each token receives.
     """
     keys = k.mean(dim=1) if Signal.KEYS in needs else None
-    if Signal.ATTN in needs:
-        attn = _attention_probs(q, k, scale, bias)
+    full = Signal.ATTN in needs or key_mask is not None
+    if Signal.CLS_ATTN in needs and not class_token:
+        full = True
+    if full:
+        attn = _attention_probs(q, k, scale, bias, key_mask)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
-        return mixed, Signals(keys=keys, cls_attn=attn[:, :, 0], attn=attn)
+        cls_attn = attn[:, :, 0] if class_token else attn.mean(dim=2)
+        full_attn = attn if Signal.ATTN in needs else None
+        return mixed, Signals(keys=keys, cls_attn=cls_attn, attn=full_attn)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     cls_attn = None
     if Signal.CLS_ATTN in needs:
@@ -87,12 +106,31 @@ def attend(
 
 
 def _attention_probs(
-    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    return logits.float().softmax(dim=-1).to(q.dtype)
+    if key_mask is None:
+        return logits.float().softmax(dim=-1).to(q.dtype)
+    return _masked_softmax(logits, key_mask).to(q.dtype)
+
+
+def _masked_softmax(
+    logits: torch.Tensor, key_mask: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Softmax whose masked keys (key_mask 0) get no weight, differentiably in the mask;
+    every query still attends to itself so fully masked rows stay defined (DiffRate)."""
+    tokens = logits.shape[-1]
+    eye = torch.eye(tokens, device=logits.device, dtype=torch.float32)
+    policy = key_mask.float()[:, None, None, :]
+    policy = policy + (1.0 - policy) * eye
+    weights = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp() * policy
+    return (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:

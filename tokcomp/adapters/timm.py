@@ -10,14 +10,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from tokcomp.adapters.base import (
-    Adapter,
-    Compression,
-    UnsupportedModelError,
-    attend,
-    size_weighted_mean,
-)
-from tokcomp.methods import Signal, Signals, TokenState
+from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError, size_weighted_mean
+from tokcomp.methods import Signals, TokenState
 from tokcomp.schedule import ModelSpec
 
 _POOLS = ("token", "avg", "")
@@ -47,6 +41,7 @@ class TimmViTAdapter(Adapter):
             tokens=patch.num_patches + model.num_prefix_tokens,
             protected=model.num_prefix_tokens,
             depth=len(model.blocks),
+            class_token=model.cls_token is not None,
             family=self.family,
             name=getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
             width=model.embed_dim,
@@ -106,25 +101,26 @@ class TimmViTAdapter(Adapter):
 def _block_forward(
     block: Block, index: int, state: TokenState, compression: Compression
 ) -> TokenState:
-    needs = compression.needs(index, state)
-    bias = compression.attention_bias(state)
-    attn_out, signals = _attention_forward(block.attn, block.norm1(state.x), bias, needs)
+    attn_out, signals = _attention_forward(
+        block.attn, block.norm1(state.x), compression, index, state
+    )
     state = state.with_x(state.x + block.drop_path1(block.ls1(attn_out)))
     state = compression.reduce(index, state, signals)
     return state.with_x(state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x)))))
 
 
 def _attention_forward(
-    attn: Attention, x: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[Signal]
+    attn: Attention, x: torch.Tensor, compression: Compression, index: int, state: TokenState
 ) -> tuple[torch.Tensor, Signals]:
-    """timm's Attention.forward, with the log-size mask and the requested signals."""
+    """timm's Attention.forward on `x` (the normed tokens of `state`), with compression's
+    attention (log-size mask, signals)."""
     batch, tokens, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out, signals = attend(q, k, v, attn.scale, bias, needs, dropout)
+    out, signals = compression.attention(index, state, q, k, v, attn.scale, dropout)
     out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(batch, tokens, -1))
     if gate is not None:
         out = out * gate

@@ -14,11 +14,12 @@ from tokcomp.methods.state import Signal, Signals, TokenState
 @dataclass(frozen=True)
 class Layout:
     """What a method knows of the model: tokens entering block 0, how many of them are
-    protected, and the number of blocks."""
+    protected, the number of blocks, and whether token 0 is a class token."""
 
     tokens: int
     protected: int
     depth: int
+    class_token: bool
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class Method:
 
     def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
         """Raise ValueError if this method cannot realise `schedule` on `layout`."""
+
+    def acts(self, keep: int, tokens: int) -> bool:
+        """Whether the method works (and needs its signals) at a block that must go from
+        `tokens` to `keep` tokens."""
+        return keep < tokens
 
     # -- the work --------------------------------------------------------------------------
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:

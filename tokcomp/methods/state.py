@@ -34,13 +34,16 @@ class TokenState:
     x: (B, N, C) hidden states. size: (B, N) float32, how many input patches each token
     stands for; None while every token stands for one. source: optional (B, N, N_input) 0/1
     map of the input patches inside each token. protected: how many leading tokens (class,
-    distillation, register tokens) are never pruned, merged away or merged into.
+    distillation, register tokens) are never pruned, merged away or merged into. mask:
+    optional (B, N) differentiable keep-mask used while searching rates (DiffRate): masked
+    tokens stay in the sequence but receive no attention.
     """
 
     x: torch.Tensor
     protected: int
     size: torch.Tensor | None = None
     source: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -70,7 +73,9 @@ class TokenState:
         source = self._merged_source(plan)
         if plan.src_idx.shape[1] == 0 and weight is None and size is None:
             kept_size = None if self.size is None else self.size.gather(1, plan.keep_idx)
-            return TokenState(gather_rows(self.x, plan.keep_idx), self.protected, kept_size, source)
+            return replace(
+                self, x=gather_rows(self.x, plan.keep_idx), size=kept_size, source=source
+            )
         sizes = self.sizes()
         x, new_size = weighted_merge(
             self.x,
@@ -78,7 +83,7 @@ class TokenState:
             sizes if size is None else size,
             *plan,
         )
-        return TokenState(x, self.protected, new_size, source)
+        return replace(self, x=x, size=new_size, source=source)
 
     def _merged_source(self, plan: MergePlan) -> torch.Tensor | None:
         if self.source is None:
