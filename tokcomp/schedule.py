@@ -12,12 +12,11 @@ from tokcomp.methods import Layout, Method
 class ModelSpec(Layout):
     """The shape of a model as far as MACs and schedules go (from its adapter).
 
-    family/name identify the architecture; width is the residual width, attn_dim the
+    name identifies the architecture; width is the residual width, attn_dim the
     q/k/v width, mlp_hidden the MLP hidden width; stem_macs and head_macs are the MACs
     outside the blocks (patch embedding, classifier or pooling head).
     """
 
-    family: str
     name: str
     width: int
     heads: int
@@ -75,6 +74,7 @@ def resolve(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
     whose MACs are nearest (the error names the reachable range); otherwise the native knobs
     decide.
     """
+    method = method.settle(spec)
     if method.schedule is not None:
         schedule = list(method.schedule)
     elif method.target_macs is not None:

@@ -14,12 +14,14 @@ from tokcomp.methods.state import Signal, Signals, TokenState
 @dataclass(frozen=True)
 class Layout:
     """What a method knows of the model: tokens entering block 0, how many of them are
-    protected, the number of blocks, and whether token 0 is a class token."""
+    protected, the number of blocks, whether token 0 is a class token, and the model family
+    (adapter name: "timm", "open_clip", "hf_vision", ...) for family-dependent defaults."""
 
     tokens: int
     protected: int
     depth: int
     class_token: bool
+    family: str
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,11 @@ class Method:
             )
 
     # -- budgets ---------------------------------------------------------------------------
+    def settle(self, layout: Layout) -> Method:
+        """This method with its model-dependent defaults filled in (e.g. per-family
+        margins), so that a saved config states every value it ran with."""
+        return self
+
     def knob_schedule(self, layout: Layout) -> list[int]:
         """Tokens left after each block under this method's native knobs."""
         raise NotImplementedError
