@@ -1,7 +1,7 @@
 """Compression methods, one file each. A method never touches model classes: it reduces a
 TokenState given the signals it declared (`needs`) and this layer's budget."""
 
-from tokcomp.methods import tome  # noqa: F401  (registers the method)
+from tokcomp.methods import diffrate, evit, pitome, random, tome, zero_tprune  # noqa: F401  (registers them)
 from tokcomp.methods.base import Layer, Layout, Method, option_names
 from tokcomp.methods.registry import create_method, method_class, method_names, register
 from tokcomp.methods.state import Signal, Signals, TokenState

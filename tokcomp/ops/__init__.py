@@ -6,16 +6,22 @@ from csrc/; the dispatcher in `dispatch` picks one and `backend()` says which is
 
 from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges
 from tokcomp.ops.dispatch import backend
+from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match, best_match_reference
 from tokcomp.ops.merge import weighted_merge, weighted_merge_reference
+from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 from tokcomp.ops.plan import MergePlan, gather_rows
 
 __all__ = [
     "MergePlan",
+    "attention_pagerank",
+    "attention_pagerank_reference",
     "backend",
     "best_match",
     "best_match_reference",
     "bipartite_plan",
+    "energy_score",
+    "energy_score_reference",
     "gather_rows",
     "max_bipartite_merges",
     "weighted_merge",

@@ -1,0 +1,52 @@
+"""Keep-ratio budgets shared by the pruning-style methods."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from tokcomp.methods.base import Layout, Method
+
+#: Keep ratios tried when resolving `target_macs` for a ratio-knob method.
+RATIO_GRID = tuple(round(0.2 + 0.0025 * i, 4) for i in range(321))
+
+
+def kept_count(tokens: int, ratio: float) -> int:
+    """Tokens kept out of `tokens` at keep `ratio` (the rounding PiToMe and EViT use)."""
+    return tokens - math.floor(tokens - tokens * ratio)
+
+
+def ratio_schedule(
+    layout: Layout, ratio: float, layers: list[int] | None = None, extra: int = 0
+) -> list[int]:
+    """Tokens left after each block when every block in `layers` (default: all) keeps
+    `ratio` of its unprotected tokens, plus `extra` new tokens where it reduces."""
+    layers = range(layout.depth) if layers is None else layers
+    tokens, schedule = layout.tokens, []
+    for index in range(layout.depth):
+        if index in layers:
+            unprotected = tokens - layout.protected
+            kept = kept_count(unprotected, ratio)
+            if kept < unprotected:
+                tokens = layout.protected + kept + extra
+        schedule.append(tokens)
+    return schedule
+
+
+def ratio_candidates(method: Method, lowest: float = 0.0) -> Iterator[Method]:
+    """Copies of `method` over the keep-ratio grid (its `keep_ratio` knob), from `lowest`."""
+    for ratio in RATIO_GRID:
+        if ratio >= lowest:
+            yield method.with_options(keep_ratio=ratio, target_macs=None, schedule=None)
+
+
+def check_layers(name: str, layers: list[int] | None, depth: int) -> None:
+    """Raise ValueError unless `layers` are valid block indices of a `depth`-block model."""
+    if layers is not None and any(not 0 <= i < depth for i in layers):
+        raise ValueError(f"{name}: layers {layers} must be block indices in 0..{depth - 1}")
+
+
+def check_ratio(name: str, ratio: float, lowest: float = 0.0) -> None:
+    """Raise ValueError unless `ratio` is a keep ratio in (lowest, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not lowest < ratio <= 1:
+        raise ValueError(f"{name}: keep_ratio must be a number in ({lowest}, 1], got {ratio!r}")

@@ -1,0 +1,114 @@
+"""DiffRate: prune by class attention, then merge into the most important tokens, at rates
+searched per block (Chen et al., ICCV 2023; METHODS.md section 3). Inference side; the rate
+search lives in tokcomp.search.diffrate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.registry import register
+from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.ops import MergePlan, best_match, gather_rows
+
+
+@register
+@dataclass(kw_only=True)
+class DiffRate(Method):
+    """Per block: sort tokens by class-token attention, keep the first prune_kept[l], then
+    merge all but the first merge_kept[l] into their most similar kept token (hidden-state
+    cosine, plain mean; sizes of merged tokens scaled by that similarity).
+
+    prune_kept, merge_kept: per-block token counts including protected tokens (as DiffRate
+    exports them); block 0 keeps everything. Load searched or published schedules from
+    configs/ (tokcomp.apply(model, "configs/<model>/diffrate-<G>g.json")).
+    """
+
+    name: ClassVar[str] = "diffrate"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
+
+    prune_kept: list[int] | None = None
+    merge_kept: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.prune_kept is None) != (self.merge_kept is None):
+            raise ValueError("diffrate: give both prune_kept and merge_kept")
+        if self.target_macs is not None:
+            raise ValueError(
+                "diffrate learns its rates: run `tokcomp search diffrate --target-macs ...` "
+                "(or load a preset from configs/), then apply the config it writes"
+            )
+
+    def knob_schedule(self, layout: Layout) -> list[int]:
+        if self.prune_kept is None:
+            raise ValueError(
+                "diffrate needs prune_kept and merge_kept lists (or a config from "
+                "`tokcomp search diffrate` / configs/)"
+            )
+        self._check_lists(layout)
+        return list(self.merge_kept)
+
+    def candidates(self, layout: Layout) -> Iterator[Method]:
+        raise NotImplementedError  # target_macs is refused in __post_init__
+
+    def _check_lists(self, layout: Layout) -> None:
+        for label, counts in (("prune_kept", self.prune_kept), ("merge_kept", self.merge_kept)):
+            if len(counts) != layout.depth:
+                raise ValueError(
+                    f"diffrate: {label} lists {len(counts)} blocks, the model has {layout.depth}"
+                )
+            previous = layout.tokens
+            for index, count in enumerate(counts):
+                if count > previous:
+                    raise ValueError(
+                        f"diffrate: {label} must not increase, but block {index} keeps {count} "
+                        f"after {previous}"
+                    )
+                previous = count
+        if self.prune_kept[0] != layout.tokens or self.merge_kept[0] != layout.tokens:
+            raise ValueError("diffrate never compresses block 0: its counts must keep all tokens")
+        for index, (pruned, merged) in enumerate(
+            zip(self.prune_kept, self.merge_kept, strict=True)
+        ):
+            if merged > pruned:
+                raise ValueError(
+                    f"diffrate: block {index} merges to {merged} tokens after pruning to {pruned}"
+                )
+
+    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
+        if self.prune_kept is None:
+            return
+        self._check_lists(layout)
+        if schedule != self.merge_kept:
+            raise ValueError("diffrate: the schedule must equal merge_kept")
+
+    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+        protected = state.protected
+        importance = signals.cls_attn.mean(dim=1)[:, protected:]
+        order = importance.argsort(dim=1, descending=True) + protected
+        head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
+        ranked = torch.cat([head, order], dim=1)
+        pruned = self.prune_kept[layer.index] if self.prune_kept is not None else keep
+        pruned = min(pruned, state.tokens)
+        if keep == pruned:
+            return state.prune(ranked[:, :keep])
+        return _merge_into_important(state, ranked[:, :pruned], keep)
+
+
+def _merge_into_important(state: TokenState, ranked: torch.Tensor, keep: int) -> TokenState:
+    """Fold the tokens ranked after `keep` into their most similar token among the first
+    `keep` (never a protected one): plain mean of features, similarity-scaled sizes."""
+    dst, src = ranked[:, :keep], ranked[:, keep:]
+    metric = state.x.detach()
+    similarity, match = best_match(
+        gather_rows(metric, src), gather_rows(metric, dst), 0, state.protected
+    )
+    sizes = state.sizes()
+    scaled = sizes.scatter(1, src, sizes.gather(1, src) * similarity.clamp_min(0))
+    plan = MergePlan(dst, src, match)
+    return state.merge(plan, weight=torch.ones_like(sizes), size=scaled)

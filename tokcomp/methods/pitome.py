@@ -1,0 +1,124 @@
+"""PiToMe: energy-score merging that protects informative tokens (Tran et al., NeurIPS 2024;
+METHODS.md section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.budget import check_ratio, ratio_candidates, ratio_schedule
+from tokcomp.methods.registry import register
+from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.ops import MergePlan, best_match, energy_score, gather_rows
+
+#: m0 per model family: DeiT/MAE-style timm models, HF CLIP/BLIP encoders, open_clip CLIP.
+DEFAULT_MARGIN = {"timm": 0.75, "hf_vision": 0.9, "open_clip": 0.95}
+#: The merge metric per family: head-averaged keys for timm, hidden states for CLIP-style.
+DEFAULT_METRIC = {"timm": "keys"}
+
+
+@register
+@dataclass(kw_only=True)
+class PiToMe(Method):
+    """Merge the 2r highest-energy tokens pairwise; keep the low-energy (isolated) ones.
+
+    keep_ratio: each block keeps this fraction of its unprotected tokens (>= 0.5).
+    margin: m0; block l of L uses m0 * (1 - l / L) (default per family, see DEFAULT_MARGIN).
+    metric: "keys" (head-averaged) or "hidden" (default per family).
+    bsm_layers: blocks that use the "pitome_bsm" variant (energy-ordered alternate split
+    with ToMe's top-r selection); default: the first half, as the released DeiT code.
+    alpha: the ELU's alpha.
+    """
+
+    name: ClassVar[str] = "pitome"
+
+    keep_ratio: float = 1.0
+    margin: float | None = None
+    metric: str | None = None
+    bsm_layers: list[int] | None = None
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio(self.name, self.keep_ratio, lowest=0.5 - 1e-9)
+        if self.metric not in (None, "keys", "hidden"):
+            raise ValueError(f"pitome: metric is 'keys' or 'hidden', got {self.metric!r}")
+
+    @property
+    def needs(self) -> frozenset[Signal]:  # type: ignore[override]
+        return frozenset({Signal.KEYS}) if self.metric == "keys" else frozenset()
+
+    def settle(self, layout: Layout) -> Method:
+        return self.with_options(
+            margin=DEFAULT_MARGIN.get(layout.family, 0.9) if self.margin is None else self.margin,
+            metric=DEFAULT_METRIC.get(layout.family, "hidden")
+            if self.metric is None
+            else self.metric,
+            bsm_layers=list(range(layout.depth // 2))
+            if self.bsm_layers is None
+            else self.bsm_layers,
+        )
+
+    def knob_schedule(self, layout: Layout) -> list[int]:
+        return ratio_schedule(layout, self.keep_ratio)
+
+    def candidates(self, layout: Layout) -> Iterator[Method]:
+        return ratio_candidates(self, lowest=0.5)
+
+    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
+        tokens = layout.tokens
+        for index, keep in enumerate(schedule):
+            if 2 * (tokens - keep) > tokens - layout.protected:
+                raise ValueError(
+                    f"pitome merges at most half the unprotected tokens per block: block "
+                    f"{index} goes from {tokens} to {keep} tokens"
+                )
+            tokens = keep
+
+    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+        protected, merges = state.protected, state.tokens - keep
+        metric = (signals.keys if self.metric == "keys" else state.x)[:, protected:]
+        margin = self.margin * (1 - layer.index / layer.depth)
+        order = energy_score(metric, margin, self.alpha).argsort(dim=1, descending=True)
+        if layer.index in self.bsm_layers:
+            plan = _bsm_plan(metric, order, merges)
+        else:
+            plan = _energy_plan(metric, order, merges)
+        return state.merge(_shift(plan, protected))
+
+
+def _energy_plan(metric: torch.Tensor, order: torch.Tensor, merges: int) -> MergePlan:
+    """Pure PiToMe: the 2r highest-energy tokens alternate into A and B, every A merges into
+    its most similar B; the others stay. Output: [others by energy, B]."""
+    a, b = order[:, : 2 * merges : 2], order[:, 1 : 2 * merges : 2]
+    _, match = best_match(gather_rows(metric, a), gather_rows(metric, b))
+    others = order[:, 2 * merges :]
+    return MergePlan(torch.cat([others, b], dim=1), a, others.shape[1] + match)
+
+
+def _bsm_plan(metric: torch.Tensor, order: torch.Tensor, merges: int) -> MergePlan:
+    """pitome_bsm: all tokens in energy order alternate into A and B, then ToMe's top-r:
+    the r A tokens with the best matches merge. Output: [unmerged A, B]."""
+    a, b = order[:, ::2], order[:, 1::2]
+    score, match = best_match(gather_rows(metric, a), gather_rows(metric, b))
+    ranked = score.argsort(dim=1, descending=True)
+    sources, unmerged = ranked[:, :merges], ranked[:, merges:]
+    dst_pos = unmerged.shape[1] + match.gather(1, sources)
+    return MergePlan(torch.cat([a.gather(1, unmerged), b], dim=1), a.gather(1, sources), dst_pos)
+
+
+def _shift(plan: MergePlan, protected: int) -> MergePlan:
+    """A plan over the unprotected tokens, as a plan over all tokens (protected first)."""
+    if protected == 0:
+        return plan
+    batch = plan.keep_idx.shape[0]
+    head = torch.arange(protected, device=plan.keep_idx.device).expand(batch, -1)
+    return MergePlan(
+        torch.cat([head, plan.keep_idx + protected], dim=1),
+        plan.src_idx + protected,
+        plan.dst_pos + protected,
+    )

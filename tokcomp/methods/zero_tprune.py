@@ -1,0 +1,124 @@
+"""Zero-TPrune: attention-graph importance plus similarity pruning, zero-shot (Wang, Dedhia,
+Jha, CVPR 2024; METHODS.md section 4). No official code is public; this follows the paper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
+from tokcomp.methods.registry import register
+from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.ops import attention_pagerank, best_match, gather_rows
+
+#: WPR iterations in the first, middle and last third of the blocks (paper: about 30-50,
+#: 5-10 and 1).
+DEFAULT_ITERATIONS = (30, 5, 1)
+
+
+@register
+@dataclass(kw_only=True)
+class ZeroTPrune(Method):
+    """Prune by Weighted-PageRank importance (I-stage) and by similarity (S-stage).
+
+    keep_ratio / layers: each block in `layers` keeps this fraction of its unprotected
+    tokens; the default (0.7 at blocks 3, 6, 9 of 12, scaled to the depth) removes 34.7% of
+    DeiT-S's MACs, the paper's operating point. iterations: WPR steps per block (default by
+    position, DEFAULT_ITERATIONS). similarity_share: the part of each block's pruning done by
+    the S-stage. variance_band: heads whose importance variance (scores over the unprotected
+    tokens divided by their mean, so a uniform head has 0) lies outside it are left out of
+    the root-mean-square head aggregation (VHF); if none is inside, all heads count.
+    """
+
+    name: ClassVar[str] = "zero_tprune"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.ATTN, Signal.KEYS})
+
+    keep_ratio: float = 0.7
+    layers: list[int] | None = None
+    iterations: list[int] | None = None
+    similarity_share: float = 0.5
+    variance_band: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio(self.name, self.keep_ratio)
+        if not 0 <= self.similarity_share <= 1:
+            raise ValueError(
+                f"zero_tprune: similarity_share must be in [0, 1], got {self.similarity_share}"
+            )
+        band = self.variance_band
+        if band is not None and (len(band) != 2 or not 0 <= band[0] <= band[1]):
+            raise ValueError(
+                f"zero_tprune: variance_band is [low, high] with 0 <= low <= high, got {band}"
+            )
+
+    def settle(self, layout: Layout) -> Method:
+        check_layers(self.name, self.layers, layout.depth)
+        depth = layout.depth
+        iterations = self.iterations or [
+            DEFAULT_ITERATIONS[min(3 * i // depth, 2)] for i in range(depth)
+        ]
+        if len(iterations) != depth:
+            raise ValueError(
+                f"zero_tprune: iterations lists {len(iterations)} blocks, the model has {depth}"
+            )
+        return self.with_options(
+            layers=[depth * k // 4 for k in (1, 2, 3)] if self.layers is None else self.layers,
+            iterations=iterations,
+            variance_band=[0.01, 0.7] if self.variance_band is None else self.variance_band,
+        )
+
+    def knob_schedule(self, layout: Layout) -> list[int]:
+        return ratio_schedule(layout, self.keep_ratio, self.layers)
+
+    def candidates(self, layout: Layout) -> Iterator[Method]:
+        return ratio_candidates(self)
+
+    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+        protected = state.protected
+        importance = self.importance(signals.attn, protected, self.iterations[layer.index])
+        importance = importance[:, protected:]
+        pruning = state.tokens - keep
+        similar = min(round(pruning * self.similarity_share), (state.tokens - protected) // 2)
+        score = importance.masked_fill(
+            _similarity_pruned(signals.keys[:, protected:], importance, similar), -torch.inf
+        )
+        kept = score.topk(keep - protected, dim=1).indices.sort(dim=1).values + protected
+        head = torch.arange(protected, device=kept.device).expand(kept.shape[0], -1)
+        return state.prune(torch.cat([head, kept], dim=1))
+
+    def importance(self, attn: torch.Tensor, protected: int, iterations: int) -> torch.Tensor:
+        """(B, N) token importance: per-head WPR, VHF head filter, root-mean-square (EIR)."""
+        scores = attention_pagerank(attn, iterations)
+        keep_head = head_filter(scores[..., protected:], *self.variance_band)
+        squares = (scores**2 * keep_head[..., None]).sum(dim=1)
+        return (squares / keep_head.sum(dim=1, keepdim=True)).sqrt()
+
+
+def head_filter(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """(B, H) float mask of the heads whose scaled score variance lies in [low, high]
+    (all heads where none does)."""
+    scaled = scores / scores.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+    variance = scaled.var(dim=-1, unbiased=False)
+    inside = (variance >= low) & (variance <= high)
+    inside |= ~inside.any(dim=1, keepdim=True)
+    return inside.float()
+
+
+def _similarity_pruned(keys: torch.Tensor, importance: torch.Tensor, pairs: int) -> torch.Tensor:
+    """S-stage: alternate the tokens, by importance, into two groups; in each of the `pairs`
+    most similar cross-group pairs (key cosine) mark the less important token. (B, T) bool."""
+    pruned = torch.zeros_like(importance, dtype=torch.bool)
+    if pairs == 0:
+        return pruned
+    order = importance.argsort(dim=1, descending=True)
+    a, b = order[:, ::2], order[:, 1::2]
+    score, match = best_match(gather_rows(keys, a), gather_rows(keys, b))
+    top = score.topk(pairs, dim=1).indices
+    first, second = a.gather(1, top), b.gather(1, match.gather(1, top))
+    weaker = torch.where(importance.gather(1, first) < importance.gather(1, second), first, second)
+    return pruned.scatter(1, weaker, True)

@@ -1,0 +1,27 @@
+"""PiToMe's energy score: how redundant each token is among the others (METHODS.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokcomp.ops.dispatch import compiled_op
+
+
+def energy_score_reference(metric: torch.Tensor, margin: float, alpha: float = 1.0) -> torch.Tensor:
+    """Plain PyTorch version of `energy_score` (materialises the T x T similarities)."""
+    normed = F.normalize(metric.float(), dim=-1)
+    return F.elu(normed @ normed.transpose(-1, -2) - margin, alpha=alpha).mean(dim=-1)
+
+
+def energy_score(metric: torch.Tensor, margin: float, alpha: float = 1.0) -> torch.Tensor:
+    """E_i = mean_j ELU(cos(metric_i, metric_j) - margin) for metric (B, T, C); (B, T) float32.
+
+    High energy: the token has many similar tokens (redundant); low: isolated, informative.
+    """
+    if metric.dim() != 3:
+        raise ValueError(f"energy_score: metric must be (B, T, C), got {tuple(metric.shape)}")
+    op = compiled_op("energy_score", metric.device)
+    if op is None:
+        return energy_score_reference(metric, margin, alpha)
+    return op(metric.contiguous(), float(margin), float(alpha))
