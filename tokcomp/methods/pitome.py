@@ -79,11 +79,15 @@ class PiToMe(Method):
                 )
             tokens = keep
 
+    def margin_at(self, layer: Layer) -> float:
+        """The energy margin of `layer`: m0 * (1 - l / L)."""
+        return self.margin * (1 - layer.index / layer.depth)
+
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
         protected, merges = state.protected, state.tokens - keep
         metric = (signals.keys if self.metric == "keys" else state.x)[:, protected:]
-        margin = self.margin * (1 - layer.index / layer.depth)
-        order = energy_score(metric, margin, self.alpha).argsort(dim=1, descending=True)
+        energy = energy_score(metric, self.margin_at(layer), self.alpha)
+        order = energy.argsort(dim=1, descending=True)
         if layer.index in self.bsm_layers:
             plan = _bsm_plan(metric, order, merges)
         else:

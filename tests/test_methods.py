@@ -1,0 +1,229 @@
+"""Every seed method on every timm ViT variant, and hand-checkable cases per method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_vit
+from method_options import keep_all, middle
+
+import tokcomp
+from tokcomp.methods import Layer, Signals, TokenState, create_method
+from tokcomp.methods.zero_tprune import head_filter
+from tokcomp.ops import attention_pagerank, energy_score
+
+METHODS = tokcomp.methods()
+#: Methods that only merge (every input patch stays in some token).
+MERGE_ONLY = {"tome", "pitome"}
+
+
+def _geometry(model) -> tuple[int, int]:
+    return model.patch_embed.num_patches + model.num_prefix_tokens, len(model.blocks)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_keep_everything_reproduces_the_unpatched_model(method, timm_variant, images):
+    model = tiny_vit(timm_variant)
+    expected = model(images)
+    tokcomp.apply(model, method, **keep_all(method, *_geometry(model)))
+    assert tokcomp.config_of(model).macs_ratio == 1.0
+    torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_each_sample_gets_what_it_gets_alone(method, timm_variant, images):
+    model = tiny_vit(timm_variant)
+    tokcomp.apply(model, method, **middle(method, *_geometry(model)))
+    assert tokcomp.config_of(model).macs_ratio < 0.85
+    alone = torch.cat([model(images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(model(images), alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_protected_tokens_stay_and_patches_are_never_duplicated(method, timm_variant, images):
+    model = tiny_vit(timm_variant)
+    tokens, depth = _geometry(model)
+    tokcomp.apply(model, method, trace_source=True, **middle(method, tokens, depth))
+    state = tokcomp.forward_tokens(model, images)
+    protected = state.protected
+    assert state.tokens == tokcomp.config_of(model).schedule[-1]
+    identity = torch.eye(tokens)[:protected].expand(len(images), -1, -1)
+    assert torch.equal(state.source[:, :protected], identity)
+    assert state.source.sum(dim=1).max() <= 1  # no patch in two tokens
+    if method in MERGE_ONLY:
+        assert torch.equal(state.source.sum(dim=1), torch.ones(len(images), tokens))
+        torch.testing.assert_close(state.size.sum(dim=1), torch.full((len(images),), 1.0 * tokens))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_exported_config_round_trips(method, tmp_path, images):
+    model = tiny_vit("vit")
+    tokcomp.apply(model, method, **middle(method, *_geometry(model)))
+    path = tokcomp.config_of(model).save(tmp_path / f"{method}.json")
+    other = tokcomp.apply(tiny_vit("vit"), path)
+    assert tokcomp.config_of(other) == tokcomp.config_of(model)
+    torch.testing.assert_close(other(images), model(images), atol=0, rtol=0)
+
+
+# -- PiToMe -------------------------------------------------------------------------------
+
+
+def _state(tokens: int = 21, channels: int = 8, protected: int = 1, batch: int = 2) -> TokenState:
+    torch.manual_seed(7)
+    x = torch.randn(batch, tokens, channels)
+    source = torch.eye(tokens).expand(batch, -1, -1)
+    return TokenState(x, protected, source=source)
+
+
+def _singletons(state: TokenState) -> list[set[int]]:
+    """Per sample, the input tokens that are still alone in their token."""
+    alone = state.source.sum(dim=2) == 1
+    return [set(state.source[b][alone[b]].argmax(dim=1).tolist()) for b in range(len(alone))]
+
+
+def test_pitome_merges_exactly_r_and_never_the_lowest_energy_tokens():
+    state = _state()
+    method = create_method("pitome", margin=0.5, metric="hidden", bsm_layers=[])
+    keep = 21 - 6
+    out = method.reduce(state, Signals(), keep, Layer(index=0, depth=12))
+    assert out.tokens == keep
+    assert torch.equal(out.size.sum(dim=1), torch.full((2,), 21.0))
+    energy = energy_score(state.x[:, 1:], 0.5)
+    for b, alone in enumerate(_singletons(out)):
+        lowest = set((energy[b].argsort()[: 20 - 12] + 1).tolist())  # T - 2r lowest
+        assert lowest <= alone
+
+
+def test_pitome_margin_decays_linearly_with_depth():
+    method = create_method("pitome", margin=0.8)
+    margins = [method.margin_at(Layer(index, 4)) for index in range(4)]
+    assert margins == pytest.approx([0.8, 0.6, 0.4, 0.2])
+
+
+def test_pitome_family_defaults_are_settled_into_the_config():
+    model = tokcomp.apply(tiny_vit("vit"), "pitome", keep_ratio=0.8)
+    options = tokcomp.config_of(model).options
+    assert options["margin"] == 0.75 and options["metric"] == "keys"
+    assert options["bsm_layers"] == [0, 1]
+
+
+def test_energy_score_matches_its_definition():
+    metric = torch.randn(1, 5, 3)
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    sim = unit[0] @ unit[0].T
+    expected = torch.where(sim - 0.3 >= 0, sim - 0.3, torch.exp(sim - 0.3) - 1).mean(dim=1)
+    torch.testing.assert_close(energy_score(metric, 0.3)[0], expected)
+
+
+# -- Zero-TPrune --------------------------------------------------------------------------
+
+
+def test_weighted_pagerank_converges_to_the_dominant_left_eigenvector():
+    torch.manual_seed(0)
+    matrix = torch.rand(6, 6, dtype=torch.float64) + 0.05
+    matrix = matrix / matrix.sum(dim=1, keepdim=True)
+    values, vectors = torch.linalg.eig(matrix.T)
+    stationary = vectors[:, values.real.argmax()].real
+    stationary = stationary / stationary.sum()
+    scores = attention_pagerank(matrix.float()[None, None], iterations=200)[0, 0]
+    torch.testing.assert_close(scores.double(), stationary, atol=1e-6, rtol=1e-5)
+    uniform = attention_pagerank(matrix.float()[None, None], 0)[0, 0]
+    assert torch.equal(uniform, torch.full((6,), 1 / 6))
+
+
+def test_variance_head_filter_drops_heads_outside_the_band():
+    flat = torch.full((10,), 0.1)
+    mild = torch.linspace(0.05, 0.15, 10)  # scaled variance ~0.09
+    peaked = torch.tensor([0.91] + [0.01] * 9)  # scaled variance ~7
+    scores = torch.stack([flat, mild, peaked])[None]
+    assert head_filter(scores, 0.01, 0.7).tolist() == [[0.0, 1.0, 0.0]]
+    assert head_filter(scores, 10.0, 20.0).tolist() == [[1.0, 1.0, 1.0]]  # none inside: all
+
+
+def test_zero_tprune_s_stage_prunes_the_less_important_of_a_duplicate_pair():
+    torch.manual_seed(3)
+    tokens, heads = 9, 2
+    keys = torch.randn(1, tokens, 4)
+    keys[0, 5] = keys[0, 2]  # token 5 duplicates token 2
+    attn = torch.full((1, heads, tokens, tokens), 0.01)
+    attn[..., 2] = 0.5  # everyone attends to token 2 most, then to 5: 2 and 5 lead the
+    attn[..., 5] = 0.3  # two importance-alternated groups, and 5 is the weaker
+    attn = attn / attn.sum(dim=-1, keepdim=True)
+    method = create_method("zero_tprune", similarity_share=1.0, variance_band=[0.0, 1e9])
+    method = method.with_options(iterations=[3] * 4)
+    state = _state(tokens=tokens, protected=1, batch=1)
+    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, Layer(0, 4))
+    assert 5 not in _singletons(out)[0] and 2 in _singletons(out)[0]
+
+
+# -- DiffRate -----------------------------------------------------------------------------
+
+
+def test_diffrate_prunes_least_attended_and_merges_into_most_similar():
+    x = torch.tensor([[[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 0.1], [0, 0.2, 1], [1, 1, 1]]])
+    cls_attn = torch.tensor([[[0.3, 0.3, 0.2, 0.1, 0.08, 0.02]]])  # token 5 least attended
+    state = TokenState(x, protected=1, source=torch.eye(6)[None])
+    method = create_method("diffrate", prune_kept=[6, 5], merge_kept=[6, 3])
+    out = method.reduce(state, Signals(cls_attn=cls_attn), 3, Layer(1, 2))
+    # order by attention: 1, 2, 3, 4; prune 5; dst = [cls, 1, 2]; 3 -> 1, 4 -> 2
+    assert out.source[0].argmax(dim=1).tolist() == [0, 1, 2]
+    torch.testing.assert_close(out.x[0, 1], (x[0, 1] + x[0, 3]) / 2)
+    torch.testing.assert_close(out.x[0, 2], (x[0, 2] + x[0, 4]) / 2)
+    cos13 = torch.nn.functional.cosine_similarity(x[0, 1], x[0, 3], dim=0)
+    torch.testing.assert_close(out.size[0, 1], 1 + cos13)
+    assert out.source[0, :, 5].sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prune_kept": [65] * 3, "merge_kept": [65] * 3}, "prune_kept lists 3 blocks"),
+        ({"prune_kept": [65, 60, 62, 50], "merge_kept": [65] * 4}, "must not increase"),
+        ({"prune_kept": [65, 60, 50, 40], "merge_kept": [65, 61, 50, 40]}, "merges to 61"),
+        ({"prune_kept": [60] * 4, "merge_kept": [60] * 4}, "never compresses block 0"),
+        ({"prune_kept": [65] * 4}, "give both"),
+        ({"target_macs": 0.6}, "tokcomp search diffrate"),
+    ],
+)
+def test_diffrate_bad_lists_get_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        tokcomp.apply(tiny_vit("vit"), "diffrate", **options)
+
+
+# -- EViT and random ----------------------------------------------------------------------
+
+
+def test_evit_fuses_the_dropped_tokens_into_their_attention_weighted_sum():
+    state = _state(tokens=7, batch=1)
+    attn = torch.tensor([[[0.4, 0.2, 0.15, 0.1, 0.08, 0.05, 0.02]]])
+    method = create_method("evit", keep_ratio=0.5)
+    out = method.reduce(state, Signals(cls_attn=attn), 5, Layer(1, 4))
+    assert out.source[0, :4].argmax(dim=1).tolist() == [0, 1, 2, 3]
+    fused = sum(attn[0, 0, i] * state.x[0, i] for i in (4, 5, 6))
+    torch.testing.assert_close(out.x[0, 4], fused)
+    assert out.size[0, 4] == 3
+
+
+def test_random_is_seeded_and_the_same_for_every_image():
+    state = _state(tokens=30, batch=3)
+    method = create_method("random", seed=4)
+    first = method.reduce(state, Signals(), 12, Layer(2, 4))
+    again = method.reduce(state, Signals(), 12, Layer(2, 4))
+    assert torch.equal(first.source, again.source)
+    assert torch.equal(first.source[0], first.source[2])
+    assert first.source[0, 0, 0] == 1
+    other = create_method("random", seed=5).reduce(state, Signals(), 12, Layer(2, 4))
+    assert not torch.equal(other.source, first.source)
+
+
+def test_random_follows_another_methods_schedule(tmp_path):
+    tome = tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), "tome", r=7))
+    model = tokcomp.apply(tiny_vit("vit"), "random", schedule=tome.schedule)
+    assert tokcomp.config_of(model).schedule == tome.schedule
+    assert json.loads(json.dumps(tokcomp.config_of(model).to_dict()))["method"] == "random"
