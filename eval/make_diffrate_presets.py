@@ -1,0 +1,79 @@
+"""Write DiffRate's published per-block schedules as tokcomp configs under configs/.
+
+Usage: python eval/make_diffrate_presets.py PATH/diffrate_published_schedules.json
+
+The published lists are DiffRate's exported (prune_kept, merge_kept) counts. Some are not
+monotone; DiffRate's own inference slices with them, so a block effectively keeps
+min(tokens so far, prune_kept) and then min(that, merge_kept). The presets store those
+effective counts, which give exactly the released inference behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+
+import tokcomp
+
+#: Published model key -> timm architecture (also the preset's folder under configs/).
+MODELS = {
+    "ViT-T-DeiT": "deit_tiny_patch16_224",
+    "ViT-S-DeiT": "deit_small_patch16_224",
+    "ViT-B-DeiT": "deit_base_patch16_224",
+    "ViT-B-MAE": "vit_base_patch16_224.mae",
+    "ViT-L-MAE": "vit_large_patch16_224.mae",
+    "ViT-H-MAE": "vit_huge_patch14_224.mae",
+}
+#: DiffRate's MAE numbers are for fine-tuned classifiers: average pool and a 1000-class head.
+MAE_FINETUNED = {"global_pool": "avg", "num_classes": 1000}
+
+
+def effective_counts(
+    prune: list[int], merge: list[int], tokens: int
+) -> tuple[list[int], list[int]]:
+    """What DiffRate's inference really keeps per block for the published lists."""
+    pruned, merged = [], []
+    for p, m in zip(prune, merge, strict=True):
+        pruned.append(min(tokens, p))
+        tokens = min(pruned[-1], m)
+        merged.append(tokens)
+    return pruned, merged
+
+
+def write_presets(published: dict, output: Path) -> list[Path]:
+    """One config per (model, GMACs) entry of DiffRate's published schedules."""
+    written = []
+    for key, arch in MODELS.items():
+        overrides = MAE_FINETUNED if arch.endswith(".mae") else {}
+        model = timm.create_model(arch, pretrained=False, **overrides)
+        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        for gmacs, lists in published["schedules"][key].items():
+            pruned, merged = effective_counts(lists["prune_kept"], lists["merge_kept"], tokens)
+            tokcomp.apply(model, "diffrate", prune_kept=pruned, merge_kept=merged)
+            config = tokcomp.config_of(model)
+            config.notes = (
+                f"DiffRate's published schedule for {key} at {gmacs} GMACs (Chen et al., "
+                "ICCV 2023; compression_rate.json of OpenGVLab/DiffRate, commit 91ae3e3), "
+                "as the counts its inference effectively keeps."
+            )
+            path = output / arch / f"diffrate-{gmacs}g.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written.append(config.save(path))
+            print(f"{path}: {config.macs / 1e9:.2f} GMACs ({config.macs_ratio:.3f})")
+        del model
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("published", type=Path, help="diffrate_published_schedules.json")
+    parser.add_argument("--output", type=Path, default=Path("configs"))
+    args = parser.parse_args()
+    write_presets(json.loads(args.published.read_text()), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The presets in configs/ load in one line onto the models they were made for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import tokcomp
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = sorted(CONFIGS.glob("*/*.json"))
+#: Folder name -> how to build that architecture (MAE presets are for fine-tuned, avg-pool).
+OVERRIDES = {"mae": {"global_pool": "avg", "num_classes": 1000}}
+
+
+def _model(folder: str) -> torch.nn.Module:
+    overrides = OVERRIDES["mae"] if folder.endswith(".mae") else {}
+    with torch.device("meta"):
+        return timm.create_model(folder, pretrained=False, **overrides)
+
+
+def test_presets_exist_for_the_published_diffrate_models_and_zero_tprune():
+    names = {f"{p.parent.name}/{p.name}" for p in PRESETS}
+    assert "deit_small_patch16_224/diffrate-2.9g.json" in names
+    assert "deit_small_patch16_224/zero_tprune-3.0g.json" in names
+    folders = {p.parent.name for p in PRESETS if p.name.startswith("diffrate")}
+    assert len(folders) == 6
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_preset_applies_in_one_line_with_its_schedule(path):
+    config = tokcomp.Config.load(path)
+    assert config.notes, "a preset states where it comes from"
+    model = tokcomp.apply(_model(path.parent.name), path)
+    applied = tokcomp.config_of(model)
+    assert applied.schedule == config.schedule
+    assert applied.macs == config.macs
+    if config.method == "diffrate":
+        gmacs = float(path.stem.split("-")[1].rstrip("g"))
+        assert config.macs / 1e9 == pytest.approx(gmacs, rel=0.1)  # the search target
+
+
+def test_zero_tprune_preset_is_the_papers_operating_point():
+    config = tokcomp.Config.load(CONFIGS / "deit_small_patch16_224/zero_tprune-3.0g.json")
+    assert 1 - config.macs_ratio == pytest.approx(0.347, abs=0.01)
+    model = tokcomp.apply(_model("deit_small_patch16_224"), "zero_tprune")
+    assert tokcomp.config_of(model).schedule == config.schedule
+
+
+def test_diffrate_preset_reproduces_the_effective_published_counts():
+    published = json.loads((CONFIGS / "deit_small_patch16_224/diffrate-2.9g.json").read_text())
+    options = published["options"]
+    assert options["merge_kept"] == published["schedule"]
+    assert options["prune_kept"][:3] == [197, 196, 190]
