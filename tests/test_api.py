@@ -169,7 +169,7 @@ def test_config_for_another_model_names_the_field(tmp_path):
 
 def test_options_beside_a_config_are_refused(tmp_path):
     path = tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), "tome", r=2)).save(tmp_path / "c.json")
-    with pytest.raises(ValueError, match="edit the config instead"):
+    with pytest.raises(ValueError, match="cannot be given with a config"):
         tokcomp.apply(tiny_vit("vit"), path, r=3)
 
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from tokcomp.adapters import Adapter, Compression, find_adapter
 from tokcomp.config import Config, ConfigError
-from tokcomp.methods import TokenState, create_method, method_names
-from tokcomp.schedule import model_macs, resolve
+from tokcomp.methods import Method, TokenState, create_method, method_names
+from tokcomp.schedule import ModelSpec, model_macs, resolve
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -28,32 +28,40 @@ class Patch:
     compression: Compression
 
 
-def apply(model: M, method_or_config: str | Path | Config, **options: Any) -> M:
+def apply(model: M, method_or_config: str | Path | Config | Method, **options: Any) -> M:
     """Make `model` compress its tokens, in place; returns it.
 
-    `method_or_config` is a method name (see `methods()`) with its options, a Config, or the
-    path of a saved config. Applying again replaces the previous method.
+    `method_or_config` is a method name (see `methods()`) with its options, a Config, the
+    path of a saved config, or a Method object. Applying again replaces the previous method.
     """
     adapter = find_adapter(model)
     spec = adapter.spec()
-    config = _as_config(method_or_config)
-    if config is None:
-        method, schedule = resolve(create_method(str(method_or_config), **options), spec)
-    else:
-        if options:
-            raise ValueError(
-                f"options {sorted(options)} given with a config; edit the config instead "
-                "(its 'options' field) or apply the method by name"
-            )
-        config.check_model(spec)
-        method = create_method(config.method, **config.options, schedule=config.schedule)
-        method, schedule = resolve(method, spec)
+    method, schedule = _requested(method_or_config, options, spec)
     if is_patched(model):
         remove(model)
     patch = Patch(adapter, Compression(method, tuple(schedule), spec))
     adapter.install(patch)
     object.__setattr__(model, _PATCH, patch)
     return model
+
+
+def _requested(
+    method_or_config: str | Path | Config | Method, options: dict[str, Any], spec: ModelSpec
+) -> tuple[Method, list[int]]:
+    if isinstance(method_or_config, Method):
+        _refuse_options(options, "a Method object (set them on it)")
+        return resolve(method_or_config, spec)
+    config = _as_config(method_or_config)
+    if config is None:
+        return resolve(create_method(str(method_or_config), **options), spec)
+    _refuse_options(options, "a config (edit its 'options' field, or apply the method by name)")
+    config.check_model(spec)
+    return resolve(create_method(config.method, **config.options, schedule=config.schedule), spec)
+
+
+def _refuse_options(options: dict[str, Any], given: str) -> None:
+    if options:
+        raise ValueError(f"options {sorted(options)} cannot be given with {given}")
 
 
 def remove(model: M) -> M:

@@ -93,8 +93,9 @@ class TimmViTAdapter(Adapter):
         if model.global_pool != "avg":
             return model.forward_head(state.x, pre_logits=pre_logits)
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        size = None if state.size is None else state.size[:, start:]
-        x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], size)))
+        weights = state.pool_weights()
+        weights = None if weights is None else weights[:, start:]
+        x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], weights)))
         return x if pre_logits else model.head(x)
 
 

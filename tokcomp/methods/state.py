@@ -55,6 +55,13 @@ class TokenState:
             return self.size
         return self.x.new_ones(self.x.shape[:2], dtype=torch.float32)
 
+    def pool_weights(self) -> torch.Tensor | None:
+        """Per-token weights for average pooling: sizes, times the search mask if any;
+        None when a plain mean is right."""
+        if self.mask is None:
+            return self.size
+        return self.sizes() * self.mask
+
     def with_x(self, x: torch.Tensor) -> TokenState:
         return replace(self, x=x)
 

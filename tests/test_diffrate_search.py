@@ -1,0 +1,87 @@
+"""DiffRate's rate search: straight-through estimators, masks, frozen weights, MACs target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+import tokcomp
+from tokcomp.adapters.base import attend
+from tokcomp.methods.diffrate_search import DiffRateRates, KeptCount, ceil_ste, min_ste
+from tokcomp.search.diffrate import SearchSettings, expected_macs, search_diffrate
+
+
+def _batches(count: int = 6, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(count)]
+
+
+def test_straight_through_estimators():
+    value = torch.tensor(2.3, requires_grad=True)
+    out = ceil_ste(value)
+    out.backward()
+    assert out.item() == 3.0 and value.grad.item() == 1.0
+    current, prune, merge = (torch.tensor(v, requires_grad=True) for v in (50.0, 40.0, 45.0))
+    out = min_ste(current, prune, merge)
+    (2 * out).backward()
+    assert out.item() == 40.0
+    assert current.grad is None and prune.grad.item() == 2.0 and merge.grad.item() == 2.0
+
+
+def test_kept_count_and_token_mask():
+    counter = KeptCount(patches=8, protected=1, granularity=2)  # candidates 8, 6, 4, 2
+    assert counter.kept().item() == 1 + 5  # ceil(mean 5) + class token
+    mask = counter.token_mask(kept=6, alive=8, tokens=9)
+    assert mask.tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 0, 0, 1], abs=1e-6)
+    mask[6].backward()
+    assert counter.logits.grad.abs().sum() > 0  # P_6 = p(c=8) + p(c=6) depends on the logits
+
+
+def test_masked_keys_get_no_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]])
+    from tokcomp.methods import Signal
+
+    _, signals = attend(q, k, v, 0.5, needs=frozenset({Signal.ATTN}), key_mask=mask)
+    attn = signals.attn[0]
+    assert attn[:, :, [2, 4]][:, [0, 1, 3]].max() < 1e-5  # others ignore masked keys
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(2, 5))
+
+
+def test_search_step_moves_only_the_rates_and_keeps_weights_bit_identical():
+    model = tiny_vit("vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = DiffRateRates(tokcomp.adapters.find_adapter(model).spec(), granularity=4)
+    settings = SearchSettings(0.6, max_steps=1, progress=False)
+    search_diffrate(model, _batches(1), settings, rates)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    assert not tokcomp.is_patched(model)
+    moved = [c.logits.abs().sum().item() for c in (*rates.prune, *rates.merge)]
+    assert all(m > 0 for m in moved)  # every block's logits got a gradient step
+
+
+def test_expected_macs_equals_the_analytic_model_of_the_selected_counts():
+    model = tiny_vit("vit")
+    spec = tokcomp.adapters.find_adapter(model).spec()
+    rates = DiffRateRates(spec, granularity=4)
+    _, merged = rates.kept_lists()
+    tokcomp.apply(model, "diffrate", prune_kept=rates.kept_lists()[0], merge_kept=merged)
+    assert expected_macs(spec, rates).item() == pytest.approx(tokcomp.config_of(model).macs)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.75])
+def test_search_reaches_the_macs_target_within_3_percent(target, tmp_path):
+    model = tiny_vit("vit", depth=6)
+    settings = SearchSettings(target, epochs=10, lr=0.05, lr_min=0.005, progress=False)
+    config = search_diffrate(model, _batches(), settings)
+    assert config.macs_ratio == pytest.approx(target, rel=0.03)
+    path = config.save(tmp_path / "searched.json")
+    reloaded = tokcomp.apply(model, path)
+    assert tokcomp.config_of(reloaded).schedule == config.schedule
+    images = _batches(1)[0][0]
+    with torch.no_grad():
+        direct = tokcomp.apply(tiny_vit("vit", depth=6), config)(images)
+        torch.testing.assert_close(reloaded(images), direct, atol=0, rtol=0)

@@ -1,0 +1,1 @@
+"""Searches that learn a compression schedule on data (DiffRate's rate search)."""
