@@ -1,0 +1,64 @@
+"""Speed of every seed method at three budgets on DeiT-S (random weights), against the
+unpruned model in the same run: MACs ratio, measured speed-up, and their quotient.
+
+python eval/bench_methods.py [--batch-size 32] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import timm
+import torch
+
+from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "deit_small_patch16_224"
+BUDGETS = (0.8, 0.65, 0.5)
+
+
+def variants() -> list[Variant]:
+    """Each method at three MACs budgets (DiffRate: its published 3.1/2.7/2.3-GMAC
+    schedules), plus the Zero-TPrune preset."""
+    rows = []
+    for method in ("tome", "pitome", "zero_tprune", "evit", "random"):
+        rows += [Variant(f"{method} {b:.2f}", method, {"target_macs": b}) for b in BUDGETS]
+    rows += [
+        Variant(f"diffrate {g}g", str(PRESETS / f"diffrate-{g}g.json"))
+        for g in ("3.1", "2.7", "2.3")
+    ]
+    rows.append(Variant("zero_tprune preset", str(PRESETS / "zero_tprune-3.0g.json")))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    settings = BenchSettings(
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    rows = benchmark(model, variants(), settings)
+    threads = torch.get_num_threads()
+    print(f"DeiT-S, batch {args.batch_size}, {args.device} {args.dtype}, {threads} threads")
+    print(format_table(rows))
+    print("\nspeed-up / (unpruned MACs / pruned MACs):")
+    for row in rows[1:]:
+        print(f"  {row.label:<24}{row.speedup * row.macs_ratio:6.2f}")
+    if args.json:
+        args.json.write_text(rows_to_json(rows, settings, model="deit_small_patch16_224"))
+
+
+if __name__ == "__main__":
+    main()
