@@ -25,8 +25,12 @@ install: $(EXT) data
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS): requirements.txt | $(PY)
+# Data-only packages (their files, not their code) install without their dependencies.
+DATA_PACKAGES := foolbox==3.3.4
+
+$(DEPS): requirements.txt Makefile | $(PY)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 $(EXT): $(DEPS) $(SOURCES)

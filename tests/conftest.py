@@ -45,6 +45,16 @@ def _spread_weights(model: nn.Module) -> None:
                 param.normal_(0, 0.5)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are tiny: they run fastest on one thread, above all on a shared
+    machine (tests assert behaviour, never speed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(TIMM_VARIANTS))
 def timm_variant(request) -> str:
     return request.param

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tokcomp.cli import main, parse_variant
+from tokcomp.bench import parse_variant
+from tokcomp.cli import main
 
 
 def test_parse_variant_reads_json_values_and_lists():

@@ -5,7 +5,7 @@
 """
 
 from tokcomp.adapters import UnsupportedModelError
-from tokcomp.api import apply, config_of, forward_tokens, is_patched, methods, remove
+from tokcomp.api import apply, config_of, forward_tokens, is_patched, macs, methods, remove
 from tokcomp.config import Config, ConfigError
 from tokcomp.ops import backend
 
@@ -20,6 +20,7 @@ __all__ = [
     "config_of",
     "forward_tokens",
     "is_patched",
+    "macs",
     "methods",
     "remove",
 ]

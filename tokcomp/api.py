@@ -94,6 +94,13 @@ def config_of(model: nn.Module) -> Config:
     )
 
 
+def macs(model: nn.Module) -> int:
+    """Analytic MACs per image of `model`: under its compression if patched, else unpruned."""
+    if is_patched(model):
+        return config_of(model).macs
+    return model_macs(find_adapter(model).spec())
+
+
 def forward_tokens(model: nn.Module, *inputs: Any, **kwargs: Any) -> TokenState:
     """Run a patched model's trunk and return the final tokens with their sizes (and
     sources when the method was applied with trace_source=True)."""

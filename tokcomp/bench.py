@@ -16,9 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tokcomp.adapters import find_adapter
-from tokcomp.api import apply, config_of, is_patched
-from tokcomp.schedule import model_macs
+from tokcomp.api import apply, macs
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,41 @@ class Variant:
 
 
 BASELINE = Variant("unpruned")
+
+
+def parse_variant(text: str) -> Variant:
+    """'tome:r=13,prop_attn=false' -> Variant('tome r=13 prop_attn=false', 'tome', {...}).
+    Values are read as JSON where they parse (numbers, lists, true/false), else as text."""
+    method, _, rest = text.partition(":")
+    options = dict(_parse_option(item) for item in _split_options(rest))
+    label = " ".join([method, *(f"{k}={_compact(v)}" for k, v in options.items())])
+    return Variant(label, method, options)
+
+
+def _split_options(text: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    return [item for item in [*items, current] if item]
+
+
+def _parse_option(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"option {item!r} must look like key=value")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
 
 
 @dataclass
@@ -81,21 +114,21 @@ def benchmark(
     times: list[list[float]] = [[] for _ in run]
     for _ in range(settings.repeats):
         for forward, measured in zip(run, times, strict=True):
-            measured.append(_timed(forward, device))
+            measured.append(timed(forward, device)[1])
     medians = [statistics.median(t) for t in times]
-    base_macs = _macs(model)
+    base_macs = macs(model)
     rows = []
     for variant, compressed, seconds, forward in zip(
         [BASELINE, *variants], models, medians, run, strict=True
     ):
-        macs = _macs(compressed)
+        variant_macs = macs(compressed)
         rows.append(
             BenchRow(
                 label=variant.label,
                 method=variant.method,
                 options=variant.options,
-                gmacs=macs / 1e9,
-                macs_ratio=macs / base_macs,
+                gmacs=variant_macs / 1e9,
+                macs_ratio=variant_macs / base_macs,
                 images_per_s=settings.batch_size / seconds,
                 speedup=medians[0] / seconds,
                 latency_ms=seconds * 1e3,
@@ -111,12 +144,6 @@ def _variant_model(model: nn.Module, variant: Variant) -> nn.Module:
     return apply(copy.deepcopy(model), variant.method, **variant.options)
 
 
-def _macs(model: nn.Module) -> int:
-    if is_patched(model):
-        return config_of(model).macs
-    return model_macs(find_adapter(model).spec())
-
-
 def _runner(model: nn.Module, images: torch.Tensor, settings: BenchSettings) -> Callable[[], Any]:
     dtype = getattr(torch, settings.dtype)
     autocast = dtype != torch.float32
@@ -128,12 +155,13 @@ def _runner(model: nn.Module, images: torch.Tensor, settings: BenchSettings) -> 
     return forward
 
 
-def _timed(forward: Callable[[], Any], device: torch.device) -> float:
+def timed(forward: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """forward()'s result and its wall time in seconds (device work included)."""
     _synchronize(device)
     start = time.perf_counter()
-    forward()
+    outputs = forward()
     _synchronize(device)
-    return time.perf_counter() - start
+    return outputs, time.perf_counter() - start
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""The `tokcomp` command: bench, export, show."""
+"""The `tokcomp` command: bench, eval, export, show."""
 
 from __future__ import annotations
 
@@ -7,49 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tokcomp import api, ops
-from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
+from tokcomp.harness import imagenet
 from tokcomp.models import create_model
-
-
-def parse_variant(text: str) -> Variant:
-    """'tome:r=13,prop_attn=false' -> Variant('tome r=13 prop_attn=false', 'tome', {...}).
-    Values are read as JSON where they parse (numbers, lists, true/false), else as text."""
-    method, _, rest = text.partition(":")
-    options = dict(_parse_option(item) for item in _split_options(rest))
-    label = " ".join([method, *(f"{k}={_compact(v)}" for k, v in options.items())])
-    return Variant(label, method, options)
-
-
-def _split_options(text: str) -> list[str]:
-    items, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    return [item for item in [*items, current] if item]
-
-
-def _parse_option(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"option {item!r} must look like key=value")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="summarise a saved config")
     show.add_argument("config", type=Path)
+
+    evaluate = commands.add_parser("eval", help="accuracy and speed of a sweep of methods")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    imagenet.add_arguments(
+        tasks.add_parser("imagenet", help="top-1/top-5 on an image folder or Fashion-MNIST")
+    )
     return parser
 
 
@@ -134,10 +105,14 @@ def _show(args: argparse.Namespace) -> None:
         print(f"notes     {config.notes}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    args.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tokcomp` console script."""
     args = _build_parser().parse_args(argv)
-    handlers = {"bench": _bench, "export": _export, "show": _show}
+    handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _eval}
     try:
         handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -19,8 +19,9 @@ def create_model(
 ) -> nn.Module:
     """A timm model by name, optionally with weights from a local checkpoint.
 
-    A .safetensors checkpoint written by tokcomp's training scripts carries its timm name
-    and constructor arguments in its metadata, so `name` may then be omitted.
+    A .safetensors checkpoint written by tokcomp's training scripts carries its timm name,
+    constructor arguments and data config (preprocessing) in its metadata, so `name` may
+    then be omitted and timm's resolve_data_config sees the right preprocessing.
     """
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
     if name is None:
@@ -31,6 +32,8 @@ def create_model(
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         model.load_state_dict(load_state_dict(checkpoint))
+    if "data_config" in metadata:
+        model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["data_config"])}
     return model.eval()
 
 

@@ -1,0 +1,299 @@
+"""The evaluation harness: metrics, sweeps with resume, equality with a plain timm
+evaluation, and the whole path (labels, preprocessing, checkpoints, metrics) on real
+ImageNet validation images with models whose predictions are forced."""
+
+from __future__ import annotations
+
+import csv
+import json
+import runpy
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from fixtures.imagenet import (
+    foolbox_images,
+    image_folder,
+    save_pth,
+    save_safetensors,
+    synset_folder,
+    write_images,
+)
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.utils import accuracy
+
+import tokcomp
+from tokcomp.cli import main
+from tokcomp.harness import sweep
+from tokcomp.harness.data import open_dataset
+from tokcomp.harness.imagenet import ClassificationTask, data_config, eval_transform, topk_correct
+from tokcomp.harness.results import ResultStore
+from tokcomp.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "eval" / "models" / "vit-fmnist" / "model.safetensors"
+CPU = torch.device("cpu")
+
+#: Head biases of a model that ranks these classes first, whatever the image: 609 is the
+#: label of foolbox images 06 and 07; 243, 559, 438 and 990 of images 00 to 03.
+RANKED = {609: 5.0, 243: 4.0, 559: 3.0, 438: 2.0, 990: 1.0}
+
+
+def evaluate(checkpoint: Path, data: object, output: Path, options: str = "") -> list[dict]:
+    """Run `tokcomp eval imagenet` (no worker processes) with more `options` (one string);
+    this run's rows, from its CSV."""
+    argv = ["--checkpoint", checkpoint, "--data", data, "--output", output, "--workers", 0]
+    assert main(["eval", "imagenet", *map(str, argv), *shlex.split(options)]) == 0
+    with open(output / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def forced_model(bias: dict[int, float]) -> torch.nn.Module:
+    """timm's test_vit (1000 classes, 160 px) whose logits are `bias`, whatever the image."""
+    model = timm.create_model("test_vit").eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        for label, value in bias.items():
+            model.head.bias[label] = value
+    return model
+
+
+@pytest.fixture(scope="module")
+def imagenet_val(tmp_path_factory) -> Path:
+    """foolbox's 20 ImageNet validation images in synset folders."""
+    return synset_folder(tmp_path_factory.mktemp("val"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path]:
+    """(image folder of 6 random images in 3 classes, checkpoint of a 32 px 3-class ViT
+    that records its model and data config in its metadata)."""
+    root = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4, "num_classes": 3}
+    model = timm.create_model("test_vit", **kwargs)
+    data = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
+    checkpoint = save_safetensors(
+        model,
+        root / "tiny.safetensors",
+        timm_model="test_vit",
+        model_kwargs=kwargs,
+        data_config=data,
+    )
+    return write_images(root / "data", {"cat": 2, "dog": 2, "emu": 2}), checkpoint
+
+
+# -- metrics ------------------------------------------------------------------------------
+def test_topk_counts_on_constructed_logits():
+    ordered = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]
+    nan = float("nan")
+    logits = torch.tensor(
+        [
+            ordered,  # target 0: first
+            ordered,  # target 4: fifth
+            ordered,  # target 5: sixth
+            [1.0] * 7,  # target 3: tied with all, ranks last
+            [2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # target 0: first, ties below it
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # target 0: tied for first, counts second
+            [nan, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # target 0: NaN is never right
+            [1.0, nan, 0.0, 0.0, 0.0, 0.0, 0.0],  # target 0: a NaN ranks above it
+        ]
+    )
+    targets = torch.tensor([0, 4, 5, 3, 0, 0, 0, 0])
+    assert topk_correct(logits, targets) == {"top1": 2, "top5": 5}
+    assert topk_correct(logits, targets, ks=(2, 7)) == {"top2": 4, "top7": 7}
+
+
+def test_topk_edge_cases():
+    assert topk_correct(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) == {
+        "top1": 0,
+        "top5": 0,
+    }
+    three = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])  # top5 of 3 classes: all
+    assert topk_correct(three, torch.tensor([0, 0])) == {"top1": 1, "top5": 2}
+    for bad in ([0, 3], [-1, 0]):
+        with pytest.raises(ValueError, match="do not fit a model with 3 outputs"):
+            topk_correct(three, torch.tensor(bad))
+
+
+def test_topk_agrees_with_timm_without_ties():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(64, 10), torch.randint(0, 10, (64,))
+    top1, top5 = (round(a.item() * 64 / 100) for a in accuracy(logits, targets, (1, 5)))
+    assert topk_correct(logits, targets) == {"top1": top1, "top5": top5}
+
+
+# -- sweeps and resume ----------------------------------------------------------------------
+def test_an_interrupted_sweep_recomputes_only_the_missing_point(tmp_path, small, monkeypatch):
+    data, checkpoint = small
+    config = tmp_path / "tome-r4.json"
+    tokcomp.config_of(tokcomp.apply(create_model(checkpoint=checkpoint), "tome", r=4)).save(config)
+    measured = []
+    real_measure = sweep.measure
+
+    def counting_measure(model, task, device, desc):
+        measured.append(desc)
+        return real_measure(model, task, device, desc)
+
+    monkeypatch.setattr(sweep, "measure", counting_measure)
+    output = tmp_path / "out"
+    options = (
+        f"--batch-size 4 --methods tome --budgets 0.9,0.7 --variant tome:r=2 --config {config}"
+    )
+    first = evaluate(checkpoint, data, output, options)
+    assert [(row["method"], row["label"]) for row in first] == [
+        ("unpruned", ""),
+        ("tome", "target_macs=0.9"),
+        ("tome", "target_macs=0.7"),
+        ("tome", "r=2"),
+        ("tome", "tome-r4.json"),
+    ]
+    assert len(measured) == 5
+
+    results = output / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(line for line in lines if json.loads(line)["label"] != "r=2"))
+    measured.clear()
+    second = evaluate(checkpoint, data, output, options)
+    assert measured == ["[4/5] tome r=2"]
+    assert [row for i, row in enumerate(second) if i != 3] == first[:3] + first[4:]
+
+    measured.clear()
+    evaluate(checkpoint, data, output, options + " --limit 3")  # other data: other points
+    assert len(measured) == 5
+
+
+def test_a_half_written_last_line_is_dropped(tmp_path):
+    store = ResultStore(tmp_path)
+    store.add({"key": "a", "top1": 1.0})
+    with store.path.open("a") as handle:
+        handle.write('{"key": "b", "to')
+    with pytest.warns(UserWarning, match="unfinished last line"):
+        store = ResultStore(tmp_path)
+    assert store.get("a") == {"key": "a", "top1": 1.0} and store.get("b") is None
+    store.add({"key": "b"})
+    assert [json.loads(line)["key"] for line in store.path.read_text().splitlines()] == ["a", "b"]
+    store.path.write_text('{"key": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:2 is not a JSON object"):
+        ResultStore(tmp_path)
+
+
+def test_every_point_is_checked_before_any_is_evaluated(tmp_path, small, capsys):
+    data, checkpoint = small
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    argv += ["--output", str(tmp_path), "--methods", "tome,tomme", "--budgets", "0.8"]
+    assert main(argv) == 2
+    assert "unknown method 'tomme'" in capsys.readouterr().err
+    assert not (tmp_path / "results.jsonl").exists()
+    assert main([*argv[:-4], "--budgets", "0.8"]) == 2
+    assert "--methods and --budgets go together" in capsys.readouterr().err
+
+
+def test_the_report_has_a_table_csv_and_plot(tmp_path, small, capsys):
+    data, checkpoint = small
+    rows = evaluate(checkpoint, data, tmp_path, "--variant tome:r=4")
+    table = capsys.readouterr().out.split("method ")[-1]
+    assert "options" in table and "Δtop1" in table and "speed-up" in table
+    assert "tome        r=4" in table and "1.00x" in table
+    assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["delta_top1"]) == 0.0
+    assert float(rows[1]["macs_ratio"]) < 1 and float(rows[1]["peak_memory_mb"]) > 0
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- the same numbers as timm ---------------------------------------------------------------
+def test_the_unpruned_point_is_a_plain_timm_evaluation(tmp_path):
+    folder = image_folder(tmp_path / "data", foolbox_images(), lambda label: f"c{label % 7}")
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=7).eval()
+    checkpoint = save_safetensors(
+        model, tmp_path / "m.safetensors", timm_model="test_vit", model_kwargs={"num_classes": 7}
+    )
+    rows = evaluate(checkpoint, folder, tmp_path / "out", "--batch-size 8 --variant tome:r=8")
+
+    config = resolve_data_config(model=model, use_test_size=True)  # as timm's validate.py
+    loader = create_loader(
+        create_dataset("", root=str(folder)), batch_size=8, use_prefetcher=False, **config
+    )
+    task = ClassificationTask(
+        open_dataset(str(folder), eval_transform(data_config(model))), 8, 0, CPU
+    )
+    hits = {"top1": 0, "top5": 0}
+    with torch.no_grad():
+        for (images, labels), (ours, our_labels) in zip(loader, task.batches(), strict=True):
+            assert torch.equal(images, ours) and torch.equal(labels, our_labels)
+            top1, top5 = accuracy(model(images), labels, topk=(1, 5))
+            hits["top1"] += round(top1.item() * len(labels) / 100)
+            hits["top5"] += round(top5.item() * len(labels) / 100)
+    assert 0 < hits["top5"] < 20
+    assert {k: float(rows[0][k]) for k in hits} == {k: 100 * v / 20 for k, v in hits.items()}
+
+
+# -- real ImageNet images, forced predictions -----------------------------------------------
+@pytest.mark.parametrize(
+    ("bias", "top1", "top5"),
+    [
+        ({609: 1.0}, 2, 2),  # always 609: right on images 06 and 07 only (ties rank last)
+        ({243: 1.0}, 1, 1),  # image 00's class
+        ({0: 1.0}, 0, 0),  # tench: no image of it
+        (RANKED, 2, 6),  # top-5 covers images 00-03, 06, 07
+    ],
+)
+def test_forced_predictions_score_exactly(tmp_path, imagenet_val, bias, top1, top5):
+    checkpoint = save_safetensors(
+        forced_model(bias), tmp_path / "m.safetensors", timm_model="test_vit"
+    )
+    rows = evaluate(checkpoint, imagenet_val, tmp_path, "--batch-size 20 --variant tome:r=8")
+    for row in rows:  # merging tokens cannot change a prediction made by the bias alone
+        assert (float(row["top1"]), float(row["top5"])) == (100 * top1 / 20, 100 * top5 / 20)
+
+
+@pytest.mark.parametrize("name", [None, "test_vit"], ids=["safetensors", "pth"])
+def test_checkpoints_reload_to_identical_logits(tmp_path, imagenet_val, name):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit").eval()
+    if name:  # a .pth does not record its model
+        path = save_pth(model, tmp_path / "m.pth")
+    else:
+        path = save_safetensors(model, tmp_path / "m.safetensors", timm_model="test_vit")
+    reloaded = create_model(name, path)
+    transform = eval_transform(data_config(reloaded))
+    task = ClassificationTask(open_dataset(str(imagenet_val), transform), 20, 0, CPU)
+    images, _ = next(task.batches())
+    with torch.no_grad():
+        assert torch.equal(task.forward(reloaded, images), model(images))
+
+
+def test_the_eval_script_runs_a_pth_checkpoint(tmp_path, imagenet_val, monkeypatch):
+    checkpoint = save_pth(forced_model(RANKED), tmp_path / "ranked.pth")
+    argv = ["eval/imagenet.py", "--model", "test_vit", "--checkpoint", str(checkpoint)]
+    argv += ["--data", str(imagenet_val), "--output", str(tmp_path), "--workers", "0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "eval" / "imagenet.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    row = json.loads((tmp_path / "results.jsonl").read_text())
+    assert (row["top1"], row["top5"], row["samples"]) == (10.0, 30.0, 20)
+
+
+def test_a_corrupt_image_stops_the_run_naming_it(tmp_path, small, capsys):
+    _, checkpoint = small
+    bad = tmp_path / "data" / "cat" / "broken.png"
+    write_images(tmp_path / "data", {"cat": 1, "dog": 1}, size=8)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data")]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "1"]) == 2
+    assert f"cannot decode image {bad}" in capsys.readouterr().err
+
+
+# -- the default Fashion-MNIST model --------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} is not trained yet")
+def test_the_default_fashion_mnist_model(tmp_path):
+    options = "--limit 64 --batch-size 64 --methods tome --budgets 0.7"
+    rows = evaluate(DEFAULT_MODEL, "fashion-mnist", tmp_path, options)
+    assert float(rows[0]["top1"]) > 60  # trained: far above chance (10 %)
+    assert float(rows[1]["macs_ratio"]) < 0.9 and int(rows[1]["samples"]) == 64

@@ -1,0 +1,106 @@
+"""Evaluation data: labels of ImageNet and other image folders, limits, Fashion-MNIST, and
+errors that name the bad file or folder."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures.imagenet import foolbox_images, synset_folder, write_images
+
+from tokcomp.harness.data import (
+    CorruptImageError,
+    LabelledImageFolder,
+    imagenet_synsets,
+    limited,
+    open_dataset,
+)
+from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
+
+
+def test_synsets_are_the_imagenet_1k_classes_in_index_order():
+    synsets = imagenet_synsets()
+    assert len(synsets) == len(set(synsets)) == 1000
+    assert list(synsets) == sorted(synsets)
+    assert synsets[0] == "n01440764" and synsets[1] == "n01443537"  # tench, goldfish
+    assert synsets[409] == "n02708093" and synsets[999] == "n15075141"  # clock, toilet paper
+
+
+def test_some_synset_folders_keep_their_standard_indices(tmp_path):
+    picked = {0: 1, 409: 2, 999: 1}
+    write_images(tmp_path, {imagenet_synsets()[i]: n for i, n in picked.items()}, size=8)
+    dataset = LabelledImageFolder(tmp_path)
+    assert dataset.class_to_idx == {imagenet_synsets()[i]: i for i in picked}
+    assert dataset.targets == [0, 409, 409, 999]
+    assert dataset.uses_imagenet_indices
+
+
+def test_foolbox_validation_images_get_their_labels(tmp_path):
+    images = foolbox_images()
+    assert len(images) == 20
+    dataset = LabelledImageFolder(synset_folder(tmp_path))
+    by_name = {path.name: label for path, label in images}
+    assert {path.split("/")[-1]: label for path, label in dataset.samples} == by_name
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["zebra", "apple", "mango"], {"apple": 0, "mango": 1, "zebra": 2}),
+        (["n01440764", "other"], {"n01440764": 0, "other": 1}),  # not all synsets: sorted
+        (["n99999999", "n01443537"], {"n01443537": 0, "n99999999": 1}),
+    ],
+)
+def test_other_folders_number_classes_in_sorted_order(tmp_path, names, expected):
+    dataset = LabelledImageFolder(write_images(tmp_path, dict.fromkeys(names, 1), size=8))
+    assert dataset.class_to_idx == expected
+    assert not dataset.uses_imagenet_indices
+
+
+@pytest.mark.parametrize("damage", ["not an image", "bad header", "truncated jpeg"])
+def test_a_corrupt_image_error_names_the_file(tmp_path, damage):
+    write_images(tmp_path, {"a": 1}, size=8)
+    bad = tmp_path / "a" / "bad.jpg"
+    jpeg = foolbox_images()[0][0].read_bytes()
+    content = {
+        "not an image": b"<html>404</html>",
+        "bad header": b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
+        "truncated jpeg": jpeg[: len(jpeg) // 2],
+    }
+    bad.write_bytes(content[damage])
+    dataset = LabelledImageFolder(tmp_path)
+    dataset[0]  # 0.png reads fine
+    with pytest.raises(CorruptImageError, match=f"cannot decode image {bad}"):
+        dataset[1]
+
+
+def test_a_folder_without_class_folders_says_how_to_lay_it_out(tmp_path):
+    (tmp_path / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=f"no class folders in {tmp_path}.*per synset"):
+        LabelledImageFolder(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"data folder {tmp_path / 'val'} does not"):
+        LabelledImageFolder(tmp_path / "val")
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    write_images(tmp_path, {"a": 1}, size=8)
+    (tmp_path / "n01440764").mkdir()
+    with pytest.raises(FileNotFoundError, match="no valid file for the classes n01440764"):
+        LabelledImageFolder(tmp_path)
+
+
+def test_limit_takes_a_deterministic_subset_spread_over_the_data(tmp_path):
+    dataset = LabelledImageFolder(write_images(tmp_path, {"a": 4, "b": 4, "c": 4}, size=8))
+    subset = limited(dataset, 3)
+    assert list(subset.indices) == [0, 4, 8]
+    assert [label for _, label in subset] == [0, 1, 2]
+    assert limited(dataset, 12) is dataset and limited(dataset, None) is dataset
+    with pytest.raises(ValueError, match="positive"):
+        limited(dataset, 0)
+
+
+def test_fashion_mnist_is_its_test_split(tmp_path):
+    dataset = limited(open_dataset("fashion-mnist"), 5)
+    labels = read_idx(f"{DEFAULT_ROOT}/t10k-labels-idx1-ubyte.gz")
+    assert len(dataset.dataset) == 10_000
+    assert [label for _, label in dataset] == [labels[i] for i in range(0, 10_000, 2000)]
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/t10k-images-idx3-ubyte.gz"):
+        open_dataset(f"fashion-mnist:{tmp_path}")

@@ -1,0 +1,212 @@
+"""ImageNet evaluation under a sweep of compression settings (`tokcomp eval imagenet`):
+top-1/top-5, MACs, throughput and peak memory of the unpruned model and of every method at
+every budget, on an ImageNet-style folder, any image folder, or the Fashion-MNIST test set.
+
+Preprocessing is timm's evaluation transform from the model's data config, resolved as
+timm's validate.py does; a .safetensors checkpoint may override it with a "data_config"
+metadata entry (JSON of timm data-config keys: input_size, interpolation, mean, std,
+crop_pct, crop_mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from tokcomp.bench import parse_variant
+from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
+from tokcomp.harness.results import ResultStore, report
+from tokcomp.harness.sweep import file_digest, run_sweep, sweep_points
+from tokcomp.models import create_model
+
+METRICS = ("top1", "top5")
+
+
+def topk_correct(
+    logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[str, int]:
+    """How many targets are among the k highest logits, for each k ('top1', 'top5').
+
+    Ties count against the model (a target tied with others ranks below them all), a NaN
+    logit ranks above everything, and a NaN target logit is never right.
+    """
+    targets = targets.to(logits.device)
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < logits.shape[1]:
+        raise ValueError(
+            f"labels {int(targets.min())}..{int(targets.max())} do not fit a model with "
+            f"{logits.shape[1]} outputs; evaluate a model trained on these classes"
+        )
+    target_logit = logits.gather(1, targets[:, None])
+    rank = ((logits >= target_logit) | logits.isnan()).sum(1)
+    valid = ~target_logit[:, 0].isnan()
+    return {f"top{k}": int(((rank <= k) & valid).sum()) for k in ks}
+
+
+class ClassificationTask:
+    """Image classification on a dataset of (image, label): top-1 and top-5 accuracy."""
+
+    metrics = METRICS
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, workers: int, device: torch.device
+    ) -> None:
+        self.device = device
+        self.loader = DataLoader(
+            dataset,
+            batch_size,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.loader)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images on the device, labels) batches."""
+        for images, labels in self.loader:
+            yield images.to(self.device), labels
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's logits."""
+        return model(inputs)
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Top-1 and top-5 hits in the batch."""
+        return topk_correct(outputs.float().cpu(), targets)
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The model's evaluation data config as timm's validate.py resolves it (a tokcomp
+    checkpoint's own data config is already in the model's pretrained_cfg)."""
+    return resolve_data_config(model=model, use_test_size=True)
+
+
+def eval_transform(config: dict[str, Any]) -> transforms.Compose:
+    """PIL image -> model input: colour mode from the input channels, then timm's eval
+    transform (resize, centre crop, normalise)."""
+    mode = "L" if config["input_size"][0] == 1 else "RGB"
+    return transforms.Compose(
+        [functools.partial(Image.Image.convert, mode=mode), create_transform(**config)]
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokcomp eval imagenet`."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="timm model name (random weights unless loaded)")
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="local .safetensors/.pth weights (a tokcomp .safetensors names its model)",
+    )
+    model.add_argument(
+        "--pretrained", action="store_true", help="timm's weights (needs network or a cache)"
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        help="image folder root/<class>/<image> (ImageNet synset folders get the standard "
+        f"indices) or {FASHION_MNIST}[:ROOT] (its test set)",
+    )
+    data.add_argument("--limit", type=int, help="evaluate N images spread over the data")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    sweep = parser.add_argument_group("sweep (the unpruned model is always evaluated first)")
+    sweep.add_argument("--methods", type=_names, default=[], help="e.g. tome,pitome")
+    sweep.add_argument(
+        "--budgets", type=_fractions, default=[], help="target MACs fractions, e.g. 0.9,0.75"
+    )
+    sweep.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        help="method:key=value,... (repeatable), e.g. tome:r=13",
+    )
+    sweep.add_argument(
+        "--config", action="append", type=Path, default=[], help="saved config (repeatable)"
+    )
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--device", default="cpu")
+    run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
+    run_group.add_argument(
+        "--output", type=Path, help="results folder (default results/<model>-<data>)"
+    )
+    parser.set_defaults(run=run)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _fractions(text: str) -> list[float]:
+    return [float(name) for name in _names(text)]
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate the sweep the arguments describe, print its table, save its results."""
+    points = sweep_points(args.methods, args.budgets, args.variant, args.config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
+    config = data_config(model)
+    dataset = limited(open_dataset(args.data, eval_transform(config)), args.limit)
+    name = f"{_model_name(args)}-{_data_name(args.data)}"
+    output = args.output or Path("results") / name
+    threads = torch.get_num_threads()
+    print(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
+    print(f"preprocessing {config}")
+    print(
+        f"{len(points)} points on {device}, {threads} threads, batch {args.batch_size}; "
+        f"results in {output}"
+    )
+    task = ClassificationTask(dataset, args.batch_size, args.workers, device)
+    settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    try:
+        rows = run_sweep(model, points, task, ResultStore(output), _context(args), device, settings)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: finished points are saved in {output}; the same command resumes")
+    print(report(rows, task.metrics, output, title=name))
+
+
+def _context(args: argparse.Namespace) -> dict[str, Any]:
+    """What identifies this run's results: model, weights, data and limit."""
+    kind, root = data_source(args.data)
+    context = {
+        "task": "imagenet",
+        "model": args.model,
+        "pretrained": args.pretrained,
+        "data": f"{kind}:{root}",
+        "limit": args.limit,
+    }
+    if args.checkpoint:
+        checkpoint = args.checkpoint.resolve()
+        context.update(checkpoint=str(checkpoint), checkpoint_sha256=file_digest(checkpoint))
+    return context
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    checkpoint = args.checkpoint  # a Hugging Face style <name>/model.safetensors is <name>
+    return checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
+
+
+def _data_name(data: str) -> str:
+    kind, root = data_source(data)
+    return kind if kind == FASHION_MNIST else root.name

@@ -1,0 +1,123 @@
+"""Sweep results: a JSON-lines store appended point by point (what lets a run resume), and
+the report of one run (its rows against the unpruned one) as a table, CSV and plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokcomp.harness.plot import plot_sweep
+
+RESULTS = "results.jsonl"
+
+
+class ResultStore:
+    """The finished points of every run in one output folder, by key: one JSON object a
+    line, each appended (and flushed) as soon as its point finishes."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / RESULTS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows = {row["key"]: row for row in self._read()}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The saved row of `key`, if that point has finished before."""
+        return self._rows.get(key)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Save a finished point."""
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self._rows[row["key"]] = row
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        text = self.path.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            self._drop_partial_line(text)
+            lines.pop()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{self.path}:{number} is not a JSON object ({err}); delete that line "
+                    "(its point is then evaluated again)"
+                ) from None
+        return rows
+
+    def _drop_partial_line(self, text: str) -> None:
+        """A run killed while writing leaves half a line: drop it so appends stay valid."""
+        warnings.warn(f"{self.path}: dropping an unfinished last line", stacklevel=3)
+        self.path.write_text(text[: text.rfind("\n") + 1])
+
+
+def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The rows with `delta_<metric>` (points) and `speedup` against the first (unpruned)
+    row."""
+    base = rows[0]
+    return [
+        {
+            **row,
+            f"delta_{metric}": row[metric] - base[metric],
+            "speedup": row["images_per_s"] / base["images_per_s"],
+        }
+        for row in rows
+    ]
+
+
+def format_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
+    """Rows from `with_baseline` as a fixed-width text table."""
+    width = max([len(row["label"]) for row in rows] + [7]) + 2
+    header = (
+        f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}"
+        + "".join(f"{name:>8}" for name in metrics)
+        + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['method']:<12}{row['label']:<{width}}{row['gmacs']:>8.3f}"
+            f"{row['macs_ratio']:>7.3f}"
+            + "".join(f"{row[name]:>8.2f}" for name in metrics)
+            + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
+            f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: Path) -> None:
+    """Rows from `with_baseline` as CSV, one line per point."""
+    columns = [
+        "method",
+        "label",
+        "gmacs",
+        "macs_ratio",
+        *metrics,
+        f"delta_{metrics[0]}",
+        "images_per_s",
+        "speedup",
+        "peak_memory_mb",
+        "samples",
+        "schedule",
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def report(rows: Sequence[dict[str, Any]], metrics: Sequence[str], folder: Path, title: str) -> str:
+    """Write results.csv and results.png (titled `title`) for one run's rows (unpruned
+    first) in `folder`; return the table to print."""
+    rows = with_baseline(rows, metrics[0])
+    write_csv(rows, metrics, folder / "results.csv")
+    plot_sweep(rows, metrics[0], folder / "results.png", title)
+    return format_table(rows, metrics)

@@ -1,0 +1,207 @@
+"""Evaluate one model under many compression settings in one run, the unpruned model first,
+resuming where an interrupted run stopped. Task-independent: a task says how to batch,
+run and score; this module applies each point, times it and records the results."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tokcomp import apply, config_of, is_patched, macs, remove
+from tokcomp.bench import Variant, parse_variant, peak_memory, timed
+from tokcomp.harness.results import ResultStore
+
+UNPRUNED = "unpruned"
+
+
+class Task(Protocol):
+    """What a sweep evaluates: batches already on the device, a forward, per-batch scores."""
+
+    #: Score names, summed over samples by `score` and reported as percentages; the first
+    #: is the headline (its change vs the unpruned model is reported and plotted).
+    metrics: tuple[str, ...]
+
+    def batches(self) -> Iterator[tuple[Any, Sequence[Any]]]:
+        """(inputs, targets) pairs, inputs on the device."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        ...
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """The model's outputs for one batch."""
+        ...
+
+    def score(self, outputs: Any, targets: Sequence[Any]) -> dict[str, float]:
+        """Each metric summed over the batch's samples."""
+        ...
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting of a sweep: the unpruned model (no method, no config), a method with
+    its options, or a saved config file. `label` shows the setting without the method name
+    (options, or the config's file name)."""
+
+    label: str
+    method: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    config: Path | None = None
+
+    @classmethod
+    def of(cls, variant: Variant) -> Point:
+        """The point of a `tokcomp.bench.parse_variant` result."""
+        label = variant.label.removeprefix(variant.method).strip()
+        return cls(label, variant.method, variant.options)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes this point's results reusable (a config file counts by its content)."""
+        if self.config is not None:
+            return {"config": str(self.config), "config_sha256": file_digest(self.config)}
+        return {"method": self.method, "options": dict(self.options)}
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Patch `model` in place for this point (the unpruned point leaves it alone)."""
+        if self.config is not None:
+            return apply(model, self.config)
+        if self.method is None:
+            return model
+        return apply(model, self.method, **self.options)
+
+
+def sweep_points(
+    methods: Sequence[str] = (),
+    budgets: Sequence[float] = (),
+    variants: Sequence[Variant] = (),
+    configs: Sequence[Path] = (),
+) -> list[Point]:
+    """The unpruned point, then every method at every budget (a target fraction of the
+    unpruned MACs), then the variants, then the config files."""
+    if bool(methods) != bool(budgets):
+        raise ValueError(
+            "--methods and --budgets go together (e.g. --methods tome --budgets 0.9,0.75); "
+            "for a method's own knobs use --variant tome:r=13"
+        )
+    budgeted = [parse_variant(f"{m}:target_macs={b}") for m in methods for b in budgets]
+    points = [Point("")] + [Point.of(v) for v in [*budgeted, *variants]]
+    return points + [Point(path.name, config=path) for path in configs]
+
+
+def file_digest(path: Path) -> str:
+    """A short SHA-256 of a file's content (to key results by weights or config files)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(functools.partial(handle.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def point_key(context: Mapping[str, Any], point: Point) -> str:
+    """The results key of `point` evaluated in `context` (model, data, ...)."""
+    text = json.dumps({**context, **point.identity()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
+    """What `point` does to `model`: method, resolved options, schedule, MACs. Applying
+    and removing it here checks every point before any is evaluated."""
+    if point.method is None and point.config is None:
+        return {
+            "method": UNPRUNED,
+            "resolved_options": {},
+            "schedule": None,
+            "gmacs": macs(model) / 1e9,
+            "macs_ratio": 1.0,
+        }
+    config = config_of(point.apply_to(model))
+    remove(model)
+    return {
+        "method": config.method,
+        "resolved_options": config.options,
+        "schedule": config.schedule,
+        "gmacs": config.macs / 1e9,
+        "macs_ratio": config.macs_ratio,
+    }
+
+
+def measure(model: nn.Module, task: Task, device: torch.device, desc: str) -> dict[str, float]:
+    """Scores (percent), throughput and peak memory of `model` on the task's batches. The
+    first batch is run once untimed, under the peak-memory probe, as warm-up; then every
+    batch is timed (model forward only)."""
+    sums = dict.fromkeys(task.metrics, 0.0)
+    samples, seconds, peak = 0, 0.0, None
+    with torch.inference_mode():
+        for inputs, targets in tqdm(task.batches(), desc, total=len(task), unit="batch"):
+            forward = functools.partial(task.forward, model, inputs)
+            if peak is None:
+                peak = peak_memory(forward, device)
+            outputs, elapsed = timed(forward, device)
+            seconds += elapsed
+            for name, value in task.score(outputs, targets).items():
+                sums[name] += value
+            samples += len(targets)
+    if not samples:
+        raise ValueError("the evaluation data is empty")
+    return {
+        **{name: 100.0 * total / samples for name, total in sums.items()},
+        "samples": samples,
+        "seconds": seconds,
+        "images_per_s": samples / seconds,
+        "peak_memory_mb": peak / 2**20,
+    }
+
+
+def run_sweep(
+    model: nn.Module,
+    points: Sequence[Point],
+    task: Task,
+    store: ResultStore,
+    context: Mapping[str, Any],
+    device: torch.device,
+    settings: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every point whose results `store` lacks, appending each as it finishes;
+    return the rows of all points, in order. `context` identifies the model and data (it
+    is part of each point's key); `settings` (batch size, threads...) is only recorded."""
+    plans = [(point, resolve(model, point)) for point in points]
+    rows = []
+    for index, (point, plan) in enumerate(plans, 1):
+        key = point_key(context, point)
+        row = store.get(key)
+        if row is None:
+            desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
+            row = {
+                "key": key,
+                "label": point.label,
+                **context,
+                **point.identity(),
+                **plan,
+                **_evaluate(model, point, task, device, desc),
+                **(settings or {}),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            store.add(row)
+        rows.append(row)
+    return rows
+
+
+def _evaluate(
+    model: nn.Module, point: Point, task: Task, device: torch.device, desc: str
+) -> dict[str, float]:
+    point.apply_to(model)
+    try:
+        return measure(model, task, device, desc)
+    finally:
+        if is_patched(model):
+            remove(model)
