@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from conftest import tiny_vit
 
 import tokcomp
 from tokcomp.adapters.base import attend
+from tokcomp.cli import main
 from tokcomp.methods.diffrate_search import DiffRateRates, KeptCount, ceil_ste, min_ste
 from tokcomp.search.diffrate import SearchSettings, expected_macs, search_diffrate
 
@@ -85,3 +87,14 @@ def test_search_reaches_the_macs_target_within_3_percent(target, tmp_path):
     with torch.no_grad():
         direct = tokcomp.apply(tiny_vit("vit", depth=6), config)(images)
         torch.testing.assert_close(reloaded(images), direct, atol=0, rtol=0)
+
+
+def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):
+    output = tmp_path / "searched.json"
+    argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
+    argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--batch-size", "16"]
+    assert main([*argv, "-o", str(output)]) == 0
+    config = tokcomp.Config.load(output)
+    assert config.method == "diffrate" and "DiffRate search" in config.notes
+    model = tokcomp.apply(timm.create_model("test_vit"), output)
+    assert tokcomp.config_of(model).schedule == config.schedule

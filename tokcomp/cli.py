@@ -1,4 +1,4 @@
-"""The `tokcomp` command: bench, eval, export, show."""
+"""The `tokcomp` command: bench, eval, search, export, show."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant,
 from tokcomp.config import Config
 from tokcomp.harness import imagenet
 from tokcomp.models import create_model
+from tokcomp.search import diffrate
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,12 @@ def _build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True)
     imagenet.add_arguments(
         tasks.add_parser("imagenet", help="top-1/top-5 on an image folder or Fashion-MNIST")
+    )
+
+    search = commands.add_parser("search", help="learn a compression schedule on data")
+    searches = search.add_subparsers(dest="method", required=True)
+    diffrate.add_arguments(
+        searches.add_parser("diffrate", help="DiffRate's per-block prune/merge rates")
     )
     return parser
 
@@ -105,14 +112,14 @@ def _show(args: argparse.Namespace) -> None:
         print(f"notes     {config.notes}")
 
 
-def _eval(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> None:
     args.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tokcomp` console script."""
     args = _build_parser().parse_args(argv)
-    handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _eval}
+    handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _run, "search": _run}
     try:
         handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as err:

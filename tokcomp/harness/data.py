@@ -80,18 +80,21 @@ class LabelledImageFolder(ImageFolder):
 
 def data_source(data: str) -> tuple[str, Path]:
     """(kind, absolute folder) of a --data value: an image folder ('folder'), or
-    'fashion-mnist' (its test split; 'fashion-mnist:ROOT' for IDX files elsewhere)."""
+    'fashion-mnist' ('fashion-mnist:ROOT' for IDX files elsewhere)."""
     name, _, root = data.partition(":")
     if name == FASHION_MNIST:
         return FASHION_MNIST, Path(root or FASHION_MNIST_ROOT).resolve()
     return "folder", Path(data).resolve()
 
 
-def open_dataset(data: str, transform: Callable[[Any], Any] | None = None) -> Dataset:
-    """The labelled images of a --data value (see `data_source`)."""
+def open_dataset(
+    data: str, transform: Callable[[Any], Any] | None = None, split: str = "test"
+) -> Dataset:
+    """The labelled images of a --data value (see `data_source`); `split` picks the
+    Fashion-MNIST split (an image folder is whatever split the user points at)."""
     kind, root = data_source(data)
     if kind == FASHION_MNIST:
-        return FashionMNIST(root, "test", transform)
+        return FashionMNIST(root, split, transform)
     return LabelledImageFolder(root, transform)
 
 

@@ -3,9 +3,11 @@ MACs reach a target with the least loss (Chen et al., ICCV 2023; METHODS.md sect
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,10 @@ from tqdm import tqdm
 from tokcomp.adapters import find_adapter
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
+from tokcomp.harness.data import describe, limited, open_dataset
+from tokcomp.harness.imagenet import data_config, eval_transform
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
+from tokcomp.models import create_model
 from tokcomp.schedule import ModelSpec, block_macs, model_macs
 
 #: DeiT-S's MACs in GMACs: the MACs penalty is measured in units of (model MACs / this), which
@@ -112,3 +117,62 @@ def _optimise(model, batches, rates, spec, settings) -> None:
                     return
             if not math.isfinite(loss.item()):
                 raise FloatingPointError("diffrate search diverged (loss is not finite)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokcomp search diffrate`."""
+    parser.add_argument("--model", help="timm model name (random weights unless loaded)")
+    parser.add_argument("--checkpoint", type=Path, help="local .safetensors/.pth weights")
+    parser.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="training images: an image folder (one sub-folder per class) or 'fashion-mnist' "
+        "(its train split)",
+    )
+    parser.add_argument("--target-macs", type=float, required=True, help="fraction of unpruned")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="search on this many images (spread evenly)")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr-min", type=float, default=0.001)
+    parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
+    parser.add_argument("--granularity", type=int, default=4, help="candidate count step")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Search, save the config, print what it reached."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
+    transform = eval_transform(data_config(model))
+    dataset = limited(open_dataset(args.data, transform, split="train"), args.limit)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed),
+        drop_last=len(dataset) >= args.batch_size,
+    )
+    print(f"searching on {args.data}: {describe(dataset)}")
+    settings = SearchSettings(
+        target_macs=args.target_macs,
+        epochs=args.epochs,
+        lr=args.lr,
+        lr_min=args.lr_min,
+        lam=args.lam,
+        granularity=args.granularity,
+    )
+    config = search_diffrate(model, loader, settings)
+    path = config.save(args.output)
+    print(
+        f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
+        f"(target {args.target_macs:.3f}); schedule {config.schedule}; wrote {path}"
+    )
