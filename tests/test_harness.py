@@ -135,9 +135,9 @@ def test_an_interrupted_sweep_recomputes_only_the_missing_point(tmp_path, small,
     measured = []
     real_measure = sweep.measure
 
-    def counting_measure(model, task, device, desc):
+    def counting_measure(model, task, device, desc, *rest):
         measured.append(desc)
-        return real_measure(model, task, device, desc)
+        return real_measure(model, task, device, desc, *rest)
 
     monkeypatch.setattr(sweep, "measure", counting_measure)
     output = tmp_path / "out"

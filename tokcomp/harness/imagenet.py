@@ -26,6 +26,7 @@ from torchvision import transforms
 
 from tokcomp.bench import parse_variant
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
+from tokcomp.harness.distributed import World
 from tokcomp.harness.results import ResultStore, report
 from tokcomp.harness.sweep import file_digest, run_sweep, sweep_points
 from tokcomp.models import create_model
@@ -158,30 +159,38 @@ def _fractions(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Evaluate the sweep the arguments describe, print its table, save its results."""
+    """Evaluate the sweep the arguments describe, print its table, save its results.
+    Under torchrun the data is sharded over the ranks and rank 0 alone writes."""
     points = sweep_points(args.methods, args.budgets, args.variant, args.config)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    world = World.from_env(args.device)
+    device = world.device(args.device)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
     config = data_config(model)
     dataset = limited(open_dataset(args.data, eval_transform(config)), args.limit)
     name = f"{_model_name(args)}-{_data_name(args.data)}"
     output = args.output or Path("results") / name
     threads = torch.get_num_threads()
-    print(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
-    print(f"preprocessing {config}")
-    print(
-        f"{len(points)} points on {device}, {threads} threads, batch {args.batch_size}; "
-        f"results in {output}"
+    say = print if world.is_main else _quiet
+    say(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
+    say(f"preprocessing {config}")
+    say(
+        f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
+        f"batch {args.batch_size}; results in {output}"
     )
-    task = ClassificationTask(dataset, args.batch_size, args.workers, device)
+    task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    store = ResultStore(output) if world.is_main else ResultStore.in_memory()
     try:
-        rows = run_sweep(model, points, task, ResultStore(output), _context(args), device, settings)
+        rows = run_sweep(model, points, task, store, _context(args), device, settings, world)
     except KeyboardInterrupt:
         sys.exit(f"interrupted: finished points are saved in {output}; the same command resumes")
-    print(report(rows, task.metrics, output, title=name))
+    say(report(rows, task.metrics, output, title=name))
+
+
+def _quiet(*_: Any) -> None:
+    """print() for the ranks that do not report."""
 
 
 def _context(args: argparse.Namespace) -> dict[str, Any]:

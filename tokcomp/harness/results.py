@@ -19,10 +19,16 @@ class ResultStore:
     """The finished points of every run in one output folder, by key: one JSON object a
     line, each appended (and flushed) as soon as its point finishes."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / RESULTS
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: str | Path | None) -> None:
+        self.path = None if folder is None else Path(folder) / RESULTS
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rows = {row["key"]: row for row in self._read()}
+
+    @classmethod
+    def in_memory(cls) -> ResultStore:
+        """A store that keeps rows but writes nothing (for the ranks that do not report)."""
+        return cls(None)
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The saved row of `key`, if that point has finished before."""
@@ -30,12 +36,13 @@ class ResultStore:
 
     def add(self, row: dict[str, Any]) -> None:
         """Save a finished point."""
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
         self._rows[row["key"]] = row
 
     def _read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
+        if self.path is None or not self.path.is_file():
             return []
         text = self.path.read_text()
         lines = text.splitlines()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from tokcomp import apply, config_of, is_patched, macs, remove
 from tokcomp.bench import Variant, parse_variant, peak_memory, timed
+from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.results import ResultStore
 
 UNPRUNED = "unpruned"
@@ -135,30 +136,38 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
     }
 
 
-def measure(model: nn.Module, task: Task, device: torch.device, desc: str) -> dict[str, float]:
-    """Scores (percent), throughput and peak memory of `model` on the task's batches. The
-    first batch is run once untimed, under the peak-memory probe, as warm-up; then every
-    batch is timed (model forward only)."""
+def measure(
+    model: nn.Module, task: Task, device: torch.device, desc: str, world: World = SINGLE
+) -> dict[str, float]:
+    """Scores (percent), throughput and peak memory of `model` on the task's batches (this
+    rank's shard; counts are summed over the ranks). The first batch is run once untimed,
+    under the peak-memory probe, as warm-up; then every batch is timed (forward only).
+    Throughput: all samples over the slowest rank's time, and per rank."""
     sums = dict.fromkeys(task.metrics, 0.0)
-    samples, seconds, peak = 0, 0.0, None
+    samples, seconds, peak = 0, 0.0, 0
+    batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
     with torch.inference_mode():
-        for inputs, targets in tqdm(task.batches(), desc, total=len(task), unit="batch"):
+        for inputs, targets in batches:
             forward = functools.partial(task.forward, model, inputs)
-            if peak is None:
+            if not samples:
                 peak = peak_memory(forward, device)
             outputs, elapsed = timed(forward, device)
             seconds += elapsed
             for name, value in task.score(outputs, targets).items():
                 sums[name] += value
             samples += len(targets)
-    if not samples:
+    totals = world.sum({**sums, "samples": samples})
+    slowest = world.max({"seconds": seconds, "peak": peak})
+    if not totals["samples"]:
         raise ValueError("the evaluation data is empty")
     return {
-        **{name: 100.0 * total / samples for name, total in sums.items()},
-        "samples": samples,
-        "seconds": seconds,
-        "images_per_s": samples / seconds,
-        "peak_memory_mb": peak / 2**20,
+        **{name: 100.0 * totals[name] / totals["samples"] for name in task.metrics},
+        "samples": int(totals["samples"]),
+        "seconds": slowest["seconds"],
+        "images_per_s": totals["samples"] / slowest["seconds"],
+        "images_per_s_per_rank": totals["samples"] / slowest["seconds"] / world.size,
+        "peak_memory_mb": slowest["peak"] / 2**20,
+        "world_size": world.size,
     }
 
 
@@ -170,15 +179,18 @@ def run_sweep(
     context: Mapping[str, Any],
     device: torch.device,
     settings: Mapping[str, Any] | None = None,
+    world: World = SINGLE,
 ) -> list[dict[str, Any]]:
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
     return the rows of all points, in order. `context` identifies the model and data (it
-    is part of each point's key); `settings` (batch size, threads...) is only recorded."""
+    is part of each point's key); `settings` (batch size, threads...) is only recorded.
+    Under torchrun every rank evaluates its shard of every point; rank 0's store decides
+    which points are finished and alone writes."""
     plans = [(point, resolve(model, point)) for point in points]
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(context, point)
-        row = store.get(key)
+        row = world.broadcast(store.get(key))
         if row is None:
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
             row = {
@@ -187,21 +199,22 @@ def run_sweep(
                 **context,
                 **point.identity(),
                 **plan,
-                **_evaluate(model, point, task, device, desc),
+                **_evaluate(model, point, task, device, desc, world),
                 **(settings or {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            store.add(row)
+            if world.is_main:
+                store.add(row)
         rows.append(row)
     return rows
 
 
 def _evaluate(
-    model: nn.Module, point: Point, task: Task, device: torch.device, desc: str
+    model: nn.Module, point: Point, task: Task, device: torch.device, desc: str, world: World
 ) -> dict[str, float]:
     point.apply_to(model)
     try:
-        return measure(model, task, device, desc)
+        return measure(model, task, device, desc, world)
     finally:
         if is_patched(model):
             remove(model)

@@ -6,18 +6,21 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from tokcomp.adapters import find_adapter
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
 from tokcomp.harness.data import describe, limited, open_dataset
+from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.imagenet import data_config, eval_transform
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
 from tokcomp.models import create_model
@@ -59,10 +62,17 @@ def search_diffrate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     settings: SearchSettings,
     rates: DiffRateRates | None = None,
+    world: World = SINGLE,
+    state: Path | None = None,
 ) -> Config:
     """Learn DiffRate's rates on `model` (weights frozen, untouched) from labelled `batches`
-    (re-iterated once per epoch); returns the config of the searched schedule. Pass `rates`
-    to continue from earlier ones (they are trained in place)."""
+    (re-iterated once per epoch); returns the config of the searched schedule.
+
+    rates: continue from these (trained in place). world: under torchrun, the rates are
+    trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
+    are broadcast from rank 0). state: a file the search saves itself to after every epoch
+    and resumes from when it exists (deleted once the search finishes).
+    """
     spec = find_adapter(model).spec()
     if not 0 < settings.target_macs <= 1:
         raise ValueError(
@@ -74,7 +84,11 @@ def search_diffrate(
         parameter.requires_grad_(False)
     try:
         apply(model.eval(), DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth))
-        _optimise(model, batches, rates, spec, settings)
+        objective = _Objective(model, rates, spec)
+        if world.size > 1:
+            objective = nn.parallel.DistributedDataParallel(objective)
+        checkpoint = _Checkpoint(state, settings, world)
+        _optimise(objective, rates, spec, batches, settings, world, checkpoint)
     finally:
         remove(model)
         for parameter in frozen:
@@ -86,37 +100,109 @@ def search_diffrate(
     config.notes = (
         f"DiffRate search: target {settings.target_macs:.3f} of the unpruned MACs, "
         f"{settings.epochs} epoch(s), lr {settings.lr}, lambda {settings.lam}, "
-        f"granularity {settings.granularity}"
+        f"granularity {settings.granularity}, {world.size} process(es)"
     )
     return config
 
 
-def _optimise(model, batches, rates, spec, settings) -> None:
-    steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
-    total = settings.max_steps or (steps_per_epoch or 1) * settings.epochs
+class _Objective(nn.Module):
+    """What is differentiated: the patched model's logits and the expected MACs. The rates
+    are its only trainable parameters (what DistributedDataParallel synchronises)."""
+
+    def __init__(self, model: nn.Module, rates: DiffRateRates, spec: ModelSpec) -> None:
+        super().__init__()
+        self.model, self.rates, self.spec = model, rates, spec
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images), expected_macs(self.spec, self.rates)
+
+
+class _Checkpoint:
+    """The search's state after each epoch in one file (rank 0 writes, every rank reads)."""
+
+    def __init__(self, path: Path | None, settings: SearchSettings, world: World) -> None:
+        self.path, self.settings, self.world = path, asdict(settings), world
+
+    def restore(self, rates: nn.Module, optimizer: Any, scheduler: Any) -> int:
+        """Load the saved state if there is one; the number of finished epochs."""
+        saved = None
+        if self.path is not None and self.path.is_file() and self.world.is_main:
+            saved = torch.load(self.path, weights_only=False)
+        saved = self.world.broadcast(saved)
+        if saved is None:
+            return 0
+        if saved["settings"] != self.settings:
+            raise ValueError(
+                f"{self.path} holds a search with other settings ({saved['settings']}); "
+                "delete it to start this one"
+            )
+        rates.load_state_dict(saved["rates"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        return saved["epoch"]
+
+    def save(self, epoch: int, rates: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """Write the state after `epoch` finished epochs (atomically, rank 0 only)."""
+        if self.path is None or not self.world.is_main:
+            return
+        state = {
+            "epoch": epoch,
+            "settings": self.settings,
+            "rates": rates.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        partial = self.path.with_suffix(self.path.suffix + ".tmp")
+        torch.save(state, partial)
+        partial.replace(self.path)
+
+    def finish(self) -> None:
+        """The search is done: its state is no longer needed."""
+        if self.path is not None and self.world.is_main:
+            self.path.unlink(missing_ok=True)
+
+
+def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> None:
+    per_epoch = len(batches)
+    total = min(settings.max_steps or math.inf, per_epoch * settings.epochs)
     optimizer = torch.optim.AdamW(rates.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=settings.lr_min)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, total, eta_min=settings.lr_min
+    )
+    start = checkpoint.restore(rates, optimizer, scheduler)
     base = model_macs(spec)
-    unit = base / _REFERENCE_GMACS
-    target = settings.target_macs * base
-    step = 0
-    with tqdm(total=total, disable=not settings.progress, desc="diffrate search") as bar:
-        while step < total:
+    unit, target = base / _REFERENCE_GMACS, settings.target_macs * base
+    step = start * per_epoch
+    progress = settings.progress and world.is_main
+    with tqdm(total=total, initial=step, disable=not progress, desc="diffrate search") as bar:
+        for epoch in range(start, settings.epochs):
+            _set_epoch(batches, epoch)
             for images, labels in batches:
-                macs = expected_macs(spec, rates)
-                ce = F.cross_entropy(model(images), labels)
+                logits, macs = objective(images)
+                ce = F.cross_entropy(logits, labels)
                 loss = ce + settings.lam * ((macs - target) / unit) ** 2
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError("diffrate search diverged (loss is not finite)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                scheduler.step()
                 step += 1
                 bar.update()
                 bar.set_postfix(ce=f"{ce.item():.3f}", macs=f"{macs.item() / base:.3f}")
                 if step >= total:
-                    return
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError("diffrate search diverged (loss is not finite)")
+                    break
+            checkpoint.save(epoch + 1, rates, optimizer, scheduler)
+            if step >= total:
+                break
+    checkpoint.finish()
+
+
+def _set_epoch(batches: Iterable, epoch: int) -> None:
+    """Give a distributed sampler its epoch (a new shuffle each epoch, the same on all ranks)."""
+    sampler = getattr(batches, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,22 +232,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Search, save the config, print what it reached."""
+    """Search, save the config, print what it reached. Under torchrun the batches are
+    split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
+    search saves its state next to the output after every epoch; rerunning the same
+    command resumes from it."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    world = World.from_env("cpu")
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
     transform = eval_transform(data_config(model))
     dataset = limited(open_dataset(args.data, transform, split="train"), args.limit)
-    loader = torch.utils.data.DataLoader(
+    sampler = DistributedSampler(
+        dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
+    )
+    loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
-        shuffle=True,
+        sampler=sampler,
         num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed),
-        drop_last=len(dataset) >= args.batch_size,
+        drop_last=len(dataset) >= args.batch_size * world.size,
     )
-    print(f"searching on {args.data}: {describe(dataset)}")
+    if world.is_main:
+        print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
     settings = SearchSettings(
         target_macs=args.target_macs,
         epochs=args.epochs,
@@ -170,9 +263,11 @@ def run(args: argparse.Namespace) -> None:
         lam=args.lam,
         granularity=args.granularity,
     )
-    config = search_diffrate(model, loader, settings)
-    path = config.save(args.output)
-    print(
-        f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
-        f"(target {args.target_macs:.3f}); schedule {config.schedule}; wrote {path}"
-    )
+    state = args.output.with_name(args.output.name + ".search-state.pt")
+    config = search_diffrate(model, loader, settings, world=world, state=state)
+    if world.is_main:
+        path = config.save(args.output)
+        print(
+            f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
+            f"(target {args.target_macs:.3f}); schedule {config.schedule}; wrote {path}"
+        )

@@ -1,0 +1,117 @@
+"""Data-parallel sweeps and DiffRate search under torchrun (gloo, 2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from fixtures.imagenet import foolbox_images, image_folder, save_safetensors
+
+from tokcomp.cli import main
+
+TESTS = Path(__file__).resolve().parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}:{TESTS}"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=7).eval()
+    path = tmp_path_factory.mktemp("model") / "m.safetensors"
+    return save_safetensors(model, path, timm_model="test_vit", model_kwargs={"num_classes": 7})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    return image_folder(root, foolbox_images(), lambda label: f"c{label % 7}")
+
+
+def _sweep_args(checkpoint: Path, folder: Path, output: Path, extra: list[str]) -> list[str]:
+    args = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(folder)]
+    return [*args, "--batch-size", "4", "--output", str(output), "--threads", "1", *extra]
+
+
+def _rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+
+
+def _torchrun(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([*TORCHRUN, "-m", "tokcomp", *args], env=ENV, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("limit", ["19", "20"])
+def test_two_processes_count_exactly_what_one_process_counts(checkpoint, folder, tmp_path, limit):
+    extra = ["--limit", limit, "--variant", "tome:r=4", "--methods", "random", "--budgets", "0.6"]
+    assert main(_sweep_args(checkpoint, folder, tmp_path / "one", extra)) == 0
+    two = _torchrun(_sweep_args(checkpoint, folder, tmp_path / "two", extra))
+    assert two.wait(timeout=600) == 0
+    one_rows, two_rows = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["world_size"] for r in two_rows] == [2, 2, 2]
+    for a, b in zip(one_rows, two_rows, strict=True):
+        assert b["samples"] == a["samples"] == int(limit)
+        assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
+
+
+def test_search_step_leaves_identical_rates_and_weights_on_both_ranks(tmp_path):
+    worker = subprocess.run(
+        [*TORCHRUN, str(TESTS / "distributed_search_worker.py"), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key, value in rank0["rates"].items():
+        assert torch.equal(value, rank1["rates"][key]), key
+    assert any(v.abs().sum() > 0 for k, v in rank0["rates"].items() if k.endswith("logits"))
+    for key, value in rank0["model"].items():
+        assert torch.equal(value, rank1["model"][key]), key
+
+
+def _children(parent: int) -> list[int]:
+    """Process ids whose parent is `parent` (torchrun's agent starts the ranks this way)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            continue
+        ppid = next((line.split()[1] for line in lines if line.startswith("PPid:")), "0")
+        if int(ppid) == parent:
+            found.append(int(status.parent.name))
+    return sorted(found)
+
+
+def test_a_killed_rank_fails_the_launch_clearly_and_a_rerun_resumes(checkpoint, folder, tmp_path):
+    output = tmp_path / "out"
+    extra = ["--methods", "tome,random,evit,pitome", "--budgets", "0.9,0.7,0.5"]
+    args = _sweep_args(checkpoint, folder, output, extra)
+    launch = _torchrun(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (output / "results.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (output / "results.jsonl").is_file(), "the first point never finished"
+    os.kill(_children(launch.pid)[-1], signal.SIGKILL)
+    _, stderr = launch.communicate(timeout=300)
+    assert launch.returncode != 0
+    assert "FAILED" in stderr or "ChildFailedError" in stderr
+    finished = {row["key"]: row["finished"] for row in _rows(output)}
+    assert 1 <= len(finished) < 13
+    rerun = _torchrun(args, stdout=subprocess.DEVNULL)
+    assert rerun.wait(timeout=900) == 0
+    rows = _rows(output)
+    assert len(rows) == 13
+    for row in rows:  # the points finished before the kill were not evaluated again
+        if row["key"] in finished:
+            assert row["finished"] == finished[row["key"]]
