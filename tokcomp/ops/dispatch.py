@@ -20,6 +20,7 @@ BACKEND_ENV = "TOKCOMP_BACKEND"
 def extension() -> ModuleType | None:
     """The compiled extension `tokcomp._C`, or None (warning once) when it is not built."""
     try:
+        importlib.import_module("tokcomp.ops._fake")  # loads tokcomp._C, then its fake kernels
         return importlib.import_module("tokcomp._C")
     except ImportError as err:
         warnings.warn(
@@ -50,7 +51,8 @@ def backend(device: torch.device | str = "cpu") -> str:
 
 
 def compiled_op(name: str, device: torch.device) -> Callable | None:
-    """The compiled custom op `tokcomp::<name>` for `device`, or None to use the reference."""
+    """The compiled custom op `tokcomp::<name>` for `device`, or None to use the reference
+    (also when the built extension predates the op)."""
     if backend(device) == "reference":
         return None
-    return getattr(torch.ops.tokcomp, name)
+    return getattr(torch.ops.tokcomp, name, None)
