@@ -8,6 +8,7 @@ from conftest import tiny_vit
 from reference_tome import tome_forward
 
 import tokcomp
+from tokcomp.ops import bipartite_plan
 
 
 @torch.no_grad()
@@ -73,3 +74,18 @@ def test_rejects_bad_r():
         tokcomp.apply(tiny_vit("vit"), "tome", r=[1] * 5)
     with pytest.raises(ValueError, match="at most half"):
         tokcomp.apply(tiny_vit("vit"), "tome", schedule=[30, 20, 10, 5])
+
+
+@pytest.mark.parametrize("protected", [0, 1, 2, 3, 4, 5])
+def test_bipartite_plan_keeps_protected_tokens_first_and_in_order(protected):
+    torch.manual_seed(protected)
+    metric = torch.randn(2, 17, 8)
+    r = (17 - protected) // 2
+    plan = bipartite_plan(metric, protected, r)
+    assert torch.equal(plan.keep_idx[:, :protected], torch.arange(protected).expand(2, -1))
+    assert not set(plan.src_idx.flatten().tolist()) & set(range(protected))
+    assert (plan.dst_pos >= protected).all()
+    merged = torch.cat([plan.keep_idx, plan.src_idx], dim=1).sort(dim=1).values
+    assert torch.equal(merged, torch.arange(17).expand(2, -1))  # every token placed once
+    kept_b = plan.keep_idx.gather(1, plan.dst_pos)  # every source lands on a B token
+    assert (kept_b % 2 == 1).all()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError
+from tokcomp.adapters.hf_vision import HFVisionAdapter
+from tokcomp.adapters.open_clip import OpenClipAdapter
 from tokcomp.adapters.timm import TimmViTAdapter
 
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter]
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:

@@ -32,16 +32,15 @@ def bipartite_plan(metric: torch.Tensor, protected: int, r: int) -> MergePlan:
     src_a = order[:, :r]
     unmerged_a = order[:, r:].sort(dim=1).values
     a_count, b_count = score.shape[1], metric.shape[1] // 2
-    b_rows = torch.arange(b_count, device=metric.device).expand(metric.shape[0], -1)
+    batch, device = metric.shape[0], metric.device
+    b_rows = torch.arange(b_protected, b_count, device=device).expand(batch, -1)
     keep_idx = torch.cat(
         [
-            2 * unmerged_a[:, :a_protected],
-            2 * b_rows[:, :b_protected] + 1,
+            torch.arange(protected, device=device).expand(batch, -1),
             2 * unmerged_a[:, a_protected:],
-            2 * b_rows[:, b_protected:] + 1,
+            2 * b_rows + 1,
         ],
         dim=1,
     )
-    dst_b = match.gather(1, src_a)
-    dst_pos = torch.where(dst_b < b_protected, a_protected + dst_b, a_count - r + dst_b)
-    return MergePlan(keep_idx, 2 * src_a, dst_pos)
+    # B token j sits after the protected tokens and the unmerged A ones: a_count - r + j
+    return MergePlan(keep_idx, 2 * src_a, a_count - r + match.gather(1, src_a))

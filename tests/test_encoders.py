@@ -1,0 +1,421 @@
+"""Every method on open_clip and Hugging Face vision encoders: exact at keep-everything,
+`remove` restores, CLIP zero-shot, batch independence, protected tokens, size-aware pooling,
+configs, MACs, and clear errors for what compression cannot honour."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import open_clip
+import pytest
+import torch
+import transformers as hf
+from conftest import _spread_weights
+from method_options import keep_all, middle
+from open_clip.transformer import VisionTransformer
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokcomp
+from tokcomp.adapters import find_adapter
+from tokcomp.schedule import model_macs
+
+METHODS = tokcomp.methods()
+#: Methods that only merge: every input patch stays in exactly one token.
+MERGE_ONLY = {"tome", "pitome"}
+
+_OPEN_CLIP = dict(image_size=32, patch_size=4, width=48, layers=3, heads=3, mlp_ratio=4.0,
+                  output_dim=16)  # fmt: skip
+_OPEN_CLIP_TEXT = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+_HF = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+           image_size=32, patch_size=4)  # fmt: skip
+_HF_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=8)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny model of one supported kind and the image-level output to compare."""
+
+    build: Callable[[], nn.Module]
+    output: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _open_clip_vit(**options) -> nn.Module:
+    return VisionTransformer(**{**_OPEN_CLIP, **options})
+
+
+def _open_clip_vision_cfg(**options) -> dict:
+    vision = dict(_OPEN_CLIP, head_width=16, **options)
+    for name in ("heads", "output_dim"):
+        del vision[name]
+    return vision
+
+
+def _open_clip_clip() -> nn.Module:
+    vision = _open_clip_vision_cfg()
+    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=_OPEN_CLIP_TEXT)
+
+
+def _open_clip_coca() -> nn.Module:
+    """CoCa: attention-pooled image tower (its tokens feed the text decoder)."""
+    pool = dict(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
+    vision = _open_clip_vision_cfg(**pool, output_tokens=True)
+    text = dict(_OPEN_CLIP_TEXT, embed_cls=True, output_tokens=True)
+    return open_clip.CoCa(
+        embed_dim=32, multimodal_cfg=_OPEN_CLIP_TEXT, text_cfg=text, vision_cfg=vision
+    )
+
+
+def _hf_clip() -> nn.Module:
+    config = hf.CLIPConfig(text_config=_HF_TEXT, vision_config=_HF, projection_dim=16)
+    return hf.CLIPModel(config)
+
+
+def _hf_siglip() -> nn.Module:
+    return hf.SiglipModel(hf.SiglipConfig(text_config=_HF_TEXT, vision_config=_HF))
+
+
+def _pooled(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=images).pooler_output
+
+
+def _image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model.get_image_features(pixel_values=images).pooler_output
+
+
+CASES: dict[str, Case] = {
+    "open_clip_clip": Case(_open_clip_clip, lambda m, x: m.encode_image(x)),
+    "open_clip_avg_layerscale": Case(
+        functools.partial(_open_clip_vit, pool_type="avg", ls_init_value=0.5), lambda m, x: m(x)
+    ),
+    "open_clip_coca": Case(_open_clip_coca, lambda m, x: m.encode_image(x)),
+    "open_clip_parallel_pools": Case(
+        functools.partial(
+            _open_clip_vit,  # open_clip's ln_post here needs output_dim == width
+            attentional_pool="parallel",
+            attn_pooler_queries=4,
+            attn_pooler_heads=2,
+            output_dim=48,
+        ),
+        lambda m, x: m(x),
+    ),
+    "open_clip_ln_after_pool_tokens": Case(
+        functools.partial(_open_clip_vit, final_ln_after_pool=True, output_tokens=True),
+        lambda m, x: m(x)[0],
+    ),
+    "hf_clip": Case(_hf_clip, _image_features),
+    "hf_siglip": Case(_hf_siglip, _image_features),
+    "hf_vit": Case(lambda: hf.ViTModel(hf.ViTConfig(**_HF)), _pooled),
+    "hf_dinov2_swiglu": Case(
+        lambda: hf.Dinov2Model(hf.Dinov2Config(**_HF, layerscale_value=0.5, use_swiglu_ffn=True)),
+        _pooled,
+    ),
+    "hf_dinov2_registers": Case(
+        lambda: hf.Dinov2WithRegistersModel(
+            hf.Dinov2WithRegistersConfig(**_HF, layerscale_value=0.5, num_register_tokens=2)
+        ),
+        _pooled,
+    ),
+}
+
+
+@functools.cache
+def _built(case: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = CASES[case].build().eval()
+    _spread_weights(model)
+    return model
+
+
+def tiny(case: str) -> nn.Module:
+    """A fresh copy of the tiny randomly initialised model of `case`."""
+    return copy.deepcopy(_built(case))
+
+
+def _clip_tower() -> nn.Module:
+    """A fresh tiny Hugging Face CLIPVisionModel."""
+    return tiny("hf_clip").vision_model
+
+
+def _geometry(model: nn.Module) -> tuple[int, int]:
+    spec = find_adapter(model).spec()
+    return spec.tokens, spec.depth
+
+
+def _apply(model: nn.Module, method: str, **options) -> nn.Module:
+    """tokcomp.apply, skipping only where the method refuses because its inputs do not exist
+    here and its message says so: a VLM's visual tokens, or a class token (SigLIP)."""
+    try:
+        return tokcomp.apply(model, method, **options)
+    except (ValueError, TypeError) as err:
+        if "vision-language model" in str(err):
+            pytest.skip(f"{method} says it needs a vision-language model")
+        if "class token" in str(err) and not find_adapter(model).spec().class_token:
+            pytest.skip(f"{method} says it needs a class token")
+        raise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many times faster on one thread than on two busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request) -> str:
+    return request.param
+
+
+# -- every method on every family ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_keep_everything_is_exact_and_remove_restores(method, case, images):
+    model, output = tiny(case), CASES[case].output
+    expected = output(model, images)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    _apply(model, method, **keep_all(method, *_geometry(model)))
+    assert tokcomp.config_of(model).macs_ratio == 1.0
+    torch.testing.assert_close(output(model, images), expected, atol=1e-5, rtol=0)
+    tokcomp.remove(model)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(output(model, images), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_middle_budget_is_batch_independent_and_keeps_protected_tokens(method, case, images):
+    model, output = tiny(case), CASES[case].output
+    tokens, depth = _geometry(model)
+    _apply(model, method, trace_source=True, **middle(method, tokens, depth))
+    assert tokcomp.config_of(model).macs_ratio < 1.0
+    alone = torch.cat([output(model, images[i : i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(output(model, images), alone, atol=1e-5, rtol=1e-5)
+
+    state = tokcomp.forward_tokens(model, images)
+    assert state.tokens == tokcomp.config_of(model).schedule[-1] < tokens
+    _assert_protected_kept_alone(state, find_adapter(model).spec().class_token)
+    assert state.source.sum(dim=1).max() <= 1  # no patch in two tokens
+    if method in MERGE_ONLY:
+        assert torch.equal(state.source.sum(dim=1), torch.ones(len(images), tokens))
+        torch.testing.assert_close(state.size.sum(dim=1), torch.full((len(images),), 1.0 * tokens))
+
+
+def _assert_protected_kept_alone(state, class_token: bool) -> None:
+    """Each protected row holds exactly one protected input token, all of them are there,
+    and the class token stays first."""
+    batch, protected = state.x.shape[0], state.protected
+    rows = state.source[:, :protected]
+    assert torch.equal(rows.sum(dim=2), torch.ones(batch, protected))
+    held = rows.argmax(dim=2)
+    assert torch.equal(held.sort(dim=1).values, torch.arange(protected).expand(batch, -1))
+    if class_token:
+        assert torch.equal(held[:, 0], torch.zeros(batch, dtype=torch.long))
+
+
+def test_protected_tokens_per_family():
+    protected = {case: find_adapter(tiny(case)).spec().protected for case in CASES}
+    assert protected == {
+        **{case: 1 for case in CASES},
+        "hf_siglip": 0,
+        "hf_dinov2_registers": 3,
+    }
+
+
+# -- CLIP zero-shot: image tower compressed, text tower untouched -------------------------
+
+
+def _open_clip_zero_shot(model: nn.Module, images: torch.Tensor, text: torch.Tensor):
+    image = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(text, normalize=True)
+    return 100 * image @ text_features.T, text_features
+
+
+def _hf_zero_shot(model: nn.Module, images: torch.Tensor, text: torch.Tensor):
+    out = model(input_ids=text, pixel_values=images)
+    return out.logits_per_image, out.text_embeds
+
+
+@pytest.mark.parametrize(
+    ("case", "zero_shot"),
+    [("open_clip_clip", _open_clip_zero_shot), ("hf_clip", _hf_zero_shot)],
+)
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_clip_zero_shot(method, case, zero_shot, images):
+    model = tiny(case)
+    text = torch.randint(1, 64, (5, 8), generator=torch.Generator().manual_seed(2))
+    logits, text_features = zero_shot(model, images, text)
+    geometry = _geometry(model)
+    _apply(model, method, **keep_all(method, *geometry))
+    kept, _ = zero_shot(model, images, text)
+    assert torch.equal(kept.argmax(dim=1), logits.argmax(dim=1))
+    _apply(model, method, **middle(method, *geometry))
+    compressed, compressed_text = zero_shot(model, images, text)
+    assert compressed.shape == logits.shape and compressed.isfinite().all()
+    assert torch.equal(compressed_text, text_features)
+
+
+# -- pooling weighs each token by its size -------------------------------------------------
+
+
+def _expanded(x: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Each token repeated as many times as the patches it holds (one sample)."""
+    return x.repeat_interleave(size.round().long(), dim=0)[None]
+
+
+@torch.no_grad()
+def test_attention_pools_treat_a_merged_token_as_its_patches(images):
+    siglip = tokcomp.apply(tiny("hf_siglip").vision_model, "tome", r=12)
+    state = tokcomp.forward_tokens(siglip, images)
+    for i, got in enumerate(siglip(pixel_values=images).pooler_output):
+        expected = siglip.head(_expanded(state.x[i], state.size[i]))[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    coca = tokcomp.apply(tiny("open_clip_coca").visual, "tome", r=12)
+    state = tokcomp.forward_tokens(coca, images)
+    for i, got in enumerate(coca(images)[0]):
+        queries = coca.ln_post(coca.attn_pool(_expanded(state.x[i], state.size[i])))
+        torch.testing.assert_close(got, queries[0, 0] @ coca.proj, atol=1e-5, rtol=1e-5)
+
+    parallel = tokcomp.apply(tiny("open_clip_parallel_pools"), "tome", r=12)
+    state = tokcomp.forward_tokens(parallel, images)  # after ln_post: both pools read it
+    for i, got in enumerate(parallel(images)):
+        expected = parallel.attn_pool_contrastive(_expanded(state.x[i], state.size[i]))
+        torch.testing.assert_close(got, expected[0] @ parallel.proj, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_average_pool_is_size_weighted(images):
+    visual = tokcomp.apply(tiny("open_clip_avg_layerscale"), "tome", r=12)
+    state = tokcomp.forward_tokens(visual, images)
+    weights = state.size[:, 1:, None] / state.size[:, 1:].sum(dim=1)[:, None, None]
+    expected = (state.x[:, 1:] * weights).sum(dim=1) @ visual.proj
+    torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- Hugging Face call paths ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_hf_outputs_tuples_and_hidden_states(images):
+    model = tiny("hf_vit")
+    unpatched = model(pixel_values=images, output_hidden_states=True).hidden_states
+    kept = tokcomp.apply(model, "tome", r=0)(pixel_values=images, output_hidden_states=True)
+    assert len(kept.hidden_states) == len(unpatched) == 4
+    for got, want in zip(kept.hidden_states, unpatched, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    tokcomp.apply(model, "tome", r=10)
+    out = model(pixel_values=images, output_hidden_states=True)
+    counts = [h.shape[1] for h in out.hidden_states]
+    assert counts == [65, *tokcomp.config_of(model).schedule]
+    last, pooled = model(images, return_dict=False)
+    torch.testing.assert_close(last, out.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(pooled, out.pooler_output, atol=0, rtol=0)
+    selected = model(pixel_values=images, output_hidden_states=[0, -1]).hidden_states
+    assert [h is None for h in selected] == [False, True, True, False]
+    classifier = hf.ViTForImageClassification(hf.ViTConfig(**_HF, num_labels=5)).eval()
+    tokcomp.apply(classifier, "tome", r=10)
+    assert classifier(pixel_values=images, return_dict=False)[0].shape == (2, 5)
+
+
+def test_hf_refuses_what_compression_cannot_honour(images):
+    model = tokcomp.apply(_clip_tower(), "tome", r=4)
+    with pytest.raises(ValueError, match="output_attentions=True is not available"):
+        model(pixel_values=images, output_attentions=True)
+    with pytest.raises(ValueError, match="built for 65 tokens per image, the input gives 145"):
+        model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
+    vit = tokcomp.apply(tiny("hf_vit"), "tome", r=4)
+    with pytest.raises(ValueError, match="attention_mask is not supported"):
+        vit(pixel_values=images, attention_mask=torch.ones(2, 65))
+
+
+def test_unsupported_variants_are_named():
+    with pytest.raises(tokcomp.UnsupportedModelError, match="CustomResidualAttentionBlock"):
+        tokcomp.apply(_open_clip_vit(qk_norm=True), "tome", r=1)
+    dinov2_classifier = hf.Dinov2ForImageClassification(hf.Dinov2Config(**_HF))
+    with pytest.raises(tokcomp.UnsupportedModelError, match=r"supported: .*Dinov2Model"):
+        tokcomp.apply(dinov2_classifier, "tome", r=1)
+    visual = tokcomp.apply(_open_clip_vit(patch_dropout=0.5).train(), "tome", r=1)
+    with pytest.raises(ValueError, match="patch dropout is active"):
+        visual(torch.randn(1, 3, 32, 32))
+
+
+def test_image_towers_are_recognised_on_their_own():
+    assert find_adapter(tiny("open_clip_clip").visual).family == "open_clip"
+    assert find_adapter(tiny("hf_clip").vision_model).family == "hf_vision"
+    assert find_adapter(tiny("hf_siglip").vision_model).spec().class_token is False
+
+
+# -- configs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@torch.no_grad()
+def test_hf_config_reloads_on_the_same_architecture(method, tmp_path, images):
+    model = _clip_tower()
+    _apply(model, method, **middle(method, *_geometry(model)))
+    path = tokcomp.config_of(model).save(tmp_path / "clip.json")
+    other = tokcomp.apply(_clip_tower(), path)
+    assert tokcomp.config_of(other) == tokcomp.config_of(model)
+    torch.testing.assert_close(_pooled(other, images), _pooled(model, images), atol=0, rtol=0)
+
+
+def test_hf_config_is_refused_on_another_architecture(tmp_path):
+    model = tokcomp.apply(_clip_tower(), "tome", r=4)
+    path = tokcomp.config_of(model).save(tmp_path / "clip.json")
+    deeper = hf.CLIPVisionModel(hf.CLIPVisionConfig(**{**_HF, "num_hidden_layers": 4}))
+    with pytest.raises(tokcomp.ConfigError, match=r"model\.depth=3, but the model has depth=4"):
+        tokcomp.apply(deeper, path)
+    with pytest.raises(tokcomp.ConfigError, match=r"model\.tokens=65, but the model has tokens=64"):
+        tokcomp.apply(tiny("hf_siglip").vision_model, path)
+    with pytest.raises(tokcomp.ConfigError, match=r"model\.family='hf_vision'.*family='open_clip'"):
+        tokcomp.apply(tiny("open_clip_clip"), path)
+
+
+# -- analytic MACs against torch's FLOP counter --------------------------------------------
+
+
+def _counted_macs(forward: Callable[[], object], batch: int) -> float:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        forward()
+    return counter.get_total_flops() / 2 / batch
+
+
+@pytest.mark.parametrize("family", ["open_clip", "hf_vision"])
+@pytest.mark.parametrize("options", [None, {"r": 8}])
+def test_analytic_macs_within_2_percent_of_flop_counter(family, options):
+    torch.manual_seed(0)
+    size = dict(image_size=64, patch_size=8)
+    if family == "open_clip":
+        # train mode (no dropout here) keeps nn.MultiheadAttention off its fused path, which
+        # the FLOP counter cannot see into
+        model = _open_clip_vit(**size, width=96, heads=3, output_dim=32).train()
+    else:
+        config = hf.CLIPVisionConfig(**{**_HF, **size, "hidden_size": 96, "intermediate_size": 384})
+        model = hf.CLIPVisionModel._from_config(config, attn_implementation="eager").eval()
+    images = torch.randn(1, 3, 64, 64)
+    if options is None:
+        analytic = model_macs(find_adapter(model).spec())
+    else:
+        analytic = tokcomp.config_of(tokcomp.apply(model, "tome", **options)).macs
+    assert analytic == pytest.approx(_counted_macs(lambda: model(images), 1), rel=0.02)

@@ -1,0 +1,426 @@
+"""Hugging Face (transformers v5) vision encoders: CLIP and SigLIP image towers (alone or in
+CLIPModel, CLIPVisionModelWithProjection or SiglipModel, whose text towers stay untouched),
+ViT (ViTModel, ViTForImageClassification) and DINOv2 (LayerScale, SwiGLU, register tokens).
+
+Models are recognised by class name, so `import tokcomp` does not import transformers.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError
+from tokcomp.adapters.timm import _linear_macs
+from tokcomp.methods import Signals, TokenState
+from tokcomp.schedule import ModelSpec
+
+_MODELS = "transformers.models."
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One encoder layer's parts under common names. The layer computes
+    x + after_attn(attention(norm1(x))), then (compressed) x + after_mlp(mlp(norm2(x)))."""
+
+    norm1: nn.Module
+    attention: nn.Module  # with q_proj, k_proj, v_proj and head_dim
+    out_proj: nn.Module
+    scale: float
+    dropout: float
+    after_attn: tuple[nn.Module, ...]
+    norm2: nn.Module
+    mlp: nn.Module
+    after_mlp: tuple[nn.Module, ...]
+
+
+class _Layout(abc.ABC):
+    """Where one transformers vision model class keeps its parts, and how it embeds and pools."""
+
+    class_token: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def layers(self, tower: nn.Module) -> nn.ModuleList:
+        """The encoder layers."""
+
+    @abc.abstractmethod
+    def layer(self, layer: nn.Module) -> _Layer:
+        """The parts of one encoder layer."""
+
+    @abc.abstractmethod
+    def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
+        """The patch-embedding convolution."""
+
+    @abc.abstractmethod
+    def patches(self, tower: nn.Module) -> int:
+        """Patch tokens per image."""
+
+    def prefix(self, tower: nn.Module) -> int:
+        """Tokens in front of the patches (class and register tokens), all protected."""
+        return 1
+
+    def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        """The tokens entering the first layer."""
+        return tower.embeddings(pixel_values, **options)
+
+    @abc.abstractmethod
+    def last_hidden_state(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's last_hidden_state from the last layer's output."""
+
+    @abc.abstractmethod
+    def pool(self, tower: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor | None:
+        """The model's pooler_output (size-aware where it pools over patches)."""
+
+    def head_macs(self, tower: nn.Module, tokens: int) -> int:
+        """MACs of the pooling head."""
+        return 0
+
+
+class _ClipLayout(_Layout):
+    """CLIPVisionModel: pre-norm after the embeddings; last_hidden_state is not normed, the
+    pooled class token is."""
+
+    def layers(self, tower: nn.Module) -> nn.ModuleList:
+        return tower.encoder.layers
+
+    def layer(self, layer: nn.Module) -> _Layer:
+        attn = layer.self_attn
+        return _Layer(
+            layer.layer_norm1, attn, attn.out_proj, attn.scale, attn.dropout, (),
+            layer.layer_norm2, layer.mlp, (),
+        )  # fmt: skip
+
+    def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
+        return tower.embeddings.patch_embedding
+
+    def patches(self, tower: nn.Module) -> int:
+        return tower.embeddings.num_patches
+
+    def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        return tower.pre_layrnorm(tower.embeddings(pixel_values, **options))
+
+    def last_hidden_state(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def pool(self, tower: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return tower.post_layernorm(last[:, 0])
+
+
+class _SiglipLayout(_ClipLayout):
+    """SiglipVisionModel: no class token; post-norm on every token, attention-pooling head."""
+
+    class_token = False
+
+    def prefix(self, tower: nn.Module) -> int:
+        return 0
+
+    def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        return tower.embeddings(pixel_values, **options)
+
+    def last_hidden_state(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return tower.post_layernorm(x)
+
+    def pool(self, tower: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor | None:
+        return _siglip_pool(tower.head, last, state) if tower.use_head else None
+
+    def head_macs(self, tower: nn.Module, tokens: int) -> int:
+        if not tower.use_head:
+            return 0
+        head = tower.head
+        width = head.attention.embed_dim
+        attention = 2 * width * width + 2 * tokens * width * width + 2 * tokens * width
+        return attention + 2 * width * head.mlp.fc1.out_features
+
+
+class _VitLayout(_Layout):
+    """ViTModel: dropout after attention and MLP; final norm, optional dense+tanh pooler."""
+
+    def layers(self, tower: nn.Module) -> nn.ModuleList:
+        return tower.layers
+
+    def layer(self, layer: nn.Module) -> _Layer:
+        attn = layer.attention
+        return _Layer(
+            layer.layernorm_before, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
+            (layer.dropout,), layer.layernorm_after, layer.mlp, (layer.dropout,),
+        )  # fmt: skip
+
+    def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
+        return tower.embeddings.patch_embeddings.projection
+
+    def patches(self, tower: nn.Module) -> int:
+        return tower.embeddings.patch_embeddings.num_patches
+
+    def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        pixel_values = pixel_values.to(self.patch_conv(tower).weight.dtype)
+        return tower.embeddings(pixel_values, **options)
+
+    def last_hidden_state(self, tower: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return tower.layernorm(x)
+
+    def pool(self, tower: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor | None:
+        return None if tower.pooler is None else tower.pooler(last)
+
+    def head_macs(self, tower: nn.Module, tokens: int) -> int:
+        return 0 if tower.pooler is None else _linear_macs(tower.pooler.dense)
+
+
+class _Dinov2Layout(_VitLayout):
+    """Dinov2Model and Dinov2WithRegistersModel: LayerScale and drop-path on both branches;
+    register tokens after the class token; the pooled output is the normed class token."""
+
+    def layers(self, tower: nn.Module) -> nn.ModuleList:
+        return tower.encoder.layer
+
+    def layer(self, layer: nn.Module) -> _Layer:
+        attn = layer.attention
+        return _Layer(
+            layer.norm1, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
+            (layer.layer_scale1, layer.drop_path), layer.norm2, layer.mlp,
+            (layer.layer_scale2, layer.drop_path),
+        )  # fmt: skip
+
+    def prefix(self, tower: nn.Module) -> int:
+        return 1 + getattr(tower.config, "num_register_tokens", 0)
+
+    def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        return tower.embeddings(pixel_values, **options)
+
+    def pool(self, tower: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
+        return last[:, 0]
+
+    def head_macs(self, tower: nn.Module, tokens: int) -> int:
+        return 0
+
+
+#: Vision towers by class name.
+_TOWERS: dict[str, _Layout] = {
+    f"{_MODELS}clip.modeling_clip.CLIPVisionModel": _ClipLayout(),
+    f"{_MODELS}siglip.modeling_siglip.SiglipVisionModel": _SiglipLayout(),
+    f"{_MODELS}vit.modeling_vit.ViTModel": _VitLayout(),
+    f"{_MODELS}dinov2.modeling_dinov2.Dinov2Model": _Dinov2Layout(),
+    f"{_MODELS}dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersModel": (
+        _Dinov2Layout()
+    ),
+}
+
+#: Models around a vision tower, by class name: (tower attribute, image head attribute).
+_WRAPPERS: dict[str, tuple[str, str | None]] = {
+    f"{_MODELS}clip.modeling_clip.CLIPModel": ("vision_model", "visual_projection"),
+    f"{_MODELS}clip.modeling_clip.CLIPVisionModelWithProjection": (
+        "vision_model",
+        "visual_projection",
+    ),
+    f"{_MODELS}siglip.modeling_siglip.SiglipModel": ("vision_model", None),
+    f"{_MODELS}vit.modeling_vit.ViTForImageClassification": ("vit", "classifier"),
+}
+
+
+class HFVisionAdapter(Adapter):
+    """Patches the vision tower's forward (inside a wrapper model, the wrapper's tower)."""
+
+    family = "hf_vision"
+    supported = (
+        "Hugging Face CLIPVisionModel, CLIPVisionModelWithProjection and CLIPModel, "
+        "SiglipVisionModel and SiglipModel, ViTModel and ViTForImageClassification, Dinov2Model "
+        "and Dinov2WithRegistersModel (image towers only)"
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        tower_name, head_name = _lookup(model, _WRAPPERS) or (None, None)
+        self.tower = getattr(model, tower_name) if tower_name else model
+        self.head = getattr(model, head_name) if head_name else None
+        self.layout = _lookup(self.tower, _TOWERS)
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return _lookup(model, _TOWERS) is not None or _lookup(model, _WRAPPERS) is not None
+
+    def spec(self) -> ModelSpec:
+        if self.layout is None:
+            raise UnsupportedModelError(
+                f"this {type(self.model).__name__}'s vision tower is a "
+                f"{type(self.tower).__name__}; tokcomp supports {self.supported}"
+            )
+        tower, layout = self.tower, self.layout
+        layers = layout.layers(tower)
+        first = layout.layer(layers[0])
+        conv = layout.patch_conv(tower)
+        patches, prefix = layout.patches(tower), layout.prefix(tower)
+        return ModelSpec(
+            tokens=patches + prefix,
+            protected=prefix,
+            depth=len(layers),
+            class_token=layout.class_token,
+            family=self.family,
+            name=self.model.config.name_or_path or type(self.model).__name__,
+            width=tower.config.hidden_size,
+            heads=tower.config.num_attention_heads,
+            attn_dim=first.attention.q_proj.out_features,
+            mlp_hidden=_mlp_hidden(first.mlp),
+            stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
+            head_macs=layout.head_macs(tower, patches + prefix) + _linear_macs(self.head),
+        )
+
+    def overrides(self) -> list[tuple[nn.Module, str, str]]:
+        return [(self.tower, "forward", "forward")]
+
+    # -- the compressed forward -----------------------------------------------------------
+    def forward(
+        self,
+        compression: Compression,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **embed_options: Any,
+    ) -> Any:
+        """The tower's forward with compressed layers: a BaseModelOutputWithPooling (or its
+        tuple), hidden_states holding each layer's (shrinking) output when asked for."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        config = self.tower.config
+        _refuse_unsupported(
+            _or_config(output_attentions, config, "output_attentions"), attention_mask
+        )
+        wanted = _or_config(output_hidden_states, config, "output_hidden_states")
+        state, hidden = self._trunk(compression, pixel_values, bool(wanted), **embed_options)
+        last = self.layout.last_hidden_state(self.tower, state.x)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=last,
+            pooler_output=self.layout.pool(self.tower, last, state),
+            hidden_states=_select(hidden, wanted),
+        )
+        return output if _or_config(return_dict, config, "return_dict") else output.to_tuple()
+
+    def forward_tokens(
+        self, compression: Compression, pixel_values: torch.Tensor, **embed_options: Any
+    ) -> TokenState:
+        """The final tokens as last_hidden_state holds them (CLIP: before post_layernorm)."""
+        state, _ = self._trunk(compression, pixel_values, False, **embed_options)
+        return state.with_x(self.layout.last_hidden_state(self.tower, state.x))
+
+    def _trunk(
+        self,
+        compression: Compression,
+        pixel_values: torch.Tensor | None,
+        collect: bool,
+        **embed_options: Any,
+    ) -> tuple[TokenState, list[torch.Tensor] | None]:
+        """The tokens after the last layer, and every layer's input and output if `collect`."""
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        tower, layout = self.tower, self.layout
+        x = layout.embed(tower, pixel_values, **embed_options)
+        state = compression.start(x, layout.prefix(tower))
+        hidden = [state.x] if collect else None
+        for index, layer in enumerate(layout.layers(tower)):
+            state = _block_forward(layout.layer(layer), index, state, compression)
+            if hidden is not None:
+                hidden.append(state.x)
+        return state, hidden
+
+
+def _block_forward(
+    layer: _Layer, index: int, state: TokenState, compression: Compression
+) -> TokenState:
+    """One encoder layer with the reduction between attention and MLP."""
+    attn_out, signals = _attention_forward(layer, layer.norm1(state.x), compression, index, state)
+    state = state.with_x(state.x + _through(layer.after_attn, attn_out))
+    state = compression.reduce(index, state, signals)
+    mlp_out = layer.mlp(layer.norm2(state.x))
+    return state.with_x(state.x + _through(layer.after_mlp, mlp_out))
+
+
+def _attention_forward(
+    layer: _Layer, x: torch.Tensor, compression: Compression, index: int, state: TokenState
+) -> tuple[torch.Tensor, Signals]:
+    """The layer's self-attention on `x` (separate q/k/v projections), through compression's
+    attention (log-size bias, signals)."""
+    attn = layer.attention
+    batch, tokens, _ = x.shape
+    shape = (batch, tokens, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    dropout = layer.dropout if attn.training else 0.0
+    out, signals = compression.attention(index, state, q, k, v, layer.scale, dropout)
+    return layer.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), signals
+
+
+def _through(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    """`x` through `modules` in order."""
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """SiglipMultiheadAttentionPoolingHead.forward with each key weighted by its size
+    (log-size added to the probe's attention logits, as in proportional attention)."""
+    bias = state.log_size_bias()
+    if bias is None:
+        return head(last)
+    probe = head.probe.repeat(last.shape[0], 1, 1)
+    mask = bias.expand(-1, head.attention.num_heads, 1, -1).flatten(0, 1)
+    pooled = head.attention(probe, last, last, attn_mask=mask)[0]
+    return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
+
+
+def _refuse_unsupported(output_attentions: bool, attention_mask: torch.Tensor | None) -> None:
+    """Raise for the call options a compressed forward cannot honour."""
+    if output_attentions:
+        raise ValueError(
+            "output_attentions=True is not available on a token-compressed model (tokcomp uses "
+            "fused attention and the maps change size from layer to layer); call "
+            "tokcomp.remove(model) to get attention maps"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "attention_mask is not supported on a token-compressed model (merged tokens no "
+            "longer match the mask's patches); call tokcomp.remove(model) to use a mask"
+        )
+
+
+def _select(
+    hidden: list[torch.Tensor] | None, wanted: bool | int | list[int]
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The hidden states `output_hidden_states` asks for, as transformers returns them: all
+    for True; for indices (negative ones count from the end), None in the other places."""
+    if hidden is None:
+        return None
+    if isinstance(wanted, bool):
+        return tuple(hidden)
+    count = len(hidden)
+    asked = [wanted] if isinstance(wanted, int) else wanted
+    indices = {i % count for i in asked if -count <= i < count}
+    return tuple(h if i in indices else None for i, h in enumerate(hidden))
+
+
+def _or_config(value: Any, config: Any, name: str) -> Any:
+    """`value`, or the config's setting `name` when it is None."""
+    return getattr(config, name, None) if value is None else value
+
+
+def _mlp_hidden(mlp: nn.Module) -> int:
+    """MLP hidden width in the MACs model's terms (2 linears); a SwiGLU MLP has 3 linears of
+    width h, counted as 3h/2."""
+    if hasattr(mlp, "fc1"):
+        return mlp.fc1.out_features
+    return 3 * mlp.up_proj.out_features // 2
+
+
+def _lookup(model: nn.Module, table: dict[str, Any]) -> Any:
+    """The entry of `table` for the nearest class of `model` (by module and class name)."""
+    for cls in type(model).__mro__:
+        entry = table.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            return entry
+    return None
