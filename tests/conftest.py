@@ -30,11 +30,11 @@ def tiny_vit(variant: str = "vit", seed: int = 0, **overrides) -> nn.Module:
     cls, extra = TIMM_VARIANTS[variant]
     torch.manual_seed(seed)
     model = cls(**{**_COMMON, **extra, **overrides}).eval()
-    _spread_weights(model)
+    spread_weights(model)
     return model
 
 
-def _spread_weights(model: nn.Module) -> None:
+def spread_weights(model: nn.Module) -> None:
     """timm's init makes all tokens nearly alike; larger weights make attention and
     similarity informative, so merge decisions are not decided by ties."""
     with torch.no_grad():

@@ -13,7 +13,7 @@ import open_clip
 import pytest
 import torch
 import transformers as hf
-from conftest import _spread_weights
+from conftest import spread_weights
 from method_options import keep_all, middle
 from open_clip.transformer import VisionTransformer
 from torch import nn
@@ -128,7 +128,7 @@ CASES: dict[str, Case] = {
 def _built(case: str) -> nn.Module:
     torch.manual_seed(0)
     model = CASES[case].build().eval()
-    _spread_weights(model)
+    spread_weights(model)
     return model
 
 

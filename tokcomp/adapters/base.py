@@ -133,6 +133,13 @@ def _masked_softmax(
     return (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
+def linear_macs(module: nn.Module | None) -> int:
+    """MACs per token of the nn.Linear layers in `module` (itself included); 0 for None."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
     """Mean over tokens (B, N, C) -> (B, C), each token weighted by how many patches it holds."""
     if size is None:

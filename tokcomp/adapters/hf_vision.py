@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError
-from tokcomp.adapters.timm import _linear_macs
+from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError, linear_macs
 from tokcomp.methods import Signals, TokenState
 from tokcomp.schedule import ModelSpec
 
@@ -167,7 +166,7 @@ class _VitLayout(_Layout):
         return None if tower.pooler is None else tower.pooler(last)
 
     def head_macs(self, tower: nn.Module, tokens: int) -> int:
-        return 0 if tower.pooler is None else _linear_macs(tower.pooler.dense)
+        return 0 if tower.pooler is None else linear_macs(tower.pooler.dense)
 
 
 class _Dinov2Layout(_VitLayout):
@@ -265,7 +264,7 @@ class HFVisionAdapter(Adapter):
             attn_dim=first.attention.q_proj.out_features,
             mlp_hidden=_mlp_hidden(first.mlp),
             stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
-            head_macs=layout.head_macs(tower, patches + prefix) + _linear_macs(self.head),
+            head_macs=layout.head_macs(tower, patches + prefix) + linear_macs(self.head),
         )
 
     def overrides(self) -> list[tuple[nn.Module, str, str]]:

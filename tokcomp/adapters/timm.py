@@ -10,7 +10,13 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError, size_weighted_mean
+from tokcomp.adapters.base import (
+    Adapter,
+    Compression,
+    UnsupportedModelError,
+    linear_macs,
+    size_weighted_mean,
+)
 from tokcomp.methods import Signals, TokenState
 from tokcomp.schedule import ModelSpec
 
@@ -49,7 +55,7 @@ class TimmViTAdapter(Adapter):
             attn_dim=attn.num_heads * attn.head_dim,
             mlp_hidden=model.blocks[0].mlp.fc1.out_features,
             stem_macs=stem,
-            head_macs=_linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None)),
+            head_macs=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None)),
         )
 
     def _check_supported(self) -> None:
@@ -126,7 +132,3 @@ def _attention_forward(
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), signals
-
-
-def _linear_macs(head: nn.Module | None) -> int:
-    return head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
