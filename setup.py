@@ -5,7 +5,8 @@ The pinned stack (torch first) is installed separately from requirements.txt; bu
 
 TOKCOMP_CUDA selects the CUDA kernels: "auto" (default) builds them when torch sees a GPU and a
 CUDA toolkit is found, "1" always builds them (error without a toolkit), "0" never does.
-Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0". Without CUDA kernels, CUDA
+tensors can use the same kernels compiled at run time by cupy: `pip install tokcomp[cupy]`.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ setup(
     packages=find_packages(include=["tokcomp", "tokcomp.*"], exclude=["tests", "tests.*"]),
     python_requires=">=3.10",
     install_requires=[],
+    extras_require={"cupy": ["cupy-cuda13x==14.2.0"]},
     entry_points={"console_scripts": ["tokcomp=tokcomp.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -149,4 +149,86 @@ inline void check_weighted_merge_inputs(
   }
 }
 
+// metric: (B, T, C) float.
+inline void check_energy_score_inputs(const at::Tensor& metric) {
+  TORCH_CHECK(
+      metric.dim() == 3,
+      "tokcomp::energy_score: metric must be a (B, T, C) tensor, got shape ",
+      metric.sizes());
+  TORCH_CHECK(
+      is_supported_float(metric),
+      "tokcomp::energy_score: metric must be float32, bfloat16 or float16, got ",
+      metric.scalar_type());
+}
+
+// attn: (B, H, N, N) float; iterations >= 0.
+inline void check_attention_pagerank_inputs(const at::Tensor& attn, int64_t iterations) {
+  TORCH_CHECK(
+      attn.dim() == 4 && attn.size(2) == attn.size(3),
+      "tokcomp::attention_pagerank: attn must be a (B, H, N, N) tensor, got shape ",
+      attn.sizes());
+  TORCH_CHECK(
+      is_supported_float(attn),
+      "tokcomp::attention_pagerank: attn must be float32, bfloat16 or float16, got ",
+      attn.scalar_type());
+  TORCH_CHECK(
+      iterations >= 0,
+      "tokcomp::attention_pagerank: iterations must be >= 0, got ",
+      iterations);
+}
+
+// dist: (B, N, N) float; weight: (B, N) float; first: (B,) int64; 1 <= k <= N; one device.
+// Values (first in [0, N), weight >= 0, finite distances) are the caller's promise; the CPU
+// kernel checks `first`.
+inline void check_greedy_maxmin_inputs(
+    const at::Tensor& dist,
+    const at::Tensor& weight,
+    const at::Tensor& first,
+    int64_t k) {
+  TORCH_CHECK(
+      dist.dim() == 3 && dist.size(1) == dist.size(2),
+      "tokcomp::greedy_maxmin: dist must be a (B, N, N) tensor, got shape ",
+      dist.sizes());
+  const auto batch = dist.size(0);
+  const auto tokens = dist.size(1);
+  TORCH_CHECK(
+      weight.dim() == 2 && weight.size(0) == batch && weight.size(1) == tokens,
+      "tokcomp::greedy_maxmin: weight must be (B, N) = (",
+      batch,
+      ", ",
+      tokens,
+      "), got shape ",
+      weight.sizes());
+  TORCH_CHECK(
+      first.dim() == 1 && first.size(0) == batch,
+      "tokcomp::greedy_maxmin: first must be (B,) = (",
+      batch,
+      ",), got shape ",
+      first.sizes());
+  TORCH_CHECK(
+      is_supported_float(dist) && is_supported_float(weight),
+      "tokcomp::greedy_maxmin: dist and weight must be float32, bfloat16 or float16, got ",
+      dist.scalar_type(),
+      " and ",
+      weight.scalar_type());
+  TORCH_CHECK(
+      first.scalar_type() == at::kLong,
+      "tokcomp::greedy_maxmin: first must be int64, got ",
+      first.scalar_type());
+  TORCH_CHECK(
+      1 <= k && k <= tokens,
+      "tokcomp::greedy_maxmin: k must be in [1, ",
+      tokens,
+      "], got ",
+      k);
+  TORCH_CHECK(
+      weight.device() == dist.device() && first.device() == dist.device(),
+      "tokcomp::greedy_maxmin: dist, weight and first must be on the same device, got ",
+      dist.device(),
+      ", ",
+      weight.device(),
+      " and ",
+      first.device());
+}
+
 }  // namespace tokcomp

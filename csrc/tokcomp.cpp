@@ -12,6 +12,9 @@ TORCH_LIBRARY(tokcomp, m) {
   m.def(
       "weighted_merge(Tensor x, Tensor weight, Tensor size, Tensor keep_idx, Tensor src_idx, "
       "Tensor dst_pos) -> (Tensor, Tensor)");
+  m.def("energy_score(Tensor metric, float margin, float alpha) -> Tensor");
+  m.def("attention_pagerank(Tensor attn, int iterations) -> Tensor");
+  m.def("greedy_maxmin(Tensor dist, Tensor weight, Tensor first, int k) -> Tensor");
 }
 
 // Loading the module registers the ops above (static initialisers of this shared library).

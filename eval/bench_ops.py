@@ -1,14 +1,20 @@
-"""Benchmark tokcomp's compiled ops (torch.ops.tokcomp.*) against their PyTorch references.
+"""Benchmark tokcomp's compiled ops against their PyTorch references.
 
-Cases: best_match alone, weighted_merge alone, "match+argsort+merge" (best_match on the even
-and odd tokens with the class token protected, an argsort of the scores, weighted_merge of a
-precomputed ToMe plan) and the full ToMe step (bipartite_plan + weighted_merge, weight =
-size); at B=32, N=197, C in {64, 384}, r in {13, 98}, and at B=1, N=577. Both sides run in
-the same process, alternating, after a warm-up; the table gives medians and speed-ups.
+Groups (--ops, default all):
+- tome: best_match alone, weighted_merge alone, "match+argsort+merge" (best_match on the even
+  and odd tokens with the class token protected, an argsort of the scores, weighted_merge of a
+  precomputed ToMe plan) and the full ToMe step (bipartite_plan + weighted_merge, weight =
+  size); at B=32, N=197, C in {64, 384}, r in {13, 98}, and at B=1, N=577.
+- energy: energy_score (PiToMe) at B=32, T=196, C in {64, 384}, and B=1, T=577, C=384.
+- pagerank: attention_pagerank (Zero-TPrune) at B=32, H=6, N=197, iterations 1, 5, 30.
+- maxmin: greedy_maxmin (DivPrune, ZOO-Prune) at N=576, k=64, B in {1, 4}, against both the
+  plain loop reference and the fast PyTorch form the op falls back to.
+Both sides run in the same process, alternating, after a warm-up; the table gives medians and
+speed-ups. --route cupy (CUDA) times torch.ops.tokcomp_cupy.* instead of torch.ops.tokcomp.*.
 
     python eval/bench_ops.py                    # CPU, torch's default thread count
     python eval/bench_ops.py --threads 1 --json results/bench_ops_cpu1.json
-    python eval/bench_ops.py --device cuda --check
+    python eval/bench_ops.py --device cuda --check [--route cupy]
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ import torch
 
 from tokcomp.ops import bipartite
 from tokcomp.ops.bipartite import bipartite_plan
+from tokcomp.ops.energy import energy_score_reference
 from tokcomp.ops.match import best_match_reference
+from tokcomp.ops.maxmin import _greedy_maxmin_fast, cosine_distances, greedy_maxmin_reference
 from tokcomp.ops.merge import weighted_merge_reference
+from tokcomp.ops.pagerank import attention_pagerank_reference
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+GROUPS = ("tome", "energy", "pagerank", "maxmin")
 
 
 @dataclass
@@ -52,29 +62,17 @@ class Timing:
 
 @dataclass
 class Row:
-    """One benchmark line; speed-ups are reference / compiled."""
+    """One benchmark line; speed-ups are reference / compiled. max_abs_diff: of the floating
+    outputs, or the number of differing entries when every output is an integer (picks)."""
 
     case: str
-    batch: int
-    tokens: int
-    channels: int
-    r: int | None
+    shape: str  # B x N x C (B x H x N for attention)
+    param: str  # r=, it=, k=, margin=
     reference: Timing
     compiled: Timing
     speedup: float
     cpu_speedup: float
     max_abs_diff: float | None = None
-
-
-def compiled_match(a: torch.Tensor, b: torch.Tensor, a_protected: int, b_protected: int) -> Pair:
-    """The compiled best_match op, called directly on the strided views x[:, ::2], x[:, 1::2]
-    (the CPU kernel reads strided rows in place; tokcomp.ops.best_match still copies them)."""
-    return torch.ops.tokcomp.best_match(a, b, a_protected, b_protected)
-
-
-def compiled_merge(x, weight, size, keep_idx, src_idx, dst_pos) -> Pair:
-    """The compiled weighted_merge as the public wrapper calls it."""
-    return torch.ops.tokcomp.weighted_merge(x, weight, size, keep_idx, src_idx, dst_pos)
 
 
 def tome_step(x: torch.Tensor, size: torch.Tensor, r: int, match: Callable, merge: Callable):
@@ -143,88 +141,148 @@ def time_pair(
 
 
 def _max_diff(got: object, want: object) -> float:
-    """Largest absolute difference of the floating outputs (scores, merged tokens, sizes)."""
+    """Largest absolute difference of the floating outputs (scores, merged tokens, sizes), or the
+    number of differing entries when all outputs are integers (greedy_maxmin's picks)."""
+    got, want = (got,) if torch.is_tensor(got) else got, (want,) if torch.is_tensor(want) else want
+    pairs = list(zip(got, want, strict=True))
+    if not any(g.is_floating_point() for g, _ in pairs):
+        return float(sum((g.cpu() != w.cpu()).sum().item() for g, w in pairs))
     diff = 0.0
-    for g, w in zip(got, want, strict=True):
+    for g, w in pairs:
         if g.is_floating_point():
             finite = torch.isfinite(w)
             diff = max(diff, (g.float() - w.float())[finite].abs().max().item())
     return diff
 
 
+def _ops(route: str) -> object:
+    """The op namespace timed as "compiled": torch.ops.tokcomp or torch.ops.tokcomp_cupy."""
+    if route == "cupy":
+        from tokcomp.ops import cupy_kernels
+
+        if not cupy_kernels.available():
+            raise SystemExit("--route cupy: cupy cannot run tokcomp's kernels here")
+        return torch.ops.tokcomp_cupy
+    return torch.ops.tokcomp
+
+
 def run(args: argparse.Namespace) -> list[Row]:
+    """Time every case of the selected groups; print each row as it is measured."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     inner = args.inner or (20 if device.type == "cuda" else 1)
-    shapes = args.shape or [(32, 197, 64), (32, 197, 384), (1, 577, 64), (1, 577, 384)]
+    ops = _ops(args.route)
     rows: list[Row] = []
     generator = torch.Generator().manual_seed(0)
 
-    def add(case, shape, r, ref_fn, cpp_fn) -> None:
+    def add(case: str, shape: tuple[int, ...], param: str, ref_fn, cpp_fn) -> None:
         ref, cpp = time_pair(ref_fn, cpp_fn, device, args.warmup, args.repeats, inner)
         diff = _max_diff(cpp_fn(), ref_fn()) if args.check else None
         speedup = ref.median_ms / cpp.median_ms
         cpu_speedup = ref.cpu_median_ms / max(cpp.cpu_median_ms, 1e-9)
-        rows.append(Row(case, *shape, r, ref, cpp, speedup, cpu_speedup, diff))
+        label = "x".join(map(str, shape))
+        rows.append(Row(case, label, param, ref, cpp, speedup, cpu_speedup, diff))
         print(_format_row(rows[-1]), flush=True)
 
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
     print(_header(), flush=True)
-    for shape in shapes:
-        batch, tokens, _ = shape
-        x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-        size = (torch.rand(batch, tokens, generator=generator) * 3 + 1).to(device)
-        a, b = x[:, ::2], x[:, 1::2]
-        add(
-            "best_match",
-            shape,
-            None,
-            lambda a=a, b=b: best_match_reference(a, b, 1, 0),
-            lambda a=a, b=b: compiled_match(a, b, 1, 0),
-        )
-        for r in (13, 98):
-            plan = tuple(t.contiguous() for t in bipartite_plan(x, 1, r))
+    if "tome" in args.ops:
+        # The compiled ops are called directly, best_match on the strided views x[:, ::2] and
+        # x[:, 1::2] (the CPU kernel reads strided rows in place), as tokcomp.ops calls them.
+        match, merge = ops.best_match, ops.weighted_merge
+        for shape in args.shape or [(32, 197, 64), (32, 197, 384), (1, 577, 64), (1, 577, 384)]:
+            batch, tokens, _ = shape
+            x = random(*shape)
+            size = (torch.rand(batch, tokens, generator=generator) * 3 + 1).to(device)
+            a, b = x[:, ::2], x[:, 1::2]
             add(
-                "weighted_merge",
+                "best_match",
                 shape,
-                r,
-                lambda x=x, s=size, p=plan: weighted_merge_reference(x, s, s, *p),
-                lambda x=x, s=size, p=plan: compiled_merge(x, s, s, *p),
+                "-",
+                lambda a=a, b=b: best_match_reference(a, b, 1, 0),
+                lambda a=a, b=b: match(a, b, 1, 0),
             )
+            for r in (13, 98):
+                plan = tuple(t.contiguous() for t in bipartite_plan(x, 1, r))
+                add(
+                    "weighted_merge",
+                    shape,
+                    f"r={r}",
+                    lambda x=x, s=size, p=plan: weighted_merge_reference(x, s, s, *p),
+                    lambda x=x, s=size, p=plan: merge(x, s, s, *p),
+                )
+                add(
+                    "match+argsort+merge",
+                    shape,
+                    f"r={r}",
+                    lambda x=x, s=size, p=plan: match_argsort_merge(
+                        x, s, p, best_match_reference, weighted_merge_reference
+                    ),
+                    lambda x=x, s=size, p=plan: match_argsort_merge(x, s, p, match, merge),
+                )
+                add(
+                    "tome_step",
+                    shape,
+                    f"r={r}",
+                    lambda x=x, s=size, r=r: tome_step(
+                        x, s, r, best_match_reference, weighted_merge_reference
+                    ),
+                    lambda x=x, s=size, r=r: tome_step(x, s, r, match, merge),
+                )
+    if "energy" in args.ops:
+        for shape in [(32, 196, 64), (32, 196, 384), (1, 577, 384)]:
+            metric = random(*shape)
             add(
-                "match+argsort+merge",
+                "energy_score",
                 shape,
-                r,
-                lambda x=x, s=size, p=plan: match_argsort_merge(
-                    x, s, p, best_match_reference, weighted_merge_reference
-                ),
-                lambda x=x, s=size, p=plan: match_argsort_merge(
-                    x, s, p, compiled_match, compiled_merge
-                ),
+                "margin=0.5",
+                lambda m=metric: energy_score_reference(m, 0.5, 1.0),
+                lambda m=metric: ops.energy_score(m, 0.5, 1.0),
             )
+    if "pagerank" in args.ops:
+        shape = (32, 6, 197)
+        attn = random(*shape, shape[-1]).float().softmax(dim=-1).to(dtype)
+        for iterations in (1, 5, 30):
             add(
-                "tome_step",
+                "attention_pagerank",
                 shape,
-                r,
-                lambda x=x, s=size, r=r: tome_step(
-                    x, s, r, best_match_reference, weighted_merge_reference
-                ),
-                lambda x=x, s=size, r=r: tome_step(x, s, r, compiled_match, compiled_merge),
+                f"it={iterations}",
+                lambda it=iterations: attention_pagerank_reference(attn, it),
+                lambda it=iterations: ops.attention_pagerank(attn, it),
             )
+    if "maxmin" in args.ops:
+        tokens, k = 576, 64
+        for batch in (1, 4):
+            dist = cosine_distances(random(batch, tokens, 64))
+            weight = torch.rand(batch, tokens, generator=generator).to(device)
+            first = weight.argmax(dim=1)
+            for case, reference in (
+                ("greedy_maxmin/loop", greedy_maxmin_reference),
+                ("greedy_maxmin/fast", _greedy_maxmin_fast),
+            ):
+                add(
+                    case,
+                    (batch, tokens, tokens),
+                    f"k={k}",
+                    lambda d=dist, w=weight, f=first, ref=reference: ref(d, w, f, k),
+                    lambda d=dist, w=weight, f=first: ops.greedy_maxmin(d, w, f, k),
+                )
     return rows
 
 
 def _header() -> str:
     line = (
-        f"{'case':<20} {'B':>3} {'N':>4} {'C':>4} {'r':>3} "
+        f"{'case':<20} {'shape':>11} {'param':>10} "
         f"{'reference ms':>12} {'compiled ms':>12} {'speed-up':>8} {'CPU-time speed-up':>17}"
     )
     return line + "\n" + "-" * len(line)
 
 
 def _format_row(row: Row) -> str:
-    r = "-" if row.r is None else str(row.r)
     text = (
-        f"{row.case:<20} {row.batch:>3} {row.tokens:>4} {row.channels:>4} {r:>3} "
+        f"{row.case:<20} {row.shape:>11} {row.param:>10} "
         f"{row.reference.median_ms:>12.3f} {row.compiled.median_ms:>12.3f} {row.speedup:>7.2f}x "
         f"{row.cpu_speedup:>16.2f}x"
     )
@@ -245,6 +303,7 @@ def _environment(args: argparse.Namespace) -> dict:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "extension_with_cuda": bool(ext.WITH_CUDA),
+        "route": args.route,
         "warmup": args.warmup,
         "repeats": args.repeats,
     }
@@ -269,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda text: tuple(int(v) for v in text.split(",")),
         help="B,N,C to run instead of the default shapes (repeatable)",
     )
+    parser.add_argument("--route", default="compiled", choices=["compiled", "cupy"])
+    parser.add_argument(
+        "--ops", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of cases to run"
+    )
     parser.add_argument("--check", action="store_true", help="also report max |diff| vs ref")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -282,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(f"tokcomp._C is not built ({err}); build it first (pip install -e .)")
         return 1
-    if args.device == "cuda" and not info["extension_with_cuda"]:
-        print("tokcomp._C was built without CUDA; rebuild with TOKCOMP_CUDA=1")
+    if args.route == "cupy" and args.device != "cuda":
+        parser.error("--route cupy runs on CUDA tensors: add --device cuda")
+    if args.device == "cuda" and args.route == "compiled" and not info["extension_with_cuda"]:
+        print("tokcomp._C was built without CUDA; rebuild with TOKCOMP_CUDA=1 (or --route cupy)")
         return 1
     import tokcomp.ops._fake  # noqa: F401  (registers the fake kernels, as the dispatcher does)
 

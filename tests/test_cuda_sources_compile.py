@@ -1,14 +1,19 @@
-"""Compile-only check of the CUDA kernels (csrc/cuda/*.cu) for machines without a GPU.
+"""Compile-only checks of the CUDA kernels for machines without a GPU.
 
-Each file is compiled with `nvcc -c` and the flags torch's BuildExtension uses, for one
-architecture. A success is cached in .cache/cuda-compile/ under a hash of the sources, the
-headers they include, the flags, the torch version and nvcc's version, so a second run with
-nothing changed is instant. Skipped only when nvcc cannot be found.
+- csrc/cuda/*.cu (the extension's kernels): each file with `nvcc -c` and the flags torch's
+  BuildExtension uses, for one architecture.
+- The cupy route's kernel source (tokcomp.ops.cupy_kernels.SOURCE, every instantiation it is
+  compiled with): by NVRTC through cupy's bindings (no device needed), and by `nvcc --ptx`.
+
+A success is cached in .cache/cuda-compile/ under a hash of the sources, the headers they
+include, the flags, the torch version and the compiler's version, so a second run with nothing
+changed is instant. Skipped only when the compiler cannot be found (nvcc; cupy for NVRTC).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tokcomp.ops import cupy_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -92,6 +99,12 @@ def _cache_key(source: Path, nvcc: str, flags: list[str]) -> str:
     return digest.hexdigest()[:24]
 
 
+def _stamp(name: str, *parts: str) -> Path:
+    """The cache file that records a successful compile of `parts` (sources, flags, versions)."""
+    digest = hashlib.sha256("\0".join([*parts, torch.__version__]).encode()).hexdigest()[:24]
+    return CACHE / f"{name}-{digest}.ok"
+
+
 def test_cuda_sources_exist() -> None:
     assert CUDA_SOURCES, "no csrc/cuda/*.cu files found"
 
@@ -112,6 +125,71 @@ def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
         f"nvcc failed on {source.relative_to(ROOT)} (exit {result.returncode})\n"
         f"command: {' '.join(command)}\n--- stderr ---\n{result.stderr}\n"
         f"--- stdout ---\n{result.stdout}"
+    )
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(command) + "\n")
+
+
+def _cupy_source_with_instantiations() -> str:
+    """SOURCE plus host code taking the address of every kernel instantiation cupy compiles
+    (NVRTC name expressions), so that nvcc compiles them all too."""
+    pointers = ",\n  ".join(f"(const void*)&{name}" for name in cupy_kernels.NAME_EXPRESSIONS)
+    table = f"extern const void* const tokcomp_instances[] = {{\n  {pointers}\n}};\n"
+    return f"{cupy_kernels.SOURCE}\n{table}"
+
+
+def test_cupy_kernel_source_compiles_with_nvrtc() -> None:
+    """What cupy does at run time (NVRTC, same options and name expressions), for sm_90."""
+    if importlib.util.find_spec("cupy_backends") is None:
+        pytest.skip("cupy is not installed (pip install cupy-cuda13x): NVRTC check skipped")
+    from cupy_backends.cuda.libs import nvrtc
+
+    # cupy adds -ftz=true and --device-as-default-execution-space to every NVRTC compile.
+    implicit = ["-ftz=true", "--device-as-default-execution-space"]
+    options = [f"-arch=compute_{ARCH[3:]}", *cupy_kernels.OPTIONS, *implicit]
+    version = ".".join(map(str, nvrtc.getVersion()))
+    stamp = _stamp(
+        "cupy-nvrtc", cupy_kernels.SOURCE, *cupy_kernels.NAME_EXPRESSIONS, *options, version
+    )
+    if stamp.is_file():
+        return
+    program = nvrtc.createProgram(cupy_kernels.SOURCE, "tokcomp_cupy.cu", [], [])
+    try:
+        for name in cupy_kernels.NAME_EXPRESSIONS:
+            nvrtc.addNameExpression(program, name)
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as err:
+            pytest.fail(f"NVRTC {version} failed ({err}):\n{nvrtc.getProgramLog(program)}")
+        log = nvrtc.getProgramLog(program).strip()
+        assert not log, f"NVRTC warnings:\n{log}"
+        lowered = [nvrtc.getLoweredName(program, name) for name in cupy_kernels.NAME_EXPRESSIONS]
+        assert all(lowered)
+    finally:
+        nvrtc.destroyProgram(program)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(" ".join(options) + "\n")
+
+
+def test_cupy_kernel_source_compiles_with_nvcc(tmp_path: Path) -> None:
+    """The same source, every instantiation, with `nvcc --ptx` (compile only), for sm_90."""
+    cuda_home = _cuda_home()
+    if cuda_home is None:
+        pytest.skip("nvcc not found (no CUDA toolkit: set CUDA_HOME or put nvcc on PATH)")
+    nvcc = str(cuda_home / "bin" / "nvcc")
+    source = _cupy_source_with_instantiations()
+    flags = [f"-arch=compute_{ARCH[3:]}", *cupy_kernels.OPTIONS, "-Werror", "all-warnings"]
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    stamp = _stamp("cupy-nvcc", source, *flags, version)
+    if stamp.is_file():
+        return
+    path = tmp_path / "tokcomp_cupy.cu"
+    path.write_text(source)
+    command = [nvcc, *flags, "--ptx", str(path), "-o", str(tmp_path / "tokcomp_cupy.ptx")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, (
+        f"nvcc --ptx failed on tokcomp.ops.cupy_kernels.SOURCE (exit {result.returncode})\n"
+        f"command: {' '.join(command)}\n--- stderr ---\n{result.stderr}"
     )
     CACHE.mkdir(parents=True, exist_ok=True)
     stamp.write_text(" ".join(command) + "\n")

@@ -1,10 +1,13 @@
-"""The compiled ops (torch.ops.tokcomp.*) against their PyTorch references, on every device the
-extension is built for: "cpu" always (the tests fail, not skip, when tokcomp._C is missing) and
-"cuda" when a GPU is visible."""
+"""The compiled ops against their PyTorch references, on every device and route there is:
+"cpu"/"compiled" (torch.ops.tokcomp.*, C++) always (the tests fail, not skip, when tokcomp._C is
+missing), "cuda"/"compiled" (nvcc kernels) when a GPU is visible, and "cuda"/"cupy"
+(torch.ops.tokcomp_cupy.*, NVRTC through cupy) when cupy is installed too. On a GPU machine the
+same file proves both GPU routes."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,11 +18,20 @@ import torch
 
 from tokcomp.ops import backend, bipartite_plan
 from tokcomp.ops.dispatch import extension
+from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match_reference
+from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin_reference
 from tokcomp.ops.merge import weighted_merge, weighted_merge_reference
+from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: (device, route): the compiled op on every device, and the cupy op on CUDA when cupy is there.
+ROUTES = [(device, "compiled") for device in DEVICES] + (
+    [("cuda", "cupy")]
+    if torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+    else []
+)
 SHAPES = [
     (batch, tokens, channels)
     for batch in (1, 7)
@@ -27,7 +39,7 @@ SHAPES = [
     for channels in (64, 384)
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICE_DTYPES = [(device, dtype) for device in DEVICES for dtype in DTYPES]
+ROUTE_DTYPES = [(device, route, dtype) for device, route in ROUTES for dtype in DTYPES]
 
 
 def _ids(value: object) -> str:
@@ -49,6 +61,16 @@ def _require(device: str) -> None:
         assert module.WITH_CUDA, "a GPU is visible but tokcomp._C was built without CUDA"
 
 
+def _op(device: str, route: str, name: str):
+    """The op `name` of a route: torch.ops.tokcomp.<name> or torch.ops.tokcomp_cupy.<name>."""
+    if route == "cupy":
+        cupy_kernels = importlib.import_module("tokcomp.ops.cupy_kernels")
+        assert cupy_kernels.available(), "cupy is installed but cannot run tokcomp's kernels"
+        return getattr(torch.ops.tokcomp_cupy, name)
+    _require(device)
+    return getattr(torch.ops.tokcomp, name)
+
+
 def _protected_pairs(na: int, nb: int) -> list[tuple[int, int]]:
     """(a_protected, b_protected): 0, 1, 2, 4 and all of B, clipped to the set sizes."""
     pairs = {(min(p, na), min(p, nb)) for p in (0, 1, 2, 4)}
@@ -62,8 +84,8 @@ def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return (1e-5, 1e-4) if dtype == torch.float32 else (1e-4, 1e-3)
 
 
-def _check_match(a: torch.Tensor, b: torch.Tensor, a_protected: int, b_protected: int) -> None:
-    score, index = torch.ops.tokcomp.best_match(a, b, a_protected, b_protected)
+def _check_match(op, a: torch.Tensor, b: torch.Tensor, a_protected: int, b_protected: int) -> None:
+    score, index = op(a, b, a_protected, b_protected)
     ref_score, ref_index = best_match_reference(a, b, a_protected, b_protected)
     assert score.dtype == torch.float32 and index.dtype == torch.int64
     assert score.shape == ref_score.shape == index.shape == (a.shape[0], a.shape[1])
@@ -98,44 +120,44 @@ def _check_match(a: torch.Tensor, b: torch.Tensor, a_protected: int, b_protected
     assert clear.sum() >= 0.5 * active.sum(), "too few rows with a clear winner to compare"
 
 
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES, ids=_ids)
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
 @pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES, ids=_ids)
 def test_best_match_parity(
-    device: str, dtype: torch.dtype, batch: int, tokens: int, channels: int
+    device: str, route: str, dtype: torch.dtype, batch: int, tokens: int, channels: int
 ) -> None:
-    _require(device)
+    op = _op(device, route, "best_match")
     generator = torch.Generator().manual_seed(tokens * 1000 + channels + batch)
     x = torch.randn(batch, tokens, channels, generator=generator).to(device=device, dtype=dtype)
     a, b = x[:, ::2].contiguous(), x[:, 1::2].contiguous()
     if b.shape[1] == 0:
         return
     for a_protected, b_protected in _protected_pairs(a.shape[1], b.shape[1]):
-        _check_match(a, b, a_protected, b_protected)
+        _check_match(op, a, b, a_protected, b_protected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_best_match_edge_cases(device: str) -> None:
-    _require(device)
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_best_match_edge_cases(device: str, route: str) -> None:
+    op = _op(device, route, "best_match")
     generator = torch.Generator().manual_seed(0)
     b = torch.randn(3, 40, 64, generator=generator)
     # Exact duplicates of b's rows: ties broken towards the first index, like torch.max.
     a = torch.cat([b[:, 5:6], b[:, 7:8], b[:, 7:8] * 3.0], dim=1)
     b[:, 30] = b[:, 7]
-    score, index = torch.ops.tokcomp.best_match(a.to(device), b.to(device), 0, 0)
+    score, index = op(a.to(device), b.to(device), 0, 0)
     assert index.cpu().tolist() == [[5, 7, 7]] * 3
     torch.testing.assert_close(score.cpu(), torch.ones(3, 3), atol=1e-5, rtol=0)
     # Zero rows (norm clamped by eps) score 0; empty a gives empty outputs.
     zeros = torch.zeros(2, 4, 64, device=device)
-    score, index = torch.ops.tokcomp.best_match(zeros, zeros, 0, 1)
+    score, index = op(zeros, zeros, 0, 1)
     assert torch.all(score == 0) and torch.all(index == 1)
-    empty = torch.ops.tokcomp.best_match(zeros[:, :0], zeros, 0, 0)
+    empty = op(zeros[:, :0], zeros, 0, 0)
     assert empty[0].shape == (2, 0) and empty[1].shape == (2, 0)
     # Non-contiguous inputs are handled by the op itself: strided rows (read in place on CPU),
     # transposed channels, a batch slice with a storage offset.
     x = torch.randn(4, 50, 64, generator=generator).to(device)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     for a, b in ((x[:, ::2], x[:, 1::2]), (xt[:, ::2], xt[:, 1::2]), (x[1:3, 3:20], x[2:4, 20:])):
-        score, index = torch.ops.tokcomp.best_match(a, b, 1, 0)
+        score, index = op(a, b, 1, 0)
         ref_score, ref_index = best_match_reference(a, b, 1, 0)
         torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=0)
         assert (index == ref_index).float().mean() > 0.95
@@ -156,8 +178,8 @@ def _random_plan(
     return torch.stack(keep), torch.stack(src), torch.stack(dst)
 
 
-def _check_merge(x, weight, size, keep_idx, src_idx, dst_pos) -> None:
-    out, out_size = torch.ops.tokcomp.weighted_merge(x, weight, size, keep_idx, src_idx, dst_pos)
+def _check_merge(op, x, weight, size, keep_idx, src_idx, dst_pos) -> None:
+    out, out_size = op(x, weight, size, keep_idx, src_idx, dst_pos)
     ref, ref_size = weighted_merge_reference(x, weight, size, keep_idx, src_idx, dst_pos)
     assert out.dtype == x.dtype and out_size.dtype == torch.float32
     if x.dtype == torch.float32:
@@ -167,13 +189,13 @@ def _check_merge(x, weight, size, keep_idx, src_idx, dst_pos) -> None:
     torch.testing.assert_close(out_size, ref_size, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES, ids=_ids)
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
 @pytest.mark.parametrize("mode", ["random", "one_dst", "no_sources", "prune", "bipartite"])
 @pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES, ids=_ids)
 def test_weighted_merge_parity(
-    device: str, dtype: torch.dtype, mode: str, batch: int, tokens: int, channels: int
+    device: str, route: str, dtype: torch.dtype, mode: str, batch: int, tokens: int, channels: int
 ) -> None:
-    _require(device)
+    op = _op(device, route, "weighted_merge")
     generator = torch.Generator().manual_seed(tokens * 7 + channels + batch)
     x = torch.randn(batch, tokens, channels, generator=generator).to(device=device, dtype=dtype)
     weight = (torch.rand(batch, tokens, generator=generator) + 0.25).to(device)
@@ -186,48 +208,65 @@ def test_weighted_merge_parity(
         kept = {"no_sources": tokens, "prune": max(1, tokens // 2)}.get(mode, max(1, tokens // 3))
         sources = tokens - kept if mode in ("random", "one_dst") else 0
         keep_idx, src_idx, dst_pos = _random_plan(batch, tokens, kept, sources, generator, mode)
-    _check_merge(x, weight, size, keep_idx.to(device), src_idx.to(device), dst_pos.to(device))
-    # weight == size (ToMe's size-weighted average).
-    _check_merge(x, size, size, keep_idx.to(device), src_idx.to(device), dst_pos.to(device))
+    plan = keep_idx.to(device), src_idx.to(device), dst_pos.to(device)
+    _check_merge(op, x, weight, size, *plan)
+    _check_merge(op, x, size, size, *plan)  # weight == size (ToMe's size-weighted average)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_weighted_merge_large_channels_and_noncontiguous(device: str) -> None:
-    _require(device)
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_weighted_merge_large_channels_and_noncontiguous(device: str, route: str) -> None:
+    op = _op(device, route, "weighted_merge")
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 64, 3000, generator=generator).to(device)
     weight = (torch.rand(2, 64, generator=generator) + 0.5).to(device)
     keep_idx, src_idx, dst_pos = (t.to(device) for t in _random_plan(2, 64, 20, 40, generator, "r"))
-    _check_merge(x, weight, weight, keep_idx, src_idx, dst_pos)
+    _check_merge(op, x, weight, weight, keep_idx, src_idx, dst_pos)
     # Transposed (non-contiguous) x and a sliced weight: the op makes them contiguous.
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     w2 = torch.rand(2, 128, generator=generator).to(device)[:, ::2] + 0.5
-    _check_merge(xt, w2, weight, keep_idx, src_idx, dst_pos)
+    _check_merge(op, xt, w2, weight, keep_idx, src_idx, dst_pos)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_ops_trace_with_fake_kernels(device: str) -> None:
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
     """The fake kernels registered in tokcomp/ops/_fake.py: meta tensors, opcheck, compile."""
-    _require(device)
+    ops = {name: _op(device, route, name) for name in ("best_match", "weighted_merge")}
+    new_ops = ("energy_score", "attention_pagerank", "greedy_maxmin")
+    ops |= {name: _op(device, route, name) for name in new_ops}
     meta = torch.empty(3, 11, 16, device="meta")
-    score, index = torch.ops.tokcomp.best_match(meta[:, ::2], meta[:, 1::2], 1, 0)
+    score, index = ops["best_match"](meta[:, ::2], meta[:, 1::2], 1, 0)
     assert score.shape == index.shape == (3, 6) and index.dtype == torch.int64
+    assert ops["energy_score"](meta, 0.5, 1.0).shape == (3, 11)
+    attn_meta = torch.empty(2, 3, 11, 11, device="meta")
+    assert ops["attention_pagerank"](attn_meta, 5).shape == (2, 3, 11)
+    first_meta = torch.empty(3, dtype=torch.int64, device="meta")
+    picks = ops["greedy_maxmin"](attn_meta[0], attn_meta[0, :, 0], first_meta, 4)
+    assert picks.shape == (3, 4) and picks.dtype == torch.int64
+
     x = torch.randn(3, 11, 16, device=device)
     size = torch.rand(3, 11, device=device) + 0.5
     plan = bipartite_plan(x, 1, 4)
     a, b = x[:, ::2].contiguous(), x[:, 1::2].contiguous()
-    torch.library.opcheck(torch.ops.tokcomp.best_match.default, (a, b, 1, 0))
-    torch.library.opcheck(torch.ops.tokcomp.weighted_merge.default, (x, size, size, *plan))
+    attn = torch.randn(2, 3, 11, 11, device=device).softmax(-1)
+    dist = cosine_distances(x)
+    for op, args in (
+        (ops["best_match"], (a, b, 1, 0)),
+        (ops["weighted_merge"], (x, size, size, *plan)),
+        (ops["energy_score"], (x, 0.5, 1.0)),
+        (ops["attention_pagerank"], (attn, 5)),
+        (ops["greedy_maxmin"], (dist, size, size.argmax(dim=1), 4)),
+    ):
+        torch.library.opcheck(op.default, args)
 
     def step(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        score, match = torch.ops.tokcomp.best_match(
-            x[:, ::2].contiguous(), x[:, 1::2].contiguous(), 1, 0
-        )
+        score, match = ops["best_match"](x[:, ::2].contiguous(), x[:, 1::2].contiguous(), 1, 0)
         src = score.argsort(dim=1, descending=True)[:, :4]
         keep_idx = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)[:, 1::2]
-        return torch.ops.tokcomp.weighted_merge(
+        merged, merged_size = ops["weighted_merge"](
             x, size, size, keep_idx.contiguous(), 2 * src, match.gather(1, src)
         )
+        energy = ops["energy_score"](merged, 0.5, 1.0)
+        return merged, merged_size + energy
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
     for got, want in zip(compiled(x, size), step(x, size), strict=True):
@@ -312,10 +351,12 @@ def test_weighted_merge_error_messages(device: str) -> None:
     not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 only"
 )
 def test_portable_cpu_kernel_without_avx512() -> None:
-    """The AVX2 kernel (chosen on CPUs without AVX-512, or with TOKCOMP_CPU_AVX512=0)."""
+    """The AVX2 kernels (chosen on CPUs without AVX-512, or with TOKCOMP_CPU_AVX512=0)."""
     code = (
         "import torch, tokcomp._C\n"
         "from tokcomp.ops.match import best_match_reference as ref\n"
+        "from tokcomp.ops.energy import energy_score_reference\n"
+        "from tokcomp.ops.pagerank import attention_pagerank_reference\n"
         "g = torch.Generator().manual_seed(3)\n"
         "for n, c in ((197, 384), (577, 64), (9, 100)):\n"
         "    x = torch.randn(3, n, c, generator=g)\n"
@@ -324,9 +365,173 @@ def test_portable_cpu_kernel_without_avx512() -> None:
         "    rs, ri = ref(a, b, 1, 2)\n"
         "    torch.testing.assert_close(s, rs, atol=1e-5, rtol=0)\n"
         "    assert (i == ri).float().mean() > 0.99\n"
+        "    e = torch.ops.tokcomp.energy_score(x, 0.4, 1.0)\n"
+        "    torch.testing.assert_close(e, energy_score_reference(x, 0.4), atol=1e-5, rtol=0)\n"
+        "    p = torch.rand(2, 2, n, n, generator=g).softmax(-1)\n"
+        "    want = attention_pagerank_reference(p, 7)\n"
+        "    torch.testing.assert_close(torch.ops.tokcomp.attention_pagerank(p, 7), want)\n"
     )
     env = {**os.environ, "TOKCOMP_CPU_AVX512": "0"}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---- energy_score, attention_pagerank, greedy_maxmin -------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+@pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES, ids=_ids)
+def test_energy_score_parity(
+    device: str, route: str, dtype: torch.dtype, batch: int, tokens: int, channels: int
+) -> None:
+    op = _op(device, route, "energy_score")
+    generator = torch.Generator().manual_seed(tokens * 13 + channels + batch)
+    # A shared direction makes many cosines positive: both ELU branches are exercised.
+    x = torch.randn(batch, tokens, channels, generator=generator) + 0.5
+    x = x.to(device=device, dtype=dtype)
+    for margin, alpha in ((0.0, 1.0), (0.5, 1.0), (0.9, 0.3)):
+        got = op(x, margin, alpha)
+        assert got.dtype == torch.float32 and got.shape == (batch, tokens)
+        torch.testing.assert_close(got, energy_score_reference(x, margin, alpha), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_energy_score_edge_cases(device: str, route: str) -> None:
+    op = _op(device, route, "energy_score")
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 50, 64, generator=generator).to(device)
+    x[:, 3] = 0  # zero rows: norm clamped by eps, cosine 0
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    # Strided rows, transposed channels, a batch slice with a storage offset, one token.
+    for metric in (x[:, ::2], xt, x[1:3, 5:], x[:, :1]):
+        torch.testing.assert_close(
+            op(metric, 0.2, 1.0), energy_score_reference(metric, 0.2, 1.0), atol=2e-5, rtol=0
+        )
+    assert op(x[:, :0], 0.2, 1.0).shape == (4, 0)
+    # The public wrapper takes the same route.
+    torch.testing.assert_close(
+        energy_score(x, 0.2), energy_score_reference(x, 0.2), atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("tokens", [2, 3, 197, 577])
+def test_attention_pagerank_parity(
+    device: str, route: str, dtype: torch.dtype, batch: int, tokens: int
+) -> None:
+    op = _op(device, route, "attention_pagerank")
+    generator = torch.Generator().manual_seed(tokens + batch)
+    logits = torch.randn(batch, 3, tokens, tokens, generator=generator) * 2
+    attn = logits.softmax(dim=-1).to(device=device, dtype=dtype)
+    for iterations in (0, 1, 5, 30):
+        got = op(attn, iterations)
+        assert got.dtype == torch.float32 and got.shape == (batch, 3, tokens)
+        want = attention_pagerank_reference(attn, iterations)
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_attention_pagerank_edge_cases(device: str, route: str) -> None:
+    op = _op(device, route, "attention_pagerank")
+    generator = torch.Generator().manual_seed(6)
+    attn = torch.randn(3, 4, 40, 40, generator=generator).softmax(dim=-1).to(device)
+    # Heads-first view (non-contiguous batch), transposed (strided columns), one token.
+    for matrices in (attn.transpose(0, 1), attn.transpose(2, 3), attn[:, :, :1, :1]):
+        torch.testing.assert_close(
+            op(matrices, 9), attention_pagerank_reference(matrices, 9), atol=1e-7, rtol=1e-4
+        )
+    assert op(attn[:0], 3).shape == (0, 4, 40)
+    torch.testing.assert_close(attention_pagerank(attn, 9), attention_pagerank_reference(attn, 9))
+
+
+def _maxmin_inputs(
+    batch: int, tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine distances of random features, random weights (one zero), first = argmax weight."""
+    dist = cosine_distances(torch.randn(batch, tokens, 32, generator=generator))
+    weight = torch.rand(batch, tokens, generator=generator) + 0.1
+    weight[:, tokens // 2] = 0
+    return dist, weight, weight.argmax(dim=1)
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("tokens", [2, 3, 197, 577])
+def test_greedy_maxmin_parity(
+    device: str, route: str, dtype: torch.dtype, batch: int, tokens: int
+) -> None:
+    """Exact picks: the kernels do the reference's float32 products and minima, so even ties
+    (16-bit distances have many) resolve the same way."""
+    op = _op(device, route, "greedy_maxmin")
+    generator = torch.Generator().manual_seed(tokens * 3 + batch)
+    dist, weight, first = _maxmin_inputs(batch, tokens, generator)
+    dist, weight, first = dist.to(device, dtype), weight.to(device), first.to(device)
+    for k in sorted({1, 2, max(1, tokens // 3), tokens}):
+        got = op(dist, weight, first, k)
+        assert got.dtype == torch.int64 and got.shape == (batch, k)
+        want = greedy_maxmin_reference(dist.float(), weight, first, k)
+        assert torch.equal(got, want), f"k={k}"
+        assert all(len(set(row)) == k for row in got.tolist())
+
+
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_greedy_maxmin_ties_and_inputs(device: str, route: str) -> None:
+    op = _op(device, route, "greedy_maxmin")
+    # All distances equal: every step is a tie, broken towards the lowest unpicked index.
+    dist = torch.ones(2, 9, 9, device=device)
+    weight = torch.ones(2, 9, device=device)
+    first = torch.tensor([4, 8], device=device)
+    assert op(dist, weight, first, 5).tolist() == [[4, 0, 1, 2, 3], [8, 0, 1, 2, 3]]
+    # Zero weights score 0 (not picked while positive scores remain), then the lowest index.
+    weight = torch.tensor([[0.0, 0.0, 1.0, 0.0, 2.0]], device=device)
+    dist = cosine_distances(torch.randn(1, 5, 8, generator=torch.Generator().manual_seed(2)))
+    got = op(dist.to(device), weight, torch.tensor([4], device=device), 5)
+    assert got.tolist() == greedy_maxmin_reference(dist.to(device), weight, got[:, 0], 5).tolist()
+    assert got[0, :2].tolist() == [4, 2] and got[0, 2:].tolist() == [0, 1, 3]
+    # Non-contiguous distances, a 16-bit weight (converted by the op), k = N.
+    generator = torch.Generator().manual_seed(8)
+    dist, weight, first = (t.to(device) for t in _maxmin_inputs(3, 40, generator))
+    want = greedy_maxmin_reference(dist, weight.bfloat16().float(), first, 40)
+    got = op(dist.transpose(1, 2).contiguous().transpose(1, 2), weight.bfloat16(), first, 40)
+    assert torch.equal(got, want)
+    assert op(dist[:0], weight[:0], first[:0], 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_ops_error_messages(device: str) -> None:
+    _require(device)
+    energy = torch.ops.tokcomp.energy_score
+    x = torch.randn(2, 5, 8, device=device)
+    with pytest.raises(RuntimeError, match=r"metric must be a \(B, T, C\) tensor"):
+        energy(x[0], 0.5, 1.0)
+    with pytest.raises(RuntimeError, match="metric must be float32, bfloat16 or float16"):
+        energy(x.double(), 0.5, 1.0)
+    pagerank = torch.ops.tokcomp.attention_pagerank
+    attn = torch.rand(2, 3, 5, 5, device=device)
+    with pytest.raises(RuntimeError, match=r"attn must be a \(B, H, N, N\) tensor"):
+        pagerank(attn[..., :4], 1)
+    with pytest.raises(RuntimeError, match="iterations must be >= 0, got -1"):
+        pagerank(attn, -1)
+    with pytest.raises(RuntimeError, match="attn must be float32, bfloat16 or float16"):
+        pagerank(attn.double(), 1)
+    maxmin = torch.ops.tokcomp.greedy_maxmin
+    dist, w = attn[0], attn[0, :, 0]
+    first = torch.tensor([0, 1, 2], device=device)
+    with pytest.raises(RuntimeError, match=r"dist must be a \(B, N, N\) tensor"):
+        maxmin(dist[:, :4], w, first, 2)
+    with pytest.raises(RuntimeError, match=r"weight must be \(B, N\) = \(3, 5\)"):
+        maxmin(dist, w[:, :4], first, 2)
+    with pytest.raises(RuntimeError, match=r"first must be \(B,\) = \(3,\)"):
+        maxmin(dist, w, first[:2], 2)
+    with pytest.raises(RuntimeError, match="first must be int64"):
+        maxmin(dist, w, first.int(), 2)
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, 5\], got 6"):
+        maxmin(dist, w, first, 6)
+    with pytest.raises(RuntimeError, match="dist and weight must be float32, bfloat16 or float16"):
+        maxmin(dist.double(), w, first, 2)
+    if device == "cpu":  # out-of-range first picks: a clear error on CPU (device assert on CUDA)
+        with pytest.raises(RuntimeError, match=r"first value 5 out of range \[0, 5\)"):
+            maxmin(dist, w, torch.tensor([0, 5, 1]), 2)

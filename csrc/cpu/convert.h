@@ -1,7 +1,9 @@
-// Scalar conversions between tokcomp's storage dtypes and float32, written so that loops over
-// them vectorise (bfloat16 is plain bit manipulation; float16 uses c10's conversion).
+// How the CPU kernels read their inputs: scalar conversions between tokcomp's storage dtypes and
+// float32, written so that loops over them vectorise (bfloat16 is plain bit manipulation; float16
+// uses c10's conversion), and rows with contiguous channels.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -47,6 +49,12 @@ inline c10::BFloat16 from_float<c10::BFloat16>(float v) {
 template <>
 inline c10::Half from_float<c10::Half>(float v) {
   return c10::Half(v);
+}
+
+// t itself when its last dimension is contiguous (rows may be strided, e.g. x[:, ::2]), else a
+// contiguous copy.
+inline at::Tensor rows_with_unit_channel_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
 }  // namespace tokcomp::cpu

@@ -17,44 +17,18 @@
 #include <limits>
 
 #include "../ops.h"
+#include "cosine_tiles.cuh"
 
 namespace tokcomp {
 namespace {
 
-constexpr int kThreads = 256;  // 16 x 16
-constexpr int kSide = 16;
-constexpr int kRowsA = 2;  // a rows per thread
-constexpr int kColsB = 4;  // b rows per thread
-constexpr int kTileA = kSide * kRowsA;  // 32 a rows per block
-constexpr int kTileB = kSide * kColsB;  // 64 b rows per shared tile
-constexpr int kTileC = 32;  // channels per shared tile
-constexpr float kEps = 1e-12f;  // F.normalize's eps
-
-// inv_norm[row] = 1 / max(|x[row, :]|, eps) for `rows` rows of C channels; one warp per row.
-template <typename scalar_t>
-__global__ void inverse_norms_kernel(
-    const scalar_t* __restrict__ x,
-    float* __restrict__ inv_norm,
-    int64_t rows,
-    int64_t C) {
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (warp >= rows) {
-    return;
-  }
-  const scalar_t* row = x + warp * C;
-  float sum_sq = 0.f;
-  for (int64_t c = lane; c < C; c += 32) {
-    const float v = static_cast<float>(row[c]);
-    sum_sq += v * v;
-  }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
-  }
-  if (lane == 0) {
-    inv_norm[warp] = 1.f / fmaxf(sqrtf(sum_sq), kEps);
-  }
-}
+using gpu::CosineTiles;
+using gpu::kColsB;
+using gpu::kRowsA;
+using gpu::kSide;
+using gpu::kThreads;
+using gpu::kTileA;
+using gpu::kTileB;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) best_match_kernel(
@@ -70,8 +44,7 @@ __global__ void __launch_bounds__(kThreads) best_match_kernel(
     int64_t a_protected,
     int64_t b_protected,
     int64_t tiles_a) {
-  __shared__ float a_tile[kTileC][kTileA + 1];
-  __shared__ float b_tile[kTileC][kTileB + 1];
+  __shared__ CosineTiles tiles;
 
   const int64_t n = blockIdx.x / tiles_a;
   const int64_t i0 = (blockIdx.x % tiles_a) * kTileA;
@@ -98,52 +71,7 @@ __global__ void __launch_bounds__(kThreads) best_match_kernel(
   const int64_t j_begin = any_active ? (b_protected / kTileB) * kTileB : Nb;
   for (int64_t j0 = j_begin; j0 < Nb; j0 += kTileB) {
     float acc[kRowsA][kColsB];
-#pragma unroll
-    for (int ka = 0; ka < kRowsA; ++ka) {
-#pragma unroll
-      for (int kb = 0; kb < kColsB; ++kb) {
-        acc[ka][kb] = 0.f;
-      }
-    }
-    for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-      // Coalesced loads: consecutive threads read consecutive channels of a row.
-      for (int e = tid; e < kTileA * kTileC; e += kThreads) {
-        const int r = e / kTileC;
-        const int c = e % kTileC;
-        const int64_t gi = i0 + r;
-        const int64_t gc = c0 + c;
-        a_tile[c][r] = (gi < Na && gc < C) ? static_cast<float>(an[gi * C + gc]) : 0.f;
-      }
-      for (int e = tid; e < kTileB * kTileC; e += kThreads) {
-        const int r = e / kTileC;
-        const int c = e % kTileC;
-        const int64_t gj = j0 + r;
-        const int64_t gc = c0 + c;
-        b_tile[c][r] = (gj < Nb && gc < C) ? static_cast<float>(bn[gj * C + gc]) : 0.f;
-      }
-      __syncthreads();
-#pragma unroll 8
-      for (int c = 0; c < kTileC; ++c) {
-        float av[kRowsA];
-        float bv[kColsB];
-#pragma unroll
-        for (int ka = 0; ka < kRowsA; ++ka) {
-          av[ka] = a_tile[c][ty + kSide * ka];
-        }
-#pragma unroll
-        for (int kb = 0; kb < kColsB; ++kb) {
-          bv[kb] = b_tile[c][tx + kSide * kb];
-        }
-#pragma unroll
-        for (int ka = 0; ka < kRowsA; ++ka) {
-#pragma unroll
-          for (int kb = 0; kb < kColsB; ++kb) {
-            acc[ka][kb] = fmaf(av[ka], bv[kb], acc[ka][kb]);
-          }
-        }
-      }
-      __syncthreads();
-    }
+    gpu::tile_dots(an, Na, bn, Nb, C, i0, j0, tiles, acc);
     // Columns in increasing order with a strict comparison: the first index wins ties.
 #pragma unroll
     for (int kb = 0; kb < kColsB; ++kb) {
@@ -216,15 +144,8 @@ std::tuple<at::Tensor, at::Tensor> best_match_cuda(
       ")");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TOKCOMP_DISPATCH_FLOAT_TYPES(a.scalar_type(), "tokcomp::best_match (CUDA)", [&] {
-    constexpr int kNormThreads = 256;
-    constexpr int64_t kRowsPerBlock = kNormThreads / 32;
-    for (const auto& [x, inv] : {std::pair{&a, &inv_a}, std::pair{&b, &inv_b}}) {
-      const int64_t rows = x->size(0) * x->size(1);
-      const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-      inverse_norms_kernel<scalar_t><<<blocks, kNormThreads, 0, stream>>>(
-          x->const_data_ptr<scalar_t>(), inv->mutable_data_ptr<float>(), rows, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    gpu::launch_inverse_norms<scalar_t>(a, inv_a, stream);
+    gpu::launch_inverse_norms<scalar_t>(b, inv_b, stream);
     best_match_kernel<scalar_t><<<batch * tiles_a, kThreads, 0, stream>>>(
         a.const_data_ptr<scalar_t>(),
         b.const_data_ptr<scalar_t>(),

@@ -8,6 +8,7 @@ from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges
 from tokcomp.ops.dispatch import backend
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match, best_match_reference
+from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin, greedy_maxmin_reference
 from tokcomp.ops.merge import weighted_merge, weighted_merge_reference
 from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 from tokcomp.ops.plan import MergePlan, gather_rows
@@ -20,9 +21,12 @@ __all__ = [
     "best_match",
     "best_match_reference",
     "bipartite_plan",
+    "cosine_distances",
     "energy_score",
     "energy_score_reference",
     "gather_rows",
+    "greedy_maxmin",
+    "greedy_maxmin_reference",
     "max_bipartite_merges",
     "weighted_merge",
     "weighted_merge_reference",

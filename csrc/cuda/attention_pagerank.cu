@@ -1,0 +1,134 @@
+// CUDA kernel of tokcomp::attention_pagerank: for every (batch, head) matrix A (N x N) of attn,
+// `iterations` steps of s <- A^T s from s = 1/N, i.e. s'_j = sum_i s_i A[i, j]; out = s (float32).
+//
+// One block per matrix, all iterations in one launch. s lives in shared memory (two buffers of
+// N floats). With more than one iteration and a matrix that fits in the rest of the block's
+// shared memory (N <= 240 in float32, N <= 338 in 16-bit types with the 227 KiB of an H100/H200),
+// the matrix is copied there once, in its own dtype, and every iteration reads it from there;
+// otherwise the iterations read it from global memory, where L2 keeps it. Thread j computes s'_j
+// (and j + blockDim, ...): reads of row i are consecutive in j, so they are coalesced (global) or
+// free of bank conflicts (shared).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../ops.h"
+
+namespace tokcomp {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+template <typename scalar_t, bool kCached>
+__global__ void __launch_bounds__(kMaxThreads) attention_pagerank_kernel(
+    const scalar_t* __restrict__ attn,
+    float* __restrict__ out,
+    int64_t N,
+    int64_t iterations,
+    float start) {
+  extern __shared__ float shared[];  // s [N], next [N], then the matrix [N * N] when kCached
+  float* s = shared;
+  float* next = shared + N;
+  const scalar_t* a = attn + static_cast<int64_t>(blockIdx.x) * N * N;
+  if constexpr (kCached) {
+    scalar_t* cache = reinterpret_cast<scalar_t*>(shared + 2 * N);
+    for (int64_t e = threadIdx.x; e < N * N; e += blockDim.x) {
+      cache[e] = a[e];
+    }
+    a = cache;
+  }
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    s[j] = start;
+  }
+  __syncthreads();
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < N; ++i) {
+        acc = fmaf(s[i], static_cast<float>(a[i * N + j]), acc);
+      }
+      next[j] = acc;
+    }
+    __syncthreads();
+    float* done = next;
+    next = s;
+    s = done;
+  }
+  float* o = out + static_cast<int64_t>(blockIdx.x) * N;
+  for (int64_t j = threadIdx.x; j < N; j += blockDim.x) {
+    o[j] = s[j];
+  }
+}
+
+template <typename scalar_t, bool kCached>
+void launch(
+    const at::Tensor& attn,
+    at::Tensor& out,
+    int64_t matrices,
+    int64_t N,
+    int64_t iterations,
+    size_t shared_bytes,
+    cudaStream_t stream) {
+  const auto kernel = &attention_pagerank_kernel<scalar_t, kCached>;
+  if (shared_bytes > 48 * 1024) {  // above the default limit: opt in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  }
+  const int threads = static_cast<int>(std::clamp<int64_t>((N + 31) / 32 * 32, 32, kMaxThreads));
+  kernel<<<static_cast<unsigned int>(matrices), threads, shared_bytes, stream>>>(
+      attn.const_data_ptr<scalar_t>(),
+      out.mutable_data_ptr<float>(),
+      N,
+      iterations,
+      static_cast<float>(1.0 / static_cast<double>(N)));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor attention_pagerank_cuda(const at::Tensor& attn_in, int64_t iterations) {
+  check_attention_pagerank_inputs(attn_in, iterations);
+  TORCH_CHECK(attn_in.is_cuda(), "tokcomp::attention_pagerank (CUDA): attn must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(attn_in.device());
+  const at::Tensor attn = attn_in.contiguous();
+  const int64_t N = attn.size(2);
+  const int64_t matrices = attn.size(0) * attn.size(1);
+  at::Tensor out = at::empty({attn.size(0), attn.size(1), N}, attn.options().dtype(at::kFloat));
+  if (out.numel() == 0) {
+    return out;
+  }
+  TORCH_CHECK(
+      matrices <= std::numeric_limits<int32_t>::max(),
+      "tokcomp::attention_pagerank (CUDA): too many matrices (",
+      matrices,
+      ")");
+  const size_t vectors_bytes = 2 * static_cast<size_t>(N) * sizeof(float);
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(
+      vectors_bytes <= limit,
+      "tokcomp::attention_pagerank (CUDA): N = ",
+      N,
+      " is too large for the shared memory of this GPU");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  TOKCOMP_DISPATCH_FLOAT_TYPES(attn.scalar_type(), "tokcomp::attention_pagerank (CUDA)", [&] {
+    const size_t cached_bytes =
+        vectors_bytes + static_cast<size_t>(N) * static_cast<size_t>(N) * sizeof(scalar_t);
+    if (iterations > 1 && cached_bytes <= limit) {
+      launch<scalar_t, true>(attn, out, matrices, N, iterations, cached_bytes, stream);
+    } else {
+      launch<scalar_t, false>(attn, out, matrices, N, iterations, vectors_bytes, stream);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokcomp, CUDA, m) {
+  m.impl("attention_pagerank", &attention_pagerank_cuda);
+}
+
+}  // namespace tokcomp

@@ -1,0 +1,106 @@
+"""Greedy weighted max-min selection (farthest-point sampling): pick k rows, each next pick
+being the row farthest from everything picked so far, times its weight. DivPrune (unit
+weights) and ZOO-Prune (weights = sensitivity) select visual tokens with it.
+
+Semantics every implementation (reference, fast PyTorch form, compiled `tokcomp::greedy_maxmin`)
+must match exactly:
+
+- Inputs: `dist` (B, N, N) float32, dist[b, i, j] the distance of row j from row i (only rows
+  of picked i are read; symmetry is not required); `weight` (B, N) float32, finite, >= 0;
+  `first` (B,) int64 in [0, N), the first pick of each batch entry (chosen by the caller);
+  `k`, 1 <= k <= N. Other float dtypes are converted to float32 before the op.
+- Step 0 picks `first[b]`. At step t >= 1 every unpicked j has gap[j] = the minimum of
+  dist[b, i, j] over the picked i, and score[j] = gap[j] * weight[b, j] (one float32 product;
+  for weight >= 0 this equals min over picked i of dist[b, i, j] * weight[b, j], which the
+  fast form uses). The pick is the unpicked j with the largest score; ties go to the lowest
+  index. Picked rows are never picked again, even when every remaining score is 0 or negative.
+- Output: (B, k) int64, the picks in pick order (not sorted).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokcomp.ops.dispatch import compiled_op
+
+
+def cosine_distances(x: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity between the rows of (B, N, C) `x`, as (B, N, N) float32."""
+    unit = F.normalize(x.float(), dim=-1)
+    return 1.0 - unit @ unit.transpose(-1, -2)
+
+
+def greedy_maxmin_reference(
+    dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The definition (module docstring) as a plain loop vectorised over the batch: per step one
+    masked product, one argmax and one running minimum."""
+    batch, tokens = weight.shape
+    rows = torch.arange(batch, device=dist.device)
+    chosen = torch.empty(batch, k, dtype=torch.long, device=dist.device)
+    taken = torch.zeros(batch, tokens, dtype=torch.bool, device=dist.device)
+    chosen[:, 0] = first
+    taken[rows, first] = True
+    gap = dist[rows, first]
+    for step in range(1, k):
+        score = (gap * weight).masked_fill(taken, -torch.inf)
+        pick = score.argmax(dim=1)
+        chosen[:, step] = pick
+        taken[rows, pick] = True
+        gap = torch.minimum(gap, dist[rows, pick])
+    return chosen
+
+
+def _greedy_maxmin_fast(
+    dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The same picks with fewer ops per step: distances are weighted once (N^2), then each
+    step is a row gather, an in-place minimum, one -inf write and an argmax."""
+    batch = weight.shape[0]
+    rows = torch.arange(batch, device=dist.device)
+    weighted = dist * weight[:, None, :]
+    chosen = torch.empty(batch, k, dtype=torch.long, device=dist.device)
+    chosen[:, 0] = first
+    score = weighted[rows, first]
+    score[rows, first] = -torch.inf
+    for step in range(1, k):
+        pick = score.argmax(dim=1)
+        chosen[:, step] = pick
+        torch.minimum(score, weighted[rows, pick], out=score)
+        score[rows, pick] = -torch.inf
+    return chosen
+
+
+def greedy_maxmin(
+    dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Greedy weighted max-min picks (B, k) int64 in pick order; see the module docstring.
+
+    Runs the compiled `tokcomp::greedy_maxmin` where it is built for the device, the fastest
+    pure-PyTorch form otherwise (identical picks to `greedy_maxmin_reference`).
+    """
+    _check_inputs(dist, weight, first, k)
+    dist, weight = dist.float().contiguous(), weight.float().contiguous()
+    first = first.long().contiguous()
+    op = compiled_op("greedy_maxmin", dist.device)
+    if op is None:
+        return _greedy_maxmin_fast(dist, weight, first, k)
+    return op(dist, weight, first, k)
+
+
+def _check_inputs(dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int) -> None:
+    if dist.dim() != 3 or dist.shape[1] != dist.shape[2]:
+        raise ValueError(f"greedy_maxmin: dist must be (B, N, N), got {tuple(dist.shape)}")
+    batch, tokens = dist.shape[:2]
+    if tuple(weight.shape) != (batch, tokens) or tuple(first.shape) != (batch,):
+        raise ValueError(
+            f"greedy_maxmin: weight must be (B, N) and first (B,) for dist {tuple(dist.shape)}, "
+            f"got {tuple(weight.shape)} and {tuple(first.shape)}"
+        )
+    if not 1 <= k <= tokens:
+        raise ValueError(f"greedy_maxmin: k must be in 1..{tokens}, got {k}")
+    if bool((weight < 0).any()):
+        raise ValueError("greedy_maxmin: weights must be >= 0")
+    if bool(((first < 0) | (first >= tokens)).any()):
+        raise ValueError(f"greedy_maxmin: first picks must be in 0..{tokens - 1}")
