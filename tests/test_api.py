@@ -220,3 +220,12 @@ def test_config_with_invalid_schedule_is_refused(tmp_path):
     data = {**_valid_dict(), "schedule": [62, 60]}
     with pytest.raises(ValueError, match="schedule has 2 entries, the model has 4 blocks"):
         tokcomp.apply(tiny_vit("vit"), _write(tmp_path, json.dumps(data)))
+
+
+def test_methods_by_kind():
+    vision, vlm = tokcomp.methods("vision"), tokcomp.methods("vlm")
+    assert {"tome", "pitome", "diffrate", "zero_tprune", "evit", "random"} <= set(vision)
+    assert {"zoo", "divprune", "fastv", "visionzip", "random"} <= set(vlm)
+    assert set(vision) | set(vlm) == set(tokcomp.methods())
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tokcomp.methods("text")

@@ -24,7 +24,7 @@ import tokcomp
 from tokcomp.adapters import find_adapter
 from tokcomp.schedule import model_macs
 
-METHODS = tokcomp.methods()
+METHODS = tokcomp.methods("vision")
 #: Methods that only merge: every input patch stays in exactly one token.
 MERGE_ONLY = {"tome", "pitome"}
 

@@ -14,7 +14,9 @@ from tokcomp.methods import Layer, Signals, TokenState, create_method
 from tokcomp.methods.zero_tprune import head_filter
 from tokcomp.ops import attention_pagerank, energy_score
 
-METHODS = tokcomp.methods()
+#: The methods that act in a vision transformer's blocks (the others prune a VLM's visual
+#: tokens and are tested in test_vlm*.py).
+METHODS = tokcomp.methods("vision")
 #: Methods that only merge (every input patch stays in some token).
 MERGE_ONLY = {"tome", "pitome"}
 

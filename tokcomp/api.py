@@ -11,7 +11,15 @@ from torch import nn
 
 from tokcomp.adapters import Adapter, Compression, find_adapter
 from tokcomp.config import Config, ConfigError
-from tokcomp.methods import Method, TokenState, create_method, method_names
+from tokcomp.methods import (
+    Method,
+    TokenState,
+    VisualMethod,
+    create_method,
+    method_class,
+    method_names,
+)
+from tokcomp.methods.visual import selects_visual_tokens
 from tokcomp.schedule import ModelSpec, model_macs, resolve
 
 M = TypeVar("M", bound=nn.Module)
@@ -109,9 +117,21 @@ def forward_tokens(model: nn.Module, *inputs: Any, **kwargs: Any) -> TokenState:
         return patch.adapter.forward_tokens(patch.compression, *inputs, **kwargs)
 
 
-def methods() -> list[str]:
-    """Names of every method tokcomp ships."""
-    return method_names()
+#: What `methods(kind)` lists: methods for vision-encoder tokens, or for a VLM's visual tokens.
+METHOD_KINDS = ("vision", "vlm")
+
+
+def methods(kind: str | None = None) -> list[str]:
+    """Names of every method tokcomp ships; kind="vision": those that compress a vision
+    encoder's tokens (a VLM applies them inside its vision tower where supported);
+    kind="vlm": those that choose a VLM's visual tokens."""
+    if kind is None:
+        return method_names()
+    if kind not in METHOD_KINDS:
+        raise ValueError(f"kind must be one of {METHOD_KINDS} or None, got {kind!r}")
+    visual = {name for name in method_names() if selects_visual_tokens(method_class(name))}
+    vision = {name for name in method_names() if not issubclass(method_class(name), VisualMethod)}
+    return sorted(visual if kind == "vlm" else vision)
 
 
 def _patch_of(model: nn.Module) -> Patch:

@@ -129,7 +129,7 @@ class Config:
     def check_model(self, spec: ModelSpec) -> None:
         """Refuse a model this config was not made for, naming the first differing field."""
         actual = spec.as_dict()
-        for name in _MODEL_FIELDS:
+        for name in (*_MODEL_FIELDS, *spec.checked):
             if self.model.get(name) != actual[name]:
                 raise ConfigError(
                     f"this config was made for {self.model.get('name')!r} with model.{name}="

@@ -4,6 +4,7 @@ analytic MACs model used to compare them and to resolve `target_macs`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from tokcomp.methods import Layout, Method
 
@@ -25,8 +26,60 @@ class ModelSpec(Layout):
     stem_macs: int
     head_macs: int
 
+    #: Fields a saved config must match besides Config's common ones (subclasses add theirs).
+    checked: ClassVar[tuple[str, ...]] = ()
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def model_macs(self, schedule: list[int] | None = None) -> int:
+        """MACs of one image through the model under `schedule` (None: unpruned)."""
+        schedule = schedule if schedule is not None else [self.tokens] * self.depth
+        total, tokens = self.stem_macs + self.head_macs, self.tokens
+        for keep in schedule:
+            total += block_macs(self, tokens, keep)
+            tokens = keep
+        return total
+
+    def native_schedule(self, method: Method) -> list[int]:
+        """The schedule a settled method's own knobs give on this model."""
+        return method.knob_schedule(self)
+
+    def resolve(self, method: Method) -> tuple[Method, list[int]]:
+        """The method with its knobs settled, and its schedule on this model.
+
+        An explicit `schedule` is taken as is; a `target_macs` picks the method's candidate
+        whose MACs are nearest (the error names the reachable range); otherwise the native
+        knobs decide.
+        """
+        method = method.settle(self)
+        if method.schedule is not None:
+            schedule = list(method.schedule)
+        elif method.target_macs is not None:
+            method, schedule = self.nearest_to_target(method)
+        else:
+            schedule = self.native_schedule(method)
+        check_schedule(self, schedule)
+        method.check_schedule(self, schedule)
+        return method, schedule
+
+    def nearest_to_target(self, method: Method) -> tuple[Method, list[int]]:
+        """The candidate of `method` whose MACs ratio is nearest its `target_macs`."""
+        options = [(c, self.native_schedule(c)) for c in method.candidates(self)]
+        base = self.model_macs()
+        ratios = [self.model_macs(schedule) / base for _, schedule in options]
+        target, lowest, highest = method.target_macs, min(ratios), max(ratios)
+        if not lowest - 0.005 <= target <= highest + 0.005:
+            raise ValueError(
+                f"{method.name} cannot reach target_macs={target:.3f} on {self.label}: its "
+                f"reachable range is {lowest:.3f}..{highest:.3f} of the unpruned MACs"
+            )
+        return options[min(range(len(options)), key=lambda i: abs(ratios[i] - target))]
+
+    @property
+    def label(self) -> str:
+        """How error messages name this model."""
+        return self.name
 
 
 def block_macs(spec: ModelSpec, tokens_in: int, tokens_out: int) -> int:
@@ -39,12 +92,7 @@ def block_macs(spec: ModelSpec, tokens_in: int, tokens_out: int) -> int:
 
 def model_macs(spec: ModelSpec, schedule: list[int] | None = None) -> int:
     """MACs of one image through the model under `schedule` (None: unpruned)."""
-    schedule = schedule if schedule is not None else [spec.tokens] * spec.depth
-    total, tokens = spec.stem_macs + spec.head_macs, spec.tokens
-    for keep in schedule:
-        total += block_macs(spec, tokens, keep)
-        tokens = keep
-    return total
+    return spec.model_macs(schedule)
 
 
 def check_schedule(spec: ModelSpec, schedule: list[int]) -> None:
@@ -68,34 +116,5 @@ def check_schedule(spec: ModelSpec, schedule: list[int]) -> None:
 
 
 def resolve(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
-    """The method with its knobs settled, and its schedule on `spec`.
-
-    An explicit `schedule` is taken as is; a `target_macs` picks the method's candidate
-    whose MACs are nearest (the error names the reachable range); otherwise the native knobs
-    decide.
-    """
-    method = method.settle(spec)
-    if method.schedule is not None:
-        schedule = list(method.schedule)
-    elif method.target_macs is not None:
-        method, schedule = _nearest_to_target(method, spec)
-    else:
-        schedule = method.knob_schedule(spec)
-    check_schedule(spec, schedule)
-    method.check_schedule(spec, schedule)
-    return method, schedule
-
-
-def _nearest_to_target(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
-    base = model_macs(spec)
-    options = [(c, c.knob_schedule(spec)) for c in method.candidates(spec)]
-    ratios = [model_macs(spec, schedule) / base for _, schedule in options]
-    lowest, highest = min(ratios), max(ratios)
-    target = method.target_macs
-    if not lowest - 0.005 <= target <= highest + 0.005:
-        raise ValueError(
-            f"{method.name} cannot reach target_macs={target:.3f} on {spec.name}: its "
-            f"reachable range is {lowest:.3f}..{highest:.3f} of the unpruned MACs"
-        )
-    best = min(range(len(options)), key=lambda i: abs(ratios[i] - target))
-    return options[best]
+    """The method with its knobs settled, and its schedule on `spec` (see ModelSpec.resolve)."""
+    return spec.resolve(method)

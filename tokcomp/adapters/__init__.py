@@ -6,10 +6,11 @@ from torch import nn
 
 from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError
 from tokcomp.adapters.hf_vision import HFVisionAdapter
+from tokcomp.adapters.hf_vlm import HFVLMAdapter
 from tokcomp.adapters.open_clip import OpenClipAdapter
 from tokcomp.adapters.timm import TimmViTAdapter
 
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapter]
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapter, HFVLMAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:

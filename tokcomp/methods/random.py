@@ -12,6 +12,7 @@ from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.visual import VisualTokens
 
 
 @register
@@ -44,8 +45,18 @@ class RandomPrune(Method):
         return ratio_candidates(self)
 
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
-        protected, unprotected = state.protected, state.tokens - state.protected
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + layer.index)
-        chosen = torch.randperm(unprotected, generator=generator)[: keep - protected]
-        index = torch.cat([torch.arange(protected), chosen.sort().values + protected])
+        protected = state.protected
+        chosen = self._subset(state.tokens - protected, keep - protected, layer.index)
+        index = torch.cat([torch.arange(protected), chosen + protected])
         return state.prune(index.to(state.x.device).expand(state.x.shape[0], -1))
+
+    def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
+        """VLMs: a random `keep` of each image's visual tokens (the budget is `keep_ratio` of
+        them), the same subset for every image of the same size."""
+        chosen = self._subset(visual.tokens, keep, 0)
+        return chosen.to(visual.outputs.device).expand(visual.batch, -1)
+
+    def _subset(self, tokens: int, keep: int, salt: int) -> torch.Tensor:
+        """`keep` of range(tokens), ascending, drawn from `seed` and `salt` (the block index)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + salt)
+        return torch.randperm(tokens, generator=generator)[:keep].sort().values

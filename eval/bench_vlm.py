@@ -1,0 +1,268 @@
+"""Speed of visual-token pruning on a LLaVA-1.5-shaped VLM with random weights (speed does not
+depend on them): CLIP ViT-L/14-336 tower (24 layers, width 1024, 576 patch tokens), an MLP
+projector and LLaMA-7B-wide decoder layers (hidden 4096, MLP 11008, 32 heads); one image and
+a 40-token prompt; fp32 on the CPU, one thread by default. The model is built on the meta
+device and materialised without the slow default init. 16 decoder layers when free memory
+allows, else 12 (said in the output).
+
+Measured in the same run, medians of interleaved repeats after a warm-up, each repeat one
+generate(max_new_tokens=1) per variant (unpruned, ZOO-Prune exact, ZOO-Prune sketch=256 at
+64 of 576 visual tokens), forward hooks timing the vision tower and the language model in it:
+- LLM prefill: the language model on the 616-token prompt vs the 104-token pruned one.
+  Floor: 4x.
+- Time to first token (vision tower, ZOO-Prune's selection and the prefill). Floor: 1.5x.
+- ZOO-Prune's own cost (sensitivity and greedy selection), exact and sketched, as a share of
+  the unpruned LLM prefill, and the sketch's agreement with the exact scores (Spearman rank
+  correlation of the sensitivities, overlap of the 64 most sensitive and of the 64 selected
+  tokens), on a few random images.
+- Greedy max-min at N=576, k=64: the reference loop vs the dispatched op.
+
+    python eval/bench_vlm.py                 # about 5-10 minutes on 2 (shared) cores
+    python eval/bench_vlm.py --layers 1 --repeats 1 --images 1    # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import tokcomp
+from tokcomp.bench import timed
+from tokcomp.methods import VisualTokens, create_method
+from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
+
+PROMPT, KEEP, IMAGE_TOKEN = 40, 64, 32000
+PREFILL_FLOOR, TTFT_FLOOR = 4.0, 1.5
+SKETCHES = (64, 256, 1024)
+
+
+def build(layers: int) -> nn.Module:
+    """The LLaVA-1.5-shaped model with `layers` decoder layers, random weights, eval mode."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14)  # fmt: skip
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                       max_position_embeddings=4096)  # fmt: skip
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                         image_seq_length=576, tie_word_embeddings=True)  # fmt: skip
+    with torch.device("meta"):
+        model = Llava(config)
+    model.to_empty(device="cpu")
+    _materialise(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def _materialise(model: nn.Module) -> None:
+    """Cheap random weights (N(0, 0.02), norms at one) and the buffers the meta build left
+    empty (position ids, rotary frequencies)."""
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            param.normal_(0.0, 0.02)
+    for module in model.modules():
+        if hasattr(module, "position_ids") and hasattr(module, "num_positions"):
+            module.position_ids.copy_(torch.arange(module.num_positions).expand(1, -1))
+        if hasattr(module, "inv_freq"):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
+
+
+def layers_that_fit() -> int:
+    """16 decoder layers when about 16 GB (weights plus headroom) are free, else 12."""
+    from pathlib import Path
+
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    free_gb = int(meminfo["MemAvailable"].split()[0]) / 2**20
+    return 16 if free_gb > 17.5 else 12
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    """One 336x336 image and a 40-token prompt (a system part, the 576 image tokens, text)."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(2, 30000, (PROMPT,), generator=generator)
+    ids = torch.cat([text[:20], torch.full((576,), IMAGE_TOKEN), text[20:]])[None]
+    pixels = torch.randn(1, 3, 336, 336, generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+class Stopwatch:
+    """Forward hooks timing the vision tower and the language model inside each run."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.spent: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        for label, module in modules.items():
+            module.register_forward_pre_hook(lambda *_, k=label: self._start(k))
+            module.register_forward_hook(lambda *_, k=label: self._stop(k))
+
+    def _start(self, label: str) -> None:
+        self._started[label] = time.perf_counter()
+
+    def _stop(self, label: str) -> None:
+        self.spent[label] = self.spent.get(label, 0.0) + time.perf_counter() - self._started[label]
+
+    def run(self, forward: Callable[[], Any]) -> dict[str, float]:
+        """Seconds of `forward` in all ("total") and in each timed module."""
+        self.spent = {}
+        _, total = timed(forward, torch.device("cpu"))
+        return {"total": total, **self.spent}
+
+
+def first_token_runs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """generate(max_new_tokens=1): unpruned, ZOO exact, ZOO sketched (toggling the patch)."""
+
+    def first_token(method: dict[str, Any] | None) -> Callable[[], Any]:
+        def run() -> Any:
+            if tokcomp.is_patched(model):
+                tokcomp.remove(model)
+            if method is not None:
+                tokcomp.apply(model, "zoo", **method)
+            return model.generate(**batch, max_new_tokens=1, do_sample=False)
+
+        return run
+
+    return {
+        "unpruned": first_token(None),
+        "zoo exact": first_token({"keep": KEEP}),
+        "zoo sketch=256": first_token({"keep": KEEP, "sketch": 256}),
+    }
+
+
+def medians(
+    runs: dict[str, Callable[[], Any]], watch: Stopwatch, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Per run, the median seconds of each part, repeats interleaved after one warm-up each."""
+    for run in runs.values():
+        run()
+    parts: dict[str, list[dict[str, float]]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            parts[label].append(watch.run(run))
+    return {
+        label: {part: statistics.median(r[part] for r in rows) for part in rows[0]}
+        for label, rows in parts.items()
+    }
+
+
+def visual_tokens(model: nn.Module, pixels: torch.Tensor) -> VisualTokens:
+    """What ZOO-Prune sees for `pixels`: penultimate-layer features and projector outputs."""
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    features = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    chain = (projector.linear_1, projector.act, projector.linear_2)
+    return VisualTokens(projector(features), chain, features=features)
+
+
+def sketches(model: nn.Module, images: int) -> tuple[dict[str, float], list[tuple]]:
+    """ZOO-Prune's selection on `images` random images, exact and per sketch size: the median
+    seconds of each, and per sketch size the mean Spearman correlation of its sensitivities
+    with the exact ones, the mean overlap of the 64 most sensitive tokens and of the 64
+    selected tokens."""
+    generator = torch.Generator().manual_seed(1)
+    methods = {"exact": create_method("zoo", keep=KEEP)}
+    methods |= {f"sketch={size}": create_method("zoo", keep=KEEP, sketch=size) for size in SKETCHES}
+    seconds: dict[str, list[float]] = {label: [] for label in methods}
+    stats: dict[str, list[tuple[float, float, float]]] = {label: [] for label in methods}
+    for _ in range(images):
+        visual = visual_tokens(model, torch.randn(1, 3, 336, 336, generator=generator))
+        results = {}
+        for label, method in methods.items():
+            start = time.perf_counter()
+            scores = method.sensitivity(visual)
+            results[label] = (scores[0], method.choose(visual, scores, KEEP)[0])
+            seconds[label].append(time.perf_counter() - start)
+        reference, chosen = results.pop("exact")
+        for label, (scores, picked) in results.items():
+            top = _overlap(reference.topk(KEEP).indices, scores.topk(KEEP).indices)
+            stats[label].append((_spearman(reference, scores), top, _overlap(chosen, picked)))
+    agreement = [
+        (label, *(statistics.mean(column) for column in zip(*rows, strict=True)))
+        for label, rows in stats.items()
+        if rows
+    ]
+    return {label: statistics.median(values) for label, values in seconds.items()}, agreement
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = [x.argsort().argsort().double() for x in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return len(set(a.tolist()) & set(b.tolist())) / len(a)
+
+
+def greedy_runs(visual: VisualTokens) -> dict[str, Callable]:
+    """Greedy max-min at N=576, k=64: the reference loop and the dispatched op."""
+    dist = cosine_distances(visual.outputs)
+    weight, first = torch.rand(dist.shape[:2]), torch.zeros(1, dtype=torch.long)
+    return {
+        "max-min reference": lambda: greedy_maxmin_reference(dist, weight, first, KEEP),
+        f"max-min {tokcomp.backend()}": lambda: greedy_maxmin(dist, weight, first, KEEP),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: fit)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (1: on a shared 2-core machine the second core is busy elsewhere, "
+        "and the pruned prefill's short matmuls scale worse over two)",
+    )  # fmt: skip
+    parser.add_argument("--images", type=int, default=3, help="images for ZOO's cost and sketch")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    layers = args.layers or layers_that_fit()
+    print(f"LLaVA-1.5-shaped, random weights, fp32, {layers} decoder layers, {args.threads} "
+          f"threads, median of {args.repeats} after a warm-up", flush=True)  # fmt: skip
+    model, batch = build(layers), inputs()
+    inner = model.model
+    watch = Stopwatch({"tower": inner.vision_tower, "prefill": inner.language_model})
+    with torch.inference_mode():
+        times = medians(first_token_runs(model, batch), watch, args.repeats)
+        print(f"{'':16s} {'first token':>12s} {'vision tower':>13s} {'LLM prefill':>12s}")
+        for label, parts in times.items():
+            print(f"{label:16s} {parts['total'] * 1e3:10.0f} ms {parts['tower'] * 1e3:10.0f} ms "
+                  f"{parts['prefill'] * 1e3:10.0f} ms", flush=True)  # fmt: skip
+        costs, agreement = sketches(model, args.images)
+        visual = visual_tokens(model, batch["pixel_values"])
+        greedy = {label: statistics.median(timed(run, torch.device("cpu"))[1] for _ in range(5))
+                  for label, run in greedy_runs(visual).items()}  # fmt: skip
+    config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
+    base, exact = times["unpruned"], times["zoo exact"]
+    prefill, first = base["prefill"] / exact["prefill"], base["total"] / exact["total"]
+    sketched = base["total"] / times["zoo sketch=256"]["total"]
+    print(f"MACs (tower + projector + prefill): {config.base_macs / 1e12:.2f} T unpruned, "
+          f"{config.macs / 1e12:.2f} T at 64 visual tokens ({config.macs_ratio:.3f})")  # fmt: skip
+    print(f"LLM prefill speed-up at 64/576 visual tokens: {prefill:.2f}x (floor {PREFILL_FLOOR}x)")
+    print(f"time to first token speed-up, ZOO exact: {first:.2f}x (floor {TTFT_FLOOR}x); "
+          f"ZOO sketch=256: {sketched:.2f}x")  # fmt: skip
+    for label, seconds in costs.items():
+        print(f"ZOO {label:12s} selection {seconds * 1e3:8.0f} ms = "
+              f"{seconds / base['prefill']:.1%} of the unpruned LLM prefill")  # fmt: skip
+    (reference, slow), (dispatched, fast) = greedy.items()
+    print(f"greedy max-min N=576 k=64: {reference} {slow * 1e3:.2f} ms, {dispatched} "
+          f"{fast * 1e3:.2f} ms ({slow / fast:.1f}x)")  # fmt: skip
+    print(f"sketch agreement with the exact ZOO scores over {args.images} images:")
+    for label, spearman, top, chosen in agreement:
+        print(f"  {label:12s} Spearman {spearman:.3f}, top-64 overlap {top:.2f}, "
+              f"selected-64 overlap {chosen:.2f}")  # fmt: skip
+    return 0 if prefill >= PREFILL_FLOOR and first >= TTFT_FLOOR else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""VLM visual-token pruning on tiny random models of every supported family: exact at
+keep-everything, cached generation equal to re-running the pruned prompt without a cache,
+batch independence, positions, configs, MACs and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import transformers as hf
+from conftest import tiny_vit
+from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
+
+import tokcomp
+from tokcomp.methods.fastv import FastV
+
+STEPS = 4
+#: Per family: (images, text tokens) per sample of a 3-sample batch; the single-sample batch.
+LAYOUT = [(1, 5), (2, 3), (0, 7)]
+LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no pixel padding)
+SINGLE = [(1, 4)]
+#: Methods per family (visionzip needs the tower attention: LLaVA families only).
+LLAVA = {"llava", "llava_siglip", "llava_next"}
+VISUAL = ("random", "zoo", "divprune", "fastv", "visionzip")
+
+
+def _keep_all(method: str) -> dict:
+    return {"keep_ratio": 1.0} if method == "random" else {"keep": 1.0}
+
+
+def _pruning(method: str) -> dict:
+    return {"keep_ratio": 0.5} if method == "random" else {"keep": 0.4}
+
+
+def _cases() -> list[tuple[str, str]]:
+    return [(f, m) for f in FAMILIES for m in VISUAL if m != "visionzip" or f in LLAVA]
+
+
+@functools.cache
+def _built(family: str) -> torch.nn.Module:
+    return tiny_vlm(family)
+
+
+def _model(family: str) -> torch.nn.Module:
+    return copy.deepcopy(_built(family))
+
+
+def _inputs(model, family: str, layout=None):
+    layout = layout or (LAYOUT_NEXT if family == "llava_next" else LAYOUT)
+    return batch_inputs(model, family, layout, seed=3)
+
+
+def _generate(model, batch: dict, steps: int = STEPS, **options) -> torch.Tensor:
+    """Greedy new tokens (never the image placeholder token)."""
+    options = {"do_sample": False, **options}
+    out = model.generate(**batch, max_new_tokens=steps, suppress_tokens=[IMAGE], pad_token_id=PAD,
+                         **options)  # fmt: skip
+    return out[:, batch["input_ids"].shape[1] :]
+
+
+def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> torch.Tensor:
+    """Greedy decoding by re-running the whole (pruned) prompt plus the tokens so far without
+    a cache, with the positions generate would give."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    new = []
+    for _ in range(steps):
+        if "mm_token_type_ids" in extra:
+            extra["mm_token_type_ids"] = torch.cat(
+                [batch["mm_token_type_ids"], ids.new_zeros(ids.shape[0], len(new))], dim=1
+            ).int()
+        positions = None
+        if FAMILIES[family].kind != "qwen":
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       **extra).logits[:, -1]  # fmt: skip
+        logits[:, IMAGE] = -torch.inf
+        token = logits.argmax(dim=-1, keepdim=True)
+        new.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return torch.cat(new, dim=1)
+
+
+def _fixed_fastv(**options) -> FastV:
+    """FastV whose choice does not depend on the query (the last visual tokens of each image):
+    re-running without a cache then makes the same choice as the cached prefill."""
+
+    class FixedFastV(FastV):
+        def select(self, visual, keep):
+            index = torch.arange(visual.tokens - keep, visual.tokens, device=visual.outputs.device)
+            return index.expand(visual.batch, -1)
+
+    return FixedFastV(**options)
+
+
+# -- exactness at keep-everything -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["single", "batch"])
+@pytest.mark.parametrize(("family", "method"), _cases())
+@torch.no_grad()
+def test_keep_everything_reproduces_greedy_generate(family, method, layout):
+    model = _model(family)
+    batch, _ = _inputs(model, family, SINGLE if layout == "single" else None)
+    expected = _generate(model, batch)
+    tokcomp.apply(model, method, **_keep_all(method))
+    assert tokcomp.config_of(model).macs_ratio == 1.0
+    assert torch.equal(_generate(model, batch), expected)
+    tokcomp.remove(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(_generate(model, batch), expected)
+
+
+# -- pruned generation --------------------------------------------------------------------------
+
+
+def _pruned(model, family: str, method: str, positions: str):
+    if method == "fastv":
+        return tokcomp.apply(model, _fixed_fastv(keep=0.4, positions=positions))
+    options = _pruning(method)
+    if method != "random":
+        options["positions"] = positions
+    return tokcomp.apply(model, method, **options)
+
+
+def _position_cases() -> list[tuple[str, str, str]]:
+    """Every family and method with each position option it has (random always renumbers)."""
+    return [
+        (family, method, positions)
+        for family, method in _cases()
+        for positions in ("keep", "renumber")
+        if method != "random" or positions == "renumber"
+    ]
+
+
+@pytest.mark.parametrize(("family", "method", "positions"), _position_cases())
+@torch.no_grad()
+def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, positions):
+    model = _pruned(_model(family), family, method, positions)
+    assert tokcomp.config_of(model).macs_ratio < 1.0
+    batch, _ = _inputs(model, family)
+    assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
+
+
+@pytest.mark.parametrize(("family", "method"), _cases())
+@torch.no_grad()
+def test_each_sample_gets_what_it_gets_alone(family, method):
+    model = tokcomp.apply(_model(family), method, **_pruning(method))
+    batch, alone = _inputs(model, family)
+    together = _generate(model, batch)
+    for row, inputs in enumerate(alone):
+        assert torch.equal(together[row], _generate(model, inputs)[0]), f"sample {row}"
+
+
+# -- FastV's attention scores -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@torch.no_grad()
+def test_fastv_scores_equal_the_eager_attention_weights(family):
+    from tokcomp.adapters.vlm_sequence import Stage, attention_received
+
+    model = _model(family)
+    language = model.model.language_model
+    hidden = torch.randn(2, 9, language.config.hidden_size)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    rope = positions[None].expand(3, -1, -1) if family == "qwen2_vl" else positions
+    language.config._attn_implementation = "eager"
+    weights = language(inputs_embeds=hidden, attention_mask=mask, position_ids=rope,
+                       output_attentions=True).attentions[0]  # fmt: skip
+    queries = torch.zeros_like(mask, dtype=torch.bool)
+    queries[:, -1] = True
+    stage = Stage(0, 0, mask, rope, None)
+    scores = attention_received(language.layers[0], hidden, stage, language, queries)
+    torch.testing.assert_close(scores, weights[:, :, -1].mean(dim=1), rtol=1e-4, atol=1e-6)
+    text = mask.bool()
+    scores = attention_received(language.layers[0], hidden, stage, language, text)
+    expected = (weights.mean(dim=1) * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+# -- vision-transformer methods in the LLaVA tower ------------------------------------------
+
+
+@torch.no_grad()
+def test_vit_methods_act_inside_the_llava_vision_tower():
+    model = _model("llava")
+    batch, _ = _inputs(model, "llava")
+    expected = _generate(model, batch)
+    tokcomp.apply(model, "tome", r=0)
+    assert torch.equal(_generate(model, batch), expected)
+    tokcomp.apply(model, "tome", r=4)
+    config = tokcomp.config_of(model)
+    assert config.schedule == [17 - 4, 17 - 8, 17 - 12] and config.macs_ratio < 0.9
+    assert "forward" in model.model.vision_tower.__dict__
+    assert torch.equal(_generate(model, batch), _uncached_reference(model, "llava", batch))
+    tokcomp.remove(model)
+    assert "forward" not in model.model.vision_tower.__dict__
+    assert torch.equal(_generate(model, batch), expected)
+
+
+def test_vit_methods_are_refused_where_the_tower_cannot_be_compressed():
+    with pytest.raises(ValueError, match=r"vision tower of LLaVA-1\.5 only"):
+        tokcomp.apply(_model("qwen2_vl"), "tome", r=2)
+
+
+# -- configs, MACs ----------------------------------------------------------------------------
+
+
+ROUND_TRIPS = {
+    "zoo": ("llava", {"keep": 5, "positions": "keep", "sketch": 8}),
+    "random": ("qwen2_5_vl", {"keep_ratio": 0.5, "seed": 3}),
+    "fastv": ("idefics3", {"keep": 3, "layer": 1, "query": "text"}),
+    "visionzip": ("llava_next", {"keep": 0.3}),
+    "tome": ("llava", {"r": 3}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ROUND_TRIPS))
+@torch.no_grad()
+def test_config_round_trips_and_reapplies(method, tmp_path):
+    family, options = ROUND_TRIPS[method]
+    model = tokcomp.apply(_model(family), method, **options)
+    config = tokcomp.config_of(model)
+    assert config.method == method and config.options == options
+    assert config.model["architecture"] == type(model).__name__
+    batch, _ = _inputs(model, family)
+    for suffix in (".json", ".yaml"):
+        path = config.save(tmp_path / f"{method}{suffix}")
+        assert tokcomp.Config.load(path) == config
+        other = tokcomp.apply(_model(family), path)
+        assert tokcomp.config_of(other) == config
+        assert torch.equal(_generate(other, batch), _generate(model, batch))
+
+
+def test_a_config_refuses_another_architecture(tmp_path):
+    path = tokcomp.config_of(tokcomp.apply(_model("llava"), "zoo", keep=5)).save(
+        tmp_path / "c.json"
+    )
+    with pytest.raises(tokcomp.ConfigError, match="made for"):
+        tokcomp.apply(_model("llava_siglip"), path)
+    with pytest.raises(tokcomp.ConfigError, match="architecture"):
+        tokcomp.apply(_model("llava_next"), path)
+
+
+def test_macs_count_tower_projector_and_prefill_by_hand():
+    model = tokcomp.apply(_model("llava"), "divprune", keep=4)
+    spec = tokcomp.config_of(model).model
+    text = model.config.text_config
+    width, ff, heads, kv, head = (text.hidden_size, text.intermediate_size,
+                                  text.num_attention_heads, text.num_key_value_heads,
+                                  text.hidden_size // text.num_attention_heads)  # fmt: skip
+    per_token = width * (2 * heads * head + 2 * kv * head) + 3 * width * ff
+    assert spec["llm_token_macs"] == per_token and spec["llm_attn_dim"] == heads * head
+
+    def prefill(visual: int) -> int:
+        n = 40 + visual
+        return text.num_hidden_layers * (n * per_token + 2 * n * n * heads * head)
+
+    config = tokcomp.config_of(model)
+    assert config.base_macs - config.macs == prefill(16) - prefill(4)
+    vision = model.config.vision_config
+    tower = 17 * (4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size)
+    tower = vision.num_hidden_layers * (tower + 2 * 17 * 17 * vision.hidden_size)
+    stem = 16 * vision.hidden_size * 3 * vision.patch_size**2
+    projector = 16 * (vision.hidden_size * width + width * width)
+    assert config.base_macs == stem + tower + projector + prefill(16) + width * text.vocab_size
+
+
+def test_fastv_schedule_prunes_after_layer_k_and_target_macs_picks_a_budget():
+    model = tokcomp.apply(_model("llava"), "fastv", keep=4, layer=1)
+    assert tokcomp.config_of(model).schedule[-3:] == [16, 4, 4]
+    tokcomp.apply(model, "zoo", target_macs=0.9)
+    config = tokcomp.config_of(model)
+    assert abs(config.macs_ratio - 0.9) < 0.05 and isinstance(config.options["keep"], int)
+
+
+# -- generation variants, re-entrancy ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm"])
+@torch.no_grad()
+def test_sampling_runs_with_sdpa_kept(family):
+    model = tokcomp.apply(_model(family), "zoo", keep=0.5)
+    batch, _ = _inputs(model, family)
+    torch.manual_seed(0)
+    first = _generate(model, batch, do_sample=True, top_k=5)
+    torch.manual_seed(0)
+    assert torch.equal(first, _generate(model, batch, do_sample=True, top_k=5))
+    assert first.shape == (3, STEPS)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def _manual_greedy(model, batch: dict, steps: int = STEPS) -> torch.Tensor:
+    """Greedy decoding by hand through the cache, never passing position ids (the model's own
+    numbering: Qwen's RoPE deltas, LLaMA's cache length)."""
+    out = model(**batch, use_cache=True)
+    mask, tokens = batch["attention_mask"], []
+    for _ in range(steps):
+        logits = out.logits[:, -1]
+        logits[:, IMAGE] = -torch.inf
+        tokens.append(logits.argmax(-1, keepdim=True))
+        mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+        out = model(input_ids=tokens[-1], attention_mask=mask, cache=out.cache)
+    return torch.cat(tokens, dim=1)
+
+
+@torch.no_grad()
+def test_decoding_without_position_ids_continues_llama_numbering():
+    model = _model("llava")
+    batch, _ = _inputs(model, "llava", [(1, 6), (1, 2)])
+    expected = _manual_greedy(model, batch)
+    tokcomp.apply(model, "divprune", keep=1.0)
+    assert torch.equal(_manual_greedy(model, batch), expected)
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@torch.no_grad()
+def test_decoding_without_position_ids_continues_multimodal_rope(family, positions):
+    """Without position ids a Qwen decode step takes the prompt's RoPE delta (as generate's
+    position ids do); the unpatched model cannot decode this way with a 2-D mask."""
+    model = _model(family)
+    batch, _ = _inputs(model, family, [(1, 6), (1, 2)])
+    expected = _generate(model, batch)
+    tokcomp.apply(model, "divprune", keep=1.0, positions=positions)
+    assert torch.equal(_manual_greedy(model, batch), expected)
+    tokcomp.apply(model, "zoo", keep=0.5, positions=positions)
+    assert torch.equal(_manual_greedy(model, batch), _generate(model, batch))
+
+
+@torch.no_grad()
+def test_a_deep_copy_of_a_patched_model_is_patched_alike():
+    model = tokcomp.apply(_model("llava_next"), "zoo", keep=0.3)
+    other = copy.deepcopy(model)
+    batch, _ = _inputs(model, "llava_next")
+    assert torch.equal(_generate(other, batch), _generate(model, batch))
+    tokcomp.remove(model)
+    assert tokcomp.config_of(other).method == "zoo"
+
+
+@torch.no_grad()
+def test_two_generations_interleaved_do_not_interfere():
+    model = tokcomp.apply(_model("llava"), "divprune", keep=0.3)
+    first, _ = _inputs(model, "llava", [(1, 4)])
+    second, _ = _inputs(model, "llava", [(2, 6), (1, 2)])
+    expected = [_generate(model, first), _generate(model, second)]
+    states = []
+    for batch in (first, second):
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+        out = model(**batch, position_ids=positions, use_cache=True)
+        states.append((batch, out.cache, [out.logits[:, -1].argmax(-1, keepdim=True)]))
+    for _ in range(STEPS - 1):
+        for batch, cache, tokens in states:
+            length = batch["input_ids"].shape[1] + len(tokens)
+            mask = torch.cat([batch["attention_mask"], torch.ones(len(tokens[0]), len(tokens))], 1)
+            positions = mask.long().cumsum(-1)[:, -1:] - 1
+            out = model(
+                input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=cache
+            )
+            logits = out.logits[:, -1]
+            logits[:, IMAGE] = -torch.inf
+            tokens.append(logits.argmax(-1, keepdim=True))
+            assert mask.shape[1] == length
+    for (_, _, tokens), wanted in zip(states, expected, strict=True):
+        assert torch.equal(torch.cat(tokens, dim=1), wanted)
+
+
+# -- clear errors -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_a_budget_larger_than_the_visual_tokens_is_refused():
+    with pytest.raises(ValueError, match="more than the 16 visual tokens"):
+        tokcomp.apply(_model("llava"), "zoo", keep=17)
+    model = tokcomp.apply(_model("qwen2_vl"), "divprune", keep=7)
+    batch, _ = _inputs(model, "qwen2_vl")
+    with pytest.raises(ValueError, match="keep=7 is more than the 6 visual tokens"):
+        model(**batch)
+
+
+def test_unsupported_models_name_what_is_supported():
+    with pytest.raises(tokcomp.UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        tokcomp.apply(hf.LlavaModel(_built("llava").config), "zoo", keep=2)
+    with pytest.raises(ValueError, match="visionzip needs the vision tower's attention"):
+        tokcomp.apply(_model("qwen2_vl"), "visionzip", keep=2)
+    with pytest.raises(ValueError, match="prunes the visual tokens of a vision-language model"):
+        tokcomp.apply(tiny_vit("vit"), "fastv")
+
+
+@torch.no_grad()
+def test_fastv_names_the_switch_when_the_attention_cannot_be_masked():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("tokcomp_test_kernel", sdpa_attention_forward)
+    model = tokcomp.apply(_model("llava"), "fastv", keep=0.5)
+    batch, _ = _inputs(model, "llava")
+    model.set_attn_implementation("tokcomp_test_kernel")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        model(**batch)

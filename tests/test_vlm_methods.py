@@ -1,0 +1,242 @@
+"""The visual-token methods and the greedy max-min op on hand-checkable inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tokcomp
+from tokcomp.adapters.vlm_sequence import Images, Segment, _budget_shares
+from tokcomp.methods import create_method
+from tokcomp.methods.divprune import farthest_from_neighbours
+from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
+from tokcomp.methods.zoo import minmax, unit_directions
+from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
+
+
+def _visual(outputs: torch.Tensor, projector=(), **signals) -> VisualTokens:
+    return VisualTokens(outputs, tuple(projector), **signals)
+
+
+# -- greedy max-min -------------------------------------------------------------------------
+
+
+def _brute_force_maxmin(points: list[list[float]], weights: list[float], first: int, k: int):
+    """Greedy max-min picks with plain Python arithmetic, every candidate checked."""
+
+    def distance(a, b):
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+        return 1 - dot / norms
+
+    picks = [first]
+    while len(picks) < k:
+        scores = {
+            j: min(distance(points[i], points[j]) for i in picks) * weights[j]
+            for j in range(len(points))
+            if j not in picks
+        }
+        best = max(scores.values())
+        picks.append(min(j for j, s in scores.items() if s == best))
+    return picks
+
+
+def test_greedy_maxmin_matches_brute_force_and_the_reference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 5, dtype=torch.float64)
+    weight = torch.rand(3, 12, dtype=torch.float64)
+    first = torch.tensor([0, 5, 11])
+    dist = cosine_distances(x)
+    picks = greedy_maxmin(dist, weight, first, 7)
+    assert torch.equal(picks, greedy_maxmin_reference(dist.float(), weight.float(), first, 7))
+    for b in range(3):
+        expected = _brute_force_maxmin(x[b].tolist(), weight[b].tolist(), int(first[b]), 7)
+        assert picks[b].tolist() == expected
+
+
+def test_greedy_maxmin_ties_go_to_the_lowest_index_and_picks_never_repeat():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]]])
+    dist = cosine_distances(x)
+    picks = greedy_maxmin(dist, torch.ones(1, 5), torch.tensor([0]), 5)
+    assert picks.tolist() == [[0, 4, 2, 1, 3]]
+    zero = greedy_maxmin(dist, torch.zeros(1, 5), torch.tensor([3]), 5)
+    assert zero.tolist() == [[3, 0, 1, 2, 4]]
+    assert torch.equal(greedy_maxmin_reference(dist, torch.zeros(1, 5), torch.tensor([3]), 5), zero)
+
+
+def test_greedy_maxmin_fast_form_equals_reference_on_many_inputs():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x = torch.randint(-2, 3, (2, 30, 4), generator=generator).float() + 0.01  # many ties
+        weight = torch.randint(0, 3, (2, 30), generator=generator).float() / 2
+        first = torch.randint(0, 30, (2,), generator=generator)
+        dist = cosine_distances(x)
+        assert torch.equal(greedy_maxmin(dist, weight, first, 17),
+                           greedy_maxmin_reference(dist, weight, first, 17))  # fmt: skip
+
+
+def test_greedy_maxmin_refuses_bad_inputs():
+    dist = torch.zeros(1, 4, 4)
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.4"):
+        greedy_maxmin(dist, torch.ones(1, 4), torch.tensor([0]), 5)
+    with pytest.raises(ValueError, match=">= 0"):
+        greedy_maxmin(dist, -torch.ones(1, 4), torch.tensor([0]), 2)
+
+
+# -- DivPrune -----------------------------------------------------------------------------------
+
+
+def test_divprune_first_pick_is_farthest_from_its_nearest_neighbour_then_max_min():
+    outputs = torch.tensor([[[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99], [-1.0, 0.05]]])
+    dist = cosine_distances(outputs)
+    assert farthest_from_neighbours(dist).tolist() == [4]
+    picks = create_method("divprune", keep=3).select(_visual(outputs), 3)
+    expected = sorted(_brute_force_maxmin(outputs[0].tolist(), [1.0] * 5, 4, 3))
+    assert picks.tolist() == [expected]
+
+
+# -- ZOO-Prune ----------------------------------------------------------------------------------
+
+
+def test_zoo_sensitivity_of_a_linear_projector_is_mean_norm_of_w_u():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    zoo = create_method("zoo", directions=16, seed=3)
+    features = torch.randn(2, 5, 6)
+    u = unit_directions(16, 6, 3, torch.device("cpu"))
+    expected = (u @ linear.weight.detach().T).norm(dim=-1).mean()
+    visual = _visual(linear(features).detach(), [linear], features=features)
+    torch.testing.assert_close(zoo.sensitivity(visual), expected.expand(2, 5))
+    general = _visual(linear(features).detach(), [linear, nn.Identity()], features=features)
+    torch.testing.assert_close(zoo.sensitivity(general), expected.expand(2, 5), rtol=1e-4, atol=0)
+    assert torch.equal(minmax(zoo.sensitivity(visual)), torch.ones(2, 5))
+
+
+def _relu_projector() -> tuple[nn.Linear, nn.ReLU, nn.Linear]:
+    first, second = nn.Linear(4, 4), nn.Linear(4, 3)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(4))
+        first.bias.zero_()
+        second.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 3.0, 4.0]]))
+        second.bias.fill_(0.5)
+    return first, nn.ReLU(), second
+
+
+@torch.no_grad()
+def test_zoo_ranks_tokens_by_their_jacobian_norms_computed_by_hand():
+    """Away from ReLU's kink the central difference is exact: the Jacobian of token i is
+    W2 diag(active_i) W1, so S_i = mean_j ||W2 diag(active_i) u_j||."""
+    first, relu, second = _relu_projector()
+    active = torch.tensor([[1.0, 1, 1, 1], [0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    features = (active * 2 - 1)[None] * 5.0
+    zoo = create_method("zoo", directions=32, seed=1)
+    u = unit_directions(32, 4, 1, torch.device("cpu"))
+    by_hand = torch.stack([(u * a) @ second.weight.T for a in active]).norm(dim=-1).mean(dim=1)
+    visual = _visual(second(relu(first(features))), [first, relu, second], features=features)
+    sensitivity = zoo.sensitivity(visual)[0]
+    torch.testing.assert_close(sensitivity, by_hand, rtol=1e-4, atol=1e-5)
+    assert sensitivity.argsort(descending=True).tolist() == [0, 1, 4, 2, 3]
+    assert zoo.select(visual, 1).tolist() == [[0]]
+    assert create_method("zoo", sketch=3).sensitivity(visual).shape == (1, 5)
+
+
+@torch.no_grad()
+def test_zoo_selection_weights_distance_by_normalised_sensitivity():
+    first, relu, second = _relu_projector()
+    active = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
+    features = (active * 2 - 1)[None] * 5.0
+    visual = _visual(second(relu(first(features))), [first, relu, second], features=features)
+    zoo = create_method("zoo", directions=32, seed=1)
+    weight = minmax(zoo.sensitivity(visual))
+    dist = cosine_distances(visual.outputs)
+    picks = [int(weight.argmax())]
+    while len(picks) < 3:
+        score = dist[0][picks].amin(dim=0) * weight[0]
+        score[picks] = -torch.inf
+        picks.append(int(score.argmax()))
+    assert zoo.select(visual, 3).tolist() == [sorted(picks)]
+
+
+def test_zoo_sketch_approximates_the_exact_scores():
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 64), nn.Linear(64, 256)
+    features = torch.randn(1, 40, 16)
+    with torch.no_grad():
+        visual = _visual(second(nn.functional.gelu(first(features))), [first, nn.GELU(), second],
+                         features=features)  # fmt: skip
+        exact = create_method("zoo").sensitivity(visual)
+        sketched = create_method("zoo", sketch=128).sensitivity(visual)
+    torch.testing.assert_close(sketched, exact, rtol=0.2, atol=0)
+
+
+# -- VisionZip, FastV, random -----------------------------------------------------------------
+
+
+def test_visionzip_splits_64_into_54_dominant_and_10_contextual():
+    zip_ = create_method("visionzip")
+    assert zip_.split(64) == (54, 10)
+    assert zip_.split(1) == (1, 0)
+
+
+def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_targets():
+    """Dominant: 1 and 3 (most attention). The rest, in order, is [0, 2, 4, 5, 6, 7]; stride 3
+    makes 0 and 5 the targets; by key direction 2 and 7 join 0, 4 and 6 join 5. A contextual
+    token is its target's features plus the mean of its joiners' (identity projector)."""
+    features = torch.arange(8.0)[None, :, None].repeat(1, 1, 2)
+    attention = torch.tensor([[0.1, 0.9, 0.0, 0.8, 0.2, 0.3, 0.0, 0.1]])
+    keys = torch.tensor([[[1.0, 0], [0, 1], [1, 0.1], [0, 1], [0.1, 1], [0, 1], [0.2, 1], [1, 0]]])
+    visual = _visual(features * 10, [], features=features, attention=attention, keys=keys)
+    selection = create_method("visionzip", keep=4, contextual=0.5).select(visual, 4)
+    assert isinstance(selection, Selection)
+    assert selection.index.tolist() == [[0, 1, 3, 5]]
+    expected = [[0 + 4.5] * 2, [10.0] * 2, [30.0] * 2, [5 + 5.0] * 2]
+    torch.testing.assert_close(selection.outputs[0], torch.tensor(expected))
+
+
+def test_fastv_keeps_the_most_attended_tokens_lowest_index_on_ties():
+    attention = torch.tensor([[0.1, 0.5, 0.5, 0.0, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    picks = create_method("fastv").select(_visual(torch.zeros(2, 5, 1), attention=attention), 2)
+    assert picks.tolist() == [[1, 2], [0, 1]]
+
+
+def test_random_select_is_seeded_and_the_same_for_every_image():
+    method = create_method("random", seed=4)
+    picks = method.select(_visual(torch.zeros(3, 10, 1)), 4)
+    assert picks.shape == (3, 4) and torch.equal(picks[0], picks[2])
+    assert torch.equal(picks, method.select(_visual(torch.zeros(3, 10, 1)), 4))
+    assert picks[0].tolist() == sorted(set(picks[0].tolist()))
+
+
+# -- budgets ------------------------------------------------------------------------------------
+
+
+def test_visual_budget_fractions_counts_and_the_error_for_too_many():
+    assert visual_budget("zoo", 64, 576) == 64
+    assert visual_budget("zoo", 0.111, 576) == 64
+    assert visual_budget("zoo", 1e-6, 576) == 1
+    with pytest.raises(ValueError, match="keep=600 is more than the 576 visual tokens"):
+        visual_budget("zoo", 600, 576)
+    with pytest.raises(ValueError, match="keep must be"):
+        create_method("zoo", keep=0)
+
+
+def test_crop_budgets_split_evenly_and_what_a_full_crop_cannot_take_goes_elsewhere():
+    sizes = [16, 4, 12, 12]
+    segments = [Segment(0, torch.arange(n), _visual(torch.zeros(1, n, 1))) for n in sizes]
+    images = Images([torch.zeros(44, 1)], segments)
+    method = create_method("divprune")
+    assert _budget_shares(method, images, 40) == [12, 4, 12, 12]
+    assert _budget_shares(method, images, 10) == [2, 3, 3, 2]
+    assert sum(_budget_shares(method, images, 0.5)) == 22
+
+
+def test_vlm_methods_refuse_vision_encoders_with_what_to_use():
+    from conftest import tiny_vit
+
+    with pytest.raises(ValueError, match="prunes the visual tokens of a vision-language model"):
+        tokcomp.apply(tiny_vit("vit"), "zoo", keep=8)
+    assert "zoo" not in tokcomp.methods("vision") and "zoo" in tokcomp.methods("vlm")
+    assert "random" in tokcomp.methods("vision") and "random" in tokcomp.methods("vlm")

@@ -1,0 +1,292 @@
+"""Tiny randomly initialised Hugging Face VLMs of every family tokcomp supports, and batched
+inputs for them (left-padded prompts of different lengths, different numbers of images per
+sample). Shared by the VLM tests and the VQA harness; no network, no processor files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import transformers as hf
+from torch import nn
+
+VOCAB = 128
+PAD, BOS = 0, 1
+IMAGE, VISION_START, VISION_END, FAKE_AROUND = 127, 126, 125, 124
+#: Ordinary text tokens are drawn from [TEXT_LOW, TEXT_HIGH).
+TEXT_LOW, TEXT_HIGH = 2, 120
+
+_TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+             pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)  # fmt: skip
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
+
+def _llava() -> nn.Module:
+    config = hf.LlavaConfig(
+        vision_config=hf.CLIPVisionConfig(**_VISION, image_size=32, patch_size=8),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_index=IMAGE,
+        image_seq_length=16,
+    )
+    return hf.LlavaForConditionalGeneration(config)
+
+
+def _llava_siglip() -> nn.Module:
+    config = hf.LlavaConfig(
+        vision_config=hf.SiglipVisionConfig(**_VISION, image_size=32, patch_size=8),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_index=IMAGE,
+        image_seq_length=16,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    return hf.LlavaForConditionalGeneration(config)
+
+
+def _llava_next() -> nn.Module:
+    config = hf.LlavaNextConfig(
+        vision_config=hf.CLIPVisionConfig(**_VISION, image_size=32, patch_size=8),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_index=IMAGE,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        image_seq_length=16,
+    )
+    return hf.LlavaNextForConditionalGeneration(config)
+
+
+def _qwen_text() -> dict:
+    text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 2, 2]})  # fmt: skip
+    return text
+
+
+def _qwen2_vl() -> nn.Module:
+    vision = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    config = hf.Qwen2VLConfig(
+        text_config=_qwen_text(), vision_config=vision, image_token_id=IMAGE,
+        video_token_id=FAKE_AROUND, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    return hf.Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen2_5_vl() -> nn.Module:
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=48, num_heads=2,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                  fullatt_block_indexes=[1])  # fmt: skip
+    config = hf.Qwen2_5_VLConfig(
+        text_config=_qwen_text(), vision_config=vision, image_token_id=IMAGE,
+        video_token_id=FAKE_AROUND, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    return hf.Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _idefics3() -> nn.Module:
+    config = hf.Idefics3Config(
+        vision_config=dict(_VISION, image_size=32, patch_size=4),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_id=IMAGE,
+        scale_factor=2,
+    )
+    return hf.Idefics3ForConditionalGeneration(config)
+
+
+def _smolvlm() -> nn.Module:
+    config = hf.SmolVLMConfig(
+        vision_config=dict(_VISION, image_size=32, patch_size=4),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_id=IMAGE,
+        scale_factor=2,
+    )
+    return hf.SmolVLMForConditionalGeneration(config)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build a tiny model of one family and its per-image inputs."""
+
+    build: Callable[[], nn.Module]
+    kind: str  # "llava", "llava_next", "qwen" or "idefics"
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(_llava, "llava"),
+    "llava_siglip": Family(_llava_siglip, "llava"),
+    "llava_next": Family(_llava_next, "llava_next"),
+    "qwen2_vl": Family(_qwen2_vl, "qwen"),
+    "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
+    "idefics3": Family(_idefics3, "idefics"),
+    "smolvlm": Family(_smolvlm, "idefics"),
+}
+
+
+def tiny_vlm(family: str, seed: int = 0) -> nn.Module:
+    """A tiny randomly initialised VLM of `family` in eval mode (sdpa attention). Weights are
+    spread so attention and similarities are informative (no near-ties in generation)."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family].build().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 and "embed" not in name:
+                param.normal_(0, 0.9 / param.shape[1] ** 0.5)
+            elif "embed_tokens" in name or "image_newline" in name:
+                param.normal_(0, 1.0)
+    return model
+
+
+@dataclass
+class Sample:
+    """One prompt: its token ids and the tensors of its images, in the family's layout."""
+
+    input_ids: torch.Tensor  # (L,)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    images_count: int = 0
+
+
+def sample(model: nn.Module, family: str, images: int, text: int, seed: int) -> Sample:
+    """A prompt with `images` images (each followed by a few text tokens) and `text` tokens
+    after the last image; image sizes vary with the seed where the family allows it."""
+    generator = torch.Generator().manual_seed(seed)
+    kind = FAMILIES[family].kind
+    blocks, tensors = [], []
+    for index in range(images):
+        pixels, tokens, extra = _image(model, kind, generator, index)
+        blocks.append((_text(generator, 2 + index), tokens))
+        tensors.append((pixels, extra))
+    ids = [torch.tensor([BOS])]
+    for prefix, tokens in blocks:
+        ids += [prefix, tokens]
+    ids.append(_text(generator, text))
+    return Sample(torch.cat(ids), _stack_images(kind, tensors), images)
+
+
+def _text(generator: torch.Generator, length: int) -> torch.Tensor:
+    return torch.randint(TEXT_LOW, TEXT_HIGH, (length,), generator=generator)
+
+
+def _image(
+    model: nn.Module, kind: str, generator: torch.Generator, index: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One image: its pixel tensor, its placeholder tokens, and per-image extras."""
+    if kind == "llava":
+        size = model.config.vision_config.image_size
+        pixels = torch.randn(3, size, size, generator=generator)
+        return pixels, torch.full((model.config.image_seq_length,), IMAGE), {}
+    if kind == "llava_next":
+        return _next_image(model, generator, index)
+    if kind == "qwen":
+        return _qwen_image(model, generator, index)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(3, size, size, generator=generator)
+    per_image = model.model.image_seq_len
+    tokens = torch.cat([torch.tensor([FAKE_AROUND]), torch.full((per_image,), IMAGE),
+                        torch.tensor([FAKE_AROUND])])  # fmt: skip
+    return pixels, tokens, {}
+
+
+def _next_image(
+    model: nn.Module, generator: torch.Generator, index: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """An anyres image (its crops) of a size chosen by `index`; the placeholder count comes
+    from the model's own packing."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    size = [(40, 60), (64, 30), (32, 32)][index % 3]
+    crops = image_size_to_num_patches(size, config.image_grid_pinpoints,
+                                      config.vision_config.image_size)  # fmt: skip
+    side = config.vision_config.image_size
+    pixels = torch.randn(crops, 3, side, side, generator=generator)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels[None], torch.tensor([size])).pooler_output
+    count = features[0].shape[0]
+    return pixels, torch.full((count,), IMAGE), {"image_sizes": torch.tensor(size)}
+
+
+def _qwen_image(
+    model: nn.Module, generator: torch.Generator, index: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    vision = model.config.vision_config
+    grid = [(1, 4, 6), (1, 6, 4), (1, 4, 4)][index % 3]
+    patches = grid[0] * grid[1] * grid[2]
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(patches, width, generator=generator)
+    count = patches // vision.spatial_merge_size**2
+    tokens = torch.cat([torch.tensor([VISION_START]), torch.full((count,), IMAGE),
+                        torch.tensor([VISION_END])])  # fmt: skip
+    return pixels, tokens, {"image_grid_thw": torch.tensor(grid)}
+
+
+def _stack_images(
+    kind: str, tensors: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+) -> dict[str, torch.Tensor]:
+    if not tensors:
+        return {}
+    extras = {name: torch.stack([extra[name] for _, extra in tensors]) for name in tensors[0][1]}
+    pixels = [pixels for pixels, _ in tensors]
+    if kind == "qwen":
+        return {"pixel_values": torch.cat(pixels), **extras}
+    if kind == "llava_next":
+        crops = max(p.shape[0] for p in pixels)
+        padded = [torch.cat([p, p.new_zeros(crops - p.shape[0], *p.shape[1:])]) for p in pixels]
+        return {"pixel_values": torch.stack(padded), **extras}
+    return {"pixel_values": torch.stack(pixels), **extras}
+
+
+def collate(family: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Batch `samples`: left-padded input_ids and attention_mask, the images of all samples in
+    the family's layout (Idefics3/SmolVLM: padded per sample with all-zero images)."""
+    kind = FAMILIES[family].kind
+    length = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), length), PAD)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for row, s in enumerate(samples):
+        ids[row, length - len(s.input_ids) :] = s.input_ids
+        mask[row, length - len(s.input_ids) :] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with_images = [s for s in samples if s.images_count]
+    if kind == "idefics":
+        batch.update(_idefics_pixels(samples))
+    elif with_images:
+        batch.update(_concat_images(kind, with_images))
+    if kind == "qwen":
+        batch["mm_token_type_ids"] = (ids == IMAGE).int()
+    return batch
+
+
+def _concat_images(kind: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    names = samples[0].images.keys()
+    if kind != "llava_next":
+        return {name: torch.cat([s.images[name] for s in samples]) for name in names}
+    crops = max(s.images["pixel_values"].shape[1] for s in samples)
+    pixels = []
+    for s in samples:
+        p = s.images["pixel_values"]
+        pixels.append(torch.cat([p, p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])], 1))
+    return {"pixel_values": torch.cat(pixels), "image_sizes": torch.cat(
+        [s.images["image_sizes"] for s in samples])}  # fmt: skip
+
+
+def _idefics_pixels(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """(B, max images, 3, H, W) with all-zero padding images, as the Idefics3 processor makes."""
+    most = max(s.images_count for s in samples)
+    if most == 0:
+        return {}
+    shape = next(s.images["pixel_values"].shape[1:] for s in samples if s.images_count)
+    pixels = torch.zeros(len(samples), most, *shape)
+    for row, s in enumerate(samples):
+        if s.images_count:
+            pixels[row, : s.images_count] = s.images["pixel_values"]
+    return {"pixel_values": pixels}
+
+
+def batch_inputs(
+    model: nn.Module, family: str, layout: list[tuple[int, int]], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A batch of prompts with (images, text tokens) per sample, and each sample alone."""
+    samples = [sample(model, family, n, t, seed + 7 * i) for i, (n, t) in enumerate(layout)]
+    return collate(family, samples), [collate(family, [s]) for s in samples]

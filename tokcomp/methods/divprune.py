@@ -1,0 +1,35 @@
+"""DivPrune: keep the most diverse visual tokens (Alvar et al., CVPR 2025; METHODS.md 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokcomp.methods.registry import register
+from tokcomp.methods.visual import VisualMethod, VisualSignal, VisualTokens
+from tokcomp.ops import cosine_distances, greedy_maxmin
+
+
+def farthest_from_neighbours(dist: torch.Tensor) -> torch.Tensor:
+    """(B,) the row of each (B, N, N) distance matrix whose nearest other row is farthest
+    (ties: lowest index); the first pick of DivPrune."""
+    eye = torch.eye(dist.shape[-1], dtype=torch.bool, device=dist.device)
+    return dist.masked_fill(eye, torch.inf).amin(dim=1).argmax(dim=1)
+
+
+@register
+@dataclass(kw_only=True)
+class DivPrune(VisualMethod):
+    """Greedy max-min diversity on D = 1 - cosine between the projector outputs of an image's
+    visual tokens, every token weighted alike; the first pick is the token farthest from its
+    nearest neighbour. `keep` tokens per image, in their original order."""
+
+    name: ClassVar[str] = "divprune"
+    visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
+
+    def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
+        dist = cosine_distances(visual.outputs)
+        weight = dist.new_ones(dist.shape[:2])
+        return greedy_maxmin(dist, weight, farthest_from_neighbours(dist), keep).sort(dim=1).values

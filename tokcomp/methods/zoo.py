@@ -1,0 +1,162 @@
+"""ZOO-Prune: zeroth-order projector sensitivity plus diversity, for VLM visual tokens (Kim et
+al., arXiv 2509.24837; METHODS.md section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokcomp.methods.registry import register
+from tokcomp.methods.visual import VisualMethod, VisualSignal, VisualTokens
+from tokcomp.ops import cosine_distances, greedy_maxmin
+
+#: Elements (tokens x directions x hidden width) evaluated at once: 16 tokens at LLaVA size,
+#: enough rows for the second layer's matmul to amortise reading its weight (one token at a
+#: time made the exact path 1.6-2x slower on the CPU), small enough to bound memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def unit_directions(count: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
+    """(count, width) float32 directions u ~ N(0, I) / ||.||, drawn on the CPU from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(count, width, generator=generator), dim=-1).to(device)
+
+
+def minmax(scores: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each row of (B, N) `scores` to [0, 1]; a constant row becomes ones
+    (no token is more sensitive than another)."""
+    low = scores.amin(dim=1, keepdim=True)
+    span = scores.amax(dim=1, keepdim=True) - low
+    return torch.where(
+        span > 0, (scores - low) / span.clamp_min(torch.finfo(scores.dtype).tiny), 1.0
+    )
+
+
+@register
+@dataclass(kw_only=True)
+class ZOOPrune(VisualMethod):
+    """Sensitivity-aware diverse selection of `keep` visual tokens per image.
+
+    Sensitivity S_i = (1/m) sum_j ||P(x_i + h u_j) - P(x_i - h u_j)|| / (2h) through the
+    projector P only, with m = `directions` unit directions shared by all tokens (drawn from
+    `seed`) and h = `step`; s = min-max normalised S. Then greedy max-min on D = 1 - cosine of
+    the projector outputs with weights s, first pick argmax s (ops.greedy_maxmin).
+
+    Cost: for an MLP projector (Linear, activation, Linear) the first layer's response is exact
+    from W1 x and W1 u computed once, (W1 x + b1) +/- h W1 u; per direction only the
+    activation and the second layer remain, and the second layer is applied to the difference
+    of the activations (its bias cancels). `sketch=r` replaces the output norm by the norm of
+    a seeded Gaussian projection to r dimensions (Johnson-Lindenstrauss), so the second layer
+    costs r instead of D columns per direction; eval/bench_vlm.py measures its agreement with
+    the exact scores. A single Linear projector has the same sensitivity mean_j ||W u_j|| for
+    every token (s = 1, plain max-min diversity). Any other projector (e.g. one with a
+    normalisation inside) takes the general path: all 2*m*N perturbed rows through P, batched
+    (correct, about 2m times the projector's cost). The MLP path runs in float32;
+    the general path in the projector's dtype.
+    """
+
+    name: ClassVar[str] = "zoo"
+    visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset({VisualSignal.FEATURES})
+
+    directions: int = 64
+    step: float = 0.01
+    seed: int = 0
+    sketch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (
+            isinstance(self.directions, bool)
+            or not isinstance(self.directions, int)
+            or self.directions < 1
+        ):
+            raise ValueError(f"zoo: directions must be an int >= 1, got {self.directions!r}")
+        if not self.step > 0:
+            raise ValueError(f"zoo: step must be > 0, got {self.step!r}")
+        if self.sketch is not None and (isinstance(self.sketch, bool) or self.sketch < 1):
+            raise ValueError(f"zoo: sketch must be None or an int >= 1, got {self.sketch!r}")
+
+    def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
+        return self.choose(visual, self.sensitivity(visual), keep)
+
+    def choose(self, visual: VisualTokens, sensitivity: torch.Tensor, keep: int) -> torch.Tensor:
+        """The `keep` tokens picked by sensitivity-weighted max-min given (B, N) sensitivities."""
+        weight = minmax(sensitivity)
+        dist = cosine_distances(visual.outputs)
+        return greedy_maxmin(dist, weight, weight.argmax(dim=1), keep).sort(dim=1).values
+
+    def sensitivity(self, visual: VisualTokens) -> torch.Tensor:
+        """(B, N) float32 finite-difference sensitivity S of every token to the projector."""
+        x = visual.features
+        u = unit_directions(self.directions, x.shape[-1], self.seed, x.device)
+        chain = visual.projector
+        if len(chain) == 1 and isinstance(chain[0], nn.Linear):
+            norms = (u @ chain[0].weight.float().T).norm(dim=-1).mean()
+            return norms.expand(x.shape[:2]).clone()
+        if _is_mlp(chain):
+            return self._mlp_sensitivity(x, chain[0], chain[1], chain[2], u)
+        return self._general_sensitivity(visual, u)
+
+    def _mlp_sensitivity(
+        self, x: torch.Tensor, first: nn.Linear, act: nn.Module, second: nn.Linear, u: torch.Tensor
+    ) -> torch.Tensor:
+        second_weight = second.weight.float()
+        if self.sketch is not None and self.sketch < second_weight.shape[0]:
+            second_weight = self._sketch_matrix(second_weight) @ second_weight
+        base = _linear32(first, x)
+        delta = self.step * (u @ first.weight.float().T)
+        tokens = base.flatten(0, 1)
+        rows = max(1, _CHUNK_ELEMENTS // (self.directions * delta.shape[1]))
+        scores = [
+            _difference_norms(chunk, delta, act, second_weight) for chunk in tokens.split(rows)
+        ]
+        return torch.cat(scores).view(x.shape[:2]) / (2 * self.step)
+
+    def _sketch_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """(r, D) Gaussian matrix with entries N(0, 1/r): ||R y|| estimates ||y||."""
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        sketch = torch.randn(self.sketch, weight.shape[0], generator=generator) / self.sketch**0.5
+        return sketch.to(weight.device)
+
+    def _general_sensitivity(self, visual: VisualTokens, u: torch.Tensor) -> torch.Tensor:
+        x = visual.features
+        delta = (self.step * u).to(x.dtype)
+        tokens = x.flatten(0, 1)
+        rows = max(1, _CHUNK_ELEMENTS // (self.directions * x.shape[-1]))
+        scores = []
+        for chunk in tokens.split(rows):
+            shifted = torch.cat([chunk[:, None] + delta, chunk[:, None] - delta])
+            out = visual.project(shifted).float()
+            plus, minus = out.chunk(2)
+            scores.append((plus - minus).norm(dim=-1).mean(dim=1))
+        return torch.cat(scores).view(x.shape[:2]) / (2 * self.step)
+
+
+def _difference_norms(
+    base: torch.Tensor, delta: torch.Tensor, act: nn.Module, weight: torch.Tensor
+) -> torch.Tensor:
+    """Mean over directions of ||W (act(z + d) - act(z - d))|| for (T, H) pre-activations z."""
+    z = base[:, None, :]
+    diff = act(z + delta)
+    diff -= act(z - delta)
+    return (diff @ weight.T).norm(dim=-1).mean(dim=1)
+
+
+def _is_mlp(chain: tuple[nn.Module, ...]) -> bool:
+    """Whether the projector is Linear, an elementwise activation, Linear."""
+    return (
+        len(chain) == 3
+        and isinstance(chain[0], nn.Linear)
+        and isinstance(chain[2], nn.Linear)
+        and not any(True for _ in chain[1].parameters())
+    )
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` applied in float32 (a no-op cast for float32 models)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
