@@ -13,7 +13,7 @@ import torch
 from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
-from tokcomp.harness import imagenet
+from tokcomp.harness import imagenet, vqa
 from tokcomp.models import create_model
 from tokcomp.search import diffrate
 
@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True)
     imagenet.add_arguments(
         tasks.add_parser("imagenet", help="top-1/top-5 on an image folder or Fashion-MNIST")
+    )
+    vqa.add_arguments(
+        tasks.add_parser("vqa", help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)")
     )
 
     search = commands.add_parser("search", help="learn a compression schedule on data")

@@ -7,10 +7,11 @@ import csv
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokcomp.harness.plot import plot_sweep
+from tokcomp.harness.plot import AXES, Axis, plot_sweep
 
 RESULTS = "results.jsonl"
 
@@ -80,28 +81,56 @@ def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str,
     ]
 
 
-def format_table(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> str:
-    """Rows from `with_baseline` as a fixed-width text table."""
+@dataclass(frozen=True)
+class Column:
+    """A task's own figure in the table (after the common columns) and the CSV: the row key,
+    its table header and its format spec."""
+
+    key: str
+    header: str
+    spec: str = ".1f"
+
+    def width(self) -> int:
+        """Characters the column takes in the table."""
+        return max(len(self.header), 8) + 2
+
+
+def format_table(
+    rows: Sequence[dict[str, Any]], metrics: Sequence[str], columns: Sequence[Column] = ()
+) -> str:
+    """Rows from `with_baseline` as a fixed-width text table, `columns` last."""
     width = max([len(row["label"]) for row in rows] + [7]) + 2
     header = (
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}"
-        + "".join(f"{name:>8}" for name in metrics)
+        + "".join(f"{name:>{_width(name)}}" for name in metrics)
         + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
+        + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row['method']:<12}{row['label']:<{width}}{row['gmacs']:>8.3f}"
             f"{row['macs_ratio']:>7.3f}"
-            + "".join(f"{row[name]:>8.2f}" for name in metrics)
+            + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
             + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
             f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
+            + "".join(f"{row[c.key]:>{c.width()}{c.spec}}" for c in columns)
         )
     return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: Path) -> None:
-    """Rows from `with_baseline` as CSV, one line per point."""
+def _width(metric: str) -> int:
+    """Characters a metric's column takes in the table."""
+    return max(8, len(metric) + 2)
+
+
+def write_csv(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    path: Path,
+    columns: Sequence[Column] = (),
+) -> None:
+    """Rows from `with_baseline` as CSV, one line per point (`columns` before the schedule)."""
     columns = [
         "method",
         "label",
@@ -112,6 +141,7 @@ def write_csv(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: Path
         "images_per_s",
         "speedup",
         "peak_memory_mb",
+        *(column.key for column in columns),
         "samples",
         "schedule",
     ]
@@ -121,10 +151,18 @@ def write_csv(rows: Sequence[dict[str, Any]], metrics: Sequence[str], path: Path
         writer.writerows(rows)
 
 
-def report(rows: Sequence[dict[str, Any]], metrics: Sequence[str], folder: Path, title: str) -> str:
-    """Write results.csv and results.png (titled `title`) for one run's rows (unpruned
-    first) in `folder`; return the table to print."""
+def report(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    folder: Path,
+    title: str,
+    columns: Sequence[Column] = (),
+    axes: Sequence[Axis] = AXES,
+) -> str:
+    """Write results.csv and results.png (titled `title`; the headline metric against each
+    of `axes`) for one run's rows (unpruned first) in `folder`; return the table to print.
+    `columns`: the task's own figures, after the common ones."""
     rows = with_baseline(rows, metrics[0])
-    write_csv(rows, metrics, folder / "results.csv")
-    plot_sweep(rows, metrics[0], folder / "results.png", title)
-    return format_table(rows, metrics)
+    write_csv(rows, metrics, folder / "results.csv", columns)
+    plot_sweep(rows, metrics[0], folder / "results.png", title, axes)
+    return format_table(rows, metrics, columns)

@@ -4,11 +4,13 @@ run and score; this module applies each point, times it and records the results.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
+import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,10 +28,17 @@ UNPRUNED = "unpruned"
 
 
 class Task(Protocol):
-    """What a sweep evaluates: batches already on the device, a forward, per-batch scores."""
+    """What a sweep evaluates: batches already on the device, a forward, per-batch scores.
 
-    #: Score names, summed over samples by `score` and reported as percentages; the first
-    #: is the headline (its change vs the unpruned model is reported and plotted).
+    By default `score` returns each metric summed over the batch's samples and the sweep
+    reports it as a percentage of all samples. A task that reports more (its own timings,
+    counts) also has `tallies`, the names `score` returns (summed over batches and ranks),
+    and `summarize(totals)`, which turns those totals (plus "samples") into the reported
+    figures, every metric among them (see `report_figures`).
+    """
+
+    #: Reported accuracy figures (percent); the first is the headline (its change vs the
+    #: unpruned model is reported and plotted).
     metrics: tuple[str, ...]
 
     def batches(self) -> Iterator[tuple[Any, Sequence[Any]]]:
@@ -45,8 +54,22 @@ class Task(Protocol):
         ...
 
     def score(self, outputs: Any, targets: Sequence[Any]) -> dict[str, float]:
-        """Each metric summed over the batch's samples."""
+        """Each metric (or each of the task's tallies) summed over the batch's samples."""
         ...
+
+
+def tallies(task: Task) -> tuple[str, ...]:
+    """The names a task's `score` returns: its `tallies`, else its metrics."""
+    return tuple(getattr(task, "tallies", task.metrics))
+
+
+def report_figures(task: Task, totals: Mapping[str, float]) -> dict[str, float]:
+    """A task's reported figures from its totals over every batch and rank ("samples"
+    included): its own `summarize`, else each metric as a percentage of the samples."""
+    summarize = getattr(task, "summarize", None)
+    if summarize is not None:
+        return summarize(totals)
+    return {name: 100.0 * totals[name] / totals["samples"] for name in task.metrics}
 
 
 @dataclass(frozen=True)
@@ -81,20 +104,27 @@ class Point:
         return apply(model, self.method, **self.options)
 
 
+def macs_budget(method: str, budget: float) -> str:
+    """A budget as a target fraction of the unpruned MACs, as a variant ('tome:target_macs=0.9')."""
+    return f"{method}:target_macs={budget}"
+
+
 def sweep_points(
     methods: Sequence[str] = (),
     budgets: Sequence[float] = (),
     variants: Sequence[Variant] = (),
     configs: Sequence[Path] = (),
+    budget: Callable[[str, float], str] = macs_budget,
 ) -> list[Point]:
-    """The unpruned point, then every method at every budget (a target fraction of the
-    unpruned MACs), then the variants, then the config files."""
+    """The unpruned point, then every method at every budget (by default a target fraction of
+    the unpruned MACs; `budget` turns a method and a budget into a variant), then the
+    variants, then the config files."""
     if bool(methods) != bool(budgets):
         raise ValueError(
             "--methods and --budgets go together (e.g. --methods tome --budgets 0.9,0.75); "
             "for a method's own knobs use --variant tome:r=13"
         )
-    budgeted = [parse_variant(f"{m}:target_macs={b}") for m in methods for b in budgets]
+    budgeted = [parse_variant(budget(m, b)) for m in methods for b in budgets]
     points = [Point("")] + [Point.of(v) for v in [*budgeted, *variants]]
     return points + [Point(path.name, config=path) for path in configs]
 
@@ -139,11 +169,12 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
 def measure(
     model: nn.Module, task: Task, device: torch.device, desc: str, world: World = SINGLE
 ) -> dict[str, float]:
-    """Scores (percent), throughput and peak memory of `model` on the task's batches (this
-    rank's shard; counts are summed over the ranks). The first batch is run once untimed,
-    under the peak-memory probe, as warm-up; then every batch is timed (forward only).
-    Throughput: all samples over the slowest rank's time, and per rank."""
-    sums = dict.fromkeys(task.metrics, 0.0)
+    """Scores (percent; or the task's own figures, see `report_figures`), throughput and peak
+    memory of `model` on the task's batches (this rank's shard; counts are summed over the
+    ranks). The first batch is run once untimed, under the peak-memory probe, as warm-up; then
+    every batch is timed (forward only). Throughput: all samples over the slowest rank's time,
+    and per rank."""
+    sums = dict.fromkeys(tallies(task), 0.0)
     samples, seconds, peak = 0, 0.0, 0
     batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
     with torch.inference_mode():
@@ -161,7 +192,7 @@ def measure(
     if not totals["samples"]:
         raise ValueError("the evaluation data is empty")
     return {
-        **{name: 100.0 * totals[name] / totals["samples"] for name in task.metrics},
+        **report_figures(task, totals),
         "samples": int(totals["samples"]),
         "seconds": slowest["seconds"],
         "images_per_s": totals["samples"] / slowest["seconds"],
@@ -207,6 +238,58 @@ def run_sweep(
                 store.add(row)
         rows.append(row)
     return rows
+
+
+def run_or_exit(
+    model: nn.Module,
+    points: Sequence[Point],
+    task: Task,
+    output: Path,
+    context: Mapping[str, Any],
+    device: torch.device,
+    settings: Mapping[str, Any] | None = None,
+    world: World = SINGLE,
+) -> list[dict[str, Any]]:
+    """`run_sweep` with results in `output` (written by rank 0); an interrupt exits saying
+    that the same command resumes."""
+    store = ResultStore(output) if world.is_main else ResultStore.in_memory()
+    try:
+        return run_sweep(model, points, task, store, context, device, settings, world)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: finished points are saved in {output}; the same command resumes")
+
+
+def add_sweep_arguments(
+    parser: argparse.ArgumentParser,
+    budgets: str,
+    methods: str = "tome,pitome",
+    variant: str = "tome:r=13",
+) -> None:
+    """The sweep options of an eval task: --methods, --budgets (`budgets` says what a budget
+    means), --variant and --config; `methods` and `variant` are the help's examples."""
+    sweep = parser.add_argument_group("sweep (the unpruned model is always evaluated first)")
+    sweep.add_argument("--methods", type=names, default=[], help=f"e.g. {methods}")
+    sweep.add_argument("--budgets", type=fractions, default=[], help=budgets)
+    sweep.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        help=f"method:key=value,... (repeatable), e.g. {variant}",
+    )
+    sweep.add_argument(
+        "--config", action="append", type=Path, default=[], help="saved config (repeatable)"
+    )
+
+
+def names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def fractions(text: str) -> list[float]:
+    """'0.5,0.25' -> [0.5, 0.25]."""
+    return [float(name) for name in names(text)]
 
 
 def _evaluate(

@@ -1,0 +1,494 @@
+"""Train tokcomp's offline default model: a timm ViT on Fashion-MNIST (CPU).
+
+The shipped model keeps DeiT's token layout: a 28x28 grey image cut into 2x2 patches gives
+an exact 14x14 grid = 196 patch tokens + 1 class token = 197 tokens, 12 blocks, class-token
+head. Only the width is reduced (96, 3 heads) so that training fits on two CPU cores.
+
+Training has two stages, because 197 tokens are ~5x more expensive than 50 and the machine
+is shared (see eval/models/vit-fmnist/README.md):
+
+1. coarse: ``--coarse-epochs`` epochs at patch size ``--coarse-patch`` (4: a 7x7 grid,
+   50 tokens), peak LR ``--coarse-lr``;
+2. fine: the patch embedding is resampled to ``--patch-size`` (2) with FlexiViT's
+   pseudo-inverse resize (``timm.layers.resample_patch_embed``), the position embedding is
+   interpolated 7x7 -> 14x14, and the model is trained ``--epochs`` more epochs at 197 tokens
+   with peak LR ``--lr``. The saved model is only ever this 197-token model.
+
+``--coarse-epochs 0`` trains at ``--patch-size`` from scratch (single stage).
+
+The run checkpoints after every epoch to ``<out>/.train_state/last.pt`` and resumes from it
+when started again with the same command. At the end it writes ``<out>/model.safetensors``
+with the metadata needed to rebuild the model:
+
+    meta = safetensors.safe_open(path, "pt").metadata()
+    model = timm.create_model(meta["timm_model"], pretrained=False,
+                              **json.loads(meta["model_kwargs"]))
+    model.load_state_dict(safetensors.torch.load_file(path))
+
+Example (the exact command used for the shipped model is in eval/models/vit-fmnist/README.md):
+
+    nohup .venv/bin/python eval/train_vit_fmnist.py >> train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import os
+
+# Sleeping (not spinning) OpenMP workers: on a shared 2-core machine the default spin-wait
+# made each step ~4x more CPU time and ~3x slower (measured). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokcomp.harness.fashion_mnist import CLASSES, DEFAULT_ROOT, load_arrays
+
+TIMM_MODEL = "vit_tiny_patch16_224"
+# Fashion-MNIST training-set pixel statistics (pixels scaled to [0, 1]).
+MEAN = 0.2860
+STD = 0.3530
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults are the ones used for the shipped model."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=DEFAULT_ROOT)
+    p.add_argument("--out", default="eval/models/vit-fmnist", help="output folder")
+    p.add_argument("--coarse-epochs", type=int, default=20, help="stage-1 epochs (0: none)")
+    p.add_argument("--coarse-patch", type=int, default=4, help="stage-1 patch size")
+    p.add_argument("--coarse-lr", type=float, default=1e-3, help="stage-1 peak LR")
+    p.add_argument("--coarse-warmup-epochs", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=4, help="final-stage epochs at --patch-size")
+    p.add_argument("--patch-size", type=int, default=2, help="final patch size (2: 14x14)")
+    p.add_argument("--lr", type=float, default=5e-4, help="final-stage peak LR")
+    p.add_argument("--warmup-epochs", type=float, default=0.2, help="final-stage warmup")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels")
+    p.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
+    p.add_argument("--embed-dim", type=int, default=96)
+    p.add_argument("--num-heads", type=int, default=3)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument(
+        "--fused-attn",
+        action="store_true",
+        help="use timm's fused SDPA attention in training (slower on CPU than plain matmul)",
+    )
+    p.add_argument(
+        "--eval-images",
+        type=int,
+        default=2000,
+        help="test images used by the per-epoch monitoring eval (the final eval uses all)",
+    )
+    p.add_argument("--limit-steps", type=int, default=0, help="debug: stop each epoch early")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing resume file")
+    p.add_argument(
+        "--init",
+        help="start from this model.safetensors (its patch size must match the first stage)",
+    )
+    return p.parse_args(argv)
+
+
+@dataclass
+class Stage:
+    """One training stage: a patch size, a number of epochs and an LR schedule."""
+
+    name: str
+    epochs: int
+    patch: int
+    lr: float
+    warmup_epochs: float
+
+
+def stages(args: argparse.Namespace) -> list[Stage]:
+    """The stages of this run, in order (empty ones dropped)."""
+    out = [
+        Stage(
+            "coarse",
+            args.coarse_epochs,
+            args.coarse_patch,
+            args.coarse_lr,
+            args.coarse_warmup_epochs,
+        ),
+        Stage("fine", args.epochs, args.patch_size, args.lr, args.warmup_epochs),
+    ]
+    return [s for s in out if s.epochs > 0]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def model_kwargs(args: argparse.Namespace, patch: int) -> dict:
+    """Keyword arguments for ``timm.create_model`` (stored in the checkpoint metadata)."""
+    return {
+        "img_size": 28,
+        "patch_size": patch,
+        "in_chans": 1,
+        "embed_dim": args.embed_dim,
+        "depth": args.depth,
+        "num_heads": args.num_heads,
+        "mlp_ratio": 4.0,
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": "token",
+        "num_classes": len(CLASSES),
+    }
+
+
+def create(args: argparse.Namespace, patch: int) -> torch.nn.Module:
+    """A fresh model at ``patch`` (random init from the current torch RNG state)."""
+    return timm.create_model(
+        TIMM_MODEL, pretrained=False, drop_path_rate=args.drop_path, **model_kwargs(args, patch)
+    )
+
+
+def repatch(model: torch.nn.Module, args: argparse.Namespace, patch: int) -> torch.nn.Module:
+    """Copy ``model`` into a model with patch size ``patch``.
+
+    The patch-embedding kernel is resampled with FlexiViT's pseudo-inverse resize and the
+    absolute position embedding is interpolated (bicubic) to the new grid; every other
+    weight is copied unchanged.
+    """
+    new = create(args, patch)
+    sd = model.state_dict()
+    sd["patch_embed.proj.weight"] = resample_patch_embed(
+        sd["patch_embed.proj.weight"], [patch, patch]
+    )
+    sd["pos_embed"] = resample_abs_pos_embed(
+        sd["pos_embed"],
+        new_size=list(new.patch_embed.grid_size),
+        old_size=list(model.patch_embed.grid_size),
+        num_prefix_tokens=model.num_prefix_tokens,
+    )
+    new.load_state_dict(sd)
+    return new
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, position embedding and class token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+    )
+
+
+def data_config() -> dict:
+    """The preprocessing the model expects, in timm's data-config vocabulary."""
+    return {
+        "input_size": [1, 28, 28],
+        "mean": [MEAN],
+        "std": [STD],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+
+
+def normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float normalised."""
+    x = images_u8.float().div_(255.0)
+    return ((x - MEAN) / STD).unsqueeze(1)
+
+
+def augment(images_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) and horizontal flip on uint8 images."""
+    b, h, w = images_u8.shape
+    if pad > 0:
+        padded = F.pad(images_u8, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None]
+        cols = (dx[:, None] + torch.arange(w))[:, None, :]
+        images_u8 = padded[torch.arange(b)[:, None, None], rows, cols]
+    if flip:
+        do_flip = torch.rand(b, generator=gen) < 0.5
+        images_u8 = torch.where(do_flip[:, None, None], images_u8.flip(-1), images_u8)
+    return images_u8
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
+    """Linear warmup then cosine decay to ``min_lr``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    bf16: bool,
+    batch_size: int = 500,
+) -> float:
+    """Top-1 accuracy on ``images`` (uint8, (N, 28, 28))."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum().item()
+    return correct / len(images)
+
+
+def load_init(model: torch.nn.Module, path: str, patch: int) -> tuple[float, float, list]:
+    """Load the weights of an earlier run; return its wall time, CPU time and history."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    saved_patch = json.loads(meta["model_kwargs"])["patch_size"]
+    if saved_patch != patch:
+        raise SystemExit(f"--init {path} has patch size {saved_patch}, the first stage {patch}")
+    model.load_state_dict(load_file(str(path)))
+    rec = {"event": f"init from {path}", "init_test_top1": meta.get("test_top1")}
+    print(json.dumps(rec), flush=True)
+    return float(meta["train_wall_s"]), float(meta["train_cpu_s"]), [rec]
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write the resume file atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(
+    path: Path, model: torch.nn.Module, args: argparse.Namespace, patch: int, extra: dict
+) -> None:
+    """Write ``model`` as safetensors (fp32) with the loading metadata."""
+    meta = {
+        "timm_model": TIMM_MODEL,
+        "model_kwargs": json.dumps(model_kwargs(args, patch)),
+        "data_config": json.dumps(data_config()),
+        "classes": json.dumps(list(CLASSES)),
+        "train_args": json.dumps(vars(args)),
+        "dataset": "Fashion-MNIST (Xiao et al. 2017), IDX files from dataset-fashion-mnist",
+        **{k: str(v) for k, v in extra.items()},
+    }
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train (or resume), then write model.safetensors."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bf16 = not args.no_bf16
+    if not args.fused_attn:
+        # Plain q@k^T/softmax/@v is ~1.8x faster than the CPU flash-attention kernel at
+        # 197 tokens; numerically the same model (loading later may use fused attention).
+        timm.layers.set_fused_attn(False)
+
+    out = Path(args.out)
+    state_dir = out / ".train_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    resume_path = state_dir / "last.pt"
+
+    train_x, train_y = load_arrays(args.data_root, "train")
+    test_x, test_y = load_arrays(args.data_root, "test")
+    train_x = torch.from_numpy(train_x.copy())
+    train_y = torch.from_numpy(train_y.astype(np.int64))
+    test_x = torch.from_numpy(test_x.copy())
+    test_y = torch.from_numpy(test_y.astype(np.int64))
+    n_mon = min(args.eval_images or len(test_x), len(test_x))
+
+    plan = stages(args)
+    if not plan:
+        raise SystemExit("nothing to train: --coarse-epochs and --epochs are both 0")
+    total_epochs = sum(s.epochs for s in plan)
+    steps_per_epoch = len(train_x) // args.batch_size  # drop the last partial batch
+    if args.limit_steps:
+        steps_per_epoch = min(steps_per_epoch, args.limit_steps)
+
+    seed_everything(args.seed)
+    patch = plan[0].patch
+    model = create(args, patch)
+    done, elapsed, cpu_s, history = 0, 0.0, 0.0, []
+    if args.init:
+        elapsed, cpu_s, history = load_init(model, args.init, patch)
+    opt = make_optimizer(model, args)
+    if resume_path.exists() and not args.fresh:
+        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in state["args"].items() if k not in ("fresh",)}
+        now = {k: v for k, v in vars(args).items() if k not in ("fresh",)}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise SystemExit(
+                f"{resume_path} was written with different settings ({', '.join(diff)}); "
+                "rerun the same command or pass --fresh"
+            )
+        patch = state["patch"]
+        model = create(args, patch)
+        model.load_state_dict(state["model"])
+        opt = make_optimizer(model, args)
+        opt.load_state_dict(state["optimizer"])
+        done, elapsed, cpu_s = state["epoch"], state["elapsed_s"], state["cpu_s"]
+        history = state["history"]
+        print(f"resumed from {resume_path} after epoch {done}/{total_epochs}", flush=True)
+
+    first = 0  # global index of the first epoch of the current stage
+    for si, stage in enumerate(plan):
+        last = first + stage.epochs
+        if done >= last:
+            first = last
+            continue
+        if patch != stage.patch:
+            t0, c0 = time.perf_counter(), time.process_time()
+            model = repatch(model, args, stage.patch)
+            patch = stage.patch
+            opt = make_optimizer(model, args)
+            acc0 = evaluate(model, test_x[:n_mon], test_y[:n_mon], bf16)
+            elapsed += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
+            rec = {"event": f"repatch to {patch}", f"test{n_mon}_acc": acc0}
+            history.append(rec)
+            print(json.dumps(rec), flush=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"stage {si + 1}/{len(plan)} {stage.name}: {json.dumps(model_kwargs(args, patch))} "
+            f"tokens={model.patch_embed.num_patches + model.num_prefix_tokens} "
+            f"params={n_params / 1e6:.3f}M bf16={bf16} threads={args.threads} "
+            f"steps/epoch={steps_per_epoch}",
+            flush=True,
+        )
+        total_steps = stage.epochs * steps_per_epoch
+        warmup_steps = int(stage.warmup_epochs * steps_per_epoch)
+        for epoch in range(max(done, first), last):
+            t0, c0 = time.perf_counter(), time.process_time()
+            model.train()
+            # One generator per epoch: resuming at an epoch boundary reproduces the run.
+            gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+            torch.manual_seed(args.seed * 100_003 + epoch)  # drop-path randomness
+            perm = torch.randperm(len(train_x), generator=gen)
+            loss_sum, correct, seen = 0.0, 0, 0
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{total_epochs} ({stage.name}, patch {patch})",
+                mininterval=30,
+                file=sys.stdout,
+            )
+            for i in bar:
+                step = (epoch - first) * steps_per_epoch + i
+                lr = lr_at(step, total_steps, warmup_steps, stage.lr, args.min_lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
+                x = normalize(augment(train_x[idx], args.pad, not args.no_flip, gen))
+                y = train_y[idx]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                opt.step()
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(-1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.2e}"
+                )
+            bar.close()
+            test_acc = evaluate(model, test_x[:n_mon], test_y[:n_mon], bf16)
+            elapsed += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
+            rec = {
+                "epoch": epoch + 1,
+                "stage": stage.name,
+                "patch": patch,
+                "train_loss": round(loss_sum / seen, 5),
+                "train_acc": round(correct / seen, 5),
+                f"test{n_mon}_acc": test_acc,
+                "epoch_s": round(time.perf_counter() - t0, 1),
+                "elapsed_s": round(elapsed, 1),
+                "cpu_s": round(cpu_s, 1),
+            }
+            history.append(rec)
+            print(json.dumps(rec), flush=True)
+            done = epoch + 1
+            if done == last and si + 1 < len(plan):
+                # Keep the end of a non-final stage (e.g. the 7x7 model) for reference.
+                top1 = evaluate(model, test_x, test_y, bf16=False)
+                print(f"{stage.name} stage fp32 test top-1 (all {len(test_x)}): {top1:.4f}")
+                history.append({"event": f"end of {stage.name}", "test_top1": top1})
+                save_model(
+                    state_dir / f"{stage.name}_model.safetensors",
+                    model,
+                    args,
+                    patch,
+                    {"test_top1": f"{top1:.4f}"},
+                )
+            save_state(
+                resume_path,
+                {
+                    "epoch": done,
+                    "patch": patch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "elapsed_s": elapsed,
+                    "cpu_s": cpu_s,
+                    "history": history,
+                    "args": vars(args),
+                },
+            )
+        first = last
+
+    # Final plain fp32 evaluation on all 10,000 test images.
+    test_top1 = evaluate(model, test_x, test_y, bf16=False)
+    print(f"final fp32 test top-1 on {len(test_x)} images: {test_top1:.4f}", flush=True)
+    save_model(
+        out / "model.safetensors",
+        model,
+        args,
+        patch,
+        {
+            "test_top1": f"{test_top1:.4f}",
+            "train_seed": args.seed,
+            "train_wall_s": f"{elapsed:.0f}",
+            "train_cpu_s": f"{cpu_s:.0f}",
+        },
+    )
+    (state_dir / "history.json").write_text(json.dumps(history, indent=1))
+    print(
+        f"wrote {out / 'model.safetensors'}; training wall time {elapsed / 60:.1f} min, "
+        f"CPU time {cpu_s / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""Train tokcomp's offline default VLM: a small LLaVA on easy-VQA (CPU).
+
+The model is a Hugging Face LlavaForConditionalGeneration: a CLIP-style ViT vision tower
+(64 px images, 8 px patches: 64 patch tokens + a class token, which LLaVA's "default" feature
+strategy drops, so 64 visual tokens per image reach the language model), LLaVA's two-layer MLP
+projector and a small Llama decoder. Its tokenizer is word-level, built offline from the
+easy-VQA training questions and answers, the lmms-eval short-answer prompt and the chat
+template's words; with a CLIP image processor at 64 px it forms a LlavaProcessor, so
+
+    processor = AutoProcessor.from_pretrained("eval/models/vlm-easyvqa")
+    model = LlavaForConditionalGeneration.from_pretrained("eval/models/vlm-easyvqa")
+
+load it, and `tokcomp eval vqa` evaluates it exactly as it was trained: the processor's chat
+template on the question plus lmms-eval's prompt (tokcomp.harness.vqa.messages).
+
+Training: the easy-VQA train split (38,575 questions on 4,000 images). Each step takes
+--images-per-step images (a random dihedral flip/rotation each, which changes no answer) and
+all their questions; the vision tower runs once per image. The loss is on the answer word and
+the end-of-sequence token only (the prompt is masked). AdamW, linear warm-up then cosine
+decay, bf16 autocast, seeded (random, numpy, torch). After every epoch: the first-token
+accuracy on --monitor test questions (monitoring only: the saved model is the last epoch's)
+and a checkpoint in <out>/.train_state/last.pt, from which the same command resumes.
+The final model is written with save_pretrained (safetensors, float32) with its processor.
+
+    OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_easyvqa.py \\
+        > eval/models/vlm-easyvqa/.train_state/train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import os
+
+# Sleeping OpenMP workers on a shared machine (see eval/train_vit_fmnist.py); before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokcomp.harness.data import read_image
+from tokcomp.harness.vqa import POST_PROMPT, Question, messages, read_easy_vqa
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL = (PAD, BOS, EOS, UNK, IMAGE)
+#: LLaVA-1.5's conversation format: "USER: <image>\n{text} ASSISTANT:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TEMPLATE_WORDS = ("user", "assistant", ":")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; the defaults are the ones used for the shipped model."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("eval/models/vlm-easyvqa"))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--images-per-step", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-width", type=int, default=128)
+    p.add_argument("--vision-depth", type=int, default=4)
+    p.add_argument("--text-width", type=int, default=192)
+    p.add_argument("--text-depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-bf16", action="store_true", help="train in float32")
+    p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- tokenizer, processor, model ---------------------------------------------------------------
+def vocabulary(questions: list[Question]) -> list[str]:
+    """Special tokens first (pad 0, bos 1, eos 2, unk 3, image 4), then every word of the
+    questions, answers, the post-prompt and the chat template, sorted."""
+    pre = pre_tokenizers.Whitespace()
+    texts = [POST_PROMPT, *TEMPLATE_WORDS]
+    texts += [q.question for q in questions] + [a for q in questions for a in q.answers]
+    words = {word.lower() for text in texts for word, _ in pre.pre_tokenize_str(text)}
+    return [*SPECIAL, *sorted(words)]
+
+
+def build_processor(words: list[str], image_size: int, patch_size: int) -> LlavaProcessor:
+    """A LlavaProcessor: a word-level tokenizer over `words` (lowercased, split on spaces and
+    punctuation, <s> prepended, left padding, the chat template) and a CLIP image processor
+    at `image_size` px; one <image> placeholder per visual token."""
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, words.index(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=images, tokenizer=fast, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
+    vision = CLIPVisionConfig(
+        image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_width,
+        intermediate_size=4 * args.vision_width, num_hidden_layers=args.vision_depth,
+        num_attention_heads=args.heads,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.text_width,
+        intermediate_size=8 * args.text_width // 3, num_hidden_layers=args.text_depth,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    patches = (args.image_size // args.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=patches,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu", tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+# -- data --------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """A split encoded once: per image its pixels, per question its prompt ids, answer id and
+    image index, and each image's questions."""
+
+    pixels: torch.Tensor  # (I, 3, H, W) float32, normalised
+    prompts: list[list[int]]
+    answers: list[int]
+    owner: list[int]
+    by_image: list[list[int]]
+
+
+def encode(processor: LlavaProcessor, questions: list[Question]) -> Split:
+    """Pixels of every image and token ids of every prompt, as the evaluation computes them."""
+    images = list(dict.fromkeys(q.image for q in questions))
+    index = {path: i for i, path in enumerate(images)}
+    pixels = torch.cat([
+        processor.image_processor(
+            [read_image(str(p)).convert("RGB") for p in images[start : start + 500]],
+            return_tensors="pt",
+        )["pixel_values"]
+        for start in range(0, len(images), 500)
+    ])  # fmt: skip
+    texts = sorted({q.question for q in questions})
+    template = [
+        processor.apply_chat_template(messages(t), add_generation_prompt=True) for t in texts
+    ]
+    blank = read_image(str(images[0])).convert("RGB")
+    ids = processor(images=[blank] * len(texts), text=template)["input_ids"]
+    prompt = dict(zip(texts, ids, strict=True))
+    tokenizer = processor.tokenizer
+    answers = [tokenizer.convert_tokens_to_ids(q.answers[0]) for q in questions]
+    by_image = defaultdict(list)
+    for number, q in enumerate(questions):
+        by_image[index[q.image]].append(number)
+    return Split(
+        pixels, [prompt[q.question] for q in questions], answers,
+        [index[q.image] for q in questions], [by_image[i] for i in range(len(images))],
+    )  # fmt: skip
+
+
+def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random element of the dihedral group per image: 0-3 quarter turns, then an optional
+    horizontal flip (shapes and colours, hence the answers, do not change)."""
+    out = []
+    for image in pixels:
+        turns, flip = torch.randint(0, 4, (2,), generator=generator).tolist()
+        image = torch.rot90(image, turns, dims=(1, 2))
+        out.append(image.flip(2) if flip % 2 else image)
+    return torch.stack(out)
+
+
+@dataclass
+class Batch:
+    """Questions of some images: right-padded ids, mask, labels (answer and eos), the row of
+    each question's image in `pixels`, and the position of each question's last prompt token."""
+
+    pixels: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    owner: torch.Tensor
+    last: torch.Tensor
+    answers: torch.Tensor
+
+
+def make_batch(split: Split, images: list[int], eos: int, pixels: torch.Tensor) -> Batch:
+    """The batch of all questions of `images` (`pixels`: their, possibly augmented, pixels)."""
+    rows = [(n, slot) for slot, i in enumerate(images) for n in split.by_image[i]]
+    length = max(len(split.prompts[n]) for n, _ in rows) + 2
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    last = torch.zeros(len(rows), dtype=torch.long)
+    for row, (n, _) in enumerate(rows):
+        prompt = split.prompts[n]
+        full = [*prompt, split.answers[n], eos]
+        ids[row, : len(full)] = torch.tensor(full)
+        mask[row, : len(full)] = 1
+        labels[row, len(prompt) : len(full)] = torch.tensor(full[len(prompt) :])
+        last[row] = len(prompt) - 1
+    answers = torch.tensor([split.answers[n] for n, _ in rows])
+    owner = torch.tensor([slot for _, slot in rows])
+    return Batch(pixels, ids, mask, labels, owner, last, answers)
+
+
+def forward(model: LlavaForConditionalGeneration, batch: Batch, labels: bool = True) -> object:
+    """The model on a batch, its vision tower run once per image: the projected visual tokens
+    of each question's image fill its placeholders, as LlavaModel does."""
+    features = torch.stack(model.model.get_image_features(pixel_values=batch.pixels).pooler_output)
+    embeds = model.get_input_embeddings()(batch.ids)
+    placeholder = (batch.ids == model.config.image_token_id)[..., None]
+    tokens = features[batch.owner].flatten(0, 1).to(embeds.dtype)
+    embeds = embeds.masked_scatter(placeholder, tokens)
+    return model(
+        inputs_embeds=embeds, attention_mask=batch.mask, labels=batch.labels if labels else None
+    )
+
+
+@torch.no_grad()
+def first_token_accuracy(model: torch.nn.Module, split: Split, eos: int, limit: int) -> float:
+    """Share of the first `limit` questions whose greedy first answer token is right."""
+    model.eval()
+    right, seen = 0, 0
+    images = sorted({split.owner[n] for n in range(min(limit, len(split.owner)))})
+    for start in range(0, len(images), 32):
+        chunk = images[start : start + 32]
+        batch = make_batch(split, chunk, eos, split.pixels[chunk])
+        logits = forward(model, batch, labels=False).logits
+        guess = logits[torch.arange(len(batch.last)), batch.last].argmax(-1)
+        right += int((guess == batch.answers).sum())
+        seen += len(guess)
+    model.train()
+    return right / seen
+
+
+# -- training ----------------------------------------------------------------------------------
+def optimizer_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and embeddings."""
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        (plain if param.ndim <= 1 or "embed" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write the checkpoint atomically."""
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def resume(path: Path, args: argparse.Namespace, parts: tuple) -> dict:
+    """Load the checkpoint into (model, optimizer, schedule) when it was written with the
+    same settings; the progress so far (epoch, elapsed, history)."""
+    if not path.exists() or args.fresh:
+        return {"epoch": 0, "elapsed_s": 0.0, "history": []}
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    ignored = ("fresh", "threads")
+    saved = {k: v for k, v in state["args"].items() if k not in ignored}
+    now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    changed = sorted(k for k in saved if saved[k] != now.get(k))
+    if changed:
+        raise SystemExit(
+            f"{path} was written with other settings ({', '.join(changed)}); rerun the same "
+            "command or pass --fresh"
+        )
+    for part, name in zip(parts, ("model", "optimizer", "schedule"), strict=True):
+        part.load_state_dict(state[name])
+    print(f"resumed from {path} after epoch {state['epoch']}", flush=True)
+    return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train (or resume), then write the model and processor to --out."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    state_dir = args.out / ".train_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    train_questions, test_questions = read_easy_vqa("train"), read_easy_vqa("test")
+    processor = build_processor(vocabulary(train_questions), args.image_size, args.patch_size)
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_id
+    train, test = encode(processor, train_questions), encode(processor, test_questions)
+    seed_everything(args.seed)
+    model = build_model(args, tokenizer)
+    steps_per_epoch = -(-len(train.by_image) // args.images_per_step)
+    if args.limit_steps:
+        steps_per_epoch = min(steps_per_epoch, args.limit_steps)
+    total = args.epochs * steps_per_epoch
+    optimizer = optimizer_for(model, args)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total), total)
+    progress = resume(state_dir / "last.pt", args, (model, optimizer, schedule))
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"vocabulary {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps_per_epoch} "
+        f"steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
+        flush=True,
+    )
+    model.train()
+    for epoch in range(progress["epoch"], args.epochs):
+        began = time.perf_counter()
+        loss = train_epoch(model, optimizer, schedule, train, eos, epoch, steps_per_epoch, args)
+        accuracy = first_token_accuracy(model, test, eos, args.monitor)
+        progress["elapsed_s"] += time.perf_counter() - began
+        record = {
+            "epoch": epoch + 1, "train_loss": round(loss, 5), f"test{args.monitor}_first_token":
+            round(accuracy, 4), "elapsed_s": round(progress["elapsed_s"], 1),
+        }  # fmt: skip
+        progress["history"].append(record)
+        print(json.dumps(record), flush=True)
+        save_state(
+            state_dir / "last.pt",
+            {
+                "epoch": epoch + 1, "elapsed_s": progress["elapsed_s"],
+                "history": progress["history"], "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            },
+        )  # fmt: skip
+    model.eval()
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    (state_dir / "history.json").write_text(json.dumps(progress["history"], indent=1))
+    print(
+        f"wrote {args.out}; training wall time {progress['elapsed_s'] / 60:.1f} min "
+        f"({params / 1e6:.2f}M parameters)",
+        flush=True,
+    )
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    train: Split,
+    eos: int,
+    epoch: int,
+    steps: int,
+    args: argparse.Namespace,
+) -> float:
+    """One pass over the training images (seeded by the epoch: a resumed run repeats it
+    exactly); the mean loss."""
+    generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    order = torch.randperm(len(train.by_image), generator=generator).tolist()
+    bar = tqdm(
+        range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30, file=sys.stdout
+    )
+    total = 0.0
+    for step in bar:
+        images = order[step * args.images_per_step : (step + 1) * args.images_per_step]
+        batch = make_batch(train, images, eos, augment(train.pixels[images], generator))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+            loss = forward(model, batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        schedule.step()
+        total += loss.item()
+        bar.set_postfix(loss=f"{total / (step + 1):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+    return total / steps
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Tests for the Fashion-MNIST reader and the shipped default model (eval/models/vit-fmnist)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tokcomp.harness.fashion_mnist import (
+    CLASSES,
+    DEFAULT_ROOT,
+    FashionMNIST,
+    load_arrays,
+    read_idx,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "eval" / "models" / "vit-fmnist" / "model.safetensors"
+FIRST_TRAIN_LABELS = [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+
+needs_data = pytest.mark.skipif(
+    not (Path(DEFAULT_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
+)
+
+
+def test_read_idx_roundtrip(tmp_path: Path) -> None:
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 0x08, 3, 2, 3, 4) + arr.tobytes())
+    out = read_idx(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, arr)
+
+
+def test_read_idx_rejects_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "bad-idx1-ubyte"
+    path.write_bytes(struct.pack(">HBB1I", 0, 0x08, 1, 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="payload"):
+        read_idx(path)
+
+
+def test_missing_root_gives_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        FashionMNIST(root=tmp_path / "nowhere", split="test")
+    msg = str(info.value)
+    assert "t10k-images-idx3-ubyte.gz" in msg
+    assert "apt-get install -y dataset-fashion-mnist" in msg
+
+
+def test_bad_split() -> None:
+    with pytest.raises(ValueError, match="split"):
+        load_arrays(split="validation")
+
+
+@needs_data
+@pytest.mark.parametrize(("split", "count"), [("train", 60000), ("test", 10000)])
+def test_arrays_shapes_and_labels(split: str, count: int) -> None:
+    images, labels = load_arrays(split=split)
+    assert images.shape == (count, 28, 28)
+    assert labels.shape == (count,)
+    assert images.dtype == np.uint8 and labels.dtype == np.uint8
+    assert labels.min() == 0 and labels.max() == 9
+    assert np.bincount(labels).tolist() == [count // 10] * 10  # balanced classes
+
+
+@needs_data
+def test_dataset_items() -> None:
+    ds = FashionMNIST(split="train")
+    assert len(ds) == 60000
+    assert len(ds.classes) == 10 and ds.classes == CLASSES
+    img, label = ds[0]
+    assert img.mode == "L" and img.size == (28, 28)
+    assert isinstance(label, int)
+    assert [ds[i][1] for i in range(10)] == FIRST_TRAIN_LABELS
+    ds_t = FashionMNIST(split="test", transform=lambda im: np.asarray(im, dtype=np.float32))
+    x, y = ds_t[0]
+    assert x.shape == (28, 28) and x.dtype == np.float32 and 0 <= y < 10
+
+
+@needs_data
+def test_shipped_checkpoint_accuracy() -> None:
+    """Load the committed model with the documented recipe; check it on 1000 test images."""
+    import safetensors
+    import safetensors.torch
+    import timm
+
+    assert CHECKPOINT.is_file(), f"missing {CHECKPOINT}"
+    assert CHECKPOINT.stat().st_size <= 25 * 2**20
+    with safetensors.safe_open(str(CHECKPOINT), "pt") as f:
+        meta = f.metadata()
+    model = timm.create_model(
+        meta["timm_model"], pretrained=False, **json.loads(meta["model_kwargs"])
+    )
+    model.load_state_dict(safetensors.torch.load_file(str(CHECKPOINT)))
+    model.eval()
+    assert json.loads(meta["classes"]) == list(CLASSES)
+    assert float(meta["test_top1"]) >= 0.88
+    cfg = json.loads(meta["data_config"])
+    assert cfg["input_size"] == [1, 28, 28]
+    assert model.patch_embed.num_patches + model.num_prefix_tokens == 197
+
+    images, labels = load_arrays(split="test")
+    x = torch.from_numpy(images[:1000].astype(np.float32) / 255.0).unsqueeze(1)
+    x = (x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(
+        1, -1, 1, 1
+    )
+    y = torch.from_numpy(labels[:1000].astype(np.int64))
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, 1000, 250):
+            correct += (model(x[i : i + 250]).argmax(-1) == y[i : i + 250]).sum().item()
+    assert correct / 1000 > 0.85

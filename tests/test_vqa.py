@@ -1,0 +1,298 @@
+"""The VQA harness: the official VQA accuracy and its answer normalisation, VQAv2 / JSON-lines /
+easy-VQA data, and sweeps of visual-token methods on a tiny random LLaVA (unpruned first,
+resume, forced answers scored exactly, torchrun)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.vqa import (
+    ROWS,
+    VISUAL_TOKENS,
+    save_tiny_llava,
+    tiny_llava,
+    tiny_processor,
+    write_jsonl,
+    write_vqav2,
+)
+
+from tokcomp.cli import main
+from tokcomp.harness import sweep
+from tokcomp.harness.results import ResultStore
+from tokcomp.harness.vqa import (
+    VQADataset,
+    VQATask,
+    generated_lengths,
+    keep_budget,
+    open_vqa,
+    read_easy_vqa,
+    read_jsonl,
+    read_vqav2,
+)
+from tokcomp.harness.vqa_metric import normalize_answer, vqa_accuracy
+
+CPU = torch.device("cpu")
+TESTS = Path(__file__).resolve().parent
+METHODS = "zoo,divprune,fastv,visionzip,random"
+
+
+# -- the metric -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("agreeing", "accuracy"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
+def test_the_official_consensus_cases(agreeing, accuracy):
+    humans = ["2"] * agreeing + ["3"] * (10 - agreeing)
+    assert vqa_accuracy("2", humans) == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize(
+    ("text", "normalized"),
+    [
+        ("yes.", "yes"),  # a trailing period goes
+        ("Yes", "yes"),
+        ("  no\n", "no"),
+        ("two", "2"),  # number words become digits
+        ("None", "0"),
+        ("ten dogs", "10 dogs"),
+        ("the red ball", "red ball"),  # articles go
+        ("an apple", "apple"),
+        ("dont", "don't"),  # contractions get their apostrophe
+        ("isnt it", "isn't it"),
+        ("1,000", "1000"),  # a comma between digits goes
+        ("3.5", "3.5"),  # a period before a digit stays
+        ("3.", "3"),
+        ("black/white", "black white"),  # punctuation touching no space becomes a space
+        ("red, white", "red white"),  # punctuation touching a space goes
+        ("one-way", "1 way"),
+        ("a.m.", "am"),
+        ("what?!", "what"),
+        ("2,3-dimethyl", "23dimethyl"),  # a digit-comma-digit deletes all punctuation
+    ],
+)
+def test_prediction_normalisation(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+def test_yes_with_a_period_counts_as_yes():
+    assert vqa_accuracy("yes.", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("1,000", ["1000"] * 10) == 1.0
+    assert vqa_accuracy("two", ["2"] * 10) == 1.0
+
+
+def test_human_answers_get_punctuation_processing_only_when_they_disagree():
+    # disagreeing humans: punctuation processed ("yes." -> "yes"), not words ("two" stays)
+    assert vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("two", ["two"] * 3 + ["no"] * 7) == 0.0
+    # unanimous humans are compared as they are (official annotations are pre-normalised)
+    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
+
+
+def test_fewer_than_ten_answers_score_by_exact_match():
+    assert vqa_accuracy("Two.", ["2"]) == 1.0  # both sides normalised
+    assert vqa_accuracy("blue", ["red", "blue"]) == 1.0
+    assert vqa_accuracy("green", ["red", "blue"]) == 0.0
+    assert vqa_accuracy("red", ["red"] * 9) == 1.0
+    with pytest.raises(ValueError, match="at least one reference answer"):
+        vqa_accuracy("red", [])
+
+
+# -- data -------------------------------------------------------------------------------------
+def test_vqav2_files_are_parsed(tmp_path):
+    root = write_vqav2(tmp_path / "vqa")
+    questions = read_vqav2(root)
+    assert [q.question for q in questions] == [row[1] for row in ROWS]
+    first = questions[0]
+    assert first.image == root / "val2014" / "COCO_val2014_000000000001.jpg"
+    assert first.answers == ("red",) * 10 and first.answer_type == "other"
+    assert (first.question_type, first.question_id) == ("what", 100)
+    assert questions[2].answers == ("two",) * 2 + ("2",) * 8
+    moved = tmp_path / "elsewhere"
+    (root / "val2014").rename(moved)
+    assert read_vqav2(root, moved)[0].image == moved / "COCO_val2014_000000000001.jpg"
+
+
+def test_vqav2_errors_name_the_files(tmp_path):
+    root = write_vqav2(tmp_path / "vqa")
+    annotations = next(root.glob("*annotations.json"))
+    content = json.loads(annotations.read_text())
+    content["annotations"] = content["annotations"][1:]
+    annotations.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"question 100 of .*questions.json has no annotation"):
+        read_vqav2(root)
+    annotations.write_text("{}")
+    with pytest.raises(ValueError, match="has no 'annotations'"):
+        read_vqav2(root)
+    annotations.unlink()
+    with pytest.raises(FileNotFoundError, match=r"exactly one \*annotations.json file"):
+        read_vqav2(root)
+
+
+def test_jsonl_is_parsed(tmp_path):
+    path = write_jsonl(tmp_path / "data" / "vqa.jsonl")
+    questions = read_jsonl(path)
+    assert len(questions) == len(ROWS)
+    assert questions[4].image == tmp_path / "data" / "images" / "3.png"
+    assert questions[4].answers == ("circle", "round") and questions[4].answer_type == "other"
+    assert questions[4].question_id == 5  # the line number when none is given
+    absolute = json.dumps({"image": str(questions[0].image), "question": "q?", "answers": ["a"]})
+    path.write_text(absolute + "\n\n")  # an absolute path; blank lines are skipped
+    [only] = read_jsonl(path)
+    assert only.image == questions[0].image and only.answer_type is None
+    path.write_text(absolute + "\n\n" + json.dumps({"image": "x.png", "answers": []}) + "\n")
+    with pytest.raises(ValueError, match=r"vqa.jsonl:3: each line needs .*missing: \['question'"):
+        read_jsonl(path)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"vqa.jsonl:1 is not a JSON object"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("layout", ["vqav2", "jsonl"])
+def test_a_missing_image_is_named(tmp_path, layout, capsys):
+    if layout == "vqav2":
+        data = write_vqav2(tmp_path / "vqa")
+        missing = data / "val2014" / "COCO_val2014_000000000002.jpg"
+    else:
+        data = write_jsonl(tmp_path / "vqa.jsonl")
+        missing = tmp_path / "images" / "2.png"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=f"image {missing} of question .* does not exist"):
+        open_vqa(str(data))
+    assert main(["eval", "vqa", "--data", str(data), "--model", str(tmp_path)]) == 2
+    assert f"image {missing} of question" in capsys.readouterr().err
+
+
+def test_the_easy_vqa_test_split():
+    questions = read_easy_vqa("test")
+    assert len(questions) == 9673 and len({q.image for q in questions}) == 1000
+    first = questions[0]
+    assert (first.question, first.answers, first.answer_type) == (
+        "what is the red shape?",
+        ("triangle",),
+        "other",
+    )
+    assert first.image.name == "0.png" and first.image.is_file()
+    assert sum(q.answer_type == "yes/no" for q in questions) == 7136  # the dataset's count
+
+
+def test_budgets_are_fractions_of_the_visual_tokens():
+    assert keep_budget("zoo", 0.25) == "zoo:keep=0.25"
+    assert keep_budget("fastv", 0.5) == "fastv:keep=0.5"
+    assert keep_budget("random", 0.5) == "random:keep_ratio=0.5"
+    with pytest.raises(ValueError, match=r"tome acts inside the vision tower.*--variant"):
+        keep_budget("tome", 0.5)
+
+
+def test_generated_lengths_stop_at_the_first_end_token():
+    new = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 2, 5, 2]])
+    assert generated_lengths(new, [2]).tolist() == [2, 4, 1, 2]
+
+
+# -- sweeps on a tiny random LLaVA ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(JSON-lines data, tiny LLaVA folder)."""
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_jsonl(root / "vqa.jsonl")
+    return data, save_tiny_llava(root / "model", read_jsonl(data))
+
+
+def evaluate(model: Path, data: Path, output: Path, *options: str) -> list[dict]:
+    """Run `tokcomp eval vqa` (no worker processes); this run's rows from its CSV."""
+    argv = ["--model", model, "--data", data, "--output", output, "--workers", 0]
+    argv += ["--batch-size", 4, "--max-new-tokens", 2]
+    assert main(["eval", "vqa", *map(str, argv), *options]) == 0
+    with open(output / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_sweep_runs_end_to_end_unpruned_first(tiny, tmp_path, capsys):
+    data, model = tiny
+    rows = evaluate(model, data, tmp_path, "--methods", METHODS, "--budgets", "0.5")
+    assert [(r["method"], r["label"]) for r in rows] == [("unpruned", "")] + [
+        (m, "keep_ratio=0.5" if m == "random" else "keep=0.5") for m in METHODS.split(",")
+    ]
+    tokens = [float(r["visual_tokens"]) for r in rows]
+    assert tokens == [VISUAL_TOKENS] + [VISUAL_TOKENS / 2] * 5
+    for row in rows:
+        assert int(row["samples"]) == len(ROWS) and 0 <= float(row["vqa"]) <= 100
+        assert float(row["prefill_ms"]) > 0 and float(row["ttft_ms"]) >= float(row["prefill_ms"])
+        assert float(row["macs_ratio"]) <= 1 and {"vqa_yes_no", "vqa_number"} <= row.keys()
+    table = capsys.readouterr().out
+    assert "Δvqa" in table and "TTFT ms" in table and "vis tok" in table
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_interrupted_sweep_recomputes_only_the_missing_point(tiny, tmp_path, monkeypatch):
+    data, model = tiny
+    measured = []
+    real_measure = sweep.measure
+
+    def counting_measure(model, task, device, desc, *rest):
+        measured.append(desc)
+        return real_measure(model, task, device, desc, *rest)
+
+    monkeypatch.setattr(sweep, "measure", counting_measure)
+    options = ("--methods", "zoo", "--budgets", "0.5,0.25", "--variant", "divprune:keep=4")
+    first = evaluate(model, data, tmp_path, *options)
+    assert len(measured) == 4
+    results = tmp_path / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(line for line in lines if json.loads(line)["label"] != "keep=0.25"))
+    measured.clear()
+    second = evaluate(model, data, tmp_path, *options)
+    assert measured == ["[3/4] zoo keep=0.25"]
+    unchanged = ("method", "label", "vqa", "visual_tokens")
+    assert [{k: r[k] for k in unchanged} for r in second] == [
+        {k: r[k] for k in unchanged} for r in first
+    ]
+    measured.clear()
+    evaluate(model, data, tmp_path, *options, "--limit", "3")  # other data: other points
+    assert len(measured) == 4
+
+
+def test_forced_answers_score_exactly_at_every_budget(tmp_path):
+    questions = read_jsonl(write_jsonl(tmp_path / "vqa.jsonl"))
+    processor = tiny_processor(questions)
+    model = tiny_llava(processor)
+    yes = processor.tokenizer.convert_tokens_to_ids("yes")
+    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(yes), 128) * 5.0)
+    types = ("number", "other", "yes/no")
+    task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
+    points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)
+    rows = sweep.run_sweep(model, points, task, ResultStore.in_memory(), {}, CPU)
+    # "yes" scores 0.9 (3 of 10 humans say it) and 1 (the single answer); the others 0
+    for row in rows:
+        assert row["vqa"] == pytest.approx(100 * 1.9 / 6)
+        assert row["vqa_yes_no"] == pytest.approx(100 * 1.9 / 3)
+        assert row["vqa_number"] == row["vqa_other"] == 0.0
+        assert row["tokens_per_s"] == 0.0  # one token each: nothing decoded after the first
+    assert [row["visual_tokens"] for row in rows] == [16, 4, 4]
+
+
+def test_two_processes_count_exactly_what_one_process_counts(tiny, tmp_path):
+    data, model = tiny
+    options = ["--methods", "zoo", "--budgets", "0.5", "--threads", "1", "--limit", "5"]
+    one = evaluate(model, data, tmp_path / "one", *options)
+    argv = ["-m", "tokcomp", "eval", "vqa", "--model", str(model), "--data", str(data)]
+    argv += ["--output", str(tmp_path / "two"), "--workers", "0", "--batch-size", "2"]
+    argv += ["--max-new-tokens", "2", *options]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}:{TESTS}"}
+    run = subprocess.run([*torchrun, "--nproc_per_node", "2", *argv], env=env, timeout=600)
+    assert run.returncode == 0
+    two = [json.loads(line) for line in (tmp_path / "two" / "results.jsonl").open()]
+    for a, b in zip(one, two, strict=True):
+        assert b["world_size"] == 2 and b["samples"] == int(a["samples"]) == 5
+        assert b["vqa"] == pytest.approx(float(a["vqa"]))
+        assert b["visual_tokens"] == pytest.approx(float(a["visual_tokens"]))

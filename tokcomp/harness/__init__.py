@@ -1,0 +1,1 @@
+"""Evaluation harness helpers: real datasets and small models used to measure accuracy."""

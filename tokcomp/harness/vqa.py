@@ -1,0 +1,625 @@
+"""VQA evaluation under a sweep of compression settings (`tokcomp eval vqa`): the official VQA
+accuracy (overall and per answer type), visual tokens kept per image, LLM prefill time,
+time to first token and decoding speed of a Hugging Face VLM, unpruned and with every
+visual-token method at every budget.
+
+Data (--data): the official VQAv2 layout, a folder holding one *questions.json, one
+*annotations.json and the COCO images (<folder>/<data_subtype>/COCO_<data_subtype>_<12-digit
+image id>.jpg, or --images DIR); a JSON-lines file, one question a line:
+{"image": PATH (relative to the file's folder or absolute), "question": TEXT, "answers":
+[TEXT, ...], optional "answer_type", "question_type", "question_id"}; or "easy-vqa" (the test
+split, read from the installed easy-vqa package's files; answer types "yes/no" and "other").
+
+Generation: the model's own processor and chat template, one user turn (the image, then the
+question followed by lmms-eval's short-answer prompt), left padding, greedy decoding of at
+most --max-new-tokens tokens. Timings are per question at the batch size (each question's
+figure is its batch's): LLM prefill = the first pass through the decoder layers; time to
+first token = from generate() to the first token's logits (vision tower, projector, token
+selection and prefill); tokens/s = tokens decoded after the first one over the time from
+the first token to the end of generate() (0 when none followed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tokcomp.adapters.vlm_sequence import pruned_of
+from tokcomp.harness.data import limited, read_image
+from tokcomp.harness.distributed import World
+from tokcomp.harness.results import Column, report
+from tokcomp.harness.sweep import (
+    add_sweep_arguments,
+    file_digest,
+    run_or_exit,
+    sweep_points,
+)
+from tokcomp.harness.vqa_metric import vqa_accuracy
+from tokcomp.methods import VisualMethod, method_class
+from tokcomp.methods.visual import selects_visual_tokens
+
+EASY_VQA = "easy-vqa"
+EASY_VQA_PIN = "easy-vqa==1.0"
+#: lmms-eval's VQAv2 post-prompt for short answers.
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+#: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: The task's own table columns and plot axes.
+COLUMNS = (
+    Column("visual_tokens", "vis tok"),
+    Column("prefill_ms", "prefill ms", ".2f"),
+    Column("ttft_ms", "TTFT ms", ".2f"),
+    Column("tokens_per_s", "tok/s"),
+)
+AXES = (("visual_tokens", "visual tokens per image"), ("ttft_ms", "time to first token (ms)"))
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Question:
+    """One question about one image with its reference answers."""
+
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+    answer_type: str | None = None
+    question_type: str | None = None
+    question_id: int | str | None = None
+
+
+class VQADataset(Dataset):
+    """Questions in a fixed order; items are Question objects."""
+
+    def __init__(self, questions: Sequence[Question]) -> None:
+        self.questions = list(questions)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> Question:
+        return self.questions[index]
+
+
+def data_source(data: str) -> tuple[str, Path]:
+    """(kind, absolute path) of a --data value: 'easy-vqa' (the package's data folder),
+    'jsonl' (a .jsonl file) or 'vqav2' (a folder in the official layout)."""
+    if data == EASY_VQA:
+        return EASY_VQA, easy_vqa_root()
+    path = Path(data).resolve()
+    if path.suffix == ".jsonl":
+        return "jsonl", path
+    if path.is_dir():
+        return "vqav2", path
+    raise FileNotFoundError(
+        f"--data {data}: expected {EASY_VQA}, a .jsonl file or a VQAv2 folder "
+        "(questions JSON, annotations JSON and the image folder)"
+    )
+
+
+def open_vqa(data: str, images: Path | None = None) -> VQADataset:
+    """The questions of a --data value (see `data_source`), every image checked to exist;
+    `images` overrides the image folder of the VQAv2 layout."""
+    kind, path = data_source(data)
+    if images is not None and kind != "vqav2":
+        raise ValueError("--images applies to the VQAv2 layout only")
+    if kind == EASY_VQA:
+        questions = read_easy_vqa("test")
+    elif kind == "jsonl":
+        questions = read_jsonl(path)
+    else:
+        questions = read_vqav2(path, images)
+    check_images(questions)
+    return VQADataset(questions)
+
+
+def easy_vqa_root() -> Path:
+    """The data folder of the installed easy-vqa package (its files; the package is not
+    imported)."""
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None:
+        raise FileNotFoundError(f"easy-vqa is not installed: pip install {EASY_VQA_PIN}")
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+def read_easy_vqa(split: str) -> list[Question]:
+    """The easy-VQA questions of `split` ('train' or 'test'), in file order; answer type
+    'yes/no' for yes/no answers, else 'other' (VQAv2's names)."""
+    folder = easy_vqa_root() / split
+    rows = json.loads((folder / "questions.json").read_text())
+    return [
+        Question(
+            image=folder / "images" / f"{image_id}.png",
+            question=text,
+            answers=(answer,),
+            answer_type="yes/no" if answer in ("yes", "no") else "other",
+            question_id=index,
+        )
+        for index, (text, answer, image_id) in enumerate(rows)
+    ]
+
+
+def read_jsonl(path: Path) -> list[Question]:
+    """Questions of a JSON-lines file (see the module docstring); image paths relative to
+    the file's folder."""
+    questions = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not a JSON object ({err})") from None
+        missing = [key for key in ("image", "question", "answers") if key not in row]
+        answers = row.get("answers")
+        if missing or not isinstance(answers, list) or not answers:
+            raise ValueError(
+                f"{where}: each line needs 'image', 'question' and a non-empty list "
+                f"'answers'{f' (missing: {missing})' if missing else ''}"
+            )
+        questions.append(
+            Question(
+                image=path.parent / row["image"],
+                question=row["question"],
+                answers=tuple(str(answer) for answer in answers),
+                answer_type=row.get("answer_type"),
+                question_type=row.get("question_type"),
+                question_id=row.get("question_id", number),
+            )
+        )
+    return questions
+
+
+def read_vqav2(folder: Path, images: Path | None = None) -> list[Question]:
+    """Questions of the official VQAv2 layout, in the questions file's order: answers,
+    answer and question types from the annotations; images in `images`, by default
+    <folder>/<data_subtype> (e.g. val2014)."""
+    questions_file = _only(folder, "*questions.json")
+    annotations_file = _only(folder, "*annotations.json")
+    questions = _json_field(questions_file, "questions")
+    subtype = _json_field(questions_file, "data_subtype")
+    annotations = {a["question_id"]: a for a in _json_field(annotations_file, "annotations")}
+    images = images or folder / subtype
+    out = []
+    for question in questions:
+        annotation = annotations.get(question["question_id"])
+        if annotation is None:
+            raise ValueError(
+                f"question {question['question_id']} of {questions_file} has no annotation in "
+                f"{annotations_file}: use the annotations file of the same split"
+            )
+        out.append(
+            Question(
+                image=images / f"COCO_{subtype}_{question['image_id']:012d}.jpg",
+                question=question["question"],
+                answers=tuple(a["answer"] for a in annotation["answers"]),
+                answer_type=annotation.get("answer_type"),
+                question_type=annotation.get("question_type"),
+                question_id=question["question_id"],
+            )
+        )
+    return out
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    """The one file in `folder` matching `pattern`."""
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"the VQAv2 folder {folder} must hold exactly one {pattern} file, found "
+            f"{[p.name for p in found] or 'none'}"
+        )
+    return found[0]
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or an error naming the file."""
+    content = json.loads(path.read_text())
+    if not isinstance(content, dict) or key not in content:
+        raise ValueError(f"{path} has no '{key}': is it an official VQAv2 file?")
+    return content[key]
+
+
+def check_images(questions: Sequence[Question]) -> None:
+    """Raise FileNotFoundError naming the first image that does not exist."""
+    seen = set()
+    for question in questions:
+        if question.image in seen:
+            continue
+        if not question.image.is_file():
+            raise FileNotFoundError(
+                f"image {question.image} of question {question.question_id} does not exist; "
+                "check the image folder (VQAv2: --images DIR) or the question's image path"
+            )
+        seen.add(question.image)
+
+
+def answer_types(dataset: Dataset) -> tuple[str, ...]:
+    """The answer types present in `dataset`, sorted (questions without one count only in
+    the overall accuracy)."""
+    found = {dataset[i].answer_type for i in range(len(dataset))}
+    return tuple(sorted(kind for kind in found if kind is not None))
+
+
+def describe(dataset: Dataset, types: Sequence[str]) -> str:
+    """One line: questions, images and answer types."""
+    images = {dataset[i].image for i in range(len(dataset))}
+    return f"{len(dataset)} questions on {len(images)} images; answer types {list(types)}"
+
+
+# -- prompts and generation ------------------------------------------------------------------
+def messages(question: str, post_prompt: str = POST_PROMPT) -> list[dict[str, Any]]:
+    """The chat of one question: a user turn with the image, then the question and the
+    post-prompt."""
+    content = [{"type": "image"}, {"type": "text", "text": question + post_prompt}]
+    return [{"role": "user", "content": content}]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Collates questions into the model's inputs through its processor and chat template."""
+
+    processor: Any
+    post_prompt: str = POST_PROMPT
+
+    def __call__(self, questions: list[Question]) -> tuple[Mapping[str, torch.Tensor], list]:
+        """(processor outputs, the questions) of one batch."""
+        images = [read_image(str(q.image)).convert("RGB") for q in questions]
+        texts = [
+            self.processor.apply_chat_template(
+                messages(q.question, self.post_prompt), add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return inputs, questions
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One batch's generate call: the decoded answers, the visual tokens of all its images
+    that reached the language model, and its timings (seconds)."""
+
+    answers: list[str]
+    visual_tokens: int
+    prefill_s: float
+    ttft_s: float
+    decode_s: float
+    decode_tokens: int
+
+
+def now(device: torch.device) -> float:
+    """perf_counter after the device's queued work (CUDA) finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class FirstToken:
+    """A logits processor that records when it is first called: the first token's logits
+    are ready (the prefill is done)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Pass the scores through unchanged."""
+        if self.at is None:
+            self.at = now(self.device)
+        return scores
+
+
+class PrefillTimer:
+    """Wall time of the first pass through `layers` (a language model's decoder layers) while
+    active: from the first layer's first call to the end of the last layer's first call."""
+
+    def __init__(self, layers: nn.ModuleList, device: torch.device) -> None:
+        self.layers, self.device = layers, device
+        self.start: float | None = None
+        self.seconds: float | None = None
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> PrefillTimer:
+        self._hooks = [
+            self.layers[0].register_forward_pre_hook(self._begin),
+            self.layers[-1].register_forward_hook(self._end),
+        ]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def _begin(self, *_: object) -> None:
+        if self.start is None:
+            self.start = now(self.device)
+
+    def _end(self, *_: object) -> None:
+        if self.seconds is None:
+            self.seconds = now(self.device) - self.start
+
+
+def visual_tokens_kept(
+    cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int
+) -> int:
+    """Visual tokens of the whole batch that the language model holds after the prefill: the
+    image placeholders, less the prompt tokens tokcomp pruned (its record on the generation's
+    cache; FastV: the layers after K)."""
+    placeholders = int((input_ids == image_token_id).sum())
+    pruned = pruned_of(cache)
+    if pruned is None:
+        return placeholders
+    return placeholders - (int(attention_mask.sum()) - int(pruned.mask.sum()))
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
+    """(B,) tokens each sample generated, up to and including its first end-of-sequence
+    token (generate pads the samples that finished early)."""
+    ended = torch.isin(new_tokens, torch.tensor(list(eos), device=new_tokens.device))
+    after = ended.long().cumsum(dim=1) - ended.long()
+    return (after == 0).sum(dim=1)
+
+
+# -- the task ---------------------------------------------------------------------------------
+def type_metric(answer_type: str) -> str:
+    """The metric name of an answer type's accuracy ('yes/no' -> 'vqa_yes_no')."""
+    return "vqa_" + re.sub(r"\W+", "_", answer_type).strip("_")
+
+
+class VQATask:
+    """Open-ended VQA by greedy generation: VQA accuracy (overall, per answer type), visual
+    tokens per image and the timings of the module docstring."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        processor: Any,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        answer_types: Sequence[str] = (),
+        max_new_tokens: int = 16,
+        post_prompt: str = POST_PROMPT,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        processor.tokenizer.padding_side = "left"
+        self.processor, self.device, self.dtype = processor, device, dtype
+        self.answer_types = tuple(answer_types)
+        self.max_new_tokens = max_new_tokens
+        self.metrics = ("vqa", *map(type_metric, self.answer_types))
+        counts = tuple(f"{name}_count" for name in self.metrics[1:])
+        timing = ("visual_tokens", "prefill_s", "ttft_s", "decode_s", "decode_tokens")
+        self.tallies = (*self.metrics, *counts, *timing)
+        self.loader = DataLoader(
+            dataset,
+            batch_size,
+            num_workers=workers,
+            collate_fn=Prompts(processor, post_prompt),
+            persistent_workers=workers > 0,
+        )
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.loader)
+
+    def batches(self) -> Iterator[tuple[Mapping[str, torch.Tensor], list[Question]]]:
+        """(processor outputs on the device, questions) batches."""
+        for inputs, questions in self.loader:
+            inputs = inputs.to(self.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            yield inputs, questions
+
+    def forward(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Generation:
+        """Greedy answers of one batch, timed."""
+        from transformers import LogitsProcessorList
+
+        first = FirstToken(self.device)
+        tokenizer = self.processor.tokenizer
+        with PrefillTimer(model.get_decoder().layers, self.device) as prefill:
+            start = now(self.device)
+            out = model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([first]),
+                return_dict_in_generate=True,
+            )  # fmt: skip
+            end = now(self.device)
+        new = out.sequences[:, inputs["input_ids"].shape[1] :]
+        lengths = generated_lengths(new, _eos_ids(model, tokenizer))
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        return Generation(
+            answers=self.processor.batch_decode(new, skip_special_tokens=True),
+            visual_tokens=visual_tokens_kept(out.cache, ids, mask, model.config.image_token_id),
+            prefill_s=prefill.seconds,
+            ttft_s=first.at - start,
+            decode_s=end - first.at,
+            decode_tokens=int((lengths - 1).clamp_min(0).sum()),
+        )
+
+    def score(self, outputs: Generation, targets: Sequence[Question]) -> dict[str, float]:
+        """Accuracy sums (overall, per answer type, with the type counts) and timing sums."""
+        accuracy = [
+            vqa_accuracy(answer, question.answers)
+            for answer, question in zip(outputs.answers, targets, strict=True)
+        ]
+        tallies = {"vqa": sum(accuracy)}
+        for kind, name in zip(self.answer_types, self.metrics[1:], strict=True):
+            chosen = [a for a, q in zip(accuracy, targets, strict=True) if q.answer_type == kind]
+            tallies[name], tallies[f"{name}_count"] = sum(chosen), len(chosen)
+        questions = len(targets)
+        return {
+            **tallies,
+            "visual_tokens": outputs.visual_tokens,
+            "prefill_s": outputs.prefill_s * questions,
+            "ttft_s": outputs.ttft_s * questions,
+            "decode_s": outputs.decode_s,
+            "decode_tokens": outputs.decode_tokens,
+        }
+
+    def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Accuracies (percent), visual tokens per image, per-question timings (ms) and
+        decoding tokens/s from the totals of every batch and rank."""
+        questions = totals["samples"]
+        typed = {
+            name: 100.0 * totals[name] / max(totals[f"{name}_count"], 1)
+            for name in self.metrics[1:]
+        }
+        decode_s = totals["decode_s"]
+        return {
+            "vqa": 100.0 * totals["vqa"] / questions,
+            **typed,
+            "visual_tokens": totals["visual_tokens"] / questions,
+            "prefill_ms": 1000.0 * totals["prefill_s"] / questions,
+            "ttft_ms": 1000.0 * totals["ttft_s"] / questions,
+            "tokens_per_s": totals["decode_tokens"] / decode_s if decode_s > 0 else 0.0,
+        }
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The token ids that end a generation (the model's generation config, else the
+    tokenizer's)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+# -- budgets, model, command line -------------------------------------------------------------
+def keep_budget(method: str, budget: float) -> str:
+    """A --budgets entry of a VQA sweep, as a variant: keep `budget` of each image's visual
+    tokens (the method's keep, or random's keep_ratio)."""
+    cls = method_class(method)
+    if not selects_visual_tokens(cls):
+        raise ValueError(
+            f"--budgets keep a fraction of the visual tokens; {method} acts inside the vision "
+            f"tower: give its own options with --variant (e.g. {method}:r=4)"
+        )
+    knob = "keep" if issubclass(cls, VisualMethod) else "keep_ratio"
+    return f"{method}:{knob}={budget}"
+
+
+def load_vlm(folder: Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model in eval mode, processor) of a local Hugging Face VLM folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if not (folder / "config.json").is_file():
+        hint = "train it: python eval/train_vlm_easyvqa.py; or" if folder == DEFAULT_MODEL else ""
+        raise FileNotFoundError(
+            f"no model in {folder} (config.json missing); {hint} pass --model DIR, a local "
+            "Hugging Face VLM folder with its processor files"
+        )
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype))
+    return model.eval(), processor
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokcomp eval vqa`."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help="local Hugging Face VLM folder (weights, config, processor files); default: the "
+        "offline easy-VQA LLaVA, eval/models/vlm-easyvqa",
+    )
+    model.add_argument("--dtype", default="float32", choices=DTYPES)
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        required=True,
+        help=f"{EASY_VQA} (its test split), a .jsonl file, or a VQAv2 folder (questions and "
+        "annotations JSON, images in <folder>/<data_subtype>/)",
+    )
+    data.add_argument("--images", type=Path, help="VQAv2: the COCO image folder")
+    data.add_argument("--limit", type=int, help="evaluate N questions spread over the data")
+    data.add_argument("--batch-size", type=int, default=16)
+    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--max-new-tokens", type=int, default=16)
+    generation.add_argument(
+        "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
+    )
+    add_sweep_arguments(
+        parser,
+        budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.125",
+        methods="zoo,divprune,fastv,visionzip,random",
+        variant="zoo:keep=64",
+    )
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--device", default="cpu")
+    run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
+    run_group.add_argument(
+        "--output", type=Path, help="results folder (default results/<model>-<data>)"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate the sweep the arguments describe, print its table, save its results.
+    Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
+    points = sweep_points(args.methods, args.budgets, args.variant, args.config, keep_budget)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = World.from_env(args.device)
+    device = world.device(args.device)
+    dataset = limited(open_vqa(args.data, args.images), args.limit)
+    model, processor = load_vlm(args.model, args.dtype)
+    model.to(device)
+    types = answer_types(dataset)
+    name = f"{args.model.name}-{_data_name(args.data)}"
+    output = args.output or Path("results") / name
+    threads = torch.get_num_threads()
+    say = print if world.is_main else _quiet
+    say(f"model {args.model}; data {args.data}: {describe(dataset, types)}")
+    say(
+        f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
+        f"batch {args.batch_size}, {args.dtype}; results in {output}"
+    )
+    task = VQATask(
+        world.shard(dataset), processor, args.batch_size, args.workers, device, types,
+        args.max_new_tokens, args.prompt, getattr(torch, args.dtype),
+    )  # fmt: skip
+    settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    rows = run_or_exit(model, points, task, output, _context(args), device, settings, world)
+    say(report(rows, task.metrics, output, name, COLUMNS, AXES))
+
+
+def _quiet(*_: Any) -> None:
+    """print() for the ranks that do not report."""
+
+
+def _context(args: argparse.Namespace) -> dict[str, Any]:
+    """What identifies this run's results: model and weights, data, limit, generation."""
+    kind, path = data_source(args.data)
+    folder = args.model.resolve()
+    weights = {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
+    return {
+        "task": "vqa",
+        "model": str(folder),
+        "weights_sha256": weights,
+        "dtype": args.dtype,
+        "data": f"{kind}:{path}",
+        "images": str(args.images.resolve()) if args.images else None,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt": args.prompt,
+    }
+
+
+def _data_name(data: str) -> str:
+    kind, path = data_source(data)
+    return kind if kind == EASY_VQA else path.stem
