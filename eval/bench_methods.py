@@ -19,9 +19,9 @@ BUDGETS = (0.8, 0.65, 0.5)
 
 
 def variants() -> list[Variant]:
-    """Each method at three MACs budgets (DiffRate: its published 3.1/2.7/2.3-GMAC
+    """ToMe r=13, each method at three MACs budgets (DiffRate: its published 3.1/2.7/2.3-GMAC
     schedules), plus the Zero-TPrune preset."""
-    rows = []
+    rows = [Variant("tome r=13", "tome", {"r": 13})]
     for method in ("tome", "pitome", "zero_tprune", "evit", "random"):
         rows += [Variant(f"{method} {b:.2f}", method, {"target_macs": b}) for b in BUDGETS]
     rows += [

@@ -147,19 +147,6 @@ def _geometry(model: nn.Module) -> tuple[int, int]:
     return spec.tokens, spec.depth
 
 
-def _apply(model: nn.Module, method: str, **options) -> nn.Module:
-    """tokcomp.apply, skipping only where the method refuses because its inputs do not exist
-    here and its message says so: a VLM's visual tokens, or a class token (SigLIP)."""
-    try:
-        return tokcomp.apply(model, method, **options)
-    except (ValueError, TypeError) as err:
-        if "vision-language model" in str(err):
-            pytest.skip(f"{method} says it needs a vision-language model")
-        if "class token" in str(err) and not find_adapter(model).spec().class_token:
-            pytest.skip(f"{method} says it needs a class token")
-        raise
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run many times faster on one thread than on two busy shared cores."""
@@ -189,7 +176,7 @@ def test_keep_everything_is_exact_and_remove_restores(method, case, images):
     model, output = tiny(case), CASES[case].output
     expected = output(model, images)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    _apply(model, method, **keep_all(method, *_geometry(model)))
+    tokcomp.apply(model, method, **keep_all(method, *_geometry(model)))
     assert tokcomp.config_of(model).macs_ratio == 1.0
     torch.testing.assert_close(output(model, images), expected, atol=1e-5, rtol=0)
     tokcomp.remove(model)
@@ -204,7 +191,7 @@ def test_keep_everything_is_exact_and_remove_restores(method, case, images):
 def test_middle_budget_is_batch_independent_and_keeps_protected_tokens(method, case, images):
     model, output = tiny(case), CASES[case].output
     tokens, depth = _geometry(model)
-    _apply(model, method, trace_source=True, **middle(method, tokens, depth))
+    tokcomp.apply(model, method, trace_source=True, **middle(method, tokens, depth))
     assert tokcomp.config_of(model).macs_ratio < 1.0
     alone = torch.cat([output(model, images[i : i + 1]) for i in range(len(images))])
     torch.testing.assert_close(output(model, images), alone, atol=1e-5, rtol=1e-5)
@@ -264,10 +251,10 @@ def test_clip_zero_shot(method, case, zero_shot, images):
     text = torch.randint(1, 64, (5, 8), generator=torch.Generator().manual_seed(2))
     logits, text_features = zero_shot(model, images, text)
     geometry = _geometry(model)
-    _apply(model, method, **keep_all(method, *geometry))
+    tokcomp.apply(model, method, **keep_all(method, *geometry))
     kept, _ = zero_shot(model, images, text)
     assert torch.equal(kept.argmax(dim=1), logits.argmax(dim=1))
-    _apply(model, method, **middle(method, *geometry))
+    tokcomp.apply(model, method, **middle(method, *geometry))
     compressed, compressed_text = zero_shot(model, images, text)
     assert compressed.shape == logits.shape and compressed.isfinite().all()
     assert torch.equal(compressed_text, text_features)
@@ -372,7 +359,7 @@ def test_image_towers_are_recognised_on_their_own():
 @torch.no_grad()
 def test_hf_config_reloads_on_the_same_architecture(method, tmp_path, images):
     model = _clip_tower()
-    _apply(model, method, **middle(method, *_geometry(model)))
+    tokcomp.apply(model, method, **middle(method, *_geometry(model)))
     path = tokcomp.config_of(model).save(tmp_path / "clip.json")
     other = tokcomp.apply(_clip_tower(), path)
     assert tokcomp.config_of(other) == tokcomp.config_of(model)

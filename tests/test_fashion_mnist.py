@@ -13,7 +13,6 @@ import torch
 
 from tokcomp.harness.fashion_mnist import (
     CLASSES,
-    DEFAULT_ROOT,
     FashionMNIST,
     load_arrays,
     read_idx,
@@ -22,11 +21,6 @@ from tokcomp.harness.fashion_mnist import (
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT = REPO / "eval" / "models" / "vit-fmnist" / "model.safetensors"
 FIRST_TRAIN_LABELS = [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
-
-needs_data = pytest.mark.skipif(
-    not (Path(DEFAULT_ROOT) / "t10k-labels-idx1-ubyte.gz").is_file(),
-    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
-)
 
 
 def test_read_idx_roundtrip(tmp_path: Path) -> None:
@@ -59,7 +53,6 @@ def test_bad_split() -> None:
         load_arrays(split="validation")
 
 
-@needs_data
 @pytest.mark.parametrize(("split", "count"), [("train", 60000), ("test", 10000)])
 def test_arrays_shapes_and_labels(split: str, count: int) -> None:
     images, labels = load_arrays(split=split)
@@ -70,7 +63,6 @@ def test_arrays_shapes_and_labels(split: str, count: int) -> None:
     assert np.bincount(labels).tolist() == [count // 10] * 10  # balanced classes
 
 
-@needs_data
 def test_dataset_items() -> None:
     ds = FashionMNIST(split="train")
     assert len(ds) == 60000
@@ -84,7 +76,6 @@ def test_dataset_items() -> None:
     assert x.shape == (28, 28) and x.dtype == np.float32 and 0 <= y < 10
 
 
-@needs_data
 def test_shipped_checkpoint_accuracy() -> None:
     """Load the committed model with the documented recipe; check it on 1000 test images."""
     import safetensors

@@ -291,7 +291,6 @@ def test_a_corrupt_image_stops_the_run_naming_it(tmp_path, small, capsys):
 
 # -- the default Fashion-MNIST model --------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} is not trained yet")
 def test_the_default_fashion_mnist_model(tmp_path):
     options = "--limit 64 --batch-size 64 --methods tome --budgets 0.7"
     rows = evaluate(DEFAULT_MODEL, "fashion-mnist", tmp_path, options)
