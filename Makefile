@@ -28,7 +28,7 @@ demo-vit: install
 		--output results/demo-vit-fmnist
 
 demo-vqa: install
-	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 2000 \
+	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 \
 		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
 		--output results/demo-vqa-easyvqa
 

@@ -229,3 +229,11 @@ def test_random_follows_another_methods_schedule(tmp_path):
     model = tokcomp.apply(tiny_vit("vit"), "random", schedule=tome.schedule)
     assert tokcomp.config_of(model).schedule == tome.schedule
     assert json.loads(json.dumps(tokcomp.config_of(model).to_dict()))["method"] == "random"
+
+
+def test_random_positions_apply_to_vlms_only():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="positions applies to a VLM"):
+        tokcomp.apply(model, "random", keep_ratio=0.5, positions="keep")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        tokcomp.apply(model, "random", keep_ratio=0.5, positions="shuffle")

@@ -14,6 +14,7 @@ from conftest import tiny_vit
 from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
+from tokcomp.adapters import find_adapter
 from tokcomp.methods.fastv import FastV
 
 STEPS = 4
@@ -120,23 +121,11 @@ def test_keep_everything_reproduces_greedy_generate(family, method, layout):
 def _pruned(model, family: str, method: str, positions: str):
     if method == "fastv":
         return tokcomp.apply(model, _fixed_fastv(keep=0.4, positions=positions))
-    options = _pruning(method)
-    if method != "random":
-        options["positions"] = positions
-    return tokcomp.apply(model, method, **options)
+    return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 
-def _position_cases() -> list[tuple[str, str, str]]:
-    """Every family and method with each position option it has (random always renumbers)."""
-    return [
-        (family, method, positions)
-        for family, method in _cases()
-        for positions in ("keep", "renumber")
-        if method != "random" or positions == "renumber"
-    ]
-
-
-@pytest.mark.parametrize(("family", "method", "positions"), _position_cases())
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize(("family", "method"), _cases())
 @torch.no_grad()
 def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, positions):
     model = _pruned(_model(family), family, method, positions)
@@ -403,3 +392,12 @@ def test_fastv_names_the_switch_when_the_attention_cannot_be_masked():
     model.set_attn_implementation("tokcomp_test_kernel")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         model(**batch)
+
+
+def test_random_reaches_a_macs_target_with_a_visual_token_schedule():
+    model = _model("llava")
+    config = tokcomp.config_of(tokcomp.apply(model, "random", target_macs=0.8))
+    spec = find_adapter(model).spec()
+    assert len(config.schedule) == spec.depth + spec.llm_depth
+    assert config.schedule[spec.depth :] == [config.schedule[-1]] * spec.llm_depth
+    assert abs(config.macs_ratio - 0.8) < 0.05

@@ -106,13 +106,18 @@ class VLMSpec(ModelSpec):
         method = method.settle(self)
         if method.target_macs is not None:
             return self.nearest_to_target(method)
-        schedule = visual_schedule(method, self)
+        schedule = self.native_schedule(method)
         if method.schedule is not None and list(method.schedule) != schedule:
             raise ValueError(
                 f"{method.name}'s schedule on {self.architecture} follows from its options "
                 f"({schedule}); give keep (or target_macs) instead of a different schedule"
             )
         return method, schedule
+
+    def native_schedule(self, method: Method) -> list[int]:
+        """The tower's blocks, then the visual tokens each decoder layer processes (also for
+        random, whose own knob_schedule is a vision transformer's)."""
+        return visual_schedule(method, self)
 
     @property
     def label(self) -> str:

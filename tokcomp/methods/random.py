@@ -12,7 +12,7 @@ from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
-from tokcomp.methods.visual import VisualTokens
+from tokcomp.methods.visual import POSITIONS, VisualTokens
 
 
 @register
@@ -23,7 +23,9 @@ class RandomPrune(Method):
     keep_ratio: fraction of unprotected tokens each block in `layers` (default: all) keeps;
     or pass another method's `schedule` to compare at exactly its token counts. The subset
     is drawn from `seed` and the block index, the same for every image (so results do not
-    depend on batch composition) and every call.
+    depend on batch composition) and every call. On a VLM it keeps `keep_ratio` of each
+    image's visual tokens, numbered as `positions` says ("renumber" or "keep", as for the
+    other visual-token methods, so that each can be compared at its own setting).
     """
 
     name: ClassVar[str] = "random"
@@ -32,12 +34,19 @@ class RandomPrune(Method):
     keep_ratio: float = 1.0
     layers: list[int] | None = None
     seed: int = 0
+    positions: str = "renumber"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ratio(self.name, self.keep_ratio)
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"random: positions must be one of {POSITIONS}, got {self.positions!r}"
+            )
 
     def knob_schedule(self, layout: Layout) -> list[int]:
+        if self.positions != "renumber":
+            raise ValueError("random: positions applies to a VLM's visual tokens only")
         check_layers(self.name, self.layers, layout.depth)
         return ratio_schedule(layout, self.keep_ratio, self.layers)
 

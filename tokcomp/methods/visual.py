@@ -85,8 +85,11 @@ def visual_keep(method: Method) -> int | float:
 
 
 def visual_positions(method: Method) -> str:
-    """How kept tokens are numbered: "keep" (original position ids) or "renumber"."""
-    return method.positions if isinstance(method, VisualMethod) else "renumber"
+    """How kept tokens are numbered: "keep" (original position ids) or "renumber". Every
+    method that selects visual tokens has `positions` (random too, which is not a
+    VisualMethod because it also prunes vision transformers); a method inside the vision
+    tower sends fewer tokens, numbered contiguously."""
+    return method.positions if selects_visual_tokens(method) else "renumber"
 
 
 def check_keep(name: str, keep: Any) -> None:
