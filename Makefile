@@ -31,6 +31,9 @@ demo-vqa: install
 	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 \
 		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
 		--output results/demo-vqa-easyvqa
+	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 --positions keep \
+		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
+		--output results/demo-vqa-easyvqa-keep-positions
 
 test: install lint
 	$(PY) -m pytest -q tests

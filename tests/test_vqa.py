@@ -186,6 +186,8 @@ def test_budgets_are_fractions_of_the_visual_tokens():
     assert keep_budget("zoo", 0.25) == "zoo:keep=0.25"
     assert keep_budget("fastv", 0.5) == "fastv:keep=0.5"
     assert keep_budget("random", 0.5) == "random:keep_ratio=0.5"
+    assert keep_budget("random", 0.5, "keep") == "random:keep_ratio=0.5,positions=keep"
+    assert keep_budget("zoo", 0.25, "renumber") == "zoo:keep=0.25,positions=renumber"
     with pytest.raises(ValueError, match=r"tome acts inside the vision tower.*--variant"):
         keep_budget("tome", 0.5)
 

@@ -264,9 +264,10 @@ def add_sweep_arguments(
     budgets: str,
     methods: str = "tome,pitome",
     variant: str = "tome:r=13",
-) -> None:
+) -> argparse._ArgumentGroup:
     """The sweep options of an eval task: --methods, --budgets (`budgets` says what a budget
-    means), --variant and --config; `methods` and `variant` are the help's examples."""
+    means), --variant and --config; `methods` and `variant` are the help's examples. Returns
+    the group, for a task's own sweep options."""
     sweep = parser.add_argument_group("sweep (the unpruned model is always evaluated first)")
     sweep.add_argument("--methods", type=names, default=[], help=f"e.g. {methods}")
     sweep.add_argument("--budgets", type=fractions, default=[], help=budgets)
@@ -280,6 +281,7 @@ def add_sweep_arguments(
     sweep.add_argument(
         "--config", action="append", type=Path, default=[], help="saved config (repeatable)"
     )
+    return sweep
 
 
 def names(text: str) -> list[str]:

@@ -22,6 +22,7 @@ the first token to the end of generate() (0 when none followed).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import re
@@ -47,7 +48,7 @@ from tokcomp.harness.sweep import (
 )
 from tokcomp.harness.vqa_metric import vqa_accuracy
 from tokcomp.methods import VisualMethod, method_class
-from tokcomp.methods.visual import selects_visual_tokens
+from tokcomp.methods.visual import POSITIONS, selects_visual_tokens
 
 EASY_VQA = "easy-vqa"
 EASY_VQA_PIN = "easy-vqa==1.0"
@@ -498,9 +499,10 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 
 # -- budgets, model, command line -------------------------------------------------------------
-def keep_budget(method: str, budget: float) -> str:
+def keep_budget(method: str, budget: float, positions: str | None = None) -> str:
     """A --budgets entry of a VQA sweep, as a variant: keep `budget` of each image's visual
-    tokens (the method's keep, or random's keep_ratio)."""
+    tokens (the method's keep, or random's keep_ratio), numbered as `positions` says (None:
+    the method's default)."""
     cls = method_class(method)
     if not selects_visual_tokens(cls):
         raise ValueError(
@@ -508,7 +510,8 @@ def keep_budget(method: str, budget: float) -> str:
             f"tower: give its own options with --variant (e.g. {method}:r=4)"
         )
     knob = "keep" if issubclass(cls, VisualMethod) else "keep_ratio"
-    return f"{method}:{knob}={budget}"
+    numbering = f",positions={positions}" if positions else ""
+    return f"{method}:{knob}={budget}{numbering}"
 
 
 def load_vlm(folder: Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
@@ -553,11 +556,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
     )
-    add_sweep_arguments(
+    sweep = add_sweep_arguments(
         parser,
         budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.125",
         methods="zoo,divprune,fastv,visionzip,random",
         variant="zoo:keep=64",
+    )
+    sweep.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        help="with --budgets: number every method's kept visual tokens this way (default: "
+        "each method's own; keep = original position ids, renumber = contiguous)",
     )
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", default="cpu")
@@ -571,7 +580,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results.
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
-    points = sweep_points(args.methods, args.budgets, args.variant, args.config, keep_budget)
+    budget = functools.partial(keep_budget, positions=args.positions)
+    points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
     if args.threads:
         torch.set_num_threads(args.threads)
     world = World.from_env(args.device)
