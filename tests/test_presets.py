@@ -10,14 +10,24 @@ import timm
 import torch
 
 import tokcomp
+from tokcomp.models import create_model
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 PRESETS = sorted(CONFIGS.glob("*/*.json"))
 #: Folder name -> how to build that architecture (MAE presets are for fine-tuned, avg-pool).
 OVERRIDES = {"mae": {"global_pool": "avg", "num_classes": 1000}}
+#: Presets searched on tokcomp's own models: folder -> checkpoint; named by target MACs ratio.
+SEARCHED = {"vit-fmnist": ROOT / "eval" / "models" / "vit-fmnist" / "model.safetensors"}
+PUBLISHED_DIFFRATE = {
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "vit_base_patch16_224.mae", "vit_large_patch16_224.mae", "vit_huge_patch14_224.mae",
+}  # fmt: skip
 
 
 def _model(folder: str) -> torch.nn.Module:
+    if folder in SEARCHED:
+        return create_model(checkpoint=SEARCHED[folder])
     overrides = OVERRIDES["mae"] if folder.endswith(".mae") else {}
     with torch.device("meta"):
         return timm.create_model(folder, pretrained=False, **overrides)
@@ -28,7 +38,7 @@ def test_presets_exist_for_the_published_diffrate_models_and_zero_tprune():
     assert "deit_small_patch16_224/diffrate-2.9g.json" in names
     assert "deit_small_patch16_224/zero_tprune-3.0g.json" in names
     folders = {p.parent.name for p in PRESETS if p.name.startswith("diffrate")}
-    assert len(folders) == 6
+    assert folders == PUBLISHED_DIFFRATE | set(SEARCHED)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -39,9 +49,11 @@ def test_preset_applies_in_one_line_with_its_schedule(path):
     applied = tokcomp.config_of(model)
     assert applied.schedule == config.schedule
     assert applied.macs == config.macs
-    if config.method == "diffrate":
-        gmacs = float(path.stem.split("-")[1].rstrip("g"))
-        assert config.macs / 1e9 == pytest.approx(gmacs, rel=0.1)  # the search target
+    target = path.stem.split("-")[1]
+    if path.parent.name in SEARCHED:
+        assert config.macs_ratio == pytest.approx(float(target), abs=0.03)  # the search target
+    elif config.method == "diffrate":
+        assert config.macs / 1e9 == pytest.approx(float(target.rstrip("g")), rel=0.1)
 
 
 def test_zero_tprune_preset_is_the_papers_operating_point():
