@@ -71,21 +71,7 @@ struct MatchRows {
         }
       }
     };
-    float acc[kMaxRows][kLanes];
-    int64_t p = first_panel;
-    if constexpr (Dot::kPairs) {
-      float acc1[kMaxRows][kLanes];
-      for (; p + 1 < num_panels; p += 2) {
-        Dot::template run_pair<M>(
-            a_rows, C, panels + p * C * kLanes, panels + (p + 1) * C * kLanes, acc, acc1);
-        update(acc, p);
-        update(acc1, p + 1);
-      }
-    }
-    for (; p < num_panels; ++p) {
-      Dot::template run<M>(a_rows, C, panels + p * C * kLanes, acc);
-      update(acc, p);
-    }
+    cpu::for_each_panel<M, Dot>(a_rows, C, panels, first_panel, num_panels, update);
     for (int i = 0; i < M; ++i) {
       float v = best[i][0];
       int32_t j = arg[i][0];

@@ -176,6 +176,30 @@ struct Avx512Dot {
 };
 #endif
 
+// Scores of M rows against panels [first, count), each panel's (kMaxRows x kLanes) dot
+// products passed to visit(acc, panel) in increasing panel order (two panels per step where
+// the Dot kernel pairs them).
+template <int M, typename Dot, typename Visit>
+TOKCOMP_ALWAYS_INLINE void for_each_panel(
+    const float* rows, int64_t C, const float* panels, int64_t first, int64_t count,
+    Visit&& visit) {
+  float acc[kMaxRows][kLanes];
+  int64_t p = first;
+  if constexpr (Dot::kPairs) {
+    float acc1[kMaxRows][kLanes];
+    for (; p + 1 < count; p += 2) {
+      Dot::template run_pair<M>(
+          rows, C, panels + p * C * kLanes, panels + (p + 1) * C * kLanes, acc, acc1);
+      visit(acc, p);
+      visit(acc1, p + 1);
+    }
+  }
+  for (; p < count; ++p) {
+    Dot::template run<M>(rows, C, panels + p * C * kLanes, acc);
+    visit(acc, p);
+  }
+}
+
 // Body::run<M, Dot> for M = 1..rows, rows = kMaxRows with AVX-512, kPortableRows otherwise:
 // table[m - 1] handles m rows.
 template <typename Body, typename... Args>

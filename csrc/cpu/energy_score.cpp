@@ -140,21 +140,7 @@ struct EnergyRows {
         }
       }
     };
-    float acc[kMaxRows][kLanes];
-    int64_t p = first_panel;
-    if constexpr (Dot::kPairs) {
-      float acc1[kMaxRows][kLanes];
-      for (; p + 1 < num_panels; p += 2) {
-        Dot::template run_pair<M>(
-            rows, C, panels + p * C * kLanes, panels + (p + 1) * C * kLanes, acc, acc1);
-        fold(acc, p);
-        fold(acc1, p + 1);
-      }
-    }
-    for (; p < num_panels; ++p) {
-      Dot::template run<M>(rows, C, panels + p * C * kLanes, acc);
-      fold(acc, p);
-    }
+    cpu::for_each_panel<M, Dot>(rows, C, panels, first_panel, num_panels, fold);
     for (int i = 0; i < M; ++i) {
       float sum = 0.f;
       for (int64_t l = 0; l < kLanes; ++l) {
