@@ -1,0 +1,80 @@
+"""The default VLM's training script: visual-token dropout builds prompts with placeholders
+for the kept tokens only and fills them with exactly those tokens' features."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import pytest
+import torch
+from fixtures.vqa import VISUAL_TOKENS, tiny_llava, tiny_processor, training_script, write_jsonl
+
+from tokcomp.harness.vqa import read_jsonl
+
+IMAGE = 9
+
+
+def test_keep_placeholders_keeps_the_text_around_the_image():
+    prompt = [1, 5, IMAGE, IMAGE, IMAGE, IMAGE, 6, 7]
+    kept = torch.tensor([0, 3])
+    assert training_script().keep_placeholders(prompt, IMAGE, kept) == [1, 5, IMAGE, IMAGE, 6, 7]
+
+
+@pytest.mark.parametrize("drop", [0.0, 1.0])
+def test_visual_subsets_are_sorted_distinct_and_within_bounds(drop):
+    args = Namespace(drop_visual=drop, min_visual=3)
+    generator = torch.Generator().manual_seed(0)
+    subsets = training_script().visual_subsets(200, 16, args, generator)
+    for kept in subsets:
+        assert kept.tolist() == sorted(set(kept.tolist()))
+        assert int(kept.min()) >= 0 and int(kept.max()) < 16
+    sizes = {len(kept) for kept in subsets}
+    if drop == 0:
+        assert sizes == {16}
+    else:
+        assert min(sizes) >= 3 and max(sizes) <= 15 and len(sizes) > 5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    questions = read_jsonl(write_jsonl(tmp_path_factory.mktemp("data") / "questions.jsonl"))
+    processor = tiny_processor(questions)
+    torch.manual_seed(0)
+    model = tiny_llava(processor).eval()
+    split = training_script().encode(processor, questions)
+    return model, split, processor.tokenizer.eos_token_id
+
+
+def test_keeping_every_visual_token_is_the_plain_batch(tiny):
+    model, split, eos = tiny
+    script = training_script()
+    images = list(range(len(split.by_image)))
+    pixels = split.pixels[images]
+    everything = [torch.arange(split.visual_tokens)] * len(images)
+    plain = script.forward(model, script.make_batch(split, images, eos, pixels))[0]
+    full = script.forward(model, script.make_batch(split, images, eos, pixels, None, everything))
+    torch.testing.assert_close(full[0].loss, plain.loss)
+
+
+def test_a_dropped_image_is_seen_through_its_kept_tokens_only(tiny):
+    """The answer logits of a prompt cut to some visual tokens equal those of the model
+    given exactly those tokens' projected features, consecutively numbered."""
+    model, split, eos = tiny
+    script = training_script()
+    kept = [torch.tensor([0, 5, 6, 15]), torch.arange(3, 11), torch.tensor([2, 9])]
+    images = list(range(len(kept)))
+    batch = script.make_batch(split, images, eos, split.pixels[images], None, kept)
+    assert split.visual_tokens == VISUAL_TOKENS
+    with torch.no_grad():
+        logits = script.forward(model, batch, labels=False)[0].logits
+        features = torch.stack(model.model.get_image_features(batch.pixels).pooler_output)
+        for row in range(len(batch.ids)):
+            image = int(batch.owner[row])
+            ids = batch.ids[row, : int(batch.mask[row].sum())][None]
+            placeholders = (ids == split.image_token)[0].nonzero().flatten()
+            assert len(placeholders) == len(kept[image])
+            embeds = model.get_input_embeddings()(ids).clone()
+            embeds[0, placeholders] = features[image, kept[image]]
+            alone = model(inputs_embeds=embeds).logits
+            last = int(batch.last[row])
+            torch.testing.assert_close(logits[row, last], alone[0, last], atol=1e-5, rtol=1e-5)
