@@ -22,7 +22,7 @@ VIT_FMNIST := eval/models/vit-fmnist/model.safetensors
 demo: demo-vit demo-vqa
 
 demo-vit: install
-	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist \
+	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist --limit 5000 \
 		--methods tome,pitome,zero_tprune,evit,random --budgets 0.8,0.65,0.5 \
 		$(foreach c,$(wildcard configs/vit-fmnist/*.json),--config $(c)) \
 		--output results/demo-vit-fmnist
@@ -31,9 +31,6 @@ demo-vqa: install
 	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 \
 		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
 		--output results/demo-vqa-easyvqa
-	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 --positions keep \
-		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
-		--output results/demo-vqa-easyvqa-keep-positions
 
 test: install lint
 	$(PY) -m pytest -q tests

@@ -16,10 +16,12 @@ template on the question plus lmms-eval's prompt (tokcomp.harness.vqa.messages).
 Training: the easy-VQA train split (38,575 questions on 4,000 images). Each step takes
 --images-per-step images (a random dihedral flip/rotation each, which changes no answer) and
 --questions-per-image of their questions drawn at random; the vision tower runs once per image.
-A training-only probe (TowerProbe) gives the tower a direct shape and colour loss; it is not
-saved. (With all ~10 questions of 16 images per step the tower saw too few images: after 3
-epochs the model answered colours but never a shape. Many images with few questions each
-helped at the same language-model cost; the probe made the difference: see the model card.)
+A training-only probe (TowerProbe) gives the tower's patch tokens a direct loss (does this
+patch show the shape; if so, which shape and colour); it is not saved. (With all ~10
+questions of 16 images per step the tower saw too few images: after 3 epochs the model
+answered colours but never a shape. Many images with few questions each helped at the same
+language-model cost; the probe made the difference: see the model card.) --drop-visual
+trains on random subsets of the visual tokens (off by default: see the model card).
 The loss is on the answer word and the end-of-sequence token only (the prompt is masked).
 AdamW, linear warm-up then cosine decay, bf16 autocast, seeded (random, numpy, torch). After
 every epoch: the first-token accuracy on --monitor test questions (monitoring only: the saved
@@ -49,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import (
@@ -77,6 +80,8 @@ CHAT_TEMPLATE = (
 )
 TEMPLATE_WORDS = ("user", "assistant", ":")
 SHAPES = ("circle", "rectangle", "triangle")
+#: Summed per-channel difference from the background, in normalised units, of a shape pixel.
+SHAPE_THRESHOLD = 0.5
 COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 
 
@@ -97,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument(
-        "--drop-visual", type=float, default=0.5,
+        "--drop-visual", type=float, default=0.0,
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
     )  # fmt: skip
     p.add_argument("--min-visual", type=int, default=4, help="fewest visual tokens a cut keeps")
@@ -249,19 +254,39 @@ def image_facts(questions: list[Question], index: dict[Path, int]) -> torch.Tens
 
 
 class TowerProbe(torch.nn.Module):
-    """Training-only head on the vision tower: shape and colour of each image from its mean
-    patch feature. Its loss gives the tower a direct signal (through the language model alone
-    it learnt colours but hardly shapes); it is not part of the saved model."""
+    """Training-only head on the vision tower's patch tokens: whether each patch shows the
+    shape and, for those that do, the shape and colour of the image (so each token describes
+    its own patch, as a CLIP patch token mostly does, rather than the whole image). Its loss
+    gives the tower a direct signal; it is not part of the saved model. See the model card."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, patch_size: int) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(width, len(SHAPES) + len(COLOURS))
+        self.patch_size = patch_size
+        self.linear = torch.nn.Linear(width, 1 + len(SHAPES) + len(COLOURS))
 
-    def loss(self, tower_states: torch.Tensor, facts: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the shape and of the colour, over the images that have them."""
-        logits = self.linear(tower_states[:, 1:].mean(dim=1).float())
-        shape, colour = logits.split([len(SHAPES), len(COLOURS)], dim=-1)
-        return _known_cross_entropy(shape, facts[:, 0]) + _known_cross_entropy(colour, facts[:, 1])
+    def loss(
+        self, tower_states: torch.Tensor, pixels: torch.Tensor, facts: torch.Tensor
+    ) -> torch.Tensor:
+        """Objectness (binary) of every patch, plus the cross-entropy of the shape and of the
+        colour over the patches on the shape of the images that have them."""
+        logits = self.linear(tower_states[:, 1:].float())
+        objectness, shape, colour = logits.split([1, len(SHAPES), len(COLOURS)], dim=-1)
+        on_shape = shape_patches(pixels, self.patch_size)
+        loss = F.binary_cross_entropy_with_logits(objectness[..., 0], on_shape.float())
+        owner = on_shape.nonzero()[:, 0]
+        for part, target in ((shape, facts[owner, 0]), (colour, facts[owner, 1])):
+            loss = loss + _known_cross_entropy(part[on_shape], target)
+        return loss
+
+
+def shape_patches(pixels: torch.Tensor, patch_size: int, share: float = 0.25) -> torch.Tensor:
+    """(images, patches) bool: patches of which at least `share` of the pixels differ from
+    the background (the median colour of the image border) of (images, 3, H, W) pixels."""
+    border = torch.cat([pixels[..., 0, :], pixels[..., -1, :], pixels[..., 0], pixels[..., -1]], -1)
+    background = border.median(dim=-1).values[..., None, None]
+    differs = ((pixels - background).abs().sum(dim=1) > SHAPE_THRESHOLD).float()
+    pooled = F.avg_pool2d(differs[:, None], patch_size).flatten(1)
+    return pooled >= share
 
 
 def _known_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -303,9 +328,8 @@ def visual_subsets(
     images: int, tokens: int, args: argparse.Namespace, generator: torch.Generator
 ) -> list[torch.Tensor]:
     """Per image the visual tokens it keeps this step, in order: all `tokens`, or for a
-    share --drop-visual of the images a random subset of --min-visual to tokens - 1 of them.
-    A model trained only on full token sets answered worse when pruning changed the mix of
-    object and background tokens than when it dropped tokens at random (see the model card)."""
+    share --drop-visual of the images a random subset of --min-visual to tokens - 1 of them
+    (a model robust to fewer, renumbered visual tokens, and to random ones above all)."""
     kept = []
     for _ in range(images):
         keep = tokens
@@ -468,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit_steps:
         steps_per_epoch = min(steps_per_epoch, args.limit_steps)
     total = args.epochs * steps_per_epoch
-    probe = TowerProbe(args.vision_width)
+    probe = TowerProbe(args.vision_width, args.patch_size)
     # Trained together, saved and resumed together; only `model` is written at the end.
     trained = torch.nn.ModuleDict({"model": model, "probe": probe})
     optimizer = optimizer_for(trained, args)
@@ -541,7 +565,9 @@ def train_epoch(
             output, tower_states = forward(model, batch)
             loss = output.loss
             if args.probe_weight:
-                loss = loss + args.probe_weight * probe.loss(tower_states, train.facts[images])
+                loss = loss + args.probe_weight * probe.loss(
+                    tower_states, pixels, train.facts[images]
+                )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)

@@ -78,3 +78,30 @@ def test_a_dropped_image_is_seen_through_its_kept_tokens_only(tiny):
             alone = model(inputs_embeds=embeds).logits
             last = int(batch.last[row])
             torch.testing.assert_close(logits[row, last], alone[0, last], atol=1e-5, rtol=1e-5)
+
+
+def test_shape_patches_marks_the_patches_a_shape_covers():
+    pixels = torch.full((1, 3, 32, 32), -1.0)
+    pixels[:, 0, 8:24, 16:32] = 1.5  # a 16 px square: patches (1, 2), (1, 3), (2, 2), (2, 3)
+    pixels[:, 1, 0:8, 0] = 1.0  # one pixel column of patch (0, 0): an eighth of it
+    on_shape = training_script().shape_patches(pixels, 8)
+    assert on_shape.view(4, 4).nonzero().tolist() == [[1, 2], [1, 3], [2, 2], [2, 3]]
+
+
+def test_the_tower_probe_asks_shape_and_colour_of_the_patches_on_the_shape_only():
+    """With zero weights every logit is 0: objectness costs log 2 per patch, and a shape (3
+    classes) and colour (8) term, log 3 + log 8, appear only when some patch shows a shape."""
+    script = training_script()
+    probe = script.TowerProbe(width=8, patch_size=8)
+    torch.nn.init.zeros_(probe.linear.weight)
+    torch.nn.init.zeros_(probe.linear.bias)
+    states = torch.randn(2, 5, 8, requires_grad=True)  # class token + 4 patches
+    facts = torch.tensor([[1, 4], [2, 3]])
+    blank = torch.full((2, 3, 16, 16), -1.0)
+    shown = blank.clone()
+    shown[0, :, :8, :8] = 1.0  # image 0: its first patch shows the shape
+    log = torch.log(torch.tensor(2.0)), torch.log(torch.tensor(3.0)), torch.log(torch.tensor(8.0))
+    torch.testing.assert_close(probe.loss(states, blank, facts), log[0])
+    torch.testing.assert_close(probe.loss(states, shown, facts), sum(log))
+    probe.loss(states, shown, facts).backward()
+    assert states.grad[:, 0].abs().sum() == 0  # the class token is not probed
