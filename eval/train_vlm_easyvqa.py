@@ -230,14 +230,14 @@ def encode(processor: LlavaProcessor, questions: list[Question]) -> Split:
     prompt = dict(zip(texts, ids, strict=True))
     tokenizer = processor.tokenizer
     answers = [tokenizer.convert_tokens_to_ids(q.answers[0]) for q in questions]
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE)
     by_image = defaultdict(list)
     for number, q in enumerate(questions):
         by_image[index[q.image]].append(number)
     return Split(
         pixels, [prompt[q.question] for q in questions], answers,
         [index[q.image] for q in questions], [by_image[i] for i in range(len(images))],
-        image_facts(questions, index), tokenizer.convert_tokens_to_ids(IMAGE),
-        ids[0].count(tokenizer.convert_tokens_to_ids(IMAGE)),
+        image_facts(questions, index), image_token, ids[0].count(image_token),
     )  # fmt: skip
 
 

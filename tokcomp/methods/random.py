@@ -12,7 +12,7 @@ from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
-from tokcomp.methods.visual import POSITIONS, VisualTokens
+from tokcomp.methods.visual import VisualTokens, check_positions
 
 
 @register
@@ -39,10 +39,7 @@ class RandomPrune(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ratio(self.name, self.keep_ratio)
-        if self.positions not in POSITIONS:
-            raise ValueError(
-                f"random: positions must be one of {POSITIONS}, got {self.positions!r}"
-            )
+        check_positions(self.name, self.positions)
 
     def knob_schedule(self, layout: Layout) -> list[int]:
         if self.positions != "renumber":

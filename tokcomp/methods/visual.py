@@ -102,6 +102,12 @@ def check_keep(name: str, keep: Any) -> None:
         raise ValueError(f"{name}: a fractional keep must be in (0, 1], got {keep}")
 
 
+def check_positions(name: str, positions: Any) -> None:
+    """Raise ValueError unless `positions` names a numbering of the kept visual tokens."""
+    if positions not in POSITIONS:
+        raise ValueError(f"{name}: positions must be one of {POSITIONS}, got {positions!r}")
+
+
 def visual_budget(name: str, keep: int | float, tokens: int) -> int:
     """Visual tokens kept out of `tokens` for `keep` (a fraction, or a count that must fit)."""
     if isinstance(keep, float):
@@ -162,10 +168,7 @@ class VisualMethod(Method):
         check_keep(self.name, self.keep)
         if self.trace_source:
             raise ValueError(f"{self.name}: trace_source applies to vision-encoder methods")
-        if self.positions not in POSITIONS:
-            raise ValueError(
-                f"{self.name}: positions must be one of {POSITIONS}, got {self.positions!r}"
-            )
+        check_positions(self.name, self.positions)
 
     def settle(self, layout: Layout) -> Method:
         vlm_geometry(layout, self.name)
