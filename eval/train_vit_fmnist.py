@@ -15,6 +15,8 @@ is shared (see eval/models/vit-fmnist/README.md):
    with peak LR ``--lr``. The saved model is only ever this 197-token model.
 
 ``--coarse-epochs 0`` trains at ``--patch-size`` from scratch (single stage).
+``--token-label-weight`` (a per-patch loss) and ``--registers`` are the variants the model
+card compares; both are off for the shipped model.
 
 The run checkpoints after every epoch to ``<out>/.train_state/last.pt`` and resumes from it
 when started again with the same command. At the end it writes ``<out>/model.safetensors``
@@ -84,11 +86,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument(
+        "--token-label-weight",
+        type=float,
+        default=0.0,
+        help="weight of the per-patch loss: the head applied to every final patch token must "
+        "predict the image's class on garment patches and nothing (uniform) on background",
+    )
+    p.add_argument(
+        "--foreground-threshold",
+        type=int,
+        default=25,
+        help="a patch whose mean pixel (0-255) exceeds this counts as garment",
+    )
     p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels")
     p.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--num-heads", type=int, default=3)
     p.add_argument("--depth", type=int, default=12)
+    p.add_argument(
+        "--registers",
+        type=int,
+        default=0,
+        help="register tokens (Darcet et al. 2024) next to the class token",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
@@ -157,6 +178,7 @@ def model_kwargs(args: argparse.Namespace, patch: int) -> dict:
         "mlp_ratio": 4.0,
         "qkv_bias": True,
         "class_token": True,
+        "reg_tokens": args.registers,
         "global_pool": "token",
         "num_classes": len(CLASSES),
     }
@@ -239,6 +261,33 @@ def augment(images_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator)
     return images_u8
 
 
+def patch_brightness(images_u8: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, patches) mean pixel (0-255) of each patch, row-major."""
+    b, h, w = images_u8.shape
+    cells = images_u8.float().view(b, h // patch, patch, w // patch, patch).mean((2, 4))
+    return cells.flatten(1)
+
+
+def foreground_patches(images_u8: torch.Tensor, patch: int, threshold: int) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, patches) bool: which patches show the garment (row-major)."""
+    return patch_brightness(images_u8, patch) > threshold
+
+
+def token_label_loss(
+    patch_logits: torch.Tensor, labels: torch.Tensor, foreground: torch.Tensor
+) -> torch.Tensor:
+    """Per-patch loss: garment patches predict the image label, background ones nothing.
+
+    Token labelling (Jiang et al. 2021, LV-ViT) with the image label as the dense target on
+    the garment; background patches are pushed to a uniform prediction so that they cannot
+    become the model's global stores and the evidence stays on the object's tokens.
+    """
+    logp = patch_logits.float().log_softmax(-1)  # (B, P, K)
+    on_label = -logp.gather(-1, labels[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]
+    uniform = -logp.mean(-1)
+    return torch.where(foreground, on_label, uniform).mean()
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float) -> float:
     """Linear warmup then cosine decay to ``min_lr``."""
     if step < warmup:
@@ -266,6 +315,28 @@ def evaluate(
     return correct / len(images)
 
 
+def with_registers(state: dict, model: torch.nn.Module) -> dict:
+    """``state`` with the register tokens ``model`` has and ``state`` lacks added.
+
+    New registers start as small distinct random vectors (identical ones would stay
+    identical) with a zero position embedding, between the class token and the patches.
+    """
+    registers = 0 if model.reg_token is None else model.reg_token.shape[1]
+    missing = registers - (state["reg_token"].shape[1] if "reg_token" in state else 0)
+    if missing == 0:
+        return state
+    if missing < 0 or "reg_token" in state:
+        raise SystemExit(f"cannot go from {registers - missing} register tokens to {registers}")
+    state = dict(state)
+    state["reg_token"] = torch.randn(1, registers, model.embed_dim) * 0.02
+    if not model.no_embed_class:
+        pos = state["pos_embed"]
+        cls = model.num_prefix_tokens - registers
+        zeros = pos.new_zeros(1, registers, pos.shape[-1])
+        state["pos_embed"] = torch.cat([pos[:, :cls], zeros, pos[:, cls:]], dim=1)
+    return state
+
+
 def load_init(model: torch.nn.Module, path: str, patch: int) -> tuple[float, float, list]:
     """Load the weights of an earlier run; return its wall time, CPU time and history."""
     with safe_open(str(path), "pt") as f:
@@ -273,7 +344,7 @@ def load_init(model: torch.nn.Module, path: str, patch: int) -> tuple[float, flo
     saved_patch = json.loads(meta["model_kwargs"])["patch_size"]
     if saved_patch != patch:
         raise SystemExit(f"--init {path} has patch size {saved_patch}, the first stage {patch}")
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(with_registers(load_file(str(path)), model))
     rec = {"event": f"init from {path}", "init_test_top1": meta.get("test_top1")}
     print(json.dumps(rec), flush=True)
     return float(meta["train_wall_s"]), float(meta["train_cpu_s"]), [rec]
@@ -407,11 +478,17 @@ def main(argv: list[str] | None = None) -> None:
                 for g in opt.param_groups:
                     g["lr"] = lr
                 idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-                x = normalize(augment(train_x[idx], args.pad, not args.no_flip, gen))
+                images = augment(train_x[idx], args.pad, not args.no_flip, gen)
                 y = train_y[idx]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
+                    tokens = model.forward_features(normalize(images))
+                    logits = model.forward_head(tokens)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                if args.token_label_weight:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        patch_logits = model.head(tokens[:, model.num_prefix_tokens :])
+                    fg = foreground_patches(images, patch, args.foreground_threshold)
+                    loss = loss + args.token_label_weight * token_label_loss(patch_logits, y, fg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.clip_grad:

@@ -1,0 +1,119 @@
+"""Does ranking tokens pay on the default ViT? Prune by fixed rules at the same blocks and
+token counts and compare top-1 on Fashion-MNIST test images.
+
+Rules (each keeps the protected tokens and the top of its score):
+  random          the `random` method (one fixed subset per block, as in the sweeps)
+  attn-top        most class-token attention (EViT's ranking, no fused token)
+  attn-bottom     least class-token attention (the opposite ranking)
+  garment-oracle  brightest input patches first: background goes before the garment
+
+If even the oracle and the opposite ranking both lose to random, importance ranking cannot
+beat random on this model: what it needs is coverage, which random keeps and ranking loses.
+
+    OMP_WAIT_POLICY=PASSIVE python eval/probe_selection.py --limit 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the training script's helpers
+from train_vit_fmnist import normalize, patch_brightness
+
+import tokcomp
+from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays
+from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.budget import ratio_schedule
+from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.models import create_model
+
+Score = Callable[[TokenState, Signals], torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class ScoredPrune(Method):
+    """Keep the protected tokens and the `keep` highest-scoring others (diagnostic only)."""
+
+    name: ClassVar[str] = "scored"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
+    score: Score = field(compare=False)
+    keep_ratio: float = 0.7
+    layers: list[int] = field(default_factory=lambda: [3, 6, 9])
+
+    def knob_schedule(self, layout: Layout) -> list[int]:
+        return ratio_schedule(layout, self.keep_ratio, self.layers)
+
+    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+        protected = state.protected
+        order = self.score(state, signals).argsort(dim=1, descending=True) + protected
+        head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
+        return state.prune(torch.cat([head, order[:, : keep - protected]], dim=1))
+
+
+def class_attention(state: TokenState, signals: Signals) -> torch.Tensor:
+    return signals.cls_attn.mean(dim=1)[:, state.protected :].float()
+
+
+class GarmentOracle:
+    """Score = brightness of the input patches a token covers (set per batch)."""
+
+    brightness: torch.Tensor  # (B, patches)
+
+    def __call__(self, state: TokenState, signals: Signals) -> torch.Tensor:
+        inside = state.source[:, state.protected :, state.protected :].float()
+        return (inside * self.brightness[:, None, :]).sum(-1)
+
+
+def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, oracle) -> float:
+    """Top-1 (percent) of `model` on uint8 images, feeding the oracle each batch's patches."""
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(images), 250):
+            batch = images[start : start + 250]
+            brightness = patch_brightness(batch)
+            oracle.brightness = brightness + torch.rand(brightness.shape) * 1e-3  # break ties
+            logits = model(normalize(batch))
+            correct += (logits.argmax(-1) == labels[start : start + 250]).sum().item()
+    return 100 * correct / len(images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print top-1 of every rule at every keep ratio."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="eval/models/vit-fmnist/model.safetensors")
+    p.add_argument("--limit", type=int, default=2000, help="test images, spread over the set")
+    p.add_argument("--keep-ratios", default="0.7,0.55", help="kept fraction at blocks 3, 6, 9")
+    args = p.parse_args(argv)
+    images, labels = load_arrays(DEFAULT_ROOT, "test")
+    pick = torch.linspace(0, len(images) - 1, args.limit).long()
+    images = torch.from_numpy(images.copy())[pick]
+    labels = torch.from_numpy(labels.astype("int64"))[pick]
+    oracle = GarmentOracle()
+    rules = {
+        "attn-top": class_attention,
+        "attn-bottom": lambda state, signals: -class_attention(state, signals),
+        "garment-oracle": oracle,
+    }
+    model = create_model(checkpoint=args.checkpoint).eval()
+    print(f"unpruned: {top1(model, images, labels, oracle):.2f}")
+    for ratio in (float(r) for r in args.keep_ratios.split(",")):
+        tokcomp.apply(model, "random", keep_ratio=ratio, layers=[3, 6, 9])
+        macs = tokcomp.config_of(model).macs_ratio
+        results = {"random": top1(model, images, labels, oracle)}
+        for name, score in rules.items():
+            tokcomp.apply(model, ScoredPrune(score=score, keep_ratio=ratio, trace_source=True))
+            results[name] = top1(model, images, labels, oracle)
+        row = "  ".join(f"{name} {value:.2f}" for name, value in results.items())
+        print(f"keep {ratio} at blocks 3/6/9 ({macs:.3f} of the MACs): {row}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The default ViT's training script: the garment mask per patch and the token-label loss,
+checked against a per-patch loop of plain cross-entropies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from fixtures import eval_script
+
+
+def script():
+    return eval_script("train_vit_fmnist")
+
+
+def test_foreground_patches_marks_exactly_the_bright_cells():
+    images = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    images[0, 0:4, 2:6] = 200  # cells (0, 1), (0, 2), (1, 1), (1, 2) of the 14x14 grid
+    images[1, 26:28, 26:28] = 20  # below the threshold
+    mask = script().foreground_patches(images, patch=2, threshold=25)
+    assert mask.shape == (2, 196)
+    assert sorted(mask[0].nonzero()[:, 0].tolist()) == [1, 2, 15, 16]
+    assert not mask[1].any()
+
+
+def test_foreground_patches_follows_the_patch_size():
+    images = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    images[0, 4:8, 0:4] = 255
+    mask = script().foreground_patches(images, patch=4, threshold=25)
+    assert mask.shape == (1, 49) and mask[0].nonzero()[:, 0].tolist() == [7]
+
+
+def reference_loss(logits, labels, foreground):
+    """One cross-entropy per patch: the label on the garment, a uniform target elsewhere."""
+    total, count = 0.0, 0
+    classes = logits.shape[-1]
+    uniform = torch.full((classes,), 1.0 / classes)
+    for b in range(logits.shape[0]):
+        for p in range(logits.shape[1]):
+            target = labels[b] if foreground[b, p] else uniform
+            total += F.cross_entropy(logits[b, p][None], target[None]).item()
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_label_loss_matches_a_per_patch_reference(seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 7, 10, generator=generator) * 3
+    labels = torch.randint(0, 10, (3,), generator=generator)
+    foreground = torch.rand(3, 7, generator=generator) < 0.5
+    loss = script().token_label_loss(logits, labels, foreground)
+    assert loss.item() == pytest.approx(reference_loss(logits, labels, foreground), rel=1e-5)
+
+
+def test_token_label_loss_is_lowest_for_confident_garment_and_flat_background():
+    labels = torch.tensor([3])
+    foreground = torch.tensor([[True, False]])
+    ideal = torch.zeros(1, 2, 10)
+    ideal[0, 0, 3] = 50.0
+    loss = script().token_label_loss(ideal, labels, foreground)
+    assert loss.item() == pytest.approx(math.log(10) / 2, abs=1e-4)  # flat background: log K
+    swapped = torch.zeros(1, 2, 10)
+    swapped[0, 1, 3] = 50.0  # confident on the background, flat on the garment
+    assert script().token_label_loss(swapped, labels, foreground) > loss + 10
+
+
+def tiny_vit(registers: int) -> torch.nn.Module:
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=8,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=8,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+        reg_tokens=registers,
+    )
+
+
+def test_with_registers_inserts_zero_positions_between_class_token_and_patches():
+    torch.manual_seed(0)
+    plain = tiny_vit(0).state_dict()
+    target = tiny_vit(2)
+    state = script().with_registers(plain, target)
+    target.load_state_dict(state)
+    pos = state["pos_embed"][0]
+    assert torch.equal(pos[0], plain["pos_embed"][0, 0])
+    assert torch.equal(pos[3:], plain["pos_embed"][0, 1:])
+    assert not pos[1:3].any()
+    registers = state["reg_token"][0]
+    assert registers.shape == (2, 8) and not torch.equal(registers[0], registers[1])
+    assert script().with_registers(state, target) is state  # nothing missing: unchanged
+
+
+def test_with_registers_refuses_to_drop_registers():
+    with pytest.raises(SystemExit, match="register tokens"):
+        script().with_registers(tiny_vit(2).state_dict(), tiny_vit(0))
