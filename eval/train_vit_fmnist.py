@@ -279,8 +279,8 @@ def token_label_loss(
     """Per-patch loss: garment patches predict the image label, background ones nothing.
 
     Token labelling (Jiang et al. 2021, LV-ViT) with the image label as the dense target on
-    the garment; background patches are pushed to a uniform prediction so that they cannot
-    become the model's global stores and the evidence stays on the object's tokens.
+    the garment and a uniform target on the background, meant to keep the evidence on the
+    garment's tokens (the model card reports what it did to token pruning: nothing useful).
     """
     logp = patch_logits.float().log_softmax(-1)  # (B, P, K)
     on_label = -logp.gather(-1, labels[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]
