@@ -32,7 +32,7 @@ import tokcomp
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import ratio_schedule
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.models import create_model
 
 Score = Callable[[TokenState, Signals], torch.Tensor]
@@ -52,10 +52,7 @@ class ScoredPrune(Method):
         return ratio_schedule(layout, self.keep_ratio, self.layers)
 
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
-        protected = state.protected
-        order = self.score(state, signals).argsort(dim=1, descending=True) + protected
-        head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
-        return state.prune(torch.cat([head, order[:, : keep - protected]], dim=1))
+        return state.prune(rank_by_score(self.score(state, signals), state.protected)[:, :keep])
 
 
 def class_attention(state: TokenState, signals: Signals) -> torch.Tensor:

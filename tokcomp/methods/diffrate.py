@@ -12,7 +12,7 @@ import torch
 
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.registry import register
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.ops import MergePlan, best_match, gather_rows
 
 
@@ -89,10 +89,7 @@ class DiffRate(Method):
 
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
         protected = state.protected
-        importance = signals.cls_attn.mean(dim=1)[:, protected:]
-        order = importance.argsort(dim=1, descending=True) + protected
-        head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
-        ranked = torch.cat([head, order], dim=1)
+        ranked = rank_by_score(signals.cls_attn.mean(dim=1)[:, protected:], protected)
         pruned = self.prune_kept[layer.index] if self.prune_kept is not None else keep
         pruned = min(pruned, state.tokens)
         if keep == pruned:

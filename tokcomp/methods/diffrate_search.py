@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tokcomp.methods.base import Layer, Layout, Method
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.ops import best_match, gather_rows
 
 
@@ -139,10 +139,7 @@ class DiffRateSearch(Method):
 
 def _sort_by_importance(state: TokenState, signals: Signals) -> TokenState:
     protected = state.protected
-    importance = signals.cls_attn.mean(dim=1)[:, protected:]
-    order = importance.argsort(dim=1, descending=True) + protected
-    head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
-    index = torch.cat([head, order], dim=1)
+    index = rank_by_score(signals.cls_attn.mean(dim=1)[:, protected:], protected)
     source = None if state.source is None else gather_rows(state.source, index)
     return TokenState(
         gather_rows(state.x, index),

@@ -12,7 +12,7 @@ import torch
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.ops import MergePlan
 
 
@@ -65,15 +65,12 @@ class EViT(Method):
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
         protected = state.protected
         attention = signals.cls_attn.mean(dim=1)[:, protected:].float()
-        order = attention.argsort(dim=1, descending=True) + protected
-        batch = state.x.shape[0]
-        head = torch.arange(protected, device=order.device).expand(batch, -1)
-        kept = keep - protected - int(self.fuse)
+        ranked = rank_by_score(attention, protected)
         if not self.fuse:
-            return state.prune(torch.cat([head, order[:, :kept]], dim=1))
-        dropped = order[:, kept:]
+            return state.prune(ranked[:, :keep])
+        dropped = ranked[:, keep - 1 :]  # the first becomes the fused token
         plan = MergePlan(
-            keep_idx=torch.cat([head, order[:, : kept + 1]], dim=1),
+            keep_idx=ranked[:, :keep],
             src_idx=dropped[:, 1:],
             dst_pos=torch.full_like(dropped[:, 1:], keep - 1),
         )

@@ -108,3 +108,11 @@ class TokenState:
         if self.size is None:
             return None
         return self.size.log()[:, None, None, :].to(self.x.dtype)
+
+
+def rank_by_score(score: torch.Tensor, protected: int) -> torch.Tensor:
+    """(B, protected + N) token indices: the protected tokens in place, then the other N by
+    descending `score` (B, N)."""
+    order = score.argsort(dim=1, descending=True) + protected
+    head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
+    return torch.cat([head, order], dim=1)
