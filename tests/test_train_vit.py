@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_vit
 from fixtures import eval_script
 
 
@@ -68,23 +68,9 @@ def test_token_label_loss_is_lowest_for_confident_garment_and_flat_background():
     assert script().token_label_loss(swapped, labels, foreground) > loss + 10
 
 
-def tiny_vit(registers: int) -> torch.nn.Module:
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=8,
-        patch_size=4,
-        in_chans=1,
-        embed_dim=8,
-        depth=1,
-        num_heads=2,
-        num_classes=3,
-        reg_tokens=registers,
-    )
-
-
 def test_with_registers_inserts_zero_positions_between_class_token_and_patches():
-    torch.manual_seed(0)
-    plain = tiny_vit(0).state_dict()
-    target = tiny_vit(2)
+    plain = tiny_vit().state_dict()
+    target = tiny_vit(reg_tokens=2)
     state = script().with_registers(plain, target)
     target.load_state_dict(state)
     pos = state["pos_embed"][0]
@@ -92,10 +78,10 @@ def test_with_registers_inserts_zero_positions_between_class_token_and_patches()
     assert torch.equal(pos[3:], plain["pos_embed"][0, 1:])
     assert not pos[1:3].any()
     registers = state["reg_token"][0]
-    assert registers.shape == (2, 8) and not torch.equal(registers[0], registers[1])
+    assert registers.shape == (2, target.embed_dim) and not torch.equal(registers[0], registers[1])
     assert script().with_registers(state, target) is state  # nothing missing: unchanged
 
 
 def test_with_registers_refuses_to_drop_registers():
     with pytest.raises(SystemExit, match="register tokens"):
-        script().with_registers(tiny_vit(2).state_dict(), tiny_vit(0))
+        script().with_registers(tiny_vit(reg_tokens=2).state_dict(), tiny_vit())
