@@ -11,7 +11,8 @@ import tokcomp
 from tokcomp.adapters.base import attend
 from tokcomp.cli import main
 from tokcomp.methods.diffrate_search import DiffRateRates, KeptCount, ceil_ste, min_ste
-from tokcomp.search.diffrate import SearchSettings, expected_macs, search_diffrate
+from tokcomp.schedule import model_macs
+from tokcomp.search.diffrate import SearchSettings, expected_macs, fit_counts, search_diffrate
 
 
 def _batches(count: int = 6, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,7 +78,7 @@ def test_expected_macs_equals_the_analytic_model_of_the_selected_counts():
 @pytest.mark.parametrize("target", [0.5, 0.75])
 def test_search_reaches_the_macs_target_within_3_percent(target, tmp_path):
     model = tiny_vit("vit", depth=6)
-    settings = SearchSettings(target, epochs=10, lr=0.05, lr_min=0.005, progress=False)
+    settings = SearchSettings(target, epochs=10, lr=0.05, lr_min=0.005, progress=False, fit=False)
     config = search_diffrate(model, _batches(), settings)
     assert config.macs_ratio == pytest.approx(target, rel=0.03)
     path = config.save(tmp_path / "searched.json")
@@ -87,6 +88,51 @@ def test_search_reaches_the_macs_target_within_3_percent(target, tmp_path):
     with torch.no_grad():
         direct = tokcomp.apply(tiny_vit("vit", depth=6), config)(images)
         torch.testing.assert_close(reloaded(images), direct, atol=0, rtol=0)
+
+
+def _spec_197_tokens():
+    return tokcomp.adapters.find_adapter(tiny_vit("vit", img_size=56, depth=6)).spec()
+
+
+@pytest.mark.parametrize(
+    ("merge_kept", "target", "grows"),
+    [
+        ([197, 190, 150, 120, 80, 40], 0.5, False),  # the search overshot: scale down
+        ([197, 160, 100, 60, 30, 10], 0.6, True),  # it undershot: scale up to the target
+    ],
+)
+def test_fit_counts_scales_the_searched_shape_to_the_largest_schedule_within_target(
+    merge_kept, target, grows
+):
+    spec = _spec_197_tokens()
+    prune_kept = [197] + [min(196 + 1, m + 7) for m in merge_kept[1:]]
+    scale, pruned, merged = fit_counts(spec, prune_kept, merge_kept, target)
+    ratio = model_macs(spec, merged) / model_macs(spec)
+    assert target - 0.01 < ratio <= target
+    assert (scale > 1) == grows
+    assert pruned[0] == merged[0] == 197
+    assert all(m <= p for m, p in zip(merged, pruned, strict=True))
+    assert merged == sorted(merged, reverse=True) and pruned == sorted(pruned, reverse=True)
+    for before, after in zip(merge_kept[1:], merged[1:], strict=True):
+        assert after - 1 == pytest.approx(min(196, scale * (before - 1)), abs=0.5)
+    model = tokcomp.apply(
+        tiny_vit("vit", img_size=56, depth=6), "diffrate", prune_kept=pruned, merge_kept=merged
+    )
+    assert tokcomp.config_of(model).macs == model_macs(spec, merged)
+
+
+def test_fit_counts_refuses_a_target_no_schedule_reaches():
+    spec = _spec_197_tokens()
+    with pytest.raises(ValueError, match="raise the target"):
+        fit_counts(spec, [197] * 6, [197] * 6, 0.1)
+
+
+def test_search_fits_its_counts_to_the_target_by_default():
+    model = tiny_vit("vit", depth=6)
+    settings = SearchSettings(0.6, epochs=1, lr=0.05, progress=False)
+    config = search_diffrate(model, _batches(2), settings)
+    assert config.macs_ratio <= 0.6
+    assert "scaled by" in config.notes
 
 
 def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):

@@ -33,7 +33,11 @@ _REFERENCE_GMACS = 4.6
 
 @dataclass
 class SearchSettings:
-    """The search's knobs; defaults are the paper's (lambda 5, AdamW lr 0.01 -> 0.001)."""
+    """The search's knobs; defaults are the paper's (lambda 5, AdamW lr 0.01 -> 0.001).
+
+    fit: scale the searched counts so the schedule's MACs are the largest not above the
+    target (the MACs penalty is soft, so the raw search can land a few percent off it).
+    """
 
     target_macs: float
     epochs: int = 3
@@ -43,6 +47,7 @@ class SearchSettings:
     granularity: int = 4
     max_steps: int | None = None
     progress: bool = True
+    fit: bool = True
 
 
 def expected_macs(spec: ModelSpec, rates: DiffRateRates) -> torch.Tensor:
@@ -74,10 +79,7 @@ def search_diffrate(
     and resumes from when it exists (deleted once the search finishes).
     """
     spec = find_adapter(model).spec()
-    if not 0 < settings.target_macs <= 1:
-        raise ValueError(
-            f"target_macs is a fraction of the unpruned MACs in (0, 1], got {settings.target_macs}"
-        )
+    check_reachable(spec, settings.target_macs)
     rates = rates if rates is not None else DiffRateRates(spec, settings.granularity)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
@@ -94,15 +96,63 @@ def search_diffrate(
         for parameter in frozen:
             parameter.requires_grad_(True)
     prune_kept, merge_kept = rates.kept_lists()
-    apply(model, "diffrate", prune_kept=prune_kept, merge_kept=merge_kept)
-    config = config_of(model)
-    remove(model)
-    config.notes = (
+    notes = (
         f"DiffRate search: target {settings.target_macs:.3f} of the unpruned MACs, "
         f"{settings.epochs} epoch(s), lr {settings.lr}, lambda {settings.lam}, "
         f"granularity {settings.granularity}, {world.size} process(es)"
     )
+    if settings.fit:
+        searched = model_macs(spec, merge_kept) / model_macs(spec)
+        scale, prune_kept, merge_kept = fit_counts(
+            spec, prune_kept, merge_kept, settings.target_macs
+        )
+        notes += f"; searched counts reached {searched:.3f}, scaled by {scale:.3f} to fit"
+    apply(model, "diffrate", prune_kept=prune_kept, merge_kept=merge_kept)
+    config = config_of(model)
+    remove(model)
+    config.notes = notes
     return config
+
+
+def check_reachable(spec: ModelSpec, target_macs: float) -> None:
+    """Raise ValueError unless some DiffRate schedule (block 0 is never compressed) has at
+    most `target_macs` of the unpruned MACs."""
+    if not 0 < target_macs <= 1:
+        raise ValueError(
+            f"target_macs is a fraction of the unpruned MACs in (0, 1], got {target_macs}"
+        )
+    smallest = [spec.tokens] + [spec.protected + 1] * (spec.depth - 1)
+    floor = model_macs(spec, smallest) / model_macs(spec)
+    if target_macs < floor:
+        raise ValueError(
+            f"target_macs {target_macs} is below {floor:.3f}, the MACs left when every block "
+            "after block 0 keeps a single patch token; raise the target"
+        )
+
+
+def fit_counts(
+    spec: ModelSpec, prune_kept: list[int], merge_kept: list[int], target_macs: float
+) -> tuple[float, list[int], list[int]]:
+    """Scale the compressible part of every block's counts (blocks 1 on) by one factor, the
+    largest whose schedule stays within `target_macs` of the unpruned MACs; keeps the
+    searched per-block shape. Returns (factor, prune_kept, merge_kept)."""
+    patches = spec.tokens - spec.protected
+
+    def scaled(counts: list[int], factor: float) -> list[int]:
+        kept = [min(patches, max(1, round(factor * (c - spec.protected)))) for c in counts[1:]]
+        return [counts[0], *(k + spec.protected for k in kept)]
+
+    check_reachable(spec, target_macs)
+    budget = target_macs * model_macs(spec)
+    fewest = min(c - spec.protected for c in merge_kept)
+    low, high = 0.0, patches / fewest  # high keeps every token
+    for _ in range(40):
+        middle = (low + high) / 2
+        if model_macs(spec, scaled(merge_kept, middle)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low, scaled(prune_kept, low), scaled(merge_kept, low)
 
 
 class _Objective(nn.Module):
@@ -224,6 +274,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-min", type=float, default=0.001)
     parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
     parser.add_argument("--granularity", type=int, default=4, help="candidate count step")
+    parser.add_argument(
+        "--no-fit",
+        action="store_true",
+        help="write the searched counts as they are, not scaled to the largest schedule "
+        "within --target-macs",
+    )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
@@ -262,6 +318,7 @@ def run(args: argparse.Namespace) -> None:
         lr_min=args.lr_min,
         lam=args.lam,
         granularity=args.granularity,
+        fit=not args.no_fit,
     )
     state = args.output.with_name(args.output.name + ".search-state.pt")
     config = search_diffrate(model, loader, settings, world=world, state=state)
