@@ -21,12 +21,10 @@ VIT_FMNIST := eval/models/vit-fmnist/model.safetensors
 
 demo: demo-vit demo-vqa
 
-# The extra random point sits at the MACs of configs/vit-fmnist/diffrate-0.5.json (0.486).
 demo-vit: install
 	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist --limit 5000 \
 		--methods tome,pitome,zero_tprune,evit,random --budgets 0.8,0.65,0.5 \
 		$(foreach c,$(wildcard configs/vit-fmnist/*.json),--config $(c)) \
-		--variant random:target_macs=0.486 \
 		--output results/demo-vit-fmnist
 
 demo-vqa: install

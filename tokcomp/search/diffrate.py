@@ -71,7 +71,8 @@ def search_diffrate(
     state: Path | None = None,
 ) -> Config:
     """Learn DiffRate's rates on `model` (weights frozen, untouched) from labelled `batches`
-    (re-iterated once per epoch); returns the config of the searched schedule.
+    (re-iterated once per epoch); returns the config of the searched schedule (fitted to
+    the target unless settings.fit is off).
 
     rates: continue from these (trained in place). world: under torchrun, the rates are
     trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
