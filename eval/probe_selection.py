@@ -9,8 +9,11 @@ Rules (each keeps the protected tokens and the top of its score):
 
 If even the oracle and the opposite ranking both lose to random, importance ranking cannot
 beat random on this model: what it needs is coverage, which random keeps and ranking loses.
+With --fuse each ranking rule also runs with its dropped tokens folded into one token of
+their total size (proportional attention keeps their mass), to see how much of the loss is
+the lost mass and how much the lost spread.
 
-    OMP_WAIT_POLICY=PASSIVE python eval/probe_selection.py --limit 2000
+    OMP_WAIT_POLICY=PASSIVE python eval/probe_selection.py --limit 2000 [--fuse]
 """
 
 from __future__ import annotations
@@ -35,25 +38,33 @@ from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.models import create_model
+from tokcomp.ops import MergePlan
 
 Score = Callable[[TokenState, Signals], torch.Tensor]
 
 
 @dataclass(kw_only=True)
 class ScoredPrune(Method):
-    """Keep the protected tokens and the `keep` highest-scoring others (diagnostic only)."""
+    """Keep the protected tokens and the highest-scoring others (diagnostic only); with
+    `fuse`, the last kept slot is one token holding all the dropped ones (size-weighted mean,
+    sizes summed)."""
 
     name: ClassVar[str] = "scored"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
     score: Score = field(compare=False)
     keep_ratio: float = 0.7
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
+    fuse: bool = False
 
     def knob_schedule(self, layout: Layout) -> list[int]:
         return ratio_schedule(layout, self.keep_ratio, self.layers)
 
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
-        return state.prune(rank_by_score(self.score(state, signals), state.protected)[:, :keep])
+        ranked = rank_by_score(self.score(state, signals), state.protected)
+        if not self.fuse:
+            return state.prune(ranked[:, :keep])
+        dropped = ranked[:, keep:]
+        return state.merge(MergePlan(ranked[:, :keep], dropped, torch.full_like(dropped, keep - 1)))
 
 
 def class_attention(state: TokenState, signals: Signals) -> torch.Tensor:
@@ -89,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", default="eval/models/vit-fmnist/model.safetensors")
     p.add_argument("--limit", type=int, default=2000, help="test images, as the harness picks them")
     p.add_argument("--keep-ratios", default="0.7,0.55", help="kept fraction at blocks 3, 6, 9")
+    p.add_argument("--fuse", action="store_true", help="also run each ranking with fusion")
     args = p.parse_args(argv)
     torch.manual_seed(0)  # the oracle's tie-breaking noise
     images, labels = load_arrays(DEFAULT_ROOT, "test")
@@ -108,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         macs = tokcomp.config_of(model).macs_ratio
         results = {"random": top1(model, images, labels, oracle)}
         for name, score in rules.items():
-            tokcomp.apply(model, ScoredPrune(score=score, keep_ratio=ratio, trace_source=True))
-            results[name] = top1(model, images, labels, oracle)
+            for fuse in (False, True) if args.fuse else (False,):
+                rule = ScoredPrune(score=score, keep_ratio=ratio, fuse=fuse, trace_source=True)
+                tokcomp.apply(model, rule)
+                results[name + "+fuse" * fuse] = top1(model, images, labels, oracle)
         row = "  ".join(f"{name} {value:.2f}" for name, value in results.items())
         print(f"keep {ratio} at blocks 3/6/9 ({macs:.3f} of the MACs): {row}", flush=True)
 

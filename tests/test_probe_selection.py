@@ -37,3 +37,21 @@ def test_garment_oracle_keeps_the_brightest_patches():
     for b in range(2):
         brightest = oracle.brightness[b].topk(98).indices
         assert set(kept[b].nonzero()[:, 0].tolist()) == set(brightest.tolist())
+
+
+def test_fused_rule_folds_the_dropped_tokens_into_the_last_slot_with_their_mass():
+    model = tiny_vit(img_size=28, patch_size=2, in_chans=1, depth=2)
+    images = torch.randint(0, 256, (2, 28, 28), dtype=torch.uint8)
+    oracle = probe().GarmentOracle()
+    oracle.brightness = probe().patch_brightness(images)
+    rule = probe().ScoredPrune(
+        score=oracle, keep_ratio=0.5, layers=[0], fuse=True, trace_source=True
+    )
+    tokcomp.apply(model, rule)
+    state = tokcomp.forward_tokens(model, probe().normalize(images))
+    assert state.tokens == 1 + 98
+    assert state.size[:, :-1].eq(1).all() and state.size[:, -1].eq(196 - 97).all()
+    fused = state.source[:, -1, 1:]  # the input patches inside the fused token
+    for b in range(2):
+        dimmest = (-oracle.brightness[b]).topk(196 - 97).indices
+        assert set(fused[b].nonzero()[:, 0].tolist()) == set(dimmest.tolist())
