@@ -63,8 +63,7 @@ class ScoredPrune(Method):
         ranked = rank_by_score(self.score(state, signals), state.protected)
         if not self.fuse:
             return state.prune(ranked[:, :keep])
-        dropped = ranked[:, keep:]
-        return state.merge(MergePlan(ranked[:, :keep], dropped, torch.full_like(dropped, keep - 1)))
+        return state.merge(MergePlan.fold_tail(ranked, keep))
 
 
 def class_attention(state: TokenState, signals: Signals) -> torch.Tensor:

@@ -68,12 +68,8 @@ class EViT(Method):
         ranked = rank_by_score(attention, protected)
         if not self.fuse:
             return state.prune(ranked[:, :keep])
-        dropped = ranked[:, keep - 1 :]  # the first becomes the fused token
-        plan = MergePlan(
-            keep_idx=ranked[:, :keep],
-            src_idx=dropped[:, 1:],
-            dst_pos=torch.full_like(dropped[:, 1:], keep - 1),
-        )
+        plan = MergePlan.fold_tail(ranked, keep)
+        dropped = ranked[:, keep - 1 :]  # the fused token and the tokens folded into it
         dropped_attention = attention.gather(1, dropped - protected)
         dropped_attention = dropped_attention.clamp_min(torch.finfo(torch.float32).tiny)
         weight = torch.ones_like(state.sizes()).scatter(1, dropped, dropped_attention)

@@ -21,6 +21,13 @@ class MergePlan(NamedTuple):
         empty = keep_idx.new_empty(keep_idx.shape[0], 0)
         return cls(keep_idx, empty, empty)
 
+    @classmethod
+    def fold_tail(cls, ranked: torch.Tensor, keep: int) -> MergePlan:
+        """A plan that keeps the first `keep` rows of `ranked` (B, N) and folds every later
+        one into the last kept row (one fused token, as EViT's)."""
+        tail = ranked[:, keep:]
+        return cls(ranked[:, :keep], tail, torch.full_like(tail, keep - 1))
+
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, j]] for (B, N, ...) x and (B, K) index."""
