@@ -33,7 +33,13 @@ from train_vit_fmnist import normalize, patch_brightness
 
 import tokcomp
 from tokcomp.harness.data import limited
-from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays
+from tokcomp.harness.fashion_mnist import (
+    CANVAS_KEY,
+    DEFAULT_ROOT,
+    fixed_offsets,
+    load_arrays,
+    place_on_canvas,
+)
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
@@ -82,11 +88,12 @@ class GarmentOracle:
 
 def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, oracle) -> float:
     """Top-1 (percent) of `model` on uint8 images, feeding the oracle each batch's patches."""
+    patch = model.patch_embed.patch_size[0]
     correct = 0
     with torch.no_grad():
         for start in range(0, len(images), 250):
             batch = images[start : start + 250]
-            brightness = patch_brightness(batch)
+            brightness = patch_brightness(batch, patch)
             oracle.brightness = brightness + torch.rand(brightness.shape) * 1e-3  # break ties
             logits = model(normalize(batch))
             correct += (logits.argmax(-1) == labels[start : start + 250]).sum().item()
@@ -102,9 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fuse", action="store_true", help="also run each ranking with fusion")
     args = p.parse_args(argv)
     torch.manual_seed(0)  # the oracle's tie-breaking noise
+    model = create_model(checkpoint=args.checkpoint).eval()
     images, labels = load_arrays(DEFAULT_ROOT, "test")
     pick = torch.tensor(list(limited(range(len(images)), args.limit)))  # the harness's subset
-    images = torch.from_numpy(images.copy())[pick]
+    images = torch.from_numpy(images.copy())
+    canvas = model.pretrained_cfg.get(CANVAS_KEY)
+    if canvas:
+        images = place_on_canvas(images, fixed_offsets(len(images), canvas), canvas)
+    images = images[pick]
     labels = torch.from_numpy(labels.astype("int64"))[pick]
     oracle = GarmentOracle()
     rules = {
@@ -112,7 +124,6 @@ def main(argv: list[str] | None = None) -> None:
         "attn-bottom": lambda state, signals: -class_attention(state, signals),
         "garment-oracle": oracle,
     }
-    model = create_model(checkpoint=args.checkpoint).eval()
     print(f"unpruned: {top1(model, images, labels, oracle):.2f}")
     for ratio in (float(r) for r in args.keep_ratios.split(",")):
         tokcomp.apply(model, "random", keep_ratio=ratio, layers=[3, 6, 9])

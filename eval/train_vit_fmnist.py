@@ -14,9 +14,12 @@ is shared (see eval/models/vit-fmnist/README.md):
    interpolated 7x7 -> 14x14, and the model is trained ``--epochs`` more epochs at 197 tokens
    with peak LR ``--lr``. The saved model is only ever this 197-token model.
 
-``--coarse-epochs 0`` trains at ``--patch-size`` from scratch (single stage).
-``--token-label-weight`` (a per-patch loss) and ``--registers`` are the variants the model
-card compares; both are off for the shipped model.
+``--coarse-epochs 0`` trains at ``--patch-size`` from scratch (single stage), or from
+``--init`` (resampled to ``--patch-size`` if that model's differs).
+``--canvas 42 --patch-size 3`` keeps the 14x14 grid but pastes each garment at a random
+place on a black 42x42 canvas, so that, as in ImageNet photos, part of every image is
+background the class does not depend on. ``--token-label-weight`` (a per-patch loss) and
+``--registers`` are the other variants the model cards compare.
 
 The run checkpoints after every epoch to ``<out>/.train_state/last.pt`` and resumes from it
 when started again with the same command. At the end it writes ``<out>/model.safetensors``
@@ -59,7 +62,16 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokcomp.harness.fashion_mnist import CLASSES, DEFAULT_ROOT, load_arrays
+from tokcomp.harness.fashion_mnist import (
+    CANVAS_KEY,
+    CLASSES,
+    DEFAULT_ROOT,
+    IMAGE_SIZE,
+    canvas_offsets,
+    fixed_offsets,
+    load_arrays,
+    place_on_canvas,
+)
 
 TIMM_MODEL = "vit_tiny_patch16_224"
 # Fashion-MNIST training-set pixel statistics (pixels scaled to [0, 1]).
@@ -100,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a patch whose mean pixel (0-255) exceeds this counts as garment",
     )
     p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels")
+    p.add_argument(
+        "--canvas",
+        type=int,
+        default=IMAGE_SIZE,
+        help="model input size; above 28, each garment is pasted at a random place on a black "
+        "canvas this size (test images: one fixed place each), like an object in a photo",
+    )
     p.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--num-heads", type=int, default=3)
@@ -169,7 +188,7 @@ def seed_everything(seed: int) -> None:
 def model_kwargs(args: argparse.Namespace, patch: int) -> dict:
     """Keyword arguments for ``timm.create_model`` (stored in the checkpoint metadata)."""
     return {
-        "img_size": 28,
+        "img_size": args.canvas,
         "patch_size": patch,
         "in_chans": 1,
         "embed_dim": args.embed_dim,
@@ -195,8 +214,8 @@ def repatch(model: torch.nn.Module, args: argparse.Namespace, patch: int) -> tor
     """Copy ``model`` into a model with patch size ``patch``.
 
     The patch-embedding kernel is resampled with FlexiViT's pseudo-inverse resize and the
-    absolute position embedding is interpolated (bicubic) to the new grid; every other
-    weight is copied unchanged.
+    absolute position embedding is interpolated (bicubic) to the new grid, register tokens
+    ``args`` asks for are added (`with_registers`); every other weight is copied unchanged.
     """
     new = create(args, patch)
     sd = model.state_dict()
@@ -209,7 +228,7 @@ def repatch(model: torch.nn.Module, args: argparse.Namespace, patch: int) -> tor
         old_size=list(model.patch_embed.grid_size),
         num_prefix_tokens=model.num_prefix_tokens,
     )
-    new.load_state_dict(sd)
+    new.load_state_dict(with_registers(sd, new))
     return new
 
 
@@ -228,10 +247,13 @@ def make_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.op
     )
 
 
-def data_config() -> dict:
-    """The preprocessing the model expects, in timm's data-config vocabulary."""
+def data_config(canvas: int) -> dict:
+    """The preprocessing the model expects, in timm's data-config vocabulary (plus the
+    canvas the harness pastes Fashion-MNIST test images on, when there is one)."""
+    placement = {CANVAS_KEY: canvas} if canvas != IMAGE_SIZE else {}
     return {
-        "input_size": [1, 28, 28],
+        "input_size": [1, canvas, canvas],
+        **placement,
         "mean": [MEAN],
         "std": [STD],
         "interpolation": "bilinear",
@@ -240,7 +262,7 @@ def data_config() -> dict:
 
 
 def normalize(images_u8: torch.Tensor) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, 1, 28, 28) float normalised."""
+    """(B, H, W) uint8 -> (B, 1, H, W) float normalised."""
     x = images_u8.float().div_(255.0)
     return ((x - MEAN) / STD).unsqueeze(1)
 
@@ -262,14 +284,14 @@ def augment(images_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator)
 
 
 def patch_brightness(images_u8: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, patches) mean pixel (0-255) of each patch, row-major."""
+    """(B, H, W) uint8 -> (B, patches) mean pixel (0-255) of each patch, row-major."""
     b, h, w = images_u8.shape
     cells = images_u8.float().view(b, h // patch, patch, w // patch, patch).mean((2, 4))
     return cells.flatten(1)
 
 
 def foreground_patches(images_u8: torch.Tensor, patch: int, threshold: int) -> torch.Tensor:
-    """(B, 28, 28) uint8 -> (B, patches) bool: which patches show the garment (row-major)."""
+    """(B, H, W) uint8 -> (B, patches) bool: which patches show the garment (row-major)."""
     return patch_brightness(images_u8, patch) > threshold
 
 
@@ -304,7 +326,7 @@ def evaluate(
     bf16: bool,
     batch_size: int = 500,
 ) -> float:
-    """Top-1 accuracy on ``images`` (uint8, (N, 28, 28))."""
+    """Top-1 accuracy on ``images`` (uint8, (N, H, W))."""
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
@@ -337,17 +359,24 @@ def with_registers(state: dict, model: torch.nn.Module) -> dict:
     return state
 
 
-def load_init(model: torch.nn.Module, path: str, patch: int) -> tuple[float, float, list]:
-    """Load the weights of an earlier run; return its wall time, CPU time and history."""
+def load_init(
+    model: torch.nn.Module, path: str, args: argparse.Namespace
+) -> tuple[torch.nn.Module, float, float, list]:
+    """Load the weights of an earlier run, resampled to ``model``'s patch size when the
+    saved one differs; return the model, the run's wall time, CPU time and history."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    saved_patch = json.loads(meta["model_kwargs"])["patch_size"]
-    if saved_patch != patch:
-        raise SystemExit(f"--init {path} has patch size {saved_patch}, the first stage {patch}")
-    model.load_state_dict(with_registers(load_file(str(path)), model))
+    saved = json.loads(meta["model_kwargs"])
+    patch = model.patch_embed.patch_size[0]
+    if saved["patch_size"] != patch:
+        earlier = timm.create_model(TIMM_MODEL, pretrained=False, **saved)
+        earlier.load_state_dict(load_file(str(path)))
+        model = repatch(earlier, args, patch)
+    else:
+        model.load_state_dict(with_registers(load_file(str(path)), model))
     rec = {"event": f"init from {path}", "init_test_top1": meta.get("test_top1")}
     print(json.dumps(rec), flush=True)
-    return float(meta["train_wall_s"]), float(meta["train_cpu_s"]), [rec]
+    return model, float(meta["train_wall_s"]), float(meta["train_cpu_s"]), [rec]
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -364,7 +393,7 @@ def save_model(
     meta = {
         "timm_model": TIMM_MODEL,
         "model_kwargs": json.dumps(model_kwargs(args, patch)),
-        "data_config": json.dumps(data_config()),
+        "data_config": json.dumps(data_config(args.canvas)),
         "classes": json.dumps(list(CLASSES)),
         "train_args": json.dumps(vars(args)),
         "dataset": "Fashion-MNIST (Xiao et al. 2017), IDX files from dataset-fashion-mnist",
@@ -394,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     train_x = torch.from_numpy(train_x.copy())
     train_y = torch.from_numpy(train_y.astype(np.int64))
     test_x = torch.from_numpy(test_x.copy())
+    if args.canvas != IMAGE_SIZE:
+        test_x = place_on_canvas(test_x, fixed_offsets(len(test_x), args.canvas), args.canvas)
     test_y = torch.from_numpy(test_y.astype(np.int64))
     n_mon = min(args.eval_images or len(test_x), len(test_x))
 
@@ -410,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     model = create(args, patch)
     done, elapsed, cpu_s, history = 0, 0.0, 0.0, []
     if args.init:
-        elapsed, cpu_s, history = load_init(model, args.init, patch)
+        model, elapsed, cpu_s, history = load_init(model, args.init, args)
     opt = make_optimizer(model, args)
     if resume_path.exists() and not args.fresh:
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -479,6 +510,9 @@ def main(argv: list[str] | None = None) -> None:
                     g["lr"] = lr
                 idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
                 images = augment(train_x[idx], args.pad, not args.no_flip, gen)
+                if args.canvas != IMAGE_SIZE:
+                    offsets = canvas_offsets(len(idx), args.canvas, gen)
+                    images = place_on_canvas(images, offsets, args.canvas)
                 y = train_y[idx]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     tokens = model.forward_features(normalize(images))

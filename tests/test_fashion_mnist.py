@@ -14,7 +14,10 @@ import torch
 from tokcomp.harness.fashion_mnist import (
     CLASSES,
     FashionMNIST,
+    canvas_offsets,
+    fixed_offsets,
     load_arrays,
+    place_on_canvas,
     read_idx,
 )
 
@@ -74,6 +77,39 @@ def test_dataset_items() -> None:
     ds_t = FashionMNIST(split="test", transform=lambda im: np.asarray(im, dtype=np.float32))
     x, y = ds_t[0]
     assert x.shape == (28, 28) and x.dtype == np.float32 and 0 <= y < 10
+
+
+def test_place_on_canvas_pastes_each_image_at_its_offset_on_black() -> None:
+    images = torch.randint(1, 256, (3, 28, 28), dtype=torch.uint8)
+    offsets = torch.tensor([[0, 0], [14, 3], [7, 14]])
+    placed = place_on_canvas(images, offsets, 42)
+    assert placed.shape == (3, 42, 42) and placed.dtype == torch.uint8
+    for image, (row, col), out in zip(images, offsets.tolist(), placed, strict=True):
+        expected = torch.zeros(42, 42, dtype=torch.uint8)
+        expected[row : row + 28, col : col + 28] = image
+        assert torch.equal(out, expected)
+
+
+def test_canvas_offsets_keep_the_image_inside_and_cover_the_range() -> None:
+    offsets = canvas_offsets(5000, 42, torch.Generator().manual_seed(1))
+    assert offsets.min() == 0 and offsets.max() == 14
+    assert torch.equal(canvas_offsets(3, 28, torch.Generator()), torch.zeros(3, 2).long())
+    with pytest.raises(ValueError, match="at least 28"):
+        canvas_offsets(1, 20, torch.Generator())
+
+
+def test_a_canvas_dataset_serves_each_image_at_its_fixed_place() -> None:
+    raw = FashionMNIST(split="test")
+    placed = FashionMNIST(split="test", canvas=42)
+    offsets = fixed_offsets(len(raw), 42)
+    assert torch.equal(offsets, fixed_offsets(len(raw), 42))  # the same every time
+    for index in (0, 1, 9999):
+        image, label = placed[index]
+        assert image.size == (42, 42) and label == raw[index][1]
+        row, col = offsets[index].tolist()
+        pixels = np.asarray(image)
+        np.testing.assert_array_equal(pixels[row : row + 28, col : col + 28], raw.images[index])
+        assert pixels.sum() == raw.images[index].sum(dtype=np.int64)  # black elsewhere
 
 
 def test_shipped_checkpoint_accuracy() -> None:

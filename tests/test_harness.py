@@ -29,7 +29,14 @@ import tokcomp
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.data import open_dataset
-from tokcomp.harness.imagenet import ClassificationTask, data_config, eval_transform, topk_correct
+from tokcomp.harness.fashion_mnist import fixed_offsets, load_arrays, place_on_canvas
+from tokcomp.harness.imagenet import (
+    ClassificationTask,
+    data_config,
+    eval_transform,
+    model_dataset,
+    topk_correct,
+)
 from tokcomp.harness.results import ResultStore
 from tokcomp.models import create_model
 
@@ -230,6 +237,25 @@ def test_the_unpruned_point_is_a_plain_timm_evaluation(tmp_path):
             hits["top5"] += round(top5.item() * len(labels) / 100)
     assert 0 < hits["top5"] < 20
     assert {k: float(rows[0][k]) for k in hits} == {k: 100 * v / 20 for k, v in hits.items()}
+
+
+def test_a_canvas_model_gets_its_fashion_mnist_garments_pasted_as_in_training(tmp_path):
+    model = timm.create_model("test_vit", in_chans=1, img_size=42, patch_size=3, num_classes=10)
+    config = {"input_size": [1, 42, 42], "mean": [0.25], "std": [0.5], "crop_pct": 1.0}
+    checkpoint = save_safetensors(
+        model,
+        tmp_path / "m.safetensors",
+        timm_model="test_vit",
+        model_kwargs={"in_chans": 1, "img_size": 42, "patch_size": 3, "num_classes": 10},
+        data_config={**config, "interpolation": "bilinear", "fashion_mnist_canvas": 42},
+    )
+    dataset = model_dataset("fashion-mnist", create_model(checkpoint=checkpoint))
+    images, labels = load_arrays(split="test")
+    placed = place_on_canvas(torch.from_numpy(images[:3]), fixed_offsets(len(images), 42)[:3], 42)
+    for index in range(3):
+        x, label = dataset[index]
+        assert label == labels[index]
+        torch.testing.assert_close(x[0], (placed[index] / 255 - 0.25) / 0.5)
 
 
 # -- real ImageNet images, forced predictions -----------------------------------------------

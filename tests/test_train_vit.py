@@ -85,3 +85,29 @@ def test_with_registers_inserts_zero_positions_between_class_token_and_patches()
 def test_with_registers_refuses_to_drop_registers():
     with pytest.raises(SystemExit, match="register tokens"):
         script().with_registers(tiny_vit(reg_tokens=2).state_dict(), tiny_vit())
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_init_from_a_28px_model_resamples_it_onto_the_canvas(tmp_path, registers):
+    small = ["--embed-dim", "24", "--num-heads", "2", "--depth", "2", "--patch-size"]
+    full_frame = script().parse_args([*small, "2"])
+    canvas = script().parse_args([*small, "3", "--canvas", "42", "--registers", str(registers)])
+    torch.manual_seed(0)
+    earlier = script().create(full_frame, 2)
+    path = tmp_path / "model.safetensors"
+    script().save_model(path, earlier, full_frame, 2, {"train_wall_s": 1, "train_cpu_s": 2})
+
+    model, wall_s, cpu_s, _ = script().load_init(script().create(canvas, 3), str(path), canvas)
+    assert model.patch_embed.patch_size == (3, 3) and model.patch_embed.grid_size == (14, 14)
+    assert model.patch_embed.proj.weight.shape[-2:] == (3, 3) and (wall_s, cpu_s) == (1, 2)
+    old, new = earlier.state_dict(), model.state_dict()
+    for name, value in old.items():
+        if not name.startswith(("patch_embed", "pos_embed")):
+            assert torch.equal(new[name], value), name
+    # Same 14x14 grid: the positions are kept, with zeros for the new registers.
+    pos = new["pos_embed"]
+    assert torch.equal(pos[:, :1], old["pos_embed"][:, :1])
+    assert not pos[:, 1 : 1 + registers].any()
+    assert torch.equal(pos[:, 1 + registers :], old["pos_embed"][:, 1:])
+    assert script().data_config(42)["fashion_mnist_canvas"] == 42
+    assert "fashion_mnist_canvas" not in script().data_config(28)

@@ -88,13 +88,17 @@ def data_source(data: str) -> tuple[str, Path]:
 
 
 def open_dataset(
-    data: str, transform: Callable[[Any], Any] | None = None, split: str = "test"
+    data: str,
+    transform: Callable[[Any], Any] | None = None,
+    split: str = "test",
+    canvas: int | None = None,
 ) -> Dataset:
     """The labelled images of a --data value (see `data_source`); `split` picks the
-    Fashion-MNIST split (an image folder is whatever split the user points at)."""
+    Fashion-MNIST split (an image folder is whatever split the user points at) and `canvas`
+    the black canvas its garments are pasted on (see `FashionMNIST`)."""
     kind, root = data_source(data)
     if kind == FASHION_MNIST:
-        return FashionMNIST(root, split, transform)
+        return FashionMNIST(root, split, transform, canvas=canvas)
     return LabelledImageFolder(root, transform)
 
 

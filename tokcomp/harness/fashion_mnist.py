@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_SIZE = 28
+#: Data-config key of a model trained on garments pasted on a larger canvas: its size in px.
+CANVAS_KEY = "fashion_mnist_canvas"
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 
 CLASSES: tuple[str, ...] = (
@@ -140,6 +144,8 @@ class FashionMNIST(Dataset):
         split: ``"train"`` or ``"test"``.
         transform: Optional callable applied to the PIL image.
         target_transform: Optional callable applied to the int label.
+        canvas: Paste each image at its fixed place (`fixed_offsets`) on a black canvas this
+            size instead of returning it as is (for models trained that way).
     """
 
     classes: tuple[str, ...] = CLASSES
@@ -150,12 +156,17 @@ class FashionMNIST(Dataset):
         split: str = "train",
         transform: Callable[[Image.Image], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
+        canvas: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
         self.transform = transform
         self.target_transform = target_transform
         self.images, self.labels = load_arrays(self.root, split)
+        if canvas is not None:
+            images = torch.from_numpy(self.images)
+            placed = place_on_canvas(images, fixed_offsets(len(images), canvas), canvas)
+            self.images = placed.numpy()
 
     def __len__(self) -> int:
         """Number of images in the split."""
@@ -170,3 +181,27 @@ class FashionMNIST(Dataset):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+
+def canvas_offsets(count: int, canvas: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, 2) random (row, column) offsets that keep a 28x28 image inside the canvas."""
+    if canvas < IMAGE_SIZE:
+        raise ValueError(f"canvas must be at least {IMAGE_SIZE} px, got {canvas}")
+    return torch.randint(0, canvas - IMAGE_SIZE + 1, (count, 2), generator=generator)
+
+
+def fixed_offsets(count: int, canvas: int) -> torch.Tensor:
+    """The one place of each image of a split on the canvas when evaluating (a seeded draw,
+    the same in the training script and the harness)."""
+    return canvas_offsets(count, canvas, torch.Generator().manual_seed(0))
+
+
+def place_on_canvas(images: torch.Tensor, offsets: torch.Tensor, canvas: int) -> torch.Tensor:
+    """(B, 28, 28) images -> (B, canvas, canvas): each pasted at its (row, column) offset on
+    a black (zero) background, like an object somewhere in a larger photo."""
+    b, h, w = images.shape
+    rows = (offsets[:, 0, None] + torch.arange(h))[:, :, None]
+    cols = (offsets[:, 1, None] + torch.arange(w))[:, None, :]
+    out = images.new_zeros(b, canvas, canvas)
+    out[torch.arange(b)[:, None, None], rows, cols] = images
+    return out

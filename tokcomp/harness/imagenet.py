@@ -5,7 +5,9 @@ every budget, on an ImageNet-style folder, any image folder, or the Fashion-MNIS
 Preprocessing is timm's evaluation transform from the model's data config, resolved as
 timm's validate.py does; a .safetensors checkpoint may override it with a "data_config"
 metadata entry (JSON of timm data-config keys: input_size, interpolation, mean, std,
-crop_pct, crop_mode).
+crop_pct, crop_mode). A model trained on Fashion-MNIST garments pasted on a larger black
+canvas names that canvas there too (`fashion_mnist_canvas`), and its Fashion-MNIST images
+are pasted the same way, each at one fixed place.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torchvision import transforms
 from tokcomp.bench import parse_variant
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
 from tokcomp.harness.distributed import World
+from tokcomp.harness.fashion_mnist import CANVAS_KEY
 from tokcomp.harness.results import ResultStore, report
 from tokcomp.harness.sweep import file_digest, run_sweep, sweep_points
 from tokcomp.models import create_model
@@ -93,6 +96,13 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     """The model's evaluation data config as timm's validate.py resolves it (a tokcomp
     checkpoint's own data config is already in the model's pretrained_cfg)."""
     return resolve_data_config(model=model, use_test_size=True)
+
+
+def model_dataset(data: str, model: nn.Module, split: str = "test") -> Dataset:
+    """The --data images as `model` takes them: its evaluation transform, on the canvas
+    its Fashion-MNIST garments were pasted on in training if there was one."""
+    transform = eval_transform(data_config(model))
+    return open_dataset(data, transform, split, canvas=model.pretrained_cfg.get(CANVAS_KEY))
 
 
 def eval_transform(config: dict[str, Any]) -> transforms.Compose:
@@ -167,14 +177,15 @@ def run(args: argparse.Namespace) -> None:
     world = World.from_env(args.device)
     device = world.device(args.device)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
-    config = data_config(model)
-    dataset = limited(open_dataset(args.data, eval_transform(config)), args.limit)
+    dataset = limited(model_dataset(args.data, model), args.limit)
     name = f"{_model_name(args)}-{_data_name(args.data)}"
     output = args.output or Path("results") / name
     threads = torch.get_num_threads()
     say = print if world.is_main else _quiet
     say(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
-    say(f"preprocessing {config}")
+    canvas = model.pretrained_cfg.get(CANVAS_KEY)
+    placed = f"; garments pasted on a {canvas} px canvas" if canvas else ""
+    say(f"preprocessing {data_config(model)}{placed}")
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
         f"batch {args.batch_size}; results in {output}"

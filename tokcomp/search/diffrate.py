@@ -19,9 +19,9 @@ from tqdm import tqdm
 from tokcomp.adapters import find_adapter
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
-from tokcomp.harness.data import describe, limited, open_dataset
+from tokcomp.harness.data import describe, limited
 from tokcomp.harness.distributed import SINGLE, World
-from tokcomp.harness.imagenet import data_config, eval_transform
+from tokcomp.harness.imagenet import model_dataset
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
 from tokcomp.models import create_model
 from tokcomp.schedule import ModelSpec, block_macs, model_macs
@@ -298,8 +298,7 @@ def run(args: argparse.Namespace) -> None:
     world = World.from_env("cpu")
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
-    transform = eval_transform(data_config(model))
-    dataset = limited(open_dataset(args.data, transform, split="train"), args.limit)
+    dataset = limited(model_dataset(args.data, model, split="train"), args.limit)
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )
