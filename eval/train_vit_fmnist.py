@@ -67,7 +67,6 @@ from tokcomp.harness.fashion_mnist import (
     CLASSES,
     DEFAULT_ROOT,
     IMAGE_SIZE,
-    canvas_offsets,
     fixed_offsets,
     load_arrays,
     place_on_canvas,
@@ -118,6 +117,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=IMAGE_SIZE,
         help="model input size; above 28, each garment is pasted at a random place on a black "
         "canvas this size (test images: one fixed place each), like an object in a photo",
+    )
+    p.add_argument(
+        "--garment-sizes",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="with --canvas: resize each training garment to a random side in [MIN, MAX] px "
+        "before pasting it (test garments stay 28 px), so that how much of the image the "
+        "garment covers says nothing about its class, as RandomResizedCrop does for DeiT",
     )
     p.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
     p.add_argument("--embed-dim", type=int, default=96)
@@ -265,6 +273,26 @@ def normalize(images_u8: torch.Tensor) -> torch.Tensor:
     """(B, H, W) uint8 -> (B, 1, H, W) float normalised."""
     x = images_u8.float().div_(255.0)
     return ((x - MEAN) / STD).unsqueeze(1)
+
+
+def paste_resized(
+    images_u8: torch.Tensor, canvas: int, sizes: tuple[int, int], gen: torch.Generator
+) -> torch.Tensor:
+    """(B, 28, 28) uint8 -> (B, canvas, canvas): each garment resized (bilinear) to a random
+    side in ``sizes`` and pasted at a random place on black, all in one affine resampling."""
+    b = images_u8.shape[0]
+    size = torch.randint(sizes[0], sizes[1] + 1, (b,), generator=gen).float()
+    top_left = (torch.rand(b, 2, generator=gen) * (canvas - size[:, None] + 1)).floor()
+    # Canvas pixel u shows garment point (u - top_left) / size of the garment's extent; in
+    # grid_sample's [-1, 1] coordinates (align_corners=False) that is scale * x + shift.
+    scale = canvas / size
+    shift = (canvas - 2 * top_left) / size[:, None] - 1  # (B, 2) as (row, column)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, 0, 2], theta[:, 1, 2] = shift[:, 1], shift[:, 0]  # x is the column
+    grid = F.affine_grid(theta, [b, 1, canvas, canvas], align_corners=False)
+    out = F.grid_sample(images_u8[:, None].float(), grid, align_corners=False)
+    return out[:, 0].round().clamp(0, 255).to(torch.uint8)
 
 
 def augment(images_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -511,8 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                 idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
                 images = augment(train_x[idx], args.pad, not args.no_flip, gen)
                 if args.canvas != IMAGE_SIZE:
-                    offsets = canvas_offsets(len(idx), args.canvas, gen)
-                    images = place_on_canvas(images, offsets, args.canvas)
+                    sizes = args.garment_sizes or (IMAGE_SIZE, IMAGE_SIZE)
+                    images = paste_resized(images, args.canvas, sizes, gen)
                 y = train_y[idx]
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     tokens = model.forward_features(normalize(images))

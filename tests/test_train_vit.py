@@ -111,3 +111,18 @@ def test_init_from_a_28px_model_resamples_it_onto_the_canvas(tmp_path, registers
     assert torch.equal(pos[:, 1 + registers :], old["pos_embed"][:, 1:])
     assert script().data_config(42)["fashion_mnist_canvas"] == 42
     assert "fashion_mnist_canvas" not in script().data_config(28)
+
+
+def test_paste_resized_at_28_px_is_an_exact_paste_and_other_sizes_fit_the_canvas():
+    from tokcomp.harness.fashion_mnist import place_on_canvas
+
+    images = torch.randint(1, 256, (12, 28, 28), dtype=torch.uint8)
+    pasted = script().paste_resized(images, 42, (28, 28), torch.Generator().manual_seed(0))
+    for image, out in zip(images, pasted, strict=True):
+        top_left = out.nonzero().min(0).values
+        assert torch.equal(out, place_on_canvas(image[None], top_left[None], 42)[0])
+
+    solid = torch.full((200, 28, 28), 255, dtype=torch.uint8)
+    resized = script().paste_resized(solid, 42, (20, 42), torch.Generator().manual_seed(1))
+    sides = [(out > 127).sum(1).max().item() for out in resized]  # the square's side, in px
+    assert min(sides) >= 20 and max(sides) <= 42 and max(sides) - min(sides) >= 15
