@@ -102,7 +102,12 @@ def model_dataset(data: str, model: nn.Module, split: str = "test") -> Dataset:
     """The --data images as `model` takes them: its evaluation transform, on the canvas
     its Fashion-MNIST garments were pasted on in training if there was one."""
     transform = eval_transform(data_config(model))
-    return open_dataset(data, transform, split, canvas=model.pretrained_cfg.get(CANVAS_KEY))
+    return open_dataset(data, transform, split, canvas=canvas_of(model))
+
+
+def canvas_of(model: nn.Module) -> int | None:
+    """The Fashion-MNIST canvas `model` was trained on, if its data config names one."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get(CANVAS_KEY)
 
 
 def eval_transform(config: dict[str, Any]) -> transforms.Compose:
@@ -183,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
     threads = torch.get_num_threads()
     say = print if world.is_main else _quiet
     say(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
-    canvas = model.pretrained_cfg.get(CANVAS_KEY)
+    canvas = canvas_of(model)
     placed = f"; garments pasted on a {canvas} px canvas" if canvas else ""
     say(f"preprocessing {data_config(model)}{placed}")
     say(
