@@ -33,13 +33,8 @@ from train_vit_fmnist import normalize, patch_brightness
 
 import tokcomp
 from tokcomp.harness.data import limited
-from tokcomp.harness.fashion_mnist import (
-    CANVAS_KEY,
-    DEFAULT_ROOT,
-    fixed_offsets,
-    load_arrays,
-    place_on_canvas,
-)
+from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays, place_at_fixed_offsets
+from tokcomp.harness.imagenet import canvas_of
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
@@ -113,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = load_arrays(DEFAULT_ROOT, "test")
     pick = torch.tensor(list(limited(range(len(images)), args.limit)))  # the harness's subset
     images = torch.from_numpy(images.copy())
-    canvas = model.pretrained_cfg.get(CANVAS_KEY)
+    canvas = canvas_of(model)
     if canvas:
-        images = place_on_canvas(images, fixed_offsets(len(images), canvas), canvas)
+        images = place_at_fixed_offsets(images, canvas)
     images = images[pick]
     labels = torch.from_numpy(labels.astype("int64"))[pick]
     oracle = GarmentOracle()

@@ -67,9 +67,8 @@ from tokcomp.harness.fashion_mnist import (
     CLASSES,
     DEFAULT_ROOT,
     IMAGE_SIZE,
-    fixed_offsets,
     load_arrays,
-    place_on_canvas,
+    place_at_fixed_offsets,
 )
 
 TIMM_MODEL = "vit_tiny_patch16_224"
@@ -157,7 +156,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init",
         help="start from this model.safetensors (its patch size must match the first stage)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_garment_sizes(p, args)
+    return args
+
+
+def check_garment_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse --garment-sizes that would be ignored (no --canvas) or do not fit the canvas."""
+    if args.garment_sizes is None:
+        return
+    low, high = args.garment_sizes
+    if args.canvas == IMAGE_SIZE:
+        parser.error("--garment-sizes needs --canvas larger than 28 to paste the garments on")
+    if not 1 <= low <= high <= args.canvas:
+        parser.error(f"--garment-sizes must satisfy 1 <= MIN <= MAX <= --canvas ({args.canvas})")
 
 
 @dataclass
@@ -452,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     train_y = torch.from_numpy(train_y.astype(np.int64))
     test_x = torch.from_numpy(test_x.copy())
     if args.canvas != IMAGE_SIZE:
-        test_x = place_on_canvas(test_x, fixed_offsets(len(test_x), args.canvas), args.canvas)
+        test_x = place_at_fixed_offsets(test_x, args.canvas)
     test_y = torch.from_numpy(test_y.astype(np.int64))
     n_mon = min(args.eval_images or len(test_x), len(test_x))
 

@@ -14,7 +14,6 @@ import torch
 from tokcomp.harness.fashion_mnist import (
     CLASSES,
     FashionMNIST,
-    canvas_offsets,
     fixed_offsets,
     load_arrays,
     place_on_canvas,
@@ -90,12 +89,12 @@ def test_place_on_canvas_pastes_each_image_at_its_offset_on_black() -> None:
         assert torch.equal(out, expected)
 
 
-def test_canvas_offsets_keep_the_image_inside_and_cover_the_range() -> None:
-    offsets = canvas_offsets(5000, 42, torch.Generator().manual_seed(1))
+def test_fixed_offsets_keep_the_image_inside_and_cover_the_range() -> None:
+    offsets = fixed_offsets(5000, 42)
     assert offsets.min() == 0 and offsets.max() == 14
-    assert torch.equal(canvas_offsets(3, 28, torch.Generator()), torch.zeros(3, 2).long())
+    assert torch.equal(fixed_offsets(3, 28), torch.zeros(3, 2).long())
     with pytest.raises(ValueError, match="at least 28"):
-        canvas_offsets(1, 20, torch.Generator())
+        fixed_offsets(1, 20)
 
 
 def test_a_canvas_dataset_serves_each_image_at_its_fixed_place() -> None:

@@ -29,7 +29,7 @@ import tokcomp
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.data import open_dataset
-from tokcomp.harness.fashion_mnist import fixed_offsets, load_arrays, place_on_canvas
+from tokcomp.harness.fashion_mnist import load_arrays, place_at_fixed_offsets
 from tokcomp.harness.imagenet import (
     ClassificationTask,
     data_config,
@@ -251,7 +251,7 @@ def test_a_canvas_model_gets_its_fashion_mnist_garments_pasted_as_in_training(tm
     )
     dataset = model_dataset("fashion-mnist", create_model(checkpoint=checkpoint))
     images, labels = load_arrays(split="test")
-    placed = place_on_canvas(torch.from_numpy(images[:3]), fixed_offsets(len(images), 42)[:3], 42)
+    placed = place_at_fixed_offsets(torch.from_numpy(images), 42)
     for index in range(3):
         x, label = dataset[index]
         assert label == labels[index]

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from conftest import tiny_vit
 from fixtures import eval_script
 
+from tokcomp.harness.fashion_mnist import place_on_canvas
+
 
 def script():
     return eval_script("train_vit_fmnist")
@@ -114,8 +116,6 @@ def test_init_from_a_28px_model_resamples_it_onto_the_canvas(tmp_path, registers
 
 
 def test_paste_resized_at_28_px_is_an_exact_paste_and_other_sizes_fit_the_canvas():
-    from tokcomp.harness.fashion_mnist import place_on_canvas
-
     images = torch.randint(1, 256, (12, 28, 28), dtype=torch.uint8)
     pasted = script().paste_resized(images, 42, (28, 28), torch.Generator().manual_seed(0))
     for image, out in zip(images, pasted, strict=True):
@@ -126,3 +126,17 @@ def test_paste_resized_at_28_px_is_an_exact_paste_and_other_sizes_fit_the_canvas
     resized = script().paste_resized(solid, 42, (20, 42), torch.Generator().manual_seed(1))
     sides = [(out > 127).sum(1).max().item() for out in resized]  # the square's side, in px
     assert min(sides) >= 20 and max(sides) <= 42 and max(sides) - min(sides) >= 15
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--garment-sizes", "20", "28"], "needs --canvas"),
+        (["--canvas", "42", "--garment-sizes", "30", "20"], "MIN <= MAX"),
+        (["--canvas", "42", "--garment-sizes", "20", "50"], "MAX <= --canvas"),
+    ],
+)
+def test_garment_sizes_that_would_be_ignored_or_not_fit_are_refused(options, message, capsys):
+    with pytest.raises(SystemExit):
+        script().parse_args(options)
+    assert message in capsys.readouterr().err

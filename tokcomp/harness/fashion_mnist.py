@@ -144,8 +144,9 @@ class FashionMNIST(Dataset):
         split: ``"train"`` or ``"test"``.
         transform: Optional callable applied to the PIL image.
         target_transform: Optional callable applied to the int label.
-        canvas: Paste each image at its fixed place (`fixed_offsets`) on a black canvas this
-            size instead of returning it as is (for models trained that way).
+        canvas: Paste each image at its fixed place on a black canvas this size
+            (`place_at_fixed_offsets`) instead of returning it as is (for models trained
+            that way).
     """
 
     classes: tuple[str, ...] = CLASSES
@@ -164,9 +165,7 @@ class FashionMNIST(Dataset):
         self.target_transform = target_transform
         self.images, self.labels = load_arrays(self.root, split)
         if canvas is not None:
-            images = torch.from_numpy(self.images)
-            placed = place_on_canvas(images, fixed_offsets(len(images), canvas), canvas)
-            self.images = placed.numpy()
+            self.images = place_at_fixed_offsets(torch.from_numpy(self.images), canvas).numpy()
 
     def __len__(self) -> int:
         """Number of images in the split."""
@@ -183,17 +182,19 @@ class FashionMNIST(Dataset):
         return img, target
 
 
-def canvas_offsets(count: int, canvas: int, generator: torch.Generator) -> torch.Tensor:
-    """(count, 2) random (row, column) offsets that keep a 28x28 image inside the canvas."""
+def fixed_offsets(count: int, canvas: int) -> torch.Tensor:
+    """(count, 2) (row, column) offsets that keep a 28x28 image inside the canvas: the one
+    place of each image of a split when evaluating (a seeded draw, so the training script,
+    the harness and the probe agree)."""
     if canvas < IMAGE_SIZE:
         raise ValueError(f"canvas must be at least {IMAGE_SIZE} px, got {canvas}")
+    generator = torch.Generator().manual_seed(0)
     return torch.randint(0, canvas - IMAGE_SIZE + 1, (count, 2), generator=generator)
 
 
-def fixed_offsets(count: int, canvas: int) -> torch.Tensor:
-    """The one place of each image of a split on the canvas when evaluating (a seeded draw,
-    the same in the training script and the harness)."""
-    return canvas_offsets(count, canvas, torch.Generator().manual_seed(0))
+def place_at_fixed_offsets(images: torch.Tensor, canvas: int) -> torch.Tensor:
+    """(N, 28, 28) images of a split -> (N, canvas, canvas), each at its `fixed_offsets` place."""
+    return place_on_canvas(images, fixed_offsets(len(images), canvas), canvas)
 
 
 def place_on_canvas(images: torch.Tensor, offsets: torch.Tensor, canvas: int) -> torch.Tensor:
