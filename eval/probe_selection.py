@@ -2,7 +2,7 @@
 token counts and compare top-1 on Fashion-MNIST test images.
 
 Rules (each keeps the protected tokens and the top of its score):
-  random          the `random` method (one fixed subset per block, as in the sweeps)
+  random          the `random` method (a subset per image at each block, as in the sweeps)
   attn-top        most class-token attention (EViT's ranking, no fused token)
   attn-bottom     least class-token attention (the opposite ranking)
   garment-oracle  brightest input patches first: background goes before the garment

@@ -8,6 +8,10 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+#: Methods whose result for an image depends on its row in the batch, by design: `random`
+#: draws one subset per row (its own tests check that the draw is seeded and per row).
+BATCH_POSITION_DEPENDENT = frozenset({"random"})
+
 _COMMON = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 
 #: name -> (class, extra kwargs): one entry per ViT variant the timm adapter supports.

@@ -51,7 +51,7 @@ def _torchrun(args: list[str], **kwargs) -> subprocess.Popen:
 
 @pytest.mark.parametrize("limit", ["19", "20"])
 def test_two_processes_count_exactly_what_one_process_counts(checkpoint, folder, tmp_path, limit):
-    extra = ["--limit", limit, "--variant", "tome:r=4", "--methods", "random", "--budgets", "0.6"]
+    extra = ["--limit", limit, "--variant", "tome:r=4", "--methods", "evit", "--budgets", "0.6"]
     assert main(_sweep_args(checkpoint, folder, tmp_path / "one", extra)) == 0
     two = _torchrun(_sweep_args(checkpoint, folder, tmp_path / "two", extra))
     assert two.wait(timeout=600) == 0
