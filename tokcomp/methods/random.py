@@ -22,7 +22,7 @@ class RandomPrune(Method):
 
     keep_ratio: fraction of unprotected tokens each block in `layers` (default: all) keeps;
     or pass another method's `schedule` to compare at exactly its token counts. Each image
-    gets its own subset, as in the papers' random baselines, so that a result measures random
+    gets its own subset, as random baselines usually do, so that a result measures random
     pruning and not one lucky or unlucky subset (one subset shared by every image moved the
     default ViT's top-1 at half the MACs by 2 points from seed to seed). The subsets are
     drawn from `seed` and the block index; the image at position i of a batch gets the same
