@@ -11,7 +11,7 @@ import torch
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
 from tokcomp.methods.visual import VisualTokens, check_positions
 
 
@@ -55,20 +55,18 @@ class RandomPrune(Method):
 
     def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
         protected = state.protected
-        batch = state.x.shape[0]
-        chosen = self._subsets(batch, state.tokens - protected, keep - protected, layer.index)
-        index = torch.cat([torch.arange(protected).expand(batch, -1), chosen + protected], dim=1)
-        return state.prune(index.to(state.x.device))
+        scores = self._scores(state.x.shape[0], state.tokens - protected, layer.index)
+        return state.prune(top_in_order(scores.to(state.x.device), keep - protected, protected))
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         """VLMs: a random `keep` of each image's visual tokens (the budget is `keep_ratio` of
         them), drawn per image."""
-        return self._subsets(visual.batch, visual.tokens, keep, 0).to(visual.outputs.device)
+        scores = self._scores(visual.batch, visual.tokens, 0)
+        return top_in_order(scores.to(visual.outputs.device), keep, 0)
 
-    def _subsets(self, batch: int, tokens: int, keep: int, salt: int) -> torch.Tensor:
-        """(batch, keep): row i is a random `keep` of range(tokens), ascending, drawn from
-        `seed`, `salt` (the block index) and i alone (rows are consecutive draws of one seeded
-        generator, so a larger batch only appends rows)."""
+    def _scores(self, batch: int, tokens: int, salt: int) -> torch.Tensor:
+        """(batch, tokens) uniform scores drawn from `seed`, `salt` (the block index) and the
+        row alone (rows are consecutive draws of one seeded generator, so a larger batch only
+        appends rows); the top of each row is that image's random subset."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + salt)
-        scores = torch.rand(batch, tokens, generator=generator)
-        return scores.topk(keep, dim=1).indices.sort(dim=1).values
+        return torch.rand(batch, tokens, generator=generator)

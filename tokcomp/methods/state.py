@@ -116,3 +116,11 @@ def rank_by_score(score: torch.Tensor, protected: int) -> torch.Tensor:
     order = score.argsort(dim=1, descending=True) + protected
     head = torch.arange(protected, device=order.device).expand(order.shape[0], -1)
     return torch.cat([head, order], dim=1)
+
+
+def top_in_order(score: torch.Tensor, count: int, protected: int) -> torch.Tensor:
+    """(B, protected + count) token indices: the protected tokens, then the `count` others of
+    highest `score` (B, N) in their original order."""
+    top = score.topk(count, dim=1).indices.sort(dim=1).values + protected
+    head = torch.arange(protected, device=top.device).expand(top.shape[0], -1)
+    return torch.cat([head, top], dim=1)

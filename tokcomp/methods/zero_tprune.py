@@ -12,7 +12,7 @@ import torch
 from tokcomp.methods.base import Layer, Layout, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
-from tokcomp.methods.state import Signal, Signals, TokenState
+from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
 from tokcomp.ops import attention_pagerank, best_match, gather_rows
 
 #: WPR iterations in the first, middle and last third of the blocks (paper: about 30-50,
@@ -87,9 +87,7 @@ class ZeroTPrune(Method):
         score = importance.masked_fill(
             _similarity_pruned(signals.keys[:, protected:], importance, similar), -torch.inf
         )
-        kept = score.topk(keep - protected, dim=1).indices.sort(dim=1).values + protected
-        head = torch.arange(protected, device=kept.device).expand(kept.shape[0], -1)
-        return state.prune(torch.cat([head, kept], dim=1))
+        return state.prune(top_in_order(score, keep - protected, protected))
 
     def importance(self, attn: torch.Tensor, protected: int, iterations: int) -> torch.Tensor:
         """(B, N) token importance: per-head WPR, VHF head filter, root-mean-square (EIR)."""
