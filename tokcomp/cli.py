@@ -15,7 +15,7 @@ from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant,
 from tokcomp.config import Config
 from tokcomp.harness import imagenet, vqa
 from tokcomp.models import create_model
-from tokcomp.search import diffrate
+from tokcomp.search import diffrate, zero_tprune
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +65,11 @@ def _build_parser() -> argparse.ArgumentParser:
     searches = search.add_subparsers(dest="method", required=True)
     diffrate.add_arguments(
         searches.add_parser("diffrate", help="DiffRate's per-block prune/merge rates")
+    )
+    zero_tprune.add_arguments(
+        searches.add_parser(
+            "zero_tprune", help="Zero-TPrune's similarity share (and pruning blocks) for a model"
+        )
     )
     return parser
 

@@ -1,1 +1,2 @@
-"""Searches that learn a compression schedule on data (DiffRate's rate search)."""
+"""Searches that fit a compression schedule to a model on its training images (DiffRate's
+rate search, Zero-TPrune's settings)."""

@@ -19,12 +19,11 @@ from tqdm import tqdm
 from tokcomp.adapters import find_adapter
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
-from tokcomp.harness.data import describe, limited
+from tokcomp.harness.data import describe
 from tokcomp.harness.distributed import SINGLE, World
-from tokcomp.harness.imagenet import model_dataset
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
-from tokcomp.models import create_model
 from tokcomp.schedule import ModelSpec, block_macs, model_macs
+from tokcomp.search.common import add_model_and_data_arguments, model_and_training_images
 
 #: DeiT-S's MACs in GMACs: the MACs penalty is measured in units of (model MACs / this), which
 #: is exactly the paper's GMACs for DeiT-S and keeps its strength relative to other models.
@@ -258,19 +257,9 @@ def _set_epoch(batches: Iterable, epoch: int) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tokcomp search diffrate`."""
-    parser.add_argument("--model", help="timm model name (random weights unless loaded)")
-    parser.add_argument("--checkpoint", type=Path, help="local .safetensors/.pth weights")
-    parser.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="training images: an image folder (one sub-folder per class) or 'fashion-mnist' "
-        "(its train split)",
-    )
+    add_model_and_data_arguments(parser)
     parser.add_argument("--target-macs", type=float, required=True, help="fraction of unpruned")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--limit", type=int, help="search on this many images (spread evenly)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--lr-min", type=float, default=0.001)
     parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
@@ -281,9 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the searched counts as they are, not scaled to the largest schedule "
         "within --target-macs",
     )
-    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int)
     parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.set_defaults(run=run)
 
@@ -293,12 +280,9 @@ def run(args: argparse.Namespace) -> None:
     split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
     search saves its state next to the output after every epoch; rerunning the same
     command resumes from it."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
     world = World.from_env("cpu")
     torch.manual_seed(args.seed)
-    model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
-    dataset = limited(model_dataset(args.data, model, split="train"), args.limit)
+    model, dataset = model_and_training_images(args)
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )

@@ -1,0 +1,102 @@
+"""Zero-TPrune's settings search: every setting scored as a plain loop would, the best kept,
+the model left unpatched, clear errors, and the command's config reloads."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import tiny_vit
+
+import tokcomp
+from tokcomp.cli import main
+from tokcomp.search.zero_tprune import score, search_zero_tprune
+
+
+def _batches(count: int = 3, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(count)]
+
+
+def _plain_loss_and_top1(model, batches) -> tuple[float, float]:
+    logits = torch.cat([model(images) for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    top1 = (logits.argmax(1) == labels).float().mean().item() * 100
+    return F.cross_entropy(logits, labels).item(), top1
+
+
+def test_score_equals_a_plain_cross_entropy_and_top1():
+    model, batches = tiny_vit(), _batches()
+    with torch.no_grad():
+        expected = _plain_loss_and_top1(model, batches)
+    assert score(model, batches) == pytest.approx(expected, rel=1e-5)
+
+
+def test_search_tries_every_setting_keeps_the_lowest_loss_and_leaves_the_model_unpatched():
+    model, batches = tiny_vit(), _batches()
+    with torch.no_grad():
+        before = model(batches[0][0])
+    config, trials = search_zero_tprune(
+        model, batches, 0.6, shares=(0.0, 1.0), layer_sets=(None, [1, 2]), progress=False
+    )
+    assert [(t.options["similarity_share"], t.options.get("layers")) for t in trials] == [
+        (0.0, None),
+        (1.0, None),
+        (0.0, [1, 2]),
+        (1.0, [1, 2]),
+    ]
+    best = min(trials, key=lambda trial: trial.loss)
+    assert config.method == "zero_tprune"
+    assert config.options["similarity_share"] == best.options["similarity_share"]
+    assert config.macs_ratio == pytest.approx(0.6, abs=0.05)
+    assert "Zero-TPrune search" in config.notes
+    assert not tokcomp.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(batches[0][0]), before)
+        tokcomp.apply(model, "zero_tprune", **trials[3].options)
+        assert trials[3].loss == pytest.approx(_plain_loss_and_top1(model, batches)[0], rel=1e-5)
+        tokcomp.apply(model, config)
+        assert score(model, batches)[0] == pytest.approx(best.loss, rel=1e-5)
+
+
+def test_search_settings_differ_in_loss():
+    # the search has something to choose from: importance-only and similarity-only pruning
+    # keep different tokens on this model
+    _, trials = search_zero_tprune(tiny_vit(), _batches(), 0.5, shares=(0.0, 1.0), progress=False)
+    assert trials[0].loss != trials[1].loss
+
+
+@pytest.mark.parametrize(
+    ("shares", "layer_sets", "message"),
+    [
+        ((), (None,), "at least one similarity share"),
+        ((0.5,), (), "at least one similarity share and block list"),
+        ((1.5,), (None,), "similarity_share must be in"),
+        ((0.5,), ([9],), "layers"),
+    ],
+)
+def test_search_refuses_bad_settings_with_the_fix(shares, layer_sets, message):
+    model = tiny_vit()
+    with pytest.raises(ValueError, match=message):
+        search_zero_tprune(model, _batches(1), 0.6, shares, layer_sets, progress=False)
+    assert not tokcomp.is_patched(model)
+
+
+def test_score_refuses_no_images():
+    with pytest.raises(ValueError, match="no images"):
+        score(tiny_vit(), [])
+
+
+def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(tmp_path, capsys):
+    output = tmp_path / "searched.json"
+    argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
+    argv += ["--target-macs", "0.7", "--limit", "32", "--batch-size", "16", "--shares", "0,1"]
+    argv += ["--layers", "1,2", "--layers", "2"]
+    assert main([*argv, "-o", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("<- best") == 1 and "[1, 2]" in printed
+    config = tokcomp.Config.load(output)
+    assert config.method == "zero_tprune" and config.options["layers"] in ([1, 2], [2])
+    model = tokcomp.apply(timm.create_model("test_vit"), output)
+    assert tokcomp.config_of(model).schedule == config.schedule

@@ -1,0 +1,38 @@
+"""What every search takes from the command line: a model and its training images."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tokcomp.harness.data import limited
+from tokcomp.harness.imagenet import model_dataset
+from tokcomp.models import create_model
+
+
+def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--checkpoint/--pretrained, the training images and how to read them."""
+    parser.add_argument("--model", help="timm model name (random weights unless loaded)")
+    parser.add_argument("--checkpoint", help="local .safetensors/.pth weights")
+    parser.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="training images: an image folder (one sub-folder per class) or 'fashion-mnist' "
+        "(its train split)",
+    )
+    parser.add_argument("--limit", type=int, help="search on this many images (spread evenly)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int)
+
+
+def model_and_training_images(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
+    """The model the arguments name and its training images, preprocessed as it expects."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
+    return model, limited(model_dataset(args.data, model, split="train"), args.limit)
