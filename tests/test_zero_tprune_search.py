@@ -11,7 +11,7 @@ from conftest import tiny_vit
 
 import tokcomp
 from tokcomp.cli import main
-from tokcomp.search.zero_tprune import score, search_zero_tprune
+from tokcomp.search.zero_tprune import Trial, choose, score, search_zero_tprune
 
 
 def _batches(count: int = 3, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -30,10 +30,12 @@ def test_score_equals_a_plain_cross_entropy_and_top1():
     model, batches = tiny_vit(), _batches()
     with torch.no_grad():
         expected = _plain_loss_and_top1(model, batches)
-    assert score(model, batches) == pytest.approx(expected, rel=1e-5)
+    losses, top1 = score(model, batches)
+    assert (losses.mean().item(), top1) == pytest.approx(expected, rel=1e-5)
+    assert losses.shape == (12,)
 
 
-def test_search_tries_every_setting_keeps_the_lowest_loss_and_leaves_the_model_unpatched():
+def test_search_tries_every_setting_keeps_the_chosen_one_and_leaves_the_model_unpatched():
     model, batches = tiny_vit(), _batches()
     with torch.no_grad():
         before = model(batches[0][0])
@@ -46,9 +48,11 @@ def test_search_tries_every_setting_keeps_the_lowest_loss_and_leaves_the_model_u
         (0.0, [1, 2]),
         (1.0, [1, 2]),
     ]
-    best = min(trials, key=lambda trial: trial.loss)
+    assert [t.layers for t in trials] == [[1, 2, 3]] * 2 + [[1, 2]] * 2
+    chosen = choose(trials)
     assert config.method == "zero_tprune"
-    assert config.options["similarity_share"] == best.options["similarity_share"]
+    assert config.options["similarity_share"] == chosen.options["similarity_share"]
+    assert config.options["layers"] == chosen.layers
     assert config.macs_ratio == pytest.approx(0.6, abs=0.05)
     assert "Zero-TPrune search" in config.notes
     assert not tokcomp.is_patched(model)
@@ -57,7 +61,21 @@ def test_search_tries_every_setting_keeps_the_lowest_loss_and_leaves_the_model_u
         tokcomp.apply(model, "zero_tprune", **trials[3].options)
         assert trials[3].loss == pytest.approx(_plain_loss_and_top1(model, batches)[0], rel=1e-5)
         tokcomp.apply(model, config)
-        assert score(model, batches)[0] == pytest.approx(best.loss, rel=1e-5)
+        assert score(model, batches)[0].mean().item() == pytest.approx(chosen.loss, rel=1e-5)
+
+
+def _trial(layers: list[int], losses: list[float]) -> Trial:
+    return Trial({"layers": layers}, layers, torch.tensor(losses), 0.0)
+
+
+def test_choose_prefers_fewer_pruning_blocks_only_within_noise():
+    every = _trial([1, 2, 3, 4], [0.50, 0.30, 0.70, 0.40])
+    level = _trial([2], [0.52, 0.30, 0.68, 0.42])  # 0.005 worse, paired error about 0.01
+    worse = _trial([2], [0.60, 0.40, 0.80, 0.50])  # 0.1 worse on every image
+    assert choose([every, worse]) is every
+    assert choose([every, level, worse]) is level
+    assert choose([level, every]) is level
+    assert choose([_trial([1], [0.4]), _trial([1, 2], [0.3])]).layers == [1, 2]
 
 
 def test_search_settings_differ_in_loss():
@@ -95,7 +113,7 @@ def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(t
     argv += ["--layers", "1,2", "--layers", "2"]
     assert main([*argv, "-o", str(output)]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("<- best") == 1 and "[1, 2]" in printed
+    assert printed.count("<- chosen") == 1 and "[1, 2]" in printed
     config = tokcomp.Config.load(output)
     assert config.method == "zero_tprune" and config.options["layers"] in ([1, 2], [2])
     model = tokcomp.apply(timm.create_model("test_vit"), output)

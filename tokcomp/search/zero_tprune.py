@@ -3,7 +3,8 @@
 Zero-shot pruning changes no weights, so the paper tunes its settings for each model: one
 trial is one forward pass over a few thousand images. This search tries each share of a
 block's cut made by the similarity stage (and, when asked, each list of pruning blocks) at
-a MACs target, and keeps the setting with the lowest cross-entropy.
+a MACs target, and keeps the setting with the lowest cross-entropy (or, where the
+difference is within noise, the one that prunes at fewer blocks).
 """
 
 from __future__ import annotations
@@ -34,11 +35,18 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Trial:
-    """One setting tried: its zero_tprune options, mean cross-entropy and top-1 (%)."""
+    """One setting tried: its zero_tprune options, the blocks it prunes at, each image's
+    cross-entropy and the top-1 (%)."""
 
     options: dict[str, Any]
-    loss: float
+    layers: list[int]
+    losses: torch.Tensor
     top1: float
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy over the images."""
+        return self.losses.mean().item()
 
 
 def search_zero_tprune(
@@ -51,8 +59,8 @@ def search_zero_tprune(
 ) -> tuple[Config, list[Trial]]:
     """Try every similarity share in `shares` with every list of pruning blocks in
     `layer_sets` (None: the method's default blocks) at `target_macs` on the labelled
-    `batches`; returns the config of the trial with the lowest cross-entropy and all trials.
-    The model is left as it was given (unpatched)."""
+    `batches`; returns the config of the chosen trial (`choose`) and all trials. The model
+    is left as it was given (unpatched)."""
     if not shares or not layer_sets:
         raise ValueError("zero_tprune search: give at least one similarity share and block list")
     settings = [_options(target_macs, share, layers) for layers in layer_sets for share in shares]
@@ -60,16 +68,32 @@ def search_zero_tprune(
         _trial(model, batches, options)
         for options in tqdm(settings, disable=not progress, desc="zero_tprune search")
     ]
-    best = min(trials, key=lambda trial: trial.loss)
-    apply(model, "zero_tprune", **best.options)
+    chosen = choose(trials)
+    apply(model, "zero_tprune", **chosen.options)
     config = config_of(model)
     remove(model)
     config.notes = (
-        f"Zero-TPrune search: target {target_macs:.3f} of the unpruned MACs; lowest "
-        f"cross-entropy {best.loss:.4f} (top-1 {best.top1:.2f}%) of {len(trials)} settings "
-        f"(similarity shares {list(shares)}, blocks {_blocks_text(layer_sets)})"
+        f"Zero-TPrune search: target {target_macs:.3f} of the unpruned MACs; cross-entropy "
+        f"{chosen.loss:.4f} (top-1 {chosen.top1:.2f}%) on {len(chosen.losses)} images, chosen "
+        f"of {len(trials)} settings (similarity shares {list(shares)}, blocks "
+        f"{_blocks_text(layer_sets)})"
     )
     return config, trials
+
+
+def choose(trials: Sequence[Trial]) -> Trial:
+    """The trial with the lowest cross-entropy, unless one that prunes at fewer blocks is
+    within one standard error of it (paired over the images): the MACs are equal, but every
+    pruning block computes its full attention matrix, so fewer of them run faster."""
+    best = min(trials, key=lambda trial: trial.loss)
+
+    def level_with_best(trial: Trial) -> bool:
+        gap = trial.losses - best.losses
+        noise = gap.std().item() / len(gap) ** 0.5 if len(gap) > 1 else 0.0
+        return gap.mean().item() <= noise
+
+    level = [trial for trial in trials if level_with_best(trial)]
+    return min(level, key=lambda trial: (len(trial.layers), trial.loss))
 
 
 def _options(target_macs: float, share: float, layers: list[int] | None) -> dict[str, Any]:
@@ -82,27 +106,29 @@ def _options(target_macs: float, share: float, layers: list[int] | None) -> dict
 def _trial(model: nn.Module, batches: Batches, options: dict[str, Any]) -> Trial:
     apply(model, "zero_tprune", **options)
     try:
-        loss, top1 = score(model, batches)
+        layers = config_of(model).options["layers"]
+        losses, top1 = score(model, batches)
     finally:
         remove(model)
-    return Trial(options, loss, top1)
+    return Trial(options, layers, losses, top1)
 
 
 @torch.inference_mode()
-def score(model: nn.Module, batches: Batches) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 (%) of `model` (in eval mode) on labelled batches."""
+def score(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, float]:
+    """Each image's cross-entropy and the top-1 (%) of `model` (in eval mode) on labelled
+    batches."""
     model.eval()
     device = next(model.parameters()).device
-    loss, correct, count = 0.0, 0, 0
+    losses, correct = [], 0
     for images, labels in batches:
         logits = model(images.to(device))
         labels = labels.to(device)
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        losses.append(F.cross_entropy(logits, labels, reduction="none").float().cpu())
         correct += topk_correct(logits, labels, ks=(1,))["top1"]
-        count += len(labels)
-    if count == 0:
+    if not losses:
         raise ValueError("zero_tprune search: no images to score (check --data and --limit)")
-    return loss / count, 100 * correct / count
+    losses = torch.cat(losses)
+    return losses, 100 * correct / len(losses)
 
 
 def _blocks_text(layer_sets: Sequence[list[int] | None]) -> str:
@@ -110,14 +136,13 @@ def _blocks_text(layer_sets: Sequence[list[int] | None]) -> str:
 
 
 def format_trials(trials: Sequence[Trial]) -> str:
-    """The trials as a table, best (lowest cross-entropy) marked."""
-    best = min(trials, key=lambda trial: trial.loss)
+    """The trials as a table, the chosen one marked."""
+    chosen = choose(trials)
     lines = [f"{'share':>6} {'loss':>7} {'top1':>6}  blocks"]
     for trial in trials:
         share = trial.options["similarity_share"]
-        blocks = trial.options.get("layers", "default")
-        mark = "  <- best" if trial is best else ""
-        lines.append(f"{share:>6.2f} {trial.loss:>7.4f} {trial.top1:>6.2f}  {blocks}{mark}")
+        mark = "  <- chosen" if trial is chosen else ""
+        lines.append(f"{share:>6.2f} {trial.loss:>7.4f} {trial.top1:>6.2f}  {trial.layers}{mark}")
     return "\n".join(lines)
 
 
