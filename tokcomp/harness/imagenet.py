@@ -31,7 +31,7 @@ from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, 
 from tokcomp.harness.distributed import World
 from tokcomp.harness.fashion_mnist import CANVAS_KEY
 from tokcomp.harness.results import ResultStore, report
-from tokcomp.harness.sweep import file_digest, run_sweep, sweep_points
+from tokcomp.harness.sweep import file_digest, fractions, names, run_sweep, sweep_points
 from tokcomp.models import create_model
 
 METRICS = ("top1", "top5")
@@ -142,9 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--workers", type=int, default=2, help="data-loading processes")
     sweep = parser.add_argument_group("sweep (the unpruned model is always evaluated first)")
-    sweep.add_argument("--methods", type=_names, default=[], help="e.g. tome,pitome")
+    sweep.add_argument("--methods", type=names, default=[], help="e.g. tome,pitome")
     sweep.add_argument(
-        "--budgets", type=_fractions, default=[], help="target MACs fractions, e.g. 0.9,0.75"
+        "--budgets", type=fractions, default=[], help="target MACs fractions, e.g. 0.9,0.75"
     )
     sweep.add_argument(
         "--variant",
@@ -163,14 +163,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", type=Path, help="results folder (default results/<model>-<data>)"
     )
     parser.set_defaults(run=run)
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def _fractions(text: str) -> list[float]:
-    return [float(name) for name in _names(text)]
 
 
 def run(args: argparse.Namespace) -> None:

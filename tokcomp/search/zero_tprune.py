@@ -25,6 +25,7 @@ from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
 from tokcomp.harness.data import describe
 from tokcomp.harness.imagenet import topk_correct
+from tokcomp.harness.sweep import fractions, names
 from tokcomp.search.common import add_model_and_data_arguments, model_and_training_images
 
 #: The similarity stage's shares tried by default: from importance only to similarity only.
@@ -146,12 +147,8 @@ def format_trials(trials: Sequence[Trial]) -> str:
     return "\n".join(lines)
 
 
-def _shares(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part.strip()]
-
-
 def _blocks(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+    return [int(name) for name in names(text)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-macs", type=float, required=True, help="fraction of unpruned")
     parser.add_argument(
         "--shares",
-        type=_shares,
+        type=fractions,
         default=list(DEFAULT_SHARES),
         help="similarity-stage shares to try, e.g. 0,0.5,1 (default: 0 to 1 in steps of 0.25)",
     )
@@ -176,7 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Search, print every trial, save the best one's config."""
+    """Search, print every trial, save the chosen one's config."""
     model, dataset = model_and_training_images(args)
     model.to(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
