@@ -66,6 +66,23 @@ def test_search_step_moves_only_the_rates_and_keeps_weights_bit_identical():
     assert all(m > 0 for m in moved)  # every block's logits got a gradient step
 
 
+def test_micro_batches_take_the_same_step_as_whole_batches():
+    spec = tokcomp.adapters.find_adapter(tiny_vit("vit")).spec()
+    searched = []
+    for micro_batch in (None, 3):
+        model, rates = tiny_vit("vit"), DiffRateRates(spec, granularity=4)
+        settings = SearchSettings(0.6, max_steps=3, progress=False, micro_batch=micro_batch)
+        search_diffrate(model, _batches(3, batch=8), settings, rates)
+        searched.append(torch.cat([p.detach().flatten() for p in rates.parameters()]))
+    assert searched[0].abs().sum() > 0
+    torch.testing.assert_close(searched[1], searched[0], rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_must_be_positive():
+    with pytest.raises(ValueError, match="micro_batch must be a positive"):
+        search_diffrate(tiny_vit("vit"), _batches(1), SearchSettings(0.6, micro_batch=0))
+
+
 def test_expected_macs_equals_the_analytic_model_of_the_selected_counts():
     model = tiny_vit("vit")
     spec = tokcomp.adapters.find_adapter(model).spec()

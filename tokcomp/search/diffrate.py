@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class SearchSettings:
 
     fit: scale the searched counts so the schedule's MACs are the largest not above the
     target (the MACs penalty is soft, so the raw search can land a few percent off it).
+    micro_batch: run each batch's forward and backward passes in chunks of at most this many
+    images and sum their gradients: the same step as one pass, with the memory of a chunk
+    (None: the whole batch at once).
     """
 
     target_macs: float
@@ -47,6 +51,7 @@ class SearchSettings:
     max_steps: int | None = None
     progress: bool = True
     fit: bool = True
+    micro_batch: int | None = None
 
 
 def expected_macs(spec: ModelSpec, rates: DiffRateRates) -> torch.Tensor:
@@ -80,6 +85,8 @@ def search_diffrate(
     """
     spec = find_adapter(model).spec()
     check_reachable(spec, settings.target_macs)
+    if settings.micro_batch is not None and settings.micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive image count, got {settings.micro_batch}")
     rates = rates if rates is not None else DiffRateRates(spec, settings.granularity)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
@@ -223,29 +230,49 @@ def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> N
     base = model_macs(spec)
     unit, target = base / _REFERENCE_GMACS, settings.target_macs * base
     step = start * per_epoch
+
+    def penalty(macs: torch.Tensor) -> torch.Tensor:
+        return settings.lam * ((macs - target) / unit) ** 2
+
     progress = settings.progress and world.is_main
     with tqdm(total=total, initial=step, disable=not progress, desc="diffrate search") as bar:
         for epoch in range(start, settings.epochs):
             _set_epoch(batches, epoch)
             for images, labels in batches:
-                logits, macs = objective(images)
-                ce = F.cross_entropy(logits, labels)
-                loss = ce + settings.lam * ((macs - target) / unit) ** 2
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError("diffrate search diverged (loss is not finite)")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                ce, macs = _backward(objective, images, labels, penalty, settings.micro_batch)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update()
-                bar.set_postfix(ce=f"{ce.item():.3f}", macs=f"{macs.item() / base:.3f}")
+                bar.set_postfix(ce=f"{ce:.3f}", macs=f"{macs / base:.3f}")
                 if step >= total:
                     break
             checkpoint.save(epoch + 1, rates, optimizer, scheduler)
             if step >= total:
                 break
     checkpoint.finish()
+
+
+def _backward(objective, images, labels, penalty, micro_batch) -> tuple[float, float]:
+    """Accumulate the gradient of mean cross-entropy + penalty(MACs) on one batch, in chunks of
+    at most `micro_batch` images (under DistributedDataParallel, synchronised once, on the
+    last chunk). Returns the batch's cross-entropy and MACs."""
+    size = micro_batch or len(images)
+    chunks = list(zip(images.split(size), labels.split(size), strict=True))
+    total = 0.0
+    for index, (part, part_labels) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        sync = nullcontext() if last or not hasattr(objective, "no_sync") else objective.no_sync()
+        with sync:
+            logits, macs = objective(part)
+            ce = F.cross_entropy(logits, part_labels, reduction="sum") / len(images)
+            loss = ce + penalty(macs) if last else ce
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError("diffrate search diverged (loss is not finite)")
+            loss.backward()
+        total += ce.item()
+    return total, macs.item()
 
 
 def _set_epoch(batches: Iterable, epoch: int) -> None:
@@ -264,6 +291,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-min", type=float, default=0.001)
     parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
     parser.add_argument("--granularity", type=int, default=4, help="candidate count step")
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        help="forward/backward each batch in chunks of this many images (same step, less "
+        "memory: a large --batch-size on a small machine)",
+    )
     parser.add_argument(
         "--no-fit",
         action="store_true",
@@ -303,6 +336,7 @@ def run(args: argparse.Namespace) -> None:
         lam=args.lam,
         granularity=args.granularity,
         fit=not args.no_fit,
+        micro_batch=args.micro_batch,
     )
     state = args.output.with_name(args.output.name + ".search-state.pt")
     config = search_diffrate(model, loader, settings, world=world, state=state)
