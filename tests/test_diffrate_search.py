@@ -159,5 +159,6 @@ def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):
     assert main([*argv, "-o", str(output)]) == 0
     config = tokcomp.Config.load(output)
     assert config.method == "diffrate" and "DiffRate search" in config.notes
+    assert "batch 16 per process, 32 images of fashion-mnist" in config.notes
     model = tokcomp.apply(timm.create_model("test_vit"), output)
     assert tokcomp.config_of(model).schedule == config.schedule

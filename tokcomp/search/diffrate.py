@@ -340,6 +340,7 @@ def run(args: argparse.Namespace) -> None:
     )
     state = args.output.with_name(args.output.name + ".search-state.pt")
     config = search_diffrate(model, loader, settings, world=world, state=state)
+    config.notes += f"; batch {args.batch_size} per process, {len(dataset)} images of {args.data}"
     if world.is_main:
         path = config.save(args.output)
         print(
