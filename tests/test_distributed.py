@@ -62,7 +62,9 @@ def test_two_processes_count_exactly_what_one_process_counts(checkpoint, folder,
         assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
 
 
-def test_search_step_leaves_identical_rates_and_weights_on_both_ranks(tmp_path):
+def test_search_steps_leave_identical_rates_and_weights_on_both_ranks_micro_batched_or_not(
+    tmp_path,
+):
     worker = subprocess.run(
         [*TORCHRUN, str(TESTS / "distributed_search_worker.py"), str(tmp_path)],
         env=ENV,
@@ -74,6 +76,8 @@ def test_search_step_leaves_identical_rates_and_weights_on_both_ranks(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key, value in rank0["rates"].items():
         assert torch.equal(value, rank1["rates"][key]), key
+        assert torch.equal(rank0["micro_batch_rates"][key], rank1["micro_batch_rates"][key]), key
+        torch.testing.assert_close(rank0["micro_batch_rates"][key], value, rtol=1e-4, atol=1e-6)
     assert any(v.abs().sum() > 0 for k, v in rank0["rates"].items() if k.endswith("logits"))
     for key, value in rank0["model"].items():
         assert torch.equal(value, rank1["model"][key]), key
