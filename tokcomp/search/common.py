@@ -14,7 +14,7 @@ from tokcomp.models import create_model
 
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--checkpoint/--pretrained, the training images and how to read them."""
+    """--model/--checkpoint/--pretrained, the training images, how to read them and the device."""
     parser.add_argument("--model", help="timm model name (random weights unless loaded)")
     parser.add_argument("--checkpoint", help="local .safetensors/.pth weights")
     parser.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
@@ -28,6 +28,7 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def model_and_training_images(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:

@@ -75,8 +75,8 @@ def search_diffrate(
     state: Path | None = None,
 ) -> Config:
     """Learn DiffRate's rates on `model` (weights frozen, untouched) from labelled `batches`
-    (re-iterated once per epoch); returns the config of the searched schedule (fitted to
-    the target unless settings.fit is off).
+    (re-iterated once per epoch, moved to the model's device); returns the config of the
+    searched schedule (fitted to the target unless settings.fit is off).
 
     rates: continue from these (trained in place). world: under torchrun, the rates are
     trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
@@ -87,7 +87,8 @@ def search_diffrate(
     check_reachable(spec, settings.target_macs)
     if settings.micro_batch is not None and settings.micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive image count, got {settings.micro_batch}")
-    rates = rates if rates is not None else DiffRateRates(spec, settings.granularity)
+    device = next(model.parameters()).device
+    rates = (rates if rates is not None else DiffRateRates(spec, settings.granularity)).to(device)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -95,7 +96,8 @@ def search_diffrate(
         apply(model.eval(), DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth))
         objective = _Objective(model, rates, spec)
         if world.size > 1:
-            objective = nn.parallel.DistributedDataParallel(objective)
+            ids = [device] if device.type == "cuda" else None
+            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         checkpoint = _Checkpoint(state, settings, world)
         _optimise(objective, rates, spec, batches, settings, world, checkpoint)
     finally:
@@ -258,6 +260,8 @@ def _backward(objective, images, labels, penalty, micro_batch) -> tuple[float, f
     """Accumulate the gradient of mean cross-entropy + penalty(MACs) on one batch, in chunks of
     at most `micro_batch` images (under DistributedDataParallel, synchronised once, on the
     last chunk). Returns the batch's cross-entropy and MACs."""
+    device = next(objective.parameters()).device
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     size = micro_batch or len(images)
     chunks = list(zip(images.split(size), labels.split(size), strict=True))
     total = 0.0
@@ -313,9 +317,10 @@ def run(args: argparse.Namespace) -> None:
     split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
     search saves its state next to the output after every epoch; rerunning the same
     command resumes from it."""
-    world = World.from_env("cpu")
+    world = World.from_env(args.device)
     torch.manual_seed(args.seed)
     model, dataset = model_and_training_images(args)
+    model.to(world.device(args.device))
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )

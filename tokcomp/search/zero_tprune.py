@@ -167,7 +167,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="a list of pruning blocks to try, e.g. 3,6,9 (repeatable; default: the method's)",
     )
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.set_defaults(run=run)
 
