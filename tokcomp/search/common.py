@@ -31,9 +31,13 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
-def model_and_training_images(args: argparse.Namespace) -> tuple[nn.Module, Dataset]:
-    """The model the arguments name and its training images, preprocessed as it expects."""
+def model_and_training_images(
+    args: argparse.Namespace, device: str | torch.device
+) -> tuple[nn.Module, Dataset]:
+    """The model the arguments name, on `device` (--device, or a rank's own GPU under
+    torchrun), and its training images, preprocessed as it expects."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
-    return model, limited(model_dataset(args.data, model, split="train"), args.limit)
+    dataset = limited(model_dataset(args.data, model, split="train"), args.limit)
+    return model.to(device), dataset

@@ -319,8 +319,7 @@ def run(args: argparse.Namespace) -> None:
     command resumes from it."""
     world = World.from_env(args.device)
     torch.manual_seed(args.seed)
-    model, dataset = model_and_training_images(args)
-    model.to(world.device(args.device))
+    model, dataset = model_and_training_images(args, world.device(args.device))
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )

@@ -173,8 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Search, print every trial, save the chosen one's config."""
-    model, dataset = model_and_training_images(args)
-    model.to(args.device)
+    model, dataset = model_and_training_images(args, args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     print(f"searching on {args.data}: {describe(dataset)}")
     config, trials = search_zero_tprune(
