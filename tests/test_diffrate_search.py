@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import tiny_vit
+from torch.utils.data import DataLoader, TensorDataset
 
 import tokcomp
 from tokcomp.adapters.base import attend
 from tokcomp.cli import main
 from tokcomp.methods.diffrate_search import DiffRateRates, KeptCount, ceil_ste, min_ste
 from tokcomp.schedule import model_macs
-from tokcomp.search.diffrate import SearchSettings, expected_macs, fit_counts, search_diffrate
+from tokcomp.search.diffrate import (
+    MixedBatches,
+    SearchSettings,
+    expected_macs,
+    fit_counts,
+    search_diffrate,
+)
 
 
 def _batches(count: int = 6, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,3 +170,37 @@ def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):
     assert "batch 16 per process, 32 images of fashion-mnist" in config.notes
     model = tokcomp.apply(timm.create_model("test_vit"), output)
     assert tokcomp.config_of(model).schedule == config.schedule
+
+
+def test_class_probability_labels_take_the_same_step_as_class_indices():
+    spec = tokcomp.adapters.find_adapter(tiny_vit("vit")).spec()
+    searched = []
+    for probabilities in (False, True):
+        batches = [(x, F.one_hot(y, 10).float() if probabilities else y) for x, y in _batches(3)]
+        model, rates = tiny_vit("vit"), DiffRateRates(spec, granularity=4)
+        search_diffrate(model, batches, SearchSettings(0.6, max_steps=3, progress=False), rates)
+        searched.append(torch.cat([p.detach().flatten() for p in rates.parameters()]))
+    torch.testing.assert_close(searched[1], searched[0])
+
+
+def test_mixed_batches_blend_image_pairs_into_smoothed_class_probabilities():
+    images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+    mixed = MixedBatches(loader, classes=10)
+    assert len(mixed) == 2 and mixed.sampler is loader.sampler
+    for (images, labels), (plain, indices) in zip(mixed, loader, strict=True):
+        assert labels.shape == (8, 10) and not torch.equal(images, plain)
+        torch.testing.assert_close(labels.sum(dim=1), torch.ones(8))
+        pair = F.one_hot(indices, 10).bool() | F.one_hot(indices.flip(0), 10).bool()
+        assert labels[pair].sum() >= 0.9 * 8  # each image's mass: its class and its partner's
+        assert labels[~pair].max() <= 0.01 + 1e-6 and labels.min() > 0  # smoothing elsewhere
+
+
+def test_deit_augmented_search_command_records_it_and_refuses_odd_batches(tmp_path, capsys):
+    output = tmp_path / "searched.json"
+    argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
+    argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--augment", "deit"]
+    assert main([*argv, "--batch-size", "16", "-o", str(output)]) == 0
+    assert "DeiT augmentation" in tokcomp.Config.load(output).notes
+    assert main([*argv, "--batch-size", "15", "-o", str(output)]) == 2
+    assert "give an even --batch-size" in capsys.readouterr().err

@@ -33,8 +33,8 @@ from tokcomp.harness.fashion_mnist import load_arrays, place_at_fixed_offsets
 from tokcomp.harness.imagenet import (
     ClassificationTask,
     data_config,
-    eval_transform,
     model_dataset,
+    model_transform,
     topk_correct,
 )
 from tokcomp.harness.results import ResultStore
@@ -226,7 +226,7 @@ def test_the_unpruned_point_is_a_plain_timm_evaluation(tmp_path):
         create_dataset("", root=str(folder)), batch_size=8, use_prefetcher=False, **config
     )
     task = ClassificationTask(
-        open_dataset(str(folder), eval_transform(data_config(model))), 8, 0, CPU
+        open_dataset(str(folder), model_transform(data_config(model))), 8, 0, CPU
     )
     hits = {"top1": 0, "top5": 0}
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_checkpoints_reload_to_identical_logits(tmp_path, imagenet_val, name):
     else:
         path = save_safetensors(model, tmp_path / "m.safetensors", timm_model="test_vit")
     reloaded = create_model(name, path)
-    transform = eval_transform(data_config(reloaded))
+    transform = model_transform(data_config(reloaded))
     task = ClassificationTask(open_dataset(str(imagenet_val), transform), 20, 0, CPU)
     images, _ = next(task.batches())
     with torch.no_grad():
@@ -322,3 +322,22 @@ def test_the_default_fashion_mnist_model(tmp_path):
     rows = evaluate(DEFAULT_MODEL, "fashion-mnist", tmp_path, options)
     assert float(rows[0]["top1"]) > 60  # trained: far above chance (10 %)
     assert float(rows[1]["macs_ratio"]) < 0.9 and int(rows[1]["samples"]) == 64
+
+
+def test_an_augmented_transform_draws_new_images_of_the_evaluation_shape(imagenet_val):
+    config = data_config(timm.create_model("test_vit"))
+    image = next(iter(open_dataset(str(imagenet_val))))[0]
+    augmented = model_transform(config, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
+    torch.manual_seed(0)
+    first, second = augmented(image), augmented(image)
+    assert first.shape == second.shape == model_transform(config)(image).shape
+    assert not torch.equal(first, second)
+
+
+def test_randaugment_posterizes_to_black_at_its_top_magnitude(imagenet_val):
+    config = data_config(timm.create_model("test_vit"))
+    augmented = model_transform(config, auto_augment="rand-m9-mstd0.5-inc1")
+    [posterize] = [op for op in augmented.transforms[1].transforms[2].ops if "Posterize" in op.name]
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0  # 0 bits kept
+    image = next(iter(open_dataset(str(imagenet_val))))[0]
+    assert posterize(image).getextrema() == ((0, 0),) * 3  # recent Pillow refuses 0 bits

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import auto_augment, create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -98,10 +98,13 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return resolve_data_config(model=model, use_test_size=True)
 
 
-def model_dataset(data: str, model: nn.Module, split: str = "test") -> Dataset:
-    """The --data images as `model` takes them: its evaluation transform, on the canvas
-    its Fashion-MNIST garments were pasted on in training if there was one."""
-    transform = eval_transform(data_config(model))
+def model_dataset(
+    data: str, model: nn.Module, split: str = "test", augment: dict[str, Any] | None = None
+) -> Dataset:
+    """The --data images as `model` takes them: its evaluation transform (or, given
+    `augment`, timm's training transform with those options), on the canvas its
+    Fashion-MNIST garments were pasted on in training if there was one."""
+    transform = model_transform(data_config(model), **(augment or {}))
     return open_dataset(data, transform, split, canvas=canvas_of(model))
 
 
@@ -110,13 +113,29 @@ def canvas_of(model: nn.Module) -> int | None:
     return (getattr(model, "pretrained_cfg", None) or {}).get(CANVAS_KEY)
 
 
-def eval_transform(config: dict[str, Any]) -> transforms.Compose:
+def model_transform(config: dict[str, Any], **augment: Any) -> transforms.Compose:
     """PIL image -> model input: colour mode from the input channels, then timm's eval
-    transform (resize, centre crop, normalise)."""
+    transform (resize, centre crop, normalise), or its training transform when `augment`
+    gives training options (timm's create_transform keywords, e.g. auto_augment)."""
     mode = "L" if config["input_size"][0] == 1 else "RGB"
-    return transforms.Compose(
-        [functools.partial(Image.Image.convert, mode=mode), create_transform(**config)]
-    )
+    options = {**config, "is_training": True, **augment} if augment else config
+    transform = create_transform(**options)
+    for op in _augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return transforms.Compose([functools.partial(Image.Image.convert, mode=mode), transform])
+
+
+def _augment_ops(transform: Any) -> Iterator[Any]:
+    """The operations of the RandAugment / AutoAugment steps in a timm transform."""
+    for step in getattr(transform, "transforms", ()):
+        yield from getattr(step, "ops", ())
+
+
+def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """Posterize keeping `bits` bits, 0 giving a black image: what timm's RandAugment asks
+    for at its top magnitude, and what Pillow did before it began refusing 0 bits."""
+    return Image.new(image.mode, image.size) if bits < 1 else auto_augment.posterize(image, bits)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

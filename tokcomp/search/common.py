@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,12 +33,13 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_and_training_images(
-    args: argparse.Namespace, device: str | torch.device
+    args: argparse.Namespace, device: str | torch.device, augment: dict[str, Any] | None = None
 ) -> tuple[nn.Module, Dataset]:
     """The model the arguments name, on `device` (--device, or a rank's own GPU under
-    torchrun), and its training images, preprocessed as it expects."""
+    torchrun), and its training images, preprocessed as it expects (augmented with timm's
+    training transform when `augment` gives its options)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
-    dataset = limited(model_dataset(args.data, model, split="train"), args.limit)
+    dataset = limited(model_dataset(args.data, model, "train", augment), args.limit)
     return model.to(device), dataset

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
@@ -29,6 +32,26 @@ from tokcomp.search.common import add_model_and_data_arguments, model_and_traini
 #: DeiT-S's MACs in GMACs: the MACs penalty is measured in units of (model MACs / this), which
 #: is exactly the paper's GMACs for DeiT-S and keeps its strength relative to other models.
 _REFERENCE_GMACS = 4.6
+
+#: DeiT's training augmentation, under which DiffRate's released search trains the rates
+#: (timm's create_transform options; `--augment deit`).
+DEIT_AUGMENT: dict[str, Any] = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "color_jitter": 0.4,
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
+    "interpolation": "bicubic",
+}
+#: DeiT's mixup and cutmix, with label smoothing (timm's Mixup options).
+DEIT_MIXUP: dict[str, Any] = {
+    "mixup_alpha": 0.8,
+    "cutmix_alpha": 1.0,
+    "prob": 1.0,
+    "switch_prob": 0.5,
+    "mode": "batch",
+    "label_smoothing": 0.1,
+}
 
 
 @dataclass
@@ -75,8 +98,9 @@ def search_diffrate(
     state: Path | None = None,
 ) -> Config:
     """Learn DiffRate's rates on `model` (weights frozen, untouched) from labelled `batches`
-    (re-iterated once per epoch, moved to the model's device); returns the config of the
-    searched schedule (fitted to the target unless settings.fit is off).
+    (re-iterated once per epoch, moved to the model's device; labels are class indices, or
+    class probabilities as `MixedBatches` gives them); returns the config of the searched
+    schedule (fitted to the target unless settings.fit is off).
 
     rates: continue from these (trained in place). world: under torchrun, the rates are
     trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
@@ -279,6 +303,22 @@ def _backward(objective, images, labels, penalty, micro_batch) -> tuple[float, f
     return total, macs.item()
 
 
+class MixedBatches:
+    """Batches whose images are mixed pairwise by DeiT's mixup or cutmix, so their labels
+    become class probabilities (smoothed); len() and the sampler pass through."""
+
+    def __init__(self, batches: DataLoader, classes: int) -> None:
+        self.batches, self.sampler = batches, batches.sampler
+        self.mix = Mixup(num_classes=classes, **DEIT_MIXUP)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for images, labels in self.batches:
+            yield self.mix(images, labels)
+
+
 def _set_epoch(batches: Iterable, epoch: int) -> None:
     """Give a distributed sampler its epoch (a new shuffle each epoch, the same on all ranks)."""
     sampler = getattr(batches, "sampler", None)
@@ -307,6 +347,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write the searched counts as they are, not scaled to the largest schedule "
         "within --target-macs",
     )
+    parser.add_argument(
+        "--augment",
+        choices=("none", "deit"),
+        default="none",
+        help="deit: train the rates on images augmented as DeiT is trained (RandAugment, "
+        "random erasing, mixup/cutmix, label smoothing), as the paper's search does; suits "
+        "models trained that way (none: the model's evaluation preprocessing)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.set_defaults(run=run)
@@ -319,17 +367,30 @@ def run(args: argparse.Namespace) -> None:
     command resumes from it."""
     world = World.from_env(args.device)
     torch.manual_seed(args.seed)
-    model, dataset = model_and_training_images(args, world.device(args.device))
+    augment = args.augment == "deit"
+    device = world.device(args.device)
+    model, dataset = model_and_training_images(args, device, DEIT_AUGMENT if augment else None)
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )
+    whole_batches = len(dataset) >= args.batch_size * world.size
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
-        drop_last=len(dataset) >= args.batch_size * world.size,
+        drop_last=whole_batches,
     )
+    if augment:
+        per_process = args.batch_size if whole_batches else len(sampler)
+        if per_process % 2:
+            raise ValueError(
+                f"--augment deit mixes images in pairs, but each process gets batches of "
+                f"{per_process}: give an even --batch-size (and --limit)"
+            )
+        random.seed(args.seed + world.rank)  # RandAugment's draws
+        np.random.seed(args.seed + world.rank)  # mixup's
+        loader = MixedBatches(loader, model.num_classes)
     if world.is_main:
         print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
     settings = SearchSettings(
@@ -345,6 +406,8 @@ def run(args: argparse.Namespace) -> None:
     state = args.output.with_name(args.output.name + ".search-state.pt")
     config = search_diffrate(model, loader, settings, world=world, state=state)
     config.notes += f"; batch {args.batch_size} per process, {len(dataset)} images of {args.data}"
+    if augment:
+        config.notes += "; DeiT augmentation (RandAugment, random erasing, mixup/cutmix)"
     if world.is_main:
         path = config.save(args.output)
         print(
