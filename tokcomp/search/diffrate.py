@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -314,7 +314,7 @@ class MixedBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.batches:
             yield self.mix(images, labels)
 
