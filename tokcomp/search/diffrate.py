@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from tokcomp.adapters import find_adapter
@@ -360,16 +360,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Search, save the config, print what it reached. Under torchrun the batches are
-    split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
-    search saves its state next to the output after every epoch; rerunning the same
-    command resumes from it."""
-    world = World.from_env(args.device)
-    torch.manual_seed(args.seed)
-    augment = args.augment == "deit"
-    device = world.device(args.device)
-    model, dataset = model_and_training_images(args, device, DEIT_AUGMENT if augment else None)
+def training_batches(
+    args: argparse.Namespace, dataset: Dataset, world: World, mixed_classes: int = 0
+) -> DataLoader | MixedBatches:
+    """This rank's shuffled shard of `dataset` in --batch-size batches (whole ones when there
+    is at least one per rank), mixed pairwise over `mixed_classes` classes when that is set
+    (DeiT's mixup/cutmix, seeded per rank like its augmentation)."""
     sampler = DistributedSampler(
         dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
     )
@@ -381,16 +377,30 @@ def run(args: argparse.Namespace) -> None:
         num_workers=args.workers,
         drop_last=whole_batches,
     )
-    if augment:
-        per_process = args.batch_size if whole_batches else len(sampler)
-        if per_process % 2:
-            raise ValueError(
-                f"--augment deit mixes images in pairs, but each process gets batches of "
-                f"{per_process}: give an even --batch-size (and --limit)"
-            )
-        random.seed(args.seed + world.rank)  # RandAugment's draws
-        np.random.seed(args.seed + world.rank)  # mixup's
-        loader = MixedBatches(loader, model.num_classes)
+    if not mixed_classes:
+        return loader
+    per_process = args.batch_size if whole_batches else len(sampler)
+    if per_process % 2:
+        raise ValueError(
+            f"--augment deit mixes images in pairs, but each process gets batches of "
+            f"{per_process}: give an even --batch-size (and --limit)"
+        )
+    random.seed(args.seed + world.rank)  # RandAugment's draws
+    np.random.seed(args.seed + world.rank)  # mixup's
+    return MixedBatches(loader, mixed_classes)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Search, save the config, print what it reached. Under torchrun the batches are
+    split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
+    search saves its state next to the output after every epoch; rerunning the same
+    command resumes from it."""
+    world = World.from_env(args.device)
+    torch.manual_seed(args.seed)
+    augment = args.augment == "deit"
+    device = world.device(args.device)
+    model, dataset = model_and_training_images(args, device, DEIT_AUGMENT if augment else None)
+    batches = training_batches(args, dataset, world, model.num_classes if augment else 0)
     if world.is_main:
         print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
     settings = SearchSettings(
@@ -404,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
         micro_batch=args.micro_batch,
     )
     state = args.output.with_name(args.output.name + ".search-state.pt")
-    config = search_diffrate(model, loader, settings, world=world, state=state)
+    config = search_diffrate(model, batches, settings, world=world, state=state)
     config.notes += f"; batch {args.batch_size} per process, {len(dataset)} images of {args.data}"
     if augment:
         config.notes += "; DeiT augmentation (RandAugment, random erasing, mixup/cutmix)"
