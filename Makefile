@@ -27,7 +27,7 @@ demo-vit: install
 		$(foreach c,$(wildcard configs/vit-fmnist/*.json),--config $(c)) \
 		--output results/demo-vit-fmnist
 
-# The same sweep on all 10,000 test images, random at five seeds (about 30 minutes here).
+# The same sweep on all 10,000 test images, random at five seeds (about 25 minutes here).
 comma := ,
 demo-vit-full: install
 	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist \
