@@ -34,10 +34,10 @@ from tokcomp.search.common import add_model_and_data_arguments, model_and_traini
 _REFERENCE_GMACS = 4.6
 
 #: DeiT's training augmentation, under which DiffRate's released search trains the rates
-#: (timm's create_transform options; `--augment deit`).
+#: (timm's create_transform options; `--augment deit`). DeiT's colour jitter is left out:
+#: timm turns it off under RandAugment.
 DEIT_AUGMENT: dict[str, Any] = {
     "auto_augment": "rand-m9-mstd0.5-inc1",
-    "color_jitter": 0.4,
     "re_prob": 0.25,
     "re_mode": "pixel",
     "re_count": 1,
