@@ -35,7 +35,7 @@ import tokcomp
 from tokcomp.harness.data import limited
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays, place_at_fixed_offsets
 from tokcomp.harness.imagenet import canvas_of
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry
 from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.models import create_model
@@ -45,7 +45,7 @@ Score = Callable[[TokenState, Signals], torch.Tensor]
 
 
 @dataclass(kw_only=True)
-class ScoredPrune(Method):
+class ScoredPrune(BlockMethod):
     """Keep the protected tokens and the highest-scoring others (diagnostic only); with
     `fuse`, the last kept slot is one token holding all the dropped ones (size-weighted mean,
     sizes summed)."""
@@ -57,10 +57,12 @@ class ScoredPrune(Method):
     layers: list[int] = field(default_factory=lambda: [3, 6, 9])
     fuse: bool = False
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return ratio_schedule(layout, self.keep_ratio, self.layers)
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        return ratio_schedule(geometry, self.keep_ratio, self.layers)
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         ranked = rank_by_score(self.score(state, signals), state.protected)
         if not self.fuse:
             return state.prune(ranked[:, :keep])

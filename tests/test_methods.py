@@ -10,7 +10,7 @@ from conftest import BATCH_POSITION_DEPENDENT, tiny_vit
 from method_options import keep_all, middle
 
 import tokcomp
-from tokcomp.methods import Layer, Signals, TokenState, create_method
+from tokcomp.methods import BlockPosition, Signals, TokenState, create_method
 from tokcomp.methods.zero_tprune import head_filter
 from tokcomp.ops import attention_pagerank, energy_score
 
@@ -93,7 +93,7 @@ def test_pitome_merges_exactly_r_and_never_the_lowest_energy_tokens():
     state = _state()
     method = create_method("pitome", margin=0.5, metric="hidden", bsm_layers=[])
     keep = 21 - 6
-    out = method.reduce(state, Signals(), keep, Layer(index=0, depth=12))
+    out = method.reduce(state, Signals(), keep, BlockPosition(index=0, depth=12))
     assert out.tokens == keep
     assert torch.equal(out.size.sum(dim=1), torch.full((2,), 21.0))
     energy = energy_score(state.x[:, 1:], 0.5)
@@ -104,7 +104,7 @@ def test_pitome_merges_exactly_r_and_never_the_lowest_energy_tokens():
 
 def test_pitome_margin_decays_linearly_with_depth():
     method = create_method("pitome", margin=0.8)
-    margins = [method.margin_at(Layer(index, 4)) for index in range(4)]
+    margins = [method.margin_at(BlockPosition(index, 4)) for index in range(4)]
     assert margins == pytest.approx([0.8, 0.6, 0.4, 0.2])
 
 
@@ -160,7 +160,7 @@ def test_zero_tprune_s_stage_prunes_the_less_important_of_a_duplicate_pair():
     method = create_method("zero_tprune", similarity_share=1.0, variance_band=[0.0, 1e9])
     method = method.with_options(iterations=[3] * 4)
     state = _state(tokens=tokens, protected=1, batch=1)
-    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, Layer(0, 4))
+    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, BlockPosition(0, 4))
     assert 5 not in _singletons(out)[0] and 2 in _singletons(out)[0]
 
 
@@ -172,7 +172,7 @@ def test_diffrate_prunes_least_attended_and_merges_into_most_similar():
     cls_attn = torch.tensor([[[0.3, 0.3, 0.2, 0.1, 0.08, 0.02]]])  # token 5 least attended
     state = TokenState(x, protected=1, source=torch.eye(6)[None])
     method = create_method("diffrate", prune_kept=[6, 5], merge_kept=[6, 3])
-    out = method.reduce(state, Signals(cls_attn=cls_attn), 3, Layer(1, 2))
+    out = method.reduce(state, Signals(cls_attn=cls_attn), 3, BlockPosition(1, 2))
     # order by attention: 1, 2, 3, 4; prune 5; dst = [cls, 1, 2]; 3 -> 1, 4 -> 2
     assert out.source[0].argmax(dim=1).tolist() == [0, 1, 2]
     torch.testing.assert_close(out.x[0, 1], (x[0, 1] + x[0, 3]) / 2)
@@ -205,7 +205,7 @@ def test_evit_fuses_the_dropped_tokens_into_their_attention_weighted_sum():
     state = _state(tokens=7, batch=1)
     attn = torch.tensor([[[0.4, 0.2, 0.15, 0.1, 0.08, 0.05, 0.02]]])
     method = create_method("evit", keep_ratio=0.5)
-    out = method.reduce(state, Signals(cls_attn=attn), 5, Layer(1, 4))
+    out = method.reduce(state, Signals(cls_attn=attn), 5, BlockPosition(1, 4))
     assert out.source[0, :4].argmax(dim=1).tolist() == [0, 1, 2, 3]
     fused = sum(attn[0, 0, i] * state.x[0, i] for i in (4, 5, 6))
     torch.testing.assert_close(out.x[0, 4], fused)
@@ -214,22 +214,22 @@ def test_evit_fuses_the_dropped_tokens_into_their_attention_weighted_sum():
 
 def test_random_draws_a_seeded_subset_per_image_whatever_the_batch_size():
     method = create_method("random", seed=4)
-    first = method.reduce(_state(tokens=30, batch=3), Signals(), 12, Layer(2, 4))
-    again = method.reduce(_state(tokens=30, batch=3), Signals(), 12, Layer(2, 4))
-    larger = method.reduce(_state(tokens=30, batch=5), Signals(), 12, Layer(2, 4))
+    first = method.reduce(_state(tokens=30, batch=3), Signals(), 12, BlockPosition(2, 4))
+    again = method.reduce(_state(tokens=30, batch=3), Signals(), 12, BlockPosition(2, 4))
+    larger = method.reduce(_state(tokens=30, batch=5), Signals(), 12, BlockPosition(2, 4))
     assert torch.equal(first.source, again.source)
     assert torch.equal(first.source, larger.source[:3])
     assert not torch.equal(first.source[0], first.source[1])
     assert (first.source[:, 0, 0] == 1).all() and (first.source.sum(dim=1) <= 1).all()
     other = create_method("random", seed=5).reduce(
-        _state(tokens=30, batch=3), Signals(), 12, Layer(2, 4)
+        _state(tokens=30, batch=3), Signals(), 12, BlockPosition(2, 4)
     )
     assert not torch.equal(other.source, first.source)
 
 
 def test_random_keeps_every_token_equally_often():
     state = _state(tokens=21, batch=4000)
-    kept = create_method("random").reduce(state, Signals(), 11, Layer(0, 4)).source
+    kept = create_method("random").reduce(state, Signals(), 11, BlockPosition(0, 4)).source
     frequency = kept[:, 1:, 1:].sum(dim=(0, 1)) / 4000
     torch.testing.assert_close(frequency, torch.full((20,), 0.5), atol=0.04, rtol=0)
 

@@ -152,7 +152,7 @@ def test_each_sample_gets_what_it_gets_alone(family, method):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @torch.no_grad()
 def test_fastv_scores_equal_the_eager_attention_weights(family):
-    from tokcomp.adapters.vlm_sequence import Stage, attention_received
+    from tokcomp.adapters.hf_vlm.decoder import LayerSpan, attention_received
 
     model = _model(family)
     language = model.model.language_model
@@ -165,11 +165,11 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
                        output_attentions=True).attentions[0]  # fmt: skip
     queries = torch.zeros_like(mask, dtype=torch.bool)
     queries[:, -1] = True
-    stage = Stage(0, 0, mask, rope, None)
-    scores = attention_received(language.layers[0], hidden, stage, language, queries)
+    span = LayerSpan(0, 0, mask, rope, None)
+    scores = attention_received(language, 0, hidden, span, queries)
     torch.testing.assert_close(scores, weights[:, :, -1].mean(dim=1), rtol=1e-4, atol=1e-6)
     text = mask.bool()
-    scores = attention_received(language.layers[0], hidden, stage, language, text)
+    scores = attention_received(language, 0, hidden, span, text)
     expected = (weights.mean(dim=1) * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import tokcomp
-from tokcomp.adapters.vlm_sequence import Images, Segment, _budget_shares
+from tokcomp.adapters.hf_vlm.families import Images, Segment
+from tokcomp.adapters.hf_vlm.selection import _budget_shares
 from tokcomp.methods import create_method
 from tokcomp.methods.divprune import farthest_from_neighbours
 from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
@@ -227,10 +228,12 @@ def test_crop_budgets_split_evenly_and_what_a_full_crop_cannot_take_goes_elsewhe
     sizes = [16, 4, 12, 12]
     segments = [Segment(0, torch.arange(n), _visual(torch.zeros(1, n, 1))) for n in sizes]
     images = Images([torch.zeros(44, 1)], segments)
-    method = create_method("divprune")
-    assert _budget_shares(method, images, 40) == [12, 4, 12, 12]
-    assert _budget_shares(method, images, 10) == [2, 3, 3, 2]
-    assert sum(_budget_shares(method, images, 0.5)) == 22
+    def shares(keep: int | float) -> list[int]:
+        return _budget_shares(create_method("divprune", keep=keep), images)
+
+    assert shares(40) == [12, 4, 12, 12]
+    assert shares(10) == [2, 3, 3, 2]
+    assert sum(shares(0.5)) == 22
 
 
 def test_vlm_methods_refuse_vision_encoders_with_what_to_use():

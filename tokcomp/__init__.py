@@ -5,7 +5,16 @@
 """
 
 from tokcomp.adapters import UnsupportedModelError
-from tokcomp.api import apply, config_of, forward_tokens, is_patched, macs, methods, remove
+from tokcomp.adapters.hf_vlm import visual_tokens_dropped
+from tokcomp.api import (
+    apply,
+    config_of,
+    forward_tokens,
+    is_patched,
+    macs,
+    methods,
+    remove,
+)
 from tokcomp.config import Config, ConfigError
 from tokcomp.ops import backend
 
@@ -23,4 +32,5 @@ __all__ = [
     "macs",
     "methods",
     "remove",
+    "visual_tokens_dropped",
 ]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from tokcomp.adapters import Adapter, Compression, find_adapter
+from tokcomp.adapters import Compression, Patch, find_adapter
 from tokcomp.config import Config, ConfigError
 from tokcomp.methods import (
+    BlockMethod,
     Method,
     TokenState,
     VisualMethod,
@@ -19,21 +19,12 @@ from tokcomp.methods import (
     method_class,
     method_names,
 )
-from tokcomp.methods.visual import selects_visual_tokens
 from tokcomp.schedule import ModelSpec, model_macs, resolve
 
 M = TypeVar("M", bound=nn.Module)
 
 _PATCH = "_tokcomp"
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-
-
-@dataclass
-class Patch:
-    """What `apply` leaves on a model: the adapter that patched it and the compression."""
-
-    adapter: Adapter
-    compression: Compression
 
 
 def apply(model: M, method_or_config: str | Path | Config | Method, **options: Any) -> M:
@@ -122,16 +113,15 @@ METHOD_KINDS = ("vision", "vlm")
 
 
 def methods(kind: str | None = None) -> list[str]:
-    """Names of every method tokcomp ships; kind="vision": those that compress a vision
-    encoder's tokens (a VLM applies them inside its vision tower where supported);
-    kind="vlm": those that choose a VLM's visual tokens."""
+    """Names of every method tokcomp ships; kind="vision": the block methods, which compress a
+    vision encoder's tokens (a VLM applies them inside its vision tower where supported);
+    kind="vlm": the visual-token methods, which choose a VLM's visual tokens (random is both)."""
     if kind is None:
         return method_names()
     if kind not in METHOD_KINDS:
         raise ValueError(f"kind must be one of {METHOD_KINDS} or None, got {kind!r}")
-    visual = {name for name in method_names() if selects_visual_tokens(method_class(name))}
-    vision = {name for name in method_names() if not issubclass(method_class(name), VisualMethod)}
-    return sorted(visual if kind == "vlm" else vision)
+    kind_class = VisualMethod if kind == "vlm" else BlockMethod
+    return [name for name in method_names() if issubclass(method_class(name), kind_class)]
 
 
 def _patch_of(model: nn.Module) -> Patch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError
+from tokcomp.adapters.base import Adapter, Compression, Patch, UnsupportedModelError
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm import HFVLMAdapter
 from tokcomp.adapters.open_clip import OpenClipAdapter
@@ -25,4 +25,4 @@ def find_adapter(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "Compression", "UnsupportedModelError", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "Compression", "Patch", "UnsupportedModelError", "find_adapter"]

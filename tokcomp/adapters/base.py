@@ -1,18 +1,18 @@
-"""What every model-family adapter does, and the per-block logic they share."""
+"""What every model-family adapter does, the patch `apply` installs, and what the encoder
+adapters share: one compressed block (BlockParts), attention with signals, pooling."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import MethodType
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokcomp.methods import Layer, Method, Signal, Signals, TokenState
+from tokcomp.methods import AttentionStyle, BlockPosition, Method, Signal, Signals, TokenState
 from tokcomp.schedule import ModelSpec
 
 
@@ -67,7 +67,51 @@ class Compression:
         keep = self.schedule[index]
         if not self.method.acts(keep, state.tokens):
             return state
-        return self.method.reduce(state, signals, keep, Layer(index, len(self.schedule)))
+        return self.method.reduce(state, signals, keep, BlockPosition(index, len(self.schedule)))
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One encoder block under common names. It computes a = attention(norm1(x)) with the
+    heads' q, k, v from `qkv` (each (B, heads, N, head_dim)) and `output` mapping the merged
+    heads (B, N, heads x head_dim) and the normed input to the attention branch; then
+    x + after_attn(a), the reduction, and x + after_mlp(mlp(norm2(x)))."""
+
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    scale: float
+    dropout: float
+    output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    after_attn: tuple[nn.Module, ...]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    after_mlp: tuple[nn.Module, ...]
+
+
+def compressed_block(
+    parts: BlockParts, index: int, state: TokenState, compression: Compression
+) -> TokenState:
+    """One encoder block with the reduction between attention and MLP."""
+    x = parts.norm1(state.x)
+    q, k, v = parts.qkv(x)
+    out, signals = compression.attention(index, state, q, k, v, parts.scale, parts.dropout)
+    out = parts.output(out.transpose(1, 2).flatten(2), x)
+    state = state.with_x(state.x + through(parts.after_attn, out))
+    state = compression.reduce(index, state, signals)
+    mlp_out = parts.mlp(parts.norm2(state.x))
+    return state.with_x(state.x + through(parts.after_mlp, mlp_out))
+
+
+def through(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
+    """`x` through `modules` in order."""
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, N, heads x head_dim) -> (B, heads, N, head_dim)."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
 
 
 def attend(
@@ -93,7 +137,7 @@ def attend(
     if Signal.CLS_ATTN in needs and not class_token:
         full = True
     if full:
-        attn = _attention_probs(q, k, scale, bias, key_mask)
+        attn = attention_probs(q, k, scale, bias, key_mask).to(q.dtype)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
         cls_attn = attn[:, :, 0] if class_token else attn.mean(dim=2)
         full_attn = attn if Signal.ATTN in needs else None
@@ -101,23 +145,26 @@ def attend(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     cls_attn = None
     if Signal.CLS_ATTN in needs:
-        cls_attn = _attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
+        cls_attn = attention_probs(q[:, :, :1], k, scale, bias).to(q.dtype)[:, :, 0]
     return out, Signals(keys=keys, cls_attn=cls_attn)
 
 
-def _attention_probs(
+def attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
     scale: float,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """float32 attention probabilities softmax(q k^T scale + bias) of (..., Q, d) queries
+    over (..., K, d) keys; `bias` is additive (-inf masks a key); `key_mask` (B, K) is
+    DiffRate's differentiable keep-mask."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    if key_mask is None:
-        return logits.float().softmax(dim=-1).to(q.dtype)
-    return _masked_softmax(logits, key_mask).to(q.dtype)
+    if key_mask is not None:
+        return _masked_softmax(logits, key_mask)
+    return logits.float().softmax(dim=-1)
 
 
 def _masked_softmax(
@@ -148,15 +195,27 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tens
     return (x * weights[..., None]).sum(dim=1)
 
 
+@dataclass
+class Patch:
+    """What `apply` leaves on a model (and a VLM on its vision tower): the adapter that
+    patched it and the compression."""
+
+    adapter: Adapter
+    compression: Compression
+
+
 class Adapter(abc.ABC):
     """Patches the models of one family. Adding a family = adding one file with a subclass.
 
     A subclass names the attributes it shadows (`overrides`) with adapter methods that take
-    the Compression first; `install` binds them to the Patch object so a deep copy of the
-    patched model carries its own copy of the adapter and the compression.
+    the Compression first; `install` sets Override objects that hold the Patch, so a deep copy
+    or a pickle (torch.save) of the patched model carries its own adapter and compression.
     """
 
+    #: The family's name (configs record it: a config applies to models of its family).
     family: ClassVar[str]
+    #: How the family implements attention (some methods' defaults depend on it).
+    attention: ClassVar[AttentionStyle]
     #: What this family's adapter supports, for error messages.
     supported: ClassVar[str]
 
@@ -181,10 +240,10 @@ class Adapter(abc.ABC):
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         """(module, attribute, adapter method) triples: what the patch shadows, and with what."""
 
-    def install(self, patch: Any) -> None:
+    def install(self, patch: Patch) -> None:
         """Shadow each overridden attribute on its module instance with the adapter method."""
         for module, attribute, method in self.overrides():
-            object.__setattr__(module, attribute, MethodType(_delegate(method), patch))
+            object.__setattr__(module, attribute, Override(patch, method))
 
     def uninstall(self) -> None:
         """Remove the instance-level overrides: the class methods are visible again."""
@@ -192,9 +251,15 @@ class Adapter(abc.ABC):
             module.__dict__.pop(attribute, None)
 
 
-def _delegate(method: str) -> Callable[..., Any]:
-    def call(patch: Any, *args: Any, **kwargs: Any) -> Any:
-        return getattr(patch.adapter, method)(patch.compression, *args, **kwargs)
+class Override:
+    """An instance attribute standing in for a module's method: calls the patch's adapter
+    method `method` with the compression first. A plain object (not a closure), so patched
+    models pickle and deep-copy."""
 
-    call.__name__ = method
-    return call
+    def __init__(self, patch: Patch, method: str) -> None:
+        self.patch = patch
+        self.method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        patch = self.patch
+        return getattr(patch.adapter, self.method)(patch.compression, *args, **kwargs)

@@ -15,20 +15,28 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError, linear_macs
-from tokcomp.methods import Signals, TokenState
+from tokcomp.adapters.base import (
+    Adapter,
+    BlockParts,
+    Compression,
+    UnsupportedModelError,
+    compressed_block,
+    linear_macs,
+    split_heads,
+)
+from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
 _MODELS = "transformers.models."
 
 
 @dataclass(frozen=True)
-class _Layer:
-    """One encoder layer's parts under common names. The layer computes
-    x + after_attn(attention(norm1(x))), then (compressed) x + after_mlp(mlp(norm2(x)))."""
+class EncoderLayer:
+    """One transformers encoder layer's parts under common names: its self-attention has
+    q_proj, k_proj, v_proj and head_dim; its output projection is `out_proj`."""
 
     norm1: nn.Module
-    attention: nn.Module  # with q_proj, k_proj, v_proj and head_dim
+    attention: nn.Module
     out_proj: nn.Module
     scale: float
     dropout: float
@@ -37,9 +45,30 @@ class _Layer:
     mlp: nn.Module
     after_mlp: tuple[nn.Module, ...]
 
+    def block_parts(self) -> BlockParts:
+        """The layer as the shared compressed block sees it."""
+        attn = self.attention
 
-class _Layout(abc.ABC):
-    """Where one transformers vision model class keeps its parts, and how it embeds and pools."""
+        def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+            return tuple(split_heads(p(x), attn.head_dim) for p in projections)
+
+        return BlockParts(
+            norm1=self.norm1,
+            qkv=qkv,
+            scale=self.scale,
+            dropout=self.dropout if attn.training else 0.0,
+            output=lambda heads, x: self.out_proj(heads),
+            after_attn=self.after_attn,
+            norm2=self.norm2,
+            mlp=self.mlp,
+            after_mlp=self.after_mlp,
+        )
+
+
+class _TowerClass(abc.ABC):
+    """What tokcomp knows of one transformers vision model class: where it keeps its parts, and
+    how it embeds and pools."""
 
     class_token: ClassVar[bool] = True
 
@@ -48,7 +77,7 @@ class _Layout(abc.ABC):
         """The encoder layers."""
 
     @abc.abstractmethod
-    def layer(self, layer: nn.Module) -> _Layer:
+    def parts(self, layer: nn.Module) -> EncoderLayer:
         """The parts of one encoder layer."""
 
     @abc.abstractmethod
@@ -80,16 +109,16 @@ class _Layout(abc.ABC):
         return 0
 
 
-class _ClipLayout(_Layout):
+class _ClipTower(_TowerClass):
     """CLIPVisionModel: pre-norm after the embeddings; last_hidden_state is not normed, the
     pooled class token is."""
 
     def layers(self, tower: nn.Module) -> nn.ModuleList:
         return tower.encoder.layers
 
-    def layer(self, layer: nn.Module) -> _Layer:
+    def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.self_attn
-        return _Layer(
+        return EncoderLayer(
             layer.layer_norm1, attn, attn.out_proj, attn.scale, attn.dropout, (),
             layer.layer_norm2, layer.mlp, (),
         )  # fmt: skip
@@ -110,7 +139,7 @@ class _ClipLayout(_Layout):
         return tower.post_layernorm(last[:, 0])
 
 
-class _SiglipLayout(_ClipLayout):
+class _SiglipTower(_ClipTower):
     """SiglipVisionModel: no class token; post-norm on every token, attention-pooling head."""
 
     class_token = False
@@ -136,15 +165,15 @@ class _SiglipLayout(_ClipLayout):
         return attention + 2 * width * head.mlp.fc1.out_features
 
 
-class _VitLayout(_Layout):
+class _VitTower(_TowerClass):
     """ViTModel: dropout after attention and MLP; final norm, optional dense+tanh pooler."""
 
     def layers(self, tower: nn.Module) -> nn.ModuleList:
         return tower.layers
 
-    def layer(self, layer: nn.Module) -> _Layer:
+    def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.attention
-        return _Layer(
+        return EncoderLayer(
             layer.layernorm_before, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
             (layer.dropout,), layer.layernorm_after, layer.mlp, (layer.dropout,),
         )  # fmt: skip
@@ -169,16 +198,16 @@ class _VitLayout(_Layout):
         return 0 if tower.pooler is None else linear_macs(tower.pooler.dense)
 
 
-class _Dinov2Layout(_VitLayout):
+class _Dinov2Tower(_VitTower):
     """Dinov2Model and Dinov2WithRegistersModel: LayerScale and drop-path on both branches;
     register tokens after the class token; the pooled output is the normed class token."""
 
     def layers(self, tower: nn.Module) -> nn.ModuleList:
         return tower.encoder.layer
 
-    def layer(self, layer: nn.Module) -> _Layer:
+    def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.attention
-        return _Layer(
+        return EncoderLayer(
             layer.norm1, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
             (layer.layer_scale1, layer.drop_path), layer.norm2, layer.mlp,
             (layer.layer_scale2, layer.drop_path),
@@ -198,13 +227,13 @@ class _Dinov2Layout(_VitLayout):
 
 
 #: Vision towers by class name.
-_TOWERS: dict[str, _Layout] = {
-    f"{_MODELS}clip.modeling_clip.CLIPVisionModel": _ClipLayout(),
-    f"{_MODELS}siglip.modeling_siglip.SiglipVisionModel": _SiglipLayout(),
-    f"{_MODELS}vit.modeling_vit.ViTModel": _VitLayout(),
-    f"{_MODELS}dinov2.modeling_dinov2.Dinov2Model": _Dinov2Layout(),
+_TOWERS: dict[str, _TowerClass] = {
+    f"{_MODELS}clip.modeling_clip.CLIPVisionModel": _ClipTower(),
+    f"{_MODELS}siglip.modeling_siglip.SiglipVisionModel": _SiglipTower(),
+    f"{_MODELS}vit.modeling_vit.ViTModel": _VitTower(),
+    f"{_MODELS}dinov2.modeling_dinov2.Dinov2Model": _Dinov2Tower(),
     f"{_MODELS}dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersModel": (
-        _Dinov2Layout()
+        _Dinov2Tower()
     ),
 }
 
@@ -224,6 +253,7 @@ class HFVisionAdapter(Adapter):
     """Patches the vision tower's forward (inside a wrapper model, the wrapper's tower)."""
 
     family = "hf_vision"
+    attention = AttentionStyle.SEPARATE_QKV
     supported = (
         "Hugging Face CLIPVisionModel, CLIPVisionModelWithProjection and CLIPModel, "
         "SiglipVisionModel and SiglipModel, ViTModel and ViTForImageClassification, Dinov2Model "
@@ -235,28 +265,29 @@ class HFVisionAdapter(Adapter):
         tower_name, head_name = _lookup(model, _WRAPPERS) or (None, None)
         self.tower = getattr(model, tower_name) if tower_name else model
         self.head = getattr(model, head_name) if head_name else None
-        self.layout = _lookup(self.tower, _TOWERS)
+        self.tower_class = _lookup(self.tower, _TOWERS)
 
     @classmethod
     def recognises(cls, model: nn.Module) -> bool:
         return _lookup(model, _TOWERS) is not None or _lookup(model, _WRAPPERS) is not None
 
     def spec(self) -> ModelSpec:
-        if self.layout is None:
+        if self.tower_class is None:
             raise UnsupportedModelError(
                 f"this {type(self.model).__name__}'s vision tower is a "
                 f"{type(self.tower).__name__}; tokcomp supports {self.supported}"
             )
-        tower, layout = self.tower, self.layout
-        layers = layout.layers(tower)
-        first = layout.layer(layers[0])
-        conv = layout.patch_conv(tower)
-        patches, prefix = layout.patches(tower), layout.prefix(tower)
+        tower, tower_class = self.tower, self.tower_class
+        layers = tower_class.layers(tower)
+        first = tower_class.parts(layers[0])
+        conv = tower_class.patch_conv(tower)
+        patches, prefix = tower_class.patches(tower), tower_class.prefix(tower)
         return ModelSpec(
             tokens=patches + prefix,
             protected=prefix,
             depth=len(layers),
-            class_token=layout.class_token,
+            class_token=tower_class.class_token,
+            attention=self.attention,
             family=self.family,
             name=self.model.config.name_or_path or type(self.model).__name__,
             width=tower.config.hidden_size,
@@ -264,7 +295,7 @@ class HFVisionAdapter(Adapter):
             attn_dim=first.attention.q_proj.out_features,
             mlp_hidden=_mlp_hidden(first.mlp),
             stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
-            head_macs=layout.head_macs(tower, patches + prefix) + linear_macs(self.head),
+            head_macs=tower_class.head_macs(tower, patches + prefix) + linear_macs(self.head),
         )
 
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
@@ -291,10 +322,10 @@ class HFVisionAdapter(Adapter):
         )
         wanted = _or_config(output_hidden_states, config, "output_hidden_states")
         state, hidden = self._trunk(compression, pixel_values, bool(wanted), **embed_options)
-        last = self.layout.last_hidden_state(self.tower, state.x)
+        last = self.tower_class.last_hidden_state(self.tower, state.x)
         output = BaseModelOutputWithPooling(
             last_hidden_state=last,
-            pooler_output=self.layout.pool(self.tower, last, state),
+            pooler_output=self.tower_class.pool(self.tower, last, state),
             hidden_states=_select(hidden, wanted),
         )
         return output if _or_config(return_dict, config, "return_dict") else output.to_tuple()
@@ -304,7 +335,7 @@ class HFVisionAdapter(Adapter):
     ) -> TokenState:
         """The final tokens as last_hidden_state holds them (CLIP: before post_layernorm)."""
         state, _ = self._trunk(compression, pixel_values, False, **embed_options)
-        return state.with_x(self.layout.last_hidden_state(self.tower, state.x))
+        return state.with_x(self.tower_class.last_hidden_state(self.tower, state.x))
 
     def _trunk(
         self,
@@ -316,49 +347,16 @@ class HFVisionAdapter(Adapter):
         """The tokens after the last layer, and every layer's input and output if `collect`."""
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
-        tower, layout = self.tower, self.layout
-        x = layout.embed(tower, pixel_values, **embed_options)
-        state = compression.start(x, layout.prefix(tower))
+        tower, tower_class = self.tower, self.tower_class
+        x = tower_class.embed(tower, pixel_values, **embed_options)
+        state = compression.start(x, tower_class.prefix(tower))
         hidden = [state.x] if collect else None
-        for index, layer in enumerate(layout.layers(tower)):
-            state = _block_forward(layout.layer(layer), index, state, compression)
+        for index, layer in enumerate(tower_class.layers(tower)):
+            parts = tower_class.parts(layer).block_parts()
+            state = compressed_block(parts, index, state, compression)
             if hidden is not None:
                 hidden.append(state.x)
         return state, hidden
-
-
-def _block_forward(
-    layer: _Layer, index: int, state: TokenState, compression: Compression
-) -> TokenState:
-    """One encoder layer with the reduction between attention and MLP."""
-    attn_out, signals = _attention_forward(layer, layer.norm1(state.x), compression, index, state)
-    state = state.with_x(state.x + _through(layer.after_attn, attn_out))
-    state = compression.reduce(index, state, signals)
-    mlp_out = layer.mlp(layer.norm2(state.x))
-    return state.with_x(state.x + _through(layer.after_mlp, mlp_out))
-
-
-def _attention_forward(
-    layer: _Layer, x: torch.Tensor, compression: Compression, index: int, state: TokenState
-) -> tuple[torch.Tensor, Signals]:
-    """The layer's self-attention on `x` (separate q/k/v projections), through compression's
-    attention (log-size bias, signals)."""
-    attn = layer.attention
-    batch, tokens, _ = x.shape
-    shape = (batch, tokens, -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    dropout = layer.dropout if attn.training else 0.0
-    out, signals = compression.attention(index, state, q, k, v, layer.scale, dropout)
-    return layer.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), signals
-
-
-def _through(modules: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor:
-    """`x` through `modules` in order."""
-    for module in modules:
-        x = module(x)
-    return x
 
 
 def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:

@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, UnsupportedModelError, size_weighted_mean
-from tokcomp.methods import Signals, TokenState
+from tokcomp.adapters.base import (
+    Adapter,
+    BlockParts,
+    Compression,
+    UnsupportedModelError,
+    compressed_block,
+    size_weighted_mean,
+    split_heads,
+)
+from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
 #: open_clip's VisionTransformer always puts exactly one class token in front of the patches.
@@ -27,6 +35,7 @@ class OpenClipAdapter(Adapter):
     """Patches the image tower (`model.visual`, or the model itself when it is the tower)."""
 
     family = "open_clip"
+    attention = AttentionStyle.MULTIHEAD
     supported = (
         "open_clip VisionTransformer image towers built from ResidualAttentionBlock ('tok', "
         "'avg' or attention pooling, LayerScale), alone or in a CLIP, CustomTextCLIP or CoCa model"
@@ -56,6 +65,7 @@ class OpenClipAdapter(Adapter):
             protected=_CLASS_TOKENS,
             depth=len(blocks),
             class_token=True,
+            attention=self.attention,
             family=self.family,
             name=_name(visual),
             width=conv.out_channels,
@@ -114,37 +124,29 @@ class OpenClipAdapter(Adapter):
         _check_no_patch_dropout(visual)
         state = compression.start(visual._embeds(x), _CLASS_TOKENS)
         for index, block in enumerate(visual.transformer.resblocks):
-            state = _block_forward(block, index, state, compression)
+            state = compressed_block(_block_parts(block), index, state, compression)
         return state
 
 
-def _block_forward(
-    block: nn.Module, index: int, state: TokenState, compression: Compression
-) -> TokenState:
-    """ResidualAttentionBlock.forward with the reduction between attention and MLP."""
-    attn_out, signals = _attention_forward(
-        block.attn, block.ln_1(state.x), compression, index, state
+def _block_parts(block: nn.Module) -> BlockParts:
+    """ResidualAttentionBlock (batch-first nn.MultiheadAttention) under BlockParts' names."""
+    attn = block.attn
+
+    def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        projected = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        return tuple(split_heads(part, attn.head_dim) for part in projected.chunk(3, dim=-1))
+
+    return BlockParts(
+        norm1=block.ln_1,
+        qkv=qkv,
+        scale=attn.head_dim**-0.5,
+        dropout=attn.dropout if attn.training else 0.0,
+        output=lambda heads, x: attn.out_proj(heads),
+        after_attn=(block.ls_1,),
+        norm2=block.ln_2,
+        mlp=block.mlp,
+        after_mlp=(block.ls_2,),
     )
-    state = state.with_x(state.x + block.ls_1(attn_out))
-    state = compression.reduce(index, state, signals)
-    return state.with_x(state.x + block.ls_2(block.mlp(block.ln_2(state.x))))
-
-
-def _attention_forward(
-    attn: nn.MultiheadAttention,
-    x: torch.Tensor,
-    compression: Compression,
-    index: int,
-    state: TokenState,
-) -> tuple[torch.Tensor, Signals]:
-    """Batch-first nn.MultiheadAttention self-attention on `x`, through compression's attention."""
-    batch, tokens, width = x.shape
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    qkv = qkv.view(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    dropout = attn.dropout if attn.training else 0.0
-    out, signals = compression.attention(index, state, q, k, v, attn.head_dim**-0.5, dropout)
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, width)), signals
 
 
 def _pool(visual: nn.Module, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:

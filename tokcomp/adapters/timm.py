@@ -12,12 +12,14 @@ from torch import nn
 
 from tokcomp.adapters.base import (
     Adapter,
+    BlockParts,
     Compression,
     UnsupportedModelError,
+    compressed_block,
     linear_macs,
     size_weighted_mean,
 )
-from tokcomp.methods import Signals, TokenState
+from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
 _POOLS = ("token", "avg", "")
@@ -27,6 +29,7 @@ class TimmViTAdapter(Adapter):
     """Patches timm's VisionTransformer (and subclasses such as VisionTransformerDistilled)."""
 
     family = "timm"
+    attention = AttentionStyle.FUSED_QKV
     supported = (
         "timm VisionTransformer models built from timm's Block and Attention (ViT, AugReg, "
         "DeiT and distilled DeiT, DeiT-III, register tokens), with 'token', 'avg' or no pooling"
@@ -48,6 +51,7 @@ class TimmViTAdapter(Adapter):
             protected=model.num_prefix_tokens,
             depth=len(model.blocks),
             class_token=model.cls_token is not None,
+            attention=self.attention,
             family=self.family,
             name=getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
             width=model.embed_dim,
@@ -90,7 +94,7 @@ class TimmViTAdapter(Adapter):
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         state = compression.start(x, model.num_prefix_tokens)
         for index, block in enumerate(model.blocks):
-            state = _block_forward(block, index, state, compression)
+            state = compressed_block(_block_parts(block), index, state, compression)
         return state.with_x(model.norm(state.x))
 
     def forward_head(self, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
@@ -105,30 +109,28 @@ class TimmViTAdapter(Adapter):
         return x if pre_logits else model.head(x)
 
 
-def _block_forward(
-    block: Block, index: int, state: TokenState, compression: Compression
-) -> TokenState:
-    attn_out, signals = _attention_forward(
-        block.attn, block.norm1(state.x), compression, index, state
+def _block_parts(block: Block) -> BlockParts:
+    """timm's Block (and its Attention) under BlockParts' names."""
+    attn = block.attn
+
+    def qkv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = attn.qkv(x).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(2)
+        return attn.q_norm(q.transpose(1, 2)), attn.k_norm(k.transpose(1, 2)), v.transpose(1, 2)
+
+    def output(heads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = getattr(attn, "norm", nn.Identity())(heads)
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(x).sigmoid()
+        return attn.proj_drop(attn.proj(out))
+
+    return BlockParts(
+        norm1=block.norm1,
+        qkv=qkv,
+        scale=attn.scale,
+        dropout=attn.attn_drop.p if attn.training else 0.0,
+        output=output,
+        after_attn=(block.ls1, block.drop_path1),
+        norm2=block.norm2,
+        mlp=block.mlp,
+        after_mlp=(block.ls2, block.drop_path2),
     )
-    state = state.with_x(state.x + block.drop_path1(block.ls1(attn_out)))
-    state = compression.reduce(index, state, signals)
-    return state.with_x(state.x + block.drop_path2(block.ls2(block.mlp(block.norm2(state.x)))))
-
-
-def _attention_forward(
-    attn: Attention, x: torch.Tensor, compression: Compression, index: int, state: TokenState
-) -> tuple[torch.Tensor, Signals]:
-    """timm's Attention.forward on `x` (the normed tokens of `state`), with compression's
-    attention (log-size mask, signals)."""
-    batch, tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out, signals = compression.attention(index, state, q, k, v, attn.scale, dropout)
-    out = getattr(attn, "norm", nn.Identity())(out.transpose(1, 2).reshape(batch, tokens, -1))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), signals

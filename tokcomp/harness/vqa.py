@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tokcomp.adapters.vlm_sequence import pruned_of
+from tokcomp import visual_tokens_dropped
 from tokcomp.harness.data import limited, read_image
 from tokcomp.harness.distributed import World
 from tokcomp.harness.results import Column, report
@@ -48,7 +48,7 @@ from tokcomp.harness.sweep import (
 )
 from tokcomp.harness.vqa_metric import vqa_accuracy
 from tokcomp.methods import VisualMethod, method_class
-from tokcomp.methods.visual import POSITIONS, selects_visual_tokens
+from tokcomp.methods.visual import POSITIONS
 
 EASY_VQA = "easy-vqa"
 EASY_VQA_PIN = "easy-vqa==1.0"
@@ -361,10 +361,8 @@ def visual_tokens_kept(
     image placeholders, less the prompt tokens tokcomp pruned (its record on the generation's
     cache; FastV: the layers after K)."""
     placeholders = int((input_ids == image_token_id).sum())
-    pruned = pruned_of(cache)
-    if pruned is None:
-        return placeholders
-    return placeholders - (int(attention_mask.sum()) - int(pruned.mask.sum()))
+    dropped = visual_tokens_dropped(cache)
+    return placeholders if dropped is None else placeholders - int(dropped.sum())
 
 
 def generated_lengths(new_tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
@@ -504,14 +502,13 @@ def keep_budget(method: str, budget: float, positions: str | None = None) -> str
     tokens (the method's keep, or random's keep_ratio), numbered as `positions` says (None:
     the method's default)."""
     cls = method_class(method)
-    if not selects_visual_tokens(cls):
+    if not issubclass(cls, VisualMethod):
         raise ValueError(
             f"--budgets keep a fraction of the visual tokens; {method} acts inside the vision "
             f"tower: give its own options with --variant (e.g. {method}:r=4)"
         )
-    knob = "keep" if issubclass(cls, VisualMethod) else "keep_ratio"
     numbering = f",positions={positions}" if positions else ""
-    return f"{method}:{knob}={budget}{numbering}"
+    return f"{method}:{cls.budget}={budget}{numbering}"
 
 
 def load_vlm(folder: Path, dtype: str = "float32") -> tuple[nn.Module, Any]:

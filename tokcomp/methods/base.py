@@ -1,9 +1,15 @@
-"""What every compression method is: a small object with native knobs that reduces a token
-state, given the signals it declared it needs and this layer's budget."""
+"""The two kinds of compression method, as types.
+
+A BlockMethod reduces the tokens of a vision encoder between attention and MLP of its blocks
+(`reduce`), given the signals it declared (`needs`) and the block's budget. A VisualMethod
+(methods/visual.py) chooses which visual tokens of a VLM reach its language model (`select`),
+at a declared stage. A method may be both (random): it then subclasses both.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,21 +17,33 @@ from typing import Any, ClassVar
 from tokcomp.methods.state import Signal, Signals, TokenState
 
 
+class AttentionStyle(enum.Enum):
+    """How a model family implements attention; some released methods set their defaults per
+    codebase, and the attention implementation is what tells the codebases apart."""
+
+    FUSED_QKV = "fused_qkv"  # one qkv projection (timm's Attention)
+    MULTIHEAD = "multihead"  # torch's nn.MultiheadAttention (open_clip)
+    SEPARATE_QKV = "separate_qkv"  # q/k/v projections (transformers)
+
+
 @dataclass(frozen=True)
-class Layout:
-    """What a method knows of the model: tokens entering block 0, how many of them are
-    protected, the number of blocks, whether token 0 is a class token, and the model family
-    (adapter name: "timm", "open_clip", "hf_vision", ...) for family-dependent defaults."""
+class Geometry:
+    """What a method knows of a model: tokens entering block 0, how many of them are protected,
+    the number of blocks, whether token 0 is a class token, the attention style, the residual
+    width, the attention heads and the q/k/v width (heads x head_dim)."""
 
     tokens: int
     protected: int
     depth: int
     class_token: bool
-    family: str
+    attention: AttentionStyle
+    width: int
+    heads: int
+    attn_dim: int
 
 
 @dataclass(frozen=True)
-class Layer:
+class BlockPosition:
     """Where a reduction happens: block `index` of `depth`."""
 
     index: int
@@ -42,12 +60,9 @@ class Method:
     """
 
     name: ClassVar[str]
-    needs: ClassVar[frozenset[Signal]] = frozenset()
 
     target_macs: float | None = None
     schedule: list[int] | None = None
-    prop_attn: bool = True
-    trace_source: bool = False
 
     def __post_init__(self) -> None:
         if self.target_macs is not None and self.schedule is not None:
@@ -58,34 +73,15 @@ class Method:
                 f"got {self.target_macs}"
             )
 
-    # -- budgets ---------------------------------------------------------------------------
-    def settle(self, layout: Layout) -> Method:
+    def settle(self, geometry: Geometry) -> Method:
         """This method with its model-dependent defaults filled in (e.g. per-family
         margins), so that a saved config states every value it ran with."""
         return self
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        """Tokens left after each block under this method's native knobs."""
-        raise NotImplementedError
-
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         """Copies of this method spanning its family of schedules (for `target_macs`)."""
         raise NotImplementedError
 
-    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
-        """Raise ValueError if this method cannot realise `schedule` on `layout`."""
-
-    def acts(self, keep: int, tokens: int) -> bool:
-        """Whether the method works (and needs its signals) at a block that must go from
-        `tokens` to `keep` tokens."""
-        return keep < tokens
-
-    # -- the work --------------------------------------------------------------------------
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
-        """Reduce `state` to `keep` tokens at `layer`."""
-        raise NotImplementedError
-
-    # -- options ---------------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         """The options that differ from their defaults, as plain JSON values."""
         result = {}
@@ -98,6 +94,39 @@ class Method:
     def with_options(self, **changes: Any) -> Method:
         """A copy with some options changed."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(kw_only=True)
+class BlockMethod(Method):
+    """A method that reduces a vision encoder's tokens inside its blocks (ToMe, PiToMe,
+    DiffRate, Zero-TPrune, EViT, random); on a VLM it acts inside the vision tower.
+
+    prop_attn: proportional attention (log token size added to the attention logits).
+    trace_source: keep the map of input patches inside each token (tokcomp.forward_tokens).
+    """
+
+    needs: ClassVar[frozenset[Signal]] = frozenset()
+
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        """Tokens left after each block under this method's native knobs."""
+        raise NotImplementedError
+
+    def check_schedule(self, geometry: Geometry, schedule: list[int]) -> None:
+        """Raise ValueError if this method cannot realise `schedule` on `geometry`."""
+
+    def acts(self, keep: int, tokens: int) -> bool:
+        """Whether the method works (and needs its signals) at a block that must go from
+        `tokens` to `keep` tokens."""
+        return keep < tokens
+
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
+        """Reduce `state` to `keep` tokens at block `position`."""
+        raise NotImplementedError
 
 
 def _default(field: dataclasses.Field) -> Any:

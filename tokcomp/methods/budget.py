@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from tokcomp.methods.base import Layout, Method
+from tokcomp.methods.base import Geometry, Method
 
 #: Keep ratios tried when resolving `target_macs` for a ratio-knob method.
 RATIO_GRID = tuple(round(0.2 + 0.0025 * i, 4) for i in range(321))
@@ -17,18 +17,18 @@ def kept_count(tokens: int, ratio: float) -> int:
 
 
 def ratio_schedule(
-    layout: Layout, ratio: float, layers: list[int] | None = None, extra: int = 0
+    geometry: Geometry, ratio: float, layers: list[int] | None = None, extra: int = 0
 ) -> list[int]:
     """Tokens left after each block when every block in `layers` (default: all) keeps
     `ratio` of its unprotected tokens, plus `extra` new tokens where it reduces."""
-    layers = range(layout.depth) if layers is None else layers
-    tokens, schedule = layout.tokens, []
-    for index in range(layout.depth):
+    layers = range(geometry.depth) if layers is None else layers
+    tokens, schedule = geometry.tokens, []
+    for index in range(geometry.depth):
         if index in layers:
-            unprotected = tokens - layout.protected
+            unprotected = tokens - geometry.protected
             kept = kept_count(unprotected, ratio)
             if kept < unprotected:
-                tokens = layout.protected + kept + extra
+                tokens = geometry.protected + kept + extra
         schedule.append(tokens)
     return schedule
 

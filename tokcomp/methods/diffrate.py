@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.ops import MergePlan, best_match, gather_rows
@@ -18,7 +18,7 @@ from tokcomp.ops import MergePlan, best_match, gather_rows
 
 @register
 @dataclass(kw_only=True)
-class DiffRate(Method):
+class DiffRate(BlockMethod):
     """Per block: sort tokens by class-token attention, keep the first prune_kept[l], then
     merge all but the first merge_kept[l] into their most similar kept token (hidden-state
     cosine, plain mean; sizes of merged tokens scaled by that similarity).
@@ -44,25 +44,25 @@ class DiffRate(Method):
                 "(or load a preset from configs/), then apply the config it writes"
             )
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
         if self.prune_kept is None:
             raise ValueError(
                 "diffrate needs prune_kept and merge_kept lists (or a config from "
                 "`tokcomp search diffrate` / configs/)"
             )
-        self._check_lists(layout)
+        self._check_lists(geometry)
         return list(self.merge_kept)
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         raise NotImplementedError  # target_macs is refused in __post_init__
 
-    def _check_lists(self, layout: Layout) -> None:
+    def _check_lists(self, geometry: Geometry) -> None:
         for label, counts in (("prune_kept", self.prune_kept), ("merge_kept", self.merge_kept)):
-            if len(counts) != layout.depth:
+            if len(counts) != geometry.depth:
                 raise ValueError(
-                    f"diffrate: {label} lists {len(counts)} blocks, the model has {layout.depth}"
+                    f"diffrate: {label} lists {len(counts)} blocks, the model has {geometry.depth}"
                 )
-            previous = layout.tokens
+            previous = geometry.tokens
             for index, count in enumerate(counts):
                 if count > previous:
                     raise ValueError(
@@ -70,7 +70,7 @@ class DiffRate(Method):
                         f"after {previous}"
                     )
                 previous = count
-        if self.prune_kept[0] != layout.tokens or self.merge_kept[0] != layout.tokens:
+        if self.prune_kept[0] != geometry.tokens or self.merge_kept[0] != geometry.tokens:
             raise ValueError("diffrate never compresses block 0: its counts must keep all tokens")
         for index, (pruned, merged) in enumerate(
             zip(self.prune_kept, self.merge_kept, strict=True)
@@ -80,17 +80,19 @@ class DiffRate(Method):
                     f"diffrate: block {index} merges to {merged} tokens after pruning to {pruned}"
                 )
 
-    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
+    def check_schedule(self, geometry: Geometry, schedule: list[int]) -> None:
         if self.prune_kept is None:
             return
-        self._check_lists(layout)
+        self._check_lists(geometry)
         if schedule != self.merge_kept:
             raise ValueError("diffrate: the schedule must equal merge_kept")
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         protected = state.protected
         ranked = rank_by_score(signals.cls_attn.mean(dim=1)[:, protected:], protected)
-        pruned = self.prune_kept[layer.index] if self.prune_kept is not None else keep
+        pruned = self.prune_kept[position.index] if self.prune_kept is not None else keep
         pruned = min(pruned, state.tokens)
         if keep == pruned:
             return state.prune(ranked[:, :keep])

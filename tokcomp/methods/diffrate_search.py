@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.ops import best_match, gather_rows
 
@@ -73,14 +73,15 @@ class KeptCount(nn.Module):
 class DiffRateRates(nn.Module):
     """Prune and merge KeptCounts for every block but block 0 (never compressed)."""
 
-    def __init__(self, layout: Layout, granularity: int = 4) -> None:
+    def __init__(self, geometry: Geometry, granularity: int = 4) -> None:
         super().__init__()
-        patches = layout.tokens - layout.protected
-        self.tokens = layout.tokens
+        patches = geometry.tokens - geometry.protected
+        self.tokens = geometry.tokens
 
         def counts() -> nn.ModuleList:
             return nn.ModuleList(
-                KeptCount(patches, layout.protected, granularity) for _ in range(layout.depth - 1)
+                KeptCount(patches, geometry.protected, granularity)
+                for _ in range(geometry.depth - 1)
             )
 
         self.prune, self.merge = counts(), counts()
@@ -104,7 +105,7 @@ class DiffRateRates(nn.Module):
 
 
 @dataclass(kw_only=True)
-class DiffRateSearch(Method):
+class DiffRateSearch(BlockMethod):
     """The training-time DiffRate: masks instead of removal, rates from `rates`. Used by
     tokcomp.search.diffrate; not a user-facing method name."""
 
@@ -116,22 +117,24 @@ class DiffRateSearch(Method):
     def acts(self, keep: int, tokens: int) -> bool:
         return True
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         if state.mask is None:
             state = replace(state, mask=state.x.new_ones(state.x.shape[:2], dtype=torch.float32))
         state = _sort_by_importance(state, signals)
-        if layer.index == 0:
+        if position.index == 0:
             return state
-        prune, merge = self.rates.kept(layer.index)
+        prune, merge = self.rates.kept(position.index)
         alive = int(state.mask[0].sum().round().item())
         mask = state.mask
         if int(prune.item()) < alive:
-            mask = mask * self.rates.prune[layer.index - 1].token_mask(
+            mask = mask * self.rates.prune[position.index - 1].token_mask(
                 int(prune), alive, state.tokens
             )
         middle = min(alive, int(prune.item()))
         if int(merge.item()) < middle:
-            counter = self.rates.merge[layer.index - 1]
+            counter = self.rates.merge[position.index - 1]
             state = _merge_masked(state, int(merge.item()), middle)
             mask = mask * counter.token_mask(int(merge.item()), middle, state.tokens)
         return TokenState(state.x, state.protected, state.size, state.source, mask)

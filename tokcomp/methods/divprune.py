@@ -29,6 +29,8 @@ class DivPrune(VisualMethod):
     name: ClassVar[str] = "divprune"
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
 
+    keep: int | float = 64
+
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         dist = cosine_distances(visual.outputs)
         weight = dist.new_ones(dist.shape[:2])

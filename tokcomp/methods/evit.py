@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
@@ -18,7 +18,7 @@ from tokcomp.ops import MergePlan
 
 @register
 @dataclass(kw_only=True)
-class EViT(Method):
+class EViT(BlockMethod):
     """Top-k by class-token attention (averaged over heads) at `layers`.
 
     keep_ratio: fraction of unprotected tokens kept at each layer in `layers` (default:
@@ -38,31 +38,33 @@ class EViT(Method):
         super().__post_init__()
         check_ratio(self.name, self.keep_ratio)
 
-    def settle(self, layout: Layout) -> Method:
-        check_layers(self.name, self.layers, layout.depth)
+    def settle(self, geometry: Geometry) -> Method:
+        check_layers(self.name, self.layers, geometry.depth)
         if self.layers is not None:
             return self
-        return self.with_options(layers=[layout.depth * k // 4 for k in (1, 2, 3)])
+        return self.with_options(layers=[geometry.depth * k // 4 for k in (1, 2, 3)])
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return ratio_schedule(layout, self.keep_ratio, self.layers, extra=int(self.fuse))
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        return ratio_schedule(geometry, self.keep_ratio, self.layers, extra=int(self.fuse))
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         return ratio_candidates(self)
 
-    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
+    def check_schedule(self, geometry: Geometry, schedule: list[int]) -> None:
         if not self.fuse:
             return
-        tokens = layout.tokens
+        tokens = geometry.tokens
         for index, keep in enumerate(schedule):
-            if keep < tokens and keep < layout.protected + 2:
+            if keep < tokens and keep < geometry.protected + 2:
                 raise ValueError(
                     f"evit with fuse=True keeps at least one token besides the fused one and "
-                    f"the {layout.protected} protected: block {index} keeps only {keep}"
+                    f"the {geometry.protected} protected: block {index} keeps only {keep}"
                 )
             tokens = keep
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         protected = state.protected
         attention = signals.cls_attn.mean(dim=1)[:, protected:].float()
         ranked = rank_by_score(attention, protected)

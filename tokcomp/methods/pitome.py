@@ -9,26 +9,31 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import AttentionStyle, BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.budget import check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
 from tokcomp.ops import MergePlan, best_match, energy_score, gather_rows
 
-#: m0 per model family: DeiT/MAE-style timm models, HF CLIP/BLIP encoders, open_clip CLIP.
-DEFAULT_MARGIN = {"timm": 0.75, "hf_vision": 0.9, "open_clip": 0.95}
-#: The merge metric per family: head-averaged keys for timm, hidden states for CLIP-style.
-DEFAULT_METRIC = {"timm": "keys"}
+#: m0 as the released code sets it per codebase: its DeiT/MAE patches (timm), its CLIP/BLIP
+#: patches on transformers models, its open_clip CLIP patch.
+DEFAULT_MARGIN = {
+    AttentionStyle.FUSED_QKV: 0.75,
+    AttentionStyle.SEPARATE_QKV: 0.9,
+    AttentionStyle.MULTIHEAD: 0.95,
+}
+#: The merge metric likewise: head-averaged keys in the timm patches, hidden states elsewhere.
+DEFAULT_METRIC = {AttentionStyle.FUSED_QKV: "keys"}
 
 
 @register
 @dataclass(kw_only=True)
-class PiToMe(Method):
+class PiToMe(BlockMethod):
     """Merge the 2r highest-energy tokens pairwise; keep the low-energy (isolated) ones.
 
     keep_ratio: each block keeps this fraction of its unprotected tokens (>= 0.5).
-    margin: m0; block l of L uses m0 * (1 - l / L) (default per family, see DEFAULT_MARGIN).
-    metric: "keys" (head-averaged) or "hidden" (default per family).
+    margin: m0; block l of L uses m0 * (1 - l / L) (default per codebase, see DEFAULT_MARGIN).
+    metric: "keys" (head-averaged) or "hidden" (default per codebase, see DEFAULT_METRIC).
     bsm_layers: blocks that use the "pitome_bsm" variant (energy-ordered alternate split
     with ToMe's top-r selection); default: the first half, as the released DeiT code.
     alpha: the ELU's alpha.
@@ -52,43 +57,45 @@ class PiToMe(Method):
     def needs(self) -> frozenset[Signal]:  # type: ignore[override]
         return frozenset({Signal.KEYS}) if self.metric == "keys" else frozenset()
 
-    def settle(self, layout: Layout) -> Method:
+    def settle(self, geometry: Geometry) -> Method:
         return self.with_options(
-            margin=DEFAULT_MARGIN.get(layout.family, 0.9) if self.margin is None else self.margin,
-            metric=DEFAULT_METRIC.get(layout.family, "hidden")
+            margin=DEFAULT_MARGIN[geometry.attention] if self.margin is None else self.margin,
+            metric=DEFAULT_METRIC.get(geometry.attention, "hidden")
             if self.metric is None
             else self.metric,
-            bsm_layers=list(range(layout.depth // 2))
+            bsm_layers=list(range(geometry.depth // 2))
             if self.bsm_layers is None
             else self.bsm_layers,
         )
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return ratio_schedule(layout, self.keep_ratio)
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        return ratio_schedule(geometry, self.keep_ratio)
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         return ratio_candidates(self, lowest=0.5)
 
-    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
-        tokens = layout.tokens
+    def check_schedule(self, geometry: Geometry, schedule: list[int]) -> None:
+        tokens = geometry.tokens
         for index, keep in enumerate(schedule):
-            if 2 * (tokens - keep) > tokens - layout.protected:
+            if 2 * (tokens - keep) > tokens - geometry.protected:
                 raise ValueError(
                     f"pitome merges at most half the unprotected tokens per block: block "
                     f"{index} goes from {tokens} to {keep} tokens"
                 )
             tokens = keep
 
-    def margin_at(self, layer: Layer) -> float:
-        """The energy margin of `layer`: m0 * (1 - l / L)."""
-        return self.margin * (1 - layer.index / layer.depth)
+    def margin_at(self, position: BlockPosition) -> float:
+        """The energy margin at block `position`: m0 * (1 - l / L)."""
+        return self.margin * (1 - position.index / position.depth)
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         protected, merges = state.protected, state.tokens - keep
         metric = (signals.keys if self.metric == "keys" else state.x)[:, protected:]
-        energy = energy_score(metric, self.margin_at(layer), self.alpha)
+        energy = energy_score(metric, self.margin_at(position), self.alpha)
         order = energy.argsort(dim=1, descending=True)
-        if layer.index in self.bsm_layers:
+        if position.index in self.bsm_layers:
             plan = _bsm_plan(metric, order, merges)
         else:
             plan = _energy_plan(metric, order, merges)

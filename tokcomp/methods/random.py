@@ -8,16 +8,16 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
-from tokcomp.methods.visual import VisualTokens, check_positions
+from tokcomp.methods.visual import VisualMethod, VisualTokens
 
 
 @register
 @dataclass(kw_only=True)
-class RandomPrune(Method):
+class RandomPrune(BlockMethod, VisualMethod):
     """Keep a random subset of the unprotected tokens at each reducing block.
 
     keep_ratio: fraction of unprotected tokens each block in `layers` (default: all) keeps;
@@ -33,6 +33,7 @@ class RandomPrune(Method):
 
     name: ClassVar[str] = "random"
     needs: ClassVar[frozenset[Signal]] = frozenset()
+    budget: ClassVar[str] = "keep_ratio"
 
     keep_ratio: float = 1.0
     layers: list[int] | None = None
@@ -42,20 +43,30 @@ class RandomPrune(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ratio(self.name, self.keep_ratio)
-        check_positions(self.name, self.positions)
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
         if self.positions != "renumber":
             raise ValueError("random: positions applies to a VLM's visual tokens only")
-        check_layers(self.name, self.layers, layout.depth)
-        return ratio_schedule(layout, self.keep_ratio, self.layers)
+        check_layers(self.name, self.layers, geometry.depth)
+        return ratio_schedule(geometry, self.keep_ratio, self.layers)
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         return ratio_candidates(self)
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def budget_candidates(self, selectable: int) -> Iterator[Method]:
+        return ratio_candidates(self)
+
+    def check_visual_options(self) -> None:
+        if self.layers is not None:
+            raise ValueError(
+                "random: 'layers' has no meaning on a VLM (it prunes visual tokens once)"
+            )
+
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         protected = state.protected
-        scores = self._scores(state.x.shape[0], state.tokens - protected, layer.index)
+        scores = self._scores(state.x.shape[0], state.tokens - protected, position.index)
         return state.prune(top_in_order(scores.to(state.x.device), keep - protected, protected))
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
 from tokcomp.ops import bipartite_plan, max_bipartite_merges
@@ -14,7 +14,7 @@ from tokcomp.ops import bipartite_plan, max_bipartite_merges
 
 @register
 @dataclass(kw_only=True)
-class ToMe(Method):
+class ToMe(BlockMethod):
     """Merge the `r` most similar tokens per block (keys metric, size-weighted average).
 
     r: tokens merged per block (int), or an explicit per-block list (padded with 0).
@@ -51,21 +51,21 @@ class ToMe(Method):
         step = (last - first) / max(depth - 1, 1)
         return [int(first + step * i) for i in range(depth)]
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        tokens, schedule = layout.tokens, []
-        for r in self.merges_per_block(layout.depth):
-            tokens -= min(r, max_bipartite_merges(tokens, layout.protected))
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        tokens, schedule = geometry.tokens, []
+        for r in self.merges_per_block(geometry.depth):
+            tokens -= min(r, max_bipartite_merges(tokens, geometry.protected))
             schedule.append(tokens)
         return schedule
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
-        for r in range(max_bipartite_merges(layout.tokens, layout.protected) + 1):
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
+        for r in range(max_bipartite_merges(geometry.tokens, geometry.protected) + 1):
             yield self.with_options(r=r, inflection=None, target_macs=None, schedule=None)
 
-    def check_schedule(self, layout: Layout, schedule: list[int]) -> None:
-        tokens = layout.tokens
+    def check_schedule(self, geometry: Geometry, schedule: list[int]) -> None:
+        tokens = geometry.tokens
         for index, keep in enumerate(schedule):
-            most = max_bipartite_merges(tokens, layout.protected)
+            most = max_bipartite_merges(tokens, geometry.protected)
             if tokens - keep > most:
                 raise ValueError(
                     f"tome merges at most half the unprotected tokens per block: block {index} "
@@ -73,6 +73,8 @@ class ToMe(Method):
                 )
             tokens = keep
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         plan = bipartite_plan(signals.keys, state.protected, state.tokens - keep)
         return state.merge(plan)

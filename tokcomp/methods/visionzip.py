@@ -34,6 +34,7 @@ class VisionZip(VisualMethod):
         {VisualSignal.FEATURES, VisualSignal.ATTENTION, VisualSignal.KEYS}
     )
 
+    keep: int | float = 64
     contextual: float = 10 / 64
 
     def __post_init__(self) -> None:

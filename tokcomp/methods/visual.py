@@ -1,6 +1,7 @@
-"""What a method that prunes a VLM's visual tokens sees and returns, and the budget rules they
-share (METHODS.md sections 5 and 6). The VLM adapter computes, per image (or crop), only the
-signals a method declares; the method picks which visual tokens reach the language model."""
+"""The visual-token methods of VLMs: what they see (VisualTokens), what they return (Selection),
+where they act (Stage) and their shared budget rules (docs/methods.md sections 5 and 6). The VLM
+adapter computes, per image (or crop), only the signals a method declares; the method picks
+which visual tokens reach the language model."""
 
 from __future__ import annotations
 
@@ -12,10 +13,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokcomp.methods.base import Layout, Method
+from tokcomp.methods.base import Method
 from tokcomp.methods.budget import kept_count
 
 POSITIONS = ("keep", "renumber")
+
+
+class Stage(enum.Enum):
+    """Where a visual-token method chooses. (A BlockMethod applied to a VLM acts earlier,
+    inside the vision tower's blocks.)"""
+
+    PROJECTOR = "projector"  # among the visual tokens, before the language model
+    LLM = "llm"  # inside the language model, after its first `layer` decoder layers
 
 
 class VisualSignal(enum.Enum):
@@ -34,7 +43,8 @@ class VisualTokens:
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
     features to outputs. features / attention / keys: see VisualSignal (None unless declared).
     Towers without a class token (SigLIP) give as attention the mean attention each token
-    receives. FastV gets here the attention each token receives inside the language model.
+    receives. LLM-stage methods get here the attention each token receives inside the language
+    model.
     """
 
     outputs: torch.Tensor
@@ -68,28 +78,56 @@ class Selection:
     outputs: torch.Tensor | None = None
 
 
-def selection_of(method: Method, visual: VisualTokens, keep: int) -> Selection:
-    """`method.select(visual, keep)` as a Selection (methods may return bare indices)."""
-    chosen = method.select(visual, keep)
-    return chosen if isinstance(chosen, Selection) else Selection(chosen)
+@dataclass(kw_only=True)
+class VisualMethod(Method):
+    """A method that chooses, per image, which visual tokens a VLM's language model sees.
 
+    Declares its `stage`, the signals it needs (`visual_needs`) and the option that holds its
+    per-image budget (`budget`): visual tokens kept per image, a fraction in (0, 1] or a count
+    (int >= 1; an image with fewer tokens is an error); LLaVA-NeXT's image-newline tokens are
+    kept on top of it, and its crops share it evenly. positions: "renumber" numbers the kept
+    sequence contiguously (the released LLaVA code inserts fewer tokens), "keep" leaves every
+    kept token its original position id; decoding continues at the matching numbering.
+    """
 
-def selects_visual_tokens(method: Method) -> bool:
-    """Whether `method` acts on a VLM's visual tokens (else it acts inside the vision tower)."""
-    return callable(getattr(method, "select", None))
+    stage: ClassVar[Stage] = Stage.PROJECTOR
+    visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
+    #: The option holding the per-image budget.
+    budget: ClassVar[str] = "keep"
 
+    positions: str = "renumber"
 
-def visual_keep(method: Method) -> int | float:
-    """The per-image visual budget of a visual-token method: `keep`, or `keep_ratio`."""
-    return method.keep if isinstance(method, VisualMethod) else method.keep_ratio
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_keep(self.name, self.visual_keep())
+        check_positions(self.name, self.positions)
 
+    def visual_keep(self) -> int | float:
+        """The per-image budget: a count or a fraction of each image's visual tokens."""
+        return getattr(self, self.budget)
 
-def visual_positions(method: Method) -> str:
-    """How kept tokens are numbered: "keep" (original position ids) or "renumber". Every
-    method that selects visual tokens has `positions` (random too, which is not a
-    VisualMethod because it also prunes vision transformers); a method inside the vision
-    tower sends fewer tokens, numbered contiguously."""
-    return method.positions if selects_visual_tokens(method) else "renumber"
+    def check_visual_options(self) -> None:
+        """Raise ValueError for options that mean nothing when choosing a VLM's visual tokens."""
+
+    def budget_candidates(self, selectable: int) -> Iterator[Method]:
+        """Copies spanning the budgets of an image with `selectable` tokens (for target_macs)."""
+        for count in range(1, selectable + 1):
+            yield self.with_options(**{self.budget: count, "target_macs": None, "schedule": None})
+
+    def llm_schedule(self, llm_depth: int, tokens: int, kept: int) -> list[int]:
+        """Visual tokens per image each of the `llm_depth` language-model layers processes,
+        for `tokens` visual tokens of which `kept` are kept."""
+        return [kept] * llm_depth
+
+    def select(self, visual: VisualTokens, keep: int) -> torch.Tensor | Selection:
+        """Which `keep` of each image's visual tokens reach the language model: (B, keep)
+        ascending indices, or a Selection when merged tokens take some places."""
+        raise NotImplementedError
+
+    def selection(self, visual: VisualTokens, keep: int) -> Selection:
+        """`select` as a Selection (methods may return bare indices)."""
+        chosen = self.select(visual, keep)
+        return chosen if isinstance(chosen, Selection) else Selection(chosen)
 
 
 def check_keep(name: str, keep: Any) -> None:
@@ -120,73 +158,34 @@ def visual_budget(name: str, keep: int | float, tokens: int) -> int:
     return keep
 
 
-def vlm_geometry(layout: Layout, name: str) -> tuple[int, int, int]:
-    """(selectable visual tokens per reference image, always-kept visual tokens, language-model
-    depth) of a VLM layout; a clear error for any other model."""
-    if not hasattr(layout, "llm_depth"):
-        raise ValueError(
-            f"{name} prunes the visual tokens of a vision-language model (LLaVA-1.5, LLaVA-NeXT, "
-            "Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM); this is a vision encoder "
-            f"({layout.family}): use tome, pitome, diffrate, zero_tprune, evit or random"
-        )
-    return layout.visual_tokens - layout.fixed_visual, layout.fixed_visual, layout.llm_depth
-
-
-def visual_schedule(method: Method, layout: Layout) -> list[int]:
-    """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
-    then, per language-model layer, the visual tokens of the reference image it processes."""
-    selectable, fixed, _ = vlm_geometry(layout, method.name)
-    kept = visual_budget(method.name, visual_keep(method), selectable) + fixed
-    tower = [layout.tokens] * layout.depth
-    if isinstance(method, VisualMethod):
-        return tower + method.llm_schedule(layout, selectable + fixed, kept)
-    return tower + [kept] * layout.llm_depth
-
-
 @dataclass(kw_only=True)
-class VisualMethod(Method):
-    """Base of the methods that choose, per image, which visual tokens a VLM's language model
-    sees (ZOO-Prune, DivPrune, VisionZip before it; FastV inside it).
+class LLMStageMethod(VisualMethod):
+    """A visual-token method that chooses inside the language model: decoder layers
+    0..layer-1 see every token; the method chooses from the attention the visual tokens receive
+    in layer `layer - 1` (from the query rows `queries` gives), and the later layers see the
+    kept ones. The VLM adapter runs the decoder layers around the choice."""
 
-    keep: visual tokens kept per image, a fraction in (0, 1] or a count (int >= 1; an image
-    with fewer tokens is an error); LLaVA-NeXT's image-newline tokens are kept on top of it,
-    and its crops share it evenly. positions: "renumber" numbers the kept sequence
-    contiguously (the released LLaVA code inserts fewer tokens), "keep" leaves every kept
-    token its original position id; decoding continues at the matching numbering.
-    """
+    stage: ClassVar[Stage] = Stage.LLM
 
-    #: Signals the adapter computes for `select`.
-    visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
-    #: Where the method chooses: "projector" (before the language model) or "llm" (inside it).
-    stage: ClassVar[str] = "projector"
+    layer: int = 2
 
-    keep: int | float = 64
-    positions: str = "renumber"
+    def check_layer(self, llm_depth: int) -> None:
+        """Raise ValueError unless `layer` splits a language model of `llm_depth` layers."""
+        if (
+            isinstance(self.layer, bool)
+            or not isinstance(self.layer, int)
+            or not 1 <= self.layer < llm_depth
+        ):
+            raise ValueError(
+                f"{self.name}: layer must be in 1..{llm_depth - 1} (the language model has "
+                f"{llm_depth} layers), got {self.layer!r}"
+            )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_keep(self.name, self.keep)
-        if self.trace_source:
-            raise ValueError(f"{self.name}: trace_source applies to vision-encoder methods")
-        check_positions(self.name, self.positions)
+    def llm_schedule(self, llm_depth: int, tokens: int, kept: int) -> list[int]:
+        self.check_layer(llm_depth)
+        return [tokens] * self.layer + [kept] * (llm_depth - self.layer)
 
-    def settle(self, layout: Layout) -> Method:
-        vlm_geometry(layout, self.name)
-        return self
-
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return visual_schedule(self, layout)
-
-    def llm_schedule(self, layout: Layout, tokens: int, kept: int) -> list[int]:
-        """Visual tokens per image each language-model layer processes."""
-        return [kept] * layout.llm_depth
-
-    def candidates(self, layout: Layout) -> Iterator[Method]:
-        selectable, _, _ = vlm_geometry(layout, self.name)
-        for count in range(1, selectable + 1):
-            yield self.with_options(keep=count, target_macs=None, schedule=None)
-
-    def select(self, visual: VisualTokens, keep: int) -> torch.Tensor | Selection:
-        """Which `keep` of each image's visual tokens reach the language model: (B, keep)
-        ascending indices, or a Selection when merged tokens take some places."""
+    def queries(self, text: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the query rows whose attention the choice averages, given the (B, L)
+        text tokens of the left-padded prompt."""
         raise NotImplementedError

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
@@ -22,7 +22,7 @@ DEFAULT_ITERATIONS = (30, 5, 1)
 
 @register
 @dataclass(kw_only=True)
-class ZeroTPrune(Method):
+class ZeroTPrune(BlockMethod):
     """Prune by Weighted-PageRank importance (I-stage) and by similarity (S-stage).
 
     keep_ratio / layers: each block in `layers` keeps this fraction of its unprotected
@@ -56,9 +56,9 @@ class ZeroTPrune(Method):
                 f"zero_tprune: variance_band is [low, high] with 0 <= low <= high, got {band}"
             )
 
-    def settle(self, layout: Layout) -> Method:
-        check_layers(self.name, self.layers, layout.depth)
-        depth = layout.depth
+    def settle(self, geometry: Geometry) -> Method:
+        check_layers(self.name, self.layers, geometry.depth)
+        depth = geometry.depth
         iterations = self.iterations or [
             DEFAULT_ITERATIONS[min(3 * i // depth, 2)] for i in range(depth)
         ]
@@ -72,15 +72,17 @@ class ZeroTPrune(Method):
             variance_band=[0.01, 0.7] if self.variance_band is None else self.variance_band,
         )
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return ratio_schedule(layout, self.keep_ratio, self.layers)
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        return ratio_schedule(geometry, self.keep_ratio, self.layers)
 
-    def candidates(self, layout: Layout) -> Iterator[Method]:
+    def candidates(self, geometry: Geometry) -> Iterator[Method]:
         return ratio_candidates(self)
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
+    ) -> TokenState:
         protected = state.protected
-        importance = self.importance(signals.attn, protected, self.iterations[layer.index])
+        importance = self.importance(signals.attn, protected, self.iterations[position.index])
         importance = importance[:, protected:]
         pruning = state.tokens - keep
         similar = min(round(pruning * self.similarity_share), (state.tokens - protected) // 2)

@@ -62,6 +62,8 @@ class ZOOPrune(VisualMethod):
     name: ClassVar[str] = "zoo"
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset({VisualSignal.FEATURES})
 
+    keep: int | float = 64
+
     directions: int = 64
     step: float = 0.01
     seed: int = 0

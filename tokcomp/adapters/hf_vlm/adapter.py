@@ -1,0 +1,199 @@
+"""The hf_vlm adapter: patches a VLM's inner model so a forward runs the pipeline in order:
+the family's images to visual tokens (families/), the method's choice (selection), the pruned
+prompt (sequence, generation), the language model (directly, or span by span for LLM-stage
+methods: decoder), and later calls of a generation translated to the pruned cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokcomp.adapters.base import Adapter, Compression, Patch
+from tokcomp.adapters.hf_vision import HFVisionAdapter
+from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
+from tokcomp.adapters.hf_vlm.families import FAMILY, VLMFamily, family_for
+from tokcomp.adapters.hf_vlm.generation import (
+    Call,
+    Pruned,
+    decode_positions,
+    inner_output,
+    prune_prompt,
+    pruned_of,
+)
+from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place
+from tokcomp.adapters.hf_vlm.sequence import Prompt
+from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
+from tokcomp.schedule import VLMSpec
+
+
+class HFVLMAdapter(Adapter):
+    """Patches the VLM's inner model: its forward (visual-token selection, sequence surgery,
+    cache translation) and get_image_features (the vision hidden states a method needs)."""
+
+    family = FAMILY
+    attention = AttentionStyle.SEPARATE_QKV
+    supported = (
+        "Hugging Face VLMs LlavaForConditionalGeneration (LLaVA-1.5), "
+        "LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+        "Qwen2_5_VLForConditionalGeneration, Idefics3ForConditionalGeneration and "
+        "SmolVLMForConditionalGeneration"
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.vlm: VLMFamily = family_for(model)(model)
+        self.tower_patch: Patch | None = None
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return family_for(model) is not None
+
+    def spec(self) -> VLMSpec:
+        return self.vlm.spec()
+
+    def overrides(self) -> list[tuple[nn.Module, str, str]]:
+        inner = self.vlm.inner
+        return [(inner, "forward", "forward"), (inner, "get_image_features", "get_image_features")]
+
+    def install(self, patch: Patch) -> None:
+        """Patch the inner model; a block method also patches the vision tower."""
+        super().install(patch)
+        compression = patch.compression
+        if not isinstance(compression.method, VisualMethod):
+            spec = compression.spec.tower()
+            tower = Compression(compression.method, compression.schedule, spec)
+            self.tower_patch = Patch(HFVisionAdapter(self.vlm.tower), tower)
+            self.tower_patch.adapter.install(self.tower_patch)
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        if self.tower_patch is not None:
+            self.tower_patch.adapter.uninstall()
+            self.tower_patch = None
+
+    def forward_tokens(self, compression: Compression, *args: Any, **kwargs: Any) -> TokenState:
+        raise ValueError(
+            "forward_tokens runs a vision encoder's trunk; a VLM returns its language model's "
+            "outputs: call the model (or generate) instead"
+        )
+
+    # -- the patched methods -------------------------------------------------------------------
+    def get_image_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
+        """The model's own get_image_features, with the vision hidden states the method needs."""
+        return self.vlm.encode(args, kwargs, _visual_needs(compression.method))
+
+    def forward(
+        self,
+        compression: Compression,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The inner model's forward on the pruned sequence: a prefill with images chooses and
+        packs; a later call on a cache it filled is translated to the pruned cache."""
+        images = {name: kwargs.pop(name) for name in self.vlm.image_inputs if name in kwargs}
+        if images.get("pixel_values_videos") is not None:
+            raise ValueError("tokcomp prunes image tokens; video inputs are not supported")
+        encoded = (mm_encoder_outputs or {}).get("image")
+        with_images = images.get("pixel_values") is not None or encoded is not None
+        call = Call(
+            input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
+        )
+        pruned = pruned_of(cache)
+        if pruned is not None and not with_images:
+            return self._decode(pruned, call)
+        if not with_images:
+            return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
+        if encoded is None:
+            inputs = {name: images.get(name) for name in self.vlm.encoder_inputs}
+            present = {name: value for name, value in inputs.items() if value is not None}
+            encoded = self.get_image_features(compression, **present)
+        return self._prefill(compression, call, images, encoded)
+
+    # -- prefill and decoding ------------------------------------------------------------------
+    def _prefill(
+        self, compression: Compression, call: Call, images: dict[str, Any], encoded: Any
+    ) -> Any:
+        vlm, method = self.vlm, compression.method
+        if call.input_ids is None:
+            raise ValueError(
+                "tokcomp finds the image placeholders by their token id: pass input_ids, not "
+                "inputs_embeds, with the images"
+            )
+        if call.cache is not None and call.cache.get_seq_length() > 0:
+            raise ValueError("images can be given only with an empty cache (in the prefill)")
+        call = call.with_cache(vlm.language_model.config)
+        needs = _visual_needs(method)
+        found = vlm.images(encoded, images, needs, compression.spec.visual_tokens)
+        prompt = self._prompt(call, images)
+        if isinstance(method, VisualMethod) and method.stage is Stage.LLM:
+            hidden, pruned = llm_stage_prefill(vlm, method, call, prompt, found)
+            pruned.attach(call.cache)
+            return _decoder_output(hidden, call)
+        if isinstance(method, VisualMethod) and found.placeholders is None:
+            choices, positions = choose(method, found), method.positions
+        else:  # a block method acted inside the tower: its tokens take the first places
+            choices, positions = keep_all(found), "renumber"
+        kept, tokens = place(prompt.placeholder, found.counts(), choices)
+        packed = prune_prompt(vlm, prompt.filled(tokens), kept, positions, split=0)
+        output = vlm.language_model(
+            inputs_embeds=packed.embeds,
+            attention_mask=packed.mask,
+            position_ids=vlm.llm_positions(packed.positions),
+            cache=call.cache,
+            use_cache=call.use_cache,
+            **call.kwargs,
+        )
+        packed.pruned.attach(call.cache)
+        return inner_output(output)
+
+    def _prompt(self, call: Call, images: dict[str, Any]) -> Prompt:
+        """The prompt of a prefill call, placeholders still holding the image token's embedding."""
+        vlm, input_ids, mask = self.vlm, call.input_ids, call.attention_mask
+        placeholder = input_ids == vlm.image_token_id
+        valid = torch.ones_like(placeholder) if mask is None else mask.bool()
+        positions = vlm.positions(input_ids, mask, call.position_ids, {**images, **call.kwargs})
+        embeds = vlm.language_model.get_input_embeddings()(input_ids)
+        return Prompt(embeds, placeholder, valid, positions, mask)
+
+    def _decode(self, pruned: Pruned, call: Call) -> Any:
+        """New tokens on a cache a pruned prefill filled: mask and positions (and an LLM-stage
+        method's two spans of layers) translated from the original numbering."""
+        vlm, language = self.vlm, self.vlm.language_model
+        call = call.with_cache(language.config)
+        embeds = call.inputs_embeds
+        if embeds is None:
+            embeds = language.get_input_embeddings()(call.input_ids)
+        new = call.cache.get_seq_length(pruned.split) - pruned.pruned_length
+        if pruned.split > 0:
+            return _decoder_output(llm_stage_decode(vlm, pruned, call, embeds, new), call)
+        _, shifted = decode_positions(vlm, pruned, call, embeds.shape[1], new)
+        output = language(
+            inputs_embeds=embeds,
+            attention_mask=pruned.mask_for(call.attention_mask, new + embeds.shape[1]),
+            position_ids=vlm.llm_positions(shifted),
+            cache=call.cache,
+            use_cache=call.use_cache,
+            **call.kwargs,
+        )
+        return inner_output(output)
+
+
+def _visual_needs(method: Method) -> frozenset:
+    """The visual signals `method` declared (none for block methods)."""
+    return method.visual_needs if isinstance(method, VisualMethod) else frozenset()
+
+
+def _decoder_output(hidden: torch.Tensor, call: Call) -> Any:
+    """Hidden states of a span-by-span decoder run, as the inner model returns its output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    cache = call.cache if call.use_cache else None
+    return inner_output(BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache))

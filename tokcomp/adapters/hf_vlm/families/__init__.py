@@ -1,0 +1,19 @@
+"""The Hugging Face VLM families tokcomp supports, one module each. Every module in this
+package is imported, so its families register the transformers classes they handle: adding a
+family is adding a file."""
+
+import importlib
+import pkgutil
+
+from tokcomp.adapters.hf_vlm.families.base import (
+    FAMILY,
+    Images,
+    Segment,
+    VLMFamily,
+    family_for,
+)
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["FAMILY", "Images", "Segment", "VLMFamily", "family_for"]

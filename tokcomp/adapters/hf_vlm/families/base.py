@@ -1,0 +1,217 @@
+"""What a VLM family is: where one Hugging Face VLM class keeps its parts, how its images
+become visual tokens (per image, in segments a method chooses from) and how it numbers
+positions; and its geometry for schedules and MACs (a VLMSpec). One file per family in this
+package; a family registers the transformers classes it handles."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokcomp.adapters.base import linear_macs
+from tokcomp.adapters.hf_vlm.sequence import renumber_1d
+from tokcomp.methods import AttentionStyle, VisualTokens
+from tokcomp.methods.visual import VisualSignal
+from tokcomp.schedule import REFERENCE_PROMPT, VLMSpec
+
+#: The adapter family name VLM specs carry.
+FAMILY = "hf_vlm"
+#: Side in pixels of the reference image of dynamic-resolution models (Qwen2-VL, LLaVA-NeXT).
+REFERENCE_PIXELS = 336
+#: Family classes by the transformers class they handle ("module.Class"), filled by subclasses.
+_REGISTRY: dict[str, type[VLMFamily]] = {}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Visual tokens of one image chosen together with one budget share (an image, or one
+    crop of an anyres image): their slots in the image's token list and what methods see."""
+
+    image: int
+    slots: torch.Tensor
+    visual: VisualTokens
+
+
+@dataclass(frozen=True)
+class Images:
+    """The visual tokens of every image of a forward, in placeholder order.
+
+    embeds: per image, the (n_i, D) tokens that fill its placeholders. segments: the groups a
+    method chooses from; slots in no segment (LLaVA-NeXT image-newline tokens) are always kept.
+    placeholders: per image placeholder count when the vision tower already compressed the
+    image to fewer tokens (its tokens then take the first places); None otherwise.
+    """
+
+    embeds: list[torch.Tensor]
+    segments: list[Segment]
+    placeholders: list[int] | None = None
+
+    def counts(self) -> list[int]:
+        """Placeholder tokens per image."""
+        return self.placeholders or [e.shape[0] for e in self.embeds]
+
+
+class VLMFamily(abc.ABC):
+    """Where one VLM class keeps its parts, how its images become visual tokens and how it
+    numbers positions. Subclasses list the transformers classes they handle in `handles`."""
+
+    #: The transformers classes ("transformers.models.<module>.<Class>") this family handles.
+    handles: ClassVar[tuple[str, ...]] = ()
+    #: forward arguments about images (taken out of what reaches the language model)
+    image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: those get_image_features takes
+    encoder_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("handles", ()):
+            _REGISTRY[name] = cls
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner = model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.inner.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
+    def projector(self) -> tuple[nn.Module, ...]:
+        """The projector as a chain of modules (features -> language-model inputs)."""
+        projector = self.inner.multi_modal_projector
+        return (projector.linear_1, projector.act, projector.linear_2)
+
+    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+        """The model's own get_image_features (asking for what `needs` requires)."""
+        return type(self.inner).get_image_features(self.inner, *args, **kwargs)
+
+    @abc.abstractmethod
+    def images(
+        self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
+    ) -> Images:
+        """The visual tokens of `encoded` images, with what `needs` asks for per segment;
+        `expected` is the unpruned token count per image where the tower may compress."""
+
+    def positions(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        inputs: dict[str, Any],
+    ) -> torch.Tensor:
+        """(R, B, L) position ids of the whole prompt, as the unpatched model would use them."""
+        if position_ids is not None:
+            return self.given_positions(position_ids, input_ids.shape[0])
+        length = input_ids.shape[1]
+        return torch.arange(length, device=input_ids.device).expand(1, input_ids.shape[0], -1)
+
+    def given_positions(self, position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """User or generate position ids as (R, B, L)."""
+        return position_ids.expand(batch, -1)[None]
+
+    def decode_positions(
+        self,
+        attention_mask: torch.Tensor | None,
+        steps: torch.Tensor,
+        rope_delta: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(R, B, count) original positions of new tokens when none are given: `steps` (B,
+        count) counts them on from the prompt's length; `rope_delta` is what `rope_delta`
+        gave for the prompt."""
+        return steps[None]
+
+    def renumber(
+        self, positions: torch.Tensor, placeholder: torch.Tensor, pruned: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions after dropping `pruned` tokens, and the (B,) shift of later tokens."""
+        return renumber_1d(positions, pruned)
+
+    def rope_delta(self, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample offset of text positions for decode calls without position ids."""
+        return None
+
+    def split_positions(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rotary position ids, text position ids for the decoder layers)."""
+        return positions[0], None
+
+    def llm_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The position_ids argument of the language model."""
+        return positions[0]
+
+    @abc.abstractmethod
+    def vision_fields(self) -> dict[str, Any]:
+        """The VLMSpec fields of the vision side."""
+
+    def spec(self) -> VLMSpec:
+        """This model's geometry for schedules and MACs."""
+        layers = self.language_model.layers
+        return VLMSpec(
+            family=FAMILY,
+            attention=AttentionStyle.SEPARATE_QKV,
+            name=self.model.config.name_or_path or type(self.model).__name__,
+            architecture=type(self.model).__name__,
+            prompt_tokens=REFERENCE_PROMPT,
+            llm_depth=len(layers),
+            llm_token_macs=linear_macs(layers[0]),
+            llm_attn_dim=layers[0].self_attn.q_proj.out_features,
+            lm_head_macs=linear_macs(self.model.lm_head),
+            projector_widths=projector_widths(self.projector),
+            **self.vision_fields(),
+        )
+
+
+def family_for(model: nn.Module) -> type[VLMFamily] | None:
+    """The family handling `model`'s class (or its nearest registered base class)."""
+    for cls in type(model).__mro__:
+        family = _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
+        if family is not None:
+            return family
+    return None
+
+
+def projector_widths(projector: tuple[nn.Module, ...]) -> tuple[int, ...]:
+    """The widths a chain of Linear layers (and parameter-free activations) passes through."""
+    linears = [m for m in projector if isinstance(m, nn.Linear)]
+    return (linears[0].in_features, *(m.out_features for m in linears))
+
+
+def tower_fields(
+    layers: nn.ModuleList, attention: str, mlp: str, patches: int, conv: nn.Module, heads: int
+) -> dict[str, Any]:
+    """VLMSpec fields of a vision tower without a class token (blocks at `attention`, `mlp`)."""
+    first = layers[0]
+    width = conv.out_channels
+    return dict(
+        tokens=patches,
+        protected=0,
+        depth=len(layers),
+        class_token=False,
+        width=width,
+        heads=heads,
+        attn_dim=linear_macs(getattr(first, attention)) // (4 * width),
+        mlp_hidden=linear_macs(getattr(first, mlp)) // (2 * width),
+        stem_macs=patches * width * conv.in_channels * math.prod(conv.kernel_size),
+        head_macs=0,
+    )
+
+
+def one_segment_each(
+    embeds: list[torch.Tensor], projector: tuple[nn.Module, ...], signals: dict[str, Any]
+) -> Images:
+    """Images whose visual tokens form one segment each; `signals` hold per-image tensors
+    (indexable by image) of the VisualTokens fields."""
+    segments = []
+    for image, tokens in enumerate(embeds):
+        extra = {name: values[image][None] for name, values in signals.items()}
+        visual = VisualTokens(tokens[None], projector, **extra)
+        segments.append(Segment(image, torch.arange(len(tokens), device=tokens.device), visual))
+    return Images(embeds, segments)

@@ -1,0 +1,119 @@
+"""The visual-token selection step: each image's budget shared over its segments (crops), the
+method's choice per segment (segments of equal size and budget batched in one call), and the
+choices spread over the prompt's placeholders."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from tokcomp.adapters.hf_vlm.families import Images
+from tokcomp.methods import VisualMethod, VisualTokens
+from tokcomp.methods.visual import Selection, visual_budget
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one image sends to the language model: ascending kept slots and their tokens."""
+
+    slots: torch.Tensor
+    embeds: torch.Tensor
+
+
+def keep_all(images: Images) -> list[Choice]:
+    """Every token of every image (block methods already acted inside the tower)."""
+    return [Choice(torch.arange(e.shape[0], device=e.device), e) for e in images.embeds]
+
+
+def choose(method: VisualMethod, images: Images) -> list[Choice]:
+    """Each image's kept slots: the method's choice in every segment, plus the always-kept
+    slots (those in no segment)."""
+    shares = _budget_shares(method, images)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, segment in enumerate(images.segments):
+        groups[(segment.visual.tokens, shares[index])].append(index)
+    chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for (_, share), members in groups.items():
+        batch = _stack([images.segments[i].visual for i in members])
+        selection = method.selection(batch, share)
+        for row, index in enumerate(members):
+            chosen[index] = _row(selection, row)
+    return [_image_choice(images, image, chosen) for image in range(len(images.embeds))]
+
+
+def _budget_shares(method: VisualMethod, images: Images) -> list[int]:
+    """Per segment, its share of its image's budget: split evenly over the image's segments,
+    capped by each segment's size (water-filling from the smallest segment up, so what a full
+    segment cannot take goes to the larger ones)."""
+    by_image: dict[int, list[int]] = defaultdict(list)
+    for index, segment in enumerate(images.segments):
+        by_image[segment.image].append(index)
+    shares = [0] * len(images.segments)
+    for members in by_image.values():
+        size = {i: images.segments[i].visual.tokens for i in members}
+        left = visual_budget(method.name, method.visual_keep(), sum(size.values()))
+        for position, index in enumerate(sorted(members, key=lambda i: (size[i], i))):
+            shares[index] = min(size[index], -(-left // (len(members) - position)))
+            left -= shares[index]
+    return shares
+
+
+def _stack(visuals: list[VisualTokens]) -> VisualTokens:
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(v, name) for v in visuals]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return VisualTokens(
+        outputs=cat("outputs"),
+        projector=visuals[0].projector,
+        features=cat("features"),
+        attention=cat("attention"),
+        keys=cat("keys"),
+    )
+
+
+def _row(selection: Selection, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    outputs = None if selection.outputs is None else selection.outputs[row]
+    return selection.index[row], outputs
+
+
+def _image_choice(
+    images: Images, image: int, chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
+) -> Choice:
+    embeds = images.embeds[image].clone()
+    kept = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    for index, segment in enumerate(images.segments):
+        if segment.image == image:
+            local, outputs = chosen[index]
+            kept[segment.slots] = False
+            kept[segment.slots[local]] = True
+            if outputs is not None:
+                embeds[segment.slots[local]] = outputs.to(embeds.dtype)
+    slots = kept.nonzero().squeeze(1)
+    return Choice(slots, embeds[slots])
+
+
+def place(
+    placeholder: torch.Tensor, counts: list[int], choices: list[Choice]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spread per-image choices over the prompt's placeholders (row-major, as the models
+    scatter image features): (B, L) kept-placeholder mask and (T, D) tokens for all T
+    placeholders (zeros where pruned)."""
+    total = int(placeholder.sum())
+    if total != sum(counts):
+        raise ValueError(
+            f"Image features and image tokens do not match: the prompts hold {total} image "
+            f"tokens, the images give {sum(counts)}"
+        )
+    tokens = choices[0].embeds.new_zeros(total, choices[0].embeds.shape[-1])
+    kept = torch.zeros(total, dtype=torch.bool, device=placeholder.device)
+    offset = 0
+    for count, choice in zip(counts, choices, strict=True):
+        tokens[offset + choice.slots] = choice.embeds
+        kept[offset + choice.slots] = True
+        offset += count
+    mask = torch.zeros_like(placeholder)
+    mask[placeholder] = kept
+    return mask, tokens

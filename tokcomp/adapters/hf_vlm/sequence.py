@@ -1,0 +1,104 @@
+"""The prompt of a prefill and its surgery, independent of the model family: drop the pruned
+visual tokens and re-pack every sample left-padded, and number the positions of what is kept
+("keep": original ids; "renumber": contiguous, with multimodal RoPE's image extents)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from tokcomp.ops import gather_rows
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The whole prompt of a prefill: embeddings (B, L, D), image placeholders and real tokens
+    (B, L), original positions (R, B, L) and the caller's 2-D mask (or None)."""
+
+    embeds: torch.Tensor
+    placeholder: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def text(self) -> torch.Tensor:
+        """(B, L) the real tokens that are not image placeholders."""
+        return self.valid & ~self.placeholder
+
+    def filled(self, tokens: torch.Tensor) -> Prompt:
+        """The placeholders filled with (T, D) visual tokens, in row-major order."""
+        embeds = self.embeds.masked_scatter(
+            self.placeholder[..., None], tokens.to(self.embeds.dtype)
+        )
+        return replace(self, embeds=embeds)
+
+    def with_embeds(self, embeds: torch.Tensor) -> Prompt:
+        """The same prompt with other hidden states (an LLM-stage method, after layer K)."""
+        return replace(self, embeds=embeds)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each sample's kept tokens go: `index` (B, Lp) original positions in order, left
+    padded (pads point at 0); `mask` (B, Lp) 1 for real tokens."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (B, Lp, ...) along the sequence."""
+        return gather_rows(x, self.index)
+
+    def gather_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """(R, B, L) position rows -> (R, B, Lp)."""
+        return torch.stack([self.gather(row[..., None])[..., 0] for row in positions])
+
+
+def pack(keep: torch.Tensor) -> Packing:
+    """Left-padded packing of the (B, L) `keep` tokens of every sample."""
+    counts = keep.sum(dim=1)
+    length = int(counts.max()) if keep.numel() else 0
+    slot = length - counts[:, None] + keep.long().cumsum(dim=1) - 1
+    rows, cols = keep.nonzero(as_tuple=True)
+    index = torch.zeros(keep.shape[0], length, dtype=torch.long, device=keep.device)
+    mask = torch.zeros_like(index)
+    index[rows, slot[rows, cols]] = cols
+    mask[rows, slot[rows, cols]] = 1
+    return Packing(index, mask)
+
+
+def renumber_1d(positions: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous numbering: each token moves down by the pruned tokens before it. Returns the
+    (R, B, L) positions and the (B,) shift of the tokens after the prompt."""
+    before = pruned.long().cumsum(dim=1) - pruned.long()
+    return positions - before, pruned.long().sum(dim=1)
+
+
+def renumber_mrope(
+    positions: torch.Tensor, placeholder: torch.Tensor, pruned: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimodal-RoPE renumbering: kept image tokens keep their (t, h, w) coordinates relative
+    to the image's start; the gap an image leaves (its original extent minus its kept extent)
+    is closed for everything after it. The last three rows are the (t, h, w) rows."""
+    shifts = torch.zeros_like(placeholder, dtype=torch.long)
+    total = torch.zeros(placeholder.shape[0], dtype=torch.long, device=placeholder.device)
+    spatial = positions[-3:]
+    for row in range(placeholder.shape[0]):
+        gap = 0
+        for start, end in _runs(placeholder[row]):
+            shifts[row, start:end] = gap
+            run = spatial[:, row, start:end]
+            kept = ~pruned[row, start:end]
+            gap += int(run.max() - run[:, kept].max())
+            shifts[row, end:] = gap
+        total[row] = gap
+    return positions - shifts, total
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of True in a 1-D bool tensor."""
+    edges = torch.diff(F.pad(flags.long(), (1, 1))).nonzero().squeeze(1).tolist()
+    return list(zip(edges[::2], edges[1::2], strict=True))

@@ -1,0 +1,133 @@
+"""Budget resolution for every method on every model: a method's options (native knobs,
+`target_macs` or an explicit `schedule`) become its settled options and its schedule (tokens
+left after each block; on a VLM, then the visual tokens each decoder layer processes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokcomp.methods import BlockMethod, Method, VisualMethod
+from tokcomp.methods.visual import VisualSignal, visual_budget
+from tokcomp.schedule.macs import model_macs
+from tokcomp.schedule.spec import ModelSpec, VLMSpec
+
+#: How close to the reachable range a `target_macs` may be (rounding of the MACs ratio).
+_TARGET_SLACK = 0.005
+
+
+def resolve(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
+    """The method with its knobs settled, and its schedule on `spec`.
+
+    An explicit `schedule` is taken as is (a VLM's follows from the budget and must agree);
+    a `target_macs` picks the method's candidate whose MACs are nearest (the error names the
+    reachable range); otherwise the native knobs decide.
+    """
+    if isinstance(spec, VLMSpec):
+        return _resolve_on_vlm(method, spec)
+    if not isinstance(method, BlockMethod):
+        raise ValueError(
+            f"{method.name} prunes the visual tokens of a vision-language model (LLaVA-1.5, "
+            "LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM); this is a vision encoder "
+            f"({spec.family}): use tome, pitome, diffrate, zero_tprune, evit or random"
+        )
+    return _resolve_on_encoder(method, spec)
+
+
+def _resolve_on_encoder(method: BlockMethod, spec: ModelSpec) -> tuple[Method, list[int]]:
+    method = method.settle(spec)
+    if method.schedule is not None:
+        schedule = list(method.schedule)
+    elif method.target_macs is not None:
+        method, schedule = _nearest_to_target(method, spec, method.candidates(spec))
+    else:
+        schedule = method.knob_schedule(spec)
+    check_schedule(spec, schedule)
+    method.check_schedule(spec, schedule)
+    return method, schedule
+
+
+def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
+    if not isinstance(method, VisualMethod):
+        if not spec.tower_methods:
+            raise ValueError(
+                f"{method.name} acts inside a vision transformer; tokcomp can apply it to the "
+                f"vision tower of LLaVA-1.5 only, not of {spec.architecture}. For this model "
+                "use zoo, divprune, fastv, visionzip or random"
+            )
+        return _resolve_on_encoder(method, spec.tower())
+    _check_visual_method(method, spec)
+    method = method.settle(spec)
+    if method.target_macs is not None:
+        return _nearest_to_target(method, spec, method.budget_candidates(spec.selectable))
+    schedule = visual_schedule(method, spec)
+    if method.schedule is not None and list(method.schedule) != schedule:
+        raise ValueError(
+            f"{method.name}'s schedule on {spec.architecture} follows from its options "
+            f"({schedule}); give {method.budget} (or target_macs) instead of a different schedule"
+        )
+    return method, schedule
+
+
+def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
+    """Refuse options and signals this VLM cannot give a visual-token method."""
+    method.check_visual_options()
+    if not spec.tower_attention and method.visual_needs & {
+        VisualSignal.ATTENTION,
+        VisualSignal.KEYS,
+    }:
+        raise ValueError(
+            f"{method.name} needs the vision tower's attention at its feature layer, which "
+            "tokcomp computes for LLaVA-1.5 and LLaVA-NeXT (CLIP/SigLIP towers), not for "
+            f"{spec.architecture}; use zoo, divprune, fastv or random on it"
+        )
+
+
+def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
+    """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
+    then, per language-model layer, the visual tokens of the reference image it processes."""
+    kept = visual_budget(method.name, method.visual_keep(), spec.selectable) + spec.fixed_visual
+    tower = [spec.tokens] * spec.depth
+    return tower + method.llm_schedule(spec.llm_depth, spec.visual_tokens, kept)
+
+
+def _nearest_to_target(
+    method: Method, spec: ModelSpec, candidates: Iterable[Method]
+) -> tuple[Method, list[int]]:
+    """The candidate whose MACs ratio is nearest `method.target_macs`."""
+    options = [(c, _native_schedule(c, spec)) for c in candidates]
+    base = model_macs(spec)
+    ratios = [model_macs(spec, schedule) / base for _, schedule in options]
+    target, lowest, highest = method.target_macs, min(ratios), max(ratios)
+    if not lowest - _TARGET_SLACK <= target <= highest + _TARGET_SLACK:
+        raise ValueError(
+            f"{method.name} cannot reach target_macs={target:.3f} on {spec.label}: its "
+            f"reachable range is {lowest:.3f}..{highest:.3f} of the unpruned MACs"
+        )
+    return options[min(range(len(options)), key=lambda i: abs(ratios[i] - target))]
+
+
+def _native_schedule(method: Method, spec: ModelSpec) -> list[int]:
+    """The schedule a settled method's own knobs give on `spec`."""
+    if isinstance(spec, VLMSpec):
+        return visual_schedule(method, spec)
+    return method.knob_schedule(spec)
+
+
+def check_schedule(spec: ModelSpec, schedule: list[int]) -> None:
+    """Raise ValueError unless `schedule` is a valid per-block token budget for `spec`."""
+    if len(schedule) != spec.depth:
+        raise ValueError(f"schedule has {len(schedule)} entries, the model has {spec.depth} blocks")
+    tokens = spec.tokens
+    for index, keep in enumerate(schedule):
+        if isinstance(keep, bool) or not isinstance(keep, int):
+            raise ValueError(f"schedule entry {index} must be an int, got {keep!r}")
+        if keep > tokens:
+            raise ValueError(
+                f"schedule must not increase: block {index} keeps {keep} tokens after {tokens}"
+            )
+        if keep <= spec.protected:
+            raise ValueError(
+                f"schedule block {index} keeps {keep} tokens: at least one more than the "
+                f"{spec.protected} protected tokens must remain"
+            )
+        tokens = keep

@@ -1,0 +1,108 @@
+"""The shape of a model as far as schedules and MACs go: ModelSpec for a vision encoder,
+VLMSpec for a vision-language model. Adapters build them; they describe geometry only."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
+from typing import Any, ClassVar
+
+from tokcomp.methods import Geometry
+
+#: Text tokens of the reference prompt a VLM's MACs are counted for.
+REFERENCE_PROMPT = 40
+
+
+@dataclass(frozen=True)
+class ModelSpec(Geometry):
+    """A vision encoder's shape. family names the adapter ("timm", "open_clip", "hf_vision");
+    name the architecture; mlp_hidden the MLP hidden width; stem_macs and head_macs the MACs
+    outside the blocks (patch embedding, classifier or pooling head)."""
+
+    family: str
+    name: str
+    mlp_hidden: int
+    stem_macs: int
+    head_macs: int
+
+    #: Fields a saved config must match besides Config's common ones (subclasses add theirs).
+    checked: ClassVar[tuple[str, ...]] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON values."""
+        return {name: _plain(value) for name, value in asdict(self).items()}
+
+    @property
+    def label(self) -> str:
+        """How error messages name this model."""
+        return self.name
+
+
+def _plain(value: Any) -> Any:
+    """`value` as JSON and YAML write it back: enums by value, tuples as lists."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class VLMSpec(ModelSpec):
+    """A VLM's shape. The ModelSpec fields describe the vision tower (per crop); the others the
+    rest, for one reference image and a REFERENCE_PROMPT-token text.
+
+    crops: tower passes per image. visual_tokens: visual tokens per image reaching the language
+    model unpruned, of which fixed_visual are always kept (image-newline). projected_tokens:
+    tokens through the projector per image; projector_widths: its layers' widths, input first
+    (features) and output last (the language model's width). llm_*: decoder layers, linear MACs
+    per token per layer (q/k/v/o with GQA widths, gated MLP), attention width (heads x
+    head_dim); lm_head_macs: one token's logits. feature_block / feature_prefix: the tower
+    block whose output the projector takes and the tokens dropped in front of it (for block
+    methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
+    gives methods the tower's attention and keys at that layer.
+    """
+
+    architecture: str
+    crops: int
+    visual_tokens: int
+    fixed_visual: int
+    projected_tokens: int
+    projector_widths: tuple[int, ...]
+    prompt_tokens: int
+    llm_depth: int
+    llm_token_macs: int
+    llm_attn_dim: int
+    lm_head_macs: int
+    feature_block: int
+    feature_prefix: int
+    tower_methods: bool
+    tower_attention: bool
+
+    checked: ClassVar[tuple[str, ...]] = (
+        "architecture",
+        "crops",
+        "visual_tokens",
+        "llm_depth",
+        "llm_token_macs",
+        "llm_attn_dim",
+    )
+
+    @property
+    def selectable(self) -> int:
+        """Visual tokens of the reference image a method chooses from."""
+        return self.visual_tokens - self.fixed_visual
+
+    @property
+    def projector_token_macs(self) -> int:
+        """MACs of one token through the projector."""
+        widths = self.projector_widths
+        return sum(a * b for a, b in pairwise(widths))
+
+    def tower(self) -> ModelSpec:
+        """The vision tower alone, as the hf_vision adapter describes it."""
+        names = [f.name for f in fields(ModelSpec)]
+        return ModelSpec(**{**{n: getattr(self, n) for n in names}, "family": "hf_vision"})
+
+    @property
+    def label(self) -> str:
+        return self.architecture
