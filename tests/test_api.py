@@ -69,6 +69,20 @@ def test_deepcopy_of_patched_model_is_independent(images):
 
 
 @torch.no_grad()
+def test_patched_model_survives_torch_save_and_load(images, tmp_path):
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=4)
+    expected = model(images)
+    torch.save(model, tmp_path / "patched.pt")
+    loaded = torch.load(tmp_path / "patched.pt", weights_only=False)
+    assert tokcomp.is_patched(loaded)
+    assert tokcomp.config_of(loaded) == tokcomp.config_of(model)
+    torch.testing.assert_close(loaded(images), expected, atol=0, rtol=0)
+    tokcomp.remove(loaded)
+    assert loaded.forward.__func__ is type(loaded).forward
+    torch.testing.assert_close(loaded(images), tokcomp.remove(model)(images), atol=0, rtol=0)
+
+
+@torch.no_grad()
 def test_two_threads_get_what_sequential_runs_get():
     model = tokcomp.apply(tiny_vit("vit"), "tome", r=7)
     torch.manual_seed(3)
