@@ -1,5 +1,5 @@
 """DiffRate: prune by class attention, then merge into the most important tokens, at rates
-searched per block (Chen et al., ICCV 2023; METHODS.md section 3). Inference side; the rate
+searched per block (Chen et al., ICCV 2023; docs/methods.md section 3). Inference side; the rate
 search lives in tokcomp.search.diffrate."""
 
 from __future__ import annotations

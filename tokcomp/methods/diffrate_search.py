@@ -1,6 +1,6 @@
 """DiffRate's differentiable rates: learnable distributions over kept-token counts per block
 and operation, and the training-time reduction that keeps masked tokens in the sequence so
-that gradients reach the rates (METHODS.md section 3, "Search")."""
+that gradients reach the rates (docs/methods.md section 3, "Search")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DivPrune: keep the most diverse visual tokens (Alvar et al., CVPR 2025; METHODS.md 6)."""
+"""DivPrune: keep the most diverse visual tokens (Alvar et al., CVPR 2025; docs/methods.md
+section 6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """EViT-style top-k: keep the tokens the class token attends to most, fuse the rest into one
-attention-weighted token (Liang et al., ICLR 2022; METHODS.md section 6)."""
+attention-weighted token (Liang et al., ICLR 2022; docs/methods.md section 6)."""
 
 from __future__ import annotations
 

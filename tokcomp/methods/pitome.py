@@ -1,5 +1,5 @@
 """PiToMe: energy-score merging that protects informative tokens (Tran et al., NeurIPS 2024;
-METHODS.md section 2)."""
+docs/methods.md section 2)."""
 
 from __future__ import annotations
 

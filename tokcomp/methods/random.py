@@ -1,4 +1,4 @@
-"""Random pruning: the floor every method must beat (METHODS.md section 6)."""
+"""Random pruning: the floor every method must beat (docs/methods.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """VisionZip: dominant visual tokens by class-token attention, the rest merged into a few
-contextual tokens (Yang et al., CVPR 2025; METHODS.md section 6)."""
+contextual tokens (Yang et al., CVPR 2025; docs/methods.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Zero-TPrune: attention-graph importance plus similarity pruning, zero-shot (Wang, Dedhia,
-Jha, CVPR 2024; METHODS.md section 4). No official code is public; this follows the paper."""
+Jha, CVPR 2024; docs/methods.md section 4). No official code is public; this follows the paper."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """ZOO-Prune: zeroth-order projector sensitivity plus diversity, for VLM visual tokens (Kim et
-al., arXiv 2509.24837; METHODS.md section 5)."""
+al., arXiv 2509.24837; docs/methods.md section 5)."""
 
 from __future__ import annotations
 

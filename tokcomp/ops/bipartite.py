@@ -1,4 +1,4 @@
-"""ToMe's bipartite soft matching as a MergePlan (METHODS.md section 1)."""
+"""ToMe's bipartite soft matching as a MergePlan (docs/methods.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PiToMe's energy score: how redundant each token is among the others (METHODS.md section 2)."""
+"""PiToMe's energy score: how redundant each token is among the others (docs/methods.md
+section 2)."""
 
 from __future__ import annotations
 

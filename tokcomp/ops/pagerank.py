@@ -1,4 +1,4 @@
-"""Weighted PageRank on attention graphs (Zero-TPrune's importance, METHODS.md section 4)."""
+"""Weighted PageRank on attention graphs (Zero-TPrune's importance, docs/methods.md section 4)."""
 
 from __future__ import annotations
 

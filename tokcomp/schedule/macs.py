@@ -1,6 +1,6 @@
 """The analytic MACs model (multiply-adds per image): attention 4NC^2 + 2N^2C and MLP 2NCH
 per block, the stem and head outside the blocks; for a VLM, the prefill of one reference
-prompt (tower, projector, language model). docs/methods.md section 8."""
+prompt (tower, projector, language model). docs/methods.md section 9."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """DiffRate's rate search: learn per-block prune and merge counts on a frozen model so its
-MACs reach a target with the least loss (Chen et al., ICCV 2023; METHODS.md section 3)."""
+MACs reach a target with the least loss (Chen et al., ICCV 2023; docs/methods.md section 3)."""
 
 from __future__ import annotations
 

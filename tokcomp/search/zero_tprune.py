@@ -1,4 +1,4 @@
-"""Zero-TPrune's settings chosen per model on training images (METHODS.md section 4).
+"""Zero-TPrune's settings chosen per model on training images (docs/methods.md section 4).
 
 Zero-shot pruning changes no weights, so the paper tunes its settings for each model: one
 trial is one forward pass over a few thousand images. This search tries each share of a
