@@ -15,28 +15,35 @@ from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.methods import method_class
 from tokcomp.methods.fastv import FastV
+from tokcomp.methods.visual import VisualSignal
 
 STEPS = 4
 #: Per family: (images, text tokens) per sample of a 3-sample batch; the single-sample batch.
 LAYOUT = [(1, 5), (2, 3), (0, 7)]
 LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no pixel padding)
 SINGLE = [(1, 4)]
-#: Methods per family (visionzip needs the tower attention: LLaVA families only).
+#: Every visual-token method, on every family that gives the signals it needs (the vision
+#: tower's attention: the LLaVA families only).
 LLAVA = {"llava", "llava_siglip", "llava_next"}
-VISUAL = ("random", "zoo", "divprune", "fastv", "visionzip")
+VISUAL = tuple(tokcomp.methods("vlm"))
+
+
+def _needs_tower_attention(method: str) -> bool:
+    return bool(method_class(method).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS})
 
 
 def _keep_all(method: str) -> dict:
-    return {"keep_ratio": 1.0} if method == "random" else {"keep": 1.0}
+    return {method_class(method).budget: 1.0}
 
 
 def _pruning(method: str) -> dict:
-    return {"keep_ratio": 0.5} if method == "random" else {"keep": 0.4}
+    return {method_class(method).budget: 0.5 if method == "random" else 0.4}
 
 
 def _cases() -> list[tuple[str, str]]:
-    return [(f, m) for f in FAMILIES for m in VISUAL if m != "visionzip" or f in LLAVA]
+    return [(f, m) for f in FAMILIES for m in VISUAL if not _needs_tower_attention(m) or f in LLAVA]
 
 
 @functools.cache
@@ -207,6 +214,7 @@ ROUND_TRIPS = {
     "random": ("qwen2_5_vl", {"keep_ratio": 0.5, "seed": 3}),
     "fastv": ("idefics3", {"keep": 3, "layer": 1, "query": "text"}),
     "visionzip": ("llava_next", {"keep": 0.3}),
+    "fastervlm": ("llava_siglip", {"keep": 6}),
     "tome": ("llava", {"r": 3}),
 }
 

@@ -203,6 +203,35 @@ def test_fastv_keeps_the_most_attended_tokens_lowest_index_on_ties():
     assert picks.tolist() == [[1, 2], [0, 1]]
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_siglip"])
+@torch.no_grad()
+def test_fastervlm_keeps_the_tokens_the_feature_layer_class_token_attends_to_most(family):
+    """Against the tower's own eager attention weights of the feature layer (attentions[-2]
+    for LLaVA's vision_feature_layer=-2): class-token row (SigLIP: mean over queries), head
+    mean, class column dropped, top-k in raster order."""
+    from vlm_fixtures import batch_inputs, tiny_vlm
+
+    from tokcomp.adapters import find_adapter
+    from tokcomp.adapters.hf_vlm.selection import choose
+
+    model = tiny_vlm(family)
+    batch, _ = batch_inputs(model, family, [(1, 4), (1, 6)], seed=5)
+    pixels, keep = batch["pixel_values"], 5
+    tower = model.model.vision_tower
+    tower.set_attn_implementation("eager")
+    layer = model.config.vision_feature_layer
+    weights = tower(pixels, output_attentions=True).attentions[layer]
+    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    received = weights[:, :, 0] if drop else weights.mean(dim=2)
+    expected = received.mean(dim=1)[:, drop:].topk(keep, dim=1).indices.sort(dim=1).values
+
+    method = create_method("fastervlm", keep=keep)
+    vlm = find_adapter(model).vlm
+    encoded = vlm.encode((), {"pixel_values": pixels}, method.visual_needs)
+    images = vlm.images(encoded, {}, method.visual_needs, vlm.spec().visual_tokens)
+    assert torch.equal(torch.stack([c.slots for c in choose(method, images)]), expected)
+
+
 def test_random_select_draws_a_seeded_subset_per_image():
     method = create_method("random", seed=4)
     picks = method.select(_visual(torch.zeros(3, 10, 1)), 4)
@@ -228,6 +257,7 @@ def test_crop_budgets_split_evenly_and_what_a_full_crop_cannot_take_goes_elsewhe
     sizes = [16, 4, 12, 12]
     segments = [Segment(0, torch.arange(n), _visual(torch.zeros(1, n, 1))) for n in sizes]
     images = Images([torch.zeros(44, 1)], segments)
+
     def shares(keep: int | float) -> list[int]:
         return _budget_shares(create_method("divprune", keep=keep), images)
 

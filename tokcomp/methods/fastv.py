@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import LLMStageMethod, VisualTokens
+from tokcomp.methods.visual import LLMStageMethod, VisualTokens, most_attended
 
 QUERIES = ("last", "text")
 
@@ -45,5 +45,4 @@ class FastV(LLMStageMethod):
         return rows
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
-        order = visual.attention.argsort(dim=1, descending=True, stable=True)
-        return order[:, :keep].sort(dim=1).values
+        return most_attended(visual.attention, keep)

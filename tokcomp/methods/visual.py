@@ -130,6 +130,13 @@ class VisualMethod(Method):
         return chosen if isinstance(chosen, Selection) else Selection(chosen)
 
 
+def most_attended(attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep) ascending indices of the `keep` tokens with the most (B, N) `attention`
+    (ties: the earlier token)."""
+    order = attention.argsort(dim=1, descending=True, stable=True)
+    return order[:, :keep].sort(dim=1).values
+
+
 def check_keep(name: str, keep: Any) -> None:
     """Raise ValueError unless `keep` is a fraction in (0, 1] or a count >= 1."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
