@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import threading
+import warnings
 
 import pytest
 import torch
@@ -80,6 +82,36 @@ def test_patched_model_survives_torch_save_and_load(images, tmp_path):
     tokcomp.remove(loaded)
     assert loaded.forward.__func__ is type(loaded).forward
     torch.testing.assert_close(loaded(images), tokcomp.remove(model)(images), atol=0, rtol=0)
+
+
+def test_wrapped_models_are_refused_with_where_to_apply():
+    with pytest.raises(tokcomp.UnsupportedModelError, match=r"apply tokcomp to the model first"):
+        tokcomp.apply(torch.compile(tiny_vit("vit")), "tome", r=2)
+    with pytest.raises(tokcomp.UnsupportedModelError, match="DistributedDataParallel"):
+        tokcomp.apply(nn.DataParallel(tiny_vit("vit")), "tome", r=2)
+
+
+def test_active_timm_patch_dropout_gets_its_own_message(images):
+    model = tokcomp.apply(tiny_vit("vit", patch_drop_rate=0.5).train(), "tome", r=2)
+    with pytest.raises(ValueError, match=r"patch dropout .* call model\.eval\(\)"):
+        model(images)
+    model.eval()(images)
+
+
+def test_applying_without_options_warns_that_nothing_is_compressed():
+    with pytest.warns(UserWarning, match=r"'tome'\) without options compresses nothing.*r=\.\.\."):
+        tokcomp.apply(tiny_vit("vit"), "tome")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokcomp.apply(tiny_vit("vit"), "tome", r=0)  # asked for explicitly: no warning
+
+
+def test_config_of_reports_the_merges_tome_can_make():
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=500)
+    config = tokcomp.config_of(model)
+    tokens = [65, *config.schedule]
+    assert config.options["r"] == [a - b for a, b in itertools.pairwise(tokens)]
+    assert config.options["r"][0] == 32 and tokcomp.apply(tiny_vit("vit"), config)
 
 
 @torch.no_grad()

@@ -206,6 +206,16 @@ def test_middle_budget_is_batch_independent_and_keeps_protected_tokens(method, c
         torch.testing.assert_close(state.size.sum(dim=1), torch.full((len(images),), 1.0 * tokens))
 
 
+@torch.no_grad()
+def test_an_empty_batch_gives_empty_outputs_of_the_right_shape(case, images):
+    model, output = tiny(case), CASES[case].output
+    tokcomp.apply(model, "tome", r=4)
+    full, empty = output(model, images), output(model, images[:0])
+    assert empty.shape == (0, *full.shape[1:]) and empty.dtype == full.dtype
+    state = tokcomp.forward_tokens(model, images[:0])
+    assert state.x.shape == (0, *tokcomp.forward_tokens(model, images).x.shape[1:])
+
+
 def _assert_protected_kept_alone(state, class_token: bool) -> None:
     """Each protected row holds exactly one protected input token, all of them are there,
     and the class token stays first."""

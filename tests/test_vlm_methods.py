@@ -245,10 +245,20 @@ def test_random_select_draws_a_seeded_subset_per_image():
 
 def test_visual_budget_fractions_counts_and_the_error_for_too_many():
     assert visual_budget("zoo", 64, 576) == 64
-    assert visual_budget("zoo", 0.111, 576) == 64
+    assert visual_budget("zoo", 0.111, 576) == 63  # int(63.936): the released code's floor
+    assert visual_budget("zoo", 0.1112, 576) == 64
+    assert visual_budget("zoo", 0.25, 576) == 144
     assert visual_budget("zoo", 1e-6, 576) == 1
     with pytest.raises(ValueError, match="keep=600 is more than the 576 visual tokens"):
         visual_budget("zoo", 600, 576)
+
+
+def test_fractional_budgets_round_as_each_methods_released_code():
+    """ZOO-Prune keeps int(r * N), DivPrune int(round(r * N)), FastV round(r * N)."""
+    kept = {name: create_method(name, keep=0.1).kept_of(576) for name in ("zoo", "divprune")}
+    kept["fastv"] = create_method("fastv", keep=0.1).kept_of(576)
+    assert kept == {"zoo": 57, "divprune": 58, "fastv": 58}
+    assert create_method("zoo", keep=0.125).kept_of(576) == 72
     with pytest.raises(ValueError, match="keep must be"):
         create_method("zoo", keep=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,7 +53,16 @@ def _requested(
         return resolve(method_or_config, spec)
     config = _as_config(method_or_config)
     if config is None:
-        return resolve(create_method(str(method_or_config), **options), spec)
+        method, schedule = resolve(create_method(str(method_or_config), **options), spec)
+        if not options and model_macs(spec, schedule) == model_macs(spec):
+            warnings.warn(
+                f"tokcomp.apply(model, {method.name!r}) without options compresses nothing: its "
+                f"defaults keep every token; give its budget ({method.budget}=...) or "
+                "target_macs (e.g. target_macs=0.6)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return method, schedule
     _refuse_options(options, "a config (edit its 'options' field, or apply the method by name)")
     config.check_model(spec)
     return resolve(create_method(config.method, **config.options, schedule=config.schedule), spec)

@@ -15,6 +15,7 @@ ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapte
 
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for `model`; UnsupportedModelError listing what is supported otherwise."""
+    _refuse_wrappers(model)
     for adapter in ADAPTERS:
         if adapter.recognises(model):
             return adapter(model)
@@ -23,6 +24,26 @@ def find_adapter(model: nn.Module) -> Adapter:
         f"tokcomp cannot patch a {type(model).__module__}.{type(model).__name__}; "
         f"supported: {supported}"
     )
+
+
+def _refuse_wrappers(model: nn.Module) -> None:
+    """Name the fix for models wrapped by torch.compile, DataParallel or DDP."""
+    if hasattr(model, "_orig_mod"):
+        raise UnsupportedModelError(
+            "this model is compiled (torch.compile); apply tokcomp to the model first, then "
+            "compile it: tokcomp.apply(model, ...); model = torch.compile(model)"
+        )
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise UnsupportedModelError(
+            "this model is wrapped in DistributedDataParallel; apply tokcomp to the model "
+            "before wrapping it: tokcomp.apply(model, ...); model = DistributedDataParallel(model)"
+        )
+    if isinstance(model, nn.DataParallel):
+        raise UnsupportedModelError(
+            "tokcomp cannot patch a DataParallel model (its replicas would call the original "
+            "module's patch); run one process per GPU with DistributedDataParallel, applying "
+            "tokcomp to the model before wrapping it"
+        )
 
 
 __all__ = ["ADAPTERS", "Adapter", "Compression", "Patch", "UnsupportedModelError", "find_adapter"]

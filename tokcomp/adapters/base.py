@@ -4,6 +4,7 @@ adapters share: one compressed block (BlockParts), attention with signals, pooli
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -11,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from tokcomp.methods import AttentionStyle, BlockPosition, Method, Signal, Signals, TokenState
 from tokcomp.schedule import ModelSpec
@@ -178,6 +180,22 @@ def _masked_softmax(
     policy = policy + (1.0 - policy) * eye
     weights = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp() * policy
     return (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def empty_batch_output(forward: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:
+    """`forward`'s output for an empty batch of `images`: the model's own code may not reshape
+    zero images, so one zero image runs and every tensor of its output keeps 0 rows."""
+    return tree_map(_no_rows, forward(images.new_zeros(1, *images.shape[1:])))
+
+
+def _no_rows(value: Any) -> Any:
+    """`value` with 0 rows: a tensor, or each tensor field of a dataclass (a TokenState)."""
+    if isinstance(value, torch.Tensor):
+        return value[:0]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: _no_rows(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **fields)
+    return value
 
 
 def linear_macs(module: nn.Module | None) -> int:

@@ -8,6 +8,7 @@ Models are recognised by class name, so `import tokcomp` does not import transfo
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from tokcomp.adapters.base import (
     Compression,
     UnsupportedModelError,
     compressed_block,
+    empty_batch_output,
     linear_macs,
     split_heads,
 )
@@ -316,6 +318,11 @@ class HFVisionAdapter(Adapter):
         tuple), hidden_states holding each layer's (shrinking) output when asked for."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            options = (output_attentions, output_hidden_states, return_dict, attention_mask)
+            return empty_batch_output(
+                lambda one: self.forward(compression, one, *options, **embed_options), pixel_values
+            )
         config = self.tower.config
         _refuse_unsupported(
             _or_config(output_attentions, config, "output_attentions"), attention_mask
@@ -334,6 +341,9 @@ class HFVisionAdapter(Adapter):
         self, compression: Compression, pixel_values: torch.Tensor, **embed_options: Any
     ) -> TokenState:
         """The final tokens as last_hidden_state holds them (CLIP: before post_layernorm)."""
+        if pixel_values.shape[0] == 0:
+            forward = functools.partial(self.forward_tokens, compression, **embed_options)
+            return empty_batch_output(forward, pixel_values)
         state, _ = self._trunk(compression, pixel_values, False, **embed_options)
         return state.with_x(self.tower_class.last_hidden_state(self.tower, state.x))
 

@@ -21,6 +21,7 @@ from tokcomp.adapters.base import (
     Compression,
     UnsupportedModelError,
     compressed_block,
+    empty_batch_output,
     size_weighted_mean,
     split_heads,
 )
@@ -105,6 +106,8 @@ class OpenClipAdapter(Adapter):
         self, compression: Compression, x: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """open_clip's VisionTransformer.forward with compressed blocks and size-aware pooling."""
+        if x.shape[0] == 0:
+            return empty_batch_output(lambda one: self.forward(compression, one), x)
         visual = self.visual
         pooled, tokens = _pool(visual, self._trunk(compression, x))
         if visual.proj is not None:
@@ -113,6 +116,8 @@ class OpenClipAdapter(Adapter):
 
     def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
         """The final tokens, after ln_post where open_clip norms every token before pooling."""
+        if x.shape[0] == 0:
+            return empty_batch_output(lambda one: self.forward_tokens(compression, one), x)
         state = self._trunk(compression, x)
         if not _norm_before_pool(self.visual):
             return state

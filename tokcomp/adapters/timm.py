@@ -91,6 +91,7 @@ class TimmViTAdapter(Adapter):
 
     def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
         model = self.model
+        _check_no_patch_dropout(model)
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         state = compression.start(x, model.num_prefix_tokens)
         for index, block in enumerate(model.blocks):
@@ -107,6 +108,17 @@ class TimmViTAdapter(Adapter):
         weights = None if weights is None else weights[:, start:]
         x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], weights)))
         return x if pre_logits else model.head(x)
+
+
+def _check_no_patch_dropout(model: VisionTransformer) -> None:
+    """Raise while timm's patch dropout would drop tokens (training mode)."""
+    dropout = model.patch_drop
+    if dropout.training and getattr(dropout, "prob", 0.0) > 0:
+        raise ValueError(
+            f"timm's patch dropout (patch_drop_rate={dropout.prob}) is active in training mode "
+            "and drops tokens itself; token compression needs every patch: call model.eval() "
+            "or create the model with patch_drop_rate=0"
+        )
 
 
 def _block_parts(block: Block) -> BlockParts:

@@ -60,6 +60,8 @@ class Method:
     """
 
     name: ClassVar[str]
+    #: The option holding the method's budget (what `target_macs` chooses).
+    budget: ClassVar[str]
 
     target_macs: float | None = None
     schedule: list[int] | None = None
@@ -106,6 +108,7 @@ class BlockMethod(Method):
     """
 
     needs: ClassVar[frozenset[Signal]] = frozenset()
+    budget: ClassVar[str] = "keep_ratio"
 
     prop_attn: bool = True
     trace_source: bool = False

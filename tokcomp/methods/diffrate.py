@@ -29,6 +29,7 @@ class DiffRate(BlockMethod):
     """
 
     name: ClassVar[str] = "diffrate"
+    budget: ClassVar[str] = "merge_kept"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
 
     prune_kept: list[int] | None = None

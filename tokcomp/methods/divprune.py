@@ -3,6 +3,7 @@ section 6)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,6 +29,7 @@ class DivPrune(VisualMethod):
     nearest neighbour. `keep` tokens per image, in their original order."""
 
     name: ClassVar[str] = "divprune"
+    rounding: ClassVar[Callable[[float], int]] = staticmethod(round)
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
 
     keep: int | float = 64

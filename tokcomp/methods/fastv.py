@@ -3,6 +3,7 @@ layers (Chen et al., ECCV 2024; docs/methods.md section 6)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,6 +28,7 @@ class FastV(LLMStageMethod):
     """
 
     name: ClassVar[str] = "fastv"
+    rounding: ClassVar[Callable[[float], int]] = staticmethod(round)
 
     keep: int | float = 0.5
     positions: str = "keep"

@@ -3,6 +3,7 @@ docs/methods.md section 2)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,7 +36,8 @@ class PiToMe(BlockMethod):
     margin: m0; block l of L uses m0 * (1 - l / L) (default per codebase, see DEFAULT_MARGIN).
     metric: "keys" (head-averaged) or "hidden" (default per codebase, see DEFAULT_METRIC).
     bsm_layers: blocks that use the "pitome_bsm" variant (energy-ordered alternate split
-    with ToMe's top-r selection); default: the first half, as the released DeiT code.
+    with ToMe's top-r selection); default: the first ceil(depth / 2) blocks, as the released
+    DeiT code.
     alpha: the ELU's alpha.
     """
 
@@ -63,7 +65,7 @@ class PiToMe(BlockMethod):
             metric=DEFAULT_METRIC.get(geometry.attention, "hidden")
             if self.metric is None
             else self.metric,
-            bsm_layers=list(range(geometry.depth // 2))
+            bsm_layers=list(range(math.ceil(geometry.depth / 2)))
             if self.bsm_layers is None
             else self.bsm_layers,
         )

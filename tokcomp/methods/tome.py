@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,12 +18,18 @@ from tokcomp.ops import bipartite_plan, max_bipartite_merges
 class ToMe(BlockMethod):
     """Merge the `r` most similar tokens per block (keys metric, size-weighted average).
 
-    r: tokens merged per block (int), or an explicit per-block list (padded with 0).
+    r: tokens merged per block (int), or an explicit per-block list (padded with 0); a block
+    merges at most half its unprotected tokens, and a settled config lists what each block
+    merges where r asked for more.
     inflection: with an int r, ToMe's linear schedule: the first block merges
     int(r * (1 - inflection)), the last 2r minus that (-1 = the paper's decreasing schedule).
+    prop_attn: on, as in the released timm patch; the released MAE patch turns it off for
+    MAE-finetuned checkpoints: pass prop_attn=False for those (docs/methods.md section 1; a
+    checkpoint's training recipe cannot be read off its architecture).
     """
 
     name: ClassVar[str] = "tome"
+    budget: ClassVar[str] = "r"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEYS})
 
     r: int | list[int] = 0
@@ -51,12 +58,25 @@ class ToMe(BlockMethod):
         step = (last - first) / max(depth - 1, 1)
         return [int(first + step * i) for i in range(depth)]
 
-    def knob_schedule(self, geometry: Geometry) -> list[int]:
-        tokens, schedule = geometry.tokens, []
+    def settle(self, geometry: Geometry) -> Method:
+        """With an r some block cannot merge (more than half its unprotected tokens), the
+        per-block merges it actually makes, so that config_of reports what runs."""
+        merges = self.merges_made(geometry)
+        if merges == self.merges_per_block(geometry.depth):
+            return self
+        return self.with_options(r=merges, inflection=None)
+
+    def merges_made(self, geometry: Geometry) -> list[int]:
+        """Per block, the merges r makes once clipped to what the block can merge."""
+        tokens, merges = geometry.tokens, []
         for r in self.merges_per_block(geometry.depth):
-            tokens -= min(r, max_bipartite_merges(tokens, geometry.protected))
-            schedule.append(tokens)
-        return schedule
+            merges.append(min(r, max_bipartite_merges(tokens, geometry.protected)))
+            tokens -= merges[-1]
+        return merges
+
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        merged = itertools.accumulate(self.merges_made(geometry))
+        return [geometry.tokens - count for count in merged]
 
     def candidates(self, geometry: Geometry) -> Iterator[Method]:
         for r in range(max_bipartite_merges(geometry.tokens, geometry.protected) + 1):

@@ -6,7 +6,8 @@ which visual tokens reach the language model."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 from tokcomp.methods.base import Method
-from tokcomp.methods.budget import kept_count
 
 POSITIONS = ("keep", "renumber")
 
@@ -92,8 +92,10 @@ class VisualMethod(Method):
 
     stage: ClassVar[Stage] = Stage.PROJECTOR
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset()
-    #: The option holding the per-image budget.
     budget: ClassVar[str] = "keep"
+    #: How a fractional budget rounds, as the method's released code does (ZOO-Prune:
+    #: int(keep * N); DivPrune and FastV: round).
+    rounding: ClassVar[Callable[[float], int]] = staticmethod(math.floor)
 
     positions: str = "renumber"
 
@@ -105,6 +107,10 @@ class VisualMethod(Method):
     def visual_keep(self) -> int | float:
         """The per-image budget: a count or a fraction of each image's visual tokens."""
         return getattr(self, self.budget)
+
+    def kept_of(self, tokens: int) -> int:
+        """Visual tokens this method keeps out of `tokens`."""
+        return visual_budget(self.name, self.visual_keep(), tokens, self.rounding)
 
     def check_visual_options(self) -> None:
         """Raise ValueError for options that mean nothing when choosing a VLM's visual tokens."""
@@ -153,10 +159,13 @@ def check_positions(name: str, positions: Any) -> None:
         raise ValueError(f"{name}: positions must be one of {POSITIONS}, got {positions!r}")
 
 
-def visual_budget(name: str, keep: int | float, tokens: int) -> int:
-    """Visual tokens kept out of `tokens` for `keep` (a fraction, or a count that must fit)."""
+def visual_budget(
+    name: str, keep: int | float, tokens: int, rounding: Callable[[float], int] = math.floor
+) -> int:
+    """Visual tokens kept out of `tokens` for `keep`: a count that must fit, or a fraction,
+    rounded by `rounding` (at least one)."""
     if isinstance(keep, float):
-        return max(1, kept_count(tokens, keep))
+        return max(1, int(rounding(keep * tokens)))
     if keep > tokens:
         raise ValueError(
             f"{name}: keep={keep} is more than the {tokens} visual tokens of this image; pass "

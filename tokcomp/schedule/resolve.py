@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokcomp.methods import BlockMethod, Method, VisualMethod
-from tokcomp.methods.visual import VisualSignal, visual_budget
+from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule.macs import model_macs
 from tokcomp.schedule.spec import ModelSpec, VLMSpec
 
@@ -85,7 +85,7 @@ def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
 def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
     """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
     then, per language-model layer, the visual tokens of the reference image it processes."""
-    kept = visual_budget(method.name, method.visual_keep(), spec.selectable) + spec.fixed_visual
+    kept = method.kept_of(spec.selectable) + spec.fixed_visual
     tower = [spec.tokens] * spec.depth
     return tower + method.llm_schedule(spec.llm_depth, spec.visual_tokens, kept)
 

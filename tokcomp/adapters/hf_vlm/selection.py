@@ -11,7 +11,7 @@ import torch
 
 from tokcomp.adapters.hf_vlm.families import Images
 from tokcomp.methods import VisualMethod, VisualTokens
-from tokcomp.methods.visual import Selection, visual_budget
+from tokcomp.methods.visual import Selection
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _budget_shares(method: VisualMethod, images: Images) -> list[int]:
     shares = [0] * len(images.segments)
     for members in by_image.values():
         size = {i: images.segments[i].visual.tokens for i in members}
-        left = visual_budget(method.name, method.visual_keep(), sum(size.values()))
+        left = method.kept_of(sum(size.values()))
         for position, index in enumerate(sorted(members, key=lambda i: (size[i], i))):
             shares[index] = min(size[index], -(-left // (len(members) - position)))
             left -= shares[index]
