@@ -358,8 +358,8 @@ def test_unsupported_variants_are_named():
 
 
 def test_image_towers_are_recognised_on_their_own():
-    assert find_adapter(tiny("open_clip_clip").visual).family == "open_clip"
-    assert find_adapter(tiny("hf_clip").vision_model).family == "hf_vision"
+    assert find_adapter(tiny("open_clip_clip").visual).name == "open_clip"
+    assert find_adapter(tiny("hf_clip").vision_model).name == "hf_vision"
     assert find_adapter(tiny("hf_siglip").vision_model).spec().class_token is False
 
 

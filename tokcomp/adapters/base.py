@@ -230,8 +230,9 @@ class Adapter(abc.ABC):
     or a pickle (torch.save) of the patched model carries its own adapter and compression.
     """
 
-    #: The family's name (configs record it: a config applies to models of its family).
-    family: ClassVar[str]
+    #: The adapter's name; specs and configs record it as `family` (a config applies to the
+    #: models this adapter patches).
+    name: ClassVar[str]
     #: How the family implements attention (some methods' defaults depend on it).
     attention: ClassVar[AttentionStyle]
     #: What this family's adapter supports, for error messages.

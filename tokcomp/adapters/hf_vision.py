@@ -254,7 +254,7 @@ _WRAPPERS: dict[str, tuple[str, str | None]] = {
 class HFVisionAdapter(Adapter):
     """Patches the vision tower's forward (inside a wrapper model, the wrapper's tower)."""
 
-    family = "hf_vision"
+    name = "hf_vision"
     attention = AttentionStyle.SEPARATE_QKV
     supported = (
         "Hugging Face CLIPVisionModel, CLIPVisionModelWithProjection and CLIPModel, "
@@ -290,7 +290,7 @@ class HFVisionAdapter(Adapter):
             depth=len(layers),
             class_token=tower_class.class_token,
             attention=self.attention,
-            family=self.family,
+            family=self.name,
             name=self.model.config.name_or_path or type(self.model).__name__,
             width=tower.config.hidden_size,
             heads=tower.config.num_attention_heads,

@@ -35,7 +35,7 @@ _CLASS_TOKENS = 1
 class OpenClipAdapter(Adapter):
     """Patches the image tower (`model.visual`, or the model itself when it is the tower)."""
 
-    family = "open_clip"
+    name = "open_clip"
     attention = AttentionStyle.MULTIHEAD
     supported = (
         "open_clip VisionTransformer image towers built from ResidualAttentionBlock ('tok', "
@@ -67,7 +67,7 @@ class OpenClipAdapter(Adapter):
             depth=len(blocks),
             class_token=True,
             attention=self.attention,
-            family=self.family,
+            family=self.name,
             name=_name(visual),
             width=conv.out_channels,
             heads=blocks[0].attn.num_heads,

@@ -28,7 +28,7 @@ _POOLS = ("token", "avg", "")
 class TimmViTAdapter(Adapter):
     """Patches timm's VisionTransformer (and subclasses such as VisionTransformerDistilled)."""
 
-    family = "timm"
+    name = "timm"
     attention = AttentionStyle.FUSED_QKV
     supported = (
         "timm VisionTransformer models built from timm's Block and Attention (ViT, AugReg, "
@@ -52,7 +52,7 @@ class TimmViTAdapter(Adapter):
             depth=len(model.blocks),
             class_token=model.cls_token is not None,
             attention=self.attention,
-            family=self.family,
+            family=self.name,
             name=getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
             width=model.embed_dim,
             heads=attn.num_heads,

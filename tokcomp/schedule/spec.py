@@ -16,7 +16,8 @@ REFERENCE_PROMPT = 40
 
 @dataclass(frozen=True)
 class ModelSpec(Geometry):
-    """A vision encoder's shape. family names the adapter ("timm", "open_clip", "hf_vision");
+    """A vision encoder's shape. family is the name of the adapter that patches it ("timm",
+    "open_clip", "hf_vision", "hf_vlm");
     name the architecture; mlp_hidden the MLP hidden width; stem_macs and head_macs the MACs
     outside the blocks (patch embedding, classifier or pooling head)."""
 

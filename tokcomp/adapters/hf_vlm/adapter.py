@@ -13,7 +13,7 @@ from torch import nn
 from tokcomp.adapters.base import Adapter, Compression, Patch
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
-from tokcomp.adapters.hf_vlm.families import FAMILY, VLMFamily, family_for
+from tokcomp.adapters.hf_vlm.families import ADAPTER_NAME, VLMFamily, family_for
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
     Pruned,
@@ -32,7 +32,7 @@ class HFVLMAdapter(Adapter):
     """Patches the VLM's inner model: its forward (visual-token selection, sequence surgery,
     cache translation) and get_image_features (the vision hidden states a method needs)."""
 
-    family = FAMILY
+    name = ADAPTER_NAME
     attention = AttentionStyle.SEPARATE_QKV
     supported = (
         "Hugging Face VLMs LlavaForConditionalGeneration (LLaVA-1.5), "

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 
 from tokcomp.adapters.hf_vlm.families.base import (
-    FAMILY,
+    ADAPTER_NAME,
     Images,
     Segment,
     VLMFamily,
@@ -16,4 +16,4 @@ from tokcomp.adapters.hf_vlm.families.base import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["FAMILY", "Images", "Segment", "VLMFamily", "family_for"]
+__all__ = ["ADAPTER_NAME", "Images", "Segment", "VLMFamily", "family_for"]

@@ -19,8 +19,8 @@ from tokcomp.methods import AttentionStyle, VisualTokens
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import REFERENCE_PROMPT, VLMSpec
 
-#: The adapter family name VLM specs carry.
-FAMILY = "hf_vlm"
+#: The name of the adapter that patches VLMs (VLM specs carry it as `family`).
+ADAPTER_NAME = "hf_vlm"
 #: Side in pixels of the reference image of dynamic-resolution models (Qwen2-VL, LLaVA-NeXT).
 REFERENCE_PIXELS = 336
 #: Family classes by the transformers class they handle ("module.Class"), filled by subclasses.
@@ -155,7 +155,7 @@ class VLMFamily(abc.ABC):
         """This model's geometry for schedules and MACs."""
         layers = self.language_model.layers
         return VLMSpec(
-            family=FAMILY,
+            family=ADAPTER_NAME,
             attention=AttentionStyle.SEPARATE_QKV,
             name=self.model.config.name_or_path or type(self.model).__name__,
             architecture=type(self.model).__name__,
