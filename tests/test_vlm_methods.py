@@ -232,6 +232,40 @@ def test_fastervlm_keeps_the_tokens_the_feature_layer_class_token_attends_to_mos
     assert torch.equal(torch.stack([c.slots for c in choose(method, images)]), expected)
 
 
+def _vispruner_by_hand(
+    attention: list[float], features: list[list[float]], keep: int, share: float
+):
+    """VisPruner's rule in plain Python: important by attention, then rounds that drop at most
+    8 best-matched tokens of the alternate half A (matched against B by cosine)."""
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    order = sorted(range(len(attention)), key=lambda i: (-attention[i], i))
+    important = int(keep * share)
+    chosen, rest, wanted = order[:important], order[important:], keep - important
+    while wanted and len(rest) > wanted:
+        drop = min(8, len(rest) - wanted)
+        a, b = rest[0::2], rest[1::2]
+        score = {i: max(cosine(features[i], features[j]) for j in b) for i in a}
+        ranked = sorted(a, key=lambda i: -score[i])  # stable: equal scores keep A's order
+        rest = ranked[drop:] + b
+    return sorted(chosen + (rest if wanted else []))
+
+
+@pytest.mark.parametrize(("keep", "share"), [(12, 0.5), (5, 0.75), (9, 1.0), (30, 0.0)])
+def test_vispruner_keeps_important_then_diverse_tokens_as_by_hand(keep, share):
+    generator = torch.Generator().manual_seed(4)
+    attention = torch.rand(3, 40, generator=generator)
+    features = torch.randn(3, 40, 6, generator=generator)
+    visual = _visual(torch.zeros(3, 40, 2), attention=attention, features=features)
+    chosen = create_method("vispruner", keep=keep, important=share).select(visual, keep)
+    for row in range(3):
+        expected = _vispruner_by_hand(attention[row].tolist(), features[row].tolist(), keep, share)
+        assert chosen[row].tolist() == expected
+
+
 def test_random_select_draws_a_seeded_subset_per_image():
     method = create_method("random", seed=4)
     picks = method.select(_visual(torch.zeros(3, 10, 1)), 4)
