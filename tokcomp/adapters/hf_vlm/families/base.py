@@ -111,6 +111,12 @@ class VLMFamily(abc.ABC):
         """(R, B, L) position ids of the whole prompt, as the unpatched model would use them."""
         if position_ids is not None:
             return self.given_positions(position_ids, input_ids.shape[0])
+        return self.default_positions(input_ids, attention_mask, inputs)
+
+    def default_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        """(R, B, L) position ids the model numbers a prompt with when given none."""
         length = input_ids.shape[1]
         return torch.arange(length, device=input_ids.device).expand(1, input_ids.shape[0], -1)
 
@@ -185,12 +191,28 @@ def projector_widths(projector: tuple[nn.Module, ...]) -> tuple[int, ...]:
 
 
 def tower_fields(
-    layers: nn.ModuleList, attention: str, mlp: str, patches: int, conv: nn.Module, heads: int
+    layers: nn.ModuleList,
+    attention: str,
+    mlp: str,
+    patches: int,
+    conv: nn.Module,
+    heads: int,
+    visual_tokens: int,
 ) -> dict[str, Any]:
-    """VLMSpec fields of a vision tower without a class token (blocks at `attention`, `mlp`)."""
+    """VLMSpec fields of the vision side of a model whose tower has no class token (blocks
+    with `attention` and `mlp` attributes) and gives `visual_tokens` per image through a
+    projector, one crop per image; tokcomp neither compresses it nor reads its attention."""
     first = layers[0]
     width = conv.out_channels
     return dict(
+        crops=1,
+        visual_tokens=visual_tokens,
+        fixed_visual=0,
+        projected_tokens=visual_tokens,
+        feature_block=-1,
+        feature_prefix=0,
+        tower_methods=False,
+        tower_attention=False,
         tokens=patches,
         protected=0,
         depth=len(layers),

@@ -49,23 +49,12 @@ class Idefics3(VLMFamily):
         vision = self.inner.vision_model
         config = vision.config
         patches = (config.image_size // config.patch_size) ** 2
-        tower = tower_fields(
+        return tower_fields(
             vision.encoder.layers,
             "self_attn",
             "mlp",
             patches,
             vision.embeddings.patch_embedding,
             config.num_attention_heads,
-        )
-        tokens = patches // self.inner.connector.scale_factor**2
-        return dict(
-            tower,
-            crops=1,
-            visual_tokens=tokens,
-            fixed_visual=0,
-            projected_tokens=tokens,
-            feature_block=-1,
-            feature_prefix=0,
-            tower_methods=False,
-            tower_attention=False,
+            patches // self.inner.connector.scale_factor**2,
         )

@@ -56,15 +56,9 @@ class Qwen2VL(VLMFamily):
         """Index putting the merger's input rows in the order of its outputs."""
         return slice(None)
 
-    def positions(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        inputs: dict[str, Any],
+    def default_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict[str, Any]
     ) -> torch.Tensor:
-        if position_ids is not None:
-            return self.given_positions(position_ids, input_ids.shape[0])
         if inputs.get("mm_token_type_ids") is None:
             raise ValueError(
                 "pass mm_token_type_ids (the processor returns it): multimodal RoPE positions "
@@ -114,25 +108,14 @@ class Qwen2VL(VLMFamily):
         visual = self.inner.visual
         merge = visual.spatial_merge_size
         side = REFERENCE_PIXELS // visual.config.patch_size // merge * merge
-        tower = tower_fields(
+        return tower_fields(
             visual.blocks,
             "attn",
             "mlp",
             side * side,
             visual.patch_embed.proj,
             visual.config.num_heads,
-        )
-        tokens = side * side // merge**2
-        return dict(
-            tower,
-            crops=1,
-            visual_tokens=tokens,
-            fixed_visual=0,
-            projected_tokens=tokens,
-            feature_block=-1,
-            feature_prefix=0,
-            tower_methods=False,
-            tower_attention=False,
+            side * side // merge**2,
         )
 
 
