@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokcomp.ops import backend, bipartite_plan
+from tokcomp.ops import backend, bipartite_plan, selfcheck
 from tokcomp.ops.dispatch import extension
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match_reference
@@ -279,6 +279,14 @@ def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
     compiled = torch.compile(public_step, backend="aot_eager")
     for got, want in zip(compiled(x, size), public_step(x, size), strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_first_call_checks_pass(device: str, route: str, dtype: torch.dtype) -> None:
+    """Every kernel passes the check the dispatcher runs on its first call (ops.selfcheck)."""
+    for name in selfcheck.CASES:
+        problem = selfcheck.mismatch(name, _op(device, route, name), torch.device(device), dtype)
+        assert problem is None, f"{name}: {problem}"
 
 
 def test_dispatcher_uses_extension_on_cpu() -> None:

@@ -1,7 +1,9 @@
 """Tensor primitives of token compression, with no knowledge of models.
 
 Every op has a pure-PyTorch reference (`*_reference`) and, where it pays, a compiled kernel
-from csrc/; the dispatcher in `dispatch` picks one and `backend()` says which is active.
+from csrc/; the dispatcher in `dispatch` picks one, checks a compiled kernel against the
+reference on its first call (`selfcheck`; TOKCOMP_VERIFY=0 skips it), and `backend()` says
+which is active (`backend(device, verbose=True)`: per op, with the checks).
 """
 
 from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges

@@ -21,7 +21,7 @@ def energy_score(metric: torch.Tensor, margin: float, alpha: float = 1.0) -> tor
     """
     if metric.dim() != 3:
         raise ValueError(f"energy_score: metric must be (B, T, C), got {tuple(metric.shape)}")
-    op = compiled_op("energy_score", metric.device)
+    op = compiled_op("energy_score", metric.device, metric.dtype)
     if op is None:
         return energy_score_reference(metric, margin, alpha)
     return op(metric.contiguous(), float(margin), float(alpha))

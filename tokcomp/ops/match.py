@@ -31,7 +31,7 @@ def best_match(
     rows of `b` are never chosen. A row with no eligible partner gets -inf and index 0.
     """
     _check_match_inputs(a, b, a_protected, b_protected)
-    op = compiled_op("best_match", a.device)
+    op = compiled_op("best_match", a.device, a.dtype)
     if op is None:
         return best_match_reference(a, b, a_protected, b_protected)
     return op(a, b, a_protected, b_protected)  # the ops take strided rows (x[:, ::2])

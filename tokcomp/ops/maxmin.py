@@ -83,7 +83,7 @@ def greedy_maxmin(
     _check_inputs(dist, weight, first, k)
     dist, weight = dist.float().contiguous(), weight.float().contiguous()
     first = first.long().contiguous()
-    op = compiled_op("greedy_maxmin", dist.device)
+    op = compiled_op("greedy_maxmin", dist.device, dist.dtype)
     if op is None:
         return _greedy_maxmin_fast(dist, weight, first, k)
     return op(dist, weight, first, k)

@@ -48,7 +48,7 @@ def weighted_merge(
     in x's dtype and size (B, K) float32. Accumulates in float32.
     """
     _check_merge_inputs(x, weight, size, keep_idx, src_idx, dst_pos)
-    op = compiled_op("weighted_merge", x.device)
+    op = compiled_op("weighted_merge", x.device, x.dtype)
     if op is None:
         return weighted_merge_reference(x, weight, size, keep_idx, src_idx, dst_pos)
     return op(

@@ -24,7 +24,7 @@ def attention_pagerank(attn: torch.Tensor, iterations: int) -> torch.Tensor:
         raise ValueError(f"attention_pagerank: attn must be (B, H, N, N), got {tuple(attn.shape)}")
     if iterations < 0:
         raise ValueError(f"attention_pagerank: iterations must be >= 0, got {iterations}")
-    op = compiled_op("attention_pagerank", attn.device)
+    op = compiled_op("attention_pagerank", attn.device, attn.dtype)
     if op is None:
         return attention_pagerank_reference(attn, iterations)
     return op(attn.contiguous(), int(iterations))
