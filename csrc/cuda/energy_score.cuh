@@ -7,6 +7,8 @@
 // memory in tiles of kTileB rows (cosine_tiles.cuh), each of the 16 x 16 threads turns its
 // kRowsA x kColsB dot products into cosines (dot * inv_i * inv_j), adds their ELUs to a running
 // sum per row, and the 16 threads sharing rows add theirs up with warp shuffles at the end.
+// A NaN cosine (a row holding a NaN or an inf) counts as -inf (the non-finite rule of
+// tokcomp.ops): its term is -alpha.
 #pragma once
 
 #include "common.cuh"
@@ -52,7 +54,8 @@ __global__ void __launch_bounds__(kThreads) energy_score_kernel(
 #pragma unroll
         for (int ka = 0; ka < kRowsA; ++ka) {
           const float x = acc[ka][kb] * inv_row[ka] * inv_col - margin;
-          sum[ka] += x > 0.f ? x : alpha * (expf(x) - 1.f);
+          // A NaN (the cosine of a non-finite row) counts as -inf: ELU(-inf) = -alpha.
+          sum[ka] += x > 0.f ? x : alpha * (x == x ? expf(x) - 1.f : -1.f);
         }
       }
     }

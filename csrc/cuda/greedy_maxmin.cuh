@@ -10,7 +10,9 @@
 // (score[j] = min(score[j], dist[pick, j] * weight[j]), coalesced reads) and keeps its own best
 // (value, lowest index); warp shuffles and one pass over the warps' results give the block's pick.
 // Only the k picked rows of dist are read. The product and the minimum are the same float32
-// operations as the reference's, so the picks agree exactly. dist must be finite.
+// operations as the reference's, so the picks agree exactly. A NaN or -inf product counts as the
+// lowest float32 (the non-finite rule of tokcomp.ops): above the picked entries' -inf, below
+// every other score.
 #pragma once
 
 #include "common.cuh"
@@ -26,6 +28,13 @@ __device__ __forceinline__ void keep_better(float& value, int64_t& index, float 
     value = v;
     index = j;
   }
+}
+
+// dist * weight, NaN and -inf as the lowest float32 (NaN compares false).
+__device__ __forceinline__ float score_of(float dist, float weight) {
+  constexpr float kLowest = -3.402823466e+38f;  // the lowest float32
+  const float v = dist * weight;
+  return v > kLowest ? v : kLowest;
 }
 
 template <typename scalar_t>
@@ -54,7 +63,7 @@ __global__ void __launch_bounds__(kMaxminMaxThreads) greedy_maxmin_kernel(
   int64_t pick = first[n];
   TOKCOMP_KERNEL_ASSERT(0 <= pick && pick < N);
   for (int64_t j = tid; j < N; j += blockDim.x) {
-    score[j] = to_float(d[pick * N + j]) * w[j];
+    score[j] = score_of(to_float(d[pick * N + j]), w[j]);
   }
   if (tid == 0) {
     out[n * k] = pick;
@@ -69,7 +78,7 @@ __global__ void __launch_bounds__(kMaxminMaxThreads) greedy_maxmin_kernel(
       if (j != pick) {
         v = score[j];
         if (row != nullptr) {
-          const float u = to_float(row[j]) * w[j];
+          const float u = score_of(to_float(row[j]), w[j]);
           v = u < v ? u : v;
         }
       }

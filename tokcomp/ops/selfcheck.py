@@ -1,9 +1,9 @@
 """The first-call parity check of a compiled route (run by `tokcomp.ops.dispatch`): each op's
 kernel on small fixed inputs (seeded, a few ms) against its PyTorch reference.
 
-The inputs have clear winners (no near-ties), so indices must agree exactly; values must agree
-within 1e-2, which catches a wrong kernel but not rounding (a TF32 or bfloat16 reference
-included).
+The inputs have clear winners (no near-ties), so indices must agree exactly, and a few NaN and
+inf values, so the non-finite rule of tokcomp.ops is held too; finite values must agree within
+1e-2, which catches a wrong kernel but not rounding (a TF32 or bfloat16 reference included).
 """
 
 from __future__ import annotations
@@ -27,18 +27,23 @@ def _generator() -> torch.Generator:
 
 def _best_match_inputs(dtype: torch.dtype) -> tuple:
     """Rows of a near copies of rows of b (clear winners), one protected row in each; a's row 2
-    is nearest to b's protected row 0, so its answer is its clear second best, b's row 7."""
+    is nearest to b's protected row 0, so its answer is its clear second best, b's row 7. A NaN
+    row in a, an inf in b."""
     generator = _generator()
     b = torch.randn(2, 10, 32, generator=generator)
     a = b[:, [3, 1, 0, 1, 5, 9, 2]] * 1.5 + 0.05 * torch.randn(2, 7, 32, generator=generator)
     a[:, 2] += 1.5 * b[:, 7]
+    a[:, 6] = torch.nan
+    b[:, 8, 0] = torch.inf
     return a.to(dtype), b.to(dtype), 1, 1
 
 
 def _weighted_merge_inputs(dtype: torch.dtype) -> tuple:
-    """Ten tokens merged into four."""
+    """Ten tokens merged into four; a NaN and an inf in two of them."""
     generator = _generator()
     x = torch.randn(2, 10, 16, generator=generator)
+    x[0, 7, 3] = torch.nan
+    x[1, 8, 5] = torch.inf
     weight = torch.rand(2, 10, generator=generator) + 0.5
     order = torch.stack([torch.randperm(10, generator=generator) for _ in range(2)])
     dst_pos = torch.randint(0, 4, (2, 6), generator=generator)
@@ -46,21 +51,26 @@ def _weighted_merge_inputs(dtype: torch.dtype) -> tuple:
 
 
 def _energy_score_inputs(dtype: torch.dtype) -> tuple:
-    """Twelve tokens around a shared direction (both ELU branches)."""
+    """Twelve tokens around a shared direction (both ELU branches), one of them NaN."""
     metric = torch.randn(2, 12, 32, generator=_generator()) + 0.5
+    metric[1, 4] = torch.nan
     return metric.to(dtype), 0.5, 1.0
 
 
 def _attention_pagerank_inputs(dtype: torch.dtype) -> tuple:
-    """Softmax attention, two heads."""
+    """Softmax attention, two heads, one NaN entry."""
     attn = (torch.randn(2, 2, 12, 12, generator=_generator()) * 2).softmax(dim=-1)
+    attn[1, 0, 3, 5] = torch.nan
     return attn.to(dtype), 5
 
 
 def _greedy_maxmin_inputs(dtype: torch.dtype) -> tuple:
-    """Cosine distances of random rows, all of them picked (k = N)."""
+    """Cosine distances of random rows, all of them picked (k = N); a row at NaN distance, one
+    at inf."""
     generator = _generator()
     dist = cosine_distances(torch.randn(2, 12, 16, generator=generator))
+    dist[0, :, 7] = torch.nan
+    dist[1, :, 4] = torch.inf
     weight = torch.rand(2, 12, generator=generator) + 0.1
     return dist.to(dtype), weight, weight.argmax(dim=1), 12
 
