@@ -21,6 +21,10 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+#: The CUDA kernel headers (device code) ship inside the package, as tokcomp/csrc/cuda/*.cuh:
+#: the cupy route compiles them at run time with NVRTC (tokcomp/ops/cupy_kernels.py), the same
+#: files the extension's csrc/cuda/*.cu include for nvcc. They stay in csrc/ in the repository.
+KERNEL_PACKAGE = "tokcomp.csrc.cuda"
 
 
 def _locate_cuda_home() -> None:
@@ -132,7 +136,12 @@ setup(
     name="tokcomp",
     version="0.1.0",
     description="Token compression for vision transformers and VLMs (ToMe-style merging)",
-    packages=find_packages(include=["tokcomp", "tokcomp.*"], exclude=["tests", "tests.*"]),
+    packages=[
+        *find_packages(include=["tokcomp", "tokcomp.*"], exclude=["tests", "tests.*"]),
+        KERNEL_PACKAGE,
+    ],
+    package_dir={KERNEL_PACKAGE: os.path.join(CSRC, "cuda")},
+    package_data={KERNEL_PACKAGE: ["*.cuh"]},
     python_requires=">=3.10",
     install_requires=[],
     extras_require={"cupy": ["cupy-cuda13x==14.2.0"]},

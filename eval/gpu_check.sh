@@ -3,9 +3,11 @@
 #   1. finds a python with torch and prints the versions (python, torch, CUDA, GPU, nvcc, cupy);
 #   2. installs the wheels of a .whl folder, if there is one (pip --no-index, into a private
 #      folder on PYTHONPATH): e.g. cupy-cuda13x and its needs when the machine lacks cupy;
-#   3. builds tokcomp._C with CUDA in place (TOKCOMP_CUDA=1, this GPU's architecture only);
-#   4. runs every op's parity tests on CUDA tensors (float32, float16, bfloat16) for both GPU
-#      routes, the compiled kernels and the cupy kernels (skipped, with a message, without cupy);
+#   3. builds tokcomp._C with CUDA in place (TOKCOMP_CUDA=1, this GPU's architecture only) and
+#      prints the dispatcher's first-call checks of every op on CUDA (tokcomp.backend verbose);
+#   4. runs every op's parity tests on CUDA tensors (float32, float16, bfloat16; finite and
+#      non-finite inputs) for both GPU routes, the compiled kernels and the cupy kernels
+#      (skipped, with a message, without cupy);
 #   5. benchmarks the ops against their PyTorch references (eval/bench_ops.py, both routes);
 #   6. benchmarks DeiT-S and ViT-B/16 at batch 256, fp16 autocast: unpruned vs ToMe r=13,
 #      PiToMe, DiffRate, Zero-TPrune (eval/bench_gpu_models.py).
@@ -115,6 +117,18 @@ import tokcomp, tokcomp._C as c
 assert c.WITH_CUDA, 'built without CUDA'
 print('WITH_CUDA', c.WITH_CUDA, '| backend(cuda):', tokcomp.backend('cuda'))" \
     || { fail "tokcomp._C does not load with CUDA"; exit 1; }
+# The dispatcher's first-call parity checks (tokcomp.ops.selfcheck), every op and dtype.
+"$PY" -c "
+import torch, tokcomp
+from tokcomp.ops import dispatch, selfcheck
+device = torch.device('cuda', torch.cuda.current_device())
+for name in selfcheck.CASES:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dispatch.checked_route(name, device, dtype)
+for name, report in tokcomp.backend(device, verbose=True).items():
+    print(f'{name}: {report}')
+assert 'failed' not in str(tokcomp.backend(device, verbose=True)), 'a first-call check failed'" \
+    || fail "first-call checks of the CUDA route"
 
 # --- 4. parity tests on CUDA: compiled and cupy routes ---------------------------------------
 step "tests/test_ops_parity.py on CUDA (routes: compiled$([ "$CUPY" = 1 ] && echo ', cupy'))"

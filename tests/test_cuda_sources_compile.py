@@ -2,8 +2,9 @@
 
 - csrc/cuda/*.cu (the extension's kernels): each file with `nvcc -c` and the flags torch's
   BuildExtension uses, for one architecture.
-- The cupy route's kernel source (tokcomp.ops.cupy_kernels.SOURCE, every instantiation it is
-  compiled with): by NVRTC through cupy's bindings (no device needed), and by `nvcc --ptx`.
+- The same kernel headers (csrc/cuda/*.cuh) as the cupy route compiles them: the program of
+  tokcomp.ops.cupy_kernels, every instantiation it uses, by NVRTC through cupy's bindings (no
+  device needed).
 
 A success is cached in .cache/cuda-compile/ under a hash of the sources, the headers they
 include, the flags, the torch version and the compiler's version, so a second run with nothing
@@ -17,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -130,14 +132,6 @@ def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
     stamp.write_text(" ".join(command) + "\n")
 
 
-def _cupy_source_with_instantiations() -> str:
-    """SOURCE plus host code taking the address of every kernel instantiation cupy compiles
-    (NVRTC name expressions), so that nvcc compiles them all too."""
-    pointers = ",\n  ".join(f"(const void*)&{name}" for name in cupy_kernels.NAME_EXPRESSIONS)
-    table = f"extern const void* const tokcomp_instances[] = {{\n  {pointers}\n}};\n"
-    return f"{cupy_kernels.SOURCE}\n{table}"
-
-
 def test_cupy_kernel_source_compiles_with_nvrtc() -> None:
     """What cupy does at run time (NVRTC, same options and name expressions), for sm_90."""
     if importlib.util.find_spec("cupy_backends") is None:
@@ -146,14 +140,13 @@ def test_cupy_kernel_source_compiles_with_nvrtc() -> None:
 
     # cupy adds -ftz=true and --device-as-default-execution-space to every NVRTC compile.
     implicit = ["-ftz=true", "--device-as-default-execution-space"]
-    options = [f"-arch=compute_{ARCH[3:]}", *cupy_kernels.OPTIONS, *implicit]
+    options = [f"-arch=compute_{ARCH[3:]}", *cupy_kernels.options(), *implicit]
     version = ".".join(map(str, nvrtc.getVersion()))
-    stamp = _stamp(
-        "cupy-nvrtc", cupy_kernels.SOURCE, *cupy_kernels.NAME_EXPRESSIONS, *options, version
-    )
+    source = cupy_kernels.source()  # names the kernel headers' digest
+    stamp = _stamp("cupy-nvrtc", source, *cupy_kernels.NAME_EXPRESSIONS, *options, version)
     if stamp.is_file():
         return
-    program = nvrtc.createProgram(cupy_kernels.SOURCE, "tokcomp_cupy.cu", [], [])
+    program = nvrtc.createProgram(source, "tokcomp_cupy.cu", [], [])
     try:
         for name in cupy_kernels.NAME_EXPRESSIONS:
             nvrtc.addNameExpression(program, name)
@@ -171,25 +164,26 @@ def test_cupy_kernel_source_compiles_with_nvrtc() -> None:
     stamp.write_text(" ".join(options) + "\n")
 
 
-def test_cupy_kernel_source_compiles_with_nvcc(tmp_path: Path) -> None:
-    """The same source, every instantiation, with `nvcc --ptx` (compile only), for sm_90."""
-    cuda_home = _cuda_home()
-    if cuda_home is None:
-        pytest.skip("nvcc not found (no CUDA toolkit: set CUDA_HOME or put nvcc on PATH)")
-    nvcc = str(cuda_home / "bin" / "nvcc")
-    source = _cupy_source_with_instantiations()
-    flags = [f"-arch=compute_{ARCH[3:]}", *cupy_kernels.OPTIONS, "-Werror", "all-warnings"]
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    stamp = _stamp("cupy-nvcc", source, *flags, version)
-    if stamp.is_file():
-        return
-    path = tmp_path / "tokcomp_cupy.cu"
-    path.write_text(source)
-    command = [nvcc, *flags, "--ptx", str(path), "-o", str(tmp_path / "tokcomp_cupy.ptx")]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, (
-        f"nvcc --ptx failed on tokcomp.ops.cupy_kernels.SOURCE (exit {result.returncode})\n"
-        f"command: {' '.join(command)}\n--- stderr ---\n{result.stderr}"
-    )
-    CACHE.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(" ".join(command) + "\n")
+def test_launch_constants_come_from_the_headers() -> None:
+    """The cupy route launches with the geometry the kernel headers declare."""
+    constants = cupy_kernels.constants()
+    assert constants["kTileA"] == constants["kSide"] * constants["kRowsA"]
+    assert constants["kMergeMaxWarps"] == constants["kMergeMaxThreads"] // 32
+    header = (CSRC / "cuda" / "weighted_merge.cuh").read_text()
+    assert f"kMergeMaxChunk = {constants['kMergeMaxChunk']};" in header
+
+
+def test_built_package_carries_the_kernel_headers(tmp_path: Path) -> None:
+    """setup.py puts csrc/cuda/*.cuh into the package (tokcomp/csrc/cuda/), where the cupy route
+    of an installed tokcomp finds them."""
+    env = {**os.environ, "TOKCOMP_CUDA": "0"}
+    build = [sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)]
+    result = subprocess.run(build, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    shipped = sorted(path.name for path in (tmp_path / "tokcomp" / "csrc" / "cuda").iterdir())
+    assert shipped == sorted(path.name for path in (CSRC / "cuda").glob("*.cuh"))
+    code = "from tokcomp.ops import cupy_kernels; print(cupy_kernels.kernel_dir())"
+    env["PYTHONPATH"] = str(tmp_path)
+    command = [sys.executable, "-c", code]
+    found = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert found.stdout.strip() == str(tmp_path / "tokcomp" / "csrc" / "cuda"), found.stderr

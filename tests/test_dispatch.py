@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,13 +17,14 @@ import pytest
 import torch
 
 import tokcomp
-from tokcomp.ops import cupy_kernels, dispatch
+from tokcomp.ops import _fake, cupy_kernels, dispatch, selfcheck
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match, best_match_reference
 from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
+F32 = torch.float32
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +48,13 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_backend_here() -> None:
     assert tokcomp.backend("cpu") == tokcomp.backend() == "cpp"
     assert (
-        dispatch.compiled_op("energy_score", torch.device("cpu")) is torch.ops.tokcomp.energy_score
+        dispatch.compiled_op("energy_score", torch.device("cpu"), F32)
+        is torch.ops.tokcomp.energy_score
     )
     if not torch.cuda.is_available():  # CUDA kernels only if built in (cupy needs a GPU)
         built = dispatch.extension().WITH_CUDA
         assert tokcomp.backend("cuda") == ("cuda" if built else "reference")
-        want = torch.ops.tokcomp.energy_score if built else None
-        assert dispatch.compiled_op("energy_score", CUDA) is want
+        assert dispatch.route("energy_score", "cuda") == ("cuda" if built else "reference")
     assert tokcomp.backend("meta") == "reference"
 
 
@@ -106,7 +109,9 @@ def test_without_extension_one_warning_and_reference_results() -> None:
 
 def _simulate_gpu(monkeypatch: pytest.MonkeyPatch, with_cuda: bool, cupy: bool | None) -> None:
     """A visible GPU, an extension built with or without CUDA, and cupy usable (True),
-    installed but unusable (False: available() says no) or missing (None)."""
+    installed but unusable (False: available() says no) or missing (None). No first-call
+    checks: no kernel can run on the simulated GPU."""
+    monkeypatch.setenv(dispatch.VERIFY_ENV, "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     extension = SimpleNamespace(WITH_CUDA=with_cuda)
     monkeypatch.setattr(dispatch, "extension", lambda: extension)
@@ -119,7 +124,10 @@ def _simulate_gpu(monkeypatch: pytest.MonkeyPatch, with_cuda: bool, cupy: bool |
 def test_cuda_prefers_the_compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     _simulate_gpu(monkeypatch, with_cuda=True, cupy=True)
     assert tokcomp.backend("cuda") == "cuda"
-    assert dispatch.compiled_op("attention_pagerank", CUDA) is torch.ops.tokcomp.attention_pagerank
+    assert (
+        dispatch.compiled_op("attention_pagerank", CUDA, F32)
+        is torch.ops.tokcomp.attention_pagerank
+    )
 
 
 def test_cuda_falls_back_to_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,8 +135,8 @@ def test_cuda_falls_back_to_cupy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tokcomp.backend("cuda") == "cupy"
     assert tokcomp.backend("cpu") == "cpp"
     for name in ("best_match", "weighted_merge", "energy_score", "attention_pagerank"):
-        assert dispatch.compiled_op(name, CUDA) is getattr(torch.ops.tokcomp_cupy, name)
-    assert dispatch.compiled_op("greedy_maxmin", CUDA) is torch.ops.tokcomp_cupy.greedy_maxmin
+        assert dispatch.compiled_op(name, CUDA, F32) is getattr(torch.ops.tokcomp_cupy, name)
+    assert dispatch.compiled_op("greedy_maxmin", CUDA, F32) is torch.ops.tokcomp_cupy.greedy_maxmin
 
 
 @pytest.mark.parametrize("cupy", [None, False], ids=["cupy missing", "cupy unusable"])
@@ -136,7 +144,7 @@ def test_cuda_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch, cupy:
     _simulate_gpu(monkeypatch, with_cuda=False, cupy=cupy)
     with pytest.warns(RuntimeWarning, match="no CUDA kernels here"):
         assert tokcomp.backend("cuda") == "reference"
-    assert dispatch.compiled_op("energy_score", CUDA) is None
+    assert dispatch.compiled_op("energy_score", CUDA, F32) is None
 
 
 def test_ops_missing_from_an_older_extension(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,3 +175,108 @@ def test_public_ops_compile_in_one_graph() -> None:
     )
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---- first-call parity checks of the compiled routes -------------------------------------------
+
+
+@pytest.fixture
+def wrong_best_match():
+    """A deliberately wrong CPU kernel for tokcomp::best_match (it forgets b's protected rows),
+    registered over the real one for the test and removed after it."""
+    library = torch.library.Library("tokcomp", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch says it overrides a registered kernel
+        library.impl(
+            "best_match", lambda a, b, a_prot, b_prot: best_match_reference(a, b, a_prot, 0), "CPU"
+        )
+    yield
+    library._destroy()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(2, 21, 16, generator=torch.Generator().manual_seed(4))
+    return x[:, ::2], x[:, 1::2]
+
+
+def test_first_call_checks_each_op_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = selfcheck.mismatch
+    monkeypatch.setattr(selfcheck, "mismatch", lambda *args: calls.append(args[:1]) or real(*args))
+    a, b = _inputs()
+    assert (
+        tokcomp.backend("cpu", verbose=True)["best_match"] == "cpp: not checked yet (on first use)"
+    )
+    for _ in range(3):
+        best_match(a, b, 1, 2)
+        best_match(a.bfloat16(), b.bfloat16(), 1, 2)
+        energy_score(a, 0.5)
+    assert sorted(calls) == [("best_match",), ("best_match",), ("energy_score",)]
+    report = tokcomp.backend("cpu", verbose=True)
+    assert report["best_match"] == "cpp: bfloat16 on cpu verified; float32 on cpu verified"
+    assert report["energy_score"] == "cpp: float32 on cpu verified"
+    assert set(report) == set(selfcheck.CASES) == set(_fake.FAKES)
+
+
+def test_a_wrong_kernel_is_caught_and_replaced_by_the_reference(wrong_best_match) -> None:
+    a, b = _inputs()
+    assert not torch.equal(
+        torch.ops.tokcomp.best_match(a, b, 1, 2)[1], best_match_reference(a, b, 1, 2)[1]
+    )
+    with pytest.warns(
+        RuntimeWarning, match=r"cpp kernel of best_match on cpu \(float32\)"
+    ) as caught:
+        score, index = best_match(a, b, 1, 2)
+        best_match(a, b, 1, 2)  # one warning only
+    assert len(caught) == 1 and "output 0: values differ by up to" in str(caught[0].message)
+    want_score, want_index = best_match_reference(a, b, 1, 2)
+    assert torch.equal(score, want_score) and torch.equal(index, want_index)
+    assert tokcomp.backend("cpu") == "cpp"  # the other ops keep their kernels
+    assert dispatch.compiled_op("energy_score", torch.device("cpu"), F32) is not None
+    report = tokcomp.backend("cpu", verbose=True)
+    assert report["best_match"] == "cpp: float32 on cpu failed"
+    assert report["energy_score"] == "cpp: float32 on cpu verified"
+
+
+def test_verification_can_be_switched_off(wrong_best_match, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(dispatch.VERIFY_ENV, "0")
+    a, b = _inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, index = best_match(a, b, 1, 2)
+    assert torch.equal(index, best_match_reference(a, b, 1, 0)[1])  # the wrong kernel ran
+    assert (
+        tokcomp.backend("cpu", verbose=True)["best_match"] == "cpp: not checked (TOKCOMP_VERIFY=0)"
+    )
+
+
+def test_concurrent_first_calls_check_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = selfcheck.mismatch
+
+    def slow_check(*args):
+        calls.append(args[0])
+        time.sleep(0.05)  # widen the window in which other threads arrive
+        return real(*args)
+
+    monkeypatch.setattr(selfcheck, "mismatch", slow_check)
+    x = torch.randn(2, 9, 16)
+    want = energy_score_reference(x, 0.5)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: energy_score(x, 0.5), range(8)))
+    assert calls == ["energy_score"]
+    for got in results:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_wrong_kernel_is_caught_under_torch_compile(wrong_best_match) -> None:
+    """The check runs while tracing; the compiled graph calls the reference."""
+    a, b = _inputs()
+    compiled = torch.compile(
+        lambda a, b: best_match(a, b, 1, 2), backend="aot_eager", fullgraph=True
+    )
+    with pytest.warns(RuntimeWarning, match="cpp kernel of best_match on cpu"):
+        score, index = compiled(a, b)
+    want_score, want_index = best_match_reference(a, b, 1, 2)
+    torch.testing.assert_close(score, want_score)
+    assert torch.equal(index, want_index)

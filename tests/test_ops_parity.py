@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokcomp.ops import backend, bipartite_plan
+from tokcomp.ops import backend, bipartite_plan, selfcheck
 from tokcomp.ops.dispatch import extension
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match_reference
-from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin_reference
+from tokcomp.ops.maxmin import _greedy_maxmin_fast, cosine_distances, greedy_maxmin_reference
 from tokcomp.ops.merge import weighted_merge, weighted_merge_reference
 from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 
@@ -281,6 +281,14 @@ def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_first_call_checks_pass(device: str, route: str, dtype: torch.dtype) -> None:
+    """Every kernel passes the check the dispatcher runs on its first call (ops.selfcheck)."""
+    for name in selfcheck.CASES:
+        problem = selfcheck.mismatch(name, _op(device, route, name), torch.device(device), dtype)
+        assert problem is None, f"{name}: {problem}"
+
+
 def test_dispatcher_uses_extension_on_cpu() -> None:
     module = importlib.import_module("tokcomp._C")
     assert isinstance(module.WITH_CUDA, bool)
@@ -535,3 +543,104 @@ def test_new_ops_error_messages(device: str) -> None:
     if device == "cpu":  # out-of-range first picks: a clear error on CPU (device assert on CUDA)
         with pytest.raises(RuntimeError, match=r"first value 5 out of range \[0, 5\)"):
             maxmin(dist, w, torch.tensor([0, 5, 1]), 2)
+
+
+# ---- non-finite inputs: one rule on every route (tokcomp.ops) ------------------------------------
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0) -> None:
+    """Equal non-finite values in the same places, finite ones within tolerance."""
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_best_match_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """A NaN score is never the best: rows with a NaN or an inf match nothing (-inf, 0) and are
+    never matched; a batch element whose b is all NaN has no match at all."""
+    op = _op(device, route, "best_match")
+    generator = torch.Generator().manual_seed(11)
+    b = torch.randn(3, 70, 48, generator=generator)
+    source = torch.stack([torch.randperm(70, generator=generator) for _ in range(3)])
+    a = b.gather(1, source[:, :50, None].expand(-1, -1, 48))  # clear winners: near copies
+    a = a + 0.05 * torch.randn(a.shape, generator=generator)
+    a[0, 5], a[1, 7, 3], a[2, 9, 0] = torch.nan, torch.inf, -torch.inf
+    b[0, source[0, 60]], b[1, source[1, 61], 4] = torch.nan, -torch.inf  # rows nobody copies
+    b[2, 1:] = torch.nan
+    a, b = a.to(device, dtype), b.to(device, dtype)
+    score, index = op(a, b, 1, 0)
+    ref_score, ref_index = best_match_reference(a, b, 1, 0)
+    _assert_same(score, ref_score, atol=_tolerances(dtype)[0])
+    assert torch.equal(index.cpu(), ref_index.cpu())
+    assert score[0, 5] == score[1, 7] == score[2, 9] == -torch.inf and index[0, 5] == 0
+    assert bool((index[0] != source[0, 60].to(device)).all())
+    assert index[2].tolist() == [0] * 50
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_energy_score_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """A NaN cosine counts as -inf (ELU -alpha): every energy stays finite."""
+    op = _op(device, route, "energy_score")
+    x = torch.randn(3, 70, 48, generator=torch.Generator().manual_seed(12)) + 0.5
+    x[0, 5], x[1, 7, 3], x[1, 8, 0] = torch.nan, torch.inf, -torch.inf
+    x[2] = torch.nan
+    x = x.to(device, dtype)
+    for margin, alpha in ((0.5, 1.0), (0.9, 0.3)):
+        got = op(x, margin, alpha)
+        _assert_same(got, energy_score_reference(x, margin, alpha), atol=2e-5)
+        assert bool(got.isfinite().all())
+        torch.testing.assert_close(got[2], torch.full_like(got[2], -alpha))  # all NaN
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_weighted_merge_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """NaN and inf in x or weight propagate to the rows they are merged into (IEEE)."""
+    op = _op(device, route, "weighted_merge")
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 40, 48, generator=generator)
+    x[0, 3, 5], x[0, 10], x[0, 11], x[1, 20, 7] = torch.nan, torch.inf, -torch.inf, -torch.inf
+    weight = torch.rand(2, 40, generator=generator) + 0.5
+    weight[1, 30] = torch.nan
+    plan = _random_plan(2, 40, 12, 28, generator, "random")
+    x, weight = x.to(device, dtype), weight.to(device)
+    keep_idx, src_idx, dst_pos = (t.to(device) for t in plan)
+    out, out_size = op(x, weight, weight, keep_idx, src_idx, dst_pos)
+    ref, ref_size = weighted_merge_reference(x, weight, weight, keep_idx, src_idx, dst_pos)
+    _assert_same(out.float(), ref.float(), atol=1e-3, rtol=1.6e-2)
+    _assert_same(out_size, ref_size, atol=1e-5, rtol=1e-5)
+    assert not bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_attention_pagerank_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """NaN and inf attention entries propagate through the iterations (IEEE)."""
+    op = _op(device, route, "attention_pagerank")
+    logits = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(14))
+    attn = logits.softmax(dim=-1)
+    attn[0, 1, 5, 7], attn[1, 2, 3, 3] = torch.nan, torch.inf
+    attn = attn.to(device, dtype)
+    for iterations in (1, 3):
+        got = op(attn, iterations)
+        _assert_same(got, attention_pagerank_reference(attn, iterations), atol=1e-7, rtol=1e-4)
+        assert bool(got[0, 0].isfinite().all()) and not bool(got[0, 1].isfinite().all())
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_greedy_maxmin_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """A NaN score counts as -inf: such rows come last, lowest index first; +inf comes first."""
+    op = _op(device, route, "greedy_maxmin")
+    generator = torch.Generator().manual_seed(15)
+    dist, weight, first = _maxmin_inputs(2, 40, generator)
+    first[:] = 0
+    dist[0, :, 7], dist[0, :, 3], dist[1, :, 4], dist[1, 9, 12] = (
+        torch.nan,
+        torch.nan,
+        torch.inf,
+        torch.nan,
+    )
+    weight[0, 20] = torch.nan
+    dist, weight, first = dist.to(device, dtype), weight.to(device), first.to(device)
+    got = op(dist, weight, first, 40)
+    assert torch.equal(got.cpu(), greedy_maxmin_reference(dist.float(), weight, first, 40).cpu())
+    assert got[0, -3:].tolist() == [3, 7, 20] and got[1, 1] == 4
+    if (device, route) == ("cpu", "compiled"):  # the PyTorch fallback of greedy_maxmin too
+        assert torch.equal(got, _greedy_maxmin_fast(dist.float(), weight, first, 40))

@@ -67,8 +67,10 @@ TOKCOMP_ALWAYS_INLINE float exp_nonpositive(float x) {
 }
 
 // ELU(x) = x for x > 0, alpha (exp(x) - 1) otherwise, as max(x, 0) + alpha (exp(min(x, 0)) - 1):
-// the negative part comes from the sign bit, with no select on the result.
+// the negative part comes from the sign bit, with no select on the result. A NaN (the cosine of
+// a non-finite row) counts as -inf, as anything below -87 does: alpha (exp(-87) - 1) = -alpha.
 TOKCOMP_ALWAYS_INLINE float elu(float x, float alpha) {
+  x = x > -87.0f ? x : -87.0f;
   const uint32_t bits = float_to_bits(x);
   const uint32_t sign_mask = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
   const float negative = bits_to_float(bits & sign_mask);

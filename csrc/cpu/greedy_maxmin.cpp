@@ -9,7 +9,8 @@
 // passes: the update score[j] = min(score[j], dist[pick, j] * weight[j]) fused with the maximum
 // of the new scores, then a scan for the first entry equal to that maximum. Only the k picked
 // rows of dist are read. The product and the minimum are the same float32 operations as the
-// reference's, so the picks agree exactly. dist must be finite (not checked).
+// reference's, so the picks agree exactly. A NaN or -inf product counts as the lowest float32
+// (the non-finite rule of tokcomp.ops): above the picked entries' -inf, below every other score.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,11 +21,19 @@
 
 #include "../ops.h"
 #include "convert.h"
+#include "simd.h"
 
 namespace tokcomp {
 namespace {
 
 using cpu::to_float;
+
+// dist * weight, NaN and -inf as the lowest float32 (a max that vectorises: NaN compares false).
+TOKCOMP_ALWAYS_INLINE float score_of(float dist, float weight) {
+  constexpr float kLowest = std::numeric_limits<float>::lowest();
+  const float v = dist * weight;
+  return v > kLowest ? v : kLowest;
+}
 
 template <typename scalar_t>
 void select_one(
@@ -39,7 +48,7 @@ void select_one(
   const scalar_t* row = dist + first * N;
 #pragma omp simd
   for (int64_t j = 0; j < N; ++j) {
-    score[j] = to_float(row[j]) * weight[j];
+    score[j] = score_of(to_float(row[j]), weight[j]);
   }
   int64_t pick = first;
   picks[0] = pick;
@@ -50,7 +59,7 @@ void select_one(
       row = dist + pick * N;
 #pragma omp simd reduction(max : best)
       for (int64_t j = 0; j < N; ++j) {
-        const float v = to_float(row[j]) * weight[j];
+        const float v = score_of(to_float(row[j]), weight[j]);
         const float s = v < score[j] ? v : score[j];
         score[j] = s;
         best = s > best ? s : best;

@@ -1,18 +1,15 @@
 // Building blocks of the CUDA kernels that compare rows by cosine similarity (best_match,
 // energy_score): inverse row norms, and the dot products of a tile of kTileA rows of a against a
 // tile of kTileB rows of b through shared memory, each of the 16 x 16 threads of a block
-// computing a kRowsA x kColsB block of them.
+// computing a kRowsA x kColsB block of them. Device code only (nvcc and NVRTC, common.cuh).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
+#include "common.cuh"
 
 namespace tokcomp::gpu {
 
 constexpr int kThreads = 256;  // 16 x 16
+constexpr int kNormThreads = 256;  // inverse_norms_kernel: 8 rows (warps) per block
 constexpr int kSide = 16;
 constexpr int kRowsA = 2;  // a rows per thread
 constexpr int kColsB = 4;  // b rows per thread
@@ -36,7 +33,7 @@ __global__ void inverse_norms_kernel(
   const scalar_t* row = x + warp * C;
   float sum_sq = 0.f;
   for (int64_t c = lane; c < C; c += 32) {
-    const float v = static_cast<float>(row[c]);
+    const float v = to_float(row[c]);
     sum_sq += v * v;
   }
   for (int offset = 16; offset > 0; offset /= 2) {
@@ -45,18 +42,6 @@ __global__ void inverse_norms_kernel(
   if (lane == 0) {
     inv_norm[warp] = 1.f / fmaxf(sqrtf(sum_sq), kEps);
   }
-}
-
-// inv[row] = 1 / max(|x[row, :]|, eps) for every row of the contiguous (B, N, C) tensor x.
-template <typename scalar_t>
-void launch_inverse_norms(const at::Tensor& x, at::Tensor& inv, cudaStream_t stream) {
-  constexpr int kNormThreads = 256;
-  constexpr int64_t kRowsPerBlock = kNormThreads / 32;
-  const int64_t rows = x.size(0) * x.size(1);
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  inverse_norms_kernel<scalar_t><<<blocks, kNormThreads, 0, stream>>>(
-      x.const_data_ptr<scalar_t>(), inv.mutable_data_ptr<float>(), rows, x.size(2));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Shared memory of tile_dots: the current channel chunk of both row tiles, channel-major.
@@ -96,14 +81,14 @@ __device__ __forceinline__ void tile_dots(
       const int c = e % kTileC;
       const int64_t gi = i0 + r;
       const int64_t gc = c0 + c;
-      tiles.a[c][r] = (gi < Na && gc < C) ? static_cast<float>(an[gi * C + gc]) : 0.f;
+      tiles.a[c][r] = (gi < Na && gc < C) ? to_float(an[gi * C + gc]) : 0.f;
     }
     for (int e = tid; e < kTileB * kTileC; e += kThreads) {
       const int r = e / kTileC;
       const int c = e % kTileC;
       const int64_t gj = j0 + r;
       const int64_t gc = c0 + c;
-      tiles.b[c][r] = (gj < Nb && gc < C) ? static_cast<float>(bn[gj * C + gc]) : 0.f;
+      tiles.b[c][r] = (gj < Nb && gc < C) ? to_float(bn[gj * C + gc]) : 0.f;
     }
     __syncthreads();
 #pragma unroll 8

@@ -1,13 +1,5 @@
-// CUDA kernel of tokcomp::energy_score: E[b, i] = mean_j ELU(cos(m_i, m_j) - margin, alpha) over
-// the T rows of metric[b], without forming the T x T similarity matrix.
-//
-// Two launches:
-//   1. inverse row norms 1 / max(|row|, 1e-12) (one warp per row, float32);
-//   2. one block per (batch element, tile of kTileA rows): the rows of the same element stream
-//      through shared memory in tiles of kTileB rows (cosine_tiles.cuh), each of the 16 x 16
-//      threads turns its kRowsA x kColsB dot products into cosines (dot * inv_i * inv_j), adds
-//      their ELUs to a running sum per row, and the 16 threads sharing rows add theirs up with
-//      warp shuffles at the end.
+// tokcomp::energy_score on CUDA: checks, then two launches, the inverse row norms
+// (cosine_tiles.cuh) and the kernel of energy_score.cuh.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,77 +9,14 @@
 #include <limits>
 
 #include "../ops.h"
-#include "cosine_tiles.cuh"
+#include "energy_score.cuh"
+#include "launch.h"
 
 namespace tokcomp {
 namespace {
 
-using gpu::CosineTiles;
-using gpu::kColsB;
-using gpu::kRowsA;
-using gpu::kSide;
 using gpu::kThreads;
 using gpu::kTileA;
-using gpu::kTileB;
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) energy_score_kernel(
-    const scalar_t* __restrict__ metric,
-    const float* __restrict__ inv_norm,
-    float* __restrict__ energy,
-    int64_t T,
-    int64_t C,
-    float margin,
-    float alpha,
-    int64_t tiles_per_batch) {
-  __shared__ CosineTiles tiles;
-
-  const int64_t n = blockIdx.x / tiles_per_batch;
-  const int64_t i0 = (blockIdx.x % tiles_per_batch) * kTileA;
-  const int tx = threadIdx.x % kSide;  // columns tx + 16 k
-  const int ty = threadIdx.x / kSide;  // rows ty + 16 k
-  const scalar_t* xn = metric + n * T * C;
-  const float* inv = inv_norm + n * T;
-
-  float sum[kRowsA];
-  float inv_row[kRowsA];
-#pragma unroll
-  for (int ka = 0; ka < kRowsA; ++ka) {
-    sum[ka] = 0.f;
-    const int64_t i = i0 + ty + kSide * ka;
-    inv_row[ka] = i < T ? inv[i] : 0.f;
-  }
-  for (int64_t j0 = 0; j0 < T; j0 += kTileB) {
-    float acc[kRowsA][kColsB];
-    gpu::tile_dots(xn, T, xn, T, C, i0, j0, tiles, acc);
-#pragma unroll
-    for (int kb = 0; kb < kColsB; ++kb) {
-      const int64_t j = j0 + tx + kSide * kb;
-      if (j < T) {
-        const float inv_col = inv[j];
-#pragma unroll
-        for (int ka = 0; ka < kRowsA; ++ka) {
-          const float x = acc[ka][kb] * inv_row[ka] * inv_col - margin;
-          sum[ka] += x > 0.f ? x : alpha * (expf(x) - 1.f);
-        }
-      }
-    }
-  }
-
-  // The 16 threads of a row group (same ty) are 16 consecutive lanes of one warp.
-#pragma unroll
-  for (int ka = 0; ka < kRowsA; ++ka) {
-    float v = sum[ka];
-#pragma unroll
-    for (int offset = kSide / 2; offset > 0; offset /= 2) {
-      v += __shfl_xor_sync(0xffffffffu, v, offset, kSide);
-    }
-    const int64_t i = i0 + ty + kSide * ka;
-    if (tx == 0 && i < T) {
-      energy[n * T + i] = v / static_cast<float>(T);
-    }
-  }
-}
 
 at::Tensor energy_score_cuda(const at::Tensor& metric_in, double margin, double alpha) {
   check_energy_score_inputs(metric_in);
@@ -113,7 +42,7 @@ at::Tensor energy_score_cuda(const at::Tensor& metric_in, double margin, double 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TOKCOMP_DISPATCH_FLOAT_TYPES(metric.scalar_type(), "tokcomp::energy_score (CUDA)", [&] {
     gpu::launch_inverse_norms<scalar_t>(metric, inv_norm, stream);
-    energy_score_kernel<scalar_t><<<batch * tiles, kThreads, 0, stream>>>(
+    gpu::energy_score_kernel<scalar_t><<<batch * tiles, kThreads, 0, stream>>>(
         metric.const_data_ptr<scalar_t>(),
         inv_norm.const_data_ptr<float>(),
         energy.mutable_data_ptr<float>(),

@@ -1,7 +1,21 @@
 """Tensor primitives of token compression, with no knowledge of models.
 
 Every op has a pure-PyTorch reference (`*_reference`) and, where it pays, a compiled kernel
-from csrc/; the dispatcher in `dispatch` picks one and `backend()` says which is active.
+from csrc/; the dispatcher in `dispatch` picks one, checks a compiled kernel against the
+reference on its first call (`selfcheck`; TOKCOMP_VERIFY=0 skips it), and `backend()` says
+which is active (`backend(device, verbose=True)`: per op, with the checks).
+
+Non-finite inputs follow one rule on every route (reference, C++, CUDA, cupy): arithmetic is
+IEEE float32, so NaN and inf propagate through sums and means (`weighted_merge`,
+`attention_pagerank`), and a NaN never wins a comparison: where an op ranks values, a NaN counts
+as -inf. The cosine similarity of a row holding a NaN or an inf is NaN (normalising it gives
+NaN), hence:
+
+- `best_match`: such a pair is never the best; a row without a finite candidate gets score -inf
+  and index 0, like a row with no eligible partner;
+- `energy_score`: such a pair adds ELU(-inf) = -alpha, so energies stay finite;
+- `greedy_maxmin`: a NaN (or -inf) score dist * weight counts as -inf: those rows are picked
+  after all others, lowest index first.
 """
 
 from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges

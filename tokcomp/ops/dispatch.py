@@ -6,29 +6,44 @@
 - "cpp": the C++/OpenMP kernels of `tokcomp._C`, on CPU;
 - "reference": the pure-PyTorch reference, when none of the above is there (one warning).
 
-Routes are resolved once per (op, device type) and cached in a module dict. Under torch.compile
-the lookup runs as a constant (torch.compiler.assume_constant_result): traced code never reaches
-importlib, cupy or os.environ, and the op it returns is a torch op either way.
+Routes are resolved once per (op, device type) and cached in a module dict.
+
+A compiled route is not trusted blindly: the first time it runs an op on a device for a dtype,
+its kernel is checked against the PyTorch reference on small fixed inputs (`selfcheck`, a few
+ms, once per process and thread-safe). On a mismatch that (op, device, dtype) uses the
+reference from then on, with one warning naming the op and the device; `backend(device,
+verbose=True)` reports every check. TOKCOMP_VERIFY=0 skips the checks (benchmarks).
+
+Under torch.compile the lookup and the check run as constants while tracing
+(torch.compiler.assume_constant_result): traced code never reaches importlib, cupy, os.environ
+or the check, and the op it calls is a torch op either way.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from functools import cache
 from types import ModuleType
+from typing import Literal, overload
 
 import torch
 
 #: Set to "reference" to force the PyTorch reference ops (for comparisons and debugging).
 BACKEND_ENV = "TOKCOMP_BACKEND"
+#: Set to "0" to skip the first-call parity checks of the compiled routes (for benchmarks).
+VERIFY_ENV = "TOKCOMP_VERIFY"
 
 #: The torch library namespace of each route's ops.
 NAMESPACES = {"cpp": "tokcomp", "cuda": "tokcomp", "cupy": "tokcomp_cupy"}
 
 _ROUTES: dict[tuple[str, str, str], str] = {}
+#: (route, op, device, dtype) -> "verified" or "failed": the first-call checks done so far.
+_CHECKS: dict[tuple[str, str, str, str], str] = {}
+_CHECK_LOCK = threading.RLock()
 
 
 @cache
@@ -70,10 +85,24 @@ def _warn_no_cuda_kernels() -> None:
     )
 
 
-def backend(device: torch.device | str = "cpu") -> str:
+@overload
+def backend(device: torch.device | str = ..., verbose: Literal[False] = ...) -> str: ...
+
+
+@overload
+def backend(device: torch.device | str = ..., *, verbose: Literal[True]) -> dict[str, str]: ...
+
+
+def backend(device: torch.device | str = "cpu", verbose: bool = False) -> str | dict[str, str]:
     """Name of the implementation the ops run on `device`: "cuda", "cupy", "cpp" or
-    "reference"."""
-    kind = torch.device(device).type
+    "reference"; with `verbose`, each op's route and the outcome of its first-call checks."""
+    if verbose:
+        return {name: _report(name, torch.device(device)) for name in _check_cases()}
+    return _device_route(torch.device(device).type)
+
+
+def _device_route(kind: str) -> str:
+    """The route of every op on devices of type `kind` (ops missing from an old build aside)."""
     if os.environ.get(BACKEND_ENV, "auto") == "reference" or kind not in ("cpu", "cuda"):
         return "reference"
     ext = extension()
@@ -94,26 +123,93 @@ def route(name: str, device_type: str) -> str:
     extension built before the op existed passes it on to cupy (CUDA) or the reference."""
     key = (name, device_type, os.environ.get(BACKEND_ENV, "auto"))
     if key not in _ROUTES:
-        chosen = backend(device_type)
+        chosen = _device_route(device_type)
         if chosen in ("cpp", "cuda") and not hasattr(torch.ops.tokcomp, name):
             chosen = "cupy" if device_type == "cuda" and cupy_ready() else "reference"
         _ROUTES[key] = chosen
     return _ROUTES[key]
 
 
-def compiled_op(name: str, device: torch.device) -> Callable | None:
-    """The torch op implementing `name` on `device` (`torch.ops.tokcomp.<name>` or
-    `torch.ops.tokcomp_cupy.<name>`), or None to use the reference."""
+@torch.compiler.assume_constant_result
+def checked_route(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`route(name, device.type)`, or "reference" where that compiled route failed its
+    first-call check for (name, device, dtype); runs the check on first use."""
     chosen = route(name, device.type)
-    if chosen == "reference":
-        return None
+    if chosen == "reference" or os.environ.get(VERIFY_ENV, "1") == "0":
+        return chosen
+    key = (chosen, name, str(device), _dtype_name(dtype))
+    if key not in _CHECKS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return "reference"  # no check inside a CUDA graph capture: checked on a later call
+        with _CHECK_LOCK:
+            if key not in _CHECKS:
+                _CHECKS[key] = _check(chosen, name, device, dtype)
+    return chosen if _CHECKS[key] == "verified" else "reference"
+
+
+def compiled_op(name: str, device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """The torch op implementing `name` on `device` for inputs of `dtype`
+    (`torch.ops.tokcomp.<name>` or `torch.ops.tokcomp_cupy.<name>`), or None to use the
+    reference."""
+    chosen = checked_route(name, device, dtype)
+    return None if chosen == "reference" else kernel(chosen, name)
+
+
+def kernel(chosen: str, name: str) -> Callable:
+    """The torch op of route `chosen` ("cpp", "cuda" or "cupy") for op `name`."""
     return getattr(getattr(torch.ops, NAMESPACES[chosen]), name)
 
 
+def _check(chosen: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Run the first-call check of route `chosen` for (name, device, dtype): "verified", or
+    "failed" with one warning."""
+    selfcheck = importlib.import_module("tokcomp.ops.selfcheck")
+    problem = selfcheck.mismatch(name, kernel(chosen, name), device, dtype)
+    if problem is None:
+        return "verified"
+    warnings.warn(
+        f"tokcomp: the {chosen} kernel of {name} on {device} ({_dtype_name(dtype)}) disagrees "
+        f"with the PyTorch reference ({problem}); {name} uses the reference there from now on. "
+        f"Please report it; tokcomp.backend({str(device)!r}, verbose=True) lists every check.",
+        RuntimeWarning,
+        stacklevel=5,  # the caller of the public op
+    )
+    return "failed"
+
+
+def _check_cases() -> dict:
+    return importlib.import_module("tokcomp.ops.selfcheck").CASES
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _report(name: str, device: torch.device) -> str:
+    """One op's route on `device` and its checks, e.g. "cpp: float32 on cpu verified"."""
+    chosen = route(name, device.type)
+    if chosen == "reference":
+        return "reference"
+    if os.environ.get(VERIFY_ENV, "1") == "0":
+        return f"{chosen}: not checked ({VERIFY_ENV}=0)"
+    done = [
+        f"{dtype} on {where} {status}"
+        for (checked, op, where, dtype), status in sorted(_CHECKS.items())
+        if (checked, op) == (chosen, name) and _same_device(torch.device(where), device)
+    ]
+    return f"{chosen}: " + ("; ".join(done) if done else "not checked yet (on first use)")
+
+
+def _same_device(checked: torch.device, asked: torch.device) -> bool:
+    return checked.type == asked.type and asked.index in (None, checked.index)
+
+
 def clear_cache() -> None:
-    """Forget resolved routes and given warnings, e.g. after building the extension or installing
-    cupy in a running process (the extension and cupy are looked up again on next use)."""
+    """Forget resolved routes, checks and given warnings, e.g. after building the extension or
+    installing cupy in a running process (the extension and cupy are looked up again on next
+    use)."""
     _ROUTES.clear()
+    _CHECKS.clear()
     extension.cache_clear()
     cupy_ready.cache_clear()
     _warn_no_cuda_kernels.cache_clear()

@@ -13,6 +13,7 @@ def best_match_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch version of `best_match`; the definition the compiled kernels must match."""
     scores = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
+    scores.masked_fill_(scores.isnan(), -torch.inf)  # a NaN is never the best (tokcomp.ops)
     scores[:, :a_protected, :] = -torch.inf
     scores[:, :, :b_protected] = -torch.inf
     best, index = scores.max(dim=-1)
@@ -28,10 +29,11 @@ def best_match(
 
     a: (B, Na, C), b: (B, Nb, C), any float dtype (computed in float32). The first
     `a_protected` rows of `a` never match (score -inf, index 0); the first `b_protected`
-    rows of `b` are never chosen. A row with no eligible partner gets -inf and index 0.
+    rows of `b` are never chosen. A row with no eligible partner gets -inf and index 0. A NaN
+    score (a row holding a NaN or an inf) counts as -inf: never the best (tokcomp.ops).
     """
     _check_match_inputs(a, b, a_protected, b_protected)
-    op = compiled_op("best_match", a.device)
+    op = compiled_op("best_match", a.device, a.dtype)
     if op is None:
         return best_match_reference(a, b, a_protected, b_protected)
     return op(a, b, a_protected, b_protected)  # the ops take strided rows (x[:, ::2])

@@ -6,14 +6,17 @@ Semantics every implementation (reference, fast PyTorch form, compiled `tokcomp:
 must match exactly:
 
 - Inputs: `dist` (B, N, N) float32, dist[b, i, j] the distance of row j from row i (only rows
-  of picked i are read; symmetry is not required); `weight` (B, N) float32, finite, >= 0;
+  of picked i are read; symmetry is not required); `weight` (B, N) float32, >= 0;
   `first` (B,) int64 in [0, N), the first pick of each batch entry (chosen by the caller);
   `k`, 1 <= k <= N. Other float dtypes are converted to float32 before the op.
-- Step 0 picks `first[b]`. At step t >= 1 every unpicked j has gap[j] = the minimum of
-  dist[b, i, j] over the picked i, and score[j] = gap[j] * weight[b, j] (one float32 product;
-  for weight >= 0 this equals min over picked i of dist[b, i, j] * weight[b, j], which the
-  fast form uses). The pick is the unpicked j with the largest score; ties go to the lowest
-  index. Picked rows are never picked again, even when every remaining score is 0 or negative.
+- Step 0 picks `first[b]`. At step t >= 1 every unpicked j has score[j] = the minimum over the
+  picked i of dist[b, i, j] * weight[b, j] (float32 products; for finite values this equals
+  min_i dist[b, i, j] times weight[b, j]). The pick is the unpicked j with the largest score;
+  ties go to the lowest index. Picked rows are never picked again, even when every remaining
+  score is 0 or negative.
+- Non-finite values (tokcomp.ops): a product that is NaN (or -inf) counts as -inf, so a row
+  with one is picked after every row with a finite score, lowest index first. In every
+  implementation it is the lowest float32 (`LOWEST`), below which only picked rows rank.
 - Output: (B, k) int64, the picks in pick order (not sorted).
 """
 
@@ -31,24 +34,33 @@ def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - unit @ unit.transpose(-1, -2)
 
 
+#: What a NaN or -inf score dist * weight becomes: the lowest float32 (picked rows are -inf).
+LOWEST = torch.finfo(torch.float32).min
+
+
+def _scores(dist: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dist * weight (rows of dist times weight over their last dimension), NaN and -inf as
+    LOWEST."""
+    return (dist * weight).nan_to_num(nan=LOWEST, posinf=torch.inf, neginf=LOWEST)
+
+
 def greedy_maxmin_reference(
     dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int
 ) -> torch.Tensor:
     """The definition (module docstring) as a plain loop vectorised over the batch: per step one
-    masked product, one argmax and one running minimum."""
+    masked argmax and one running minimum."""
     batch, tokens = weight.shape
     rows = torch.arange(batch, device=dist.device)
     chosen = torch.empty(batch, k, dtype=torch.long, device=dist.device)
     taken = torch.zeros(batch, tokens, dtype=torch.bool, device=dist.device)
     chosen[:, 0] = first
     taken[rows, first] = True
-    gap = dist[rows, first]
+    score = _scores(dist[rows, first], weight)
     for step in range(1, k):
-        score = (gap * weight).masked_fill(taken, -torch.inf)
-        pick = score.argmax(dim=1)
+        pick = score.masked_fill(taken, -torch.inf).argmax(dim=1)
         chosen[:, step] = pick
         taken[rows, pick] = True
-        gap = torch.minimum(gap, dist[rows, pick])
+        score = torch.minimum(score, _scores(dist[rows, pick], weight))
     return chosen
 
 
@@ -59,7 +71,7 @@ def _greedy_maxmin_fast(
     step is a row gather, an in-place minimum, one -inf write and an argmax."""
     batch = weight.shape[0]
     rows = torch.arange(batch, device=dist.device)
-    weighted = dist * weight[:, None, :]
+    weighted = _scores(dist, weight[:, None, :])
     chosen = torch.empty(batch, k, dtype=torch.long, device=dist.device)
     chosen[:, 0] = first
     score = weighted[rows, first]
@@ -83,7 +95,7 @@ def greedy_maxmin(
     _check_inputs(dist, weight, first, k)
     dist, weight = dist.float().contiguous(), weight.float().contiguous()
     first = first.long().contiguous()
-    op = compiled_op("greedy_maxmin", dist.device)
+    op = compiled_op("greedy_maxmin", dist.device, dist.dtype)
     if op is None:
         return _greedy_maxmin_fast(dist, weight, first, k)
     return op(dist, weight, first, k)

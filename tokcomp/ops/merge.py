@@ -45,10 +45,11 @@ def weighted_merge(
 
     x: (B, N, C); weight, size: (B, N) (may be the same tensor: ToMe's "wavg"; ones for a
     plain mean); keep_idx: (B, K), src_idx and dst_pos: (B, R), int64. Returns x (B, K, C)
-    in x's dtype and size (B, K) float32. Accumulates in float32.
+    in x's dtype and size (B, K) float32. Accumulates in float32; NaN and inf propagate as in
+    IEEE arithmetic (tokcomp.ops).
     """
     _check_merge_inputs(x, weight, size, keep_idx, src_idx, dst_pos)
-    op = compiled_op("weighted_merge", x.device)
+    op = compiled_op("weighted_merge", x.device, x.dtype)
     if op is None:
         return weighted_merge_reference(x, weight, size, keep_idx, src_idx, dst_pos)
     return op(

@@ -19,12 +19,13 @@ def attention_pagerank_reference(attn: torch.Tensor, iterations: int) -> torch.T
 def attention_pagerank(attn: torch.Tensor, iterations: int) -> torch.Tensor:
     """Scores s after `iterations` steps of s <- A^T s from uniform s = 1/N, for every
     (batch, head) attention matrix A of attn (B, H, N, N) (rows sum to one); (B, H, N)
-    float32. A token is important when important tokens attend to it."""
+    float32. A token is important when important tokens attend to it. NaN and inf entries
+    propagate as in IEEE arithmetic (tokcomp.ops)."""
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attention_pagerank: attn must be (B, H, N, N), got {tuple(attn.shape)}")
     if iterations < 0:
         raise ValueError(f"attention_pagerank: iterations must be >= 0, got {iterations}")
-    op = compiled_op("attention_pagerank", attn.device)
+    op = compiled_op("attention_pagerank", attn.device, attn.dtype)
     if op is None:
         return attention_pagerank_reference(attn, iterations)
     return op(attn.contiguous(), int(iterations))
