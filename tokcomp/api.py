@@ -20,7 +20,7 @@ from tokcomp.methods import (
     method_class,
     method_names,
 )
-from tokcomp.schedule import ModelSpec, model_macs, resolve
+from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -87,19 +87,22 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def config_of(model: nn.Module) -> Config:
-    """The resolved configuration of a patched model: method, options, schedule, MACs."""
+    """The resolved configuration of a patched model: method, options, schedule, MACs (the
+    model's plus the method's own work, which selection_macs gives apart)."""
     compression = _patch_of(model).compression
     spec, schedule = compression.spec, list(compression.schedule)
     options = compression.method.options()
     for settled in ("schedule", "target_macs"):
         options.pop(settled, None)
+    selection = selection_macs(spec, compression.method, schedule)
     return Config(
         method=compression.method.name,
         options=options,
         schedule=schedule,
         model=spec.as_dict(),
-        macs=model_macs(spec, schedule),
+        macs=model_macs(spec, schedule) + selection,
         base_macs=model_macs(spec),
+        selection_macs=selection,
     )
 
 

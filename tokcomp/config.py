@@ -29,7 +29,9 @@ class Config:
     """A compressed model's configuration (what `tokcomp.config_of` returns).
 
     schedule: tokens left after each block. macs / base_macs: analytic MACs per image with
-    and without compression. notes: free-form provenance (e.g. where a preset comes from).
+    and without compression; selection_macs: the part of macs that is the method's own work
+    (matching, scores, signals; 0 in configs saved before it was counted). notes: free-form
+    provenance (e.g. where a preset comes from).
     """
 
     method: str
@@ -38,6 +40,7 @@ class Config:
     model: dict[str, Any]
     macs: int
     base_macs: int
+    selection_macs: int = 0
     notes: str = ""
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

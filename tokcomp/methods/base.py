@@ -41,6 +41,11 @@ class Geometry:
     heads: int
     attn_dim: int
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one head's queries and keys (and of the head-averaged keys)."""
+        return self.attn_dim // self.heads
+
 
 @dataclass(frozen=True)
 class BlockPosition:
@@ -130,6 +135,16 @@ class BlockMethod(Method):
     ) -> TokenState:
         """Reduce `state` to `keep` tokens at block `position`."""
         raise NotImplementedError
+
+    def reduce_macs(self, geometry: Geometry, tokens: int, keep: int, index: int) -> int:
+        """Multiply-adds of the matmuls `reduce` runs at block `index` (from `tokens` to `keep`
+        tokens); sorting, gathers and merges count 0. The signals are the MACs model's."""
+        return 0
+
+
+def split_match_macs(tokens: int, width: int) -> int:
+    """MACs of matching alternate tokens (even positions against odd, cosine over `width`)."""
+    return (tokens + 1) // 2 * (tokens // 2) * width
 
 
 def _default(field: dataclasses.Field) -> Any:

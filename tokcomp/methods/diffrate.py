@@ -99,6 +99,11 @@ class DiffRate(BlockMethod):
             return state.prune(ranked[:, :keep])
         return _merge_into_important(state, ranked[:, :pruned], keep)
 
+    def reduce_macs(self, geometry: Geometry, tokens: int, keep: int, index: int) -> int:
+        """Hidden-state match of the tokens merged away against the `keep` kept ones."""
+        pruned = self.prune_kept[index] if self.prune_kept is not None else keep
+        return (min(pruned, tokens) - keep) * keep * geometry.width
+
 
 def _merge_into_important(state: TokenState, ranked: torch.Tensor, keep: int) -> TokenState:
     """Fold the tokens ranked after `keep` into their most similar token among the first

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import VisualMethod, VisualSignal, VisualTokens
+from tokcomp.methods.visual import VisualGeometry, VisualMethod, VisualSignal, VisualTokens
 from tokcomp.ops import cosine_distances, greedy_maxmin
 
 
@@ -38,3 +38,7 @@ class DivPrune(VisualMethod):
         dist = cosine_distances(visual.outputs)
         weight = dist.new_ones(dist.shape[:2])
         return greedy_maxmin(dist, weight, farthest_from_neighbours(dist), keep).sort(dim=1).values
+
+    def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
+        """The N x N cosine distances between the projector outputs."""
+        return tokens * tokens * geometry.output_width

@@ -10,7 +10,14 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import AttentionStyle, BlockMethod, BlockPosition, Geometry, Method
+from tokcomp.methods.base import (
+    AttentionStyle,
+    BlockMethod,
+    BlockPosition,
+    Geometry,
+    Method,
+    split_match_macs,
+)
 from tokcomp.methods.budget import check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
@@ -102,6 +109,17 @@ class PiToMe(BlockMethod):
         else:
             plan = _energy_plan(metric, order, merges)
         return state.merge(_shift(plan, protected))
+
+    def reduce_macs(self, geometry: Geometry, tokens: int, keep: int, index: int) -> int:
+        """Energy: all unprotected pairs; then the match of the bsm variant's alternate halves,
+        or of the 2r highest-energy tokens' halves (r x r)."""
+        width = geometry.head_dim if self.metric == "keys" else geometry.width
+        free, merges = tokens - geometry.protected, tokens - keep
+        if index in self.bsm_layers:
+            match = split_match_macs(free, width)
+        else:
+            match = merges * merges * width
+        return free * free * width + match
 
 
 def _energy_plan(metric: torch.Tensor, order: torch.Tensor, merges: int) -> MergePlan:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method, split_match_macs
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
 from tokcomp.ops import bipartite_plan, max_bipartite_merges
@@ -98,3 +98,7 @@ class ToMe(BlockMethod):
     ) -> TokenState:
         plan = bipartite_plan(signals.keys, state.protected, state.tokens - keep)
         return state.merge(plan)
+
+    def reduce_macs(self, geometry: Geometry, tokens: int, keep: int, index: int) -> int:
+        """Bipartite matching of all tokens' head-averaged keys (the protected ones included)."""
+        return split_match_macs(tokens, geometry.head_dim)

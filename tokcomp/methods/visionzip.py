@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import Selection, VisualMethod, VisualSignal, VisualTokens
+from tokcomp.methods.visual import (
+    Selection,
+    VisualGeometry,
+    VisualMethod,
+    VisualSignal,
+    VisualTokens,
+)
 from tokcomp.ops import gather_rows
 
 
@@ -70,6 +76,14 @@ class VisionZip(VisualMethod):
         )
         index, order = index.sort(dim=1)
         return Selection(index, gather_rows(outputs, order))
+
+    def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
+        """Key similarity of the N - keep joining tokens to the contextual targets, and the
+        contextual tokens through the projector (the feature layer's attention and keys are the
+        MACs model's)."""
+        contextual = self.split(keep)[1]
+        similarity = (tokens - keep) * contextual * geometry.key_width
+        return similarity + contextual * geometry.projector_token_macs
 
 
 def _contextual_features(

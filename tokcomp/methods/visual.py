@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +34,49 @@ class VisualSignal(enum.Enum):
     FEATURES = "features"  # the vision features entering the projector, (B, N, C)
     ATTENTION = "attention"  # class-token attention at the feature layer, summed over heads, (B, N)
     KEYS = "keys"  # head-averaged attention keys at the feature layer, (B, N, head_dim)
+
+
+class ProjectorForm(enum.Enum):
+    """The shape of a VLM's projector, as far as perturbing it goes (ZOO's sensitivity)."""
+
+    LINEAR = "linear"  # one nn.Linear
+    MLP = "mlp"  # Linear, a parameter-free activation, Linear
+    OTHER = "other"  # anything else (e.g. a normalisation inside)
+
+
+def projector_form(chain: Sequence[nn.Module]) -> ProjectorForm:
+    """The form of a projector given as a chain of modules."""
+    if len(chain) == 1 and isinstance(chain[0], nn.Linear):
+        return ProjectorForm.LINEAR
+    if (
+        len(chain) == 3
+        and isinstance(chain[0], nn.Linear)
+        and isinstance(chain[2], nn.Linear)
+        and not any(True for _ in chain[1].parameters())
+    ):
+        return ProjectorForm.MLP
+    return ProjectorForm.OTHER
+
+
+@dataclass(frozen=True)
+class VisualGeometry:
+    """What the cost of choosing a VLM's visual tokens depends on: the projector's layer widths
+    (features first, the language model's width last) and form, and the width of the vision
+    tower's head-averaged keys (VisualSignal.KEYS)."""
+
+    projector_widths: tuple[int, ...]
+    projector_form: ProjectorForm
+    key_width: int
+
+    @property
+    def projector_token_macs(self) -> int:
+        """MACs of one token through the projector."""
+        return sum(a * b for a, b in pairwise(self.projector_widths))
+
+    @property
+    def output_width(self) -> int:
+        """Width of the projector outputs (the language model's)."""
+        return self.projector_widths[-1]
 
 
 @dataclass(frozen=True)
@@ -130,6 +174,11 @@ class VisualMethod(Method):
         ascending indices, or a Selection when merged tokens take some places."""
         raise NotImplementedError
 
+    def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
+        """Multiply-adds of the matmuls `select` runs to keep `keep` of one segment's `tokens`
+        (sorting, argmax and greedy steps count 0). The signals are the MACs model's."""
+        return 0
+
     def selection(self, visual: VisualTokens, keep: int) -> Selection:
         """`select` as a Selection (methods may return bare indices)."""
         chosen = self.select(visual, keep)
@@ -172,6 +221,17 @@ def visual_budget(
             f"keep <= {tokens}, or a fraction in (0, 1] to keep a share of every image"
         )
     return keep
+
+
+def budget_shares(sizes: Sequence[int], budget: int) -> list[int]:
+    """Each segment's share of an image's `budget`: split evenly over segments of `sizes`
+    tokens, capped by each size, filled from the smallest segment up (what a full segment
+    cannot take goes to the larger ones)."""
+    shares, left = [0] * len(sizes), budget
+    for position, index in enumerate(sorted(range(len(sizes)), key=lambda i: (sizes[i], i))):
+        shares[index] = min(sizes[index], -(-left // (len(sizes) - position)))
+        left -= shares[index]
+    return shares
 
 
 @dataclass(kw_only=True)

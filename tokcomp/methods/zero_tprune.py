@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method, split_match_macs
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
@@ -84,12 +84,23 @@ class ZeroTPrune(BlockMethod):
         protected = state.protected
         importance = self.importance(signals.attn, protected, self.iterations[position.index])
         importance = importance[:, protected:]
-        pruning = state.tokens - keep
-        similar = min(round(pruning * self.similarity_share), (state.tokens - protected) // 2)
+        similar = self.similar_pairs(state.tokens, keep, protected)
         score = importance.masked_fill(
             _similarity_pruned(signals.keys[:, protected:], importance, similar), -torch.inf
         )
         return state.prune(top_in_order(score, keep - protected, protected))
+
+    def similar_pairs(self, tokens: int, keep: int, protected: int) -> int:
+        """Tokens the S-stage prunes at a block going from `tokens` to `keep`."""
+        return min(round((tokens - keep) * self.similarity_share), (tokens - protected) // 2)
+
+    def reduce_macs(self, geometry: Geometry, tokens: int, keep: int, index: int) -> int:
+        """WPR steps (one row vector times each head's attention matrix), plus the S-stage's
+        key match of the importance-alternated halves where it prunes."""
+        pagerank = self.iterations[index] * geometry.heads * tokens * tokens
+        if self.similar_pairs(tokens, keep, geometry.protected) == 0:
+            return pagerank
+        return pagerank + split_match_macs(tokens - geometry.protected, geometry.head_dim)
 
     def importance(self, attn: torch.Tensor, protected: int, iterations: int) -> torch.Tensor:
         """(B, N) token importance: per-head WPR, VHF head filter, root-mean-square (EIR)."""

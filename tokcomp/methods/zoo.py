@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import VisualMethod, VisualSignal, VisualTokens
+from tokcomp.methods.visual import (
+    ProjectorForm,
+    VisualGeometry,
+    VisualMethod,
+    VisualSignal,
+    VisualTokens,
+    projector_form,
+)
 from tokcomp.ops import cosine_distances, greedy_maxmin
 
 #: Elements (tokens x directions x hidden width) evaluated at once: 16 tokens at LLaVA size,
@@ -96,12 +103,34 @@ class ZOOPrune(VisualMethod):
         x = visual.features
         u = unit_directions(self.directions, x.shape[-1], self.seed, x.device)
         chain = visual.projector
-        if len(chain) == 1 and isinstance(chain[0], nn.Linear):
+        form = projector_form(chain)
+        if form is ProjectorForm.LINEAR:
             norms = (u @ chain[0].weight.float().T).norm(dim=-1).mean()
             return norms.expand(x.shape[:2]).clone()
-        if _is_mlp(chain):
+        if form is ProjectorForm.MLP:
             return self._mlp_sensitivity(x, chain[0], chain[1], chain[2], u)
         return self._general_sensitivity(visual, u)
+
+    def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
+        """The sensitivity pass of the projector's form, plus the N x N cosine distances."""
+        distances = tokens * tokens * geometry.output_width
+        return self.sensitivity_macs(geometry, tokens) + distances
+
+    def sensitivity_macs(self, geometry: VisualGeometry, tokens: int) -> int:
+        """MACs of `sensitivity` for `tokens` tokens. Single Linear: the directions through it.
+        MLP: W1 x, W1 u, the sketch matrix times W2 (sketched only), and per token and
+        direction the activation difference through W2's (or the sketch's) rows. Otherwise:
+        2 x directions x tokens rows through the projector."""
+        m, form = self.directions, geometry.projector_form
+        if form is ProjectorForm.LINEAR:
+            features, width = geometry.projector_widths
+            return m * features * width
+        if form is ProjectorForm.OTHER:
+            return 2 * m * tokens * geometry.projector_token_macs
+        features, hidden, width = geometry.projector_widths
+        rows = width if self.sketch is None or self.sketch >= width else self.sketch
+        sketch = rows * width * hidden if rows < width else 0
+        return (tokens + m) * features * hidden + sketch + tokens * m * hidden * rows
 
     def _mlp_sensitivity(
         self, x: torch.Tensor, first: nn.Linear, act: nn.Module, second: nn.Linear, u: torch.Tensor
@@ -146,16 +175,6 @@ def _difference_norms(
     diff = act(z + delta)
     diff -= act(z - delta)
     return (diff @ weight.T).norm(dim=-1).mean(dim=1)
-
-
-def _is_mlp(chain: tuple[nn.Module, ...]) -> bool:
-    """Whether the projector is Linear, an elementwise activation, Linear."""
-    return (
-        len(chain) == 3
-        and isinstance(chain[0], nn.Linear)
-        and isinstance(chain[2], nn.Linear)
-        and not any(True for _ in chain[1].parameters())
-    )
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Schedules and MACs in one place: the model shapes adapters describe (spec), the analytic
 MACs model (macs) and the resolution of every method's budget on every model (resolve)."""
 
-from tokcomp.schedule.macs import block_macs, model_macs
+from tokcomp.schedule.macs import block_macs, model_macs, selection_macs
 from tokcomp.schedule.resolve import check_schedule, resolve, visual_schedule
 from tokcomp.schedule.spec import REFERENCE_PROMPT, ModelSpec, VLMSpec
 
@@ -13,5 +13,6 @@ __all__ = [
     "check_schedule",
     "model_macs",
     "resolve",
+    "selection_macs",
     "visual_schedule",
 ]

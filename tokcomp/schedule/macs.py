@@ -1,9 +1,14 @@
 """The analytic MACs model (multiply-adds per image): attention 4NC^2 + 2N^2C and MLP 2NCH
 per block, the stem and head outside the blocks; for a VLM, the prefill of one reference
-prompt (tower, projector, language model). docs/methods.md section 9."""
+prompt (tower, projector, language model). Apart, the method's own work: its matmuls (each
+method's hook) and the signals the adapter computes for it. docs/methods.md section 9."""
 
 from __future__ import annotations
 
+import torch
+
+from tokcomp.methods import BlockMethod, LLMStageMethod, Method, Signal, Stage, VisualMethod
+from tokcomp.methods.visual import VisualSignal, budget_shares
 from tokcomp.schedule.spec import ModelSpec, VLMSpec
 
 
@@ -40,7 +45,7 @@ def vlm_macs(spec: VLMSpec, schedule: list[int] | None = None) -> int:
         llm = [visual] * spec.llm_depth
     total = (
         encoder_macs(spec, tower) * spec.crops
-        + projected * spec.projector_token_macs
+        + projected * spec.visual_geometry.projector_token_macs
         + spec.lm_head_macs
     )
     for visual in llm:
@@ -54,3 +59,77 @@ def model_macs(spec: ModelSpec, schedule: list[int] | None = None) -> int:
     if isinstance(spec, VLMSpec):
         return vlm_macs(spec, schedule)
     return encoder_macs(spec, schedule)
+
+
+def total_macs(spec: ModelSpec, method: Method, schedule: list[int]) -> int:
+    """MACs of one image (a VLM: one reference prompt) under `method` and its `schedule`: the
+    model's and the method's own."""
+    return model_macs(spec, schedule) + selection_macs(spec, method, schedule)
+
+
+def selection_macs(spec: ModelSpec, method: Method, schedule: list[int]) -> int:
+    """MACs of `method`'s own work per image (a VLM: per reference prompt) under `schedule`:
+    its reductions or choices and the signals the adapter computes for it beyond the model."""
+    if isinstance(spec, VLMSpec) and isinstance(method, VisualMethod):
+        return _choice_macs(spec, method) + _visual_signal_macs(spec, method)
+    if isinstance(spec, VLMSpec):
+        return spec.crops * _reduction_macs(spec.tower(), method, schedule[: spec.depth])
+    return _reduction_macs(spec, method, schedule)
+
+
+def _reduction_macs(spec: ModelSpec, method: BlockMethod, schedule: list[int]) -> int:
+    """A block method's work at every block where it reduces, with the class-attention row."""
+    total, tokens = 0, spec.tokens
+    for index, keep in enumerate(schedule):
+        if method.acts(keep, tokens):
+            total += method.reduce_macs(spec, tokens, keep, index)
+            total += _class_row_macs(spec, method.needs, tokens)
+        tokens = keep
+    return total
+
+
+def _class_row_macs(spec: ModelSpec, needs: frozenset[Signal], tokens: int) -> int:
+    """The class token's attention logits computed beside fused attention (adapters/base.py
+    `attend`); full attention matrices cost what the fused call would."""
+    beside = Signal.CLS_ATTN in needs and Signal.ATTN not in needs and spec.class_token
+    return tokens * spec.attn_dim if beside else 0
+
+
+def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
+    """A visual-token method's choice in each segment of the reference image."""
+    kept = method.kept_of(spec.selectable)
+    shares = budget_shares(spec.segments, kept)
+    geometry = spec.visual_geometry
+    return sum(
+        method.select_macs(geometry, size, share)
+        for size, share in zip(spec.segments, shares, strict=True)
+    )
+
+
+def _visual_signal_macs(spec: VLMSpec, method: VisualMethod) -> int:
+    """The attention the adapter computes for a visual-token method: the language model's layer
+    K-1 (LLM stage) or the tower's feature layer, per crop (attention or keys declared)."""
+    if method.stage is Stage.LLM:
+        return _layer_attention_macs(spec, method)
+    if method.visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
+        return spec.crops * _tower_attention_macs(spec)
+    return 0
+
+
+def _tower_attention_macs(spec: VLMSpec) -> int:
+    """The feature layer's q of the class row (every row without a class token), k of every
+    token and the logits (families/llava.py `_attention`)."""
+    rows = 1 if spec.class_token else spec.tokens
+    projections = (rows + spec.tokens) * spec.width * spec.attn_dim
+    return projections + rows * spec.tokens * spec.attn_dim
+
+
+def _layer_attention_macs(spec: VLMSpec, method: LLMStageMethod) -> int:
+    """Decoder layer K-1's q of the method's query rows, k of the whole prompt and the logits
+    (adapters/hf_vlm/decoder.py `attention_received`)."""
+    length = spec.prompt_tokens + spec.visual_tokens
+    text = (torch.arange(length) >= spec.visual_tokens)[None]
+    rows = int(method.queries(text).any(dim=0).sum())
+    width = spec.visual_geometry.output_width
+    projections = rows * width * spec.llm_attn_dim + length * width * spec.llm_kv_dim
+    return projections + rows * length * spec.llm_attn_dim

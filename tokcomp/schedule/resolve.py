@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from tokcomp.methods import BlockMethod, Method, VisualMethod
 from tokcomp.methods.visual import VisualSignal
-from tokcomp.schedule.macs import model_macs
+from tokcomp.schedule.macs import model_macs, total_macs
 from tokcomp.schedule.spec import ModelSpec, VLMSpec
 
 #: How close to the reachable range a `target_macs` may be (rounding of the MACs ratio).
@@ -93,10 +93,10 @@ def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
 def _nearest_to_target(
     method: Method, spec: ModelSpec, candidates: Iterable[Method]
 ) -> tuple[Method, list[int]]:
-    """The candidate whose MACs ratio is nearest `method.target_macs`."""
+    """The candidate whose MACs ratio (model and selection) is nearest `method.target_macs`."""
     options = [(c, _native_schedule(c, spec)) for c in candidates]
     base = model_macs(spec)
-    ratios = [model_macs(spec, schedule) / base for _, schedule in options]
+    ratios = [total_macs(spec, c, schedule) / base for c, schedule in options]
     target, lowest, highest = method.target_macs, min(ratios), max(ratios)
     if not lowest - _TARGET_SLACK <= target <= highest + _TARGET_SLACK:
         raise ValueError(

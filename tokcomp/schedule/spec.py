@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, fields
-from itertools import pairwise
 from typing import Any, ClassVar
 
 from tokcomp.methods import Geometry
+from tokcomp.methods.visual import ProjectorForm, VisualGeometry
 
 #: Text tokens of the reference prompt a VLM's MACs are counted for.
 REFERENCE_PROMPT = 40
@@ -53,11 +53,13 @@ class VLMSpec(ModelSpec):
     rest, for one reference image and a REFERENCE_PROMPT-token text.
 
     crops: tower passes per image. visual_tokens: visual tokens per image reaching the language
-    model unpruned, of which fixed_visual are always kept (image-newline). projected_tokens:
+    model unpruned, of which fixed_visual are always kept (image-newline); segments: the sizes
+    of the groups the others are chosen in (one per crop, or the whole image). projected_tokens:
     tokens through the projector per image; projector_widths: its layers' widths, input first
-    (features) and output last (the language model's width). llm_*: decoder layers, linear MACs
-    per token per layer (q/k/v/o with GQA widths, gated MLP), attention width (heads x
-    head_dim); lm_head_macs: one token's logits. feature_block / feature_prefix: the tower
+    (features) and output last (the language model's width); projector_form: its shape.
+    llm_*: decoder layers, linear MACs per token per layer (q/k/v/o with GQA widths, gated MLP),
+    query width (heads x head_dim) and key width (kv heads x head_dim); lm_head_macs: one
+    token's logits. feature_block / feature_prefix: the tower
     block whose output the projector takes and the tokens dropped in front of it (for block
     methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
     gives methods the tower's attention and keys at that layer.
@@ -67,12 +69,15 @@ class VLMSpec(ModelSpec):
     crops: int
     visual_tokens: int
     fixed_visual: int
+    segments: tuple[int, ...]
     projected_tokens: int
     projector_widths: tuple[int, ...]
+    projector_form: ProjectorForm
     prompt_tokens: int
     llm_depth: int
     llm_token_macs: int
     llm_attn_dim: int
+    llm_kv_dim: int
     lm_head_macs: int
     feature_block: int
     feature_prefix: int
@@ -94,10 +99,9 @@ class VLMSpec(ModelSpec):
         return self.visual_tokens - self.fixed_visual
 
     @property
-    def projector_token_macs(self) -> int:
-        """MACs of one token through the projector."""
-        widths = self.projector_widths
-        return sum(a * b for a, b in pairwise(widths))
+    def visual_geometry(self) -> VisualGeometry:
+        """What visual-token methods' costs depend on."""
+        return VisualGeometry(self.projector_widths, self.projector_form, self.head_dim)
 
     def tower(self) -> ModelSpec:
         """The vision tower alone, as the hf_vision adapter describes it."""

@@ -16,7 +16,7 @@ from torch import nn
 from tokcomp.adapters.base import linear_macs
 from tokcomp.adapters.hf_vlm.sequence import renumber_1d
 from tokcomp.methods import AttentionStyle, VisualTokens
-from tokcomp.methods.visual import VisualSignal
+from tokcomp.methods.visual import VisualSignal, projector_form
 from tokcomp.schedule import REFERENCE_PROMPT, VLMSpec
 
 #: The name of the adapter that patches VLMs (VLM specs carry it as `family`).
@@ -169,8 +169,10 @@ class VLMFamily(abc.ABC):
             llm_depth=len(layers),
             llm_token_macs=linear_macs(layers[0]),
             llm_attn_dim=layers[0].self_attn.q_proj.out_features,
+            llm_kv_dim=layers[0].self_attn.k_proj.out_features,
             lm_head_macs=linear_macs(self.model.lm_head),
             projector_widths=projector_widths(self.projector),
+            projector_form=projector_form(self.projector),
             **self.vision_fields(),
         )
 
@@ -208,6 +210,7 @@ def tower_fields(
         crops=1,
         visual_tokens=visual_tokens,
         fixed_visual=0,
+        segments=(visual_tokens,),
         projected_tokens=visual_tokens,
         feature_block=-1,
         feature_prefix=0,
