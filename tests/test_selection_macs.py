@@ -1,0 +1,229 @@
+"""Each method's own work in the analytic MACs, against torch's FLOP counter (reference ops,
+math attention): the total per image, and the selection alone, measured as the difference to
+a run that selects for free at the same token counts (random pruning at the same schedule or
+budget; for FastV, the unpatched model against FastV keeping every token)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import transformers as hf
+from conftest import tiny_vit
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from vlm_fixtures import BOS, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample, tiny_vlm
+
+import tokcomp
+from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
+from tokcomp.methods import Stage, method_class
+from tokcomp.schedule import REFERENCE_PROMPT
+
+#: How close the analytic MACs must be to the counted ones.
+REL = 0.05
+
+#: Options per block method on the encoders below: budgets where each method's own work is
+#: visible (257 tokens of width 16: token-pair work is large next to the linear layers).
+BLOCK_OPTIONS = {
+    "tome": {"r": 64},
+    "pitome": {"keep_ratio": 0.75},
+    "diffrate": {"prune_kept": [257] * 4, "merge_kept": [257, 129, 65, 33]},
+    "zero_tprune": {"keep_ratio": 0.7},
+    "evit": {"keep_ratio": 0.7},
+    "random": {"keep_ratio": 0.7},
+}
+#: Options per visual-token method (half of each image's visual tokens).
+VISUAL_OPTIONS = {
+    "zoo": {"keep": 0.5},
+    "divprune": {"keep": 0.5},
+    "fastv": {"keep": 0.5},
+    "fastervlm": {"keep": 0.5},
+    "visionzip": {"keep": 0.5},
+    "random": {"keep_ratio": 0.5},
+}
+#: (family, method, extra options): every method on LLaVA-1.5 and on LLaVA-NeXT (crops, each a
+#: segment with its share), those without tower signals on SmolVLM (a single-Linear projector),
+#: and ZOO's sketch.
+VISUAL_CASES = [
+    *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
+    *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
+    *[
+        pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
+        for method in ("zoo", "divprune", "fastv", "random")
+    ],
+    pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
+]
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    """The compiled ops are invisible to the FLOP counter: count the PyTorch references."""
+    monkeypatch.setenv("TOKCOMP_BACKEND", "reference")
+
+
+def _counted(run: Callable[[], object]) -> float:
+    """MACs torch counts for `run()` (FLOPs / 2), attention in its math form."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        run()
+    return counter.get_total_flops() / 2
+
+
+def test_every_registered_method_has_a_case():
+    assert set(BLOCK_OPTIONS) == set(tokcomp.methods("vision"))
+    assert set(VISUAL_OPTIONS) == set(tokcomp.methods("vlm"))
+
+
+# -- block methods ------------------------------------------------------------------------------
+
+
+def _encoder(family: str) -> nn.Module:
+    """257 tokens of width 16: a timm ViT with one head, or a Hugging Face CLIP with two."""
+    if family == "timm":
+        return tiny_vit(img_size=64, embed_dim=16, num_heads=1)
+    config = hf.CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=4,
+    )
+    torch.manual_seed(0)
+    return hf.CLIPVisionModel._from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("family", ["timm", "hf_clip"])
+@pytest.mark.parametrize("method", sorted(BLOCK_OPTIONS))
+def test_block_method_macs_match_the_flop_counter(family, method):
+    model = _encoder(family)
+    images = torch.randn(1, 3, 64, 64)
+    config = tokcomp.config_of(tokcomp.apply(model, method, **BLOCK_OPTIONS[method]))
+    counted = _counted(lambda: model(images))
+    tokcomp.apply(model, "random", schedule=config.schedule)
+    free = _counted(lambda: model(images))
+    assert config.macs == pytest.approx(counted, rel=REL)
+    assert config.selection_macs == pytest.approx(counted - free, rel=REL)
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune"])
+def test_the_encoder_makes_the_selection_count(method):
+    """Here these methods' own work is more than 5% of the total, so the total comparison
+    above fails if the selection term is left out."""
+    config = tokcomp.config_of(tokcomp.apply(_encoder("timm"), method, **BLOCK_OPTIONS[method]))
+    assert config.selection_macs > REL * config.macs
+
+
+def test_target_macs_lands_on_model_plus_selection():
+    config = tokcomp.config_of(tokcomp.apply(_encoder("timm"), "pitome", target_macs=0.8))
+    assert config.macs_ratio == pytest.approx(0.8, abs=0.005)
+    assert (config.macs - config.selection_macs) / config.base_macs < 0.8 - REL
+
+
+# -- visual-token methods -------------------------------------------------------------------------
+
+
+def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """One reference image and text of the reference length, so the analytic prefill applies."""
+    if family == "llava_next":
+        return _next_prompt(model)
+    first = sample(model, family, images=1, text=0, seed=0)
+    text = len(first.input_ids) - int((first.input_ids == IMAGE).sum())
+    return collate(family, [sample(model, family, 1, REFERENCE_PROMPT - text, seed=0)])
+
+
+def _next_prompt(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LLaVA-NeXT: a REFERENCE_PIXELS square image (its crops) after one BOS token."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config, size = model.config, torch.tensor([[REFERENCE_PIXELS, REFERENCE_PIXELS]])
+    side = config.vision_config.image_size
+    crops = image_size_to_num_patches(size[0], config.image_grid_pinpoints, side)
+    pixels = torch.randn(1, crops, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        count = model.model.get_image_features(pixels, size).pooler_output[0].shape[0]
+    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - 1,))
+    ids = torch.cat([torch.tensor([BOS]), torch.full((count,), IMAGE), text])[None]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_sizes": size,
+    }
+
+
+def _prefill(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    """MACs counted for the prefill of `batch` (logits of its last token only)."""
+    return _counted(lambda: model(**batch, logits_to_keep=1))
+
+
+def _options(method: str, extra: dict) -> dict:
+    return {**VISUAL_OPTIONS[method], **extra}
+
+
+@pytest.mark.parametrize(("family", "method", "extra"), VISUAL_CASES)
+def test_visual_method_macs_match_the_flop_counter(family, method, extra):
+    model = tiny_vlm(family)
+    batch = _prompt(model, family)
+    config = tokcomp.config_of(tokcomp.apply(model, method, **_options(method, extra)))
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=REL)
+
+
+@pytest.mark.parametrize(("family", "method", "extra"), VISUAL_CASES)
+def test_visual_method_selection_matches_the_flop_counter(family, method, extra):
+    model = tiny_vlm(family)
+    batch = _prompt(model, family)
+    options = _options(method, extra)
+    llm_stage = method_class(method).stage is Stage.LLM
+    if llm_stage:
+        options["keep"] = 1.0  # the token counts of the unpatched model
+    config = tokcomp.config_of(tokcomp.apply(model, method, **options))
+    counted = _prefill(model, batch)
+    if llm_stage:
+        tokcomp.remove(model)
+    else:
+        tokcomp.apply(model, "random", keep_ratio=VISUAL_OPTIONS[method].get("keep", 0.5))
+    assert config.selection_macs == pytest.approx(counted - _prefill(model, batch), rel=REL)
+
+
+def test_zoo_general_path_matches_the_flop_counter():
+    """A projector with a normalisation inside: every perturbed row goes through it."""
+    model = tiny_vlm("llava")
+    projector = model.model.multi_modal_projector
+    projector.act = nn.Sequential(projector.act, nn.LayerNorm(projector.linear_1.out_features))
+    batch = _prompt(model, "llava")
+    config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=0.5, directions=4))
+    assert config.model["projector_form"] == "other"
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=REL)
+    assert config.selection_macs > REL * config.macs
+
+
+def test_zoo_selection_is_counted_in_the_total():
+    """ZOO's sensitivity pass makes the count differ from the model's MACs by far more than 5%
+    here: the total comparison above fails without the selection term."""
+    config = tokcomp.config_of(tokcomp.apply(tiny_vlm("llava"), "zoo", keep=0.5))
+    assert config.selection_macs > REL * config.macs
+
+
+def test_visual_target_macs_picks_the_budget_nearest_in_model_plus_selection():
+    model = tiny_vlm("llava")
+    totals, models_only = {}, {}
+    for keep in range(1, 17):
+        config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=keep, directions=4))
+        totals[keep] = config.macs_ratio
+        models_only[keep] = (config.macs - config.selection_macs) / config.base_macs
+    target = models_only[8]
+    nearest = min(totals, key=lambda keep: abs(totals[keep] - target))
+    assert nearest != 8  # the two MACs pick different budgets here
+    config = tokcomp.config_of(tokcomp.apply(model, "zoo", target_macs=target, directions=4))
+    assert config.options["keep"] == nearest
+
+
+def test_configs_saved_before_selection_macs_load(tmp_path):
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=4))
+    data = config.to_dict()
+    del data["selection_macs"]
+    loaded = tokcomp.Config.from_dict(data)
+    assert loaded.selection_macs == 0 and loaded.macs == config.macs
