@@ -115,7 +115,8 @@ def test_keep_everything_reproduces_greedy_generate(family, method, layout):
     batch, _ = _inputs(model, family, SINGLE if layout == "single" else None)
     expected = _generate(model, batch)
     tokcomp.apply(model, method, **_keep_all(method))
-    assert tokcomp.config_of(model).macs_ratio == 1.0
+    config = tokcomp.config_of(model)
+    assert config.macs - config.selection_macs == config.base_macs
     assert torch.equal(_generate(model, batch), expected)
     tokcomp.remove(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -136,7 +137,8 @@ def _pruned(model, family: str, method: str, positions: str):
 @torch.no_grad()
 def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, positions):
     model = _pruned(_model(family), family, method, positions)
-    assert tokcomp.config_of(model).macs_ratio < 1.0
+    config = tokcomp.config_of(model)
+    assert config.macs - config.selection_macs < config.base_macs
     batch, _ = _inputs(model, family)
     assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
 
@@ -261,7 +263,8 @@ def test_macs_count_tower_projector_and_prefill_by_hand():
         return text.num_hidden_layers * (n * per_token + 2 * n * n * heads * head)
 
     config = tokcomp.config_of(model)
-    assert config.base_macs - config.macs == prefill(16) - prefill(4)
+    assert config.base_macs - (config.macs - config.selection_macs) == prefill(16) - prefill(4)
+    assert config.selection_macs == 16 * 16 * width  # DivPrune's cosine distances
     vision = model.config.vision_config
     tower = 17 * (4 * vision.hidden_size**2 + 2 * vision.hidden_size * vision.intermediate_size)
     tower = vision.num_hidden_layers * (tower + 2 * 17 * 17 * vision.hidden_size)
@@ -273,7 +276,7 @@ def test_macs_count_tower_projector_and_prefill_by_hand():
 def test_fastv_schedule_prunes_after_layer_k_and_target_macs_picks_a_budget():
     model = tokcomp.apply(_model("llava"), "fastv", keep=4, layer=1)
     assert tokcomp.config_of(model).schedule[-3:] == [16, 4, 4]
-    tokcomp.apply(model, "zoo", target_macs=0.9)
+    tokcomp.apply(model, "zoo", target_macs=0.9, directions=2)
     config = tokcomp.config_of(model)
     assert abs(config.macs_ratio - 0.9) < 0.05 and isinstance(config.options["keep"], int)
 

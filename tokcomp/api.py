@@ -107,7 +107,8 @@ def config_of(model: nn.Module) -> Config:
 
 
 def macs(model: nn.Module) -> int:
-    """Analytic MACs per image of `model`: under its compression if patched, else unpruned."""
+    """Analytic MACs per image of `model`: under its compression (the method's own work
+    included) if patched, else unpruned."""
     if is_patched(model):
         return config_of(model).macs
     return model_macs(find_adapter(model).spec())
