@@ -18,7 +18,8 @@ from vlm_fixtures import BOS, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample, tiny_
 
 import tokcomp
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
-from tokcomp.methods import Stage, method_class
+from tokcomp.methods import Stage, create_method, method_class
+from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualTokens
 from tokcomp.schedule import REFERENCE_PROMPT
 
 #: How close the analytic MACs must be to the counted ones.
@@ -41,6 +42,7 @@ VISUAL_OPTIONS = {
     "fastv": {"keep": 0.5},
     "fastervlm": {"keep": 0.5},
     "visionzip": {"keep": 0.5},
+    "vispruner": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5 and on LLaVA-NeXT (crops, each a
@@ -227,3 +229,29 @@ def test_configs_saved_before_selection_macs_load(tmp_path):
     del data["selection_macs"]
     loaded = tokcomp.Config.from_dict(data)
     assert loaded.selection_macs == 0 and loaded.macs == config.macs
+
+
+SELECT_CASES = [
+    *[pytest.param(method, VISUAL_OPTIONS[method], id=method) for method in VISUAL_OPTIONS],
+    pytest.param("zoo", {"sketch": 4}, id="zoo-sketch"),
+    pytest.param("visionzip", {"contextual": 0.5}, id="visionzip-half-contextual"),
+    pytest.param("vispruner", {"important": 0.0}, id="vispruner-all-diverse"),
+]
+
+
+@pytest.mark.parametrize(("tokens", "keep"), [(40, 3), (40, 20), (33, 32)])
+@pytest.mark.parametrize(("method", "options"), SELECT_CASES)
+def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
+    """Each method's hook against the FLOPs of its `select` call alone for one image (an MLP
+    projector; budgets with many rounds, contextual tokens or none)."""
+    torch.manual_seed(0)
+    projector = (nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 16))
+    features = torch.randn(1, tokens, 12)
+    with torch.no_grad():
+        outputs = projector[2](projector[1](projector[0](features)))
+    attention, keys = torch.rand(1, tokens), torch.randn(1, tokens, 8)
+    visual = VisualTokens(outputs, projector, features, attention, keys)
+    chosen = create_method(method, **options)
+    geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
+    counted = _counted(lambda: chosen.select(visual, keep))
+    assert chosen.select_macs(geometry, tokens, keep) == counted

@@ -8,8 +8,9 @@ from typing import ClassVar
 
 import torch
 
+from tokcomp.methods.base import split_match_macs
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import VisualMethod, VisualSignal, VisualTokens
+from tokcomp.methods.visual import VisualGeometry, VisualMethod, VisualSignal, VisualTokens
 from tokcomp.ops import best_match, gather_rows
 
 #: Near-duplicates removed per matching round (the released code's 8).
@@ -51,6 +52,16 @@ class VisPruner(VisualMethod):
         important = int(keep * self.important)
         rest = _without_duplicates(visual.features, order[:, important:], keep - important)
         return torch.cat([order[:, :important], rest], dim=1).sort(dim=1).values
+
+    def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
+        """Each round's feature match of the remaining tokens' alternate halves (the tower's
+        attention is the MACs model's)."""
+        important = int(keep * self.important)
+        rest, wanted, total = tokens - important, keep - important, 0
+        while wanted and rest > wanted:
+            total += split_match_macs(rest, geometry.feature_width)
+            rest -= min(_PER_ROUND, rest - wanted, (rest + 1) // 2)  # only A tokens go
+        return total
 
 
 def _without_duplicates(features: torch.Tensor, rest: torch.Tensor, wanted: int) -> torch.Tensor:

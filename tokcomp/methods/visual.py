@@ -74,6 +74,11 @@ class VisualGeometry:
         return sum(a * b for a, b in pairwise(self.projector_widths))
 
     @property
+    def feature_width(self) -> int:
+        """Width of the projector inputs (the vision features)."""
+        return self.projector_widths[0]
+
+    @property
     def output_width(self) -> int:
         """Width of the projector outputs (the language model's)."""
         return self.projector_widths[-1]
