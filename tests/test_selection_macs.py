@@ -165,6 +165,16 @@ def _options(method: str, extra: dict) -> dict:
     return {**VISUAL_OPTIONS[method], **extra}
 
 
+@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune"])
+def test_block_method_in_the_llava_tower_matches_the_flop_counter(method):
+    model = tiny_vlm("llava")
+    batch = _prompt(model, "llava")
+    options = {"r": 4} if method == "tome" else {"keep_ratio": 0.75}
+    config = tokcomp.config_of(tokcomp.apply(model, method, **options))
+    assert config.selection_macs > 0
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=REL)
+
+
 @pytest.mark.parametrize(("family", "method", "extra"), VISUAL_CASES)
 def test_visual_method_macs_match_the_flop_counter(family, method, extra):
     model = tiny_vlm(family)
@@ -223,7 +233,7 @@ def test_visual_target_macs_picks_the_budget_nearest_in_model_plus_selection():
     assert config.options["keep"] == nearest
 
 
-def test_configs_saved_before_selection_macs_load(tmp_path):
+def test_configs_saved_before_selection_macs_load():
     config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=4))
     data = config.to_dict()
     del data["selection_macs"]
