@@ -11,7 +11,7 @@ import torch
 
 from tokcomp.adapters.hf_vlm.families import Images
 from tokcomp.methods import VisualMethod, VisualTokens
-from tokcomp.methods.visual import Selection
+from tokcomp.methods.visual import Selection, budget_shares
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,16 @@ def choose(method: VisualMethod, images: Images) -> list[Choice]:
 
 
 def _budget_shares(method: VisualMethod, images: Images) -> list[int]:
-    """Per segment, its share of its image's budget: split evenly over the image's segments,
-    capped by each segment's size (water-filling from the smallest segment up, so what a full
-    segment cannot take goes to the larger ones)."""
+    """Per segment, its share of its image's budget (methods/visual.py budget_shares)."""
     by_image: dict[int, list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
         by_image[segment.image].append(index)
     shares = [0] * len(images.segments)
     for members in by_image.values():
-        size = {i: images.segments[i].visual.tokens for i in members}
-        left = method.kept_of(sum(size.values()))
-        for position, index in enumerate(sorted(members, key=lambda i: (size[i], i))):
-            shares[index] = min(size[index], -(-left // (len(members) - position)))
-            left -= shares[index]
+        sizes = [images.segments[i].visual.tokens for i in members]
+        image_shares = budget_shares(sizes, method.kept_of(sum(sizes)))
+        for index, share in zip(members, image_shares, strict=True):
+            shares[index] = share
     return shares
 
 
