@@ -26,16 +26,8 @@ from fixtures.vqa import (
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.results import ResultStore
-from tokcomp.harness.vqa import (
-    VQADataset,
-    VQATask,
-    generated_lengths,
-    keep_budget,
-    open_vqa,
-    read_easy_vqa,
-    read_jsonl,
-    read_vqav2,
-)
+from tokcomp.harness.vqa import VQATask, generated_lengths, keep_budget
+from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa, read_jsonl, read_vqav2
 from tokcomp.harness.vqa_metric import normalize_answer, vqa_accuracy
 
 CPU = torch.device("cpu")

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
     device = world.device(args.device)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
     dataset = limited(model_dataset(args.data, model), args.limit)
-    name = f"{_model_name(args)}-{_data_name(args.data)}"
+    name = f"{_model_name(args)}-{data_source(args.data).name}"
     output = args.output or Path("results") / name
     threads = torch.get_num_threads()
     say = print if world.is_main else _quiet
@@ -222,12 +222,11 @@ def _quiet(*_: Any) -> None:
 
 def _context(args: argparse.Namespace) -> dict[str, Any]:
     """What identifies this run's results: model, weights, data and limit."""
-    kind, root = data_source(args.data)
     context = {
         "task": "imagenet",
         "model": args.model,
         "pretrained": args.pretrained,
-        "data": f"{kind}:{root}",
+        "data": str(data_source(args.data)),
         "limit": args.limit,
     }
     if args.checkpoint:
@@ -241,8 +240,3 @@ def _model_name(args: argparse.Namespace) -> str:
         return args.model
     checkpoint = args.checkpoint  # a Hugging Face style <name>/model.safetensors is <name>
     return checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
-
-
-def _data_name(data: str) -> str:
-    kind, root = data_source(data)
-    return kind if kind == FASHION_MNIST else root.name
