@@ -25,6 +25,7 @@ from fixtures.vqa import (
 
 from tokcomp.cli import main
 from tokcomp.harness import sweep
+from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.results import ResultStore
 from tokcomp.harness.vqa import VQATask, generated_lengths, keep_budget
 from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa, read_jsonl, read_vqav2
@@ -264,7 +265,7 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)
-    rows = sweep.run_sweep(model, points, task, ResultStore.in_memory(), {}, CPU)
+    rows = sweep.run_sweep(model, points, task, ResultStore(None, Fingerprint.of()), CPU)
     # "yes" scores 0.9 (3 of 10 humans say it) and 1 (the single answer); the others 0
     for row in rows:
         assert row["vqa"] == pytest.approx(100 * 1.9 / 6)

@@ -10,17 +10,20 @@ from typing import Any
 
 import yaml
 
+from tokcomp.errors import UsageError
 from tokcomp.methods import method_class
 from tokcomp.schedule import ModelSpec
 
 CONFIG_VERSION = 1
+#: The file types a config is saved as.
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 #: Spec fields that must agree for a config to apply to a model (name is informational).
 _MODEL_FIELDS = ("family", "depth", "tokens", "protected", "class_token", "width", "heads",
                  "attn_dim", "mlp_hidden")  # fmt: skip
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or dict that tokcomp cannot use; the message names the field and fix."""
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +16,19 @@ from timm.data import ImageNetInfo
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from tokcomp.errors import TokcompError
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from tokcomp.harness.fashion_mnist import FashionMNIST
+from tokcomp.harness.fingerprint import file_identity
 
 FASHION_MNIST = "fashion-mnist"
 EASY_VQA = "easy-vqa"
 EASY_VQA_PIN = "easy-vqa==1.0"
 
 
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded; the message names the file."""
+class CorruptImageError(TokcompError, ValueError):
+    """An image file that cannot be decoded; the message names the file (a runtime error:
+    found while the run reads its data)."""
 
 
 @functools.cache
@@ -81,6 +84,12 @@ class LabelledImageFolder(ImageFolder):
     def uses_imagenet_indices(self) -> bool:
         """Whether labels are the standard ImageNet-1k indices of synset folders."""
         return imagenet_indices(self.classes) is not None
+
+    def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
+        """Each sample's file (relative path, size, modification time) and label."""
+        for index in indices:
+            path, label = self.samples[index]
+            yield [*file_identity(Path(path), Path(self.root)), label]
 
     def describe(self) -> str:
         """One line: images, classes and how labels were assigned."""

@@ -34,13 +34,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tokcomp.adapters.vlm_sequence import pruned_of
+from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
-from tokcomp.harness.distributed import World
+from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    SweepRun,
+    add_run_arguments,
     add_sweep_arguments,
-    file_digest,
-    run_or_exit,
+    evaluate_sweep,
+    quiet,
+    start_run,
     sweep_points,
 )
 from tokcomp.harness.timing import FirstToken, PrefillTimer, now
@@ -276,11 +280,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "annotations JSON, images in <folder>/<data_subtype>/)",
     )
     data.add_argument("--images", type=Path, help="VQAv2: the COCO image folder")
-    data.add_argument("--limit", type=int, help="evaluate N questions spread over the data")
-    data.add_argument("--batch-size", type=int, default=16)
-    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    data.add_argument(
+        "--limit", type=positive_int, help="evaluate N questions spread over the data"
+    )
+    data.add_argument("--batch-size", type=positive_int, default=16)
+    data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     generation = parser.add_argument_group("generation")
-    generation.add_argument("--max-new-tokens", type=int, default=16)
+    generation.add_argument("--max-new-tokens", type=positive_int, default=16)
     generation.add_argument(
         "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
     )
@@ -296,12 +302,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --budgets: number every method's kept visual tokens this way (default: "
         "each method's own; keep = original position ids, renumber = contiguous)",
     )
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--device", default="cpu")
-    run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
-    run_group.add_argument(
-        "--output", type=Path, help="results folder (default results/<model>-<data>)"
-    )
+    add_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -310,10 +311,7 @@ def run(args: argparse.Namespace) -> None:
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
     budget = functools.partial(keep_budget, positions=args.positions)
     points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = World.from_env(args.device)
-    device = world.device(args.device)
+    world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
     model.to(device)
@@ -321,7 +319,7 @@ def run(args: argparse.Namespace) -> None:
     name = f"{args.model.name}-{data_source(args.data).name}"
     output = args.output or Path("results") / name
     threads = torch.get_num_threads()
-    say = print if world.is_main else _quiet
+    say = print if world.is_main else quiet
     say(f"model {args.model}; data {args.data}: {describe(dataset)}")
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
@@ -339,26 +337,22 @@ def run(args: argparse.Namespace) -> None:
         getattr(torch, args.dtype),
     )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    rows = run_or_exit(model, points, task, output, _context(args), device, settings, world)
+    sweep = SweepRun(output, _fingerprint(args, dataset, device), device, args.fresh)
+    rows = evaluate_sweep(model, points, task, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 
 
-def _quiet(*_: Any) -> None:
-    """print() for the ranks that do not report."""
-
-
-def _context(args: argparse.Namespace) -> dict[str, Any]:
-    """What identifies this run's results: model and weights, data, limit, generation."""
-    folder = args.model.resolve()
-    weights = {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
-    return {
-        "task": "vqa",
-        "model": str(folder),
-        "weights_sha256": weights,
-        "dtype": args.dtype,
-        "data": str(data_source(args.data)),
-        "images": str(args.images.resolve()) if args.images else None,
-        "limit": args.limit,
-        "max_new_tokens": args.max_new_tokens,
-        "prompt": args.prompt,
-    }
+def _fingerprint(args: argparse.Namespace, dataset: Dataset, device: torch.device) -> Fingerprint:
+    """What decides this run's numbers: the model folder's files, dtype, generation options,
+    the questions and images, and the device type."""
+    return Fingerprint.of(
+        task="vqa",
+        model=args.model.resolve().name,
+        weights=f"files {folder_digest(args.model)}",
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        limit=args.limit,
+        data=samples_digest(dataset),
+        device=device.type,
+    )

@@ -4,7 +4,7 @@ into Question objects (see tokcomp.harness.vqa for the formats)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from tokcomp.harness.data import EASY_VQA, data_source, easy_vqa_root
+from tokcomp.harness.fingerprint import file_identity
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class VQADataset(Dataset):
     def subset(self, indices: Sequence[int]) -> VQADataset:
         """The questions at `indices`, as a dataset of their own."""
         return VQADataset([self.questions[i] for i in indices])
+
+    def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
+        """Each question with its answers and its image file (name, size, modification time)."""
+        for index in indices:
+            q = self.questions[index]
+            yield [
+                *file_identity(q.image),
+                q.question,
+                list(q.answers),
+                q.answer_type,
+                q.question_id,
+            ]
 
     def describe(self) -> str:
         """One line: questions, images and answer types."""
