@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _exit_code(err)
         if args.debug or code is None:
             raise
-        print(f"tokcomp {args.command}: {_one_line(err)}", file=sys.stderr)
+        print(f"{_command(args)}: {_one_line(err)}", file=sys.stderr)
         return code
     return 0
 
@@ -174,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: files or configs): usage. Failures of the run itself (torch, the system): runtime.
 _USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _RUNTIME_ERRORS = (OSError, RuntimeError, FloatingPointError, MemoryError)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """'tokcomp eval imagenet', 'tokcomp search diffrate', 'tokcomp bench', ..."""
+    sub = {"eval": "task", "search": "method"}.get(args.command)
+    return " ".join(["tokcomp", args.command, *([getattr(args, sub)] if sub else [])])
 
 
 def _exit_code(err: BaseException) -> int | None:

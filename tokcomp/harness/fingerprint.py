@@ -69,7 +69,11 @@ class Fingerprint:
 
 
 def _shown(value: Any) -> str:
-    return "none" if value is None else str(value)
+    """A part's value in a one-line message (text with line breaks quoted)."""
+    if value is None:
+        return "none"
+    text = str(value)
+    return text if text.isprintable() else repr(text)
 
 
 @functools.cache

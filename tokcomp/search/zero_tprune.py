@@ -75,10 +75,10 @@ def search_zero_tprune(
         raise ValueError("zero_tprune search: give at least one similarity share and block list")
     settings = [_options(target_macs, share, layers) for layers in layer_sets for share in shares]
     saved = _Trials(state.with_parts(target_macs=target_macs) if state else None)
-    trials = [
-        saved.get(options) or saved.add(_trial(model, batches, options))
-        for options in tqdm(settings, disable=not progress, desc="zero_tprune search")
-    ]
+    with tqdm(settings, disable=not progress, desc="zero_tprune search") as bar:
+        trials = [
+            saved.get(options) or saved.add(_trial(model, batches, options)) for options in bar
+        ]
     saved.finish()
     chosen = choose(trials)
     apply(model, "zero_tprune", **chosen.options)
