@@ -46,6 +46,7 @@ from tokcomp.harness.imagenet import (
     model_transform,
     topk_correct,
 )
+from tokcomp.harness.plot import sweep_figure
 from tokcomp.harness.results import ResultStore
 from tokcomp.models import create_model
 
@@ -309,7 +310,29 @@ def test_the_report_has_a_table_csv_and_plot(tmp_path, small, capsys):
     assert float(rows[1]["macs_ratio"]) < 1 and float(rows[1]["peak_memory_mb"]) > 0
     with Image.open(tmp_path / "results.png") as picture:
         assert picture.size == (1320, 540)  # two 5.5 x 4.5 inch panels at 120 dpi
-        assert len(picture.convert("RGB").getcolors(1 << 16)) > 50  # drawn, not blank
+
+
+def test_the_plot_draws_each_method_from_the_unpruned_star_in_order_of_x():
+    rows = [
+        {"method": "unpruned", "gmacs": 4.0, "images_per_s": 10.0, "top1": 80.0},
+        {"method": "tome", "gmacs": 2.0, "images_per_s": 30.0, "top1": 70.0},
+        {"method": "evit", "gmacs": 3.0, "images_per_s": 15.0, "top1": 78.0},
+        {"method": "tome", "gmacs": 3.0, "images_per_s": 20.0, "top1": 76.0},
+    ]
+    figure = sweep_figure(rows, "top1", "a sweep")
+    assert figure.get_suptitle() == "a sweep"
+    for panel, x in zip(figure.axes, ("gmacs", "images_per_s"), strict=True):
+        lines = {line.get_label(): line for line in panel.get_lines()}
+        assert list(lines) == ["tome", "evit", "unpruned"]
+        tome = sorted([rows[0], rows[1], rows[3]], key=lambda row: row[x])
+        assert list(lines["tome"].get_xdata()) == [row[x] for row in tome]
+        assert list(lines["tome"].get_ydata()) == [row["top1"] for row in tome]
+        assert sorted(lines["evit"].get_xdata()) == sorted([rows[0][x], rows[2][x]])
+        assert (lines["unpruned"].get_marker(), list(lines["unpruned"].get_xdata())) == (
+            "*",
+            [rows[0][x]],
+        )
+        assert panel.get_ylabel() == "top1 (%)"
 
 
 # -- the same numbers as timm ---------------------------------------------------------------

@@ -157,7 +157,10 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tokcomp` console script: runs the command; an error it can explain
     is one line on stderr and its exit code (`--debug` re-raises it with its traceback)."""
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has printed
+        return done.code
     handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _run, "search": _run}
     try:
         handlers[args.command](args)
