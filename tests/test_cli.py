@@ -180,3 +180,10 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "benchmark", lambda *_: None.missing)
     with pytest.raises(AttributeError):
         main(["bench", "--model", "test_vit"])
+
+
+def test_bench_of_a_checkpoint_names_it_in_its_json(files, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "--checkpoint", str(files / "good.safetensors"), "--batch-size", "1"]
+    assert main([*argv, "--warmup", "0", "--repeats", "1", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["model"] == str(files / "good.safetensors")

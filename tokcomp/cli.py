@@ -116,7 +116,7 @@ def _bench(args: argparse.Namespace) -> None:
     input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
     rows = benchmark(model, args.variant, settings, input_size)
     context = {
-        "model": args.model or args.checkpoint,
+        "model": args.model or str(args.checkpoint),
         "threads": torch.get_num_threads(),
         "ops_backend": ops.backend(args.device),
         "torch": torch.__version__,

@@ -14,7 +14,7 @@ import yaml
 
 from tokcomp.errors import UsageError
 from tokcomp.methods import Method, create_method, method_class
-from tokcomp.schedule import ModelSpec, check_schedule, model_macs
+from tokcomp.schedule import ModelSpec, model_macs
 
 CONFIG_VERSION = 1
 #: The file types a config is saved as.
@@ -169,7 +169,7 @@ class Config:
                     "tokcomp.apply(model, method, ...))"
                 )
         try:
-            check_schedule(spec, self.schedule)
+            spec.resolve(create_method(self.method, **self.options, schedule=self.schedule))
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}; re-export it for this model") from None
         self._check_macs(spec)
