@@ -33,7 +33,7 @@ class StaleResultsError(UsageError):
     """Saved results or a saved search state were made from other inputs than this run's."""
 
 
-class StateError(TokcompError, ValueError):
+class StateError(TokcompError):
     """A file tokcomp wrote itself (results.jsonl, a search state) cannot be read."""
 
 
