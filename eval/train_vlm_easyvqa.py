@@ -11,7 +11,7 @@ template's words; with a CLIP image processor at 64 px it forms a LlavaProcessor
     model = LlavaForConditionalGeneration.from_pretrained("eval/models/vlm-easyvqa")
 
 load it, and `tokcomp eval vqa` evaluates it exactly as it was trained: the processor's chat
-template on the question plus lmms-eval's prompt (tokcomp.harness.vqa.messages).
+template on the question plus lmms-eval's prompt (tokcomp.harness.vqa_prompt.messages).
 
 Training: the easy-VQA train split (38,575 questions on 4,000 images). Each step takes
 --images-per-step images (a random dihedral flip/rotation each, which changes no answer) and
@@ -67,7 +67,8 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokcomp.harness.data import read_image
-from tokcomp.harness.vqa import POST_PROMPT, Question, messages, read_easy_vqa
+from tokcomp.harness.vqa_data import Question, read_easy_vqa
+from tokcomp.harness.vqa_prompt import POST_PROMPT, messages
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL = (PAD, BOS, EOS, UNK, IMAGE)

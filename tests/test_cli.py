@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
+import timm
+import torch
+from fixtures.imagenet import save_pth, save_safetensors, write_images
 
+from tokcomp import cli
 from tokcomp.bench import parse_variant
 from tokcomp.cli import main
+from tokcomp.errors import UsageError
+from tokcomp.models import create_model
 
 
 def test_parse_variant_reads_json_values_and_lists():
@@ -48,3 +56,134 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_errors_are_reported_without_a_traceback(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# -- one line for every bad input -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """A folder with a 3-class 32 px checkpoint, damaged copies of it, and an image folder."""
+    root = tmp_path_factory.mktemp("inputs")
+    kwargs = {"img_size": 32, "patch_size": 4, "num_classes": 3}
+    model = timm.create_model("test_vit", **kwargs)
+    data_config = {"input_size": [3, 32, 32], "crop_pct": 1.0}
+    good = root / "good.safetensors"
+    save_safetensors(
+        model, good, timm_model="test_vit", model_kwargs=kwargs, data_config=data_config
+    )
+    content = good.read_bytes()
+    (root / "truncated.safetensors").write_bytes(content[: len(content) // 2])
+    (root / "garbage.safetensors").write_bytes(b"not a checkpoint" * 8)
+    pth = save_pth(model, root / "good.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(pth[: len(pth) // 2])
+    torch.save({"model": model.state_dict(), "path": Path("x")}, root / "objects.pth")
+    (root / "not-a-folder").write_text("")
+    (root / "latin1.json").write_bytes(b'{"method": "tom\xe9"}')
+    write_images(root / "data", {"cat": 2, "dog": 2}, size=8)
+    return root
+
+
+EVAL = "eval imagenet --data {root}/data --workers 0 --output {root}/out"
+CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(model.state_dict()"
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "expected"),
+    [
+        (f"{EVAL} --checkpoint {{root}}/truncated.safetensors", 2, "cannot be read (Safetensor"),
+        (f"{EVAL} --checkpoint {{root}}/garbage.safetensors", 2, "cannot be read (Safetensor"),
+        (f"{EVAL} --model test_vit --checkpoint {{root}}/truncated.pth", 2, "cannot be read ("),
+        (f"{EVAL} --model test_vit --checkpoint {{root}}/objects.pth", 2, "besides tensors"),
+        (
+            f"{EVAL} --model test_vit --checkpoint {{root}}/good.pth",
+            2,
+            "does not fit model test_vit: pos_embed is [1, 65, 64] there but [1, 101, 64] in",
+        ),
+        (f"{EVAL} --model vit_nope --checkpoint {{root}}/good.pth", 2, "unknown timm model"),
+        (f"{EVAL} --checkpoint {{root}}/good.safetensors --threads -1", 2, "positive whole"),
+        (f"{EVAL} --checkpoint {{root}}/good.safetensors --workers -2", 2, "must be 0 or more"),
+        (f"{EVAL} --checkpoint {{root}}/good.safetensors --budgets 0.5,x", 2, "comma-separated"),
+        (f"{EVAL} --checkpoint {{root}}/good.safetensors --device tpu", 2, "unknown device 'tpu'"),
+        ("bench --model test_vit --repeats 0", 2, "argument --repeats: must be a positive whole"),
+        (
+            "eval imagenet --data {root}/data --checkpoint {root}/good.safetensors "
+            "--output {root}/not-a-folder",
+            2,
+            "--output {root}/not-a-folder is a file; results go in a folder",
+        ),
+        ("show {root}/latin1.json", 2, "latin1.json: not UTF-8 text (byte 15"),
+        ("eval vqa --data fashion-mnist --model {root}", 2, "expected easy-vqa, a .jsonl file"),
+    ],
+)
+def test_a_bad_input_ends_in_one_line_naming_it(files, capsys, command, code, expected):
+    argv = shlex.split(command.format(root=files))
+    assert main(argv) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected.format(root=files) in lines[0], lines
+    assert "weights_only=False" not in lines[0]
+
+
+def test_a_head_for_other_classes_names_the_head_and_the_fix(files, capsys):
+    argv = ["export", "--model", "test_vit", "--checkpoint", str(files / "good.pth"), "tome:r=1"]
+    timm_default = main([*argv, "-o", str(files / "x.json")])
+    assert timm_default == 2
+    line = capsys.readouterr().err.strip()
+    assert "does not fit model test_vit" in line and "give the --model it was trained as" in line
+    with pytest.raises(UsageError, match=r"head.weight is \[3, 64\] there but \[10, 64\]"):
+        create_model("test_vit", files / "good.pth", img_size=32, patch_size=4, num_classes=10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_refused(capsys):
+    assert main(["bench", "--model", "test_vit", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible here" in capsys.readouterr().err
+
+
+def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
+    path = tmp_path / "tome.json"
+    argv = ["export", "--model", "deit_tiny_patch16_224", "tome:r=13", "-o", str(path)]
+    assert main(argv) == 0
+    path.write_text("my edits")
+    assert main(argv) == 2
+    assert f"-o {path} exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert path.read_text() == "my edits"
+    assert main([*argv, "--force"]) == 0 and json.loads(path.read_text())["options"] == {"r": 13}
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (KeyboardInterrupt(), 130, "tokcomp bench: interrupted"),
+        (
+            RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB"),
+            1,
+            "tokcomp bench: error: CUDA out of memory. ... (RuntimeError; --debug shows the "
+            "traceback)",
+        ),
+        (UsageError("the fix"), 2, "tokcomp bench: error: the fix"),
+    ],
+)
+def test_the_handler_maps_errors_to_one_line_and_debug_shows_the_traceback(
+    monkeypatch, capsys, raised, code, line
+):
+    def fail(*_):
+        raise raised
+
+    monkeypatch.setattr(cli, "benchmark", fail)
+    argv = ["bench", "--model", "test_vit", "--warmup", "0", "--repeats", "1"]
+    assert main(argv) == code
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    with pytest.raises(type(raised)):
+        main([*argv, "--debug"])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr(cli, "benchmark", lambda *_: None.missing)
+    with pytest.raises(AttributeError):
+        main(["bench", "--model", "test_vit"])
+
+
+def test_bench_of_a_checkpoint_names_it_in_its_json(files, tmp_path):
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "--checkpoint", str(files / "good.safetensors"), "--batch-size", "1"]
+    assert main([*argv, "--warmup", "0", "--repeats", "1", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["model"] == str(files / "good.safetensors")

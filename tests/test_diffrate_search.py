@@ -204,5 +204,5 @@ def test_deit_augmented_search_command_records_it_and_refuses_odd_batches(tmp_pa
     argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--augment", "deit"]
     assert main([*argv, "--batch-size", "16", "-o", str(output)]) == 0
     assert "DeiT augmentation" in tokcomp.Config.load(output).notes
-    assert main([*argv, "--batch-size", "15", "-o", str(output)]) == 2
+    assert main([*argv, "--batch-size", "15", "-o", str(output), "--force"]) == 2
     assert "give an even --batch-size" in capsys.readouterr().err

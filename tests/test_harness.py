@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import runpy
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +28,17 @@ from fixtures.imagenet import (
     synset_folder,
     write_images,
 )
+from PIL import Image
+from safetensors import safe_open
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
 
-import tokcomp
 from tokcomp.cli import main
+from tokcomp.errors import StateError
 from tokcomp.harness import sweep
 from tokcomp.harness.data import open_dataset
 from tokcomp.harness.fashion_mnist import load_arrays, place_at_fixed_offsets
+from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.imagenet import (
     ClassificationTask,
     data_config,
@@ -37,6 +46,7 @@ from tokcomp.harness.imagenet import (
     model_transform,
     topk_correct,
 )
+from tokcomp.harness.plot import sweep_figure
 from tokcomp.harness.results import ResultStore
 from tokcomp.models import create_model
 
@@ -134,11 +144,52 @@ def test_topk_agrees_with_timm_without_ties():
     assert topk_correct(logits, targets) == {"top1": top1, "top5": top5}
 
 
-# -- sweeps and resume ----------------------------------------------------------------------
-def test_an_interrupted_sweep_recomputes_only_the_missing_point(tmp_path, small, monkeypatch):
+# -- sweeps, resume and fingerprints ---------------------------------------------------------
+TIMING = ("images_per_s", "speedup", "peak_memory_mb")
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def test_ctrl_c_stops_a_run_with_one_line_and_the_rerun_gives_the_uninterrupted_table(
+    tmp_path, small
+):
+    _, checkpoint = small
+    data = write_images(tmp_path / "data", {"cat": 20, "dog": 20, "emu": 20}, size=8)
+    options = "--batch-size 1 --threads 1 --methods tome,random --budgets 0.9,0.8,0.7"
+    whole = evaluate(checkpoint, data, tmp_path / "whole", options)
+    output = tmp_path / "interrupted"
+    argv = [sys.executable, "-m", "tokcomp", "eval", "imagenet", "--checkpoint", checkpoint]
+    argv += ["--data", data, "--output", output, "--workers", 0, *shlex.split(options)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(list(map(str, argv)), env=env, stderr=subprocess.PIPE, text=True)
+    results = output / "results.jsonl"
+    deadline = time.time() + 300
+    while not results.is_file() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    stderr = run.communicate(timeout=300)[1]
+    assert run.returncode == 130
+    last_line = stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert last_line == (
+        f"tokcomp eval imagenet: interrupted: finished points are saved in {output}; "
+        "the same command resumes"
+    )
+    finished = {row["key"]: row["finished"] for row in map(json.loads, results.open())}
+    assert 1 <= len(finished) < len(whole)
+
+    rerun = evaluate(checkpoint, data, output, options)
+    assert _without_timing(rerun) == _without_timing(whole)
+    rows = [json.loads(line) for line in results.open()]
+    assert len(rows) == len(whole)
+    assert {r["key"]: r["finished"] for r in rows if r["key"] in finished} == finished
+
+
+def test_a_run_with_other_points_reports_every_point_saved_for_the_same_inputs(
+    tmp_path, small, monkeypatch
+):
     data, checkpoint = small
-    config = tmp_path / "tome-r4.json"
-    tokcomp.config_of(tokcomp.apply(create_model(checkpoint=checkpoint), "tome", r=4)).save(config)
     measured = []
     real_measure = sweep.measure
 
@@ -147,46 +198,95 @@ def test_an_interrupted_sweep_recomputes_only_the_missing_point(tmp_path, small,
         return real_measure(model, task, device, desc, *rest)
 
     monkeypatch.setattr(sweep, "measure", counting_measure)
+    evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
+    both = evaluate(checkpoint, data, tmp_path, "--methods tome --budgets 0.7")
+    assert measured == ["[1/2] unpruned", "[2/2] tome r=2", "[2/2] tome target_macs=0.7"]
+    assert [row["label"] for row in both] == ["", "target_macs=0.7", "r=2"]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("grow", "data: 6 samples, sha256 [0-9a-f]+ then, 9 samples"),
+        ("edit", "data: 6 samples, sha256 [0-9a-f]+ then, 6 samples"),
+        ("limit", "limit: none then, 4 now; data: 6 samples"),
+        ("weights", "weights: file [0-9a-f]+ then, file [0-9a-f]+ now"),
+    ],
+)
+def test_results_of_other_inputs_are_refused_naming_what_changed(
+    tmp_path, small, change, named, capsys
+):
+    data, checkpoint = small
+    data = Path(shutil.copytree(data, tmp_path / "data"))
+    checkpoint = Path(shutil.copy(checkpoint, tmp_path / "model.safetensors"))
     output = tmp_path / "out"
-    options = (
-        f"--batch-size 4 --methods tome --budgets 0.9,0.7 --variant tome:r=2 --config {config}"
-    )
-    first = evaluate(checkpoint, data, output, options)
-    assert [(row["method"], row["label"]) for row in first] == [
-        ("unpruned", ""),
-        ("tome", "target_macs=0.9"),
-        ("tome", "target_macs=0.7"),
-        ("tome", "r=2"),
-        ("tome", "tome-r4.json"),
-    ]
-    assert len(measured) == 5
+    evaluate(checkpoint, data, output)
+    saved = (output / "results.jsonl").read_bytes()
+    options = ""
+    if change == "grow":
+        write_images(data, {"cat": 1, "dog": 1, "emu": 1}, seed=1, first=2)
+    elif change == "edit":
+        write_images(data, {"cat": 1}, seed=2)  # same name, other pixels
+    elif change == "limit":
+        options = "--limit 4"
+    else:
+        retrained = create_model(checkpoint=checkpoint)
+        torch.nn.init.normal_(retrained.head.weight)
+        metadata = safe_open(str(checkpoint), "pt").metadata()
+        save_safetensors(retrained, checkpoint, **metadata)
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    argv += ["--output", str(output), "--workers", "0", *shlex.split(options)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(
+        f"tokcomp eval imagenet: error: the results in {output}/results.jsonl were made from "
+        f"other inputs \\({named}.*\\); rerun with --fresh to set them "
+        "aside and start again, or give another --output",
+        line,
+    ), line
+    assert (output / "results.jsonl").read_bytes() == saved
 
-    results = output / "results.jsonl"
-    lines = results.read_text().splitlines(keepends=True)
-    results.write_text("".join(line for line in lines if json.loads(line)["label"] != "r=2"))
-    measured.clear()
-    second = evaluate(checkpoint, data, output, options)
-    assert measured == ["[4/5] tome r=2"]
-    assert [row for i, row in enumerate(second) if i != 3] == first[:3] + first[4:]
 
-    measured.clear()
-    evaluate(checkpoint, data, output, options + " --limit 3")  # other data: other points
-    assert len(measured) == 5
+def test_fresh_sets_the_earlier_results_aside_and_measures_the_new_data(tmp_path, small, capsys):
+    data, checkpoint = small
+    data = Path(shutil.copytree(data, tmp_path / "data"))
+    output = tmp_path / "out"
+    evaluate(checkpoint, data, output, "--variant tome:r=2")
+    earlier = (output / "results.jsonl").read_text()
+    write_images(data, {"cat": 1, "dog": 1, "emu": 1}, seed=1, first=2)
+    rows = evaluate(checkpoint, data, output, "--fresh")
+    [aside] = output.glob("results.*.jsonl")
+    assert aside.read_text() == earlier
+    assert [(row["label"], row["samples"]) for row in rows] == [("", "9")]
+    assert f"--fresh: earlier results set aside in {aside}" in capsys.readouterr().out
 
 
-def test_a_half_written_last_line_is_dropped(tmp_path):
-    store = ResultStore(tmp_path)
+def test_rows_without_a_fingerprint_are_refused(tmp_path, small, capsys):
+    data, checkpoint = small
+    (tmp_path / "results.jsonl").write_text(json.dumps({"key": "k", "top1": 50.0}) + "\n")
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    assert main([*argv, "--output", str(tmp_path), "--workers", "0"]) == 2
+    assert "without a fingerprint of the inputs (by an older tokcomp)" in capsys.readouterr().err
+
+
+def test_a_half_written_last_line_is_dropped_and_a_broken_row_is_named(tmp_path):
+    inputs = Fingerprint.of(data="6 samples")
+    store = ResultStore(tmp_path, inputs)
     store.add({"key": "a", "top1": 1.0})
     with store.path.open("a") as handle:
         handle.write('{"key": "b", "to')
     with pytest.warns(UserWarning, match="unfinished last line"):
-        store = ResultStore(tmp_path)
-    assert store.get("a") == {"key": "a", "top1": 1.0} and store.get("b") is None
+        store = ResultStore(tmp_path, inputs)
+    assert store.get("a") == {"key": "a", "top1": 1.0, "fingerprint": inputs.as_json()}
+    assert store.get("b") is None
     store.add({"key": "b"})
     assert [json.loads(line)["key"] for line in store.path.read_text().splitlines()] == ["a", "b"]
-    store.path.write_text('{"key": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"results.jsonl:2 is not a JSON object"):
-        ResultStore(tmp_path)
+    for broken, problem in [("not json", "not JSON"), ("[1, 2]", "not an object with a 'key'")]:
+        store.path.write_text(store.path.read_text() + broken + "\n")
+        with pytest.raises(StateError, match=rf"results.jsonl:3 is not a results row \({problem}"):
+            ResultStore(tmp_path, inputs)
+        store.path.write_text("".join(store.path.read_text().splitlines(keepends=True)[:2]))
 
 
 def test_every_point_is_checked_before_any_is_evaluated(tmp_path, small, capsys):
@@ -208,7 +308,31 @@ def test_the_report_has_a_table_csv_and_plot(tmp_path, small, capsys):
     assert "tome        r=4" in table and "1.00x" in table
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["delta_top1"]) == 0.0
     assert float(rows[1]["macs_ratio"]) < 1 and float(rows[1]["peak_memory_mb"]) > 0
-    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(tmp_path / "results.png") as picture:
+        assert picture.size == (1320, 540)  # two 5.5 x 4.5 inch panels at 120 dpi
+
+
+def test_the_plot_draws_each_method_from_the_unpruned_star_in_order_of_x():
+    rows = [
+        {"method": "unpruned", "gmacs": 4.0, "images_per_s": 10.0, "top1": 80.0},
+        {"method": "tome", "gmacs": 2.0, "images_per_s": 30.0, "top1": 70.0},
+        {"method": "evit", "gmacs": 3.0, "images_per_s": 15.0, "top1": 78.0},
+        {"method": "tome", "gmacs": 3.0, "images_per_s": 20.0, "top1": 76.0},
+    ]
+    figure = sweep_figure(rows, "top1", "a sweep")
+    assert figure.get_suptitle() == "a sweep"
+    for panel, x in zip(figure.axes, ("gmacs", "images_per_s"), strict=True):
+        lines = {line.get_label(): line for line in panel.get_lines()}
+        assert list(lines) == ["tome", "evit", "unpruned"]
+        tome = sorted([rows[0], rows[1], rows[3]], key=lambda row: row[x])
+        assert list(lines["tome"].get_xdata()) == [row[x] for row in tome]
+        assert list(lines["tome"].get_ydata()) == [row["top1"] for row in tome]
+        assert sorted(lines["evit"].get_xdata()) == sorted([rows[0][x], rows[2][x]])
+        assert (lines["unpruned"].get_marker(), list(lines["unpruned"].get_xdata())) == (
+            "*",
+            [rows[0][x]],
+        )
+        assert panel.get_ylabel() == "top1 (%)"
 
 
 # -- the same numbers as timm ---------------------------------------------------------------
@@ -305,14 +429,18 @@ def test_the_eval_script_runs_a_pth_checkpoint(tmp_path, imagenet_val, monkeypat
     assert (row["top1"], row["top5"], row["samples"]) == (10.0, 30.0, 20)
 
 
-def test_a_corrupt_image_stops_the_run_naming_it(tmp_path, small, capsys):
+def test_a_corrupt_image_read_by_a_worker_stops_the_run_with_one_line_naming_it(
+    tmp_path, small, capsys
+):
     _, checkpoint = small
     bad = tmp_path / "data" / "cat" / "broken.png"
     write_images(tmp_path / "data", {"cat": 1, "dog": 1}, size=8)
     bad.write_bytes(b"\x89PNG\r\n\x1a\n")
     argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data")]
-    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "1"]) == 2
-    assert f"cannot decode image {bad}" in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "2"]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"tokcomp eval imagenet: error: cannot decode image {bad} (")
+    assert line.endswith("); replace or delete the file")
 
 
 # -- the default Fashion-MNIST model --------------------------------------------------------

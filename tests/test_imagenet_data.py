@@ -8,12 +8,16 @@ from fixtures.imagenet import foolbox_images, synset_folder, write_images
 
 from tokcomp.harness.data import (
     CorruptImageError,
+    DataSource,
     LabelledImageFolder,
+    data_source,
+    describe,
     imagenet_synsets,
     limited,
     open_dataset,
 )
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
+from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa
 
 
 def test_synsets_are_the_imagenet_1k_classes_in_index_order():
@@ -104,3 +108,27 @@ def test_fashion_mnist_is_its_test_split(tmp_path):
     assert [label for _, label in dataset] == [labels[i] for i in range(0, 10_000, 2000)]
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/t10k-images-idx3-ubyte.gz"):
         open_dataset(f"fashion-mnist:{tmp_path}")
+
+
+def test_one_data_source_names_every_kind_and_each_reader_refuses_the_others(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("")
+    assert data_source("fashion-mnist").kind == "fashion-mnist"
+    assert data_source(f"fashion-mnist:{tmp_path}") == DataSource("fashion-mnist", tmp_path)
+    assert (data_source("easy-vqa").kind, data_source("easy-vqa").name) == ("easy-vqa", "easy-vqa")
+    assert data_source(str(questions)) == DataSource("jsonl", questions)
+    assert data_source(str(tmp_path)).name == tmp_path.name
+    with pytest.raises(ValueError, match="holds questions, not labelled images"):
+        open_dataset(str(questions))
+    with pytest.raises(FileNotFoundError, match=r"expected easy-vqa, a \.jsonl file or a VQAv2"):
+        open_vqa("fashion-mnist")
+
+
+def test_describe_uses_the_datasets_own_line_and_counts_a_limited_vqa_set_itself():
+    questions = read_easy_vqa("test")
+    limited_set = limited(VQADataset(questions), 10)
+    images = {questions[i * len(questions) // 10].image for i in range(10)}
+    assert describe(limited_set) == (
+        f"10 questions on {len(images)} images; answer types "
+        f"{sorted({q.answer_type for q in limited_set.questions})}"
+    )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures.vqa import VISUAL_TOKENS, tiny_llava, tiny_processor, training_script, write_jsonl
 
-from tokcomp.harness.vqa import read_jsonl
+from tokcomp.harness.vqa_data import read_jsonl
 
 IMAGE = 9
 

@@ -9,7 +9,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import tokcomp
 from tokcomp.harness.sweep import measure
-from tokcomp.harness.vqa import DEFAULT_MODEL, VQADataset, VQATask, read_easy_vqa
+from tokcomp.harness.vqa import DEFAULT_MODEL, VQATask
+from tokcomp.harness.vqa_data import VQADataset, read_easy_vqa
 
 WEIGHTS = DEFAULT_MODEL / "model.safetensors"
 CPU = torch.device("cpu")

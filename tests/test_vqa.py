@@ -25,17 +25,10 @@ from fixtures.vqa import (
 
 from tokcomp.cli import main
 from tokcomp.harness import sweep
+from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.results import ResultStore
-from tokcomp.harness.vqa import (
-    VQADataset,
-    VQATask,
-    generated_lengths,
-    keep_budget,
-    open_vqa,
-    read_easy_vqa,
-    read_jsonl,
-    read_vqav2,
-)
+from tokcomp.harness.vqa import VQATask, generated_lengths, keep_budget
+from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa, read_jsonl, read_vqav2
 from tokcomp.harness.vqa_metric import normalize_answer, vqa_accuracy
 
 CPU = torch.device("cpu")
@@ -229,35 +222,54 @@ def test_a_sweep_runs_end_to_end_unpruned_first(tiny, tmp_path, capsys):
         assert float(row["macs_ratio"]) > 0 and {"vqa_yes_no", "vqa_number"} <= row.keys()
     table = capsys.readouterr().out
     assert "Δvqa" in table and "TTFT ms" in table and "vis tok" in table
-    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_an_interrupted_sweep_recomputes_only_the_missing_point(tiny, tmp_path, monkeypatch):
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_table(
+    tiny, tmp_path, monkeypatch, capsys
+):
     data, model = tiny
-    measured = []
+    options = ("--methods", "zoo", "--budgets", "0.5,0.25", "--variant", "divprune:keep=4")
+    whole = evaluate(model, data, tmp_path / "whole", *options)
+    measured, interrupted = [], []
     real_measure = sweep.measure
 
-    def counting_measure(model, task, device, desc, *rest):
+    def measure_until_ctrl_c(model, task, device, desc, *rest):
+        if desc.startswith("[3/4]") and not interrupted:
+            interrupted.append(desc)
+            raise KeyboardInterrupt
         measured.append(desc)
         return real_measure(model, task, device, desc, *rest)
 
-    monkeypatch.setattr(sweep, "measure", counting_measure)
-    options = ("--methods", "zoo", "--budgets", "0.5,0.25", "--variant", "divprune:keep=4")
-    first = evaluate(model, data, tmp_path, *options)
-    assert len(measured) == 4
-    results = tmp_path / "results.jsonl"
-    lines = results.read_text().splitlines(keepends=True)
-    results.write_text("".join(line for line in lines if json.loads(line)["label"] != "keep=0.25"))
+    monkeypatch.setattr(sweep, "measure", measure_until_ctrl_c)
+    output = tmp_path / "out"
+    argv = ["--model", model, "--data", data, "--output", output, "--workers", 0]
+    argv += ["--batch-size", 4, "--max-new-tokens", 2, *options]
+    assert main(["eval", "vqa", *map(str, argv)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"tokcomp eval vqa: interrupted: finished points are saved in {output}; "
+        "the same command resumes"
+    )
     measured.clear()
-    second = evaluate(model, data, tmp_path, *options)
-    assert measured == ["[3/4] zoo keep=0.25"]
-    unchanged = ("method", "label", "vqa", "visual_tokens")
-    assert [{k: r[k] for k in unchanged} for r in second] == [
-        {k: r[k] for k in unchanged} for r in first
+    resumed = evaluate(model, data, output, *options)
+    assert measured == ["[3/4] zoo keep=0.25", "[4/4] divprune keep=4"]
+    unchanged = ("method", "label", "vqa", "vqa_yes_no", "visual_tokens", "samples")
+    assert [{k: r[k] for k in unchanged} for r in resumed] == [
+        {k: r[k] for k in unchanged} for r in whole
     ]
-    measured.clear()
-    evaluate(model, data, tmp_path, *options, "--limit", "3")  # other data: other points
-    assert len(measured) == 4
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [(("--limit", "3"), "limit: none then, 3 now"), (("--prompt", " Answer:"), "prompt: ")],
+)
+def test_a_sweep_with_other_inputs_is_refused_naming_them(tiny, tmp_path, capsys, option, named):
+    data, model = tiny
+    evaluate(model, data, tmp_path, "--variant", "zoo:keep=4")
+    argv = ["--model", model, "--data", data, "--output", tmp_path, "--workers", 0, *option]
+    capsys.readouterr()
+    assert main(["eval", "vqa", *map(str, argv)]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # after the model's loading bar
+    assert "were made from other inputs (" in line and named in line and "--fresh" in line
 
 
 def test_forced_answers_score_exactly_at_every_budget(tmp_path):
@@ -272,7 +284,7 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)
-    rows = sweep.run_sweep(model, points, task, ResultStore.in_memory(), {}, CPU)
+    rows = sweep.run_sweep(model, points, task, ResultStore(None, Fingerprint.of()), CPU)
     # "yes" scores 0.9 (3 of 10 humans say it) and 1 (the single answer); the others 0
     for row in rows:
         assert row["vqa"] == pytest.approx(100 * 1.9 / 6)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tokcomp.api import apply, macs
+from tokcomp.harness.timing import now
 
 
 @dataclass(frozen=True)
@@ -157,16 +157,9 @@ def _runner(model: nn.Module, images: torch.Tensor, settings: BenchSettings) -> 
 
 def timed(forward: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """forward()'s result and its wall time in seconds (device work included)."""
-    _synchronize(device)
-    start = time.perf_counter()
+    start = now(device)
     outputs = forward()
-    _synchronize(device)
-    return outputs, time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return outputs, now(device) - start
 
 
 def peak_memory(forward: Callable[[], Any], device: torch.device | str = "cpu") -> int:

@@ -7,28 +7,44 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
+from tokcomp.errors import INTERRUPTED, RUNTIME, USAGE, TokcompError, original_message
 from tokcomp.harness import imagenet, vqa
+from tokcomp.harness.arguments import (
+    add_model_arguments,
+    check_config_output,
+    device,
+    non_negative_int,
+    positive_int,
+)
 from tokcomp.models import create_model
 from tokcomp.search import diffrate, zero_tprune
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="timm model name (random weights unless --checkpoint)")
-    parser.add_argument("--checkpoint", help="local .safetensors/.pth weights")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage text is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `message` on one line and exit with the usage code."""
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokcomp", description=__doc__)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = _Parser(prog="tokcomp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bench = commands.add_parser("bench", help="speed of methods vs the unpruned model")
-    _add_model_arguments(bench)
+    bench = commands.add_parser(
+        "bench", parents=[debug], help="speed of methods vs the unpruned model"
+    )
+    add_model_arguments(bench, pretrained=False)
     bench.add_argument(
         "--variant",
         action="append",
@@ -36,39 +52,52 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         help="method:key=value,... (repeatable), e.g. tome:r=13",
     )
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--batch-size", type=positive_int, default=32)
+    bench.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--repeats", type=int, default=7)
-    bench.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    bench.add_argument("--warmup", type=non_negative_int, default=2)
+    bench.add_argument("--repeats", type=positive_int, default=7)
+    bench.add_argument(
+        "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
     bench.add_argument("--json", type=Path, help="also write the results here")
 
-    export = commands.add_parser("export", help="write the config of a method on a model")
-    _add_model_arguments(export)
+    export = commands.add_parser(
+        "export", parents=[debug], help="write the config of a method on a model"
+    )
+    add_model_arguments(export, pretrained=False)
     export.add_argument("variant", type=parse_variant, help="method:key=value,...")
     export.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
+    export.add_argument("--force", action="store_true", help="overwrite an existing -o file")
 
-    show = commands.add_parser("show", help="summarise a saved config")
+    show = commands.add_parser("show", parents=[debug], help="summarise a saved config")
     show.add_argument("config", type=Path)
 
     evaluate = commands.add_parser("eval", help="accuracy and speed of a sweep of methods")
     tasks = evaluate.add_subparsers(dest="task", required=True)
     imagenet.add_arguments(
-        tasks.add_parser("imagenet", help="top-1/top-5 on an image folder or Fashion-MNIST")
+        tasks.add_parser(
+            "imagenet", parents=[debug], help="top-1/top-5 on an image folder or Fashion-MNIST"
+        )
     )
     vqa.add_arguments(
-        tasks.add_parser("vqa", help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)")
+        tasks.add_parser(
+            "vqa", parents=[debug], help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)"
+        )
     )
 
     search = commands.add_parser("search", help="learn a compression schedule on data")
     searches = search.add_subparsers(dest="method", required=True)
     diffrate.add_arguments(
-        searches.add_parser("diffrate", help="DiffRate's per-block prune/merge rates")
+        searches.add_parser(
+            "diffrate", parents=[debug], help="DiffRate's per-block prune/merge rates"
+        )
     )
     zero_tprune.add_arguments(
         searches.add_parser(
-            "zero_tprune", help="Zero-TPrune's similarity share (and pruning blocks) for a model"
+            "zero_tprune",
+            parents=[debug],
+            help="Zero-TPrune's similarity share (and pruning blocks) for a model",
         )
     )
     return parser
@@ -87,7 +116,7 @@ def _bench(args: argparse.Namespace) -> None:
     input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
     rows = benchmark(model, args.variant, settings, input_size)
     context = {
-        "model": args.model or args.checkpoint,
+        "model": args.model or str(args.checkpoint),
         "threads": torch.get_num_threads(),
         "ops_backend": ops.backend(args.device),
         "torch": torch.__version__,
@@ -103,6 +132,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    check_config_output(args.output, args.force)
     model = create_model(args.model, args.checkpoint)
     api.apply(model, args.variant.method, **args.variant.options)
     path = api.config_of(model).save(args.output)
@@ -113,8 +143,8 @@ def _show(args: argparse.Namespace) -> None:
     config = Config.load(args.config)
     print(f"method    {config.method} {json.dumps(config.options)}")
     print(f"model     {config.model.get('name')} ({config.model.get('family')})")
-    print(f"MACs      {config.macs / 1e9:.3f} G of {config.base_macs / 1e9:.3f} G "
-          f"({config.macs_ratio:.3f})")  # fmt: skip
+    macs = f"{config.macs / 1e9:.3f} G of {config.base_macs / 1e9:.3f} G"
+    print(f"MACs      {macs} ({config.macs_ratio:.3f})")
     print(f"schedule  {config.schedule}")
     if config.notes:
         print(f"notes     {config.notes}")
@@ -125,12 +155,57 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `tokcomp` console script."""
-    args = _build_parser().parse_args(argv)
+    """Entry point of the `tokcomp` console script: runs the command; an error it can explain
+    is one line on stderr and its exit code (`--debug` re-raises it with its traceback)."""
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error argparse has printed
+        return done.code
     handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _run, "search": _run}
     try:
         handlers[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"tokcomp {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        code = _exit_code(err)
+        if args.debug or code is None:
+            raise
+        print(f"{_command(args)}: {_one_line(err)}", file=sys.stderr)
+        return code
     return 0
+
+
+#: Errors raised by checks on what was asked (library code raises these for bad options,
+#: files or configs): usage. Failures of the run itself (torch, the system): runtime.
+_USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+_RUNTIME_ERRORS = (OSError, RuntimeError, FloatingPointError, MemoryError)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """'tokcomp eval imagenet', 'tokcomp search diffrate', 'tokcomp bench', ..."""
+    sub = {"eval": "task", "search": "method"}.get(args.command)
+    return " ".join(["tokcomp", args.command, *([getattr(args, sub)] if sub else [])])
+
+
+def _exit_code(err: BaseException) -> int | None:
+    """The exit code of an error the command explains in one line; None for a bug (its
+    traceback is the report)."""
+    if isinstance(err, TokcompError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(err, _USAGE_ERRORS):
+        return USAGE
+    if isinstance(err, _RUNTIME_ERRORS):
+        return RUNTIME
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: tokcomp's own message, else the first line of the message
+    with the error's type."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(err, TokcompError):
+        return f"error: {err}" if err.exit_code != INTERRUPTED else str(err)
+    lines = original_message(str(err)).strip().splitlines() or [""]
+    more = " ..." if len(lines) > 1 else ""
+    return f"error: {lines[0]}{more} ({type(err).__name__}; --debug shows the traceback)"

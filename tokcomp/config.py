@@ -3,24 +3,40 @@ the model it was made for and its MACs. Versioned, validated, saved as JSON or Y
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from tokcomp.methods import method_class
-from tokcomp.schedule import ModelSpec
+from tokcomp.errors import UsageError
+from tokcomp.methods import Method, create_method, method_class
+from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
 
 CONFIG_VERSION = 1
+#: The file types a config is saved as.
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 #: Spec fields that must agree for a config to apply to a model (name is informational).
-_MODEL_FIELDS = ("family", "depth", "tokens", "protected", "class_token", "width", "heads",
-                 "attn_dim", "mlp_hidden")  # fmt: skip
+_MODEL_FIELDS = (
+    "family",
+    "depth",
+    "tokens",
+    "protected",
+    "class_token",
+    "width",
+    "heads",
+    "attn_dim",
+    "mlp_hidden",
+)
+#: Method options a config holds elsewhere: the schedule they settle into is its 'schedule'.
+_SETTLED_OPTIONS = ("schedule", "target_macs")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file or dict that tokcomp cannot use; the message names the field and fix."""
 
 
@@ -44,6 +60,8 @@ class Config:
     notes: str = ""
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: How messages name this config (its file, once loaded from one).
+    source: ClassVar[str] = "this config"
 
     @property
     def macs_ratio(self) -> float:
@@ -72,6 +90,10 @@ class Config:
         if missing:
             raise ConfigError(f"{source}: missing field(s) {missing}")
         _expect(source, "version", data.get("version", CONFIG_VERSION), int)
+        if data.get("version", CONFIG_VERSION) < 1:
+            raise ConfigError(
+                f"{source}: 'version' must be a positive int (this tokcomp writes {CONFIG_VERSION})"
+            )
         if data.get("version", CONFIG_VERSION) > CONFIG_VERSION:
             raise ConfigError(
                 f"{source}: config version {data['version']} is newer than this tokcomp "
@@ -83,6 +105,7 @@ class Config:
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
         _expect(source, "options", data["options"], dict)
+        _check_options(source, method_class(data["method"]), data["options"])
         _expect(source, "model", data["model"], dict)
         _expect(source, "notes", data.get("notes", ""), str)
         _expect(source, "extra", data.get("extra", {}), dict)
@@ -117,7 +140,12 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8"
+            ) from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 data = yaml.safe_load(text)
@@ -127,19 +155,103 @@ class Config:
                 raise ConfigError(f"{path}: a config file ends in .json, .yaml or .yml")
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from None
-        return cls.from_dict(data, source=str(path))
+        config = cls.from_dict(data, source=str(path))
+        config.source = str(path)
+        return config
 
     def check_model(self, spec: ModelSpec) -> None:
-        """Refuse a model this config was not made for, naming the first differing field."""
+        """Refuse a model this config was not made for (naming the first differing field),
+        and a config whose MACs or budget options disagree with its schedule on it."""
         actual = spec.as_dict()
         for name in (*_MODEL_FIELDS, *spec.checked):
             if self.model.get(name) != actual[name]:
                 raise ConfigError(
-                    f"this config was made for {self.model.get('name')!r} with model.{name}="
+                    f"{self.source} was made for {self.model.get('name')!r} with model.{name}="
                     f"{self.model.get(name)!r}, but the model has {name}={actual[name]!r}; "
                     "use a config exported from this architecture (or build a new one with "
                     "tokcomp.apply(model, method, ...))"
                 )
+        try:
+            method = create_method(self.method, **self.options, schedule=self.schedule)
+            settled, schedule = resolve(method, spec)
+        except ValueError as err:
+            raise ConfigError(f"{self.source}: {err}; re-export it for this model") from None
+        self._check_macs(spec, settled, schedule)
+        self._check_budget_options(spec)
+
+    def _check_macs(self, spec: ModelSpec, method: Method, schedule: list[int]) -> None:
+        """Refuse MACs that are not what the schedule costs on `spec` (a hand edit)."""
+        selection = selection_macs(spec, method, schedule)
+        expected = {
+            "macs": (model_macs(spec, schedule) + selection, "under its schedule"),
+            "selection_macs": (selection, "in the method's own work"),
+            "base_macs": (model_macs(spec), "unpruned"),
+        }
+        for name, (value, how) in expected.items():
+            if getattr(self, name) != value:
+                raise ConfigError(
+                    f"{self.source}: {name} is {getattr(self, name)}, but this model costs "
+                    f"{value} MACs per image {how}: fix {name!r} (or re-export the config with "
+                    "tokcomp export)"
+                )
+
+    def _check_budget_options(self, spec: ModelSpec) -> None:
+        """Refuse budget options (r, keep_ratio, keep, ...) that give another schedule than
+        the config's own; a config made for an explicit schedule has none."""
+        knobs = sorted(budget_knobs(self.method, spec) & set(self.options))
+        if not knobs:
+            return
+        _, own = resolve(create_method(self.method, **self.options), spec)
+        if own != self.schedule:
+            given = ", ".join(f"{name}={self.options[name]!r}" for name in knobs)
+            raise ConfigError(
+                f"{self.source}: options {given} give the schedule {own}, but its 'schedule' is "
+                f"{self.schedule}: correct one of them (or re-export the config)"
+            )
+
+
+def budget_knobs(method: str, spec: ModelSpec) -> set[str]:
+    """The options `method`'s family of schedules varies (its budget knobs: tome's r, a keep
+    ratio, ...); none for a method without such a family (e.g. diffrate's searched lists)."""
+    try:
+        first, second = itertools.islice(create_method(method).candidates(spec), 2)
+    except (NotImplementedError, ValueError):
+        return set()
+    return {f.name for f in fields(first) if getattr(first, f.name) != getattr(second, f.name)}
+
+
+def _check_options(source: str, cls: type[Method], options: dict[str, Any]) -> None:
+    """Refuse options settled elsewhere in a config, and a bool or text where the option
+    takes numbers."""
+    for name in _SETTLED_OPTIONS:
+        if name in options:
+            raise ConfigError(
+                f"{source}: options.{name} cannot be in a config: its schedule is the 'schedule' "
+                f"field; remove options.{name}"
+            )
+    hints = get_type_hints(cls)
+    for name, value in options.items():
+        allowed = _kinds(hints.get(name, Any))
+        if allowed is None:
+            continue
+        for kind in (bool, str):
+            if isinstance(value, kind) and kind not in allowed:
+                raise ConfigError(
+                    f"{source}: options.{name} is {value!r}, but {cls.name}'s {name} takes "
+                    f"{_kind_names(allowed)}"
+                )
+
+
+def _kinds(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a type hint admits (None: anything)."""
+    if hint is Any:
+        return None
+    args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return tuple(get_origin(arg) or arg for arg in args)
+
+
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    return " or ".join("none" if kind is type(None) else kind.__name__ for kind in kinds)
 
 
 def _is_int(value: Any) -> bool:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from torch import nn
+
+from tokcomp.errors import UsageError
 
 
 def create_model(
@@ -31,7 +35,9 @@ def create_model(
     kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
-        model.load_state_dict(load_state_dict(checkpoint))
+        state = load_state_dict(checkpoint)
+        _check_fits(model, state, checkpoint, name)
+        model.load_state_dict(state)
     if "data_config" in metadata:
         model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["data_config"])}
     return model.eval()
@@ -46,18 +52,65 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        with _readable(path):
+            return load_file(str(path))
+    with _readable(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"checkpoint {path} holds no state dict of tensors; {_RESAVE}")
     return state
+
+
+#: How to get a checkpoint tokcomp reads.
+_RESAVE = (
+    "save the weights where the model was made, with torch.save(model.state_dict(), PATH) "
+    "or safetensors' save_file"
+)
+
+
+@contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn a failure to read checkpoint `path` into one line (torch's own message may
+    suggest unpickling arbitrary objects, which a file of unknown origin must not get)."""
+    try:
+        yield
+    except Exception as err:  # safetensors and torch.load fail in many ways on bad files
+        raise UsageError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: it is damaged, truncated, "
+            f"not a {path.suffix} file, or holds Python objects besides tensors); {_RESAVE}"
+        ) from None
+
+
+def _check_fits(
+    model: nn.Module, state: dict[str, torch.Tensor], checkpoint: str | Path, name: str
+) -> None:
+    """Refuse a checkpoint whose tensors do not match the model's, naming the first one."""
+    own = model.state_dict()
+    wrong = [key for key in state if key in own and state[key].shape != own[key].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if wrong:
+        key = wrong[0]
+        problem = f"{key} is {list(state[key].shape)} there but {list(own[key].shape)} in {name}"
+    elif missing or unexpected:
+        problem = f"it lacks {missing[:3]} and has {unexpected[:3]} that {name} does not"
+    else:
+        return
+    raise UsageError(
+        f"checkpoint {checkpoint} does not fit model {name}: {problem}; give the --model "
+        "it was trained as (a head for another number of classes needs that model)"
+    )
 
 
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:
     if Path(path).suffix != ".safetensors":
         return {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with _readable(Path(path)), safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}

@@ -1,10 +1,13 @@
-"""Labelled image datasets for evaluation: image folders (ImageNet synset folders get their
-standard class indices), the Fashion-MNIST test set, and a deterministic `--limit` subset."""
+"""Evaluation data: what a --data value points at (an image folder, Fashion-MNIST, easy-VQA,
+a JSON-lines file), labelled image datasets (ImageNet synset folders get their standard
+class indices), one-line descriptions, and a deterministic `--limit` subset."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import importlib.util
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,19 @@ from timm.data import ImageNetInfo
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
+from tokcomp.errors import TokcompError
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from tokcomp.harness.fashion_mnist import FashionMNIST
+from tokcomp.harness.fingerprint import file_identity
 
 FASHION_MNIST = "fashion-mnist"
+EASY_VQA = "easy-vqa"
+EASY_VQA_PIN = "easy-vqa==1.0"
 
 
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded; the message names the file."""
+class CorruptImageError(TokcompError, ValueError):
+    """An image file that cannot be decoded; the message names the file (a runtime error:
+    found while the run reads its data)."""
 
 
 @functools.cache
@@ -77,14 +85,55 @@ class LabelledImageFolder(ImageFolder):
         """Whether labels are the standard ImageNet-1k indices of synset folders."""
         return imagenet_indices(self.classes) is not None
 
+    def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
+        """Each sample's file (relative path, size, modification time) and label."""
+        for index in indices:
+            path, label = self.samples[index]
+            yield [*file_identity(Path(path), Path(self.root)), label]
 
-def data_source(data: str) -> tuple[str, Path]:
-    """(kind, absolute folder) of a --data value: an image folder ('folder'), or
-    'fashion-mnist' ('fashion-mnist:ROOT' for IDX files elsewhere)."""
+    def describe(self) -> str:
+        """One line: images, classes and how labels were assigned."""
+        labels = "ImageNet-1k indices" if self.uses_imagenet_indices else "sorted names"
+        return f"{len(self)} images, {len(self.classes)} classes ({labels})"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a --data value points: its kind (FASHION_MNIST, EASY_VQA, "jsonl" for a
+    JSON-lines file, "folder" for anything else) and its absolute path."""
+
+    kind: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """A short name for result folders: a named set's name, else the file's stem."""
+        return self.kind if self.kind in (FASHION_MNIST, EASY_VQA) else self.path.stem
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+
+def data_source(data: str) -> DataSource:
+    """What a --data value points at: 'fashion-mnist' ('fashion-mnist:ROOT' for IDX files
+    elsewhere), 'easy-vqa' (the installed package's data folder), a .jsonl file or a folder
+    (an image folder, or the VQAv2 layout). Each task's reader accepts the kinds it reads."""
     name, _, root = data.partition(":")
     if name == FASHION_MNIST:
-        return FASHION_MNIST, Path(root or FASHION_MNIST_ROOT).resolve()
-    return "folder", Path(data).resolve()
+        return DataSource(FASHION_MNIST, Path(root or FASHION_MNIST_ROOT).resolve())
+    if data == EASY_VQA:
+        return DataSource(EASY_VQA, easy_vqa_root())
+    path = Path(data).resolve()
+    return DataSource("jsonl" if path.suffix == ".jsonl" else "folder", path)
+
+
+def easy_vqa_root() -> Path:
+    """The data folder of the installed easy-vqa package (its files; the package is not
+    imported)."""
+    spec = importlib.util.find_spec("easy_vqa")
+    if spec is None:
+        raise FileNotFoundError(f"easy-vqa is not installed: pip install {EASY_VQA_PIN}")
+    return Path(spec.submodule_search_locations[0]) / "data"
 
 
 def open_dataset(
@@ -93,30 +142,39 @@ def open_dataset(
     split: str = "test",
     canvas: int | None = None,
 ) -> Dataset:
-    """The labelled images of a --data value (see `data_source`); `split` picks the
-    Fashion-MNIST split (an image folder is whatever split the user points at) and `canvas`
-    the black canvas its garments are pasted on (see `FashionMNIST`)."""
-    kind, root = data_source(data)
-    if kind == FASHION_MNIST:
-        return FashionMNIST(root, split, transform, canvas=canvas)
-    return LabelledImageFolder(root, transform)
+    """The labelled images of a --data value (see `data_source`): an image folder or
+    Fashion-MNIST; `split` picks the Fashion-MNIST split (an image folder is whatever split
+    the user points at) and `canvas` the black canvas its garments are pasted on (see
+    `FashionMNIST`)."""
+    source = data_source(data)
+    if source.kind == FASHION_MNIST:
+        return FashionMNIST(source.path, split, transform, canvas=canvas)
+    if source.kind != "folder":
+        raise ValueError(
+            f"--data {data} holds questions, not labelled images: give an image folder "
+            f"(root/<class>/<image>) or {FASHION_MNIST}"
+        )
+    return LabelledImageFolder(source.path, transform)
 
 
 def describe(dataset: Dataset) -> str:
-    """One line: how many images and classes, and how labels were assigned."""
+    """One line: how many samples of what (a dataset's own `describe()` where it has one)."""
     if isinstance(dataset, Subset):
         return f"{len(dataset)} of {describe(dataset.dataset)}"
-    if isinstance(dataset, LabelledImageFolder):
-        labels = "ImageNet-1k indices" if dataset.uses_imagenet_indices else "sorted names"
-        return f"{len(dataset)} images, {len(dataset.classes)} classes ({labels})"
+    own = getattr(dataset, "describe", None)
+    if own is not None:
+        return own()
     return f"{len(dataset)} images, {len(dataset.classes)} classes"
 
 
 def limited(dataset: Dataset, limit: int | None) -> Dataset:
-    """The first of every len/limit images: a subset spread over the whole (sorted) data,
-    the same on every run. None keeps everything."""
+    """The first of every len/limit samples: a subset spread over the whole (sorted) data,
+    the same on every run (the dataset's own `subset` where it has one). None keeps
+    everything."""
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {limit}")
-    return Subset(dataset, [i * len(dataset) // limit for i in range(limit)])
+    indices = [i * len(dataset) // limit for i in range(limit)]
+    subset = getattr(dataset, "subset", None)
+    return subset(indices) if subset is not None else Subset(dataset, indices)

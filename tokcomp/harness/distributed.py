@@ -4,12 +4,15 @@ cover every sample exactly once, and sums across ranks. One process is a world o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
+
+from tokcomp.errors import TokcompError
 
 T = TypeVar("T")
 
@@ -71,6 +74,20 @@ class World:
         )
         dist.all_reduce(tensor, op=op)
         return dict(zip(values, tensor.tolist(), strict=True))
+
+    def from_main(self, produce: Callable[[], T]) -> T:
+        """Rank 0's `produce()` on every rank (no other rank calls it); a TokcompError it
+        raises is raised on every rank, so no rank waits for one that stopped."""
+        result, problem = None, None
+        if self.is_main:
+            try:
+                result = produce()
+            except TokcompError as err:
+                problem = err
+        result, problem = self.broadcast((result, problem))
+        if problem is not None:
+            raise problem
+        return result
 
     def broadcast(self, value: T) -> T:
         """Rank 0's `value` on every rank (any picklable object)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,12 @@ class FashionMNIST(Dataset):
     def __len__(self) -> int:
         """Number of images in the split."""
         return int(self.labels.shape[0])
+
+    def identities(self, indices: Sequence[int]) -> Iterator[bytes]:
+        """The content of the images (as served, canvas included) and labels at `indices`."""
+        chosen = np.asarray(indices, dtype=np.int64)
+        yield self.images[chosen].tobytes()
+        yield self.labels[chosen].tobytes()
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         """Return ``(image, label)`` for ``index``, transforms applied."""

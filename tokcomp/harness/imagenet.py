@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from tokcomp.bench import parse_variant
+from tokcomp.harness.arguments import add_model_arguments, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
-from tokcomp.harness.distributed import World
 from tokcomp.harness.fashion_mnist import CANVAS_KEY
-from tokcomp.harness.results import ResultStore, report
-from tokcomp.harness.sweep import file_digest, fractions, names, run_sweep, sweep_points
+from tokcomp.harness.fingerprint import Fingerprint, file_digest, samples_digest, weights_digest
+from tokcomp.harness.results import report
+from tokcomp.harness.sweep import (
+    SweepRun,
+    add_run_arguments,
+    add_sweep_arguments,
+    evaluate_sweep,
+    quiet,
+    start_run,
+    sweep_points,
+)
 from tokcomp.models import create_model
 
 METRICS = ("top1", "top5")
@@ -140,16 +148,7 @@ def _posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tokcomp eval imagenet`."""
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", help="timm model name (random weights unless loaded)")
-    model.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="local .safetensors/.pth weights (a tokcomp .safetensors names its model)",
-    )
-    model.add_argument(
-        "--pretrained", action="store_true", help="timm's weights (needs network or a cache)"
-    )
+    add_model_arguments(parser.add_argument_group("model"))
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -157,30 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image folder root/<class>/<image> (ImageNet synset folders get the standard "
         f"indices) or {FASHION_MNIST}[:ROOT] (its test set)",
     )
-    data.add_argument("--limit", type=int, help="evaluate N images spread over the data")
-    data.add_argument("--batch-size", type=int, default=64)
-    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    sweep = parser.add_argument_group("sweep (the unpruned model is always evaluated first)")
-    sweep.add_argument("--methods", type=names, default=[], help="e.g. tome,pitome")
-    sweep.add_argument(
-        "--budgets", type=fractions, default=[], help="target MACs fractions, e.g. 0.9,0.75"
-    )
-    sweep.add_argument(
-        "--variant",
-        action="append",
-        type=parse_variant,
-        default=[],
-        help="method:key=value,... (repeatable), e.g. tome:r=13",
-    )
-    sweep.add_argument(
-        "--config", action="append", type=Path, default=[], help="saved config (repeatable)"
-    )
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--device", default="cpu")
-    run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
-    run_group.add_argument(
-        "--output", type=Path, help="results folder (default results/<model>-<data>)"
-    )
+    data.add_argument("--limit", type=positive_int, help="evaluate N images spread over the data")
+    data.add_argument("--batch-size", type=positive_int, default=64)
+    data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
+    add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
+    add_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -188,52 +168,50 @@ def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results.
     Under torchrun the data is sharded over the ranks and rank 0 alone writes."""
     points = sweep_points(args.methods, args.budgets, args.variant, args.config)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = World.from_env(args.device)
-    device = world.device(args.device)
+    world, device = start_run(args)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
     dataset = limited(model_dataset(args.data, model), args.limit)
-    name = f"{_model_name(args)}-{_data_name(args.data)}"
+    name = f"{_model_name(args)}-{data_source(args.data).name}"
     output = args.output or Path("results") / name
-    threads = torch.get_num_threads()
-    say = print if world.is_main else _quiet
+    say = print if world.is_main else quiet
     say(f"model {_model_name(args)}; data {args.data}: {describe(dataset)}")
     canvas = canvas_of(model)
     placed = f"; garments pasted on a {canvas} px canvas" if canvas else ""
     say(f"preprocessing {data_config(model)}{placed}")
+    threads = torch.get_num_threads()
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
         f"batch {args.batch_size}; results in {output}"
     )
+    fingerprint = Fingerprint.of(
+        task="imagenet",
+        **model_parts(model, args.checkpoint),
+        limit=args.limit,
+        data=samples_digest(dataset),
+        device=device.type,
+    )
     task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    store = ResultStore(output) if world.is_main else ResultStore.in_memory()
-    try:
-        rows = run_sweep(model, points, task, store, _context(args), device, settings, world)
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: finished points are saved in {output}; the same command resumes")
+    sweep = SweepRun(output, fingerprint, device, args.fresh)
+    rows = evaluate_sweep(model, points, task, sweep, settings, world)
     say(report(rows, task.metrics, output, title=name))
 
 
-def _quiet(*_: Any) -> None:
-    """print() for the ranks that do not report."""
-
-
-def _context(args: argparse.Namespace) -> dict[str, Any]:
-    """What identifies this run's results: model, weights, data and limit."""
-    kind, root = data_source(args.data)
-    context = {
-        "task": "imagenet",
-        "model": args.model,
-        "pretrained": args.pretrained,
-        "data": f"{kind}:{root}",
-        "limit": args.limit,
+def model_parts(
+    model: nn.Module, checkpoint: Path | None, augment: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The fingerprint parts of a timm model as the harness reads images for it: its
+    architecture, its weights (the checkpoint file's content, else the parameters') and its
+    preprocessing (data config, Fashion-MNIST canvas, training augmentation if any)."""
+    weights = (
+        f"file {file_digest(checkpoint)}" if checkpoint else f"tensors {weights_digest(model)}"
+    )
+    preprocessing = {**data_config(model), "canvas": canvas_of(model), "augment": augment}
+    return {
+        "model": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "weights": weights,
+        "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
     }
-    if args.checkpoint:
-        checkpoint = args.checkpoint.resolve()
-        context.update(checkpoint=str(checkpoint), checkpoint_sha256=file_digest(checkpoint))
-    return context
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -241,8 +219,3 @@ def _model_name(args: argparse.Namespace) -> str:
         return args.model
     checkpoint = args.checkpoint  # a Hugging Face style <name>/model.safetensors is <name>
     return checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
-
-
-def _data_name(data: str) -> str:
-    kind, root = data_source(data)
-    return kind if kind == FASHION_MNIST else root.name

@@ -23,8 +23,16 @@ def plot_sweep(
     title: str,
     axes: Sequence[Axis] = AXES,
 ) -> None:
-    """Save a PNG of `metric` (percent) against each of `axes` (a panel each; by default
-    GMACs and images/s); `rows[0]` is the unpruned model."""
+    """Save `sweep_figure` as a PNG."""
+    sweep_figure(rows, metric, title, axes).savefig(path, dpi=120)
+
+
+def sweep_figure(
+    rows: Sequence[dict[str, Any]], metric: str, title: str, axes: Sequence[Axis] = AXES
+) -> Figure:
+    """`metric` (percent) against each of `axes` (a panel each; by default GMACs and
+    images/s): a curve per method from the unpruned model (`rows[0]`, a star) through its
+    points in order of x."""
     base, points = rows[0], rows[1:]
     figure = Figure(figsize=(5.5 * len(axes), 4.5), layout="constrained")
     figure.suptitle(title)
@@ -38,4 +46,4 @@ def plot_sweep(
         panel.set_ylabel(f"{metric} (%)")
         panel.grid(alpha=0.3)
         panel.legend()
-    figure.savefig(path, dpi=120)
+    return figure

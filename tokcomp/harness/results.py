@@ -5,38 +5,50 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokcomp.errors import StateError, UsageError
+from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.plot import AXES, Axis, plot_sweep
 
 RESULTS = "results.jsonl"
+#: How a refusal of saved results says to go on.
+FRESH_FIX = "rerun with --fresh to set them aside and start again, or give another --output"
 
 
 class ResultStore:
-    """The finished points of every run in one output folder, by key: one JSON object a
-    line, each appended (and flushed) as soon as its point finishes."""
+    """The finished points of one output folder, by key: one JSON object a line, each
+    appended (and flushed) as soon as its point finishes. Every row carries the fingerprint
+    of the inputs it was measured on, and a store holding rows of other inputs is refused,
+    so rows of different inputs never share a table."""
 
-    def __init__(self, folder: str | Path | None) -> None:
-        self.path = None if folder is None else Path(folder) / RESULTS
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._rows = {row["key"]: row for row in self._read()}
-
-    @classmethod
-    def in_memory(cls) -> ResultStore:
-        """A store that keeps rows but writes nothing (for the ranks that do not report)."""
-        return cls(None)
+    def __init__(self, folder: str | Path | None, fingerprint: Fingerprint) -> None:
+        """The store of `folder` (None: rows kept in memory only), for `fingerprint`'s inputs."""
+        self.fingerprint = fingerprint
+        self.path = None if folder is None else results_path(Path(folder))
+        rows = self._read()
+        for row in rows:
+            fingerprint.check(
+                row.get("fingerprint"), f"the results in {self.path} were made", FRESH_FIX
+            )
+        self._rows = {row["key"]: row for row in rows}
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The saved row of `key`, if that point has finished before."""
         return self._rows.get(key)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Every saved row, in the order they finished."""
+        return list(self._rows.values())
+
     def add(self, row: dict[str, Any]) -> None:
-        """Save a finished point."""
+        """Save a finished point, stamped with the store's fingerprint."""
+        row = {**row, "fingerprint": self.fingerprint.as_json()}
         if self.path is not None:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -50,21 +62,51 @@ class ResultStore:
         if lines and not text.endswith("\n"):
             self._drop_partial_line(text)
             lines.pop()
-        rows = []
-        for number, line in enumerate(lines, 1):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{self.path}:{number} is not a JSON object ({err}); delete that line "
-                    "(its point is then evaluated again)"
-                ) from None
-        return rows
+        return [self._row(number, line) for number, line in enumerate(lines, 1)]
+
+    def _row(self, number: int, line: str) -> dict[str, Any]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            row, problem = None, f"not JSON: {err}"
+        else:
+            problem = "not an object with a 'key'"
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise StateError(
+                f"{self.path}:{number} is not a results row ({problem}); delete that line "
+                "(its point is then evaluated again)"
+            )
+        return row
 
     def _drop_partial_line(self, text: str) -> None:
         """A run killed while writing leaves half a line: drop it so appends stay valid."""
         warnings.warn(f"{self.path}: dropping an unfinished last line", stacklevel=3)
         self.path.write_text(text[: text.rfind("\n") + 1])
+
+
+def results_path(folder: Path) -> Path:
+    """The results file of an output folder, the folder created if need be."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(
+            f"--output {folder} is a file; results go in a folder: give a folder path "
+            "(it is created if missing)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / RESULTS
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Rename the results file of `folder` (if any) to results.<time>.jsonl, out of the
+    way of a fresh run; returns its new path."""
+    path = results_path(folder)
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved, copies = folder / f"results.{stamp}.jsonl", 1
+    while moved.exists():
+        moved, copies = folder / f"results.{stamp}-{copies}.jsonl", copies + 1
+    path.rename(moved)
+    return moved
 
 
 def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ import argparse
 import functools
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,11 @@ from tqdm import tqdm
 
 from tokcomp import apply, config_of, is_patched, macs, remove
 from tokcomp.bench import Variant, parse_variant, peak_memory, timed
+from tokcomp.errors import interruption_says
+from tokcomp.harness.arguments import device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
-from tokcomp.harness.results import ResultStore
+from tokcomp.harness.fingerprint import Fingerprint, file_digest
+from tokcomp.harness.results import ResultStore, set_aside
 
 UNPRUNED = "unpruned"
 
@@ -129,18 +131,9 @@ def sweep_points(
     return points + [Point(path.name, config=path) for path in configs]
 
 
-def file_digest(path: Path) -> str:
-    """A short SHA-256 of a file's content (to key results by weights or config files)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(functools.partial(handle.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def point_key(context: Mapping[str, Any], point: Point) -> str:
-    """The results key of `point` evaluated in `context` (model, data, ...)."""
-    text = json.dumps({**context, **point.identity()}, sort_keys=True, default=str)
+def point_key(fingerprint: Fingerprint, point: Point) -> str:
+    """The results key of `point` evaluated on the inputs `fingerprint` describes."""
+    text = json.dumps({**fingerprint.as_json(), **point.identity()}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -207,27 +200,25 @@ def run_sweep(
     points: Sequence[Point],
     task: Task,
     store: ResultStore,
-    context: Mapping[str, Any],
     device: torch.device,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
 ) -> list[dict[str, Any]]:
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
-    return the rows of all points, in order. `context` identifies the model and data (it
-    is part of each point's key); `settings` (batch size, threads...) is only recorded.
-    Under torchrun every rank evaluates its shard of every point; rank 0's store decides
-    which points are finished and alone writes."""
+    return the rows of all points, in order. The store's fingerprint (the model, data and
+    options that decide the numbers) is part of each point's key; `settings` (batch size,
+    threads...) is only recorded. Under torchrun every rank evaluates its shard of every
+    point; rank 0's store decides which points are finished and alone writes."""
     plans = [(point, resolve(model, point)) for point in points]
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
-        key = point_key(context, point)
+        key = point_key(store.fingerprint, point)
         row = world.broadcast(store.get(key))
         if row is None:
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
             row = {
                 "key": key,
                 "label": point.label,
-                **context,
                 **point.identity(),
                 **plan,
                 **_evaluate(model, point, task, device, desc, world),
@@ -240,23 +231,58 @@ def run_sweep(
     return rows
 
 
-def run_or_exit(
+def evaluate_sweep(
     model: nn.Module,
     points: Sequence[Point],
     task: Task,
-    output: Path,
-    context: Mapping[str, Any],
-    device: torch.device,
+    run: SweepRun,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
 ) -> list[dict[str, Any]]:
-    """`run_sweep` with results in `output` (written by rank 0); an interrupt exits saying
-    that the same command resumes."""
-    store = ResultStore(output) if world.is_main else ResultStore.in_memory()
-    try:
-        return run_sweep(model, points, task, store, context, device, settings, world)
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: finished points are saved in {output}; the same command resumes")
+    """`run_sweep` with results in the run's output folder (rank 0 writes; saved rows of
+    other inputs are refused, on every rank); an interrupt ends the run saying that the same
+    command resumes. Returns the rows to report: this run's points, then every other point
+    saved for the same inputs."""
+    store = world.from_main(functools.partial(_main_store, run))
+    resumes = f"finished points are saved in {run.output}; the same command resumes"
+    with interruption_says(resumes):
+        rows = run_sweep(model, points, task, store, run.device, settings, world)
+    done = {row["key"] for row in rows}
+    return rows + [row for row in store.rows() if row["key"] not in done]
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """Where a sweep's results go and what they are measured on: the output folder, the
+    fingerprint of the inputs, the device, and whether to set earlier results aside."""
+
+    output: Path
+    fingerprint: Fingerprint
+    device: torch.device
+    fresh: bool = False
+
+
+def _main_store(run: SweepRun) -> ResultStore:
+    """The run's store, its earlier results set aside first under --fresh (rank 0's work:
+    the other ranks get a copy and never write)."""
+    if run.fresh:
+        moved = set_aside(run.output)
+        if moved is not None:
+            print(f"--fresh: earlier results set aside in {moved}")
+    return ResultStore(run.output, run.fingerprint)
+
+
+def start_run(args: argparse.Namespace) -> tuple[World, torch.device]:
+    """Set --threads, join torchrun's process group if there is one; (world, this rank's
+    device)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = World.from_env(args.device)
+    return world, world.device(args.device)
+
+
+def quiet(*_: Any) -> None:
+    """print() for the ranks that do not report."""
 
 
 def add_sweep_arguments(
@@ -284,14 +310,18 @@ def add_sweep_arguments(
     return sweep
 
 
-def names(text: str) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c']."""
-    return [name.strip() for name in text.split(",") if name.strip()]
-
-
-def fractions(text: str) -> list[float]:
-    """'0.5,0.25' -> [0.5, 0.25]."""
-    return [float(name) for name in names(text)]
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run options of an eval task: --device, --threads, --output and --fresh."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--threads", type=positive_int, help="torch.set_num_threads")
+    run.add_argument("--output", type=Path, help="results folder (default results/<model>-<data>)")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="set the folder's earlier results aside (renamed, not deleted) and start again; "
+        "needed when they were measured on other data, weights or options",
+    )
 
 
 def _evaluate(

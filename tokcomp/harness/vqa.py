@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
 import re
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,23 +34,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tokcomp import visual_tokens_dropped
-from tokcomp.harness.data import limited, read_image
-from tokcomp.harness.distributed import World
+from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
+from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    SweepRun,
+    add_run_arguments,
     add_sweep_arguments,
-    file_digest,
-    run_or_exit,
+    evaluate_sweep,
+    quiet,
+    start_run,
     sweep_points,
 )
+from tokcomp.harness.timing import FirstToken, PrefillTimer, now
+from tokcomp.harness.vqa_data import Question, answer_types, open_vqa
 from tokcomp.harness.vqa_metric import vqa_accuracy
+from tokcomp.harness.vqa_prompt import POST_PROMPT, Prompts
 from tokcomp.methods import VisualMethod, method_class
 from tokcomp.methods.visual import POSITIONS
 
-EASY_VQA = "easy-vqa"
-EASY_VQA_PIN = "easy-vqa==1.0"
-#: lmms-eval's VQAv2 post-prompt for short answers.
-POST_PROMPT = "\nAnswer the question using a single word or phrase."
 #: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,227 +68,7 @@ COLUMNS = (
 AXES = (("visual_tokens", "visual tokens per image"), ("ttft_ms", "time to first token (ms)"))
 
 
-# -- data -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Question:
-    """One question about one image with its reference answers."""
-
-    image: Path
-    question: str
-    answers: tuple[str, ...]
-    answer_type: str | None = None
-    question_type: str | None = None
-    question_id: int | str | None = None
-
-
-class VQADataset(Dataset):
-    """Questions in a fixed order; items are Question objects."""
-
-    def __init__(self, questions: Sequence[Question]) -> None:
-        self.questions = list(questions)
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __getitem__(self, index: int) -> Question:
-        return self.questions[index]
-
-
-def data_source(data: str) -> tuple[str, Path]:
-    """(kind, absolute path) of a --data value: 'easy-vqa' (the package's data folder),
-    'jsonl' (a .jsonl file) or 'vqav2' (a folder in the official layout)."""
-    if data == EASY_VQA:
-        return EASY_VQA, easy_vqa_root()
-    path = Path(data).resolve()
-    if path.suffix == ".jsonl":
-        return "jsonl", path
-    if path.is_dir():
-        return "vqav2", path
-    raise FileNotFoundError(
-        f"--data {data}: expected {EASY_VQA}, a .jsonl file or a VQAv2 folder "
-        "(questions JSON, annotations JSON and the image folder)"
-    )
-
-
-def open_vqa(data: str, images: Path | None = None) -> VQADataset:
-    """The questions of a --data value (see `data_source`), every image checked to exist;
-    `images` overrides the image folder of the VQAv2 layout."""
-    kind, path = data_source(data)
-    if images is not None and kind != "vqav2":
-        raise ValueError("--images applies to the VQAv2 layout only")
-    if kind == EASY_VQA:
-        questions = read_easy_vqa("test")
-    elif kind == "jsonl":
-        questions = read_jsonl(path)
-    else:
-        questions = read_vqav2(path, images)
-    check_images(questions)
-    return VQADataset(questions)
-
-
-def easy_vqa_root() -> Path:
-    """The data folder of the installed easy-vqa package (its files; the package is not
-    imported)."""
-    spec = importlib.util.find_spec("easy_vqa")
-    if spec is None:
-        raise FileNotFoundError(f"easy-vqa is not installed: pip install {EASY_VQA_PIN}")
-    return Path(spec.submodule_search_locations[0]) / "data"
-
-
-def read_easy_vqa(split: str) -> list[Question]:
-    """The easy-VQA questions of `split` ('train' or 'test'), in file order; answer type
-    'yes/no' for yes/no answers, else 'other' (VQAv2's names)."""
-    folder = easy_vqa_root() / split
-    rows = json.loads((folder / "questions.json").read_text())
-    return [
-        Question(
-            image=folder / "images" / f"{image_id}.png",
-            question=text,
-            answers=(answer,),
-            answer_type="yes/no" if answer in ("yes", "no") else "other",
-            question_id=index,
-        )
-        for index, (text, answer, image_id) in enumerate(rows)
-    ]
-
-
-def read_jsonl(path: Path) -> list[Question]:
-    """Questions of a JSON-lines file (see the module docstring); image paths relative to
-    the file's folder."""
-    questions = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not a JSON object ({err})") from None
-        missing = [key for key in ("image", "question", "answers") if key not in row]
-        answers = row.get("answers")
-        if missing or not isinstance(answers, list) or not answers:
-            raise ValueError(
-                f"{where}: each line needs 'image', 'question' and a non-empty list "
-                f"'answers'{f' (missing: {missing})' if missing else ''}"
-            )
-        questions.append(
-            Question(
-                image=path.parent / row["image"],
-                question=row["question"],
-                answers=tuple(str(answer) for answer in answers),
-                answer_type=row.get("answer_type"),
-                question_type=row.get("question_type"),
-                question_id=row.get("question_id", number),
-            )
-        )
-    return questions
-
-
-def read_vqav2(folder: Path, images: Path | None = None) -> list[Question]:
-    """Questions of the official VQAv2 layout, in the questions file's order: answers,
-    answer and question types from the annotations; images in `images`, by default
-    <folder>/<data_subtype> (e.g. val2014)."""
-    questions_file = _only(folder, "*questions.json")
-    annotations_file = _only(folder, "*annotations.json")
-    questions = _json_field(questions_file, "questions")
-    subtype = _json_field(questions_file, "data_subtype")
-    annotations = {a["question_id"]: a for a in _json_field(annotations_file, "annotations")}
-    images = images or folder / subtype
-    out = []
-    for question in questions:
-        annotation = annotations.get(question["question_id"])
-        if annotation is None:
-            raise ValueError(
-                f"question {question['question_id']} of {questions_file} has no annotation in "
-                f"{annotations_file}: use the annotations file of the same split"
-            )
-        out.append(
-            Question(
-                image=images / f"COCO_{subtype}_{question['image_id']:012d}.jpg",
-                question=question["question"],
-                answers=tuple(a["answer"] for a in annotation["answers"]),
-                answer_type=annotation.get("answer_type"),
-                question_type=annotation.get("question_type"),
-                question_id=question["question_id"],
-            )
-        )
-    return out
-
-
-def _only(folder: Path, pattern: str) -> Path:
-    """The one file in `folder` matching `pattern`."""
-    found = sorted(folder.glob(pattern))
-    if len(found) != 1:
-        raise FileNotFoundError(
-            f"the VQAv2 folder {folder} must hold exactly one {pattern} file, found "
-            f"{[p.name for p in found] or 'none'}"
-        )
-    return found[0]
-
-
-def _json_field(path: Path, key: str) -> Any:
-    """`key` of the JSON object in `path`, or an error naming the file."""
-    content = json.loads(path.read_text())
-    if not isinstance(content, dict) or key not in content:
-        raise ValueError(f"{path} has no '{key}': is it an official VQAv2 file?")
-    return content[key]
-
-
-def check_images(questions: Sequence[Question]) -> None:
-    """Raise FileNotFoundError naming the first image that does not exist."""
-    seen = set()
-    for question in questions:
-        if question.image in seen:
-            continue
-        if not question.image.is_file():
-            raise FileNotFoundError(
-                f"image {question.image} of question {question.question_id} does not exist; "
-                "check the image folder (VQAv2: --images DIR) or the question's image path"
-            )
-        seen.add(question.image)
-
-
-def answer_types(dataset: Dataset) -> tuple[str, ...]:
-    """The answer types present in `dataset`, sorted (questions without one count only in
-    the overall accuracy)."""
-    found = {dataset[i].answer_type for i in range(len(dataset))}
-    return tuple(sorted(kind for kind in found if kind is not None))
-
-
-def describe(dataset: Dataset, types: Sequence[str]) -> str:
-    """One line: questions, images and answer types."""
-    images = {dataset[i].image for i in range(len(dataset))}
-    return f"{len(dataset)} questions on {len(images)} images; answer types {list(types)}"
-
-
-# -- prompts and generation ------------------------------------------------------------------
-def messages(question: str, post_prompt: str = POST_PROMPT) -> list[dict[str, Any]]:
-    """The chat of one question: a user turn with the image, then the question and the
-    post-prompt."""
-    content = [{"type": "image"}, {"type": "text", "text": question + post_prompt}]
-    return [{"role": "user", "content": content}]
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Collates questions into the model's inputs through its processor and chat template."""
-
-    processor: Any
-    post_prompt: str = POST_PROMPT
-
-    def __call__(self, questions: list[Question]) -> tuple[Mapping[str, torch.Tensor], list]:
-        """(processor outputs, the questions) of one batch."""
-        images = [read_image(str(q.image)).convert("RGB") for q in questions]
-        texts = [
-            self.processor.apply_chat_template(
-                messages(q.question, self.post_prompt), add_generation_prompt=True
-            )
-            for q in questions
-        ]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
-        return inputs, questions
-
-
+# -- generation -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Generation:
     """One batch's generate call: the decoded answers, the visual tokens of all its images
@@ -300,58 +80,6 @@ class Generation:
     ttft_s: float
     decode_s: float
     decode_tokens: int
-
-
-def now(device: torch.device) -> float:
-    """perf_counter after the device's queued work (CUDA) finished."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class FirstToken:
-    """A logits processor that records when it is first called: the first token's logits
-    are ready (the prefill is done)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.at: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Pass the scores through unchanged."""
-        if self.at is None:
-            self.at = now(self.device)
-        return scores
-
-
-class PrefillTimer:
-    """Wall time of the first pass through `layers` (a language model's decoder layers) while
-    active: from the first layer's first call to the end of the last layer's first call."""
-
-    def __init__(self, layers: nn.ModuleList, device: torch.device) -> None:
-        self.layers, self.device = layers, device
-        self.start: float | None = None
-        self.seconds: float | None = None
-        self._hooks: list[Any] = []
-
-    def __enter__(self) -> PrefillTimer:
-        self._hooks = [
-            self.layers[0].register_forward_pre_hook(self._begin),
-            self.layers[-1].register_forward_hook(self._end),
-        ]
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        for hook in self._hooks:
-            hook.remove()
-
-    def _begin(self, *_: object) -> None:
-        if self.start is None:
-            self.start = now(self.device)
-
-    def _end(self, *_: object) -> None:
-        if self.seconds is None:
-            self.seconds = now(self.device) - self.start
 
 
 def visual_tokens_kept(
@@ -431,10 +159,14 @@ class VQATask:
         with PrefillTimer(model.get_decoder().layers, self.device) as prefill:
             start = now(self.device)
             out = model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([first]),
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([first]),
                 return_dict_in_generate=True,
-            )  # fmt: skip
+            )
             end = now(self.device)
         new = out.sequences[:, inputs["input_ids"].shape[1] :]
         lengths = generated_lengths(new, _eos_ids(model, tokenizer))
@@ -545,11 +277,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "annotations JSON, images in <folder>/<data_subtype>/)",
     )
     data.add_argument("--images", type=Path, help="VQAv2: the COCO image folder")
-    data.add_argument("--limit", type=int, help="evaluate N questions spread over the data")
-    data.add_argument("--batch-size", type=int, default=16)
-    data.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    data.add_argument(
+        "--limit", type=positive_int, help="evaluate N questions spread over the data"
+    )
+    data.add_argument("--batch-size", type=positive_int, default=16)
+    data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     generation = parser.add_argument_group("generation")
-    generation.add_argument("--max-new-tokens", type=int, default=16)
+    generation.add_argument("--max-new-tokens", type=positive_int, default=16)
     generation.add_argument(
         "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
     )
@@ -565,12 +299,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --budgets: number every method's kept visual tokens this way (default: "
         "each method's own; keep = original position ids, renumber = contiguous)",
     )
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--device", default="cpu")
-    run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
-    run_group.add_argument(
-        "--output", type=Path, help="results folder (default results/<model>-<data>)"
-    )
+    add_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -579,54 +308,48 @@ def run(args: argparse.Namespace) -> None:
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
     budget = functools.partial(keep_budget, positions=args.positions)
     points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = World.from_env(args.device)
-    device = world.device(args.device)
+    world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
     model.to(device)
     types = answer_types(dataset)
-    name = f"{args.model.name}-{_data_name(args.data)}"
+    name = f"{args.model.name}-{data_source(args.data).name}"
     output = args.output or Path("results") / name
     threads = torch.get_num_threads()
-    say = print if world.is_main else _quiet
-    say(f"model {args.model}; data {args.data}: {describe(dataset, types)}")
+    say = print if world.is_main else quiet
+    say(f"model {args.model}; data {args.data}: {describe(dataset)}")
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
         f"batch {args.batch_size}, {args.dtype}; results in {output}"
     )
     task = VQATask(
-        world.shard(dataset), processor, args.batch_size, args.workers, device, types,
-        args.max_new_tokens, args.prompt, getattr(torch, args.dtype),
-    )  # fmt: skip
+        world.shard(dataset),
+        processor,
+        args.batch_size,
+        args.workers,
+        device,
+        types,
+        args.max_new_tokens,
+        args.prompt,
+        getattr(torch, args.dtype),
+    )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    rows = run_or_exit(model, points, task, output, _context(args), device, settings, world)
+    sweep = SweepRun(output, _fingerprint(args, dataset, device), device, args.fresh)
+    rows = evaluate_sweep(model, points, task, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 
 
-def _quiet(*_: Any) -> None:
-    """print() for the ranks that do not report."""
-
-
-def _context(args: argparse.Namespace) -> dict[str, Any]:
-    """What identifies this run's results: model and weights, data, limit, generation."""
-    kind, path = data_source(args.data)
-    folder = args.model.resolve()
-    weights = {p.name: file_digest(p) for p in sorted(folder.glob("*.safetensors"))}
-    return {
-        "task": "vqa",
-        "model": str(folder),
-        "weights_sha256": weights,
-        "dtype": args.dtype,
-        "data": f"{kind}:{path}",
-        "images": str(args.images.resolve()) if args.images else None,
-        "limit": args.limit,
-        "max_new_tokens": args.max_new_tokens,
-        "prompt": args.prompt,
-    }
-
-
-def _data_name(data: str) -> str:
-    kind, path = data_source(data)
-    return kind if kind == EASY_VQA else path.stem
+def _fingerprint(args: argparse.Namespace, dataset: Dataset, device: torch.device) -> Fingerprint:
+    """What decides this run's numbers: the model folder's files, dtype, generation options,
+    the questions and images, and the device type."""
+    return Fingerprint.of(
+        task="vqa",
+        model=args.model.resolve().name,
+        weights=f"files {folder_digest(args.model)}",
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
+        limit=args.limit,
+        data=samples_digest(dataset),
+        device=device.type,
+    )

@@ -9,7 +9,6 @@ import random
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +22,18 @@ from tqdm import tqdm
 from tokcomp.adapters import find_adapter
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
+from tokcomp.errors import interruption_says
+from tokcomp.harness.arguments import check_config_output, positive_int
 from tokcomp.harness.data import describe
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
 from tokcomp.schedule import ModelSpec, block_macs, model_macs
-from tokcomp.search.common import add_model_and_data_arguments, model_and_training_images
+from tokcomp.search.common import (
+    add_model_and_data_arguments,
+    model_and_training_images,
+    search_state,
+)
+from tokcomp.search.state import SearchState
 
 #: DeiT-S's MACs in GMACs: the MACs penalty is measured in units of (model MACs / this), which
 #: is exactly the paper's GMACs for DeiT-S and keeps its strength relative to other models.
@@ -95,7 +101,7 @@ def search_diffrate(
     settings: SearchSettings,
     rates: DiffRateRates | None = None,
     world: World = SINGLE,
-    state: Path | None = None,
+    state: SearchState | None = None,
 ) -> Config:
     """Learn DiffRate's rates on `model` (weights frozen, untouched) from labelled `batches`
     (re-iterated once per epoch, moved to the model's device; labels are class indices, or
@@ -104,8 +110,9 @@ def search_diffrate(
 
     rates: continue from these (trained in place). world: under torchrun, the rates are
     trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
-    are broadcast from rank 0). state: a file the search saves itself to after every epoch
-    and resumes from when it exists (deleted once the search finishes).
+    are broadcast from rank 0). state: where the search saves itself after every epoch and
+    resumes from (deleted once the search finishes); a state saved with other settings or
+    from other inputs (its fingerprint) is refused.
     """
     spec = find_adapter(model).spec()
     check_reachable(spec, settings.target_macs)
@@ -122,7 +129,7 @@ def search_diffrate(
         if world.size > 1:
             ids = [device] if device.type == "cuda" else None
             objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        checkpoint = _Checkpoint(state, settings, world)
+        checkpoint = _Checkpoint(state.with_parts(**_deciding(settings)) if state else None)
         _optimise(objective, rates, spec, batches, settings, world, checkpoint)
     finally:
         remove(model)
@@ -200,49 +207,45 @@ class _Objective(nn.Module):
         return self.model(images), expected_macs(self.spec, self.rates)
 
 
-class _Checkpoint:
-    """The search's state after each epoch in one file (rank 0 writes, every rank reads)."""
+def _deciding(settings: SearchSettings) -> dict[str, Any]:
+    """The settings that decide the searched rates (micro-batching takes the same steps;
+    fitting and progress bars act after or beside the search)."""
+    ignored = ("progress", "fit", "micro_batch")
+    return {name: value for name, value in asdict(settings).items() if name not in ignored}
 
-    def __init__(self, path: Path | None, settings: SearchSettings, world: World) -> None:
-        self.path, self.settings, self.world = path, asdict(settings), world
+
+class _Checkpoint:
+    """The search's rates, optimiser and schedule after each epoch, in a SearchState."""
+
+    def __init__(self, state: SearchState | None) -> None:
+        self.state = state
 
     def restore(self, rates: nn.Module, optimizer: Any, scheduler: Any) -> int:
         """Load the saved state if there is one; the number of finished epochs."""
-        saved = None
-        if self.path is not None and self.path.is_file() and self.world.is_main:
-            saved = torch.load(self.path, weights_only=False)
-        saved = self.world.broadcast(saved)
+        saved = self.state.load() if self.state is not None else None
         if saved is None:
             return 0
-        if saved["settings"] != self.settings:
-            raise ValueError(
-                f"{self.path} holds a search with other settings ({saved['settings']}); "
-                "delete it to start this one"
-            )
         rates.load_state_dict(saved["rates"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         return saved["epoch"]
 
     def save(self, epoch: int, rates: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        """Write the state after `epoch` finished epochs (atomically, rank 0 only)."""
-        if self.path is None or not self.world.is_main:
-            return
-        state = {
-            "epoch": epoch,
-            "settings": self.settings,
-            "rates": rates.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        partial = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save(state, partial)
-        partial.replace(self.path)
+        """Save the state after `epoch` finished epochs."""
+        if self.state is not None:
+            self.state.save(
+                {
+                    "epoch": epoch,
+                    "rates": rates.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                }
+            )
 
     def finish(self) -> None:
         """The search is done: its state is no longer needed."""
-        if self.path is not None and self.world.is_main:
-            self.path.unlink(missing_ok=True)
+        if self.state is not None:
+            self.state.discard()
 
 
 def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> None:
@@ -330,14 +333,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tokcomp search diffrate`."""
     add_model_and_data_arguments(parser)
     parser.add_argument("--target-macs", type=float, required=True, help="fraction of unpruned")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--lr-min", type=float, default=0.001)
     parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
-    parser.add_argument("--granularity", type=int, default=4, help="candidate count step")
+    parser.add_argument("--granularity", type=positive_int, default=4, help="candidate count step")
     parser.add_argument(
         "--micro-batch",
-        type=int,
+        type=positive_int,
         help="forward/backward each batch in chunks of this many images (same step, less "
         "memory: a large --batch-size on a small machine)",
     )
@@ -356,7 +359,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "models trained that way (none: the model's evaluation preprocessing)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.set_defaults(run=run)
 
 
@@ -394,15 +396,19 @@ def run(args: argparse.Namespace) -> None:
     """Search, save the config, print what it reached. Under torchrun the batches are
     split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
     search saves its state next to the output after every epoch; rerunning the same
-    command resumes from it."""
+    command resumes from it; other inputs or settings are refused."""
+    check_config_output(args.output, args.force)
     world = World.from_env(args.device)
     torch.manual_seed(args.seed)
-    augment = args.augment == "deit"
+    augment = DEIT_AUGMENT if args.augment == "deit" else None
     device = world.device(args.device)
-    model, dataset = model_and_training_images(args, device, DEIT_AUGMENT if augment else None)
+    model, dataset = model_and_training_images(args, device, augment)
     batches = training_batches(args, dataset, world, model.num_classes if augment else 0)
     if world.is_main:
         print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
+    state = search_state(args, model, dataset, world, augment).with_parts(
+        seed=args.seed, batch_size=args.batch_size, processes=world.size
+    )
     settings = SearchSettings(
         target_macs=args.target_macs,
         epochs=args.epochs,
@@ -413,8 +419,9 @@ def run(args: argparse.Namespace) -> None:
         fit=not args.no_fit,
         micro_batch=args.micro_batch,
     )
-    state = args.output.with_name(args.output.name + ".search-state.pt")
-    config = search_diffrate(model, batches, settings, world=world, state=state)
+    saved = f"the rates after each finished epoch are saved in {state.path}"
+    with interruption_says(f"{saved}; the same command resumes"):
+        config = search_diffrate(model, batches, settings, world=world, state=state)
     config.notes += f"; batch {args.batch_size} per process, {len(dataset)} images of {args.data}"
     if augment:
         config.notes += "; DeiT augmentation (RandAugment, random erasing, mixup/cutmix)"

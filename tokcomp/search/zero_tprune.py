@@ -10,9 +10,9 @@ difference is within noise, the one that prunes at fewer blocks).
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,10 +23,16 @@ from tqdm import tqdm
 
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
+from tokcomp.errors import interruption_says
+from tokcomp.harness.arguments import check_config_output, fractions, names
 from tokcomp.harness.data import describe
 from tokcomp.harness.imagenet import topk_correct
-from tokcomp.harness.sweep import fractions, names
-from tokcomp.search.common import add_model_and_data_arguments, model_and_training_images
+from tokcomp.search.common import (
+    add_model_and_data_arguments,
+    model_and_training_images,
+    search_state,
+)
+from tokcomp.search.state import SearchState
 
 #: The similarity stage's shares tried by default: from importance only to similarity only.
 DEFAULT_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -57,18 +63,23 @@ def search_zero_tprune(
     shares: Sequence[float] = DEFAULT_SHARES,
     layer_sets: Sequence[list[int] | None] = (None,),
     progress: bool = True,
+    state: SearchState | None = None,
 ) -> tuple[Config, list[Trial]]:
     """Try every similarity share in `shares` with every list of pruning blocks in
     `layer_sets` (None: the method's default blocks) at `target_macs` on the labelled
     `batches`; returns the config of the chosen trial (`choose`) and all trials. The model
-    is left as it was given (unpatched)."""
+    is left as it was given (unpatched). state: where each finished trial is saved and
+    taken from instead of being run again (deleted once the search finishes); a state
+    saved for another target or from other inputs (its fingerprint) is refused."""
     if not shares or not layer_sets:
         raise ValueError("zero_tprune search: give at least one similarity share and block list")
     settings = [_options(target_macs, share, layers) for layers in layer_sets for share in shares]
-    trials = [
-        _trial(model, batches, options)
-        for options in tqdm(settings, disable=not progress, desc="zero_tprune search")
-    ]
+    saved = _Trials(state.with_parts(target_macs=target_macs) if state else None)
+    with tqdm(settings, disable=not progress, desc="zero_tprune search") as bar:
+        trials = [
+            saved.get(options) or saved.add(_trial(model, batches, options)) for options in bar
+        ]
+    saved.finish()
     chosen = choose(trials)
     apply(model, "zero_tprune", **chosen.options)
     config = config_of(model)
@@ -80,6 +91,36 @@ def search_zero_tprune(
         f"{_blocks_text(layer_sets)})"
     )
     return config, trials
+
+
+class _Trials:
+    """The finished trials of a search, by their options, kept in a SearchState."""
+
+    def __init__(self, state: SearchState | None) -> None:
+        self.state = state
+        saved = state.load() if state is not None else None
+        trials = [Trial(**trial) for trial in (saved or {}).get("trials", [])]
+        self.by_options = {_key(trial.options): trial for trial in trials}
+
+    def get(self, options: dict[str, Any]) -> Trial | None:
+        """The saved trial of `options`, if it finished before."""
+        return self.by_options.get(_key(options))
+
+    def add(self, trial: Trial) -> Trial:
+        """Keep a finished trial (saved at once); returns it."""
+        self.by_options[_key(trial.options)] = trial
+        if self.state is not None:
+            self.state.save({"trials": [asdict(t) for t in self.by_options.values()]})
+        return trial
+
+    def finish(self) -> None:
+        """Every trial is done: the saved ones are no longer needed."""
+        if self.state is not None:
+            self.state.discard()
+
+
+def _key(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True)
 
 
 def choose(trials: Sequence[Trial]) -> Trial:
@@ -167,18 +208,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="a list of pruning blocks to try, e.g. 3,6,9 (repeatable; default: the method's)",
     )
-    parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Search, print every trial, save the chosen one's config."""
+    """Search, print every trial, save the chosen one's config. Each finished trial is saved
+    next to the output; rerunning the same command resumes (other inputs are refused)."""
+    check_config_output(args.output, args.force)
     model, dataset = model_and_training_images(args, args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     print(f"searching on {args.data}: {describe(dataset)}")
-    config, trials = search_zero_tprune(
-        model, loader, args.target_macs, args.shares, args.layers or [None]
-    )
+    state = search_state(args, model, dataset)
+    layer_sets = args.layers or [None]
+    with interruption_says(
+        f"the finished trials are saved in {state.path}; the same command resumes"
+    ):
+        config, trials = search_zero_tprune(
+            model, loader, args.target_macs, args.shares, layer_sets, state=state
+        )
     print(format_trials(trials))
     path = config.save(args.output)
     print(

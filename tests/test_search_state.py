@@ -1,0 +1,165 @@
+"""Searches save their progress beside their output: an interrupted search ends with one line
+saying so, the same command resumes where it stopped, and a command with other inputs or
+settings is refused naming what changed (--fresh starts again)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from fixtures.imagenet import save_safetensors
+
+from tokcomp.cli import main
+from tokcomp.harness.fingerprint import Fingerprint
+from tokcomp.search import diffrate, zero_tprune
+from tokcomp.search.state import SearchState
+
+
+def _argv(method: str, options: dict[str, str], output) -> list[str]:
+    argv = ["search", method, "--data", "fashion-mnist"]
+    return [*argv, *(x for pair in options.items() for x in pair), "-o", str(output)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """test_vit's weights in a file (a search on random weights never resumes: they differ)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "test_vit.safetensors"
+    return str(save_safetensors(timm.create_model("test_vit"), path, timm_model="test_vit"))
+
+
+def _refusal(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+DIFFRATE = {"--model": "test_vit", "--target-macs": "0.7", "--epochs": "2", "--limit": "32"}
+DIFFRATE["--batch-size"] = "16"
+
+
+def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, monkeypatch, capsys):
+    output = tmp_path / "searched.json"
+    state = tmp_path / "searched.json.search-state.pt"
+    steps = []
+    real_backward = diffrate._backward
+
+    def backward_until_ctrl_c(*args):
+        if len(steps) == 3:  # two steps an epoch: the second epoch's second step
+            raise KeyboardInterrupt
+        steps.append(len(steps))
+        return real_backward(*args)
+
+    monkeypatch.setattr(diffrate, "_backward", backward_until_ctrl_c)
+    assert main(_argv("diffrate", DIFFRATE, output)) == 130
+    assert _refusal(capsys) == (
+        f"tokcomp search diffrate: interrupted: the rates after each finished epoch are saved "
+        f"in {state}; the same command resumes"
+    )
+    assert state.is_file() and not output.exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+
+    steps[:] = [0]  # resumed: only the second epoch's two steps run
+    assert main(_argv("diffrate", DIFFRATE, output)) == 0
+    assert len(steps) == 3 and not state.exists() and output.is_file()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--limit", "16", "limit: 32 then, 16 now"),
+        ("--batch-size", "8", "batch_size: 16 then, 8 now"),
+        ("--lr", "0.05", "lr: 0.01 then, 0.05 now"),
+        ("--augment", "deit", "preprocessing: "),
+        ("--target-macs", "0.6", "target_macs: 0.7 then, 0.6 now"),
+    ],
+)
+def test_a_diffrate_state_of_other_inputs_is_refused_and_fresh_starts_again(
+    tmp_path, capsys, option, value, named
+):
+    output = tmp_path / "searched.json"
+    state = SearchState.beside(output, Fingerprint.of())
+    saved_inputs = {**DIFFRATE, "--epochs": "1"}
+    _save_first_epoch(saved_inputs, output, state)
+    changed = {**saved_inputs, option: value}
+    assert main(_argv("diffrate", changed, output)) == 2
+    line = _refusal(capsys)
+    assert f"the search state {state.path} was saved from other inputs (" in line
+    assert named in line and line.endswith(
+        "rerun with --fresh to discard it and start again, or give another -o"
+    )
+    assert main([*_argv("diffrate", changed, output), "--fresh"]) == 0
+    assert f"--fresh: discarded the earlier search state {state.path}" in capsys.readouterr().out
+
+
+def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> None:
+    """Run the search and keep its state as it was after the first epoch."""
+    real_discard = SearchState.discard
+    SearchState.discard = lambda self: False  # the finished search keeps its state
+    try:
+        assert main(_argv("diffrate", options, output)) == 0
+    finally:
+        SearchState.discard = real_discard
+    output.unlink()
+    assert state.path.is_file()
+
+
+ZERO_TPRUNE = {"--target-macs": "0.7", "--limit": "16", "--shares": "0,0.5,1"}
+
+
+def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config(
+    tmp_path, monkeypatch, capsys, checkpoint
+):
+    search = {**ZERO_TPRUNE, "--checkpoint": checkpoint}
+    whole = tmp_path / "whole.json"
+    assert main(_argv("zero_tprune", search, whole)) == 0
+    output = tmp_path / "searched.json"
+    state = tmp_path / "searched.json.search-state.pt"
+    tried = []
+    real_trial = zero_tprune._trial
+
+    def trial_until_ctrl_c(model, batches, options):
+        if len(tried) == 2:
+            raise KeyboardInterrupt
+        tried.append(options["similarity_share"])
+        return real_trial(model, batches, options)
+
+    monkeypatch.setattr(zero_tprune, "_trial", trial_until_ctrl_c)
+    assert main(_argv("zero_tprune", search, output)) == 130
+    assert _refusal(capsys) == (
+        f"tokcomp search zero_tprune: interrupted: the finished trials are saved in {state}; "
+        "the same command resumes"
+    )
+    for option, value, named in [
+        ("--limit", "8", "limit: 16 then, 8 now"),
+        ("--target-macs", "0.6", "target_macs: 0.7 then, 0.6 now"),
+    ]:
+        assert main(_argv("zero_tprune", {**search, option: value}, output)) == 2
+        assert named in _refusal(capsys)
+
+    tried.clear()
+    assert main(_argv("zero_tprune", search, output)) == 0
+    assert tried == [1.0] and not state.exists()
+    assert json.loads(output.read_text()) == json.loads(whole.read_text())
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        (b"not a state", 1, "is not a readable search state (UnpicklingError)"),
+        (None, 2, "was saved without a fingerprint of the inputs (by an older tokcomp)"),
+    ],
+)
+def test_a_damaged_or_unfingerprinted_state_is_refused_in_one_line(
+    tmp_path, capsys, content, code, message, checkpoint
+):
+    output = tmp_path / "searched.json"
+    state = tmp_path / "searched.json.search-state.pt"
+    if content is None:
+        torch.save({"trials": []}, state)
+    else:
+        state.write_bytes(content)
+    assert main(_argv("zero_tprune", {**ZERO_TPRUNE, "--checkpoint": checkpoint}, output)) == code
+    line = _refusal(capsys)
+    assert line.startswith("tokcomp search zero_tprune: error: ") and message in line
+    assert "--fresh" in line

@@ -1,0 +1,118 @@
+"""Arguments shared by the commands, and their types (counts, comma lists, devices, timm
+model names), each value refused with one line that names the rule."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import timm
+import torch
+
+from tokcomp.config import CONFIG_SUFFIXES
+from tokcomp.errors import UsageError
+
+
+def positive_int(text: str) -> int:
+    """An int of at least 1 ('0' and '-1' are refused)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An int of at least 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def names(text: str) -> list[str]:
+    """'a, b,,c' -> ['a', 'b', 'c']."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def fractions(text: str) -> list[float]:
+    """'0.5,0.25' -> [0.5, 0.25]."""
+    try:
+        return [float(name) for name in names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers such as 0.5,0.25, got {text!r}"
+        ) from None
+
+
+def device(text: str) -> str:
+    """A device this machine has: cpu, cuda or cuda:N (only with a visible GPU)."""
+    try:
+        chosen = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; use cpu, cuda or cuda:N"
+        ) from None
+    if chosen.type == "cpu":
+        return str(chosen)
+    if chosen.type != "cuda":
+        raise argparse.ArgumentTypeError(
+            f"device {text!r} is not supported; use cpu, cuda or cuda:N"
+        )
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(
+            f"{text}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+            "use --device cpu"
+        )
+    if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+        )
+    return str(chosen)
+
+
+def timm_model(text: str) -> str:
+    """A model name timm knows (a pretrained tag such as '.mae' included; hf-hub: names
+    pass through to timm)."""
+    if text.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown timm model {text!r}; timm.list_models('*{text.split('_')[0]}*') lists the "
+        "names near it"
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, pretrained: bool = True) -> None:
+    """--model and --checkpoint (and --pretrained when `pretrained`): a timm model by name,
+    with weights from a local file or timm's hub."""
+    parser.add_argument(
+        "--model", type=timm_model, help="timm model name (random weights unless loaded)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="local .safetensors/.pth weights (a tokcomp .safetensors names its model)",
+    )
+    if pretrained:
+        parser.add_argument(
+            "--pretrained", action="store_true", help="timm's weights (needs network or a cache)"
+        )
+
+
+def check_config_output(path: Path, force: bool, option: str = "-o") -> None:
+    """Refuse a config output that cannot be written or would overwrite a file without
+    --force, before any work is done."""
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise UsageError(f"{option} {path}: a config file ends in {', '.join(CONFIG_SUFFIXES)}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(
+            f"{option} {path} exists; pass --force to overwrite it, or give another file name"
+        )

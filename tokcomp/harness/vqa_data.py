@@ -1,0 +1,206 @@
+"""VQA data: the official VQAv2 layout, JSON-lines files and the easy-VQA test split, read
+into Question objects (see tokcomp.harness.vqa for the formats)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from tokcomp.harness.data import EASY_VQA, data_source, easy_vqa_root
+from tokcomp.harness.fingerprint import file_identity
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about one image with its reference answers."""
+
+    image: Path
+    question: str
+    answers: tuple[str, ...]
+    answer_type: str | None = None
+    question_type: str | None = None
+    question_id: int | str | None = None
+
+
+class VQADataset(Dataset):
+    """Questions in a fixed order; items are Question objects."""
+
+    def __init__(self, questions: Sequence[Question]) -> None:
+        self.questions = list(questions)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index: int) -> Question:
+        return self.questions[index]
+
+    def subset(self, indices: Sequence[int]) -> VQADataset:
+        """The questions at `indices`, as a dataset of their own."""
+        return VQADataset([self.questions[i] for i in indices])
+
+    def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
+        """Each question with its answers and its image file (name, size, modification time)."""
+        for index in indices:
+            q = self.questions[index]
+            yield [
+                *file_identity(q.image),
+                q.question,
+                list(q.answers),
+                q.answer_type,
+                q.question_id,
+            ]
+
+    def describe(self) -> str:
+        """One line: questions, images and answer types."""
+        images = {question.image for question in self.questions}
+        return (
+            f"{len(self)} questions on {len(images)} images; answer types "
+            f"{list(answer_types(self))}"
+        )
+
+
+def open_vqa(data: str, images: Path | None = None) -> VQADataset:
+    """The questions of a --data value (see `data_source`): easy-vqa, a .jsonl file or a
+    VQAv2 folder, every image checked to exist; `images` overrides the image folder of the
+    VQAv2 layout."""
+    source = data_source(data)
+    if images is not None and source.kind != "folder":
+        raise ValueError("--images applies to the VQAv2 layout only")
+    if source.kind == EASY_VQA:
+        questions = read_easy_vqa("test")
+    elif source.kind == "jsonl" and source.path.is_file():
+        questions = read_jsonl(source.path)
+    elif source.kind == "folder" and source.path.is_dir():
+        questions = read_vqav2(source.path, images)
+    else:
+        raise FileNotFoundError(
+            f"--data {data}: expected {EASY_VQA}, a .jsonl file or a VQAv2 folder "
+            "(questions JSON, annotations JSON and the image folder)"
+        )
+    check_images(questions)
+    return VQADataset(questions)
+
+
+def read_easy_vqa(split: str) -> list[Question]:
+    """The easy-VQA questions of `split` ('train' or 'test'), in file order; answer type
+    'yes/no' for yes/no answers, else 'other' (VQAv2's names)."""
+    folder = easy_vqa_root() / split
+    rows = json.loads((folder / "questions.json").read_text())
+    return [
+        Question(
+            image=folder / "images" / f"{image_id}.png",
+            question=text,
+            answers=(answer,),
+            answer_type="yes/no" if answer in ("yes", "no") else "other",
+            question_id=index,
+        )
+        for index, (text, answer, image_id) in enumerate(rows)
+    ]
+
+
+def read_jsonl(path: Path) -> list[Question]:
+    """Questions of a JSON-lines file (see the module docstring); image paths relative to
+    the file's folder."""
+    questions = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not a JSON object ({err})") from None
+        missing = [key for key in ("image", "question", "answers") if key not in row]
+        answers = row.get("answers")
+        if missing or not isinstance(answers, list) or not answers:
+            raise ValueError(
+                f"{where}: each line needs 'image', 'question' and a non-empty list "
+                f"'answers'{f' (missing: {missing})' if missing else ''}"
+            )
+        questions.append(
+            Question(
+                image=path.parent / row["image"],
+                question=row["question"],
+                answers=tuple(str(answer) for answer in answers),
+                answer_type=row.get("answer_type"),
+                question_type=row.get("question_type"),
+                question_id=row.get("question_id", number),
+            )
+        )
+    return questions
+
+
+def read_vqav2(folder: Path, images: Path | None = None) -> list[Question]:
+    """Questions of the official VQAv2 layout, in the questions file's order: answers,
+    answer and question types from the annotations; images in `images`, by default
+    <folder>/<data_subtype> (e.g. val2014)."""
+    questions_file = _only(folder, "*questions.json")
+    annotations_file = _only(folder, "*annotations.json")
+    questions = _json_field(questions_file, "questions")
+    subtype = _json_field(questions_file, "data_subtype")
+    annotations = {a["question_id"]: a for a in _json_field(annotations_file, "annotations")}
+    images = images or folder / subtype
+    out = []
+    for question in questions:
+        annotation = annotations.get(question["question_id"])
+        if annotation is None:
+            raise ValueError(
+                f"question {question['question_id']} of {questions_file} has no annotation in "
+                f"{annotations_file}: use the annotations file of the same split"
+            )
+        out.append(
+            Question(
+                image=images / f"COCO_{subtype}_{question['image_id']:012d}.jpg",
+                question=question["question"],
+                answers=tuple(a["answer"] for a in annotation["answers"]),
+                answer_type=annotation.get("answer_type"),
+                question_type=annotation.get("question_type"),
+                question_id=question["question_id"],
+            )
+        )
+    return out
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    """The one file in `folder` matching `pattern`."""
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"the VQAv2 folder {folder} must hold exactly one {pattern} file, found "
+            f"{[p.name for p in found] or 'none'}"
+        )
+    return found[0]
+
+
+def _json_field(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`, or an error naming the file."""
+    content = json.loads(path.read_text())
+    if not isinstance(content, dict) or key not in content:
+        raise ValueError(f"{path} has no '{key}': is it an official VQAv2 file?")
+    return content[key]
+
+
+def check_images(questions: Sequence[Question]) -> None:
+    """Raise FileNotFoundError naming the first image that does not exist."""
+    seen = set()
+    for question in questions:
+        if question.image in seen:
+            continue
+        if not question.image.is_file():
+            raise FileNotFoundError(
+                f"image {question.image} of question {question.question_id} does not exist; "
+                "check the image folder (VQAv2: --images DIR) or the question's image path"
+            )
+        seen.add(question.image)
+
+
+def answer_types(dataset: Dataset) -> tuple[str, ...]:
+    """The answer types present in `dataset`, sorted (questions without one count only in
+    the overall accuracy)."""
+    found = {dataset[i].answer_type for i in range(len(dataset))}
+    return tuple(sorted(kind for kind in found if kind is not None))
