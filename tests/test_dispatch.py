@@ -18,6 +18,7 @@ import torch
 
 import tokcomp
 from tokcomp.ops import _fake, cupy_kernels, dispatch, selfcheck
+from tokcomp.ops import energy as energy_module
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match, best_match_reference
 from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
@@ -59,12 +60,22 @@ def test_backend_here() -> None:
 
 
 def test_environment_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counted_reference(*args: object) -> torch.Tensor:
+        calls.append(args)
+        return energy_score_reference(*args)
+
+    monkeypatch.setattr(energy_module, "energy_score_reference", counted_reference)
+    x = torch.randn(2, 9, 16)
     assert dispatch.route("greedy_maxmin", "cpu") == "cpp"
+    energy_score(x, 0.5)
+    assert not calls  # the compiled kernel ran
     monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
     assert tokcomp.backend("cpu") == "reference"
     assert dispatch.route("greedy_maxmin", "cpu") == "reference"
-    x = torch.randn(2, 9, 16)
     assert torch.equal(energy_score(x, 0.5), energy_score_reference(x, 0.5))
+    assert len(calls) == 1  # the reference ran
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
@@ -96,7 +107,9 @@ def test_without_extension_one_warning_and_reference_results() -> None:
         "    warnings.simplefilter('always')\n"
         "    assert tokcomp.backend('cpu') == 'reference'\n"
         "    x = torch.randn(2, 7, 8)\n"
-        "    assert torch.equal(energy_score(x, 0.3), energy_score_reference(x, 0.3))\n"
+        "    import tokcomp.ops.energy as energy\n"
+        "    energy.energy_score_reference = lambda *a: torch.full((2, 7), 7.0)  # a marker\n"
+        "    assert torch.equal(energy_score(x, 0.3), torch.full((2, 7), 7.0))\n"
         "    d, w = cosine_distances(x), torch.rand(2, 7)\n"
         "    picks = greedy_maxmin(d, w, w.argmax(1), 4)\n"
         "    assert torch.equal(picks, greedy_maxmin_reference(d, w, w.argmax(1), 4))\n"
