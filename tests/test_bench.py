@@ -29,10 +29,11 @@ def test_benchmark_reports_each_variant_against_the_unpruned_model():
     assert [r.label for r in rows] == ["unpruned", "tome r=4", "tome r=12"]
     assert rows[0].speedup == 1.0 and rows[0].macs_ratio == 1.0
     assert rows[0].gmacs > rows[1].gmacs > rows[2].gmacs
+    assert rows[0].selection_share == 0 < min(rows[1].selection_share, rows[2].selection_share)
     for row in rows:
         assert row.images_per_s == pytest.approx(2 / (row.latency_ms / 1e3))
         assert row.peak_memory_mb > 0
     table = format_table(rows)
-    assert "tome r=12" in table and "speed-up" in table
+    assert "tome r=12" in table and "speed-up" in table and "sel %" in table
     data = json.loads(rows_to_json(rows, settings, model="tiny"))
     assert data["model"] == "tiny" and len(data["rows"]) == 3

@@ -11,6 +11,7 @@ import timm
 import torch
 from fixtures.imagenet import save_pth, save_safetensors, write_images
 
+import tokcomp
 from tokcomp import cli
 from tokcomp.bench import parse_variant
 from tokcomp.cli import main
@@ -33,6 +34,9 @@ def test_export_then_show(tmp_path, capsys):
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "schedule  [184, 171" in out and "tome" in out
+    config = tokcomp.Config.load(path)
+    assert 0 < config.selection_macs < config.macs
+    assert f"{config.selection_share:.1%} of it the method's own work" in out
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):

@@ -308,6 +308,7 @@ def test_the_report_has_a_table_csv_and_plot(tmp_path, small, capsys):
     assert "tome        r=4" in table and "1.00x" in table
     assert float(rows[0]["speedup"]) == 1.0 and float(rows[0]["delta_top1"]) == 0.0
     assert float(rows[1]["macs_ratio"]) < 1 and float(rows[1]["peak_memory_mb"]) > 0
+    assert float(rows[0]["selection_share"]) == 0 < float(rows[1]["selection_share"]) < 0.5
     with Image.open(tmp_path / "results.png") as picture:
         assert picture.size == (1320, 540)  # two 5.5 x 4.5 inch panels at 120 dpi
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tokcomp.api import apply, macs
+from tokcomp.api import apply, config_of, is_patched, macs
 from tokcomp.harness.timing import now
 
 
@@ -75,6 +75,7 @@ class BenchRow:
     options: dict[str, Any]
     gmacs: float
     macs_ratio: float
+    selection_share: float
     images_per_s: float
     speedup: float
     latency_ms: float
@@ -121,7 +122,8 @@ def benchmark(
     for variant, compressed, seconds, forward in zip(
         [BASELINE, *variants], models, medians, run, strict=True
     ):
-        variant_macs = macs(compressed)
+        config = config_of(compressed) if is_patched(compressed) else None
+        variant_macs = base_macs if config is None else config.macs
         rows.append(
             BenchRow(
                 label=variant.label,
@@ -129,6 +131,7 @@ def benchmark(
                 options=variant.options,
                 gmacs=variant_macs / 1e9,
                 macs_ratio=variant_macs / base_macs,
+                selection_share=0.0 if config is None else config.selection_share,
                 images_per_s=settings.batch_size / seconds,
                 speedup=medians[0] / seconds,
                 latency_ms=seconds * 1e3,
@@ -210,13 +213,14 @@ class _LiveTensorBytes(TorchDispatchMode):
 def format_table(rows: Sequence[BenchRow]) -> str:
     """The benchmark as a fixed-width text table."""
     header = (
-        f"{'variant':<28}{'GMACs':>8}{'MACs':>8}{'img/s':>10}{'speed-up':>10}"
+        f"{'variant':<28}{'GMACs':>8}{'MACs':>8}{'sel %':>7}{'img/s':>10}{'speed-up':>10}"
         f"{'ms/batch':>10}{'peak MB':>9}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row.label:<28}{row.gmacs:>8.2f}{row.macs_ratio:>8.3f}{row.images_per_s:>10.1f}"
+            f"{row.label:<28}{row.gmacs:>8.2f}{row.macs_ratio:>8.3f}"
+            f"{100 * row.selection_share:>7.1f}{row.images_per_s:>10.1f}"
             f"{row.speedup:>9.2f}x{row.latency_ms:>10.1f}{row.peak_memory_mb:>9.1f}"
         )
     return "\n".join(lines)

@@ -144,7 +144,8 @@ def _show(args: argparse.Namespace) -> None:
     print(f"method    {config.method} {json.dumps(config.options)}")
     print(f"model     {config.model.get('name')} ({config.model.get('family')})")
     macs = f"{config.macs / 1e9:.3f} G of {config.base_macs / 1e9:.3f} G"
-    print(f"MACs      {macs} ({config.macs_ratio:.3f})")
+    share = f"{config.selection_share:.1%} of it the method's own work"
+    print(f"MACs      {macs} ({config.macs_ratio:.3f}), {share}")
     print(f"schedule  {config.schedule}")
     if config.notes:
         print(f"notes     {config.notes}")

@@ -64,6 +64,11 @@ class Config:
     source: ClassVar[str] = "this config"
 
     @property
+    def selection_share(self) -> float:
+        """The part of `macs` that is the method's own work (matching, scoring, selection)."""
+        return self.selection_macs / self.macs
+
+    @property
     def macs_ratio(self) -> float:
         """MACs under compression as a fraction of the unpruned MACs."""
         return self.macs / self.base_macs

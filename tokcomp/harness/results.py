@@ -143,7 +143,7 @@ def format_table(
     """Rows from `with_baseline` as a fixed-width text table, `columns` last."""
     width = max([len(row["label"]) for row in rows] + [7]) + 2
     header = (
-        f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}"
+        f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
         + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
@@ -152,7 +152,7 @@ def format_table(
     for row in rows:
         lines.append(
             f"{row['method']:<12}{row['label']:<{width}}{row['gmacs']:>8.3f}"
-            f"{row['macs_ratio']:>7.3f}"
+            f"{row['macs_ratio']:>7.3f}{100 * row['selection_share']:>7.1f}"
             + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
             + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
             f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
@@ -178,6 +178,7 @@ def write_csv(
         "label",
         "gmacs",
         "macs_ratio",
+        "selection_share",
         *metrics,
         f"delta_{metrics[0]}",
         "images_per_s",

@@ -147,6 +147,7 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
             "schedule": None,
             "gmacs": macs(model) / 1e9,
             "macs_ratio": 1.0,
+            "selection_share": 0.0,
         }
     config = config_of(point.apply_to(model))
     remove(model)
@@ -156,6 +157,7 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
         "schedule": config.schedule,
         "gmacs": config.macs / 1e9,
         "macs_ratio": config.macs_ratio,
+        "selection_share": config.selection_share,
     }
 
 
