@@ -26,8 +26,9 @@ from tokcomp.errors import interruption_says
 from tokcomp.harness.arguments import check_config_output, positive_int
 from tokcomp.harness.data import describe
 from tokcomp.harness.distributed import SINGLE, World
+from tokcomp.methods.diffrate import DiffRate
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
-from tokcomp.schedule import ModelSpec, block_macs, model_macs
+from tokcomp.schedule import ModelSpec, block_macs, model_macs, selection_macs
 from tokcomp.search.common import (
     add_model_and_data_arguments,
     model_and_training_images,
@@ -142,7 +143,7 @@ def search_diffrate(
         f"granularity {settings.granularity}, {world.size} process(es)"
     )
     if settings.fit:
-        searched = model_macs(spec, merge_kept) / model_macs(spec)
+        searched = total_macs(spec, prune_kept, merge_kept) / model_macs(spec)
         scale, prune_kept, merge_kept = fit_counts(
             spec, prune_kept, merge_kept, settings.target_macs
         )
@@ -162,7 +163,7 @@ def check_reachable(spec: ModelSpec, target_macs: float) -> None:
             f"target_macs is a fraction of the unpruned MACs in (0, 1], got {target_macs}"
         )
     smallest = [spec.tokens] + [spec.protected + 1] * (spec.depth - 1)
-    floor = model_macs(spec, smallest) / model_macs(spec)
+    floor = total_macs(spec, smallest, smallest) / model_macs(spec)
     if target_macs < floor:
         raise ValueError(
             f"target_macs {target_macs} is below {floor:.3f}, the MACs left when every block "
@@ -170,11 +171,19 @@ def check_reachable(spec: ModelSpec, target_macs: float) -> None:
         )
 
 
+def total_macs(spec: ModelSpec, prune_kept: list[int], merge_kept: list[int]) -> int:
+    """MACs per image of DiffRate at these counts: the model's and DiffRate's own work
+    (class-attention rows, merge matching), what `target_macs` is a fraction of."""
+    method = DiffRate(prune_kept=prune_kept, merge_kept=merge_kept)
+    return model_macs(spec, merge_kept) + selection_macs(spec, method, merge_kept)
+
+
 def fit_counts(
     spec: ModelSpec, prune_kept: list[int], merge_kept: list[int], target_macs: float
 ) -> tuple[float, list[int], list[int]]:
     """Scale the compressible part of every block's counts (blocks 1 on) by one factor, the
-    largest whose schedule stays within `target_macs` of the unpruned MACs; keeps the
+    largest whose schedule stays within `target_macs` of the unpruned MACs (DiffRate's own
+    work included: total_macs); keeps the
     searched per-block shape. Returns (factor, prune_kept, merge_kept)."""
     patches = spec.tokens - spec.protected
 
@@ -188,7 +197,7 @@ def fit_counts(
     low, high = 0.0, patches / fewest  # high keeps every token
     for _ in range(40):
         middle = (low + high) / 2
-        if model_macs(spec, scaled(merge_kept, middle)) <= budget:
+        if total_macs(spec, scaled(prune_kept, middle), scaled(merge_kept, middle)) <= budget:
             low = middle
         else:
             high = middle
