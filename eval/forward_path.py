@@ -22,7 +22,10 @@ PACKAGE = Path(tokcomp.__file__).resolve().parent
 
 
 def visited_files(call: Callable[[], object]) -> list[str]:
-    """Files of tokcomp entered while `call` runs, consecutive calls in one file merged."""
+    """Files of tokcomp entered while `call` runs (after one warm-up call, so that once-per-
+    process work such as the kernels' first-call checks is not counted), consecutive calls
+    in one file merged."""
+    call()
     path: list[str] = []
 
     def profile(frame, event, arg):
