@@ -15,8 +15,7 @@ from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
 from tokcomp.adapters import find_adapter
-from tokcomp.methods import method_class
-from tokcomp.methods.fastv import FastV
+from tokcomp.methods import LLMStageMethod, method_class
 from tokcomp.methods.visual import VisualSignal
 
 STEPS = 4
@@ -92,16 +91,17 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
     return torch.cat(new, dim=1)
 
 
-def _fixed_fastv(**options) -> FastV:
-    """FastV whose choice does not depend on the query (the last visual tokens of each image):
-    re-running without a cache then makes the same choice as the cached prefill."""
+def _fixed(method: str, **options) -> LLMStageMethod:
+    """An LLM-stage method whose choice does not depend on the query (the last visual tokens
+    of each image): re-running without a cache then makes the same choice as the cached
+    prefill (the query, the prompt's last token, changes as tokens are generated)."""
 
-    class FixedFastV(FastV):
+    class Fixed(method_class(method)):
         def select(self, visual, keep):
             index = torch.arange(visual.tokens - keep, visual.tokens, device=visual.outputs.device)
             return index.expand(visual.batch, -1)
 
-    return FixedFastV(**options)
+    return Fixed(**options)
 
 
 # -- exactness at keep-everything -------------------------------------------------------------
@@ -127,8 +127,8 @@ def test_keep_everything_reproduces_greedy_generate(family, method, layout):
 
 
 def _pruned(model, family: str, method: str, positions: str):
-    if method == "fastv":
-        return tokcomp.apply(model, _fixed_fastv(keep=0.4, positions=positions))
+    if issubclass(method_class(method), LLMStageMethod):
+        return tokcomp.apply(model, _fixed(method, **_pruning(method), positions=positions))
     return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 
@@ -183,6 +183,33 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
 
 
+@torch.no_grad()
+def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
+    """Stage 1 (before layer 1 of 3) ranks the unpruned prompt's visual tokens by layer 1's
+    own eager attention from the last token, head mean; stage 2 (before layer 2) ranks the
+    survivors; each stage keeps int(N0 * lambda^s) of the N0 = 16 tokens per image."""
+    model = _model("llava")
+    batch, _ = _inputs(model, "llava", [(1, 5), (1, 3)])
+    language = model.model.language_model
+    language.config._attn_implementation = "eager"
+    expected = model(**batch, output_attentions=True).attentions[1][:, :, -1].mean(dim=1)
+    placeholder = batch["input_ids"] == IMAGE
+    seen = []
+
+    class Recorded(method_class("pyramiddrop")):
+        def select(self, visual, keep):
+            seen.append((visual.attention.clone(), keep))
+            return super().select(visual, keep)
+
+    tokcomp.apply(model, Recorded(keep=0.25))
+    model.set_attn_implementation("sdpa")
+    model(**batch)
+    assert [keep for _, keep in seen] == [int(16 * 0.25**0.5), 4]  # lambda = 0.5 over 2 stages
+    first = seen[0][0]
+    torch.testing.assert_close(first, expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
+    assert seen[1][0].shape == (2, 8)
+
+
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------
 
 
@@ -217,6 +244,8 @@ ROUND_TRIPS = {
     "fastv": ("idefics3", {"keep": 3, "layer": 1, "query": "text"}),
     "visionzip": ("llava_next", {"keep": 0.3}),
     "fastervlm": ("llava_siglip", {"keep": 6}),
+    "vispruner": ("llava", {"keep": 7, "important": 0.75}),
+    "pyramiddrop": ("qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
     "tome": ("llava", {"r": 3}),
 }
 

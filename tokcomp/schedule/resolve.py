@@ -85,9 +85,8 @@ def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
 def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
     """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
     then, per language-model layer, the visual tokens of the reference image it processes."""
-    kept = method.kept_of(spec.selectable) + spec.fixed_visual
     tower = [spec.tokens] * spec.depth
-    return tower + method.llm_schedule(spec.llm_depth, spec.visual_tokens, kept)
+    return tower + method.llm_schedule(spec.llm_depth, spec.selectable, spec.fixed_visual)
 
 
 def _nearest_to_target(

@@ -55,6 +55,13 @@ class Images:
         """Placeholder tokens per image."""
         return self.placeholders or [e.shape[0] for e in self.embeds]
 
+    def selectable(self) -> list[int]:
+        """Tokens per image a method chooses from (those in its segments)."""
+        sizes = [0] * len(self.embeds)
+        for segment in self.segments:
+            sizes[segment.image] += segment.visual.tokens
+        return sizes
+
 
 class VLMFamily(abc.ABC):
     """Where one VLM class keeps its parts, how its images become visual tokens and how it
