@@ -414,6 +414,18 @@ def test_a_budget_larger_than_the_visual_tokens_is_refused():
         model(**batch)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_methods_a_family_cannot_run_are_refused_naming_the_alternatives(family):
+    """Every visual-token method either runs on a family (the generic tests above) or is
+    refused when applied, with the methods that do run there."""
+    refused = [m for m in VISUAL if (family, m) not in _cases()]
+    for method in refused:
+        runnable = sorted(m for m in VISUAL if (family, m) in _cases())
+        names = f"{', '.join(runnable[:-1])} or {runnable[-1]}"
+        with pytest.raises(ValueError, match=f"use {names}"):
+            tokcomp.apply(_model(family), method, **_pruning(method))
+
+
 def test_unsupported_models_name_what_is_supported():
     with pytest.raises(tokcomp.UnsupportedModelError, match="LlavaForConditionalGeneration"):
         tokcomp.apply(hf.LlavaModel(_built("llava").config), "zoo", keep=2)

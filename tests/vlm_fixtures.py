@@ -105,6 +105,17 @@ def _smolvlm() -> nn.Module:
     return hf.SmolVLMForConditionalGeneration(config)
 
 
+def _internvl() -> nn.Module:
+    vision = hf.InternVLVisionConfig(**_VISION, image_size=32, patch_size=4)
+    config = hf.InternVLConfig(
+        vision_config=vision,
+        text_config=hf.Qwen2Config(**_TEXT),
+        image_token_id=IMAGE,
+        image_seq_length=16,
+    )
+    return hf.InternVLForConditionalGeneration(config)
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build a tiny model of one family and its per-image inputs."""
@@ -121,6 +132,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
+    "internvl": Family(_internvl, "llava"),
 }
 
 
@@ -174,6 +186,7 @@ def _image(
     """One image: its pixel tensor, its placeholder tokens, and per-image extras."""
     if kind == "llava":
         size = model.config.vision_config.image_size
+        size = size if isinstance(size, int) else size[0]  # InternVL: (height, width)
         pixels = torch.randn(3, size, size, generator=generator)
         return pixels, torch.full((model.config.image_seq_length,), IMAGE), {}
     if kind == "llava_next":

@@ -13,7 +13,12 @@ from torch import nn
 from tokcomp.adapters.base import Adapter, Compression, Patch
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
-from tokcomp.adapters.hf_vlm.families import ADAPTER_NAME, VLMFamily, family_for
+from tokcomp.adapters.hf_vlm.families import (
+    ADAPTER_NAME,
+    VLMFamily,
+    family_for,
+    handled_classes,
+)
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
     Pruned,
@@ -36,12 +41,7 @@ class HFVLMAdapter(Adapter):
 
     name = ADAPTER_NAME
     attention = AttentionStyle.SEPARATE_QKV
-    supported = (
-        "Hugging Face VLMs LlavaForConditionalGeneration (LLaVA-1.5), "
-        "LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, "
-        "Qwen2_5_VLForConditionalGeneration, Idefics3ForConditionalGeneration and "
-        "SmolVLMForConditionalGeneration"
-    )
+    supported = "Hugging Face VLMs " + ", ".join(handled_classes())
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
