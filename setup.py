@@ -156,7 +156,7 @@ setup(
     },
     entry_points={
         "console_scripts": ["tokcomp=tokcomp.cli:main"],
-        "lmms_eval.models": ["tokcomp=tokcomp.harness.lmms_model:manifest"],
+        "lmms_eval.models": ["tokcomp=tokcomp.harness.lmms_plugin:manifest"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -15,7 +15,7 @@ from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
 from tokcomp.errors import INTERRUPTED, RUNTIME, USAGE, TokcompError, original_message
-from tokcomp.harness import imagenet, vqa
+from tokcomp.harness import imagenet, lmms, vqa
 from tokcomp.harness.arguments import (
     add_model_arguments,
     check_config_output,
@@ -83,6 +83,12 @@ def _build_parser() -> argparse.ArgumentParser:
     vqa.add_arguments(
         tasks.add_parser(
             "vqa", parents=[debug], help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)"
+        )
+    )
+
+    lmms.add_arguments(
+        tasks.add_parser(
+            "lmms", parents=[debug], help="lmms-eval benchmarks of a VLM (needs tokcomp[lmms])"
         )
     )
 

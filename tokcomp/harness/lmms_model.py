@@ -5,17 +5,20 @@ config instead of method and options; neither: the unpruned model), batched with
 through the model's own processor and chat template (the prompts of `tokcomp eval vqa`).
 
 lmms-eval finds it through the Python entry-point group `lmms_eval.models` (setup.py names
-`manifest`), which its model registry reads when it starts (lmms_eval/models/registry_v2.py,
-`load_entrypoint_manifests`): installing tokcomp with lmms-eval is all it takes.
+tokcomp.harness.lmms_plugin.manifest), which its model registry reads when it starts
+(lmms_eval/models/registry_v2.py, `load_entrypoint_manifests`): installing tokcomp beside
+lmms-eval is all it takes.
 
 Besides lmms-eval's scores, each run logs through lmms-eval's throughput metrics (the
 results file's "throughput" section, averaged over its generate calls): the visual tokens
 per image the language model kept, MACs per image (the method's own work included), their
-ratio to the unpruned model, LLM prefill time and time to first token per request.
+ratio to the unpruned model, LLM prefill time and time to first token per request, and the
+peak memory of the first batch (run once more before, untimed, as the VQA harness does).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -25,11 +28,11 @@ import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from torch import nn
 
 from tokcomp.adapters.hf_vlm.adapter import HFVLMAdapter
+from tokcomp.bench import peak_memory
 from tokcomp.errors import UsageError
 from tokcomp.harness.sweep import Point, compression
 from tokcomp.harness.vqa import DEFAULT_MODEL, GREEDY, generate, load_vlm, on_device
@@ -40,11 +43,6 @@ from tokcomp.methods import method_class, option_names
 MODEL_ARGS = ("pretrained", "method", "config", "dtype", "device", "batch_size")
 #: New tokens when a task's generation_kwargs set no max_new_tokens (lmms-eval's HF models').
 MAX_NEW_TOKENS = 1024
-
-
-def manifest() -> ModelManifest:
-    """The entry point lmms-eval's registry loads: `--model tokcomp` is TokcompModel."""
-    return ModelManifest(model_id="tokcomp", simple_class_path=f"{__name__}.TokcompModel")
 
 
 @dataclass
@@ -95,6 +93,7 @@ class HFVLM(lmms):
         self.processor.tokenizer.padding_side = "left"
         self.batch_size = _batch_size(batch_size)
         self.tallies: dict[str, Tally] = {}
+        self.peak_bytes: int | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -115,6 +114,9 @@ class HFVLM(lmms):
             contexts = [request.args[0] for request in batch]
             options = batch[0].args[1]
             images = [self._images(request) for request in batch]
+            if self.peak_bytes is None:  # warm-up, as the VQA harness measures
+                warm_up = functools.partial(self._generate, contexts, images, options)
+                self.peak_bytes = peak_memory(warm_up, self.device)
             outputs, tally = self._generate(contexts, images, options)
             for index, text in zip(indices, outputs, strict=True):
                 answers[index] = text
@@ -211,6 +213,7 @@ class HFVLM(lmms):
             "gmacs": plan["gmacs"],
             "macs_ratio": plan["macs_ratio"],
             "selection_share": plan["selection_share"],
+            "peak_memory_mb": (self.peak_bytes or 0) / 2**20,
         }
         log_metrics(
             total_elapsed_time=run.generate_s,
