@@ -16,7 +16,6 @@ data is on the Hugging Face hub need it cached or the hub reachable; local tasks
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -35,15 +34,19 @@ from tokcomp.harness.results import report
 from tokcomp.harness.sweep import (
     Point,
     SweepRun,
-    add_run_arguments,
-    add_sweep_arguments,
-    evaluate_points,
+    evaluate_sweep,
     point_key,
     start_run,
-    sweep_points,
 )
-from tokcomp.harness.vqa import AXES, COLUMNS, DEFAULT_MODEL, keep_budget, load_vlm, model_identity
-from tokcomp.methods.visual import POSITIONS
+from tokcomp.harness.vqa import (
+    AXES,
+    COLUMNS,
+    DEFAULT_MODEL,
+    add_visual_sweep_arguments,
+    load_vlm,
+    model_identity,
+    visual_points,
+)
 
 #: The repository's local lmms-eval tasks (the offline easy-VQA task).
 DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "eval" / "lmms_tasks"
@@ -235,30 +238,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="save lmms-eval's per-question outputs of each point in <output>/lmms/",
     )
-    sweep = add_sweep_arguments(
-        parser,
-        budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.111",
-        methods="zoo,divprune,fastv,visionzip",
-        variant="zoo:keep=64",
-    )
-    sweep.add_argument(
-        "--positions",
-        choices=POSITIONS,
-        help="with --budgets: number every method's kept visual tokens this way (default: "
-        "each method's own)",
-    )
-    add_run_arguments(parser)
+    add_visual_sweep_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe on lmms-eval's tasks, print its table,
     save its results."""
-    from tokcomp.harness.lmms_model import refuse_unsupported
-
     version = lmms_eval_version()
-    budget = functools.partial(keep_budget, positions=args.positions)
-    points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
+    from tokcomp.harness.lmms_model import refuse_unsupported  # imports lmms-eval
+
+    points = visual_points(args)
     world, device = start_run(args)
     if world.size > 1:
         raise UsageError("tokcomp eval lmms runs in one process: launch it without torchrun")
@@ -284,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
     sweep = SweepRun(output, fingerprint, device, args.fresh)
     evaluation = LMMSEvaluation(processor, args, manager, tasks, sweep)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
-    rows = evaluate_points(model, points, evaluation, sweep, settings, world)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     print(write_report(rows, output, name))
 
 

@@ -223,20 +223,6 @@ Evaluation = Callable[[nn.Module, Point, str], dict[str, Any]]
 def run_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
-    store: ResultStore,
-    device: torch.device,
-    settings: Mapping[str, Any] | None = None,
-    world: World = SINGLE,
-) -> list[dict[str, Any]]:
-    """`run_points` measuring `task` (see `measure`) at each point."""
-    evaluation = task_evaluation(task, device, world)
-    return run_points(model, points, evaluation, store, settings, world)
-
-
-def run_points(
-    model: nn.Module,
-    points: Sequence[Point],
     evaluation: Evaluation,
     store: ResultStore,
     settings: Mapping[str, Any] | None = None,
@@ -274,32 +260,19 @@ def run_points(
 def evaluate_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
-    run: SweepRun,
-    settings: Mapping[str, Any] | None = None,
-    world: World = SINGLE,
-) -> list[dict[str, Any]]:
-    """`evaluate_points` measuring `task` (see `measure`) at each point."""
-    evaluation = task_evaluation(task, run.device, world)
-    return evaluate_points(model, points, evaluation, run, settings, world)
-
-
-def evaluate_points(
-    model: nn.Module,
-    points: Sequence[Point],
     evaluation: Evaluation,
     run: SweepRun,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
 ) -> list[dict[str, Any]]:
-    """`run_points` with results in the run's output folder (rank 0 writes; saved rows of
+    """`run_sweep` with results in the run's output folder (rank 0 writes; saved rows of
     other inputs are refused, on every rank); an interrupt ends the run saying that the same
     command resumes. Returns the rows to report: this run's points, then every other point
     saved for the same inputs."""
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_points(model, points, evaluation, store, settings, world)
+        rows = run_sweep(model, points, evaluation, store, settings, world)
     done = {row["key"] for row in rows}
     return rows + [row for row in store.rows() if row["key"] not in done]
 

@@ -40,6 +40,7 @@ from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    Point,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -47,6 +48,7 @@ from tokcomp.harness.sweep import (
     quiet,
     start_run,
     sweep_points,
+    task_evaluation,
 )
 from tokcomp.harness.timing import FirstToken, PrefillTimer, now
 from tokcomp.harness.vqa_data import Question, answer_types, open_vqa
@@ -332,6 +334,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
     )
+    add_visual_sweep_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep and run options of a VLM task: --budgets keep fractions of the visual tokens,
+    --positions numbers them (see `keep_budget`)."""
     sweep = add_sweep_arguments(
         parser,
         budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.125",
@@ -345,14 +354,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "each method's own; keep = original position ids, renumber = contiguous)",
     )
     add_run_arguments(parser)
-    parser.set_defaults(run=run)
+
+
+def visual_points(args: argparse.Namespace) -> list[Point]:
+    """The points of a VLM sweep's arguments (see `add_visual_sweep_arguments`)."""
+    budget = functools.partial(keep_budget, positions=args.positions)
+    return sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
 
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results.
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
-    budget = functools.partial(keep_budget, positions=args.positions)
-    points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
+    points = visual_points(args)
     world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
@@ -380,7 +393,8 @@ def run(args: argparse.Namespace) -> None:
     )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
     sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
-    rows = evaluate_sweep(model, points, task, sweep, settings, world)
+    evaluation = task_evaluation(task, device, world)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 
 
