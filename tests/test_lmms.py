@@ -162,6 +162,16 @@ def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, monkeypatch, capsy
     assert "made from other inputs (limit: 32 then, 16 now)" in line and "--fresh" in line
 
 
+@needs_lmms
+def test_a_config_file_from_tokcomp_export_is_model_args_config(tmp_path):
+    from tokcomp.harness.lmms_model import TokcompModel
+
+    path = tmp_path / "zoo-8.yaml"
+    assert main(["export", "--vlm", str(DEFAULT_MODEL), "zoo:keep=8", "-o", str(path)]) == 0
+    lm = TokcompModel.create_from_arg_string(f"pretrained={DEFAULT_MODEL},config={path}")
+    assert tokcomp.config_of(lm.model) == tokcomp.Config.load(path)
+
+
 @pytest.fixture(scope="module")
 def unsupported_vlm(tmp_path_factory) -> Path:
     """A tiny PaliGemma (a VLM family tokcomp does not compress) with the easy-VQA

@@ -22,6 +22,7 @@ import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -256,7 +257,7 @@ def requested_point(method: str | None, config: str | None, options: dict[str, A
                 f"config={config} is a whole compression: drop method= and the options "
                 f"{sorted(options)}, or drop config="
             )
-        return Point(str(config), config=config)
+        return Point(Path(config).name, config=Path(config))
     if method is None:
         if options:
             raise UsageError(
