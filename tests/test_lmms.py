@@ -44,6 +44,15 @@ def offline_env(home: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """This process with the Hugging Face libraries offline and lmms-eval's datasets cached
+    in a temporary folder."""
+    for name, value in offline_env(tmp_path / "hf").items():
+        if name.startswith("HF_"):
+            monkeypatch.setenv(name, value)
+
+
 def lmms_eval_run(tmp: Path, model_args: str) -> tuple[dict, list[dict]]:
     """`python -m lmms_eval` with tokcomp's model on the local easy-VQA task: its results
     and its per-question samples."""
@@ -95,7 +104,7 @@ def test_lmms_eval_finds_tokcomp_through_its_entry_point():
 
 
 @needs_lmms
-def test_python_m_lmms_eval_answers_each_question_as_tokcomp_eval_vqa(tmp_path):
+def test_python_m_lmms_eval_answers_each_question_as_tokcomp_eval_vqa(tmp_path, offline):
     args = f"pretrained={DEFAULT_MODEL},method=zoo,keep=8"
     results, samples = lmms_eval_run(tmp_path, args)
     accuracy, answers, config = harness_answers("zoo", keep=8)
@@ -120,7 +129,7 @@ def sweep_run(output: Path, *options: str) -> list[dict]:
 
 
 @needs_lmms
-def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkeypatch):
+def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkeypatch, offline):
     import lmms_eval.evaluator
 
     calls = []
@@ -130,10 +139,10 @@ def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkey
         calls.append(tokcomp.is_patched(kwargs["model"].model))
         return evaluate(**kwargs)
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", counting)
     options = ("--methods", "zoo,random", "--budgets", "0.25", "--variant", "divprune:keep=8")
-    rows = sweep_run(tmp_path, *options)
+    out = tmp_path / "out"
+    rows = sweep_run(out, *options)
     assert [row["method"] for row in rows] == ["unpruned", "zoo", "random", "divprune"]
     assert calls == [False, True, True, True]
     assert [row["visual_tokens"] for row in rows] == [64, 16, 16, 8]
@@ -142,21 +151,21 @@ def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkey
         assert row["headlines"] == ["easyvqa/vqa"]
         assert 0 <= row["easyvqa/vqa"] <= 100 and row["samples"] == 32
         assert row["ttft_ms"] >= row["prefill_ms"] > 0 and row["peak_memory_mb"] > 0
-        saved = json.loads((tmp_path / "lmms" / f"{row['key']}.json").read_text())
+        saved = json.loads((out / "lmms" / f"{row['key']}.json").read_text())
         assert saved["results"]["easyvqa"]["vqa,none"] == row["easyvqa/vqa"]
-    assert (tmp_path / "results.png").stat().st_size > 0
-    assert (tmp_path / "results.csv").read_text().startswith("method,label,gmacs")
+    assert (out / "results.png").stat().st_size > 0
+    assert (out / "results.csv").read_text().startswith("method,label,gmacs")
     calls.clear()
-    assert sweep_run(tmp_path, *options) == rows
+    assert sweep_run(out, *options) == rows
     assert calls == []
 
 
 @needs_lmms
-def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sweep_run(tmp_path)
+def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, capsys, offline):
+    out = tmp_path / "out"
+    sweep_run(out)
     capsys.readouterr()
-    argv = ["eval", "lmms", "--tasks", "easyvqa", "--limit", "16", "--output", str(tmp_path)]
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--limit", "16", "--output", str(out)]
     assert main(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "made from other inputs (limit: 32 then, 16 now)" in line and "--fresh" in line
@@ -230,8 +239,7 @@ def test_an_unsupported_family_is_one_line_naming_the_supported_ones(unsupported
         (["--tasks", "easyvqa", "--model", "llava-hf/none"], "needs the model llava-hf/none"),
     ],
 )
-def test_what_needs_the_hub_offline_is_one_line_naming_the_fix(argv, named, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_what_needs_the_hub_offline_is_one_line_naming_the_fix(argv, named, capsys, offline):
     assert main(["eval", "lmms", *argv]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert named in line

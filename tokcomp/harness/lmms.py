@@ -6,7 +6,8 @@ method, its options, the visual tokens per image the language model kept, MACs p
 (the method's own work included) and the timings of `tokcomp eval vqa`. Rows are saved as
 points finish (a rerun resumes; rows of other inputs are refused), with each point's
 lmms-eval results file in lmms/, and plotted: each task's first metric against visual tokens
-and time to first token.
+and time to first token. Throughput (images/s, speed-up) counts the documents over the time
+the model spent generating (lmms-eval's own work excluded; `seconds`: the whole run).
 
 Needs lmms-eval (`pip install 'tokcomp[lmms]'`; `make lmms` builds .venv-lmms). Tasks whose
 data is on the Hugging Face hub need it cached or the hub reachable; local tasks (a YAML with
@@ -177,6 +178,7 @@ class LMMSEvaluation:
             verbosity="WARNING",
         )
         seconds = time.perf_counter() - start
+        samples = sum(counts["effective"] for counts in results["n-samples"].values())
         self._save(results, point_key(self.fingerprint, point))
         total = Tally()
         for tally in lm.tallies.values():
@@ -191,9 +193,9 @@ class LMMSEvaluation:
             "headlines": headlines(results),
             **total.figures(),
             **per_task,
-            "samples": total.requests,
+            "samples": samples,
             "seconds": seconds,
-            "images_per_s": total.requests / seconds,
+            "images_per_s": samples / (total.generate_s or seconds),
             "peak_memory_mb": (lm.peak_bytes or 0) / 2**20,
         }
 
