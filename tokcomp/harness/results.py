@@ -145,7 +145,8 @@ def format_table(
     header = (
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
-        + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
+        + f"{'Δ' + metrics[0]:>{_width(metrics[0]) + 1}}"
+        + f"{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
@@ -154,7 +155,8 @@ def format_table(
             f"{row['method']:<12}{row['label']:<{width}}{row['gmacs']:>8.3f}"
             f"{row['macs_ratio']:>7.3f}{100 * row['selection_share']:>7.1f}"
             + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
-            + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
+            + f"{row['delta_' + metrics[0]]:>+{_width(metrics[0]) + 1}.2f}"
+            + f"{row['images_per_s']:>10.1f}"
             f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
             + "".join(f"{row[c.key]:>{c.width()}{c.spec}}" for c in columns)
         )
@@ -201,11 +203,12 @@ def report(
     title: str,
     columns: Sequence[Column] = (),
     axes: Sequence[Axis] = AXES,
+    unit: str | None = "%",
 ) -> str:
-    """Write results.csv and results.png (titled `title`; the headline metric against each
-    of `axes`) for one run's rows (unpruned first) in `folder`; return the table to print.
-    `columns`: the task's own figures, after the common ones."""
+    """Write results.csv and results.png (titled `title`; the headline metric, in `unit`,
+    against each of `axes`) for one run's rows (unpruned first) in `folder`; return the table
+    to print. `columns`: the task's own figures, after the common ones."""
     rows = with_baseline(rows, metrics[0])
     write_csv(rows, metrics, folder / "results.csv", columns)
-    plot_sweep(rows, metrics[0], folder / "results.png", title, axes)
+    plot_sweep(rows, metrics[0], folder / "results.png", title, axes, unit)
     return format_table(rows, metrics, columns)

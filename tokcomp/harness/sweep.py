@@ -5,6 +5,7 @@ run and score; this module applies each point, times it and records the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -138,9 +139,17 @@ def point_key(fingerprint: Fingerprint, point: Point) -> str:
 
 
 def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
-    """What `point` does to `model`: method, resolved options, schedule, MACs. Applying
-    and removing it here checks every point before any is evaluated."""
-    if point.method is None and point.config is None:
+    """What `point` does to `model` (see `compression`). Applying and removing it here checks
+    every point before any is evaluated."""
+    with applied(model, point):
+        return compression(model)
+
+
+def compression(model: nn.Module) -> dict[str, Any]:
+    """What the model's compression is now: method, resolved options, schedule, MACs per image
+    (GMACs, the method's own work included; the ratio to the unpruned model; the share that is
+    the method's own work)."""
+    if not is_patched(model):
         return {
             "method": UNPRUNED,
             "resolved_options": {},
@@ -149,8 +158,7 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
             "macs_ratio": 1.0,
             "selection_share": 0.0,
         }
-    config = config_of(point.apply_to(model))
-    remove(model)
+    config = config_of(model)
     return {
         "method": config.method,
         "resolved_options": config.options,
@@ -159,6 +167,17 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
         "macs_ratio": config.macs_ratio,
         "selection_share": config.selection_share,
     }
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, point: Point) -> Iterator[nn.Module]:
+    """`model` patched for `point` inside the block, restored after it."""
+    point.apply_to(model)
+    try:
+        yield model
+    finally:
+        if is_patched(model):
+            remove(model)
 
 
 def measure(
@@ -197,12 +216,15 @@ def measure(
     }
 
 
+#: Evaluates a model patched for a point: (model, point, progress description) -> figures.
+Evaluation = Callable[[nn.Module, Point, str], dict[str, Any]]
+
+
 def run_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
+    evaluation: Evaluation,
     store: ResultStore,
-    device: torch.device,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
 ) -> list[dict[str, Any]]:
@@ -218,12 +240,14 @@ def run_sweep(
         row = world.broadcast(store.get(key))
         if row is None:
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
+            with applied(model, point):
+                figures = evaluation(model, point, desc)
             row = {
                 "key": key,
                 "label": point.label,
                 **point.identity(),
                 **plan,
-                **_evaluate(model, point, task, device, desc, world),
+                **figures,
                 **(settings or {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
@@ -236,7 +260,7 @@ def run_sweep(
 def evaluate_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
+    evaluation: Evaluation,
     run: SweepRun,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
@@ -248,9 +272,18 @@ def evaluate_sweep(
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_sweep(model, points, task, store, run.device, settings, world)
+        rows = run_sweep(model, points, evaluation, store, settings, world)
     done = {row["key"] for row in rows}
     return rows + [row for row in store.rows() if row["key"] not in done]
+
+
+def task_evaluation(task: Task, device: torch.device, world: World = SINGLE) -> Evaluation:
+    """The evaluation that measures `task` on `device` (see `measure`)."""
+
+    def evaluate(model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
+        return measure(model, task, device, desc, world)
+
+    return evaluate
 
 
 @dataclass(frozen=True)
@@ -324,14 +357,3 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="set the folder's earlier results aside (renamed, not deleted) and start again; "
         "needed when they were measured on other data, weights or options",
     )
-
-
-def _evaluate(
-    model: nn.Module, point: Point, task: Task, device: torch.device, desc: str, world: World
-) -> dict[str, float]:
-    point.apply_to(model)
-    try:
-        return measure(model, task, device, desc, world)
-    finally:
-        if is_patched(model):
-            remove(model)
