@@ -13,7 +13,7 @@ import torch
 from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
-from tokcomp.harness import imagenet, vqa
+from tokcomp.harness import backbone, imagenet, vqa
 from tokcomp.models import create_model
 from tokcomp.search import diffrate, zero_tprune
 
@@ -56,6 +56,11 @@ def _build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True)
     imagenet.add_arguments(
         tasks.add_parser("imagenet", help="top-1/top-5 on an image folder or Fashion-MNIST")
+    )
+    backbone.add_arguments(
+        tasks.add_parser(
+            "backbone", help="feature fidelity and drop-in head accuracy of a headless backbone"
+        )
     )
     vqa.add_arguments(
         tasks.add_parser("vqa", help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)")

@@ -22,9 +22,10 @@ def plot_sweep(
     path: Path,
     title: str,
     axes: Sequence[Axis] = AXES,
+    ylabel: str | None = None,
 ) -> None:
-    """Save a PNG of `metric` (percent) against each of `axes` (a panel each; by default
-    GMACs and images/s); `rows[0]` is the unpruned model."""
+    """Save a PNG of `metric` (percent, unless `ylabel` says otherwise) against each of
+    `axes` (a panel each; by default GMACs and images/s); `rows[0]` is the unpruned model."""
     base, points = rows[0], rows[1:]
     figure = Figure(figsize=(5.5 * len(axes), 4.5), layout="constrained")
     figure.suptitle(title)
@@ -35,7 +36,7 @@ def plot_sweep(
             panel.plot([r[x] for r in curve], [r[metric] for r in curve], "o-", label=method)
         panel.plot(base[x], base[metric], "k*", markersize=14, label="unpruned", zorder=3)
         panel.set_xlabel(x_label)
-        panel.set_ylabel(f"{metric} (%)")
+        panel.set_ylabel(ylabel or f"{metric} (%)")
         panel.grid(alpha=0.3)
         panel.legend()
     figure.savefig(path, dpi=120)
