@@ -14,6 +14,7 @@ from fixtures.imagenet import save_safetensors, write_images
 import tokcomp
 from tokcomp.cli import main
 from tokcomp.harness import backbone
+from tokcomp.models import create_model
 
 
 def brute_force_knn(bank, bank_labels, query, k, temperature):
@@ -119,8 +120,8 @@ def test_unpruned_accuracy_is_the_heads_accuracy_on_the_reference(setup, tmp_pat
     saved = torch.load(next(tmp_path.glob("reference-*.pt")), weights_only=True)
     reference = backbone.Reference(**{**saved, "head": backbone.LinearHead(**saved["head"])})
     test = reference.labels >= 0
-    cls, patch, labels = reference.cls[test], reference.patch[test], reference.labels[test]
-    linear = reference.head.logits(backbone.head_input(cls, patch)).argmax(1)
+    cls, labels = reference.cls[test], reference.labels[test]
+    linear = reference.head.logits(cls).argmax(1)
     knn = backbone.knn_predict(reference.bank, reference.bank_labels, cls)
     assert unpruned["linear"] == pytest.approx(100 * float((linear == labels).float().mean()))
     assert unpruned["knn"] == pytest.approx(100 * float((knn == labels).float().mean()))
@@ -132,3 +133,17 @@ def test_a_folder_without_training_images_is_refused(setup, tmp_path, capsys):
             "--data", str(test), "--photos", str(photos), "--output", str(tmp_path)]  # fmt: skip
     assert main(argv) == 2
     assert "needs --train-data" in capsys.readouterr().err
+
+
+def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4}
+    model = timm.create_model("test_vit", num_classes=0, **kwargs).eval()
+    images = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        cls, _ = backbone.backbone_features(model, images)
+    head = backbone.fit_logistic(cls, torch.arange(6) % 3, 3, 1e-3)
+    path = backbone.save_with_head(model, head, tmp_path / "with-head.safetensors", kwargs)
+    classifier = create_model(checkpoint=path)
+    with torch.inference_mode():
+        torch.testing.assert_close(classifier(images), head.logits(cls), atol=1e-4, rtol=1e-4)

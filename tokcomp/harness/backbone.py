@@ -9,10 +9,12 @@ model without a classification head, evaluated as DINOv2 is:
   features of a labelled training split, then applied to the compressed model's features of
   the test split: a frozen backbone deployed with its trained head.
 
-The linear head reads the class token concatenated with the mean patch token (DINOv2's
-linear evaluation with average pooling, last block only); k-NN reads the class token. The
-unpruned features (training split, photos, test images) are computed once and saved in the
-output folder, so a resumed run does not recompute them.
+Both heads read the class token after the final norm (DINOv2's linear evaluation with one
+block and no average pooling; DINO's k-NN), so the linear head is a timm classification
+head: `--save-head FILE` writes the model with it, for `tokcomp search diffrate` (a schedule
+searched on the head's loss) and `tokcomp eval imagenet`. The unpruned features (training
+split, photos, test images) are computed once and saved in the output folder, so a resumed
+run does not recompute them.
 """
 
 from __future__ import annotations
@@ -159,11 +161,6 @@ def backbone_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Ten
     return x[:, 0].float(), size_weighted_mean(x[:, protected:], size).float()
 
 
-def head_input(cls: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-    """What the linear head reads: class token and mean patch token, concatenated."""
-    return torch.cat([cls, patch], dim=1)
-
-
 def all_features(
     model: nn.Module, dataset: Dataset, batch_size: int, workers: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +187,11 @@ class LinearHead:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits of (B, D) features."""
         return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the same map on raw features: the standardisation folded in."""
+        weight = self.weight / self.std
+        return weight, self.bias - weight @ self.mean
 
 
 def fit_logistic(
@@ -274,11 +276,30 @@ def build_reference(
     device: torch.device,
 ) -> Reference:
     """Unpruned features of the training split and the evaluated items; heads fitted."""
-    train_cls, train_patch = all_features(model, train, batch_size, workers, device)
+    train_cls, _ = all_features(model, train, batch_size, workers, device)
     train_labels = labels_of(train)
     cls, patch = all_features(model, evaluated, batch_size, workers, device)
-    head = fit_linear_head(head_input(train_cls, train_patch), train_labels)
+    head = fit_linear_head(train_cls, train_labels)
     return Reference(cls, patch, labels_of(evaluated), photos, head, train_cls, train_labels)
+
+
+def save_with_head(
+    model: nn.Module, head: LinearHead, path: Path, model_kwargs: Mapping[str, Any]
+) -> Path:
+    """Write `model` with `head` as its timm classification head, as a tokcomp .safetensors
+    (its metadata names the timm model, its arguments and its preprocessing)."""
+    from safetensors.torch import save_file
+
+    weight, bias = head.folded()
+    state = {**model.state_dict(), "head.weight": weight, "head.bias": bias}
+    metadata = {
+        "timm_model": model.pretrained_cfg["architecture"],
+        "model_kwargs": json.dumps({**model_kwargs, "num_classes": len(bias)}),
+        "data_config": json.dumps(data_config(model)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata)
+    return path
 
 
 def cached_reference(path: Path, build: Any) -> Reference:
@@ -348,7 +369,7 @@ class BackboneTask:
             tallies[f"cls_cos_{index}"] = float(cls_value)
             tallies[f"patch_cos_{index}"] = float(patch_value)
         labels = ref.labels[targets[test]]
-        linear = ref.head.logits(head_input(cls[test], patch[test])).argmax(1)
+        linear = ref.head.logits(cls[test]).argmax(1)
         knn = knn_predict(ref.bank, ref.bank_labels, cls[test])
         tallies.update(
             linear=float((linear == labels).sum()),
@@ -413,6 +434,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=int, default=2, help="data-loading processes")
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.8,0.65,0.5")
     run_group = parser.add_argument_group("run")
+    run_group.add_argument(
+        "--save-head",
+        type=Path,
+        help="also write the model with its fitted linear head here (.safetensors; for "
+        "`tokcomp search diffrate --checkpoint FILE`)",
+    )
     run_group.add_argument("--device", default="cpu")
     run_group.add_argument("--threads", type=int, help="torch.set_num_threads")
     run_group.add_argument(
@@ -448,6 +475,8 @@ def run(args: argparse.Namespace) -> None:
         ),
     )  # fmt: skip
     say(reference.describe())
+    if args.save_head and world.is_main:
+        say(f"wrote {save_with_head(model, reference.head, args.save_head, _kwargs(args))}")
     task = BackboneTask(world.shard(evaluated), reference, args.batch_size, args.workers, device)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     rows = run_or_exit(model, points, task, output, context, device, settings, world)
@@ -470,6 +499,13 @@ def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Data
     train = limited(open_dataset(train_data, transform, "train", canvas), args.train_limit)
     test = limited(open_dataset(args.data, transform, "test", canvas), args.limit)
     return train, Photos(photo_paths(args.photos), transform), test
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The timm arguments the model was built with (known for the offline models)."""
+    if args.model not in OFFLINE_MODELS:
+        raise ValueError(f"--save-head supports {', '.join(OFFLINE_MODELS)}, not {args.model}")
+    return OFFLINE_MODELS[args.model].model_kwargs
 
 
 def _context(args: argparse.Namespace, photos: int) -> dict[str, Any]:
