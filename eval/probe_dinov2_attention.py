@@ -131,6 +131,7 @@ class Ranked(Method):
     layers: list[int] | None = None
     seed: int = 0
     zero_tprune: ZeroTPrune = field(default_factory=ZeroTPrune)
+    oracle: torch.Tensor | None = field(default=None, compare=False)
 
     def settle(self, layout: Layout) -> Method:
         return self.with_options(zero_tprune=self.zero_tprune.settle(layout))
@@ -160,9 +161,21 @@ class Ranked(Method):
         if self.rule == "wpr_head_mean":
             scores = attention_pagerank(signals.attn, ztp.iterations[layer.index])
             return scores.mean(1)[:, state.protected :]
+        if self.rule == "final_class_attention":
+            inside = state.source[:, state.protected :, state.protected :]
+            return (inside @ self.oracle[:, :, None])[..., 0]
         if self.rule == "high_norm_first":
             return state.x[:, state.protected :].norm(dim=-1).float()
         raise ValueError(self.rule)
+
+
+def final_class_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, P) the unpruned model's last-block class attention to each patch (head mean)."""
+    with torch.inference_mode():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block in model.blocks[:-1]:
+            x = block(x)
+        return block_attention(model.blocks[-1], x)[:, :, 0, 1:].mean(1)
 
 
 def cosines(model: torch.nn.Module, images: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -183,6 +196,7 @@ def equal_schedule(model: torch.nn.Module, target: float, layers: list[int] | No
 def ablations(model, images, reference, target: float) -> list[dict]:
     """Each ranking (and method setting) at the same schedule, for two schedules."""
     depth = len(model.blocks)
+    oracle = final_class_attention(model, images)
     rows = []
     for where, layers in (("blocks 3,6,9", [3, 6, 9]), ("every block", list(range(1, depth)))):
         schedule = equal_schedule(model, target, layers)
@@ -196,6 +210,10 @@ def ablations(model, images, reference, target: float) -> list[dict]:
             "evit (no fuse)": ("evit", {"fuse": False}),
             "class attention": (Ranked(rule="class_attention"), {}),
             "least class attention": (Ranked(rule="least_class_attention"), {}),
+            "oracle: the last block's class attention": (
+                Ranked(rule="final_class_attention", trace_source=True, oracle=oracle),
+                {},
+            ),
             "highest norm first": (Ranked(rule="high_norm_first"), {}),
             "zero_tprune WPR only": (Ranked(rule="wpr"), {}),
             "WPR without the class token": (Ranked(rule="wpr_without_class_token"), {}),
