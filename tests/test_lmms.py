@@ -57,11 +57,29 @@ def lmms_eval_run(tmp: Path, model_args: str) -> tuple[dict, list[dict]]:
     """`python -m lmms_eval` with tokcomp's model on the local easy-VQA task: its results
     and its per-question samples."""
     command = [
-        sys.executable, "-m", "lmms_eval", "--model", "tokcomp", "--model_args", model_args,
-        "--tasks", "easyvqa", "--include_path", str(TASKS), "--limit", str(QUESTIONS),
-        "--batch_size", str(BATCH), "--device", "cpu", "--output_path", str(tmp / "out"),
-        "--log_samples", "--verbosity", "DEBUG",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "tokcomp",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "easyvqa",
+        "--include_path",
+        str(TASKS),
+        "--limit",
+        str(QUESTIONS),
+        "--batch_size",
+        str(BATCH),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp / "out"),
+        "--log_samples",
+        "--verbosity",
+        "DEBUG",
+    ]
     done = subprocess.run(command, env=offline_env(tmp / "hf"), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (results,) = (tmp / "out").rglob("*_results.json")
@@ -186,11 +204,23 @@ def unsupported_vlm(tmp_path_factory) -> Path:
     """A tiny PaliGemma (a VLM family tokcomp does not compress) with the easy-VQA
     processor."""
     folder = tmp_path_factory.mktemp("paligemma")
-    vision = hf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
-    text = hf.GemmaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=16)  # fmt: skip
+    vision = hf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    text = hf.GemmaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     config = hf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=127)
     hf.PaliGemmaForConditionalGeneration(config).save_pretrained(folder)
     for path in DEFAULT_MODEL.iterdir():
@@ -262,10 +292,14 @@ def test_loglikelihood_scores_the_continuation_after_pruned_visual_tokens():
 
     def scores():
         requests = [
-            Instance("loglikelihood", (context, answer, _visual, 0, "easyvqa", "test"), i,
-                     {"task": "easyvqa", "doc_id": 0, "repeats": 1})
+            Instance(
+                "loglikelihood",
+                (context, answer, _visual, 0, "easyvqa", "test"),
+                i,
+                {"task": "easyvqa", "doc_id": 0, "repeats": 1},
+            )
             for i, answer in enumerate(["triangle", "circle"])
-        ]  # fmt: skip
+        ]
         (right, greedy), (wrong, other) = lm.loglikelihood(requests)
         assert greedy and not other  # the model answers "triangle"
         return right, wrong

@@ -62,8 +62,9 @@ def _inputs(model, family: str, layout=None):
 def _generate(model, batch: dict, steps: int = STEPS, **options) -> torch.Tensor:
     """Greedy new tokens (never the image placeholder token)."""
     options = {"do_sample": False, **options}
-    out = model.generate(**batch, max_new_tokens=steps, suppress_tokens=[IMAGE], pad_token_id=PAD,
-                         **options)  # fmt: skip
+    out = model.generate(
+        **batch, max_new_tokens=steps, suppress_tokens=[IMAGE], pad_token_id=PAD, **options
+    )
     return out[:, batch["input_ids"].shape[1] :]
 
 
@@ -81,8 +82,9 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
         positions = None
         if FAMILIES[family].kind != "qwen":
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       **extra).logits[:, -1]  # fmt: skip
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
+        ).logits[:, -1]
         logits[:, IMAGE] = -torch.inf
         token = logits.argmax(dim=-1, keepdim=True)
         new.append(token)
@@ -170,8 +172,9 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     rope = positions[None].expand(3, -1, -1) if family == "qwen2_vl" else positions
     language.config._attn_implementation = "eager"
-    weights = language(inputs_embeds=hidden, attention_mask=mask, position_ids=rope,
-                       output_attentions=True).attentions[0]  # fmt: skip
+    weights = language(
+        inputs_embeds=hidden, attention_mask=mask, position_ids=rope, output_attentions=True
+    ).attentions[0]
     queries = torch.zeros_like(mask, dtype=torch.bool)
     queries[:, -1] = True
     span = LayerSpan(0, 0, mask, rope, None)
@@ -281,9 +284,13 @@ def test_macs_count_tower_projector_and_prefill_by_hand():
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
     spec = tokcomp.config_of(model).model
     text = model.config.text_config
-    width, ff, heads, kv, head = (text.hidden_size, text.intermediate_size,
-                                  text.num_attention_heads, text.num_key_value_heads,
-                                  text.hidden_size // text.num_attention_heads)  # fmt: skip
+    width, ff, heads, kv, head = (
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.hidden_size // text.num_attention_heads,
+    )
     per_token = width * (2 * heads * head + 2 * kv * head) + 3 * width * ff
     assert spec["llm_token_macs"] == per_token and spec["llm_attn_dim"] == heads * head
 

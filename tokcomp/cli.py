@@ -22,7 +22,7 @@ from tokcomp.errors import (
     UsageError,
     original_message,
 )
-from tokcomp.harness import imagenet, lmms, vqa
+from tokcomp.harness import backbone, imagenet, lmms, vqa
 from tokcomp.harness.arguments import (
     add_model_arguments,
     check_config_output,
@@ -92,12 +92,18 @@ def _build_parser() -> argparse.ArgumentParser:
             "imagenet", parents=[debug], help="top-1/top-5 on an image folder or Fashion-MNIST"
         )
     )
+    backbone.add_arguments(
+        tasks.add_parser(
+            "backbone",
+            parents=[debug],
+            help="feature fidelity and drop-in head accuracy of a headless backbone",
+        )
+    )
     vqa.add_arguments(
         tasks.add_parser(
             "vqa", parents=[debug], help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)"
         )
     )
-
     lmms.add_arguments(
         tasks.add_parser(
             "lmms", parents=[debug], help="lmms-eval benchmarks of a VLM (needs tokcomp[lmms])"

@@ -311,8 +311,12 @@ def _sampling(options: Mapping[str, Any]) -> Mapping[str, Any]:
     temperature = float(options.get("temperature") or 0.0)
     if temperature <= 0:
         return {**GREEDY, "num_beams": beams}
-    return {"do_sample": True, "temperature": temperature, "top_p": options.get("top_p"),
-            "num_beams": beams}  # fmt: skip
+    return {
+        "do_sample": True,
+        "temperature": temperature,
+        "top_p": options.get("top_p"),
+        "num_beams": beams,
+    }
 
 
 def _stops(until: str | Sequence[str] | None) -> list[str]:
