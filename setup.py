@@ -134,7 +134,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="tokcomp",
-    version="0.2.0",
+    version="0.3.0",
     description="Token compression for vision transformers and VLMs (ToMe-style merging)",
     packages=[
         *find_packages(include=["tokcomp", "tokcomp.*"], exclude=["tests", "tests.*"]),

@@ -32,6 +32,7 @@ from tokcomp.harness.fashion_mnist import CANVAS_KEY
 from tokcomp.harness.fingerprint import Fingerprint, file_digest, samples_digest, weights_digest
 from tokcomp.harness.results import report
 from tokcomp.harness.sweep import (
+    SpeedProbe,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -160,7 +161,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--batch-size", type=positive_int, default=64)
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
-    add_run_arguments(parser)
+    add_run_arguments(parser).add_argument(
+        "--compile",
+        action="store_true",
+        help="evaluate and time every point under torch.compile (inductor), the unpruned model "
+        "compiled the same way (a compiled copy of it: twice the weights in memory)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -179,9 +185,10 @@ def run(args: argparse.Namespace) -> None:
     placed = f"; garments pasted on a {canvas} px canvas" if canvas else ""
     say(f"preprocessing {data_config(model)}{placed}")
     threads = torch.get_num_threads()
+    compiled = ", compiled (inductor)" if args.compile else ""
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
-        f"batch {args.batch_size}; results in {output}"
+        f"batch {args.batch_size}{compiled}; results in {output}"
     )
     fingerprint = Fingerprint.of(
         task="imagenet",
@@ -189,10 +196,12 @@ def run(args: argparse.Namespace) -> None:
         limit=args.limit,
         data=samples_digest(dataset),
         device=device.type,
+        compile=args.compile,
     )
     task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    sweep = SweepRun(output, fingerprint, device, args.fresh)
+    probe = SpeedProbe(args.speed_repeats, args.compile)
+    sweep = SweepRun(output, fingerprint, device, args.fresh, probe)
     rows = evaluate_sweep(model, points, task, sweep, settings, world)
     say(report(rows, task.metrics, output, title=name))
 

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokcomp.bench import UNTRUSTED_NOTE
 from tokcomp.errors import StateError, UsageError
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.plot import AXES, Axis, plot_sweep
+from tokcomp.harness.timing import Speedup
 
 RESULTS = "results.jsonl"
 #: How a refusal of saved results says to go on.
@@ -110,14 +112,15 @@ def set_aside(folder: Path) -> Path | None:
 
 
 def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The rows with `delta_<metric>` (points) and `speedup` against the first (unpruned)
-    row."""
+    """The rows with `delta_<metric>` (points) against the first (unpruned) row and
+    `trusted` (whether the speed-up's spread is narrow enough to read it; each row's speed-up
+    is its own, timed interleaved with the unpruned model)."""
     base = rows[0]
     return [
         {
             **row,
             f"delta_{metric}": row[metric] - base[metric],
-            "speedup": row["images_per_s"] / base["images_per_s"],
+            "trusted": Speedup(row["speedup"], row["speedup_spread"]).trusted,
         }
         for row in rows
     ]
@@ -145,7 +148,7 @@ def format_table(
     header = (
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
-        + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
+        + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
@@ -155,9 +158,12 @@ def format_table(
             f"{row['macs_ratio']:>7.3f}{100 * row['selection_share']:>7.1f}"
             + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
             + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
-            f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
+            f"{row['speedup']:>9.2f}{'x' if row['trusted'] else '?'}"
+            f"{100 * row['speedup_spread']:>9.1f}{row['peak_memory_mb']:>9.1f}"
             + "".join(f"{row[c.key]:>{c.width()}{c.spec}}" for c in columns)
         )
+    if not all(row["trusted"] for row in rows):
+        lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)
 
 
@@ -183,6 +189,8 @@ def write_csv(
         f"delta_{metrics[0]}",
         "images_per_s",
         "speedup",
+        "speedup_spread",
+        "trusted",
         "peak_memory_mb",
         *(column.key for column in columns),
         "samples",

@@ -5,9 +5,11 @@ run and score; this module applies each point, times it and records the results.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,12 +21,13 @@ from torch import nn
 from tqdm import tqdm
 
 from tokcomp import apply, config_of, is_patched, macs, remove
-from tokcomp.bench import Variant, parse_variant, peak_memory, timed
+from tokcomp.bench import Variant, compiled, parse_variant, peak_memory, timed
 from tokcomp.errors import interruption_says
 from tokcomp.harness.arguments import device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
 from tokcomp.harness.results import ResultStore, set_aside
+from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 UNPRUNED = "unpruned"
 
@@ -162,13 +165,20 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
 
 
 def measure(
-    model: nn.Module, task: Task, device: torch.device, desc: str, world: World = SINGLE
+    model: nn.Module,
+    task: Task,
+    device: torch.device,
+    desc: str,
+    world: World = SINGLE,
+    eager: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Scores (percent; or the task's own figures, see `report_figures`), throughput and peak
-    memory of `model` on the task's batches (this rank's shard; counts are summed over the
-    ranks). The first batch is run once untimed, under the peak-memory probe, as warm-up; then
-    every batch is timed (forward only). Throughput: all samples over the slowest rank's time,
-    and per rank."""
+    """Scores (percent; or the task's own figures, see `report_figures`) and peak memory of
+    `model` on the task's batches (this rank's shard; counts are summed over the ranks), and
+    the pass's own time. The first batch is run once untimed, under the peak-memory probe, as
+    warm-up (on `eager` when `model` is its compiled form: compiled code escapes the probe);
+    then every batch is timed (forward only): `pass_seconds` is the slowest rank's sum.
+    Speed-ups come from `probe_speed`, not from this pass (a shared machine's load changes
+    between points)."""
     sums = dict.fromkeys(tallies(task), 0.0)
     samples, seconds, peak = 0, 0.0, 0
     batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
@@ -176,7 +186,9 @@ def measure(
         for inputs, targets in batches:
             forward = functools.partial(task.forward, model, inputs)
             if not samples:
-                peak = peak_memory(forward, device)
+                peak = peak_memory(functools.partial(task.forward, eager or model, inputs), device)
+                if eager is not None:
+                    forward()  # the compiled model's warm-up: it compiles
             outputs, elapsed = timed(forward, device)
             seconds += elapsed
             for name, value in task.score(outputs, targets).items():
@@ -189,12 +201,81 @@ def measure(
     return {
         **report_figures(task, totals),
         "samples": int(totals["samples"]),
-        "seconds": slowest["seconds"],
-        "images_per_s": totals["samples"] / slowest["seconds"],
-        "images_per_s_per_rank": totals["samples"] / slowest["seconds"] / world.size,
+        "pass_seconds": slowest["seconds"],
         "peak_memory_mb": slowest["peak"] / 2**20,
         "world_size": world.size,
     }
+
+
+@dataclass(frozen=True)
+class SpeedProbe:
+    """How each point's speed is measured: `repeats` interleaved rounds (after one warm-up
+    round) of the point and the unpruned model on the task's first batch, both compiled
+    (torch.compile, inductor) or both eager."""
+
+    repeats: int = 5
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """What evaluating a point needs besides the point: the task, the device, the ranks, how
+    speed is probed, and the unpruned model the probe races (compiled runs: a compiled copy
+    made once; eager runs: the model itself, unpatched in turn)."""
+
+    task: Task
+    device: torch.device
+    world: World = SINGLE
+    probe: SpeedProbe = SpeedProbe()
+    baseline: nn.Module | None = None
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, task: Task, device: torch.device, world: World, probe: SpeedProbe
+    ) -> Measuring:
+        """The measuring context of a sweep over `model` (a compiled copy of it, unpruned,
+        for compiled probes)."""
+        baseline = compiled(copy.deepcopy(model)) if probe.compile else None
+        return cls(task, device, world, probe, baseline)
+
+
+def probe_speed(model: nn.Module, point: Point, timed_model: nn.Module, on: Measuring) -> dict:
+    """Throughput of `point` (`timed_model`: `model` patched for it, compiled or not) and its
+    speed-up over the unpruned model, timed in alternating rounds on the task's first batch so
+    that the machine's load hits both alike: images_per_s (the batch over the median round,
+    times the ranks; the slowest rank's), speedup (median of the per-round ratios) and
+    speedup_spread (their interquartile range over the median; rank 0's)."""
+    inputs, targets = next(iter(on.task.batches()))
+    variant = Contender(functools.partial(on.task.forward, timed_model, inputs))
+    contenders = [variant]
+    if point.method is not None or point.config is not None:
+        contenders = [_unpruned(model, inputs, on), _patching(variant, model, point, on.probe)]
+    with torch.inference_mode():
+        times = interleaved(contenders, on.probe.repeats, on.device)
+    speedup = on.world.broadcast(Speedup.paired(times[0], times[-1]))
+    slowest = on.world.max({"seconds": statistics.median(times[-1])})["seconds"]
+    return {
+        "images_per_s": len(targets) * on.world.size / slowest,
+        "speedup": speedup.ratio,
+        "speedup_spread": speedup.spread,
+    }
+
+
+def _patching(variant: Contender, model: nn.Module, point: Point, probe: SpeedProbe) -> Contender:
+    """`variant` with `point` applied again before each call where the unpruned model's call
+    removed it (eager probes)."""
+    if probe.compile:
+        return variant
+    return Contender(variant.forward, lambda: is_patched(model) or point.apply_to(model))
+
+
+def _unpruned(model: nn.Module, inputs: Any, on: Measuring) -> Contender:
+    """The unpruned contender: the compiled baseline, or `model` with its patch removed
+    before each call."""
+    if on.baseline is not None:
+        return Contender(functools.partial(on.task.forward, on.baseline, inputs))
+    forward = functools.partial(on.task.forward, model, inputs)
+    return Contender(forward, lambda: is_patched(model) and remove(model))
 
 
 def run_sweep(
@@ -205,6 +286,7 @@ def run_sweep(
     device: torch.device,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
+    probe: SpeedProbe = SpeedProbe(),
 ) -> list[dict[str, Any]]:
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
     return the rows of all points, in order. The store's fingerprint (the model, data and
@@ -212,6 +294,7 @@ def run_sweep(
     threads...) is only recorded. Under torchrun every rank evaluates its shard of every
     point; rank 0's store decides which points are finished and alone writes."""
     plans = [(point, resolve(model, point)) for point in points]
+    on = Measuring.of(model, task, device, world, probe)
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
@@ -223,7 +306,7 @@ def run_sweep(
                 "label": point.label,
                 **point.identity(),
                 **plan,
-                **_evaluate(model, point, task, device, desc, world),
+                **_evaluate(model, point, desc, on),
                 **(settings or {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
@@ -248,7 +331,7 @@ def evaluate_sweep(
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_sweep(model, points, task, store, run.device, settings, world)
+        rows = run_sweep(model, points, task, store, run.device, settings, world, run.probe)
     done = {row["key"] for row in rows}
     return rows + [row for row in store.rows() if row["key"] not in done]
 
@@ -256,12 +339,14 @@ def evaluate_sweep(
 @dataclass(frozen=True)
 class SweepRun:
     """Where a sweep's results go and what they are measured on: the output folder, the
-    fingerprint of the inputs, the device, and whether to set earlier results aside."""
+    fingerprint of the inputs, the device, whether to set earlier results aside, and how
+    speed is probed."""
 
     output: Path
     fingerprint: Fingerprint
     device: torch.device
     fresh: bool = False
+    probe: SpeedProbe = SpeedProbe()
 
 
 def _main_store(run: SweepRun) -> ResultStore:
@@ -312,11 +397,19 @@ def add_sweep_arguments(
     return sweep
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The run options of an eval task: --device, --threads, --output and --fresh."""
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The run options of an eval task: --device, --threads, --speed-repeats, --output and
+    --fresh. Returns the group, for a task's own run options."""
     run = parser.add_argument_group("run")
     run.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--threads", type=positive_int, help="torch.set_num_threads")
+    run.add_argument(
+        "--speed-repeats",
+        type=positive_int,
+        default=SpeedProbe.repeats,
+        help="rounds of each point's speed probe: the point and the unpruned model timed in "
+        "turn on the first batch (medians; a speed-up whose spread is too wide is flagged ?)",
+    )
     run.add_argument("--output", type=Path, help="results folder (default results/<model>-<data>)")
     run.add_argument(
         "--fresh",
@@ -324,14 +417,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="set the folder's earlier results aside (renamed, not deleted) and start again; "
         "needed when they were measured on other data, weights or options",
     )
+    return run
 
 
-def _evaluate(
-    model: nn.Module, point: Point, task: Task, device: torch.device, desc: str, world: World
-) -> dict[str, float]:
+def _evaluate(model: nn.Module, point: Point, desc: str, on: Measuring) -> dict[str, float]:
+    """Scores of `point` on every batch, then its speed probe; the model left unpatched."""
     point.apply_to(model)
     try:
-        return measure(model, task, device, desc, world)
+        timed_model = model
+        if on.probe.compile:
+            torch._dynamo.reset()  # every point's patch is new: compile it afresh
+            timed_model = compiled(model)
+        eager = None if timed_model is model else model
+        figures = measure(timed_model, on.task, on.device, desc, on.world, eager)
+        return {**figures, **probe_speed(model, point, timed_model, on)}
     finally:
         if is_patched(model):
             remove(model)

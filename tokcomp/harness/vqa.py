@@ -39,6 +39,7 @@ from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    SpeedProbe,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -334,7 +335,8 @@ def run(args: argparse.Namespace) -> None:
         getattr(torch, args.dtype),
     )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    sweep = SweepRun(output, _fingerprint(args, dataset, device), device, args.fresh)
+    probe = SpeedProbe(args.speed_repeats)
+    sweep = SweepRun(output, _fingerprint(args, dataset, device), device, args.fresh, probe)
     rows = evaluate_sweep(model, points, task, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 
