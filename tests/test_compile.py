@@ -1,7 +1,8 @@
 """torch.compile of patched models: every fixed-schedule method traces in one graph (no graph
 break) on a timm ViT and on Hugging Face vision towers, and the compiled model gives the
-eager result (aot_eager for every method, inductor for two). Tiny models: inductor's compile
-is the slow part (about 30-60 s each on a busy 2-core machine)."""
+eager result (aot_eager for every method, inductor for two), in float32 and under bfloat16
+autocast (through the compiled kernels). Tiny models: inductor's compile is the slow part
+(about 30-60 s each on a busy 2-core machine)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.ops import dispatch, energy, match, merge, pagerank
 
 #: The methods with a schedule fixed before the forward: every block method (ToMe, PiToMe,
 #: DiffRate, Zero-TPrune, EViT, random).
@@ -81,3 +83,36 @@ def test_inductor_gives_the_eager_result(method, images):
     model = patched(tiny_vit(), method)
     got = compiled_output(model, images, "inductor")
     torch.testing.assert_close(got, eager_output(model, images), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def no_reference_ops(monkeypatch):
+    """Every op's PyTorch reference raises: the compiled kernels must serve every call (their
+    first-call checks, which run the reference, are off)."""
+    monkeypatch.setenv(dispatch.VERIFY_ENV, "0")
+    for module, name in (
+        (match, "best_match_reference"),
+        (merge, "weighted_merge_reference"),
+        (energy, "energy_score_reference"),
+        (pagerank, "attention_pagerank_reference"),
+    ):
+        monkeypatch.setattr(module, name, _refuse(name))
+
+
+def _refuse(name: str):
+    def reference(*args: object) -> None:
+        raise AssertionError(f"{name} ran: a compiled kernel was expected")
+
+    return reference
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_bfloat16_autocast_compiles_through_the_compiled_ops(method, images, no_reference_ops):
+    """CPU autocast to bfloat16 end to end: one graph, the eager autocast result, and the
+    C++ kernels (not the reference) take the bfloat16 keys and scores."""
+    model = patched(tiny_vit(), method)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = compiled_output(model, images, "aot_eager")
+        want = eager_output(model, images)
+    assert want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

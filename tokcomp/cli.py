@@ -17,6 +17,7 @@ from tokcomp.config import Config
 from tokcomp.errors import INTERRUPTED, RUNTIME, USAGE, TokcompError, original_message
 from tokcomp.harness import imagenet, vqa
 from tokcomp.harness.arguments import (
+    DTYPES,
     add_model_arguments,
     check_config_output,
     device,
@@ -54,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=positive_int, default=32)
     bench.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--dtype", default="float32", choices=DTYPES)
     bench.add_argument("--warmup", type=non_negative_int, default=2)
     bench.add_argument("--repeats", type=positive_int, default=7)
     bench.add_argument(

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from tokcomp.harness.arguments import add_model_arguments, non_negative_int, positive_int
+from tokcomp.harness.arguments import DTYPES, add_model_arguments, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
 from tokcomp.harness.fashion_mnist import CANVAS_KEY
 from tokcomp.harness.fingerprint import Fingerprint, file_digest, samples_digest, weights_digest
@@ -67,14 +67,20 @@ def topk_correct(
 
 
 class ClassificationTask:
-    """Image classification on a dataset of (image, label): top-1 and top-5 accuracy."""
+    """Image classification on a dataset of (image, label): top-1 and top-5 accuracy; with a
+    lower precision `dtype`, the model runs under autocast to it."""
 
     metrics = METRICS
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, workers: int, device: torch.device
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.loader = DataLoader(
             dataset,
             batch_size,
@@ -93,8 +99,10 @@ class ClassificationTask:
             yield images.to(self.device), labels
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """The model's logits."""
-        return model(inputs)
+        """The model's logits (under autocast to the task's dtype when it is not float32)."""
+        lower = self.dtype != torch.float32
+        with torch.autocast(self.device.type, self.dtype, enabled=lower):
+            return model(inputs)
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Top-1 and top-5 hits in the batch."""
@@ -160,6 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit", type=positive_int, help="evaluate N images spread over the data")
     data.add_argument("--batch-size", type=positive_int, default=64)
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
+    parser.add_argument_group("precision").add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="run the model under autocast to this dtype (CPU: bfloat16; CUDA: both)",
+    )
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
     add_run_arguments(parser).add_argument(
         "--compile",
@@ -188,7 +202,7 @@ def run(args: argparse.Namespace) -> None:
     compiled = ", compiled (inductor)" if args.compile else ""
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
-        f"batch {args.batch_size}{compiled}; results in {output}"
+        f"batch {args.batch_size}, {args.dtype}{compiled}; results in {output}"
     )
     fingerprint = Fingerprint.of(
         task="imagenet",
@@ -197,8 +211,10 @@ def run(args: argparse.Namespace) -> None:
         data=samples_digest(dataset),
         device=device.type,
         compile=args.compile,
+        dtype=args.dtype,
     )
-    task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
+    dtype = getattr(torch, args.dtype)
+    task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
     probe = SpeedProbe(args.speed_repeats, args.compile)
     sweep = SweepRun(output, fingerprint, device, args.fresh, probe)

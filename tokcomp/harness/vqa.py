@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tokcomp import visual_tokens_dropped
-from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
@@ -57,7 +57,6 @@ from tokcomp.methods.visual import POSITIONS
 
 #: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
-DTYPES = ("float32", "bfloat16", "float16")
 
 #: The task's own table columns and plot axes.
 COLUMNS = (
