@@ -25,6 +25,18 @@ from tokcomp.ops import cosine_distances, greedy_maxmin
 #: enough rows for the second layer's matmul to amortise reading its weight (one token at a
 #: time made the exact path 1.6-2x slower on the CPU), small enough to bound memory.
 _CHUNK_ELEMENTS = 1 << 22
+#: The precisions of the MLP path's second-layer product (see ZOOPrune.precision).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware, faster than float32 (CPU:
+    AVX512-BF16 or AMX; CUDA: compute capability 8.0 and up)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def unit_directions(count: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -75,6 +87,7 @@ class ZOOPrune(VisualMethod):
     step: float = 0.01
     seed: int = 0
     sketch: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +101,8 @@ class ZOOPrune(VisualMethod):
             raise ValueError(f"zoo: step must be > 0, got {self.step!r}")
         if self.sketch is not None and (isinstance(self.sketch, bool) or self.sketch < 1):
             raise ValueError(f"zoo: sketch must be None or an int >= 1, got {self.sketch!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"zoo: precision is one of {PRECISIONS}, got {self.precision!r}")
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         return self.choose(visual, self.sensitivity(visual), keep)
@@ -138,6 +153,7 @@ class ZOOPrune(VisualMethod):
         second_weight = second.weight.float()
         if self.sketch is not None and self.sketch < second_weight.shape[0]:
             second_weight = self._sketch_matrix(second_weight) @ second_weight
+        second_weight = second_weight.to(self.product_dtype(x.device))
         base = _linear32(first, x)
         delta = self.step * (u @ first.weight.float().T)
         tokens = base.flatten(0, 1)
@@ -146,6 +162,12 @@ class ZOOPrune(VisualMethod):
             _difference_norms(chunk, delta, act, second_weight) for chunk in tokens.split(rows)
         ]
         return torch.cat(scores).view(x.shape[:2]) / (2 * self.step)
+
+    def product_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the MLP path's second-layer product on `device` (`precision`)."""
+        if self.precision == "auto":
+            return torch.bfloat16 if native_bfloat16(device) else torch.float32
+        return getattr(torch, self.precision)
 
     def _sketch_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """(r, D) Gaussian matrix with entries N(0, 1/r): ||R y|| estimates ||y||."""
@@ -170,11 +192,13 @@ class ZOOPrune(VisualMethod):
 def _difference_norms(
     base: torch.Tensor, delta: torch.Tensor, act: nn.Module, weight: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over directions of ||W (act(z + d) - act(z - d))|| for (T, H) pre-activations z."""
+    """Mean over directions of ||W (act(z + d) - act(z - d))|| for (T, H) pre-activations z:
+    the differences in float32, the product in W's dtype, the norms accumulated in float32."""
     z = base[:, None, :]
     diff = act(z + delta)
     diff -= act(z - delta)
-    return (diff @ weight.T).norm(dim=-1).mean(dim=1)
+    product = diff.to(weight.dtype) @ weight.T
+    return torch.linalg.vector_norm(product, dim=-1, dtype=torch.float32).mean(dim=1)
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
