@@ -67,7 +67,8 @@ def test_paired_speedups_cancel_a_load_that_changes_between_rounds():
     noisy = Speedup.paired([2.0, 2.0, 2.0, 2.0], [1.0, 1.6, 1.0, 1.6])
     assert noisy.ratio == pytest.approx(1.625)
     assert noisy.spread > timing.TRUSTED_SPREAD and not noisy.trusted
-    assert Speedup.paired([3.0], [1.5]) == Speedup(2.0, 0.0)
+    single = Speedup.paired([3.0], [1.5])
+    assert single.ratio == 2.0 and not single.trusted  # one round shows no spread
 
 
 class LoadedTask(ClassificationTask):

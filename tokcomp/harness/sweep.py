@@ -247,12 +247,14 @@ def probe_speed(model: nn.Module, point: Point, timed_model: nn.Module, on: Meas
     speedup_spread (their interquartile range over the median; rank 0's)."""
     inputs, targets = next(iter(on.task.batches()))
     variant = Contender(functools.partial(on.task.forward, timed_model, inputs))
+    unpruned = point.method is None and point.config is None
     contenders = [variant]
-    if point.method is not None or point.config is not None:
+    if not unpruned:
         contenders = [_unpruned(model, inputs, on), _patching(variant, model, point, on.probe)]
     with torch.inference_mode():
         times = interleaved(contenders, on.probe.repeats, on.device)
-    speedup = on.world.broadcast(Speedup.paired(times[0], times[-1]))
+    speedup = Speedup(1.0, 0.0) if unpruned else Speedup.paired(times[0], times[1])
+    speedup = on.world.broadcast(speedup)
     slowest = on.world.max({"seconds": statistics.median(times[-1])})["seconds"]
     return {
         "images_per_s": len(targets) * on.world.size / slowest,

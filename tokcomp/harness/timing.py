@@ -5,6 +5,7 @@ model's prefill pass."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +58,7 @@ def interleaved(
 class Speedup:
     """A variant against its baseline from interleaved rounds: the median of the per-round
     ratios (baseline seconds / variant seconds) and their spread (interquartile range over
-    the median; 0 with fewer than two rounds)."""
+    the median; NaN, i.e. not trusted, from a single round)."""
 
     ratio: float
     spread: float
@@ -68,7 +69,7 @@ class Speedup:
         ratios = [b / v for b, v in zip(baseline, variant, strict=True)]
         median = statistics.median(ratios)
         if len(ratios) < 2:
-            return cls(median, 0.0)
+            return cls(median, math.nan)
         low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
         return cls(median, (high - low) / median)
 
