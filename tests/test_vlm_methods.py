@@ -187,6 +187,46 @@ def test_zoo_bfloat16_product_is_float_noise_and_auto_picks_it_where_native(monk
         create_method("zoo", precision="float16")
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU()], ids=str)
+def test_zoo_linearised_differences_are_as_close_as_float32_finite_differences(act):
+    """2 d act'(z) is no farther than float32's act(z + d) - act(z - d) from the float64
+    finite differences: both are float32 rounding away from it."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 128, generator=generator) * 3
+    delta = torch.randn(16, 128, generator=generator) * 2e-3
+    truth = zoo_module._differences(z.double(), delta.double(), act)
+    linear = zoo_module._linearised(z, delta, act).double()
+    finite = zoo_module._differences(z, delta, act).double()
+    assert (linear - truth).abs().max() <= (finite - truth).abs().max()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("act", "step", "precision", "path"),
+    [
+        (nn.GELU(), 0.01, "bfloat16", "_linearised"),
+        (nn.GELU(), 0.01, "float32", "_differences"),  # the float32 reference
+        (nn.GELU(), 5.0, "bfloat16", "_differences"),  # a step too large to linearise
+        (nn.Softmax(dim=-1), 0.01, "bfloat16", "_differences"),  # not elementwise
+    ],
+    ids=str,
+)
+def test_zoo_takes_the_linearised_path_only_where_it_stands_for_the_differences(
+    act, step, precision, path, monkeypatch
+):
+    torch.manual_seed(0)
+    first, second = nn.Linear(32, 128), nn.Linear(128, 256)
+    features = torch.randn(1, 20, 32)
+    visual = _visual(second(act(first(features))), [first, act, second], features=features)
+    taken = []
+    for name in ("_linearised", "_differences"):
+        real = getattr(zoo_module, name)
+        monkeypatch.setattr(zoo_module, name, lambda *a, f=real, n=name: taken.append(n) or f(*a))
+    create_method("zoo", step=step, precision=precision).sensitivity(visual)
+    assert set(taken) == {path}
+
+
 def test_zoo_sketch_approximates_the_exact_scores():
     torch.manual_seed(0)
     first, second = nn.Linear(16, 64), nn.Linear(64, 256)
