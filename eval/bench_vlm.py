@@ -39,10 +39,12 @@ from torch import nn
 
 import tokcomp
 from tokcomp.bench import timed
+from tokcomp.harness.timing import Contender, interleaved
 from tokcomp.methods import VisualTokens, create_method
 from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
 
 PROMPT, KEEP, IMAGE_TOKEN = 40, 64, 32000
+CPU = torch.device("cpu")
 PREFILL_FLOOR, TTFT_FLOOR = 4.0, 2.5
 #: ZOO-Prune's settings compared with the float32 product (the exact scores), by label.
 AGREEMENT = {
@@ -126,44 +128,47 @@ class Stopwatch:
     def run(self, forward: Callable[[], Any]) -> dict[str, float]:
         """Seconds of `forward` in all ("total") and in each timed module."""
         self.spent = {}
-        _, total = timed(forward, torch.device("cpu"))
+        _, total = timed(forward, CPU)
         return {"total": total, **self.spent}
 
 
-def first_token_runs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Callable]:
-    """generate(max_new_tokens=1): unpruned, ZOO default, float32 product and sketched
-    (toggling the patch)."""
+def first_token_runs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Contender]:
+    """generate(max_new_tokens=1): unpruned, ZOO default, float32 product and sketched, each
+    applying or removing its patch before the timed call."""
 
-    def first_token(method: dict[str, Any] | None) -> Callable[[], Any]:
-        def run() -> Any:
+    def generate() -> Any:
+        return model.generate(**batch, max_new_tokens=1, do_sample=False)
+
+    def patching(method: dict[str, Any] | None) -> Contender:
+        def prepare() -> None:
             if tokcomp.is_patched(model):
                 tokcomp.remove(model)
             if method is not None:
                 tokcomp.apply(model, "zoo", **method)
-            return model.generate(**batch, max_new_tokens=1, do_sample=False)
 
-        return run
+        return Contender(generate, prepare)
 
     return {
-        "unpruned": first_token(None),
-        "zoo default": first_token({"keep": KEEP}),
-        "zoo float32": first_token({"keep": KEEP, "precision": "float32"}),
-        "zoo sketch=256": first_token({"keep": KEEP, "sketch": 256}),
+        "unpruned": patching(None),
+        "zoo default": patching({"keep": KEEP}),
+        "zoo float32": patching({"keep": KEEP, "precision": "float32"}),
+        "zoo sketch=256": patching({"keep": KEEP, "sketch": 256}),
     }
 
 
 def medians(
-    runs: dict[str, Callable[[], Any]], watch: Stopwatch, repeats: int
+    runs: dict[str, Contender], watch: Stopwatch, repeats: int
 ) -> dict[str, dict[str, float]]:
-    """Per run, the median seconds of each part, repeats interleaved after one warm-up each."""
-    for run in runs.values():
-        run()
+    """Per run, the median seconds of each part over `repeats` interleaved rounds after a
+    warm-up round (tokcomp.harness.timing)."""
     parts: dict[str, list[dict[str, float]]] = {label: [] for label in runs}
-    for _ in range(repeats):
-        for label, run in runs.items():
-            parts[label].append(watch.run(run))
+
+    def recorded(label: str, run: Contender) -> Contender:
+        return Contender(lambda: parts[label].append(watch.run(run.forward)), run.prepare)
+
+    interleaved([recorded(label, run) for label, run in runs.items()], repeats, CPU)
     return {
-        label: {part: statistics.median(r[part] for r in rows) for part in rows[0]}
+        label: {part: statistics.median(r[part] for r in rows[1:]) for part in rows[0]}
         for label, rows in parts.items()
     }
 
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{parts['prefill'] * 1e3:10.0f} ms", flush=True)  # fmt: skip
         costs, agreements = agreement(model, args.images)
         visual = visual_tokens(model, batch["pixel_values"])
-        greedy = {label: statistics.median(timed(run, torch.device("cpu"))[1] for _ in range(5))
+        greedy = {label: statistics.median(timed(run, CPU)[1] for _ in range(5))
                   for label, run in greedy_runs(visual).items()}  # fmt: skip
     config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
     base, default = times["unpruned"], times["zoo default"]
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"LLM prefill speed-up at 64/576 visual tokens: {prefill:.2f}x (floor {PREFILL_FLOOR}x)")
     print(f"time to first token speed-up, ZOO default: {first:.2f}x (floor {TTFT_FLOOR}x); "
           f"{others}")  # fmt: skip
-    product = create_method("zoo").product_dtype(torch.device("cpu"))
+    product = create_method("zoo").product_dtype(CPU)
     print(f"ZOO default's second-layer product here: {product}")
     for label, seconds in costs.items():
         print(f"ZOO {label:14s} selection {seconds * 1e3:8.0f} ms = "
