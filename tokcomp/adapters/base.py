@@ -132,10 +132,10 @@ def attend(
     Fused attention (scaled_dot_product_attention) unless the full attention matrix is
     needed or a differentiable `key_mask` (B, N) must keep masked keys out (DiffRate's
     search); the class-token row alone is computed on the side when only it is needed.
-    Without a class token, CLS_ATTN is the mean attention each token receives. The attention
-    signals are float32 whatever the model's dtype (the methods rank tokens by them).
+    Without a class token, CLS_ATTN is the mean attention each token receives. The signals
+    are float32 whatever the model's dtype (the methods rank and match tokens by them).
     """
-    keys = k.mean(dim=1) if Signal.KEYS in needs else None
+    keys = k.float().mean(dim=1) if Signal.KEYS in needs else None
     full = Signal.ATTN in needs or key_mask is not None
     if Signal.CLS_ATTN in needs and not class_token:
         full = True
