@@ -472,3 +472,23 @@ def test_randaugment_posterizes_to_black_at_its_top_magnitude(imagenet_val):
     posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0  # 0 bits kept
     image = next(iter(open_dataset(str(imagenet_val))))[0]
     assert posterize(image).getextrema() == ((0, 0),) * 3  # recent Pillow refuses 0 bits
+
+
+def test_compile_evaluates_every_point_compiled_with_the_eager_scores(tmp_path, small, monkeypatch):
+    """--compile: each point (and the unpruned copy it races) runs compiled, once per point
+    (dynamo reset between points); the scores are the eager ones. aot_eager stands in for
+    inductor to keep the test fast (tests/test_compile.py runs inductor)."""
+    data, checkpoint = small
+    compiled = []
+
+    def aot_eager(model: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(type(model).__name__)
+        return torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(sweep, "compiled", aot_eager)
+    options = "--methods tome,random --budgets 0.8 --speed-repeats 2"
+    rows = evaluate(checkpoint, data, tmp_path / "compiled", f"{options} --compile")
+    eager = evaluate(checkpoint, data, tmp_path / "eager", options)
+    assert compiled == ["VisionTransformer"] * 4  # the unpruned copy, then each point
+    assert _without_timing(rows) == _without_timing(eager)
+    assert all(float(row["speedup"]) > 0 for row in rows)
