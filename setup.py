@@ -7,6 +7,11 @@ TOKCOMP_CUDA selects the CUDA kernels: "auto" (default) builds them when torch s
 CUDA toolkit is found, "1" always builds them (error without a toolkit), "0" never does.
 Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0". Without CUDA kernels, CUDA
 tensors can use the same kernels compiled at run time by cupy: `pip install tokcomp[cupy]`.
+TOKCOMP_EXTENSION=0 installs without compiling: the kernels are then those already built in the
+source tree (by an editable install, as `make install` does), else the PyTorch reference.
+
+`pip install tokcomp[lmms]` adds lmms-eval, which finds tokcomp's lmms-eval model (`--model
+tokcomp`) through the `lmms_eval.models` entry point below.
 """
 
 from __future__ import annotations
@@ -130,7 +135,7 @@ def _extensions() -> tuple[list, dict]:
 
 
 _locate_cuda_home()
-ext_modules, cmdclass = _extensions()
+ext_modules, cmdclass = _extensions() if os.environ.get("TOKCOMP_EXTENSION") != "0" else ([], {})
 
 setup(
     name="tokcomp",
@@ -144,8 +149,15 @@ setup(
     package_data={KERNEL_PACKAGE: ["*.cuh"]},
     python_requires=">=3.10",
     install_requires=[],
-    extras_require={"cupy": ["cupy-cuda13x==14.2.0"]},
-    entry_points={"console_scripts": ["tokcomp=tokcomp.cli:main"]},
+    extras_require={
+        "cupy": ["cupy-cuda13x==14.2.0"],
+        # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed
+        "lmms": ["lmms-eval==0.7.3", "filelock<4"],
+    },
+    entry_points={
+        "console_scripts": ["tokcomp=tokcomp.cli:main"],
+        "lmms_eval.models": ["tokcomp=tokcomp.harness.lmms_plugin:manifest"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -59,13 +59,30 @@ def build(layers: int) -> nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration as Llava
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=336, patch_size=14)  # fmt: skip
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                       max_position_embeddings=4096)  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=576, tie_word_embeddings=True)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=576,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = Llava(config)
     model.to_empty(device="cpu")
@@ -240,16 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: fit)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads (1: on a shared 2-core machine the second core is busy elsewhere, "
         "and the pruned prefill's short matmuls scale worse over two)",
-    )  # fmt: skip
+    )
     parser.add_argument("--images", type=int, default=3, help="images for ZOO's cost and sketch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = args.layers or layers_that_fit()
-    print(f"LLaVA-1.5-shaped, random weights, fp32, {layers} decoder layers, {args.threads} "
-          f"threads, median of {args.repeats} after a warm-up", flush=True)  # fmt: skip
+    print(
+        f"LLaVA-1.5-shaped, random weights, fp32, {layers} decoder layers, {args.threads} "
+        f"threads, median of {args.repeats} after a warm-up",
+        flush=True,
+    )
     model, batch = build(layers), inputs()
     inner = model.model
     watch = Stopwatch({"tower": inner.vision_tower, "prefill": inner.language_model})
@@ -257,12 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         times = medians(first_token_runs(model, batch), watch, args.repeats)
         print(f"{'':16s} {'first token':>12s} {'vision tower':>13s} {'LLM prefill':>12s}")
         for label, parts in times.items():
-            print(f"{label:16s} {parts['total'] * 1e3:10.0f} ms {parts['tower'] * 1e3:10.0f} ms "
-                  f"{parts['prefill'] * 1e3:10.0f} ms", flush=True)  # fmt: skip
+            print(
+                f"{label:16s} {parts['total'] * 1e3:10.0f} ms {parts['tower'] * 1e3:10.0f} ms "
+                f"{parts['prefill'] * 1e3:10.0f} ms",
+                flush=True,
+            )
         costs, agreements = agreement(model, args.images)
         visual = visual_tokens(model, batch["pixel_values"])
-        greedy = {label: statistics.median(timed(run, CPU)[1] for _ in range(5))
-                  for label, run in greedy_runs(visual).items()}  # fmt: skip
+        greedy = {
+            label: statistics.median(timed(run, CPU)[1] for _ in range(5))
+            for label, run in greedy_runs(visual).items()
+        }
     config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
     base, default = times["unpruned"], times["zoo default"]
     prefill, first = base["prefill"] / default["prefill"], base["total"] / default["total"]
@@ -271,23 +298,32 @@ def main(argv: list[str] | None = None) -> int:
         for label, parts in times.items()
         if label not in ("unpruned", "zoo default")
     )
-    print(f"MACs (tower + projector + prefill): {config.base_macs / 1e12:.2f} T unpruned, "
-          f"{config.macs / 1e12:.2f} T at 64 visual tokens ({config.macs_ratio:.3f})")  # fmt: skip
+    print(
+        f"MACs (tower + projector + prefill): {config.base_macs / 1e12:.2f} T unpruned, "
+        f"{config.macs / 1e12:.2f} T at 64 visual tokens ({config.macs_ratio:.3f})"
+    )
     print(f"LLM prefill speed-up at 64/576 visual tokens: {prefill:.2f}x (floor {PREFILL_FLOOR}x)")
-    print(f"time to first token speed-up, ZOO default: {first:.2f}x (floor {TTFT_FLOOR}x); "
-          f"{others}")  # fmt: skip
+    print(
+        f"time to first token speed-up, ZOO default: {first:.2f}x (floor {TTFT_FLOOR}x); {others}"
+    )
     product = create_method("zoo").product_dtype(CPU)
     print(f"ZOO default's second-layer product here: {product}")
     for label, seconds in costs.items():
-        print(f"ZOO {label:14s} selection {seconds * 1e3:8.0f} ms = "
-              f"{seconds / base['prefill']:.1%} of the unpruned LLM prefill")  # fmt: skip
+        print(
+            f"ZOO {label:14s} selection {seconds * 1e3:8.0f} ms = "
+            f"{seconds / base['prefill']:.1%} of the unpruned LLM prefill"
+        )
     (reference, slow), (dispatched, fast) = greedy.items()
-    print(f"greedy max-min N=576 k=64: {reference} {slow * 1e3:.2f} ms, {dispatched} "
-          f"{fast * 1e3:.2f} ms ({slow / fast:.1f}x)")  # fmt: skip
+    print(
+        f"greedy max-min N=576 k=64: {reference} {slow * 1e3:.2f} ms, {dispatched} "
+        f"{fast * 1e3:.2f} ms ({slow / fast:.1f}x)"
+    )
     print(f"agreement with ZOO's float32 scores (seed 0) over {args.images} images:")
     for label, spearman, top, kept in agreements:
-        print(f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
-              f"Jaccard of the 64 kept {kept:.3f}")  # fmt: skip
+        print(
+            f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
+            f"Jaccard of the 64 kept {kept:.3f}"
+        )
     return 0 if prefill >= PREFILL_FLOOR and first >= TTFT_FLOOR else 1
 
 

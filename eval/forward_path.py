@@ -48,13 +48,22 @@ def visited_files(call: Callable[[], object]) -> list[str]:
 def tiny_llava() -> torch.nn.Module:
     """A randomly initialised LLaVA-1.5-shaped model small enough to run in a second."""
     vision = hf.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     text = hf.LlamaConfig(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     config = hf.LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=127, image_seq_length=16
     )

@@ -2,8 +2,8 @@
 (here: each method's own selection work is counted). Method, options, schedule, notes and
 extra stay as they are; `macs`, `selection_macs` and `base_macs` become what the current model
 gives for that schedule. Each preset folder names its architecture: a timm model (a ".mae"
-suffix: the fine-tuned, average-pooled classifier DiffRate reports), or one of tokcomp's own
-checkpoints (SEARCHED).
+suffix: the fine-tuned, average-pooled classifier DiffRate reports), one of tokcomp's own
+checkpoints (SEARCHED), or an offline pretrained model (tokcomp.pretrained.OFFLINE_MODELS).
 
     python eval/refresh_preset_macs.py            # every configs/*/*.json
 """
@@ -18,6 +18,7 @@ import torch
 
 import tokcomp
 from tokcomp.models import create_model
+from tokcomp.pretrained import OFFLINE_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Preset folders made on tokcomp's own models: folder -> checkpoint.
@@ -29,6 +30,8 @@ def architecture(folder: str) -> torch.nn.Module:
     """The model a preset folder is for (weights do not matter: shapes only)."""
     if folder in SEARCHED:
         return create_model(checkpoint=SEARCHED[folder])
+    if folder in OFFLINE_MODELS:
+        return create_model(folder)
     overrides = MAE_FINETUNED if folder.endswith(".mae") else {}
     with torch.device("meta"):
         return timm.create_model(folder, pretrained=False, **overrides)

@@ -103,9 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument(
-        "--drop-visual", type=float, default=0.0,
+        "--drop-visual",
+        type=float,
+        default=0.0,
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
-    )  # fmt: skip
+    )
     p.add_argument("--min-visual", type=int, default=4, help="fewest visual tokens a cut keeps")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)
@@ -152,42 +154,62 @@ def build_processor(words: list[str], image_size: int, patch_size: int) -> Llava
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, words.index(BOS))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE}, padding_side="left",
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",
         chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+    )
     images = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return LlavaProcessor(
-        image_processor=images, tokenizer=fast, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=images,
+        tokenizer=fast,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
-    )  # fmt: skip
+    )
 
 
 def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
     """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
     vision = CLIPVisionConfig(
-        image_size=args.image_size, patch_size=args.patch_size, hidden_size=args.vision_width,
-        intermediate_size=4 * args.vision_width, num_hidden_layers=args.vision_depth,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        hidden_size=args.vision_width,
+        intermediate_size=4 * args.vision_width,
+        num_hidden_layers=args.vision_depth,
         num_attention_heads=args.heads,
-    )  # fmt: skip
+    )
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.text_width,
-        intermediate_size=8 * args.text_width // 3, num_hidden_layers=args.text_depth,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_width,
+        intermediate_size=8 * args.text_width // 3,
+        num_hidden_layers=args.text_depth,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     patches = (args.image_size // args.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=vision, text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=patches,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", tie_word_embeddings=False,
-    )  # fmt: skip
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=patches,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -215,13 +237,15 @@ def encode(processor: LlavaProcessor, questions: list[Question]) -> Split:
     """Pixels of every image and token ids of every prompt, as the evaluation computes them."""
     images = list(dict.fromkeys(q.image for q in questions))
     index = {path: i for i, path in enumerate(images)}
-    pixels = torch.cat([
-        processor.image_processor(
-            [read_image(str(p)).convert("RGB") for p in images[start : start + 500]],
-            return_tensors="pt",
-        )["pixel_values"]
-        for start in range(0, len(images), 500)
-    ])  # fmt: skip
+    pixels = torch.cat(
+        [
+            processor.image_processor(
+                [read_image(str(p)).convert("RGB") for p in images[start : start + 500]],
+                return_tensors="pt",
+            )["pixel_values"]
+            for start in range(0, len(images), 500)
+        ]
+    )
     texts = sorted({q.question for q in questions})
     template = [
         processor.apply_chat_template(messages(t), add_generation_prompt=True) for t in texts
@@ -236,10 +260,15 @@ def encode(processor: LlavaProcessor, questions: list[Question]) -> Split:
     for number, q in enumerate(questions):
         by_image[index[q.image]].append(number)
     return Split(
-        pixels, [prompt[q.question] for q in questions], answers,
-        [index[q.image] for q in questions], [by_image[i] for i in range(len(images))],
-        image_facts(questions, index), image_token, ids[0].count(image_token),
-    )  # fmt: skip
+        pixels,
+        [prompt[q.question] for q in questions],
+        answers,
+        [index[q.image] for q in questions],
+        [by_image[i] for i in range(len(images))],
+        image_facts(questions, index),
+        image_token,
+        ids[0].count(image_token),
+    )
 
 
 def image_facts(questions: list[Question], index: dict[Path, int]) -> torch.Tensor:
@@ -512,20 +541,25 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = first_token_accuracy(model, test, eos, args.monitor)
         progress["elapsed_s"] += time.perf_counter() - began
         record = {
-            "epoch": epoch + 1, "train_loss": round(loss, 5), f"test{args.monitor}_first_token":
-            round(accuracy, 4), "elapsed_s": round(progress["elapsed_s"], 1),
-        }  # fmt: skip
+            "epoch": epoch + 1,
+            "train_loss": round(loss, 5),
+            f"test{args.monitor}_first_token": round(accuracy, 4),
+            "elapsed_s": round(progress["elapsed_s"], 1),
+        }
         progress["history"].append(record)
         print(json.dumps(record), flush=True)
         save_state(
             state_dir / "last.pt",
             {
-                "epoch": epoch + 1, "elapsed_s": progress["elapsed_s"],
-                "history": progress["history"], "model": trained.state_dict(),
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "epoch": epoch + 1,
+                "elapsed_s": progress["elapsed_s"],
+                "history": progress["history"],
+                "model": trained.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             },
-        )  # fmt: skip
+        )
     model.eval()
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)

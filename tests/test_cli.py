@@ -16,6 +16,8 @@ from tokcomp import cli
 from tokcomp.bench import parse_variant
 from tokcomp.cli import main
 from tokcomp.errors import UsageError
+from tokcomp.harness.vqa import DEFAULT_MODEL as DEFAULT_VLM
+from tokcomp.harness.vqa import load_vlm
 from tokcomp.models import create_model
 
 
@@ -140,6 +142,19 @@ def test_a_head_for_other_classes_names_the_head_and_the_fix(files, capsys):
 def test_device_cuda_without_a_gpu_is_refused(capsys):
     assert main(["bench", "--model", "test_vit", "--device", "cuda"]) == 2
     assert "no CUDA GPU is visible here" in capsys.readouterr().err
+
+
+def test_export_writes_a_vlm_config_that_applies_to_the_vlm(tmp_path, capsys):
+    path = tmp_path / "zoo.json"
+    argv = ["export", "--vlm", str(DEFAULT_VLM), "zoo:keep=8", "-o", str(path)]
+    assert main(argv) == 0
+    model, _ = load_vlm(DEFAULT_VLM)
+    config = tokcomp.config_of(tokcomp.apply(model, path))
+    assert config.method == "zoo" and config.options["keep"] == 8
+    assert (
+        main([*argv[:-2], "--model", "deit_tiny_patch16_224", "-o", str(tmp_path / "x.json")]) == 2
+    )
+    assert "--vlm replaces --model and --checkpoint" in capsys.readouterr().err
 
 
 def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):

@@ -28,13 +28,26 @@ METHODS = tokcomp.methods("vision")
 #: Methods that only merge: every input patch stays in exactly one token.
 MERGE_ONLY = {"tome", "pitome"}
 
-_OPEN_CLIP = dict(image_size=32, patch_size=4, width=48, layers=3, heads=3, mlp_ratio=4.0,
-                  output_dim=16)  # fmt: skip
+_OPEN_CLIP = dict(
+    image_size=32, patch_size=4, width=48, layers=3, heads=3, mlp_ratio=4.0, output_dim=16
+)
 _OPEN_CLIP_TEXT = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
-_HF = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
-           image_size=32, patch_size=4)  # fmt: skip
-_HF_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=8)  # fmt: skip
+_HF = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    image_size=32,
+    patch_size=4,
+)
+_HF_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=8,
+)
 
 
 @dataclass(frozen=True)

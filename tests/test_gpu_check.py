@@ -21,10 +21,21 @@ def test_gpu_check_script_parses() -> None:
 def test_gpu_model_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "models.json"
     command = [
-        sys.executable, str(ROOT / "eval" / "bench_gpu_models.py"), "--device", "cpu",
-        "--batch-size", "2", "--warmup", "1", "--repeats", "1",
-        "--models", "deit_small_patch16_224", "--json", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        str(ROOT / "eval" / "bench_gpu_models.py"),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--models",
+        "deit_small_patch16_224",
+        "--json",
+        str(out),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["deit_small_patch16_224"]["rows"]

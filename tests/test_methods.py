@@ -112,7 +112,7 @@ def test_pitome_family_defaults_are_settled_into_the_config():
     model = tokcomp.apply(tiny_vit("vit"), "pitome", keep_ratio=0.8)
     options = tokcomp.config_of(model).options
     assert options["margin"] == 0.75 and options["metric"] == "keys"
-    assert options["bsm_layers"] == [0, 1]
+    assert options["bsm_layers"] == [0, 1, 2, 3]
 
 
 def test_energy_score_matches_its_definition():

@@ -43,6 +43,7 @@ VISUAL_OPTIONS = {
     "fastervlm": {"keep": 0.5},
     "visionzip": {"keep": 0.5},
     "vispruner": {"keep": 0.5},
+    "pyramiddrop": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5 and on LLaVA-NeXT (crops, each a
@@ -53,7 +54,7 @@ VISUAL_CASES = [
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "fastv", "random")
+        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]

@@ -94,7 +94,7 @@ def test_a_sweep_keeps_each_points_speedup_while_the_machine_gets_busier(clock):
     task = LoadedTask(clock)
     points = sweep.sweep_points(["tome", "random"], [0.8, 0.6])
     store = ResultStore(None, Fingerprint.of())
-    rows = sweep.run_sweep(tiny_vit(), points, task, store, CPU)
+    rows = sweep.run_sweep(tiny_vit(), points, sweep.task_evaluation(task, CPU), store)
     assert rows[0]["speedup"] == 1.0 and rows[0]["speedup_spread"] == 0.0
     for row in rows[1:]:  # the load grew 2**6 between points, and within each point
         assert row["speedup"] == pytest.approx(1 / row["macs_ratio"], rel=1e-9)
@@ -112,3 +112,15 @@ def test_a_wide_spread_is_flagged_in_the_tables():
     table = format_table(rows)
     assert "1.50x" in table and "2.40?" in table and "too noisy to trust" in table
     assert "too noisy" not in format_table(rows[:2])
+
+
+def test_rows_without_a_speed_probe_get_a_flagged_throughput_ratio():
+    """lmms-eval's evaluation has no interleaved probe: its rows' speed-up is their
+    throughput over the unpruned row's, flagged as of unknown spread."""
+    rows = [
+        {"method": "unpruned", "vqa": 80.0, "images_per_s": 10.0},
+        {"method": "zoo", "vqa": 79.0, "images_per_s": 25.0},
+    ]
+    base, zoo = with_baseline(rows, "vqa")
+    assert zoo["speedup"] == 2.5 and not zoo["trusted"] and base["trusted"]
+    assert zoo["delta_vqa"] == -1.0

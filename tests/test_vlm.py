@@ -15,8 +15,7 @@ from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
 from tokcomp.adapters import find_adapter
-from tokcomp.methods import method_class
-from tokcomp.methods.fastv import FastV
+from tokcomp.methods import LLMStageMethod, method_class
 from tokcomp.methods.visual import VisualSignal
 
 STEPS = 4
@@ -63,8 +62,9 @@ def _inputs(model, family: str, layout=None):
 def _generate(model, batch: dict, steps: int = STEPS, **options) -> torch.Tensor:
     """Greedy new tokens (never the image placeholder token)."""
     options = {"do_sample": False, **options}
-    out = model.generate(**batch, max_new_tokens=steps, suppress_tokens=[IMAGE], pad_token_id=PAD,
-                         **options)  # fmt: skip
+    out = model.generate(
+        **batch, max_new_tokens=steps, suppress_tokens=[IMAGE], pad_token_id=PAD, **options
+    )
     return out[:, batch["input_ids"].shape[1] :]
 
 
@@ -82,8 +82,9 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
         positions = None
         if FAMILIES[family].kind != "qwen":
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       **extra).logits[:, -1]  # fmt: skip
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
+        ).logits[:, -1]
         logits[:, IMAGE] = -torch.inf
         token = logits.argmax(dim=-1, keepdim=True)
         new.append(token)
@@ -92,16 +93,17 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
     return torch.cat(new, dim=1)
 
 
-def _fixed_fastv(**options) -> FastV:
-    """FastV whose choice does not depend on the query (the last visual tokens of each image):
-    re-running without a cache then makes the same choice as the cached prefill."""
+def _fixed(method: str, **options) -> LLMStageMethod:
+    """An LLM-stage method whose choice does not depend on the query (the last visual tokens
+    of each image): re-running without a cache then makes the same choice as the cached
+    prefill (the query, the prompt's last token, changes as tokens are generated)."""
 
-    class FixedFastV(FastV):
+    class Fixed(method_class(method)):
         def select(self, visual, keep):
             index = torch.arange(visual.tokens - keep, visual.tokens, device=visual.outputs.device)
             return index.expand(visual.batch, -1)
 
-    return FixedFastV(**options)
+    return Fixed(**options)
 
 
 # -- exactness at keep-everything -------------------------------------------------------------
@@ -127,8 +129,8 @@ def test_keep_everything_reproduces_greedy_generate(family, method, layout):
 
 
 def _pruned(model, family: str, method: str, positions: str):
-    if method == "fastv":
-        return tokcomp.apply(model, _fixed_fastv(keep=0.4, positions=positions))
+    if issubclass(method_class(method), LLMStageMethod):
+        return tokcomp.apply(model, _fixed(method, **_pruning(method), positions=positions))
     return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 
@@ -170,8 +172,9 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     rope = positions[None].expand(3, -1, -1) if family == "qwen2_vl" else positions
     language.config._attn_implementation = "eager"
-    weights = language(inputs_embeds=hidden, attention_mask=mask, position_ids=rope,
-                       output_attentions=True).attentions[0]  # fmt: skip
+    weights = language(
+        inputs_embeds=hidden, attention_mask=mask, position_ids=rope, output_attentions=True
+    ).attentions[0]
     queries = torch.zeros_like(mask, dtype=torch.bool)
     queries[:, -1] = True
     span = LayerSpan(0, 0, mask, rope, None)
@@ -181,6 +184,33 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     scores = attention_received(language, 0, hidden, span, text)
     expected = (weights.mean(dim=1) * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
+    """Stage 1 (before layer 1 of 3) ranks the unpruned prompt's visual tokens by layer 1's
+    own eager attention from the last token, head mean; stage 2 (before layer 2) ranks the
+    survivors; each stage keeps int(N0 * lambda^s) of the N0 = 16 tokens per image."""
+    model = _model("llava")
+    batch, _ = _inputs(model, "llava", [(1, 5), (1, 3)])
+    language = model.model.language_model
+    language.config._attn_implementation = "eager"
+    expected = model(**batch, output_attentions=True).attentions[1][:, :, -1].mean(dim=1)
+    placeholder = batch["input_ids"] == IMAGE
+    seen = []
+
+    class Recorded(method_class("pyramiddrop")):
+        def select(self, visual, keep):
+            seen.append((visual.attention.clone(), keep))
+            return super().select(visual, keep)
+
+    tokcomp.apply(model, Recorded(keep=0.25))
+    model.set_attn_implementation("sdpa")
+    model(**batch)
+    assert [keep for _, keep in seen] == [int(16 * 0.25**0.5), 4]  # lambda = 0.5 over 2 stages
+    first = seen[0][0]
+    torch.testing.assert_close(first, expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
+    assert seen[1][0].shape == (2, 8)
 
 
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------
@@ -217,6 +247,8 @@ ROUND_TRIPS = {
     "fastv": ("idefics3", {"keep": 3, "layer": 1, "query": "text"}),
     "visionzip": ("llava_next", {"keep": 0.3}),
     "fastervlm": ("llava_siglip", {"keep": 6}),
+    "vispruner": ("llava", {"keep": 7, "important": 0.75}),
+    "pyramiddrop": ("qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
     "tome": ("llava", {"r": 3}),
 }
 
@@ -252,9 +284,13 @@ def test_macs_count_tower_projector_and_prefill_by_hand():
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
     spec = tokcomp.config_of(model).model
     text = model.config.text_config
-    width, ff, heads, kv, head = (text.hidden_size, text.intermediate_size,
-                                  text.num_attention_heads, text.num_key_value_heads,
-                                  text.hidden_size // text.num_attention_heads)  # fmt: skip
+    width, ff, heads, kv, head = (
+        text.hidden_size,
+        text.intermediate_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.hidden_size // text.num_attention_heads,
+    )
     per_token = width * (2 * heads * head + 2 * kv * head) + 3 * width * ff
     assert spec["llm_token_macs"] == per_token and spec["llm_attn_dim"] == heads * head
 
@@ -383,6 +419,18 @@ def test_a_budget_larger_than_the_visual_tokens_is_refused():
     batch, _ = _inputs(model, "qwen2_vl")
     with pytest.raises(ValueError, match="keep=7 is more than the 6 visual tokens"):
         model(**batch)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_methods_a_family_cannot_run_are_refused_naming_the_alternatives(family):
+    """Every visual-token method either runs on a family (the generic tests above) or is
+    refused when applied, with the methods that do run there."""
+    refused = [m for m in VISUAL if (family, m) not in _cases()]
+    for method in refused:
+        runnable = sorted(m for m in VISUAL if (family, m) in _cases())
+        names = f"{', '.join(runnable[:-1])} or {runnable[-1]}"
+        with pytest.raises(ValueError, match=f"use {names}"):
+            tokcomp.apply(_model(family), method, **_pruning(method))
 
 
 def test_unsupported_models_name_what_is_supported():

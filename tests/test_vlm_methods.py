@@ -76,8 +76,9 @@ def test_greedy_maxmin_fast_form_equals_reference_on_many_inputs():
         weight = torch.randint(0, 3, (2, 30), generator=generator).float() / 2
         first = torch.randint(0, 30, (2,), generator=generator)
         dist = cosine_distances(x)
-        assert torch.equal(greedy_maxmin(dist, weight, first, 17),
-                           greedy_maxmin_reference(dist, weight, first, 17))  # fmt: skip
+        assert torch.equal(
+            greedy_maxmin(dist, weight, first, 17), greedy_maxmin_reference(dist, weight, first, 17)
+        )
 
 
 def test_greedy_maxmin_refuses_bad_inputs():
@@ -232,8 +233,11 @@ def test_zoo_sketch_approximates_the_exact_scores():
     first, second = nn.Linear(16, 64), nn.Linear(64, 256)
     features = torch.randn(1, 40, 16)
     with torch.no_grad():
-        visual = _visual(second(nn.functional.gelu(first(features))), [first, nn.GELU(), second],
-                         features=features)  # fmt: skip
+        visual = _visual(
+            second(nn.functional.gelu(first(features))),
+            [first, nn.GELU(), second],
+            features=features,
+        )
         exact = create_method("zoo").sensitivity(visual)
         sketched = create_method("zoo", sketch=128).sensitivity(visual)
     torch.testing.assert_close(sketched, exact, rtol=0.2, atol=0)

@@ -284,7 +284,8 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)
-    rows = sweep.run_sweep(model, points, task, ResultStore(None, Fingerprint.of()), CPU)
+    evaluation = sweep.task_evaluation(task, CPU)
+    rows = sweep.run_sweep(model, points, evaluation, ResultStore(None, Fingerprint.of()))
     # "yes" scores 0.9 (3 of 10 humans say it) and 1 (the single answer); the others 0
     for row in rows:
         assert row["vqa"] == pytest.approx(100 * 1.9 / 6)

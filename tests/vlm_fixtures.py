@@ -17,9 +17,18 @@ IMAGE, VISION_START, VISION_END, FAKE_AROUND = 127, 126, 125, 124
 #: Ordinary text tokens are drawn from [TEXT_LOW, TEXT_HIGH).
 TEXT_LOW, TEXT_HIGH = 2, 120
 
-_TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-             pad_token_id=PAD, bos_token_id=BOS, eos_token_id=None)  # fmt: skip
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD,
+    bos_token_id=BOS,
+    eos_token_id=None,
+)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
 
 
@@ -57,31 +66,55 @@ def _llava_next() -> nn.Module:
 
 
 def _qwen_text() -> dict:
-    text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                        "mrope_section": [2, 2, 2]})  # fmt: skip
+    text = dict(
+        _TEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+    )
     return text
 
 
 def _qwen2_vl() -> nn.Module:
-    vision = dict(depth=2, embed_dim=32, hidden_size=48, num_heads=2, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    vision = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=48,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
     config = hf.Qwen2VLConfig(
-        text_config=_qwen_text(), vision_config=vision, image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND, vision_start_token_id=VISION_START,
+        text_config=_qwen_text(),
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=FAKE_AROUND,
+        vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
-    )  # fmt: skip
+    )
     return hf.Qwen2VLForConditionalGeneration(config)
 
 
 def _qwen2_5_vl() -> nn.Module:
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=48, num_heads=2,
-                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                  fullatt_block_indexes=[1])  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=48,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=16,
+        fullatt_block_indexes=[1],
+    )
     config = hf.Qwen2_5_VLConfig(
-        text_config=_qwen_text(), vision_config=vision, image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND, vision_start_token_id=VISION_START,
+        text_config=_qwen_text(),
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=FAKE_AROUND,
+        vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
-    )  # fmt: skip
+    )
     return hf.Qwen2_5_VLForConditionalGeneration(config)
 
 
@@ -105,6 +138,17 @@ def _smolvlm() -> nn.Module:
     return hf.SmolVLMForConditionalGeneration(config)
 
 
+def _internvl() -> nn.Module:
+    vision = hf.InternVLVisionConfig(**_VISION, image_size=32, patch_size=4)
+    config = hf.InternVLConfig(
+        vision_config=vision,
+        text_config=hf.Qwen2Config(**_TEXT),
+        image_token_id=IMAGE,
+        image_seq_length=16,
+    )
+    return hf.InternVLForConditionalGeneration(config)
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build a tiny model of one family and its per-image inputs."""
@@ -121,6 +165,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
+    "internvl": Family(_internvl, "llava"),
 }
 
 
@@ -174,6 +219,7 @@ def _image(
     """One image: its pixel tensor, its placeholder tokens, and per-image extras."""
     if kind == "llava":
         size = model.config.vision_config.image_size
+        size = size if isinstance(size, int) else size[0]  # InternVL: (height, width)
         pixels = torch.randn(3, size, size, generator=generator)
         return pixels, torch.full((model.config.image_seq_length,), IMAGE), {}
     if kind == "llava_next":
@@ -183,8 +229,9 @@ def _image(
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, size, size, generator=generator)
     per_image = model.model.image_seq_len
-    tokens = torch.cat([torch.tensor([FAKE_AROUND]), torch.full((per_image,), IMAGE),
-                        torch.tensor([FAKE_AROUND])])  # fmt: skip
+    tokens = torch.cat(
+        [torch.tensor([FAKE_AROUND]), torch.full((per_image,), IMAGE), torch.tensor([FAKE_AROUND])]
+    )
     return pixels, tokens, {}
 
 
@@ -197,8 +244,9 @@ def _next_image(
 
     config = model.config
     size = [(40, 60), (64, 30), (32, 32)][index % 3]
-    crops = image_size_to_num_patches(size, config.image_grid_pinpoints,
-                                      config.vision_config.image_size)  # fmt: skip
+    crops = image_size_to_num_patches(
+        size, config.image_grid_pinpoints, config.vision_config.image_size
+    )
     side = config.vision_config.image_size
     pixels = torch.randn(crops, 3, side, side, generator=generator)
     with torch.no_grad():
@@ -216,8 +264,9 @@ def _qwen_image(
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     pixels = torch.randn(patches, width, generator=generator)
     count = patches // vision.spatial_merge_size**2
-    tokens = torch.cat([torch.tensor([VISION_START]), torch.full((count,), IMAGE),
-                        torch.tensor([VISION_END])])  # fmt: skip
+    tokens = torch.cat(
+        [torch.tensor([VISION_START]), torch.full((count,), IMAGE), torch.tensor([VISION_END])]
+    )
     return pixels, tokens, {"image_grid_thw": torch.tensor(grid)}
 
 
@@ -267,8 +316,10 @@ def _concat_images(kind: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
     for s in samples:
         p = s.images["pixel_values"]
         pixels.append(torch.cat([p, p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])], 1))
-    return {"pixel_values": torch.cat(pixels), "image_sizes": torch.cat(
-        [s.images["image_sizes"] for s in samples])}  # fmt: skip
+    return {
+        "pixel_values": torch.cat(pixels),
+        "image_sizes": torch.cat([s.images["image_sizes"] for s in samples]),
+    }
 
 
 def _idefics_pixels(samples: list[Sample]) -> dict[str, torch.Tensor]:

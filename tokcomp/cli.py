@@ -14,8 +14,15 @@ import torch
 from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
 from tokcomp.config import Config
-from tokcomp.errors import INTERRUPTED, RUNTIME, USAGE, TokcompError, original_message
-from tokcomp.harness import imagenet, vqa
+from tokcomp.errors import (
+    INTERRUPTED,
+    RUNTIME,
+    USAGE,
+    TokcompError,
+    UsageError,
+    original_message,
+)
+from tokcomp.harness import backbone, imagenet, lmms, vqa
 from tokcomp.harness.arguments import (
     DTYPES,
     add_model_arguments,
@@ -73,6 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "export", parents=[debug], help="write the config of a method on a model"
     )
     add_model_arguments(export, pretrained=False)
+    export.add_argument(
+        "--vlm",
+        help="a Hugging Face VLM (local folder or hub id) instead of a timm --model: the "
+        "config of a visual-token method on it (for lmms-eval's config=FILE)",
+    )
     export.add_argument("variant", type=parse_variant, help="method:key=value,...")
     export.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     export.add_argument("--force", action="store_true", help="overwrite an existing -o file")
@@ -87,9 +99,21 @@ def _build_parser() -> argparse.ArgumentParser:
             "imagenet", parents=[debug], help="top-1/top-5 on an image folder or Fashion-MNIST"
         )
     )
+    backbone.add_arguments(
+        tasks.add_parser(
+            "backbone",
+            parents=[debug],
+            help="feature fidelity and drop-in head accuracy of a headless backbone",
+        )
+    )
     vqa.add_arguments(
         tasks.add_parser(
             "vqa", parents=[debug], help="VQA accuracy and speed of a VLM (VQAv2, JSONL, easy-VQA)"
+        )
+    )
+    lmms.add_arguments(
+        tasks.add_parser(
+            "lmms", parents=[debug], help="lmms-eval benchmarks of a VLM (needs tokcomp[lmms])"
         )
     )
 
@@ -142,7 +166,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     check_config_output(args.output, args.force)
-    model = create_model(args.model, args.checkpoint)
+    if args.vlm and (args.model or args.checkpoint):
+        raise UsageError("--vlm replaces --model and --checkpoint; give one model")
+    model = vqa.load_vlm(args.vlm)[0] if args.vlm else create_model(args.model, args.checkpoint)
     api.apply(model, args.variant.method, **args.variant.options)
     path = api.config_of(model).save(args.output)
     print(f"wrote {path}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tokcomp.errors import UsageError
+from tokcomp.pretrained import OFFLINE_MODELS, weights
 
 
 def create_model(
@@ -25,8 +26,14 @@ def create_model(
 
     A .safetensors checkpoint written by tokcomp's training scripts carries its timm name,
     constructor arguments and data config (preprocessing) in its metadata, so `name` may
-    then be omitted and timm's resolve_data_config sees the right preprocessing.
+    then be omitted and timm's resolve_data_config sees the right preprocessing. The names
+    of `tokcomp.pretrained.OFFLINE_MODELS` (e.g. "dinov2_vits14") load pretrained weights
+    that a registry package ships, converted and cached on first use.
     """
+    if name in OFFLINE_MODELS:
+        if checkpoint or pretrained:
+            raise ValueError(f"{name} brings its own weights: drop --checkpoint/--pretrained")
+        name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
     if name is None:
         name = metadata.get("timm_model")

@@ -121,9 +121,16 @@ class _ClipTower(_TowerClass):
     def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.self_attn
         return EncoderLayer(
-            layer.layer_norm1, attn, attn.out_proj, attn.scale, attn.dropout, (),
-            layer.layer_norm2, layer.mlp, (),
-        )  # fmt: skip
+            layer.layer_norm1,
+            attn,
+            attn.out_proj,
+            attn.scale,
+            attn.dropout,
+            (),
+            layer.layer_norm2,
+            layer.mlp,
+            (),
+        )
 
     def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
         return tower.embeddings.patch_embedding
@@ -176,9 +183,16 @@ class _VitTower(_TowerClass):
     def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.attention
         return EncoderLayer(
-            layer.layernorm_before, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
-            (layer.dropout,), layer.layernorm_after, layer.mlp, (layer.dropout,),
-        )  # fmt: skip
+            layer.layernorm_before,
+            attn,
+            attn.o_proj,
+            attn.scaling,
+            attn.attention_dropout,
+            (layer.dropout,),
+            layer.layernorm_after,
+            layer.mlp,
+            (layer.dropout,),
+        )
 
     def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
         return tower.embeddings.patch_embeddings.projection
@@ -210,10 +224,16 @@ class _Dinov2Tower(_VitTower):
     def parts(self, layer: nn.Module) -> EncoderLayer:
         attn = layer.attention
         return EncoderLayer(
-            layer.norm1, attn, attn.o_proj, attn.scaling, attn.attention_dropout,
-            (layer.layer_scale1, layer.drop_path), layer.norm2, layer.mlp,
+            layer.norm1,
+            attn,
+            attn.o_proj,
+            attn.scaling,
+            attn.attention_dropout,
+            (layer.layer_scale1, layer.drop_path),
+            layer.norm2,
+            layer.mlp,
             (layer.layer_scale2, layer.drop_path),
-        )  # fmt: skip
+        )
 
     def prefix(self, tower: nn.Module) -> int:
         return 1 + getattr(tower.config, "num_register_tokens", 0)

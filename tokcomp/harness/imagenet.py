@@ -40,6 +40,7 @@ from tokcomp.harness.sweep import (
     quiet,
     start_run,
     sweep_points,
+    task_evaluation,
 )
 from tokcomp.models import create_model
 
@@ -216,9 +217,10 @@ def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    sweep = SweepRun(output, fingerprint, device, args.fresh)
     probe = SpeedProbe(args.speed_repeats, args.compile)
-    sweep = SweepRun(output, fingerprint, device, args.fresh, probe)
-    rows = evaluate_sweep(model, points, task, sweep, settings, world)
+    evaluation = task_evaluation(task, device, world, probe)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, title=name))
 
 

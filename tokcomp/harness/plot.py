@@ -27,15 +27,20 @@ def plot_sweep(
     path: Path,
     title: str,
     axes: Sequence[Axis] = AXES,
+    unit: str | None = "%",
 ) -> None:
     """Save `sweep_figure` as a PNG."""
-    sweep_figure(rows, metric, title, axes).savefig(path, dpi=120)
+    sweep_figure(rows, metric, title, axes, unit).savefig(path, dpi=120)
 
 
 def sweep_figure(
-    rows: Sequence[dict[str, Any]], metric: str, title: str, axes: Sequence[Axis] = AXES
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    title: str,
+    axes: Sequence[Axis] = AXES,
+    unit: str | None = "%",
 ) -> Figure:
-    """`metric` (percent) against each of `axes` (a panel each; by default GMACs and the
+    """`metric` (in `unit`) against each of `axes` (a panel each; by default GMACs and the
     speed-up): a curve per series (`series`) from the unpruned model (`rows[0]`, a star)
     through its points in order of x."""
     base, points = rows[0], rows[1:]
@@ -48,7 +53,7 @@ def sweep_figure(
             panel.plot([r[x] for r in curve], [r[metric] for r in curve], "o-", label=name)
         panel.plot(base[x], base[metric], "k*", markersize=14, label="unpruned", zorder=3)
         panel.set_xlabel(x_label)
-        panel.set_ylabel(f"{metric} (%)")
+        panel.set_ylabel(f"{metric} ({unit})" if unit else metric)
         panel.grid(alpha=0.3)
         panel.legend()
     return figure

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -112,18 +113,24 @@ def set_aside(folder: Path) -> Path | None:
 
 
 def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The rows with `delta_<metric>` (points) against the first (unpruned) row and
-    `trusted` (whether the speed-up's spread is narrow enough to read it; each row's speed-up
-    is its own, timed interleaved with the unpruned model)."""
+    """The rows with `delta_<metric>` (points) against the first (unpruned) row, and their
+    speed-up (`speedup`, `speedup_spread`, `trusted`: see `speedup_of`)."""
     base = rows[0]
-    return [
-        {
-            **row,
-            f"delta_{metric}": row[metric] - base[metric],
-            "trusted": Speedup(row["speedup"], row["speedup_spread"]).trusted,
-        }
-        for row in rows
-    ]
+    rows = [{**row, f"delta_{metric}": row[metric] - base[metric]} for row in rows]
+    for row in rows:
+        speedup = speedup_of(row, rows[0])
+        row.update(speedup=speedup.ratio, speedup_spread=speedup.spread, trusted=speedup.trusted)
+    return rows
+
+
+def speedup_of(row: dict[str, Any], base: dict[str, Any]) -> Speedup:
+    """A row's speed-up: its own, timed interleaved with the unpruned model (task sweeps),
+    else (an evaluation without a speed probe: lmms-eval's) its throughput over the unpruned
+    row's, of unknown spread, so flagged (the unpruned row itself: 1.00x)."""
+    if "speedup" in row:
+        return Speedup(row["speedup"], row["speedup_spread"])
+    spread = 0.0 if row is base else math.nan
+    return Speedup(row["images_per_s"] / base["images_per_s"], spread)
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ def format_table(
     header = (
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
-        + f"{'Δ' + metrics[0]:>9}{'img/s':>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
+        + f"{'Δ' + metrics[0]:>{_width(metrics[0]) + 1}}"
+        + f"{'img/s':>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
@@ -157,7 +165,8 @@ def format_table(
             f"{row['method']:<12}{row['label']:<{width}}{row['gmacs']:>8.3f}"
             f"{row['macs_ratio']:>7.3f}{100 * row['selection_share']:>7.1f}"
             + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
-            + f"{row['delta_' + metrics[0]]:>+9.2f}{row['images_per_s']:>10.1f}"
+            + f"{row['delta_' + metrics[0]]:>+{_width(metrics[0]) + 1}.2f}"
+            + f"{row['images_per_s']:>10.1f}"
             f"{row['speedup']:>9.2f}{'x' if row['trusted'] else '?'}"
             f"{100 * row['speedup_spread']:>9.1f}{row['peak_memory_mb']:>9.1f}"
             + "".join(f"{row[c.key]:>{c.width()}{c.spec}}" for c in columns)
@@ -209,11 +218,12 @@ def report(
     title: str,
     columns: Sequence[Column] = (),
     axes: Sequence[Axis] = AXES,
+    unit: str | None = "%",
 ) -> str:
-    """Write results.csv and results.png (titled `title`; the headline metric against each
-    of `axes`) for one run's rows (unpruned first) in `folder`; return the table to print.
-    `columns`: the task's own figures, after the common ones."""
+    """Write results.csv and results.png (titled `title`; the headline metric, in `unit`,
+    against each of `axes`) for one run's rows (unpruned first) in `folder`; return the table
+    to print. `columns`: the task's own figures, after the common ones."""
     rows = with_baseline(rows, metrics[0])
     write_csv(rows, metrics, folder / "results.csv", columns)
-    plot_sweep(rows, metrics[0], folder / "results.png", title, axes)
+    plot_sweep(rows, metrics[0], folder / "results.png", title, axes, unit)
     return format_table(rows, metrics, columns)

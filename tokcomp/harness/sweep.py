@@ -5,6 +5,7 @@ run and score; this module applies each point, times it and records the results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import hashlib
@@ -141,9 +142,17 @@ def point_key(fingerprint: Fingerprint, point: Point) -> str:
 
 
 def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
-    """What `point` does to `model`: method, resolved options, schedule, MACs. Applying
-    and removing it here checks every point before any is evaluated."""
-    if point.method is None and point.config is None:
+    """What `point` does to `model` (see `compression`). Applying and removing it here checks
+    every point before any is evaluated."""
+    with applied(model, point):
+        return compression(model)
+
+
+def compression(model: nn.Module) -> dict[str, Any]:
+    """What the model's compression is now: method, resolved options, schedule, MACs per image
+    (GMACs, the method's own work included; the ratio to the unpruned model; the share that is
+    the method's own work)."""
+    if not is_patched(model):
         return {
             "method": UNPRUNED,
             "resolved_options": {},
@@ -152,8 +161,7 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
             "macs_ratio": 1.0,
             "selection_share": 0.0,
         }
-    config = config_of(point.apply_to(model))
-    remove(model)
+    config = config_of(model)
     return {
         "method": config.method,
         "resolved_options": config.options,
@@ -162,6 +170,17 @@ def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
         "macs_ratio": config.macs_ratio,
         "selection_share": config.selection_share,
     }
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, point: Point) -> Iterator[nn.Module]:
+    """`model` patched for `point` inside the block, restored after it."""
+    point.apply_to(model)
+    try:
+        yield model
+    finally:
+        if is_patched(model):
+            remove(model)
 
 
 def measure(
@@ -217,11 +236,15 @@ class SpeedProbe:
     compile: bool = False
 
 
-@dataclass(frozen=True)
-class Measuring:
-    """What evaluating a point needs besides the point: the task, the device, the ranks, how
-    speed is probed, and the unpruned model the probe races (compiled runs: a compiled copy
-    made once; eager runs: the model itself, unpatched in turn)."""
+#: Evaluates a model patched for a point: (model, point, progress description) -> figures.
+Evaluation = Callable[[nn.Module, Point, str], dict[str, Any]]
+
+
+@dataclass
+class TaskEvaluation:
+    """The evaluation that measures a task on a device (`measure`), then races the point
+    against the unpruned model (`probe_speed`); with `probe.compile` both run compiled, the
+    unpruned one as a compiled copy made at the first point."""
 
     task: Task
     device: torch.device
@@ -229,17 +252,33 @@ class Measuring:
     probe: SpeedProbe = SpeedProbe()
     baseline: nn.Module | None = None
 
-    @classmethod
-    def of(
-        cls, model: nn.Module, task: Task, device: torch.device, world: World, probe: SpeedProbe
-    ) -> Measuring:
-        """The measuring context of a sweep over `model` (a compiled copy of it, unpruned,
-        for compiled probes)."""
-        baseline = compiled(copy.deepcopy(model)) if probe.compile else None
-        return cls(task, device, world, probe, baseline)
+    def __call__(self, model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
+        """Scores of `model` (patched for `point`) on every batch, then its speed probe."""
+        timed_model = self.timed(model)
+        eager = None if timed_model is model else model
+        figures = measure(timed_model, self.task, self.device, desc, self.world, eager)
+        return {**figures, **probe_speed(model, point, timed_model, self)}
+
+    def timed(self, model: nn.Module) -> nn.Module:
+        """The model the point is evaluated and timed as: itself, or compiled afresh (every
+        point's patch is new), after the unpruned copy is compiled once."""
+        if not self.probe.compile:
+            return model
+        if self.baseline is None:
+            self.baseline = compiled(unpatched_copy(model))
+        torch._dynamo.reset()
+        return compiled(model)
 
 
-def probe_speed(model: nn.Module, point: Point, timed_model: nn.Module, on: Measuring) -> dict:
+def unpatched_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without tokcomp's patch."""
+    duplicate = copy.deepcopy(model)
+    return remove(duplicate) if is_patched(duplicate) else duplicate
+
+
+def probe_speed(
+    model: nn.Module, point: Point, timed_model: nn.Module, on: TaskEvaluation
+) -> dict[str, float]:
     """Throughput of `point` (`timed_model`: `model` patched for it, compiled or not) and its
     speed-up over the unpruned model, timed in alternating rounds on the task's first batch so
     that the machine's load hits both alike: images_per_s (the batch over the median round,
@@ -271,7 +310,7 @@ def _patching(variant: Contender, model: nn.Module, point: Point, probe: SpeedPr
     return Contender(variant.forward, lambda: is_patched(model) or point.apply_to(model))
 
 
-def _unpruned(model: nn.Module, inputs: Any, on: Measuring) -> Contender:
+def _unpruned(model: nn.Module, inputs: Any, on: TaskEvaluation) -> Contender:
     """The unpruned contender: the compiled baseline, or `model` with its patch removed
     before each call."""
     if on.baseline is not None:
@@ -283,12 +322,10 @@ def _unpruned(model: nn.Module, inputs: Any, on: Measuring) -> Contender:
 def run_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
+    evaluation: Evaluation,
     store: ResultStore,
-    device: torch.device,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
-    probe: SpeedProbe = SpeedProbe(),
 ) -> list[dict[str, Any]]:
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
     return the rows of all points, in order. The store's fingerprint (the model, data and
@@ -296,19 +333,20 @@ def run_sweep(
     threads...) is only recorded. Under torchrun every rank evaluates its shard of every
     point; rank 0's store decides which points are finished and alone writes."""
     plans = [(point, resolve(model, point)) for point in points]
-    on = Measuring.of(model, task, device, world, probe)
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
         row = world.broadcast(store.get(key))
         if row is None:
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
+            with applied(model, point):
+                figures = evaluation(model, point, desc)
             row = {
                 "key": key,
                 "label": point.label,
                 **point.identity(),
                 **plan,
-                **_evaluate(model, point, desc, on),
+                **figures,
                 **(settings or {}),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
@@ -321,7 +359,7 @@ def run_sweep(
 def evaluate_sweep(
     model: nn.Module,
     points: Sequence[Point],
-    task: Task,
+    evaluation: Evaluation,
     run: SweepRun,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
@@ -333,22 +371,28 @@ def evaluate_sweep(
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_sweep(model, points, task, store, run.device, settings, world, run.probe)
+        rows = run_sweep(model, points, evaluation, store, settings, world)
     done = {row["key"] for row in rows}
     return rows + [row for row in store.rows() if row["key"] not in done]
+
+
+def task_evaluation(
+    task: Task, device: torch.device, world: World = SINGLE, probe: SpeedProbe = SpeedProbe()
+) -> Evaluation:
+    """The evaluation that measures `task` on `device`, then probes the point's speed (see
+    `TaskEvaluation`)."""
+    return TaskEvaluation(task, device, world, probe)
 
 
 @dataclass(frozen=True)
 class SweepRun:
     """Where a sweep's results go and what they are measured on: the output folder, the
-    fingerprint of the inputs, the device, whether to set earlier results aside, and how
-    speed is probed."""
+    fingerprint of the inputs, the device, and whether to set earlier results aside."""
 
     output: Path
     fingerprint: Fingerprint
     device: torch.device
     fresh: bool = False
-    probe: SpeedProbe = SpeedProbe()
 
 
 def _main_store(run: SweepRun) -> ResultStore:
@@ -420,19 +464,3 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "needed when they were measured on other data, weights or options",
     )
     return run
-
-
-def _evaluate(model: nn.Module, point: Point, desc: str, on: Measuring) -> dict[str, float]:
-    """Scores of `point` on every batch, then its speed probe; the model left unpatched."""
-    point.apply_to(model)
-    try:
-        timed_model = model
-        if on.probe.compile:
-            torch._dynamo.reset()  # every point's patch is new: compile it afresh
-            timed_model = compiled(model)
-        eager = None if timed_model is model else model
-        figures = measure(timed_model, on.task, on.device, desc, on.world, eager)
-        return {**figures, **probe_speed(model, point, timed_model, on)}
-    finally:
-        if is_patched(model):
-            remove(model)

@@ -34,11 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tokcomp import visual_tokens_dropped
+from tokcomp.harness import hub
 from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    Point,
     SpeedProbe,
     SweepRun,
     add_run_arguments,
@@ -47,6 +49,7 @@ from tokcomp.harness.sweep import (
     quiet,
     start_run,
     sweep_points,
+    task_evaluation,
 )
 from tokcomp.harness.timing import FirstToken, PrefillTimer, now
 from tokcomp.harness.vqa_data import Question, answer_types, open_vqa
@@ -91,6 +94,56 @@ def visual_tokens_kept(
     placeholders = int((input_ids == image_token_id).sum())
     dropped = visual_tokens_dropped(cache)
     return placeholders if dropped is None else placeholders - int(dropped.sum())
+
+
+#: Greedy decoding, the harness's generation.
+GREEDY = {"do_sample": False, "num_beams": 1}
+
+
+def on_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A processor's batch on `device`, its pixels in the model's `dtype`."""
+    inputs = inputs.to(device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def generate(
+    model: nn.Module,
+    processor: Any,
+    inputs: Mapping[str, torch.Tensor],
+    device: torch.device,
+    max_new_tokens: int,
+    sampling: Mapping[str, Any] = GREEDY,
+) -> Generation:
+    """The answers of one batch (`sampling`: generate's decoding options), timed, with the
+    visual tokens its language model kept."""
+    from transformers import LogitsProcessorList
+
+    first = FirstToken(device)
+    tokenizer = processor.tokenizer
+    with PrefillTimer(model.get_decoder().layers, device) as prefill:
+        start = now(device)
+        out = model.generate(
+            **inputs,
+            **sampling,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([first]),
+            return_dict_in_generate=True,
+        )
+        end = now(device)
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    lengths = generated_lengths(new, _eos_ids(model, tokenizer))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return Generation(
+        answers=processor.batch_decode(new, skip_special_tokens=True),
+        visual_tokens=visual_tokens_kept(out.cache, ids, mask, model.config.image_token_id),
+        prefill_s=prefill.seconds,
+        ttft_s=first.at - start,
+        decode_s=end - first.at,
+        decode_tokens=int((lengths - 1).clamp_min(0).sum()),
+    )
 
 
 def generated_lengths(new_tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
@@ -146,39 +199,11 @@ class VQATask:
     def batches(self) -> Iterator[tuple[Mapping[str, torch.Tensor], list[Question]]]:
         """(processor outputs on the device, questions) batches."""
         for inputs, questions in self.loader:
-            inputs = inputs.to(self.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-            yield inputs, questions
+            yield on_device(inputs, self.device, self.dtype), questions
 
     def forward(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Generation:
         """Greedy answers of one batch, timed."""
-        from transformers import LogitsProcessorList
-
-        first = FirstToken(self.device)
-        tokenizer = self.processor.tokenizer
-        with PrefillTimer(model.get_decoder().layers, self.device) as prefill:
-            start = now(self.device)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList([first]),
-                return_dict_in_generate=True,
-            )
-            end = now(self.device)
-        new = out.sequences[:, inputs["input_ids"].shape[1] :]
-        lengths = generated_lengths(new, _eos_ids(model, tokenizer))
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        return Generation(
-            answers=self.processor.batch_decode(new, skip_special_tokens=True),
-            visual_tokens=visual_tokens_kept(out.cache, ids, mask, model.config.image_token_id),
-            prefill_s=prefill.seconds,
-            ttft_s=first.at - start,
-            decode_s=end - first.at,
-            decode_tokens=int((lengths - 1).clamp_min(0).sum()),
-        )
+        return generate(model, self.processor, inputs, self.device, self.max_new_tokens)
 
     def score(self, outputs: Generation, targets: Sequence[Question]) -> dict[str, float]:
         """Accuracy sums (overall, per answer type, with the type counts) and timing sums."""
@@ -243,19 +268,41 @@ def keep_budget(method: str, budget: float, positions: str | None = None) -> str
     return f"{method}:{cls.budget}={budget}{numbering}"
 
 
-def load_vlm(folder: Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model in eval mode, processor) of a local Hugging Face VLM folder."""
+def load_vlm(source: str | Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model in eval mode, processor) of a local Hugging Face VLM folder or of a hub id (from
+    the local Hugging Face cache, or downloaded); dtype "auto" keeps the checkpoint's."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if not (folder / "config.json").is_file():
-        hint = "train it: python eval/train_vlm_easyvqa.py; or" if folder == DEFAULT_MODEL else ""
-        raise FileNotFoundError(
-            f"no model in {folder} (config.json missing); {hint} pass --model DIR, a local "
-            "Hugging Face VLM folder with its processor files"
-        )
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype))
+    where = model_location(source)
+    processor = AutoProcessor.from_pretrained(where)
+    weights_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForImageTextToText.from_pretrained(where, dtype=weights_dtype)
     return model.eval(), processor
+
+
+def model_location(source: str | Path) -> str:
+    """What from_pretrained loads for `source`: a local folder with config.json, or a hub id
+    that is cached or can be downloaded; else one line naming the fix."""
+    folder = Path(source).expanduser()
+    if (folder / "config.json").is_file():
+        return str(folder)
+    if not folder.exists() and hub.is_repo_id(str(source)):
+        hub.require(str(source), "model", "pass a local model folder")
+        return str(source)
+    hint = "train it: python eval/train_vlm_easyvqa.py; or" if folder == DEFAULT_MODEL else ""
+    raise FileNotFoundError(
+        f"no model in {folder} (config.json missing); {hint} pass a local Hugging Face VLM "
+        "folder with its processor files, or a hub id such as llava-hf/llava-1.5-7b-hf"
+    )
+
+
+def model_identity(source: str | Path, model: nn.Module) -> str:
+    """What identifies the weights of `source` in a fingerprint: a local folder's file
+    contents, or a hub model's commit."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return f"files {folder_digest(folder)}"
+    return f"hub {source}@{getattr(model.config, '_commit_hash', None)}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,8 +312,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=DEFAULT_MODEL,
-        help="local Hugging Face VLM folder (weights, config, processor files); default: the "
-        "offline easy-VQA LLaVA, eval/models/vlm-easyvqa",
+        help="local Hugging Face VLM folder (weights, config, processor files) or hub id; "
+        "default: the offline easy-VQA LLaVA, eval/models/vlm-easyvqa",
     )
     model.add_argument("--dtype", default="float32", choices=DTYPES)
     data = parser.add_argument_group("data")
@@ -287,6 +334,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument(
         "--prompt", default=POST_PROMPT, help="text after each question (default: lmms-eval's)"
     )
+    add_visual_sweep_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep and run options of a VLM task: --budgets keep fractions of the visual tokens,
+    --positions numbers them (see `keep_budget`)."""
     sweep = add_sweep_arguments(
         parser,
         budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.125",
@@ -300,14 +354,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "each method's own; keep = original position ids, renumber = contiguous)",
     )
     add_run_arguments(parser)
-    parser.set_defaults(run=run)
+
+
+def visual_points(args: argparse.Namespace) -> list[Point]:
+    """The points of a VLM sweep's arguments (see `add_visual_sweep_arguments`)."""
+    budget = functools.partial(keep_budget, positions=args.positions)
+    return sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
 
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results.
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
-    budget = functools.partial(keep_budget, positions=args.positions)
-    points = sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
+    points = visual_points(args)
     world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
@@ -334,19 +392,21 @@ def run(args: argparse.Namespace) -> None:
         getattr(torch, args.dtype),
     )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
-    probe = SpeedProbe(args.speed_repeats)
-    sweep = SweepRun(output, _fingerprint(args, dataset, device), device, args.fresh, probe)
-    rows = evaluate_sweep(model, points, task, sweep, settings, world)
+    sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
+    evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 
 
-def _fingerprint(args: argparse.Namespace, dataset: Dataset, device: torch.device) -> Fingerprint:
-    """What decides this run's numbers: the model folder's files, dtype, generation options,
+def _fingerprint(
+    args: argparse.Namespace, model: nn.Module, dataset: Dataset, device: torch.device
+) -> Fingerprint:
+    """What decides this run's numbers: the model's weights, dtype, generation options,
     the questions and images, and the device type."""
     return Fingerprint.of(
         task="vqa",
         model=args.model.resolve().name,
-        weights=f"files {folder_digest(args.model)}",
+        weights=model_identity(args.model, model),
         dtype=args.dtype,
         max_new_tokens=args.max_new_tokens,
         prompt=args.prompt,

@@ -1,13 +1,15 @@
-"""A VQA question as a VLM's input: one user turn (the image, then the question and
-lmms-eval's short-answer prompt) through the model's processor and chat template."""
+"""A VQA question as a VLM's input: one user turn (the images, then the question and
+lmms-eval's short-answer prompt) through the model's processor and chat template. The
+lmms-eval model (tokcomp.harness.lmms_model) builds its prompts here too."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from tokcomp.harness.data import read_image
 from tokcomp.harness.vqa_data import Question
@@ -16,11 +18,30 @@ from tokcomp.harness.vqa_data import Question
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
-def messages(question: str, post_prompt: str = POST_PROMPT) -> list[dict[str, Any]]:
-    """The chat of one question: a user turn with the image, then the question and the
+def messages(question: str, post_prompt: str = POST_PROMPT, images: int = 1) -> list[dict]:
+    """The chat of one question: a user turn with `images` images, then the question and the
     post-prompt."""
-    content = [{"type": "image"}, {"type": "text", "text": question + post_prompt}]
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question + post_prompt}]
     return [{"role": "user", "content": content}]
+
+
+def encode(
+    processor: Any,
+    texts: Sequence[str],
+    images: Sequence[Sequence[Image.Image]],
+    answers: Sequence[str] | None = None,
+) -> Mapping[str, torch.Tensor]:
+    """The processor's batch (left padding as the processor's tokenizer pads) of one user turn
+    per sample: its images, then its text (already followed by any post-prompt); `answers`:
+    each sample's reply text after the generation prompt (to score it)."""
+    prompts = [
+        processor.apply_chat_template(messages(text, "", len(own)), add_generation_prompt=True)
+        for text, own in zip(texts, images, strict=True)
+    ]
+    if answers is not None:
+        prompts = [prompt + answer for prompt, answer in zip(prompts, answers, strict=True)]
+    flat = [image for own in images for image in own]
+    return processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
 
 
 @dataclass(frozen=True)
@@ -32,12 +53,6 @@ class Prompts:
 
     def __call__(self, questions: list[Question]) -> tuple[Mapping[str, torch.Tensor], list]:
         """(processor outputs, the questions) of one batch."""
-        images = [read_image(str(q.image)).convert("RGB") for q in questions]
-        texts = [
-            self.processor.apply_chat_template(
-                messages(q.question, self.post_prompt), add_generation_prompt=True
-            )
-            for q in questions
-        ]
-        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
-        return inputs, questions
+        images = [[read_image(str(q.image)).convert("RGB")] for q in questions]
+        texts = [q.question + self.post_prompt for q in questions]
+        return encode(self.processor, texts, images), questions

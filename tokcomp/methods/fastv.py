@@ -32,12 +32,16 @@ class FastV(LLMStageMethod):
 
     keep: int | float = 0.5
     positions: str = "keep"
+    layer: int = 2
     query: str = "last"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.query not in QUERIES:
             raise ValueError(f"fastv: query must be one of {QUERIES}, got {self.query!r}")
+
+    def boundaries(self, llm_depth: int) -> list[int]:
+        return [self.layer]
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
         if self.query == "text":

@@ -169,10 +169,10 @@ class VisualMethod(Method):
         for count in range(1, selectable + 1):
             yield self.with_options(**{self.budget: count, "target_macs": None, "schedule": None})
 
-    def llm_schedule(self, llm_depth: int, tokens: int, kept: int) -> list[int]:
-        """Visual tokens per image each of the `llm_depth` language-model layers processes,
-        for `tokens` visual tokens of which `kept` are kept."""
-        return [kept] * llm_depth
+    def llm_schedule(self, llm_depth: int, selectable: int, fixed: int) -> list[int]:
+        """Visual tokens per image each of the `llm_depth` language-model layers processes, for
+        an image with `selectable` tokens to choose from and `fixed` always kept."""
+        return [self.kept_of(selectable) + fixed] * llm_depth
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor | Selection:
         """Which `keep` of each image's visual tokens reach the language model: (B, keep)
@@ -241,32 +241,52 @@ def budget_shares(sizes: Sequence[int], budget: int) -> list[int]:
 
 @dataclass(kw_only=True)
 class LLMStageMethod(VisualMethod):
-    """A visual-token method that chooses inside the language model: decoder layers
-    0..layer-1 see every token; the method chooses from the attention the visual tokens receive
-    in layer `layer - 1` (from the query rows `queries` gives), and the later layers see the
-    kept ones. The VLM adapter runs the decoder layers around the choice."""
+    """A visual-token method that chooses inside the language model, at one or more boundaries
+    (`boundaries`): before decoder layer b, it keeps `kept_at(stage, tokens)` of each image's
+    `tokens` visual tokens, ranked by the attention they receive from the `queries` rows in
+    decoder layer `scoring_layer(b)` (FastV: b - 1, the last layer before the cut; PyramidDrop:
+    b, from the layer's own projections before it runs); layers from b on see the kept ones.
+    The VLM adapter runs the decoder span by span around the choices."""
 
     stage: ClassVar[Stage] = Stage.LLM
 
-    layer: int = 2
+    def boundaries(self, llm_depth: int) -> list[int]:
+        """The decoder layers, ascending, before which the method chooses."""
+        raise NotImplementedError
 
-    def check_layer(self, llm_depth: int) -> None:
-        """Raise ValueError unless `layer` splits a language model of `llm_depth` layers."""
-        if (
-            isinstance(self.layer, bool)
-            or not isinstance(self.layer, int)
-            or not 1 <= self.layer < llm_depth
-        ):
-            raise ValueError(
-                f"{self.name}: layer must be in 1..{llm_depth - 1} (the language model has "
-                f"{llm_depth} layers), got {self.layer!r}"
-            )
+    def scoring_layer(self, boundary: int) -> int:
+        """The decoder layer whose attention ranks the visual tokens at `boundary`."""
+        return boundary - 1
 
-    def llm_schedule(self, llm_depth: int, tokens: int, kept: int) -> list[int]:
-        self.check_layer(llm_depth)
-        return [tokens] * self.layer + [kept] * (llm_depth - self.layer)
+    def kept_at(self, stage: int, tokens: int, llm_depth: int) -> int:
+        """Visual tokens kept after boundary `stage` out of an image's original `tokens`, in a
+        language model of `llm_depth` layers."""
+        return self.kept_of(tokens)
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: the query rows whose attention the choice averages, given the (B, L)
         text tokens of the left-padded prompt."""
         raise NotImplementedError
+
+    def checked_boundaries(self, llm_depth: int) -> list[int]:
+        """`boundaries`, refused with a clear error unless each splits the language model after
+        the previous one, with its scoring layer in between."""
+        boundaries, previous = self.boundaries(llm_depth), 0
+        for boundary in boundaries:
+            if isinstance(boundary, bool) or not isinstance(boundary, int):
+                raise ValueError(f"{self.name}: decoder layers are ints, got {boundary!r}")
+            if not (previous <= self.scoring_layer(boundary) and 1 <= boundary < llm_depth):
+                raise ValueError(
+                    f"{self.name}: the layers it prunes before must be ascending in "
+                    f"1..{llm_depth - 1} (the language model has {llm_depth} layers), got "
+                    f"{boundaries}"
+                )
+            previous = boundary
+        return boundaries
+
+    def llm_schedule(self, llm_depth: int, selectable: int, fixed: int) -> list[int]:
+        counts, start, current = [], 0, selectable + fixed
+        for stage, boundary in enumerate(self.checked_boundaries(llm_depth)):
+            counts += [current] * (boundary - start)
+            start, current = boundary, self.kept_at(stage, selectable, llm_depth) + fixed
+        return counts + [current] * (llm_depth - start)

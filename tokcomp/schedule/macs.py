@@ -71,7 +71,7 @@ def selection_macs(spec: ModelSpec, method: Method, schedule: list[int]) -> int:
     """MACs of `method`'s own work per image (a VLM: per reference prompt) under `schedule`:
     its reductions or choices and the signals the adapter computes for it beyond the model."""
     if isinstance(spec, VLMSpec) and isinstance(method, VisualMethod):
-        return _choice_macs(spec, method) + _visual_signal_macs(spec, method)
+        return _choice_macs(spec, method) + _visual_signal_macs(spec, method, schedule)
     if isinstance(spec, VLMSpec):
         return spec.crops * _reduction_macs(spec.tower(), method, schedule[: spec.depth])
     return _reduction_macs(spec, method, schedule)
@@ -106,11 +106,16 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
     )
 
 
-def _visual_signal_macs(spec: VLMSpec, method: VisualMethod) -> int:
-    """The attention the adapter computes for a visual-token method: the language model's layer
-    K-1 (LLM stage) or the tower's feature layer, per crop (attention or keys declared)."""
+def _visual_signal_macs(spec: VLMSpec, method: VisualMethod, schedule: list[int]) -> int:
+    """The attention the adapter computes for a visual-token method: the language model's
+    scoring layer at each boundary (LLM stage) or the tower's feature layer, per crop
+    (attention or keys declared)."""
     if method.stage is Stage.LLM:
-        return _layer_attention_macs(spec, method)
+        visual = schedule[spec.depth :]
+        boundaries = method.checked_boundaries(spec.llm_depth)
+        return sum(
+            _layer_attention_macs(spec, method, visual[method.scoring_layer(b)]) for b in boundaries
+        )
     if method.visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
         return spec.crops * _tower_attention_macs(spec)
     return 0
@@ -124,11 +129,11 @@ def _tower_attention_macs(spec: VLMSpec) -> int:
     return projections + rows * spec.tokens * spec.attn_dim
 
 
-def _layer_attention_macs(spec: VLMSpec, method: LLMStageMethod) -> int:
-    """Decoder layer K-1's q of the method's query rows, k of the whole prompt and the logits
-    (adapters/hf_vlm/decoder.py `attention_received`)."""
-    length = spec.prompt_tokens + spec.visual_tokens
-    text = (torch.arange(length) >= spec.visual_tokens)[None]
+def _layer_attention_macs(spec: VLMSpec, method: LLMStageMethod, visual: int) -> int:
+    """A scoring layer's q of the method's query rows, k of the whole prompt (`visual` visual
+    tokens at that layer) and the logits (adapters/hf_vlm/decoder.py `attention_received`)."""
+    length = spec.prompt_tokens + visual
+    text = (torch.arange(length) >= visual)[None]
     rows = int(method.queries(text).any(dim=0).sum())
     width = spec.visual_geometry.output_width
     projections = rows * width * spec.llm_attn_dim + length * width * spec.llm_kv_dim

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokcomp.methods import BlockMethod, Method, VisualMethod
+from tokcomp.methods import BlockMethod, Method, VisualMethod, method_class, method_names
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule.macs import model_macs, total_macs
 from tokcomp.schedule.spec import ModelSpec, VLMSpec
 
+#: Signals only towers whose attention tokcomp recomputes can give.
+_TOWER_SIGNALS = frozenset({VisualSignal.ATTENTION, VisualSignal.KEYS})
 #: How close to the reachable range a `target_macs` may be (rounding of the MACs ratio).
 _TARGET_SLACK = 0.005
 
@@ -52,7 +54,7 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
             raise ValueError(
                 f"{method.name} acts inside a vision transformer; tokcomp can apply it to the "
                 f"vision tower of LLaVA-1.5 only, not of {spec.architecture}. For this model "
-                "use zoo, divprune, fastv, visionzip or random"
+                f"use {_runnable_on(spec)}"
             )
         return _resolve_on_encoder(method, spec.tower())
     _check_visual_method(method, spec)
@@ -71,23 +73,34 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
 def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
     """Refuse options and signals this VLM cannot give a visual-token method."""
     method.check_visual_options()
-    if not spec.tower_attention and method.visual_needs & {
-        VisualSignal.ATTENTION,
-        VisualSignal.KEYS,
-    }:
+    if not _signals_given(type(method), spec):
         raise ValueError(
             f"{method.name} needs the vision tower's attention at its feature layer, which "
             "tokcomp computes for LLaVA-1.5 and LLaVA-NeXT (CLIP/SigLIP towers), not for "
-            f"{spec.architecture}; use zoo, divprune, fastv or random on it"
+            f"{spec.architecture}; use {_runnable_on(spec)} on it"
         )
+
+
+def _signals_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
+    """Whether `spec`'s adapter computes the tower signals `method` declares."""
+    return spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS
+
+
+def _runnable_on(spec: VLMSpec) -> str:
+    """The visual-token methods that run on `spec`, for error messages."""
+    names = [
+        name
+        for name in method_names()
+        if issubclass(method_class(name), VisualMethod) and _signals_given(method_class(name), spec)
+    ]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
     """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
     then, per language-model layer, the visual tokens of the reference image it processes."""
-    kept = method.kept_of(spec.selectable) + spec.fixed_visual
     tower = [spec.tokens] * spec.depth
-    return tower + method.llm_schedule(spec.llm_depth, spec.visual_tokens, kept)
+    return tower + method.llm_schedule(spec.llm_depth, spec.selectable, spec.fixed_visual)
 
 
 def _nearest_to_target(

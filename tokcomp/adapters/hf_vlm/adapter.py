@@ -13,14 +13,21 @@ from torch import nn
 from tokcomp.adapters.base import Adapter, Compression, Patch
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
-from tokcomp.adapters.hf_vlm.families import ADAPTER_NAME, VLMFamily, family_for
+from tokcomp.adapters.hf_vlm.families import (
+    ADAPTER_NAME,
+    VLMFamily,
+    family_for,
+    handled_classes,
+)
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
     Pruned,
+    Span,
+    cut_prompt,
     decode_positions,
     inner_output,
-    prune_prompt,
     pruned_of,
+    pruned_record,
 )
 from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place
 from tokcomp.adapters.hf_vlm.sequence import Prompt
@@ -34,12 +41,7 @@ class HFVLMAdapter(Adapter):
 
     name = ADAPTER_NAME
     attention = AttentionStyle.SEPARATE_QKV
-    supported = (
-        "Hugging Face VLMs LlavaForConditionalGeneration (LLaVA-1.5), "
-        "LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, "
-        "Qwen2_5_VLForConditionalGeneration, Idefics3ForConditionalGeneration and "
-        "SmolVLMForConditionalGeneration"
-    )
+    supported = "Hugging Face VLMs " + ", ".join(handled_classes())
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -142,16 +144,17 @@ class HFVLMAdapter(Adapter):
         else:  # a block method acted inside the tower: its tokens take the first places
             choices, positions = keep_all(found), "renumber"
         kept, tokens = place(prompt.placeholder, found.counts(), choices)
-        packed = prune_prompt(vlm, prompt.filled(tokens), kept, positions, split=0)
+        cut = cut_prompt(vlm, prompt.filled(tokens), kept, positions)
         output = vlm.language_model(
-            inputs_embeds=packed.embeds,
-            attention_mask=packed.mask,
-            position_ids=vlm.llm_positions(packed.positions),
+            inputs_embeds=cut.prompt.embeds,
+            attention_mask=cut.prompt.mask,
+            position_ids=vlm.llm_positions(cut.prompt.positions),
             cache=call.cache,
             use_cache=call.use_cache,
             **call.kwargs,
         )
-        packed.pruned.attach(call.cache)
+        spans = [Span(0, cut.prompt.valid.long(), cut.shift)]
+        pruned_record(vlm, prompt, spans, cut.dropped).attach(call.cache)
         return inner_output(output)
 
     def _prompt(self, call: Call, images: dict[str, Any]) -> Prompt:
@@ -171,14 +174,15 @@ class HFVLMAdapter(Adapter):
         embeds = call.inputs_embeds
         if embeds is None:
             embeds = language.get_input_embeddings()(call.input_ids)
-        new = call.cache.get_seq_length(pruned.split) - pruned.pruned_length
-        if pruned.split > 0:
+        new = pruned.new_tokens(call.cache)
+        if len(pruned.spans) > 1:
             return _decoder_output(llm_stage_decode(vlm, pruned, call, embeds, new), call)
-        _, shifted = decode_positions(vlm, pruned, call, embeds.shape[1], new)
+        (span,) = pruned.spans
+        original = decode_positions(vlm, pruned, call, embeds.shape[1], new)
         output = language(
             inputs_embeds=embeds,
-            attention_mask=pruned.mask_for(call.attention_mask, new + embeds.shape[1]),
-            position_ids=vlm.llm_positions(shifted),
+            attention_mask=span.mask_for(call.attention_mask, pruned.length, new + embeds.shape[1]),
+            position_ids=vlm.llm_positions(original - span.shift[:, None]),
             cache=call.cache,
             use_cache=call.use_cache,
             **call.kwargs,

@@ -17,10 +17,12 @@ from tokcomp.adapters.hf_vlm.families import Images, Segment, VLMFamily
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
     Pruned,
+    Span,
+    cut_prompt,
     decode_positions,
-    prune_prompt,
+    pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import choose, place
+from tokcomp.adapters.hf_vlm.selection import choose, place, surviving
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import LLMStageMethod
 
@@ -37,49 +39,105 @@ class LayerSpan:
     text_positions: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """An LLM-stage prefill between boundaries: the current prompt and its images, the first
+    layer not yet run on it, the hidden states entering that layer, and what the cuts so far
+    took from the positions (`shift`) and the visual tokens (`dropped`), (B,) each."""
+
+    prompt: Prompt
+    images: Images
+    start: int
+    hidden: torch.Tensor
+    shift: torch.Tensor
+    dropped: torch.Tensor
+
+    def span(self) -> Span:
+        """The cache record of the layers from `start` on."""
+        return Span(self.start, self.prompt.valid.long(), self.shift)
+
+
 def llm_stage_prefill(
     family: VLMFamily, method: LLMStageMethod, call: Call, prompt: Prompt, images: Images
 ) -> tuple[torch.Tensor, Pruned]:
-    """The prefill of an LLM-stage method: layers 0..K-1 on the whole prompt, the method's
-    choice from layer K-1's attention, the other layers on the pruned prompt. Returns the
-    final hidden states (normed) and the record decoding needs."""
+    """The prefill of an LLM-stage method: at each boundary the layers before it run on the
+    current prompt, the method keeps the visual tokens that receive the most attention in its
+    scoring layer, and the prompt is cut to them. Returns the final hidden states (normed) and
+    the record decoding needs."""
     language = family.language_model
     check_callable(language, call.kwargs)
-    prompt = prompt.filled(torch.cat(images.embeds))
-    rope, text = family.split_positions(prompt.positions)
-    layer = method.layer
-    before = LayerSpan(0, layer - 1, prompt.mask, rope, text)
-    hidden = run_layers(language, prompt.embeds, before, call.cache, call.use_cache)
-    queries = method.queries(prompt.text)
-    scores = attention_received(language, layer - 1, hidden, before, queries)
-    last = LayerSpan(layer - 1, layer, prompt.mask, rope, text)
-    hidden = run_layers(language, hidden, last, call.cache, call.use_cache)
-    scored = _scored(images, scores[prompt.placeholder])
-    kept, _ = place(prompt.placeholder, images.counts(), choose(method, scored))
-    packed = prune_prompt(family, prompt.with_embeds(hidden), kept, method.positions, layer)
-    rope, text = family.split_positions(packed.positions)
-    after = LayerSpan(layer, len(language.layers), packed.mask, rope, text)
-    hidden = run_layers(language, packed.embeds, after, call.cache, call.use_cache)
-    return language.norm(hidden), packed.pruned
+    original = prompt.filled(torch.cat(images.embeds))
+    none = torch.zeros_like(original.valid[:, 0], dtype=torch.long)
+    progress = _Progress(original, images, 0, original.embeds, none, none)
+    spans, depth = [], len(language.layers)
+    for stage, boundary in enumerate(method.checked_boundaries(depth)):
+        spans.append(progress.span())
+        budgets = [method.kept_at(stage, tokens, depth) for tokens in images.selectable()]
+        progress = _cut_at(family, method, call, progress, boundary, budgets)
+    spans.append(progress.span())
+    hidden = _run(family, call, progress, len(language.layers))
+    return language.norm(hidden), pruned_record(family, original, spans, progress.dropped)
+
+
+def _cut_at(
+    family: VLMFamily,
+    method: LLMStageMethod,
+    call: Call,
+    progress: _Progress,
+    boundary: int,
+    budgets: list[int],
+) -> _Progress:
+    """Run the layers up to `boundary`, score the visual tokens in the method's scoring layer,
+    keep `budgets` of each image and cut the prompt to them."""
+    current, images = progress.prompt, progress.images
+    scorer = method.scoring_layer(boundary)
+    hidden = _run(family, call, progress, scorer)
+    span = _span(family, current, scorer, scorer)
+    queries = method.queries(current.text)
+    scores = attention_received(family.language_model, scorer, hidden, span, queries)
+    hidden = _run(family, call, replace(progress, start=scorer, hidden=hidden), boundary)
+    choices = choose(method, _scored(images, scores[current.placeholder]), budgets)
+    kept, _ = place(current.placeholder, images.counts(), choices)
+    cut = cut_prompt(family, current.with_embeds(hidden), kept, method.positions)
+    return _Progress(
+        cut.prompt,
+        surviving(images, choices),
+        boundary,
+        cut.prompt.embeds,
+        progress.shift + cut.shift,
+        progress.dropped + cut.dropped,
+    )
 
 
 def llm_stage_decode(
     family: VLMFamily, pruned: Pruned, call: Call, embeds: torch.Tensor, new: int
 ) -> torch.Tensor:
-    """A later call on a cache an LLM-stage prefill filled: the first K layers with the
-    original mask and positions, the others with the pruned ones. Returns normed hidden
-    states."""
+    """A later call on a cache an LLM-stage prefill filled: each span of layers with the mask
+    and positions of the prompt it holds. Returns normed hidden states."""
     language = family.language_model
     check_callable(language, call.kwargs)
-    original, shifted = decode_positions(family, pruned, call, embeds.shape[1], new)
-    rope, text = family.split_positions(original)
-    full = LayerSpan(0, pruned.split, call.attention_mask, rope, text)
-    hidden = run_layers(language, embeds, full, call.cache, call.use_cache)
-    rope, text = family.split_positions(shifted)
-    mask = pruned.mask_for(call.attention_mask, new + embeds.shape[1])
-    rest = LayerSpan(pruned.split, len(language.layers), mask, rope, text)
-    hidden = run_layers(language, hidden, rest, call.cache, call.use_cache)
+    original = decode_positions(family, pruned, call, embeds.shape[1], new)
+    stops = [span.start for span in pruned.spans[1:]] + [len(language.layers)]
+    hidden = embeds
+    for span, stop in zip(pruned.spans, stops, strict=True):
+        rope, text = family.split_positions(original - span.shift[:, None])
+        mask = span.mask_for(call.attention_mask, pruned.length, new + embeds.shape[1])
+        layers = LayerSpan(span.start, stop, mask, rope, text)
+        hidden = run_layers(language, hidden, layers, call.cache, call.use_cache)
     return language.norm(hidden)
+
+
+def _span(family: VLMFamily, prompt: Prompt, start: int, stop: int) -> LayerSpan:
+    """Layers [start, stop) attending over `prompt` (its mask and positions)."""
+    rope, text = family.split_positions(prompt.positions)
+    return LayerSpan(start, stop, prompt.mask, rope, text)
+
+
+def _run(family: VLMFamily, call: Call, progress: _Progress, stop: int) -> torch.Tensor:
+    """Decoder layers [progress.start, stop) on the progress's hidden states."""
+    span = _span(family, progress.prompt, progress.start, stop)
+    language = family.language_model
+    return run_layers(language, progress.hidden, span, call.cache, call.use_cache)
 
 
 def check_callable(language_model: nn.Module, kwargs: dict[str, Any]) -> None:

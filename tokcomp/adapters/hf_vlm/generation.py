@@ -45,35 +45,22 @@ class Call:
 
 
 @dataclass(frozen=True)
-class Pruned:
-    """A pruned prompt, as later calls of the same generation need it.
+class Span:
+    """Decoder layers from `start` up to the next span's start (or the last layer) and the
+    prompt they hold in the cache: `mask` (B, Lp) of that prompt, left-padded, and `shift`
+    (B,), what positions after the prompt lose there ("renumber"; zeros for "keep")."""
 
-    length: the prompt's original length (generate keeps counting in it). mask: (B, Lp) mask
-    of the pruned, left-padded prompt. shift: (B,) what positions after the prompt lose
-    ("renumber"; zeros for "keep"). rope_delta: (B,) Qwen's multimodal-RoPE offset of text
-    positions for calls without position ids (None for 1-D RoPE). split: the first decoder
-    layer that holds the pruned prompt (an LLM-stage method's K; 0 when every layer does).
-    dropped: (B,) visual tokens dropped from each prompt.
-    """
-
-    length: int
+    start: int
     mask: torch.Tensor
     shift: torch.Tensor
-    rope_delta: torch.Tensor | None
-    split: int
-    dropped: torch.Tensor
 
     @property
-    def pruned_length(self) -> int:
+    def length(self) -> int:
         return self.mask.shape[1]
 
-    def attach(self, cache: object | None) -> None:
-        """Keep this on the generation's cache (one per generate call, never shared)."""
-        if cache is not None:
-            setattr(cache, _ON_CACHE, self)
-
-    def mask_for(self, attention_mask: torch.Tensor | None, new: int) -> torch.Tensor:
-        """The 2-D mask of the pruned cache plus `new` tokens (from the original-length one)."""
+    def mask_for(self, attention_mask: torch.Tensor | None, prompt: int, new: int) -> torch.Tensor:
+        """The 2-D mask of this span's cache plus `new` tokens, from the mask of the whole
+        original-length sequence (`prompt` tokens, then the new ones)."""
         if attention_mask is None:
             tail = self.mask.new_ones(self.mask.shape[0], new)
         elif attention_mask.dim() != 2:
@@ -82,14 +69,41 @@ class Pruned:
                 "static and other compiled caches are not supported"
             )
         else:
-            tail = attention_mask[:, self.length :].to(self.mask.dtype)
+            tail = attention_mask[:, prompt:].to(self.mask.dtype)
             if tail.shape[1] != new:
                 raise ValueError(
                     f"attention_mask has {attention_mask.shape[1]} columns; this generation's "
-                    f"prompt had {self.length} tokens and {new} followed (pass the mask of the "
+                    f"prompt had {prompt} tokens and {new} followed (pass the mask of the "
                     "whole sequence, as generate does)"
                 )
         return torch.cat([self.mask, tail], dim=1)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A pruned prompt, as later calls of the same generation need it.
+
+    length: the prompt's original length (generate keeps counting in it). spans: the decoder
+    layers grouped by the prompt their cache holds, in order (one span from layer 0 when the
+    choice came before the language model). rope_delta: (B,) Qwen's multimodal-RoPE offset of
+    text positions for calls without position ids (None for 1-D RoPE). dropped: (B,) visual
+    tokens dropped from each prompt by the last span.
+    """
+
+    length: int
+    spans: tuple[Span, ...]
+    rope_delta: torch.Tensor | None
+    dropped: torch.Tensor
+
+    def attach(self, cache: object | None) -> None:
+        """Keep this on the generation's cache (one per generate call, never shared)."""
+        if cache is not None:
+            setattr(cache, _ON_CACHE, self)
+
+    def new_tokens(self, cache: Any) -> int:
+        """Tokens the generation added after the prompt, as `cache` holds them."""
+        last = self.spans[-1]
+        return cache.get_seq_length(last.start) - last.length
 
 
 def pruned_of(cache: object | None) -> Pruned | None:
@@ -106,57 +120,60 @@ def visual_tokens_dropped(cache: object | None) -> torch.Tensor | None:
 
 
 @dataclass(frozen=True)
-class Packed:
-    """A pruned prompt: embeddings (B, Lp, D), the mask for the language model (None when the
-    caller gave none and nothing was dropped), positions (R, B, Lp) and the bookkeeping."""
+class Cut:
+    """A prompt after dropping visual tokens: the pruned prompt (its embeddings, placeholders,
+    real tokens, positions and the language model's mask), what its positions lost against
+    the input prompt's (`shift`, (B,)), and the visual tokens dropped (`dropped`, (B,))."""
 
-    embeds: torch.Tensor
-    mask: torch.Tensor | None
-    positions: torch.Tensor
-    pruned: Pruned
+    prompt: Prompt
+    shift: torch.Tensor
+    dropped: torch.Tensor
 
 
-def prune_prompt(
-    family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions: str, split: int
-) -> Packed:
-    """Drop the placeholders not `kept` (and padding), re-pack left-padded, number positions
-    ("keep" or "renumber") and record what decoding needs."""
+def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions: str) -> Cut:
+    """Drop the placeholders not `kept` (and padding), re-pack left-padded and number positions
+    ("keep" or "renumber")."""
     keep = prompt.text | kept
     packing = pack(keep)
     numbered, shift = prompt.positions, keep.new_zeros(keep.shape[0], dtype=torch.long)
     dropped = prompt.placeholder & ~kept
     if positions == "renumber":
         numbered, shift = family.renumber(numbered, prompt.placeholder, dropped)
-    pruned = Pruned(
-        length=keep.shape[1],
-        mask=packing.mask,
-        shift=shift,
-        rope_delta=family.rope_delta(prompt.positions, prompt.valid),
-        split=split,
-        dropped=(dropped & prompt.valid).sum(dim=1),
-    )
     untouched = prompt.mask is None and bool(keep.all())
-    return Packed(
-        packing.gather(prompt.embeds),
-        None if untouched else packing.mask,
-        packing.gather_positions(numbered),
-        pruned,
+    pruned = Prompt(
+        embeds=packing.gather(prompt.embeds),
+        placeholder=packing.gather(prompt.placeholder[..., None])[..., 0] & packing.mask.bool(),
+        valid=packing.mask.bool(),
+        positions=packing.gather_positions(numbered),
+        mask=None if untouched else packing.mask,
+    )
+    return Cut(pruned, shift, (dropped & prompt.valid).sum(dim=1))
+
+
+def pruned_record(
+    family: VLMFamily, prompt: Prompt, spans: list[Span], dropped: torch.Tensor
+) -> Pruned:
+    """What decoding needs of a prefill of the original `prompt` whose decoder layers hold
+    the prompts of `spans`."""
+    return Pruned(
+        length=prompt.positions.shape[-1],
+        spans=tuple(spans),
+        rope_delta=family.rope_delta(prompt.positions, prompt.valid),
+        dropped=dropped,
     )
 
 
 def decode_positions(
     family: VLMFamily, pruned: Pruned, call: Call, count: int, new: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(original, shifted) (R, B, count) positions of the `count` tokens of a later call, `new`
-    tokens after the prompt: given by the caller, or counted on from the prompt's length."""
-    batch = pruned.mask.shape[0]
-    if call.position_ids is None:
-        past = pruned.length + new
-        steps = torch.arange(past, past + count, device=pruned.mask.device).expand(batch, -1)
-        original = family.decode_positions(call.attention_mask, steps, pruned.rope_delta)
-    else:
-        original = family.given_positions(call.position_ids, batch)
-    return original, original - pruned.shift[:, None]
+) -> torch.Tensor:
+    """(R, B, count) positions, in the original numbering, of the `count` tokens of a later
+    call `new` tokens after the prompt: given by the caller, or counted on from the prompt."""
+    device, batch = pruned.dropped.device, pruned.dropped.shape[0]
+    if call.position_ids is not None:
+        return family.given_positions(call.position_ids, batch)
+    past = pruned.length + new
+    steps = torch.arange(past, past + count, device=device).expand(batch, -1)
+    return family.decode_positions(call.attention_mask, steps, pruned.rope_delta)
 
 
 def inner_output(output: Any) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokcomp.adapters.hf_vlm.families import Images
+from tokcomp.adapters.hf_vlm.families import Images, Segment
 from tokcomp.methods import VisualMethod, VisualTokens
 from tokcomp.methods.visual import Selection, budget_shares
 
@@ -27,10 +27,11 @@ def keep_all(images: Images) -> list[Choice]:
     return [Choice(torch.arange(e.shape[0], device=e.device), e) for e in images.embeds]
 
 
-def choose(method: VisualMethod, images: Images) -> list[Choice]:
+def choose(method: VisualMethod, images: Images, budgets: list[int] | None = None) -> list[Choice]:
     """Each image's kept slots: the method's choice in every segment, plus the always-kept
-    slots (those in no segment)."""
-    shares = _budget_shares(method, images)
+    slots (those in no segment). `budgets`: tokens kept per image (default: the method's
+    budget of the image's selectable tokens)."""
+    shares = _budget_shares(method, images, budgets)
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
         groups[(segment.visual.tokens, shares[index])].append(index)
@@ -43,15 +44,18 @@ def choose(method: VisualMethod, images: Images) -> list[Choice]:
     return [_image_choice(images, image, chosen) for image in range(len(images.embeds))]
 
 
-def _budget_shares(method: VisualMethod, images: Images) -> list[int]:
+def _budget_shares(
+    method: VisualMethod, images: Images, budgets: list[int] | None = None
+) -> list[int]:
     """Per segment, its share of its image's budget (methods/visual.py budget_shares)."""
     by_image: dict[int, list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
         by_image[segment.image].append(index)
     shares = [0] * len(images.segments)
-    for members in by_image.values():
+    for image, members in by_image.items():
         sizes = [images.segments[i].visual.tokens for i in members]
-        image_shares = budget_shares(sizes, method.kept_of(sum(sizes)))
+        budget = method.kept_of(sum(sizes)) if budgets is None else min(budgets[image], sum(sizes))
+        image_shares = budget_shares(sizes, budget)
         for index, share in zip(members, image_shares, strict=True):
             shares[index] = share
     return shares
@@ -90,6 +94,20 @@ def _image_choice(
                 embeds[segment.slots[local]] = outputs.to(embeds.dtype)
     slots = kept.nonzero().squeeze(1)
     return Choice(slots, embeds[slots])
+
+
+def surviving(images: Images, choices: list[Choice]) -> Images:
+    """The images as their kept tokens: each image's tokens are its choice's, in order, and
+    each segment holds those of its tokens that were kept (the always-kept ones stay in no
+    segment)."""
+    segments = []
+    for segment in images.segments:
+        choice = choices[segment.image]
+        kept = segment.slots[torch.isin(segment.slots, choice.slots)]
+        slots = torch.searchsorted(choice.slots, kept)
+        visual = VisualTokens(choice.embeds[slots][None], segment.visual.projector)
+        segments.append(Segment(segment.image, slots, visual))
+    return Images([choice.embeds for choice in choices], segments)
 
 
 def place(

@@ -11,9 +11,10 @@ from tokcomp.adapters.hf_vlm.families.base import (
     Segment,
     VLMFamily,
     family_for,
+    handled_classes,
 )
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ADAPTER_NAME", "Images", "Segment", "VLMFamily", "family_for"]
+__all__ = ["ADAPTER_NAME", "Images", "Segment", "VLMFamily", "family_for", "handled_classes"]

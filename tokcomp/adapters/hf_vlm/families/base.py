@@ -55,6 +55,13 @@ class Images:
         """Placeholder tokens per image."""
         return self.placeholders or [e.shape[0] for e in self.embeds]
 
+    def selectable(self) -> list[int]:
+        """Tokens per image a method chooses from (those in its segments)."""
+        sizes = [0] * len(self.embeds)
+        for segment in self.segments:
+            sizes[segment.image] += segment.visual.tokens
+        return sizes
+
 
 class VLMFamily(abc.ABC):
     """Where one VLM class keeps its parts, how its images become visual tokens and how it
@@ -177,6 +184,11 @@ class VLMFamily(abc.ABC):
         )
 
 
+def handled_classes() -> list[str]:
+    """The names of the transformers classes some family handles, sorted."""
+    return sorted(name.rsplit(".", 1)[1] for name in _REGISTRY)
+
+
 def family_for(model: nn.Module) -> type[VLMFamily] | None:
     """The family handling `model`'s class (or its nearest registered base class)."""
     for cls in type(model).__mro__:
@@ -200,10 +212,12 @@ def tower_fields(
     conv: nn.Module,
     heads: int,
     visual_tokens: int,
+    prefix: int = 0,
 ) -> dict[str, Any]:
-    """VLMSpec fields of the vision side of a model whose tower has no class token (blocks
-    with `attention` and `mlp` attributes) and gives `visual_tokens` per image through a
-    projector, one crop per image; tokcomp neither compresses it nor reads its attention."""
+    """VLMSpec fields of the vision side of a model whose tower (blocks with `attention` and
+    `mlp` attributes, `prefix` class tokens in front of the patches) gives `visual_tokens` per
+    image through a projector, one crop per image; tokcomp neither compresses the tower nor
+    reads its attention."""
     first = layers[0]
     width = conv.out_channels
     return dict(
@@ -216,10 +230,10 @@ def tower_fields(
         feature_prefix=0,
         tower_methods=False,
         tower_attention=False,
-        tokens=patches,
-        protected=0,
+        tokens=patches + prefix,
+        protected=prefix,
         depth=len(layers),
-        class_token=False,
+        class_token=prefix > 0,
         width=width,
         heads=heads,
         attn_dim=linear_macs(getattr(first, attention)) // (4 * width),

