@@ -139,7 +139,7 @@ ext_modules, cmdclass = _extensions() if os.environ.get("TOKCOMP_EXTENSION") != 
 
 setup(
     name="tokcomp",
-    version="0.2.0",
+    version="0.3.0",
     description="Token compression for vision transformers and VLMs (ToMe-style merging)",
     packages=[
         *find_packages(include=["tokcomp", "tokcomp.*"], exclude=["tests", "tests.*"]),

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import tiny_vit
 
+import tokcomp
+from tokcomp import bench
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, peak_memory, rows_to_json
 
 
@@ -37,3 +39,23 @@ def test_benchmark_reports_each_variant_against_the_unpruned_model():
     assert "tome r=12" in table and "speed-up" in table and "sel %" in table
     data = json.loads(rows_to_json(rows, settings, model="tiny"))
     assert data["model"] == "tiny" and len(data["rows"]) == 3
+
+
+def test_compiled_benchmark_times_compiled_and_eager_models_in_the_same_rounds(monkeypatch):
+    """compile=True: every model, the unpruned one too, is compiled (aot_eager stands in for
+    inductor here) and also run eagerly; rows carry the compiled model's gain over eager."""
+    compiled = []
+
+    def aot_eager(model: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(model)
+        return torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(bench, "compiled", aot_eager)
+    settings = BenchSettings(batch_size=2, warmup=1, repeats=3, compile=True)
+    rows = benchmark(
+        tiny_vit("vit"), [Variant("tome r=4", "tome", {"r": 4})], settings, (3, 32, 32)
+    )
+    assert len(compiled) == 2 and not tokcomp.is_patched(compiled[0])
+    assert tokcomp.is_patched(compiled[1])
+    assert all(row.compile_gain > 0 for row in rows)
+    assert "vs eager" in format_table(rows)

@@ -145,7 +145,7 @@ def test_topk_agrees_with_timm_without_ties():
 
 
 # -- sweeps, resume and fingerprints ---------------------------------------------------------
-TIMING = ("images_per_s", "speedup", "peak_memory_mb")
+TIMING = ("images_per_s", "speedup", "speedup_spread", "trusted", "pass_seconds", "peak_memory_mb")
 
 
 def _without_timing(rows: list[dict]) -> list[dict]:
@@ -315,16 +315,18 @@ def test_the_report_has_a_table_csv_and_plot(tmp_path, small, capsys):
 
 def test_the_plot_draws_each_method_from_the_unpruned_star_in_order_of_x():
     rows = [
-        {"method": "unpruned", "gmacs": 4.0, "images_per_s": 10.0, "top1": 80.0},
-        {"method": "tome", "gmacs": 2.0, "images_per_s": 30.0, "top1": 70.0},
-        {"method": "evit", "gmacs": 3.0, "images_per_s": 15.0, "top1": 78.0},
-        {"method": "tome", "gmacs": 3.0, "images_per_s": 20.0, "top1": 76.0},
+        {"method": "unpruned", "gmacs": 4.0, "speedup": 1.0, "top1": 80.0},
+        {"method": "tome", "gmacs": 2.0, "speedup": 3.0, "top1": 70.0},
+        {"method": "evit", "gmacs": 3.0, "speedup": 1.5, "top1": 78.0},
+        {"method": "tome", "gmacs": 3.0, "speedup": 2.0, "top1": 76.0},
+        {"method": "evit", "config": "evit-3g.json", "gmacs": 2.5, "speedup": 1.8, "top1": 77.0},
     ]
     figure = sweep_figure(rows, "top1", "a sweep")
     assert figure.get_suptitle() == "a sweep"
-    for panel, x in zip(figure.axes, ("gmacs", "images_per_s"), strict=True):
+    for panel, x in zip(figure.axes, ("gmacs", "speedup"), strict=True):
         lines = {line.get_label(): line for line in panel.get_lines()}
-        assert list(lines) == ["tome", "evit", "unpruned"]
+        assert list(lines) == ["tome", "evit", "evit (config)", "unpruned"]
+        assert sorted(lines["evit (config)"].get_xdata()) == sorted([rows[0][x], rows[4][x]])
         tome = sorted([rows[0], rows[1], rows[3]], key=lambda row: row[x])
         assert list(lines["tome"].get_xdata()) == [row[x] for row in tome]
         assert list(lines["tome"].get_ydata()) == [row["top1"] for row in tome]
@@ -470,3 +472,23 @@ def test_randaugment_posterizes_to_black_at_its_top_magnitude(imagenet_val):
     posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0.0  # 0 bits kept
     image = next(iter(open_dataset(str(imagenet_val))))[0]
     assert posterize(image).getextrema() == ((0, 0),) * 3  # recent Pillow refuses 0 bits
+
+
+def test_compile_evaluates_every_point_compiled_with_the_eager_scores(tmp_path, small, monkeypatch):
+    """--compile: each point (and the unpruned copy it races) runs compiled, once per point
+    (dynamo reset between points); the scores are the eager ones. aot_eager stands in for
+    inductor to keep the test fast (tests/test_compile.py runs inductor)."""
+    data, checkpoint = small
+    compiled = []
+
+    def aot_eager(model: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(type(model).__name__)
+        return torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(sweep, "compiled", aot_eager)
+    options = "--methods tome,random --budgets 0.8 --speed-repeats 2"
+    rows = evaluate(checkpoint, data, tmp_path / "compiled", f"{options} --compile")
+    eager = evaluate(checkpoint, data, tmp_path / "eager", options)
+    assert compiled == ["VisionTransformer"] * 4  # the unpruned copy, then each point
+    assert _without_timing(rows) == _without_timing(eager)
+    assert all(float(row["speedup"]) > 0 for row in rows)

@@ -12,6 +12,7 @@ import tokcomp
 from tokcomp.adapters.hf_vlm.families import Images, Segment
 from tokcomp.adapters.hf_vlm.selection import _budget_shares
 from tokcomp.methods import create_method
+from tokcomp.methods import zoo as zoo_module
 from tokcomp.methods.divprune import farthest_from_neighbours
 from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
 from tokcomp.methods.zoo import minmax, unit_directions
@@ -130,11 +131,11 @@ def _relu_projector() -> tuple[nn.Linear, nn.ReLU, nn.Linear]:
 @torch.no_grad()
 def test_zoo_ranks_tokens_by_their_jacobian_norms_computed_by_hand():
     """Away from ReLU's kink the central difference is exact: the Jacobian of token i is
-    W2 diag(active_i) W1, so S_i = mean_j ||W2 diag(active_i) u_j||."""
+    W2 diag(active_i) W1, so S_i = mean_j ||W2 diag(active_i) u_j|| (float32 product)."""
     first, relu, second = _relu_projector()
     active = torch.tensor([[1.0, 1, 1, 1], [0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
     features = (active * 2 - 1)[None] * 5.0
-    zoo = create_method("zoo", directions=32, seed=1)
+    zoo = create_method("zoo", directions=32, seed=1, precision="float32")
     u = unit_directions(32, 4, 1, torch.device("cpu"))
     by_hand = torch.stack([(u * a) @ second.weight.T for a in active]).norm(dim=-1).mean(dim=1)
     visual = _visual(second(relu(first(features))), [first, relu, second], features=features)
@@ -160,6 +161,71 @@ def test_zoo_selection_weights_distance_by_normalised_sensitivity():
         score[picks] = -torch.inf
         picks.append(int(score.argmax()))
     assert zoo.select(visual, 3).tolist() == [sorted(picks)]
+
+
+@torch.no_grad()
+def test_zoo_bfloat16_product_is_float_noise_and_auto_picks_it_where_native(monkeypatch):
+    """The bfloat16 second-layer product changes S by bfloat16 rounding (two roundings of
+    2^-9 relative each) and keeps the same tokens; "auto" takes it only where the device
+    multiplies bfloat16 in hardware."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(32, 128), nn.Linear(128, 256)
+    features = torch.randn(2, 60, 32) * 3
+    outputs = second(nn.functional.gelu(first(features)))
+    visual = _visual(outputs, [first, nn.GELU(), second], features=features)
+    exact = create_method("zoo", keep=12, precision="float32")
+    fast = create_method("zoo", keep=12, precision="bfloat16")
+    torch.testing.assert_close(
+        fast.sensitivity(visual), exact.sensitivity(visual), rtol=4e-3, atol=0
+    )
+    assert torch.equal(fast.select(visual, 12), exact.select(visual, 12))
+    cpu = torch.device("cpu")
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(zoo_module, "native_bfloat16", lambda device, n=native: n)
+        assert create_method("zoo").product_dtype(cpu) == dtype
+    assert exact.product_dtype(cpu) == torch.float32
+    with pytest.raises(ValueError, match="precision is one of"):
+        create_method("zoo", precision="float16")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU()], ids=str)
+def test_zoo_linearised_differences_are_as_close_as_float32_finite_differences(act):
+    """2 d act'(z) is no farther than float32's act(z + d) - act(z - d) from the float64
+    finite differences: both are float32 rounding away from it."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 128, generator=generator) * 3
+    delta = torch.randn(16, 128, generator=generator) * 2e-3
+    truth = zoo_module._differences(z.double(), delta.double(), act)
+    linear = zoo_module._linearised(z, delta, act).double()
+    finite = zoo_module._differences(z, delta, act).double()
+    assert (linear - truth).abs().max() <= (finite - truth).abs().max()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("act", "step", "precision", "path"),
+    [
+        (nn.GELU(), 0.01, "bfloat16", "_linearised"),
+        (nn.GELU(), 0.01, "float32", "_differences"),  # the float32 reference
+        (nn.GELU(), 5.0, "bfloat16", "_differences"),  # a step too large to linearise
+        (nn.Softmax(dim=-1), 0.01, "bfloat16", "_differences"),  # not elementwise
+    ],
+    ids=str,
+)
+def test_zoo_takes_the_linearised_path_only_where_it_stands_for_the_differences(
+    act, step, precision, path, monkeypatch
+):
+    torch.manual_seed(0)
+    first, second = nn.Linear(32, 128), nn.Linear(128, 256)
+    features = torch.randn(1, 20, 32)
+    visual = _visual(second(act(first(features))), [first, act, second], features=features)
+    taken = []
+    for name in ("_linearised", "_differences"):
+        real = getattr(zoo_module, name)
+        monkeypatch.setattr(zoo_module, name, lambda *a, f=real, n=name: taken.append(n) or f(*a))
+    create_method("zoo", step=step, precision=precision).sensitivity(visual)
+    assert set(taken) == {path}
 
 
 def test_zoo_sketch_approximates_the_exact_scores():

@@ -18,7 +18,7 @@ from tokcomp.api import (
 from tokcomp.config import Config, ConfigError
 from tokcomp.ops import backend
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Config",

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tokcomp.api import apply, config_of, is_patched, macs
-from tokcomp.harness.timing import now
+from tokcomp.harness.timing import TRUSTED_SPREAD, Contender, Speedup, interleaved, now
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,11 @@ def _compact(value: Any) -> str:
 
 @dataclass
 class BenchRow:
-    """Measured figures of one variant; ratios are against the unpruned model of the run."""
+    """Measured figures of one variant. speedup: the median over the interleaved rounds of
+    the unpruned model's time over this variant's, speedup_spread: the interquartile range
+    of those ratios over their median (too wide: not `trusted`); images_per_s and
+    latency_ms: from the variant's median time; peak_memory_mb: of the eager model;
+    compile_gain (compiled runs only): the eager model's time over the compiled one's."""
 
     label: str
     method: str | None
@@ -78,13 +82,21 @@ class BenchRow:
     selection_share: float
     images_per_s: float
     speedup: float
+    speedup_spread: float
     latency_ms: float
-    peak_memory_mb: float
+    peak_memory_mb: float = 0.0
+    compile_gain: float | None = None
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the speed-up's spread is narrow enough to read it."""
+        return Speedup(self.speedup, self.speedup_spread).trusted
 
 
 @dataclass
 class BenchSettings:
-    """How to measure: batch, device, dtype (autocast), warm-up and timed repeats."""
+    """How to measure: batch, device, dtype (autocast), warm-up and timed repeats, threads,
+    and whether every model (the unpruned one too) runs under torch.compile."""
 
     batch_size: int = 32
     device: str = "cpu"
@@ -92,6 +104,7 @@ class BenchSettings:
     warmup: int = 2
     repeats: int = 7
     threads: int | None = None
+    compile: bool = False
 
 
 def benchmark(
@@ -100,45 +113,66 @@ def benchmark(
     settings: BenchSettings,
     input_size: tuple[int, ...] = (3, 224, 224),
 ) -> list[BenchRow]:
-    """Time every variant (unpruned first) on random images, interleaving the repeats so
-    drift of a shared machine hits all variants alike; the median time of each counts."""
+    """Time every variant (unpruned first) on random images in interleaved rounds, so that
+    the load of a shared machine hits all variants alike: speed-ups are paired per round.
+    With `settings.compile` every model runs compiled and eagerly in the same rounds: the
+    speed-ups are compiled against the compiled unpruned model, `compile_gain` each model's
+    compiled speed over its eager speed."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
     model = model.eval().to(device)
     images = torch.randn(settings.batch_size, *input_size, device=device)
     models = [_variant_model(model, v) for v in [BASELINE, *variants]]
-    run = [_runner(m, images, settings) for m in models]
-    for _ in range(settings.warmup):
-        for forward in run:
-            forward()
-    times: list[list[float]] = [[] for _ in run]
-    for _ in range(settings.repeats):
-        for forward, measured in zip(run, times, strict=True):
-            measured.append(timed(forward, device)[1])
-    medians = [statistics.median(t) for t in times]
+    eager = [_runner(m, images, settings.dtype) for m in models]
+    runs = list(eager)
+    if settings.compile:
+        runs += [_runner(compiled(m), images, settings.dtype) for m in models]
+    with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(models))):
+        times = interleaved([Contender(r) for r in runs], settings.repeats, device, settings.warmup)
+    measured = times[-len(models) :]  # the compiled runs where there are some
     base_macs = macs(model)
     rows = []
-    for variant, compressed, seconds, forward in zip(
-        [BASELINE, *variants], models, medians, run, strict=True
-    ):
-        config = config_of(compressed) if is_patched(compressed) else None
-        variant_macs = base_macs if config is None else config.macs
-        rows.append(
-            BenchRow(
-                label=variant.label,
-                method=variant.method,
-                options=variant.options,
-                gmacs=variant_macs / 1e9,
-                macs_ratio=variant_macs / base_macs,
-                selection_share=0.0 if config is None else config.selection_share,
-                images_per_s=settings.batch_size / seconds,
-                speedup=medians[0] / seconds,
-                latency_ms=seconds * 1e3,
-                peak_memory_mb=peak_memory(forward, device) / 2**20,
-            )
-        )
+    for index, (variant, compressed) in enumerate(zip([BASELINE, *variants], models, strict=True)):
+        row = _row(variant, compressed, base_macs, measured[0], measured[index], settings)
+        row.peak_memory_mb = peak_memory(eager[index], device) / 2**20
+        if settings.compile:
+            row.compile_gain = Speedup.paired(times[index], measured[index]).ratio
+        rows.append(row)
     return rows
+
+
+def _row(
+    variant: Variant,
+    compressed: nn.Module,
+    base_macs: int,
+    base_seconds: Sequence[float],
+    seconds: Sequence[float],
+    settings: BenchSettings,
+) -> BenchRow:
+    """The figures of one variant from its timed rounds and the unpruned model's."""
+    config = config_of(compressed) if is_patched(compressed) else None
+    variant_macs = base_macs if config is None else config.macs
+    speedup = Speedup.paired(base_seconds, seconds)
+    median = statistics.median(seconds)
+    return BenchRow(
+        label=variant.label,
+        method=variant.method,
+        options=variant.options,
+        gmacs=variant_macs / 1e9,
+        macs_ratio=variant_macs / base_macs,
+        selection_share=0.0 if config is None else config.selection_share,
+        images_per_s=settings.batch_size / median,
+        speedup=speedup.ratio,
+        speedup_spread=speedup.spread,
+        latency_ms=median * 1e3,
+    )
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """`model` under torch.compile (inductor), static shapes: a patched model compiles in one
+    graph for every block method (no graph break), the unpruned model the same way."""
+    return torch.compile(model, dynamic=False)
 
 
 def _variant_model(model: nn.Module, variant: Variant) -> nn.Module:
@@ -147,8 +181,8 @@ def _variant_model(model: nn.Module, variant: Variant) -> nn.Module:
     return apply(copy.deepcopy(model), variant.method, **variant.options)
 
 
-def _runner(model: nn.Module, images: torch.Tensor, settings: BenchSettings) -> Callable[[], Any]:
-    dtype = getattr(torch, settings.dtype)
+def _runner(model: nn.Module, images: torch.Tensor, dtype_name: str) -> Callable[[], Any]:
+    dtype = getattr(torch, dtype_name)
     autocast = dtype != torch.float32
 
     def forward() -> Any:
@@ -210,19 +244,31 @@ class _LiveTensorBytes(TorchDispatchMode):
         self.live -= size
 
 
+#: The table's footnote for a flagged speed-up.
+UNTRUSTED_NOTE = (
+    f"? = the per-round speed-ups spread over more than {TRUSTED_SPREAD:.0%} of their median "
+    "(interquartile range): too noisy to trust; rerun with more repeats or on a quieter machine"
+)
+
+
 def format_table(rows: Sequence[BenchRow]) -> str:
-    """The benchmark as a fixed-width text table."""
+    """The benchmark as a fixed-width text table (compiled runs: their gain over eager too)."""
+    gains = any(row.compile_gain is not None for row in rows)
     header = (
         f"{'variant':<28}{'GMACs':>8}{'MACs':>8}{'sel %':>7}{'img/s':>10}{'speed-up':>10}"
-        f"{'ms/batch':>10}{'peak MB':>9}"
+        f"{'spread %':>9}{'ms/batch':>10}{'peak MB':>9}" + f"{'vs eager':>10}" * gains
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
             f"{row.label:<28}{row.gmacs:>8.2f}{row.macs_ratio:>8.3f}"
             f"{100 * row.selection_share:>7.1f}{row.images_per_s:>10.1f}"
-            f"{row.speedup:>9.2f}x{row.latency_ms:>10.1f}{row.peak_memory_mb:>9.1f}"
+            f"{row.speedup:>9.2f}{'x' if row.trusted else '?'}{100 * row.speedup_spread:>9.1f}"
+            f"{row.latency_ms:>10.1f}{row.peak_memory_mb:>9.1f}"
+            + (f"{row.compile_gain:>9.2f}x" if gains else "")
         )
+    if not all(row.trusted for row in rows):
+        lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from tokcomp.errors import (
 )
 from tokcomp.harness import backbone, imagenet, lmms, vqa
 from tokcomp.harness.arguments import (
+    DTYPES,
     add_model_arguments,
     check_config_output,
     device,
@@ -61,11 +62,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=positive_int, default=32)
     bench.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--dtype", default="float32", choices=DTYPES)
     bench.add_argument("--warmup", type=non_negative_int, default=2)
     bench.add_argument("--repeats", type=positive_int, default=7)
     bench.add_argument(
         "--threads", type=positive_int, help="torch.set_num_threads (default: torch's)"
+    )
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every model (the unpruned one too) under torch.compile (inductor); the "
+        "warm-up rounds compile",
     )
     bench.add_argument("--json", type=Path, help="also write the results here")
 
@@ -136,6 +143,7 @@ def _bench(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         repeats=args.repeats,
         threads=args.threads,
+        compile=args.compile,
     )
     input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
     rows = benchmark(model, args.variant, settings, input_size)
@@ -146,9 +154,10 @@ def _bench(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
     }
     print(
-        f"model {context['model']}, batch {args.batch_size}, {args.device} {args.dtype}, "
-        f"{context['threads']} threads, ops backend {context['ops_backend']}, "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"model {context['model']}, batch {args.batch_size}, {args.device} {args.dtype}"
+        f"{' compiled' if args.compile else ''}, {context['threads']} threads, ops backend "
+        f"{context['ops_backend']}, medians of {args.repeats} interleaved rounds after "
+        f"{args.warmup} warm-up"
     )
     print(format_table(rows))
     if args.json:

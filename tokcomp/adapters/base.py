@@ -132,22 +132,24 @@ def attend(
     Fused attention (scaled_dot_product_attention) unless the full attention matrix is
     needed or a differentiable `key_mask` (B, N) must keep masked keys out (DiffRate's
     search); the class-token row alone is computed on the side when only it is needed.
-    Without a class token, CLS_ATTN is the mean attention each token receives.
+    Without a class token, CLS_ATTN is the mean attention each token receives. The signals
+    are float32 whatever the model's dtype (the methods rank and match tokens by them).
     """
-    keys = k.mean(dim=1) if Signal.KEYS in needs else None
+    keys = k.float().mean(dim=1) if Signal.KEYS in needs else None
     full = Signal.ATTN in needs or key_mask is not None
     if Signal.CLS_ATTN in needs and not class_token:
         full = True
     if full:
-        attn = attention_probs(q, k, scale, bias, key_mask).to(q.dtype)
+        probs = attention_probs(q, k, scale, bias, key_mask)
+        attn = probs.to(q.dtype)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
-        cls_attn = attn[:, :, 0] if class_token else attn.mean(dim=2)
-        full_attn = attn if Signal.ATTN in needs else None
+        cls_attn = probs[:, :, 0] if class_token else probs.mean(dim=2)
+        full_attn = probs if Signal.ATTN in needs else None
         return mixed, Signals(keys=keys, cls_attn=cls_attn, attn=full_attn)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
     cls_attn = None
     if Signal.CLS_ATTN in needs:
-        cls_attn = attention_probs(q[:, :, :1], k, scale, bias).to(q.dtype)[:, :, 0]
+        cls_attn = attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
     return out, Signals(keys=keys, cls_attn=cls_attn)
 
 
@@ -159,9 +161,11 @@ def attention_probs(
     key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 attention probabilities softmax(q k^T scale + bias) of (..., Q, d) queries
-    over (..., K, d) keys; `bias` is additive (-inf masks a key); `key_mask` (B, K) is
-    DiffRate's differentiable keep-mask."""
-    logits = (q * scale) @ k.transpose(-2, -1)
+    over (..., K, d) keys, the logits in float32 too (also under autocast: the methods rank
+    tokens by these probabilities, and bfloat16 logits move them by percents); `bias` is
+    additive (-inf masks a key); `key_mask` (B, K) is DiffRate's differentiable keep-mask."""
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.float() * scale) @ k.float().transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
     if key_mask is not None:

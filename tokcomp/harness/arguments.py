@@ -12,6 +12,9 @@ import torch
 from tokcomp.config import CONFIG_SUFFIXES
 from tokcomp.errors import UsageError
 
+#: The precisions the harnesses run models in.
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def positive_int(text: str) -> int:
     """An int of at least 1 ('0' and '-1' are refused)."""

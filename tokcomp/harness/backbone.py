@@ -41,7 +41,7 @@ from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
 from tokcomp.harness.imagenet import canvas_of, data_config, model_transform
-from tokcomp.harness.plot import plot_sweep
+from tokcomp.harness.plot import AXES, plot_sweep
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
     SweepRun,
@@ -84,7 +84,6 @@ COLUMNS = (
     Column("patch_cos_min", "patch worst", ".4f"),
     Column("test_cls_cos", "test cls", ".4f"),
 )
-AXES = (("gmacs", "GMACs per image"), ("images_per_s", "images / s"))
 
 
 # -- data -------------------------------------------------------------------------------------

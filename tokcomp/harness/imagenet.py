@@ -26,12 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from tokcomp.harness.arguments import add_model_arguments, non_negative_int, positive_int
+from tokcomp.harness.arguments import DTYPES, add_model_arguments, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
 from tokcomp.harness.fashion_mnist import CANVAS_KEY
 from tokcomp.harness.fingerprint import Fingerprint, file_digest, samples_digest, weights_digest
 from tokcomp.harness.results import report
 from tokcomp.harness.sweep import (
+    SpeedProbe,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -67,14 +68,20 @@ def topk_correct(
 
 
 class ClassificationTask:
-    """Image classification on a dataset of (image, label): top-1 and top-5 accuracy."""
+    """Image classification on a dataset of (image, label): top-1 and top-5 accuracy; with a
+    lower precision `dtype`, the model runs under autocast to it."""
 
     metrics = METRICS
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, workers: int, device: torch.device
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        workers: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.loader = DataLoader(
             dataset,
             batch_size,
@@ -93,8 +100,10 @@ class ClassificationTask:
             yield images.to(self.device), labels
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """The model's logits."""
-        return model(inputs)
+        """The model's logits (under autocast to the task's dtype when it is not float32)."""
+        lower = self.dtype != torch.float32
+        with torch.autocast(self.device.type, self.dtype, enabled=lower):
+            return model(inputs)
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Top-1 and top-5 hits in the batch."""
@@ -160,8 +169,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit", type=positive_int, help="evaluate N images spread over the data")
     data.add_argument("--batch-size", type=positive_int, default=64)
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
+    parser.add_argument_group("precision").add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="run the model under autocast to this dtype (CPU: bfloat16; CUDA: both)",
+    )
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
-    add_run_arguments(parser)
+    add_run_arguments(parser).add_argument(
+        "--compile",
+        action="store_true",
+        help="evaluate and time every point under torch.compile (inductor), the unpruned model "
+        "compiled the same way (a compiled copy of it: twice the weights in memory)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -180,9 +200,10 @@ def run(args: argparse.Namespace) -> None:
     placed = f"; garments pasted on a {canvas} px canvas" if canvas else ""
     say(f"preprocessing {data_config(model)}{placed}")
     threads = torch.get_num_threads()
+    compiled = ", compiled (inductor)" if args.compile else ""
     say(
         f"{len(points)} points on {device} x {world.size} process(es), {threads} threads, "
-        f"batch {args.batch_size}; results in {output}"
+        f"batch {args.batch_size}, {args.dtype}{compiled}; results in {output}"
     )
     fingerprint = Fingerprint.of(
         task="imagenet",
@@ -190,11 +211,15 @@ def run(args: argparse.Namespace) -> None:
         limit=args.limit,
         data=samples_digest(dataset),
         device=device.type,
+        compile=args.compile,
+        dtype=args.dtype,
     )
-    task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device)
+    dtype = getattr(torch, args.dtype)
+    task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
     sweep = SweepRun(output, fingerprint, device, args.fresh)
-    evaluation = task_evaluation(task, device, world)
+    probe = SpeedProbe(args.speed_repeats, args.compile)
+    evaluation = task_evaluation(task, device, world, probe)
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, title=name))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -12,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokcomp.bench import UNTRUSTED_NOTE
 from tokcomp.errors import StateError, UsageError
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.plot import AXES, Axis, plot_sweep
+from tokcomp.harness.timing import Speedup
 
 RESULTS = "results.jsonl"
 #: How a refusal of saved results says to go on.
@@ -110,17 +113,24 @@ def set_aside(folder: Path) -> Path | None:
 
 
 def with_baseline(rows: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The rows with `delta_<metric>` (points) and `speedup` against the first (unpruned)
-    row."""
+    """The rows with `delta_<metric>` (points) against the first (unpruned) row, and their
+    speed-up (`speedup`, `speedup_spread`, `trusted`: see `speedup_of`)."""
     base = rows[0]
-    return [
-        {
-            **row,
-            f"delta_{metric}": row[metric] - base[metric],
-            "speedup": row["images_per_s"] / base["images_per_s"],
-        }
-        for row in rows
-    ]
+    rows = [{**row, f"delta_{metric}": row[metric] - base[metric]} for row in rows]
+    for row in rows:
+        speedup = speedup_of(row, rows[0])
+        row.update(speedup=speedup.ratio, speedup_spread=speedup.spread, trusted=speedup.trusted)
+    return rows
+
+
+def speedup_of(row: dict[str, Any], base: dict[str, Any]) -> Speedup:
+    """A row's speed-up: its own, timed interleaved with the unpruned model (task sweeps),
+    else (an evaluation without a speed probe: lmms-eval's) its throughput over the unpruned
+    row's, of unknown spread, so flagged (the unpruned row itself: 1.00x)."""
+    if "speedup" in row:
+        return Speedup(row["speedup"], row["speedup_spread"])
+    spread = 0.0 if row is base else math.nan
+    return Speedup(row["images_per_s"] / base["images_per_s"], spread)
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,7 @@ def format_table(
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
         + f"{'Δ' + metrics[0]:>{_width(metrics[0]) + 1}}"
-        + f"{'img/s':>10}{'speed-up':>10}{'peak MB':>9}"
+        + f"{'img/s':>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
@@ -157,9 +167,12 @@ def format_table(
             + "".join(f"{row[name]:>{_width(name)}.2f}" for name in metrics)
             + f"{row['delta_' + metrics[0]]:>+{_width(metrics[0]) + 1}.2f}"
             + f"{row['images_per_s']:>10.1f}"
-            f"{row['speedup']:>9.2f}x{row['peak_memory_mb']:>9.1f}"
+            f"{row['speedup']:>9.2f}{'x' if row['trusted'] else '?'}"
+            f"{100 * row['speedup_spread']:>9.1f}{row['peak_memory_mb']:>9.1f}"
             + "".join(f"{row[c.key]:>{c.width()}{c.spec}}" for c in columns)
         )
+    if not all(row["trusted"] for row in rows):
+        lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)
 
 
@@ -185,6 +198,8 @@ def write_csv(
         f"delta_{metrics[0]}",
         "images_per_s",
         "speedup",
+        "speedup_spread",
+        "trusted",
         "peak_memory_mb",
         *(column.key for column in columns),
         "samples",

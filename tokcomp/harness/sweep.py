@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +22,13 @@ from torch import nn
 from tqdm import tqdm
 
 from tokcomp import apply, config_of, is_patched, macs, remove
-from tokcomp.bench import Variant, parse_variant, peak_memory, timed
+from tokcomp.bench import Variant, compiled, parse_variant, peak_memory, timed
 from tokcomp.errors import interruption_says
 from tokcomp.harness.arguments import device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
 from tokcomp.harness.results import ResultStore, set_aside
+from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 UNPRUNED = "unpruned"
 
@@ -181,13 +184,20 @@ def applied(model: nn.Module, point: Point) -> Iterator[nn.Module]:
 
 
 def measure(
-    model: nn.Module, task: Task, device: torch.device, desc: str, world: World = SINGLE
+    model: nn.Module,
+    task: Task,
+    device: torch.device,
+    desc: str,
+    world: World = SINGLE,
+    eager: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Scores (percent; or the task's own figures, see `report_figures`), throughput and peak
-    memory of `model` on the task's batches (this rank's shard; counts are summed over the
-    ranks). The first batch is run once untimed, under the peak-memory probe, as warm-up; then
-    every batch is timed (forward only). Throughput: all samples over the slowest rank's time,
-    and per rank."""
+    """Scores (percent; or the task's own figures, see `report_figures`) and peak memory of
+    `model` on the task's batches (this rank's shard; counts are summed over the ranks), and
+    the pass's own time. The first batch is run once untimed, under the peak-memory probe, as
+    warm-up (on `eager` when `model` is its compiled form: compiled code escapes the probe);
+    then every batch is timed (forward only): `pass_seconds` is the slowest rank's sum.
+    Speed-ups come from `probe_speed`, not from this pass (a shared machine's load changes
+    between points)."""
     sums = dict.fromkeys(tallies(task), 0.0)
     samples, seconds, peak = 0, 0.0, 0
     batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
@@ -195,7 +205,9 @@ def measure(
         for inputs, targets in batches:
             forward = functools.partial(task.forward, model, inputs)
             if not samples:
-                peak = peak_memory(forward, device)
+                peak = peak_memory(functools.partial(task.forward, eager or model, inputs), device)
+                if eager is not None:
+                    forward()  # the compiled model's warm-up: it compiles
             outputs, elapsed = timed(forward, device)
             seconds += elapsed
             for name, value in task.score(outputs, targets).items():
@@ -208,16 +220,103 @@ def measure(
     return {
         **report_figures(task, totals),
         "samples": int(totals["samples"]),
-        "seconds": slowest["seconds"],
-        "images_per_s": totals["samples"] / slowest["seconds"],
-        "images_per_s_per_rank": totals["samples"] / slowest["seconds"] / world.size,
+        "pass_seconds": slowest["seconds"],
         "peak_memory_mb": slowest["peak"] / 2**20,
         "world_size": world.size,
     }
 
 
+@dataclass(frozen=True)
+class SpeedProbe:
+    """How each point's speed is measured: `repeats` interleaved rounds (after one warm-up
+    round) of the point and the unpruned model on the task's first batch, both compiled
+    (torch.compile, inductor) or both eager."""
+
+    repeats: int = 5
+    compile: bool = False
+
+
 #: Evaluates a model patched for a point: (model, point, progress description) -> figures.
 Evaluation = Callable[[nn.Module, Point, str], dict[str, Any]]
+
+
+@dataclass
+class TaskEvaluation:
+    """The evaluation that measures a task on a device (`measure`), then races the point
+    against the unpruned model (`probe_speed`); with `probe.compile` both run compiled, the
+    unpruned one as a compiled copy made at the first point."""
+
+    task: Task
+    device: torch.device
+    world: World = SINGLE
+    probe: SpeedProbe = SpeedProbe()
+    baseline: nn.Module | None = None
+
+    def __call__(self, model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
+        """Scores of `model` (patched for `point`) on every batch, then its speed probe."""
+        timed_model = self.timed(model)
+        eager = None if timed_model is model else model
+        figures = measure(timed_model, self.task, self.device, desc, self.world, eager)
+        return {**figures, **probe_speed(model, point, timed_model, self)}
+
+    def timed(self, model: nn.Module) -> nn.Module:
+        """The model the point is evaluated and timed as: itself, or compiled afresh (every
+        point's patch is new), after the unpruned copy is compiled once."""
+        if not self.probe.compile:
+            return model
+        if self.baseline is None:
+            self.baseline = compiled(unpatched_copy(model))
+        torch._dynamo.reset()
+        return compiled(model)
+
+
+def unpatched_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without tokcomp's patch."""
+    duplicate = copy.deepcopy(model)
+    return remove(duplicate) if is_patched(duplicate) else duplicate
+
+
+def probe_speed(
+    model: nn.Module, point: Point, timed_model: nn.Module, on: TaskEvaluation
+) -> dict[str, float]:
+    """Throughput of `point` (`timed_model`: `model` patched for it, compiled or not) and its
+    speed-up over the unpruned model, timed in alternating rounds on the task's first batch so
+    that the machine's load hits both alike: images_per_s (the batch over the median round,
+    times the ranks; the slowest rank's), speedup (median of the per-round ratios) and
+    speedup_spread (their interquartile range over the median; rank 0's)."""
+    inputs, targets = next(iter(on.task.batches()))
+    variant = Contender(functools.partial(on.task.forward, timed_model, inputs))
+    unpruned = point.method is None and point.config is None
+    contenders = [variant]
+    if not unpruned:
+        contenders = [_unpruned(model, inputs, on), _patching(variant, model, point, on.probe)]
+    with torch.inference_mode():
+        times = interleaved(contenders, on.probe.repeats, on.device)
+    speedup = Speedup(1.0, 0.0) if unpruned else Speedup.paired(times[0], times[1])
+    speedup = on.world.broadcast(speedup)
+    slowest = on.world.max({"seconds": statistics.median(times[-1])})["seconds"]
+    return {
+        "images_per_s": len(targets) * on.world.size / slowest,
+        "speedup": speedup.ratio,
+        "speedup_spread": speedup.spread,
+    }
+
+
+def _patching(variant: Contender, model: nn.Module, point: Point, probe: SpeedProbe) -> Contender:
+    """`variant` with `point` applied again before each call where the unpruned model's call
+    removed it (eager probes)."""
+    if probe.compile:
+        return variant
+    return Contender(variant.forward, lambda: is_patched(model) or point.apply_to(model))
+
+
+def _unpruned(model: nn.Module, inputs: Any, on: TaskEvaluation) -> Contender:
+    """The unpruned contender: the compiled baseline, or `model` with its patch removed
+    before each call."""
+    if on.baseline is not None:
+        return Contender(functools.partial(on.task.forward, on.baseline, inputs))
+    forward = functools.partial(on.task.forward, model, inputs)
+    return Contender(forward, lambda: is_patched(model) and remove(model))
 
 
 def run_sweep(
@@ -277,13 +376,12 @@ def evaluate_sweep(
     return rows + [row for row in store.rows() if row["key"] not in done]
 
 
-def task_evaluation(task: Task, device: torch.device, world: World = SINGLE) -> Evaluation:
-    """The evaluation that measures `task` on `device` (see `measure`)."""
-
-    def evaluate(model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
-        return measure(model, task, device, desc, world)
-
-    return evaluate
+def task_evaluation(
+    task: Task, device: torch.device, world: World = SINGLE, probe: SpeedProbe = SpeedProbe()
+) -> Evaluation:
+    """The evaluation that measures `task` on `device`, then probes the point's speed (see
+    `TaskEvaluation`)."""
+    return TaskEvaluation(task, device, world, probe)
 
 
 @dataclass(frozen=True)
@@ -345,11 +443,19 @@ def add_sweep_arguments(
     return sweep
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The run options of an eval task: --device, --threads, --output and --fresh."""
+def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The run options of an eval task: --device, --threads, --speed-repeats, --output and
+    --fresh. Returns the group, for a task's own run options."""
     run = parser.add_argument_group("run")
     run.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--threads", type=positive_int, help="torch.set_num_threads")
+    run.add_argument(
+        "--speed-repeats",
+        type=positive_int,
+        default=SpeedProbe.repeats,
+        help="rounds of each point's speed probe: the point and the unpruned model timed in "
+        "turn on the first batch (medians; a speed-up whose spread is too wide is flagged ?)",
+    )
     run.add_argument("--output", type=Path, help="results folder (default results/<model>-<data>)")
     run.add_argument(
         "--fresh",
@@ -357,3 +463,4 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="set the folder's earlier results aside (renamed, not deleted) and start again; "
         "needed when they were measured on other data, weights or options",
     )
+    return run

@@ -35,12 +35,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokcomp import visual_tokens_dropped
 from tokcomp.harness import hub
-from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
     Point,
+    SpeedProbe,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -59,7 +60,6 @@ from tokcomp.methods.visual import POSITIONS
 
 #: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
-DTYPES = ("float32", "bfloat16", "float16")
 
 #: The task's own table columns and plot axes.
 COLUMNS = (
@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> None:
     )
     settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
     sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
-    evaluation = task_evaluation(task, device, world)
+    evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     say(report(rows, task.metrics, output, name, COLUMNS, AXES))
 

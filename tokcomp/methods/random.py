@@ -13,6 +13,7 @@ from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, 
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
 from tokcomp.methods.visual import VisualMethod, VisualTokens
+from tokcomp.ops import seeded_uniform
 
 
 @register
@@ -66,18 +67,18 @@ class RandomPrune(BlockMethod, VisualMethod):
         self, state: TokenState, signals: Signals, keep: int, position: BlockPosition
     ) -> TokenState:
         protected = state.protected
-        scores = self._scores(state.x.shape[0], state.tokens - protected, position.index)
-        return state.prune(top_in_order(scores.to(state.x.device), keep - protected, protected))
+        scores = self._scores(state.x, state.tokens - protected, position.index)
+        return state.prune(top_in_order(scores, keep - protected, protected))
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         """VLMs: a random `keep` of each image's visual tokens (the budget is `keep_ratio` of
         them), drawn per image."""
-        scores = self._scores(visual.batch, visual.tokens, 0)
-        return top_in_order(scores.to(visual.outputs.device), keep, 0)
+        scores = self._scores(visual.outputs, visual.tokens, 0)
+        return top_in_order(scores, keep, 0)
 
-    def _scores(self, batch: int, tokens: int, salt: int) -> torch.Tensor:
-        """(batch, tokens) uniform scores drawn from `seed`, `salt` (the block index) and the
-        row alone (rows are consecutive draws of one seeded generator, so a larger batch only
-        appends rows); the top of each row is that image's random subset."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + salt)
-        return torch.rand(batch, tokens, generator=generator)
+    def _scores(self, rows: torch.Tensor, tokens: int, salt: int) -> torch.Tensor:
+        """(batch, tokens) uniform scores, on the device of `rows` (batch first), drawn from
+        `seed`, `salt` (the block index) and the row alone (rows are consecutive draws of one
+        seeded generator, so a larger batch only appends rows); the top of each row is that
+        image's random subset. A custom op, so torch.compile traces it without a break."""
+        return seeded_uniform(rows.shape[0], tokens, self.seed * 100_003 + salt, rows.device)

@@ -25,6 +25,26 @@ from tokcomp.ops import cosine_distances, greedy_maxmin
 #: enough rows for the second layer's matmul to amortise reading its weight (one token at a
 #: time made the exact path 1.6-2x slower on the CPU), small enough to bound memory.
 _CHUNK_ELEMENTS = 1 << 22
+#: The precisions of the MLP path's second-layer product (see ZOOPrune.precision).
+PRECISIONS = ("auto", "float32", "bfloat16")
+#: The largest perturbation of a pre-activation for which the bfloat16 MLP path linearises
+#: the activation's central difference: act(z + d) - act(z - d) = 2 d act'(z) + (d^3 / 3)
+#: act'''(z) + ..., the cubic term at most 2.7e-7 here for GELU, about the float32
+#: rounding of act(z +- d) itself.
+_LINEAR_STEP = 1e-2
+#: The step of the float64 central difference that gives an elementwise activation's slope
+#: act'(z) (rounding and truncation both near 1e-9).
+_SLOPE_STEP = 1e-4
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware, faster than float32 (CPU:
+    AVX512-BF16 or AMX; CUDA: compute capability 8.0 and up)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
 
 
 def unit_directions(count: int, width: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -75,6 +95,7 @@ class ZOOPrune(VisualMethod):
     step: float = 0.01
     seed: int = 0
     sketch: int | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +109,8 @@ class ZOOPrune(VisualMethod):
             raise ValueError(f"zoo: step must be > 0, got {self.step!r}")
         if self.sketch is not None and (isinstance(self.sketch, bool) or self.sketch < 1):
             raise ValueError(f"zoo: sketch must be None or an int >= 1, got {self.sketch!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"zoo: precision is one of {PRECISIONS}, got {self.precision!r}")
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         return self.choose(visual, self.sensitivity(visual), keep)
@@ -135,17 +158,24 @@ class ZOOPrune(VisualMethod):
     def _mlp_sensitivity(
         self, x: torch.Tensor, first: nn.Linear, act: nn.Module, second: nn.Linear, u: torch.Tensor
     ) -> torch.Tensor:
-        second_weight = second.weight.float()
-        if self.sketch is not None and self.sketch < second_weight.shape[0]:
-            second_weight = self._sketch_matrix(second_weight) @ second_weight
-        base = _linear32(first, x)
+        weight = second.weight.float()
+        if self.sketch is not None and self.sketch < weight.shape[0]:
+            weight = self._sketch_matrix(weight) @ weight
+        weight = weight.to(self.product_dtype(x.device))
+        base = _linear32(first, x).flatten(0, 1)
         delta = self.step * (u @ first.weight.float().T)
-        tokens = base.flatten(0, 1)
+        fast = weight.dtype == torch.bfloat16
+        differences = _linearised if fast and _linearisable(act, delta) else _differences
         rows = max(1, _CHUNK_ELEMENTS // (self.directions * delta.shape[1]))
-        scores = [
-            _difference_norms(chunk, delta, act, second_weight) for chunk in tokens.split(rows)
-        ]
+        scores = [_mean_norms(differences(z, delta, act), weight) for z in base.split(rows)]
         return torch.cat(scores).view(x.shape[:2]) / (2 * self.step)
+
+    def product_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the MLP path's second-layer product on `device` (`precision`;
+        bfloat16 is the fast path)."""
+        if self.precision == "auto":
+            return torch.bfloat16 if native_bfloat16(device) else torch.float32
+        return getattr(torch, self.precision)
 
     def _sketch_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """(r, D) Gaussian matrix with entries N(0, 1/r): ||R y|| estimates ||y||."""
@@ -167,14 +197,51 @@ class ZOOPrune(VisualMethod):
         return torch.cat(scores).view(x.shape[:2]) / (2 * self.step)
 
 
-def _difference_norms(
-    base: torch.Tensor, delta: torch.Tensor, act: nn.Module, weight: torch.Tensor
-) -> torch.Tensor:
-    """Mean over directions of ||W (act(z + d) - act(z - d))|| for (T, H) pre-activations z."""
-    z = base[:, None, :]
+def _differences(z: torch.Tensor, delta: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """(T, m, H) act(z + d) - act(z - d) for (T, H) pre-activations z and (m, H) steps d."""
+    z = z[:, None, :]
     diff = act(z + delta)
     diff -= act(z - delta)
-    return (diff @ weight.T).norm(dim=-1).mean(dim=1)
+    return diff
+
+
+def _linearised(z: torch.Tensor, delta: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """`_differences` to first order for an elementwise activation: 2 d act'(z), the slope
+    act'(z) from one float64 central difference per token and feature."""
+    wide = z.double()
+    slope = (act(wide + _SLOPE_STEP) - act(wide - _SLOPE_STEP)) / (2 * _SLOPE_STEP)
+    return slope.float()[:, None, :] * (2 * delta)
+
+
+def _linearisable(act: nn.Module, delta: torch.Tensor) -> bool:
+    """Whether `_linearised` stands for `_differences`: small steps, elementwise activation."""
+    return bool(delta.abs().max() <= _LINEAR_STEP) and elementwise(
+        act, delta.shape[1], delta.device
+    )
+
+
+def elementwise(act: nn.Module, width: int, device: torch.device) -> bool:
+    """Whether `act` acts on each of `width` features alone, with one function for all (as
+    GELU or SiLU; not a normalisation): checked on a seeded probe, by shifting one feature
+    and by permuting them (up to float rounding: vectorised and scalar code paths of one
+    function may differ in the last bit)."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(2, width, generator=generator).to(device)
+    out = act(probe)
+    shifted = probe.clone()
+    shifted[:, 0] += 10.0
+    order = torch.randperm(width, generator=generator).to(device)
+    same_elsewhere = torch.allclose(act(shifted)[:, 1:], out[:, 1:], rtol=1e-6, atol=1e-7)
+    return same_elsewhere and torch.allclose(
+        act(probe[:, order]), out[:, order], rtol=1e-6, atol=1e-7
+    )
+
+
+def _mean_norms(diff: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(T,) mean over directions of ||W diff|| for (T, m, H) differences: the product in W's
+    dtype, the norms accumulated in float32."""
+    product = diff.to(weight.dtype) @ weight.T
+    return torch.linalg.vector_norm(product, dim=-1, dtype=torch.float32).mean(dim=1)
 
 
 def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin, greedy_maxmin_re
 from tokcomp.ops.merge import weighted_merge, weighted_merge_reference
 from tokcomp.ops.pagerank import attention_pagerank, attention_pagerank_reference
 from tokcomp.ops.plan import MergePlan, gather_rows
+from tokcomp.ops.seeded import seeded_uniform
 
 __all__ = [
     "MergePlan",
@@ -42,6 +43,7 @@ __all__ = [
     "greedy_maxmin",
     "greedy_maxmin_reference",
     "max_bipartite_merges",
+    "seeded_uniform",
     "weighted_merge",
     "weighted_merge_reference",
 ]

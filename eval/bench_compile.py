@@ -1,0 +1,101 @@
+"""Speed of ToMe r=13 and PiToMe at 0.6 of the MACs under torch.compile (inductor) on DeiT-S and
+ViT-B/16 (random weights: speed does not depend on them), CPU, batch 32, 2 threads.
+
+Every model, the unpruned one included, is compiled the same way and also run eagerly, all
+in the same interleaved rounds (tokcomp.bench with compile: warm-up rounds compile, then
+medians of paired per-round ratios). Floors, per compressed row:
+- compiled speed-up (against the compiled unpruned model) >= 0.95 x (unpruned MACs / MACs);
+- compiled tokcomp faster than eager tokcomp (its "vs eager" gain > 1).
+--dtype bfloat16 runs everything under CPU autocast to bfloat16 (the speed-up then against the
+bfloat16 unpruned model). Exit status 1 when a floor is missed or a speed-up's spread is too
+wide to trust (flagged "?").
+
+    python eval/bench_compile.py                     # about 15-25 minutes on 2 busy cores
+    python eval/bench_compile.py --dtype bfloat16 --models deit_small_patch16_224
+"""
+
+from __future__ import annotations
+
+import os
+
+# Passive OpenMP waiting: spinning workers cost a scheduler tick per small op on a shared
+# 2-core machine (see eval/bench_encoders.py). Must precede importing torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
+
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
+
+MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
+VARIANTS = (
+    Variant("tome r=13", "tome", {"r": 13}),
+    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
+)
+#: Part of the ideal speed-up (unpruned MACs / MACs) a compiled compressed model must reach.
+FLOOR = 0.95
+
+
+def floor_report(rows: list[BenchRow]) -> tuple[str, bool]:
+    """Each compressed row against both floors, and whether all rows pass and are trusted."""
+    lines, ok = [], True
+    for row in rows[1:]:
+        ideal = FLOOR / row.macs_ratio
+        passed = row.speedup >= ideal and row.compile_gain > 1 and row.trusted
+        ok &= passed
+        lines.append(
+            f"  {row.label}: compiled speed-up {row.speedup:.2f}x (spread "
+            f"{row.speedup_spread:.1%}), floor {ideal:.2f}x = {FLOOR} / MACs ratio "
+            f"{row.macs_ratio:.3f}, i.e. {row.speedup * row.macs_ratio:.2f} of the MACs ratio; "
+            f"compiled over eager {row.compile_gain:.2f}x -> {'ok' if passed else 'MISSED'}"
+        )
+    return "\n".join(lines), ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark every model; 1 if a floor is missed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="timm model names")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write each model's rows here (a folder)")
+    args = parser.parse_args(argv)
+    settings = BenchSettings(
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        threads=args.threads,
+        compile=True,
+    )
+    ok = True
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        rows = benchmark(timm.create_model(name), VARIANTS, settings)
+        print(
+            f"\n{name}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, CPU, "
+            f"compiled (inductor) and eager, medians of {args.repeats} interleaved rounds, "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+        )
+        print(format_table(rows))
+        report, passed = floor_report(rows)
+        print(report, flush=True)
+        ok &= passed
+        if args.json:
+            args.json.mkdir(parents=True, exist_ok=True)
+            (args.json / f"{name}-{args.dtype}.json").write_text(
+                rows_to_json(rows, settings, model=name)
+            )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
