@@ -25,7 +25,7 @@ LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no 
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
 #: tower's attention: the LLaVA families only).
-LLAVA = {"llava", "llava_siglip", "llava_next"}
+LLAVA = {"llava", "llava_siglip", "llava_next", "llava_onevision"}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -55,7 +55,7 @@ def _model(family: str) -> torch.nn.Module:
 
 
 def _inputs(model, family: str, layout=None):
-    layout = layout or (LAYOUT_NEXT if family == "llava_next" else LAYOUT)
+    layout = layout or (LAYOUT_NEXT if FAMILIES[family].kind == "llava_next" else LAYOUT)
     return batch_inputs(model, family, layout, seed=3)
 
 

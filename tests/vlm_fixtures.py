@@ -65,6 +65,18 @@ def _llava_next() -> nn.Module:
     return hf.LlavaNextForConditionalGeneration(config)
 
 
+def _llava_onevision() -> nn.Module:
+    """A SigLIP tower as the released models; anyres_max_1 so that larger grids are pooled."""
+    config = hf.LlavaOnevisionConfig(
+        vision_config=hf.SiglipVisionConfig(**_VISION, image_size=32, patch_size=8),
+        text_config=hf.Qwen2Config(**_TEXT),
+        image_token_index=IMAGE,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_aspect_ratio="anyres_max_1",
+    )
+    return hf.LlavaOnevisionForConditionalGeneration(config)
+
+
 def _qwen_text() -> dict:
     text = dict(
         _TEXT,
@@ -161,6 +173,7 @@ FAMILIES: dict[str, Family] = {
     "llava": Family(_llava, "llava"),
     "llava_siglip": Family(_llava_siglip, "llava"),
     "llava_next": Family(_llava_next, "llava_next"),
+    "llava_onevision": Family(_llava_onevision, "llava_next"),
     "qwen2_vl": Family(_qwen2_vl, "qwen"),
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "idefics3": Family(_idefics3, "idefics"),

@@ -1,6 +1,6 @@
 """The visual-token selection step: each image's budget shared over its segments (crops), the
-method's choice per segment (segments of equal size and budget batched in one call), and the
-choices spread over the prompt's placeholders."""
+method's choice per segment (segments of equal size, budget and projector batched in one call),
+and the choices spread over the prompt's placeholders."""
 
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def choose(method: VisualMethod, images: Images, budgets: list[int] | None = Non
     slots (those in no segment). `budgets`: tokens kept per image (default: the method's
     budget of the image's selectable tokens)."""
     shares = _budget_shares(method, images, budgets)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, int, tuple], list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
-        groups[(segment.visual.tokens, shares[index])].append(index)
+        groups[(segment.visual.tokens, shares[index], segment.visual.projector)].append(index)
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for (_, share), members in groups.items():
+    for (_, share, _), members in groups.items():
         batch = _stack([images.segments[i].visual for i in members])
         selection = method.selection(batch, share)
         for row, index in enumerate(members):
