@@ -14,7 +14,8 @@ from conftest import tiny_vit
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from vlm_fixtures import BOS, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample, tiny_vlm
+from vlm_fixtures import BOS, FAMILIES, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample
+from vlm_fixtures import tiny_vlm as _tiny_vlm
 
 import tokcomp
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
@@ -46,12 +47,13 @@ VISUAL_OPTIONS = {
     "pyramiddrop": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
 }
-#: (family, method, extra options): every method on LLaVA-1.5 and on LLaVA-NeXT (crops, each a
-#: segment with its share), those without tower signals on SmolVLM (a single-Linear projector),
-#: and ZOO's sketch.
+#: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
+#: (crops, each a segment with its share), those without tower signals on SmolVLM (a
+#: single-Linear projector), and ZOO's sketch.
 VISUAL_CASES = [
     *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
@@ -64,6 +66,15 @@ VISUAL_CASES = [
 def reference_ops(monkeypatch):
     """The compiled ops are invisible to the FLOP counter: count the PyTorch references."""
     monkeypatch.setenv("TOKCOMP_BACKEND", "reference")
+
+
+def tiny_vlm(family: str) -> nn.Module:
+    """The tiny VLM of `family`; LLaVA-OneVision with the released anyres_max_9, under which
+    the reference image's grid is not pooled (as on the released models)."""
+    model = _tiny_vlm(family)
+    if family == "llava_onevision":
+        model.config.vision_aspect_ratio = "anyres_max_9"
+    return model
 
 
 def _counted(run: Callable[[], object]) -> float:
@@ -130,7 +141,7 @@ def test_target_macs_lands_on_model_plus_selection():
 
 def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """One reference image and text of the reference length, so the analytic prefill applies."""
-    if family == "llava_next":
+    if FAMILIES[family].kind == "llava_next":
         return _next_prompt(model)
     first = sample(model, family, images=1, text=0, seed=0)
     text = len(first.input_ids) - int((first.input_ids == IMAGE).sum())
@@ -138,7 +149,8 @@ def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
 
 
 def _next_prompt(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LLaVA-NeXT: a REFERENCE_PIXELS square image (its crops) after one BOS token."""
+    """LLaVA-NeXT, LLaVA-OneVision: a REFERENCE_PIXELS square image (its crops) after one BOS
+    token."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     config, size = model.config, torch.tensor([[REFERENCE_PIXELS, REFERENCE_PIXELS]])
