@@ -24,8 +24,8 @@ LAYOUT = [(1, 5), (2, 3), (0, 7)]
 LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no pixel padding)
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
-#: tower's attention: the LLaVA families only).
-LLAVA = {"llava", "llava_siglip", "llava_next", "llava_onevision"}
+#: tower's attention: the LLaVA families and Gemma 3 only).
+TOWER_ATTENTION = {"llava", "llava_siglip", "llava_next", "llava_onevision", "gemma3"}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -42,7 +42,12 @@ def _pruning(method: str) -> dict:
 
 
 def _cases() -> list[tuple[str, str]]:
-    return [(f, m) for f in FAMILIES for m in VISUAL if not _needs_tower_attention(m) or f in LLAVA]
+    return [
+        (f, m)
+        for f in FAMILIES
+        for m in VISUAL
+        if not _needs_tower_attention(m) or f in TOWER_ATTENTION
+    ]
 
 
 @functools.cache
@@ -75,10 +80,10 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     new = []
     for _ in range(steps):
-        if "mm_token_type_ids" in extra:
-            extra["mm_token_type_ids"] = torch.cat(
-                [batch["mm_token_type_ids"], ids.new_zeros(ids.shape[0], len(new))], dim=1
-            ).int()
+        for name in ("mm_token_type_ids", "token_type_ids"):
+            if name in extra:
+                text = ids.new_zeros(ids.shape[0], len(new), dtype=batch[name].dtype)
+                extra[name] = torch.cat([batch[name], text], dim=1)
         positions = None
         if FAMILIES[family].kind != "qwen":
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)

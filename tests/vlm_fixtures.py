@@ -161,12 +161,37 @@ def _internvl() -> nn.Module:
     return hf.InternVLForConditionalGeneration(config)
 
 
+def _gemma3() -> nn.Module:
+    """Sliding layers first (FastV scores in one), a window the prompts exceed; untied output
+    embeddings and unscaled input ones (else the tiny model repeats its last token and hardly
+    sees the images)."""
+    text = hf.Gemma3TextConfig(
+        **_TEXT,
+        tie_word_embeddings=False,
+        head_dim=12,
+        sliding_window=12,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+    )
+    config = hf.Gemma3Config(
+        vision_config=hf.SiglipVisionConfig(**_VISION, image_size=32, patch_size=4),
+        text_config=text,
+        mm_tokens_per_image=16,
+        image_token_index=IMAGE,
+        boi_token_index=VISION_START,
+        eoi_token_index=VISION_END,
+        tie_word_embeddings=False,
+    )
+    model = hf.Gemma3ForConditionalGeneration(config)
+    model.model.language_model.embed_tokens.embed_scale.fill_(1.0)
+    return model
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build a tiny model of one family and its per-image inputs."""
 
     build: Callable[[], nn.Module]
-    kind: str  # "llava", "llava_next", "qwen" or "idefics"
+    kind: str  # "llava", "llava_next", "qwen", "idefics" or "gemma"
 
 
 FAMILIES: dict[str, Family] = {
@@ -179,6 +204,7 @@ FAMILIES: dict[str, Family] = {
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),
+    "gemma3": Family(_gemma3, "gemma"),
 }
 
 
@@ -239,6 +265,12 @@ def _image(
         return _next_image(model, generator, index)
     if kind == "qwen":
         return _qwen_image(model, generator, index)
+    if kind == "gemma":
+        size = model.config.vision_config.image_size
+        pixels = torch.randn(3, size, size, generator=generator)
+        count = model.config.mm_tokens_per_image
+        tokens = torch.tensor([VISION_START, *[IMAGE] * count, VISION_END])
+        return pixels, tokens, {}
     size = model.config.vision_config.image_size
     pixels = torch.randn(3, size, size, generator=generator)
     per_image = model.model.image_seq_len
@@ -317,6 +349,8 @@ def collate(family: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
         batch.update(_concat_images(kind, with_images))
     if kind == "qwen":
         batch["mm_token_type_ids"] = (ids == IMAGE).int()
+    if kind == "gemma":
+        batch["token_type_ids"] = (ids == IMAGE).long()
     return batch
 
 

@@ -147,7 +147,7 @@ class HFVLMAdapter(Adapter):
         cut = cut_prompt(vlm, prompt.filled(tokens), kept, positions)
         output = vlm.language_model(
             inputs_embeds=cut.prompt.embeds,
-            attention_mask=cut.prompt.mask,
+            attention_mask=vlm.language_mask(cut.prompt, call.cache, images),
             position_ids=vlm.llm_positions(cut.prompt.positions),
             cache=call.cache,
             use_cache=call.use_cache,

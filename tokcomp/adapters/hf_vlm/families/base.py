@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tokcomp.adapters.base import linear_macs
-from tokcomp.adapters.hf_vlm.sequence import renumber_1d
+from tokcomp.adapters.hf_vlm.sequence import Prompt, renumber_1d
 from tokcomp.methods import AttentionStyle, VisualTokens
 from tokcomp.methods.visual import VisualSignal, projector_form
 from tokcomp.schedule import REFERENCE_PROMPT, VLMSpec
@@ -159,6 +159,11 @@ class VLMFamily(abc.ABC):
     def llm_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """The position_ids argument of the language model."""
         return positions[0]
+
+    def language_mask(self, prompt: Prompt, cache: Any, inputs: dict[str, Any]) -> Any:
+        """The attention_mask argument of the language model in a prefill of `prompt` (given
+        the call's image `inputs`): its 2-D mask, from which the model builds the causal one."""
+        return prompt.mask
 
     @abc.abstractmethod
     def vision_fields(self) -> dict[str, Any]:

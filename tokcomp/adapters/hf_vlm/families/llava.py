@@ -76,22 +76,9 @@ class Llava(VLMFamily):
             signals["features"] = torch.cat([hidden[i][:, drop:] for i in layers], dim=-1)
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
             index = self.feature_index(inputs)
-            attention, keys = self._attention(hidden[index - 1], index - 1)
+            attention, keys = tower_attention(self.tower, hidden[index - 1], index - 1)
             signals.update(attention=attention[:, drop:], keys=keys[:, drop:])
         return signals
-
-    def _attention(self, x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tower block `block`'s attention received (class-token row, or mean over queries
-        without a class token), summed over heads, and its head-averaged keys, for input x."""
-        tower_class = self.tower_adapter.tower_class
-        layer = tower_class.parts(tower_class.layers(self.tower)[block])
-        attn = layer.attention
-        x = layer.norm1(x)
-        queries = x[:, :1] if tower_class.class_token else x
-        q = split_heads(attn.q_proj(queries), attn.head_dim)
-        k = split_heads(attn.k_proj(x), attn.head_dim)
-        probs = attention_probs(q.float(), k.float(), layer.scale)
-        return probs.mean(dim=2).sum(dim=1), k.mean(dim=1)
 
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
@@ -121,6 +108,22 @@ class Llava(VLMFamily):
             tower_attention=single and block >= 0,
             feature_block=block,
         )
+
+
+def tower_attention(
+    tower: nn.Module, x: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tower block `block`'s attention received (class-token row, or mean over queries without
+    a class token), summed over heads, and its head-averaged keys, for input x."""
+    tower_class = HFVisionAdapter(tower).tower_class
+    layer = tower_class.parts(tower_class.layers(tower)[block])
+    attn = layer.attention
+    x = layer.norm1(x)
+    queries = x[:, :1] if tower_class.class_token else x
+    q = split_heads(attn.q_proj(queries), attn.head_dim)
+    k = split_heads(attn.k_proj(x), attn.head_dim)
+    probs = attention_probs(q.float(), k.float(), layer.scale)
+    return probs.mean(dim=2).sum(dim=1), k.mean(dim=1)
 
 
 class LlavaNext(Llava):
