@@ -147,7 +147,7 @@ class HFVLMAdapter(Adapter):
         cut = cut_prompt(vlm, prompt.filled(tokens), kept, positions)
         output = vlm.language_model(
             inputs_embeds=cut.prompt.embeds,
-            attention_mask=vlm.language_mask(cut.prompt, call.cache, images),
+            attention_mask=vlm.language_mask(cut.prompt, call.cache),
             position_ids=vlm.llm_positions(cut.prompt.positions),
             cache=call.cache,
             use_cache=call.use_cache,
@@ -164,7 +164,8 @@ class HFVLMAdapter(Adapter):
         valid = torch.ones_like(placeholder) if mask is None else mask.bool()
         positions = vlm.positions(input_ids, mask, call.position_ids, {**images, **call.kwargs})
         embeds = vlm.language_model.get_input_embeddings()(input_ids)
-        return Prompt(embeds, placeholder, valid, positions, mask)
+        bidirectional = vlm.bidirectional_images({**images, **call.kwargs})
+        return Prompt(embeds, placeholder, valid, positions, mask, bidirectional)
 
     def _decode(self, pruned: Pruned, call: Call) -> Any:
         """New tokens on a cache a pruned prefill filled: mask and positions (and an LLM-stage

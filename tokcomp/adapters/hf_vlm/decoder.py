@@ -5,6 +5,7 @@ mask and positions, in the prefill and in every later call of the generation."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,13 +31,15 @@ from tokcomp.methods import LLMStageMethod
 @dataclass(frozen=True)
 class LayerSpan:
     """Decoder layers [start, stop) and what they attend with: a 2-D mask (or None), RoPE
-    position rows for the rotary embedding, and the text position row some models take."""
+    position rows for the rotary embedding, the text position row some models take, and the
+    image blocks that attend in both directions (Prompt.image_blocks; None: causal)."""
 
     start: int
     stop: int
     mask: torch.Tensor | None
     rope_positions: torch.Tensor
     text_positions: torch.Tensor | None
+    blocks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def llm_stage_decode(
 def _span(family: VLMFamily, prompt: Prompt, start: int, stop: int) -> LayerSpan:
     """Layers [start, stop) attending over `prompt` (its mask and positions)."""
     rope, text = family.split_positions(prompt.positions)
-    return LayerSpan(start, stop, prompt.mask, rope, text)
+    return LayerSpan(start, stop, prompt.mask, rope, text, prompt.image_blocks())
 
 
 def _run(family: VLMFamily, call: Call, progress: _Progress, stop: int) -> torch.Tensor:
@@ -153,8 +156,8 @@ def check_callable(language_model: nn.Module, kwargs: dict[str, Any]) -> None:
             f"cannot build for attn_implementation={implementation!r}; load the model with "
             "attn_implementation='sdpa' (or 'eager') or call model.set_attn_implementation('sdpa')"
         )
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
-        raise ValueError("fastv supports language models with full attention in every layer")
+    if set(layer_types(config)) - {"full_attention", "sliding_attention"}:
+        raise ValueError("fastv supports language models with full or sliding-window attention")
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
         raise ValueError(
             "fastv runs the decoder layers itself: output_attentions and output_hidden_states "
@@ -170,28 +173,75 @@ def run_layers(
     use_cache: bool | None,
 ) -> torch.Tensor:
     """Run decoder layers [span.start, span.stop) of `language_model` on `hidden`."""
-    from transformers.masking_utils import create_causal_mask
-
     prefill = cache is None or len(cache.layers) <= span.start
     prefill = prefill or cache.get_seq_length(span.start) == 0
-    mask = create_causal_mask(
-        config=language_model.config,
-        inputs_embeds=hidden,
-        attention_mask=span.mask,
-        cache=None if prefill else cache,
-        layer_idx=None if prefill else span.start,
-    )
-    rope = language_model.rotary_emb(hidden, span.rope_positions)
-    for layer in language_model.layers[span.start : span.stop]:
-        hidden = layer(
+    masks = _layer_masks(language_model, hidden, span, None if prefill else cache)
+    kinds = layer_types(language_model.config)
+    ropes = {kind: _rope(language_model, hidden, span.rope_positions, kind) for kind in masks}
+    for index in range(span.start, span.stop):
+        hidden = language_model.layers[index](
             hidden,
-            attention_mask=mask,
-            position_embeddings=rope,
+            attention_mask=masks[kinds[index]],
+            position_embeddings=ropes[kinds[index]],
             position_ids=span.text_positions,
             cache=cache,
             use_cache=use_cache,
         )
     return hidden
+
+
+def layer_types(config: Any) -> list[str]:
+    """Each decoder layer's attention kind ("full_attention" where the config names none)."""
+    return list(
+        getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    )
+
+
+def _layer_masks(
+    language_model: nn.Module, hidden: torch.Tensor, span: LayerSpan, cache: object | None
+) -> dict[str, Any]:
+    """The mask of each attention kind among layers [span.start, span.stop), as the model
+    builds them (Gemma 3's image blocks: OR-ed into the causal mask, then the sliding window)."""
+    from transformers.masking_utils import (
+        blockwise_overlay,
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+        sliding_window_overlay,
+    )
+
+    config = language_model.config
+    kinds = layer_types(config)[span.start : span.stop]
+    masks = {}
+    for kind in set(kinds):
+        common = dict(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=span.mask,
+            cache=cache,
+            layer_idx=None if cache is None else span.start + kinds.index(kind),
+        )
+        if kind == "full_attention":
+            masks[kind] = create_causal_mask(**common, block_sequence_ids=span.blocks)
+        elif span.blocks is None:
+            masks[kind] = create_sliding_window_causal_mask(**common)
+        else:
+            masks[kind] = create_causal_mask(
+                **common,
+                or_mask_function=blockwise_overlay(span.blocks),
+                and_mask_function=sliding_window_overlay(config.sliding_window),
+            )
+    return masks
+
+
+def _rope(
+    language_model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary (cos, sin) of `positions` for layers of attention `kind` (Gemma 3 rotates
+    sliding and full layers differently)."""
+    rotary = language_model.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, positions, kind)
+    return rotary(hidden, positions)
 
 
 def attention_received(
@@ -215,7 +265,8 @@ def attention_received(
     x = layer.input_layernorm(hidden)
     length = x.shape[1]
     rows = queries.any(dim=0).nonzero().squeeze(1)
-    cos, sin = language_model.rotary_emb(x, span.rope_positions)
+    kind = layer_types(language_model.config)[index]
+    cos, sin = _rope(language_model, x, span.rope_positions, kind)
     q = split_heads(attn.q_proj(x[:, rows]), attn.head_dim)
     k = split_heads(attn.k_proj(x), attn.head_dim)
     if hasattr(attn, "q_norm"):
@@ -224,13 +275,27 @@ def attention_received(
     k = rotate(k, k, cos, sin)[0]
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     valid = torch.ones_like(queries) if span.mask is None else span.mask.bool()
-    causal = torch.arange(length, device=x.device)[None, :] <= rows[:, None]
-    allowed = causal[None] & valid[:, None, :]
+    allowed = _allowed(language_model.config, kind, rows, length, span.blocks) & valid[:, None, :]
     bias = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, -torch.inf)
     probs = attention_probs(q.float(), k.float(), attn.scaling, bias[:, None]).nan_to_num(0.0)
     weights = (queries & valid)[:, rows].float()
     received = (weights[..., None] * probs.mean(dim=1)).sum(dim=1)
     return received / weights.sum(dim=1, keepdim=True)
+
+
+def _allowed(
+    config: Any, kind: str, rows: torch.Tensor, length: int, blocks: torch.Tensor | None
+) -> torch.Tensor:
+    """(B or 1, Q, L) what query `rows` may attend to before padding: causal, OR the same image
+    block, AND (sliding layers) within the window, as transformers composes the masks."""
+    keys = torch.arange(length, device=rows.device)[None, :]
+    allowed = (keys <= rows[:, None])[None]
+    if blocks is not None:
+        query_blocks = blocks[:, rows, None]
+        allowed = allowed | ((query_blocks == blocks[:, None, :]) & (query_blocks >= 0))
+    if kind == "sliding_attention":
+        allowed = allowed & (rows[:, None] - keys < config.sliding_window)[None]
+    return allowed
 
 
 def _scored(images: Images, scores: torch.Tensor) -> Images:

@@ -146,6 +146,7 @@ def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions:
         valid=packing.mask.bool(),
         positions=packing.gather_positions(numbered),
         mask=None if untouched else packing.mask,
+        bidirectional=prompt.bidirectional,
     )
     return Cut(pruned, shift, (dropped & prompt.valid).sum(dim=1))
 

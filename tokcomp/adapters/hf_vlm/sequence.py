@@ -15,13 +15,15 @@ from tokcomp.ops import gather_rows
 @dataclass(frozen=True)
 class Prompt:
     """The whole prompt of a prefill: embeddings (B, L, D), image placeholders and real tokens
-    (B, L), original positions (R, B, L) and the caller's 2-D mask (or None)."""
+    (B, L), original positions (R, B, L) and the caller's 2-D mask (or None); `bidirectional`:
+    each image's tokens attend to each other in both directions (Gemma 3)."""
 
     embeds: torch.Tensor
     placeholder: torch.Tensor
     valid: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor | None
+    bidirectional: bool = False
 
     @property
     def text(self) -> torch.Tensor:
@@ -34,6 +36,15 @@ class Prompt:
             self.placeholder[..., None], tokens.to(self.embeds.dtype)
         )
         return replace(self, embeds=embeds)
+
+    def image_blocks(self) -> torch.Tensor | None:
+        """(B, L) the index of the image run each placeholder is in (-1 elsewhere), the blocks
+        that attend in both directions; None for a causal prompt."""
+        if not self.bidirectional:
+            return None
+        previous = F.pad(self.placeholder, (1, 0))[:, :-1]
+        runs = (self.placeholder & ~previous).long().cumsum(dim=1) - 1
+        return runs.masked_fill(~self.placeholder, -1)
 
     def with_embeds(self, embeds: torch.Tensor) -> Prompt:
         """The same prompt with other hidden states (an LLM-stage method, after layer K)."""

@@ -160,9 +160,14 @@ class VLMFamily(abc.ABC):
         """The position_ids argument of the language model."""
         return positions[0]
 
-    def language_mask(self, prompt: Prompt, cache: Any, inputs: dict[str, Any]) -> Any:
-        """The attention_mask argument of the language model in a prefill of `prompt` (given
-        the call's image `inputs`): its 2-D mask, from which the model builds the causal one."""
+    def bidirectional_images(self, inputs: dict[str, Any]) -> bool:
+        """Whether a prefill with these image `inputs` lets each image's tokens attend to each
+        other in both directions."""
+        return False
+
+    def language_mask(self, prompt: Prompt, cache: Any) -> Any:
+        """The attention_mask argument of the language model in a prefill of `prompt`: its 2-D
+        mask, from which the model builds the causal one."""
         return prompt.mask
 
     @abc.abstractmethod

@@ -82,15 +82,15 @@ class Gemma3(VLMFamily):
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
         return projector.avg_pool(grid).flatten(2).transpose(1, 2)
 
-    def language_mask(self, prompt: Prompt, cache: Any, inputs: dict[str, Any]) -> Any:
-        """Given token_type_ids, the model's full and sliding masks with each image's kept
-        tokens as one bidirectional block (the processor marks exactly the placeholders)."""
-        if inputs.get("token_type_ids") is None:
+    def bidirectional_images(self, inputs: dict[str, Any]) -> bool:
+        return inputs.get("token_type_ids") is not None
+
+    def language_mask(self, prompt: Prompt, cache: Any) -> Any:
+        """The model's full and sliding masks, each image's kept tokens one bidirectional block
+        when the call gave token_type_ids (the processor marks exactly the placeholders)."""
+        if not prompt.bidirectional:
             return prompt.mask
-        from transformers.models.gemma3.modeling_gemma3 import (
-            create_masks_for_vision_model,
-            get_block_sequence_ids_for_mask,
-        )
+        from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model
 
         return create_masks_for_vision_model(
             config=self.language_model.config,
@@ -98,7 +98,7 @@ class Gemma3(VLMFamily):
             attention_mask=prompt.mask,
             cache=cache,
             position_ids=self.llm_positions(prompt.positions),
-            block_sequence_ids=get_block_sequence_ids_for_mask(prompt.placeholder.long()),
+            block_sequence_ids=prompt.image_blocks(),
         )
 
     def vision_fields(self) -> dict[str, Any]:
