@@ -48,12 +48,13 @@ VISUAL_OPTIONS = {
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
-#: (crops, each a segment with its share), those without tower signals on SmolVLM (a
-#: single-Linear projector), and ZOO's sketch.
+#: (crops, each a segment with its share) and Gemma 3 (pooled tokens), those without tower
+#: signals on SmolVLM (a single-Linear projector), and ZOO's sketch.
 VISUAL_CASES = [
     *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")

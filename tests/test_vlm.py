@@ -218,6 +218,57 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     assert seen[1][0].shape == (2, 8)
 
 
+# -- Gemma 3's bidirectional image blocks --------------------------------------------------------
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), PAD)
+    for row, tokens in enumerate(rows):
+        ids[row, length - len(tokens) :] = tokens
+    return ids, (ids != PAD).long()
+
+
+@torch.no_grad()
+def test_gemma3_pruned_images_attend_as_in_the_model_on_the_shorter_prompt():
+    """Each image's kept tokens are one bidirectional block: the patched model's last logits are
+    the unpatched model's on the prompt holding only the kept placeholders (token_type_ids
+    marking them) and the kept image tokens; without token_type_ids they differ."""
+    model, keep, per_image = _model("gemma3"), 5, 16
+
+    class Last(method_class("divprune")):
+        def select(self, visual, keep):
+            index = torch.arange(visual.tokens - keep, visual.tokens)
+            return index.expand(visual.batch, -1)
+
+    batch, _ = _inputs(model, "gemma3", [(1, 5), (2, 3)])
+    features = model.model.get_image_features(batch["pixel_values"]).pooler_output
+    rows = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        ids = ids[mask.bool()]
+        placeholder = ids == IMAGE
+        in_image = (placeholder.long().cumsum(0) - 1) % per_image
+        rows.append(ids[~placeholder | (in_image >= per_image - keep)])
+    ids, mask = _left_padded(rows)
+    pruned = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp_min(0),
+        "mm_encoder_outputs": {
+            "image": hf.modeling_outputs.BaseModelOutputWithPooling(
+                pooler_output=features[:, -keep:]
+            )
+        },
+    }
+    expected = model(**pruned, token_type_ids=(ids == IMAGE).long()).logits[:, -1]
+    causal = model(**pruned).logits[:, -1]
+    tokcomp.apply(model, Last(keep=keep))
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    logits = model(**batch, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, causal, rtol=1e-3, atol=1e-3)
+
+
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------
 
 
