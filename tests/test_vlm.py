@@ -165,15 +165,16 @@ def test_each_sample_gets_what_it_gets_alone(family, method):
 # -- FastV's attention scores -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
 @torch.no_grad()
 def test_fastv_scores_equal_the_eager_attention_weights(family):
+    """Gemma 3's layer 0 is a sliding-window layer whose window (12) the 20 tokens exceed."""
     from tokcomp.adapters.hf_vlm.decoder import LayerSpan, attention_received
 
     model = _model(family)
     language = model.model.language_model
-    hidden = torch.randn(2, 9, language.config.hidden_size)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    hidden = torch.randn(2, 20, language.config.hidden_size)
+    mask = torch.tensor([[0, 0] + [1] * 18, [1] * 20])
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     rope = positions[None].expand(3, -1, -1) if family == "qwen2_vl" else positions
     language.config._attn_implementation = "eager"
@@ -216,6 +217,55 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     first = seen[0][0]
     torch.testing.assert_close(first, expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
     assert seen[1][0].shape == (2, 8)
+
+
+# -- LLaVA-OneVision's crops ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_onevision_segments_are_its_crops_and_a_pooled_token_takes_the_crop_weighing_most():
+    """A 64 x 64 image: a base crop, then a 2 x 2 grid of 4 x 4-token crops pooled (anyres_max_1)
+    to 4 x 4 tokens, each row followed by a newline. Pooled token (i, j) lies in grid crop
+    (i // 2, j // 2) and gets the 2 x 2 mean of its patches' attention; the base crop's features
+    project to its tokens. With batch_num_images, each image is one crop and a newline."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_onevision")
+    family, needs = family_for(model)(model), frozenset(VisualSignal)
+    inputs = {"pixel_values": torch.randn(1, 5, 3, 32, 32), "image_sizes": torch.tensor([[64, 64]])}
+    encoded = family.encode((), inputs, needs)
+    base, *grid = family.images(encoded, inputs, needs, 0).segments
+    assert base.slots.tolist() == list(range(16))
+    torch.testing.assert_close(base.visual.project(base.visual.features), base.visual.outputs)
+    crops = {}
+    for i in range(4):
+        for j in range(4):
+            crops.setdefault(i // 2 * 2 + j // 2, []).append(16 + 5 * i + j)
+    assert [segment.slots.tolist() for segment in grid] == [crops[c] for c in range(4)]
+    index = family.feature_index(inputs)
+    attention, _ = tower_attention(
+        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
+    )
+    patches = attention[1:].view(2, 2, 4, 4).permute(0, 2, 1, 3).reshape(1, 8, 8)
+    pooled = torch.nn.functional.avg_pool2d(patches, 2).flatten()
+    for segment, slots in zip(grid, crops.values(), strict=True):
+        rows = [(slot - 16) // 5 * 4 + (slot - 16) % 5 for slot in slots]
+        torch.testing.assert_close(segment.visual.attention[0], pooled[rows])
+    several = {**inputs, "pixel_values": torch.randn(2, 5, 3, 32, 32)}
+    several.update(
+        image_sizes=torch.tensor([[64, 64], [32, 64]]), batch_num_images=torch.tensor([2])
+    )
+    images = family.images(family.encode((), several, needs), several, needs, 0)
+    assert [len(e) for e in images.embeds] == [17, 17]
+    assert [(s.image, s.slots.tolist()) for s in images.segments] == [
+        (0, list(range(16))),
+        (1, list(range(16))),
+    ]
+    for segment in images.segments:
+        torch.testing.assert_close(
+            segment.visual.project(segment.visual.features), segment.visual.outputs
+        )
 
 
 # -- Gemma 3's bidirectional image blocks --------------------------------------------------------
