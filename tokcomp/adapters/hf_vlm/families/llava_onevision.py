@@ -100,8 +100,9 @@ class LlavaOnevision(Llava):
         through the model's own packing (unpadding, pooling), each token taking the crop that
         weighs most in it."""
         total, tokens = sum(crops), self._tokens_per_crop()
-        codes = torch.eye(max(crops), device=sizes.device)
-        crop_index = torch.cat([torch.arange(n) for n in crops]).to(sizes.device)
+        device = self.inner.image_newline.device
+        codes = torch.eye(max(crops), device=device)
+        crop_index = torch.cat([torch.arange(n) for n in crops]).to(device)
         one_hot = codes[crop_index][:, None].expand(total, tokens, -1)
         names = [name for name in _SIGNALS if name in signals]
         columns = [_channels(signals[name]) for name in names]
@@ -120,7 +121,11 @@ class LlavaOnevision(Llava):
         return out
 
     def _packed(
-        self, channels: torch.Tensor, crops: list[int], sizes: torch.Tensor, aspect_ratio=None
+        self,
+        channels: torch.Tensor,
+        crops: list[int],
+        sizes: torch.Tensor,
+        aspect_ratio: str | None = None,
     ) -> list[torch.Tensor]:
         """(crops, tokens, C) per-crop values packed per image by the model, newlines zero."""
         packed, _ = self.inner.pack_image_features(
