@@ -14,6 +14,8 @@ from torch import nn
 VOCAB = 128
 PAD, BOS = 0, 1
 IMAGE, VISION_START, VISION_END, FAKE_AROUND = 127, 126, 125, 124
+#: Pixtral's structural tokens: after each row of an image's tokens, the last one ends it.
+IMAGE_BREAK, IMAGE_END = 123, 122
 #: Ordinary text tokens are drawn from [TEXT_LOW, TEXT_HIGH).
 TEXT_LOW, TEXT_HIGH = 2, 120
 
@@ -186,12 +188,25 @@ def _gemma3() -> nn.Module:
     return model
 
 
+def _mistral3() -> nn.Module:
+    """A Pixtral tower (2-D RoPE, native image sizes in multiples of 16 pixels) and a 2 x 2
+    patch merger; a text model without a sliding window, as Mistral Small 3.1's."""
+    vision = hf.PixtralVisionConfig(**_VISION, image_size=48, patch_size=8, head_dim=16)
+    config = hf.Mistral3Config(
+        vision_config=vision,
+        text_config=hf.MistralConfig(**_TEXT, sliding_window=None),
+        image_token_index=IMAGE,
+        spatial_merge_size=2,
+    )
+    return hf.Mistral3ForConditionalGeneration(config)
+
+
 @dataclass(frozen=True)
 class Family:
     """How to build a tiny model of one family and its per-image inputs."""
 
     build: Callable[[], nn.Module]
-    kind: str  # "llava", "llava_next", "qwen", "idefics" or "gemma"
+    kind: str  # "llava", "llava_next", "qwen", "idefics", "gemma" or "pixtral"
 
 
 FAMILIES: dict[str, Family] = {
@@ -205,6 +220,7 @@ FAMILIES: dict[str, Family] = {
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),
     "gemma3": Family(_gemma3, "gemma"),
+    "mistral3": Family(_mistral3, "pixtral"),
 }
 
 
@@ -265,6 +281,8 @@ def _image(
         return _next_image(model, generator, index)
     if kind == "qwen":
         return _qwen_image(model, generator, index)
+    if kind == "pixtral":
+        return _pixtral_image(model, generator, index)
     if kind == "gemma":
         size = model.config.vision_config.image_size
         pixels = torch.randn(3, size, size, generator=generator)
@@ -313,6 +331,23 @@ def _qwen_image(
         [torch.tensor([VISION_START]), torch.full((count,), IMAGE), torch.tensor([VISION_END])]
     )
     return pixels, tokens, {"image_grid_thw": torch.tensor(grid)}
+
+
+def _pixtral_image(
+    model: nn.Module, generator: torch.Generator, index: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A native-size image (zero-padded to the largest size, as the processor batches them)
+    and its tokens as the Pixtral processor lays them out: each row of merged tokens followed
+    by an image-break token, the last by an image-end token."""
+    largest = model.config.vision_config.image_size
+    height, width = [(32, 48), (48, 32), (32, 32)][index % 3]
+    pixels = torch.zeros(3, largest, largest)
+    pixels[:, :height, :width] = torch.randn(3, height, width, generator=generator)
+    step = model.config.vision_config.patch_size * model.config.spatial_merge_size
+    row = [IMAGE] * (width // step) + [IMAGE_BREAK]
+    tokens = torch.tensor(row * (height // step))
+    tokens[-1] = IMAGE_END
+    return pixels, tokens, {"image_sizes": torch.tensor([height, width])}
 
 
 def _stack_images(
