@@ -165,7 +165,7 @@ def test_each_sample_gets_what_it_gets_alone(family, method):
 # -- FastV's attention scores -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "gemma3"])
 @torch.no_grad()
 def test_fastv_scores_equal_the_eager_attention_weights(family):
     """Gemma 3's layer 0 is a sliding-window layer whose window (12) the 20 tokens exceed."""
@@ -176,7 +176,7 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     hidden = torch.randn(2, 20, language.config.hidden_size)
     mask = torch.tensor([[0, 0] + [1] * 18, [1] * 20])
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    rope = positions[None].expand(3, -1, -1) if family == "qwen2_vl" else positions
+    rope = positions[None].expand(3, -1, -1) if family.startswith("qwen") else positions
     language.config._attn_implementation = "eager"
     weights = language(
         inputs_embeds=hidden, attention_mask=mask, position_ids=rope, output_attentions=True
@@ -317,6 +317,67 @@ def test_gemma3_pruned_images_attend_as_in_the_model_on_the_shorter_prompt():
     logits = model(**batch, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(logits, causal, rtol=1e-3, atol=1e-3)
+
+
+# -- Qwen3-VL's deepstack features ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_qwen3_vl_kept_tokens_take_their_own_deepstack_features():
+    """The patched model's last logits are the unpatched model's on the prompt holding only the
+    kept placeholders (at their original positions), given the kept tokens and the deepstack
+    features of exactly those tokens; with the features of the first tokens instead they
+    differ."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        BaseModelOutputWithDeepstackFeatures,
+    )
+
+    model, keep = _model("qwen3_vl"), 2
+
+    class Last(method_class("divprune")):
+        def select(self, visual, keep):
+            index = torch.arange(visual.tokens - keep, visual.tokens)
+            return index.expand(visual.batch, -1)
+
+    batch, _ = _inputs(model, "qwen3_vl", [(1, 5), (2, 3)])
+    encoded = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    positions, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    (per_image,) = {len(e) for e in encoded.pooler_output}  # 6 tokens each
+    rows, columns = [], []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        placeholder = ids == IMAGE
+        in_image = (placeholder.long().cumsum(0) - 1) % per_image
+        kept = mask.bool() & (~placeholder | (in_image >= per_image - keep))
+        rows.append(ids[kept])
+        columns.append(kept.nonzero().squeeze(1))
+    ids, mask = _left_padded(rows)
+    pruned_positions = torch.zeros(3, *ids.shape, dtype=torch.long)
+    for row, kept in enumerate(columns):
+        pruned_positions[:, row, ids.shape[1] - len(kept) :] = positions[:, row, kept]
+
+    def run(deepstack_rows: slice) -> torch.Tensor:
+        levels = encoded.deepstack_features
+        outputs = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=[e[-keep:] for e in encoded.pooler_output],
+            deepstack_features=[[f[deepstack_rows] for f in level] for level in levels],
+        )
+        return model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pruned_positions,
+            mm_encoder_outputs={"image": outputs},
+        ).logits[:, -1]
+
+    expected, first = run(slice(-keep, None)), run(slice(0, keep))
+    tokcomp.apply(model, Last(keep=keep, positions="keep"))
+    logits = model(**batch).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, first, rtol=1e-3, atol=1e-3)
 
 
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------
@@ -463,7 +524,7 @@ def test_decoding_without_position_ids_continues_llama_numbering():
 
 
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @torch.no_grad()
 def test_decoding_without_position_ids_continues_multimodal_rope(family, positions):
     """Without position ids a Qwen decode step takes the prompt's RoPE delta (as generate's

@@ -132,6 +132,34 @@ def _qwen2_5_vl() -> nn.Module:
     return hf.Qwen2_5_VLForConditionalGeneration(config)
 
 
+def _qwen3_vl() -> nn.Module:
+    """Deepstack features from two of three tower blocks, injected after decoder layers 0 and
+    1; 16-pixel patches (a 336-pixel reference image is 441 patches); interleaved MRoPE."""
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=48,
+        num_heads=2,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[0, 1],
+    )
+    text = _qwen_text()
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+    config = hf.Qwen3VLConfig(
+        text_config=dict(text, head_dim=12),
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=FAKE_AROUND,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    return hf.Qwen3VLForConditionalGeneration(config)
+
+
 def _idefics3() -> nn.Module:
     config = hf.Idefics3Config(
         vision_config=dict(_VISION, image_size=32, patch_size=4),
@@ -216,6 +244,7 @@ FAMILIES: dict[str, Family] = {
     "llava_onevision": Family(_llava_onevision, "llava_next"),
     "qwen2_vl": Family(_qwen2_vl, "qwen"),
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
+    "qwen3_vl": Family(_qwen3_vl, "qwen"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),

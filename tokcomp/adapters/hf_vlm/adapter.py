@@ -144,13 +144,14 @@ class HFVLMAdapter(Adapter):
         else:  # a block method acted inside the tower: its tokens take the first places
             choices, positions = keep_all(found), "renumber"
         kept, tokens = place(prompt.placeholder, found.counts(), choices)
-        cut = cut_prompt(vlm, prompt.filled(tokens), kept, positions)
+        cut = cut_prompt(vlm, prompt.filled(tokens, found.injected_rows()), kept, positions)
         output = vlm.language_model(
             inputs_embeds=cut.prompt.embeds,
             attention_mask=vlm.language_mask(cut.prompt, call.cache),
             position_ids=vlm.llm_positions(cut.prompt.positions),
             cache=call.cache,
             use_cache=call.use_cache,
+            **vlm.injection_inputs(cut.prompt),
             **call.kwargs,
         )
         spans = [Span(0, cut.prompt.valid.long(), cut.shift)]

@@ -31,8 +31,9 @@ from tokcomp.methods import LLMStageMethod
 @dataclass(frozen=True)
 class LayerSpan:
     """Decoder layers [start, stop) and what they attend with: a 2-D mask (or None), RoPE
-    position rows for the rotary embedding, the text position row some models take, and the
-    image blocks that attend in both directions (Prompt.image_blocks; None: causal)."""
+    position rows for the rotary embedding, the text position row some models take, the
+    image blocks that attend in both directions (Prompt.image_blocks; None: causal), and the
+    (B, L, k, D) features added to the outputs of layers 0..k-1 (Prompt.injected)."""
 
     start: int
     stop: int
@@ -40,6 +41,7 @@ class LayerSpan:
     rope_positions: torch.Tensor
     text_positions: torch.Tensor | None
     blocks: torch.Tensor | None = None
+    injected: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def llm_stage_prefill(
     the record decoding needs."""
     language = family.language_model
     check_callable(language, call.kwargs)
-    original = prompt.filled(torch.cat(images.embeds))
+    original = prompt.filled(torch.cat(images.embeds), images.injected_rows())
     none = torch.zeros_like(original.valid[:, 0], dtype=torch.long)
     progress = _Progress(original, images, 0, original.embeds, none, none)
     spans, depth = [], len(language.layers)
@@ -133,7 +135,7 @@ def llm_stage_decode(
 def _span(family: VLMFamily, prompt: Prompt, start: int, stop: int) -> LayerSpan:
     """Layers [start, stop) attending over `prompt` (its mask and positions)."""
     rope, text = family.split_positions(prompt.positions)
-    return LayerSpan(start, stop, prompt.mask, rope, text, prompt.image_blocks())
+    return LayerSpan(start, stop, prompt.mask, rope, text, prompt.image_blocks(), prompt.injected)
 
 
 def _run(family: VLMFamily, call: Call, progress: _Progress, stop: int) -> torch.Tensor:
@@ -187,6 +189,9 @@ def run_layers(
             cache=cache,
             use_cache=use_cache,
         )
+        if span.injected is not None and index < span.injected.shape[2]:
+            # zeros off the visual tokens: exactly the model's masked addition
+            hidden = hidden + span.injected[:, :, index].to(hidden.dtype)
     return hidden
 
 

@@ -147,6 +147,7 @@ def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions:
         positions=packing.gather_positions(numbered),
         mask=None if untouched else packing.mask,
         bidirectional=prompt.bidirectional,
+        injected=None if prompt.injected is None else packing.gather(prompt.injected),
     )
     return Cut(pruned, shift, (dropped & prompt.valid).sum(dim=1))
 

@@ -16,7 +16,9 @@ from tokcomp.ops import gather_rows
 class Prompt:
     """The whole prompt of a prefill: embeddings (B, L, D), image placeholders and real tokens
     (B, L), original positions (R, B, L) and the caller's 2-D mask (or None); `bidirectional`:
-    each image's tokens attend to each other in both directions (Gemma 3)."""
+    each image's tokens attend to each other in both directions (Gemma 3); `injected`: (B, L,
+    k, D) what the first k decoder layers' outputs receive, zeros off the visual tokens
+    (Qwen3-VL's deepstack), or None."""
 
     embeds: torch.Tensor
     placeholder: torch.Tensor
@@ -24,18 +26,24 @@ class Prompt:
     positions: torch.Tensor
     mask: torch.Tensor | None
     bidirectional: bool = False
+    injected: torch.Tensor | None = None
 
     @property
     def text(self) -> torch.Tensor:
         """(B, L) the real tokens that are not image placeholders."""
         return self.valid & ~self.placeholder
 
-    def filled(self, tokens: torch.Tensor) -> Prompt:
-        """The placeholders filled with (T, D) visual tokens, in row-major order."""
+    def filled(self, tokens: torch.Tensor, injected: torch.Tensor | None = None) -> Prompt:
+        """The placeholders filled with (T, D) visual tokens, in row-major order, and with the
+        (T, k, D) features injected after the first k layers, if any."""
         embeds = self.embeds.masked_scatter(
             self.placeholder[..., None], tokens.to(self.embeds.dtype)
         )
-        return replace(self, embeds=embeds)
+        if injected is not None:
+            rows = injected.new_zeros(*self.placeholder.shape, *injected.shape[1:])
+            rows[self.placeholder] = injected
+            injected = rows
+        return replace(self, embeds=embeds, injected=injected)
 
     def image_blocks(self) -> torch.Tensor | None:
         """(B, L) the index of the image run each placeholder is in (-1 elsewhere), the blocks

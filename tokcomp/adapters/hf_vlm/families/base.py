@@ -45,15 +45,22 @@ class Images:
     method chooses from; slots in no segment (LLaVA-NeXT image-newline tokens) are always kept.
     placeholders: per image placeholder count when the vision tower already compressed the
     image to fewer tokens (its tokens then take the first places); None otherwise.
+    injected: per image (n_i, k, D) what the language model adds to each visual token's hidden
+    state after each of its first k layers (Qwen3-VL's deepstack features); None for none.
     """
 
     embeds: list[torch.Tensor]
     segments: list[Segment]
     placeholders: list[int] | None = None
+    injected: list[torch.Tensor] | None = None
 
     def counts(self) -> list[int]:
         """Placeholder tokens per image."""
         return self.placeholders or [e.shape[0] for e in self.embeds]
+
+    def injected_rows(self) -> torch.Tensor | None:
+        """(T, k, D) the injected features of every placeholder in order (None for none)."""
+        return None if self.injected is None else torch.cat(self.injected)
 
     def selectable(self) -> list[int]:
         """Tokens per image a method chooses from (those in its segments)."""
@@ -159,6 +166,11 @@ class VLMFamily(abc.ABC):
     def llm_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """The position_ids argument of the language model."""
         return positions[0]
+
+    def injection_inputs(self, prompt: Prompt) -> dict[str, Any]:
+        """Language-model arguments that add `prompt.injected` to its visual tokens' hidden
+        states after the first layers (Qwen3-VL's deepstack); none for other families."""
+        return {}
 
     def bidirectional_images(self, inputs: dict[str, Any]) -> bool:
         """Whether a prefill with these image `inputs` lets each image's tokens attend to each
