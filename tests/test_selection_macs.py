@@ -14,7 +14,19 @@ from conftest import tiny_vit
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from vlm_fixtures import BOS, FAMILIES, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample
+from vlm_fixtures import (
+    BOS,
+    FAMILIES,
+    IMAGE,
+    IMAGE_BREAK,
+    IMAGE_END,
+    TEXT_HIGH,
+    TEXT_LOW,
+    VISION_END,
+    VISION_START,
+    collate,
+    sample,
+)
 from vlm_fixtures import tiny_vlm as _tiny_vlm
 
 import tokcomp
@@ -55,6 +67,11 @@ VISUAL_CASES = [
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
+    *[
+        pytest.param(family, method, {}, id=f"{family}-{method}")
+        for family in ("mistral3", "qwen3_vl")
+        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
+    ],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
@@ -144,6 +161,8 @@ def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """One reference image and text of the reference length, so the analytic prefill applies."""
     if FAMILIES[family].kind == "llava_next":
         return _next_prompt(model)
+    if family in ("mistral3", "qwen3_vl"):
+        return _native_prompt(model, family)
     first = sample(model, family, images=1, text=0, seed=0)
     text = len(first.input_ids) - int((first.input_ids == IMAGE).sum())
     return collate(family, [sample(model, family, 1, REFERENCE_PROMPT - text, seed=0)])
@@ -168,6 +187,41 @@ def _next_prompt(model: nn.Module) -> dict[str, torch.Tensor]:
         "pixel_values": pixels,
         "image_sizes": size,
     }
+
+
+def _native_prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
+    """Mistral 3, Qwen3-VL: a REFERENCE_PIXELS square image at its native size (Pixtral: its
+    rows of tokens each closed by an image-break token, counted with the image; Qwen3-VL:
+    between vision start and end tokens, counted with the text) in a REFERENCE_PROMPT-token
+    text."""
+    generator = torch.Generator().manual_seed(0)
+    vision = model.config.vision_config
+    merge = getattr(model.config, "spatial_merge_size", None) or vision.spatial_merge_size
+    side = REFERENCE_PIXELS // vision.patch_size // merge * merge
+    rows = side // merge
+    if family == "mistral3":
+        pixels = REFERENCE_PIXELS // vision.patch_size * vision.patch_size
+        image = {
+            "pixel_values": torch.randn(1, 3, pixels, pixels, generator=generator),
+            "image_sizes": torch.tensor([[pixels, pixels]]),
+        }
+        tokens = torch.tensor(([IMAGE] * rows + [IMAGE_BREAK]) * rows)
+        tokens[-1] = IMAGE_END
+        text = REFERENCE_PROMPT - 1
+    else:
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        image = {
+            "pixel_values": torch.randn(side * side, width, generator=generator),
+            "image_grid_thw": torch.tensor([[1, side, side]]),
+        }
+        tokens = torch.tensor([VISION_START, *[IMAGE] * rows * rows, VISION_END])
+        text = REFERENCE_PROMPT - 3
+    words = torch.randint(TEXT_LOW, TEXT_HIGH, (text,), generator=generator)
+    ids = torch.cat([torch.tensor([BOS]), tokens, words])[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **image}
+    if family == "qwen3_vl":
+        batch["mm_token_type_ids"] = (ids == IMAGE).int()
+    return batch
 
 
 def _prefill(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:

@@ -72,15 +72,19 @@ class Mistral3(VLMFamily):
         return unfolded
 
     def vision_fields(self) -> dict[str, Any]:
+        """The reference image's merged tokens, then one image-break (the last: image-end)
+        token per row of them, always kept."""
         tower = self.tower
         merge = self.model.config.spatial_merge_size
         side = REFERENCE_PIXELS // tower.patch_size // merge * merge
-        return tower_fields(
+        tokens, rows = (side // merge) ** 2, side // merge
+        fields = tower_fields(
             tower.transformer.layers,
             "attention",
             "feed_forward",
             side * side,
             tower.patch_conv,
             tower.config.num_attention_heads,
-            side * side // merge**2,
+            tokens,
         )
+        return dict(fields, visual_tokens=tokens + rows, fixed_visual=rows)
