@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as hf
 from conftest import BATCH_POSITION_DEPENDENT, tiny_vit
-from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
+from vlm_fixtures import FAMILIES, IMAGE, IMAGE_BREAK, IMAGE_END, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
 from tokcomp.adapters import find_adapter
@@ -24,8 +24,8 @@ LAYOUT = [(1, 5), (2, 3), (0, 7)]
 LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no pixel padding)
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
-#: tower's attention: the LLaVA families and Gemma 3 only).
-TOWER_ATTENTION = {"llava", "llava_siglip", "llava_next", "llava_onevision", "gemma3"}
+#: tower's attention: the LLaVA families, Gemma 3 and Mistral 3 only).
+TOWER_ATTENTION = {"llava", "llava_siglip", "llava_next", "llava_onevision", "gemma3", "mistral3"}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -317,6 +317,60 @@ def test_gemma3_pruned_images_attend_as_in_the_model_on_the_shorter_prompt():
     logits = model(**batch, position_ids=positions).logits[:, -1]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(logits, causal, rtol=1e-3, atol=1e-3)
+
+
+# -- Mistral 3's Pixtral tower -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_mistral3_signals_are_the_towers_eager_attention_pooled_over_each_merged_window():
+    """Images of 4 x 6 and 6 x 4 patches in one tower pass: each merged token's attention is
+    the mean over its 2 x 2 patches of what each patch receives in the last block (the eager
+    weights, averaged over the image's queries, summed over heads); its features are the
+    merger's inputs, which the projector takes to the model's own image features."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model("mistral3")
+    family, needs = family_for(model)(model), frozenset(VisualSignal)
+    batch, _ = _inputs(model, "mistral3", [(2, 3)])
+    inputs = {name: batch[name] for name in ("pixel_values", "image_sizes")}
+    images = family.images(family.encode((), inputs, needs), inputs, needs, 0)
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    weights = tower(**inputs, output_attentions=True).attentions[-1][0]
+    start = 0
+    for segment, (height, width) in zip(images.segments, [(4, 6), (6, 4)], strict=True):
+        block = slice(start, start + height * width)
+        received = weights[:, block, block].mean(dim=1).sum(dim=0).view(1, height, width)
+        pooled = torch.nn.functional.avg_pool2d(received, 2).flatten()
+        torch.testing.assert_close(segment.visual.attention[0], pooled, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            segment.visual.project(segment.visual.features), segment.visual.outputs
+        )
+        start += height * width
+
+
+@torch.no_grad()
+def test_mistral3_image_break_and_end_tokens_are_never_pruned():
+    """Keeping one visual token per image, the language model still gets every image-break and
+    image-end token of each prompt (their embeddings), and only the placeholders are dropped."""
+    model = tokcomp.apply(_model("mistral3"), "fastervlm", keep=1)
+    batch, _ = _inputs(model, "mistral3")
+    seen = []
+    language = model.model.language_model
+    hook = language.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    output = model(**batch, use_cache=True)
+    hook.remove()
+    table = language.embed_tokens.weight
+    for row, ids in enumerate(batch["input_ids"]):
+        for token in (IMAGE_BREAK, IMAGE_END):
+            found = (seen[0][row] == table[token]).all(dim=-1).sum()
+            assert found == (ids == token).sum()
+    images = [1, 2, 0]
+    dropped = [(ids == IMAGE).sum() - n for ids, n in zip(batch["input_ids"], images, strict=True)]
+    assert tokcomp.visual_tokens_dropped(output.cache).tolist() == dropped
 
 
 # -- Qwen3-VL's deepstack features ---------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcomp.adapters.base import attention_probs, split_heads
 from tokcomp.adapters.hf_vlm.families.base import (
     REFERENCE_PIXELS,
     Images,
@@ -48,28 +49,80 @@ class Mistral3(VLMFamily):
         value = inputs.get(name)
         return getattr(self.model.config, name) if value is None else value
 
+    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+        wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
+        if wanted and kwargs.get("output_hidden_states") is not True:
+            block = self._feature_block(kwargs)
+            kwargs = {**kwargs, "output_hidden_states": [block, block + 1]}
+        return super().encode(args, kwargs, needs)
+
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
     ) -> Images:
+        patch = self.tower.patch_size
+        grids = [(int(h) // patch, int(w) // patch) for h, w in inputs["image_sizes"]]
+        sizes = [h * w for h, w in grids]
         signals = {}
         if VisualSignal.FEATURES in needs:
-            signals["features"] = self._merger_inputs(encoded, inputs)
+            layer = self.option(inputs, "vision_feature_layer")
+            layers = [layer] if isinstance(layer, int) else layer
+            hidden = torch.cat([encoded.hidden_states[i] for i in layers], dim=-1)[0]
+            normed = self.inner.multi_modal_projector.norm(hidden).split(sizes)
+            signals["features"] = [
+                self._merged(x, grid, F.unfold) for x, grid in zip(normed, grids, strict=True)
+            ]
+        if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
+            block = self._feature_block(inputs)
+            block_inputs = encoded.hidden_states[block][0].split(sizes)
+            pairs = [
+                (*self._attention(x, grid, block), grid)
+                for x, grid in zip(block_inputs, grids, strict=True)
+            ]
+            signals["attention"] = [
+                self._merged(a[:, None], grid, F.avg_pool2d)[:, 0] for a, _, grid in pairs
+            ]
+            signals["keys"] = [self._merged(k, grid, F.avg_pool2d) for _, k, grid in pairs]
         return one_segment_each(list(encoded.pooler_output), self.projector, signals)
 
-    def _merger_inputs(self, encoded: Any, inputs: dict[str, Any]) -> list[torch.Tensor]:
-        """Per image (tokens, 4 C): the normed feature-layer patches each merged token takes,
-        unfolded as the merger does."""
+    def _merged(self, patches: torch.Tensor, grid: tuple[int, int], combine: Any) -> torch.Tensor:
+        """(h w, C) patch values -> (tokens, C') per merged token, by `combine` over each
+        merge x merge window (F.unfold: side by side, as the merger; F.avg_pool2d: the mean)."""
+        merge = self.model.config.spatial_merge_size
+        image = patches.reshape(*grid, -1).permute(2, 0, 1)[None]
+        return combine(image, kernel_size=merge, stride=merge)[0].flatten(1).T
+
+    def _feature_block(self, inputs: dict[str, Any]) -> int:
+        """The tower block whose output the projector takes (a single feature layer)."""
         layer = self.option(inputs, "vision_feature_layer")
-        layers = [layer] if isinstance(layer, int) else layer
-        hidden = torch.cat([encoded.hidden_states[i] for i in layers], dim=-1)[0]
-        hidden = self.inner.multi_modal_projector.norm(hidden)
-        patch, merge = self.tower.patch_size, self.model.config.spatial_merge_size
-        grids = [(int(h) // patch, int(w) // patch) for h, w in inputs["image_sizes"]]
-        unfolded = []
-        for (h, w), patches in zip(grids, hidden.split([h * w for h, w in grids]), strict=True):
-            grid = patches.view(h, w, -1).permute(2, 0, 1)[None]
-            unfolded.append(F.unfold(grid, kernel_size=merge, stride=merge)[0].T)
-        return unfolded
+        if not isinstance(layer, int):
+            raise ValueError(
+                "tower attention is read in the one block the projector takes; with several "
+                "vision_feature_layer use a method without tower signals"
+            )
+        return layer % (len(self.tower.transformer.layers) + 1) - 1
+
+    def _attention(
+        self, x: torch.Tensor, grid: tuple[int, int], block: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tower block `block`'s attention each patch of one image receives (mean over the
+        image's patches as queries, summed over heads; the tower's block mask keeps images
+        apart) and its head-averaged keys, for the block's input x (h w, C) of the image."""
+        from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
+
+        layer = self.tower.transformer.layers[block]
+        attn = layer.attention
+        x = layer.attention_norm(x)
+        rows, cols = torch.meshgrid(
+            *(torch.arange(n, device=x.device) for n in grid), indexing="ij"
+        )
+        cos, sin = self.tower.patch_positional_embedding(
+            x, torch.stack([rows.flatten(), cols.flatten()], dim=-1)
+        )
+        q = split_heads(attn.q_proj(x)[None], attn.head_dim)
+        k = split_heads(attn.k_proj(x)[None], attn.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=0)
+        probs = attention_probs(q, k, attn.scaling)[0]
+        return probs.mean(dim=1).sum(dim=0), k[0].mean(dim=0)
 
     def vision_fields(self) -> dict[str, Any]:
         """The reference image's merged tokens, then one image-break (the last: image-end)
@@ -87,4 +140,12 @@ class Mistral3(VLMFamily):
             tower.config.num_attention_heads,
             tokens,
         )
-        return dict(fields, visual_tokens=tokens + rows, fixed_visual=rows)
+        layer = self.model.config.vision_feature_layer
+        single = isinstance(layer, int)
+        return dict(
+            fields,
+            visual_tokens=tokens + rows,
+            fixed_visual=rows,
+            tower_attention=single,
+            feature_block=self._feature_block({}) if single else -1,
+        )
