@@ -60,19 +60,16 @@ VISUAL_OPTIONS = {
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
-#: (crops, each a segment with its share), Gemma 3 (pooled tokens) and Mistral 3 (merged
-#: patches, image-break tokens), those without tower signals on SmolVLM (a single-Linear
-#: projector) and Qwen3-VL (deepstack mergers), and ZOO's sketch.
+#: (crops, each a segment with its share), Gemma 3 (pooled tokens), Mistral 3 (merged
+#: patches, image-break tokens) and Qwen3-VL (merged patches, deepstack mergers), those without
+#: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch.
 VISUAL_CASES = [
     *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in VISUAL_OPTIONS],
-    *[
-        pytest.param("qwen3_vl", method, {}, id=f"qwen3_vl-{method}")
-        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
-    ],
+    *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")

@@ -24,8 +24,16 @@ LAYOUT = [(1, 5), (2, 3), (0, 7)]
 LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no pixel padding)
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
-#: tower's attention: the LLaVA families, Gemma 3 and Mistral 3 only).
-TOWER_ATTENTION = {"llava", "llava_siglip", "llava_next", "llava_onevision", "gemma3", "mistral3"}
+#: tower's attention: the LLaVA families, Gemma 3, Mistral 3 and Qwen3-VL only).
+TOWER_ATTENTION = {
+    "llava",
+    "llava_siglip",
+    "llava_next",
+    "llava_onevision",
+    "gemma3",
+    "mistral3",
+    "qwen3_vl",
+}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -432,6 +440,36 @@ def test_qwen3_vl_kept_tokens_take_their_own_deepstack_features():
     logits = model(**batch).logits[:, -1]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(logits, first, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
+def test_qwen3_vl_signals_are_the_last_blocks_eager_attention_averaged_per_merged_token():
+    """Each merged token's attention is the mean over its four patches (consecutive in the
+    tower's order) of what each receives in the last block from its own image's patches (the
+    eager weights, averaged over queries, summed over heads)."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    recorded = []
+
+    def recording(module, *args, **kwargs):
+        output, weights = eager_attention_forward(module, *args, **kwargs)
+        recorded.append(weights[0])
+        return output, weights
+
+    model = _model("qwen3_vl")
+    family, needs = family_for(model)(model), frozenset(VisualSignal)
+    batch, _ = _inputs(model, "qwen3_vl", [(2, 3)])
+    inputs = {name: batch[name] for name in family.encoder_inputs}
+    images = family.images(family.encode((), inputs, needs), inputs, needs, 0)
+    AttentionInterface.register("tokcomp_test_recording", recording)
+    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    model.model.get_image_features(**inputs)
+    for segment, weights in zip(images.segments, recorded[-2:], strict=True):
+        received = weights.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1)
+        torch.testing.assert_close(segment.visual.attention[0], received, rtol=1e-4, atol=1e-6)
 
 
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from tokcomp.adapters.base import attention_probs
 from tokcomp.adapters.hf_vlm.families.base import (
     REFERENCE_PIXELS,
     Images,
@@ -36,21 +38,59 @@ class Qwen3VL(Qwen2VL):
         merger = self.inner.visual.merger
         return (merger.linear_fc1, merger.act_fn, merger.linear_fc2)
 
+    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+        wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
+        if wanted and kwargs.get("output_hidden_states") is not True:
+            kwargs = {**kwargs, "output_hidden_states": [len(self.inner.visual.blocks) - 1]}
+        return super().encode(args, kwargs, needs)
+
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
     ) -> Images:
         embeds = list(encoded.pooler_output)
+        sizes = [len(e) for e in embeds]
+        visual = self.inner.visual
         signals = {}
         if VisualSignal.FEATURES in needs:
-            merger = self.inner.visual.merger
+            merger = visual.merger
             x = merger.norm(encoded.last_hidden_state).view(-1, merger.hidden_size)
-            signals["features"] = x.split([len(e) for e in embeds])
+            signals["features"] = x.split(sizes)
+        if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
+            block = encoded.hidden_states[len(visual.blocks) - 1]
+            received, keys = self._attention(block, inputs["image_grid_thw"])
+            unit = visual.spatial_merge_size**2  # a merged token's patches are consecutive
+            signals["attention"] = received.view(-1, unit).mean(dim=1).split(sizes)
+            signals["keys"] = keys.view(-1, unit, keys.shape[-1]).mean(dim=1).split(sizes)
         images = one_segment_each(embeds, self.projector, signals)
         levels = encoded.deepstack_features
         if not levels:
             return images
         injected = [torch.stack(per_level, dim=1) for per_level in zip(*levels, strict=True)]
         return Images(images.embeds, images.segments, injected=injected)
+
+    def _attention(self, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last tower block's attention each patch receives from the patches of its image
+        (mean over queries, summed over heads: the tower has no class token) and its
+        head-averaged keys, for the block's input x (patches of all images, C)."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+        from transformers.vision_utils import get_vision_position_ids
+
+        visual = self.inner.visual
+        block = visual.blocks[-1]
+        attn = block.attn
+        x = block.norm1(x)
+        positions = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})
+        cos, sin = visual.rotary_pos_emb(x, positions)
+        width = 2 * x.shape[-1]  # q and k: the first two thirds of the fused projection
+        qk = F.linear(x, attn.qkv.weight[:width], attn.qkv.bias[:width])
+        q, k = qk.reshape(len(x), 2, attn.num_heads, -1).unbind(dim=1)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        received = []
+        sizes = grid.prod(-1).tolist()
+        for q_image, k_image in zip(q.split(sizes), k.split(sizes), strict=True):
+            probs = attention_probs(q_image.transpose(0, 1), k_image.transpose(0, 1), attn.scaling)
+            received.append(probs.mean(dim=1).sum(dim=0))
+        return torch.cat(received), k.mean(dim=1)
 
     def injection_inputs(self, prompt: Prompt) -> dict[str, Any]:
         if prompt.injected is None:
@@ -75,4 +115,9 @@ class Qwen3VL(Qwen2VL):
         )
         # the deepstack mergers have the projector's widths: count them as more projected tokens
         deepstack = len(visual.deepstack_merger_list)
-        return dict(fields, projected_tokens=tokens * (1 + deepstack))
+        return dict(
+            fields,
+            projected_tokens=tokens * (1 + deepstack),
+            tower_attention=True,
+            feature_block=len(visual.blocks) - 1,
+        )
