@@ -64,8 +64,8 @@ def llm_stage_prefill(
 ) -> tuple[torch.Tensor, Pruned]:
     """The prefill of an LLM-stage method: at each boundary the layers before it run on the
     current prompt, the method keeps visual tokens by the signal of its scoring layer, and the
-    prompt is cut to them. Returns the final hidden states (normed) and
-    the record decoding needs."""
+    prompt is cut to them. Returns the final hidden states (normed) and the record decoding
+    needs."""
     language = family.language_model
     check_callable(language, call.kwargs)
     original = prompt.filled(torch.cat(images.embeds))
@@ -251,7 +251,7 @@ def _attention_of(language_model: nn.Module, index: int) -> tuple[nn.Module, nn.
     attn = layer.self_attn
     if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
         raise ValueError(
-            f"tokcomp's in-LLM pruning computes layer attention from q_proj/k_proj; "
+            "tokcomp's in-LLM pruning computes layer attention from q_proj/k_proj; "
             f"{type(attn).__name__} has no such projections"
         )
     return layer, attn, sys.modules[type(attn).__module__].apply_rotary_pos_emb
