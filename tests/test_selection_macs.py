@@ -57,6 +57,7 @@ VISUAL_OPTIONS = {
     "visionzip": {"keep": 0.5},
     "vispruner": {"keep": 0.5},
     "pyramiddrop": {"keep": 0.5},
+    "dart": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
@@ -72,7 +73,7 @@ VISUAL_CASES = [
     *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
+        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "dart", "random")
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]
@@ -326,7 +327,10 @@ def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
     with torch.no_grad():
         outputs = projector[2](projector[1](projector[0](features)))
     attention, keys = torch.rand(1, tokens), torch.randn(1, tokens, 8)
-    visual = VisualTokens(outputs, projector, features, attention, keys)
+    text = {"text_keys": torch.randn(1, 6, 8), "text_states": torch.randn(1, 6, 16)}
+    text["text_valid"] = torch.ones(1, 6, dtype=torch.bool)
+    states = torch.randn(1, tokens, 16)  # an LLM-stage method's view of the tokens, as wide
+    visual = VisualTokens(outputs, projector, features, attention, keys, states, **text)
     chosen = create_method(method, **options)
     geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
     counted = _counted(lambda: chosen.select(visual, keep))

@@ -508,6 +508,7 @@ ROUND_TRIPS = {
     "fastervlm": ("llava_siglip", {"keep": 6}),
     "vispruner": ("llava", {"keep": 7, "important": 0.75}),
     "pyramiddrop": ("qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
+    "dart": ("smolvlm", {"keep": 7, "layer": 1, "pivot_image": 2, "pivot_text": 3}),
     "tome": ("llava", {"r": 3}),
 }
 

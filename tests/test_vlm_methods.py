@@ -273,6 +273,104 @@ def test_fastv_keeps_the_most_attended_tokens_lowest_index_on_ties():
     assert picks.tolist() == [[1, 2], [0, 1]]
 
 
+def _dart_by_hand(keys, states, text_keys, text_states, keep, image_pivots=4, text_pivots=4):
+    """DART's rule token by token, as the released get_retained_image_token runs it, with its
+    pivots in tokcomp's order (image, then text, each by descending key L1 norm) and the claims
+    split evenly (the released T // 8 each when keep = 4 + T)."""
+
+    def by_norm(rows):
+        return sorted(range(len(rows)), key=lambda i: (-float(rows[i].abs().sum()), i))
+
+    image = by_norm(keys)[: min(image_pivots, keep)]
+    pivots = [states[i] for i in image] + [text_states[i] for i in by_norm(text_keys)[:text_pivots]]
+    claims = keep - len(image)
+    quotas = [claims // len(pivots) + (n < claims % len(pivots)) for n in range(len(pivots))]
+    pool, kept = [i for i in range(len(states)) if i not in image], set(image)
+    for pivot, quota in zip(pivots, quotas, strict=True):
+        similarity = {i: float(torch.cosine_similarity(pivot, states[i], dim=0)) for i in pool}
+        claimed = sorted(pool, key=lambda i: (similarity[i], i))[:quota]
+        kept.update(claimed)
+        pool = [i for i in pool if i not in claimed]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("keep", [3, 13, 36, 40])
+def test_dart_pivots_claim_their_least_similar_tokens_as_by_hand(keep):
+    """36 = 4 pivots + 8 x 4: the released T = 32 (each pivot claims T // 8); 13: uneven
+    claims; 3: fewer tokens than image pivots. Row 1 has 2 text tokens after its image (2 text
+    pivots), row 2 none."""
+    torch.manual_seed(0)
+    keys, states = torch.randn(3, 40, 8), torch.randn(3, 40, 16)
+    text_keys, text_states = torch.randn(3, 6, 8), torch.randn(3, 6, 16)
+    valid = torch.tensor([[True] * 6, [False] * 4 + [True] * 2, [False] * 6])
+    visual = _visual(
+        torch.zeros(3, 40, 1),
+        keys=keys,
+        states=states,
+        text_keys=text_keys,
+        text_states=text_states,
+        text_valid=valid,
+    )
+    picks = create_method("dart", keep=keep).select(visual, keep)
+    for row in range(3):
+        real = valid[row]
+        expected = _dart_by_hand(
+            keys[row], states[row], text_keys[row][real], text_states[row][real], keep
+        )
+        assert picks[row].tolist() == expected, f"row {row}"
+
+
+@torch.no_grad()
+def test_dart_in_a_model_uses_layer_k_minus_1_cached_keys_and_normed_layer_k_inputs():
+    """The unpatched model's own cache gives layer 1's post-RoPE keys (GQA: repeated per query
+    head) and its hidden states the input of layer 2; each image's pivots (text: the real
+    tokens after that image, left padding and the other image's placeholders excluded) and
+    claims from those, by hand, are what DART keeps before layer 2."""
+    from vlm_fixtures import IMAGE, batch_inputs, tiny_vlm
+
+    model = tiny_vlm("llava")
+    batch, _ = batch_inputs(model, "llava", [(1, 5), (2, 3)], seed=3)
+    language = model.model.language_model
+    torch.manual_seed(0)
+    language.norm.weight.uniform_(0.5, 1.5)  # the initial ones leave cosines unchanged
+    out = model(**batch, use_cache=True, output_hidden_states=True)
+    keys = out.cache.layers[1].keys
+    keys = keys.repeat_interleave(language.config.num_attention_heads // keys.shape[1], dim=1)
+    keys = keys.transpose(1, 2).flatten(2)
+    states = language.norm(out.hidden_states[2])
+    expected = []
+    for row, ids in enumerate(batch["input_ids"]):
+        text = (ids != IMAGE) & batch["attention_mask"][row].bool()
+        image = (ids == IMAGE).nonzero().squeeze(1)
+        for span in image.split(16):
+            after = text.nonzero().squeeze(1)
+            after = after[after > span[-1]]
+            expected.append(
+                _dart_by_hand(
+                    keys[row, span], states[row, span], keys[row, after], states[row, after], 13
+                )
+            )
+    seen = []
+
+    class Recorded(type(create_method("dart"))):
+        def select(self, visual, keep):
+            picks = super().select(visual, keep)
+            seen.extend(picks.tolist())
+            return picks
+
+    tokcomp.apply(model, Recorded(keep=13))
+    model(**batch)
+    assert seen == expected
+
+
+def test_dart_counts_pivots_in_keep_and_refuses_bad_pivot_counts():
+    assert create_method("dart").kept_of(576) == 132  # the released T = 128: 4 + 8 x 16
+    with pytest.raises(ValueError, match="pivot_image must be an int >= 1"):
+        create_method("dart", pivot_image=0)
+    with pytest.raises(ValueError, match="pivot_text must be an int >= 0"):
+        create_method("dart", pivot_text=-1)
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_siglip"])
 @torch.no_grad()
 def test_fastervlm_keeps_the_tokens_the_feature_layer_class_token_attends_to_most(family):

@@ -36,6 +36,13 @@ class VisualSignal(enum.Enum):
     KEYS = "keys"  # head-averaged attention keys at the feature layer, (B, N, head_dim)
 
 
+class LLMSignal(enum.Enum):
+    """What an LLM-stage method ranks the visual tokens by, at each of its boundaries."""
+
+    ATTENTION = "attention"  # the attention they receive from the query rows in the scoring layer
+    KEYS_AND_STATES = "keys_and_states"  # the scoring layer's keys, the normed states entering b
+
+
 class ProjectorForm(enum.Enum):
     """The shape of a VLM's projector, as far as perturbing it goes (ZOO's sensitivity)."""
 
@@ -92,8 +99,12 @@ class VisualTokens:
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
     features to outputs. features / attention / keys: see VisualSignal (None unless declared).
     Towers without a class token (SigLIP) give as attention the mean attention each token
-    receives. LLM-stage methods get here the attention each token receives inside the language
-    model.
+    receives. LLM-stage methods get here what their `llm_signal` names: the attention each
+    token receives inside the language model (ATTENTION); or (KEYS_AND_STATES) as `keys` the
+    scoring layer's post-RoPE keys, query heads concatenated (B, N, heads * head_dim), as
+    `states` the final-normed hidden states entering the boundary layer (B, N, D), and the
+    same two of the prompt's text tokens after the image (`text_keys`, `text_states`,
+    (B, M, ...), left-padded; `text_valid` (B, M) marks the real ones).
     """
 
     outputs: torch.Tensor
@@ -101,6 +112,10 @@ class VisualTokens:
     features: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
+    text_states: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -243,12 +258,14 @@ def budget_shares(sizes: Sequence[int], budget: int) -> list[int]:
 class LLMStageMethod(VisualMethod):
     """A visual-token method that chooses inside the language model, at one or more boundaries
     (`boundaries`): before decoder layer b, it keeps `kept_at(stage, tokens)` of each image's
-    `tokens` visual tokens, ranked by the attention they receive from the `queries` rows in
-    decoder layer `scoring_layer(b)` (FastV: b - 1, the last layer before the cut; PyramidDrop:
-    b, from the layer's own projections before it runs); layers from b on see the kept ones.
-    The VLM adapter runs the decoder span by span around the choices."""
+    `tokens` visual tokens, ranked by its `llm_signal` in decoder layer `scoring_layer(b)`
+    (FastV: b - 1, the last layer before the cut; PyramidDrop: b, from the layer's own
+    projections before it runs): the attention they receive from the `queries` rows, or
+    (DART) that layer's keys and the hidden states entering layer b; layers from b on see the
+    kept ones. The VLM adapter runs the decoder span by span around the choices."""
 
     stage: ClassVar[Stage] = Stage.LLM
+    llm_signal: ClassVar[LLMSignal] = LLMSignal.ATTENTION
 
     def boundaries(self, llm_depth: int) -> list[int]:
         """The decoder layers, ascending, before which the method chooses."""

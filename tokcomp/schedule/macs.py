@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from tokcomp.methods import BlockMethod, LLMStageMethod, Method, Signal, Stage, VisualMethod
-from tokcomp.methods.visual import VisualSignal, budget_shares
+from tokcomp.methods.visual import LLMSignal, VisualSignal, budget_shares
 from tokcomp.schedule.spec import ModelSpec, VLMSpec
 
 
@@ -107,14 +107,14 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
 
 
 def _visual_signal_macs(spec: VLMSpec, method: VisualMethod, schedule: list[int]) -> int:
-    """The attention the adapter computes for a visual-token method: the language model's
-    scoring layer at each boundary (LLM stage) or the tower's feature layer, per crop
-    (attention or keys declared)."""
+    """The signals the adapter computes for a visual-token method: the language model's scoring
+    layer's at each boundary (LLM stage) or the tower's attention at its feature layer, per
+    crop (attention or keys declared)."""
     if method.stage is Stage.LLM:
         visual = schedule[spec.depth :]
         boundaries = method.checked_boundaries(spec.llm_depth)
         return sum(
-            _layer_attention_macs(spec, method, visual[method.scoring_layer(b)]) for b in boundaries
+            _layer_signal_macs(spec, method, visual[method.scoring_layer(b)]) for b in boundaries
         )
     if method.visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
         return spec.crops * _tower_attention_macs(spec)
@@ -127,6 +127,15 @@ def _tower_attention_macs(spec: VLMSpec) -> int:
     rows = 1 if spec.class_token else spec.tokens
     projections = (rows + spec.tokens) * spec.width * spec.attn_dim
     return projections + rows * spec.tokens * spec.attn_dim
+
+
+def _layer_signal_macs(spec: VLMSpec, method: LLMStageMethod, visual: int) -> int:
+    """The signal a scoring layer gives `method` with `visual` visual tokens at that layer: its
+    keys of the whole prompt (adapters/hf_vlm/decoder.py `layer_keys`; the final norm has no
+    matmul), or its attention."""
+    if method.llm_signal is LLMSignal.KEYS_AND_STATES:
+        return (spec.prompt_tokens + visual) * spec.visual_geometry.output_width * spec.llm_kv_dim
+    return _layer_attention_macs(spec, method, visual)
 
 
 def _layer_attention_macs(spec: VLMSpec, method: LLMStageMethod, visual: int) -> int:

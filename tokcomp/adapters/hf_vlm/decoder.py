@@ -1,7 +1,8 @@
-"""The language model run layer span by layer span, for LLM-stage methods (FastV): the first
-`layer` decoder layers see the whole prompt, the method chooses from the attention the visual
-tokens receive in the last of them, and the other layers see the kept tokens, with their own
-mask and positions, in the prefill and in every later call of the generation."""
+"""The language model run layer span by layer span, for LLM-stage methods (FastV, PyramidDrop,
+DART): the layers before a boundary see the whole prompt, the method chooses from the signal it
+declared (the attention the visual tokens receive in its scoring layer, or that layer's keys and
+the hidden states entering the boundary), and the later layers see the kept tokens, with their
+own mask and positions, in the prefill and in every later call of the generation."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from tokcomp.adapters.hf_vlm.generation import (
     pruned_record,
 )
 from tokcomp.adapters.hf_vlm.selection import choose, place, surviving
-from tokcomp.adapters.hf_vlm.sequence import Prompt
+from tokcomp.adapters.hf_vlm.sequence import Prompt, pack
 from tokcomp.methods import LLMStageMethod
+from tokcomp.methods.visual import LLMSignal
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ def llm_stage_prefill(
     family: VLMFamily, method: LLMStageMethod, call: Call, prompt: Prompt, images: Images
 ) -> tuple[torch.Tensor, Pruned]:
     """The prefill of an LLM-stage method: at each boundary the layers before it run on the
-    current prompt, the method keeps the visual tokens that receive the most attention in its
-    scoring layer, and the prompt is cut to them. Returns the final hidden states (normed) and
-    the record decoding needs."""
+    current prompt, the method keeps visual tokens by the signal of its scoring layer, and the
+    prompt is cut to them. Returns the final hidden states (normed) and the record decoding
+    needs."""
     language = family.language_model
     check_callable(language, call.kwargs)
     original = prompt.filled(torch.cat(images.embeds), images.injected_rows())
@@ -92,16 +94,21 @@ def _cut_at(
     boundary: int,
     budgets: list[int],
 ) -> _Progress:
-    """Run the layers up to `boundary`, score the visual tokens in the method's scoring layer,
+    """Run the layers up to `boundary`, give the method its signal from its scoring layer,
     keep `budgets` of each image and cut the prompt to them."""
     current, images = progress.prompt, progress.images
     scorer = method.scoring_layer(boundary)
-    hidden = _run(family, call, progress, scorer)
+    before = _run(family, call, progress, scorer)
+    hidden = _run(family, call, replace(progress, start=scorer, hidden=before), boundary)
     span = _span(family, current, scorer, scorer)
-    queries = method.queries(current.text)
-    scores = attention_received(family.language_model, scorer, hidden, span, queries)
-    hidden = _run(family, call, replace(progress, start=scorer, hidden=hidden), boundary)
-    choices = choose(method, _scored(images, scores[current.placeholder]), budgets)
+    language = family.language_model
+    if method.llm_signal is LLMSignal.ATTENTION:
+        scores = attention_received(language, scorer, before, span, method.queries(current.text))
+        signalled = _signalled(images, current, {"attention": scores})
+    else:
+        keys = layer_keys(language, scorer, before, span)
+        signalled = _signalled(images, current, {"keys": keys, "states": language.norm(hidden)})
+    choices = choose(method, signalled, budgets)
     kept, _ = place(current.placeholder, images.counts(), choices)
     cut = cut_prompt(family, current.with_embeds(hidden), kept, method.positions)
     return _Progress(
@@ -154,16 +161,19 @@ def check_callable(language_model: nn.Module, kwargs: dict[str, Any]) -> None:
     implementation = config._attn_implementation
     if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
         raise ValueError(
-            f"fastv needs attention masks for the layers after pruning, which transformers "
-            f"cannot build for attn_implementation={implementation!r}; load the model with "
-            "attn_implementation='sdpa' (or 'eager') or call model.set_attn_implementation('sdpa')"
+            "in-LLM pruning needs attention masks for the layers after the cut, which "
+            f"transformers cannot build for attn_implementation={implementation!r}; load the "
+            "model with attn_implementation='sdpa' (or 'eager') or call "
+            "model.set_attn_implementation('sdpa')"
         )
     if set(layer_types(config)) - {"full_attention", "sliding_attention"}:
-        raise ValueError("fastv supports language models with full or sliding-window attention")
+        raise ValueError(
+            "in-LLM pruning supports language models with full or sliding-window attention"
+        )
     if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
         raise ValueError(
-            "fastv runs the decoder layers itself: output_attentions and output_hidden_states "
-            "are not available; call tokcomp.remove(model) for them"
+            "in-LLM pruning runs the decoder layers itself: output_attentions and "
+            "output_hidden_states are not available; call tokcomp.remove(model) for them"
         )
 
 
@@ -259,26 +269,17 @@ def attention_received(
     """(B, L) float32: the attention each token receives in decoder layer `index` on the input
     `hidden`, averaged over heads and over the (B, L) `queries` rows; computed from the layer's
     own q/k projections with its RoPE, causal and padding masks (no eager attention needed)."""
-    layer = language_model.layers[index]
-    attn = layer.self_attn
-    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
-        raise ValueError(
-            f"fastv computes layer attention from q_proj/k_proj; {type(attn).__name__} has no "
-            "such projections"
-        )
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    layer, attn, rotate = _attention_of(language_model, index)
     x = layer.input_layernorm(hidden)
     length = x.shape[1]
     rows = queries.any(dim=0).nonzero().squeeze(1)
     kind = layer_types(language_model.config)[index]
     cos, sin = _rope(language_model, x, span.rope_positions, kind)
     q = split_heads(attn.q_proj(x[:, rows]), attn.head_dim)
-    k = split_heads(attn.k_proj(x), attn.head_dim)
     if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q = attn.q_norm(q)
     q = rotate(q, q, cos[:, rows], sin[:, rows])[0]
-    k = rotate(k, k, cos, sin)[0]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = _repeated_keys(attn, rotate, x, cos, sin)
     valid = torch.ones_like(queries) if span.mask is None else span.mask.bool()
     allowed = _allowed(language_model.config, kind, rows, length, span.blocks) & valid[:, None, :]
     bias = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, -torch.inf)
@@ -303,13 +304,69 @@ def _allowed(
     return allowed
 
 
-def _scored(images: Images, scores: torch.Tensor) -> Images:
-    """`images` whose segments carry the (T,) attention scores of their placeholders."""
-    starts = torch.tensor([0, *images.counts()]).cumsum(0).tolist()
-    segments = [
-        Segment(
-            s.image, s.slots, replace(s.visual, attention=scores[starts[s.image] + s.slots][None])
+def layer_keys(
+    language_model: nn.Module, index: int, hidden: torch.Tensor, span: LayerSpan
+) -> torch.Tensor:
+    """(B, L, heads * head_dim): decoder layer `index`'s post-RoPE keys of the input `hidden`,
+    each key head repeated for the query heads it serves (repeat_kv), heads concatenated."""
+    layer, attn, rotate = _attention_of(language_model, index)
+    x = layer.input_layernorm(hidden)
+    kind = layer_types(language_model.config)[index]
+    cos, sin = _rope(language_model, x, span.rope_positions, kind)
+    return _repeated_keys(attn, rotate, x, cos, sin).transpose(1, 2).flatten(2)
+
+
+def _attention_of(language_model: nn.Module, index: int) -> tuple[nn.Module, nn.Module, Any]:
+    """Decoder layer `index`, its attention module and its model's apply_rotary_pos_emb."""
+    layer = language_model.layers[index]
+    attn = layer.self_attn
+    if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "head_dim", "scaling")):
+        raise ValueError(
+            "tokcomp's in-LLM pruning computes layer attention from q_proj/k_proj; "
+            f"{type(attn).__name__} has no such projections"
         )
-        for s in images.segments
-    ]
+    return layer, attn, sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+
+def _repeated_keys(
+    attn: nn.Module, rotate: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """(B, heads, L, head_dim): the rotated keys of the normed input `x`, one per query head."""
+    k = split_heads(attn.k_proj(x), attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = rotate(k, k, cos, sin)[0]
+    heads = attn.q_proj.out_features // attn.head_dim
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def _signalled(images: Images, prompt: Prompt, signals: dict[str, torch.Tensor]) -> Images:
+    """`images` whose segments carry the (B, L, ...) per-token `signals` of their placeholders
+    in `prompt` (field names of VisualTokens), and, with "keys" and "states", those of the
+    text tokens after each image."""
+    starts = torch.tensor([0, *images.counts()]).cumsum(0).tolist()
+    visual = {name: signal[prompt.placeholder] for name, signal in signals.items()}
+    text = _text_after(prompt, starts, signals) if "states" in signals else {}
+    segments = []
+    for s in images.segments:
+        own = {name: value[starts[s.image] + s.slots][None] for name, value in visual.items()}
+        after = {name: value[s.image][None] for name, value in text.items()}
+        segments.append(Segment(s.image, s.slots, replace(s.visual, **own, **after)))
     return replace(images, segments=segments)
+
+
+def _text_after(
+    prompt: Prompt, starts: list[int], signals: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per image, the keys and states of its sample's text tokens after its last placeholder,
+    left-padded to the longest (I, M, ...), and which are real (I, M)."""
+    rows, cols = prompt.placeholder.nonzero(as_tuple=True)
+    last = torch.tensor(starts[1:], device=rows.device) - 1
+    row, col = rows[last], cols[last]
+    columns = torch.arange(prompt.text.shape[1], device=rows.device)
+    packing = pack(prompt.text[row] & (columns[None] > col[:, None]))
+    return {
+        "text_keys": packing.gather(signals["keys"][row]),
+        "text_states": packing.gather(signals["states"][row]),
+        "text_valid": packing.mask.bool(),
+    }

@@ -5,7 +5,7 @@ and the choices spread over the prompt's placeholders."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -66,13 +66,8 @@ def _stack(visuals: list[VisualTokens]) -> VisualTokens:
         parts = [getattr(v, name) for v in visuals]
         return None if parts[0] is None else torch.cat(parts)
 
-    return VisualTokens(
-        outputs=cat("outputs"),
-        projector=visuals[0].projector,
-        features=cat("features"),
-        attention=cat("attention"),
-        keys=cat("keys"),
-    )
+    signals = {f.name: cat(f.name) for f in fields(VisualTokens) if f.name != "projector"}
+    return VisualTokens(projector=visuals[0].projector, **signals)
 
 
 def _row(selection: Selection, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
