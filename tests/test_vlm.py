@@ -500,23 +500,27 @@ def test_vit_methods_are_refused_where_the_tower_cannot_be_compressed():
 # -- configs, MACs ----------------------------------------------------------------------------
 
 
-ROUND_TRIPS = {
-    "zoo": ("llava", {"keep": 5, "positions": "keep", "sketch": 8}),
-    "random": ("qwen2_5_vl", {"keep_ratio": 0.5, "seed": 3}),
-    "fastv": ("idefics3", {"keep": 3, "layer": 1, "query": "text"}),
-    "visionzip": ("llava_next", {"keep": 0.3}),
-    "fastervlm": ("llava_siglip", {"keep": 6}),
-    "vispruner": ("llava", {"keep": 7, "important": 0.75}),
-    "pyramiddrop": ("qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
-    "dart": ("smolvlm", {"keep": 7, "layer": 1, "pivot_image": 2, "pivot_text": 3}),
-    "tome": ("llava", {"r": 3}),
-}
+#: (method, family, options): every method once, and the newest families.
+ROUND_TRIPS = [
+    ("zoo", "llava", {"keep": 5, "positions": "keep", "sketch": 8}),
+    ("random", "qwen2_5_vl", {"keep_ratio": 0.5, "seed": 3}),
+    ("fastv", "idefics3", {"keep": 3, "layer": 1, "query": "text"}),
+    ("visionzip", "llava_next", {"keep": 0.3}),
+    ("fastervlm", "llava_siglip", {"keep": 6}),
+    ("vispruner", "llava", {"keep": 7, "important": 0.75}),
+    ("pyramiddrop", "qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
+    ("dart", "smolvlm", {"keep": 7, "layer": 1, "pivot_image": 2, "pivot_text": 3}),
+    ("tome", "llava", {"r": 3}),
+    ("vispruner", "mistral3", {"keep": 4, "important": 0.75}),
+    ("pyramiddrop", "qwen3_vl", {"keep": 0.5, "layers": [1, 2]}),
+]
 
 
-@pytest.mark.parametrize("method", sorted(ROUND_TRIPS))
+@pytest.mark.parametrize(
+    ("method", "family", "options"), ROUND_TRIPS, ids=[f"{m}-{f}" for m, f, _ in ROUND_TRIPS]
+)
 @torch.no_grad()
-def test_config_round_trips_and_reapplies(method, tmp_path):
-    family, options = ROUND_TRIPS[method]
+def test_config_round_trips_and_reapplies(method, family, options, tmp_path):
     model = tokcomp.apply(_model(family), method, **options)
     config = tokcomp.config_of(model)
     assert config.method == method and config.options == options
@@ -580,7 +584,7 @@ def test_fastv_schedule_prunes_after_layer_k_and_target_macs_picks_a_budget():
 # -- generation variants, re-entrancy ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm", "mistral3", "qwen3_vl"])
 @torch.no_grad()
 def test_sampling_runs_with_sdpa_kept(family):
     model = tokcomp.apply(_model(family), "zoo", keep=0.5)
@@ -607,10 +611,11 @@ def _manual_greedy(model, batch: dict, steps: int = STEPS) -> torch.Tensor:
     return torch.cat(tokens, dim=1)
 
 
+@pytest.mark.parametrize("family", ["llava", "mistral3"])
 @torch.no_grad()
-def test_decoding_without_position_ids_continues_llama_numbering():
-    model = _model("llava")
-    batch, _ = _inputs(model, "llava", [(1, 6), (1, 2)])
+def test_decoding_without_position_ids_continues_llama_numbering(family):
+    model = _model(family)
+    batch, _ = _inputs(model, family, [(1, 6), (1, 2)])
     expected = _manual_greedy(model, batch)
     tokcomp.apply(model, "divprune", keep=1.0)
     assert torch.equal(_manual_greedy(model, batch), expected)
