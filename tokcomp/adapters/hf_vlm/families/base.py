@@ -104,6 +104,11 @@ class VLMFamily(abc.ABC):
         projector = self.inner.multi_modal_projector
         return (projector.linear_1, projector.act, projector.linear_2)
 
+    def option(self, inputs: dict[str, Any], name: str) -> Any:
+        """A feature option from the call, else from the config."""
+        value = inputs.get(name)
+        return getattr(self.model.config, name) if value is None else value
+
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
         """The model's own get_image_features (asking for what `needs` requires)."""
         return type(self.inner).get_image_features(self.inner, *args, **kwargs)

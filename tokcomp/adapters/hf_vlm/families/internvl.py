@@ -28,11 +28,6 @@ class InternVL(VLMFamily):
         projector = self.inner.multi_modal_projector
         return (projector.layer_norm, projector.linear_1, projector.act, projector.linear_2)
 
-    def option(self, inputs: dict[str, Any], name: str) -> Any:
-        """A feature option from the call, else from the config."""
-        value = inputs.get(name)
-        return getattr(self.model.config, name) if value is None else value
-
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
         layer = self.option(kwargs, "vision_feature_layer")
         if VisualSignal.FEATURES in needs and layer != -1:

@@ -41,11 +41,6 @@ class Llava(VLMFamily):
     def tower(self) -> nn.Module:
         return self.inner.vision_tower
 
-    def option(self, inputs: dict[str, Any], name: str) -> Any:
-        """A feature option from the call, else from the config."""
-        value = inputs.get(name)
-        return getattr(self.model.config, name) if value is None else value
-
     @property
     def tower_adapter(self) -> HFVisionAdapter:
         """The hf_vision adapter of the tower (it knows where the tower keeps its parts)."""

@@ -44,11 +44,6 @@ class Mistral3(VLMFamily):
         merger = projector.patch_merger.merging_layer
         return (merger, projector.linear_1, projector.act, projector.linear_2)
 
-    def option(self, inputs: dict[str, Any], name: str) -> Any:
-        """A feature option from the call, else from the config."""
-        value = inputs.get(name)
-        return getattr(self.model.config, name) if value is None else value
-
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
         wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
         if wanted and kwargs.get("output_hidden_states") is not True:

@@ -3,6 +3,7 @@ deepstack features added to the visual tokens' hidden states in the first decode
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -10,12 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcomp.adapters.base import attention_probs
-from tokcomp.adapters.hf_vlm.families.base import (
-    REFERENCE_PIXELS,
-    Images,
-    one_segment_each,
-    tower_fields,
-)
+from tokcomp.adapters.hf_vlm.families.base import Images, one_segment_each
 from tokcomp.adapters.hf_vlm.families.qwen2_vl import Qwen2VL
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods.visual import VisualSignal
@@ -66,7 +62,7 @@ class Qwen3VL(Qwen2VL):
         if not levels:
             return images
         injected = [torch.stack(per_level, dim=1) for per_level in zip(*levels, strict=True)]
-        return Images(images.embeds, images.segments, injected=injected)
+        return replace(images, injected=injected)
 
     def _attention(self, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last tower block's attention each patch receives from the patches of its image
@@ -100,24 +96,13 @@ class Qwen3VL(Qwen2VL):
         return {"visual_pos_masks": visual, "deepstack_visual_embeds": list(levels)}
 
     def vision_fields(self) -> dict[str, Any]:
+        fields = super().vision_fields()
         visual = self.inner.visual
-        merge = visual.spatial_merge_size
-        side = REFERENCE_PIXELS // visual.config.patch_size // merge * merge
-        tokens = side * side // merge**2
-        fields = tower_fields(
-            visual.blocks,
-            "attn",
-            "mlp",
-            side * side,
-            visual.patch_embed.proj,
-            visual.config.num_heads,
-            tokens,
-        )
         # the deepstack mergers have the projector's widths: count them as more projected tokens
         deepstack = len(visual.deepstack_merger_list)
         return dict(
             fields,
-            projected_tokens=tokens * (1 + deepstack),
+            projected_tokens=fields["visual_tokens"] * (1 + deepstack),
             tower_attention=True,
             feature_block=len(visual.blocks) - 1,
         )
