@@ -332,7 +332,7 @@ def test_gemma3_pruned_images_attend_as_in_the_model_on_the_shorter_prompt():
 
 @torch.no_grad()
 def test_mistral3_signals_are_the_towers_eager_attention_pooled_over_each_merged_window():
-    """Images of 4 x 6 and 6 x 4 patches in one tower pass: each merged token's attention is
+    """Images of 4 x 6 and 4 x 4 patches in one tower pass: each merged token's attention is
     the mean over its 2 x 2 patches of what each patch receives in the last block (the eager
     weights, averaged over the image's queries, summed over heads); its features are the
     merger's inputs, which the projector takes to the model's own image features."""
@@ -347,7 +347,7 @@ def test_mistral3_signals_are_the_towers_eager_attention_pooled_over_each_merged
     tower.config._attn_implementation = "eager"
     weights = tower(**inputs, output_attentions=True).attentions[-1][0]
     start = 0
-    for segment, (height, width) in zip(images.segments, [(4, 6), (6, 4)], strict=True):
+    for segment, (height, width) in zip(images.segments, [(4, 6), (4, 4)], strict=True):
         block = slice(start, start + height * width)
         received = weights[:, block, block].mean(dim=1).sum(dim=0).view(1, height, width)
         pooled = torch.nn.functional.avg_pool2d(received, 2).flatten()

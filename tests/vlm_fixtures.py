@@ -369,7 +369,7 @@ def _pixtral_image(
     and its tokens as the Pixtral processor lays them out: each row of merged tokens followed
     by an image-break token, the last by an image-end token."""
     largest = model.config.vision_config.image_size
-    height, width = [(32, 48), (48, 32), (32, 32)][index % 3]
+    height, width = [(32, 48), (32, 32), (48, 32)][index % 3]
     pixels = torch.zeros(3, largest, largest)
     pixels[:, :height, :width] = torch.randn(3, height, width, generator=generator)
     step = model.config.vision_config.patch_size * model.config.spatial_merge_size
