@@ -472,6 +472,50 @@ def test_qwen3_vl_signals_are_the_last_blocks_eager_attention_averaged_per_merge
         torch.testing.assert_close(segment.visual.attention[0], received, rtol=1e-4, atol=1e-6)
 
 
+@torch.no_grad()
+def test_qwen3_vl_llm_stage_cut_keeps_the_kept_tokens_later_deepstack_features():
+    """FastV cutting before layer 1 of 3 (deepstack adds after layers 0 and 1), by hand with the
+    model's own layers: layer 0 and its injection on the whole prompt; the kept rows (each
+    image's last two tokens) with their original positions; layer 1 and the kept tokens' own
+    second-level features; layer 2. Without that second injection the logits differ."""
+    model, keep = _model("qwen3_vl"), 2
+    batch, _ = _inputs(model, "qwen3_vl", [(2, 3)])
+    ids, inner = batch["input_ids"], model.model
+    language = inner.language_model
+    encoded = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    positions, _ = inner.get_rope_index(
+        ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"]
+    )
+    visual = ids == IMAGE
+    hidden = language.embed_tokens(ids)
+    hidden[visual] = torch.cat(encoded.pooler_output)
+    levels = [torch.cat(level) for level in encoded.deepstack_features]
+    in_image = (visual.long().cumsum(1) - 1) % 6  # 6 tokens per image
+    kept = ~visual | (in_image >= 6 - keep)
+
+    def layer(index: int, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        mask = torch.zeros(causal.shape).masked_fill(~causal, -torch.inf)[None, None]
+        rotary = language.rotary_emb(x, rope)
+        return language.layers[index](x, attention_mask=mask, position_embeddings=rotary)
+
+    def logits(second_injection: bool) -> torch.Tensor:
+        x = layer(0, hidden, positions)
+        x[visual] += levels[0]
+        x, rope, kept_visual = x[:, kept[0]], positions[:, :, kept[0]], visual[:, kept[0]]
+        x = layer(1, x, rope)
+        if second_injection:
+            x[kept_visual] += levels[1][kept[visual]]
+        x = layer(2, x, rope)
+        return model.lm_head(language.norm(x))[:, -1]
+
+    expected, without = logits(True), logits(False)
+    tokcomp.apply(model, _fixed("fastv", keep=keep, layer=1, positions="keep"))
+    patched = model(**batch).logits[:, -1]
+    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(patched, without, rtol=1e-3, atol=1e-3)
+
+
 # -- vision-transformer methods in the LLaVA tower ------------------------------------------
 
 
