@@ -39,6 +39,7 @@ BLOCK_OPTIONS = {
 VISUAL_OPTIONS = {
     "zoo": {"keep": 0.5},
     "divprune": {"keep": 0.5},
+    "cdpruner": {"keep": 0.5},
     "fastv": {"keep": 0.5},
     "fastervlm": {"keep": 0.5},
     "visionzip": {"keep": 0.5},
@@ -54,7 +55,7 @@ VISUAL_CASES = [
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "random")
+        for method in ("zoo", "divprune", "cdpruner", "fastv", "pyramiddrop", "random")
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]
@@ -261,7 +262,8 @@ def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
     with torch.no_grad():
         outputs = projector[2](projector[1](projector[0](features)))
     attention, keys = torch.rand(1, tokens), torch.randn(1, tokens, 8)
-    visual = VisualTokens(outputs, projector, features, attention, keys)
+    text = (torch.randn(5, 16),)
+    visual = VisualTokens(outputs, projector, features, attention, keys, text)
     chosen = create_method(method, **options)
     geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
     counted = _counted(lambda: chosen.select(visual, keep))
