@@ -123,7 +123,10 @@ void greedy_dpp_cpu_kernel(
   });
 }
 
-at::Tensor greedy_dpp_cpu(const at::Tensor& similarity_in, const at::Tensor& relevance_in, int64_t k) {
+at::Tensor greedy_dpp_cpu(
+    const at::Tensor& similarity_in,
+    const at::Tensor& relevance_in,
+    int64_t k) {
   check_greedy_dpp_inputs(similarity_in, relevance_in, k);
   const at::Tensor similarity = similarity_in.contiguous();
   const at::Tensor relevance = relevance_in.to(at::kFloat).contiguous();
