@@ -565,7 +565,9 @@ def _dpp_inputs(
 def test_greedy_dpp_parity(
     device: str, route: str, dtype: torch.dtype, batch: int, tokens: int
 ) -> None:
-    """Exact picks: the kernels do the reference's float32 operations in its order, unfused."""
+    """Exact picks: the kernels do the reference's float32 operations in its order, unfused.
+    The reference runs on the CPU (the same IEEE operations; on a GPU its k^2/2 steps would be
+    as many kernel launches)."""
     op = _op(device, route, "greedy_dpp")
     generator = torch.Generator().manual_seed(tokens * 5 + batch)
     similarity, relevance = _dpp_inputs(batch, tokens, generator)
@@ -573,8 +575,8 @@ def test_greedy_dpp_parity(
     for k in sorted({1, 2, max(1, tokens // 9), tokens}):
         got = op(similarity, relevance, k)
         assert got.dtype == torch.int64 and got.shape == (batch, k)
-        want = greedy_dpp_reference(similarity.float(), relevance, k)
-        assert torch.equal(got, want), f"k={k}"
+        want = greedy_dpp_reference(similarity.float().cpu(), relevance.cpu(), k)
+        assert torch.equal(got.cpu(), want), f"k={k}"
         assert all(row == sorted(set(row)) for row in got.tolist())
 
 
@@ -608,7 +610,8 @@ def test_greedy_dpp_non_finite(device: str, route: str, dtype: torch.dtype) -> N
     similarity, relevance = similarity.to(device, dtype), relevance.to(device)
     for k in (20, 40):
         got = op(similarity, relevance, k)
-        assert torch.equal(got.cpu(), greedy_dpp_reference(similarity.float(), relevance, k).cpu())
+        want = greedy_dpp_reference(similarity.float().cpu(), relevance.cpu(), k)
+        assert torch.equal(got.cpu(), want)
     assert 7 not in op(similarity, relevance, 20)[0].tolist()
     assert 12 in op(similarity, relevance, 1)[1].tolist()
 
