@@ -11,7 +11,8 @@ from torch import nn
 
 import tokcomp
 from tokcomp.adapters.hf_vlm.families import Images, Segment
-from tokcomp.adapters.hf_vlm.selection import _budget_shares
+from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_text
+from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import create_method
 from tokcomp.methods import zoo as zoo_module
 from tokcomp.methods.cdpruner import instruction_relevance
@@ -335,6 +336,19 @@ def test_cdpruner_chooses_per_sample_as_alone():
     for row in range(3):
         alone = method.select(_visual(outputs[row : row + 1], text=texts[row : row + 1]), 6)
         assert torch.equal(together[row], alone[0])
+
+
+def test_each_image_gets_its_own_prompts_text_tokens():
+    """Left-padded prompts, 1 and 2 images (2 placeholders each): every segment gets the real,
+    non-placeholder tokens of the prompt its image's placeholders are in."""
+    placeholder = torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)
+    embeds = torch.arange(14.0).reshape(2, 7, 1)
+    prompt = Prompt(embeds, placeholder, valid, torch.zeros(1, 2, 7), None)
+    segments = [Segment(i, torch.arange(2), _visual(torch.zeros(1, 2, 1))) for i in range(3)]
+    images = with_text(Images([torch.zeros(2, 1)] * 3, segments), prompt)
+    texts = [s.visual.text[0].flatten().tolist() for s in images.segments]
+    assert texts == [[1.0, 2.0, 5.0, 6.0], [7.0, 10.0, 13.0], [7.0, 10.0, 13.0]]
 
 
 def test_cdpruner_refuses_a_prompt_without_text():
