@@ -303,7 +303,7 @@ def test_cdpruner_relevance_is_the_mean_text_cosine_normalised_per_sample():
     first, (words,) = _text_and_tokens(generator)
     second = torch.randn(1, 8, 16, generator=generator)
     texts = (words, torch.randn(5, 16, generator=generator))
-    relevance = instruction_relevance(torch.cat([first, second]), texts)
+    relevance = instruction_relevance(F.normalize(torch.cat([first, second]), dim=-1), texts)
     for row, (tokens, text) in enumerate(zip(torch.cat([first, second]), texts, strict=True)):
         cosine = F.cosine_similarity(tokens[:, None], text[None], dim=-1).mean(dim=1)
         expected = (cosine - cosine.min() + 1e-6) / (cosine.max() - cosine.min())
@@ -317,7 +317,7 @@ def test_cdpruner_prefers_the_token_matching_the_text_then_diverse_ones():
     outputs, text = _text_and_tokens(generator)
     method = create_method("cdpruner", keep=3)
     assert method.select(_visual(outputs, text=text), 1).tolist() == [[5]]
-    relevance = instruction_relevance(outputs, text)
+    relevance = instruction_relevance(F.normalize(outputs, dim=-1), text)
     similarity = cosine_similarity_matrix(outputs)
     kernel = relevance[0, :, None] * similarity[0] * relevance[0, None, :]
     picks = method.select(_visual(outputs, text=text), 3)

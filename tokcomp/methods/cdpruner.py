@@ -13,26 +13,27 @@ import torch.nn.functional as F
 
 from tokcomp.methods.registry import register
 from tokcomp.methods.visual import VisualGeometry, VisualMethod, VisualSignal, VisualTokens
-from tokcomp.ops import cosine_similarity_matrix, greedy_dpp
+from tokcomp.ops import greedy_dpp
 
 #: Added to the shifted relevance so the least relevant token keeps a non-zero weight (released
 #: llava_arch.py encode_images).
 RELEVANCE_FLOOR = 1e-6
 
 
-def instruction_relevance(outputs: torch.Tensor, text: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(B, N) relevance of each visual token to its prompt's text: the mean over the text
-    tokens of their cosine similarity to the token (one matmul with the mean unit text vector),
-    min-max normalised per sample to (0, 1] as the released code does over its whole batch."""
+def instruction_relevance(unit: torch.Tensor, text: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(B, N) relevance of unit-norm visual tokens (B, N, D) to their prompts' text: the mean
+    over the text tokens of their cosine similarity to the token (one matmul with the mean
+    unit text vector), min-max normalised per sample to (0, 1] as the released code does over
+    its whole batch."""
     rows = []
-    for tokens, words in zip(outputs, text, strict=True):
+    for tokens, words in zip(unit, text, strict=True):
         if words.shape[0] == 0:
             raise ValueError(
                 "cdpruner: a prompt has no text tokens to condition its visual tokens on; give "
                 "each image an instruction (or use divprune, its unconditional counterpart)"
             )
         direction = F.normalize(words.float(), dim=-1).mean(dim=0)
-        rows.append((F.normalize(tokens.float(), dim=-1) @ direction[:, None])[:, 0])
+        rows.append((tokens @ direction[:, None])[:, 0])
     relevance = torch.stack(rows)
     low, high = relevance.aminmax(dim=1, keepdim=True)
     return (relevance - low + RELEVANCE_FLOOR) / (high - low)
@@ -54,8 +55,9 @@ class CDPruner(VisualMethod):
     keep: int | float = 64
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
-        relevance = instruction_relevance(visual.outputs, visual.text)
-        return greedy_dpp(cosine_similarity_matrix(visual.outputs), relevance, keep)
+        unit = F.normalize(visual.outputs.float(), dim=-1)
+        similarity = unit @ unit.transpose(-1, -2)
+        return greedy_dpp(similarity, instruction_relevance(unit, visual.text), keep)
 
     def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
         """The N x N cosine similarities and the N relevances (the greedy steps count 0)."""
