@@ -231,4 +231,43 @@ inline void check_greedy_maxmin_inputs(
       first.device());
 }
 
+// similarity: (B, N, N) float; relevance: (B, N) float; 1 <= k <= N; one device.
+inline void check_greedy_dpp_inputs(
+    const at::Tensor& similarity,
+    const at::Tensor& relevance,
+    int64_t k) {
+  TORCH_CHECK(
+      similarity.dim() == 3 && similarity.size(1) == similarity.size(2),
+      "tokcomp::greedy_dpp: similarity must be a (B, N, N) tensor, got shape ",
+      similarity.sizes());
+  const auto batch = similarity.size(0);
+  const auto tokens = similarity.size(1);
+  TORCH_CHECK(
+      relevance.dim() == 2 && relevance.size(0) == batch && relevance.size(1) == tokens,
+      "tokcomp::greedy_dpp: relevance must be (B, N) = (",
+      batch,
+      ", ",
+      tokens,
+      "), got shape ",
+      relevance.sizes());
+  TORCH_CHECK(
+      is_supported_float(similarity) && is_supported_float(relevance),
+      "tokcomp::greedy_dpp: similarity and relevance must be float32, bfloat16 or float16, got ",
+      similarity.scalar_type(),
+      " and ",
+      relevance.scalar_type());
+  TORCH_CHECK(
+      1 <= k && k <= tokens,
+      "tokcomp::greedy_dpp: k must be in [1, ",
+      tokens,
+      "], got ",
+      k);
+  TORCH_CHECK(
+      relevance.device() == similarity.device(),
+      "tokcomp::greedy_dpp: similarity and relevance must be on the same device, got ",
+      similarity.device(),
+      " and ",
+      relevance.device());
+}
+
 }  // namespace tokcomp

@@ -15,6 +15,7 @@ TORCH_LIBRARY(tokcomp, m) {
   m.def("energy_score(Tensor metric, float margin, float alpha) -> Tensor");
   m.def("attention_pagerank(Tensor attn, int iterations) -> Tensor");
   m.def("greedy_maxmin(Tensor dist, Tensor weight, Tensor first, int k) -> Tensor");
+  m.def("greedy_dpp(Tensor similarity, Tensor relevance, int k) -> Tensor");
 }
 
 // Loading the module registers the ops above (static initialisers of this shared library).

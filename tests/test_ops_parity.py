@@ -18,6 +18,7 @@ import torch
 
 from tokcomp.ops import backend, bipartite_plan, selfcheck
 from tokcomp.ops.dispatch import extension
+from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp, greedy_dpp_reference
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match_reference
 from tokcomp.ops.maxmin import _greedy_maxmin_fast, cosine_distances, greedy_maxmin_reference
@@ -231,7 +232,7 @@ def test_weighted_merge_large_channels_and_noncontiguous(device: str, route: str
 def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
     """The fake kernels registered in tokcomp/ops/_fake.py: meta tensors, opcheck, compile."""
     ops = {name: _op(device, route, name) for name in ("best_match", "weighted_merge")}
-    new_ops = ("energy_score", "attention_pagerank", "greedy_maxmin")
+    new_ops = ("energy_score", "attention_pagerank", "greedy_maxmin", "greedy_dpp")
     ops |= {name: _op(device, route, name) for name in new_ops}
     meta = torch.empty(3, 11, 16, device="meta")
     score, index = ops["best_match"](meta[:, ::2], meta[:, 1::2], 1, 0)
@@ -242,6 +243,8 @@ def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
     first_meta = torch.empty(3, dtype=torch.int64, device="meta")
     picks = ops["greedy_maxmin"](attn_meta[0], attn_meta[0, :, 0], first_meta, 4)
     assert picks.shape == (3, 4) and picks.dtype == torch.int64
+    dpp_picks = ops["greedy_dpp"](attn_meta[0], attn_meta[0, :, 0], 4)
+    assert dpp_picks.shape == (3, 4) and dpp_picks.dtype == torch.int64
 
     x = torch.randn(3, 11, 16, device=device)
     size = torch.rand(3, 11, device=device) + 0.5
@@ -255,6 +258,7 @@ def test_ops_trace_with_fake_kernels(device: str, route: str) -> None:
         (ops["energy_score"], (x, 0.5, 1.0)),
         (ops["attention_pagerank"], (attn, 5)),
         (ops["greedy_maxmin"], (dist, size, size.argmax(dim=1), 4)),
+        (ops["greedy_dpp"], (cosine_similarity_matrix(x), size, 4)),
     ):
         torch.library.opcheck(op.default, args)
 
@@ -543,6 +547,92 @@ def test_new_ops_error_messages(device: str) -> None:
     if device == "cpu":  # out-of-range first picks: a clear error on CPU (device assert on CUDA)
         with pytest.raises(RuntimeError, match=r"first value 5 out of range \[0, 5\)"):
             maxmin(dist, w, torch.tensor([0, 5, 1]), 2)
+
+
+def _dpp_inputs(
+    batch: int, tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of random features of width 32 (rank-deficient beyond 32 tokens, so
+    large k runs d2 out), relevance in (0, 1] as CDPruner's."""
+    similarity = cosine_similarity_matrix(torch.randn(batch, tokens, 32, generator=generator))
+    relevance = torch.rand(batch, tokens, generator=generator) + 1e-6
+    return similarity, relevance
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("tokens", [2, 3, 197, 577])
+def test_greedy_dpp_parity(
+    device: str, route: str, dtype: torch.dtype, batch: int, tokens: int
+) -> None:
+    """Exact picks: the kernels do the reference's float32 operations in its order, unfused.
+    The reference runs on the CPU (the same IEEE operations; on a GPU its k^2/2 steps would be
+    as many kernel launches)."""
+    op = _op(device, route, "greedy_dpp")
+    generator = torch.Generator().manual_seed(tokens * 5 + batch)
+    similarity, relevance = _dpp_inputs(batch, tokens, generator)
+    similarity, relevance = similarity.to(device, dtype), relevance.to(device)
+    for k in sorted({1, 2, max(1, tokens // 9), tokens}):
+        got = op(similarity, relevance, k)
+        assert got.dtype == torch.int64 and got.shape == (batch, k)
+        want = greedy_dpp_reference(similarity.float().cpu(), relevance.cpu(), k)
+        assert torch.equal(got.cpu(), want), f"k={k}"
+        assert all(row == sorted(set(row)) for row in got.tolist())
+
+
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_greedy_dpp_ties_and_inputs(device: str, route: str) -> None:
+    op = _op(device, route, "greedy_dpp")
+    # Orthonormal tokens of equal relevance: every step is a tie, the lowest index wins.
+    similarity = torch.eye(9, device=device).expand(2, 9, 9)
+    relevance = torch.ones(2, 9, device=device)
+    relevance[1, 6] = 2.0
+    assert op(similarity, relevance, 3).tolist() == [[0, 1, 2], [0, 1, 6]]
+    # Non-contiguous similarities, a 16-bit relevance (converted by the op), k = N.
+    generator = torch.Generator().manual_seed(8)
+    similarity, relevance = (t.to(device) for t in _dpp_inputs(3, 40, generator))
+    want = greedy_dpp_reference(similarity, relevance.bfloat16().float(), 40)
+    strided = similarity.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(op(strided, relevance.bfloat16(), 40), want)
+    assert torch.equal(want, torch.arange(40, device=device).expand(3, 40))
+    assert op(similarity[:0], relevance[:0], 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize(("device", "route", "dtype"), ROUTE_DTYPES, ids=_ids)
+def test_greedy_dpp_non_finite(device: str, route: str, dtype: torch.dtype) -> None:
+    """A NaN d2 ranks lowest: a NaN relevance's token comes after every finite one; an inf
+    similarity on the diagonal is picked first."""
+    op = _op(device, route, "greedy_dpp")
+    generator = torch.Generator().manual_seed(16)
+    similarity, relevance = _dpp_inputs(2, 40, generator)
+    relevance[0, 7] = torch.nan
+    similarity[1, 12, 12] = torch.inf
+    similarity, relevance = similarity.to(device, dtype), relevance.to(device)
+    for k in (20, 40):
+        got = op(similarity, relevance, k)
+        want = greedy_dpp_reference(similarity.float().cpu(), relevance.cpu(), k)
+        assert torch.equal(got.cpu(), want)
+    assert 7 not in op(similarity, relevance, 20)[0].tolist()
+    assert 12 in op(similarity, relevance, 1)[1].tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_dpp_error_messages(device: str) -> None:
+    _require(device)
+    dpp = torch.ops.tokcomp.greedy_dpp
+    similarity, relevance = torch.rand(3, 5, 5, device=device), torch.rand(3, 5, device=device)
+    with pytest.raises(RuntimeError, match=r"similarity must be a \(B, N, N\) tensor"):
+        dpp(similarity[:, :4], relevance, 2)
+    with pytest.raises(RuntimeError, match=r"relevance must be \(B, N\) = \(3, 5\)"):
+        dpp(similarity, relevance[:, :4], 2)
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, 5\], got 0"):
+        dpp(similarity, relevance, 0)
+    with pytest.raises(RuntimeError, match="must be float32, bfloat16 or float16"):
+        dpp(similarity.double(), relevance, 2)
+    with pytest.raises(ValueError, match=r"greedy_dpp: k must be in 1..5, got 6"):
+        greedy_dpp(similarity, relevance, 6)
+    with pytest.raises(ValueError, match=r"relevance must be \(B, N\) = \(3, 5\)"):
+        greedy_dpp(similarity, relevance[0], 2)
 
 
 # ---- non-finite inputs: one rule on every route (tokcomp.ops) ------------------------------------

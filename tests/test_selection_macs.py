@@ -52,6 +52,7 @@ BLOCK_OPTIONS = {
 VISUAL_OPTIONS = {
     "zoo": {"keep": 0.5},
     "divprune": {"keep": 0.5},
+    "cdpruner": {"keep": 0.5},
     "fastv": {"keep": 0.5},
     "fastervlm": {"keep": 0.5},
     "visionzip": {"keep": 0.5},
@@ -73,7 +74,7 @@ VISUAL_CASES = [
     *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "dart", "random")
+        for method in ("zoo", "divprune", "cdpruner", "fastv", "pyramiddrop", "dart", "random")
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]
@@ -330,7 +331,10 @@ def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
     text = {"text_keys": torch.randn(1, 6, 8), "text_states": torch.randn(1, 6, 16)}
     text["text_valid"] = torch.ones(1, 6, dtype=torch.bool)
     states = torch.randn(1, tokens, 16)  # an LLM-stage method's view of the tokens, as wide
-    visual = VisualTokens(outputs, projector, features, attention, keys, states, **text)
+    prompt_text = (torch.randn(5, 16),)  # the prompt's text tokens in the output space
+    visual = VisualTokens(
+        outputs, projector, features, attention, keys, states, text=prompt_text, **text
+    )
     chosen = create_method(method, **options)
     geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
     counted = _counted(lambda: chosen.select(visual, keep))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -141,9 +142,23 @@ def test_keep_everything_reproduces_greedy_generate(family, method, layout):
 # -- pruned generation --------------------------------------------------------------------------
 
 
+def _prompt_bound(method: str, **options):
+    """A text-conditioned method that reads only the first three text tokens of each prompt
+    (the BOS and the first image's prefix here), which generated tokens never change: re-running
+    the prompt plus the tokens so far then conditions on the same text as the cached prefill."""
+
+    class PromptBound(method_class(method)):
+        def select(self, visual, keep):
+            return super().select(replace(visual, text=tuple(t[:3] for t in visual.text)), keep)
+
+    return PromptBound(**options)
+
+
 def _pruned(model, family: str, method: str, positions: str):
     if issubclass(method_class(method), LLMStageMethod):
         return tokcomp.apply(model, _fixed(method, **_pruning(method), positions=positions))
+    if VisualSignal.TEXT in method_class(method).visual_needs:
+        return tokcomp.apply(model, _prompt_bound(method, **_pruning(method), positions=positions))
     return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 

@@ -6,17 +6,27 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tokcomp
 from tokcomp.adapters.hf_vlm.families import Images, Segment
-from tokcomp.adapters.hf_vlm.selection import _budget_shares
+from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_text
+from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import create_method
 from tokcomp.methods import zoo as zoo_module
+from tokcomp.methods.cdpruner import instruction_relevance
 from tokcomp.methods.divprune import farthest_from_neighbours
 from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
 from tokcomp.methods.zoo import minmax, unit_directions
-from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
+from tokcomp.ops import (
+    cosine_distances,
+    cosine_similarity_matrix,
+    greedy_dpp,
+    greedy_dpp_reference,
+    greedy_maxmin,
+    greedy_maxmin_reference,
+)
 
 
 def _visual(outputs: torch.Tensor, projector=(), **signals) -> VisualTokens:
@@ -241,6 +251,111 @@ def test_zoo_sketch_approximates_the_exact_scores():
         exact = create_method("zoo").sensitivity(visual)
         sketched = create_method("zoo", sketch=128).sensitivity(visual)
     torch.testing.assert_close(sketched, exact, rtol=0.2, atol=0)
+
+
+# -- greedy DPP and CDPruner ------------------------------------------------------------------
+
+
+def _greedy_determinants(kernel: torch.Tensor, k: int) -> list[int]:
+    """Greedy MAP by hand: each step adds the token whose addition gives the picked sub-kernel
+    the largest determinant (float64, every candidate's determinant computed afresh)."""
+    picks: list[int] = []
+    for _ in range(k):
+        gains = {
+            j: float(torch.linalg.det(kernel[[*picks, j]][:, [*picks, j]]))
+            for j in range(kernel.shape[0])
+            if j not in picks
+        }
+        picks.append(max(gains, key=gains.get))
+    return sorted(picks)
+
+
+def test_greedy_dpp_picks_what_maximises_the_determinant_step_by_step():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 14, 6, generator=generator, dtype=torch.float64)
+    relevance = torch.rand(3, 14, generator=generator, dtype=torch.float64) + 0.1
+    similarity = cosine_similarity_matrix(x).double()
+    picks = greedy_dpp(similarity, relevance, 5)
+    assert torch.equal(picks, greedy_dpp_reference(similarity.float(), relevance.float(), 5))
+    for b in range(3):
+        kernel = relevance[b, :, None] * similarity[b] * relevance[b, None, :]
+        assert picks[b].tolist() == _greedy_determinants(kernel, 5)
+
+
+def test_greedy_dpp_refuses_bad_inputs():
+    similarity, relevance = torch.rand(2, 4, 4), torch.rand(2, 4)
+    with pytest.raises(ValueError, match=r"similarity must be \(B, N, N\)"):
+        greedy_dpp(similarity[:, :3], relevance, 2)
+    with pytest.raises(ValueError, match=r"k must be in 1..4, got 0"):
+        greedy_dpp(similarity, relevance, 0)
+
+
+def _text_and_tokens(generator: torch.Generator) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+    """Eight visual tokens of width 16 and a three-token text whose words token 5 repeats."""
+    outputs = torch.randn(1, 8, 16, generator=generator)
+    words = torch.randn(3, 16, generator=generator)
+    outputs[0, 5] = words.sum(dim=0)
+    return outputs, (words,)
+
+
+def test_cdpruner_relevance_is_the_mean_text_cosine_normalised_per_sample():
+    generator = torch.Generator().manual_seed(1)
+    first, (words,) = _text_and_tokens(generator)
+    second = torch.randn(1, 8, 16, generator=generator)
+    texts = (words, torch.randn(5, 16, generator=generator))
+    relevance = instruction_relevance(F.normalize(torch.cat([first, second]), dim=-1), texts)
+    for row, (tokens, text) in enumerate(zip(torch.cat([first, second]), texts, strict=True)):
+        cosine = F.cosine_similarity(tokens[:, None], text[None], dim=-1).mean(dim=1)
+        expected = (cosine - cosine.min() + 1e-6) / (cosine.max() - cosine.min())
+        torch.testing.assert_close(relevance[row], expected)
+        assert relevance[row].min() == pytest.approx(1e-6 / float(cosine.max() - cosine.min()))
+    assert int(relevance[0].argmax()) == 5  # the token made of the text's words
+
+
+def test_cdpruner_prefers_the_token_matching_the_text_then_diverse_ones():
+    generator = torch.Generator().manual_seed(2)
+    outputs, text = _text_and_tokens(generator)
+    method = create_method("cdpruner", keep=3)
+    assert method.select(_visual(outputs, text=text), 1).tolist() == [[5]]
+    relevance = instruction_relevance(F.normalize(outputs, dim=-1), text)
+    similarity = cosine_similarity_matrix(outputs)
+    kernel = relevance[0, :, None] * similarity[0] * relevance[0, None, :]
+    picks = method.select(_visual(outputs, text=text), 3)
+    assert picks[0].tolist() == _greedy_determinants(kernel.double(), 3)
+    # Another instruction moves the choice: a text made of token 2's direction picks token 2.
+    other = (outputs[0, 2:3] * 2,)
+    assert method.select(_visual(outputs, text=other), 1).tolist() == [[2]]
+
+
+def test_cdpruner_chooses_per_sample_as_alone():
+    generator = torch.Generator().manual_seed(3)
+    outputs = torch.randn(3, 20, 16, generator=generator)
+    texts = tuple(torch.randn(n, 16, generator=generator) for n in (2, 7, 4))
+    method = create_method("cdpruner", keep=6)
+    together = method.select(_visual(outputs, text=texts), 6)
+    for row in range(3):
+        alone = method.select(_visual(outputs[row : row + 1], text=texts[row : row + 1]), 6)
+        assert torch.equal(together[row], alone[0])
+
+
+def test_each_image_gets_its_own_prompts_text_tokens():
+    """Left-padded prompts, 1 and 2 images (2 placeholders each): every segment gets the real,
+    non-placeholder tokens of the prompt its image's placeholders are in."""
+    placeholder = torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)
+    embeds = torch.arange(14.0).reshape(2, 7, 1)
+    prompt = Prompt(embeds, placeholder, valid, torch.zeros(1, 2, 7), None)
+    segments = [Segment(i, torch.arange(2), _visual(torch.zeros(1, 2, 1))) for i in range(3)]
+    images = with_text(Images([torch.zeros(2, 1)] * 3, segments), prompt)
+    texts = [s.visual.text[0].flatten().tolist() for s in images.segments]
+    assert texts == [[1.0, 2.0, 5.0, 6.0], [7.0, 10.0, 13.0], [7.0, 10.0, 13.0]]
+
+
+def test_cdpruner_refuses_a_prompt_without_text():
+    method = create_method("cdpruner", keep=2)
+    visual = _visual(torch.randn(1, 4, 8), text=(torch.empty(0, 8),))
+    with pytest.raises(ValueError, match="cdpruner: a prompt has no text tokens"):
+        method.select(visual, 2)
 
 
 # -- VisionZip, FastV, random -----------------------------------------------------------------

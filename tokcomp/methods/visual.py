@@ -34,6 +34,9 @@ class VisualSignal(enum.Enum):
     FEATURES = "features"  # the vision features entering the projector, (B, N, C)
     ATTENTION = "attention"  # class-token attention at the feature layer, summed over heads, (B, N)
     KEYS = "keys"  # head-averaged attention keys at the feature layer, (B, N, head_dim)
+    #: per image, its prompt's text tokens (image placeholders and padding left out) as the
+    #: language model's input embeddings: a tuple of B (T_b, D) tensors
+    TEXT = "text"
 
 
 class LLMSignal(enum.Enum):
@@ -97,7 +100,8 @@ class VisualTokens:
 
     outputs: projector outputs, what the language model receives (B, N, D). projector: the
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
-    features to outputs. features / attention / keys: see VisualSignal (None unless declared).
+    features to outputs. features / attention / keys / text: see VisualSignal (None unless
+    declared).
     Towers without a class token (SigLIP) give as attention the mean attention each token
     receives. LLM-stage methods get here what their `llm_signal` names: the attention each
     token receives inside the language model (ATTENTION); or (KEYS_AND_STATES) as `keys` the
@@ -116,6 +120,7 @@ class VisualTokens:
     text_keys: torch.Tensor | None = None
     text_states: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
+    text: tuple[torch.Tensor, ...] | None = None
 
     @property
     def batch(self) -> int:

@@ -16,10 +16,12 @@ NaN), hence:
 - `energy_score`: such a pair adds ELU(-inf) = -alpha, so energies stay finite;
 - `greedy_maxmin`: a NaN (or -inf) score dist * weight counts as -inf: those rows are picked
   after all others, lowest index first.
+- `greedy_dpp`: a NaN (or -inf) marginal gain d2 counts as -inf the same way.
 """
 
 from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges
 from tokcomp.ops.dispatch import backend
+from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp, greedy_dpp_reference
 from tokcomp.ops.energy import energy_score, energy_score_reference
 from tokcomp.ops.match import best_match, best_match_reference
 from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin, greedy_maxmin_reference
@@ -37,9 +39,12 @@ __all__ = [
     "best_match_reference",
     "bipartite_plan",
     "cosine_distances",
+    "cosine_similarity_matrix",
     "energy_score",
     "energy_score_reference",
     "gather_rows",
+    "greedy_dpp",
+    "greedy_dpp_reference",
     "greedy_maxmin",
     "greedy_maxmin_reference",
     "max_bipartite_merges",

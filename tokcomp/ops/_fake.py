@@ -58,6 +58,12 @@ def _greedy_maxmin_fake(
     return dist.new_empty((dist.shape[0], k), dtype=torch.int64)
 
 
+def _greedy_dpp_fake(similarity: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    torch._check(similarity.dim() == 3, lambda: "greedy_dpp: similarity must be (B, N, N)")
+    torch._check(1 <= k <= similarity.shape[1], lambda: "greedy_dpp: k must be in 1..N")
+    return similarity.new_empty((similarity.shape[0], k), dtype=torch.int64)
+
+
 #: Op name -> fake kernel, the same for every namespace that implements the op.
 FAKES: dict[str, Callable] = {
     "best_match": _best_match_fake,
@@ -65,6 +71,7 @@ FAKES: dict[str, Callable] = {
     "energy_score": _energy_score_fake,
     "attention_pagerank": _attention_pagerank_fake,
     "greedy_maxmin": _greedy_maxmin_fake,
+    "greedy_dpp": _greedy_dpp_fake,
 }
 
 

@@ -36,6 +36,7 @@ KERNEL_HEADERS = (
     "weighted_merge.cuh",
     "attention_pagerank.cuh",
     "greedy_maxmin.cuh",
+    "greedy_dpp.cuh",
 )
 #: C++ storage type of each supported torch dtype in the NVRTC build of the headers.
 TYPE_NAMES = {
@@ -43,7 +44,14 @@ TYPE_NAMES = {
     torch.float16: "tokcomp::gpu::Half",
     torch.bfloat16: "tokcomp::gpu::BFloat16",
 }
-_TEMPLATES = ("inverse_norms", "best_match", "energy_score", "weighted_merge", "greedy_maxmin")
+_TEMPLATES = (
+    "inverse_norms",
+    "best_match",
+    "energy_score",
+    "weighted_merge",
+    "greedy_maxmin",
+    "greedy_dpp",
+)
 
 
 def _kernel(name: str, *template_args: str) -> str:
@@ -347,6 +355,22 @@ def greedy_maxmin(
     block = min(constants()["kMaxminMaxThreads"], max(32, (tokens + 31) // 32 * 32))
     args = (dist.contiguous(), weight, first.long().contiguous(), scratch, out, tokens, k)
     _launch(_kernel("greedy_maxmin", type_name), device, batch, block, args)
+    return out
+
+
+@torch.library.custom_op("tokcomp_cupy::greedy_dpp", mutates_args=(), device_types="cuda")
+def greedy_dpp(similarity: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
+    """tokcomp::greedy_dpp through cupy (greedy DPP MAP picks, tokcomp.ops.dpp)."""
+    device = _check("greedy_dpp", similarity, relevance)
+    type_name = _type_name("greedy_dpp", similarity)
+    batch, tokens = similarity.shape[:2]
+    out = torch.empty(batch, k, device=device, dtype=torch.int64)
+    if batch == 0:
+        return out
+    scratch = torch.empty(batch, k + 1, tokens, device=device, dtype=torch.float32)
+    block = min(constants()["kDppMaxThreads"], max(32, (tokens + 31) // 32 * 32))
+    args = (similarity.contiguous(), relevance.float().contiguous(), scratch, out, tokens, k)
+    _launch(_kernel("greedy_dpp", type_name), device, batch, block, args)
     return out
 
 

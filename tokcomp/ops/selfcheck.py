@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp_reference
 from tokcomp.ops.energy import energy_score_reference
 from tokcomp.ops.match import best_match_reference
 from tokcomp.ops.maxmin import cosine_distances, greedy_maxmin_reference
@@ -75,6 +76,17 @@ def _greedy_maxmin_inputs(dtype: torch.dtype) -> tuple:
     return dist.to(dtype), weight, weight.argmax(dim=1), 12
 
 
+def _greedy_dpp_inputs(dtype: torch.dtype) -> tuple:
+    """Cosine similarities of random rows with random relevance, all of them picked (k = N, so
+    d2 runs out and turns NaN at the end); a row of NaN relevance, one of inf similarity."""
+    generator = _generator()
+    similarity = cosine_similarity_matrix(torch.randn(2, 12, 16, generator=generator))
+    relevance = torch.rand(2, 12, generator=generator) + 0.1
+    relevance[0, 5] = torch.nan
+    similarity[1, 3, 3] = torch.inf
+    return similarity.to(dtype), relevance, 12
+
+
 #: Op name -> (its check inputs on the CPU for a dtype, its reference).
 CASES: dict[str, tuple[Callable[[torch.dtype], tuple], Callable]] = {
     "best_match": (_best_match_inputs, best_match_reference),
@@ -82,6 +94,7 @@ CASES: dict[str, tuple[Callable[[torch.dtype], tuple], Callable]] = {
     "energy_score": (_energy_score_inputs, energy_score_reference),
     "attention_pagerank": (_attention_pagerank_inputs, attention_pagerank_reference),
     "greedy_maxmin": (_greedy_maxmin_inputs, greedy_maxmin_reference),
+    "greedy_dpp": (_greedy_dpp_inputs, greedy_dpp_reference),
 }
 
 

@@ -4,15 +4,16 @@ runs through:
 
 - families/: one file per model family: where it keeps its parts, how its images become
   visual tokens, how it numbers positions, its geometry (VLMSpec);
-- selection.py: each image's budget over its segments and the method's choice;
+- selection.py: each image's budget over its segments, the prompt's text for methods that
+  condition on it (cdpruner), and the method's choice;
 - sequence.py: the prompt, its packing without the pruned tokens, renumbered positions;
 - generation.py: the record a pruned prefill leaves on the generation's cache and the
   translation of later calls;
 - decoder.py: the decoder run span by span for LLM-stage methods (FastV);
 - adapter.py: the patched forward that calls them in that order.
 
-Visual-token methods (zoo, divprune, visionzip, random: before the language model; fastv:
-inside it) choose per image which visual tokens the language model sees; the prompt is then
+Visual-token methods (zoo, divprune, cdpruner, visionzip, random: before the language model;
+fastv: inside it) choose per image which visual tokens the language model sees; the prompt is then
 re-packed without the others, for any batch (left padding, prompts of different lengths,
 different numbers of images) and through generate's KV cache. Block methods (tome, pitome,
 ...) act inside the vision tower of LLaVA-1.5 through the hf_vision adapter; the image's

@@ -29,9 +29,10 @@ from tokcomp.adapters.hf_vlm.generation import (
     pruned_of,
     pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place
+from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
+from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import VLMSpec
 
 
@@ -140,6 +141,8 @@ class HFVLMAdapter(Adapter):
             pruned.attach(call.cache)
             return _decoder_output(hidden, call)
         if isinstance(method, VisualMethod) and found.placeholders is None:
+            if VisualSignal.TEXT in needs:
+                found = with_text(found, prompt)
             choices, positions = choose(method, found), method.positions
         else:  # a block method acted inside the tower: its tokens take the first places
             choices, positions = keep_all(found), "renumber"

@@ -5,11 +5,12 @@ and the choices spread over the prompt's placeholders."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from tokcomp.adapters.hf_vlm.families import Images, Segment
+from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import VisualMethod, VisualTokens
 from tokcomp.methods.visual import Selection, budget_shares
 
@@ -66,8 +67,26 @@ def _stack(visuals: list[VisualTokens]) -> VisualTokens:
         parts = [getattr(v, name) for v in visuals]
         return None if parts[0] is None else torch.cat(parts)
 
-    signals = {f.name: cat(f.name) for f in fields(VisualTokens) if f.name != "projector"}
-    return VisualTokens(projector=visuals[0].projector, **signals)
+    signals = {
+        f.name: cat(f.name) for f in fields(VisualTokens) if f.name not in ("projector", "text")
+    }
+    text = None if visuals[0].text is None else tuple(t for v in visuals for t in v.text)
+    return VisualTokens(projector=visuals[0].projector, text=text, **signals)
+
+
+def with_text(images: Images, prompt: Prompt) -> Images:
+    """The images with each segment given its sample's text tokens (VisualSignal.TEXT): the
+    prompt's real tokens that are not image placeholders, as the language model embeds them.
+    Images fill the placeholders in row-major order, so an image's sample is the row of its
+    first placeholder."""
+    rows = prompt.placeholder.nonzero()[:, 0].tolist()
+    starts = [0, *torch.tensor(images.counts()).cumsum(0).tolist()[:-1]]
+    texts = [embeds[keep] for embeds, keep in zip(prompt.embeds, prompt.text, strict=True)]
+    segments = [
+        replace(s, visual=replace(s.visual, text=(texts[rows[starts[s.image]]],)))
+        for s in images.segments
+    ]
+    return replace(images, segments=segments)
 
 
 def _row(selection: Selection, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
