@@ -85,7 +85,7 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
                 text = ids.new_zeros(ids.shape[0], len(new), dtype=batch[name].dtype)
                 extra[name] = torch.cat([batch[name], text], dim=1)
         positions = None
-        if FAMILIES[family].kind != "qwen":
+        if not FAMILIES[family].kind.startswith("qwen"):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
