@@ -59,7 +59,10 @@ class HFVLMAdapter(Adapter):
 
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         inner = self.vlm.inner
-        return [(inner, "forward", "forward"), (inner, "get_image_features", "get_image_features")]
+        methods = ["forward", "get_image_features"]
+        if self.vlm.video_encoder_inputs:
+            methods.append("get_video_features")
+        return [(inner, name, name) for name in methods]
 
     def install(self, patch: Patch) -> None:
         """Patch the inner model; a block method also patches the vision tower."""
@@ -87,6 +90,11 @@ class HFVLMAdapter(Adapter):
     def get_image_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
         """The model's own get_image_features, with the vision hidden states the method needs."""
         return self.vlm.encode(args, kwargs, _visual_needs(compression.method))
+
+    def get_video_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
+        """The model's own get_video_features, with the vision hidden states the method needs
+        (patched, as get_image_features, so that generate leaves the videos to the forward)."""
+        return self.vlm.encode_videos(args, kwargs, _visual_needs(compression.method))
 
     def forward(
         self,
@@ -119,14 +127,13 @@ class HFVLMAdapter(Adapter):
             return self._decode(pruned, call)
         if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
-        needs = _visual_needs(compression.method)
         if with_images and encoded["image"] is None:
             inputs = {name: images.get(name) for name in self.vlm.encoder_inputs}
             present = {name: value for name, value in inputs.items() if value is not None}
             encoded["image"] = self.get_image_features(compression, **present)
         if with_videos and encoded["video"] is None:
             inputs = {name: images[name] for name in self.vlm.video_encoder_inputs}
-            encoded["video"] = self.vlm.encode_videos(inputs, needs)
+            encoded["video"] = self.get_video_features(compression, **inputs)
         return self._prefill(compression, call, images, encoded)
 
     # -- prefill and decoding ------------------------------------------------------------------

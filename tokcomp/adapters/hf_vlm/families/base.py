@@ -125,8 +125,10 @@ class VLMFamily(abc.ABC):
         """The visual tokens of `encoded` images, with what `needs` asks for per segment;
         `expected` is the unpruned token count per image where the tower may compress."""
 
-    def encode_videos(self, inputs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
-        """The model's own get_video_features of the video `inputs` (families with videos)."""
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        """The model's own get_video_features (families with videos)."""
         raise NotImplementedError
 
     def videos(

@@ -51,13 +51,17 @@ class Qwen2VL(VLMFamily):
     ) -> Images:
         return self._segments(encoded, inputs["image_grid_thw"], needs)
 
-    def encode_videos(self, inputs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
-        return type(self.inner).get_video_features(self.inner, **inputs)
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
 
     def videos(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]
     ) -> Images:
-        grid = inputs["video_grid_thw"]
+        grid = inputs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError("pass video_grid_thw (the processor returns it) with the videos")
         return self._segments(encoded, grid, needs, grid[:, 0].tolist())
 
     def _segments(
