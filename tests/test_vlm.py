@@ -11,7 +11,17 @@ import pytest
 import torch
 import transformers as hf
 from conftest import BATCH_POSITION_DEPENDENT, tiny_vit
-from vlm_fixtures import FAMILIES, IMAGE, PAD, batch_inputs, tiny_vlm
+from vlm_fixtures import (
+    BOS,
+    FAMILIES,
+    IMAGE,
+    PAD,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    batch_inputs,
+    tiny_vlm,
+)
 
 import tokcomp
 from tokcomp.adapters import find_adapter
@@ -217,6 +227,108 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     first = seen[0][0]
     torch.testing.assert_close(first, expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
     assert seen[1][0].shape == (2, 8)
+
+
+# -- videos (Qwen2-VL, Qwen2.5-VL) -------------------------------------------------------------
+
+VIDEO_FAMILIES = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
+
+
+def _items(batch: dict) -> list[list[int]]:
+    """Per sample, the tokens of each of its images and videos in prompt order, by hand from
+    the grids (2 x 2 merged)."""
+    sizes = {
+        IMAGE: iter((batch["image_grid_thw"].prod(-1) // 4).tolist()),
+        VIDEO: iter((batch["video_grid_thw"].prod(-1) // 4).tolist()),
+    }
+    items = []
+    for ids in batch["input_ids"].tolist():
+        starts = [t for p, t in zip([None, *ids], ids, strict=False) if t in sizes and p != t]
+        items.append([next(sizes[token]) for token in starts])
+    return items
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv", "pyramiddrop"])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@torch.no_grad()
+def test_budgets_apply_per_video_and_per_image(family, method):
+    """A count keeps that many tokens of every video and every image; a fraction keeps that
+    fraction of each (18-, 4- and 6-token items, a video and an image mixed in sample 1); the
+    LLM-stage methods score video tokens as image tokens."""
+    model = _model(family)
+    batch, _ = _inputs(model, family)
+    items = _items(batch)
+    assert items == [[18], [4, 6], []]
+    for keep, kept in ((3, lambda n: 3), (0.5, lambda n: n // 2)):
+        tokcomp.apply(model, method, keep=keep)
+        out = model(**batch, use_cache=True)
+        dropped = [sum(n - kept(n) for n in row) for row in items]
+        assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@torch.no_grad()
+def test_a_video_is_one_segment_of_its_frames_with_the_model_s_features(family):
+    """Each video: one segment over all its t x h x w tokens with its t temporal patches as
+    frames, the outputs get_video_features gives, and features the projector maps to them."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    batch, _ = _inputs(model, family)
+    vlm, needs = family_for(model)(model), frozenset({VisualSignal.FEATURES})
+    inputs = {name: batch[name] for name in ("pixel_values_videos", "video_grid_thw")}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    grid = batch["video_grid_thw"].tolist()
+    assert [(s.image, s.frames, s.visual.tokens) for s in videos.segments] == [
+        (i, t, t * h * w // 4) for i, (t, h, w) in enumerate(grid)
+    ]
+    for segment, outputs in zip(videos.segments, expected, strict=True):
+        torch.testing.assert_close(segment.visual.outputs[0], outputs)
+        torch.testing.assert_close(segment.visual.project(segment.visual.features), outputs[None])
+
+
+def _video_prompt(count: int) -> torch.Tensor:
+    text = torch.arange(10, 15)
+    video = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    return torch.cat([torch.tensor([BOS]), text, video, text])[None]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@torch.no_grad()
+def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_grid(family):
+    """Keeping the first 2 of 3 temporal patches and the top-left 2 x 2 of 3 x 2 merged tokens
+    of each: the renumbered prompt is numbered as get_rope_index numbers a (2, 4, 4)-patch
+    video (Qwen2.5-VL: at 2 s per temporal patch), text after it included."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    vlm = family_for(model)(model)
+    seconds = {"second_per_grid_ts": torch.tensor([2.0])} if "2_5" in family else {}
+
+    def numbered(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        types = (ids == VIDEO).int() * 2
+        inputs = {"mm_token_type_ids": types, "video_grid_thw": torch.tensor([grid]), **seconds}
+        return vlm.positions(ids, None, None, inputs)
+
+    ids = _video_prompt(18)
+    placeholder = vlm.placeholders(ids)
+    t, h, w = torch.meshgrid(torch.arange(3), torch.arange(3), torch.arange(2), indexing="ij")
+    pruned = placeholder.clone()
+    pruned[placeholder] = ((t >= 2) | (h >= 2) | (w >= 2)).flatten()
+    positions, shift = vlm.renumber(numbered(ids, (3, 6, 4)), placeholder, pruned)
+    expected = numbered(_video_prompt(8), (2, 4, 4))
+    assert torch.equal(positions[:, ~pruned][:, None], expected)
+    assert shift.tolist() == [1]
+
+
+def test_video_inputs_of_a_family_without_videos_are_refused():
+    model = tokcomp.apply(_model("llava_onevision"), "divprune", keep=4)
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        model(
+            input_ids=torch.tensor([[BOS, IMAGE]]), pixel_values_videos=torch.zeros(1, 1, 3, 32, 32)
+        )
 
 
 # -- LLaVA-OneVision's crops ---------------------------------------------------------------------
