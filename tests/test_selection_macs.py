@@ -14,7 +14,18 @@ from conftest import tiny_vit
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from vlm_fixtures import BOS, FAMILIES, IMAGE, TEXT_HIGH, TEXT_LOW, collate, sample
+from vlm_fixtures import (
+    BOS,
+    FAMILIES,
+    IMAGE,
+    TEXT_HIGH,
+    TEXT_LOW,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    collate,
+    sample,
+)
 from vlm_fixtures import tiny_vlm as _tiny_vlm
 
 import tokcomp
@@ -213,6 +224,39 @@ def test_visual_method_selection_matches_the_flop_counter(family, method, extra)
     else:
         tokcomp.apply(model, "random", keep_ratio=VISUAL_OPTIONS[method].get("keep", 0.5))
     assert config.selection_macs == pytest.approx(counted - _prefill(model, batch), rel=REL)
+
+
+def _video_prompt(model: nn.Module, frames: int) -> dict[str, torch.Tensor]:
+    """Qwen2-VL: a video of `frames` REFERENCE_PIXELS-square frames (random patches, two frames
+    per temporal patch) and text of the reference length."""
+    vision = model.config.vision_config
+    side = REFERENCE_PIXELS // vision.patch_size
+    grid = torch.tensor([[frames // vision.temporal_patch_size, side, side]])
+    width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(int(grid.prod()), width, generator=generator)
+    count = int(grid.prod()) // vision.spatial_merge_size**2
+    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - 3,), generator=generator)
+    video = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    ids = torch.cat([torch.tensor([BOS]), video, text])[None]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pixels,
+        "video_grid_thw": grid,
+        "mm_token_type_ids": 2 * (ids == VIDEO).int(),
+    }
+
+
+@pytest.mark.parametrize("method", ["zoo", "divprune", "fastv", "pyramiddrop", "random"])
+def test_visual_method_macs_on_a_video_match_the_flop_counter(method):
+    """Four frames: two temporal patches, each through the whole tower, and a budget of the
+    video's tokens."""
+    model = tiny_vlm("qwen2_vl")
+    batch = _video_prompt(model, frames=4)
+    config = tokcomp.config_of(tokcomp.apply(model, method, **VISUAL_OPTIONS[method]), frames=4)
+    assert config.model["crops"] == 2
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=REL)
 
 
 def test_zoo_general_path_matches_the_flop_counter():

@@ -324,6 +324,9 @@ def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_
 
 
 def test_video_inputs_of_a_family_without_videos_are_refused():
+    model = tokcomp.apply(_model("llava"), "divprune", keep=4)
+    with pytest.raises(ValueError, match="takes no videos"):
+        tokcomp.config_of(model, frames=4)
     model = tokcomp.apply(_model("llava_onevision"), "divprune", keep=4)
     with pytest.raises(ValueError, match="video inputs are not supported"):
         model(

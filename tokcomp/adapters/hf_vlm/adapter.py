@@ -57,6 +57,10 @@ class HFVLMAdapter(Adapter):
     def spec(self) -> VLMSpec:
         return self.vlm.spec()
 
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` frames, in place of the reference image."""
+        return self.vlm.video_spec(frames)
+
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         inner = self.vlm.inner
         methods = ["forward", "get_image_features"]

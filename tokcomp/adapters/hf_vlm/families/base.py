@@ -203,6 +203,13 @@ class VLMFamily(abc.ABC):
     def vision_fields(self) -> dict[str, Any]:
         """The VLMSpec fields of the vision side."""
 
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` frames (families with videos)."""
+        raise ValueError(
+            f"{type(self.model).__name__} takes no videos in tokcomp: MACs for a video (frames=) "
+            "are given for Qwen2-VL and Qwen2.5-VL"
+        )
+
     def spec(self) -> VLMSpec:
         """This model's geometry for schedules and MACs."""
         layers = self.language_model.layers

@@ -3,6 +3,7 @@ dynamic resolution, images and videos, and multimodal RoPE."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
 )
 from tokcomp.adapters.hf_vlm.sequence import renumber_mrope
 from tokcomp.methods.visual import VisualSignal
+from tokcomp.schedule import VLMSpec
 
 _MODELS = "transformers.models."
 
@@ -136,9 +138,27 @@ class Qwen2VL(VLMFamily):
         return positions
 
     def vision_fields(self) -> dict[str, Any]:
+        return self._tower_fields(REFERENCE_PIXELS)
+
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` REFERENCE_PIXELS-square frames: every
+        temporal patch (2 frames; the processor pads an odd count) through the tower alone,
+        all its tokens one segment with one budget."""
+        temporal = -(-frames // self.inner.visual.config.temporal_patch_size)
+        visual = temporal * self._tower_fields(REFERENCE_PIXELS)["visual_tokens"]
+        return replace(
+            self.spec(),
+            crops=temporal,
+            visual_tokens=visual,
+            segments=(visual,),
+            projected_tokens=visual,
+        )
+
+    def _tower_fields(self, side_pixels: int) -> dict[str, Any]:
+        """The vision fields of one image (or temporal patch) of `side_pixels` square."""
         visual = self.inner.visual
         merge = visual.spatial_merge_size
-        side = REFERENCE_PIXELS // visual.config.patch_size // merge * merge
+        side = side_pixels // visual.config.patch_size // merge * merge
         return tower_fields(
             visual.blocks,
             "attn",
