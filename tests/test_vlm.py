@@ -35,7 +35,14 @@ LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no 
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
 #: tower's attention: the LLaVA families and Gemma 3 only).
-TOWER_ATTENTION = {"llava", "llava_siglip", "llava_next", "llava_onevision", "gemma3"}
+TOWER_ATTENTION = {
+    "llava",
+    "llava_siglip",
+    "llava_next",
+    "llava_onevision",
+    "llava_onevision_video",
+    "gemma3",
+}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -229,9 +236,9 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     assert seen[1][0].shape == (2, 8)
 
 
-# -- videos (Qwen2-VL, Qwen2.5-VL) -------------------------------------------------------------
+# -- videos (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) ---------------------------------------------
 
-VIDEO_FAMILIES = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
+QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 
 
 def _items(batch: dict) -> list[list[int]]:
@@ -249,7 +256,7 @@ def _items(batch: dict) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("method", ["divprune", "fastv", "pyramiddrop"])
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", QWEN_VIDEO)
 @torch.no_grad()
 def test_budgets_apply_per_video_and_per_image(family, method):
     """A count keeps that many tokens of every video and every image; a fraction keeps that
@@ -266,7 +273,7 @@ def test_budgets_apply_per_video_and_per_image(family, method):
         assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", QWEN_VIDEO)
 @torch.no_grad()
 def test_a_video_is_one_segment_of_its_frames_with_the_model_s_features(family):
     """Each video: one segment over all its t x h x w tokens with its t temporal patches as
@@ -295,7 +302,7 @@ def _video_prompt(count: int) -> torch.Tensor:
     return torch.cat([torch.tensor([BOS]), text, video, text])[None]
 
 
-@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("family", QWEN_VIDEO)
 @torch.no_grad()
 def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_grid(family):
     """Keeping the first 2 of 3 temporal patches and the top-left 2 x 2 of 3 x 2 merged tokens
@@ -323,11 +330,40 @@ def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_
     assert shift.tolist() == [1]
 
 
+@torch.no_grad()
+def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newline():
+    """Two 3-frame videos of 4 x 4 patches per frame: each frame's tokens 2 x 2 pooled (its
+    attention too: the 2 x 2 mean), the 12 pooled tokens one segment of 3 frames, the newline
+    after them in none; features are the pooled outputs (identity projector)."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_onevision_video")
+    vlm, needs = family_for(model)(model), frozenset(VisualSignal)
+    inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    index = vlm.feature_index(inputs)
+    attention, _ = tower_attention(
+        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
+    )
+    pooled = torch.nn.functional.avg_pool2d(attention.view(6, 1, 4, 4), 2).view(2, 12)
+    assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
+        (0, 3, list(range(12))),
+        (1, 3, list(range(12))),
+    ]
+    for video, segment in enumerate(videos.segments):
+        torch.testing.assert_close(videos.embeds[video], expected[video])
+        torch.testing.assert_close(segment.visual.outputs[0], expected[video, :12])
+        torch.testing.assert_close(segment.visual.features, segment.visual.outputs)
+        torch.testing.assert_close(segment.visual.attention[0], pooled[video])
+
+
 def test_video_inputs_of_a_family_without_videos_are_refused():
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
     with pytest.raises(ValueError, match="takes no videos"):
         tokcomp.config_of(model, frames=4)
-    model = tokcomp.apply(_model("llava_onevision"), "divprune", keep=4)
     with pytest.raises(ValueError, match="video inputs are not supported"):
         model(
             input_ids=torch.tensor([[BOS, IMAGE]]), pixel_values_videos=torch.zeros(1, 1, 3, 32, 32)

@@ -79,6 +79,12 @@ def _llava_onevision() -> nn.Module:
     return hf.LlavaOnevisionForConditionalGeneration(config)
 
 
+def _llava_onevision_video() -> nn.Module:
+    model = _llava_onevision()
+    model.config.video_token_id = VIDEO
+    return model
+
+
 def _qwen_text() -> dict:
     text = dict(
         _TEXT,
@@ -193,7 +199,7 @@ class Family:
     """How to build a tiny model of one family and its per-image inputs."""
 
     build: Callable[[], nn.Module]
-    kind: str  # "llava", "llava_next", "qwen", "qwen_video", "idefics" or "gemma"
+    kind: str  # "llava", "llava_next", "qwen", "qwen_video", "onevision_video", "idefics", "gemma"
 
 
 FAMILIES: dict[str, Family] = {
@@ -201,6 +207,7 @@ FAMILIES: dict[str, Family] = {
     "llava_siglip": Family(_llava_siglip, "llava"),
     "llava_next": Family(_llava_next, "llava_next"),
     "llava_onevision": Family(_llava_onevision, "llava_next"),
+    "llava_onevision_video": Family(_llava_onevision_video, "onevision_video"),
     "qwen2_vl": Family(_qwen2_vl, "qwen"),
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "qwen2_vl_video": Family(_qwen2_vl, "qwen_video"),
@@ -272,6 +279,15 @@ def _image(
         return _qwen_image(model, generator, index)
     if kind == "qwen_video":
         return _qwen_video(model, generator) if index % 2 == 0 else _qwen_item(model, generator)
+    if kind == "onevision_video":
+        if index % 2 == 0:
+            return _onevision_video(model, generator)
+        pixels, tokens, extra = _next_image(model, generator, index)
+        return (
+            None,
+            tokens,
+            {"pixel_values": pixels[None], "image_sizes": extra["image_sizes"][None]},
+        )
     if kind == "gemma":
         size = model.config.vision_config.image_size
         pixels = torch.randn(3, size, size, generator=generator)
@@ -359,6 +375,21 @@ def _qwen_video(
     return None, tokens, tensors
 
 
+#: Frames of every LLaVA-OneVision video (the model takes them as one tensor).
+ONEVISION_FRAMES = 3
+
+
+def _onevision_video(
+    model: nn.Module, generator: torch.Generator
+) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
+    """A video of tower-sized frames: per frame the 2 x 2-pooled grid, then one newline token."""
+    side = model.config.vision_config.image_size
+    frames = torch.randn(1, ONEVISION_FRAMES, 3, side, side, generator=generator)
+    grid = -(-side // model.config.vision_config.patch_size // 2)
+    tokens = torch.full((ONEVISION_FRAMES * grid * grid + 1,), VIDEO)
+    return None, tokens, {"pixel_values_videos": frames}
+
+
 def _stack_images(
     kind: str, tensors: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ) -> dict[str, torch.Tensor]:
@@ -366,6 +397,8 @@ def _stack_images(
         return {}
     if kind == "qwen_video":
         return _concat_by_name([extra for _, extra in tensors])
+    if kind == "onevision_video":
+        return _concat_by_name(_crops_padded([extra for _, extra in tensors]))
     extras = {name: torch.stack([extra[name] for _, extra in tensors]) for name in tensors[0][1]}
     pixels = [pixels for pixels, _ in tensors]
     if kind == "qwen":
@@ -400,6 +433,19 @@ def collate(family: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
     return batch
 
 
+def _crops_padded(parts: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The parts' anyres pixel_values (images, crops, ...) zero-padded to the most crops."""
+    crops = max((p["pixel_values"].shape[1] for p in parts if "pixel_values" in p), default=0)
+    padded = []
+    for part in parts:
+        if "pixel_values" in part:
+            p = part["pixel_values"]
+            pad = p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])
+            part = {**part, "pixel_values": torch.cat([p, pad], dim=1)}
+        padded.append(part)
+    return padded
+
+
 def _concat_by_name(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Every tensor name of `parts`, concatenated over the parts that have it, in order."""
     names = dict.fromkeys(name for part in parts for name in part)
@@ -409,6 +455,8 @@ def _concat_by_name(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 def _concat_images(kind: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
     if kind == "qwen_video":
         return _concat_by_name([s.images for s in samples])
+    if kind == "onevision_video":
+        return _concat_by_name(_crops_padded([s.images for s in samples]))
     names = samples[0].images.keys()
     if kind != "llava_next":
         return {name: torch.cat([s.images[name] for s in samples]) for name in names}

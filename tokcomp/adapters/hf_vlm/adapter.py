@@ -117,7 +117,8 @@ class HFVLMAdapter(Adapter):
         images = {name: kwargs.pop(name) for name in self.vlm.image_inputs if name in kwargs}
         encoded = {kind: (mm_encoder_outputs or {}).get(kind) for kind in ("image", "video")}
         with_images = images.get("pixel_values") is not None or encoded["image"] is not None
-        with_videos = images.get("pixel_values_videos") is not None or encoded["video"] is not None
+        videos = images.get("pixel_values_videos", kwargs.get("pixel_values_videos"))
+        with_videos = videos is not None or encoded["video"] is not None
         if with_videos and not self.vlm.video_encoder_inputs:
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
