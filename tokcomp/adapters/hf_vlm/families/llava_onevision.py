@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -100,7 +101,7 @@ class LlavaOnevision(Llava):
         side = (
             self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
         )
-        pooled = frames * -((-side // 2) ** 2)
+        pooled = frames * math.ceil(side / 2) ** 2
         return replace(
             spec,
             crops=frames,
