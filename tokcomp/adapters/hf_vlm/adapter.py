@@ -112,8 +112,8 @@ class HFVLMAdapter(Adapter):
         mm_encoder_outputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The inner model's forward on the pruned sequence: a prefill with images chooses and
-        packs; a later call on a cache it filled is translated to the pruned cache."""
+        """The inner model's forward on the pruned sequence: a prefill with images or videos
+        chooses and packs; a later call on a cache it filled is translated to the pruned cache."""
         images = {name: kwargs.pop(name) for name in self.vlm.image_inputs if name in kwargs}
         encoded = {kind: (mm_encoder_outputs or {}).get(kind) for kind in ("image", "video")}
         with_images = images.get("pixel_values") is not None or encoded["image"] is not None
@@ -122,7 +122,7 @@ class HFVLMAdapter(Adapter):
         if with_videos and not self.vlm.video_encoder_inputs:
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
-                "inputs are not supported (Qwen2-VL and Qwen2.5-VL take videos)"
+                "inputs are not supported (Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision take videos)"
             )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
@@ -133,11 +133,10 @@ class HFVLMAdapter(Adapter):
         if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
         if with_images and encoded["image"] is None:
-            inputs = {name: images.get(name) for name in self.vlm.encoder_inputs}
-            present = {name: value for name, value in inputs.items() if value is not None}
-            encoded["image"] = self.get_image_features(compression, **present)
+            inputs = _present(images, self.vlm.encoder_inputs)
+            encoded["image"] = self.get_image_features(compression, **inputs)
         if with_videos and encoded["video"] is None:
-            inputs = {name: images[name] for name in self.vlm.video_encoder_inputs}
+            inputs = _present(images, self.vlm.video_encoder_inputs)
             encoded["video"] = self.get_video_features(compression, **inputs)
         return self._prefill(compression, call, images, encoded)
 
@@ -233,6 +232,11 @@ class HFVLMAdapter(Adapter):
             **call.kwargs,
         )
         return inner_output(output)
+
+
+def _present(inputs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Those of `names` given in `inputs` (not None)."""
+    return {name: inputs[name] for name in names if inputs.get(name) is not None}
 
 
 def _visual_needs(method: Method) -> frozenset:

@@ -207,7 +207,7 @@ class VLMFamily(abc.ABC):
         """The geometry of a reference video of `frames` frames (families with videos)."""
         raise ValueError(
             f"{type(self.model).__name__} takes no videos in tokcomp: MACs for a video (frames=) "
-            "are given for Qwen2-VL and Qwen2.5-VL"
+            "are given for Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision"
         )
 
     def spec(self) -> VLMSpec:
