@@ -74,10 +74,10 @@ class LlavaOnevision(Llava):
     ) -> Images:
         """Each video's pooled frame tokens one segment (their features the pooled projector
         outputs, as for pooled crops; attention and keys pooled as the model pools outputs)."""
-        frames = inputs["pixel_values_videos"].shape[1]
+        embeds = list(encoded.pooler_output)
+        frames = (len(embeds[0]) - 1) // self._pooled_per_frame()
         signals = self.crop_signals(encoded, inputs, needs - {VisualSignal.FEATURES})
         pooled = {name: self._pooled(value, frames) for name, value in signals.items()}
-        embeds = list(encoded.pooler_output)
         segments = []
         for video, tokens in enumerate(embeds):
             slots = torch.arange(len(tokens) - 1, device=tokens.device)  # the newline: kept
@@ -98,10 +98,7 @@ class LlavaOnevision(Llava):
         """A reference video of `frames` frames at the tower's size (the processor resizes them
         to it): each frame a tower pass and projected, then pooled, one newline."""
         spec = self.spec()
-        side = (
-            self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
-        )
-        pooled = frames * math.ceil(side / 2) ** 2
+        pooled = frames * self._pooled_per_frame()
         return replace(
             spec,
             crops=frames,
@@ -198,6 +195,11 @@ class LlavaOnevision(Llava):
             vision_aspect_ratio=aspect_ratio or self.model.config.vision_aspect_ratio,
         )
         return packed
+
+    def _pooled_per_frame(self) -> int:
+        """Tokens of one video frame after the model's 2 x 2 pooling."""
+        vision = self.model.config.vision_config
+        return math.ceil(vision.image_size // vision.patch_size / 2) ** 2
 
     def _tokens_per_crop(self) -> int:
         vision = self.model.config.vision_config
