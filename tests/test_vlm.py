@@ -241,31 +241,24 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
 QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 
 
-def _items(batch: dict) -> list[list[int]]:
-    """Per sample, the tokens of each of its images and videos in prompt order, by hand from
-    the grids (2 x 2 merged)."""
-    sizes = {
-        IMAGE: iter((batch["image_grid_thw"].prod(-1) // 4).tolist()),
-        VIDEO: iter((batch["video_grid_thw"].prod(-1) // 4).tolist()),
-    }
-    items = []
-    for ids in batch["input_ids"].tolist():
-        starts = [t for p, t in zip([None, *ids], ids, strict=False) if t in sizes and p != t]
-        items.append([next(sizes[token]) for token in starts])
-    return items
+#: (family, layout, selectable tokens of each image and video per sample, by hand): Qwen's
+#: 3 x 6 x 4- and 1 x 4 x 4-patch videos and 1 x 6 x 4-patch image, 2 x 2 merged (a video and an
+#: image mixed in sample 1); LLaVA-OneVision's 3 frames of 2 x 2 pooled tokens (the newline
+#: after them always kept).
+BUDGET_CASES = [
+    *[pytest.param(f, LAYOUT, [[18], [4, 6], []], id=f) for f in QWEN_VIDEO],
+    pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_onevision"),
+]
 
 
 @pytest.mark.parametrize("method", ["divprune", "fastv", "pyramiddrop"])
-@pytest.mark.parametrize("family", QWEN_VIDEO)
+@pytest.mark.parametrize(("family", "layout", "items"), BUDGET_CASES)
 @torch.no_grad()
-def test_budgets_apply_per_video_and_per_image(family, method):
+def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
     """A count keeps that many tokens of every video and every image; a fraction keeps that
-    fraction of each (18-, 4- and 6-token items, a video and an image mixed in sample 1); the
-    LLM-stage methods score video tokens as image tokens."""
+    fraction of each; the LLM-stage methods score video tokens as image tokens."""
     model = _model(family)
-    batch, _ = _inputs(model, family)
-    items = _items(batch)
-    assert items == [[18], [4, 6], []]
+    batch, _ = _inputs(model, family, layout)
     for keep, kept in ((3, lambda n: 3), (0.5, lambda n: n // 2)):
         tokcomp.apply(model, method, keep=keep)
         out = model(**batch, use_cache=True)
