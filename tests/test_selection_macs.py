@@ -31,7 +31,7 @@ from vlm_fixtures import tiny_vlm as _tiny_vlm
 import tokcomp
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
 from tokcomp.methods import Stage, create_method, method_class
-from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualTokens
+from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualSignal, VisualTokens
 from tokcomp.schedule import REFERENCE_PROMPT
 
 #: How close the analytic MACs must be to the counted ones.
@@ -73,8 +73,6 @@ VISUAL_CASES = [
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]
-#: The visual-token methods that run on Qwen2-VL (no tower attention there).
-_QWEN2_VL_METHODS = ("zoo", "divprune", "fastv", "pyramiddrop", "random")
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +254,11 @@ def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch
 
 
 VIDEO_CASES = [
-    *[pytest.param("qwen2_vl", m, 2, id=f"qwen2_vl-{m}") for m in _QWEN2_VL_METHODS],
+    *[
+        pytest.param("qwen2_vl", m, 2, id=f"qwen2_vl-{m}")
+        for m in VISUAL_OPTIONS
+        if not method_class(m).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
+    ],
     *[
         pytest.param("llava_onevision_video", m, 4, id=f"onevision-{m}")
         for m in VISUAL_OPTIONS
