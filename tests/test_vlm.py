@@ -354,6 +354,8 @@ def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newli
 
 
 def test_video_inputs_of_a_family_without_videos_are_refused():
+    with pytest.raises(ValueError, match="frame count"):
+        tokcomp.config_of(tokcomp.apply(_model("qwen2_vl"), "divprune", keep=4), frames=0)
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
     with pytest.raises(ValueError, match="takes no videos"):
         tokcomp.config_of(model, frames=4)

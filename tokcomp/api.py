@@ -115,6 +115,8 @@ def _on_video(patch: Patch, frames: int) -> tuple[Method, ModelSpec, list[int]]:
     video_spec = getattr(patch.adapter, "video_spec", None)
     if video_spec is None:
         raise ValueError("frames= gives a VLM's MACs on a video; this model is no VLM")
+    if frames < 1:
+        raise ValueError(f"frames={frames}: give the video's frame count (an int >= 1)")
     spec = video_spec(frames)
     method, schedule = resolve(patch.compression.method.with_options(schedule=None), spec)
     return method, spec, schedule

@@ -137,28 +137,21 @@ class Qwen2VL(VLMFamily):
     def llm_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions
 
-    def vision_fields(self) -> dict[str, Any]:
-        return self._tower_fields(REFERENCE_PIXELS)
-
     def video_spec(self, frames: int) -> VLMSpec:
         """The geometry of a reference video of `frames` REFERENCE_PIXELS-square frames: every
         temporal patch (2 frames; the processor pads an odd count) through the tower alone,
         all its tokens one segment with one budget."""
+        spec = self.spec()
         temporal = -(-frames // self.inner.visual.config.temporal_patch_size)
-        visual = temporal * self._tower_fields(REFERENCE_PIXELS)["visual_tokens"]
+        visual = temporal * spec.visual_tokens
         return replace(
-            self.spec(),
-            crops=temporal,
-            visual_tokens=visual,
-            segments=(visual,),
-            projected_tokens=visual,
+            spec, crops=temporal, visual_tokens=visual, segments=(visual,), projected_tokens=visual
         )
 
-    def _tower_fields(self, side_pixels: int) -> dict[str, Any]:
-        """The vision fields of one image (or temporal patch) of `side_pixels` square."""
+    def vision_fields(self) -> dict[str, Any]:
         visual = self.inner.visual
         merge = visual.spatial_merge_size
-        side = side_pixels // visual.config.patch_size // merge * merge
+        side = REFERENCE_PIXELS // visual.config.patch_size // merge * merge
         return tower_fields(
             visual.blocks,
             "attn",
