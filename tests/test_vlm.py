@@ -353,7 +353,7 @@ def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newli
         torch.testing.assert_close(segment.visual.attention[0], pooled[video])
 
 
-def test_video_inputs_of_a_family_without_videos_are_refused():
+def test_videos_where_none_are_taken_and_bad_frame_counts_are_refused():
     with pytest.raises(ValueError, match="frame count"):
         tokcomp.config_of(tokcomp.apply(_model("qwen2_vl"), "divprune", keep=4), frames=0)
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
