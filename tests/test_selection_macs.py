@@ -22,6 +22,7 @@ from vlm_fixtures import (
     IMAGE_END,
     TEXT_HIGH,
     TEXT_LOW,
+    VIDEO,
     VISION_END,
     VISION_START,
     collate,
@@ -32,7 +33,7 @@ from vlm_fixtures import tiny_vlm as _tiny_vlm
 import tokcomp
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
 from tokcomp.methods import Stage, create_method, method_class
-from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualTokens
+from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualSignal, VisualTokens
 from tokcomp.schedule import REFERENCE_PROMPT
 
 #: How close the analytic MACs must be to the counted ones.
@@ -266,6 +267,58 @@ def test_visual_method_selection_matches_the_flop_counter(family, method, extra)
     else:
         tokcomp.apply(model, "random", keep_ratio=VISUAL_OPTIONS[method].get("keep", 0.5))
     assert config.selection_macs == pytest.approx(counted - _prefill(model, batch), rel=REL)
+
+
+def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch.Tensor]:
+    """A video of `frames` frames (Qwen2-VL: REFERENCE_PIXELS-square random patches, two frames
+    per temporal patch; LLaVA-OneVision: tower-sized frames) and text of the reference
+    length."""
+    generator = torch.Generator().manual_seed(0)
+    vision = model.config.vision_config
+    if family == "qwen2_vl":
+        side = REFERENCE_PIXELS // vision.patch_size
+        grid = torch.tensor([[frames // vision.temporal_patch_size, side, side]])
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(int(grid.prod()), width, generator=generator)
+        count = int(grid.prod()) // vision.spatial_merge_size**2
+        video = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+    else:
+        side = vision.image_size
+        pixels = torch.randn(1, frames, 3, side, side, generator=generator)
+        count = frames * (-(-side // vision.patch_size // 2)) ** 2 + 1
+        video = {"pixel_values_videos": pixels}
+    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - 3,), generator=generator)
+    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    ids = torch.cat([torch.tensor([BOS]), tokens, text])[None]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video}
+    if family == "qwen2_vl":
+        batch["mm_token_type_ids"] = 2 * (ids == VIDEO).int()
+    return batch
+
+
+VIDEO_CASES = [
+    *[
+        pytest.param("qwen2_vl", m, 2, id=f"qwen2_vl-{m}")
+        for m in VISUAL_OPTIONS
+        if not method_class(m).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
+    ],
+    *[
+        pytest.param("llava_onevision_video", m, 4, id=f"onevision-{m}")
+        for m in VISUAL_OPTIONS
+        if m != "zoo"  # pooled video tokens have no projector input: docs/methods.md section 10
+    ],
+]
+
+
+@pytest.mark.parametrize(("family", "method", "passes"), VIDEO_CASES)
+def test_visual_method_macs_on_a_video_match_the_flop_counter(family, method, passes):
+    """Four frames: Qwen2-VL's two temporal patches or LLaVA-OneVision's four frames, each a
+    tower pass; a budget of the video's tokens."""
+    model = tiny_vlm(family)
+    batch = _video_prompt(model, family, frames=4)
+    config = tokcomp.config_of(tokcomp.apply(model, method, **VISUAL_OPTIONS[method]), frames=4)
+    assert config.model["crops"] == passes
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=REL)
 
 
 def test_zoo_general_path_matches_the_flop_counter():

@@ -12,7 +12,19 @@ import pytest
 import torch
 import transformers as hf
 from conftest import BATCH_POSITION_DEPENDENT, tiny_vit
-from vlm_fixtures import FAMILIES, IMAGE, IMAGE_BREAK, IMAGE_END, PAD, batch_inputs, tiny_vlm
+from vlm_fixtures import (
+    BOS,
+    FAMILIES,
+    IMAGE,
+    IMAGE_BREAK,
+    IMAGE_END,
+    PAD,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    batch_inputs,
+    tiny_vlm,
+)
 
 import tokcomp
 from tokcomp.adapters import find_adapter
@@ -31,6 +43,7 @@ TOWER_ATTENTION = {
     "llava_siglip",
     "llava_next",
     "llava_onevision",
+    "llava_onevision_video",
     "gemma3",
     "mistral3",
     "qwen3_vl",
@@ -94,7 +107,7 @@ def _uncached_reference(model, family: str, batch: dict, steps: int = STEPS) -> 
                 text = ids.new_zeros(ids.shape[0], len(new), dtype=batch[name].dtype)
                 extra[name] = torch.cat([batch[name], text], dim=1)
         positions = None
-        if FAMILIES[family].kind != "qwen":
+        if not FAMILIES[family].kind.startswith("qwen"):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
@@ -240,6 +253,135 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     first = seen[0][0]
     torch.testing.assert_close(first, expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
     assert seen[1][0].shape == (2, 8)
+
+
+# -- videos (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) ---------------------------------------------
+
+QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
+
+
+#: (family, layout, selectable tokens of each image and video per sample, by hand): Qwen's
+#: 3 x 6 x 4- and 1 x 4 x 4-patch videos and 1 x 6 x 4-patch image, 2 x 2 merged (a video and an
+#: image mixed in sample 1); LLaVA-OneVision's 3 frames of 2 x 2 pooled tokens (the newline
+#: after them always kept).
+BUDGET_CASES = [
+    *[pytest.param(f, LAYOUT, [[18], [4, 6], []], id=f) for f in QWEN_VIDEO],
+    pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_onevision"),
+]
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv", "pyramiddrop"])
+@pytest.mark.parametrize(("family", "layout", "items"), BUDGET_CASES)
+@torch.no_grad()
+def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
+    """A count keeps that many tokens of every video and every image; a fraction keeps that
+    fraction of each; the LLM-stage methods score video tokens as image tokens."""
+    model = _model(family)
+    batch, _ = _inputs(model, family, layout)
+    for keep, kept in ((3, lambda n: 3), (0.5, lambda n: n // 2)):
+        tokcomp.apply(model, method, keep=keep)
+        out = model(**batch, use_cache=True)
+        dropped = [sum(n - kept(n) for n in row) for row in items]
+        assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+@pytest.mark.parametrize("family", QWEN_VIDEO)
+@torch.no_grad()
+def test_a_video_is_one_segment_of_its_frames_with_the_model_s_features(family):
+    """Each video: one segment over all its t x h x w tokens with its t temporal patches as
+    frames, the outputs get_video_features gives, and features the projector maps to them."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    batch, _ = _inputs(model, family)
+    vlm, needs = family_for(model)(model), frozenset({VisualSignal.FEATURES})
+    inputs = {name: batch[name] for name in ("pixel_values_videos", "video_grid_thw")}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    grid = batch["video_grid_thw"].tolist()
+    assert [(s.image, s.frames, s.visual.tokens) for s in videos.segments] == [
+        (i, t, t * h * w // 4) for i, (t, h, w) in enumerate(grid)
+    ]
+    for segment, outputs in zip(videos.segments, expected, strict=True):
+        torch.testing.assert_close(segment.visual.outputs[0], outputs)
+        torch.testing.assert_close(segment.visual.project(segment.visual.features), outputs[None])
+
+
+def _video_prompt(count: int) -> torch.Tensor:
+    text = torch.arange(10, 15)
+    video = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    return torch.cat([torch.tensor([BOS]), text, video, text])[None]
+
+
+@pytest.mark.parametrize("family", QWEN_VIDEO)
+@torch.no_grad()
+def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_grid(family):
+    """Keeping the first 2 of 3 temporal patches and the top-left 2 x 2 of 3 x 2 merged tokens
+    of each: the renumbered prompt is numbered as get_rope_index numbers a (2, 4, 4)-patch
+    video (Qwen2.5-VL: at 2 s per temporal patch), text after it included."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    vlm = family_for(model)(model)
+    seconds = {"second_per_grid_ts": torch.tensor([2.0])} if "2_5" in family else {}
+
+    def numbered(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        types = (ids == VIDEO).int() * 2
+        inputs = {"mm_token_type_ids": types, "video_grid_thw": torch.tensor([grid]), **seconds}
+        return vlm.positions(ids, None, None, inputs)
+
+    ids = _video_prompt(18)
+    placeholder = vlm.placeholders(ids)
+    t, h, w = torch.meshgrid(torch.arange(3), torch.arange(3), torch.arange(2), indexing="ij")
+    pruned = placeholder.clone()
+    pruned[placeholder] = ((t >= 2) | (h >= 2) | (w >= 2)).flatten()
+    positions, shift = vlm.renumber(numbered(ids, (3, 6, 4)), placeholder, pruned)
+    expected = numbered(_video_prompt(8), (2, 4, 4))
+    assert torch.equal(positions[:, ~pruned][:, None], expected)
+    assert shift.tolist() == [1]
+
+
+@torch.no_grad()
+def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newline():
+    """Two 3-frame videos of 4 x 4 patches per frame: each frame's tokens 2 x 2 pooled (its
+    attention too: the 2 x 2 mean), the 12 pooled tokens one segment of 3 frames, the newline
+    after them in none; features are the pooled outputs (identity projector)."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_onevision_video")
+    vlm, needs = family_for(model)(model), frozenset(VisualSignal)
+    inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    index = vlm.feature_index(inputs)
+    attention, _ = tower_attention(
+        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
+    )
+    pooled = torch.nn.functional.avg_pool2d(attention.view(6, 1, 4, 4), 2).view(2, 12)
+    assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
+        (0, 3, list(range(12))),
+        (1, 3, list(range(12))),
+    ]
+    for video, segment in enumerate(videos.segments):
+        torch.testing.assert_close(videos.embeds[video], expected[video])
+        torch.testing.assert_close(segment.visual.outputs[0], expected[video, :12])
+        torch.testing.assert_close(segment.visual.features, segment.visual.outputs)
+        torch.testing.assert_close(segment.visual.attention[0], pooled[video])
+
+
+def test_videos_where_none_are_taken_and_bad_frame_counts_are_refused():
+    with pytest.raises(ValueError, match="frame count"):
+        tokcomp.config_of(tokcomp.apply(_model("qwen2_vl"), "divprune", keep=4), frames=0)
+    model = tokcomp.apply(_model("llava"), "divprune", keep=4)
+    with pytest.raises(ValueError, match="takes no videos"):
+        tokcomp.config_of(model, frames=4)
+    with pytest.raises(ValueError, match="video inputs are not supported"):
+        model(
+            input_ids=torch.tensor([[BOS, IMAGE]]), pixel_values_videos=torch.zeros(1, 1, 3, 32, 32)
+        )
 
 
 # -- LLaVA-OneVision's crops ---------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Tiny randomly initialised Hugging Face VLMs of every family tokcomp supports, and batched
 inputs for them (left-padded prompts of different lengths, different numbers of images per
-sample). Shared by the VLM tests and the VQA harness; no network, no processor files."""
+sample; for the "_video" families, videos and images alternating, made from random frames by
+Qwen2-VL's video processor). Shared by the VLM tests and the VQA harness; no network, no
+processor files."""
 
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ from torch import nn
 
 VOCAB = 128
 PAD, BOS = 0, 1
-IMAGE, VISION_START, VISION_END, FAKE_AROUND = 127, 126, 125, 124
+IMAGE, VISION_START, VISION_END, FAKE_AROUND, VIDEO = 127, 126, 125, 124, 123
 #: Pixtral's structural tokens: after each row of an image's tokens, the last one ends it.
-IMAGE_BREAK, IMAGE_END = 123, 122
+IMAGE_BREAK, IMAGE_END = 122, 121
 #: Ordinary text tokens are drawn from [TEXT_LOW, TEXT_HIGH).
 TEXT_LOW, TEXT_HIGH = 2, 120
 
@@ -79,6 +81,12 @@ def _llava_onevision() -> nn.Module:
     return hf.LlavaOnevisionForConditionalGeneration(config)
 
 
+def _llava_onevision_video() -> nn.Module:
+    model = _llava_onevision()
+    model.config.video_token_id = VIDEO
+    return model
+
+
 def _qwen_text() -> dict:
     text = dict(
         _TEXT,
@@ -101,7 +109,7 @@ def _qwen2_vl() -> nn.Module:
         text_config=_qwen_text(),
         vision_config=vision,
         image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND,
+        video_token_id=VIDEO,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
@@ -125,7 +133,7 @@ def _qwen2_5_vl() -> nn.Module:
         text_config=_qwen_text(),
         vision_config=vision,
         image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND,
+        video_token_id=VIDEO,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
@@ -234,7 +242,8 @@ class Family:
     """How to build a tiny model of one family and its per-image inputs."""
 
     build: Callable[[], nn.Module]
-    kind: str  # "llava", "llava_next", "qwen", "idefics", "gemma" or "pixtral"
+    kind: str  # "llava", "llava_next", "qwen", "qwen_video", "onevision_video", "idefics",
+    # "gemma" or "pixtral"
 
 
 FAMILIES: dict[str, Family] = {
@@ -242,9 +251,12 @@ FAMILIES: dict[str, Family] = {
     "llava_siglip": Family(_llava_siglip, "llava"),
     "llava_next": Family(_llava_next, "llava_next"),
     "llava_onevision": Family(_llava_onevision, "llava_next"),
+    "llava_onevision_video": Family(_llava_onevision_video, "onevision_video"),
     "qwen2_vl": Family(_qwen2_vl, "qwen"),
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "qwen3_vl": Family(_qwen3_vl, "qwen"),
+    "qwen2_vl_video": Family(_qwen2_vl, "qwen_video"),
+    "qwen2_5_vl_video": Family(_qwen2_5_vl, "qwen_video"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),
@@ -278,7 +290,8 @@ class Sample:
 
 def sample(model: nn.Module, family: str, images: int, text: int, seed: int) -> Sample:
     """A prompt with `images` images (each followed by a few text tokens) and `text` tokens
-    after the last image; image sizes vary with the seed where the family allows it."""
+    after the last image; image sizes vary with the seed where the family allows it ("_video"
+    families: the even-numbered images are videos)."""
     generator = torch.Generator().manual_seed(seed)
     kind = FAMILIES[family].kind
     blocks, tensors = [], []
@@ -312,6 +325,17 @@ def _image(
         return _qwen_image(model, generator, index)
     if kind == "pixtral":
         return _pixtral_image(model, generator, index)
+    if kind == "qwen_video":
+        return _qwen_video(model, generator) if index % 2 == 0 else _qwen_item(model, generator)
+    if kind == "onevision_video":
+        if index % 2 == 0:
+            return _onevision_video(model, generator)
+        pixels, tokens, extra = _next_image(model, generator, index)
+        return (
+            None,
+            tokens,
+            {"pixel_values": pixels[None], "image_sizes": extra["image_sizes"][None]},
+        )
     if kind == "gemma":
         size = model.config.vision_config.image_size
         pixels = torch.randn(3, size, size, generator=generator)
@@ -379,11 +403,67 @@ def _pixtral_image(
     return pixels, tokens, {"image_sizes": torch.tensor([height, width])}
 
 
+def _qwen_item(
+    model: nn.Module, generator: torch.Generator
+) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
+    """A Qwen image among videos: its tensors all in the extras, grid as a (1, 3) row."""
+    pixels, tokens, extra = _qwen_image(model, generator, 1)
+    return None, tokens, {"pixel_values": pixels, "image_grid_thw": extra["image_grid_thw"][None]}
+
+
+#: Video shapes (frames, height, width) and frame rates the fixture draws from.
+_VIDEOS = [((4, 16, 24), 2.0), ((6, 24, 16), 1.0), ((2, 16, 16), 4.0)]
+
+
+def _qwen_video(
+    model: nn.Module, generator: torch.Generator
+) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
+    """A video of random frames of a drawn shape through Qwen2-VL's video processor (2 frames
+    per temporal patch); Qwen2.5-VL also gets its seconds per temporal patch."""
+    vision = model.config.vision_config
+    (frames, height, width), fps = _VIDEOS[int(torch.randint(3, (1,), generator=generator))]
+    processor = hf.Qwen2VLVideoProcessor(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        min_pixels=64,
+        max_pixels=height * width,
+        do_sample_frames=False,
+        cap_pixels_per_frame=True,
+    )
+    video = torch.randint(0, 256, (frames, height, width, 3), generator=generator)
+    tensors = dict(processor(videos=[video.to(torch.uint8).numpy()], return_tensors="pt"))
+    count = int(tensors["video_grid_thw"].prod()) // vision.spatial_merge_size**2
+    if model.config.model_type == "qwen2_5_vl":
+        tensors["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / fps])
+    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    return None, tokens, tensors
+
+
+#: Frames of every LLaVA-OneVision video (the model takes them as one tensor).
+ONEVISION_FRAMES = 3
+
+
+def _onevision_video(
+    model: nn.Module, generator: torch.Generator
+) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
+    """A video of tower-sized frames: per frame the 2 x 2-pooled grid, then one newline token."""
+    side = model.config.vision_config.image_size
+    frames = torch.randn(1, ONEVISION_FRAMES, 3, side, side, generator=generator)
+    grid = -(-side // model.config.vision_config.patch_size // 2)
+    tokens = torch.full((ONEVISION_FRAMES * grid * grid + 1,), VIDEO)
+    return None, tokens, {"pixel_values_videos": frames}
+
+
 def _stack_images(
     kind: str, tensors: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ) -> dict[str, torch.Tensor]:
     if not tensors:
         return {}
+    if kind == "qwen_video":
+        return _concat_by_name([extra for _, extra in tensors])
+    if kind == "onevision_video":
+        return _concat_by_name(_crops_padded([extra for _, extra in tensors]))
     extras = {name: torch.stack([extra[name] for _, extra in tensors]) for name in tensors[0][1]}
     pixels = [pixels for pixels, _ in tensors]
     if kind == "qwen":
@@ -411,14 +491,37 @@ def collate(family: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
         batch.update(_idefics_pixels(samples))
     elif with_images:
         batch.update(_concat_images(kind, with_images))
-    if kind == "qwen":
-        batch["mm_token_type_ids"] = (ids == IMAGE).int()
+    if kind in ("qwen", "qwen_video"):
+        batch["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     if kind == "gemma":
         batch["token_type_ids"] = (ids == IMAGE).long()
     return batch
 
 
+def _crops_padded(parts: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The parts' anyres pixel_values (images, crops, ...) zero-padded to the most crops."""
+    crops = max((p["pixel_values"].shape[1] for p in parts if "pixel_values" in p), default=0)
+    padded = []
+    for part in parts:
+        if "pixel_values" in part:
+            p = part["pixel_values"]
+            pad = p.new_zeros(p.shape[0], crops - p.shape[1], *p.shape[2:])
+            part = {**part, "pixel_values": torch.cat([p, pad], dim=1)}
+        padded.append(part)
+    return padded
+
+
+def _concat_by_name(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every tensor name of `parts`, concatenated over the parts that have it, in order."""
+    names = dict.fromkeys(name for part in parts for name in part)
+    return {name: torch.cat([part[name] for part in parts if name in part]) for name in names}
+
+
 def _concat_images(kind: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
+    if kind == "qwen_video":
+        return _concat_by_name([s.images for s in samples])
+    if kind == "onevision_video":
+        return _concat_by_name(_crops_padded([s.images for s in samples]))
     names = samples[0].images.keys()
     if kind != "llava_next":
         return {name: torch.cat([s.images[name] for s in samples]) for name in names}

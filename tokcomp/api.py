@@ -86,17 +86,21 @@ def is_patched(model: nn.Module) -> bool:
     return _PATCH in model.__dict__
 
 
-def config_of(model: nn.Module) -> Config:
+def config_of(model: nn.Module, frames: int | None = None) -> Config:
     """The resolved configuration of a patched model: method, options, schedule, MACs (the
-    model's plus the method's own work, which selection_macs gives apart)."""
-    compression = _patch_of(model).compression
-    spec, schedule = compression.spec, list(compression.schedule)
-    options = compression.method.options()
+    model's plus the method's own work, which selection_macs gives apart). `frames`: a VLM's
+    schedule and MACs on a reference video of that many frames instead of the reference image."""
+    patch = _patch_of(model)
+    compression = patch.compression
+    method, spec, schedule = compression.method, compression.spec, list(compression.schedule)
+    if frames is not None:
+        method, spec, schedule = _on_video(patch, frames)
+    options = method.options()
     for settled in ("schedule", "target_macs"):
         options.pop(settled, None)
-    selection = selection_macs(spec, compression.method, schedule)
+    selection = selection_macs(spec, method, schedule)
     return Config(
-        method=compression.method.name,
+        method=method.name,
         options=options,
         schedule=schedule,
         model=spec.as_dict(),
@@ -104,6 +108,18 @@ def config_of(model: nn.Module) -> Config:
         base_macs=model_macs(spec),
         selection_macs=selection,
     )
+
+
+def _on_video(patch: Patch, frames: int) -> tuple[Method, ModelSpec, list[int]]:
+    """The patch's method re-resolved (its budget per video) on a reference video."""
+    video_spec = getattr(patch.adapter, "video_spec", None)
+    if video_spec is None:
+        raise ValueError("frames= gives a VLM's MACs on a video; this model is no VLM")
+    if frames < 1:
+        raise ValueError(f"frames={frames}: give the video's frame count (an int >= 1)")
+    spec = video_spec(frames)
+    method, schedule = resolve(patch.compression.method.with_options(schedule=None), spec)
+    return method, spec, schedule
 
 
 def macs(model: nn.Module) -> int:

@@ -15,9 +15,11 @@ from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
 from tokcomp.adapters.hf_vlm.families import (
     ADAPTER_NAME,
+    Images,
     VLMFamily,
     family_for,
     handled_classes,
+    in_prompt_order,
 )
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
@@ -56,9 +58,16 @@ class HFVLMAdapter(Adapter):
     def spec(self) -> VLMSpec:
         return self.vlm.spec()
 
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` frames, in place of the reference image."""
+        return self.vlm.video_spec(frames)
+
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         inner = self.vlm.inner
-        return [(inner, "forward", "forward"), (inner, "get_image_features", "get_image_features")]
+        methods = ["forward", "get_image_features"]
+        if self.vlm.video_encoder_inputs:
+            methods.append("get_video_features")
+        return [(inner, name, name) for name in methods]
 
     def install(self, patch: Patch) -> None:
         """Patch the inner model; a block method also patches the vision tower."""
@@ -87,6 +96,11 @@ class HFVLMAdapter(Adapter):
         """The model's own get_image_features, with the vision hidden states the method needs."""
         return self.vlm.encode(args, kwargs, _visual_needs(compression.method))
 
+    def get_video_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
+        """The model's own get_video_features, with the vision hidden states the method needs
+        (patched, as get_image_features, so that generate leaves the videos to the forward)."""
+        return self.vlm.encode_videos(args, kwargs, _visual_needs(compression.method))
+
     def forward(
         self,
         compression: Compression,
@@ -99,30 +113,41 @@ class HFVLMAdapter(Adapter):
         mm_encoder_outputs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The inner model's forward on the pruned sequence: a prefill with images chooses and
-        packs; a later call on a cache it filled is translated to the pruned cache."""
+        """The inner model's forward on the pruned sequence: a prefill with images or videos
+        chooses and packs; a later call on a cache it filled is translated to the pruned cache."""
         images = {name: kwargs.pop(name) for name in self.vlm.image_inputs if name in kwargs}
-        if images.get("pixel_values_videos") is not None:
-            raise ValueError("tokcomp prunes image tokens; video inputs are not supported")
-        encoded = (mm_encoder_outputs or {}).get("image")
-        with_images = images.get("pixel_values") is not None or encoded is not None
+        encoded = {kind: (mm_encoder_outputs or {}).get(kind) for kind in ("image", "video")}
+        with_images = images.get("pixel_values") is not None or encoded["image"] is not None
+        videos = images.get("pixel_values_videos", kwargs.get("pixel_values_videos"))
+        with_videos = videos is not None or encoded["video"] is not None
+        if with_videos and not self.vlm.video_encoder_inputs:
+            raise ValueError(
+                f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
+                "inputs are not supported (Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision take videos)"
+            )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
         )
         pruned = pruned_of(cache)
-        if pruned is not None and not with_images:
+        if pruned is not None and not (with_images or with_videos):
             return self._decode(pruned, call)
-        if not with_images:
+        if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
-        if encoded is None:
-            inputs = {name: images.get(name) for name in self.vlm.encoder_inputs}
-            present = {name: value for name, value in inputs.items() if value is not None}
-            encoded = self.get_image_features(compression, **present)
+        if with_images and encoded["image"] is None:
+            inputs = _present(images, self.vlm.encoder_inputs)
+            encoded["image"] = self.get_image_features(compression, **inputs)
+        if with_videos and encoded["video"] is None:
+            inputs = _present(images, self.vlm.video_encoder_inputs)
+            encoded["video"] = self.get_video_features(compression, **inputs)
         return self._prefill(compression, call, images, encoded)
 
     # -- prefill and decoding ------------------------------------------------------------------
     def _prefill(
-        self, compression: Compression, call: Call, images: dict[str, Any], encoded: Any
+        self,
+        compression: Compression,
+        call: Call,
+        images: dict[str, Any],
+        encoded: dict[str, Any],
     ) -> Any:
         vlm, method = self.vlm, compression.method
         if call.input_ids is None:
@@ -133,15 +158,14 @@ class HFVLMAdapter(Adapter):
         if call.cache is not None and call.cache.get_seq_length() > 0:
             raise ValueError("images can be given only with an empty cache (in the prefill)")
         call = call.with_cache(vlm.language_model.config)
-        needs = _visual_needs(method)
-        found = vlm.images(encoded, images, needs, compression.spec.visual_tokens)
         prompt = self._prompt(call, images)
+        found = self._found(prompt, call.input_ids, images, encoded, compression)
         if isinstance(method, VisualMethod) and method.stage is Stage.LLM:
             hidden, pruned = llm_stage_prefill(vlm, method, call, prompt, found)
             pruned.attach(call.cache)
             return _decoder_output(hidden, call)
         if isinstance(method, VisualMethod) and found.placeholders is None:
-            if VisualSignal.TEXT in needs:
+            if VisualSignal.TEXT in _visual_needs(method):
                 found = with_text(found, prompt)
             choices, positions = choose(method, found), method.positions
         else:  # a block method acted inside the tower: its tokens take the first places
@@ -161,10 +185,29 @@ class HFVLMAdapter(Adapter):
         pruned_record(vlm, prompt, spans, cut.dropped).attach(call.cache)
         return inner_output(output)
 
+    def _found(
+        self,
+        prompt: Prompt,
+        input_ids: torch.Tensor,
+        images: dict[str, Any],
+        encoded: dict[str, Any],
+        compression: Compression,
+    ) -> Images:
+        """The visual tokens of the prompt's images and videos, in placeholder order."""
+        vlm, needs = self.vlm, _visual_needs(compression.method)
+        found = None
+        if encoded["image"] is not None:
+            found = vlm.images(encoded["image"], images, needs, compression.spec.visual_tokens)
+        if encoded["video"] is None:
+            return found
+        videos = vlm.videos(encoded["video"], images, needs)
+        is_video = input_ids[prompt.placeholder] == vlm.video_token_id
+        return in_prompt_order(found, videos, is_video)
+
     def _prompt(self, call: Call, images: dict[str, Any]) -> Prompt:
         """The prompt of a prefill call, placeholders still holding the image token's embedding."""
         vlm, input_ids, mask = self.vlm, call.input_ids, call.attention_mask
-        placeholder = input_ids == vlm.image_token_id
+        placeholder = vlm.placeholders(input_ids)
         valid = torch.ones_like(placeholder) if mask is None else mask.bool()
         positions = vlm.positions(input_ids, mask, call.position_ids, {**images, **call.kwargs})
         embeds = vlm.language_model.get_input_embeddings()(input_ids)
@@ -193,6 +236,11 @@ class HFVLMAdapter(Adapter):
             **call.kwargs,
         )
         return inner_output(output)
+
+
+def _present(inputs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Those of `names` given in `inputs` (not None)."""
+    return {name: inputs[name] for name in names if inputs.get(name) is not None}
 
 
 def _visual_needs(method: Method) -> frozenset:

@@ -101,10 +101,12 @@ def renumber_mrope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multimodal-RoPE renumbering: kept image tokens keep their (t, h, w) coordinates relative
     to the image's start; the gap an image leaves (its original extent minus its kept extent)
-    is closed for everything after it. The last three rows are the (t, h, w) rows."""
+    is closed for everything after it. The last three rows are the (t, h, w) rows; extents are
+    measured on the h and w rows, as get_rope_index advances the text after an image or a video
+    by its spatial extent (a video's time rows may run past it)."""
     shifts = torch.zeros_like(placeholder, dtype=torch.long)
     total = torch.zeros(placeholder.shape[0], dtype=torch.long, device=placeholder.device)
-    spatial = positions[-3:]
+    spatial = positions[-2:]
     for row in range(placeholder.shape[0]):
         gap = 0
         for start, end in _runs(placeholder[row]):

@@ -12,9 +12,18 @@ from tokcomp.adapters.hf_vlm.families.base import (
     VLMFamily,
     family_for,
     handled_classes,
+    in_prompt_order,
 )
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ADAPTER_NAME", "Images", "Segment", "VLMFamily", "family_for", "handled_classes"]
+__all__ = [
+    "ADAPTER_NAME",
+    "Images",
+    "Segment",
+    "VLMFamily",
+    "family_for",
+    "handled_classes",
+    "in_prompt_order",
+]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -29,12 +29,15 @@ _REGISTRY: dict[str, type[VLMFamily]] = {}
 
 @dataclass(frozen=True)
 class Segment:
-    """Visual tokens of one image chosen together with one budget share (an image, or one
-    crop of an anyres image): their slots in the image's token list and what methods see."""
+    """Visual tokens of one image chosen together with one budget share (an image, one crop
+    of an anyres image, or a whole video): their slots in the image's token list, what methods
+    see, and the frames they span (a video's temporal patches, frame-major with an equal
+    number of tokens each; 1 for an image)."""
 
     image: int
     slots: torch.Tensor
     visual: VisualTokens
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class VLMFamily(abc.ABC):
     image_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     #: those get_image_features takes
     encoder_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: those get_video_features takes (none: the family takes no videos)
+    video_encoder_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,6 +102,18 @@ class VLMFamily(abc.ABC):
     @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder token of video frames (None: the family takes no videos)."""
+        return None
+
+    def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) the image and video placeholder tokens of a prompt."""
+        placeholder = input_ids == self.image_token_id
+        if self.video_token_id is not None:
+            placeholder |= input_ids == self.video_token_id
+        return placeholder
 
     @property
     def projector(self) -> tuple[nn.Module, ...]:
@@ -119,6 +136,18 @@ class VLMFamily(abc.ABC):
     ) -> Images:
         """The visual tokens of `encoded` images, with what `needs` asks for per segment;
         `expected` is the unpruned token count per image where the tower may compress."""
+
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        """The model's own get_video_features (families with videos)."""
+        raise NotImplementedError
+
+    def videos(
+        self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Images:
+        """The visual tokens of `encoded` videos, one segment each (families with videos)."""
+        raise NotImplementedError
 
     def positions(
         self,
@@ -190,6 +219,13 @@ class VLMFamily(abc.ABC):
     @abc.abstractmethod
     def vision_fields(self) -> dict[str, Any]:
         """The VLMSpec fields of the vision side."""
+
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` frames (families with videos)."""
+        raise ValueError(
+            f"{type(self.model).__name__} takes no videos in tokcomp: MACs for a video (frames=) "
+            "are given for Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision"
+        )
 
     def spec(self) -> VLMSpec:
         """This model's geometry for schedules and MACs."""
@@ -271,13 +307,50 @@ def tower_fields(
 
 
 def one_segment_each(
-    embeds: list[torch.Tensor], projector: tuple[nn.Module, ...], signals: dict[str, Any]
+    embeds: list[torch.Tensor],
+    projector: tuple[nn.Module, ...],
+    signals: dict[str, Any],
+    frames: list[int] | None = None,
 ) -> Images:
-    """Images whose visual tokens form one segment each; `signals` hold per-image tensors
-    (indexable by image) of the VisualTokens fields."""
+    """Images (or videos of `frames` frames each) whose visual tokens form one segment each;
+    `signals` hold per-image tensors (indexable by image) of the VisualTokens fields."""
     segments = []
     for image, tokens in enumerate(embeds):
         extra = {name: values[image][None] for name, values in signals.items()}
         visual = VisualTokens(tokens[None], projector, **extra)
-        segments.append(Segment(image, torch.arange(len(tokens), device=tokens.device), visual))
+        slots = torch.arange(len(tokens), device=tokens.device)
+        segments.append(Segment(image, slots, visual, frames[image] if frames else 1))
     return Images(embeds, segments)
+
+
+def in_prompt_order(images: Images | None, videos: Images | None, is_video: torch.Tensor) -> Images:
+    """The images and videos of a prompt as one list in placeholder order (each video counts as
+    one image, with its own budget); `is_video` (T,) flags the video tokens among the T
+    placeholders of the prompts, row-major."""
+    sources = {False: images, True: videos}
+    waiting = {kind: list(range(len(s.embeds) if s else 0)) for kind, s in sources.items()}
+    flags, order, at = is_video.tolist(), [], 0
+    while at < len(flags) and waiting[flags[at]]:
+        kind = flags[at]
+        order.append((kind, waiting[kind].pop(0)))
+        at += sources[kind].counts()[order[-1][1]]
+    if at != len(flags) or any(waiting.values()):
+        videos_given = len(videos.embeds) if videos else 0
+        raise ValueError(
+            f"the prompts' {len(flags) - sum(flags)} image and {sum(flags)} video placeholder "
+            f"tokens do not match the {len(images.embeds) if images else 0} images and "
+            f"{videos_given} videos given (one run of placeholders per image or video, in order)"
+        )
+    new = {key: index for index, key in enumerate(order)}
+    segments = [
+        replace(segment, image=new[(kind, segment.image)])
+        for kind, source in sources.items()
+        if source
+        for segment in source.segments
+    ]
+    compressed = any(s is not None and s.placeholders is not None for s in sources.values())
+    return Images(
+        [sources[kind].embeds[index] for kind, index in order],
+        sorted(segments, key=lambda segment: segment.image),
+        [sources[kind].counts()[index] for kind, index in order] if compressed else None,
+    )

@@ -52,11 +52,18 @@ class Llava(VLMFamily):
         return self.option(inputs, "vision_feature_layer") % (len(layers) + 1)
 
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+        return super().encode(args, self.asking_hidden_states(kwargs, needs), needs)
+
+    def asking_hidden_states(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
+        """get_*_features arguments that also ask for the hidden states the tower-attention
+        signals of `needs` read."""
         wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
         if wanted and kwargs.get("output_hidden_states") is not True:
             index = self.feature_index(kwargs)
             kwargs = {**kwargs, "output_hidden_states": [index - 1, index]}
-        return super().encode(args, kwargs, needs)
+        return kwargs
 
     def crop_signals(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]

@@ -1,8 +1,10 @@
-"""LLaVA-OneVision (LlavaOnevisionForConditionalGeneration): images only (its video path is
-refused by the adapter)."""
+"""LLaVA-OneVision (LlavaOnevisionForConditionalGeneration): images (anyres crops) and videos
+(frames 2 x 2 pooled)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS, Images, Segm
 from tokcomp.adapters.hf_vlm.families.llava import Llava
 from tokcomp.methods import VisualTokens
 from tokcomp.methods.visual import VisualSignal
+from tokcomp.schedule import VLMSpec
 
 _MODELS = "transformers.models."
 #: Signals packed along with the crop codes, in channel order.
@@ -24,7 +27,9 @@ class LlavaOnevision(Llava):
     unpadded grid with an image-newline token after each row, bilinearly pooled down to
     anyres_max_N crops' worth of tokens when larger), one base crop and a newline per image in
     multi-image prompts. Each crop is a segment with an even share of the image's budget; a
-    pooled grid token belongs to the crop that weighs most in it; newlines are always kept."""
+    pooled grid token belongs to the crop that weighs most in it; newlines are always kept. A
+    video: its frames through the tower, projected, 2 x 2 pooled and one newline after them;
+    one segment of all frames' tokens, the newline always kept."""
 
     handles = (
         f"{_MODELS}llava_onevision.modeling_llava_onevision.LlavaOnevisionForConditionalGeneration",
@@ -47,6 +52,61 @@ class LlavaOnevision(Llava):
         "vision_feature_select_strategy",
         "batch_num_images",
     )
+
+    video_encoder_inputs = (
+        "pixel_values_videos",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+    )
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
+
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        kwargs = self.asking_hidden_states(kwargs, needs)
+        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
+
+    def videos(
+        self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Images:
+        """Each video's pooled frame tokens one segment (their features the pooled projector
+        outputs, as for pooled crops; attention and keys pooled as the model pools outputs)."""
+        embeds = list(encoded.pooler_output)
+        frames = (len(embeds[0]) - 1) // self._pooled_per_frame()
+        signals = self.crop_signals(encoded, inputs, needs - {VisualSignal.FEATURES})
+        pooled = {name: self._pooled(value, frames) for name, value in signals.items()}
+        segments = []
+        for video, tokens in enumerate(embeds):
+            slots = torch.arange(len(tokens) - 1, device=tokens.device)  # the newline: kept
+            extra = {name: value[video][None] for name, value in pooled.items()}
+            if VisualSignal.FEATURES in needs:
+                extra["features"] = tokens[slots][None]
+            visual = VisualTokens(tokens[slots][None], (), **extra)
+            segments.append(Segment(video, slots, visual, frames))
+        return Images(embeds, segments)
+
+    def _pooled(self, signal: torch.Tensor, frames: int) -> torch.Tensor:
+        """(videos x frames, tokens, ...) per-frame signal pooled by the model's own video
+        pooling, as (videos, frames x pooled tokens, ...)."""
+        pooled = self.inner.apply_pooling(_channels(signal))
+        return pooled.reshape(-1, frames * pooled.shape[1], *signal.shape[2:]).to(signal.dtype)
+
+    def video_spec(self, frames: int) -> VLMSpec:
+        """A reference video of `frames` frames at the tower's size (the processor resizes them
+        to it): each frame a tower pass and projected, then pooled, one newline."""
+        spec = self.spec()
+        pooled = frames * self._pooled_per_frame()
+        return replace(
+            spec,
+            crops=frames,
+            visual_tokens=pooled + 1,
+            fixed_visual=1,
+            segments=(pooled,),
+            projected_tokens=frames * self._tokens_per_crop(),
+        )
 
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
@@ -135,6 +195,11 @@ class LlavaOnevision(Llava):
             vision_aspect_ratio=aspect_ratio or self.model.config.vision_aspect_ratio,
         )
         return packed
+
+    def _pooled_per_frame(self) -> int:
+        """Tokens of one video frame after the model's 2 x 2 pooling."""
+        vision = self.model.config.vision_config
+        return math.ceil(vision.image_size // vision.patch_size / 2) ** 2
 
     def _tokens_per_crop(self) -> int:
         vision = self.model.config.vision_config

@@ -1,8 +1,9 @@
 """Qwen2-VL (Qwen2VLForConditionalGeneration) and Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration):
-dynamic resolution and multimodal RoPE."""
+dynamic resolution, images and videos, and multimodal RoPE."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,13 +18,15 @@ from tokcomp.adapters.hf_vlm.families.base import (
 )
 from tokcomp.adapters.hf_vlm.sequence import renumber_mrope
 from tokcomp.methods.visual import VisualSignal
+from tokcomp.schedule import VLMSpec
 
 _MODELS = "transformers.models."
 
 
 class Qwen2VL(VLMFamily):
     """Qwen2-VL: dynamic resolution, a 2x2 patch merger (RMS/LayerNorm, then an MLP: the
-    projector), multimodal RoPE positions from the model's get_rope_index."""
+    projector), multimodal RoPE positions from the model's get_rope_index. A video is its
+    temporal patches (2 frames each) through the tower, one segment of t x h x w tokens."""
 
     handles = (f"{_MODELS}qwen2_vl.modeling_qwen2_vl.Qwen2VLForConditionalGeneration",)
     image_inputs = (
@@ -35,6 +38,11 @@ class Qwen2VL(VLMFamily):
         "mm_token_type_ids",
     )
     encoder_inputs = ("pixel_values", "image_grid_thw")
+    video_encoder_inputs = ("pixel_values_videos", "video_grid_thw")
+
+    @property
+    def video_token_id(self) -> int:
+        return self.model.config.video_token_id
 
     @property
     def projector(self) -> tuple[nn.Module, ...]:
@@ -43,14 +51,37 @@ class Qwen2VL(VLMFamily):
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
     ) -> Images:
+        return self._segments(encoded, inputs["image_grid_thw"], needs)
+
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
+
+    def videos(
+        self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Images:
+        grid = inputs.get("video_grid_thw")
+        if grid is None:
+            raise ValueError("pass video_grid_thw (the processor returns it) with the videos")
+        return self._segments(encoded, grid, needs, grid[:, 0].tolist())
+
+    def _segments(
+        self,
+        encoded: Any,
+        grid: torch.Tensor,
+        needs: frozenset[VisualSignal],
+        frames: list[int] | None = None,
+    ) -> Images:
+        """One segment per image (or video of `frames` temporal patches) of `grid` (n, 3)."""
         embeds = list(encoded.pooler_output)
         signals = {}
         if VisualSignal.FEATURES in needs:
             merger = self.inner.visual.merger
             x = merger.ln_q(encoded.last_hidden_state).view(-1, merger.hidden_size)
-            x = x[self._merged_order(inputs["image_grid_thw"])]
+            x = x[self._merged_order(grid)]
             signals["features"] = x.split([len(e) for e in embeds])
-        return one_segment_each(embeds, self.projector, signals)
+        return one_segment_each(embeds, self.projector, signals, frames)
 
     def _merged_order(self, grid: torch.Tensor) -> slice | torch.Tensor:
         """Index putting the merger's input rows in the order of its outputs."""
@@ -68,6 +99,8 @@ class Qwen2VL(VLMFamily):
             input_ids,
             mm_token_type_ids=inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"),
             attention_mask=attention_mask,
         )
         return positions
@@ -103,6 +136,17 @@ class Qwen2VL(VLMFamily):
 
     def llm_positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions
+
+    def video_spec(self, frames: int) -> VLMSpec:
+        """The geometry of a reference video of `frames` REFERENCE_PIXELS-square frames: every
+        temporal patch (2 frames; the processor pads an odd count) through the tower alone,
+        all its tokens one segment with one budget."""
+        spec = self.spec()
+        temporal = -(-frames // self.inner.visual.config.temporal_patch_size)
+        visual = temporal * spec.visual_tokens
+        return replace(
+            spec, crops=temporal, visual_tokens=visual, segments=(visual,), projected_tokens=visual
+        )
 
     def vision_fields(self) -> dict[str, Any]:
         visual = self.inner.visual
