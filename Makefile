@@ -54,9 +54,13 @@ bench-dinov2: install
 	$(PY) -m tokcomp bench --model dinov2_vits14 --batch-size 32 --threads 2 --repeats 7 \
 		--variant tome:target_macs=0.6 --variant pitome:target_macs=0.6
 
+# Every visual-token method that runs on images at three budgets on the easy-VQA LLaVA, on
+# 2,000 test questions (the model card's tables use 5,000).
+VQA_METHODS := zoo,divprune,cdpruner,fastv,visionzip,fastervlm,vispruner,pyramiddrop,dart,random
+
 demo-vqa: install
-	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 5000 \
-		--methods zoo,divprune,fastv,visionzip,random --budgets 0.5,0.25,0.125 \
+	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 2000 \
+		--methods $(VQA_METHODS) --budgets 0.5,0.25,0.125 \
 		--output results/demo-vqa-easyvqa
 
 test: install lint
