@@ -398,3 +398,18 @@ def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
     geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
     counted = _counted(lambda: chosen.select(visual, keep))
     assert chosen.select_macs(geometry, tokens, keep) == counted
+
+
+@pytest.mark.parametrize(("frames", "segments"), [(4, 8), (6, 3)])
+def test_fastvid_select_macs_equal_the_flops_of_select_on_a_video(frames, segments):
+    """Frames in pairs of near-equal global features, so that DySeg makes the fewest segments
+    (min(c, frames), equal) the MACs model counts: anchors merge whole multi-frame segments."""
+    torch.manual_seed(0)
+    base = torch.randn(frames // 2, 1, 16).repeat_interleave(2, dim=0)
+    outputs = (base * 4 + torch.randn(frames, 8, 16)).reshape(1, frames * 8, 16)
+    visual = VisualTokens(outputs, (), attention=torch.rand(1, frames * 8), frames=frames)
+    chosen = create_method("fastvid", segments=segments, tau=-1.0, context=0.5)
+    geometry = VisualGeometry((16,), ProjectorForm.OTHER, key_width=8, frames=frames)
+    counted = _counted(lambda: chosen.select(visual, frames * 4))
+    assert counted > 0
+    assert chosen.select_macs(geometry, frames * 8, frames * 4) == counted
