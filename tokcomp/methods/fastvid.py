@@ -118,8 +118,12 @@ class FastVID(VisualMethod):
         context = [int(budget * self.context) for budget in budgets]
         salient = [budget - c for budget, c in zip(budgets, context, strict=True)]
         anchor_frames = list(range(len(budgets) - 1, -1, -self.anchor_stride))
-        room = [per_frame - salient[f] for f in anchor_frames]
-        placed = budget_shares(room, min(sum(context), sum(room)))
+        total, count = sum(context), len(anchor_frames)
+        shares = [total // count + (i < total % count) for i in range(count)]
+        placed = [
+            min(share, per_frame - salient[f])
+            for share, f in zip(shares, anchor_frames, strict=True)
+        ]
         anchors = [0] * len(budgets)
         for frame, count in zip(anchor_frames, placed, strict=True):
             anchors[frame] = count
