@@ -125,8 +125,8 @@ class FastVID(VisualMethod):
             for share, f in zip(shares, anchor_frames, strict=True)
         ]
         anchors = [0] * len(budgets)
-        for frame, count in zip(anchor_frames, placed, strict=True):
-            anchors[frame] = count
+        for frame, share in zip(anchor_frames, placed, strict=True):
+            anchors[frame] = share
         return SegmentPlan(tuple(salient), tuple(anchors), sum(context) - sum(placed))
 
     def _segment(
