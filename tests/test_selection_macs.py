@@ -61,17 +61,23 @@ VISUAL_OPTIONS = {
     "pyramiddrop": {"keep": 0.5},
     "dart": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
+    "fastvid": {"keep": 0.5, "context": 0.5},
 }
+#: The methods that run on images of models that take no videos (FastVID needs frames).
+IMAGE_OPTIONS = [
+    m for m in VISUAL_OPTIONS if VisualSignal.FRAMES not in method_class(m).visual_needs
+]
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
 #: (crops, each a segment with its share), Gemma 3 (pooled tokens), Mistral 3 (merged
 #: patches, image-break tokens) and Qwen3-VL (merged patches, deepstack mergers), those without
-#: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch.
+#: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch. FastVID only where
+#: the model takes videos (an image a one-frame video).
 VISUAL_CASES = [
-    *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
-    *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in IMAGE_OPTIONS],
+    *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in IMAGE_OPTIONS],
     *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in IMAGE_OPTIONS],
+    *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in IMAGE_OPTIONS],
     *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
@@ -392,3 +398,18 @@ def test_select_macs_equal_the_flops_of_select(method, options, tokens, keep):
     geometry = VisualGeometry((12, 20, 16), ProjectorForm.MLP, key_width=8)
     counted = _counted(lambda: chosen.select(visual, keep))
     assert chosen.select_macs(geometry, tokens, keep) == counted
+
+
+@pytest.mark.parametrize(("frames", "segments"), [(4, 8), (6, 3)])
+def test_fastvid_select_macs_equal_the_flops_of_select_on_a_video(frames, segments):
+    """Frames in pairs of near-equal global features, so that DySeg makes the fewest segments
+    (min(c, frames), equal) the MACs model counts: anchors merge whole multi-frame segments."""
+    torch.manual_seed(0)
+    base = torch.randn(frames // 2, 1, 16).repeat_interleave(2, dim=0)
+    outputs = (base * 4 + torch.randn(frames, 8, 16)).reshape(1, frames * 8, 16)
+    visual = VisualTokens(outputs, (), attention=torch.rand(1, frames * 8), frames=frames)
+    chosen = create_method("fastvid", segments=segments, tau=-1.0, context=0.5)
+    geometry = VisualGeometry((16,), ProjectorForm.OTHER, key_width=8, frames=frames)
+    counted = _counted(lambda: chosen.select(visual, frames * 4))
+    assert counted > 0
+    assert chosen.select_macs(geometry, frames * 8, frames * 4) == counted

@@ -48,11 +48,25 @@ TOWER_ATTENTION = {
     "mistral3",
     "qwen3_vl",
 }
+#: The families whose model takes videos (an image there is a one-frame video to FastVID).
+TAKES_VIDEOS = {
+    "llava_onevision",
+    "llava_onevision_video",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen2_vl_video",
+    "qwen2_5_vl_video",
+}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
 def _needs_tower_attention(method: str) -> bool:
     return bool(method_class(method).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS})
+
+
+def _needs_frames(method: str) -> bool:
+    return VisualSignal.FRAMES in method_class(method).visual_needs
 
 
 def _keep_all(method: str) -> dict:
@@ -68,7 +82,8 @@ def _cases() -> list[tuple[str, str]]:
         (f, m)
         for f in FAMILIES
         for m in VISUAL
-        if not _needs_tower_attention(m) or f in TOWER_ATTENTION
+        if (not _needs_tower_attention(m) or f in TOWER_ATTENTION)
+        and (not _needs_frames(m) or f in TAKES_VIDEOS)
     ]
 
 

@@ -14,6 +14,7 @@ from tokcomp.adapters.hf_vlm.families import Images, Segment
 from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import create_method
+from tokcomp.methods import fastvid as fastvid_module
 from tokcomp.methods import zoo as zoo_module
 from tokcomp.methods.cdpruner import instruction_relevance
 from tokcomp.methods.divprune import farthest_from_neighbours
@@ -600,3 +601,183 @@ def test_vlm_methods_refuse_vision_encoders_with_what_to_use():
         tokcomp.apply(tiny_vit("vit"), "zoo", keep=8)
     assert "zoo" not in tokcomp.methods("vision") and "zoo" in tokcomp.methods("vlm")
     assert "random" in tokcomp.methods("vision") and "random" in tokcomp.methods("vlm")
+
+
+# -- FastVID ----------------------------------------------------------------------------------
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    return [sum(column) / len(rows) for column in zip(*rows, strict=True)]
+
+
+def _dyseg_by_hand(frames: list[list[float]], c: int, tau: float) -> list[int]:
+    """Cut after the c - 1 least similar transitions and after any below tau."""
+    similarity = [_cosine(frames[t], frames[t + 1]) for t in range(len(frames) - 1)]
+    lowest = sorted(range(len(similarity)), key=lambda t: similarity[t])[: c - 1]
+    cuts = sorted(set(lowest) | {t for t, s in enumerate(similarity) if s < tau})
+    bounds = [-1, *cuts, len(frames) - 1]
+    return [bounds[i + 1] - bounds[i] for i in range(len(bounds) - 1)]
+
+
+def _dpc_knn_by_hand(tokens: list[list[float]]) -> list[float]:
+    """Density (k = 4 nearest, itself included) times distance to the nearest denser token."""
+    width = len(tokens[0])
+    distance = [[math.dist(a, b) / math.sqrt(width) for b in tokens] for a in tokens]
+    density = [
+        math.exp(-sum(d * d for d in sorted(row)[: min(4, len(row))]) / min(4, len(row)))
+        for row in distance
+    ]
+    largest = max(max(row) for row in distance)
+    return [
+        density[i]
+        * min(
+            [distance[i][j] for j in range(len(tokens)) if density[j] > density[i]],
+            default=largest,
+        )
+        for i in range(len(tokens))
+    ]
+
+
+def _top(scores: list[float], count: int, among: list[int]) -> list[int]:
+    return sorted(among, key=lambda i: (-scores[i], i))[:count]
+
+
+def _fastvid_by_hand(
+    outputs: list[list[float]], attention: list[float], frames: int, keep: int, method
+) -> tuple[list[int], list[list[float]]]:
+    """FastVID on one video in plain Python: kept indices and their (merged) tokens. Frame
+    budgets even (earlier frames the extra); anchors in the last frame of a segment and every
+    p-th before it, the segment's context shared evenly over them (later ones the extra)."""
+    per = len(outputs) // frames
+    frame_rows = [outputs[f * per : (f + 1) * per] for f in range(frames)]
+    budgets = [keep // frames + (f < keep % frames) for f in range(frames)]
+    sizes = _dyseg_by_hand([_mean(rows) for rows in frame_rows], method.segments, method.tau)
+    kept, values, start = [], {}, 0
+    for size in sizes:
+        seg = range(start, start + size)
+        context = [int(budgets[f] * method.context) for f in seg]
+        salient = []
+        for f, ctx in zip(seg, context, strict=True):
+            salient += _top(attention, budgets[f] - ctx, list(range(f * per, (f + 1) * per)))
+        anchor_frames = list(range(start + size - 1, start - 1, -method.anchor_stride))
+        total, shares = sum(context), [0] * len(anchor_frames)
+        for i in range(total):
+            shares[i % len(anchor_frames)] += 1
+        anchors = []
+        for f, share in zip(anchor_frames, shares, strict=True):
+            others = [i for i in range(f * per, (f + 1) * per) if i not in salient]
+            scores = _dpc_knn_by_hand([outputs[i] for i in others])
+            best = _top(scores, share, list(range(len(others))))
+            group = [others[b] for b in best]
+            members = [i for i in range(start * per, (start + size) * per) if i not in salient]
+            joined = {a: [] for a in group}
+            for m in members:
+                cosines = [_cosine(outputs[m], outputs[a]) for a in group]
+                joined[group[cosines.index(max(cosines))]].append(outputs[m])
+            for a, rows in joined.items():
+                w = max(1 / (len(rows) + 1), method.beta)
+                mean = _mean(rows) if rows else outputs[a]
+                values[a] = [w * x + (1 - w) * y for x, y in zip(outputs[a], mean, strict=True)]
+            anchors += group
+        for i in salient:
+            values[i] = outputs[i]
+        kept += salient + anchors
+        start += size
+    kept.sort()
+    return kept, [values[i] for i in kept]
+
+
+def test_fastvid_dyseg_cuts_the_least_similar_transitions_and_those_below_tau():
+    """Frames 0-1, 2-4 and 5 point three ways: c = 2 cuts once (after 1, the least similar),
+    tau = 0.5 adds the cut after 4; with c = 1 and tau below every similarity, one segment."""
+    features = torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1], [0, 1], [1, 0.2]])
+    sizes = fastvid_module.dynamic_segments(features, 2, 0.5)
+    assert sizes == _dyseg_by_hand(features.tolist(), 2, 0.5) == [2, 3, 1]
+    assert fastvid_module.dynamic_segments(features, 2, -1.0) == [2, 4]
+    assert fastvid_module.dynamic_segments(features, 1, -1.0) == [6]
+    assert fastvid_module.dynamic_segments(features, 8, -1.0) == [1] * 6
+
+
+def test_fastvid_anchor_merge_weighs_the_anchor_by_max_of_one_over_n_plus_one_and_beta():
+    """Anchor a joined by 1 member (w = max(1/2, 0.3) = 0.5) and b by 3 (w = max(1/4, 0.3) =
+    0.3); an anchor nobody joins stays as it is; with beta = 0.6, one member gives w = 0.6."""
+    anchors = torch.tensor([[1.0, 0], [0, 2], [-1, -1]])
+    members = torch.tensor([[3.0, 0.1], [0.1, 1], [0, 3], [0.2, 5]])
+    merged = fastvid_module.merge_into_anchors(anchors, members, beta=0.3)
+    b_mean = torch.tensor([0.3, 9]) / 3
+    expected = [
+        [0.5 * 1 + 0.5 * 3, 0.5 * 0.1],
+        (0.3 * torch.tensor([0, 2]) + 0.7 * b_mean).tolist(),
+    ]
+    torch.testing.assert_close(merged, torch.tensor([*expected, [-1.0, -1]]))
+    torch.testing.assert_close(
+        fastvid_module.merge_into_anchors(anchors[:1], members[:1], beta=0.6),
+        torch.tensor([[0.6 * 1 + 0.4 * 3, 0.4 * 0.1]]),
+    )
+
+
+def test_fastvid_density_peak_scores_match_the_plain_definition():
+    torch.manual_seed(1)
+    tokens = torch.randn(9, 5)
+    expected = torch.tensor(_dpc_knn_by_hand(tokens.tolist()))
+    torch.testing.assert_close(fastvid_module.density_peak_scores(tokens), expected)
+
+
+@pytest.mark.parametrize(
+    ("frames", "keep", "options"),
+    [
+        (6, 24, {"segments": 3, "tau": 0.2, "context": 0.5}),
+        (6, 17, {"segments": 2, "tau": -1.0}),
+        (9, 40, {"segments": 1, "tau": -1.0, "anchor_stride": 2, "context": 0.3}),
+        (1, 5, {}),
+    ],
+)
+def test_fastvid_selects_and_merges_as_the_plain_python_reference(frames, keep, options):
+    """Salient tokens per frame by attention, DPC-kNN anchors in each segment's anchor frames
+    absorbing its other tokens, on videos of drifting frames (several segments, multi-frame
+    segments with one or more anchor frames, a one-frame video); each row of a batch alone."""
+    torch.manual_seed(frames + keep)
+    drift = torch.randn(frames, 1, 8).cumsum(0)
+    outputs = drift + 0.7 * torch.randn(2, frames, 10, 8)
+    attention = torch.rand(2, frames * 10)
+    visual = VisualTokens(
+        outputs.reshape(2, frames * 10, 8), (), attention=attention, frames=frames
+    )
+    method = create_method("fastvid", **options)
+    selection = method.select(visual, keep)
+    assert selection.index.shape == (2, keep)
+    for row in range(2):
+        index, values = _fastvid_by_hand(
+            visual.outputs[row].tolist(), attention[row].tolist(), frames, keep, method
+        )
+        assert selection.index[row].tolist() == index
+        torch.testing.assert_close(selection.outputs[row], torch.tensor(values))
+
+
+def test_fastvid_gives_anchor_frames_overflow_back_as_salient_tokens():
+    """Keeping every token: the anchor frame cannot hold the segment's context tokens, the rest
+    of them are kept as further salient tokens, and every token comes back unchanged."""
+    torch.manual_seed(0)
+    outputs = torch.randn(1, 3 * 4, 6)
+    visual = VisualTokens(outputs, (), attention=torch.rand(1, 12), frames=3)
+    method = create_method("fastvid", keep=1.0, segments=1, tau=-1.0)
+    assert method.segment_plan([4, 4, 4], 4) == fastvid_module.SegmentPlan((3, 3, 3), (0, 0, 1), 2)
+    selection = method.select(visual, 12)
+    assert selection.index.tolist() == [list(range(12))]
+    assert torch.equal(selection.outputs, outputs)
+
+
+def test_fastvid_refuses_images_only_models_and_bad_options():
+    from vlm_fixtures import tiny_vlm
+
+    with pytest.raises(ValueError, match=r"fastvid prunes videos .* use cdpruner, "):
+        tokcomp.apply(tiny_vlm("llava"), "fastvid")
+    with pytest.raises(ValueError, match="segments"):
+        create_method("fastvid", segments=0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        create_method("fastvid", beta=1.5)

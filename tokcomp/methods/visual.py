@@ -37,6 +37,8 @@ class VisualSignal(enum.Enum):
     #: per image, its prompt's text tokens (image placeholders and padding left out) as the
     #: language model's input embeddings: a tuple of B (T_b, D) tensors
     TEXT = "text"
+    #: the frames of each video (VisualTokens.frames): only families that take videos give them
+    FRAMES = "frames"
 
 
 class LLMSignal(enum.Enum):
@@ -72,11 +74,13 @@ def projector_form(chain: Sequence[nn.Module]) -> ProjectorForm:
 class VisualGeometry:
     """What the cost of choosing a VLM's visual tokens depends on: the projector's layer widths
     (features first, the language model's width last) and form, and the width of the vision
-    tower's head-averaged keys (VisualSignal.KEYS)."""
+    tower's head-averaged keys (VisualSignal.KEYS), and the frames of the reference video (1 for
+    an image)."""
 
     projector_widths: tuple[int, ...]
     projector_form: ProjectorForm
     key_width: int
+    frames: int = 1
 
     @property
     def projector_token_macs(self) -> int:
@@ -108,7 +112,8 @@ class VisualTokens:
     scoring layer's post-RoPE keys, query heads concatenated (B, N, heads * head_dim), as
     `states` the final-normed hidden states entering the boundary layer (B, N, D), and the
     same two of the prompt's text tokens after the image (`text_keys`, `text_states`,
-    (B, M, ...), left-padded; `text_valid` (B, M) marks the real ones).
+    (B, M, ...), left-padded; `text_valid` (B, M) marks the real ones). frames: the frames
+    each row spans (a video's, frame-major with tokens // frames each; 1 for an image).
     """
 
     outputs: torch.Tensor
@@ -121,6 +126,7 @@ class VisualTokens:
     text_states: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
     text: tuple[torch.Tensor, ...] | None = None
+    frames: int = 1
 
     @property
     def batch(self) -> int:

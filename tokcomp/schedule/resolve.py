@@ -73,6 +73,11 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
 def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
     """Refuse options and signals this VLM cannot give a visual-token method."""
     method.check_visual_options()
+    if VisualSignal.FRAMES in method.visual_needs and not spec.takes_videos:
+        raise ValueError(
+            f"{method.name} prunes videos (it needs their frames); tokcomp gives "
+            f"{spec.architecture} no videos: use {_runnable_on(spec)} on it"
+        )
     if not _signals_given(type(method), spec):
         raise ValueError(
             f"{method.name} needs the vision tower's attention at its feature layer, which "
@@ -82,8 +87,10 @@ def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
 
 
 def _signals_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
-    """Whether `spec`'s adapter computes the tower signals `method` declares."""
-    return spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS
+    """Whether `spec`'s adapter computes the tower signals and gives the frames `method`
+    declares."""
+    frames = spec.takes_videos or VisualSignal.FRAMES not in method.visual_needs
+    return frames and (spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS)
 
 
 def _runnable_on(spec: VLMSpec) -> str:

@@ -62,7 +62,9 @@ class VLMSpec(ModelSpec):
     token's logits. feature_block / feature_prefix: the tower
     block whose output the projector takes and the tokens dropped in front of it (for block
     methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
-    gives methods the tower's attention and keys at that layer.
+    gives methods the tower's attention and keys at that layer. takes_videos: whether tokcomp
+    gives the model videos (and methods their frames); frames: the reference video's frames
+    (1: the reference is an image).
     """
 
     architecture: str
@@ -83,6 +85,8 @@ class VLMSpec(ModelSpec):
     feature_prefix: int
     tower_methods: bool
     tower_attention: bool
+    takes_videos: bool = False
+    frames: int = 1
 
     checked: ClassVar[tuple[str, ...]] = (
         "architecture",
@@ -101,7 +105,9 @@ class VLMSpec(ModelSpec):
     @property
     def visual_geometry(self) -> VisualGeometry:
         """What visual-token methods' costs depend on."""
-        return VisualGeometry(self.projector_widths, self.projector_form, self.head_dim)
+        return VisualGeometry(
+            self.projector_widths, self.projector_form, self.head_dim, self.frames
+        )
 
     def tower(self) -> ModelSpec:
         """The vision tower alone, as the hf_vision adapter describes it."""

@@ -33,12 +33,13 @@ def choose(method: VisualMethod, images: Images, budgets: list[int] | None = Non
     slots (those in no segment). `budgets`: tokens kept per image (default: the method's
     budget of the image's selectable tokens)."""
     shares = _budget_shares(method, images, budgets)
-    groups: dict[tuple[int, int, tuple], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, int, tuple, int], list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
-        groups[(segment.visual.tokens, shares[index], segment.visual.projector)].append(index)
+        key = (segment.visual.tokens, shares[index], segment.visual.projector, segment.frames)
+        groups[key].append(index)
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for (_, share, _), members in groups.items():
-        batch = _stack([images.segments[i].visual for i in members])
+    for (_, share, _, frames), members in groups.items():
+        batch = _stack([images.segments[i].visual for i in members], frames)
         selection = method.selection(batch, share)
         for row, index in enumerate(members):
             chosen[index] = _row(selection, row)
@@ -62,16 +63,18 @@ def _budget_shares(
     return shares
 
 
-def _stack(visuals: list[VisualTokens]) -> VisualTokens:
+def _stack(visuals: list[VisualTokens], frames: int) -> VisualTokens:
     def cat(name: str) -> torch.Tensor | None:
         parts = [getattr(v, name) for v in visuals]
         return None if parts[0] is None else torch.cat(parts)
 
     signals = {
-        f.name: cat(f.name) for f in fields(VisualTokens) if f.name not in ("projector", "text")
+        f.name: cat(f.name)
+        for f in fields(VisualTokens)
+        if f.name not in ("projector", "text", "frames")
     }
     text = None if visuals[0].text is None else tuple(t for v in visuals for t in v.text)
-    return VisualTokens(projector=visuals[0].projector, text=text, **signals)
+    return VisualTokens(projector=visuals[0].projector, text=text, frames=frames, **signals)
 
 
 def with_text(images: Images, prompt: Prompt) -> Images:
