@@ -78,7 +78,7 @@ VISUAL_CASES = [
     *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
     *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in IMAGE_OPTIONS],
     *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in IMAGE_OPTIONS],
-    *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in IMAGE_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "cdpruner", "fastv", "pyramiddrop", "dart", "random")

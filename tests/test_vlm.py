@@ -54,7 +54,6 @@ TAKES_VIDEOS = {
     "llava_onevision_video",
     "qwen2_vl",
     "qwen2_5_vl",
-    "qwen3_vl",
     "qwen2_vl_video",
     "qwen2_5_vl_video",
 }

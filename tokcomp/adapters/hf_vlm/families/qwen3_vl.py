@@ -28,6 +28,8 @@ class Qwen3VL(Qwen2VL):
     features go with it, the kept ones' follow their token into the shorter prompt."""
 
     handles = (f"{_MODELS}qwen3_vl.modeling_qwen3_vl.Qwen3VLForConditionalGeneration",)
+    #: its videos are numbered by timestamps and carry deepstack features: not handled yet
+    video_encoder_inputs = ()
 
     @property
     def projector(self) -> tuple[nn.Module, ...]:
