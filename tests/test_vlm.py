@@ -184,12 +184,18 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     queries = torch.zeros_like(mask, dtype=torch.bool)
     queries[:, -1] = True
     span = LayerSpan(0, 0, mask, rope, None)
-    scores = attention_received(language, 0, hidden, span, queries)
+    scores = attention_received(language, 0, hidden, span, queries, queries.float())
     torch.testing.assert_close(scores, weights[:, :, -1].mean(dim=1), rtol=1e-4, atol=1e-6)
     text = mask.bool()
-    scores = attention_received(language, 0, hidden, span, text)
+    scores = attention_received(language, 0, hidden, span, text, text.float())
     expected = (weights.mean(dim=1) * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    raters = text & (torch.arange(20) % 3 == 1)  # SparseVLM: a subset of the rows weighs
+    scores = attention_received(language, 0, hidden, span, text, raters.float())
+    rated = (weights.mean(dim=1) * raters[..., None]).sum(dim=1)
+    torch.testing.assert_close(
+        scores, rated / raters.sum(dim=1, keepdim=True), rtol=1e-4, atol=1e-6
+    )
 
 
 @torch.no_grad()
