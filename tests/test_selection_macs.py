@@ -46,6 +46,7 @@ VISUAL_OPTIONS = {
     "vispruner": {"keep": 0.5},
     "pyramiddrop": {"keep": 0.5},
     "dart": {"keep": 0.5},
+    "sparsevlm": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
 }
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
@@ -58,7 +59,7 @@ VISUAL_CASES = [
     *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "dart", "random")
+        for method in ("zoo", "divprune", "fastv", "pyramiddrop", "dart", "sparsevlm", "random")
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]

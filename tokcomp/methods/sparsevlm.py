@@ -106,22 +106,22 @@ class SparseVLM(LLMStageMethod):
         return tokens if kept >= tokens else kept + clusters(recycled(tokens - kept))
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
-        """The text tokens after each sample's last visual token (the rater candidates)."""
-        columns = torch.arange(text.shape[1], device=text.device)[None]
-        last_other = columns.masked_fill(text, -1).amax(dim=1, keepdim=True)
-        return text & (columns > last_other)
+        """Every text token (the raters among them weigh)."""
+        return text
 
     def query_weights(
         self, rows: torch.Tensor, visual: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
-        """The raters weigh 1, the other candidates 0 (a sample without raters: all 1)."""
+        """The raters among the text tokens after each sample's last visual token weigh 1, the
+        other rows 0 (a sample without raters: every row 1)."""
+        columns = torch.arange(rows.shape[1], device=rows.device)[None]
+        after = rows & (columns > columns.masked_fill(~visual, -1).amax(dim=1, keepdim=True))
         images, image_valid = _packed(embeds, visual)
-        texts, text_valid = _packed(embeds, rows)
+        texts, text_valid = _packed(embeds, after)
         raters = _raters(images.float(), image_valid, texts.float(), text_valid)
-        raters |= text_valid & ~raters.any(dim=1, keepdim=True)
         weights = torch.zeros_like(rows, dtype=torch.float)
-        weights[rows] = raters[text_valid].float()
-        return weights
+        weights[after] = raters[text_valid].float()
+        return torch.where(weights.any(dim=1, keepdim=True), weights, rows.float())
 
     def query_weight_macs(self, visual: int, rows: int, width: int) -> int:
         return visual * rows * width

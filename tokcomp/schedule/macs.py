@@ -136,6 +136,8 @@ def _visual_signal_macs(spec: VLMSpec, method: VisualMethod, schedule: list[int]
 
 def _query_weight_macs(spec: VLMSpec, method: LLMStageMethod) -> int:
     """Choosing the query rows' weights once, on the reference prompt (its image first)."""
+    if method.llm_signal is not LLMSignal.ATTENTION:
+        return 0
     length = spec.prompt_tokens + spec.visual_tokens
     rows = int(method.queries((torch.arange(length) >= spec.visual_tokens)[None]).sum())
     width = spec.visual_geometry.output_width

@@ -77,7 +77,9 @@ def llm_stage_prefill(
     check_callable(language, call.kwargs)
     original = prompt.filled(torch.cat(images.embeds))
     none = torch.zeros_like(original.valid[:, 0], dtype=torch.long)
-    queries = method.queries(original.text)
+    queries = torch.zeros_like(original.text)
+    if method.llm_signal is LLMSignal.ATTENTION:
+        queries = method.queries(original.text)
     weights = method.query_weights(queries, original.placeholder, original.embeds)
     progress = _Progress(original, images, 0, original.embeds, none, none, queries, weights)
     spans, depth = [], len(language.layers)
