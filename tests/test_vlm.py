@@ -5,6 +5,7 @@ batch independence, positions, configs, MACs and clear errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -146,6 +147,25 @@ def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, po
     model = _pruned(_model(family), family, method, positions)
     config = tokcomp.config_of(model)
     assert config.macs - config.selection_macs < config.base_macs
+    batch, _ = _inputs(model, family)
+    assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_cached_generation_with_merged_tokens_equals_rerunning_the_pruned_prompt(family, positions):
+    """SparseVLM's recycled tokens enter the hidden stream at each cut (its ranking fixed by
+    position, so that re-running chooses alike)."""
+
+    class Ranked(method_class("sparsevlm")):
+        def select(self, visual, keep):
+            ranks = torch.arange(visual.tokens, dtype=torch.float).expand(visual.batch, -1)
+            selection = super().select(dataclasses.replace(visual, attention=ranks), keep)
+            assert keep == visual.tokens or selection.outputs is not None
+            return selection
+
+    model = tokcomp.apply(_model(family), Ranked(keep=0.4, positions=positions))
     batch, _ = _inputs(model, family)
     assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
 
