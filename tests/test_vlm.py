@@ -382,6 +382,7 @@ ROUND_TRIPS = {
     "vispruner": ("llava", {"keep": 7, "important": 0.75}),
     "pyramiddrop": ("qwen2_vl", {"keep": 0.25, "layers": [1, 2]}),
     "dart": ("smolvlm", {"keep": 7, "layer": 1, "pivot_image": 2, "pivot_text": 3}),
+    "sparsevlm": ("qwen2_vl", {"keep": 0.3, "layers": [0, 0, 1], "seed": 2}),
     "tome": ("llava", {"r": 3}),
 }
 
