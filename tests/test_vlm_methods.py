@@ -631,7 +631,7 @@ def test_sparsevlm_budgets_are_the_released_lists_and_their_recycled_tokens():
 
 
 def test_sparsevlm_scales_its_layers_to_the_depth_and_refuses_bad_layers():
-    assert create_method("sparsevlm").boundaries(24) == [3, 6, 12]  # 2, 4.5, 11.25 rounded
+    assert create_method("sparsevlm").boundaries(24) == [3, 6, 12]  # 1.5, 4.5, 11.25 half up
     three = create_method("sparsevlm", keep=0.25)
     assert three.boundaries(3) == [1, 2]  # layers 0, 1, 1: the last two stages prune once
     assert three.kept_at(1, 576, 3) == three.kept_at(2, 576, 32)
