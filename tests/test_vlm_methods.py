@@ -635,10 +635,11 @@ def test_sparsevlm_scales_its_layers_to_the_depth_and_refuses_bad_layers():
     three = create_method("sparsevlm", keep=0.25)
     assert three.boundaries(3) == [1, 2]  # layers 0, 1, 1: the last two stages prune once
     assert three.kept_at(1, 576, 3) == three.kept_at(2, 576, 32)
-    with pytest.raises(ValueError, match="layers must be 3 ints"):
-        create_method("sparsevlm", layers=[2, 6])
-    with pytest.raises(ValueError, match="ascending"):
-        tokcomp.apply(_tiny_llava(), "sparsevlm", layers=[1, 0, 2])
+    for layers in ([2, 6], [6, 2, 15], [-1, 2, 6]):
+        with pytest.raises(ValueError, match="layers must be 3 ascending ints >= 0"):
+            create_method("sparsevlm", layers=layers)
+    with pytest.raises(ValueError, match=r"ascending in 1\.\.2 \(the language model has 3"):
+        tokcomp.apply(_tiny_llava(), "sparsevlm", layers=[0, 1, 2])
 
 
 def _tiny_llava():

@@ -76,11 +76,13 @@ class SparseVLM(LLMStageMethod):
         super().__post_init__()
         if self.layers is not None and (
             len(self.layers) != len(RELEASED_LAYERS)
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in self.layers)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.layers)
+            or list(self.layers) != sorted(self.layers)
         ):
             raise ValueError(
-                f"sparsevlm: layers must be {len(RELEASED_LAYERS)} ints (the decoder layers "
-                f"after which it prunes, released {list(RELEASED_LAYERS)}), got {self.layers!r}"
+                f"sparsevlm: layers must be {len(RELEASED_LAYERS)} ascending ints >= 0 (the "
+                f"decoder layers after which it prunes, released {list(RELEASED_LAYERS)}), got "
+                f"{self.layers!r}"
             )
 
     def pruning_layers(self, llm_depth: int) -> list[int]:
@@ -131,16 +133,23 @@ class SparseVLM(LLMStageMethod):
         if keep >= tokens:
             return torch.arange(tokens, device=visual.outputs.device).expand(visual.batch, -1)
         kept = most_attended(visual.attention, keep)
-        deleted = _complement(kept, tokens)
+        merged, places = self.recycle(visual, _complement(kept, tokens))
+        index = torch.cat([kept, places], dim=1).sort(dim=1).values
+        outputs = torch.cat([gather_rows(visual.outputs, kept), merged], dim=1)
+        return Selection(index, outputs)
+
+    def recycle(
+        self, visual: VisualTokens, deleted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged tokens (B, c, D) of the most attended of the (B, d) `deleted` ones, and
+        the places they take: their cluster centres'."""
         scores = visual.attention.gather(1, deleted)
         order = scores.argsort(dim=1, descending=True, stable=True)
-        candidates = deleted.gather(1, order[:, : recycled(tokens - keep)])
+        candidates = deleted.gather(1, order[:, : recycled(deleted.shape[1])])
         noise = self.density_noise(candidates.shape[1], candidates.device)
         states = gather_rows(visual.outputs, candidates)
         merged, centres = cluster_and_merge(states, clusters(candidates.shape[1]), noise)
-        index = torch.cat([kept, candidates.gather(1, centres)], dim=1).sort(dim=1).values
-        outputs = torch.cat([gather_rows(visual.outputs, kept), merged], dim=1)
-        return Selection(index, outputs)
+        return merged, candidates.gather(1, centres)
 
     def select_macs(self, geometry: VisualGeometry, tokens: int, keep: int) -> int:
         """The recycled tokens' pairwise distances."""
@@ -157,12 +166,12 @@ class SparseVLM(LLMStageMethod):
 def stage_counts(fraction: float, tokens: int) -> list[int]:
     """Visual tokens kept at each of the three stages for a budget of `fraction` of an
     image's `tokens`: the released lists, linearly interpolated in the fraction."""
-    for (low, low_kept), (high, high_kept) in pairwise(ANCHORS):
-        if fraction <= high:
-            t = (fraction - low) / (high - low)
-            shares = [a + t * (b - a) for a, b in zip(low_kept, high_kept, strict=True)]
-            return [max(1, min(tokens, round(share * tokens))) for share in shares]
-    raise ValueError(f"sparsevlm: the budget fraction must be in (0, 1], got {fraction}")
+    (low, low_kept), (high, high_kept) = next(
+        pair for pair in pairwise(ANCHORS) if fraction <= pair[1][0]
+    )
+    t = (fraction - low) / (high - low)
+    shares = [a + t * (b - a) for a, b in zip(low_kept, high_kept, strict=True)]
+    return [max(1, min(tokens, round(share * tokens))) for share in shares]
 
 
 def recycled(deleted: int) -> int:
