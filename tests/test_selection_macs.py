@@ -60,6 +60,7 @@ VISUAL_OPTIONS = {
     "vispruner": {"keep": 0.5},
     "pyramiddrop": {"keep": 0.5},
     "dart": {"keep": 0.5},
+    "sparsevlm": {"keep": 0.5},
     "random": {"keep_ratio": 0.5},
     "fastvid": {"keep": 0.5, "context": 0.5},
 }
@@ -81,7 +82,16 @@ VISUAL_CASES = [
     *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in IMAGE_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
-        for method in ("zoo", "divprune", "cdpruner", "fastv", "pyramiddrop", "dart", "random")
+        for method in (
+            "zoo",
+            "divprune",
+            "cdpruner",
+            "fastv",
+            "pyramiddrop",
+            "dart",
+            "sparsevlm",
+            "random",
+        )
     ],
     pytest.param("llava", "zoo", {"sketch": 8}, id="llava-zoo-sketch"),
 ]

@@ -5,6 +5,7 @@ batch independence, positions, configs, MACs and clear errors."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import replace
 
@@ -200,6 +201,25 @@ def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, po
     assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
 
 
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_cached_generation_with_merged_tokens_equals_rerunning_the_pruned_prompt(family, positions):
+    """SparseVLM's recycled tokens enter the hidden stream at each cut (its ranking fixed by
+    position, so that re-running chooses alike)."""
+
+    class Ranked(method_class("sparsevlm")):
+        def select(self, visual, keep):
+            ranks = torch.arange(visual.tokens, dtype=torch.float).expand(visual.batch, -1)
+            selection = super().select(dataclasses.replace(visual, attention=ranks), keep)
+            assert keep == visual.tokens or selection.outputs is not None
+            return selection
+
+    model = tokcomp.apply(_model(family), Ranked(keep=0.4, positions=positions))
+    batch, _ = _inputs(model, family)
+    assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
+
+
 @pytest.mark.parametrize(
     ("family", "method"), [c for c in _cases() if c[1] not in BATCH_POSITION_DEPENDENT]
 )
@@ -234,12 +254,18 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     queries = torch.zeros_like(mask, dtype=torch.bool)
     queries[:, -1] = True
     span = LayerSpan(0, 0, mask, rope, None)
-    scores = attention_received(language, 0, hidden, span, queries)
+    scores = attention_received(language, 0, hidden, span, queries, queries.float())
     torch.testing.assert_close(scores, weights[:, :, -1].mean(dim=1), rtol=1e-4, atol=1e-6)
     text = mask.bool()
-    scores = attention_received(language, 0, hidden, span, text)
+    scores = attention_received(language, 0, hidden, span, text, text.float())
     expected = (weights.mean(dim=1) * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+    raters = text & (torch.arange(20) % 3 == 1)  # SparseVLM: a subset of the rows weighs
+    scores = attention_received(language, 0, hidden, span, text, raters.float())
+    rated = (weights.mean(dim=1) * raters[..., None]).sum(dim=1)
+    torch.testing.assert_close(
+        scores, rated / raters.sum(dim=1, keepdim=True), rtol=1e-4, atol=1e-6
+    )
 
 
 @torch.no_grad()
@@ -728,7 +754,15 @@ ROUND_TRIPS = [
     ("tome", "llava", {"r": 3}),
     ("vispruner", "mistral3", {"keep": 4, "important": 0.75}),
     ("pyramiddrop", "qwen3_vl", {"keep": 0.5, "layers": [1, 2]}),
+    ("sparsevlm", "qwen2_vl", {"keep": 0.3, "layers": [0, 0, 1], "seed": 2}),
+    ("cdpruner", "internvl", {"keep": 5}),
+    ("divprune", "gemma3", {"keep": 4, "positions": "keep"}),
+    ("fastvid", "llava_onevision_video", {"keep": 0.5, "segments": 2, "positions": "renumber"}),
 ]
+
+
+def test_every_visual_token_method_has_a_config_round_trip():
+    assert set(VISUAL) <= {method for method, _, _ in ROUND_TRIPS}
 
 
 @pytest.mark.parametrize(

@@ -721,11 +721,11 @@ def test_fastvid_anchor_merge_weighs_the_anchor_by_max_of_one_over_n_plus_one_an
     )
 
 
-def test_fastvid_density_peak_scores_match_the_plain_definition():
+def test_density_peak_scores_match_the_plain_definition():
     torch.manual_seed(1)
     tokens = torch.randn(9, 5)
     expected = torch.tensor(_dpc_knn_by_hand(tokens.tolist()))
-    torch.testing.assert_close(fastvid_module.density_peak_scores(tokens), expected)
+    torch.testing.assert_close(fastvid_module.anchor_scores(tokens), expected)
 
 
 @pytest.mark.parametrize(
@@ -781,3 +781,213 @@ def test_fastvid_refuses_images_only_models_and_bad_options():
         create_method("fastvid", segments=0)
     with pytest.raises(ValueError, match="beta must be in"):
         create_method("fastvid", beta=1.5)
+
+
+# -- SparseVLM ------------------------------------------------------------------------------------
+
+
+def _sparsevlm_raters_by_hand(images: list[torch.Tensor], texts: list[torch.Tensor]) -> list[int]:
+    """The released rater rule with plain Python arithmetic: each text token's softmax (over
+    the text) of its raw dot products with each visual token, averaged over the visual ones;
+    the raters exceed the mean."""
+    received = [0.0] * len(texts)
+    for image in images:
+        logits = [
+            sum(a * b for a, b in zip(image.tolist(), t.tolist(), strict=True)) for t in texts
+        ]
+        total = sum(math.exp(v - max(logits)) for v in logits)
+        for j, v in enumerate(logits):
+            received[j] += math.exp(v - max(logits)) / total / len(images)
+    mean = sum(received) / len(received)
+    return [j for j, v in enumerate(received) if v > mean]
+
+
+def _sparsevlm_clusters_by_hand(points: list[list[float]], count: int, noise: list[float]):
+    """cluster_and_merge of the released utils.py, one token at a time: (the merged tokens in
+    centre order, the centres)."""
+    width = len(points[0])
+
+    def distance(a, b):
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b, strict=True))) / math.sqrt(width)
+
+    d = [[distance(a, b) for b in points] for a in points]
+    density = [
+        math.exp(-sum(v * v for v in sorted(row)[:count]) / count) + noise[i]
+        for i, row in enumerate(d)
+    ]
+    farthest = max(max(row) for row in d)
+    separation = [
+        min([d[i][j] for j in range(len(points)) if density[j] > density[i]] or [farthest])
+        for i in range(len(points))
+    ]
+    score = [s * p for s, p in zip(separation, density, strict=True)]
+    centres = sorted(range(len(points)), key=lambda i: (-score[i], i))[:count]
+    members = [[] for _ in centres]
+    for i in range(len(points)):
+        nearest = (
+            centres.index(i)
+            if i in centres
+            else min(range(count), key=lambda c: (d[centres[c]][i], c))
+        )
+        members[nearest].append(points[i])
+    merged = [[sum(col) / (len(m) + 1e-6) for col in zip(*m, strict=True)] for m in members]
+    return merged, centres
+
+
+def _sparsevlm_by_hand(scores: list[float], states: torch.Tensor, keep: int, noise):
+    """One SparseVLM stage by hand: (the kept indices, the merged tokens, their places)."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    kept, deleted = sorted(order[:keep]), order[keep:]
+    recycled = deleted[: int(0.3 * len(deleted)) + 1]
+    count = int(len(recycled) / 10) + 1
+    merged, centres = _sparsevlm_clusters_by_hand(
+        [states[i].tolist() for i in recycled], count, noise(len(recycled)).tolist()
+    )
+    return kept, merged, [recycled[c] for c in centres]
+
+
+def _noise(count: int) -> torch.Tensor:
+    return create_method("sparsevlm").density_noise(count, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("keep", [2, 9, 20, 39])
+def test_sparsevlm_keeps_the_most_rated_and_recycles_deleted_tokens_as_by_hand(keep):
+    """39 of 40: one deleted token recycled into itself; 2: 38 deleted, 12 recycled into 2."""
+    torch.manual_seed(0)
+    attention, outputs = torch.rand(2, 40), torch.randn(2, 40, 6)
+    selection = create_method("sparsevlm").select(_visual(outputs, attention=attention), keep)
+    for row in range(2):
+        kept, merged, places = _sparsevlm_by_hand(
+            attention[row].tolist(), outputs[row], keep, _noise
+        )
+        assert selection.index[row].tolist() == sorted(kept + places), f"row {row}"
+        expected = torch.cat([outputs[row, kept], torch.tensor(merged)])
+        torch.testing.assert_close(selection.outputs[row], expected, rtol=1e-4, atol=1e-5)
+    everything = create_method("sparsevlm").select(_visual(outputs, attention=attention), 40)
+    assert everything.tolist() == [list(range(40))] * 2
+
+
+def test_sparsevlm_density_peaks_cluster_two_groups_into_their_means():
+    """Two tight groups far apart: one centre each, each merged token its group's mean."""
+    points = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [5.0, 5.0], [5.1, 5.0]])
+    from tokcomp.methods.sparsevlm import cluster_and_merge
+
+    merged, centres = cluster_and_merge(points[None], 2, _noise(5))
+    groups = sorted(merged[0].tolist())
+    torch.testing.assert_close(torch.tensor(groups[0]), points[:3].mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(groups[1]), points[3:].mean(0), atol=1e-5, rtol=0)
+    assert sorted(c // 3 for c in centres[0].tolist()) == [0, 1]
+
+
+def test_sparsevlm_raters_are_the_text_after_the_image_it_attends_above_the_mean():
+    """Row 0: left padding, text before and after its image; row 1: two images (all its
+    visual tokens rate the text after the last); row 2: no image (every text row weighs)."""
+    torch.manual_seed(0)
+    embeds = torch.randn(3, 12, 5)
+    visual = torch.zeros(3, 12, dtype=torch.bool)
+    visual[0, 4:7] = visual[1, 1:3] = visual[1, 5:8] = True
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[0, :2] = False
+    text = valid & ~visual
+    method = create_method("sparsevlm")
+    rows = method.queries(text)
+    weights = method.query_weights(rows, visual, embeds)
+    for row in range(2):
+        last = int(visual[row].nonzero().max())
+        after = [i for i in range(last + 1, 12) if text[row, i]]
+        images = [embeds[row, i] for i in visual[row].nonzero().squeeze(1).tolist()]
+        raters = _sparsevlm_raters_by_hand(images, [embeds[row, i] for i in after])
+        expected = torch.zeros(12)
+        expected[[after[j] for j in raters]] = 1.0
+        assert weights[row].tolist() == expected.tolist(), f"row {row}"
+    assert weights[2].tolist() == text[2].float().tolist()
+
+
+def test_sparsevlm_budgets_are_the_released_lists_and_their_recycled_tokens():
+    method = create_method("sparsevlm")
+    assert method.boundaries(32) == [3, 7, 16]  # pruned after layers 2, 6, 15
+    released = {64: [66, 30, 17], 128: [303, 110, 36], 192: [300, 200, 110]}
+    with_recycled = {64: [82, 32, 18], 128: [312, 117, 39], 192: [309, 204, 113]}
+    for label, counts in released.items():
+        for keep in (label, label / 576):
+            chosen = create_method("sparsevlm", keep=keep)
+            assert [chosen.kept_at(s, 576, 32) for s in range(3)] == counts
+        schedule = create_method("sparsevlm", keep=label).llm_schedule(32, 576, 0)
+        assert (
+            schedule
+            == [576] * 3
+            + [with_recycled[label][0]] * 4
+            + [with_recycled[label][1]] * 9
+            + [with_recycled[label][2]] * 16
+        )
+    half = create_method("sparsevlm", keep=0.5)
+    average = 2 * 576 + sum(n * half.kept_at(s, 576, 32) for s, n in enumerate((4, 10, 16)))
+    assert average / 32 == pytest.approx(288, rel=0.01)  # the released 2/4/10/16 weighting
+    assert create_method("sparsevlm", keep=1.0).llm_schedule(32, 576, 0) == [576] * 32
+
+
+def test_sparsevlm_scales_its_layers_to_the_depth_and_refuses_bad_layers():
+    assert create_method("sparsevlm").boundaries(24) == [3, 6, 12]  # 1.5, 4.5, 11.25 half up
+    three = create_method("sparsevlm", keep=0.25)
+    assert three.boundaries(3) == [1, 2]  # layers 0, 1, 1: the last two stages prune once
+    assert three.kept_at(1, 576, 3) == three.kept_at(2, 576, 32)
+    for layers in ([2, 6], [6, 2, 15], [-1, 2, 6]):
+        with pytest.raises(ValueError, match="layers must be 3 ascending ints >= 0"):
+            create_method("sparsevlm", layers=layers)
+    with pytest.raises(ValueError, match=r"ascending in 1\.\.2 \(the language model has 3"):
+        tokcomp.apply(_tiny_llava(), "sparsevlm", layers=[0, 1, 2])
+
+
+def _tiny_llava():
+    from vlm_fixtures import tiny_vlm
+
+    return tiny_vlm("llava")
+
+
+@torch.no_grad()
+def test_sparsevlm_in_a_model_cuts_to_the_by_hand_choice_from_the_unpatched_layer_states():
+    """The unpatched model's input embeddings give the raters, its eager layer-0 attention the
+    scores, its layer-0 outputs the kept and recycled states: by hand, each sample's sequence
+    entering layer 1 (left-padded batch; sample 1 has two images, each chosen alone)."""
+    from vlm_fixtures import IMAGE, batch_inputs
+
+    model = _tiny_llava()
+    batch, _ = batch_inputs(model, "llava", [(1, 5), (2, 3)], seed=3)
+    language = model.model.language_model
+    language.config._attn_implementation = "eager"
+    out = model(**batch, output_hidden_states=True, output_attentions=True)
+    language.config._attn_implementation = "sdpa"
+    embeds, states = out.hidden_states[0], out.hidden_states[1]
+    attention = out.attentions[0].mean(dim=1)
+    method = create_method("sparsevlm", keep=0.25, layers=[0, 1, 1])
+    keep = method.kept_at(0, 16, 3)
+    expected = []
+    for row, ids in enumerate(batch["input_ids"]):
+        valid = batch["attention_mask"][row].bool()
+        image = (ids == IMAGE).nonzero().squeeze(1)
+        after = [i for i in range(int(image.max()) + 1, len(ids)) if valid[i]]
+        picked = _sparsevlm_raters_by_hand(
+            [embeds[row, i] for i in image], [embeds[row, i] for i in after]
+        )
+        raters = [after[j] for j in picked]
+        chosen = {}  # each image's first place -> its kept states, then its merged tokens
+        for span in image.split(16):
+            scores = attention[row, raters][:, span].mean(dim=0).tolist()
+            kept, merged, _ = _sparsevlm_by_hand(scores, states[row, span], keep, _noise)
+            chosen[int(span[0])] = [states[row, span[k]] for k in kept] + [
+                torch.tensor(m) for m in merged
+            ]
+        tokens = []
+        for i in range(len(ids)):
+            if valid[i] and ids[i] != IMAGE:
+                tokens.append(states[row, i])
+            tokens.extend(chosen.get(i, []))
+        expected.append(torch.stack(tokens))
+    seen = []
+    tokcomp.apply(model, method)
+    handle = language.layers[1].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model(**batch)
+    handle.remove()
+    entering = seen[0]
+    for row, tokens in enumerate(expected):
+        torch.testing.assert_close(entering[row, -len(tokens) :], tokens, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,6 @@ density-peak anchors that absorb the rest (Shen et al., 2025; docs/methods.md se
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import ClassVar
@@ -11,6 +10,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from tokcomp.methods.density_peaks import density_peak_scores, scaled_distances
 from tokcomp.methods.registry import register
 from tokcomp.methods.visual import (
     Selection,
@@ -142,7 +142,7 @@ class FastVID(VisualMethod):
         for frame, count in enumerate(plan.anchors):
             if count:
                 others = (~salient[frame]).nonzero().squeeze(1)
-                best = _most(density_peak_scores(tokens[frame, others]), count)
+                best = _most(anchor_scores(tokens[frame, others]), count)
                 anchors.append(others[best] + frame * per_frame)
         salient = salient.flatten()
         if plan.promoted:
@@ -192,20 +192,9 @@ def dynamic_segments(features: torch.Tensor, segments: int, tau: float) -> list[
     return [b - a for a, b in pairwise(bounds)]
 
 
-def density_peak_scores(tokens: torch.Tensor) -> torch.Tensor:
-    """DPC-kNN score of each of the (m, D) tokens: its density exp(-mean squared distance to its
-    k nearest, itself included) times its distance to the nearest denser token (the largest
-    distance for the densest); distances are Euclidean over sqrt(D)."""
-    squares = tokens.square().sum(dim=1)
-    gram = tokens @ tokens.T
-    distance = (squares[:, None] + squares[None, :] - 2 * gram).clamp_min(0).sqrt()
-    distance = distance / math.sqrt(tokens.shape[1])
-    distance.fill_diagonal_(0)
-    nearest = distance.topk(min(DENSITY_NEIGHBOURS, len(tokens)), dim=1, largest=False).values
-    density = (-nearest.square().mean(dim=1)).exp()
-    denser = density[None, :] > density[:, None]
-    parent = torch.where(denser, distance, distance.max()).min(dim=1).values
-    return parent * density
+def anchor_scores(tokens: torch.Tensor) -> torch.Tensor:
+    """DPC-kNN score of each of the (m, D) tokens, over its DENSITY_NEIGHBOURS nearest."""
+    return density_peak_scores(scaled_distances(tokens), DENSITY_NEIGHBOURS)[1]
 
 
 def merge_into_anchors(anchors: torch.Tensor, members: torch.Tensor, beta: float) -> torch.Tensor:

@@ -112,8 +112,9 @@ class VisualTokens:
     scoring layer's post-RoPE keys, query heads concatenated (B, N, heads * head_dim), as
     `states` the final-normed hidden states entering the boundary layer (B, N, D), and the
     same two of the prompt's text tokens after the image (`text_keys`, `text_states`,
-    (B, M, ...), left-padded; `text_valid` (B, M) marks the real ones). frames: the frames
-    each row spans (a video's, frame-major with tokens // frames each; 1 for an image).
+    (B, M, ...), left-padded; `text_valid` (B, M) marks the real ones). For them `outputs` are
+    the hidden states entering the boundary, the tokens the later layers receive. frames: the
+    frames each row spans (a video's, frame-major with tokens // frames each; 1 for an image).
     """
 
     outputs: torch.Tensor
@@ -296,6 +297,24 @@ class LLMStageMethod(VisualMethod):
         text tokens of the left-padded prompt."""
         raise NotImplementedError
 
+    def query_weights(
+        self, rows: torch.Tensor, visual: torch.Tensor, embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) float: each of the `rows` query rows' weight in the average, chosen once from
+        the original prompt (its (B, L) `visual` placeholders and (B, L, D) input embeddings)
+        and kept through the cuts; by default the rows weigh alike."""
+        return rows.float()
+
+    def query_weight_macs(self, visual: int, rows: int, width: int) -> int:
+        """Multiply-adds of `query_weights` for `visual` visual tokens, `rows` query rows and
+        embeddings `width` wide."""
+        return 0
+
+    def after_cut(self, kept: int, tokens: int) -> int:
+        """Visual tokens a choice of `kept` out of `tokens` leaves (more where it adds merged
+        tokens)."""
+        return kept
+
     def checked_boundaries(self, llm_depth: int) -> list[int]:
         """`boundaries`, refused with a clear error unless each splits the language model after
         the previous one, with its scoring layer in between."""
@@ -313,8 +332,9 @@ class LLMStageMethod(VisualMethod):
         return boundaries
 
     def llm_schedule(self, llm_depth: int, selectable: int, fixed: int) -> list[int]:
-        counts, start, current = [], 0, selectable + fixed
+        counts, start, current = [], 0, selectable
         for stage, boundary in enumerate(self.checked_boundaries(llm_depth)):
-            counts += [current] * (boundary - start)
-            start, current = boundary, self.kept_at(stage, selectable, llm_depth) + fixed
-        return counts + [current] * (llm_depth - start)
+            counts += [current + fixed] * (boundary - start)
+            kept = min(self.kept_at(stage, selectable, llm_depth), current)
+            start, current = boundary, self.after_cut(kept, current)
+        return counts + [current + fixed] * (llm_depth - start)

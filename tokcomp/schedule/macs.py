@@ -96,13 +96,25 @@ def _class_row_macs(spec: ModelSpec, needs: frozenset[Signal], tokens: int) -> i
 
 
 def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
-    """A visual-token method's choice in each segment of the reference image."""
-    kept = method.kept_of(spec.selectable)
-    shares = budget_shares(spec.segments, kept)
-    geometry = spec.visual_geometry
+    """A visual-token method's choice in each segment of the reference image (an LLM-stage
+    method: at each boundary, among the tokens the previous ones left)."""
+    if method.stage is not Stage.LLM:
+        return _segment_choice_macs(spec, method, spec.segments, method.kept_of(spec.selectable))
+    total, sizes = 0, list(spec.segments)
+    for stage in range(len(method.checked_boundaries(spec.llm_depth))):
+        kept = min(method.kept_at(stage, spec.selectable, spec.llm_depth), sum(sizes))
+        total += _segment_choice_macs(spec, method, sizes, kept)
+        shares = budget_shares(sizes, kept)
+        sizes = [method.after_cut(s, n) for s, n in zip(shares, sizes, strict=True)]
+    return total
+
+
+def _segment_choice_macs(spec: VLMSpec, method: VisualMethod, sizes: list[int], kept: int) -> int:
+    """`kept` tokens chosen over segments of `sizes` tokens."""
+    shares = budget_shares(sizes, kept)
     return sum(
-        method.select_macs(geometry, size, share)
-        for size, share in zip(spec.segments, shares, strict=True)
+        method.select_macs(spec.visual_geometry, size, share)
+        for size, share in zip(sizes, shares, strict=True)
     )
 
 
@@ -113,12 +125,30 @@ def _visual_signal_macs(spec: VLMSpec, method: VisualMethod, schedule: list[int]
     if method.stage is Stage.LLM:
         visual = schedule[spec.depth :]
         boundaries = method.checked_boundaries(spec.llm_depth)
-        return sum(
+        layers = sum(
             _layer_signal_macs(spec, method, visual[method.scoring_layer(b)]) for b in boundaries
         )
+        return layers + _query_weight_macs(spec, method)
     if method.visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
         return spec.crops * _tower_attention_macs(spec)
     return 0
+
+
+def _query_weight_macs(spec: VLMSpec, method: LLMStageMethod) -> int:
+    """Choosing the query rows' weights once, on the reference prompt (its image first)."""
+    if method.llm_signal is not LLMSignal.ATTENTION:
+        return 0
+    length = spec.prompt_tokens + spec.visual_tokens
+    after = (torch.arange(length) >= spec.visual_tokens)[None]  # the text after the image
+    rows = int(method.queries(after).sum())
+    width = spec.visual_geometry.output_width
+    return method.query_weight_macs(spec.visual_tokens - spec.text_visual, rows, width)
+
+
+def _text_rows(spec: VLMSpec, length: int, visual: int) -> torch.Tensor:
+    """(1, length) the text rows of the reference prompt holding `visual` visual tokens (the
+    image first; its text tokens, Mistral 3's image breaks, counted with the text)."""
+    return (torch.arange(length) >= visual - spec.text_visual)[None]
 
 
 def _tower_attention_macs(spec: VLMSpec) -> int:
@@ -142,8 +172,7 @@ def _layer_attention_macs(spec: VLMSpec, method: LLMStageMethod, visual: int) ->
     """A scoring layer's q of the method's query rows, k of the whole prompt (`visual` visual
     tokens at that layer) and the logits (adapters/hf_vlm/decoder.py `attention_received`)."""
     length = spec.prompt_tokens + visual
-    text = (torch.arange(length) >= visual)[None]
-    rows = int(method.queries(text).any(dim=0).sum())
+    rows = int(method.queries(_text_rows(spec, length, visual)).any(dim=0).sum())
     width = spec.visual_geometry.output_width
     projections = rows * width * spec.llm_attn_dim + length * width * spec.llm_kv_dim
     return projections + rows * length * spec.llm_attn_dim

@@ -64,7 +64,9 @@ class VLMSpec(ModelSpec):
     methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
     gives methods the tower's attention and keys at that layer. takes_videos: whether tokcomp
     gives the model videos (and methods their frames); frames: the reference video's frames
-    (1: the reference is an image).
+    (1: the reference is an image). text_visual: of the fixed visual tokens, those that are
+    text tokens of the prompt rather than image placeholders (Mistral 3's image-break and
+    image-end tokens): in-LLM methods that read text rows read theirs too.
     """
 
     architecture: str
@@ -87,6 +89,7 @@ class VLMSpec(ModelSpec):
     tower_attention: bool
     takes_videos: bool = False
     frames: int = 1
+    text_visual: int = 0
 
     checked: ClassVar[tuple[str, ...]] = (
         "architecture",

@@ -50,7 +50,9 @@ class LayerSpan:
 class _Progress:
     """An LLM-stage prefill between boundaries: the current prompt and its images, the first
     layer not yet run on it, the hidden states entering that layer, and what the cuts so far
-    took from the positions (`shift`) and the visual tokens (`dropped`), (B,) each."""
+    took from the positions (`shift`) and the visual tokens (`dropped`), (B,) each; the
+    method's query rows (`queries`, bool) and their weights (`weights`), (B, L), chosen once on
+    the original prompt and carried through the cuts."""
 
     prompt: Prompt
     images: Images
@@ -58,6 +60,8 @@ class _Progress:
     hidden: torch.Tensor
     shift: torch.Tensor
     dropped: torch.Tensor
+    queries: torch.Tensor
+    weights: torch.Tensor
 
     def span(self) -> Span:
         """The cache record of the layers from `start` on."""
@@ -75,7 +79,11 @@ def llm_stage_prefill(
     check_callable(language, call.kwargs)
     original = prompt.filled(torch.cat(images.embeds), images.injected_rows())
     none = torch.zeros_like(original.valid[:, 0], dtype=torch.long)
-    progress = _Progress(original, images, 0, original.embeds, none, none)
+    queries = torch.zeros_like(original.text)
+    if method.llm_signal is LLMSignal.ATTENTION:
+        queries = method.queries(original.text)
+    weights = method.query_weights(queries, original.placeholder, original.embeds)
+    progress = _Progress(original, images, 0, original.embeds, none, none, queries, weights)
     spans, depth = [], len(language.layers)
     for stage, boundary in enumerate(method.checked_boundaries(depth)):
         spans.append(progress.span())
@@ -95,30 +103,44 @@ def _cut_at(
     budgets: list[int],
 ) -> _Progress:
     """Run the layers up to `boundary`, give the method its signal from its scoring layer,
-    keep `budgets` of each image and cut the prompt to them."""
+    keep `budgets` of each image (with the tokens the method gives in their places) and cut
+    the prompt to them."""
     current, images = progress.prompt, progress.images
     scorer = method.scoring_layer(boundary)
     before = _run(family, call, progress, scorer)
     hidden = _run(family, call, replace(progress, start=scorer, hidden=before), boundary)
     span = _span(family, current, scorer, scorer)
     language = family.language_model
+    signals = {"outputs": hidden}
     if method.llm_signal is LLMSignal.ATTENTION:
-        scores = attention_received(language, scorer, before, span, method.queries(current.text))
-        signalled = _signalled(images, current, {"attention": scores})
+        queries, weights = progress.queries, progress.weights
+        signals["attention"] = attention_received(language, scorer, before, span, queries, weights)
     else:
-        keys = layer_keys(language, scorer, before, span)
-        signalled = _signalled(images, current, {"keys": keys, "states": language.norm(hidden)})
+        signals["keys"] = layer_keys(language, scorer, before, span)
+        signals["states"] = language.norm(hidden)
+    signalled = _signalled(images, current, signals)
     choices = choose(method, signalled, budgets)
-    kept, _ = place(current.placeholder, images.counts(), choices)
-    cut = cut_prompt(family, current.with_embeds(hidden), kept, method.positions)
+    kept, tokens = place(current.placeholder, images.counts(), choices)
+    placed = hidden.masked_scatter(current.placeholder[..., None], tokens.to(hidden.dtype))
+    cut = cut_prompt(family, current.with_embeds(placed), kept, method.positions)
     return _Progress(
         cut.prompt,
-        surviving(images, choices),
+        surviving(signalled, choices),
         boundary,
         cut.prompt.embeds,
         progress.shift + cut.shift,
         progress.dropped + cut.dropped,
+        _carried(progress.queries, current, cut.prompt),
+        _carried(progress.weights, current, cut.prompt),
     )
+
+
+def _carried(values: torch.Tensor, before: Prompt, after: Prompt) -> torch.Tensor:
+    """(B, L') the (B, L) per-token `values` of `before`'s text tokens at their places in
+    `after` (a cut keeps every text token, in order); zero elsewhere."""
+    carried = values.new_zeros(after.text.shape)
+    carried[after.text] = values[before.text]
+    return carried
 
 
 def llm_stage_decode(
@@ -265,10 +287,12 @@ def attention_received(
     hidden: torch.Tensor,
     span: LayerSpan,
     queries: torch.Tensor,
+    weights: torch.Tensor,
 ) -> torch.Tensor:
     """(B, L) float32: the attention each token receives in decoder layer `index` on the input
-    `hidden`, averaged over heads and over the (B, L) `queries` rows; computed from the layer's
-    own q/k projections with its RoPE, causal and padding masks (no eager attention needed)."""
+    `hidden`, averaged over heads and over the (B, L) `queries` rows with their (B, L)
+    `weights`; computed from the layer's own q/k projections with its RoPE, causal and padding
+    masks (no eager attention needed)."""
     layer, attn, rotate = _attention_of(language_model, index)
     x = layer.input_layernorm(hidden)
     length = x.shape[1]
@@ -284,7 +308,7 @@ def attention_received(
     allowed = _allowed(language_model.config, kind, rows, length, span.blocks) & valid[:, None, :]
     bias = torch.zeros(allowed.shape, device=x.device).masked_fill(~allowed, -torch.inf)
     probs = attention_probs(q.float(), k.float(), attn.scaling, bias[:, None]).nan_to_num(0.0)
-    weights = (queries & valid)[:, rows].float()
+    weights = (weights * (queries & valid))[:, rows].float()
     received = (weights[..., None] * probs.mean(dim=1)).sum(dim=1)
     return received / weights.sum(dim=1, keepdim=True)
 
@@ -343,8 +367,9 @@ def _repeated_keys(
 def _signalled(images: Images, prompt: Prompt, signals: dict[str, torch.Tensor]) -> Images:
     """`images` whose segments carry the (B, L, ...) per-token `signals` of their placeholders
     in `prompt` (field names of VisualTokens), and, with "keys" and "states", those of the
-    text tokens after each image."""
-    starts = torch.tensor([0, *images.counts()]).cumsum(0).tolist()
+    text tokens after each image; its tokens are the "outputs" signal's."""
+    counts = images.counts()
+    starts = torch.tensor([0, *counts]).cumsum(0).tolist()
     visual = {name: signal[prompt.placeholder] for name, signal in signals.items()}
     text = _text_after(prompt, starts, signals) if "states" in signals else {}
     segments = []
@@ -352,7 +377,7 @@ def _signalled(images: Images, prompt: Prompt, signals: dict[str, torch.Tensor])
         own = {name: value[starts[s.image] + s.slots][None] for name, value in visual.items()}
         after = {name: value[s.image][None] for name, value in text.items()}
         segments.append(Segment(s.image, s.slots, replace(s.visual, **own, **after)))
-    return replace(images, segments=segments)
+    return replace(images, embeds=list(visual["outputs"].split(counts)), segments=segments)
 
 
 def _text_after(

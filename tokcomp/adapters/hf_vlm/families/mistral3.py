@@ -141,6 +141,7 @@ class Mistral3(VLMFamily):
             fields,
             visual_tokens=tokens + rows,
             fixed_visual=rows,
+            text_visual=rows,
             tower_attention=single,
             feature_block=self._feature_block({}) if single else -1,
         )
