@@ -97,7 +97,7 @@ def _class_row_macs(spec: ModelSpec, needs: frozenset[Signal], tokens: int) -> i
 
 def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
     """A visual-token method's choice in each segment of the reference image."""
-    kept = method.kept_of(spec.selectable)
+    kept = method.kept_of(spec.selectable, spec.frames)
     shares = budget_shares(spec.segments, kept)
     geometry = spec.visual_geometry
     return sum(

@@ -73,6 +73,12 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
 def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
     """Refuse options and signals this VLM cannot give a visual-token method."""
     method.check_visual_options()
+    if not _frames_given(type(method), spec):
+        raise ValueError(
+            f"{method.name} prunes across the frames of videos, which tokcomp takes for "
+            f"Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not for {spec.architecture}; use "
+            f"{_runnable_on(spec)} on it"
+        )
     if not _signals_given(type(method), spec):
         raise ValueError(
             f"{method.name} needs the vision tower's attention at its feature layer, which "
@@ -86,12 +92,19 @@ def _signals_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
     return spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS
 
 
+def _frames_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
+    """Whether `spec`'s adapter takes videos, where `method` needs their frames."""
+    return spec.videos or VisualSignal.FRAMES not in method.visual_needs
+
+
 def _runnable_on(spec: VLMSpec) -> str:
     """The visual-token methods that run on `spec`, for error messages."""
     names = [
         name
         for name in method_names()
-        if issubclass(method_class(name), VisualMethod) and _signals_given(method_class(name), spec)
+        if issubclass(method_class(name), VisualMethod)
+        and _signals_given(method_class(name), spec)
+        and _frames_given(method_class(name), spec)
     ]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
@@ -100,7 +113,9 @@ def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
     """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
     then, per language-model layer, the visual tokens of the reference image it processes."""
     tower = [spec.tokens] * spec.depth
-    return tower + method.llm_schedule(spec.llm_depth, spec.selectable, spec.fixed_visual)
+    return tower + method.llm_schedule(
+        spec.llm_depth, spec.selectable, spec.fixed_visual, spec.frames
+    )
 
 
 def _nearest_to_target(

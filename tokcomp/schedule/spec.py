@@ -62,7 +62,9 @@ class VLMSpec(ModelSpec):
     token's logits. feature_block / feature_prefix: the tower
     block whose output the projector takes and the tokens dropped in front of it (for block
     methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
-    gives methods the tower's attention and keys at that layer.
+    gives methods the tower's attention and keys at that layer. videos: whether the adapter
+    takes this model's videos; frames: the frames the reference item spans (1 for the reference
+    image; a video spec's frames, Qwen's temporal patches), for per-frame budgets.
     """
 
     architecture: str
@@ -83,6 +85,8 @@ class VLMSpec(ModelSpec):
     feature_prefix: int
     tower_methods: bool
     tower_attention: bool
+    videos: bool = False
+    frames: int = 1
 
     checked: ClassVar[tuple[str, ...]] = (
         "architecture",

@@ -243,6 +243,7 @@ class VLMFamily(abc.ABC):
             lm_head_macs=linear_macs(self.model.lm_head),
             projector_widths=projector_widths(self.projector),
             projector_form=projector_form(self.projector),
+            videos=bool(self.video_encoder_inputs),
             **self.vision_fields(),
         )
 

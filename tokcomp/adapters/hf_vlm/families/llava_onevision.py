@@ -106,6 +106,7 @@ class LlavaOnevision(Llava):
             fixed_visual=1,
             segments=(pooled,),
             projected_tokens=frames * self._tokens_per_crop(),
+            frames=frames,
         )
 
     def images(

@@ -145,7 +145,12 @@ class Qwen2VL(VLMFamily):
         temporal = -(-frames // self.inner.visual.config.temporal_patch_size)
         visual = temporal * spec.visual_tokens
         return replace(
-            spec, crops=temporal, visual_tokens=visual, segments=(visual,), projected_tokens=visual
+            spec,
+            crops=temporal,
+            visual_tokens=visual,
+            segments=(visual,),
+            projected_tokens=visual,
+            frames=temporal,
         )
 
     def vision_fields(self) -> dict[str, Any]:
