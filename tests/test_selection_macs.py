@@ -60,19 +60,24 @@ VISUAL_OPTIONS = {
     "vispruner": {"keep": 0.5},
     "pyramiddrop": {"keep": 0.5},
     "dart": {"keep": 0.5},
+    "dycoke": {"k": 0.5},
     "random": {"keep_ratio": 0.5},
 }
+#: The methods that run on images (DyCoke merges video frames only: VIDEO_CASES).
+IMAGE_OPTIONS = [
+    m for m in VISUAL_OPTIONS if VisualSignal.FRAMES not in method_class(m).visual_needs
+]
 #: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
 #: (crops, each a segment with its share), Gemma 3 (pooled tokens), Mistral 3 (merged
 #: patches, image-break tokens) and Qwen3-VL (merged patches, deepstack mergers), those without
 #: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch.
 VISUAL_CASES = [
-    *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in VISUAL_OPTIONS],
-    *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in VISUAL_OPTIONS],
-    *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
+    *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in IMAGE_OPTIONS],
+    *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in IMAGE_OPTIONS],
+    *[pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}") for m in IMAGE_OPTIONS],
+    *[pytest.param("gemma3", m, {}, id=f"gemma3-{m}") for m in IMAGE_OPTIONS],
+    *[pytest.param("mistral3", m, {}, id=f"mistral3-{m}") for m in IMAGE_OPTIONS],
+    *[pytest.param("qwen3_vl", m, {}, id=f"qwen3_vl-{m}") for m in IMAGE_OPTIONS],
     *[
         pytest.param("smolvlm", method, {}, id=f"smolvlm-{method}")
         for method in ("zoo", "divprune", "cdpruner", "fastv", "pyramiddrop", "dart", "random")

@@ -55,20 +55,36 @@ def _needs_tower_attention(method: str) -> bool:
     return bool(method_class(method).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS})
 
 
+def _needs_frames(method: str) -> bool:
+    return VisualSignal.FRAMES in method_class(method).visual_needs
+
+
+def _takes_videos(family: str) -> bool:
+    return find_adapter(_built(family)).spec().videos
+
+
 def _keep_all(method: str) -> dict:
-    return {method_class(method).budget: 1.0}
+    return {method_class(method).budget: 0.0 if method == "dycoke" else 1.0}
 
 
 def _pruning(method: str) -> dict:
     return {method_class(method).budget: 0.5 if method == "random" else 0.4}
 
 
+def _runs_on(family: str, method: str) -> bool:
+    """Whether tokcomp applies `method` to `family`'s model (the signals it needs are given)."""
+    tower = not _needs_tower_attention(method) or family in TOWER_ATTENTION
+    return tower and (not _needs_frames(method) or _takes_videos(family))
+
+
 def _cases() -> list[tuple[str, str]]:
+    """Every method on every family it runs on; those merging video frames on the fixtures
+    with videos."""
     return [
         (f, m)
         for f in FAMILIES
         for m in VISUAL
-        if not _needs_tower_attention(m) or f in TOWER_ATTENTION
+        if _runs_on(f, m) and (not _needs_frames(m) or f.endswith("_video"))
     ]
 
 
@@ -180,7 +196,7 @@ def _pruned(model, family: str, method: str, positions: str):
 @torch.no_grad()
 def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, positions):
     model = _pruned(_model(family), family, method, positions)
-    config = tokcomp.config_of(model)
+    config = tokcomp.config_of(model, frames=4 if _needs_frames(method) else None)
     assert config.macs - config.selection_macs < config.base_macs
     batch, _ = _inputs(model, family)
     assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
@@ -714,6 +730,7 @@ ROUND_TRIPS = [
     ("tome", "llava", {"r": 3}),
     ("vispruner", "mistral3", {"keep": 4, "important": 0.75}),
     ("pyramiddrop", "qwen3_vl", {"keep": 0.5, "layers": [1, 2]}),
+    ("dycoke", "qwen2_vl_video", {"k": 0.5, "positions": "keep"}),
 ]
 
 
@@ -891,9 +908,9 @@ def test_a_budget_larger_than_the_visual_tokens_is_refused():
 def test_methods_a_family_cannot_run_are_refused_naming_the_alternatives(family):
     """Every visual-token method either runs on a family (the generic tests above) or is
     refused when applied, with the methods that do run there."""
-    refused = [m for m in VISUAL if (family, m) not in _cases()]
+    refused = [m for m in VISUAL if not _runs_on(family, m)]
     for method in refused:
-        runnable = sorted(m for m in VISUAL if (family, m) in _cases())
+        runnable = sorted(m for m in VISUAL if _runs_on(family, m))
         names = f"{', '.join(runnable[:-1])} or {runnable[-1]}"
         with pytest.raises(ValueError, match=f"use {names}"):
             tokcomp.apply(_model(family), method, **_pruning(method))
