@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -299,6 +300,35 @@ def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
         out = model(**batch, use_cache=True)
         dropped = [sum(n - kept(n) for n in row) for row in items]
         assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+#: (family, layout, per sample the (tokens, frames) of each video and image, by hand).
+FRAME_CASES = [
+    *[pytest.param(f, LAYOUT, [[(18, 3)], [(4, 1), (6, 1)], []], id=f) for f in QWEN_VIDEO],
+    pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="onevision"),
+]
+
+
+@pytest.mark.parametrize(("family", "layout", "items"), FRAME_CASES)
+@torch.no_grad()
+def test_dycoke_merges_each_video_s_own_frames_and_keeps_images_whole(family, layout, items):
+    """With 3 frames, frame 1 keeps int((1 - k) x its tokens); a one-frame video and an image
+    keep all theirs (applying it without options warns of nothing: it prunes videos only)."""
+    model = _model(family)
+    batch, _ = _inputs(model, family, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokcomp.apply(model, "dycoke")
+    for k in (0.7, 0.5):
+        tokcomp.apply(model, "dycoke", k=k)
+        out = model(**batch, use_cache=True)
+        dropped = [sum(n // f - int((1 - k) * (n // f)) for n, f in row if f > 1) for row in items]
+        assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+def test_dycoke_refuses_target_macs_naming_its_knob():
+    with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
+        tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)
 
 
 @pytest.mark.parametrize("family", QWEN_VIDEO)
