@@ -586,6 +586,7 @@ def _released_ttm_by_hand(frames: list[list[list[float]]], k: float) -> list[lis
     return kept
 
 
+@pytest.mark.filterwarnings("ignore:dycoke merges the frames of videos")
 @pytest.mark.parametrize("count", range(1, 11))
 def test_dycoke_keeps_per_frame_what_the_released_pairs_and_windows_keep(count):
     torch.manual_seed(count)
@@ -619,6 +620,13 @@ def test_dycoke_chooses_each_video_of_a_batch_as_alone():
         assert torch.equal(
             together[row], method.select(_visual(videos[row : row + 1], frames=6), 18)[0]
         )
+
+
+def test_dycoke_keeps_an_image_whole_and_warns_that_it_merges_video_frames_only():
+    method = create_method("dycoke")
+    with pytest.warns(UserWarning, match="images \\(one frame\\) keep all their visual tokens"):
+        index = method.select(_visual(torch.randn(2, 6, 4)), method.kept_of(6))
+    assert index.tolist() == [list(range(6))] * 2
 
 
 def test_dycoke_refuses_a_share_outside_0_1():

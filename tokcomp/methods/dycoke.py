@@ -4,6 +4,7 @@ Compression of Tokens for Fast Video Large Language Models", CVPR 2025; docs/met
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -55,7 +56,7 @@ class DyCoke(VisualMethod):
     similar (per position, on the projector outputs) to the frame before it, and in every window
     of four frames the third keeps as many of its tokens least similar to the first (KD-TAO/DyCoke
     llava_arch.py `dycole_ttm`); k = 0.7, the released lmms-eval default (`dycoke_k`). Kept
-    tokens stay in frame and raster order; images (one frame) are kept whole."""
+    tokens stay in frame and raster order; images (one frame) are kept whole, with a warning."""
 
     name: ClassVar[str] = "dycoke"
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset({VisualSignal.FRAMES})
@@ -82,4 +83,11 @@ class DyCoke(VisualMethod):
         return merged_kept(tokens, frames, self.k)
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
+        if visual.frames == 1:
+            warnings.warn(
+                "dycoke merges the frames of videos: images (one frame) keep all their visual "
+                "tokens; to prune images use an image method (e.g. divprune or fastv)",
+                UserWarning,
+                stacklevel=2,
+            )
         return ttm_index(visual.outputs, visual.frames, self.k)
