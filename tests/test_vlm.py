@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -49,15 +50,6 @@ TOWER_ATTENTION = {
     "mistral3",
     "qwen3_vl",
 }
-#: The families whose model takes videos (an image there is a one-frame video to FastVID).
-TAKES_VIDEOS = {
-    "llava_onevision",
-    "llava_onevision_video",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen2_vl_video",
-    "qwen2_5_vl_video",
-}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 
@@ -69,21 +61,32 @@ def _needs_frames(method: str) -> bool:
     return VisualSignal.FRAMES in method_class(method).visual_needs
 
 
+def _takes_videos(family: str) -> bool:
+    return find_adapter(_built(family)).spec().takes_videos
+
+
 def _keep_all(method: str) -> dict:
-    return {method_class(method).budget: 1.0}
+    return {method_class(method).budget: 0.0 if method == "dycoke" else 1.0}
 
 
 def _pruning(method: str) -> dict:
     return {method_class(method).budget: 0.5 if method == "random" else 0.4}
 
 
+def _runs_on(family: str, method: str) -> bool:
+    """Whether tokcomp applies `method` to `family`'s model (the signals it needs are given)."""
+    tower = not _needs_tower_attention(method) or family in TOWER_ATTENTION
+    return tower and (not _needs_frames(method) or _takes_videos(family))
+
+
 def _cases() -> list[tuple[str, str]]:
+    """Every method on every family it runs on; those merging video frames on the fixtures
+    with videos."""
     return [
         (f, m)
         for f in FAMILIES
         for m in VISUAL
-        if (not _needs_tower_attention(m) or f in TOWER_ATTENTION)
-        and (not _needs_frames(m) or f in TAKES_VIDEOS)
+        if _runs_on(f, m) and (not _needs_frames(m) or f.endswith("_video"))
     ]
 
 
@@ -195,7 +198,7 @@ def _pruned(model, family: str, method: str, positions: str):
 @torch.no_grad()
 def test_cached_generation_equals_rerunning_the_pruned_prompt(family, method, positions):
     model = _pruned(_model(family), family, method, positions)
-    config = tokcomp.config_of(model)
+    config = tokcomp.config_of(model, frames=4 if _needs_frames(method) else None)
     assert config.macs - config.selection_macs < config.base_macs
     batch, _ = _inputs(model, family)
     assert torch.equal(_generate(model, batch), _uncached_reference(model, family, batch))
@@ -323,6 +326,35 @@ def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
         out = model(**batch, use_cache=True)
         dropped = [sum(n - kept(n) for n in row) for row in items]
         assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+#: (family, layout, per sample the (tokens, frames) of each video and image, by hand).
+FRAME_CASES = [
+    *[pytest.param(f, LAYOUT, [[(18, 3)], [(4, 1), (6, 1)], []], id=f) for f in QWEN_VIDEO],
+    pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="onevision"),
+]
+
+
+@pytest.mark.parametrize(("family", "layout", "items"), FRAME_CASES)
+@torch.no_grad()
+def test_dycoke_merges_each_video_s_own_frames_and_keeps_images_whole(family, layout, items):
+    """With 3 frames, frame 1 keeps int((1 - k) x its tokens); a one-frame video and an image
+    keep all theirs (applying it without options warns of nothing: it prunes videos only)."""
+    model = _model(family)
+    batch, _ = _inputs(model, family, layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokcomp.apply(model, "dycoke")
+    for k in (0.7, 0.5):
+        tokcomp.apply(model, "dycoke", k=k)
+        out = model(**batch, use_cache=True)
+        dropped = [sum(n // f - int((1 - k) * (n // f)) for n, f in row if f > 1) for row in items]
+        assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+def test_dycoke_refuses_target_macs_naming_its_knob():
+    with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
+        tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)
 
 
 @pytest.mark.parametrize("family", QWEN_VIDEO)
@@ -758,6 +790,7 @@ ROUND_TRIPS = [
     ("cdpruner", "internvl", {"keep": 5}),
     ("divprune", "gemma3", {"keep": 4, "positions": "keep"}),
     ("fastvid", "llava_onevision_video", {"keep": 0.5, "segments": 2, "positions": "renumber"}),
+    ("dycoke", "qwen2_vl_video", {"k": 0.5, "positions": "keep"}),
 ]
 
 
@@ -939,9 +972,9 @@ def test_a_budget_larger_than_the_visual_tokens_is_refused():
 def test_methods_a_family_cannot_run_are_refused_naming_the_alternatives(family):
     """Every visual-token method either runs on a family (the generic tests above) or is
     refused when applied, with the methods that do run there."""
-    refused = [m for m in VISUAL if (family, m) not in _cases()]
+    refused = [m for m in VISUAL if not _runs_on(family, m)]
     for method in refused:
-        runnable = sorted(m for m in VISUAL if (family, m) in _cases())
+        runnable = sorted(m for m in VISUAL if _runs_on(family, m))
         names = f"{', '.join(runnable[:-1])} or {runnable[-1]}"
         with pytest.raises(ValueError, match=f"use {names}"):
             tokcomp.apply(_model(family), method, **_pruning(method))

@@ -18,6 +18,7 @@ from tokcomp.methods import fastvid as fastvid_module
 from tokcomp.methods import zoo as zoo_module
 from tokcomp.methods.cdpruner import instruction_relevance
 from tokcomp.methods.divprune import farthest_from_neighbours
+from tokcomp.methods.dycoke import pruned_frames
 from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
 from tokcomp.methods.zoo import minmax, unit_directions
 from tokcomp.ops import (
@@ -556,6 +557,83 @@ def test_random_select_draws_a_seeded_subset_per_image():
     assert picks.shape == (3, 4) and not torch.equal(picks[0], picks[1])
     assert torch.equal(picks, method.select(_visual(torch.zeros(3, 10, 1)), 4))
     assert all(row == sorted(set(row)) for row in picks.tolist())
+
+
+# -- DyCoke ---------------------------------------------------------------------------------------
+
+
+def _released_ttm_by_hand(frames: list[list[list[float]]], k: float) -> list[list[int]]:
+    """Per frame, the positions DyCoke's TTM keeps, by the loops of KD-TAO/DyCoke llava_arch.py
+    `dycole_ttm` in plain Python: pairs (i, i + 1), then windows of four whose first frame i
+    < count - 4 replace frame i + 2 by its least similar tokens to frame i. Two deliberate
+    differences (docs/methods.md 6.12): a pair compares its own two frames (the released code
+    takes pair i - 1's similarities), and an odd last frame is kept whole (dropped there)."""
+    count, per = len(frames), len(frames[0])
+    keep = int((1 - k) * per)
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        dot = sum(x * y for x, y in zip(a, b, strict=True))
+        return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    def least_similar(pruned: int, compared: int) -> list[int]:
+        similarity = [cosine(frames[pruned][t], frames[compared][t]) for t in range(per)]
+        return sorted(sorted(range(per), key=lambda t: similarity[t])[:keep])
+
+    kept = [list(range(per)) for _ in range(count)]
+    for i in range(0, count - 1, 2):
+        kept[i + 1] = least_similar(i + 1, i)
+    for i in range(0, count - 4, 4):
+        kept[i + 2] = least_similar(i + 2, i)
+    return kept
+
+
+@pytest.mark.filterwarnings("ignore:dycoke merges the frames of videos")
+@pytest.mark.parametrize("count", range(1, 11))
+def test_dycoke_keeps_per_frame_what_the_released_pairs_and_windows_keep(count):
+    torch.manual_seed(count)
+    video = torch.randn(1, count * 5, 3, dtype=torch.float64)
+    method = create_method("dycoke", k=0.6)
+    by_frame = video[0].view(count, 5, 3).tolist()
+    expected = [
+        f * 5 + t for f, kept in enumerate(_released_ttm_by_hand(by_frame, 0.6)) for t in kept
+    ]
+    index = method.select(_visual(video, frames=count), method.kept_of(count * 5, count))
+    assert index[0].tolist() == expected
+    assert method.kept_of(count * 5, count) == len(expected)
+
+
+def test_dycoke_windows_skip_the_last_four_frames_and_the_paper_count_follows():
+    """The released window loop stops before count - 4; 32 frames of 196 tokens at k = 0.7 keep
+    9 whole frames and 23 of 58 tokens: 3098 (+ the newline), the released count."""
+    assert pruned_frames(8) == [(1, 0), (3, 2), (5, 4), (7, 6), (2, 0)]
+    assert pruned_frames(9) == [(1, 0), (3, 2), (5, 4), (7, 6), (2, 0), (6, 4)]
+    assert create_method("dycoke").kept_of(32 * 196, 32) == 9 * 196 + 23 * 58 == 3098
+    assert create_method("dycoke", k=0.0).kept_of(32 * 196, 32) == 32 * 196
+    assert create_method("dycoke").kept_of(196, 1) == 196  # an image: nothing to merge
+
+
+def test_dycoke_chooses_each_video_of_a_batch_as_alone():
+    torch.manual_seed(0)
+    videos = torch.randn(3, 6 * 4, 8)
+    method = create_method("dycoke", k=0.5)
+    together = method.select(_visual(videos, frames=6), 18)
+    for row in range(3):
+        assert torch.equal(
+            together[row], method.select(_visual(videos[row : row + 1], frames=6), 18)[0]
+        )
+
+
+def test_dycoke_keeps_an_image_whole_and_warns_that_it_merges_video_frames_only():
+    method = create_method("dycoke")
+    with pytest.warns(UserWarning, match="images \\(one frame\\) keep all their visual tokens"):
+        index = method.select(_visual(torch.randn(2, 6, 4)), method.kept_of(6))
+    assert index.tolist() == [list(range(6))] * 2
+
+
+def test_dycoke_refuses_a_share_outside_0_1():
+    for k in (1.5, -0.1, True, "0.7"):
+        with pytest.raises(ValueError, match="dycoke: k is the share of a pruned frame"):
+            create_method("dycoke", k=k)
 
 
 # -- budgets ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from tokcomp.methods import (
     method_class,
     method_names,
 )
+from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
 
 M = TypeVar("M", bound=nn.Module)
@@ -45,6 +46,11 @@ def apply(model: M, method_or_config: str | Path | Config | Method, **options: A
     return model
 
 
+def _merges_frames(method: Method) -> bool:
+    """Whether `method` prunes only across video frames (nothing on the reference image)."""
+    return isinstance(method, VisualMethod) and VisualSignal.FRAMES in method.visual_needs
+
+
 def _requested(
     method_or_config: str | Path | Config | Method, options: dict[str, Any], spec: ModelSpec
 ) -> tuple[Method, list[int]]:
@@ -54,7 +60,8 @@ def _requested(
     config = _as_config(method_or_config)
     if config is None:
         method, schedule = resolve(create_method(str(method_or_config), **options), spec)
-        if not options and model_macs(spec, schedule) == model_macs(spec):
+        unpruned = model_macs(spec, schedule) == model_macs(spec)
+        if not options and unpruned and not _merges_frames(method):
             warnings.warn(
                 f"tokcomp.apply(model, {method.name!r}) without options compresses nothing: its "
                 f"defaults keep every token; give its budget ({method.budget}=...) or "

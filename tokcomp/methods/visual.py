@@ -105,7 +105,8 @@ class VisualTokens:
     outputs: projector outputs, what the language model receives (B, N, D). projector: the
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
     features to outputs. features / attention / keys / text: see VisualSignal (None unless
-    declared).
+    declared). frames: the frames the tokens span, frame-major with tokens // frames each (a
+    video's frames, Qwen's temporal patches; 1 for an image).
     Towers without a class token (SigLIP) give as attention the mean attention each token
     receives. LLM-stage methods get here what their `llm_signal` names: the attention each
     token receives inside the language model (ATTENTION); or (KEYS_AND_STATES) as `keys` the
@@ -177,15 +178,20 @@ class VisualMethod(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_keep(self.name, self.visual_keep())
+        self.check_budget()
         check_positions(self.name, self.positions)
+
+    def check_budget(self) -> None:
+        """Raise ValueError unless the budget option is a valid per-image budget."""
+        check_keep(self.name, self.visual_keep())
 
     def visual_keep(self) -> int | float:
         """The per-image budget: a count or a fraction of each image's visual tokens."""
         return getattr(self, self.budget)
 
-    def kept_of(self, tokens: int) -> int:
-        """Visual tokens this method keeps out of `tokens`."""
+    def kept_of(self, tokens: int, frames: int = 1) -> int:
+        """Visual tokens this method keeps out of `tokens` spanning `frames` frames (only
+        per-frame methods, those needing VisualSignal.FRAMES, depend on `frames`)."""
         return visual_budget(self.name, self.visual_keep(), tokens, self.rounding)
 
     def check_visual_options(self) -> None:
@@ -196,10 +202,13 @@ class VisualMethod(Method):
         for count in range(1, selectable + 1):
             yield self.with_options(**{self.budget: count, "target_macs": None, "schedule": None})
 
-    def llm_schedule(self, llm_depth: int, selectable: int, fixed: int) -> list[int]:
+    def llm_schedule(
+        self, llm_depth: int, selectable: int, fixed: int, frames: int = 1
+    ) -> list[int]:
         """Visual tokens per image each of the `llm_depth` language-model layers processes, for
-        an image with `selectable` tokens to choose from and `fixed` always kept."""
-        return [self.kept_of(selectable) + fixed] * llm_depth
+        an image (or a video of `frames` frames) with `selectable` tokens to choose from and
+        `fixed` always kept."""
+        return [self.kept_of(selectable, frames) + fixed] * llm_depth
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor | Selection:
         """Which `keep` of each image's visual tokens reach the language model: (B, keep)
@@ -331,7 +340,9 @@ class LLMStageMethod(VisualMethod):
             previous = boundary
         return boundaries
 
-    def llm_schedule(self, llm_depth: int, selectable: int, fixed: int) -> list[int]:
+    def llm_schedule(
+        self, llm_depth: int, selectable: int, fixed: int, frames: int = 1
+    ) -> list[int]:
         counts, start, current = [], 0, selectable
         for stage, boundary in enumerate(self.checked_boundaries(llm_depth)):
             counts += [current + fixed] * (boundary - start)

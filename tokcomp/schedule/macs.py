@@ -99,7 +99,8 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
     """A visual-token method's choice in each segment of the reference image (an LLM-stage
     method: at each boundary, among the tokens the previous ones left)."""
     if method.stage is not Stage.LLM:
-        return _segment_choice_macs(spec, method, spec.segments, method.kept_of(spec.selectable))
+        kept = method.kept_of(spec.selectable, spec.frames)
+        return _segment_choice_macs(spec, method, spec.segments, kept)
     total, sizes = 0, list(spec.segments)
     for stage in range(len(method.checked_boundaries(spec.llm_depth))):
         kept = min(method.kept_at(stage, spec.selectable, spec.llm_depth), sum(sizes))

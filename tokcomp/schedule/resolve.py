@@ -73,7 +73,7 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
 def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
     """Refuse options and signals this VLM cannot give a visual-token method."""
     method.check_visual_options()
-    if VisualSignal.FRAMES in method.visual_needs and not spec.takes_videos:
+    if not _frames_given(type(method), spec):
         raise ValueError(
             f"{method.name} prunes videos (it needs their frames); tokcomp gives "
             f"{spec.architecture} no videos: use {_runnable_on(spec)} on it"
@@ -87,10 +87,13 @@ def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
 
 
 def _signals_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
-    """Whether `spec`'s adapter computes the tower signals and gives the frames `method`
-    declares."""
-    frames = spec.takes_videos or VisualSignal.FRAMES not in method.visual_needs
-    return frames and (spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS)
+    """Whether `spec`'s adapter computes the tower signals `method` declares."""
+    return spec.tower_attention or not method.visual_needs & _TOWER_SIGNALS
+
+
+def _frames_given(method: type[VisualMethod], spec: VLMSpec) -> bool:
+    """Whether `spec`'s adapter takes videos, where `method` needs their frames."""
+    return spec.takes_videos or VisualSignal.FRAMES not in method.visual_needs
 
 
 def _runnable_on(spec: VLMSpec) -> str:
@@ -98,7 +101,9 @@ def _runnable_on(spec: VLMSpec) -> str:
     names = [
         name
         for name in method_names()
-        if issubclass(method_class(name), VisualMethod) and _signals_given(method_class(name), spec)
+        if issubclass(method_class(name), VisualMethod)
+        and _signals_given(method_class(name), spec)
+        and _frames_given(method_class(name), spec)
     ]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
@@ -107,7 +112,9 @@ def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
     """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
     then, per language-model layer, the visual tokens of the reference image it processes."""
     tower = [spec.tokens] * spec.depth
-    return tower + method.llm_schedule(spec.llm_depth, spec.selectable, spec.fixed_visual)
+    return tower + method.llm_schedule(
+        spec.llm_depth, spec.selectable, spec.fixed_visual, spec.frames
+    )
 
 
 def _nearest_to_target(

@@ -63,10 +63,11 @@ class VLMSpec(ModelSpec):
     block whose output the projector takes and the tokens dropped in front of it (for block
     methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
     gives methods the tower's attention and keys at that layer. takes_videos: whether tokcomp
-    gives the model videos (and methods their frames); frames: the reference video's frames
-    (1: the reference is an image). text_visual: of the fixed visual tokens, those that are
-    text tokens of the prompt rather than image placeholders (Mistral 3's image-break and
-    image-end tokens): in-LLM methods that read text rows read theirs too.
+    gives the model videos (and methods their frames); frames: the frames the reference item
+    spans (1: the reference is an image; Qwen's temporal patches), for per-frame budgets.
+    text_visual: of the fixed visual tokens, those that are text tokens of the prompt rather
+    than image placeholders (Mistral 3's image-break and image-end tokens): in-LLM methods
+    that read text rows read theirs too.
     """
 
     architecture: str

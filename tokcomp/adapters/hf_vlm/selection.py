@@ -33,12 +33,12 @@ def choose(method: VisualMethod, images: Images, budgets: list[int] | None = Non
     slots (those in no segment). `budgets`: tokens kept per image (default: the method's
     budget of the image's selectable tokens)."""
     shares = _budget_shares(method, images, budgets)
-    groups: dict[tuple[int, int, tuple, int], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, int, int, tuple], list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
-        key = (segment.visual.tokens, shares[index], segment.visual.projector, segment.frames)
+        key = (segment.visual.tokens, shares[index], segment.frames, segment.visual.projector)
         groups[key].append(index)
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for (_, share, _, frames), members in groups.items():
+    for (_, share, frames, _), members in groups.items():
         batch = _stack([images.segments[i].visual for i in members], frames)
         selection = method.selection(batch, share)
         for row, index in enumerate(members):
@@ -56,7 +56,12 @@ def _budget_shares(
     shares = [0] * len(images.segments)
     for image, members in by_image.items():
         sizes = [images.segments[i].visual.tokens for i in members]
-        budget = method.kept_of(sum(sizes)) if budgets is None else min(budgets[image], sum(sizes))
+        frames = images.segments[members[0]].frames  # a video is one segment
+        budget = (
+            method.kept_of(sum(sizes), frames)
+            if budgets is None
+            else min(budgets[image], sum(sizes))
+        )
         image_shares = budget_shares(sizes, budget)
         for index, share in zip(members, image_shares, strict=True):
             shares[index] = share
@@ -68,11 +73,8 @@ def _stack(visuals: list[VisualTokens], frames: int) -> VisualTokens:
         parts = [getattr(v, name) for v in visuals]
         return None if parts[0] is None else torch.cat(parts)
 
-    signals = {
-        f.name: cat(f.name)
-        for f in fields(VisualTokens)
-        if f.name not in ("projector", "text", "frames")
-    }
+    stacked = ("projector", "text", "frames")
+    signals = {f.name: cat(f.name) for f in fields(VisualTokens) if f.name not in stacked}
     text = None if visuals[0].text is None else tuple(t for v in visuals for t in v.text)
     return VisualTokens(projector=visuals[0].projector, text=text, frames=frames, **signals)
 
