@@ -55,8 +55,8 @@ bench-dinov2: install
 		--variant tome:target_macs=0.6 --variant pitome:target_macs=0.6
 
 # Every visual-token method that runs on images at three budgets on the easy-VQA LLaVA, on
-# 2,000 test questions (the model card's tables use 5,000).
-VQA_METHODS := zoo,divprune,cdpruner,fastv,visionzip,fastervlm,vispruner,pyramiddrop,dart,random
+# 2,000 test questions (the model card's tables use 5,000); DyCoke and FastVID prune videos.
+VQA_METHODS := zoo,divprune,cdpruner,fastv,visionzip,fastervlm,vispruner,pyramiddrop,dart,sparsevlm,random
 
 demo-vqa: install
 	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 2000 \
