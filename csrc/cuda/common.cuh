@@ -90,4 +90,37 @@ __device__ __forceinline__ float neg_inf() {
   return __int_as_float(0xff800000);
 }
 
+// The better of two candidates: larger value, then lower index.
+__device__ __forceinline__ void keep_better(float& value, int64_t& index, float v, int64_t j) {
+  if (v > value || (v == value && j < index)) {
+    value = v;
+    index = j;
+  }
+}
+
+// The block's best of every thread's candidate (`value`, `index`), by keep_better: warp
+// shuffles, then thread 0 folds the warps' results (`warp_value`, `warp_index`: shared arrays of
+// one entry per warp). Every thread must call it; the block's pick is returned in thread 0.
+__device__ __forceinline__ int64_t block_best(
+    float value, int64_t index, float* warp_value, int64_t* warp_index) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other_value = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int64_t other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    keep_better(value, index, other_value, other_index);
+  }
+  if (threadIdx.x % 32 == 0) {
+    warp_value[threadIdx.x / 32] = value;
+    warp_index[threadIdx.x / 32] = index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    value = warp_value[0];
+    index = warp_index[0];
+    for (int other = 1; other < (blockDim.x + 31) / 32; ++other) {
+      keep_better(value, index, warp_value[other], warp_index[other]);
+    }
+  }
+  return index;
+}
+
 }  // namespace tokcomp::gpu

@@ -15,7 +15,6 @@
 #pragma once
 
 #include "common.cuh"
-#include "greedy_maxmin.cuh"
 
 namespace tokcomp::gpu {
 
@@ -43,9 +42,6 @@ __global__ void __launch_bounds__(kDppMaxThreads) greedy_dpp_kernel(
 
   const int64_t n = blockIdx.x;
   const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int warps = (blockDim.x + 31) / 32;
   const scalar_t* s = similarity + n * N * N;
   const float* r = relevance + n * N;
   // Scratch rows of this batch element: the k - 1 vectors, d2, the picked flags (0 or 1).
@@ -63,22 +59,8 @@ __global__ void __launch_bounds__(kDppMaxThreads) greedy_dpp_kernel(
     for (int64_t m = tid; m < N; m += blockDim.x) {
       keep_better(best, arg, dpp_rank(d2[m], taken[m]), m);
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const float other_value = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int64_t other_index = __shfl_xor_sync(0xffffffffu, arg, offset);
-      keep_better(best, arg, other_value, other_index);
-    }
-    if (lane == 0) {
-      warp_value[warp] = best;
-      warp_index[warp] = arg;
-    }
-    __syncthreads();
+    const int64_t index = block_best(best, arg, warp_value, warp_index);
     if (tid == 0) {
-      float value = warp_value[0];
-      int64_t index = warp_index[0];
-      for (int other = 1; other < warps; ++other) {
-        keep_better(value, index, warp_value[other], warp_index[other]);
-      }
       chosen = index;
       chosen_norm = __fsqrt_rn(d2[index]);
       taken[index] = 1.0f;

@@ -22,14 +22,6 @@ namespace tokcomp::gpu {
 constexpr int kMaxminMaxThreads = 1024;
 constexpr int kMaxminWarps = kMaxminMaxThreads / 32;
 
-// The better of two candidates: larger value, then lower index.
-__device__ __forceinline__ void keep_better(float& value, int64_t& index, float v, int64_t j) {
-  if (v > value || (v == value && j < index)) {
-    value = v;
-    index = j;
-  }
-}
-
 // dist * weight, NaN and -inf as the lowest float32 (NaN compares false).
 __device__ __forceinline__ float score_of(float dist, float weight) {
   constexpr float kLowest = -3.402823466e+38f;  // the lowest float32
@@ -53,9 +45,6 @@ __global__ void __launch_bounds__(kMaxminMaxThreads) greedy_maxmin_kernel(
 
   const int64_t n = blockIdx.x;
   const int tid = threadIdx.x;
-  const int lane = tid % 32;
-  const int warp = tid / 32;
-  const int warps = (blockDim.x + 31) / 32;
   const scalar_t* d = dist + n * N * N;
   const float* w = weight + n * N;
   float* score = scratch + n * N;
@@ -85,22 +74,8 @@ __global__ void __launch_bounds__(kMaxminMaxThreads) greedy_maxmin_kernel(
       score[j] = v;
       keep_better(best, arg, v, j);
     }
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const float other_value = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int64_t other_index = __shfl_xor_sync(0xffffffffu, arg, offset);
-      keep_better(best, arg, other_value, other_index);
-    }
-    if (lane == 0) {
-      warp_value[warp] = best;
-      warp_index[warp] = arg;
-    }
-    __syncthreads();
+    const int64_t index = block_best(best, arg, warp_value, warp_index);
     if (tid == 0) {
-      float value = warp_value[0];
-      int64_t index = warp_index[0];
-      for (int other = 1; other < warps; ++other) {
-        keep_better(value, index, warp_value[other], warp_index[other]);
-      }
       chosen = index;
       out[n * k + t] = index;
     }
