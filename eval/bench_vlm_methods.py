@@ -35,8 +35,16 @@ from bench_vlm import KEEP, build, inputs, layers_that_fit
 
 import tokcomp
 from tokcomp.harness.timing import Contender, PrefillTimer, Speedup, interleaved
+from tokcomp.methods import method_class
+from tokcomp.methods.visual import VisualSignal
 
 CPU = torch.device("cpu")
+#: The visual-token methods that prune images (those declaring FRAMES prune videos).
+IMAGE_METHODS = [
+    name
+    for name in tokcomp.methods("vlm")
+    if VisualSignal.FRAMES not in method_class(name).visual_needs
+]
 
 
 def contenders(
@@ -95,17 +103,17 @@ def _ratio(speedup: Speedup) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(tokcomp.methods("vlm")))
+    parser.add_argument("--methods", default=",".join(IMAGE_METHODS))
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: fit)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (see bench_vlm)")
     args = parser.parse_args(argv)
     methods = [name for name in args.methods.split(",") if name]
-    unknown = sorted(set(methods) - set(tokcomp.methods("vlm")))
+    unknown = sorted(set(methods) - set(IMAGE_METHODS))
     if unknown:
         parser.error(
-            f"--methods: {unknown} are not visual-token methods; choose from "
-            f"{', '.join(tokcomp.methods('vlm'))}"
+            f"--methods: {unknown} are not visual-token methods that prune images; "
+            f"choose from {', '.join(IMAGE_METHODS)}"
         )
     torch.set_num_threads(args.threads)
     layers = args.layers or layers_that_fit()
