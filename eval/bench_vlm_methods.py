@@ -39,12 +39,19 @@ from tokcomp.methods import method_class
 from tokcomp.methods.visual import VisualSignal
 
 CPU = torch.device("cpu")
+TOKENS = 576
 #: The visual-token methods that prune images (those declaring FRAMES prune videos).
 IMAGE_METHODS = [
     name
     for name in tokcomp.methods("vlm")
     if VisualSignal.FRAMES not in method_class(name).visual_needs
 ]
+
+
+def budget(method: str) -> dict[str, float]:
+    """KEEP of the 576 visual tokens in `method`'s budget knob (random's is a fraction)."""
+    knob = method_class(method).budget
+    return {knob: KEEP if knob == "keep" else KEEP / TOKENS}
 
 
 def contenders(
@@ -65,7 +72,7 @@ def contenders(
             if tokcomp.is_patched(model):
                 tokcomp.remove(model)
             if method is not None:
-                tokcomp.apply(model, method, keep=KEEP)
+                tokcomp.apply(model, method, **budget(method))
 
         return Contender(lambda: run(label), prepare)
 
@@ -82,7 +89,7 @@ def table(
     warm-up round dropped) and its MACs."""
     rows = []
     for name in methods:
-        config = tokcomp.config_of(tokcomp.apply(model, name, keep=KEEP))
+        config = tokcomp.config_of(tokcomp.apply(model, name, **budget(name)))
         tokcomp.remove(model)
         rows.append(
             {
