@@ -5,11 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "../ops.h"
+#include "launch.h"
 #include "attention_pagerank.cuh"
 
 namespace tokcomp {
@@ -29,8 +29,7 @@ void launch(
     C10_CUDA_CHECK(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   }
-  const int threads =
-      static_cast<int>(std::clamp<int64_t>((N + 31) / 32 * 32, 32, gpu::kPagerankMaxThreads));
+  const int threads = gpu::warp_rounded_threads(N, gpu::kPagerankMaxThreads);
   kernel<<<static_cast<unsigned int>(matrices), threads, shared_bytes, stream>>>(
       attn.const_data_ptr<scalar_t>(),
       out.mutable_data_ptr<float>(),

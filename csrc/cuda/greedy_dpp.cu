@@ -5,11 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "../ops.h"
+#include "launch.h"
 #include "greedy_dpp.cuh"
 
 namespace tokcomp {
@@ -36,8 +36,7 @@ at::Tensor greedy_dpp_cuda(
       batch,
       ")");
   at::Tensor scratch = at::empty({batch, k + 1, N}, relevance.options());
-  const int threads =
-      static_cast<int>(std::clamp<int64_t>((N + 31) / 32 * 32, 32, gpu::kDppMaxThreads));
+  const int threads = gpu::warp_rounded_threads(N, gpu::kDppMaxThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TOKCOMP_DISPATCH_FLOAT_TYPES(similarity.scalar_type(), "tokcomp::greedy_dpp (CUDA)", [&] {
     gpu::greedy_dpp_kernel<scalar_t><<<static_cast<unsigned int>(batch), threads, 0, stream>>>(

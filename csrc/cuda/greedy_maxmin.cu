@@ -5,11 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "../ops.h"
+#include "launch.h"
 #include "greedy_maxmin.cuh"
 
 namespace tokcomp {
@@ -38,8 +38,7 @@ at::Tensor greedy_maxmin_cuda(
       batch,
       ")");
   at::Tensor scratch = at::empty({batch, N}, weight.options());
-  const int threads =
-      static_cast<int>(std::clamp<int64_t>((N + 31) / 32 * 32, 32, gpu::kMaxminMaxThreads));
+  const int threads = gpu::warp_rounded_threads(N, gpu::kMaxminMaxThreads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TOKCOMP_DISPATCH_FLOAT_TYPES(dist.scalar_type(), "tokcomp::greedy_maxmin (CUDA)", [&] {
     gpu::greedy_maxmin_kernel<scalar_t><<<static_cast<unsigned int>(batch), threads, 0, stream>>>(

@@ -6,11 +6,18 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cosine_tiles.cuh"
 
 namespace tokcomp::gpu {
+
+// Threads of a block whose threads stride over n entries: n rounded up to whole warps, within
+// [32, max_threads].
+inline int warp_rounded_threads(int64_t n, int max_threads) {
+  return static_cast<int>(std::clamp<int64_t>((n + 31) / 32 * 32, 32, max_threads));
+}
 
 // inv[row] = 1 / max(|x[row, :]|, eps) for every row of the contiguous (B, N, C) tensor x.
 template <typename scalar_t>
