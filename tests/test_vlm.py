@@ -66,11 +66,14 @@ def _takes_videos(family: str) -> bool:
 
 
 def _keep_all(method: str) -> dict:
-    return {method_class(method).budget: 0.0 if method == "dycoke" else 1.0}
+    if method == "dycoke":  # no frame merged, no video token skipped while decoding
+        return {"k": 0.0, "decode_p": 0.0}
+    return {method_class(method).budget: 1.0}
 
 
 def _pruning(method: str) -> dict:
-    return {method_class(method).budget: 0.5 if method == "random" else 0.4}
+    budget = {method_class(method).budget: 0.5 if method == "random" else 0.4}
+    return {**budget, "decode_layer": 2} if method == "dycoke" else budget  # 3 tiny layers
 
 
 def _runs_on(family: str, method: str) -> bool:
@@ -190,6 +193,8 @@ def _pruned(model, family: str, method: str, positions: str):
         return tokcomp.apply(model, _fixed(method, **_pruning(method), positions=positions))
     if VisualSignal.TEXT in method_class(method).visual_needs:
         return tokcomp.apply(model, _prompt_bound(method, **_pruning(method), positions=positions))
+    if method == "dycoke":  # re-running the prompt replays no decoding step (test_vlm_methods)
+        return tokcomp.apply(model, method, **_pruning(method), decode_p=0.0, positions=positions)
     return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 
@@ -790,7 +795,11 @@ ROUND_TRIPS = [
     ("cdpruner", "internvl", {"keep": 5}),
     ("divprune", "gemma3", {"keep": 4, "positions": "keep"}),
     ("fastvid", "llava_onevision_video", {"keep": 0.5, "segments": 2, "positions": "renumber"}),
-    ("dycoke", "qwen2_vl_video", {"k": 0.5, "positions": "keep"}),
+    (
+        "dycoke",
+        "qwen2_vl_video",
+        {"k": 0.5, "decode_layer": 2, "decode_p": 0.6, "positions": "keep"},
+    ),
 ]
 
 

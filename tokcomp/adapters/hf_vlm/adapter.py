@@ -188,20 +188,12 @@ class HFVLMAdapter(Adapter):
         spans = [Span(0, cut.prompt.valid.long(), cut.shift)]
         record = pruned_record(vlm, prompt, spans, cut.dropped)
         if isinstance(method, VisualMethod) and method.decode_boundary() is not None:
-            record = replace(record, decoding=self._decoding(method, prompt, call, found, cut))
+            record = replace(record, decoding=self._decoding(prompt, call, found, cut))
         record.attach(call.cache)
         return inner_output(output)
 
-    def _decoding(
-        self, method: VisualMethod, prompt: Prompt, call: Call, found: Images, cut: Cut
-    ) -> Decoding | None:
+    def _decoding(self, prompt: Prompt, call: Call, found: Images, cut: Cut) -> Decoding | None:
         """The state of decode-time pruning of the pruned prompt's videos (None without any)."""
-        depth = len(self.vlm.language_model.layers)
-        if not method.decode_boundary() < depth:
-            raise ValueError(
-                f"{method.name}: decode_layer must be below the language model's {depth} layers, "
-                f"got {method.decode_boundary()}"
-            )
         video = cut.carried(_video_tokens(prompt, call.input_ids, found, self.vlm.video_token_id))
         return Decoding(video) if bool(video.any()) else None
 

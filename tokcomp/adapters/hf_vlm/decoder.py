@@ -180,6 +180,11 @@ def decode_pruned(
     rope, text = family.split_positions(original - span.shift[:, None])
     mask = span.mask_for(call.attention_mask, pruned.length, new + embeds.shape[1])
     boundary, depth = method.decode_boundary(), len(language.layers)
+    if boundary >= depth:
+        raise ValueError(
+            f"{method.name}: decode_layer must be below the language model's {depth} layers "
+            f"(the layers from it skip video tokens while decoding), got {boundary}"
+        )
     scorer = LayerSpan(boundary - 1, boundary, mask, rope, text)
     first = replace(scorer, start=0, stop=boundary - 1)
     before = run_layers(language, embeds, first, call.cache, call.use_cache)
