@@ -458,6 +458,14 @@ def test_dycoke_cached_decoding_equals_replaying_its_step_masks_without_a_cache(
     assert (logits[1:, :2] - unpruned[1:, :2]).abs().amax() > 1e-3  # the samples with videos
 
 
+@torch.no_grad()
+def test_dycoke_refuses_a_decode_layer_the_language_model_does_not_have():
+    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke")  # decode_layer 3 of 3 layers
+    batch, _ = _inputs(model, "qwen2_vl_video")
+    with pytest.raises(ValueError, match="decode_layer must be below the language model's 3"):
+        _generate(model, batch)
+
+
 def test_dycoke_refuses_target_macs_naming_its_knob():
     with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
         tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)
