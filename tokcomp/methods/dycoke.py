@@ -67,11 +67,12 @@ def attention_shifted(
 def most_attended_video(attention: torch.Tensor, video: torch.Tensor, p: float) -> torch.Tensor:
     """(B, P) bool: every position that is not a `video` token, and of each sample's n video
     tokens the int(n (1 - p)) with the most `attention` (ties: the earlier token)."""
-    keep = torch.tensor([int(n * (1 - p)) for n in video.sum(dim=1).tolist()])
+    counts = video.sum(dim=1).tolist()
+    keep = torch.tensor([int(n * (1 - p)) for n in counts], device=video.device)
     order = attention.masked_fill(~video, -torch.inf).argsort(dim=1, descending=True, stable=True)
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, ranks)
-    return ~video | (rank < keep.to(rank.device)[:, None])
+    return ~video | (rank < keep[:, None])
 
 
 @register
@@ -154,6 +155,6 @@ class DyCoke(VisualMethod):
         kept: torch.Tensor | None,
     ) -> torch.Tensor:
         chosen = most_attended_video(attention, video, self.decode_p)
-        if previous is None or kept is None:
+        if previous is None or kept is None:  # the first decoding step
             return chosen
         return torch.where(attention_shifted(attention, previous, video)[:, None], chosen, kept)

@@ -239,8 +239,8 @@ class VisualMethod(Method):
     ) -> torch.Tensor:
         """(B, P) bool: the cached prompt positions the layers from `decode_boundary()` attend to
         in this decoding step, given the new token's (B, P) `attention` over the prompt in the
-        layer before, the prompt's `video` tokens (B, P) and the previous step's `attention` and
-        kept positions (None at the first step)."""
+        layer before, the prompt's `video` tokens (B, P), and the attention and kept positions
+        of the previous step (`previous`, `kept`; None at the first step)."""
         raise NotImplementedError
 
 
