@@ -429,14 +429,14 @@ def _greedy_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, obje
     return out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.logits), out.cache
 
 
-@pytest.mark.parametrize("k", [0.0, 0.5])
+@pytest.mark.parametrize(("k", "reuse"), [(0.0, True), (0.5, True), (0.5, False)])
 @pytest.mark.parametrize("family", [*QWEN_VIDEO, "llava_onevision_video"])
 @torch.no_grad()
-def test_dycoke_cached_decoding_equals_replaying_its_step_masks_without_a_cache(family, k):
+def test_dycoke_cached_decoding_equals_replaying_its_step_masks_without_a_cache(family, k, reuse):
     """Greedy, a left-padded batch of 3 (a video; a video and an image; text only): cached
     generation with decode-time pruning gives the tokens and logits of re-running every step
     without a cache under the same per-step key masks, and logits other than without it."""
-    method = create_method("dycoke", k=k, decode_layer=2, decode_p=0.8)
+    method = create_method("dycoke", k=k, decode_layer=2, decode_p=0.8, decode_reuse=reuse)
     model = tokcomp.apply(_model(family), method)
     batch, _ = _inputs(model, family)
     tokens, logits, cache = _greedy_logits(model, batch)

@@ -636,17 +636,18 @@ def test_dycoke_refuses_a_share_outside_0_1():
             create_method("dycoke", k=k)
 
 
-def _dycoke_step_by_hand(attention, video, previous, kept, p):
-    """The prompt positions one DyCoke decoding step keeps, in plain Python: the previous step's
-    when the attention over the video tokens has cosine >= 0.9 with the previous step's, else
-    every non-video position and the int(n (1 - p)) most attended video tokens."""
+def _dycoke_step_by_hand(attention, video, previous, kept, p, reuse):
+    """The prompt positions one DyCoke decoding step keeps, in plain Python: when the attention
+    over the video tokens has cosine >= 0.9 with the previous step's, the previous step's
+    (`reuse`) or all; else every non-video position and the int(n (1 - p)) most attended video
+    tokens."""
     tokens = [i for i, is_video in enumerate(video) if is_video]
     if previous is not None and tokens:
         dot = sum(attention[i] * previous[i] for i in tokens)
         norms = math.sqrt(sum(attention[i] ** 2 for i in tokens))
         norms *= math.sqrt(sum(previous[i] ** 2 for i in tokens))
         if dot / norms >= 0.9:
-            return kept
+            return kept if reuse else [True] * len(video)
     top = sorted(tokens, key=lambda i: (-attention[i], i))[: int(len(tokens) * (1 - p))]
     return [not is_video or i in top for i, is_video in enumerate(video)]
 
@@ -662,29 +663,31 @@ def _attention_steps() -> list[torch.Tensor]:
     return [first, swapped, swapped.flip(1), 2 * swapped.flip(1)]
 
 
-def test_dycoke_decoding_re_chooses_the_video_tokens_only_when_the_attention_shifts():
+@pytest.mark.parametrize("reuse", [True, False])
+def test_dycoke_decoding_re_chooses_the_video_tokens_only_when_the_attention_shifts(reuse):
     """Rows: 8 video tokens at 2..9; 6 at odd positions; none (every position kept)."""
     video = torch.zeros(3, 12, dtype=torch.bool)
     video[0, 2:10] = True
     video[1, 1::2] = True
-    method = create_method("dycoke", decode_p=0.6)
+    method = create_method("dycoke", decode_p=0.6, decode_reuse=reuse)
     previous = kept = None
     expected_previous = expected = [None] * 3
     for attention in _attention_steps():
         kept = method.decode_kept(attention, video, previous, kept)
         expected = [
-            _dycoke_step_by_hand(a, v, b, k, 0.6)
+            _dycoke_step_by_hand(a, v, b, k, 0.6, reuse)
             for a, v, b, k in zip(
                 attention.tolist(), video.tolist(), expected_previous, expected, strict=True
             )
         ]
         assert kept.tolist() == expected
         previous, expected_previous = attention, attention.tolist()
-    assert kept.sum(dim=1).tolist() == [4 + 3, 6 + 2, 12]  # int(8 x 0.4), int(6 x 0.4)
+    kept_last = [4 + 3, 6 + 2, 12] if reuse else [12] * 3  # int(8 x 0.4), int(6 x 0.4)
+    assert kept.sum(dim=1).tolist() == kept_last
     steps = _attention_steps()
     first = method.decode_kept(steps[0], video, None, None)
     stays = method.decode_kept(steps[1], video, steps[0], first)
-    assert torch.equal(stays, first)
+    assert torch.equal(stays, first if reuse else torch.ones_like(first))
     assert not torch.equal(stays, method.decode_kept(steps[1], video, None, None))
 
 
@@ -704,6 +707,7 @@ def test_dycoke_refuses_bad_decoding_options():
         ({"decode_layer": 2.0}, "decode_layer must be an int"),
         ({"decode_p": 1.5}, "decode_p is the share of the video tokens"),
         ({"decode_p": -0.1}, "decode_p is the share of the video tokens"),
+        ({"decode_reuse": 1}, "decode_reuse is True"),
     ):
         with pytest.raises(ValueError, match=f"dycoke: {match}"):
             create_method("dycoke", **options)

@@ -86,10 +86,12 @@ class DyCoke(VisualMethod):
 
     During decoding (decode_p > 0), each step's layers from `decode_layer` (L = 3) attend to
     every non-video token of the cache and to the int(n (1 - decode_p)) video tokens the new
-    token attends to most in layer L - 1, re-chosen at the first step and whenever that
+    token attends to most in layer L - 1, chosen at the first step and again whenever that
     attention's cosine similarity to the previous step's falls below 0.9 (KD-TAO/DyCoke
     modeling_qwen2.py `PrunableDynamicCache.dycoke_pruning`, `Qwen2Model.forward`); decode_p =
-    0.8, the released lmms-eval default (`dycoke_p`); decode_p = 0 turns it off."""
+    0.8, the released lmms-eval default (`dycoke_p`); decode_p = 0 turns it off. A step whose
+    attention did not shift keeps the last chosen tokens (decode_reuse, the paper's rule) or,
+    with decode_reuse=False, attends to the whole cache (the released code's)."""
 
     name: ClassVar[str] = "dycoke"
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset({VisualSignal.FRAMES})
@@ -98,6 +100,7 @@ class DyCoke(VisualMethod):
     k: float = 0.7
     decode_layer: int = 3
     decode_p: float = 0.8
+    decode_reuse: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +117,12 @@ class DyCoke(VisualMethod):
             raise ValueError(
                 f"dycoke: decode_p is the share of the video tokens each decoding step skips "
                 f"from decode_layer on, in [0, 1] (0.8 released; 0 turns it off), got {p!r}"
+            )
+        if not isinstance(self.decode_reuse, bool):
+            raise ValueError(
+                f"dycoke: decode_reuse is True (a step whose attention did not shift keeps the "
+                f"last chosen tokens) or False (it attends to every token, as the released code "
+                f"does), got {self.decode_reuse!r}"
             )
 
     def check_budget(self) -> None:
@@ -157,4 +166,5 @@ class DyCoke(VisualMethod):
         chosen = most_attended_video(attention, video, self.decode_p)
         if previous is None or kept is None:  # the first decoding step
             return chosen
-        return torch.where(attention_shifted(attention, previous, video)[:, None], chosen, kept)
+        stays = kept if self.decode_reuse else torch.ones_like(kept)
+        return torch.where(attention_shifted(attention, previous, video)[:, None], chosen, stays)
