@@ -466,6 +466,19 @@ def test_dycoke_refuses_a_decode_layer_the_language_model_does_not_have():
         _generate(model, batch)
 
 
+@torch.no_grad()
+def test_dycoke_refuses_a_decode_layer_after_a_sliding_window_layer():
+    config = copy.deepcopy(_built("qwen2_vl_video").config)
+    config.text_config.sliding_window = 8
+    config.text_config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    model = tokcomp.apply(
+        hf.Qwen2VLForConditionalGeneration(config).eval(), "dycoke", decode_layer=2
+    )
+    batch, _ = _inputs(model, "qwen2_vl_video")
+    with pytest.raises(ValueError, match="layer decode_layer - 1 = 1 has sliding-window"):
+        _generate(model, batch)
+
+
 def test_dycoke_refuses_target_macs_naming_its_knob():
     with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
         tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)

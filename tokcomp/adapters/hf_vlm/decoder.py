@@ -185,6 +185,12 @@ def decode_pruned(
             f"{method.name}: decode_layer must be below the language model's {depth} layers "
             f"(the layers from it skip video tokens while decoding), got {boundary}"
         )
+    if layer_types(language.config)[boundary - 1] != "full_attention":
+        raise ValueError(
+            f"{method.name}: layer decode_layer - 1 = {boundary - 1} has sliding-window "
+            "attention; its attention over the whole cache is not kept: choose a decode_layer "
+            "after a full-attention layer"
+        )
     scorer = LayerSpan(boundary - 1, boundary, mask, rope, text)
     first = replace(scorer, start=0, stop=boundary - 1)
     before = run_layers(language, embeds, first, call.cache, call.use_cache)
