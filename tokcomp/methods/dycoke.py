@@ -67,8 +67,7 @@ def attention_shifted(
 def most_attended_video(attention: torch.Tensor, video: torch.Tensor, p: float) -> torch.Tensor:
     """(B, P) bool: every position that is not a `video` token, and of each sample's n video
     tokens the int(n (1 - p)) with the most `attention` (ties: the earlier token)."""
-    counts = video.sum(dim=1).tolist()
-    keep = torch.tensor([int(n * (1 - p)) for n in counts], device=video.device)
+    keep = (video.sum(dim=1).double() * (1 - p)).floor()  # int(n (1 - p)), in float64 as Python
     order = attention.masked_fill(~video, -torch.inf).argsort(dim=1, descending=True, stable=True)
     ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, ranks)
