@@ -108,8 +108,8 @@ class DyCoke(VisualMethod):
         if self.decode_layer < 1:
             raise ValueError(
                 f"dycoke: decode_layer is the first layer that skips video tokens while "
-                f"decoding, chosen by the attention of the layer before it: >= 1 (3 in the "
-                f"paper), got {self.decode_layer}"
+                f"decoding, chosen by the attention of the layer before it: >= 1 (3 released), "
+                f"got {self.decode_layer}"
             )
         p = self.decode_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
