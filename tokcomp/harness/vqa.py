@@ -119,10 +119,12 @@ GREEDY = {"do_sample": False, "num_beams": 1}
 
 
 def on_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """A processor's batch on `device`, its pixels in the model's `dtype`."""
+    """A processor's batch on `device`, its pixels (of images and videos) in the model's
+    `dtype`."""
     inputs = inputs.to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    for name in ("pixel_values", "pixel_values_videos"):
+        if name in inputs:
+            inputs[name] = inputs[name].to(dtype)
     return inputs
 
 
@@ -440,8 +442,8 @@ def check_takes_videos(model: nn.Module, processor: Any, source: str | Path) -> 
     """Raise ValueError unless tokcomp gives `model` videos and `processor` encodes them."""
     if not find_adapter(model).spec().takes_videos:
         raise ValueError(
-            f"the data has questions on videos, which tokcomp gives no {type(model).__name__}: "
-            f"use a model of a family that takes videos ({', '.join(video_classes())})"
+            f"the data has questions on videos, and tokcomp gives {type(model).__name__} no "
+            f"videos: use a model of a family that takes them ({', '.join(video_classes())})"
         )
     if getattr(processor, "video_processor", None) is None:
         raise ValueError(
