@@ -27,12 +27,13 @@ from fixtures.vqa import (
 )
 from PIL import Image
 
+import tokcomp
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.data import CorruptImageError, read_video
 from tokcomp.harness.fingerprint import Fingerprint, samples_digest
 from tokcomp.harness.results import ResultStore
-from tokcomp.harness.vqa import VQATask, check_takes_videos, keep_budget
+from tokcomp.harness.vqa import VQATask, check_takes_videos, keep_budget, load_vlm
 from tokcomp.harness.vqa_data import Question, VQADataset, open_vqa, read_jsonl
 from tokcomp.harness.vqa_prompt import Prompts
 
@@ -189,6 +190,20 @@ def evaluate(model: Path, data: Path, output: Path, *options: str) -> list[dict]
 
 
 SWEEP = ("--methods", "divprune", "--budgets", "0.5", "--variant", "dycoke:k=0.7")
+#: SWEEP's compressed points, as tokcomp.apply arguments.
+SWEEP_POINTS = (("divprune", {"keep": 0.5}), ("dycoke", {"k": 0.7}))
+
+
+def video_gmacs(folder: Path, points: tuple) -> list[float]:
+    """GMACs of the model in `folder` on a reference FRAMES-frame video: unpruned, then under
+    each of `points`."""
+    model, _ = load_vlm(folder)
+    unpruned = tokcomp.macs(model, frames=FRAMES)
+    pruned = [
+        tokcomp.config_of(tokcomp.apply(model, method, **options), frames=FRAMES).macs
+        for method, options in points
+    ]
+    return [macs / 1e9 for macs in [unpruned, *pruned]]
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
@@ -201,6 +216,8 @@ def test_a_video_sweep_runs_end_to_end_with_budgets_per_video(data, family, tmp_
         ("dycoke", "k=0.7"),
     ]
     assert tuple(float(r["visual_tokens"]) for r in rows) == video_tokens(family)
+    assert [float(r["gmacs"]) for r in rows] == pytest.approx(video_gmacs(model, SWEEP_POINTS))
+    assert float(rows[2]["macs_ratio"]) < 1  # DyCoke merges frames: nothing on an image
     for row in rows:
         assert row["visual_tokens_per"] == "video" and int(row["samples"]) == len(VIDEO_ROWS)
         assert 0 <= float(row["vqa"]) <= 100 and float(row["ttft_ms"]) > 0
@@ -252,3 +269,15 @@ def test_a_processor_without_a_video_processor_is_refused(data):
     model, _ = tiny_video_vlm(questions, VIDEO_FAMILIES[0])
     with pytest.raises(ValueError, match="the processor of here has no video processor"):
         check_takes_videos(model, tiny_processor(questions), "here")
+
+
+# -- MACs per video ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_unpruned_macs_on_a_video_are_the_video_specs(data, family):
+    model, _ = tiny_video_vlm(read_jsonl(data), family)
+    image = tokcomp.macs(model)
+    video = tokcomp.macs(model, frames=FRAMES)
+    config = tokcomp.config_of(tokcomp.apply(model, "divprune", keep=0.5), frames=FRAMES)
+    tokcomp.remove(model)
+    assert video == config.base_macs != image
+    assert tokcomp.macs(tokcomp.apply(model, "divprune", keep=0.5), frames=FRAMES) == config.macs

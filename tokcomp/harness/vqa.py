@@ -11,7 +11,9 @@ image id>.jpg, or --images DIR); a JSON-lines file, one question a line:
 frames in order, all of one size) in place of "image" (paths relative to the file's folder or
 absolute); or "easy-vqa" (the test split, read from the installed easy-vqa package's files;
 answer types "yes/no" and "other"). Video questions need a model whose family tokcomp gives
-videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and a processor with a video processor.
+videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and a processor with a video processor. MACs
+are per reference image, or per reference video of F frames (tokcomp.config_of(model,
+frames=F)) when every question shows an F-frame video.
 
 Generation: the model's own processor and chat template, one user turn (the image or the
 video, then the question followed by lmms-eval's short-answer prompt), left padding, greedy
@@ -431,7 +433,7 @@ def run(args: argparse.Namespace) -> None:
     )
     sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
     evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
-    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world, dataset.video_frames)
     # rows saved before tokcomp recorded the unit: the same questions, so the same unit
     rows = [{"visual_tokens_per": unit, **row} for row in rows]
     columns = (COLUMNS[0], VISUAL_UNIT, *COLUMNS[1:])

@@ -89,6 +89,13 @@ class VQADataset(Dataset):
         kinds = sorted({"image" if q.video is None else "video" for q in self.questions})
         return " or ".join(kinds)
 
+    @property
+    def video_frames(self) -> int | None:
+        """The frames of every question's video when all questions show videos of one length;
+        else None."""
+        lengths = {None if q.video is None else len(q.video) for q in self.questions}
+        return lengths.pop() if len(lengths) == 1 else None
+
 
 def _videos_shown(videos: set[tuple[Path, ...]]) -> str:
     """'N videos of F frames' (or 'of F1-F2 frames')."""
