@@ -15,6 +15,7 @@ from fixtures.vqa import (
     FRAMES,
     IMAGE_SIZE,
     PATCH_SIZE,
+    ROWS,
     VIDEO_FAMILIES,
     VIDEO_ROWS,
     frame_paths,
@@ -23,6 +24,7 @@ from fixtures.vqa import (
     tiny_processor,
     tiny_video_vlm,
     write_image,
+    write_jsonl,
     write_video_jsonl,
 )
 from PIL import Image
@@ -142,13 +144,15 @@ def test_budgets_are_fractions_kept_so_dycoke_gives_its_k_as_a_variant():
 def test_prompts_give_the_frames_to_the_video_processor(data, family):
     questions = read_jsonl(data)
     _, processor = tiny_video_vlm(questions, family)
+    sampling = processor.video_processor
+    sampling.do_sample_frames, sampling.num_frames = True, 2  # the harness gives every frame
     inputs, _ = Prompts(processor)(questions)
     assert "pixel_values" not in inputs
     placeholders = (inputs["input_ids"] == processor.video_token_id).sum(dim=1)
     assert placeholders.tolist() == [video_tokens(family)[0]] * len(questions)
     frames = [np.stack([np.asarray(Image.open(f)) for f in q.video]) for q in questions]
-    by_hand = processor.video_processor(videos=frames, return_tensors="pt")["pixel_values_videos"]
-    assert torch.equal(inputs["pixel_values_videos"], by_hand)
+    by_hand = sampling(videos=frames, do_sample_frames=False, return_tensors="pt")
+    assert torch.equal(inputs["pixel_values_videos"], by_hand["pixel_values_videos"])
 
 
 # -- sweeps -----------------------------------------------------------------------------------
@@ -253,6 +257,23 @@ def test_a_resumed_video_sweep_skips_finished_points_until_a_frame_changes(
     assert "were made from other inputs (data: 4 samples, sha256 " in line and "--fresh" in line
     evaluate(model, data, output, *SWEEP, "--fresh")
     assert measured == ["[1/3] unpruned", "[2/3] divprune keep=0.5", "[3/3] dycoke k=0.7"]
+
+
+def test_images_and_videos_in_one_sweep_count_each_question_s_own(tmp_path):
+    images, videos = write_jsonl(tmp_path / "images.jsonl"), write_video_jsonl(tmp_path / "v.jsonl")
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(images.read_text() + videos.read_text())  # batch 2 holds both kinds
+    model = save_tiny_video_vlm(tmp_path / "model", read_jsonl(data), "qwen2_vl_video")
+    rows = evaluate(model, data, tmp_path / "out", "--methods", "divprune", "--budgets", "0.5")
+    # Qwen2-VL: a 32 px image is 8 x 8 patches of 4 px, 2 x 2 merged (videos: video_tokens)
+    image, (video, half_video, _) = (IMAGE_SIZE // 4 // 2) ** 2, video_tokens("qwen2_vl_video")
+    questions = len(ROWS) + len(VIDEO_ROWS)
+    unpruned = (len(ROWS) * image + len(VIDEO_ROWS) * video) / questions
+    halved = (len(ROWS) * image // 2 + len(VIDEO_ROWS) * half_video) / questions
+    assert [float(r["visual_tokens"]) for r in rows] == pytest.approx([unpruned, halved])
+    assert {r["visual_tokens_per"] for r in rows} == {"image/video"}
+    # MACs per reference image: the questions' videos are not all there is
+    assert float(rows[0]["gmacs"]) == pytest.approx(tokcomp.macs(load_vlm(model)[0]) / 1e9)
 
 
 # -- refusals ---------------------------------------------------------------------------------

@@ -77,11 +77,11 @@ COLUMNS = (
     Column("tokens_per_s", "tok/s"),
 )
 #: After "vis tok" in a VQA table: what a question's visual tokens are counted on.
-VISUAL_UNIT = Column("visual_tokens_per", "per", "")
+VISUAL_UNIT = Column("visual_tokens_per", "counted per", "")
 
 
 def axes(unit: str) -> tuple[tuple[str, str], ...]:
-    """The plot's axes for questions on `unit` ('image', 'video' or 'image or video')."""
+    """The plot's axes for questions on `unit` ('image', 'video' or 'image/video')."""
     return (("visual_tokens", f"visual tokens per {unit}"), ("ttft_ms", "time to first token (ms)"))
 
 

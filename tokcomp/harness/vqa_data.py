@@ -85,9 +85,9 @@ class VQADataset(Dataset):
 
     @property
     def visual_unit(self) -> str:
-        """What each question shows: 'image', 'video', or 'image or video' (a mixed dataset)."""
+        """What each question shows: 'image', 'video', or 'image/video' (a mixed dataset)."""
         kinds = sorted({"image" if q.video is None else "video" for q in self.questions})
-        return " or ".join(kinds)
+        return "/".join(kinds)
 
     @property
     def video_frames(self) -> int | None:

@@ -51,7 +51,9 @@ def encode(
         prompts = [prompt + answer for prompt, answer in zip(prompts, answers, strict=True)]
     flat = [image for own in images for image in own]
     clips = [clip for own in videos for clip in own]
-    visual = {"images": flat or None, **({"videos": clips} if clips else {})}
+    # the frames are the video as given: no sampling by the video processor
+    videos = {"videos": clips, "do_sample_frames": False} if clips else {}
+    visual = {"images": flat or None, **videos}
     return processor(**visual, text=prompts, padding=True, return_tensors="pt")
 
 
