@@ -234,7 +234,7 @@ def test_a_video_sweep_runs_end_to_end_with_budgets_per_video(data, family, tmp_
 
 
 def test_a_resumed_video_sweep_skips_finished_points_until_a_frame_changes(
-    data, tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys
 ):
     folder = tmp_path / "data"
     data = write_video_jsonl(folder / "videos.jsonl")

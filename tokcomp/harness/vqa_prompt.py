@@ -52,9 +52,10 @@ def encode(
     flat = [image for own in images for image in own]
     clips = [clip for own in videos for clip in own]
     # the frames are the video as given: no sampling by the video processor
-    videos = {"videos": clips, "do_sample_frames": False} if clips else {}
-    visual = {"images": flat or None, **videos}
-    return processor(**visual, text=prompts, padding=True, return_tensors="pt")
+    video_inputs = {"videos": clips, "do_sample_frames": False} if clips else {}
+    return processor(
+        images=flat or None, **video_inputs, text=prompts, padding=True, return_tensors="pt"
+    )
 
 
 @dataclass(frozen=True)
