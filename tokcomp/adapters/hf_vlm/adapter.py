@@ -22,6 +22,7 @@ from tokcomp.adapters.hf_vlm.families import (
     family_for,
     handled_classes,
     in_prompt_order,
+    video_classes,
 )
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
@@ -127,7 +128,7 @@ class HFVLMAdapter(Adapter):
         if with_videos and not self.vlm.video_encoder_inputs:
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
-                "inputs are not supported (Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision take videos)"
+                f"inputs are not supported ({', '.join(video_classes())} take videos)"
             )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs

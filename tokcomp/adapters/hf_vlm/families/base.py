@@ -253,6 +253,13 @@ def handled_classes() -> list[str]:
     return sorted(name.rsplit(".", 1)[1] for name in _REGISTRY)
 
 
+def video_classes() -> list[str]:
+    """The names of the transformers classes whose family takes videos, sorted."""
+    return sorted(
+        name.rsplit(".", 1)[1] for name, family in _REGISTRY.items() if family.video_encoder_inputs
+    )
+
+
 def family_for(model: nn.Module) -> type[VLMFamily] | None:
     """The family handling `model`'s class (or its nearest registered base class)."""
     for cls in type(model).__mro__:
