@@ -61,7 +61,7 @@ VISUAL_OPTIONS = {
     "pyramiddrop": {"keep": 0.5},
     "dart": {"keep": 0.5},
     "sparsevlm": {"keep": 0.5},
-    "dycoke": {"k": 0.5},
+    "dycoke": {"k": 0.5, "decode_layer": 2},  # the tiny models have 3 layers
     "random": {"keep_ratio": 0.5},
     "fastvid": {"keep": 0.5, "context": 0.5},
 }

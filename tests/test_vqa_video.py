@@ -168,7 +168,7 @@ def test_forced_answers_score_exactly_with_the_tokens_of_each_video(data, family
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 3, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(
-        ["divprune"], [0.5], [sweep.parse_variant("dycoke")], budget=keep_budget
+        ["divprune"], [0.5], [sweep.parse_variant("dycoke:decode_layer=2")], budget=keep_budget
     )
     evaluation = sweep.task_evaluation(task, CPU, probe=sweep.SpeedProbe(1))
     rows = sweep.run_sweep(model, points, evaluation, ResultStore(None, Fingerprint.of()))
@@ -193,9 +193,11 @@ def evaluate(model: Path, data: Path, output: Path, *options: str) -> list[dict]
         return list(csv.DictReader(handle))
 
 
-SWEEP = ("--methods", "divprune", "--budgets", "0.5", "--variant", "dycoke:k=0.7")
+#: DyCoke's decoding pruning starts at layer 2 here: the tiny models have 3 decoder layers.
+SWEEP = ("--methods", "divprune", "--budgets", "0.5")
+SWEEP += ("--variant", "dycoke:k=0.7,decode_layer=2")
 #: SWEEP's compressed points, as tokcomp.apply arguments.
-SWEEP_POINTS = (("divprune", {"keep": 0.5}), ("dycoke", {"k": 0.7}))
+SWEEP_POINTS = (("divprune", {"keep": 0.5}), ("dycoke", {"k": 0.7, "decode_layer": 2}))
 
 
 def video_gmacs(folder: Path, points: tuple) -> list[float]:
@@ -217,7 +219,7 @@ def test_a_video_sweep_runs_end_to_end_with_budgets_per_video(data, family, tmp_
     assert [(r["method"], r["label"]) for r in rows] == [
         ("unpruned", ""),
         ("divprune", "keep=0.5"),
-        ("dycoke", "k=0.7"),
+        ("dycoke", "k=0.7 decode_layer=2"),
     ]
     assert tuple(float(r["visual_tokens"]) for r in rows) == video_tokens(family)
     assert [float(r["gmacs"]) for r in rows] == pytest.approx(video_gmacs(model, SWEEP_POINTS))
@@ -256,7 +258,8 @@ def test_a_resumed_video_sweep_skips_finished_points_until_a_frame_changes(
     line = capsys.readouterr().err.splitlines()[-1]
     assert "were made from other inputs (data: 4 samples, sha256 " in line and "--fresh" in line
     evaluate(model, data, output, *SWEEP, "--fresh")
-    assert measured == ["[1/3] unpruned", "[2/3] divprune keep=0.5", "[3/3] dycoke k=0.7"]
+    dycoke = "[3/3] dycoke k=0.7 decode_layer=2"
+    assert measured == ["[1/3] unpruned", "[2/3] divprune keep=0.5", dycoke]
 
 
 def test_images_and_videos_in_one_sweep_count_each_question_s_own(tmp_path):

@@ -208,6 +208,7 @@ class VisualMethod(Method):
         """Visual tokens per image each of the `llm_depth` language-model layers processes, for
         an image (or a video of `frames` frames) with `selectable` tokens to choose from and
         `fixed` always kept."""
+        self.checked_decode_boundary(llm_depth)
         return [self.kept_of(selectable, frames) + fixed] * llm_depth
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor | Selection:
@@ -229,6 +230,17 @@ class VisualMethod(Method):
         """The first decoder layer that, in each decoding step, attends only to the cached video
         tokens `decode_kept` keeps (None: every decoding step attends to the whole cache)."""
         return None
+
+    def checked_decode_boundary(self, llm_depth: int) -> int | None:
+        """`decode_boundary()`, refused with a clear error unless it is inside a language model of
+        `llm_depth` layers (checked when the method is applied, not at the first decoding step)."""
+        boundary = self.decode_boundary()
+        if boundary is not None and boundary >= llm_depth:
+            raise ValueError(
+                f"{self.name}: decode_layer must be below the language model's {llm_depth} "
+                f"layers (the layers from it skip video tokens while decoding), got {boundary}"
+            )
+        return boundary
 
     def decode_kept(
         self,

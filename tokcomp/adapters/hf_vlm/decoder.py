@@ -179,12 +179,8 @@ def decode_pruned(
     original = decode_positions(family, pruned, call, embeds.shape[1], new)
     rope, text = family.split_positions(original - span.shift[:, None])
     mask = span.mask_for(call.attention_mask, pruned.length, new + embeds.shape[1])
-    boundary, depth = method.decode_boundary(), len(language.layers)
-    if boundary >= depth:
-        raise ValueError(
-            f"{method.name}: decode_layer must be below the language model's {depth} layers "
-            f"(the layers from it skip video tokens while decoding), got {boundary}"
-        )
+    depth = len(language.layers)
+    boundary = method.checked_decode_boundary(depth)
     if layer_types(language.config)[boundary - 1] != "full_attention":
         raise ValueError(
             f"{method.name}: layer decode_layer - 1 = {boundary - 1} has sliding-window "
