@@ -291,28 +291,39 @@ def test_visual_method_selection_matches_the_flop_counter(family, method, extra)
 
 
 def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch.Tensor]:
-    """A video of `frames` frames (Qwen2-VL: REFERENCE_PIXELS-square random patches, two frames
-    per temporal patch; LLaVA-OneVision: tower-sized frames) and text of the reference
-    length."""
+    """A video of `frames` frames (Qwen2-VL, Qwen3-VL: REFERENCE_PIXELS-square random patches,
+    two frames per temporal patch; Qwen3-VL: each temporal patch its own run after a 3-token
+    timestamp; LLaVA-OneVision: tower-sized frames) and text of the reference length, the
+    structural tokens counted with the text."""
     generator = torch.Generator().manual_seed(0)
     vision = model.config.vision_config
-    if family == "qwen2_vl":
-        side = REFERENCE_PIXELS // vision.patch_size
+    if family.startswith("qwen"):
+        merge = vision.spatial_merge_size
+        side = REFERENCE_PIXELS // vision.patch_size // merge * merge
         grid = torch.tensor([[frames // vision.temporal_patch_size, side, side]])
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         pixels = torch.randn(int(grid.prod()), width, generator=generator)
-        count = int(grid.prod()) // vision.spatial_merge_size**2
         video = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        runs = int(grid[0, 0]) if family == "qwen3_vl" else 1
+        timestamp = [TEXT_LOW] * 3 if family == "qwen3_vl" else []
+        run = [
+            *timestamp,
+            VISION_START,
+            *[VIDEO] * (int(grid.prod()) // merge**2 // runs),
+            VISION_END,
+        ]
+        tokens = torch.tensor(run * runs)
     else:
         side = vision.image_size
         pixels = torch.randn(1, frames, 3, side, side, generator=generator)
         count = frames * (-(-side // vision.patch_size // 2)) ** 2 + 1
         video = {"pixel_values_videos": pixels}
-    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - 3,), generator=generator)
-    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+        tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    structural = 1 + int((tokens != VIDEO).sum())  # and the BOS token
+    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - structural,), generator=generator)
     ids = torch.cat([torch.tensor([BOS]), tokens, text])[None]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video}
-    if family == "qwen2_vl":
+    if family.startswith("qwen"):
         batch["mm_token_type_ids"] = 2 * (ids == VIDEO).int()
     return batch
 
@@ -323,6 +334,7 @@ VIDEO_CASES = [
         for m in VISUAL_OPTIONS
         if not method_class(m).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
     ],
+    *[pytest.param("qwen3_vl", m, 2, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("llava_onevision_video", m, 4, id=f"onevision-{m}")
         for m in VISUAL_OPTIONS
@@ -333,8 +345,8 @@ VIDEO_CASES = [
 
 @pytest.mark.parametrize(("family", "method", "passes"), VIDEO_CASES)
 def test_visual_method_macs_on_a_video_match_the_flop_counter(family, method, passes):
-    """Four frames: Qwen2-VL's two temporal patches or LLaVA-OneVision's four frames, each a
-    tower pass; a budget of the video's tokens."""
+    """Four frames: Qwen2-VL's or Qwen3-VL's two temporal patches or LLaVA-OneVision's four
+    frames, each a tower pass; a budget of the video's tokens."""
     model = tiny_vlm(family)
     batch = _video_prompt(model, family, frames=4)
     config = tokcomp.config_of(tokcomp.apply(model, method, **VISUAL_OPTIONS[method]), frames=4)

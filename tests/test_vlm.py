@@ -49,6 +49,7 @@ TOWER_ATTENTION = {
     "gemma3",
     "mistral3",
     "qwen3_vl",
+    "qwen3_vl_video",
 }
 VISUAL = tuple(tokcomp.methods("vlm"))
 
@@ -298,7 +299,7 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     assert seen[1][0].shape == (2, 8)
 
 
-# -- videos (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) ---------------------------------------------
+# -- videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) -----------------------------------
 
 QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 
@@ -386,7 +387,7 @@ def _video_prompt(count: int) -> torch.Tensor:
     return torch.cat([torch.tensor([BOS]), text, video, text])[None]
 
 
-@pytest.mark.parametrize("family", QWEN_VIDEO)
+@pytest.mark.parametrize("family", ["qwen2_vl_video", "qwen2_5_vl_video"])
 @torch.no_grad()
 def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_grid(family):
     """Keeping the first 2 of 3 temporal patches and the top-left 2 x 2 of 3 x 2 merged tokens
@@ -412,6 +413,80 @@ def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_
     expected = numbered(_video_prompt(8), (2, 4, 4))
     assert torch.equal(positions[:, ~pruned][:, None], expected)
     assert shift.tolist() == [1]
+
+
+def _qwen3_video_prompt(counts: list[int]) -> torch.Tensor:
+    """A Qwen3-VL video prompt: per temporal patch, timestamp text then its run of `counts`
+    placeholders between vision start and end tokens (an empty run: a patch pruned whole)."""
+    text = torch.arange(10, 15)
+    runs = [torch.tensor([20, 21, VISION_START, *[VIDEO] * n, VISION_END]) for n in counts]
+    return torch.cat([torch.tensor([BOS]), text, *runs, text])[None]
+
+
+@torch.no_grad()
+def test_renumbering_qwen3_vl_video_runs_is_the_model_s_numbering_of_the_kept_grid():
+    """A (3, 6, 4)-patch video, each temporal patch its own run of 3 x 2 merged tokens after
+    its timestamp: keeping the top 2 x 2 of the first two runs and none of the third, the
+    renumbered prompt is numbered as get_rope_index numbers the prompt that holds two runs of
+    a (2, 4, 4)-patch video and the third run's timestamp and start and end tokens alone."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model("qwen3_vl_video")
+    vlm = family_for(model)(model)
+
+    def numbered(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        inputs = {
+            "mm_token_type_ids": (ids == VIDEO).int() * 2,
+            "video_grid_thw": torch.tensor([grid]),
+        }
+        return vlm.positions(ids, None, None, inputs)
+
+    ids = _qwen3_video_prompt([6, 6, 6])
+    placeholder = vlm.placeholders(ids)
+    t, h = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    pruned = placeholder.clone()
+    pruned[placeholder] = ((t >= 2) | (h >= 2))[..., None].expand(3, 3, 2).flatten()
+    positions, shift = vlm.renumber(numbered(ids, (3, 6, 4)), placeholder, pruned)
+    expected = numbered(_qwen3_video_prompt([4, 4, 0]), (2, 4, 4))
+    assert torch.equal(positions[:, ~pruned][:, None], expected)
+    assert shift.tolist() == [1 + 1 + 3]  # each run's extent: 3 rows, then 2 rows or none
+
+
+@torch.no_grad()
+def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
+    """A video's attention signal, per merged token, is the mean over its four patches of what
+    each receives in the last tower block from the patches of its own temporal patch (the
+    tower attends within each; eager weights averaged over queries, summed over heads), the
+    temporal patches in order; the deepstack features travel with the video's tokens."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    recorded = []
+
+    def recording(module, *args, **kwargs):
+        output, weights = eager_attention_forward(module, *args, **kwargs)
+        recorded.append(weights[0])
+        return output, weights
+
+    model = _model("qwen3_vl_video")
+    family, needs = family_for(model)(model), frozenset(VisualSignal)
+    batch, _ = _inputs(model, "qwen3_vl_video", [(1, 3)])
+    inputs = {name: batch[name] for name in family.video_encoder_inputs}
+    videos = family.videos(family.encode_videos((), inputs, needs), inputs, needs)
+    AttentionInterface.register("tokcomp_test_recording", recording)
+    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    encoded = model.model.get_video_features(**inputs)
+    ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
+    received = [w.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1) for w in recorded[-temporal:]]
+    (segment,) = videos.segments
+    assert (segment.frames, segment.visual.tokens) == (temporal, temporal * rows * cols // 4)
+    torch.testing.assert_close(
+        segment.visual.attention[0], torch.cat(received), rtol=1e-4, atol=1e-6
+    )
+    levels = [level[0] for level in encoded.deepstack_features]
+    torch.testing.assert_close(videos.injected[0], torch.stack(levels, dim=1))
 
 
 @torch.no_grad()

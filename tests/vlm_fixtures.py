@@ -161,7 +161,7 @@ def _qwen3_vl() -> nn.Module:
         text_config=dict(text, head_dim=12),
         vision_config=vision,
         image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND,
+        video_token_id=VIDEO,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
@@ -257,6 +257,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": Family(_qwen3_vl, "qwen"),
     "qwen2_vl_video": Family(_qwen2_vl, "qwen_video"),
     "qwen2_5_vl_video": Family(_qwen2_5_vl, "qwen_video"),
+    "qwen3_vl_video": Family(_qwen3_vl, "qwen_video"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),
@@ -411,17 +412,20 @@ def _qwen_item(
     return None, tokens, {"pixel_values": pixels, "image_grid_thw": extra["image_grid_thw"][None]}
 
 
-#: Video shapes (frames, height, width) and frame rates the fixture draws from.
-_VIDEOS = [((4, 16, 24), 2.0), ((6, 24, 16), 1.0), ((2, 16, 16), 4.0)]
+#: Video shapes (frames, height and width in patches) and frame rates the fixture draws from.
+_VIDEOS = [((4, 4, 6), 2.0), ((6, 6, 4), 1.0), ((2, 4, 4), 4.0)]
 
 
 def _qwen_video(
     model: nn.Module, generator: torch.Generator
 ) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
     """A video of random frames of a drawn shape through Qwen2-VL's video processor (2 frames
-    per temporal patch); Qwen2.5-VL also gets its seconds per temporal patch."""
+    per temporal patch); Qwen2.5-VL also gets its seconds per temporal patch. Qwen3-VL's
+    processor writes each temporal patch as its own run: "<t seconds>" (here 3 random text
+    tokens), then the vision start token, the run's placeholders and the vision end token."""
     vision = model.config.vision_config
-    (frames, height, width), fps = _VIDEOS[int(torch.randint(3, (1,), generator=generator))]
+    (frames, rows, cols), fps = _VIDEOS[int(torch.randint(3, (1,), generator=generator))]
+    height, width = rows * vision.patch_size, cols * vision.patch_size
     processor = hf.Qwen2VLVideoProcessor(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
@@ -433,10 +437,15 @@ def _qwen_video(
     )
     video = torch.randint(0, 256, (frames, height, width, 3), generator=generator)
     tensors = dict(processor(videos=[video.to(torch.uint8).numpy()], return_tensors="pt"))
-    count = int(tensors["video_grid_thw"].prod()) // vision.spatial_merge_size**2
+    temporal, rows, cols = tensors["video_grid_thw"][0].tolist()
+    per_frame = rows * cols // vision.spatial_merge_size**2
     if model.config.model_type == "qwen2_5_vl":
         tensors["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / fps])
-    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    if model.config.model_type == "qwen3_vl":
+        run = [VISION_START, *[VIDEO] * per_frame, VISION_END]
+        runs = [torch.cat([_text(generator, 3), torch.tensor(run)]) for _ in range(temporal)]
+        return None, torch.cat(runs), tensors
+    tokens = torch.tensor([VISION_START, *[VIDEO] * (temporal * per_frame), VISION_END])
     return None, tokens, tensors
 
 

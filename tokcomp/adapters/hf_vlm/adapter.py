@@ -123,7 +123,7 @@ class HFVLMAdapter(Adapter):
         if with_videos and not self.vlm.video_encoder_inputs:
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
-                "inputs are not supported (Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision take videos)"
+                f"inputs are not supported (these take videos: {', '.join(handled_classes(True))})"
             )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
