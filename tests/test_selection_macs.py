@@ -293,8 +293,9 @@ def test_visual_method_selection_matches_the_flop_counter(family, method, extra)
 def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch.Tensor]:
     """A video of `frames` frames (Qwen2-VL, Qwen3-VL: REFERENCE_PIXELS-square random patches,
     two frames per temporal patch; Qwen3-VL: each temporal patch its own run after a 3-token
-    timestamp; LLaVA-OneVision: tower-sized frames) and text of the reference length, the
-    structural tokens counted with the text."""
+    timestamp; LLaVA-OneVision, LLaVA-NeXT-Video: tower-sized frames, as many placeholders as
+    get_video_features gives) and text of the reference length, the structural tokens counted
+    with the text."""
     generator = torch.Generator().manual_seed(0)
     vision = model.config.vision_config
     if family.startswith("qwen"):
@@ -316,7 +317,8 @@ def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch
     else:
         side = vision.image_size
         pixels = torch.randn(1, frames, 3, side, side, generator=generator)
-        count = frames * (-(-side // vision.patch_size // 2)) ** 2 + 1
+        with torch.no_grad():
+            count = model.model.get_video_features(pixels).pooler_output[0].shape[0]
         video = {"pixel_values_videos": pixels}
         tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
     structural = 1 + int((tokens != VIDEO).sum())  # and the BOS token
@@ -340,13 +342,14 @@ VIDEO_CASES = [
         for m in VISUAL_OPTIONS
         if m != "zoo"  # pooled video tokens have no projector input: docs/methods.md section 10
     ],
+    *[pytest.param("llava_next_video", m, 4, id=f"next_video-{m}") for m in VISUAL_OPTIONS],
 ]
 
 
 @pytest.mark.parametrize(("family", "method", "passes"), VIDEO_CASES)
 def test_visual_method_macs_on_a_video_match_the_flop_counter(family, method, passes):
-    """Four frames: Qwen2-VL's or Qwen3-VL's two temporal patches or LLaVA-OneVision's four
-    frames, each a tower pass; a budget of the video's tokens."""
+    """Four frames: Qwen2-VL's or Qwen3-VL's two temporal patches or LLaVA-OneVision's or
+    LLaVA-NeXT-Video's four frames, each a tower pass; a budget of the video's tokens."""
     model = tiny_vlm(family)
     batch = _video_prompt(model, family, frames=4)
     config = tokcomp.config_of(tokcomp.apply(model, method, **VISUAL_OPTIONS[method]), frames=4)

@@ -46,6 +46,7 @@ TOWER_ATTENTION = {
     "llava_next",
     "llava_onevision",
     "llava_onevision_video",
+    "llava_next_video",
     "gemma3",
     "mistral3",
     "qwen3_vl",
@@ -299,7 +300,7 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     assert seen[1][0].shape == (2, 8)
 
 
-# -- videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) -----------------------------------
+# -- videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video) -----------------
 
 QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 
@@ -307,10 +308,11 @@ QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 #: (family, layout, selectable tokens of each image and video per sample, by hand): Qwen's
 #: 3 x 6 x 4- and 1 x 4 x 4-patch videos and 1 x 6 x 4-patch image, 2 x 2 merged (a video and an
 #: image mixed in sample 1); LLaVA-OneVision's 3 frames of 2 x 2 pooled tokens (the newline
-#: after them always kept).
+#: after them always kept); LLaVA-NeXT-Video's 3 frames of 2 x 2 resampled tokens.
 BUDGET_CASES = [
     *[pytest.param(f, LAYOUT, [[18], [4, 6], []], id=f) for f in QWEN_VIDEO],
     pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_onevision"),
+    pytest.param("llava_next_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_next_video"),
 ]
 
 
@@ -333,6 +335,7 @@ def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
 FRAME_CASES = [
     *[pytest.param(f, LAYOUT, [[(18, 3)], [(4, 1), (6, 1)], []], id=f) for f in QWEN_VIDEO],
     pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="onevision"),
+    pytest.param("llava_next_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="next_video"),
 ]
 
 
@@ -517,6 +520,47 @@ def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newli
         torch.testing.assert_close(segment.visual.outputs[0], expected[video, :12])
         torch.testing.assert_close(segment.visual.features, segment.visual.outputs)
         torch.testing.assert_close(segment.visual.attention[0], pooled[video])
+
+
+@torch.no_grad()
+def test_llava_next_video_is_one_segment_of_its_resampled_frames():
+    """Two 3-frame videos of 4 x 4 patches per frame: each frame's feature-layer patches (class
+    token dropped) 2 x 2 average-pooled by hand are the FEATURES, which the projector maps to
+    the model's own video tokens; attention and keys are the same 2 x 2 means of the feature
+    layer's; the 12 tokens one segment of 3 frames, no newline."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_next_video")
+    vlm, needs = family_for(model)(model), frozenset(VisualSignal)
+    inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    index = vlm.feature_index(inputs)
+
+    def pooled(per_patch: torch.Tensor) -> torch.Tensor:  # (6, 16, C) -> (2, 12, C)
+        grid = per_patch.reshape(6, 2, 2, 2, 2, -1)  # frame, row pair, row, column pair, column
+        return grid.mean(dim=(2, 4)).reshape(2, 12, -1)
+
+    attention, keys = tower_attention(
+        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
+    )
+    features = pooled(encoded.hidden_states[index][:, 1:])
+    assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
+        (0, 3, list(range(12))),
+        (1, 3, list(range(12))),
+    ]
+    for video, segment in enumerate(videos.segments):
+        torch.testing.assert_close(segment.visual.outputs[0], expected[video])
+        torch.testing.assert_close(segment.visual.features[0], features[video])
+        torch.testing.assert_close(
+            segment.visual.project(segment.visual.features)[0], expected[video]
+        )
+        torch.testing.assert_close(
+            segment.visual.attention[0], pooled(attention[:, 1:, None])[video, :, 0]
+        )
+        torch.testing.assert_close(segment.visual.keys[0], pooled(keys[:, 1:])[video])
 
 
 def test_videos_where_none_are_taken_and_bad_frame_counts_are_refused():
