@@ -121,9 +121,10 @@ class HFVLMAdapter(Adapter):
         videos = images.get("pixel_values_videos", kwargs.get("pixel_values_videos"))
         with_videos = videos is not None or encoded["video"] is not None
         if with_videos and not self.vlm.video_encoder_inputs:
+            takers = ", ".join(handled_classes(videos=True))
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
-                f"inputs are not supported (these take videos: {', '.join(handled_classes(True))})"
+                f"inputs are not supported (these take videos: {takers})"
             )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
