@@ -70,7 +70,7 @@ VISUAL_OPTIONS = {
 IMAGE_OPTIONS = [
     m for m in VISUAL_OPTIONS if VisualSignal.FRAMES not in method_class(m).visual_needs
 ]
-#: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
+#: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT(-Video), LLaVA-OneVision
 #: (crops, each a segment with its share), Gemma 3 (pooled tokens), Mistral 3 (merged
 #: patches, image-break tokens) and Qwen3-VL (merged patches, deepstack mergers), those without
 #: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch. FastVID only where
@@ -78,6 +78,10 @@ IMAGE_OPTIONS = [
 VISUAL_CASES = [
     *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in IMAGE_OPTIONS],
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in IMAGE_OPTIONS],
+    *[
+        pytest.param("llava_next_video", m, {}, id=f"llava_next_video-{m}")
+        for m in [*IMAGE_OPTIONS, "fastvid"]
+    ],
     *[
         pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}")
         for m in [*IMAGE_OPTIONS, "fastvid"]  # an image there is a one-frame video to FastVID
@@ -181,7 +185,7 @@ def test_target_macs_lands_on_model_plus_selection():
 
 def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """One reference image and text of the reference length, so the analytic prefill applies."""
-    if FAMILIES[family].kind == "llava_next":
+    if FAMILIES[family].kind == "llava_next" or family == "llava_next_video":
         return _next_prompt(model)
     if family in ("mistral3", "qwen3_vl"):
         return _native_prompt(model, family)
@@ -191,8 +195,8 @@ def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
 
 
 def _next_prompt(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LLaVA-NeXT, LLaVA-OneVision: a REFERENCE_PIXELS square image (its crops) after one BOS
-    token."""
+    """LLaVA-NeXT(-Video), LLaVA-OneVision: a REFERENCE_PIXELS square image (its crops) after
+    one BOS token."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     config, size = model.config, torch.tensor([[REFERENCE_PIXELS, REFERENCE_PIXELS]])
