@@ -456,6 +456,48 @@ def test_renumbering_qwen3_vl_video_runs_is_the_model_s_numbering_of_the_kept_gr
 
 
 @torch.no_grad()
+def test_qwen3_vl_video_cut_to_its_last_temporal_patch_is_the_model_on_the_shorter_prompt():
+    """Keeping only the last temporal patch's tokens of a video ("renumber"): the earlier runs
+    are pruned whole, their timestamps and start/end tokens stay. The last logits are the
+    unpatched model's on the prompt without the pruned placeholders, numbered by its own
+    get_rope_index as a one-patch video, given the kept tokens and their deepstack features;
+    keeping the original positions instead gives other logits."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        BaseModelOutputWithDeepstackFeatures,
+    )
+
+    class Last(method_class("divprune")):
+        def select(self, visual, keep):
+            return torch.arange(visual.tokens - keep, visual.tokens).expand(visual.batch, -1)
+
+    model = _model("qwen3_vl_video")
+    batch, _ = _inputs(model, "qwen3_vl_video", [(1, 4)])
+    ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
+    keep = rows * cols // 4
+    assert temporal > 1
+    encoded = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+    outputs = BaseModelOutputWithDeepstackFeatures(
+        pooler_output=[encoded.pooler_output[0][-keep:]],
+        deepstack_features=[[level[0][-keep:]] for level in encoded.deepstack_features],
+    )
+    ids = batch["input_ids"][0]
+    video = (ids == VIDEO).nonzero().squeeze(1)
+    kept = torch.ones_like(ids, dtype=torch.bool)
+    kept[video[:-keep]] = False
+    shorter = ids[kept][None]
+    expected = model(
+        input_ids=shorter,
+        mm_token_type_ids=2 * (shorter == VIDEO).int(),
+        video_grid_thw=torch.tensor([[1, rows, cols]]),
+        mm_encoder_outputs={"video": outputs},
+    ).logits[:, -1]
+    tokcomp.apply(model, Last(keep=keep, positions="renumber"))
+    torch.testing.assert_close(model(**batch).logits[:, -1], expected, rtol=1e-4, atol=1e-5)
+    tokcomp.apply(model, Last(keep=keep, positions="keep"))
+    assert not torch.allclose(model(**batch).logits[:, -1], expected, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
 def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
     """A video's attention signal, per merged token, is the mean over its four patches of what
     each receives in the last tower block from the patches of its own temporal patch (the
