@@ -4,9 +4,11 @@ batch independence, positions, configs, MACs and clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import sys
 import warnings
 from dataclasses import replace
 
@@ -30,7 +32,8 @@ from vlm_fixtures import (
 
 import tokcomp
 from tokcomp.adapters import find_adapter
-from tokcomp.methods import LLMStageMethod, method_class
+from tokcomp.adapters.hf_vlm.generation import pruned_of
+from tokcomp.methods import LLMStageMethod, create_method, method_class
 from tokcomp.methods.visual import VisualSignal
 
 STEPS = 4
@@ -68,11 +71,14 @@ def _takes_videos(family: str) -> bool:
 
 
 def _keep_all(method: str) -> dict:
-    return {method_class(method).budget: 0.0 if method == "dycoke" else 1.0}
+    if method == "dycoke":  # no frame merged, no video token skipped while decoding
+        return {"k": 0.0, "decode_p": 0.0}
+    return {method_class(method).budget: 1.0}
 
 
 def _pruning(method: str) -> dict:
-    return {method_class(method).budget: 0.5 if method == "random" else 0.4}
+    budget = {method_class(method).budget: 0.5 if method == "random" else 0.4}
+    return {**budget, "decode_layer": 2} if method == "dycoke" else budget  # 3 tiny layers
 
 
 def _runs_on(family: str, method: str) -> bool:
@@ -192,6 +198,8 @@ def _pruned(model, family: str, method: str, positions: str):
         return tokcomp.apply(model, _fixed(method, **_pruning(method), positions=positions))
     if VisualSignal.TEXT in method_class(method).visual_needs:
         return tokcomp.apply(model, _prompt_bound(method, **_pruning(method), positions=positions))
+    if method == "dycoke":  # its decoding steps are replayed by test_dycoke_cached_decoding_...
+        return tokcomp.apply(model, method, **_pruning(method), decode_p=0.0, positions=positions)
     return tokcomp.apply(model, method, **_pruning(method), positions=positions)
 
 
@@ -354,6 +362,129 @@ def test_dycoke_merges_each_video_s_own_frames_and_keeps_images_whole(family, la
         out = model(**batch, use_cache=True)
         dropped = [sum(n // f - int((1 - k) * (n // f)) for n, f in row if f > 1) for row in items]
         assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+@contextlib.contextmanager
+def _replaying_dycoke_decoding(model, method, video: torch.Tensor):
+    """Hooks that make an uncached re-run of the pruned prompt plus the tokens so far decode as
+    DyCoke's cached decoding: in each run after the first, the new token's head-averaged
+    attention over the prompt in layer decode_layer - 1 (by hand: its query row against every
+    key, from the layer's own inputs, Qwen3's q/k norms included) gives that step's kept
+    positions by `decode_kept`; in the layers from decode_layer, each generated token's row
+    attends to the prompt positions kept at its own step."""
+    language = model.model.language_model
+    attention = language.layers[method.decode_layer - 1].self_attn
+    steps, prompt = [], []
+
+    def score(module, args, kwargs):
+        mask, hidden = kwargs["attention_mask"], kwargs["hidden_states"]
+        assert mask is not None and mask.dtype == torch.bool  # sdpa's, with left padding
+        if not prompt:
+            prompt.append(hidden.shape[1])
+            return
+        q, k = (
+            getattr(module, norm, torch.nn.Identity())(
+                projection(hidden).unflatten(-1, (-1, module.head_dim))
+            ).transpose(1, 2)
+            for projection, norm in ((module.q_proj, "q_norm"), (module.k_proj, "k_norm"))
+        )
+        q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(
+            q, k, *kwargs["position_embeddings"]
+        )
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = (q[:, :, -1:] @ k.transpose(-1, -2)).float() * module.scaling
+        probs = logits.masked_fill(~mask[:, :, -1:], -torch.inf).softmax(dim=-1)
+        now = probs.mean(dim=1)[:, 0, : prompt[0]]
+        previous, kept = steps[-1] if steps else (None, None)
+        steps.append((now, method.decode_kept(now, video, previous, kept)))
+
+    def restrict(module, args, kwargs):
+        mask = kwargs["attention_mask"].clone()
+        for step, (_, kept) in enumerate(steps):
+            mask[:, 0, prompt[0] + step, : prompt[0]] &= kept
+        return args, {**kwargs, "attention_mask": mask}
+
+    hooks = [attention.register_forward_pre_hook(score, with_kwargs=True)]
+    for layer in language.layers[method.decode_layer :]:
+        hooks.append(layer.register_forward_pre_hook(restrict, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _video_by_hand(family: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) the video placeholders a method chooses from: all on Qwen and LLaVA-NeXT-Video; on
+    LLaVA-OneVision all but the newline ending each video."""
+    video = input_ids == VIDEO
+    if family == "llava_onevision_video":
+        video &= torch.nn.functional.pad(video, (0, 1))[:, 1:]
+    return video
+
+
+def _greedy_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """Greedy new tokens (B, STEPS), each step's logits (STEPS, B, V) and the cache."""
+    out = model.generate(
+        **batch,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        suppress_tokens=[IMAGE],
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    return out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.logits), out.cache
+
+
+@pytest.mark.parametrize(("k", "reuse"), [(0.0, True), (0.5, True), (0.5, False)])
+@pytest.mark.parametrize("family", [*QWEN_VIDEO, "llava_onevision_video", "llava_next_video"])
+@torch.no_grad()
+def test_dycoke_cached_decoding_equals_replaying_its_step_masks_without_a_cache(family, k, reuse):
+    """Greedy, a left-padded batch of 3 (a video; a video and an image; text only): cached
+    generation with decode-time pruning gives the tokens and logits of re-running every step
+    without a cache under the same per-step key masks, and logits other than without it."""
+    method = create_method("dycoke", k=k, decode_layer=2, decode_p=0.8, decode_reuse=reuse)
+    model = tokcomp.apply(_model(family), method)
+    batch, _ = _inputs(model, family)
+    tokens, logits, cache = _greedy_logits(model, batch)
+    video = pruned_of(cache).decoding.video
+    assert video.sum(dim=1)[2] == 0
+    if k == 0.0:
+        assert torch.equal(video, _video_by_hand(family, batch["input_ids"]))
+    replayed = []
+    last = model.lm_head.register_forward_hook(
+        lambda m, i, out: replayed.append(out[:, -1].clone())
+    )
+    with _replaying_dycoke_decoding(model, method, video):
+        assert torch.equal(tokens, _uncached_reference(model, family, batch))
+    last.remove()
+    torch.testing.assert_close(logits, torch.stack(replayed), rtol=1e-4, atol=1e-5)
+    tokcomp.apply(model, "dycoke", k=k, decode_p=0.0)
+    unpruned = _greedy_logits(model, batch)[1]
+    assert torch.equal(logits[0], unpruned[0])  # the prefill's
+    assert (logits[1:, :2] - unpruned[1:, :2]).abs().amax() > 1e-3  # the samples with videos
+
+
+@torch.no_grad()
+def test_dycoke_refuses_a_decode_layer_the_language_model_does_not_have():
+    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke")  # decode_layer 3 of 3 layers
+    batch, _ = _inputs(model, "qwen2_vl_video")
+    with pytest.raises(ValueError, match="decode_layer must be below the language model's 3"):
+        _generate(model, batch)
+
+
+@torch.no_grad()
+def test_dycoke_refuses_a_decode_layer_after_a_sliding_window_layer():
+    config = copy.deepcopy(_built("qwen2_vl_video").config)
+    config.text_config.sliding_window = 8
+    config.text_config.layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    model = tokcomp.apply(
+        hf.Qwen2VLForConditionalGeneration(config).eval(), "dycoke", decode_layer=2
+    )
+    batch, _ = _inputs(model, "qwen2_vl_video")
+    with pytest.raises(ValueError, match="layer decode_layer - 1 = 1 has sliding-window"):
+        _generate(model, batch)
 
 
 def test_dycoke_refuses_target_macs_naming_its_knob():
@@ -951,7 +1082,11 @@ ROUND_TRIPS = [
     ("cdpruner", "internvl", {"keep": 5}),
     ("divprune", "gemma3", {"keep": 4, "positions": "keep"}),
     ("fastvid", "llava_onevision_video", {"keep": 0.5, "segments": 2, "positions": "renumber"}),
-    ("dycoke", "qwen2_vl_video", {"k": 0.5, "positions": "keep"}),
+    (
+        "dycoke",
+        "qwen2_vl_video",
+        {"k": 0.5, "decode_layer": 2, "decode_p": 0.6, "positions": "keep"},
+    ),
 ]
 
 

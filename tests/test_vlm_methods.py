@@ -636,6 +636,85 @@ def test_dycoke_refuses_a_share_outside_0_1():
             create_method("dycoke", k=k)
 
 
+def _dycoke_step_by_hand(attention, video, previous, kept, p, reuse):
+    """The prompt positions one DyCoke decoding step keeps, in plain Python: when the attention
+    over the video tokens has cosine >= 0.9 with the previous step's, the previous step's
+    (`reuse`) or all; else every non-video position and the int(n (1 - p)) most attended video
+    tokens."""
+    tokens = [i for i, is_video in enumerate(video) if is_video]
+    if previous is not None and tokens:
+        dot = sum(attention[i] * previous[i] for i in tokens)
+        norms = math.sqrt(sum(attention[i] ** 2 for i in tokens))
+        norms *= math.sqrt(sum(previous[i] ** 2 for i in tokens))
+        if dot / norms >= 0.9:
+            return kept if reuse else [True] * len(video)
+    top = sorted(tokens, key=lambda i: (-attention[i], i))[: int(len(tokens) * (1 - p))]
+    return [not is_video or i in top for i, is_video in enumerate(video)]
+
+
+def _attention_steps() -> list[torch.Tensor]:
+    """Per decoding step, (3, 12) attention over a prompt: step 1 swaps, in row 0, its 3rd and
+    4th most attended video tokens (cosine about 0.99: the kept set stays though the top-3
+    changed), step 2 reverses every row (a shift), step 3 doubles step 2 (cosine 1)."""
+    first = torch.rand(3, 12, generator=torch.Generator().manual_seed(0))
+    swapped = first.clone()
+    ranked = first[0, 2:10].argsort(descending=True) + 2
+    swapped[0, ranked[2]], swapped[0, ranked[3]] = first[0, ranked[3]], first[0, ranked[2]]
+    return [first, swapped, swapped.flip(1), 2 * swapped.flip(1)]
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_dycoke_decoding_re_chooses_the_video_tokens_only_when_the_attention_shifts(reuse):
+    """Rows: 8 video tokens at 2..9; 6 at odd positions; none (every position kept)."""
+    video = torch.zeros(3, 12, dtype=torch.bool)
+    video[0, 2:10] = True
+    video[1, 1::2] = True
+    method = create_method("dycoke", decode_p=0.6, decode_reuse=reuse)
+    previous = kept = None
+    expected_previous = expected = [None] * 3
+    for attention in _attention_steps():
+        kept = method.decode_kept(attention, video, previous, kept)
+        expected = [
+            _dycoke_step_by_hand(a, v, b, k, 0.6, reuse)
+            for a, v, b, k in zip(
+                attention.tolist(), video.tolist(), expected_previous, expected, strict=True
+            )
+        ]
+        assert kept.tolist() == expected
+        previous, expected_previous = attention, attention.tolist()
+    kept_last = [4 + 3, 6 + 2, 12] if reuse else [12] * 3  # int(8 x 0.4), int(6 x 0.4)
+    assert kept.sum(dim=1).tolist() == kept_last
+    steps = _attention_steps()
+    first = method.decode_kept(steps[0], video, None, None)
+    stays = method.decode_kept(steps[1], video, steps[0], first)
+    assert torch.equal(stays, first if reuse else torch.ones_like(first))
+    assert not torch.equal(stays, method.decode_kept(steps[1], video, None, None))
+
+
+def test_dycoke_decoding_keeps_the_most_attended_video_tokens_by_hand():
+    method = create_method("dycoke", decode_p=0.5)
+    attention = torch.tensor([[0.5, 0.1, 0.4, 0.3, 0.2, 0.9]])
+    video = torch.tensor([[False, True, True, True, True, False]])
+    assert method.decode_kept(attention, video, None, None).tolist() == [
+        [True, False, True, True, False, True]
+    ]
+
+
+def test_dycoke_refuses_bad_decoding_options():
+    for options, match in (
+        ({"decode_layer": 0}, "decode_layer is the first layer"),
+        ({"decode_layer": True}, "decode_layer must be an int"),
+        ({"decode_layer": 2.0}, "decode_layer must be an int"),
+        ({"decode_p": 1.5}, "decode_p is the share of the video tokens"),
+        ({"decode_p": -0.1}, "decode_p is the share of the video tokens"),
+        ({"decode_reuse": 1}, "decode_reuse is True"),
+    ):
+        with pytest.raises(ValueError, match=f"dycoke: {match}"):
+            create_method("dycoke", **options)
+    assert create_method("dycoke", decode_p=0).decode_boundary() is None
+    assert create_method("dycoke").decode_boundary() == 3
+
+
 # -- budgets ------------------------------------------------------------------------------------
 
 

@@ -119,22 +119,29 @@ def config_of(model: nn.Module, frames: int | None = None) -> Config:
 
 def _on_video(patch: Patch, frames: int) -> tuple[Method, ModelSpec, list[int]]:
     """The patch's method re-resolved (its budget per video) on a reference video."""
-    video_spec = getattr(patch.adapter, "video_spec", None)
-    if video_spec is None:
-        raise ValueError("frames= gives a VLM's MACs on a video; this model is no VLM")
-    if frames < 1:
-        raise ValueError(f"frames={frames}: give the video's frame count (an int >= 1)")
-    spec = video_spec(frames)
+    spec = _video_spec(patch.adapter, frames)
     method, schedule = resolve(patch.compression.method.with_options(schedule=None), spec)
     return method, spec, schedule
 
 
-def macs(model: nn.Module) -> int:
-    """Analytic MACs per image of `model`: under its compression (the method's own work
-    included) if patched, else unpruned."""
+def _video_spec(adapter: Any, frames: int) -> ModelSpec:
+    """A VLM adapter's geometry of a reference video of `frames` frames."""
+    video_spec = getattr(adapter, "video_spec", None)
+    if video_spec is None:
+        raise ValueError("frames= gives a VLM's MACs on a video; this model is no VLM")
+    if frames < 1:
+        raise ValueError(f"frames={frames}: give the video's frame count (an int >= 1)")
+    return video_spec(frames)
+
+
+def macs(model: nn.Module, frames: int | None = None) -> int:
+    """Analytic MACs per image of `model` (`frames`: a VLM's, per reference video of that many
+    frames): under its compression (the method's own work included) if patched, else
+    unpruned."""
     if is_patched(model):
-        return config_of(model).macs
-    return model_macs(find_adapter(model).spec())
+        return config_of(model, frames).macs
+    adapter = find_adapter(model)
+    return model_macs(adapter.spec() if frames is None else _video_spec(adapter, frames))
 
 
 def forward_tokens(model: nn.Module, *inputs: Any, **kwargs: Any) -> TokenState:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset, Subset
@@ -27,8 +28,8 @@ EASY_VQA_PIN = "easy-vqa==1.0"
 
 
 class CorruptImageError(TokcompError, ValueError):
-    """An image file that cannot be decoded; the message names the file (a runtime error:
-    found while the run reads its data)."""
+    """An image file that cannot be decoded, or frames that make no video; the message names
+    the file (a runtime error: found while the run reads its data)."""
 
 
 @functools.cache
@@ -55,6 +56,19 @@ def read_image(path: str) -> Image.Image:
             f"cannot decode image {path} ({err}); replace or delete the file"
         ) from None
     return image
+
+
+def read_video(paths: Sequence[Path]) -> np.ndarray:
+    """A video's frame files, decoded as RGB, as one (frames, height, width, 3) uint8 array
+    (the form processors take in `videos=`); frames of different sizes are refused."""
+    frames = [np.asarray(read_image(str(path)).convert("RGB")) for path in paths]
+    sizes = sorted({frame.shape[:2] for frame in frames})
+    if len(sizes) > 1:
+        raise CorruptImageError(
+            f"the frames of the video starting with {paths[0]} differ in size ({sizes}, height "
+            "x width); resize them to one size"
+        )
+    return np.stack(frames)
 
 
 class LabelledImageFolder(ImageFolder):

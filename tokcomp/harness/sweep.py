@@ -141,27 +141,28 @@ def point_key(fingerprint: Fingerprint, point: Point) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def resolve(model: nn.Module, point: Point) -> dict[str, Any]:
+def resolve(model: nn.Module, point: Point, frames: int | None = None) -> dict[str, Any]:
     """What `point` does to `model` (see `compression`). Applying and removing it here checks
     every point before any is evaluated."""
     with applied(model, point):
-        return compression(model)
+        return compression(model, frames)
 
 
-def compression(model: nn.Module) -> dict[str, Any]:
+def compression(model: nn.Module, frames: int | None = None) -> dict[str, Any]:
     """What the model's compression is now: method, resolved options, schedule, MACs per image
-    (GMACs, the method's own work included; the ratio to the unpruned model; the share that is
-    the method's own work)."""
+    or, with `frames`, per reference video of that many frames (a VLM's) (GMACs, the method's
+    own work included; the ratio to the unpruned model; the share that is the method's own
+    work)."""
     if not is_patched(model):
         return {
             "method": UNPRUNED,
             "resolved_options": {},
             "schedule": None,
-            "gmacs": macs(model) / 1e9,
+            "gmacs": macs(model, frames) / 1e9,
             "macs_ratio": 1.0,
             "selection_share": 0.0,
         }
-    config = config_of(model)
+    config = config_of(model, frames)
     return {
         "method": config.method,
         "resolved_options": config.options,
@@ -326,13 +327,15 @@ def run_sweep(
     store: ResultStore,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
+    frames: int | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
     return the rows of all points, in order. The store's fingerprint (the model, data and
     options that decide the numbers) is part of each point's key; `settings` (batch size,
-    threads...) is only recorded. Under torchrun every rank evaluates its shard of every
+    threads...) is only recorded; `frames`: MACs per reference video of that many frames (a
+    VLM on videos), not per image. Under torchrun every rank evaluates its shard of every
     point; rank 0's store decides which points are finished and alone writes."""
-    plans = [(point, resolve(model, point)) for point in points]
+    plans = [(point, resolve(model, point, frames)) for point in points]
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
@@ -363,15 +366,16 @@ def evaluate_sweep(
     run: SweepRun,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
+    frames: int | None = None,
 ) -> list[dict[str, Any]]:
-    """`run_sweep` with results in the run's output folder (rank 0 writes; saved rows of
-    other inputs are refused, on every rank); an interrupt ends the run saying that the same
-    command resumes. Returns the rows to report: this run's points, then every other point
-    saved for the same inputs."""
+    """`run_sweep` (`frames`: see there) with results in the run's output folder (rank 0
+    writes; saved rows of other inputs are refused, on every rank); an interrupt ends the run
+    saying that the same command resumes. Returns the rows to report: this run's points, then
+    every other point saved for the same inputs."""
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_sweep(model, points, evaluation, store, settings, world)
+        rows = run_sweep(model, points, evaluation, store, settings, world, frames)
     done = {row["key"] for row in rows}
     return rows + [row for row in store.rows() if row["key"] not in done]
 

@@ -1,22 +1,28 @@
 """VQA evaluation under a sweep of compression settings (`tokcomp eval vqa`): the official VQA
-accuracy (overall and per answer type), visual tokens kept per image, LLM prefill time,
-time to first token and decoding speed of a Hugging Face VLM, unpruned and with every
-visual-token method at every budget.
+accuracy (overall and per answer type), visual tokens kept per image or video, LLM prefill
+time, time to first token and decoding speed of a Hugging Face VLM, unpruned and with every
+visual-token method at every budget (a fraction of each image's or video's visual tokens).
 
 Data (--data): the official VQAv2 layout, a folder holding one *questions.json, one
 *annotations.json and the COCO images (<folder>/<data_subtype>/COCO_<data_subtype>_<12-digit
 image id>.jpg, or --images DIR); a JSON-lines file, one question a line:
-{"image": PATH (relative to the file's folder or absolute), "question": TEXT, "answers":
-[TEXT, ...], optional "answer_type", "question_type", "question_id"}; or "easy-vqa" (the test
-split, read from the installed easy-vqa package's files; answer types "yes/no" and "other").
+{"image": PATH, "question": TEXT, "answers": [TEXT, ...], optional "answer_type",
+"question_type", "question_id"}, or for a question on a video, "video": [FRAME PATH, ...] (its
+frames in order, all of one size) in place of "image" (paths relative to the file's folder or
+absolute); or "easy-vqa" (the test split, read from the installed easy-vqa package's files;
+answer types "yes/no" and "other"). Video questions need a model whose family tokcomp gives
+videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and a processor with a video processor. MACs
+are per reference image, or per reference video of F frames (tokcomp.config_of(model,
+frames=F)) when every question shows an F-frame video.
 
-Generation: the model's own processor and chat template, one user turn (the image, then the
-question followed by lmms-eval's short-answer prompt), left padding, greedy decoding of at
-most --max-new-tokens tokens. Timings are per question at the batch size (each question's
-figure is its batch's): LLM prefill = the first pass through the decoder layers; time to
-first token = from generate() to the first token's logits (vision tower, projector, token
-selection and prefill); tokens/s = tokens decoded after the first one over the time from
-the first token to the end of generate() (0 when none followed).
+Generation: the model's own processor and chat template, one user turn (the image or the
+video, then the question followed by lmms-eval's short-answer prompt), left padding, greedy
+decoding of at most --max-new-tokens tokens; a video's frames go to the processor as one
+(frames, height, width, 3) RGB array in `videos=`. Timings are per question at the batch size
+(each question's figure is its batch's): LLM prefill = the first pass through the decoder
+layers; time to first token = from generate() to the first token's logits (vision tower,
+projector, token selection and prefill); tokens/s = tokens decoded after the first one over
+the time from the first token to the end of generate() (0 when none followed).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tokcomp import visual_tokens_dropped
+from tokcomp.adapters import find_adapter
+from tokcomp.adapters.hf_vlm.families import video_classes
 from tokcomp.harness import hub
 from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
@@ -61,21 +69,31 @@ from tokcomp.methods.visual import POSITIONS
 #: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
 
-#: The task's own table columns and plot axes.
+#: The table columns of a VLM task (lmms-eval's too).
 COLUMNS = (
     Column("visual_tokens", "vis tok"),
     Column("prefill_ms", "prefill ms", ".2f"),
     Column("ttft_ms", "TTFT ms", ".2f"),
     Column("tokens_per_s", "tok/s"),
 )
-AXES = (("visual_tokens", "visual tokens per image"), ("ttft_ms", "time to first token (ms)"))
+#: After "vis tok" in a VQA table: what a question's visual tokens are counted on.
+VISUAL_UNIT = Column("visual_tokens_per", "counted per", "")
+
+
+def axes(unit: str) -> tuple[tuple[str, str], ...]:
+    """The plot's axes for questions on `unit` ('image', 'video' or 'image/video')."""
+    return (("visual_tokens", f"visual tokens per {unit}"), ("ttft_ms", "time to first token (ms)"))
+
+
+#: The plot's axes of questions on images (lmms-eval's tasks).
+AXES = axes("image")
 
 
 # -- generation -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Generation:
-    """One batch's generate call: the decoded answers, the visual tokens of all its images
-    that reached the language model, and its timings (seconds)."""
+    """One batch's generate call: the decoded answers, the visual tokens of all its images and
+    videos that reached the language model, and its timings (seconds)."""
 
     answers: list[str]
     visual_tokens: int
@@ -85,26 +103,30 @@ class Generation:
     decode_tokens: int
 
 
-def visual_tokens_kept(
-    cache: object, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int
-) -> int:
+def visual_tokens_kept(cache: object, input_ids: torch.Tensor, placeholder_ids: list[int]) -> int:
     """Visual tokens of the whole batch that the language model holds after the prefill: the
-    image placeholders, less the prompt tokens tokcomp pruned (its record on the generation's
-    cache; FastV: the layers after K)."""
-    placeholders = int((input_ids == image_token_id).sum())
+    image and video placeholders (`placeholder_ids`), less the prompt tokens tokcomp pruned (its
+    record on the generation's cache; FastV: the layers after K)."""
+    ids = torch.tensor(placeholder_ids, device=input_ids.device)
+    placeholders = int(torch.isin(input_ids, ids).sum())
     dropped = visual_tokens_dropped(cache)
     return placeholders if dropped is None else placeholders - int(dropped.sum())
 
+
+#: Budget options that are the share of the visual tokens kept (what --budgets gives).
+KEPT_FRACTIONS = ("keep", "keep_ratio")
 
 #: Greedy decoding, the harness's generation.
 GREEDY = {"do_sample": False, "num_beams": 1}
 
 
 def on_device(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """A processor's batch on `device`, its pixels in the model's `dtype`."""
+    """A processor's batch on `device`, its pixels (of images and videos) in the model's
+    `dtype`."""
     inputs = inputs.to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    for name in ("pixel_values", "pixel_values_videos"):
+        if name in inputs:
+            inputs[name] = inputs[name].to(dtype)
     return inputs
 
 
@@ -135,15 +157,21 @@ def generate(
         end = now(device)
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
     lengths = generated_lengths(new, _eos_ids(model, tokenizer))
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     return Generation(
         answers=processor.batch_decode(new, skip_special_tokens=True),
-        visual_tokens=visual_tokens_kept(out.cache, ids, mask, model.config.image_token_id),
+        visual_tokens=visual_tokens_kept(out.cache, inputs["input_ids"], placeholder_ids(model)),
         prefill_s=prefill.seconds,
         ttft_s=first.at - start,
         decode_s=end - first.at,
         decode_tokens=int((lengths - 1).clamp_min(0).sum()),
     )
+
+
+def placeholder_ids(model: nn.Module) -> list[int]:
+    """The token ids of `model`'s image and video placeholders (those it has)."""
+    config = model.config
+    found = (getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+    return [token for token in found if token is not None]
 
 
 def generated_lengths(new_tokens: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
@@ -162,7 +190,7 @@ def type_metric(answer_type: str) -> str:
 
 class VQATask:
     """Open-ended VQA by greedy generation: VQA accuracy (overall, per answer type), visual
-    tokens per image and the timings of the module docstring."""
+    tokens per question (its image or video) and the timings of the module docstring."""
 
     def __init__(
         self,
@@ -226,7 +254,7 @@ class VQATask:
         }
 
     def summarize(self, totals: Mapping[str, float]) -> dict[str, float]:
-        """Accuracies (percent), visual tokens per image, per-question timings (ms) and
+        """Accuracies (percent), visual tokens per question, per-question timings (ms) and
         decoding tokens/s from the totals of every batch and rank."""
         questions = totals["samples"]
         typed = {
@@ -255,14 +283,20 @@ def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
 
 # -- budgets, model, command line -------------------------------------------------------------
 def keep_budget(method: str, budget: float, positions: str | None = None) -> str:
-    """A --budgets entry of a VQA sweep, as a variant: keep `budget` of each image's visual
-    tokens (the method's keep, or random's keep_ratio), numbered as `positions` says (None:
-    the method's default)."""
+    """A --budgets entry of a VQA sweep, as a variant: keep `budget` of each image's or
+    video's visual tokens (the method's keep, or random's keep_ratio), numbered as `positions`
+    says (None: the method's default)."""
     cls = method_class(method)
     if not issubclass(cls, VisualMethod):
         raise ValueError(
             f"--budgets keep a fraction of the visual tokens; {method} acts inside the vision "
             f"tower: give its own options with --variant (e.g. {method}:r=4)"
+        )
+    if cls.budget not in KEPT_FRACTIONS:
+        default = cls.__dataclass_fields__[cls.budget].default
+        raise ValueError(
+            f"--budgets keep a fraction of the visual tokens; {method}'s budget {cls.budget} is "
+            f"not the share it keeps: give it with --variant (e.g. {method}:{cls.budget}={default})"
         )
     numbering = f",positions={positions}" if positions else ""
     return f"{method}:{cls.budget}={budget}{numbering}"
@@ -320,8 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data",
         required=True,
-        help=f"{EASY_VQA} (its test split), a .jsonl file, or a VQAv2 folder (questions and "
-        "annotations JSON, images in <folder>/<data_subtype>/)",
+        help=f"{EASY_VQA} (its test split), a .jsonl file (questions on images or videos), or "
+        "a VQAv2 folder (questions and annotations JSON, images in <folder>/<data_subtype>/)",
     )
     data.add_argument("--images", type=Path, help="VQAv2: the COCO image folder")
     data.add_argument(
@@ -343,7 +377,7 @@ def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     --positions numbers them (see `keep_budget`)."""
     sweep = add_sweep_arguments(
         parser,
-        budgets="fractions of each image's visual tokens to keep, e.g. 0.5,0.25,0.125",
+        budgets="fractions of each image's or video's visual tokens to keep, e.g. 0.5,0.25,0.125",
         methods="zoo,divprune,fastv,visionzip,random",
         variant="zoo:keep=64",
     )
@@ -369,6 +403,8 @@ def run(args: argparse.Namespace) -> None:
     world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
+    if "video" in dataset.visual_unit:
+        check_takes_videos(model, processor, args.model)
     model.to(device)
     types = answer_types(dataset)
     name = f"{args.model.name}-{data_source(args.data).name}"
@@ -391,18 +427,39 @@ def run(args: argparse.Namespace) -> None:
         args.prompt,
         getattr(torch, args.dtype),
     )
-    settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    unit = dataset.visual_unit
+    settings = dict(
+        device=str(device), threads=threads, batch_size=args.batch_size, visual_tokens_per=unit
+    )
     sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
     evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
-    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
-    say(report(rows, task.metrics, output, name, COLUMNS, AXES))
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world, dataset.video_frames)
+    # rows saved before tokcomp recorded the unit: the same questions, so the same unit
+    rows = [{"visual_tokens_per": unit, **row} for row in rows]
+    columns = (COLUMNS[0], VISUAL_UNIT, *COLUMNS[1:])
+    say(report(rows, task.metrics, output, name, columns, axes(unit)))
+
+
+def check_takes_videos(model: nn.Module, processor: Any, source: str | Path) -> None:
+    """Raise ValueError unless tokcomp gives `model` videos and `processor` encodes them."""
+    if not find_adapter(model).spec().takes_videos:
+        raise ValueError(
+            f"the data has questions on videos, and tokcomp gives {type(model).__name__} no "
+            f"videos: use a model of a family that takes them ({', '.join(video_classes())})"
+        )
+    if getattr(processor, "video_processor", None) is None:
+        raise ValueError(
+            f"the data has questions on videos, and the processor of {source} has no video "
+            "processor: save the model's processor with its video processor (e.g. "
+            "LlavaOnevisionProcessor, Qwen2VLProcessor)"
+        )
 
 
 def _fingerprint(
     args: argparse.Namespace, model: nn.Module, dataset: Dataset, device: torch.device
 ) -> Fingerprint:
     """What decides this run's numbers: the model's weights, dtype, generation options,
-    the questions and images, and the device type."""
+    the questions with their image or frame files, and the device type."""
     return Fingerprint.of(
         task="vqa",
         model=args.model.resolve().name,

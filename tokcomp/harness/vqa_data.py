@@ -17,14 +17,30 @@ from tokcomp.harness.fingerprint import file_identity
 
 @dataclass(frozen=True)
 class Question:
-    """One question about one image with its reference answers."""
+    """One question about one image or one video (its frames, in order; exactly one of the two)
+    with its reference answers."""
 
-    image: Path
+    image: Path | None
     question: str
     answers: tuple[str, ...]
     answer_type: str | None = None
     question_type: str | None = None
     question_id: int | str | None = None
+    video: tuple[Path, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.video is None):
+            raise ValueError(
+                f"question {self.question_id} needs either an image or a video (a list of "
+                "frame files), not both or neither"
+            )
+        if self.video is not None and not self.video:
+            raise ValueError(f"question {self.question_id}: its video lists no frame files")
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The question's image, or its video's frames."""
+        return (self.image,) if self.video is None else self.video
 
 
 class VQADataset(Dataset):
@@ -44,11 +60,12 @@ class VQADataset(Dataset):
         return VQADataset([self.questions[i] for i in indices])
 
     def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
-        """Each question with its answers and its image file (name, size, modification time)."""
+        """Each question with its answers and its image or frame files (name, size, modification
+        time of each)."""
         for index in indices:
             q = self.questions[index]
             yield [
-                *file_identity(q.image),
+                *(part for path in q.files for part in file_identity(path)),
                 q.question,
                 list(q.answers),
                 q.answer_type,
@@ -56,12 +73,35 @@ class VQADataset(Dataset):
             ]
 
     def describe(self) -> str:
-        """One line: questions, images and answer types."""
-        images = {question.image for question in self.questions}
+        """One line: questions, images or videos, and answer types."""
+        images = {q.image for q in self.questions if q.video is None}
+        videos = {q.video for q in self.questions if q.video is not None}
+        shown = [f"{len(images)} images"] if images or not videos else []
+        shown += [_videos_shown(videos)] if videos else []
         return (
-            f"{len(self)} questions on {len(images)} images; answer types "
+            f"{len(self)} questions on {' and '.join(shown)}; answer types "
             f"{list(answer_types(self))}"
         )
+
+    @property
+    def visual_unit(self) -> str:
+        """What each question shows: 'image', 'video', or 'image/video' (a mixed dataset)."""
+        kinds = sorted({"image" if q.video is None else "video" for q in self.questions})
+        return "/".join(kinds)
+
+    @property
+    def video_frames(self) -> int | None:
+        """The frames of every question's video when all questions show videos of one length;
+        else None."""
+        lengths = {None if q.video is None else len(q.video) for q in self.questions}
+        return lengths.pop() if len(lengths) == 1 else None
+
+
+def _videos_shown(videos: set[tuple[Path, ...]]) -> str:
+    """'N videos of F frames' (or 'of F1-F2 frames')."""
+    lengths = sorted({len(video) for video in videos})
+    frames = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+    return f"{len(videos)} videos of {frames} frames"
 
 
 def open_vqa(data: str, images: Path | None = None) -> VQADataset:
@@ -104,8 +144,8 @@ def read_easy_vqa(split: str) -> list[Question]:
 
 
 def read_jsonl(path: Path) -> list[Question]:
-    """Questions of a JSON-lines file (see the module docstring); image paths relative to
-    the file's folder."""
+    """Questions of a JSON-lines file (see the module docstring); image and frame paths
+    relative to the file's folder."""
     questions = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -115,16 +155,19 @@ def read_jsonl(path: Path) -> list[Question]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where} is not a JSON object ({err})") from None
-        missing = [key for key in ("image", "question", "answers") if key not in row]
+        missing = [key for key in ("question", "answers") if key not in row]
+        if not ("image" in row or "video" in row):
+            missing.insert(0, "image or video")
         answers = row.get("answers")
         if missing or not isinstance(answers, list) or not answers:
             raise ValueError(
-                f"{where}: each line needs 'image', 'question' and a non-empty list "
-                f"'answers'{f' (missing: {missing})' if missing else ''}"
+                f"{where}: each line needs 'image' (a file) or 'video' (a list of frame files), "
+                f"'question' and a non-empty list 'answers'"
+                f"{f' (missing: {missing})' if missing else ''}"
             )
         questions.append(
             Question(
-                image=path.parent / row["image"],
+                **_visual_files(row, path.parent, where),
                 question=row["question"],
                 answers=tuple(str(answer) for answer in answers),
                 answer_type=row.get("answer_type"),
@@ -133,6 +176,24 @@ def read_jsonl(path: Path) -> list[Question]:
             )
         )
     return questions
+
+
+def _visual_files(row: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
+    """The image or video of a JSON-lines row, as Question fields (paths under `folder`)."""
+    if "image" in row and "video" in row:
+        raise ValueError(
+            f"{where} has both 'image' and 'video': a question shows one of them; split it into "
+            "two lines"
+        )
+    if "image" in row:
+        return {"image": folder / row["image"]}
+    frames = row["video"]
+    if not isinstance(frames, list) or not frames or not all(isinstance(f, str) for f in frames):
+        raise ValueError(
+            f"{where}: 'video' must be a non-empty list of frame file paths, in order, got "
+            f"{frames!r}"
+        )
+    return {"image": None, "video": tuple(folder / frame for frame in frames)}
 
 
 def read_vqav2(folder: Path, images: Path | None = None) -> list[Question]:
@@ -186,17 +247,19 @@ def _json_field(path: Path, key: str) -> Any:
 
 
 def check_images(questions: Sequence[Question]) -> None:
-    """Raise FileNotFoundError naming the first image that does not exist."""
+    """Raise FileNotFoundError naming the first image or video frame that does not exist."""
     seen = set()
     for question in questions:
-        if question.image in seen:
-            continue
-        if not question.image.is_file():
-            raise FileNotFoundError(
-                f"image {question.image} of question {question.question_id} does not exist; "
-                "check the image folder (VQAv2: --images DIR) or the question's image path"
-            )
-        seen.add(question.image)
+        for path in question.files:
+            if path in seen:
+                continue
+            if not path.is_file():
+                what = "image" if question.video is None else "video frame"
+                raise FileNotFoundError(
+                    f"{what} {path} of question {question.question_id} does not exist; check "
+                    "the image folder (VQAv2: --images DIR) or the question's file paths"
+                )
+            seen.add(path)
 
 
 def answer_types(dataset: Dataset) -> tuple[str, ...]:

@@ -1,5 +1,5 @@
-"""A VQA question as a VLM's input: one user turn (the images, then the question and
-lmms-eval's short-answer prompt) through the model's processor and chat template. The
+"""A VQA question as a VLM's input: one user turn (the images or the video, then the question
+and lmms-eval's short-answer prompt) through the model's processor and chat template. The
 lmms-eval model (tokcomp.harness.lmms_model) builds its prompts here too."""
 
 from __future__ import annotations
@@ -8,20 +8,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
-from tokcomp.harness.data import read_image
+from tokcomp.harness.data import read_image, read_video
 from tokcomp.harness.vqa_data import Question
 
 #: lmms-eval's VQAv2 post-prompt for short answers.
 POST_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
-def messages(question: str, post_prompt: str = POST_PROMPT, images: int = 1) -> list[dict]:
-    """The chat of one question: a user turn with `images` images, then the question and the
-    post-prompt."""
-    content = [{"type": "image"}] * images + [{"type": "text", "text": question + post_prompt}]
+def messages(
+    question: str, post_prompt: str = POST_PROMPT, images: int = 1, videos: int = 0
+) -> list[dict]:
+    """The chat of one question: a user turn with `images` images and `videos` videos, then the
+    question and the post-prompt."""
+    visual = [{"type": "image"}] * images + [{"type": "video"}] * videos
+    content = [*visual, {"type": "text", "text": question + post_prompt}]
     return [{"role": "user", "content": content}]
 
 
@@ -30,18 +34,28 @@ def encode(
     texts: Sequence[str],
     images: Sequence[Sequence[Image.Image]],
     answers: Sequence[str] | None = None,
+    videos: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """The processor's batch (left padding as the processor's tokenizer pads) of one user turn
-    per sample: its images, then its text (already followed by any post-prompt); `answers`:
-    each sample's reply text after the generation prompt (to score it)."""
+    per sample: its images, its videos ((frames, height, width, 3) RGB arrays), then its text
+    (already followed by any post-prompt); `answers`: each sample's reply text after the
+    generation prompt (to score it)."""
+    videos = videos or [()] * len(texts)
     prompts = [
-        processor.apply_chat_template(messages(text, "", len(own)), add_generation_prompt=True)
-        for text, own in zip(texts, images, strict=True)
+        processor.apply_chat_template(
+            messages(text, "", len(own), len(clips)), add_generation_prompt=True
+        )
+        for text, own, clips in zip(texts, images, videos, strict=True)
     ]
     if answers is not None:
         prompts = [prompt + answer for prompt, answer in zip(prompts, answers, strict=True)]
     flat = [image for own in images for image in own]
-    return processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+    clips = [clip for own in videos for clip in own]
+    # the frames are the video as given: no sampling by the video processor
+    video_inputs = {"videos": clips, "do_sample_frames": False} if clips else {}
+    return processor(
+        images=flat or None, **video_inputs, text=prompts, padding=True, return_tensors="pt"
+    )
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,11 @@ class Prompts:
     post_prompt: str = POST_PROMPT
 
     def __call__(self, questions: list[Question]) -> tuple[Mapping[str, torch.Tensor], list]:
-        """(processor outputs, the questions) of one batch."""
-        images = [[read_image(str(q.image)).convert("RGB")] for q in questions]
+        """(processor outputs, the questions) of one batch: each question's image, or its
+        video's frames."""
+        images = [
+            [read_image(str(q.image)).convert("RGB")] if q.video is None else [] for q in questions
+        ]
+        videos = [[] if q.video is None else [read_video(q.video)] for q in questions]
         texts = [q.question + self.post_prompt for q in questions]
-        return encode(self.processor, texts, images), questions
+        return encode(self.processor, texts, images, videos=videos), questions

@@ -225,6 +225,24 @@ class VisualMethod(Method):
         chosen = self.select(visual, keep)
         return chosen if isinstance(chosen, Selection) else Selection(chosen)
 
+    def decode_boundary(self) -> int | None:
+        """The first decoder layer that, in each decoding step, attends only to the cached video
+        tokens `decode_kept` keeps (None: every decoding step attends to the whole cache)."""
+        return None
+
+    def decode_kept(
+        self,
+        attention: torch.Tensor,
+        video: torch.Tensor,
+        previous: torch.Tensor | None,
+        kept: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, P) bool: the cached prompt positions the layers from `decode_boundary()` attend to
+        in this decoding step, given the new token's (B, P) `attention` over the prompt in the
+        layer before, the prompt's `video` tokens (B, P), and the attention and kept positions
+        of the previous step (`previous`, `kept`; None at the first step)."""
+        raise NotImplementedError
+
 
 def most_attended(attention: torch.Tensor, keep: int) -> torch.Tensor:
     """(B, keep) ascending indices of the `keep` tokens with the most (B, N) `attention`

@@ -5,6 +5,8 @@ methods: decoder), and later calls of a generation translated to the pruned cach
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,7 +14,7 @@ from torch import nn
 
 from tokcomp.adapters.base import Adapter, Compression, Patch
 from tokcomp.adapters.hf_vision import HFVisionAdapter
-from tokcomp.adapters.hf_vlm.decoder import llm_stage_decode, llm_stage_prefill
+from tokcomp.adapters.hf_vlm.decoder import decode_pruned, llm_stage_decode, llm_stage_prefill
 from tokcomp.adapters.hf_vlm.families import (
     ADAPTER_NAME,
     Images,
@@ -20,9 +22,12 @@ from tokcomp.adapters.hf_vlm.families import (
     family_for,
     handled_classes,
     in_prompt_order,
+    video_classes,
 )
 from tokcomp.adapters.hf_vlm.generation import (
     Call,
+    Cut,
+    Decoding,
     Pruned,
     Span,
     cut_prompt,
@@ -121,17 +126,16 @@ class HFVLMAdapter(Adapter):
         videos = images.get("pixel_values_videos", kwargs.get("pixel_values_videos"))
         with_videos = videos is not None or encoded["video"] is not None
         if with_videos and not self.vlm.video_encoder_inputs:
-            takers = ", ".join(handled_classes(videos=True))
             raise ValueError(
                 f"tokcomp prunes the image tokens of {type(self.vlm.model).__name__}; its video "
-                f"inputs are not supported (these take videos: {takers})"
+                f"inputs are not supported ({', '.join(video_classes())} take videos)"
             )
         call = Call(
             input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, kwargs
         )
         pruned = pruned_of(cache)
         if pruned is not None and not (with_images or with_videos):
-            return self._decode(pruned, call)
+            return self._decode(compression.method, pruned, call)
         if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
         if with_images and encoded["image"] is None:
@@ -183,8 +187,16 @@ class HFVLMAdapter(Adapter):
             **call.kwargs,
         )
         spans = [Span(0, cut.prompt.valid.long(), cut.shift)]
-        pruned_record(vlm, prompt, spans, cut.dropped).attach(call.cache)
+        record = pruned_record(vlm, prompt, spans, cut.dropped)
+        if isinstance(method, VisualMethod) and method.decode_boundary() is not None:
+            record = replace(record, decoding=self._decoding(prompt, call, found, cut))
+        record.attach(call.cache)
         return inner_output(output)
+
+    def _decoding(self, prompt: Prompt, call: Call, found: Images, cut: Cut) -> Decoding | None:
+        """The state of decode-time pruning of the pruned prompt's videos (None without any)."""
+        video = cut.carried(_video_tokens(prompt, call.input_ids, found, self.vlm.video_token_id))
+        return Decoding(video) if bool(video.any()) else None
 
     def _found(
         self,
@@ -215,9 +227,10 @@ class HFVLMAdapter(Adapter):
         bidirectional = vlm.bidirectional_images({**images, **call.kwargs})
         return Prompt(embeds, placeholder, valid, positions, mask, bidirectional)
 
-    def _decode(self, pruned: Pruned, call: Call) -> Any:
+    def _decode(self, method: Method, pruned: Pruned, call: Call) -> Any:
         """New tokens on a cache a pruned prefill filled: mask and positions (and an LLM-stage
-        method's two spans of layers) translated from the original numbering."""
+        method's two spans of layers) translated from the original numbering; a decoding step
+        of one token with decode-time pruning (DyCoke) skips the video tokens it drops."""
         vlm, language = self.vlm, self.vlm.language_model
         call = call.with_cache(language.config)
         embeds = call.inputs_embeds
@@ -226,6 +239,9 @@ class HFVLMAdapter(Adapter):
         new = pruned.new_tokens(call.cache)
         if len(pruned.spans) > 1:
             return _decoder_output(llm_stage_decode(vlm, pruned, call, embeds, new), call)
+        if pruned.decoding is not None and embeds.shape[1] == 1:
+            hidden = decode_pruned(vlm, method, pruned, call, embeds, new)
+            return _decoder_output(hidden, call)
         (span,) = pruned.spans
         original = decode_positions(vlm, pruned, call, embeds.shape[1], new)
         output = language(
@@ -247,6 +263,20 @@ def _present(inputs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 def _visual_needs(method: Method) -> frozenset:
     """The visual signals `method` declared (none for block methods)."""
     return method.visual_needs if isinstance(method, VisualMethod) else frozenset()
+
+
+def _video_tokens(
+    prompt: Prompt, input_ids: torch.Tensor, images: Images, video_token_id: int
+) -> torch.Tensor:
+    """(B, L) the prompt's video tokens a method chooses from: placeholders of the video token
+    in a segment (not LLaVA-OneVision's newline after a video's frames)."""
+    starts = [0, *itertools.accumulate(images.counts())]
+    in_segment = torch.zeros(starts[-1], dtype=torch.bool, device=input_ids.device)
+    for segment in images.segments:
+        in_segment[starts[segment.image] + segment.slots.to(in_segment.device)] = True
+    video = torch.zeros_like(prompt.placeholder)
+    video[prompt.placeholder] = in_segment & (input_ids[prompt.placeholder] == video_token_id)
+    return video
 
 
 def _decoder_output(hidden: torch.Tensor, call: Call) -> Any:

@@ -26,7 +26,7 @@ from tokcomp.adapters.hf_vlm.generation import (
 )
 from tokcomp.adapters.hf_vlm.selection import choose, place, surviving
 from tokcomp.adapters.hf_vlm.sequence import Prompt, pack
-from tokcomp.methods import LLMStageMethod
+from tokcomp.methods import LLMStageMethod, VisualMethod
 from tokcomp.methods.visual import LLMSignal
 
 
@@ -159,6 +159,70 @@ def llm_stage_decode(
         layers = LayerSpan(span.start, stop, mask, rope, text)
         hidden = run_layers(language, hidden, layers, call.cache, call.use_cache)
     return language.norm(hidden)
+
+
+def decode_pruned(
+    family: VLMFamily,
+    method: VisualMethod,
+    pruned: Pruned,
+    call: Call,
+    embeds: torch.Tensor,
+    new: int,
+) -> torch.Tensor:
+    """A decoding step of one token with decode-time pruning (DyCoke): the layers before the
+    method's boundary attend to the whole cache; from the new token's attention over the cached
+    prompt in the layer before it, the method keeps prompt positions, and the later layers
+    attend to those only in this step (the cache stays whole). Returns normed hidden states."""
+    language, decoding = family.language_model, pruned.decoding
+    check_callable(language, call.kwargs)
+    (span,) = pruned.spans
+    original = decode_positions(family, pruned, call, embeds.shape[1], new)
+    rope, text = family.split_positions(original - span.shift[:, None])
+    mask = span.mask_for(call.attention_mask, pruned.length, new + embeds.shape[1])
+    boundary, depth = method.decode_boundary(), len(language.layers)
+    if boundary >= depth:
+        raise ValueError(
+            f"{method.name}: decode_layer must be below the language model's {depth} layers "
+            f"(the layers from it skip video tokens while decoding), got {boundary}"
+        )
+    if layer_types(language.config)[boundary - 1] != "full_attention":
+        raise ValueError(
+            f"{method.name}: layer decode_layer - 1 = {boundary - 1} has sliding-window "
+            "attention; its attention over the whole cache is not kept: choose a decode_layer "
+            "after a full-attention layer"
+        )
+    scorer = LayerSpan(boundary - 1, boundary, mask, rope, text)
+    first = replace(scorer, start=0, stop=boundary - 1)
+    before = run_layers(language, embeds, first, call.cache, call.use_cache)
+    hidden = run_layers(language, before, scorer, call.cache, call.use_cache)
+    attention = new_token_attention(language, boundary - 1, before, scorer, call.cache)
+    attention = attention[:, : span.length]
+    kept = method.decode_kept(attention, decoding.video, decoding.attention, decoding.kept)
+    decoding.attention, decoding.kept = attention, kept
+    skipping = torch.cat([mask[:, : span.length] * kept, mask[:, span.length :]], dim=1)
+    later = LayerSpan(boundary, depth, skipping, rope, text)
+    return language.norm(run_layers(language, hidden, later, call.cache, call.use_cache))
+
+
+def new_token_attention(
+    language_model: nn.Module, index: int, hidden: torch.Tensor, span: LayerSpan, cache: Any
+) -> torch.Tensor:
+    """(B, S) float32: decoder layer `index`'s attention of the last token of its input `hidden`
+    over the S keys the layer has cached (that token's own last), averaged over heads, padding
+    masked by span.mask: one query row against the cached post-RoPE keys."""
+    layer, attn, rotate = _attention_of(language_model, index)
+    x = layer.input_layernorm(hidden[:, -1:])
+    kind = layer_types(language_model.config)[index]
+    cos, sin = _rope(language_model, x, span.rope_positions[..., -1:], kind)
+    q = split_heads(attn.q_proj(x), attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = rotate(q, q, cos, sin)[0]
+    keys = cache.layers[index].keys
+    k = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    valid = span.mask.bool()[:, None, None, :]
+    bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, -torch.inf)
+    return attention_probs(q.float(), k.float(), attn.scaling, bias).mean(dim=1)[:, 0]
 
 
 def _span(family: VLMFamily, prompt: Prompt, start: int, stop: int) -> LayerSpan:

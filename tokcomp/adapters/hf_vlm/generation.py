@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tokcomp.adapters.hf_vlm.families import VLMFamily
-from tokcomp.adapters.hf_vlm.sequence import Prompt, pack
+from tokcomp.adapters.hf_vlm.sequence import Packing, Prompt, pack
 
 #: Attribute of the Cache object that holds a generation's Pruned bookkeeping.
 _ON_CACHE = "_tokcomp_pruned"
@@ -79,6 +79,18 @@ class Span:
         return torch.cat([self.mask, tail], dim=1)
 
 
+@dataclass
+class Decoding:
+    """The per-sample state of decode-time pruning of one generation (made by its prefill, so
+    reset with every prompt): the cached prompt's video tokens `video` (B, P), and, once a
+    decoding step ran, its new token's attention over the prompt (B, P) and the prompt
+    positions the later layers attended to (B, P)."""
+
+    video: torch.Tensor
+    attention: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Pruned:
     """A pruned prompt, as later calls of the same generation need it.
@@ -87,13 +99,15 @@ class Pruned:
     layers grouped by the prompt their cache holds, in order (one span from layer 0 when the
     choice came before the language model). rope_delta: (B,) Qwen's multimodal-RoPE offset of
     text positions for calls without position ids (None for 1-D RoPE). dropped: (B,) visual
-    tokens dropped from each prompt by the last span.
+    tokens dropped from each prompt by the last span. decoding: the state of a method that
+    prunes the cache while decoding (DyCoke), None for the others.
     """
 
     length: int
     spans: tuple[Span, ...]
     rope_delta: torch.Tensor | None
     dropped: torch.Tensor
+    decoding: Decoding | None = None
 
     def attach(self, cache: object | None) -> None:
         """Keep this on the generation's cache (one per generate call, never shared)."""
@@ -123,11 +137,18 @@ def visual_tokens_dropped(cache: object | None) -> torch.Tensor | None:
 class Cut:
     """A prompt after dropping visual tokens: the pruned prompt (its embeddings, placeholders,
     real tokens, positions and the language model's mask), what its positions lost against
-    the input prompt's (`shift`, (B,)), and the visual tokens dropped (`dropped`, (B,))."""
+    the input prompt's (`shift`, (B,)), the visual tokens dropped (`dropped`, (B,)) and where
+    the kept tokens went (`packing`)."""
 
     prompt: Prompt
     shift: torch.Tensor
     dropped: torch.Tensor
+    packing: Packing
+
+    def carried(self, flags: torch.Tensor) -> torch.Tensor:
+        """(B, Lp) the (B, L) bool `flags` of the input prompt's tokens at their places in the
+        pruned prompt (False on padding)."""
+        return self.packing.gather(flags[..., None])[..., 0] & self.prompt.valid
 
 
 def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions: str) -> Cut:
@@ -149,7 +170,7 @@ def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions:
         bidirectional=prompt.bidirectional,
         injected=None if prompt.injected is None else packing.gather(prompt.injected),
     )
-    return Cut(pruned, shift, (dropped & prompt.valid).sum(dim=1))
+    return Cut(pruned, shift, (dropped & prompt.valid).sum(dim=1), packing)
 
 
 def pruned_record(

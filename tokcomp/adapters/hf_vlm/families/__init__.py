@@ -13,6 +13,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
     family_for,
     handled_classes,
     in_prompt_order,
+    video_classes,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -26,4 +27,5 @@ __all__ = [
     "family_for",
     "handled_classes",
     "in_prompt_order",
+    "video_classes",
 ]

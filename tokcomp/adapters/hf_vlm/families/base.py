@@ -224,7 +224,7 @@ class VLMFamily(abc.ABC):
         """The geometry of a reference video of `frames` frames (families with videos)."""
         raise ValueError(
             f"{type(self.model).__name__} takes no videos in tokcomp: MACs for a video (frames=) "
-            f"are given for {', '.join(handled_classes(videos=True))}"
+            f"are given for {', '.join(video_classes())}"
         )
 
     def spec(self) -> VLMSpec:
@@ -248,13 +248,15 @@ class VLMFamily(abc.ABC):
         )
 
 
-def handled_classes(videos: bool = False) -> list[str]:
-    """The names of the transformers classes some family handles (`videos`: with videos),
-    sorted."""
+def handled_classes() -> list[str]:
+    """The names of the transformers classes some family handles, sorted."""
+    return sorted(name.rsplit(".", 1)[1] for name in _REGISTRY)
+
+
+def video_classes() -> list[str]:
+    """The names of the transformers classes whose family takes videos, sorted."""
     return sorted(
-        name.rsplit(".", 1)[1]
-        for name, family in _REGISTRY.items()
-        if family.video_encoder_inputs or not videos
+        name.rsplit(".", 1)[1] for name, family in _REGISTRY.items() if family.video_encoder_inputs
     )
 
 
