@@ -70,7 +70,7 @@ VISUAL_OPTIONS = {
 IMAGE_OPTIONS = [
     m for m in VISUAL_OPTIONS if VisualSignal.FRAMES not in method_class(m).visual_needs
 ]
-#: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision
+#: (family, method, extra options): every method on LLaVA-1.5, LLaVA-NeXT(-Video), LLaVA-OneVision
 #: (crops, each a segment with its share), Gemma 3 (pooled tokens), Mistral 3 (merged
 #: patches, image-break tokens) and Qwen3-VL (merged patches, deepstack mergers), those without
 #: tower signals on SmolVLM (a single-Linear projector), and ZOO's sketch. FastVID only where
@@ -78,6 +78,10 @@ IMAGE_OPTIONS = [
 VISUAL_CASES = [
     *[pytest.param("llava", method, {}, id=f"llava-{method}") for method in IMAGE_OPTIONS],
     *[pytest.param("llava_next", m, {}, id=f"llava_next-{m}") for m in IMAGE_OPTIONS],
+    *[
+        pytest.param("llava_next_video", m, {}, id=f"llava_next_video-{m}")
+        for m in [*IMAGE_OPTIONS, "fastvid"]
+    ],
     *[
         pytest.param("llava_onevision", m, {}, id=f"llava_onevision-{m}")
         for m in [*IMAGE_OPTIONS, "fastvid"]  # an image there is a one-frame video to FastVID
@@ -181,7 +185,7 @@ def test_target_macs_lands_on_model_plus_selection():
 
 def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """One reference image and text of the reference length, so the analytic prefill applies."""
-    if FAMILIES[family].kind == "llava_next":
+    if FAMILIES[family].kind == "llava_next" or family == "llava_next_video":
         return _next_prompt(model)
     if family in ("mistral3", "qwen3_vl"):
         return _native_prompt(model, family)
@@ -191,8 +195,8 @@ def _prompt(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
 
 
 def _next_prompt(model: nn.Module) -> dict[str, torch.Tensor]:
-    """LLaVA-NeXT, LLaVA-OneVision: a REFERENCE_PIXELS square image (its crops) after one BOS
-    token."""
+    """LLaVA-NeXT(-Video), LLaVA-OneVision: a REFERENCE_PIXELS square image (its crops) after
+    one BOS token."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     config, size = model.config, torch.tensor([[REFERENCE_PIXELS, REFERENCE_PIXELS]])
@@ -291,28 +295,41 @@ def test_visual_method_selection_matches_the_flop_counter(family, method, extra)
 
 
 def _video_prompt(model: nn.Module, family: str, frames: int) -> dict[str, torch.Tensor]:
-    """A video of `frames` frames (Qwen2-VL: REFERENCE_PIXELS-square random patches, two frames
-    per temporal patch; LLaVA-OneVision: tower-sized frames) and text of the reference
-    length."""
+    """A video of `frames` frames (Qwen2-VL, Qwen3-VL: REFERENCE_PIXELS-square random patches,
+    two frames per temporal patch; Qwen3-VL: each temporal patch its own run after a 3-token
+    timestamp; LLaVA-OneVision, LLaVA-NeXT-Video: tower-sized frames, as many placeholders as
+    get_video_features gives) and text of the reference length, the structural tokens counted
+    with the text."""
     generator = torch.Generator().manual_seed(0)
     vision = model.config.vision_config
-    if family == "qwen2_vl":
-        side = REFERENCE_PIXELS // vision.patch_size
+    if family.startswith("qwen"):
+        merge = vision.spatial_merge_size
+        side = REFERENCE_PIXELS // vision.patch_size // merge * merge
         grid = torch.tensor([[frames // vision.temporal_patch_size, side, side]])
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         pixels = torch.randn(int(grid.prod()), width, generator=generator)
-        count = int(grid.prod()) // vision.spatial_merge_size**2
         video = {"pixel_values_videos": pixels, "video_grid_thw": grid}
+        runs = int(grid[0, 0]) if family == "qwen3_vl" else 1
+        timestamp = [TEXT_LOW] * 3 if family == "qwen3_vl" else []
+        run = [
+            *timestamp,
+            VISION_START,
+            *[VIDEO] * (int(grid.prod()) // merge**2 // runs),
+            VISION_END,
+        ]
+        tokens = torch.tensor(run * runs)
     else:
         side = vision.image_size
         pixels = torch.randn(1, frames, 3, side, side, generator=generator)
-        count = frames * (-(-side // vision.patch_size // 2)) ** 2 + 1
+        with torch.no_grad():
+            count = model.model.get_video_features(pixels).pooler_output[0].shape[0]
         video = {"pixel_values_videos": pixels}
-    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - 3,), generator=generator)
-    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+        tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    structural = 1 + int((tokens != VIDEO).sum())  # and the BOS token
+    text = torch.randint(TEXT_LOW, TEXT_HIGH, (REFERENCE_PROMPT - structural,), generator=generator)
     ids = torch.cat([torch.tensor([BOS]), tokens, text])[None]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **video}
-    if family == "qwen2_vl":
+    if family.startswith("qwen"):
         batch["mm_token_type_ids"] = 2 * (ids == VIDEO).int()
     return batch
 
@@ -323,18 +340,20 @@ VIDEO_CASES = [
         for m in VISUAL_OPTIONS
         if not method_class(m).visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
     ],
+    *[pytest.param("qwen3_vl", m, 2, id=f"qwen3_vl-{m}") for m in VISUAL_OPTIONS],
     *[
         pytest.param("llava_onevision_video", m, 4, id=f"onevision-{m}")
         for m in VISUAL_OPTIONS
         if m != "zoo"  # pooled video tokens have no projector input: docs/methods.md section 10
     ],
+    *[pytest.param("llava_next_video", m, 4, id=f"next_video-{m}") for m in VISUAL_OPTIONS],
 ]
 
 
 @pytest.mark.parametrize(("family", "method", "passes"), VIDEO_CASES)
 def test_visual_method_macs_on_a_video_match_the_flop_counter(family, method, passes):
-    """Four frames: Qwen2-VL's two temporal patches or LLaVA-OneVision's four frames, each a
-    tower pass; a budget of the video's tokens."""
+    """Four frames: Qwen2-VL's or Qwen3-VL's two temporal patches or LLaVA-OneVision's or
+    LLaVA-NeXT-Video's four frames, each a tower pass; a budget of the video's tokens."""
     model = tiny_vlm(family)
     batch = _video_prompt(model, family, frames=4)
     config = tokcomp.config_of(tokcomp.apply(model, method, **VISUAL_OPTIONS[method]), frames=4)

@@ -49,9 +49,11 @@ TOWER_ATTENTION = {
     "llava_next",
     "llava_onevision",
     "llava_onevision_video",
+    "llava_next_video",
     "gemma3",
     "mistral3",
     "qwen3_vl",
+    "qwen3_vl_video",
 }
 VISUAL = tuple(tokcomp.methods("vlm"))
 
@@ -306,7 +308,7 @@ def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     assert seen[1][0].shape == (2, 8)
 
 
-# -- videos (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) ---------------------------------------------
+# -- videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video) -----------------
 
 QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 
@@ -314,10 +316,11 @@ QWEN_VIDEO = [f for f in FAMILIES if FAMILIES[f].kind == "qwen_video"]
 #: (family, layout, selectable tokens of each image and video per sample, by hand): Qwen's
 #: 3 x 6 x 4- and 1 x 4 x 4-patch videos and 1 x 6 x 4-patch image, 2 x 2 merged (a video and an
 #: image mixed in sample 1); LLaVA-OneVision's 3 frames of 2 x 2 pooled tokens (the newline
-#: after them always kept).
+#: after them always kept); LLaVA-NeXT-Video's 3 frames of 2 x 2 resampled tokens.
 BUDGET_CASES = [
     *[pytest.param(f, LAYOUT, [[18], [4, 6], []], id=f) for f in QWEN_VIDEO],
     pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_onevision"),
+    pytest.param("llava_next_video", [(1, 5), (1, 3)], [[12], [12]], id="llava_next_video"),
 ]
 
 
@@ -340,6 +343,7 @@ def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
 FRAME_CASES = [
     *[pytest.param(f, LAYOUT, [[(18, 3)], [(4, 1), (6, 1)], []], id=f) for f in QWEN_VIDEO],
     pytest.param("llava_onevision_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="onevision"),
+    pytest.param("llava_next_video", [(1, 5), (1, 3)], [[(12, 3)], [(12, 3)]], id="next_video"),
 ]
 
 
@@ -365,9 +369,9 @@ def _replaying_dycoke_decoding(model, method, video: torch.Tensor):
     """Hooks that make an uncached re-run of the pruned prompt plus the tokens so far decode as
     DyCoke's cached decoding: in each run after the first, the new token's head-averaged
     attention over the prompt in layer decode_layer - 1 (by hand: its query row against every
-    key, from the layer's own inputs) gives that step's kept positions by `decode_kept`; in the
-    layers from decode_layer, each generated token's row attends to the prompt positions kept
-    at its own step."""
+    key, from the layer's own inputs, Qwen3's q/k norms included) gives that step's kept
+    positions by `decode_kept`; in the layers from decode_layer, each generated token's row
+    attends to the prompt positions kept at its own step."""
     language = model.model.language_model
     attention = language.layers[method.decode_layer - 1].self_attn
     steps, prompt = [], []
@@ -378,8 +382,12 @@ def _replaying_dycoke_decoding(model, method, video: torch.Tensor):
         if not prompt:
             prompt.append(hidden.shape[1])
             return
-        q = module.q_proj(hidden).unflatten(-1, (-1, module.head_dim)).transpose(1, 2)
-        k = module.k_proj(hidden).unflatten(-1, (-1, module.head_dim)).transpose(1, 2)
+        q, k = (
+            getattr(module, norm, torch.nn.Identity())(
+                projection(hidden).unflatten(-1, (-1, module.head_dim))
+            ).transpose(1, 2)
+            for projection, norm in ((module.q_proj, "q_norm"), (module.k_proj, "k_norm"))
+        )
         q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(
             q, k, *kwargs["position_embeddings"]
         )
@@ -407,10 +415,10 @@ def _replaying_dycoke_decoding(model, method, video: torch.Tensor):
 
 
 def _video_by_hand(family: str, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) the video placeholders a method chooses from: all on Qwen; on LLaVA-OneVision all
-    but the newline ending each video."""
+    """(B, L) the video placeholders a method chooses from: all on Qwen and LLaVA-NeXT-Video; on
+    LLaVA-OneVision all but the newline ending each video."""
     video = input_ids == VIDEO
-    if FAMILIES[family].kind == "onevision_video":
+    if family == "llava_onevision_video":
         video &= torch.nn.functional.pad(video, (0, 1))[:, 1:]
     return video
 
@@ -430,7 +438,7 @@ def _greedy_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, obje
 
 
 @pytest.mark.parametrize(("k", "reuse"), [(0.0, True), (0.5, True), (0.5, False)])
-@pytest.mark.parametrize("family", [*QWEN_VIDEO, "llava_onevision_video"])
+@pytest.mark.parametrize("family", [*QWEN_VIDEO, "llava_onevision_video", "llava_next_video"])
 @torch.no_grad()
 def test_dycoke_cached_decoding_equals_replaying_its_step_masks_without_a_cache(family, k, reuse):
     """Greedy, a left-padded batch of 3 (a video; a video and an image; text only): cached
@@ -513,7 +521,7 @@ def _video_prompt(count: int) -> torch.Tensor:
     return torch.cat([torch.tensor([BOS]), text, video, text])[None]
 
 
-@pytest.mark.parametrize("family", QWEN_VIDEO)
+@pytest.mark.parametrize("family", ["qwen2_vl_video", "qwen2_5_vl_video"])
 @torch.no_grad()
 def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_grid(family):
     """Keeping the first 2 of 3 temporal patches and the top-left 2 x 2 of 3 x 2 merged tokens
@@ -539,6 +547,122 @@ def test_renumbering_a_video_cut_to_a_sub_grid_is_the_model_s_numbering_of_that_
     expected = numbered(_video_prompt(8), (2, 4, 4))
     assert torch.equal(positions[:, ~pruned][:, None], expected)
     assert shift.tolist() == [1]
+
+
+def _qwen3_video_prompt(counts: list[int]) -> torch.Tensor:
+    """A Qwen3-VL video prompt: per temporal patch, timestamp text then its run of `counts`
+    placeholders between vision start and end tokens (an empty run: a patch pruned whole)."""
+    text = torch.arange(10, 15)
+    runs = [torch.tensor([20, 21, VISION_START, *[VIDEO] * n, VISION_END]) for n in counts]
+    return torch.cat([torch.tensor([BOS]), text, *runs, text])[None]
+
+
+@torch.no_grad()
+def test_renumbering_qwen3_vl_video_runs_is_the_model_s_numbering_of_the_kept_grid():
+    """A (3, 6, 4)-patch video, each temporal patch its own run of 3 x 2 merged tokens after
+    its timestamp: keeping the top 2 x 2 of the first two runs and none of the third, the
+    renumbered prompt is numbered as get_rope_index numbers the prompt that holds two runs of
+    a (2, 4, 4)-patch video and the third run's timestamp and start and end tokens alone."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model("qwen3_vl_video")
+    vlm = family_for(model)(model)
+
+    def numbered(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        inputs = {
+            "mm_token_type_ids": (ids == VIDEO).int() * 2,
+            "video_grid_thw": torch.tensor([grid]),
+        }
+        return vlm.positions(ids, None, None, inputs)
+
+    ids = _qwen3_video_prompt([6, 6, 6])
+    placeholder = vlm.placeholders(ids)
+    t, h = torch.meshgrid(torch.arange(3), torch.arange(3), indexing="ij")
+    pruned = placeholder.clone()
+    pruned[placeholder] = ((t >= 2) | (h >= 2))[..., None].expand(3, 3, 2).flatten()
+    positions, shift = vlm.renumber(numbered(ids, (3, 6, 4)), placeholder, pruned)
+    expected = numbered(_qwen3_video_prompt([4, 4, 0]), (2, 4, 4))
+    assert torch.equal(positions[:, ~pruned][:, None], expected)
+    assert shift.tolist() == [1 + 1 + 3]  # each run's extent: 3 rows, then 2 rows or none
+
+
+@torch.no_grad()
+def test_qwen3_vl_video_cut_to_its_last_temporal_patch_is_the_model_on_the_shorter_prompt():
+    """Keeping only the last temporal patch's tokens of a video ("renumber"): the earlier runs
+    are pruned whole, their timestamps and start/end tokens stay. The last logits are the
+    unpatched model's on the prompt without the pruned placeholders, numbered by its own
+    get_rope_index as a one-patch video, given the kept tokens and their deepstack features;
+    keeping the original positions instead gives other logits."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        BaseModelOutputWithDeepstackFeatures,
+    )
+
+    class Last(method_class("divprune")):
+        def select(self, visual, keep):
+            return torch.arange(visual.tokens - keep, visual.tokens).expand(visual.batch, -1)
+
+    model = _model("qwen3_vl_video")
+    batch, _ = _inputs(model, "qwen3_vl_video", [(1, 4)])
+    ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
+    keep = rows * cols // 4
+    assert temporal > 1
+    encoded = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+    outputs = BaseModelOutputWithDeepstackFeatures(
+        pooler_output=[encoded.pooler_output[0][-keep:]],
+        deepstack_features=[[level[0][-keep:]] for level in encoded.deepstack_features],
+    )
+    ids = batch["input_ids"][0]
+    video = (ids == VIDEO).nonzero().squeeze(1)
+    kept = torch.ones_like(ids, dtype=torch.bool)
+    kept[video[:-keep]] = False
+    shorter = ids[kept][None]
+    expected = model(
+        input_ids=shorter,
+        mm_token_type_ids=2 * (shorter == VIDEO).int(),
+        video_grid_thw=torch.tensor([[1, rows, cols]]),
+        mm_encoder_outputs={"video": outputs},
+    ).logits[:, -1]
+    tokcomp.apply(model, Last(keep=keep, positions="renumber"))
+    torch.testing.assert_close(model(**batch).logits[:, -1], expected, rtol=1e-4, atol=1e-5)
+    tokcomp.apply(model, Last(keep=keep, positions="keep"))
+    assert not torch.allclose(model(**batch).logits[:, -1], expected, rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
+def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
+    """A video's attention signal, per merged token, is the mean over its four patches of what
+    each receives in the last tower block from the patches of its own temporal patch (the
+    tower attends within each; eager weights averaged over queries, summed over heads), the
+    temporal patches in order; the deepstack features travel with the video's tokens."""
+    from transformers import AttentionInterface
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
+
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    recorded = []
+
+    def recording(module, *args, **kwargs):
+        output, weights = eager_attention_forward(module, *args, **kwargs)
+        recorded.append(weights[0])
+        return output, weights
+
+    model = _model("qwen3_vl_video")
+    family, needs = family_for(model)(model), frozenset(VisualSignal)
+    batch, _ = _inputs(model, "qwen3_vl_video", [(1, 3)])
+    inputs = {name: batch[name] for name in family.video_encoder_inputs}
+    videos = family.videos(family.encode_videos((), inputs, needs), inputs, needs)
+    AttentionInterface.register("tokcomp_test_recording", recording)
+    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    encoded = model.model.get_video_features(**inputs)
+    ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
+    received = [w.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1) for w in recorded[-temporal:]]
+    (segment,) = videos.segments
+    assert (segment.frames, segment.visual.tokens) == (temporal, temporal * rows * cols // 4)
+    torch.testing.assert_close(
+        segment.visual.attention[0], torch.cat(received), rtol=1e-4, atol=1e-6
+    )
+    levels = [level[0] for level in encoded.deepstack_features]
+    torch.testing.assert_close(videos.injected[0], torch.stack(levels, dim=1))
 
 
 @torch.no_grad()
@@ -569,6 +693,47 @@ def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newli
         torch.testing.assert_close(segment.visual.outputs[0], expected[video, :12])
         torch.testing.assert_close(segment.visual.features, segment.visual.outputs)
         torch.testing.assert_close(segment.visual.attention[0], pooled[video])
+
+
+@torch.no_grad()
+def test_llava_next_video_is_one_segment_of_its_resampled_frames():
+    """Two 3-frame videos of 4 x 4 patches per frame: each frame's feature-layer patches (class
+    token dropped) 2 x 2 average-pooled by hand are the FEATURES, which the projector maps to
+    the model's own video tokens; attention and keys are the same 2 x 2 means of the feature
+    layer's; the 12 tokens one segment of 3 frames, no newline."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_next_video")
+    vlm, needs = family_for(model)(model), frozenset(VisualSignal)
+    inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
+    encoded = vlm.encode_videos((), inputs, needs)
+    videos = vlm.videos(encoded, inputs, needs)
+    expected = model.model.get_video_features(**inputs).pooler_output
+    index = vlm.feature_index(inputs)
+
+    def pooled(per_patch: torch.Tensor) -> torch.Tensor:  # (6, 16, C) -> (2, 12, C)
+        grid = per_patch.reshape(6, 2, 2, 2, 2, -1)  # frame, row pair, row, column pair, column
+        return grid.mean(dim=(2, 4)).reshape(2, 12, -1)
+
+    attention, keys = tower_attention(
+        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
+    )
+    features = pooled(encoded.hidden_states[index][:, 1:])
+    assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
+        (0, 3, list(range(12))),
+        (1, 3, list(range(12))),
+    ]
+    for video, segment in enumerate(videos.segments):
+        torch.testing.assert_close(segment.visual.outputs[0], expected[video])
+        torch.testing.assert_close(segment.visual.features[0], features[video])
+        torch.testing.assert_close(
+            segment.visual.project(segment.visual.features)[0], expected[video]
+        )
+        torch.testing.assert_close(
+            segment.visual.attention[0], pooled(attention[:, 1:, None])[video, :, 0]
+        )
+        torch.testing.assert_close(segment.visual.keys[0], pooled(keys[:, 1:])[video])
 
 
 def test_videos_where_none_are_taken_and_bad_frame_counts_are_refused():

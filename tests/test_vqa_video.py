@@ -30,6 +30,7 @@ from fixtures.vqa import (
 from PIL import Image
 
 import tokcomp
+from tokcomp.adapters.hf_vlm.families import video_classes
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.data import CorruptImageError, read_video
@@ -285,7 +286,8 @@ def test_videos_on_a_family_without_videos_are_refused_naming_those_with(data, t
     assert vqa(model, data, tmp_path / "out") == 2
     line = capsys.readouterr().err.splitlines()[-1]
     assert "tokcomp gives LlavaForConditionalGeneration no videos" in line
-    assert "(LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration" in line
+    assert f"({', '.join(video_classes())})" in line
+    assert "LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration" in line
 
 
 def test_a_processor_without_a_video_processor_is_refused(data):

@@ -1,8 +1,8 @@
 """Tiny randomly initialised Hugging Face VLMs of every family tokcomp supports, and batched
 inputs for them (left-padded prompts of different lengths, different numbers of images per
-sample; for the "_video" families, videos and images alternating, made from random frames by
-Qwen2-VL's video processor). Shared by the VLM tests and the VQA harness; no network, no
-processor files."""
+sample; for the "_video" families, videos and images alternating: Qwen's made from random
+frames by Qwen2-VL's video processor, the LLaVA ones tower-sized random frames). Shared by the
+VLM tests and the VQA harness; no network, no processor files."""
 
 from __future__ import annotations
 
@@ -87,6 +87,20 @@ def _llava_onevision_video() -> nn.Module:
     return model
 
 
+def _llava_next_video() -> nn.Module:
+    """A CLIP tower of 4 x 4 patches: each video frame's patches 2 x 2 average-pooled (the
+    released stride and mode) to 4 tokens."""
+    config = hf.LlavaNextVideoConfig(
+        vision_config=hf.CLIPVisionConfig(**_VISION, image_size=32, patch_size=8),
+        text_config=hf.LlamaConfig(**_TEXT),
+        image_token_index=IMAGE,
+        video_token_index=VIDEO,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        image_seq_length=16,
+    )
+    return hf.LlavaNextVideoForConditionalGeneration(config)
+
+
 def _qwen_text() -> dict:
     text = dict(
         _TEXT,
@@ -161,7 +175,7 @@ def _qwen3_vl() -> nn.Module:
         text_config=dict(text, head_dim=12),
         vision_config=vision,
         image_token_id=IMAGE,
-        video_token_id=FAKE_AROUND,
+        video_token_id=VIDEO,
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
@@ -242,8 +256,8 @@ class Family:
     """How to build a tiny model of one family and its per-image inputs."""
 
     build: Callable[[], nn.Module]
-    kind: str  # "llava", "llava_next", "qwen", "qwen_video", "onevision_video", "idefics",
-    # "gemma" or "pixtral"
+    kind: str  # "llava", "llava_next", "qwen", "qwen_video", "anyres_video" (anyres images,
+    # videos as frame tensors), "idefics", "gemma" or "pixtral"
 
 
 FAMILIES: dict[str, Family] = {
@@ -251,12 +265,14 @@ FAMILIES: dict[str, Family] = {
     "llava_siglip": Family(_llava_siglip, "llava"),
     "llava_next": Family(_llava_next, "llava_next"),
     "llava_onevision": Family(_llava_onevision, "llava_next"),
-    "llava_onevision_video": Family(_llava_onevision_video, "onevision_video"),
+    "llava_onevision_video": Family(_llava_onevision_video, "anyres_video"),
+    "llava_next_video": Family(_llava_next_video, "anyres_video"),
     "qwen2_vl": Family(_qwen2_vl, "qwen"),
     "qwen2_5_vl": Family(_qwen2_5_vl, "qwen"),
     "qwen3_vl": Family(_qwen3_vl, "qwen"),
     "qwen2_vl_video": Family(_qwen2_vl, "qwen_video"),
     "qwen2_5_vl_video": Family(_qwen2_5_vl, "qwen_video"),
+    "qwen3_vl_video": Family(_qwen3_vl, "qwen_video"),
     "idefics3": Family(_idefics3, "idefics"),
     "smolvlm": Family(_smolvlm, "idefics"),
     "internvl": Family(_internvl, "llava"),
@@ -327,9 +343,9 @@ def _image(
         return _pixtral_image(model, generator, index)
     if kind == "qwen_video":
         return _qwen_video(model, generator) if index % 2 == 0 else _qwen_item(model, generator)
-    if kind == "onevision_video":
+    if kind == "anyres_video":
         if index % 2 == 0:
-            return _onevision_video(model, generator)
+            return _frames_video(model, generator)
         pixels, tokens, extra = _next_image(model, generator, index)
         return (
             None,
@@ -411,17 +427,20 @@ def _qwen_item(
     return None, tokens, {"pixel_values": pixels, "image_grid_thw": extra["image_grid_thw"][None]}
 
 
-#: Video shapes (frames, height, width) and frame rates the fixture draws from.
-_VIDEOS = [((4, 16, 24), 2.0), ((6, 24, 16), 1.0), ((2, 16, 16), 4.0)]
+#: Video shapes (frames, height and width in patches) and frame rates the fixture draws from.
+_VIDEOS = [((4, 4, 6), 2.0), ((6, 6, 4), 1.0), ((2, 4, 4), 4.0)]
 
 
 def _qwen_video(
     model: nn.Module, generator: torch.Generator
 ) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
     """A video of random frames of a drawn shape through Qwen2-VL's video processor (2 frames
-    per temporal patch); Qwen2.5-VL also gets its seconds per temporal patch."""
+    per temporal patch); Qwen2.5-VL also gets its seconds per temporal patch. Qwen3-VL's
+    processor writes each temporal patch as its own run: "<t seconds>" (here 3 random text
+    tokens), then the vision start token, the run's placeholders and the vision end token."""
     vision = model.config.vision_config
-    (frames, height, width), fps = _VIDEOS[int(torch.randint(3, (1,), generator=generator))]
+    (frames, rows, cols), fps = _VIDEOS[int(torch.randint(3, (1,), generator=generator))]
+    height, width = rows * vision.patch_size, cols * vision.patch_size
     processor = hf.Qwen2VLVideoProcessor(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
@@ -433,26 +452,34 @@ def _qwen_video(
     )
     video = torch.randint(0, 256, (frames, height, width, 3), generator=generator)
     tensors = dict(processor(videos=[video.to(torch.uint8).numpy()], return_tensors="pt"))
-    count = int(tensors["video_grid_thw"].prod()) // vision.spatial_merge_size**2
+    temporal, rows, cols = tensors["video_grid_thw"][0].tolist()
+    per_frame = rows * cols // vision.spatial_merge_size**2
     if model.config.model_type == "qwen2_5_vl":
         tensors["second_per_grid_ts"] = torch.tensor([vision.temporal_patch_size / fps])
-    tokens = torch.tensor([VISION_START, *[VIDEO] * count, VISION_END])
+    if model.config.model_type == "qwen3_vl":
+        run = [VISION_START, *[VIDEO] * per_frame, VISION_END]
+        runs = [torch.cat([_text(generator, 3), torch.tensor(run)]) for _ in range(temporal)]
+        return None, torch.cat(runs), tensors
+    tokens = torch.tensor([VISION_START, *[VIDEO] * (temporal * per_frame), VISION_END])
     return None, tokens, tensors
 
 
-#: Frames of every LLaVA-OneVision video (the model takes them as one tensor).
-ONEVISION_FRAMES = 3
+#: Frames of every LLaVA-OneVision and LLaVA-NeXT-Video video (the model takes them as one
+#: tensor, so all videos of a call have as many).
+VIDEO_FRAMES = 3
 
 
-def _onevision_video(
+def _frames_video(
     model: nn.Module, generator: torch.Generator
 ) -> tuple[None, torch.Tensor, dict[str, torch.Tensor]]:
-    """A video of tower-sized frames: per frame the 2 x 2-pooled grid, then one newline token."""
+    """A video of tower-sized frames; its placeholder count from the model's own
+    get_video_features (LLaVA-OneVision: per frame the 2 x 2-pooled grid, then one newline
+    token; LLaVA-NeXT-Video: per frame the resampled grid)."""
     side = model.config.vision_config.image_size
-    frames = torch.randn(1, ONEVISION_FRAMES, 3, side, side, generator=generator)
-    grid = -(-side // model.config.vision_config.patch_size // 2)
-    tokens = torch.full((ONEVISION_FRAMES * grid * grid + 1,), VIDEO)
-    return None, tokens, {"pixel_values_videos": frames}
+    frames = torch.randn(1, VIDEO_FRAMES, 3, side, side, generator=generator)
+    with torch.no_grad():
+        count = model.model.get_video_features(frames).pooler_output[0].shape[0]
+    return None, torch.full((count,), VIDEO), {"pixel_values_videos": frames}
 
 
 def _stack_images(
@@ -462,7 +489,7 @@ def _stack_images(
         return {}
     if kind == "qwen_video":
         return _concat_by_name([extra for _, extra in tensors])
-    if kind == "onevision_video":
+    if kind == "anyres_video":
         return _concat_by_name(_crops_padded([extra for _, extra in tensors]))
     extras = {name: torch.stack([extra[name] for _, extra in tensors]) for name in tensors[0][1]}
     pixels = [pixels for pixels, _ in tensors]
@@ -520,7 +547,7 @@ def _concat_by_name(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 def _concat_images(kind: str, samples: list[Sample]) -> dict[str, torch.Tensor]:
     if kind == "qwen_video":
         return _concat_by_name([s.images for s in samples])
-    if kind == "onevision_video":
+    if kind == "anyres_video":
         return _concat_by_name(_crops_padded([s.images for s in samples]))
     names = samples[0].images.keys()
     if kind != "llava_next":

@@ -81,7 +81,8 @@ def _check_visual_method(method: VisualMethod, spec: VLMSpec) -> None:
     if not _signals_given(type(method), spec):
         raise ValueError(
             f"{method.name} needs the vision tower's attention at its feature layer, which "
-            "tokcomp computes for LLaVA-1.5 and LLaVA-NeXT (CLIP/SigLIP towers), not for "
+            "tokcomp computes for the LLaVA families (CLIP/SigLIP towers), Gemma 3, Mistral 3 "
+            "and Qwen3-VL, not for "
             f"{spec.architecture}; use {_runnable_on(spec)} on it"
         )
 

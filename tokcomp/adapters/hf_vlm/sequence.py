@@ -103,7 +103,8 @@ def renumber_mrope(
     to the image's start; the gap an image leaves (its original extent minus its kept extent)
     is closed for everything after it. The last three rows are the (t, h, w) rows; extents are
     measured on the h and w rows, as get_rope_index advances the text after an image or a video
-    by its spatial extent (a video's time rows may run past it)."""
+    by its spatial extent (a video's time rows may run past it). A run pruned whole (a Qwen3-VL
+    video frame) leaves no extent: what follows it moves down to where the run began."""
     shifts = torch.zeros_like(placeholder, dtype=torch.long)
     total = torch.zeros(placeholder.shape[0], dtype=torch.long, device=placeholder.device)
     spatial = positions[-2:]
@@ -112,8 +113,8 @@ def renumber_mrope(
         for start, end in _runs(placeholder[row]):
             shifts[row, start:end] = gap
             run = spatial[:, row, start:end]
-            kept = ~pruned[row, start:end]
-            gap += int(run.max() - run[:, kept].max())
+            kept = run[:, ~pruned[row, start:end]]
+            gap += int(run.max() - (kept.max() if kept.numel() else run.min() - 1))
             shifts[row, end:] = gap
         total[row] = gap
     return positions - shifts, total

@@ -224,7 +224,7 @@ class VLMFamily(abc.ABC):
         """The geometry of a reference video of `frames` frames (families with videos)."""
         raise ValueError(
             f"{type(self.model).__name__} takes no videos in tokcomp: MACs for a video (frames=) "
-            "are given for Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision"
+            f"are given for {', '.join(video_classes())}"
         )
 
     def spec(self) -> VLMSpec:
@@ -357,8 +357,10 @@ def in_prompt_order(images: Images | None, videos: Images | None, is_video: torc
         for segment in source.segments
     ]
     compressed = any(s is not None and s.placeholders is not None for s in sources.values())
+    injected = any(s is not None and s.injected is not None for s in sources.values())
     return Images(
         [sources[kind].embeds[index] for kind, index in order],
         sorted(segments, key=lambda segment: segment.image),
         [sources[kind].counts()[index] for kind, index in order] if compressed else None,
+        [sources[kind].injected[index] for kind, index in order] if injected else None,
     )

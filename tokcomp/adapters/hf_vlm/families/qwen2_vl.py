@@ -149,7 +149,7 @@ class Qwen2VL(VLMFamily):
             crops=temporal,
             visual_tokens=visual,
             segments=(visual,),
-            projected_tokens=visual,
+            projected_tokens=temporal * spec.projected_tokens,
             frames=temporal,
         )
 

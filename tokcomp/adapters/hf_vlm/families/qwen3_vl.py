@@ -1,5 +1,6 @@
-"""Qwen3-VL (Qwen3VLForConditionalGeneration), images: multimodal RoPE as Qwen2-VL and
-deepstack features added to the visual tokens' hidden states in the first decoder layers."""
+"""Qwen3-VL (Qwen3VLForConditionalGeneration), images and videos: multimodal RoPE as Qwen2-VL
+(a video numbered frame by frame between timestamp texts) and deepstack features added to the
+visual tokens' hidden states in the first decoder layers."""
 
 from __future__ import annotations
 
@@ -25,11 +26,15 @@ class Qwen3VL(Qwen2VL):
     Qwen2-VL; its rotary embedding interleaves the t/h/w frequencies). Deepstack: mergers of
     some tower blocks' outputs give every visual token k more features, which the language
     model adds to that token's hidden state after its first k layers; a pruned token's
-    features go with it, the kept ones' follow their token into the shorter prompt."""
+    features go with it, the kept ones' follow their token into the shorter prompt.
+
+    A video: its temporal patches (2 frames each) through the tower, one segment of t x h x w
+    tokens, frame-major, with one budget. The processor writes each temporal patch as its own
+    placeholder run, "<t seconds>" text and vision start and end tokens around it; those are
+    text, never pruned, and get_rope_index numbers each run as a one-frame image after them, so
+    renumbering closes each run's gap (a run pruned whole leaves none)."""
 
     handles = (f"{_MODELS}qwen3_vl.modeling_qwen3_vl.Qwen3VLForConditionalGeneration",)
-    #: its videos are numbered by timestamps and carry deepstack features: not handled yet
-    video_encoder_inputs = ()
 
     @property
     def projector(self) -> tuple[nn.Module, ...]:
@@ -37,13 +42,29 @@ class Qwen3VL(Qwen2VL):
         return (merger.linear_fc1, merger.act_fn, merger.linear_fc2)
 
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+        return super().encode(args, self._with_last_block_input(kwargs, needs), needs)
+
+    def encode_videos(
+        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> Any:
+        return super().encode_videos(args, self._with_last_block_input(kwargs, needs), needs)
+
+    def _with_last_block_input(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
+        """The tower's arguments, asking for the last block's input where `needs` wants its
+        attention or keys."""
         wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
         if wanted and kwargs.get("output_hidden_states") is not True:
             kwargs = {**kwargs, "output_hidden_states": [len(self.inner.visual.blocks) - 1]}
-        return super().encode(args, kwargs, needs)
+        return kwargs
 
-    def images(
-        self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
+    def _segments(
+        self,
+        encoded: Any,
+        grid: torch.Tensor,
+        needs: frozenset[VisualSignal],
+        frames: list[int] | None = None,
     ) -> Images:
         embeds = list(encoded.pooler_output)
         sizes = [len(e) for e in embeds]
@@ -55,11 +76,11 @@ class Qwen3VL(Qwen2VL):
             signals["features"] = x.split(sizes)
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
             block = encoded.hidden_states[len(visual.blocks) - 1]
-            received, keys = self._attention(block, inputs["image_grid_thw"])
+            received, keys = self._attention(block, grid)
             unit = visual.spatial_merge_size**2  # a merged token's patches are consecutive
             signals["attention"] = received.view(-1, unit).mean(dim=1).split(sizes)
             signals["keys"] = keys.view(-1, unit, keys.shape[-1]).mean(dim=1).split(sizes)
-        images = one_segment_each(embeds, self.projector, signals)
+        images = one_segment_each(embeds, self.projector, signals, frames)
         levels = encoded.deepstack_features
         if not levels:
             return images
@@ -68,8 +89,9 @@ class Qwen3VL(Qwen2VL):
 
     def _attention(self, x: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last tower block's attention each patch receives from the patches of its image
-        (mean over queries, summed over heads: the tower has no class token) and its
-        head-averaged keys, for the block's input x (patches of all images, C)."""
+        or video temporal patch, the ones it attends to (mean over queries, summed over heads:
+        the tower has no class token), and its head-averaged keys, for the block's input x
+        (patches of all images or videos, C)."""
         from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
         from transformers.vision_utils import get_vision_position_ids
 
@@ -84,7 +106,7 @@ class Qwen3VL(Qwen2VL):
         q, k = qk.reshape(len(x), 2, attn.num_heads, -1).unbind(dim=1)
         q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         received = []
-        sizes = grid.prod(-1).tolist()
+        sizes = (grid[:, 1] * grid[:, 2]).repeat_interleave(grid[:, 0]).tolist()
         for q_image, k_image in zip(q.split(sizes), k.split(sizes), strict=True):
             probs = attention_probs(q_image.transpose(0, 1), k_image.transpose(0, 1), attn.scaling)
             received.append(probs.mean(dim=1).sum(dim=0))
