@@ -37,6 +37,9 @@ class VisualSignal(enum.Enum):
     #: per image, its prompt's text tokens (image placeholders and padding left out) as the
     #: language model's input embeddings: a tuple of B (T_b, D) tensors
     TEXT = "text"
+    #: per image, the token ids of its prompt's text after the prompt's last image placeholder
+    #: (its instruction, as the language model's tokenizer wrote it): a tuple of B (T_b,) tensors
+    PROMPT = "prompt"
     #: the frames of each video (VisualTokens.frames): only families that take videos give them
     FRAMES = "frames"
 
@@ -104,7 +107,7 @@ class VisualTokens:
 
     outputs: projector outputs, what the language model receives (B, N, D). projector: the
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
-    features to outputs. features / attention / keys / text: see VisualSignal (None unless
+    features to outputs. features / attention / keys / text / prompt: see VisualSignal (None unless
     declared). frames: the frames the tokens span, frame-major with tokens // frames each (a
     video's frames, Qwen's temporal patches; 1 for an image).
     Towers without a class token (SigLIP) give as attention the mean attention each token
@@ -128,6 +131,7 @@ class VisualTokens:
     text_states: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
     text: tuple[torch.Tensor, ...] | None = None
+    prompt: tuple[torch.Tensor, ...] | None = None
     frames: int = 1
 
     @property
@@ -196,6 +200,10 @@ class VisualMethod(Method):
 
     def check_visual_options(self) -> None:
         """Raise ValueError for options that mean nothing when choosing a VLM's visual tokens."""
+
+    def check_tower(self, tower: nn.Module | None) -> None:
+        """Raise ValueError unless the method's options suit the VLM's vision tower (None where
+        tokcomp does not address the family's tower); called when the method is applied."""
 
     def budget_candidates(self, selectable: int) -> Iterator[Method]:
         """Copies spanning the budgets of an image with `selectable` tokens (for target_macs)."""

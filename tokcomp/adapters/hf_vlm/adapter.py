@@ -36,7 +36,13 @@ from tokcomp.adapters.hf_vlm.generation import (
     pruned_of,
     pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_text
+from tokcomp.adapters.hf_vlm.selection import (
+    choose,
+    keep_all,
+    place,
+    with_prompt,
+    with_text,
+)
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
 from tokcomp.methods.visual import VisualSignal
@@ -76,8 +82,10 @@ class HFVLMAdapter(Adapter):
 
     def install(self, patch: Patch) -> None:
         """Patch the inner model; a block method also patches the vision tower."""
-        super().install(patch)
         compression = patch.compression
+        if isinstance(compression.method, VisualMethod):
+            compression.method.check_tower(getattr(self.vlm, "tower", None))
+        super().install(patch)
         if not isinstance(compression.method, VisualMethod):
             spec = compression.spec.tower()
             tower = Compression(compression.method, compression.schedule, spec)
@@ -172,6 +180,8 @@ class HFVLMAdapter(Adapter):
         if isinstance(method, VisualMethod) and found.placeholders is None:
             if VisualSignal.TEXT in _visual_needs(method):
                 found = with_text(found, prompt)
+            if VisualSignal.PROMPT in _visual_needs(method):
+                found = with_prompt(found, prompt, call.input_ids)
             choices, positions = choose(method, found), method.positions
         else:  # a block method acted inside the tower: its tokens take the first places
             choices, positions = keep_all(found), "renumber"

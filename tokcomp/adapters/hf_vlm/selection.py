@@ -73,22 +73,43 @@ def _stack(visuals: list[VisualTokens], frames: int) -> VisualTokens:
         parts = [getattr(v, name) for v in visuals]
         return None if parts[0] is None else torch.cat(parts)
 
-    stacked = ("projector", "text", "frames")
+    def join(name: str) -> tuple[torch.Tensor, ...] | None:
+        parts = [getattr(v, name) for v in visuals]
+        return None if parts[0] is None else tuple(t for part in parts for t in part)
+
+    per_image = ("text", "prompt")
+    stacked = ("projector", "frames", *per_image)
     signals = {f.name: cat(f.name) for f in fields(VisualTokens) if f.name not in stacked}
-    text = None if visuals[0].text is None else tuple(t for v in visuals for t in v.text)
-    return VisualTokens(projector=visuals[0].projector, text=text, frames=frames, **signals)
+    texts = {name: join(name) for name in per_image}
+    return VisualTokens(projector=visuals[0].projector, frames=frames, **texts, **signals)
 
 
 def with_text(images: Images, prompt: Prompt) -> Images:
     """The images with each segment given its sample's text tokens (VisualSignal.TEXT): the
-    prompt's real tokens that are not image placeholders, as the language model embeds them.
-    Images fill the placeholders in row-major order, so an image's sample is the row of its
-    first placeholder."""
+    prompt's real tokens that are not image placeholders, as the language model embeds them."""
+    texts = [embeds[keep] for embeds, keep in zip(prompt.embeds, prompt.text, strict=True)]
+    return _per_sample(images, prompt, "text", texts)
+
+
+def with_prompt(images: Images, prompt: Prompt, input_ids: torch.Tensor) -> Images:
+    """The images with each segment given the token ids of its sample's text after the
+    sample's last image placeholder (VisualSignal.PROMPT)."""
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = torch.where(prompt.placeholder, columns, -1).amax(dim=1, keepdim=True)
+    after = prompt.text & (columns > last)
+    return _per_sample(
+        images, prompt, "prompt", list(input_ids[after].split(after.sum(1).tolist()))
+    )
+
+
+def _per_sample(images: Images, prompt: Prompt, name: str, values: list[torch.Tensor]) -> Images:
+    """The images with each segment's `name` signal its sample's entry of `values`. Images fill
+    the placeholders in row-major order, so an image's sample is the row of its first
+    placeholder."""
     rows = prompt.placeholder.nonzero()[:, 0].tolist()
     starts = [0, *torch.tensor(images.counts()).cumsum(0).tolist()[:-1]]
-    texts = [embeds[keep] for embeds, keep in zip(prompt.embeds, prompt.text, strict=True)]
     segments = [
-        replace(s, visual=replace(s.visual, text=(texts[rows[starts[s.image]]],)))
+        replace(s, visual=replace(s.visual, **{name: (values[rows[starts[s.image]]],)}))
         for s in images.segments
     ]
     return replace(images, segments=segments)
