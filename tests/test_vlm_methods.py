@@ -7,16 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.clip import save_prompt_tokenizer, save_tiny_clip
 from torch import nn
+from vlm_fixtures import batch_inputs, tiny_vlm
 
 import tokcomp
 from tokcomp.adapters.hf_vlm.families import Images, Segment
-from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_text
+from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import create_method
 from tokcomp.methods import fastvid as fastvid_module
 from tokcomp.methods import zoo as zoo_module
-from tokcomp.methods.cdpruner import instruction_relevance
+from tokcomp.methods.cdpruner import clip_relevance, instruction_relevance, load_clip
 from tokcomp.methods.divprune import farthest_from_neighbours
 from tokcomp.methods.dycoke import pruned_frames
 from tokcomp.methods.visual import Selection, VisualTokens, visual_budget
@@ -358,6 +360,161 @@ def test_cdpruner_refuses_a_prompt_without_text():
     visual = _visual(torch.randn(1, 4, 8), text=(torch.empty(0, 8),))
     with pytest.raises(ValueError, match="cdpruner: a prompt has no text tokens"):
         method.select(visual, 2)
+
+
+# -- CDPruner's released relevance (CLIP's text tower) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+    """Per family, a tiny CLIP checkpoint whose vision model is that tiny VLM's tower, and the
+    tokenizer reading vlm_fixtures' ids back as words."""
+    root = tmp_path_factory.mktemp("clip")
+    tokenizer = str(save_prompt_tokenizer(root / "prompt"))
+    folders = {
+        family: str(save_tiny_clip(root / family, tiny_vlm(family).model.vision_tower))
+        for family in ("llava", "llava_next")
+    }
+    return folders, tokenizer
+
+
+def _clip_pruner(clip_folders, family: str = "llava", **options):
+    folders, tokenizer = clip_folders
+    return create_method(
+        "cdpruner", text_encoder=folders[family], prompt_tokenizer=tokenizer, **options
+    )
+
+
+def _released_relevance(clip, tokenizer, features: torch.Tensor, text: str) -> torch.Tensor:
+    """The released clip_encoder.py / encode_images relevance for one image, by hand: every
+    context window of the zero-padded text through the text tower and text_projection, the
+    patches through post_layernorm and visual_projection, minus each window's cosine, averaged
+    over the windows, min-max normalised."""
+    tokens = tokenizer(text)
+    window = clip.config.text_config.max_position_embeddings
+    windows = math.ceil(len(tokens["input_ids"]) / window)
+    ids, mask = (
+        torch.tensor(tokens[name] + [0] * (windows * window - len(tokens[name])))
+        for name in ("input_ids", "attention_mask")
+    )
+    image = clip.visual_projection(clip.vision_model.post_layernorm(features))
+    negatives = []
+    for start in range(0, windows * window, window):
+        part = slice(start, start + window)
+        pooled = clip.text_model(input_ids=ids[None, part], attention_mask=mask[None, part])
+        embed = clip.text_projection(pooled.pooler_output)
+        negatives.append(-F.cosine_similarity(image, embed, dim=-1))
+    relevance = torch.stack(negatives).mean(dim=0)
+    return (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+
+
+def _words(ids) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def _clip_visual(outputs: torch.Tensor, features: torch.Tensor, prompts) -> VisualTokens:
+    return _visual(outputs, features=features, prompt=tuple(torch.tensor(p) for p in prompts))
+
+
+@torch.no_grad()
+def test_cdpruner_clip_relevance_is_the_released_formula(clip_folders):
+    """A 12-word text takes two of the tiny text tower's 8-token windows, a 3-word one one."""
+    clip, tokenizer = load_clip(clip_folders[0]["llava"])
+    features = torch.randn(2, 16, clip.config.vision_config.hidden_size)
+    texts = [_words(range(10, 22)), _words([5, 9, 40])]
+    assert len(tokenizer(texts[0])["input_ids"]) > 8
+    relevance = clip_relevance(clip, tokenizer, features, texts)
+    for row, text in enumerate(texts):
+        expected = _released_relevance(clip, tokenizer, features[row], text)
+        torch.testing.assert_close(relevance[row], expected)
+
+
+@torch.no_grad()
+def test_cdpruner_clip_picks_the_greedy_map_of_its_kernel_and_follows_the_text(clip_folders):
+    generator = torch.Generator().manual_seed(4)
+    method = _clip_pruner(clip_folders, keep=4)
+    clip, tokenizer = load_clip(clip_folders[0]["llava"])
+    outputs = torch.randn(1, 16, 12, generator=generator)
+    features = torch.randn(1, 16, clip.config.vision_config.hidden_size, generator=generator)
+    prompt = [1, 30, 31, 32, 127, 33]  # <s> and <image> are special: the text is "w30 ... w33"
+    relevance = _released_relevance(clip, tokenizer, features[0], _words([30, 31, 32, 33]))
+    similarity = cosine_similarity_matrix(outputs)[0]
+    kernel = relevance[:, None] * similarity * relevance[None, :]
+    picks = method.select(_clip_visual(outputs, features, [prompt]), 4)
+    assert picks[0].tolist() == _greedy_determinants(kernel.double(), 4)
+    firsts = {
+        int(method.select(_clip_visual(outputs, features, [[word, word + 1]]), 1))
+        for word in range(2, 100, 7)
+    }
+    assert len(firsts) > 1  # the instruction moves the choice
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@torch.no_grad()
+def test_cdpruner_clip_chooses_per_sample_as_alone(clip_folders, family):
+    """Samples with one image, two, none (LLaVA-NeXT: crops share their image's text)."""
+    layout = [(1, 12), (2, 3), (0, 7)] if family == "llava" else [(1, 12), (2, 3), (1, 5)]
+    model = tiny_vlm(family)
+    tokcomp.apply(model, _clip_pruner(clip_folders, family, keep=0.5))
+    batch, alone = batch_inputs(model, family, layout, seed=5)
+    together = model(**batch).logits[:, -1]
+    for row, inputs in enumerate(alone):
+        torch.testing.assert_close(together[row], model(**inputs).logits[0, -1])
+
+
+@torch.no_grad()
+def test_cdpruner_clip_config_round_trips(clip_folders, tmp_path):
+    model = tokcomp.apply(tiny_vlm("llava"), _clip_pruner(clip_folders, keep=5))
+    batch, _ = batch_inputs(model, "llava", [(1, 6), (1, 9)], seed=6)
+    path = tokcomp.config_of(model).save(tmp_path / "cdpruner.json")
+    reloaded = tokcomp.apply(tiny_vlm("llava"), str(path))
+    assert tokcomp.config_of(reloaded).options["text_encoder"] == clip_folders[0]["llava"]
+    torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+    default = tokcomp.apply(tiny_vlm("llava"), "cdpruner", keep=5)
+    assert not torch.allclose(default(**batch).logits, model(**batch).logits)
+
+
+def test_cdpruner_clip_refuses_another_clip_checkpoint(clip_folders, tmp_path):
+    unrelated = save_tiny_clip(tmp_path / "clip", tiny_vlm("llava", seed=1).model.vision_tower)
+    method = create_method(
+        "cdpruner", keep=4, text_encoder=str(unrelated), prompt_tokenizer=clip_folders[1]
+    )
+    with pytest.raises(ValueError, match=r"is not the CLIP checkpoint this model's vision tower"):
+        tokcomp.apply(tiny_vlm("llava"), method)
+    with pytest.raises(ValueError, match=r"is not the CLIP checkpoint"):  # another tower
+        tokcomp.apply(tiny_vlm("llava_next"), _clip_pruner(clip_folders, "llava", keep=4))
+    missing = create_method(
+        "cdpruner", keep=4, text_encoder=str(tmp_path / "none"), prompt_tokenizer=clip_folders[1]
+    )
+    with pytest.raises(ValueError, match="is no CLIP checkpoint folder"):
+        tokcomp.apply(tiny_vlm("llava"), missing)
+
+
+@pytest.mark.parametrize("family", ["llava_siglip", "qwen2_vl"])
+def test_cdpruner_clip_refuses_a_model_without_a_clip_tower(clip_folders, family):
+    with pytest.raises(ValueError, match="leave text_encoder unset to score relevance against"):
+        tokcomp.apply(tiny_vlm(family), _clip_pruner(clip_folders, keep=4))
+
+
+def test_cdpruner_clip_options_come_together():
+    with pytest.raises(ValueError, match=r"give text_encoder .* and prompt_tokenizer"):
+        create_method("cdpruner", text_encoder="clip")
+
+
+def test_cdpruner_clip_refuses_a_prompt_without_text_after_its_image(clip_folders):
+    visual = _clip_visual(torch.randn(1, 4, 8), torch.randn(1, 4, 32), [[1, 127]])
+    with pytest.raises(ValueError, match="cdpruner: a prompt has no text after its images"):
+        _clip_pruner(clip_folders).select(visual, 2)
+
+
+def test_each_image_gets_the_token_ids_after_its_prompts_last_image():
+    placeholder = torch.tensor([[0, 0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    valid = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool)
+    input_ids = torch.arange(14).reshape(2, 7)
+    prompt = Prompt(torch.zeros(2, 7, 1), placeholder, valid, torch.zeros(1, 2, 7), None)
+    segments = [Segment(i, torch.arange(2), _visual(torch.zeros(1, 2, 1))) for i in range(3)]
+    images = with_prompt(Images([torch.zeros(2, 1)] * 3, segments), prompt, input_ids)
+    assert [s.visual.prompt[0].tolist() for s in images.segments] == [[5, 6], [13], [13]]
 
 
 # -- VisionZip, FastV, random -----------------------------------------------------------------
