@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers as hf
 from conftest import tiny_vit
+from fixtures.clip import save_prompt_tokenizer, save_tiny_clip
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,6 +34,7 @@ from vlm_fixtures import tiny_vlm as _tiny_vlm
 import tokcomp
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
 from tokcomp.methods import Stage, create_method, method_class
+from tokcomp.methods.cdpruner import load_clip
 from tokcomp.methods.visual import ProjectorForm, VisualGeometry, VisualSignal, VisualTokens
 from tokcomp.schedule import REFERENCE_PROMPT
 
@@ -447,3 +449,39 @@ def test_fastvid_select_macs_equal_the_flops_of_select_on_a_video(frames, segmen
     counted = _counted(lambda: chosen.select(visual, frames * 4))
     assert counted > 0
     assert chosen.select_macs(geometry, frames * 8, frames * 4) == counted
+
+
+@pytest.fixture(scope="module")
+def clip_options(tmp_path_factory) -> dict[str, str]:
+    """CDPruner's options for the released relevance on the tiny LLaVA: a tiny CLIP of its
+    tower with CLIP's 77-token window (the reference prompt's text fits one, as counted)."""
+    root = tmp_path_factory.mktemp("clip")
+    clip = save_tiny_clip(root / "clip", tiny_vlm("llava").model.vision_tower, window=77)
+    tokenizer = save_prompt_tokenizer(root / "prompt")
+    return {"text_encoder": str(clip), "prompt_tokenizer": str(tokenizer)}
+
+
+def test_cdpruner_clip_select_macs_equal_the_flops_of_select(clip_options):
+    """Similarities, the patches through visual_projection, the text through CLIP's text tower."""
+    tokens, keep = 40, 20
+    method = create_method("cdpruner", keep=0.5, **clip_options)
+    width = load_clip(clip_options["text_encoder"])[0].config.vision_config.hidden_size
+    visual = VisualTokens(
+        torch.randn(1, tokens, 16),
+        (),
+        features=torch.randn(1, tokens, width),
+        prompt=(torch.tensor([5, 6, 7, 8]),),
+    )
+    geometry = VisualGeometry((width, 16), ProjectorForm.LINEAR, key_width=8)
+    counted = _counted(lambda: method.select(visual, keep))
+    assert method.select_macs(geometry, tokens, keep) == counted
+
+
+def test_cdpruner_clip_macs_match_the_flop_counter(clip_options):
+    model = tiny_vlm("llava")
+    batch = _prompt(model, "llava")
+    config = tokcomp.config_of(tokcomp.apply(model, "cdpruner", keep=0.5, **clip_options))
+    counted = _prefill(model, batch)
+    assert config.macs == pytest.approx(counted, rel=REL)
+    tokcomp.apply(model, "random", keep_ratio=0.5)
+    assert config.selection_macs == pytest.approx(counted - _prefill(model, batch), rel=REL)

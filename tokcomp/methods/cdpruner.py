@@ -44,7 +44,7 @@ def instruction_relevance(unit: torch.Tensor, text: tuple[torch.Tensor, ...]) ->
                 "cdpruner: a prompt has no text tokens to condition its visual tokens on; give "
                 "each image an instruction (or use divprune, its unconditional counterpart)"
             )
-        rows.append(tokens @ mean_direction(words))
+        rows.append((tokens @ mean_direction(words)[:, None])[:, 0])
     return shifted_minmax(torch.stack(rows))
 
 
@@ -129,7 +129,7 @@ def clip_relevance(
     image = clip.visual_projection(clip.vision_model.post_layernorm(features.float()))
     unit = F.normalize(image, dim=-1)
     directions = {text: mean_direction(text_embeds(clip, tokenizer, text)) for text in set(texts)}
-    rows = [-(tokens @ directions[text]) for tokens, text in zip(unit, texts, strict=True)]
+    rows = [-(tokens @ directions[t][:, None])[:, 0] for tokens, t in zip(unit, texts, strict=True)]
     return shifted_minmax(torch.stack(rows))
 
 
