@@ -107,9 +107,9 @@ class VisualTokens:
 
     outputs: projector outputs, what the language model receives (B, N, D). projector: the
     projector as a chain of modules applied in order (e.g. Linear, activation, Linear), mapping
-    features to outputs. features / attention / keys / text / prompt: see VisualSignal (None unless
-    declared). frames: the frames the tokens span, frame-major with tokens // frames each (a
-    video's frames, Qwen's temporal patches; 1 for an image).
+    features to outputs. features / attention / keys / text / prompt: see VisualSignal (None
+    unless declared). frames: the frames the tokens span, frame-major with tokens // frames each
+    (a video's frames, Qwen's temporal patches; 1 for an image).
     Towers without a class token (SigLIP) give as attention the mean attention each token
     receives. LLM-stage methods get here what their `llm_signal` names: the attention each
     token receives inside the language model (ATTENTION); or (KEYS_AND_STATES) as `keys` the

@@ -36,13 +36,7 @@ from tokcomp.adapters.hf_vlm.generation import (
     pruned_of,
     pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import (
-    choose,
-    keep_all,
-    place,
-    with_prompt,
-    with_text,
-)
+from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
 from tokcomp.methods.visual import VisualSignal
