@@ -98,7 +98,8 @@ def tower_distance(clip: nn.Module, tower: nn.Module) -> float:
     ):
         return math.inf
     difference = sum(
-        float((own[n].float() - w.float()).square().sum()) for n, w in reference.items()
+        float((own[n].float() - w.to(own[n].device).float()).square().sum())
+        for n, w in reference.items()
     )
     size = sum(float(w.float().square().sum()) for w in reference.values())
     return math.sqrt(difference / size)
@@ -190,10 +191,11 @@ class CDPruner(VisualMethod):
             )
         distance = tower_distance(load_clip(self.text_encoder)[0], tower)
         if distance > TOWER_TOLERANCE:
+            apart = "of other shapes" if math.isinf(distance) else f"{distance:.2f} apart, relative"
             raise ValueError(
                 f"cdpruner: text_encoder={self.text_encoder!r} is not the CLIP checkpoint this "
-                f"model's vision tower comes from (weights {distance:.2f} apart, relative); pass "
-                f"that checkpoint ({RELEASED_CLIP} for LLaVA-1.5 and LLaVA-NeXT)"
+                f"model's vision tower comes from (vision weights {apart}); pass that checkpoint "
+                f"({RELEASED_CLIP} for LLaVA-1.5 and LLaVA-NeXT)"
             )
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
