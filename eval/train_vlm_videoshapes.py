@@ -61,6 +61,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling train_vlm_easyvqa
 from train_vlm_easyvqa import (
     BOS,
     EOS,
