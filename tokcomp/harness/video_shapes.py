@@ -11,6 +11,7 @@ questions (images without both are not used); train clips come from easy-VQA's t
 test clips from its test split.
 
     write_video_shapes("test", Path("data"), clips=250, seed=0)  # data/video-shapes-test.jsonl
+    python -m tokcomp.harness.video_shapes --split test --clips 250 --seed 0 --out data
 
 writes JSON lines {"video": [frame paths], "question", "answers", "answer_type",
 "question_type", "question_id"}, frame paths absolute into the easy-VQA install.
@@ -18,6 +19,7 @@ writes JSON lines {"video": [frame paths], "question", "answers", "answer_type",
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import random
@@ -150,3 +152,18 @@ def write_video_shapes(split: str, folder: Path, clips: int, seed: int) -> Path:
                 }
                 out.write(json.dumps(row) + "\n")
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write one split's JSON-lines file and print its path."""
+    parser = argparse.ArgumentParser(description="Write video-shapes clips as JSON lines.")
+    parser.add_argument("--split", choices=("train", "test"), default="test")
+    parser.add_argument("--clips", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("data"))
+    args = parser.parse_args(argv)
+    print(write_video_shapes(args.split, args.out, args.clips, args.seed))
+
+
+if __name__ == "__main__":
+    main()
