@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("eval/models/vlm-videoshapes"))
     p.add_argument("--train-clips", type=int, default=4000)
     p.add_argument("--test-clips", type=int, default=250, help="clips of the final evaluation")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--clips-per-step", type=int, default=32)
     p.add_argument(
         "--questions-per-clip", type=int, default=0, help="questions drawn per clip (0: all)"
