@@ -7,10 +7,11 @@ question of every kind in QUESTIONS, each answered by one word that needs the fr
 shape or colour in the first or the last frame, whether the shape changes, whether its colour
 changes. Half the clips keep one shape throughout (the others show at least two) and,
 independently, half keep one colour, so yes and no are equally likely. (A "how many frames
-show a circle?" question, answered by a number word, was tried and dropped: the small default
-model stayed at chance on it; see eval/models/vlm-videoshapes/README.md.) An image's shape
-and colour are read from its easy-VQA "what ..." questions (images without both are not
-used); train clips come from easy-VQA's train split, test clips from its test split.
+show a circle?" question, answered by a number word, was tried and dropped: the small
+default model learnt it far more slowly than the rest; see the model card
+eval/models/vlm-videoshapes/README.md.) An image's shape and colour are read from its
+easy-VQA "what ..." questions (images without both are not used); train clips come from
+easy-VQA's train split, test clips from its test split.
 
     write_video_shapes("test", Path("data"), clips=250, seed=0)  # data/video-shapes-test.jsonl
     python -m tokcomp.harness.video_shapes --split test --clips 250 --seed 0 --out data
