@@ -15,10 +15,12 @@ a LlavaOnevisionProcessor, so
 
 Data: tokcomp.harness.video_shapes (clips of 8 easy-VQA frames, 2-4 distinct images held for
 runs; six questions per clip). Training follows eval/train_vlm_easyvqa.py and reuses its
-functions: each step takes --clips-per-step training clips and --questions-per-clip of their
-questions drawn at random; the vision tower runs once per distinct source image of the step
-(a random dihedral turn/flip each, which changes no answer; frames that repeat an image get
-the same tokens, as in the unaugmented video); the same training-only per-patch probe on the
+functions: each step takes --clips-per-step training clips and their questions (all, or
+--questions-per-clip drawn at random), packed one sequence per clip: the prompt up to the
+video once, then one block per question that sees that prefix and itself only, with the
+position ids it has alone (`Batch`); the vision tower runs once per distinct source image
+of the step (a random dihedral turn/flip each, which changes no answer; frames that repeat an
+image get the same tokens, as in the unaugmented video); the same training-only probe on the
 tower (TowerProbe; not saved); loss on the answer word and end-of-sequence token; AdamW,
 warm-up then cosine, bf16 autocast, seeded. After every epoch: first-token accuracy per
 question kind on --monitor test clips and a checkpoint (<out>/.train_state/last.pt) from which
