@@ -133,36 +133,44 @@ def seed_everything(seed: int) -> None:
 
 
 # -- tokenizer, processor, model ---------------------------------------------------------------
-def vocabulary(questions: list[Question]) -> list[str]:
-    """Special tokens first (pad 0, bos 1, eos 2, unk 3, image 4), then every word of the
-    questions, answers, the post-prompt and the chat template, sorted."""
+def vocabulary(questions: list[Question], special: tuple[str, ...] = SPECIAL) -> list[str]:
+    """`special` tokens first (pad 0, bos 1, eos 2, unk 3, image 4, ...), then every word of
+    the questions, answers, the post-prompt and the chat template, sorted."""
     pre = pre_tokenizers.Whitespace()
     texts = [POST_PROMPT, *TEMPLATE_WORDS]
     texts += [q.question for q in questions] + [a for q in questions for a in q.answers]
     words = {word.lower() for text in texts for word, _ in pre.pre_tokenize_str(text)}
-    return [*SPECIAL, *sorted(words)]
+    return [*special, *sorted(words)]
 
 
-def build_processor(words: list[str], image_size: int, patch_size: int) -> LlavaProcessor:
-    """A LlavaProcessor: a word-level tokenizer over `words` (lowercased, split on spaces and
-    punctuation, <s> prepended, left padding, the chat template) and a CLIP image processor
-    at `image_size` px; one <image> placeholder per visual token."""
+def word_tokenizer(
+    words: list[str], chat_template: str, placeholders: dict[str, str]
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (lowercased, split on spaces and punctuation, <s>
+    prepended, left padding, `chat_template`); `placeholders` names its visual placeholder
+    tokens ({"image_token": "<image>", ...})."""
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, words.index(BOS))]
     )
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
         pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
+        extra_special_tokens=placeholders,
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
+
+
+def build_processor(words: list[str], image_size: int, patch_size: int) -> LlavaProcessor:
+    """A LlavaProcessor: the word-level tokenizer over `words` with LLaVA-1.5's chat template
+    and a CLIP image processor at `image_size` px; one <image> placeholder per visual token."""
+    fast = word_tokenizer(words, CHAT_TEMPLATE, {"image_token": IMAGE})
     images = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -289,9 +297,10 @@ class TowerProbe(torch.nn.Module):
     its own patch, as a CLIP patch token mostly does, rather than the whole image). Its loss
     gives the tower a direct signal; it is not part of the saved model. See the model card."""
 
-    def __init__(self, width: int, patch_size: int) -> None:
+    def __init__(self, width: int, patch_size: int, prefix: int = 1) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.prefix = prefix  # tokens before the patch tokens (CLIP's class token)
         self.linear = torch.nn.Linear(width, 1 + len(SHAPES) + len(COLOURS))
 
     def loss(
@@ -299,7 +308,7 @@ class TowerProbe(torch.nn.Module):
     ) -> torch.Tensor:
         """Objectness (binary) of every patch, plus the cross-entropy of the shape and of the
         colour over the patches on the shape of the images that have them."""
-        logits = self.linear(tower_states[:, 1:].float())
+        logits = self.linear(tower_states[:, self.prefix :].float())
         objectness, shape, colour = logits.split([1, len(SHAPES), len(COLOURS)], dim=-1)
         on_shape = shape_patches(pixels, self.patch_size)
         loss = F.binary_cross_entropy_with_logits(objectness[..., 0], on_shape.float())
