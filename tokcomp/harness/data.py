@@ -25,6 +25,8 @@ from tokcomp.harness.fingerprint import file_identity
 FASHION_MNIST = "fashion-mnist"
 EASY_VQA = "easy-vqa"
 EASY_VQA_PIN = "easy-vqa==1.0"
+#: The video QA task made of easy-VQA images (tokcomp.harness.video_shapes), its test clips.
+VIDEO_SHAPES = "video-shapes"
 
 
 class CorruptImageError(TokcompError, ValueError):
@@ -122,7 +124,7 @@ class DataSource:
     @property
     def name(self) -> str:
         """A short name for result folders: a named set's name, else the file's stem."""
-        return self.kind if self.kind in (FASHION_MNIST, EASY_VQA) else self.path.stem
+        return self.kind if self.kind in (FASHION_MNIST, EASY_VQA, VIDEO_SHAPES) else self.path.stem
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.path}"
@@ -131,12 +133,13 @@ class DataSource:
 def data_source(data: str) -> DataSource:
     """What a --data value points at: 'fashion-mnist' ('fashion-mnist:ROOT' for IDX files
     elsewhere), 'easy-vqa' (the installed package's data folder), a .jsonl file or a folder
-    (an image folder, or the VQAv2 layout). Each task's reader accepts the kinds it reads."""
+    (an image folder, or the VQAv2 layout); 'video-shapes' (the easy-VQA images' video task).
+    Each task's reader accepts the kinds it reads."""
     name, _, root = data.partition(":")
     if name == FASHION_MNIST:
         return DataSource(FASHION_MNIST, Path(root or FASHION_MNIST_ROOT).resolve())
-    if data == EASY_VQA:
-        return DataSource(EASY_VQA, easy_vqa_root())
+    if data in (EASY_VQA, VIDEO_SHAPES):
+        return DataSource(data, easy_vqa_root())
     path = Path(data).resolve()
     return DataSource("jsonl" if path.suffix == ".jsonl" else "folder", path)
 

@@ -14,6 +14,7 @@ easy-VQA "what ..." questions (images without both are not used); train clips co
 easy-VQA's train split, test clips from its test split.
 
     write_video_shapes("test", Path("data"), clips=250, seed=0)  # data/video-shapes-test.jsonl
+    tokcomp eval vqa --data video-shapes ...  # the same 250 test clips, no file written
     python -m tokcomp.harness.video_shapes --split test --clips 250 --seed 0 --out data
 
 writes JSON lines {"video": [frame paths], "question", "answers", "answer_type",
@@ -27,8 +28,10 @@ import functools
 import json
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokcomp.harness.data import easy_vqa_root
 
@@ -144,23 +147,28 @@ def make_clips(split: str, clips: int, seed: int) -> list[Clip]:
     return [make_clip(frames, rng) for _ in range(clips)]
 
 
+def question_rows(split: str, clips: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Every question of `clips` clips of `split`, as JSON-lines rows (the harness's format)."""
+    for number, clip in enumerate(make_clips(split, clips, seed)):
+        for kind, question, answer in clip.questions:
+            yield {
+                "video": [str(frame.path) for frame in clip.frames],
+                "question": question,
+                "answers": [answer],
+                "answer_type": QUESTIONS[kind][1],
+                "question_type": kind,
+                "question_id": f"{split}-{number}-{kind}",
+            }
+
+
 def write_video_shapes(split: str, folder: Path, clips: int, seed: int) -> Path:
     """Write `clips` clips of `split` (every question of each) as JSON lines to
     folder/video-shapes-<split>.jsonl and return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"video-shapes-{split}.jsonl"
     with path.open("w") as out:
-        for number, clip in enumerate(make_clips(split, clips, seed)):
-            for kind, question, answer in clip.questions:
-                row = {
-                    "video": [str(frame.path) for frame in clip.frames],
-                    "question": question,
-                    "answers": [answer],
-                    "answer_type": QUESTIONS[kind][1],
-                    "question_type": kind,
-                    "question_id": f"{split}-{number}-{kind}",
-                }
-                out.write(json.dumps(row) + "\n")
+        for row in question_rows(split, clips, seed):
+            out.write(json.dumps(row) + "\n")
     return path
 
 

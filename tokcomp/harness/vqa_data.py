@@ -11,7 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from tokcomp.harness.data import EASY_VQA, data_source, easy_vqa_root
+from tokcomp.harness.data import EASY_VQA, VIDEO_SHAPES, data_source, easy_vqa_root
 from tokcomp.harness.fingerprint import file_identity
 
 
@@ -105,21 +105,23 @@ def _videos_shown(videos: set[tuple[Path, ...]]) -> str:
 
 
 def open_vqa(data: str, images: Path | None = None) -> VQADataset:
-    """The questions of a --data value (see `data_source`): easy-vqa, a .jsonl file or a
-    VQAv2 folder, every image checked to exist; `images` overrides the image folder of the
-    VQAv2 layout."""
+    """The questions of a --data value (see `data_source`): easy-vqa, video-shapes, a .jsonl
+    file or a VQAv2 folder, every image checked to exist; `images` overrides the image folder of
+    the VQAv2 layout."""
     source = data_source(data)
     if images is not None and source.kind != "folder":
         raise ValueError("--images applies to the VQAv2 layout only")
     if source.kind == EASY_VQA:
         questions = read_easy_vqa("test")
+    elif source.kind == VIDEO_SHAPES:
+        questions = read_video_shapes()
     elif source.kind == "jsonl" and source.path.is_file():
         questions = read_jsonl(source.path)
     elif source.kind == "folder" and source.path.is_dir():
         questions = read_vqav2(source.path, images)
     else:
         raise FileNotFoundError(
-            f"--data {data}: expected {EASY_VQA}, a .jsonl file or a VQAv2 folder "
+            f"--data {data}: expected {EASY_VQA}, {VIDEO_SHAPES}, a .jsonl file or a VQAv2 folder "
             "(questions JSON, annotations JSON and the image folder)"
         )
     check_images(questions)
@@ -140,6 +142,26 @@ def read_easy_vqa(split: str) -> list[Question]:
             question_id=index,
         )
         for index, (text, answer, image_id) in enumerate(rows)
+    ]
+
+
+def read_video_shapes() -> list[Question]:
+    """The video-shapes test questions (tokcomp.harness.video_shapes: its default 250 clips,
+    seed 0), built in memory from the installed easy-VQA images."""
+    from tokcomp.harness.video_shapes import question_rows
+
+    rows = question_rows("test", clips=250, seed=0)
+    return [
+        Question(
+            image=None,
+            video=tuple(Path(frame) for frame in row["video"]),
+            question=row["question"],
+            answers=tuple(row["answers"]),
+            answer_type=row["answer_type"],
+            question_type=row["question_type"],
+            question_id=row["question_id"],
+        )
+        for row in rows
     ]
 
 
