@@ -24,13 +24,14 @@ random's `keep_ratio=0.1`, rounded as each method's released code rounds: 156); 
 whole, so even k = 1 keeps 3 x 196 = 588 tokens (37.5%), the share reported in its row.
 
 Amdahl bound (from config_of's MACs at 8 frames, 8 decoder layers): the tower runs on all 8 x
-729 tokens whatever a method keeps. Unpruned prefill 5.83 T MACs: tower 2.57 T (44%),
-projector 0.10 T, language model 3.16 T. At 10% with a free selection (random) 3.04 T: time
-to first token at most 1.92x by MACs, and 2.21x even with no visual token at all, so the
-issue's 3x floor is unreachable for every method that acts after the tower on this shape
-(with Qwen2-7B's 28 layers the bound at 10% is 3.5x). The LLM prefill's bound at 10% is 8.5x
-(FastV keeps all tokens in its first 2 of 8 layers: 2.9x at most). The script prints these
-bounds from config_of before timing.
+729 tokens whatever a method keeps. Unpruned prefill 5.81 T MACs: tower 2.57 T (44%),
+projector 0.10 T, language model 3.15 T. At 10% with a free selection (random: 156 tokens and
+the newline) 3.04 T: the time to first token is at most 1.92x faster by MACs, and 2.12x even
+keeping a single visual token, so the issue's 3x floor is unreachable for every method acting
+after the tower on this shape (with SigLIP's 27 layers: 1.89x; with Qwen2-7B's 28 decoder
+layers the bound at 10% would be 3.46x). The LLM prefill's bound at 10% is 8.5x (3.15 T against
+0.37 T; FastV keeps every token in its first 2 of 8 layers, so at most 8 / (2 + 6 x 0.12) =
+2.9x there). The script prints the time-to-first-token bounds from config_of before timing.
 
     python eval/bench_vlm_video.py                # about 25 minutes on 2 (shared) cores
     python eval/bench_vlm_video.py --methods random,dycoke --repeats 1
