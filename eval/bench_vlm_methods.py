@@ -4,7 +4,8 @@ eval/bench_vlm.py (random weights, one image, a 40-token prompt, fp32, CPU): the
 method's own selection, prefill) of generate(max_new_tokens=1), each against the unpruned
 model timed in the same interleaved rounds (tokcomp.harness.timing: medians of the
 per-round ratios, with their spread; a spread over 10% is flagged "?"), next to the
-analytic MACs ratio and the selection's share of the MACs (tokcomp.config_of).
+analytic MACs ratio, the selection's share of the MACs and the share of the visual tokens left
+after the method's last cut (tokcomp.config_of).
 
 `keep` is 64 for every method: the visual tokens that reach the language model's later
 layers (PyramidDrop's after its last stage, DART's pivots included; FastV, PyramidDrop and

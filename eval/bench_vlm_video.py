@@ -21,7 +21,10 @@ Budget: each method's own knob at 10% of the video's 1568 selectable tokens (`ke
 random's `keep_ratio=0.1`, rounded as each method's released code rounds: 156); DyCoke's `k`
 (the share of a pruned frame's tokens merged away) at the value whose kept share is nearest
 10%: on 8 frames DyCoke prunes 5 frames (pairs 1, 3, 5, 7 and window frame 2) and keeps 3
-whole, so even k = 1 keeps 3 x 196 = 588 tokens (37.5%), the share reported in its row.
+whole, so even k = 1 keeps 3 x 196 = 588 tokens (37.5%), the share reported in its row. The
+"kept" column is the share left after a method's last cut: FastV, PyramidDrop and DART run
+their first layers on all tokens, and SparseVLM's keep is the per-layer average its released
+budget labels name, so its last stage keeps fewer.
 
 Amdahl bound (from config_of's MACs at 8 frames, 8 decoder layers): the tower runs on all 8 x
 729 tokens whatever a method keeps. Unpruned prefill 5.81 T MACs: tower 2.57 T (44%),
@@ -229,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unpruned: time to first token {statistics.median(totals['unpruned']) * 1e3:.0f} ms")
     print(", ".join(f"{name} {opts}" for name, opts in options.items()))
     print_rows(rows)
+    for label, key, floor in (
+        ("LLM prefill", "prefill", PREFILL_FLOOR),
+        ("TTFT", "ttft", TTFT_FLOOR),
+    ):
+        met = [row["method"] for row in rows if row[key].ratio >= floor]
+        print(f"{label} speed-up >= {floor}x: {', '.join(met) or 'none'}")
     return 0
 
 
