@@ -36,7 +36,7 @@ layers the bound at 10% would be 3.46x). The LLM prefill's bound at 10% is 8.5x 
 0.37 T; FastV keeps every token in its first 2 of 8 layers, so at most 8 / (2 + 6 x 0.12) =
 2.9x there). The script prints the time-to-first-token bounds from config_of before timing.
 
-    python eval/bench_vlm_video.py                # about 25 minutes on 2 (shared) cores
+    python eval/bench_vlm_video.py                # 56 minutes on 2 cores at load 5 (3 rounds)
     python eval/bench_vlm_video.py --methods random,dycoke --repeats 1
     python eval/bench_vlm_video.py --tiny         # a seconds-long smoke run, tiny shapes
 """
