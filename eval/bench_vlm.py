@@ -86,12 +86,12 @@ def build(layers: int) -> nn.Module:
     with torch.device("meta"):
         model = Llava(config)
     model.to_empty(device="cpu")
-    _materialise(model)
+    materialise(model)
     return model.eval()
 
 
 @torch.no_grad()
-def _materialise(model: nn.Module) -> None:
+def materialise(model: nn.Module) -> None:
     """Cheap random weights (N(0, 0.02), norms at one) and the buffers the meta build left
     empty (position ids, rotary frequencies)."""
     for name, param in model.named_parameters():

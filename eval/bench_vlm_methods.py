@@ -4,7 +4,8 @@ eval/bench_vlm.py (random weights, one image, a 40-token prompt, fp32, CPU): the
 method's own selection, prefill) of generate(max_new_tokens=1), each against the unpruned
 model timed in the same interleaved rounds (tokcomp.harness.timing: medians of the
 per-round ratios, with their spread; a spread over 10% is flagged "?"), next to the
-analytic MACs ratio and the selection's share of the MACs (tokcomp.config_of).
+analytic MACs ratio, the selection's share of the MACs and the share of the visual tokens left
+after the method's last cut (tokcomp.config_of).
 
 `keep` is 64 for every method: the visual tokens that reach the language model's later
 layers (PyramidDrop's after its last stage, DART's pivots included; FastV, PyramidDrop and
@@ -55,10 +56,10 @@ def budget(method: str) -> dict[str, float]:
 
 
 def contenders(
-    model: nn.Module, batch: dict[str, torch.Tensor], methods: list[str], prefill: dict
+    model: nn.Module, batch: dict[str, torch.Tensor], budgets: dict[str, dict], prefill: dict
 ) -> dict[str, Contender]:
-    """generate(max_new_tokens=1) unpruned and with each method at KEEP tokens, its patch
-    applied (or removed) before the timed call; each call's prefill seconds land in
+    """generate(max_new_tokens=1) unpruned and with each method at its options in `budgets`,
+    its patch applied (or removed) before the timed call; each call's prefill seconds land in
     `prefill[label]`."""
     layers = model.model.language_model.layers
 
@@ -72,24 +73,29 @@ def contenders(
             if tokcomp.is_patched(model):
                 tokcomp.remove(model)
             if method is not None:
-                tokcomp.apply(model, method, **budget(method))
+                tokcomp.apply(model, method, **budgets[method])
 
         return Contender(lambda: run(label), prepare)
 
     return {
         "unpruned": patching("unpruned", None),
-        **{name: patching(name, name) for name in methods},
+        **{name: patching(name, name) for name in budgets},
     }
 
 
 def table(
-    model: nn.Module, methods: list[str], totals: dict[str, list[float]], prefill: dict
+    model: nn.Module,
+    budgets: dict[str, dict],
+    totals: dict[str, list[float]],
+    prefill: dict,
+    frames: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per method: its speed-ups against the unpruned runs of the same rounds (the
-    warm-up round dropped) and its MACs."""
+    warm-up round dropped), its MACs and the share of the selectable visual tokens it keeps
+    (config_of's, on a reference video of `frames` frames when given)."""
     rows = []
-    for name in methods:
-        config = tokcomp.config_of(tokcomp.apply(model, name, **budget(name)))
+    for name, options in budgets.items():
+        config = tokcomp.config_of(tokcomp.apply(model, name, **options), frames=frames)
         tokcomp.remove(model)
         rows.append(
             {
@@ -99,9 +105,32 @@ def table(
                 "ttft_ms": statistics.median(totals[name]) * 1e3,
                 "macs_ratio": config.macs_ratio,
                 "selection_share": config.selection_macs / config.macs,
+                "kept": kept_share(config),
             }
         )
     return rows
+
+
+def kept_share(config: tokcomp.Config) -> float:
+    """The share of the reference item's selectable visual tokens left after the method's last
+    cut (the last decoder layer's visual tokens, the always-kept ones aside)."""
+    fixed = config.model["fixed_visual"]
+    return (config.schedule[-1] - fixed) / (config.model["visual_tokens"] - fixed)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """The table of `table`'s rows, with the legend of its flags."""
+    print(
+        f"{'method':12s} {'TTFT speed-up':>18s} {'prefill speed-up':>18s} {'TTFT ms':>9s} "
+        f"{'MACs':>6s} {'sel %':>6s} {'kept':>6s}"
+    )
+    for row in rows:
+        print(
+            f"{row['method']:12s} {_ratio(row['ttft']):>18s} {_ratio(row['prefill']):>18s} "
+            f"{row['ttft_ms']:9.0f} {row['macs_ratio']:6.3f} {row['selection_share']:6.1%} "
+            f"{row['kept']:6.1%}"
+        )
+    print('"?": the per-round speed-ups spread over more than 10% of their median (IQR)')
 
 
 def _ratio(speedup: Speedup) -> str:
@@ -132,22 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     model, batch = build(layers), inputs()
     prefill: dict[str, list[float]] = {}
-    runs = contenders(model, batch, methods, prefill)
+    budgets = {name: budget(name) for name in methods}
+    runs = contenders(model, batch, budgets, prefill)
     with torch.inference_mode():
         seconds = interleaved(list(runs.values()), args.repeats, CPU)
     totals = dict(zip(runs, seconds, strict=True))
-    rows = table(model, methods, totals, prefill)
+    rows = table(model, budgets, totals, prefill)
     print(f"unpruned: time to first token {statistics.median(totals['unpruned']) * 1e3:.0f} ms")
-    print(
-        f"{'method':12s} {'TTFT speed-up':>18s} {'prefill speed-up':>18s} {'TTFT ms':>9s} "
-        f"{'MACs':>6s} {'sel %':>6s}"
-    )
-    for row in rows:
-        print(
-            f"{row['method']:12s} {_ratio(row['ttft']):>18s} {_ratio(row['prefill']):>18s} "
-            f"{row['ttft_ms']:9.0f} {row['macs_ratio']:6.3f} {row['selection_share']:6.1%}"
-        )
-    print('"?": the per-round speed-ups spread over more than 10% of their median (IQR)')
+    print_rows(rows)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The benchmark harness: rows, ratios against the unpruned run, and the memory tracker."""
+"""The benchmark harness: rows, ratios against the unpruned run, and the memory tracker; the
+video benchmark script (eval/bench_vlm_video.py) in its tiny mode."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import pytest
 import torch
 from conftest import tiny_vit
+from fixtures import eval_script
 
 import tokcomp
 from tokcomp import bench
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, peak_memory, rows_to_json
+from tokcomp.methods.dycoke import merged_kept
+
+METHODS = tokcomp.methods("vlm")
 
 
 def test_peak_memory_counts_live_tensors_created_during_the_call():
@@ -59,3 +64,27 @@ def test_compiled_benchmark_times_compiled_and_eager_models_in_the_same_rounds(m
     assert tokcomp.is_patched(compiled[1])
     assert all(row.compile_gain > 0 for row in rows)
     assert "vs eager" in format_table(rows)
+
+
+def test_video_benchmark_budgets_are_each_knob_at_a_tenth_and_dycoke_at_its_nearest():
+    """DyCoke keeps 3 of 8 frames whole (pairs prune 1, 3, 5, 7, the window 2) whatever k, so
+    its nearest share to 10% is k = 1 (37.5%); every other knob is the share itself."""
+    script = eval_script("bench_vlm_video")
+    budgets = script.budgets(["zoo", "random", "dycoke"], tokens=8 * 196, frames=8)
+    assert budgets == {"zoo": {"keep": 0.1}, "random": {"keep_ratio": 0.1}, "dycoke": {"k": 1.0}}
+    assert merged_kept(8 * 196, 8, 1.0) == 3 * 196
+
+
+def test_video_benchmark_tiny_mode_times_every_method_against_the_unpruned_model(capsys):
+    """--tiny: the Amdahl bound, then one row per visual-token method with its kept share of
+    the tiny video's 72 tokens (7, 9.7%; DyCoke 27, 37.5%; SparseVLM's last stage below its
+    average)."""
+    assert eval_script("bench_vlm_video").main(["--tiny", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("Amdahl bound by MACs") for line in lines)
+    rows = {line.split()[0]: line.split() for line in lines if line[:12].strip() in METHODS}
+    assert sorted(rows) == sorted(METHODS)
+    kept = {name: row[-1] for name, row in rows.items()}
+    assert kept.pop("dycoke") == "37.5%"
+    assert float(kept.pop("sparsevlm").rstrip("%")) < 9.7
+    assert set(kept.values()) == {"9.7%"}

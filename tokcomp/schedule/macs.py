@@ -114,8 +114,8 @@ def _segment_choice_macs(spec: VLMSpec, method: VisualMethod, sizes: list[int], 
     """`kept` tokens chosen over segments of `sizes` tokens."""
     shares = budget_shares(sizes, kept)
     return sum(
-        method.select_macs(spec.visual_geometry, size, share)
-        for size, share in zip(sizes, shares, strict=True)
+        method.select_macs(spec.segment_geometry(index), size, share)
+        for index, (size, share) in enumerate(zip(sizes, shares, strict=True))
     )
 
 

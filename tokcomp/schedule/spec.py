@@ -4,7 +4,7 @@ VLMSpec for a vision-language model. Adapters build them; they describe geometry
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 from tokcomp.methods import Geometry
@@ -67,7 +67,9 @@ class VLMSpec(ModelSpec):
     spans (1: the reference is an image; Qwen's temporal patches), for per-frame budgets.
     text_visual: of the fixed visual tokens, those that are text tokens of the prompt rather
     than image placeholders (Mistral 3's image-break and image-end tokens): in-LLM methods
-    that read text rows read theirs too.
+    that read text rows read theirs too. unprojected_segments: the segments whose tokens are
+    chosen among pooled projector outputs (LLaVA-OneVision's videos and pooled crops): their
+    choice sees an identity projector.
     """
 
     architecture: str
@@ -91,6 +93,7 @@ class VLMSpec(ModelSpec):
     takes_videos: bool = False
     frames: int = 1
     text_visual: int = 0
+    unprojected_segments: tuple[int, ...] = ()
 
     checked: ClassVar[tuple[str, ...]] = (
         "architecture",
@@ -112,6 +115,15 @@ class VLMSpec(ModelSpec):
         return VisualGeometry(
             self.projector_widths, self.projector_form, self.head_dim, self.frames
         )
+
+    def segment_geometry(self, segment: int) -> VisualGeometry:
+        """What choosing in segment `segment` costs depends on: the projector the segment's
+        tokens are chosen before, an identity one (no MACs) for pooled projector outputs."""
+        geometry = self.visual_geometry
+        if segment not in self.unprojected_segments:
+            return geometry
+        identity = (geometry.output_width,)
+        return replace(geometry, projector_widths=identity, projector_form=ProjectorForm.OTHER)
 
     def tower(self) -> ModelSpec:
         """The vision tower alone, as the hf_vision adapter describes it."""

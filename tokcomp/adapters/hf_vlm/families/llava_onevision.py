@@ -107,6 +107,7 @@ class LlavaOnevision(Llava):
             segments=(pooled,),
             projected_tokens=frames * self._tokens_per_crop(),
             frames=frames,
+            unprojected_segments=(0,),
         )
 
     def images(
@@ -210,13 +211,14 @@ class LlavaOnevision(Llava):
         base = super().vision_fields()
         reference = torch.tensor([[REFERENCE_PIXELS, REFERENCE_PIXELS]])
         crops = self._crops({"image_sizes": reference})
-        ((crop_of, _, _),) = self._pack(crops, {}, reference)
+        ((crop_of, _, pooled),) = self._pack(crops, {}, reference)
         return dict(
             base,
             crops=crops[0],
             visual_tokens=len(crop_of),
             fixed_visual=int((crop_of < 0).sum()),
             segments=tuple(int((crop_of == crop).sum()) for crop in range(crops[0])),
+            unprojected_segments=tuple(range(1, crops[0])) if pooled else (),
             projected_tokens=crops[0] * self._tokens_per_crop(),
             tower_methods=False,
             feature_block=-1,
