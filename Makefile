@@ -13,14 +13,14 @@ EXT := $(VENV)/.extension-built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo demo-vit demo-vit-full demo-dinov2 bench-dinov2 demo-vqa test test-lmms lmms install lint bench-ops data
+.PHONY: demo demo-vit demo-vit-full demo-dinov2 bench-dinov2 demo-vqa demo-video demo-video-full test test-lmms lmms install lint bench-ops data
 
 # Sleeping OpenMP workers: spinning ones cost more than they gain on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 VIT_FMNIST := eval/models/vit-fmnist/model.safetensors
 
-demo: demo-vit demo-dinov2 demo-vqa
+demo: demo-vit demo-dinov2 demo-vqa demo-video
 
 demo-vit: install
 	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist --limit 5000 \
@@ -62,6 +62,20 @@ demo-vqa: install
 	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 2000 \
 		--methods $(VQA_METHODS) --budgets 0.5,0.25,0.125 \
 		--output results/demo-vqa-easyvqa
+
+# The video methods (FastVID; DyCoke at its default k with both position numberings) against
+# random and DivPrune at three budgets on the video-shapes LLaVA-OneVision, 300 questions;
+# demo-video-full sweeps every method that runs on its videos (the model card's table).
+VIDEO_SWEEP := --data video-shapes --budgets 0.5,0.25,0.125 \
+	--variant dycoke:k=0.7 --variant dycoke:k=0.7,positions=keep
+
+demo-video: install
+	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 300 --methods fastvid,divprune,random \
+		--output results/demo-video-shapes
+
+demo-video-full: install
+	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 600 --methods $(VQA_METHODS),fastvid \
+		--output results/demo-video-shapes-full
 
 test: install lint
 	$(PY) -m pytest -q tests

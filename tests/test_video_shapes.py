@@ -14,6 +14,8 @@ import pytest
 
 from tokcomp.harness.data import easy_vqa_root
 from tokcomp.harness.video_shapes import FRAMES, write_video_shapes
+from tokcomp.harness.vqa import VIDEO_MODEL, default_model
+from tokcomp.harness.vqa_data import open_vqa, read_jsonl
 
 
 @cache
@@ -93,3 +95,12 @@ def test_bad_split_or_clip_count_is_refused_in_one_line(tmp_path):
         write_video_shapes("val", tmp_path, clips=1, seed=0)
     with pytest.raises(ValueError, match="clips must be at least 1"):
         write_video_shapes("test", tmp_path, clips=0, seed=0)
+
+
+def test_data_video_shapes_is_the_written_test_file_s_questions_and_picks_its_model(tmp_path):
+    path = write_video_shapes("test", tmp_path, clips=250, seed=0)
+    named = open_vqa("video-shapes")
+    assert [vars(q) for q in named] == [vars(q) for q in read_jsonl(path)]
+    assert named.visual_unit == "video" and len(named) == 250 * 6
+    assert default_model("video-shapes") == VIDEO_MODEL != default_model("easy-vqa")
+    assert (VIDEO_MODEL / "config.json").is_file()

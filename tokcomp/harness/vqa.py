@@ -44,7 +44,7 @@ from tokcomp.adapters import find_adapter
 from tokcomp.adapters.hf_vlm.families import video_classes
 from tokcomp.harness import hub
 from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
-from tokcomp.harness.data import EASY_VQA, data_source, describe, limited
+from tokcomp.harness.data import EASY_VQA, VIDEO_SHAPES, data_source, describe, limited
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest, samples_digest
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
@@ -68,6 +68,13 @@ from tokcomp.methods.visual import POSITIONS
 
 #: The repository's offline default model (eval/train_vlm_easyvqa.py trains it).
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "eval" / "models" / "vlm-easyvqa"
+#: The offline default VLM of --data video-shapes (a small LLaVA-OneVision trained on it).
+VIDEO_MODEL = DEFAULT_MODEL.with_name("vlm-videoshapes")
+#: The script that trains each offline default VLM.
+TRAINED_BY = {
+    DEFAULT_MODEL: "eval/train_vlm_easyvqa.py",
+    VIDEO_MODEL: "eval/train_vlm_videoshapes.py",
+}
 
 #: The table columns of a VLM task (lmms-eval's too).
 COLUMNS = (
@@ -323,7 +330,7 @@ def model_location(source: str | Path) -> str:
     if not folder.exists() and hub.is_repo_id(str(source)):
         hub.require(str(source), "model", "pass a local model folder")
         return str(source)
-    hint = "train it: python eval/train_vlm_easyvqa.py; or" if folder == DEFAULT_MODEL else ""
+    hint = f"train it: python {TRAINED_BY[folder]}; or" if folder in TRAINED_BY else ""
     raise FileNotFoundError(
         f"no model in {folder} (config.json missing); {hint} pass a local Hugging Face VLM "
         "folder with its processor files, or a hub id such as llava-hf/llava-1.5-7b-hf"
@@ -345,9 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model",
         type=Path,
-        default=DEFAULT_MODEL,
         help="local Hugging Face VLM folder (weights, config, processor files) or hub id; "
-        "default: the offline easy-VQA LLaVA, eval/models/vlm-easyvqa",
+        "default: the offline video-shapes LLaVA-OneVision (eval/models/vlm-videoshapes) for "
+        "--data video-shapes, else the offline easy-VQA LLaVA (eval/models/vlm-easyvqa)",
     )
     model.add_argument("--dtype", default="float32", choices=DTYPES)
     data = parser.add_argument_group("data")
@@ -396,10 +403,17 @@ def visual_points(args: argparse.Namespace) -> list[Point]:
     return sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
 
 
+def default_model(data: str) -> Path:
+    """The offline default VLM for a --data value: the video-shapes model for its task, else the
+    easy-VQA LLaVA."""
+    return VIDEO_MODEL if data_source(data).kind == VIDEO_SHAPES else DEFAULT_MODEL
+
+
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results.
     Under torchrun the questions are sharded over the ranks and rank 0 alone writes."""
     points = visual_points(args)
+    args.model = args.model or default_model(args.data)
     world, device = start_run(args)
     dataset = limited(open_vqa(args.data, args.images), args.limit)
     model, processor = load_vlm(args.model, args.dtype)
