@@ -123,11 +123,11 @@ def benchmark(
     device = torch.device(settings.device)
     model = model.eval().to(device)
     images = torch.randn(settings.batch_size, *input_size, device=device)
-    models = [_variant_model(model, v) for v in [BASELINE, *variants]]
-    eager = [_runner(m, images, settings.dtype) for m in models]
+    models = [variant_model(model, v) for v in [BASELINE, *variants]]
+    eager = [runner(m, images, settings.dtype) for m in models]
     runs = list(eager)
     if settings.compile:
-        runs += [_runner(compiled(m), images, settings.dtype) for m in models]
+        runs += [runner(compiled(m), images, settings.dtype) for m in models]
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(models))):
         times = interleaved([Contender(r) for r in runs], settings.repeats, device, settings.warmup)
     measured = times[-len(models) :]  # the compiled runs where there are some
@@ -175,13 +175,16 @@ def compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model, dynamic=False)
 
 
-def _variant_model(model: nn.Module, variant: Variant) -> nn.Module:
+def variant_model(model: nn.Module, variant: Variant) -> nn.Module:
+    """`model` itself for the unpruned variant, else a compressed copy of it."""
     if variant.method is None:
         return model
     return apply(copy.deepcopy(model), variant.method, **variant.options)
 
 
-def _runner(model: nn.Module, images: torch.Tensor, dtype_name: str) -> Callable[[], Any]:
+def runner(model: nn.Module, images: torch.Tensor, dtype_name: str) -> Callable[[], Any]:
+    """A no-argument call of `model` on `images` in inference mode, under autocast to
+    `dtype_name` unless that is float32."""
     dtype = getattr(torch, dtype_name)
     autocast = dtype != torch.float32
 

@@ -1,0 +1,119 @@
+"""Where does bfloat16 ToMe lose its speed-up on the CPU? Time PyTorch's fused attention
+(scaled_dot_product_attention, the CPU flash kernel) at the token count each block of a
+compressed DeiT-S attends over, in bfloat16 and float32, with and without proportional
+attention's log-size mask (as a float32 and as a bfloat16 tensor).
+
+Each token count's time is compared with the unpruned count's time scaled by (N / N0)^2, the
+share of attention MACs the block keeps: a ratio above 1 is time the kernel loses at that
+count. Interleaved rounds, medians (docs/methods.md section 8.1).
+
+    python eval/probe_cpu_attention.py                                  # ToMe r=13
+    python eval/probe_cpu_attention.py --method pitome --option target_macs=0.6
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before importing torch (bench_compile.py)
+
+import argparse
+import ast
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+
+import tokcomp
+
+
+def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
+    """Tokens each block's attention sees: the input count, then the schedule shifted by one
+    (a block reduces after its attention)."""
+    config = tokcomp.config_of(tokcomp.apply(timm.create_model(model_name), method, **options))
+    return [config.model["tokens"], *config.schedule[:-1]]
+
+
+def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """One fused-attention call per mask variant (none, float32, and in q's dtype where that
+    differs), on q, k, v strided as timm's qkv split."""
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = (torch.rand(batch, tokens) * 3 + 1).log()[:, None, None, :]
+    masks = {"no mask": None, "fp32 mask": bias}
+    if dtype != torch.float32:
+        masks[f"{str(dtype).removeprefix('torch.')} mask"] = bias.to(dtype)
+    return {
+        name: lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        for name, mask in masks.items()
+    }
+
+
+def median_ms(calls: dict, rounds: int) -> dict:
+    """Median milliseconds of each call over `rounds` rounds that each run every call once
+    (one warm-up round), so that the machine's load hits all calls alike."""
+    times: dict = {key: [] for key in calls}
+    with torch.inference_mode():
+        for round_index in range(rounds + 1):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if round_index:
+                    times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) * 1e3 for key, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print, per dtype, each block's attention time against its N^2 share."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--method", default="tome")
+    parser.add_argument("--option", action="append", default=[], help="key=value (python)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args(argv)
+    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = options or ({"r": 13} if args.method == "tome" else {})
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    attn = timm.create_model(args.model).blocks[0].attn
+    counts = attended_counts(args.model, args.method, options)
+    print(f"{args.model} {args.method} {options}: tokens attended per block {counts}")
+    for dtype in (torch.bfloat16, torch.float32):
+        calls = {}
+        for tokens in counts:
+            shaped = attention_calls(tokens, args.batch_size, attn.num_heads, attn.head_dim, dtype)
+            calls.update({(tokens, name): call for name, call in shaped.items()})
+        ms = median_ms(calls, args.rounds)
+        print_table(ms, counts, dtype, args)
+
+
+def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
+    """One row per block; the total as the model runs it (no mask until the first merge)."""
+    names = list(dict.fromkeys(name for _, name in ms))
+    print(f"\n{dtype}, batch {args.batch_size}, {args.threads} threads, ms (median)")
+    print(f"{'tokens':>6}" + "".join(f"{n:>15}" for n in names) + f"{'N^2 share':>15}")
+    full = ms[counts[0], "no mask"]
+    for tokens in counts:
+        ideal = full * (tokens / counts[0]) ** 2
+        print(
+            f"{tokens:>6}" + "".join(f"{ms[tokens, n]:>15.2f}" for n in names) + f"{ideal:>15.2f}"
+        )
+    total = full + sum(ms[tokens, "fp32 mask"] for tokens in counts[1:])
+    share = sum(t * t for t in counts) / (len(counts) * counts[0] ** 2)
+    print(
+        f"as run (no mask, then the float32 mask): {total:.1f} ms = "
+        f"{total / (full * len(counts)):.3f} of {len(counts)} blocks at {counts[0]} tokens "
+        f"without a mask; their N^2 share {share:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

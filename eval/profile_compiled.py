@@ -1,0 +1,108 @@
+"""Where does a compiled compressed model spend its time? torch.profiler self time per op
+group for DeiT-S unpruned, ToMe r=13 and PiToMe at 0.6 of the MACs, each compiled (inductor,
+static shapes) as eval/bench_compile.py compiles them, profiled in alternation, with each
+group's ratio to the unpruned model's (docs/methods.md section 8.1).
+
+    python eval/profile_compiled.py --dtype bfloat16
+    python eval/profile_compiled.py --dtype float32
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in eval/bench_compile.py: passive OpenMP waiting, no first-call kernel checks timed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKCOMP_VERIFY", "0")
+
+import argparse
+import collections
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+
+from tokcomp.bench import BASELINE, Variant, compiled, runner, variant_model
+
+VARIANTS = (
+    BASELINE,
+    Variant("tome r=13", "tome", {"r": 13}),
+    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
+)
+#: ATen ops reported on their own; every other ATen op is "other".
+NAMED_OPS = ("aten::addmm", "aten::copy_", "aten::mkldnn_convolution", "aten::sort")
+
+
+def op_group(key: str) -> str:
+    """The row a profiler event's self time goes to."""
+    if key.startswith("## Call CompiledFxGraph"):
+        return "inductor kernels"
+    if "flash_attention" in key:
+        return "sdpa (flash, CPU)"
+    if key.startswith("tokcomp::") or key in NAMED_OPS:
+        return key
+    return "other"
+
+
+def self_ms(forward: Callable[[], object]) -> collections.Counter:
+    """Self milliseconds per op group of one profiled call of `forward`."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward()
+    totals: collections.Counter = collections.Counter()
+    for event in prof.key_averages():
+        totals[op_group(event.key)] += event.self_cpu_time_total / 1e3
+    return totals
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the per-group table, summed over `--rounds` profiled calls of each model."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).eval()
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    runs = {
+        v.label: runner(compiled(variant_model(model, v)), images, args.dtype) for v in VARIANTS
+    }
+    for forward in runs.values():  # compile, then one warm call
+        forward()
+        forward()
+    totals = {label: collections.Counter() for label in runs}
+    for _ in range(args.rounds):
+        for label, forward in runs.items():
+            totals[label] += self_ms(forward)
+    print_table(totals, args)
+
+
+def print_table(totals: dict[str, collections.Counter], args: argparse.Namespace) -> None:
+    """Self ms per group and model, with the ratio to the unpruned model's."""
+    base = totals[VARIANTS[0].label]
+    groups = sorted({g for t in totals.values() for g in t}, key=lambda g: -base.get(g, 0.0))
+    print(
+        f"{args.model}, {args.dtype}, batch {args.batch_size}, {args.threads} threads, compiled: "
+        f"self ms summed over {args.rounds} profiled calls each (ratio to unpruned)"
+    )
+    print(f"{'op group':<26}" + "".join(f"{label:>26}" for label in totals))
+    for group in [*groups, "total"]:
+        row = f"{group:<26}"
+        reference = sum(base.values()) if group == "total" else base.get(group, 0.0)
+        for counts in totals.values():
+            value = sum(counts.values()) if group == "total" else counts.get(group, 0.0)
+            ratio = f"({value / reference:.3f})" if reference else ""
+            row += f"{value:>17.1f} {ratio:>8}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
