@@ -46,7 +46,9 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     get_cosine_schedule_with_warmup,
 )
 
@@ -527,11 +530,43 @@ def main(argv: list[str] | None = None) -> None:
     train, test = encode(processor, train_questions), encode(processor, test_questions)
     seed_everything(args.seed)
     model = build_model(args, tokenizer)
-    steps_per_epoch = -(-len(train.by_image) // args.images_per_step)
+    probe = TowerProbe(args.vision_width, args.patch_size)
+    fit(
+        args,
+        state_dir,
+        model,
+        probe,
+        processor,
+        len(train.by_image),
+        args.images_per_step,
+        partial(batch_loss, model, probe, train, eos, args),
+        lambda: {
+            f"test{args.monitor}_first_token": round(
+                first_token_accuracy(model, test, eos, args.monitor), 4
+            )
+        },
+    )
+
+
+def fit(
+    args: argparse.Namespace,
+    state_dir: Path,
+    model: torch.nn.Module,
+    probe: torch.nn.Module,
+    processor: ProcessorMixin,
+    units: int,
+    per_step: int,
+    step_loss: Callable[[list[int], torch.Generator], torch.Tensor],
+    monitor: Callable[[], dict[str, object]],
+) -> None:
+    """Train `model` and its tower `probe` together on `units` training items, `per_step` a
+    step (or resume from `state_dir`/last.pt); after each epoch print and keep a record (epoch,
+    mean loss, `monitor`'s entries, elapsed time) and a checkpoint; at the end write the model
+    (not the probe) and `processor` to --out and the records to `state_dir`/history.json."""
+    steps_per_epoch = -(-units // per_step)
     if args.limit_steps:
         steps_per_epoch = min(steps_per_epoch, args.limit_steps)
     total = args.epochs * steps_per_epoch
-    probe = TowerProbe(args.vision_width, args.patch_size)
     # Trained together, saved and resumed together; only `model` is written at the end.
     trained = torch.nn.ModuleDict({"model": model, "probe": probe})
     optimizer = optimizer_for(trained, args)
@@ -539,20 +574,22 @@ def main(argv: list[str] | None = None) -> None:
     progress = resume(state_dir / "last.pt", args, (trained, optimizer, schedule))
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"vocabulary {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps_per_epoch} "
-        f"steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
+        f"vocabulary {len(processor.tokenizer)}, {params / 1e6:.2f}M parameters, "
+        f"{steps_per_epoch} steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
         flush=True,
     )
     model.train()
     for epoch in range(progress["epoch"], args.epochs):
         began = time.perf_counter()
-        loss = train_epoch(trained, optimizer, schedule, train, eos, epoch, steps_per_epoch, args)
-        accuracy = first_token_accuracy(model, test, eos, args.monitor)
+        loss = train_epoch(
+            trained, optimizer, schedule, epoch, steps_per_epoch, units, per_step, step_loss, args
+        )
+        monitored = monitor()
         progress["elapsed_s"] += time.perf_counter() - began
         record = {
             "epoch": epoch + 1,
             "train_loss": round(loss, 5),
-            f"test{args.monitor}_first_token": round(accuracy, 4),
+            **monitored,
             "elapsed_s": round(progress["elapsed_s"], 1),
         }
         progress["history"].append(record)
@@ -584,34 +621,24 @@ def train_epoch(
     trained: torch.nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-    train: Split,
-    eos: int,
     epoch: int,
     steps: int,
+    units: int,
+    per_step: int,
+    step_loss: Callable[[list[int], torch.Generator], torch.Tensor],
     args: argparse.Namespace,
 ) -> float:
-    """One pass over the training images (seeded by the epoch: a resumed run repeats it
-    exactly); the mean loss. `trained` holds the model and its tower probe."""
-    model, probe = trained["model"], trained["probe"]
+    """One pass over `units` training items, `per_step` a step, in an order seeded by the epoch
+    (a resumed run repeats it exactly): `step_loss` of each step's items (drawing from the same
+    generator); the mean loss."""
     generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train.by_image), generator=generator).tolist()
+    order = torch.randperm(units, generator=generator).tolist()
     bar = tqdm(
         range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30, file=sys.stdout
     )
     total = 0.0
     for step in bar:
-        images = order[step * args.images_per_step : (step + 1) * args.images_per_step]
-        questions = sample_questions(train, images, args.questions_per_image, generator)
-        pixels = augment(train.pixels[images], generator)
-        kept = visual_subsets(len(images), train.visual_tokens, args, generator)
-        batch = make_batch(train, images, eos, pixels, questions, kept)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            output, tower_states = forward(model, batch)
-            loss = output.loss
-            if args.probe_weight:
-                loss = loss + args.probe_weight * probe.loss(
-                    tower_states, pixels, train.facts[images]
-                )
+        loss = step_loss(order[step * per_step : (step + 1) * per_step], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
@@ -620,6 +647,29 @@ def train_epoch(
         total += loss.item()
         bar.set_postfix(loss=f"{total / (step + 1):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
     return total / steps
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    probe: TowerProbe,
+    train: Split,
+    eos: int,
+    args: argparse.Namespace,
+    images: list[int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The training loss on training images `images`: their sampled questions, augmented
+    pixels and visual-token subsets drawn from `generator`, plus the weighted tower probe."""
+    questions = sample_questions(train, images, args.questions_per_image, generator)
+    pixels = augment(train.pixels[images], generator)
+    kept = visual_subsets(len(images), train.visual_tokens, args, generator)
+    batch = make_batch(train, images, eos, pixels, questions, kept)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        output, tower_states = forward(model, batch)
+        loss = output.loss
+        if args.probe_weight:
+            loss = loss + args.probe_weight * probe.loss(tower_states, pixels, train.facts[images])
+    return loss
 
 
 if __name__ == "__main__":
