@@ -638,16 +638,11 @@ def test_qwen3_vl_video_cut_to_its_last_temporal_patch_is_the_model_on_the_short
     assert not torch.allclose(model(**batch).logits[:, -1], expected, rtol=1e-3, atol=1e-3)
 
 
-@torch.no_grad()
-def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
-    """A video's attention signal, per merged token, is the mean over its four patches of what
-    each receives in the last tower block from the patches of its own temporal patch (the
-    tower attends within each; eager weights averaged over queries, summed over heads), the
-    temporal patches in order; the deepstack features travel with the video's tokens."""
+def _record_qwen3_tower_attention(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Switch the Qwen3-VL tower of `model` to eager attention that records each call's weights
+    (of its first batch row); the list it fills."""
     from transformers import AttentionInterface
     from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
-
-    from tokcomp.adapters.hf_vlm.families import family_for
 
     recorded = []
 
@@ -656,13 +651,25 @@ def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
         recorded.append(weights[0])
         return output, weights
 
+    AttentionInterface.register("tokcomp_test_recording", recording)
+    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    return recorded
+
+
+@torch.no_grad()
+def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
+    """A video's attention signal, per merged token, is the mean over its four patches of what
+    each receives in the last tower block from the patches of its own temporal patch (the
+    tower attends within each; eager weights averaged over queries, summed over heads), the
+    temporal patches in order; the deepstack features travel with the video's tokens."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
     model = _model("qwen3_vl_video")
     family, needs = family_for(model)(model), frozenset(VisualSignal)
     batch, _ = _inputs(model, "qwen3_vl_video", [(1, 3)])
     inputs = {name: batch[name] for name in family.video_encoder_inputs}
     videos = family.videos(family.encode_videos((), inputs, needs), inputs, needs)
-    AttentionInterface.register("tokcomp_test_recording", recording)
-    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    recorded = _record_qwen3_tower_attention(model)
     encoded = model.model.get_video_features(**inputs)
     ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
     received = [w.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1) for w in recorded[-temporal:]]
@@ -978,25 +985,14 @@ def test_qwen3_vl_signals_are_the_last_blocks_eager_attention_averaged_per_merge
     """Each merged token's attention is the mean over its four patches (consecutive in the
     tower's order) of what each receives in the last block from its own image's patches (the
     eager weights, averaged over queries, summed over heads)."""
-    from transformers import AttentionInterface
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
-
     from tokcomp.adapters.hf_vlm.families import family_for
-
-    recorded = []
-
-    def recording(module, *args, **kwargs):
-        output, weights = eager_attention_forward(module, *args, **kwargs)
-        recorded.append(weights[0])
-        return output, weights
 
     model = _model("qwen3_vl")
     family, needs = family_for(model)(model), frozenset(VisualSignal)
     batch, _ = _inputs(model, "qwen3_vl", [(2, 3)])
     inputs = {name: batch[name] for name in family.encoder_inputs}
     images = family.images(family.encode((), inputs, needs), inputs, needs, 0)
-    AttentionInterface.register("tokcomp_test_recording", recording)
-    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    recorded = _record_qwen3_tower_attention(model)
     model.model.get_image_features(**inputs)
     for segment, weights in zip(images.segments, recorded[-2:], strict=True):
         received = weights.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1)
