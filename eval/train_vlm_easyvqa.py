@@ -98,13 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--questions-per-image", type=int, default=2, help="questions drawn per image (0: all)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
-    )
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    add_optimizer_options(p)
     p.add_argument(
         "--drop-visual",
         type=float,
@@ -112,6 +106,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
     )
     p.add_argument("--min-visual", type=int, default=4, help="fewest visual tokens a cut keeps")
+    add_architecture_options(p)
+    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+    add_run_options(p)
+    return p.parse_args(argv)
+
+
+def add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """The optimiser's options (both training scripts)."""
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument(
+        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
+    )
+    p.add_argument("--clip-grad", type=float, default=1.0)
+
+
+def add_architecture_options(p: argparse.ArgumentParser) -> None:
+    """The model's size options (both training scripts)."""
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--vision-width", type=int, default=128)
@@ -119,13 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-width", type=int, default=192)
     p.add_argument("--text-depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Seed, threads, precision, smoke-test and restart options (both training scripts)."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    return p.parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:

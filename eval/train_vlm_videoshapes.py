@@ -70,6 +70,9 @@ from train_vlm_easyvqa import (
     PAD,
     UNK,
     TowerProbe,
+    add_architecture_options,
+    add_optimizer_options,
+    add_run_options,
     augment,
     fit,
     seed_everything,
@@ -112,26 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--questions-per-clip", type=int, default=0, help="questions drawn per clip (0: all)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
-    )
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--text-width", type=int, default=192)
-    p.add_argument("--text-depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    add_optimizer_options(p)
+    add_architecture_options(p)
     p.add_argument("--monitor", type=int, default=150, help="test clips checked per epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-bf16", action="store_true", help="train in float32")
-    p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    add_run_options(p)
     return p.parse_args(argv)
 
 
