@@ -202,9 +202,9 @@ def build_processor(words: list[str], image_size: int, patch_size: int) -> Llava
     )
 
 
-def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
-    """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
-    vision = CLIPVisionConfig(
+def tower_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The vision tower's config sizes from the architecture options."""
+    return dict(
         image_size=args.image_size,
         patch_size=args.patch_size,
         hidden_size=args.vision_width,
@@ -212,19 +212,29 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) ->
         num_hidden_layers=args.vision_depth,
         num_attention_heads=args.heads,
     )
-    text = LlamaConfig(
+
+
+def decoder_sizes(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The language model's config sizes (from the architecture options) and special tokens
+    (`tokenizer`'s), untied embeddings."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=args.text_width,
         intermediate_size=8 * args.text_width // 3,
         num_hidden_layers=args.text_depth,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
+    vision = CLIPVisionConfig(**tower_sizes(args))
+    text = LlamaConfig(**decoder_sizes(args, tokenizer), max_position_embeddings=256)
     patches = (args.image_size // args.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision,

@@ -74,8 +74,10 @@ from train_vlm_easyvqa import (
     add_optimizer_options,
     add_run_options,
     augment,
+    decoder_sizes,
     fit,
     seed_everything,
+    tower_sizes,
     vocabulary,
     word_tokenizer,
 )
@@ -155,28 +157,8 @@ def build_model(
     args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast
 ) -> LlavaOnevisionForConditionalGeneration:
     """A fresh LLaVA-OneVision (random init from the current torch RNG state) for `tokenizer`."""
-    vision = SiglipVisionConfig(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        hidden_size=args.vision_width,
-        intermediate_size=4 * args.vision_width,
-        num_hidden_layers=args.vision_depth,
-        num_attention_heads=args.heads,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=args.text_width,
-        intermediate_size=8 * args.text_width // 3,
-        num_hidden_layers=args.text_depth,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    vision = SiglipVisionConfig(**tower_sizes(args), vision_use_head=False)
+    text = Qwen2Config(**decoder_sizes(args, tokenizer), max_position_embeddings=512)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
