@@ -46,7 +46,9 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     get_cosine_schedule_with_warmup,
 )
 
@@ -95,13 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--questions-per-image", type=int, default=2, help="questions drawn per image (0: all)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
-    )
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    add_optimizer_options(p)
     p.add_argument(
         "--drop-visual",
         type=float,
@@ -109,6 +106,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
     )
     p.add_argument("--min-visual", type=int, default=4, help="fewest visual tokens a cut keeps")
+    add_architecture_options(p)
+    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+    add_run_options(p)
+    return p.parse_args(argv)
+
+
+def add_optimizer_options(p: argparse.ArgumentParser) -> None:
+    """The optimiser's options (both training scripts)."""
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument(
+        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
+    )
+    p.add_argument("--clip-grad", type=float, default=1.0)
+
+
+def add_architecture_options(p: argparse.ArgumentParser) -> None:
+    """The model's size options (both training scripts)."""
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--vision-width", type=int, default=128)
@@ -116,13 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-width", type=int, default=192)
     p.add_argument("--text-depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Seed, threads, precision, smoke-test and restart options (both training scripts)."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    return p.parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,9 +202,9 @@ def build_processor(words: list[str], image_size: int, patch_size: int) -> Llava
     )
 
 
-def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
-    """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
-    vision = CLIPVisionConfig(
+def tower_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The vision tower's config sizes from the architecture options."""
+    return dict(
         image_size=args.image_size,
         patch_size=args.patch_size,
         hidden_size=args.vision_width,
@@ -194,19 +212,29 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) ->
         num_hidden_layers=args.vision_depth,
         num_attention_heads=args.heads,
     )
-    text = LlamaConfig(
+
+
+def decoder_sizes(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The language model's config sizes (from the architecture options) and special tokens
+    (`tokenizer`'s), untied embeddings."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=args.text_width,
         intermediate_size=8 * args.text_width // 3,
         num_hidden_layers=args.text_depth,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> torch.nn.Module:
+    """A fresh LLaVA (random init from the current torch RNG state) for `tokenizer`."""
+    vision = CLIPVisionConfig(**tower_sizes(args))
+    text = LlamaConfig(**decoder_sizes(args, tokenizer), max_position_embeddings=256)
     patches = (args.image_size // args.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision,
@@ -527,11 +555,43 @@ def main(argv: list[str] | None = None) -> None:
     train, test = encode(processor, train_questions), encode(processor, test_questions)
     seed_everything(args.seed)
     model = build_model(args, tokenizer)
-    steps_per_epoch = -(-len(train.by_image) // args.images_per_step)
+    probe = TowerProbe(args.vision_width, args.patch_size)
+    fit(
+        args,
+        state_dir,
+        model,
+        probe,
+        processor,
+        len(train.by_image),
+        args.images_per_step,
+        partial(batch_loss, model, probe, train, eos, args),
+        lambda: {
+            f"test{args.monitor}_first_token": round(
+                first_token_accuracy(model, test, eos, args.monitor), 4
+            )
+        },
+    )
+
+
+def fit(
+    args: argparse.Namespace,
+    state_dir: Path,
+    model: torch.nn.Module,
+    probe: torch.nn.Module,
+    processor: ProcessorMixin,
+    units: int,
+    per_step: int,
+    step_loss: Callable[[list[int], torch.Generator], torch.Tensor],
+    monitor: Callable[[], dict[str, object]],
+) -> None:
+    """Train `model` and its tower `probe` together on `units` training items, `per_step` a
+    step (or resume from `state_dir`/last.pt); after each epoch print and keep a record (epoch,
+    mean loss, `monitor`'s entries, elapsed time) and a checkpoint; at the end write the model
+    (not the probe) and `processor` to --out and the records to `state_dir`/history.json."""
+    steps_per_epoch = -(-units // per_step)
     if args.limit_steps:
         steps_per_epoch = min(steps_per_epoch, args.limit_steps)
     total = args.epochs * steps_per_epoch
-    probe = TowerProbe(args.vision_width, args.patch_size)
     # Trained together, saved and resumed together; only `model` is written at the end.
     trained = torch.nn.ModuleDict({"model": model, "probe": probe})
     optimizer = optimizer_for(trained, args)
@@ -539,20 +599,22 @@ def main(argv: list[str] | None = None) -> None:
     progress = resume(state_dir / "last.pt", args, (trained, optimizer, schedule))
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"vocabulary {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps_per_epoch} "
-        f"steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
+        f"vocabulary {len(processor.tokenizer)}, {params / 1e6:.2f}M parameters, "
+        f"{steps_per_epoch} steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
         flush=True,
     )
     model.train()
     for epoch in range(progress["epoch"], args.epochs):
         began = time.perf_counter()
-        loss = train_epoch(trained, optimizer, schedule, train, eos, epoch, steps_per_epoch, args)
-        accuracy = first_token_accuracy(model, test, eos, args.monitor)
+        loss = train_epoch(
+            trained, optimizer, schedule, epoch, steps_per_epoch, units, per_step, step_loss, args
+        )
+        monitored = monitor()
         progress["elapsed_s"] += time.perf_counter() - began
         record = {
             "epoch": epoch + 1,
             "train_loss": round(loss, 5),
-            f"test{args.monitor}_first_token": round(accuracy, 4),
+            **monitored,
             "elapsed_s": round(progress["elapsed_s"], 1),
         }
         progress["history"].append(record)
@@ -584,34 +646,24 @@ def train_epoch(
     trained: torch.nn.ModuleDict,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-    train: Split,
-    eos: int,
     epoch: int,
     steps: int,
+    units: int,
+    per_step: int,
+    step_loss: Callable[[list[int], torch.Generator], torch.Tensor],
     args: argparse.Namespace,
 ) -> float:
-    """One pass over the training images (seeded by the epoch: a resumed run repeats it
-    exactly); the mean loss. `trained` holds the model and its tower probe."""
-    model, probe = trained["model"], trained["probe"]
+    """One pass over `units` training items, `per_step` a step, in an order seeded by the epoch
+    (a resumed run repeats it exactly): `step_loss` of each step's items (drawing from the same
+    generator); the mean loss."""
     generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train.by_image), generator=generator).tolist()
+    order = torch.randperm(units, generator=generator).tolist()
     bar = tqdm(
         range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30, file=sys.stdout
     )
     total = 0.0
     for step in bar:
-        images = order[step * args.images_per_step : (step + 1) * args.images_per_step]
-        questions = sample_questions(train, images, args.questions_per_image, generator)
-        pixels = augment(train.pixels[images], generator)
-        kept = visual_subsets(len(images), train.visual_tokens, args, generator)
-        batch = make_batch(train, images, eos, pixels, questions, kept)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            output, tower_states = forward(model, batch)
-            loss = output.loss
-            if args.probe_weight:
-                loss = loss + args.probe_weight * probe.loss(
-                    tower_states, pixels, train.facts[images]
-                )
+        loss = step_loss(order[step * per_step : (step + 1) * per_step], generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
@@ -620,6 +672,29 @@ def train_epoch(
         total += loss.item()
         bar.set_postfix(loss=f"{total / (step + 1):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
     return total / steps
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    probe: TowerProbe,
+    train: Split,
+    eos: int,
+    args: argparse.Namespace,
+    images: list[int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The training loss on training images `images`: their sampled questions, augmented
+    pixels and visual-token subsets drawn from `generator`, plus the weighted tower probe."""
+    questions = sample_questions(train, images, args.questions_per_image, generator)
+    pixels = augment(train.pixels[images], generator)
+    kept = visual_subsets(len(images), train.visual_tokens, args, generator)
+    batch = make_batch(train, images, eos, pixels, questions, kept)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        output, tower_states = forward(model, batch)
+        loss = output.loss
+        if args.probe_weight:
+            loss = loss + args.probe_weight * probe.loss(tower_states, pixels, train.facts[images])
+    return loss
 
 
 if __name__ == "__main__":

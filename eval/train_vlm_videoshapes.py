@@ -45,11 +45,11 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -59,7 +59,6 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
-    get_cosine_schedule_with_warmup,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,11 +70,14 @@ from train_vlm_easyvqa import (
     PAD,
     UNK,
     TowerProbe,
+    add_architecture_options,
+    add_optimizer_options,
+    add_run_options,
     augment,
-    optimizer_for,
-    resume,
-    save_state,
+    decoder_sizes,
+    fit,
     seed_everything,
+    tower_sizes,
     vocabulary,
     word_tokenizer,
 )
@@ -115,26 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--questions-per-clip", type=int, default=0, help="questions drawn per clip (0: all)"
     )
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument(
-        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
-    )
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--text-width", type=int, default=192)
-    p.add_argument("--text-depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    add_optimizer_options(p)
+    add_architecture_options(p)
     p.add_argument("--monitor", type=int, default=150, help="test clips checked per epoch")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-bf16", action="store_true", help="train in float32")
-    p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    add_run_options(p)
     return p.parse_args(argv)
 
 
@@ -171,28 +157,8 @@ def build_model(
     args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast
 ) -> LlavaOnevisionForConditionalGeneration:
     """A fresh LLaVA-OneVision (random init from the current torch RNG state) for `tokenizer`."""
-    vision = SiglipVisionConfig(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        hidden_size=args.vision_width,
-        intermediate_size=4 * args.vision_width,
-        num_hidden_layers=args.vision_depth,
-        num_attention_heads=args.heads,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=args.text_width,
-        intermediate_size=8 * args.text_width // 3,
-        num_hidden_layers=args.text_depth,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    vision = SiglipVisionConfig(**tower_sizes(args), vision_use_head=False)
+    text = Qwen2Config(**decoder_sizes(args, tokenizer), max_position_embeddings=512)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
@@ -457,43 +423,26 @@ def sample_questions(
     return chosen
 
 
-def train_epoch(
-    trained: torch.nn.ModuleDict,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
+def batch_loss(
+    model: torch.nn.Module,
+    probe: TowerProbe,
     train: Split,
     eos: int,
-    epoch: int,
-    steps: int,
     args: argparse.Namespace,
-) -> float:
-    """One pass over the training clips (seeded by the epoch: a resumed run repeats it
-    exactly); the mean loss. `trained` holds the model and its tower probe."""
-    model, probe = trained["model"], trained["probe"]
-    generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    order = torch.randperm(len(train.by_clip), generator=generator).tolist()
-    bar = tqdm(
-        range(steps), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=30, file=sys.stdout
-    )
-    total = 0.0
-    for step in bar:
-        clips = order[step * args.clips_per_step : (step + 1) * args.clips_per_step]
-        numbers = sample_questions(train, clips, args.questions_per_clip, generator)
-        batch, images = make_batch(train, numbers, eos, generator)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            output, tower_states = forward(model, batch)
-            loss = output.loss
-            if args.probe_weight:
-                probe_loss = probe.loss(tower_states, batch.pixels, train.facts[images])
-                loss = loss + args.probe_weight * probe_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
-        optimizer.step()
-        schedule.step()
-        total += loss.item()
-        bar.set_postfix(loss=f"{total / (step + 1):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-    return total / steps
+    clips: list[int],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The training loss on training clips `clips`: their sampled questions packed, the
+    images augmented from `generator`, plus the weighted tower probe."""
+    numbers = sample_questions(train, clips, args.questions_per_clip, generator)
+    batch, images = make_batch(train, numbers, eos, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        output, tower_states = forward(model, batch)
+        loss = output.loss
+        if args.probe_weight:
+            probe_loss = probe.loss(tower_states, batch.pixels, train.facts[images])
+            loss = loss + args.probe_weight * probe_loss
+    return loss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -512,56 +461,17 @@ def main(argv: list[str] | None = None) -> None:
     train, test = encode(processor, train_clips), encode(processor, test_clips)
     seed_everything(args.seed)
     model = build_model(args, tokenizer)
-    steps_per_epoch = -(-len(train_clips) // args.clips_per_step)
-    if args.limit_steps:
-        steps_per_epoch = min(steps_per_epoch, args.limit_steps)
-    total = args.epochs * steps_per_epoch
     probe = TowerProbe(args.vision_width, args.patch_size, prefix=0)
-    # Trained together, saved and resumed together; only `model` is written at the end.
-    trained = torch.nn.ModuleDict({"model": model, "probe": probe})
-    optimizer = optimizer_for(trained, args)
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(args.warmup * total), total)
-    progress = resume(state_dir / "last.pt", args, (trained, optimizer, schedule))
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"vocabulary {len(tokenizer)}, {params / 1e6:.2f}M parameters, {steps_per_epoch} "
-        f"steps/epoch, {args.threads} threads, bf16 {not args.no_bf16}",
-        flush=True,
-    )
-    model.train()
-    for epoch in range(progress["epoch"], args.epochs):
-        began = time.perf_counter()
-        loss = train_epoch(trained, optimizer, schedule, train, eos, epoch, steps_per_epoch, args)
-        accuracy = first_token_accuracy(model, test, eos, args.monitor)
-        progress["elapsed_s"] += time.perf_counter() - began
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": round(loss, 5),
-            "test_first_token": accuracy,
-            "elapsed_s": round(progress["elapsed_s"], 1),
-        }
-        progress["history"].append(record)
-        print(json.dumps(record), flush=True)
-        save_state(
-            state_dir / "last.pt",
-            {
-                "epoch": epoch + 1,
-                "elapsed_s": progress["elapsed_s"],
-                "history": progress["history"],
-                "model": trained.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            },
-        )
-    model.eval()
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    (state_dir / "history.json").write_text(json.dumps(progress["history"], indent=1))
-    print(
-        f"wrote {args.out}; training wall time {progress['elapsed_s'] / 60:.1f} min "
-        f"({params / 1e6:.2f}M parameters)",
-        flush=True,
+    fit(
+        args,
+        state_dir,
+        model,
+        probe,
+        processor,
+        len(train.by_clip),
+        args.clips_per_step,
+        partial(batch_loss, model, probe, train, eos, args),
+        lambda: {"test_first_token": first_token_accuracy(model, test, eos, args.monitor)},
     )
     data = write_video_shapes("test", state_dir, args.test_clips, args.seed)
     rows = [json.loads(line) for line in data.read_text().splitlines()]

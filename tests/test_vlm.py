@@ -32,6 +32,7 @@ from vlm_fixtures import (
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.adapters.hf_vlm.families import Images
 from tokcomp.adapters.hf_vlm.generation import pruned_of
 from tokcomp.methods import LLMStageMethod, create_method, method_class
 from tokcomp.methods.visual import VisualSignal
@@ -638,16 +639,11 @@ def test_qwen3_vl_video_cut_to_its_last_temporal_patch_is_the_model_on_the_short
     assert not torch.allclose(model(**batch).logits[:, -1], expected, rtol=1e-3, atol=1e-3)
 
 
-@torch.no_grad()
-def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
-    """A video's attention signal, per merged token, is the mean over its four patches of what
-    each receives in the last tower block from the patches of its own temporal patch (the
-    tower attends within each; eager weights averaged over queries, summed over heads), the
-    temporal patches in order; the deepstack features travel with the video's tokens."""
+def _record_qwen3_tower_attention(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Switch the Qwen3-VL tower of `model` to eager attention that records each call's weights
+    (of its first batch row); the list it fills."""
     from transformers import AttentionInterface
     from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
-
-    from tokcomp.adapters.hf_vlm.families import family_for
 
     recorded = []
 
@@ -656,13 +652,25 @@ def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
         recorded.append(weights[0])
         return output, weights
 
+    AttentionInterface.register("tokcomp_test_recording", recording)
+    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    return recorded
+
+
+@torch.no_grad()
+def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
+    """A video's attention signal, per merged token, is the mean over its four patches of what
+    each receives in the last tower block from the patches of its own temporal patch (the
+    tower attends within each; eager weights averaged over queries, summed over heads), the
+    temporal patches in order; the deepstack features travel with the video's tokens."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
     model = _model("qwen3_vl_video")
     family, needs = family_for(model)(model), frozenset(VisualSignal)
     batch, _ = _inputs(model, "qwen3_vl_video", [(1, 3)])
     inputs = {name: batch[name] for name in family.video_encoder_inputs}
     videos = family.videos(family.encode_videos((), inputs, needs), inputs, needs)
-    AttentionInterface.register("tokcomp_test_recording", recording)
-    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    recorded = _record_qwen3_tower_attention(model)
     encoded = model.model.get_video_features(**inputs)
     ((temporal, rows, cols),) = batch["video_grid_thw"].tolist()
     received = [w.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1) for w in recorded[-temporal:]]
@@ -675,24 +683,32 @@ def test_qwen3_vl_video_signals_are_each_temporal_patch_s_own_attention():
     torch.testing.assert_close(videos.injected[0], torch.stack(levels, dim=1))
 
 
-@torch.no_grad()
-def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newline():
-    """Two 3-frame videos of 4 x 4 patches per frame: each frame's tokens 2 x 2 pooled (its
-    attention too: the 2 x 2 mean), the 12 pooled tokens one segment of 3 frames, the newline
-    after them in none; features are the pooled outputs (identity projector)."""
+def _two_llava_videos(
+    name: str,
+) -> tuple[Images, torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Two random 3-frame videos (4 x 4 patches a frame) through the tiny `name` LLaVA video
+    model's family with every signal: their Images, the model's own video tokens, the tower's
+    (attention, keys) in its feature layer and that layer's hidden states."""
     from tokcomp.adapters.hf_vlm.families import family_for
     from tokcomp.adapters.hf_vlm.families.llava import tower_attention
 
-    model = _model("llava_onevision_video")
+    model = _model(name)
     vlm, needs = family_for(model)(model), frozenset(VisualSignal)
     inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
     encoded = vlm.encode_videos((), inputs, needs)
     videos = vlm.videos(encoded, inputs, needs)
     expected = model.model.get_video_features(**inputs).pooler_output
     index = vlm.feature_index(inputs)
-    attention, _ = tower_attention(
-        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
-    )
+    signals = tower_attention(model.model.vision_tower, encoded.hidden_states[index - 1], index - 1)
+    return videos, expected, signals, encoded.hidden_states[index]
+
+
+@torch.no_grad()
+def test_onevision_video_is_one_segment_of_its_pooled_frames_and_keeps_its_newline():
+    """Two 3-frame videos of 4 x 4 patches per frame: each frame's tokens 2 x 2 pooled (its
+    attention too: the 2 x 2 mean), the 12 pooled tokens one segment of 3 frames, the newline
+    after them in none; features are the pooled outputs (identity projector)."""
+    videos, expected, (attention, _), _ = _two_llava_videos("llava_onevision_video")
     pooled = torch.nn.functional.avg_pool2d(attention.view(6, 1, 4, 4), 2).view(2, 12)
     assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
         (0, 3, list(range(12))),
@@ -711,25 +727,13 @@ def test_llava_next_video_is_one_segment_of_its_resampled_frames():
     token dropped) 2 x 2 average-pooled by hand are the FEATURES, which the projector maps to
     the model's own video tokens; attention and keys are the same 2 x 2 means of the feature
     layer's; the 12 tokens one segment of 3 frames, no newline."""
-    from tokcomp.adapters.hf_vlm.families import family_for
-    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
-
-    model = _model("llava_next_video")
-    vlm, needs = family_for(model)(model), frozenset(VisualSignal)
-    inputs = {"pixel_values_videos": torch.randn(2, 3, 3, 32, 32)}
-    encoded = vlm.encode_videos((), inputs, needs)
-    videos = vlm.videos(encoded, inputs, needs)
-    expected = model.model.get_video_features(**inputs).pooler_output
-    index = vlm.feature_index(inputs)
+    videos, expected, (attention, keys), feature_layer = _two_llava_videos("llava_next_video")
 
     def pooled(per_patch: torch.Tensor) -> torch.Tensor:  # (6, 16, C) -> (2, 12, C)
         grid = per_patch.reshape(6, 2, 2, 2, 2, -1)  # frame, row pair, row, column pair, column
         return grid.mean(dim=(2, 4)).reshape(2, 12, -1)
 
-    attention, keys = tower_attention(
-        model.model.vision_tower, encoded.hidden_states[index - 1], index - 1
-    )
-    features = pooled(encoded.hidden_states[index][:, 1:])
+    features = pooled(feature_layer[:, 1:])
     assert [(s.image, s.frames, s.slots.tolist()) for s in videos.segments] == [
         (0, 3, list(range(12))),
         (1, 3, list(range(12))),
@@ -978,25 +982,14 @@ def test_qwen3_vl_signals_are_the_last_blocks_eager_attention_averaged_per_merge
     """Each merged token's attention is the mean over its four patches (consecutive in the
     tower's order) of what each receives in the last block from its own image's patches (the
     eager weights, averaged over queries, summed over heads)."""
-    from transformers import AttentionInterface
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import eager_attention_forward
-
     from tokcomp.adapters.hf_vlm.families import family_for
-
-    recorded = []
-
-    def recording(module, *args, **kwargs):
-        output, weights = eager_attention_forward(module, *args, **kwargs)
-        recorded.append(weights[0])
-        return output, weights
 
     model = _model("qwen3_vl")
     family, needs = family_for(model)(model), frozenset(VisualSignal)
     batch, _ = _inputs(model, "qwen3_vl", [(2, 3)])
     inputs = {name: batch[name] for name in family.encoder_inputs}
     images = family.images(family.encode((), inputs, needs), inputs, needs, 0)
-    AttentionInterface.register("tokcomp_test_recording", recording)
-    model.model.visual.config._attn_implementation = "tokcomp_test_recording"
+    recorded = _record_qwen3_tower_attention(model)
     model.model.get_image_features(**inputs)
     for segment, weights in zip(images.segments, recorded[-2:], strict=True):
         received = weights.mean(dim=1).sum(dim=0).view(-1, 4).mean(dim=1)

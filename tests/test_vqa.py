@@ -16,6 +16,7 @@ import torch
 from fixtures.vqa import (
     ROWS,
     VISUAL_TOKENS,
+    force_answer,
     save_tiny_llava,
     tiny_llava,
     tiny_processor,
@@ -276,11 +277,7 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     questions = read_jsonl(write_jsonl(tmp_path / "vqa.jsonl"))
     processor = tiny_processor(questions)
     model = tiny_llava(processor)
-    yes = processor.tokenizer.convert_tokens_to_ids("yes")
-    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(yes), 128) * 5.0)
+    force_answer(model, processor.tokenizer.convert_tokens_to_ids("yes"))
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)

@@ -18,6 +18,7 @@ from fixtures.vqa import (
     ROWS,
     VIDEO_FAMILIES,
     VIDEO_ROWS,
+    force_answer,
     frame_paths,
     save_tiny_llava,
     save_tiny_video_vlm,
@@ -161,11 +162,7 @@ def test_prompts_give_the_frames_to_the_video_processor(data, family):
 def test_forced_answers_score_exactly_with_the_tokens_of_each_video(data, family):
     questions = read_jsonl(data)
     model, processor = tiny_video_vlm(questions, family)
-    yes = processor.tokenizer.convert_tokens_to_ids("yes")
-    model.lm_head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.copy_(torch.nn.functional.one_hot(torch.tensor(yes), 128) * 5.0)
+    force_answer(model, processor.tokenizer.convert_tokens_to_ids("yes"))
     types = ("number", "other", "yes/no")
     task = VQATask(VQADataset(questions), processor, 3, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(

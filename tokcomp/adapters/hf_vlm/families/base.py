@@ -106,7 +106,7 @@ class VLMFamily(abc.ABC):
     @property
     def video_token_id(self) -> int | None:
         """The placeholder token of video frames (None: the family takes no videos)."""
-        return None
+        return self.model.config.video_token_id if self.video_encoder_inputs else None
 
     def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) the image and video placeholder tokens of a prompt."""
@@ -128,7 +128,14 @@ class VLMFamily(abc.ABC):
 
     def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
         """The model's own get_image_features (asking for what `needs` requires)."""
+        kwargs = self.tower_kwargs(kwargs, needs)
         return type(self.inner).get_image_features(self.inner, *args, **kwargs)
+
+    def tower_kwargs(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
+        """get_*_features arguments that also ask for the tower outputs `needs` reads."""
+        return kwargs
 
     @abc.abstractmethod
     def images(
@@ -141,7 +148,8 @@ class VLMFamily(abc.ABC):
         self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
     ) -> Any:
         """The model's own get_video_features (families with videos)."""
-        raise NotImplementedError
+        kwargs = self.tower_kwargs(kwargs, needs)
+        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
 
     def videos(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]

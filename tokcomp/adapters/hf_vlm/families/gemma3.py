@@ -57,10 +57,12 @@ class Gemma3(VLMFamily):
         projector = self.inner.multi_modal_projector
         return (projector.mm_soft_emb_norm, _RightProjection(projector))
 
-    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+    def tower_kwargs(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
             kwargs = {**kwargs, "output_hidden_states": True}
-        return super().encode(args, kwargs, needs)
+        return kwargs
 
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int

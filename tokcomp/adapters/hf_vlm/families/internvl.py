@@ -28,11 +28,13 @@ class InternVL(VLMFamily):
         projector = self.inner.multi_modal_projector
         return (projector.layer_norm, projector.linear_1, projector.act, projector.linear_2)
 
-    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+    def tower_kwargs(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
         layer = self.option(kwargs, "vision_feature_layer")
         if VisualSignal.FEATURES in needs and layer != -1:
             kwargs = {**kwargs, "output_hidden_states": True}
-        return super().encode(args, kwargs, needs)
+        return kwargs
 
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int

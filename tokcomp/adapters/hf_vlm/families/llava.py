@@ -22,6 +22,12 @@ from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import ModelSpec
 
 _MODELS = "transformers.models."
+#: What get_video_features takes in the LLaVA families with videos (NeXT-Video, OneVision).
+VIDEO_ENCODER_INPUTS = (
+    "pixel_values_videos",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+)
 
 
 class Llava(VLMFamily):
@@ -51,10 +57,7 @@ class Llava(VLMFamily):
         layers = self.tower_adapter.tower_class.layers(self.tower)
         return self.option(inputs, "vision_feature_layer") % (len(layers) + 1)
 
-    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
-        return super().encode(args, self.asking_hidden_states(kwargs, needs), needs)
-
-    def asking_hidden_states(
+    def tower_kwargs(
         self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
     ) -> dict[str, Any]:
         """get_*_features arguments that also ask for the hidden states the tower-attention

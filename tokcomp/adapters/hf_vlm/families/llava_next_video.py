@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tokcomp.adapters.hf_vlm.families.base import Images, one_segment_each
-from tokcomp.adapters.hf_vlm.families.llava import LlavaNext
+from tokcomp.adapters.hf_vlm.families.llava import VIDEO_ENCODER_INPUTS, LlavaNext
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import VLMSpec
 
@@ -31,21 +31,7 @@ class LlavaNextVideo(LlavaNext):
         f"{_MODELS}llava_next_video.modeling_llava_next_video.LlavaNextVideoForConditionalGeneration",
     )
     image_inputs = (*LlavaNext.image_inputs, "pixel_values_videos")
-    video_encoder_inputs = (
-        "pixel_values_videos",
-        "vision_feature_layer",
-        "vision_feature_select_strategy",
-    )
-
-    @property
-    def video_token_id(self) -> int:
-        return self.model.config.video_token_id
-
-    def encode_videos(
-        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
-    ) -> Any:
-        kwargs = self.asking_hidden_states(kwargs, needs)
-        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
+    video_encoder_inputs = VIDEO_ENCODER_INPUTS
 
     def videos(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]

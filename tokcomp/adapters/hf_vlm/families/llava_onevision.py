@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS, Images, Segment
-from tokcomp.adapters.hf_vlm.families.llava import Llava
+from tokcomp.adapters.hf_vlm.families.llava import VIDEO_ENCODER_INPUTS, Llava
 from tokcomp.methods import VisualTokens
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import VLMSpec
@@ -53,21 +53,7 @@ class LlavaOnevision(Llava):
         "batch_num_images",
     )
 
-    video_encoder_inputs = (
-        "pixel_values_videos",
-        "vision_feature_layer",
-        "vision_feature_select_strategy",
-    )
-
-    @property
-    def video_token_id(self) -> int:
-        return self.model.config.video_token_id
-
-    def encode_videos(
-        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
-    ) -> Any:
-        kwargs = self.asking_hidden_states(kwargs, needs)
-        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
+    video_encoder_inputs = VIDEO_ENCODER_INPUTS
 
     def videos(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]

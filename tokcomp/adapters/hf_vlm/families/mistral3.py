@@ -44,12 +44,14 @@ class Mistral3(VLMFamily):
         merger = projector.patch_merger.merging_layer
         return (merger, projector.linear_1, projector.act, projector.linear_2)
 
-    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
+    def tower_kwargs(
+        self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
+    ) -> dict[str, Any]:
         wanted = needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}
         if wanted and kwargs.get("output_hidden_states") is not True:
             block = self._feature_block(kwargs)
             kwargs = {**kwargs, "output_hidden_states": [block, block + 1]}
-        return super().encode(args, kwargs, needs)
+        return kwargs
 
     def images(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int

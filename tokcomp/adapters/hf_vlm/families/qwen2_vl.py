@@ -41,10 +41,6 @@ class Qwen2VL(VLMFamily):
     video_encoder_inputs = ("pixel_values_videos", "video_grid_thw")
 
     @property
-    def video_token_id(self) -> int:
-        return self.model.config.video_token_id
-
-    @property
     def projector(self) -> tuple[nn.Module, ...]:
         return tuple(self.inner.visual.merger.mlp)
 
@@ -52,11 +48,6 @@ class Qwen2VL(VLMFamily):
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal], expected: int
     ) -> Images:
         return self._segments(encoded, inputs["image_grid_thw"], needs)
-
-    def encode_videos(
-        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
-    ) -> Any:
-        return type(self.inner).get_video_features(self.inner, *args, **kwargs)
 
     def videos(
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]

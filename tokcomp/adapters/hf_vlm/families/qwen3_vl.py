@@ -41,15 +41,7 @@ class Qwen3VL(Qwen2VL):
         merger = self.inner.visual.merger
         return (merger.linear_fc1, merger.act_fn, merger.linear_fc2)
 
-    def encode(self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]) -> Any:
-        return super().encode(args, self._with_last_block_input(kwargs, needs), needs)
-
-    def encode_videos(
-        self, args: tuple, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
-    ) -> Any:
-        return super().encode_videos(args, self._with_last_block_input(kwargs, needs), needs)
-
-    def _with_last_block_input(
+    def tower_kwargs(
         self, kwargs: dict[str, Any], needs: frozenset[VisualSignal]
     ) -> dict[str, Any]:
         """The tower's arguments, asking for the last block's input where `needs` wants its
