@@ -117,7 +117,7 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
             "--output {root}/not-a-folder is a file; results go in a folder",
         ),
         ("show {root}/latin1.json", 2, "latin1.json: not UTF-8 text (byte 15"),
-        ("eval vqa --data fashion-mnist --model {root}", 2, "expected easy-vqa, a .jsonl file"),
+        ("eval vqa --data fashion-mnist --model {root}", 2, "expected easy-vqa, video-shapes, a"),
     ],
 )
 def test_a_bad_input_ends_in_one_line_naming_it(files, capsys, command, code, expected):

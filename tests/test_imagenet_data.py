@@ -116,11 +116,15 @@ def test_one_data_source_names_every_kind_and_each_reader_refuses_the_others(tmp
     assert data_source("fashion-mnist").kind == "fashion-mnist"
     assert data_source(f"fashion-mnist:{tmp_path}") == DataSource("fashion-mnist", tmp_path)
     assert (data_source("easy-vqa").kind, data_source("easy-vqa").name) == ("easy-vqa", "easy-vqa")
+    video = data_source("video-shapes")
+    assert (video.kind, video.name) == ("video-shapes", "video-shapes")
     assert data_source(str(questions)) == DataSource("jsonl", questions)
     assert data_source(str(tmp_path)).name == tmp_path.name
     with pytest.raises(ValueError, match="holds questions, not labelled images"):
         open_dataset(str(questions))
-    with pytest.raises(FileNotFoundError, match=r"expected easy-vqa, a \.jsonl file or a VQAv2"):
+    with pytest.raises(ValueError, match="holds questions, not labelled images"):
+        open_dataset("video-shapes")
+    with pytest.raises(FileNotFoundError, match=r"expected easy-vqa, video-shapes, a \.jsonl"):
         open_vqa("fashion-mnist")
 
 
