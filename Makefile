@@ -66,8 +66,8 @@ demo-vqa: install
 # The video methods (FastVID; DyCoke at its default k with both position numberings) against
 # VisPruner and random with the kept tokens' own positions (the video-shapes model reads
 # frames by position: its model card) at three budgets on the video-shapes LLaVA-OneVision,
-# 150 questions (make demo stays under 25 minutes); demo-video-full sweeps every method that runs on its videos
-# at its default numbering (the model card's table).
+# 150 questions (make demo stays under 25 minutes); demo-video-full sweeps every method that
+# runs on its videos at its default numbering (the model card's table).
 VIDEO_SWEEP := --data video-shapes --budgets 0.5,0.25,0.125 \
 	--variant dycoke:k=0.7 --variant dycoke:k=0.7,positions=keep
 
