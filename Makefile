@@ -64,16 +64,16 @@ demo-vqa: install
 		--output results/demo-vqa-easyvqa
 
 # The video methods (FastVID; DyCoke at its default k with both position numberings) against
-# VisPruner and random with the kept tokens' own positions (the video-shapes model reads
-# frames by position: its model card) at three budgets on the video-shapes LLaVA-OneVision,
-# 150 questions (make demo stays under 25 minutes); demo-video-full sweeps every method that
-# runs on its videos at its default numbering (the model card's table).
+# random with the kept tokens' own positions (the video-shapes model reads frames by position:
+# its model card) at three budgets on the video-shapes LLaVA-OneVision, 150 questions (make
+# demo stays under 25 minutes); demo-video-full sweeps every method that runs on its videos at
+# its default numbering (the model card's table).
 VIDEO_SWEEP := --data video-shapes --budgets 0.5,0.25,0.125 \
 	--variant dycoke:k=0.7 --variant dycoke:k=0.7,positions=keep
 
 demo-video: install
 	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 150 --positions keep \
-		--methods fastvid,vispruner,random --output results/demo-video-shapes
+		--methods fastvid,random --output results/demo-video-shapes
 
 demo-video-full: install
 	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 600 --methods $(VQA_METHODS),fastvid \
