@@ -152,6 +152,11 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
+def _default_sigint() -> None:
+    """Give the child process Python's Ctrl-C handling even where this one ignores SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_run_with_one_line_and_the_rerun_gives_the_uninterrupted_table(
     tmp_path, small
 ):
@@ -163,7 +168,13 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_rerun_gives_the_uninterrupted_
     argv = [sys.executable, "-m", "tokcomp", "eval", "imagenet", "--checkpoint", checkpoint]
     argv += ["--data", data, "--output", output, "--workers", 0, *shlex.split(options)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(list(map(str, argv)), env=env, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        list(map(str, argv)),
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,  # a suite started in the background ignores SIGINT
+    )
     results = output / "results.jsonl"
     deadline = time.time() + 300
     while not results.is_file() and run.poll() is None and time.time() < deadline:
