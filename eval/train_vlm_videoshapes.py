@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import (
     LlavaOnevisionConfig,
@@ -82,7 +81,7 @@ from train_vlm_easyvqa import (
     word_tokenizer,
 )
 
-from tokcomp.harness.data import read_image
+from tokcomp.harness.data import read_video
 from tokcomp.harness.video_shapes import (
     COLOURS,
     FRAMES,
@@ -184,11 +183,6 @@ def prompt(processor: LlavaOnevisionProcessor, question: str) -> str:
     return processor.apply_chat_template(chat, add_generation_prompt=True)
 
 
-def read_frames(paths: list[Path]) -> np.ndarray:
-    """(frames, H, W, 3) uint8 of image files: one video as the processor takes it."""
-    return np.stack([np.asarray(read_image(str(p)).convert("RGB")) for p in paths])
-
-
 # -- data --------------------------------------------------------------------------------------
 @dataclass
 class Split:
@@ -215,14 +209,14 @@ def encode(processor: LlavaOnevisionProcessor, clips: list[Clip]) -> Split:
     pixels = torch.cat(
         [
             processor.video_processor(
-                videos=[read_frames([f.path for f in images[start : start + 500]])],
+                videos=[read_video([f.path for f in images[start : start + 500]])],
                 return_tensors="pt",
             )["pixel_values_videos"][0]
             for start in range(0, len(images), 500)
         ]
     )
     texts = sorted({text for clip in clips for _, text, _ in clip.questions})
-    blank = read_frames([clips[0].frames[0].path] * FRAMES)
+    blank = read_video([clips[0].frames[0].path] * FRAMES)
     ids = processor(text=[prompt(processor, t) for t in texts], videos=[blank] * len(texts))[
         "input_ids"
     ]
@@ -394,7 +388,7 @@ def greedy_accuracy(
         chunk = rows[start : start + batch_size]
         inputs = processor(
             text=[prompt(processor, row["question"]) for row in chunk],
-            videos=[read_frames(row["video"]) for row in chunk],
+            videos=[read_video(row["video"]) for row in chunk],
             padding=True,
             return_tensors="pt",
         )

@@ -8,6 +8,7 @@ from argparse import Namespace
 import torch
 from fixtures import eval_script
 
+from tokcomp.harness.data import read_video
 from tokcomp.harness.video_shapes import make_clips
 
 TINY = Namespace(
@@ -55,7 +56,7 @@ def test_a_packed_clip_gives_every_question_the_logits_of_its_own_prompt():
         packed = script.forward(model, batch, labels=False)[0].logits[batch.last]
         alone = []
         for clip in clips:
-            video = script.read_frames([frame.path for frame in clip.frames])
+            video = read_video([frame.path for frame in clip.frames])
             for _, question, _ in clip.questions:
                 inputs = processor(
                     text=[script.prompt(processor, question)], videos=[video], return_tensors="pt"

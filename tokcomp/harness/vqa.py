@@ -10,8 +10,10 @@ image id>.jpg, or --images DIR); a JSON-lines file, one question a line:
 "question_type", "question_id"}, or for a question on a video, "video": [FRAME PATH, ...] (its
 frames in order, all of one size) in place of "image" (paths relative to the file's folder or
 absolute); or "easy-vqa" (the test split, read from the installed easy-vqa package's files;
-answer types "yes/no" and "other"). Video questions need a model whose family tokcomp gives
-videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) and a processor with a video processor. MACs
+answer types "yes/no" and "other"); or "video-shapes" (tokcomp.harness.video_shapes's 250
+test clips, answered by default by eval/models/vlm-videoshapes). Video questions need a model
+whose family tokcomp gives videos (`families.video_classes()`) and a processor with a video
+processor. MACs
 are per reference image, or per reference video of F frames (tokcomp.config_of(model,
 frames=F)) when every question shows an F-frame video.
 
@@ -361,7 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data",
         required=True,
-        help=f"{EASY_VQA} (its test split), a .jsonl file (questions on images or videos), or "
+        help=f"{EASY_VQA} (its test split), {VIDEO_SHAPES} (its test clips), a .jsonl file "
+        "(questions on images or videos), or "
         "a VQAv2 folder (questions and annotations JSON, images in <folder>/<data_subtype>/)",
     )
     data.add_argument("--images", type=Path, help="VQAv2: the COCO image folder")
