@@ -14,7 +14,7 @@ from conftest import tiny_vit
 from torch import nn
 
 import tokcomp
-from tokcomp.config import ConfigError
+from tokcomp.config import METHOD_DEFAULTS, ConfigError
 
 
 def test_methods_lists_tome():
@@ -104,6 +104,30 @@ def test_applying_without_options_warns_that_nothing_is_compressed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tokcomp.apply(tiny_vit("vit"), "tome", r=0)  # asked for explicitly: no warning
+
+
+def test_a_models_own_method_defaults_apply_where_the_caller_gives_none(images, tmp_path):
+    model = tiny_vit("vit", depth=6)
+    chosen = {"layers": [1, 2, 3, 4, 5], "similarity_share": 1.0}
+    model.pretrained_cfg = {METHOD_DEFAULTS: {"zero_tprune": chosen}}
+    assert tokcomp.api.model_defaults(model) == {"zero_tprune": chosen}
+    options = tokcomp.config_of(tokcomp.apply(model, "zero_tprune", keep_ratio=0.9)).options
+    assert options["layers"] == [1, 2, 3, 4, 5] and options["similarity_share"] == 1.0
+    overridden = tokcomp.apply(model, "zero_tprune", keep_ratio=0.9, similarity_share=0.5)
+    assert "similarity_share" not in tokcomp.config_of(overridden).options  # the class default
+    assert tokcomp.config_of(overridden).options["layers"] == [1, 2, 3, 4, 5]
+    with torch.no_grad():
+        expected = tokcomp.apply(tiny_vit("vit", depth=6), "zero_tprune", keep_ratio=0.9, **chosen)
+        torch.testing.assert_close(
+            tokcomp.apply(model, "zero_tprune", keep_ratio=0.9)(images), expected(images)
+        )
+    path = tokcomp.config_of(model).save(tmp_path / "chosen.json")
+    elsewhere = tokcomp.apply(tiny_vit("vit", depth=6), path)  # the config states them
+    assert tokcomp.config_of(elsewhere).options == tokcomp.config_of(model).options
+    plain = tokcomp.apply(tiny_vit("vit", depth=6), "zero_tprune", keep_ratio=0.9)
+    assert "similarity_share" not in tokcomp.config_of(plain).options  # the paper's 0.5
+    tome = tokcomp.config_of(tokcomp.apply(model, "tome", r=2)).options  # other methods alone
+    assert tome == tokcomp.config_of(tokcomp.apply(tiny_vit("vit", depth=6), "tome", r=2)).options
 
 
 def test_config_of_reports_the_merges_tome_can_make():

@@ -84,3 +84,17 @@ def test_a_non_utf8_config_names_the_file(tmp_path):
     path.write_bytes(json.dumps(_saved(tmp_path, r=2)).replace("tome", "tomé").encode("latin-1"))
     with pytest.raises(ConfigError, match=f"^{path}: not UTF-8 text .*save it as UTF-8"):
         tokcomp.Config.load(path)
+
+
+def test_a_config_made_with_a_classification_head_applies_to_the_headless_backbone(tmp_path):
+    with_head = tokcomp.apply(tiny_vit("vit", num_classes=10), "tome", r=2)
+    data = tokcomp.config_of(with_head).to_dict()
+    path = _write(tmp_path, data)
+    backbone = tiny_vit("vit", num_classes=0)
+    applied = tokcomp.config_of(tokcomp.apply(backbone, path))
+    assert data["model"]["head_macs"] - applied.model["head_macs"] == 10 * 48
+    assert applied.schedule == data["schedule"]
+    assert applied.macs == data["macs"] - 10 * 48  # priced for the model it runs on
+    data["macs"] -= 1000
+    with pytest.raises(ConfigError, match=r"macs is \d+, but this model costs \d+ MACs"):
+        tokcomp.apply(backbone, _write(tmp_path, data, "edited.json"))

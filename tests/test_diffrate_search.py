@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import timm
 import torch
@@ -19,7 +21,9 @@ from tokcomp.search.diffrate import (
     SearchSettings,
     expected_macs,
     fit_counts,
+    gradual_counts,
     search_diffrate,
+    total_macs,
 )
 
 
@@ -145,6 +149,43 @@ def test_fit_counts_scales_the_searched_shape_to_the_largest_schedule_within_tar
     for before, after in zip(merge_kept[1:], merged[1:], strict=True):
         assert after - 1 == pytest.approx(min(196, scale * (before - 1)), abs=0.5)
     assert config.macs - config.selection_macs == model_macs(spec, merged)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.6])
+def test_gradual_start_merges_evenly_at_the_target_without_pruning(target):
+    spec = _spec_197_tokens()
+    pruned, merged = gradual_counts(spec, target)
+    assert pruned == [197, *merged[:-1]]  # each block prunes nothing it has
+    steps = [before - after for before, after in itertools.pairwise(merged)]
+    assert max(steps) - min(steps) <= 1  # the same merges per block, up to rounding
+    macs = total_macs(spec, pruned, merged) / model_macs(spec)
+    fewer_merges = [197] + [m + 1 for m in merged[1:]]
+    assert (
+        macs
+        <= target
+        < total_macs(spec, [197, *fewer_merges[:-1]], fewer_merges) / (model_macs(spec))
+    )
+
+
+def test_gradual_start_centres_the_rates_on_its_counts():
+    spec = _spec_197_tokens()
+    rates = DiffRateRates(spec, granularity=4)
+    pruned, merged = gradual_counts(spec, 0.6)
+    rates.start_at(pruned, merged, spread=8)
+    searched_merged = rates.kept_lists()[1]
+    for wanted, got in zip(merged, searched_merged, strict=True):
+        assert abs(got - wanted) <= 1  # ceil of a symmetric expectation
+    uniform = DiffRateRates(spec, granularity=4).kept_lists()[1]
+    assert uniform[1] < 110 < searched_merged[1]  # uniform starts at half the patches
+
+
+def test_search_from_the_gradual_start_records_it_and_refuses_unknown_starts():
+    model = tiny_vit("vit", depth=6)
+    settings = SearchSettings(0.6, epochs=1, lr=0.05, progress=False, start="gradual")
+    config = search_diffrate(model, _batches(2), settings)
+    assert "gradual start" in config.notes and config.macs_ratio <= 0.6
+    with pytest.raises(ValueError, match="start must be one of uniform, gradual"):
+        SearchSettings(0.6, start="ramp")
 
 
 def test_fit_counts_refuses_a_target_no_schedule_reaches():

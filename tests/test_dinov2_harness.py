@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from fixtures.imagenet import save_safetensors, write_images
 
 import tokcomp
+from tokcomp.api import model_defaults
 from tokcomp.cli import main
+from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.harness import backbone
 from tokcomp.models import create_model
 
@@ -170,6 +172,8 @@ def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "patch_size": 4}
     model = timm.create_model("test_vit", num_classes=0, **kwargs).eval()
+    defaults = {"zero_tprune": {"similarity_share": 1.0}}
+    model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: defaults}
     images = torch.randn(6, 3, 32, 32)
     with torch.inference_mode():
         cls, _ = backbone.backbone_features(model, images)
@@ -178,3 +182,4 @@ def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
     classifier = create_model(checkpoint=path)
     with torch.inference_mode():
         torch.testing.assert_close(classifier(images), head.logits(cls), atol=1e-4, rtol=1e-4)
+    assert model_defaults(classifier) == defaults  # the backbone's chosen options travel along

@@ -215,6 +215,30 @@ def test_a_run_with_other_points_reports_every_point_saved_for_the_same_inputs(
     assert [row["label"] for row in both] == ["", "target_macs=0.7", "r=2"]
 
 
+def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
+    tmp_path, small, monkeypatch
+):
+    data, checkpoint = small
+    measured = []
+    real_measure = sweep.measure
+
+    def counting_measure(model, task, device, desc, *rest):
+        measured.append(desc)
+        return real_measure(model, task, device, desc, *rest)
+
+    monkeypatch.setattr(sweep, "measure", counting_measure)
+    first = evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
+    saved = tmp_path / "results.jsonl"
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    rows[1]["resolved_options"] = {"r": 3}  # as if tome's defaults had differed then
+    saved.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
+    assert measured == ["[1/2] unpruned", "[2/2] tome r=2", "[2/2] tome r=2"]
+    assert _without_timing(again) == _without_timing(first)
+    latest = [json.loads(line) for line in saved.read_text().splitlines()][-1]
+    assert latest["key"] == rows[1]["key"] and latest["resolved_options"] == {"r": 2}
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tokcomp.adapters import Compression, Patch, find_adapter
-from tokcomp.config import Config, ConfigError
+from tokcomp.config import METHOD_DEFAULTS, Config, ConfigError
 from tokcomp.methods import (
     BlockMethod,
     Method,
@@ -34,10 +34,12 @@ def apply(model: M, method_or_config: str | Path | Config | Method, **options: A
 
     `method_or_config` is a method name (see `methods()`) with its options, a Config, the
     path of a saved config, or a Method object. Applying again replaces the previous method.
+    A method named on a model that carries its own defaults for it (tokcomp's offline
+    pretrained models: `model_defaults`) starts from those; `options` override them.
     """
     adapter = find_adapter(model)
     spec = adapter.spec()
-    method, schedule = _requested(method_or_config, options, spec)
+    method, schedule = _requested(method_or_config, options, spec, model_defaults(model))
     if is_patched(model):
         remove(model)
     patch = Patch(adapter, Compression(method, tuple(schedule), spec))
@@ -51,15 +53,25 @@ def _merges_frames(method: Method) -> bool:
     return isinstance(method, VisualMethod) and VisualSignal.FRAMES in method.visual_needs
 
 
+def model_defaults(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The method options chosen for this model's weights ({method: {option: value}}), which
+    tokcomp.apply uses where the caller gives none; empty for most models."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get(METHOD_DEFAULTS, {})
+
+
 def _requested(
-    method_or_config: str | Path | Config | Method, options: dict[str, Any], spec: ModelSpec
+    method_or_config: str | Path | Config | Method,
+    options: dict[str, Any],
+    spec: ModelSpec,
+    defaults: dict[str, dict[str, Any]],
 ) -> tuple[Method, list[int]]:
     if isinstance(method_or_config, Method):
         _refuse_options(options, "a Method object (set them on it)")
         return resolve(method_or_config, spec)
     config = _as_config(method_or_config)
     if config is None:
-        method, schedule = resolve(create_method(str(method_or_config), **options), spec)
+        chosen = {**defaults.get(str(method_or_config), {}), **options}
+        method, schedule = resolve(create_method(str(method_or_config), **chosen), spec)
         unpruned = model_macs(spec, schedule) == model_macs(spec)
         if not options and unpruned and not _merges_frames(method):
             warnings.warn(

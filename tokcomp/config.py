@@ -17,6 +17,9 @@ from tokcomp.methods import Method, create_method, method_class
 from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
 
 CONFIG_VERSION = 1
+#: Where a model's own method defaults live: in its timm pretrained_cfg and in the metadata of
+#: a tokcomp .safetensors checkpoint, as {method name: {option: value}} (tokcomp.apply).
+METHOD_DEFAULTS = "tokcomp_method_defaults"
 #: The file types a config is saved as.
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
@@ -185,12 +188,15 @@ class Config:
         self._check_budget_options(spec)
 
     def _check_macs(self, spec: ModelSpec, method: Method, schedule: list[int]) -> None:
-        """Refuse MACs that are not what the schedule costs on `spec` (a hand edit)."""
+        """Refuse MACs that are not what the schedule costs on `spec` (a hand edit). A config
+        made on the same backbone with another classification head (its model.head_macs)
+        applies: its MACs are compared with that head's."""
         selection = selection_macs(spec, method, schedule)
+        head = self.model.get("head_macs", spec.head_macs) - spec.head_macs
         expected = {
-            "macs": (model_macs(spec, schedule) + selection, "under its schedule"),
+            "macs": (model_macs(spec, schedule) + selection + head, "under its schedule"),
             "selection_macs": (selection, "in the method's own work"),
-            "base_macs": (model_macs(spec), "unpruned"),
+            "base_macs": (model_macs(spec) + head, "unpruned"),
         }
         for name, (value, how) in expected.items():
             if getattr(self, name) != value:

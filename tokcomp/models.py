@@ -12,6 +12,7 @@ import timm
 import torch
 from torch import nn
 
+from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
 from tokcomp.pretrained import OFFLINE_MODELS, weights
 
@@ -28,13 +29,17 @@ def create_model(
     constructor arguments and data config (preprocessing) in its metadata, so `name` may
     then be omitted and timm's resolve_data_config sees the right preprocessing. The names
     of `tokcomp.pretrained.OFFLINE_MODELS` (e.g. "dinov2_vits14") load pretrained weights
-    that a registry package ships, converted and cached on first use.
+    that a registry package ships, converted and cached on first use, with the method
+    options chosen for them (in pretrained_cfg[METHOD_DEFAULTS], which tokcomp.apply reads).
     """
+    method_defaults = {}
     if name in OFFLINE_MODELS:
         if checkpoint or pretrained:
             raise ValueError(f"{name} brings its own weights: drop --checkpoint/--pretrained")
+        method_defaults = OFFLINE_MODELS[name].method_defaults
         name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
+    method_defaults = json.loads(metadata.get(METHOD_DEFAULTS, "{}")) or method_defaults
     if name is None:
         name = metadata.get("timm_model")
         if name is None:
@@ -47,6 +52,8 @@ def create_model(
         model.load_state_dict(state)
     if "data_config" in metadata:
         model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["data_config"])}
+    if method_defaults:
+        model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: method_defaults}
     return model.eval()
 
 

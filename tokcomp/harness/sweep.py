@@ -340,7 +340,7 @@ def run_sweep(
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
         row = world.broadcast(store.get(key))
-        if row is None:
+        if row is None or not same_compression(row, plan):
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
             with applied(model, point):
                 figures = evaluation(model, point, desc)
@@ -357,6 +357,14 @@ def run_sweep(
                 store.add(row)
         rows.append(row)
     return rows
+
+
+def same_compression(row: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
+    """Whether a saved row was measured with the options and schedule `plan` resolves to now
+    (a method's defaults, or a model's own, may have changed since)."""
+    fields = ("resolved_options", "schedule")
+    saved = {name: row.get(name) for name in fields}
+    return saved == json.loads(json.dumps({name: plan[name] for name in fields}, default=str))
 
 
 def evaluate_sweep(

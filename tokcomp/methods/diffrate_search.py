@@ -54,6 +54,13 @@ class KeptCount(nn.Module):
         self.register_buffer("candidates", torch.arange(patches, 0, -granularity).float())
         self.logits = nn.Parameter(torch.zeros(len(self.candidates)))
 
+    def centre_on(self, count: int, spread: float) -> None:
+        """Start the choice as a Gaussian over the candidates around `count` (protected tokens
+        included), `spread` tokens wide, instead of uniform."""
+        offset = (self.candidates + self.protected - count) / spread
+        with torch.no_grad():
+            self.logits.copy_(-0.5 * offset**2)
+
     def kept(self) -> torch.Tensor:
         """ceil_STE(sum_k c_k p_k) + protected, a differentiable scalar."""
         expected = self.candidates @ self.logits.softmax(dim=0)
@@ -85,6 +92,14 @@ class DiffRateRates(nn.Module):
             )
 
         self.prune, self.merge = counts(), counts()
+
+    def start_at(self, prune_kept: list[int], merge_kept: list[int], spread: float) -> None:
+        """Centre every block's choices on these counts (block 0's, never compressed, are
+        ignored)."""
+        for index, counter in enumerate(self.prune):
+            counter.centre_on(prune_kept[index + 1], spread)
+        for index, counter in enumerate(self.merge):
+            counter.centre_on(merge_kept[index + 1], spread)
 
     def kept(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `index`'s differentiable (prune_kept, merge_kept)."""

@@ -70,6 +70,9 @@ class SearchSettings:
     micro_batch: run each batch's forward and backward passes in chunks of at most this many
     images and sum their gradients: the same step as one pass, with the memory of a chunk
     (None: the whole batch at once).
+    start: "uniform" (the paper's: every candidate count equally likely, so each block starts
+    at half the tokens) or "gradual" (tokcomp's warm start: merging only, the same number of
+    tokens per block, at the target's MACs; docs/methods.md section 3.2).
     """
 
     target_macs: float
@@ -82,6 +85,15 @@ class SearchSettings:
     progress: bool = True
     fit: bool = True
     micro_batch: int | None = None
+    start: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+
+
+#: How the rates start: DiffRate's uniform logits, or centred on an even merging schedule.
+STARTS = ("uniform", "gradual")
 
 
 def expected_macs(spec: ModelSpec, rates: DiffRateRates) -> torch.Tensor:
@@ -120,7 +132,11 @@ def search_diffrate(
     if settings.micro_batch is not None and settings.micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive image count, got {settings.micro_batch}")
     device = next(model.parameters()).device
-    rates = (rates if rates is not None else DiffRateRates(spec, settings.granularity)).to(device)
+    if rates is None:
+        rates = DiffRateRates(spec, settings.granularity)
+        if settings.start == "gradual":
+            rates.start_at(*gradual_counts(spec, settings.target_macs), 2 * settings.granularity)
+    rates = rates.to(device)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -140,7 +156,7 @@ def search_diffrate(
     notes = (
         f"DiffRate search: target {settings.target_macs:.3f} of the unpruned MACs, "
         f"{settings.epochs} epoch(s), lr {settings.lr}, lambda {settings.lam}, "
-        f"granularity {settings.granularity}, {world.size} process(es)"
+        f"granularity {settings.granularity}, {settings.start} start, {world.size} process(es)"
     )
     if settings.fit:
         searched = total_macs(spec, prune_kept, merge_kept) / model_macs(spec)
@@ -176,6 +192,29 @@ def total_macs(spec: ModelSpec, prune_kept: list[int], merge_kept: list[int]) ->
     (class-attention rows, merge matching), what `target_macs` is a fraction of."""
     method = DiffRate(prune_kept=prune_kept, merge_kept=merge_kept)
     return model_macs(spec, merge_kept) + selection_macs(spec, method, merge_kept)
+
+
+def gradual_counts(spec: ModelSpec, target_macs: float) -> tuple[list[int], list[int]]:
+    """(prune_kept, merge_kept) of the gradual start: every block from 1 merges the same number
+    of tokens (as ToMe's constant r) and prunes none, the fewest merges within `target_macs`."""
+    check_reachable(spec, target_macs)
+
+    def counts(per_block: float) -> tuple[list[int], list[int]]:
+        merge_kept = [
+            max(spec.protected + 1, round(spec.tokens - per_block * index))
+            for index in range(spec.depth)
+        ]
+        return [spec.tokens, *merge_kept[:-1]], merge_kept
+
+    budget = target_macs * model_macs(spec)
+    low, high = 0.0, float(spec.tokens)
+    for _ in range(40):
+        middle = (low + high) / 2
+        if total_macs(spec, *counts(middle)) <= budget:
+            high = middle
+        else:
+            low = middle
+    return counts(high)
 
 
 def fit_counts(
@@ -348,6 +387,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lam", type=float, default=5.0, help="weight of the MACs loss")
     parser.add_argument("--granularity", type=positive_int, default=4, help="candidate count step")
     parser.add_argument(
+        "--start",
+        choices=STARTS,
+        default="uniform",
+        help="how the rates start: uniform (the paper's; each block starts at half the tokens, "
+        "which a short search does not leave) or gradual (merging the same number of tokens "
+        "in every block at the target's MACs, then searched from there)",
+    )
+    parser.add_argument(
         "--micro-batch",
         type=positive_int,
         help="forward/backward each batch in chunks of this many images (same step, less "
@@ -427,6 +474,7 @@ def run(args: argparse.Namespace) -> None:
         granularity=args.granularity,
         fit=not args.no_fit,
         micro_batch=args.micro_batch,
+        start=args.start,
     )
     saved = f"the rates after each finished epoch are saved in {state.path}"
     with interruption_says(f"{saved}; the same command resumes"):
