@@ -110,7 +110,7 @@ def test_a_models_own_method_defaults_apply_where_the_caller_gives_none(images, 
     model = tiny_vit("vit", depth=6)
     chosen = {"layers": [1, 2, 3, 4, 5], "similarity_share": 1.0}
     model.pretrained_cfg = {METHOD_DEFAULTS: {"zero_tprune": chosen}}
-    assert tokcomp.api.model_defaults(model) == {"zero_tprune": chosen}
+    assert tokcomp.model_defaults(model) == {"zero_tprune": chosen}
     options = tokcomp.config_of(tokcomp.apply(model, "zero_tprune", keep_ratio=0.9)).options
     assert options["layers"] == [1, 2, 3, 4, 5] and options["similarity_share"] == 1.0
     overridden = tokcomp.apply(model, "zero_tprune", keep_ratio=0.9, similarity_share=0.5)

@@ -96,7 +96,7 @@ def test_keeping_every_token_is_exact(dinov2, photos, method, options):
 
 @needs_wheel
 def test_it_carries_the_zero_tprune_settings_chosen_for_it(dinov2):
-    assert tokcomp.api.model_defaults(dinov2) == {"zero_tprune": pretrained.DINOV2_ZERO_TPRUNE}
+    assert tokcomp.model_defaults(dinov2) == {"zero_tprune": pretrained.DINOV2_ZERO_TPRUNE}
     options = tokcomp.config_of(tokcomp.apply(dinov2, "zero_tprune", target_macs=0.65)).options
     tokcomp.remove(dinov2)
     assert options["layers"] == list(range(1, 12)) and options["similarity_share"] == 1.0

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from fixtures.imagenet import save_safetensors, write_images
 
 import tokcomp
-from tokcomp.api import model_defaults
 from tokcomp.cli import main
 from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.harness import backbone
@@ -182,4 +181,4 @@ def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
     classifier = create_model(checkpoint=path)
     with torch.inference_mode():
         torch.testing.assert_close(classifier(images), head.logits(cls), atol=1e-4, rtol=1e-4)
-    assert model_defaults(classifier) == defaults  # the backbone's chosen options travel along
+    assert tokcomp.model_defaults(classifier) == defaults  # the chosen options travel along

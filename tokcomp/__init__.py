@@ -13,6 +13,7 @@ from tokcomp.api import (
     is_patched,
     macs,
     methods,
+    model_defaults,
     remove,
 )
 from tokcomp.config import Config, ConfigError
@@ -31,6 +32,7 @@ __all__ = [
     "is_patched",
     "macs",
     "methods",
+    "model_defaults",
     "remove",
     "visual_tokens_dropped",
 ]
