@@ -169,14 +169,15 @@ def test_an_unknown_offline_name_lists_the_known_ones():
 
 # -- fidelity on real photos (not timing): each seed method keeps the class token -----------
 #: Lowest mean class-token cosine to the unpruned model on the four photos at 0.65 of the
-#: MACs for each seed method's default (DiffRate: its config searched for this model), about
-#: 0.01 under what each measured (0.985, 0.996, 0.903, 0.965; random gives 0.967).
+#: MACs for each seed method's default (Zero-TPrune: the settings this model carries;
+#: DiffRate: its config searched for this model), about 0.01 under what each measured
+#: (0.985, 0.996, 0.958, 0.988; random gives 0.967).
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dinov2_vits14"
 FIDELITY_FLOORS = {
     "tome": ("tome", {"target_macs": 0.65}, 0.975),
     "pitome": ("pitome", {"target_macs": 0.65}, 0.985),
     "zero_tprune": ("zero_tprune", {"target_macs": 0.65}, 0.945),
-    "diffrate": (CONFIGS / "diffrate-0.65.json", {}, 0.955),
+    "diffrate": (CONFIGS / "diffrate-0.65.json", {}, 0.975),
 }
 
 
