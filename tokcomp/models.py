@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ def create_model(
     if name in OFFLINE_MODELS:
         if checkpoint or pretrained:
             raise ValueError(f"{name} brings its own weights: drop --checkpoint/--pretrained")
-        method_defaults = OFFLINE_MODELS[name].method_defaults
+        method_defaults = copy.deepcopy(OFFLINE_MODELS[name].method_defaults)
         name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
     method_defaults = json.loads(metadata.get(METHOD_DEFAULTS, "{}")) or method_defaults

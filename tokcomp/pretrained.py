@@ -209,7 +209,7 @@ DINOV2_DATA_CONFIG = {
 }
 
 #: Zero-TPrune on DINOv2 ViT-S/14: every block from 1 prunes, all of it by similarity; chosen
-#: on other photos than those reported (eval/models/dinov2-vits14/README.md, "Remedies").
+#: on other images than those reported (docs/methods.md section 4.4).
 DINOV2_ZERO_TPRUNE = {"layers": list(range(1, 12)), "similarity_share": 1.0}
 
 OFFLINE_MODELS = {
