@@ -11,7 +11,11 @@ counts (the same schedule for every ranking), for schedules that cut at EViT's b
 every block, with rankings: random, class attention (EViT's; also its opposite), Zero-TPrune
 at several similarity shares, and the same rankings computed without the high-norm tokens.
 
+Part 3 (`coherence`): on Fashion-MNIST test images, whether each method's class-token errors
+share one direction (a shift a frozen head reads on every image) or point anywhere.
+
     OMP_WAIT_POLICY=PASSIVE python eval/probe_dinov2_attention.py --photos foolbox-cifar+skimage
+    OMP_WAIT_POLICY=PASSIVE python eval/probe_dinov2_attention.py --part coherence --target 0.65
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 
 import tokcomp
+from tokcomp.adapters import find_adapter
 from tokcomp.harness.backbone import Photos, photo_paths
+from tokcomp.harness.data import FASHION_MNIST, limited, open_dataset
 from tokcomp.harness.imagenet import data_config, model_transform
-from tokcomp.methods.base import Layer, Layout, Method
+from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method
 from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
 from tokcomp.methods.zero_tprune import ZeroTPrune
 from tokcomp.models import create_model
 from tokcomp.ops import attention_pagerank
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dinov2_vits14"
 HIGH_NORM = 3.0  # a token is "high-norm" above this multiple of its image's median norm
 
 
@@ -70,7 +77,7 @@ def attention_stats(model: torch.nn.Module, images: torch.Tensor) -> list[dict[s
     top 10% by class attention."""
     grid = model.patch_embed.grid_size[0]
     border = border_mask(grid)
-    zero_tprune = ZeroTPrune().settle(Layout(grid * grid + 1, 1, len(model.blocks), True, "timm"))
+    zero_tprune = ZeroTPrune().settle(find_adapter(model).spec())
     rows = []
     with torch.inference_mode():
         x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
@@ -109,7 +116,7 @@ def attention_stats(model: torch.nn.Module, images: torch.Tensor) -> list[dict[s
 
 
 # -- part 2: rankings at equal schedules ------------------------------------------------------
-def class_attention(state: TokenState, signals: Signals, layer: Layer) -> torch.Tensor:
+def class_attention(state: TokenState, signals: Signals, layer: BlockPosition) -> torch.Tensor:
     """EViT's score: the class token's attention, averaged over heads."""
     return signals.attn[:, :, 0, state.protected :].mean(dim=1).float()
 
@@ -121,7 +128,7 @@ def high_norm(state: TokenState) -> torch.Tensor:
 
 
 @dataclass(kw_only=True)
-class Ranked(Method):
+class Ranked(BlockMethod):
     """Keep the protected tokens and the top of a score, in order (diagnostic only)."""
 
     name: ClassVar[str] = "ranked"
@@ -133,17 +140,19 @@ class Ranked(Method):
     zero_tprune: ZeroTPrune = field(default_factory=ZeroTPrune)
     oracle: torch.Tensor | None = field(default=None, compare=False)
 
-    def settle(self, layout: Layout) -> Method:
-        return self.with_options(zero_tprune=self.zero_tprune.settle(layout))
+    def settle(self, geometry: Geometry) -> Method:
+        return self.with_options(zero_tprune=self.zero_tprune.settle(geometry))
 
-    def knob_schedule(self, layout: Layout) -> list[int]:
-        return ratio_schedule(layout, self.keep_ratio, self.layers)
+    def knob_schedule(self, geometry: Geometry) -> list[int]:
+        return ratio_schedule(geometry, self.keep_ratio, self.layers)
 
-    def reduce(self, state: TokenState, signals: Signals, keep: int, layer: Layer) -> TokenState:
+    def reduce(
+        self, state: TokenState, signals: Signals, keep: int, layer: BlockPosition
+    ) -> TokenState:
         score = self.score(state, signals, layer)
         return state.prune(top_in_order(score, keep - state.protected, state.protected))
 
-    def score(self, state: TokenState, signals: Signals, layer: Layer) -> torch.Tensor:
+    def score(self, state: TokenState, signals: Signals, layer: BlockPosition) -> torch.Tensor:
         """The rule's (B, T) score of the unprotected tokens (the top are kept)."""
         ztp = self.zero_tprune
         if self.rule == "class_attention":
@@ -245,12 +254,67 @@ def ablations(model, images, reference, target: float) -> list[dict]:
     return rows
 
 
+# -- part 3: are a method's errors the same on every image? ----------------------------------
+def error_coherence(model: torch.nn.Module, images: torch.Tensor, target: float) -> list[dict]:
+    """Per method at `target` of the MACs (its defaults, the model's own included; DiffRate:
+    its config for this model): |mean_i d_i| / mean_i |d_i| for the class-token errors d_i
+    (compressed minus unpruned, after the final norm). Near 0: errors that point anywhere
+    (they average out); near 1: one shift shared by every image, which a frozen head reads
+    as a move of every feature."""
+    reference = class_tokens(model, images)
+    variants = {
+        **{f"random (seed {seed})": ("random", {"seed": seed}) for seed in range(3)},
+        **{name: (name, {}) for name in ("tome", "pitome", "zero_tprune", "evit")},
+    }
+    rows = []
+    for label, (name, options) in variants.items():
+        tokcomp.apply(model, name, target_macs=target, **options)
+        rows.append({"ranking": label, **coherence(class_tokens(model, images) - reference)})
+        tokcomp.remove(model)
+    config = CONFIGS / f"diffrate-{target}.json"
+    if config.is_file():
+        tokcomp.apply(model, config)
+        rows.append({"ranking": "diffrate", **coherence(class_tokens(model, images) - reference)})
+        tokcomp.remove(model)
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def class_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, C) class tokens after the final norm, in batches of 32."""
+    with torch.inference_mode():
+        return torch.cat([model.forward_features(batch)[:, 0] for batch in images.split(32)])
+
+
+def coherence(errors: torch.Tensor) -> dict:
+    """How much the (B, C) errors share one direction, and their mean size."""
+    size = errors.norm(dim=1).mean()
+    return {
+        "coherence": round(float(errors.mean(0).norm() / size), 3),
+        "size": round(float(size), 3),
+    }
+
+
+def test_images(model: torch.nn.Module, count: int) -> torch.Tensor:
+    """`count` Fashion-MNIST test images spread over the split, as the harness reads them."""
+    data = limited(open_dataset(FASHION_MNIST, model_transform(data_config(model))), count)
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", default="foolbox-cifar+skimage")
     parser.add_argument("--target", type=float, default=0.6, help="fraction of the MACs")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--part", choices=("stats", "ablate", "both"), default="both")
+    parser.add_argument(
+        "--part",
+        choices=("stats", "ablate", "both", "coherence"),
+        default="both",
+        help="coherence: how systematic each method's class-token errors are, on --test-images "
+        "Fashion-MNIST test images (not the photos)",
+    )
+    parser.add_argument("--test-images", type=int, default=160)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -266,6 +330,10 @@ def main() -> None:
         with torch.inference_mode():
             reference = model.forward_features(images)[:, 0]
         results["ablations"] = ablations(model, images, reference, args.target)
+    if args.part == "coherence":
+        results["coherence"] = error_coherence(
+            model, test_images(model, args.test_images), args.target
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
