@@ -28,6 +28,15 @@ def test_parse_variant_reads_json_values_and_lists():
     assert parse_variant("tome").options == {}
 
 
+def test_parse_variant_reads_a_mapping_whole():
+    variant = parse_variant('fastv:keep=0.1,tower=tome,tower_options={"r":4,"inflection":-1}')
+    assert variant.options == {
+        "keep": 0.1,
+        "tower": "tome",
+        "tower_options": {"r": 4, "inflection": -1},
+    }
+
+
 def test_export_then_show(tmp_path, capsys):
     path = tmp_path / "deit-tome.json"
     assert main(["export", "--model", "deit_tiny_patch16_224", "tome:r=13", "-o", str(path)]) == 0
