@@ -133,6 +133,35 @@ def test_the_unmerged_tower_is_tome_by_hand_scattered_back_by_source(family):
         torch.testing.assert_close(mine, expected, atol=1e-5, rtol=1e-5, msg=f"layer {layer}")
 
 
+@torch.no_grad()
+def test_tower_attention_after_unmerge_is_each_patch_s_share_of_its_merged_token_s():
+    """What VisionZip, FasterVLM and VisPruner read at the feature layer after unmerge (SigLIP:
+    the attention each patch receives, mean over the patches' queries, summed over heads) is
+    the attention its merged token receives under proportional attention, queries weighted by
+    their sizes, split evenly over the token's patches."""
+    from tokcomp.adapters.hf_vlm.families.llava import tower_attention
+
+    model = _model("llava_onevision_video")
+    tower = model.model.vision_tower
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    x, source = _tome_by_hand(tower, pixels, 3)[-2]  # the feature (last) block's input
+    assert x.shape[1] < source.shape[2]
+    tokcomp.apply(model, "visionzip", keep=0.5, tower="tome", tower_options={"r": 3})
+    unmerged = tower(pixels, output_hidden_states=True).hidden_states[-2]
+    received, _ = tower_attention(tower, unmerged, len(tower.encoder.layers) - 1)
+    layer = tower.encoder.layers[-1]
+    attn, normed, size = layer.self_attn, layer.layer_norm1(x), source.sum(dim=-1)
+    q, k = (
+        p(normed).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+        for p in (attn.q_proj, attn.k_proj)
+    )
+    probs = ((q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :]).softmax(-1)
+    query_weights = size / size.sum(dim=-1, keepdim=True)
+    by_token = (probs * query_weights[:, None, :, None]).sum(dim=2).sum(dim=1)
+    by_patch = torch.einsum("bnp,bn->bp", source, by_token / size)
+    torch.testing.assert_close(received, by_patch, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("family", "method"),
     [
