@@ -42,7 +42,7 @@ def apply(
     path of a saved config, or a Method object. Applying again replaces the previous method.
     `tower` (a VLM of the LLaVA families, beside a visual-token method): a block method that
     only merges (tome, pitome; a name with `tower_options`, or a Method) run inside the vision
-    tower, its tokens unmerged back onto the tower's grid at its end (docs/methods.md 10.1).
+    tower, its tokens unmerged onto the tower's grid at its end (docs/methods.md section 10.1).
     """
     adapter = find_adapter(model)
     spec = adapter.spec()
