@@ -17,8 +17,7 @@ from tokcomp.bench import parse_variant
 from tokcomp.cli import main
 from tokcomp.errors import UsageError
 from tokcomp.harness.vqa import DEFAULT_MODEL as DEFAULT_VLM
-from tokcomp.harness.vqa import VIDEO_MODEL
-from tokcomp.harness.vqa import load_vlm
+from tokcomp.harness.vqa import VIDEO_MODEL, load_vlm
 from tokcomp.models import create_model
 
 
