@@ -73,14 +73,19 @@ def contenders(
             if tokcomp.is_patched(model):
                 tokcomp.remove(model)
             if method is not None:
-                tokcomp.apply(model, method, **budgets[method])
+                tokcomp.apply(model, method_of(label), **budgets[label])
 
         return Contender(lambda: run(label), prepare)
 
     return {
         "unpruned": patching("unpruned", None),
-        **{name: patching(name, name) for name in budgets},
+        **{label: patching(label, label) for label in budgets},
     }
+
+
+def method_of(label: str) -> str:
+    """The method a row's label names ("fastv+tome": fastv, with merging in the tower)."""
+    return label.partition("+")[0]
 
 
 def table(
@@ -95,7 +100,8 @@ def table(
     (config_of's, on a reference video of `frames` frames when given)."""
     rows = []
     for name, options in budgets.items():
-        config = tokcomp.config_of(tokcomp.apply(model, name, **options), frames=frames)
+        patched = tokcomp.apply(model, method_of(name), **options)
+        config = tokcomp.config_of(patched, frames=frames)
         tokcomp.remove(model)
         rows.append(
             {

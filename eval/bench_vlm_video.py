@@ -36,8 +36,15 @@ layers the bound at 10% would be 3.46x). The LLM prefill's bound at 10% is 8.5x 
 0.37 T; FastV keeps every token in its first 2 of 8 layers, so at most 8 / (2 + 6 x 0.12) =
 2.9x there). The script prints the time-to-first-token bounds from config_of before timing.
 
+`--tower tome:r=22,inflection=-1` also times each method with ToMe merging inside the tower
+and unmerging at its end (docs/methods.md section 10.1), in rows "method+tome" of the same
+rounds: ToMe's decreasing schedule (44 merges in the first block down to 0 in the last)
+leaves the tower 46% of its MACs (169 of 729 tokens per frame after the last block), and the
+bound by MACs at 10% becomes 3.5x.
+
     python eval/bench_vlm_video.py                # 56 minutes on 2 cores at load 5 (3 rounds)
     python eval/bench_vlm_video.py --methods random,dycoke --repeats 1
+    python eval/bench_vlm_video.py --methods fastv --repeats 1 --tower tome:r=22,inflection=-1
     python eval/bench_vlm_video.py --tiny         # a seconds-long smoke run, tiny shapes
 """
 
@@ -54,6 +61,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +71,7 @@ from bench_vlm import PROMPT, materialise
 from bench_vlm_methods import contenders, print_rows, table
 
 import tokcomp
+from tokcomp.bench import parse_variant
 from tokcomp.harness.timing import interleaved
 from tokcomp.methods import method_class
 from tokcomp.methods.dycoke import merged_kept
@@ -158,9 +167,12 @@ def inputs(model: nn.Module, frames: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}
 
 
-def budgets(methods: list[str], tokens: int, frames: int) -> dict[str, dict[str, float]]:
+def budgets(
+    methods: list[str], tokens: int, frames: int, tower: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Each method's budget knob at SHARE of the video's `tokens` selectable tokens (DyCoke's k:
-    the hundredth whose kept share is nearest)."""
+    the hundredth whose kept share is nearest); with `tower` (apply's tower and tower_options),
+    each method again with it, labelled "method+tower method"."""
     out = {}
     for name in methods:
         knob = method_class(name).budget
@@ -168,7 +180,15 @@ def budgets(methods: list[str], tokens: int, frames: int) -> dict[str, dict[str,
             out[name] = {knob: min(_hundredths(), key=lambda k: _dycoke_miss(k, tokens, frames))}
         else:
             out[name] = {knob: SHARE}
+    if tower is not None:
+        out.update({f"{name}+{tower['tower']}": {**out[name], **tower} for name in methods})
     return out
+
+
+def tower_option(text: str) -> dict[str, Any]:
+    """--tower 'tome:r=22,inflection=-1' as apply's tower and tower_options."""
+    variant = parse_variant(text)
+    return {"tower": variant.method, "tower_options": variant.options}
 
 
 def _hundredths() -> list[float]:
@@ -179,12 +199,16 @@ def _dycoke_miss(k: float, tokens: int, frames: int) -> float:
     return abs(merged_kept(tokens, frames, k) / tokens - SHARE)
 
 
-def amdahl(model: nn.Module, frames: int) -> tuple[float, float]:
+def amdahl(
+    model: nn.Module, frames: int, tower: dict[str, Any] | None = None
+) -> tuple[float, float]:
     """Time-to-first-token bounds by config_of's MACs on a reference video of `frames` frames:
-    at SHARE of the visual tokens with a free selection (random), and keeping one."""
+    at SHARE of the visual tokens with a free selection (random), and keeping one; with `tower`
+    merging inside the tower."""
     bounds = []
     for ratio in (SHARE, 1e-9):
-        config = tokcomp.config_of(tokcomp.apply(model, "random", keep_ratio=ratio), frames=frames)
+        patched = tokcomp.apply(model, "random", keep_ratio=ratio, **(tower or {}))
+        config = tokcomp.config_of(patched, frames=frames)
         bounds.append(1 / config.macs_ratio)
     tokcomp.remove(model)
     return bounds[0], bounds[1]
@@ -198,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after a warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="toy widths: a smoke run")
+    parser.add_argument(
+        "--tower",
+        type=tower_option,
+        default=None,
+        help="also time each method with this method merging in the tower, e.g. "
+        "tome:r=22,inflection=-1 (default: off)",
+    )
     args = parser.parse_args(argv)
     methods = [name for name in args.methods.split(",") if name]
     unknown = sorted(set(methods) - set(METHODS))
@@ -222,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         f"floor {PREFILL_FLOOR}x)",
         flush=True,
     )
-    options = budgets(methods, tokens, args.frames)
+    if args.tower is not None:
+        at_share, at_one = amdahl(model, args.frames, args.tower)
+        print(
+            f"with {args.tower['tower']} {args.tower['tower_options']} in the tower: "
+            f"{at_share:.2f}x at {SHARE:.0%}, {at_one:.2f}x keeping one token",
+            flush=True,
+        )
+    options = budgets(methods, tokens, args.frames, args.tower)
     prefill: dict[str, list[float]] = {}
     runs = contenders(model, inputs(model, args.frames), options, prefill)
     with torch.inference_mode():

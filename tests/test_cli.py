@@ -17,7 +17,7 @@ from tokcomp.bench import parse_variant
 from tokcomp.cli import main
 from tokcomp.errors import UsageError
 from tokcomp.harness.vqa import DEFAULT_MODEL as DEFAULT_VLM
-from tokcomp.harness.vqa import load_vlm
+from tokcomp.harness.vqa import VIDEO_MODEL, load_vlm
 from tokcomp.models import create_model
 
 
@@ -26,6 +26,15 @@ def test_parse_variant_reads_json_values_and_lists():
     assert variant.method == "tome"
     assert variant.options == {"r": [3, 2, 1], "prop_attn": False, "inflection": -1}
     assert parse_variant("tome").options == {}
+
+
+def test_parse_variant_reads_a_mapping_whole():
+    variant = parse_variant('fastv:keep=0.1,tower=tome,tower_options={"r":4,"inflection":-1}')
+    assert variant.options == {
+        "keep": 0.1,
+        "tower": "tome",
+        "tower_options": {"r": 4, "inflection": -1},
+    }
 
 
 def test_export_then_show(tmp_path, capsys):
@@ -39,6 +48,19 @@ def test_export_then_show(tmp_path, capsys):
     config = tokcomp.Config.load(path)
     assert 0 < config.selection_macs < config.macs
     assert f"{config.selection_share:.1%} of it the method's own work" in out
+
+
+def test_export_then_show_a_vlm_config_with_tower_merging(tmp_path, capsys):
+    path = tmp_path / "fastv-tome.json"
+    variant = 'fastv:keep=0.25,tower=tome,tower_options={"r":4,"inflection":-1}'
+    argv = ["export", "--vlm", str(VIDEO_MODEL), variant, "-o", str(path)]
+    assert main(argv) == 0
+    assert tokcomp.Config.load(path).tower == {
+        "method": "tome",
+        "options": {"r": 4, "inflection": -1},
+    }
+    assert main(["show", str(path)]) == 0
+    assert 'tower     tome {"r": 4, "inflection": -1}' in capsys.readouterr().out
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):

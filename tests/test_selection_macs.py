@@ -492,3 +492,32 @@ def test_cdpruner_clip_macs_match_the_flop_counter(clip_options):
     assert config.macs == pytest.approx(counted, rel=REL)
     tokcomp.apply(model, "random", keep_ratio=0.5)
     assert config.selection_macs == pytest.approx(counted - _prefill(model, batch), rel=REL)
+
+
+# -- merging inside the tower, with unmerge ------------------------------------------------
+
+#: (family, method, frames): a visual-token method beside ToMe merging in the tower, on the
+#: reference image (frames None) or on a 4-frame video.
+TOWER_CASES = [
+    pytest.param("llava", "fastv", None, id="llava-fastv"),
+    pytest.param("llava_onevision", "fastv", None, id="onevision-fastv"),
+    pytest.param("llava_onevision", "visionzip", None, id="onevision-visionzip"),
+    pytest.param("llava_onevision_video", "random", 4, id="onevision-video-random"),
+    pytest.param("llava_onevision_video", "visionzip", 4, id="onevision-video-visionzip"),
+    pytest.param("llava_onevision_video", "dycoke", 4, id="onevision-video-dycoke"),
+]
+
+
+@pytest.mark.parametrize(("family", "method", "frames"), TOWER_CASES)
+def test_tower_merging_macs_match_the_flop_counter_within_one_percent(family, method, frames):
+    """The tower at ToMe's merged counts (r=3 of 16 or 17 tokens per block), its matching
+    counted as the method's own work, the rest of the prefill as the visual method alone:
+    within 1% of the counted MACs, and below the visual method alone's model MACs."""
+    model = tiny_vlm(family)
+    batch = _prompt(model, family) if frames is None else _video_prompt(model, family, frames)
+    tokcomp.apply(model, method, **VISUAL_OPTIONS[method])
+    alone = tokcomp.config_of(model, frames=frames)
+    tokcomp.apply(model, method, **VISUAL_OPTIONS[method], tower="tome", tower_options={"r": 3})
+    config = tokcomp.config_of(model, frames=frames)
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=0.01)
+    assert config.macs - config.selection_macs < alone.macs - alone.selection_macs

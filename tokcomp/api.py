@@ -21,7 +21,7 @@ from tokcomp.methods import (
     method_names,
 )
 from tokcomp.methods.visual import VisualSignal
-from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
+from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -29,23 +29,45 @@ _PATCH = "_tokcomp"
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
-def apply(model: M, method_or_config: str | Path | Config | Method, **options: Any) -> M:
+def apply(
+    model: M,
+    method_or_config: str | Path | Config | Method,
+    tower: str | Method | None = None,
+    tower_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> M:
     """Make `model` compress its tokens, in place; returns it.
 
     `method_or_config` is a method name (see `methods()`) with its options, a Config, the
     path of a saved config, or a Method object. Applying again replaces the previous method.
     A method named on a model that carries its own defaults for it (tokcomp's offline
     pretrained models: `model_defaults`) starts from those; `options` override them.
+    `tower` (a VLM of the LLaVA families, beside a visual-token method): a block method that
+    only merges (tome, pitome; a name with `tower_options`, or a Method) run inside the vision
+    tower, its tokens unmerged onto the tower's grid at its end (docs/methods.md section 10.1).
     """
     adapter = find_adapter(model)
     spec = adapter.spec()
-    method, schedule = _requested(method_or_config, options, spec, model_defaults(model))
+    tower_method = _tower_of(tower, tower_options)
+    compression = _requested(method_or_config, options, spec, tower_method, model_defaults(model))
     if is_patched(model):
         remove(model)
-    patch = Patch(adapter, Compression(method, tuple(schedule), spec))
+    patch = Patch(adapter, compression)
     adapter.install(patch)
     object.__setattr__(model, _PATCH, patch)
     return model
+
+
+def _tower_of(tower: str | Method | None, options: dict[str, Any] | None) -> Method | None:
+    """The tower method `apply` was given (None: none)."""
+    if tower is None:
+        if options:
+            raise ValueError("tower_options were given without tower=: name the tower method")
+        return None
+    if isinstance(tower, Method):
+        _refuse_options(options or {}, "a Method object as tower (set them on it)")
+        return tower
+    return create_method(tower, **(options or {}))
 
 
 def _merges_frames(method: Method) -> bool:
@@ -63,15 +85,17 @@ def _requested(
     method_or_config: str | Path | Config | Method,
     options: dict[str, Any],
     spec: ModelSpec,
+    tower: Method | None,
     defaults: dict[str, dict[str, Any]],
-) -> tuple[Method, list[int]]:
+) -> Compression:
     if isinstance(method_or_config, Method):
         _refuse_options(options, "a Method object (set them on it)")
-        return resolve(method_or_config, spec)
+        return _bound(method_or_config, tower, spec)
     config = _as_config(method_or_config)
     if config is None:
         chosen = {**defaults.get(str(method_or_config), {}), **options}
-        method, schedule = resolve(create_method(str(method_or_config), **chosen), spec)
+        compression = _bound(create_method(str(method_or_config), **chosen), tower, spec)
+        method, schedule = compression.method, list(compression.schedule)
         unpruned = model_macs(spec, schedule) == model_macs(spec)
         if not options and unpruned and not _merges_frames(method):
             warnings.warn(
@@ -81,10 +105,22 @@ def _requested(
                 UserWarning,
                 stacklevel=3,
             )
-        return method, schedule
+        return compression
     _refuse_options(options, "a config (edit its 'options' field, or apply the method by name)")
+    if tower is not None:
+        raise ValueError("tower= cannot be given with a config: its 'tower' field holds it")
     config.check_model(spec)
-    return resolve(create_method(config.method, **config.options, schedule=config.schedule), spec)
+    method = create_method(config.method, **config.options, schedule=config.schedule)
+    return _bound(method, config.tower_method(), spec)
+
+
+def _bound(method: Method, tower: Method | None, spec: ModelSpec) -> Compression:
+    """`method` (and `tower`, merging inside a VLM's vision tower) resolved on `spec`."""
+    method, tower, schedule = resolve_with_tower(method, tower, spec)
+    in_tower = None
+    if tower is not None:
+        in_tower = Compression(tower, tuple(schedule[: spec.depth]), spec.tower(), unmerge=True)
+    return Compression(method, tuple(schedule), spec, tower=in_tower)
 
 
 def _refuse_options(options: dict[str, Any], given: str) -> None:
@@ -110,30 +146,37 @@ def config_of(model: nn.Module, frames: int | None = None) -> Config:
     model's plus the method's own work, which selection_macs gives apart). `frames`: a VLM's
     schedule and MACs on a reference video of that many frames instead of the reference image."""
     patch = _patch_of(model)
-    compression = patch.compression
+    compression = patch.compression if frames is None else _on_video(patch, frames)
     method, spec, schedule = compression.method, compression.spec, list(compression.schedule)
-    if frames is not None:
-        method, spec, schedule = _on_video(patch, frames)
-    options = method.options()
-    for settled in ("schedule", "target_macs"):
-        options.pop(settled, None)
-    selection = selection_macs(spec, method, schedule)
+    tower = None if compression.tower is None else compression.tower.method
+    selection = selection_macs(spec, method, schedule, tower)
     return Config(
         method=method.name,
-        options=options,
+        options=_settled_options(method),
         schedule=schedule,
         model=spec.as_dict(),
         macs=model_macs(spec, schedule) + selection,
         base_macs=model_macs(spec),
         selection_macs=selection,
+        tower=None if tower is None else {"method": tower.name, "options": _settled_options(tower)},
     )
 
 
-def _on_video(patch: Patch, frames: int) -> tuple[Method, ModelSpec, list[int]]:
-    """The patch's method re-resolved (its budget per video) on a reference video."""
+def _settled_options(method: Method) -> dict[str, Any]:
+    """A settled method's options as a config holds them (its schedule apart)."""
+    options = method.options()
+    for settled in ("schedule", "target_macs"):
+        options.pop(settled, None)
+    return options
+
+
+def _on_video(patch: Patch, frames: int) -> Compression:
+    """The patch's methods re-resolved (the budget per video) on a reference video."""
     spec = _video_spec(patch.adapter, frames)
-    method, schedule = resolve(patch.compression.method.with_options(schedule=None), spec)
-    return method, spec, schedule
+    compression = patch.compression
+    tower = compression.tower
+    tower = None if tower is None else tower.method.with_options(schedule=None)
+    return _bound(compression.method.with_options(schedule=None), tower, spec)
 
 
 def _video_spec(adapter: Any, frames: int) -> ModelSpec:

@@ -43,7 +43,7 @@ def parse_variant(text: str) -> Variant:
 def _split_options(text: str) -> list[str]:
     items, depth, current = [], 0, ""
     for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
+        depth += {"[": 1, "]": -1, "{": 1, "}": -1}.get(char, 0)
         if char == "," and depth == 0:
             items.append(current)
             current = ""

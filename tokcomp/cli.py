@@ -177,6 +177,8 @@ def _export(args: argparse.Namespace) -> None:
 def _show(args: argparse.Namespace) -> None:
     config = Config.load(args.config)
     print(f"method    {config.method} {json.dumps(config.options)}")
+    if config.tower is not None:
+        print(f"tower     {config.tower['method']} {json.dumps(config.tower['options'])}")
     print(f"model     {config.model.get('name')} ({config.model.get('family')})")
     macs = f"{config.macs / 1e9:.3f} G of {config.base_macs / 1e9:.3f} G"
     share = f"{config.selection_share:.1%} of it the method's own work"

@@ -14,7 +14,7 @@ import yaml
 
 from tokcomp.errors import UsageError
 from tokcomp.methods import Method, create_method, method_class
-from tokcomp.schedule import ModelSpec, model_macs, resolve, selection_macs
+from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
 
 CONFIG_VERSION = 1
 #: Where a model's own method defaults live: in its timm pretrained_cfg and in the metadata of
@@ -49,8 +49,10 @@ class Config:
 
     schedule: tokens left after each block. macs / base_macs: analytic MACs per image with
     and without compression; selection_macs: the part of macs that is the method's own work
-    (matching, scores, signals; 0 in configs saved before it was counted). notes: free-form
-    provenance (e.g. where a preset comes from).
+    (matching, scores, signals; 0 in configs saved before it was counted). tower: on a VLM,
+    the block method merging inside its vision tower beside the visual-token method, as
+    {"method": name, "options": {...}} (its schedule is the tower part of 'schedule'), or
+    None. notes: free-form provenance (e.g. where a preset comes from).
     """
 
     method: str
@@ -60,6 +62,7 @@ class Config:
     macs: int
     base_macs: int
     selection_macs: int = 0
+    tower: dict[str, Any] | None = None
     notes: str = ""
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +78,12 @@ class Config:
     def macs_ratio(self) -> float:
         """MACs under compression as a fraction of the unpruned MACs."""
         return self.macs / self.base_macs
+
+    def tower_method(self) -> Method | None:
+        """The block method merging inside the VLM's vision tower (None: none)."""
+        if self.tower is None:
+            return None
+        return create_method(self.tower["method"], **self.tower["options"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +123,8 @@ class Config:
             raise ConfigError(f"{source}: {err}") from None
         _expect(source, "options", data["options"], dict)
         _check_options(source, method_class(data["method"]), data["options"])
+        if data.get("tower") is not None:
+            _check_tower(source, data["tower"])
         _expect(source, "model", data["model"], dict)
         _expect(source, "notes", data.get("notes", ""), str)
         _expect(source, "extra", data.get("extra", {}), dict)
@@ -181,17 +192,19 @@ class Config:
                 )
         try:
             method = create_method(self.method, **self.options, schedule=self.schedule)
-            settled, schedule = resolve(method, spec)
+            settled, tower, schedule = resolve_with_tower(method, self.tower_method(), spec)
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}; re-export it for this model") from None
-        self._check_macs(spec, settled, schedule)
+        self._check_macs(spec, settled, schedule, tower)
         self._check_budget_options(spec)
 
-    def _check_macs(self, spec: ModelSpec, method: Method, schedule: list[int]) -> None:
+    def _check_macs(
+        self, spec: ModelSpec, method: Method, schedule: list[int], tower: Method | None
+    ) -> None:
         """Refuse MACs that are not what the schedule costs on `spec` (a hand edit). A config
         made on the same backbone with another classification head (its model.head_macs)
         applies: its MACs are compared with that head's."""
-        selection = selection_macs(spec, method, schedule)
+        selection = selection_macs(spec, method, schedule, tower)
         head = self.model.get("head_macs", spec.head_macs) - spec.head_macs
         expected = {
             "macs": (model_macs(spec, schedule) + selection + head, "under its schedule"),
@@ -212,7 +225,8 @@ class Config:
         knobs = sorted(budget_knobs(self.method, spec) & set(self.options))
         if not knobs:
             return
-        _, own = resolve(create_method(self.method, **self.options), spec)
+        method = create_method(self.method, **self.options)
+        _, _, own = resolve_with_tower(method, self.tower_method(), spec)
         if own != self.schedule:
             given = ", ".join(f"{name}={self.options[name]!r}" for name in knobs)
             raise ConfigError(
@@ -229,6 +243,22 @@ def budget_knobs(method: str, spec: ModelSpec) -> set[str]:
     except (NotImplementedError, ValueError):
         return set()
     return {f.name for f in fields(first) if getattr(first, f.name) != getattr(second, f.name)}
+
+
+def _check_tower(source: str, tower: Any) -> None:
+    """Refuse a 'tower' that is not {"method": a method name, "options": {...}}."""
+    if not isinstance(tower, dict) or sorted(tower) != ["method", "options"]:
+        raise ConfigError(
+            f"{source}: 'tower' must be null or a mapping of 'method' (a name) and 'options' "
+            "(the block method merging inside the vision tower)"
+        )
+    _expect(source, "tower.method", tower["method"], str)
+    try:
+        cls = method_class(tower["method"])
+    except ValueError as err:
+        raise ConfigError(f"{source}: tower: {err}") from None
+    _expect(source, "tower.options", tower["options"], dict)
+    _check_options(source, cls, tower["options"])
 
 
 def _check_options(source: str, cls: type[Method], options: dict[str, Any]) -> None:

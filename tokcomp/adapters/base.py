@@ -26,11 +26,18 @@ class UnsupportedModelError(TypeError):
 class Compression:
     """A method bound to its per-block schedule on one model. Immutable: everything that
     changes during a forward lives in the TokenState passed along, so a patched model is
-    re-entrant and thread safe."""
+    re-entrant and thread safe.
+
+    unmerge: an encoder returns its tokens (and hidden states) back on the input grid (a VLM's
+    tower merging under a visual-token method). tower: on a VLM, the block method merging
+    inside its vision tower, bound to the tower (with unmerge), beside the visual-token method.
+    """
 
     method: Method
     schedule: tuple[int, ...]
     spec: ModelSpec
+    unmerge: bool = False
+    tower: Compression | None = None
 
     def start(self, x: torch.Tensor, protected: int) -> TokenState:
         """The state entering block 0 for embedded tokens `x`."""
@@ -41,7 +48,7 @@ class Compression:
                 "with the model set to this input size"
             )
         source = None
-        if self.method.trace_source:
+        if self.method.trace_source or self.unmerge:
             eye = torch.eye(x.shape[1], device=x.device, dtype=x.dtype)
             source = eye.expand(x.shape[0], -1, -1)
         return TokenState(x, protected, source=source)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -349,11 +350,13 @@ class HFVisionAdapter(Adapter):
         )
         wanted = _or_config(output_hidden_states, config, "output_hidden_states")
         state, hidden = self._trunk(compression, pixel_values, bool(wanted), **embed_options)
+        if compression.unmerge:
+            state = state.unmerged()
         last = self.tower_class.last_hidden_state(self.tower, state.x)
         output = BaseModelOutputWithPooling(
             last_hidden_state=last,
             pooler_output=self.tower_class.pool(self.tower, last, state),
-            hidden_states=_select(hidden, wanted),
+            hidden_states=_hidden_states(_select(hidden, wanted), compression.unmerge),
         )
         return output if _or_config(return_dict, config, "return_dict") else output.to_tuple()
 
@@ -373,20 +376,28 @@ class HFVisionAdapter(Adapter):
         pixel_values: torch.Tensor | None,
         collect: bool,
         **embed_options: Any,
-    ) -> tuple[TokenState, list[torch.Tensor] | None]:
+    ) -> tuple[TokenState, list[TokenState] | None]:
         """The tokens after the last layer, and every layer's input and output if `collect`."""
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         tower, tower_class = self.tower, self.tower_class
-        x = tower_class.embed(tower, pixel_values, **embed_options)
+        x = tower_class.embed(tower, pixel_values, **_embedding_options(tower, embed_options))
         state = compression.start(x, tower_class.prefix(tower))
-        hidden = [state.x] if collect else None
+        hidden = [state] if collect else None
         for index, layer in enumerate(tower_class.layers(tower)):
             parts = tower_class.parts(layer).block_parts()
             state = compressed_block(parts, index, state, compression)
             if hidden is not None:
-                hidden.append(state.x)
+                hidden.append(state)
         return state, hidden
+
+
+def _embedding_options(tower: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """The call options the tower's embeddings take (interpolate_pos_encoding, ...); the rest
+    are the caller's TransformersKwargs (a VLM's vision_aspect_ratio), which the tower's own
+    forward ignores too."""
+    accepted = inspect.signature(tower.embeddings.forward).parameters
+    return {name: value for name, value in options.items() if name in accepted}
 
 
 def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
@@ -416,9 +427,18 @@ def _refuse_unsupported(output_attentions: bool, attention_mask: torch.Tensor | 
         )
 
 
-def _select(
-    hidden: list[torch.Tensor] | None, wanted: bool | int | list[int]
+def _hidden_states(
+    states: tuple[TokenState | None, ...] | None, unmerge: bool
 ) -> tuple[torch.Tensor | None, ...] | None:
+    """The selected layers' hidden states (back on the input grid with `unmerge`)."""
+    if states is None:
+        return None
+    return tuple(None if s is None else (s.unmerged() if unmerge else s).x for s in states)
+
+
+def _select(
+    hidden: list[TokenState] | None, wanted: bool | int | list[int]
+) -> tuple[TokenState | None, ...] | None:
     """The hidden states `output_hidden_states` asks for, as transformers returns them: all
     for True; for indices (negative ones count from the end), None in the other places."""
     if hidden is None:

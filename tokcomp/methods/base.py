@@ -114,6 +114,9 @@ class BlockMethod(Method):
 
     needs: ClassVar[frozenset[Signal]] = frozenset()
     budget: ClassVar[str] = "keep_ratio"
+    #: Whether every token it removes is merged into a kept one, so that the input grid can be
+    #: restored after it (merging inside a VLM's vision tower with unmerge).
+    only_merges: ClassVar[bool] = False
 
     prop_attn: bool = True
     trace_source: bool = False

@@ -55,6 +55,7 @@ class PiToMe(BlockMethod):
     """
 
     name: ClassVar[str] = "pitome"
+    only_merges: ClassVar[bool] = True
 
     keep_ratio: float = 1.0
     margin: float | None = None

@@ -102,6 +102,15 @@ class TokenState:
         index = plan.dst_pos[..., None].expand(-1, -1, kept.shape[-1])
         return kept.scatter_reduce(1, index, moved, reduce="amax")
 
+    def unmerged(self) -> TokenState:
+        """The tokens back on the input grid: every input patch takes the value of the token it
+        was merged into (ToMe for Stable Diffusion's unmerge); needs `source` and a state that
+        only merged (a pruned patch would have no token)."""
+        if self.source is None:
+            raise ValueError("unmerge needs the source map: start the state with trace_source")
+        owner = self.source.argmax(dim=1)
+        return TokenState(gather_rows(self.x, owner), self.protected)
+
     def log_size_bias(self) -> torch.Tensor | None:
         """Proportional attention: log(size) of the key tokens as an additive (B, 1, 1, N)
         mask; None while all sizes are one (adding zeros would change nothing)."""

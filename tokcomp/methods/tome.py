@@ -31,6 +31,7 @@ class ToMe(BlockMethod):
     name: ClassVar[str] = "tome"
     budget: ClassVar[str] = "r"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEYS})
+    only_merges: ClassVar[bool] = True
 
     r: int | list[int] = 0
     inflection: float | None = None

@@ -2,7 +2,12 @@
 MACs model (macs) and the resolution of every method's budget on every model (resolve)."""
 
 from tokcomp.schedule.macs import block_macs, model_macs, selection_macs
-from tokcomp.schedule.resolve import check_schedule, resolve, visual_schedule
+from tokcomp.schedule.resolve import (
+    check_schedule,
+    resolve,
+    resolve_with_tower,
+    visual_schedule,
+)
 from tokcomp.schedule.spec import REFERENCE_PROMPT, ModelSpec, VLMSpec
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "check_schedule",
     "model_macs",
     "resolve",
+    "resolve_with_tower",
     "selection_macs",
     "visual_schedule",
 ]

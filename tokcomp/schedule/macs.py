@@ -67,14 +67,23 @@ def total_macs(spec: ModelSpec, method: Method, schedule: list[int]) -> int:
     return model_macs(spec, schedule) + selection_macs(spec, method, schedule)
 
 
-def selection_macs(spec: ModelSpec, method: Method, schedule: list[int]) -> int:
+def selection_macs(
+    spec: ModelSpec, method: Method, schedule: list[int], tower: BlockMethod | None = None
+) -> int:
     """MACs of `method`'s own work per image (a VLM: per reference prompt) under `schedule`:
-    its reductions or choices and the signals the adapter computes for it beyond the model."""
+    its reductions or choices and the signals the adapter computes for it beyond the model;
+    with `tower` merging inside a VLM's vision tower beside it, that method's work too."""
     if isinstance(spec, VLMSpec) and isinstance(method, VisualMethod):
-        return _choice_macs(spec, method) + _visual_signal_macs(spec, method, schedule)
+        own = _choice_macs(spec, method) + _visual_signal_macs(spec, method, schedule)
+        return own + (0 if tower is None else _tower_reduction_macs(spec, tower, schedule))
     if isinstance(spec, VLMSpec):
-        return spec.crops * _reduction_macs(spec.tower(), method, schedule[: spec.depth])
+        return _tower_reduction_macs(spec, method, schedule)
     return _reduction_macs(spec, method, schedule)
+
+
+def _tower_reduction_macs(spec: VLMSpec, method: BlockMethod, schedule: list[int]) -> int:
+    """A block method's work inside the vision tower, every crop (the schedule's tower part)."""
+    return spec.crops * _reduction_macs(spec.tower(), method, schedule[: spec.depth])
 
 
 def _reduction_macs(spec: ModelSpec, method: BlockMethod, schedule: list[int]) -> int:

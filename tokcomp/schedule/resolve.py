@@ -35,6 +35,57 @@ def resolve(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
     return _resolve_on_encoder(method, spec)
 
 
+def resolve_with_tower(
+    method: Method, tower: Method | None, spec: ModelSpec
+) -> tuple[Method, BlockMethod | None, list[int]]:
+    """`resolve`, with the block method `tower` (None: none) merging inside the VLM's vision
+    tower and unmerging at its end beside the visual-token method `method` (docs/methods.md
+    section 10.1): both settled, and the schedule: the tower's blocks at the merged counts,
+    then the visual tokens each decoder layer processes."""
+    if tower is None:
+        method, schedule = resolve(method, spec)
+        return method, None, schedule
+    _check_tower_pair(method, tower, spec)
+    tower, tower_schedule = _resolve_on_encoder(tower, spec.tower())
+    method, schedule = _resolve_on_vlm(method, spec, tower_schedule)
+    return method, tower, schedule
+
+
+def _check_tower_pair(method: Method, tower: Method, spec: ModelSpec) -> None:
+    """Refuse a tower method that cannot unmerge, a model whose tower tokcomp cannot merge
+    in, and a method beside it that is no visual-token method."""
+    mergers = [name for name in method_names() if _only_merges(method_class(name))]
+    if not _only_merges(type(tower)):
+        raise ValueError(
+            f"tower={tower.name!r}: the tower method must be a block method that only merges "
+            f"({' or '.join(mergers)}), so that unmerge restores the tower's grid"
+        )
+    if not isinstance(spec, VLMSpec) or not spec.tower_unmerge:
+        raise ValueError(
+            "tower= merges inside the vision tower of LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video "
+            f"and LLaVA-OneVision only, not of {spec.label}: apply the method without tower="
+        )
+    if not isinstance(method, VisualMethod):
+        raise ValueError(
+            f"tower= runs beside a visual-token method; {method.name} is none: apply "
+            f"{method.name} alone, or a visual-token method ({_runnable_on(spec)}) with tower="
+        )
+    if method.target_macs is not None:
+        raise ValueError(
+            f"{method.name}: target_macs cannot be given with tower=; give its budget "
+            f"({method.budget}=...) and the tower method's"
+        )
+
+
+def _only_merges(method: type[Method]) -> bool:
+    """Whether `method` is a block method (and no visual-token method) that only merges."""
+    return (
+        issubclass(method, BlockMethod)
+        and not issubclass(method, VisualMethod)
+        and method.only_merges
+    )
+
+
 def _resolve_on_encoder(method: BlockMethod, spec: ModelSpec) -> tuple[Method, list[int]]:
     method = method.settle(spec)
     if method.schedule is not None:
@@ -48,7 +99,9 @@ def _resolve_on_encoder(method: BlockMethod, spec: ModelSpec) -> tuple[Method, l
     return method, schedule
 
 
-def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
+def _resolve_on_vlm(
+    method: Method, spec: VLMSpec, tower: list[int] | None = None
+) -> tuple[Method, list[int]]:
     if not isinstance(method, VisualMethod):
         if not spec.tower_methods:
             raise ValueError(
@@ -61,7 +114,7 @@ def _resolve_on_vlm(method: Method, spec: VLMSpec) -> tuple[Method, list[int]]:
     method = method.settle(spec)
     if method.target_macs is not None:
         return _nearest_to_target(method, spec, method.budget_candidates(spec.selectable))
-    schedule = visual_schedule(method, spec)
+    schedule = visual_schedule(method, spec, tower)
     if method.schedule is not None and list(method.schedule) != schedule:
         raise ValueError(
             f"{method.name}'s schedule on {spec.architecture} follows from its options "
@@ -109,10 +162,13 @@ def _runnable_on(spec: VLMSpec) -> str:
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def visual_schedule(method: VisualMethod, spec: VLMSpec) -> list[int]:
-    """A visual-token method's schedule on a VLM: the vision tower's blocks keep every token,
-    then, per language-model layer, the visual tokens of the reference image it processes."""
-    tower = [spec.tokens] * spec.depth
+def visual_schedule(
+    method: VisualMethod, spec: VLMSpec, tower: list[int] | None = None
+) -> list[int]:
+    """A visual-token method's schedule on a VLM: the vision tower's blocks (keeping every
+    token, or the `tower` schedule of a method merging there), then, per language-model layer,
+    the visual tokens of the reference image it processes."""
+    tower = tower or [spec.tokens] * spec.depth
     return tower + method.llm_schedule(
         spec.llm_depth, spec.selectable, spec.fixed_visual, spec.frames
     )

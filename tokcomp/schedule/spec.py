@@ -61,7 +61,9 @@ class VLMSpec(ModelSpec):
     query width (heads x head_dim) and key width (kv heads x head_dim); lm_head_macs: one
     token's logits. feature_block / feature_prefix: the tower
     block whose output the projector takes and the tokens dropped in front of it (for block
-    methods inside the tower, which tower_methods allows). tower_attention: whether the adapter
+    methods inside the tower, which tower_methods allows). tower_unmerge: whether a merging
+    block method can run inside the tower with unmerge, beside a visual-token method (the tower
+    is one tokcomp's hf_vision adapter patches). tower_attention: whether the adapter
     gives methods the tower's attention and keys at that layer. takes_videos: whether tokcomp
     gives the model videos (and methods their frames); frames: the frames the reference item
     spans (1: the reference is an image; Qwen's temporal patches), for per-frame budgets.
@@ -94,6 +96,7 @@ class VLMSpec(ModelSpec):
     frames: int = 1
     text_visual: int = 0
     unprojected_segments: tuple[int, ...] = ()
+    tower_unmerge: bool = False
 
     checked: ClassVar[tuple[str, ...]] = (
         "architecture",

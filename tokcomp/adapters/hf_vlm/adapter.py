@@ -75,14 +75,17 @@ class HFVLMAdapter(Adapter):
         return [(inner, name, name) for name in methods]
 
     def install(self, patch: Patch) -> None:
-        """Patch the inner model; a block method also patches the vision tower."""
+        """Patch the inner model; a block method, or a visual-token method's tower merging, also
+        patches the vision tower."""
         compression = patch.compression
         if isinstance(compression.method, VisualMethod):
             compression.method.check_tower(getattr(self.vlm, "tower", None))
         super().install(patch)
+        tower = compression.tower
         if not isinstance(compression.method, VisualMethod):
             spec = compression.spec.tower()
             tower = Compression(compression.method, compression.schedule, spec)
+        if tower is not None:
             self.tower_patch = Patch(HFVisionAdapter(self.vlm.tower), tower)
             self.tower_patch.adapter.install(self.tower_patch)
 

@@ -110,6 +110,7 @@ class Llava(VLMFamily):
             projected_tokens=visual,
             feature_prefix=drop,
             tower_methods=single,
+            tower_unmerge=True,
             tower_attention=single and block >= 0,
             feature_block=block,
         )
