@@ -13,7 +13,6 @@ import torch
 from vlm_fixtures import IMAGE, PAD, batch_inputs, tiny_vlm
 
 import tokcomp
-from tokcomp.methods import create_method
 
 LAYOUT = [(1, 5), (2, 3), (1, 7)]
 #: The families whose tower tokcomp merges in with unmerge.
@@ -187,7 +186,7 @@ def test_each_sample_gets_what_it_gets_alone(family, method):
 def test_config_records_the_tower_method_and_reloads_it(tmp_path):
     family = "llava_onevision_video"
     model = tokcomp.apply(
-        _model(family), "fastv", keep=0.5, tower=create_method("pitome", keep_ratio=0.75)
+        _model(family), "fastv", keep=0.5, tower=tokcomp.create_method("pitome", keep_ratio=0.75)
     )
     config = tokcomp.config_of(model)
     assert config.tower["method"] == "pitome"

@@ -17,6 +17,7 @@ from tokcomp.api import (
     remove,
 )
 from tokcomp.config import Config, ConfigError
+from tokcomp.methods import create_method
 from tokcomp.ops import backend
 
 __version__ = "0.3.0"
@@ -28,6 +29,7 @@ __all__ = [
     "apply",
     "backend",
     "config_of",
+    "create_method",
     "forward_tokens",
     "is_patched",
     "macs",
