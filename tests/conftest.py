@@ -68,3 +68,18 @@ def timm_variant(request) -> str:
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[str]:
+    """The descriptions of the sweep points the harness measures from now on, in order."""
+    from tokcomp.harness import sweep
+
+    descriptions, real_measure = [], sweep.measure
+
+    def recording(model, task, device, desc, *rest):
+        descriptions.append(desc)
+        return real_measure(model, task, device, desc, *rest)
+
+    monkeypatch.setattr(sweep, "measure", recording)
+    return descriptions

@@ -198,17 +198,9 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_rerun_gives_the_uninterrupted_
 
 
 def test_a_run_with_other_points_reports_every_point_saved_for_the_same_inputs(
-    tmp_path, small, monkeypatch
+    tmp_path, small, measured
 ):
     data, checkpoint = small
-    measured = []
-    real_measure = sweep.measure
-
-    def counting_measure(model, task, device, desc, *rest):
-        measured.append(desc)
-        return real_measure(model, task, device, desc, *rest)
-
-    monkeypatch.setattr(sweep, "measure", counting_measure)
     evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
     both = evaluate(checkpoint, data, tmp_path, "--methods tome --budgets 0.7")
     assert measured == ["[1/2] unpruned", "[2/2] tome r=2", "[2/2] tome target_macs=0.7"]
@@ -216,17 +208,9 @@ def test_a_run_with_other_points_reports_every_point_saved_for_the_same_inputs(
 
 
 def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
-    tmp_path, small, monkeypatch
+    tmp_path, small, measured
 ):
     data, checkpoint = small
-    measured = []
-    real_measure = sweep.measure
-
-    def counting_measure(model, task, device, desc, *rest):
-        measured.append(desc)
-        return real_measure(model, task, device, desc, *rest)
-
-    monkeypatch.setattr(sweep, "measure", counting_measure)
     first = evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
     saved = tmp_path / "results.jsonl"
     rows = [json.loads(line) for line in saved.read_text().splitlines()]

@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from vlm_fixtures import IMAGE, PAD, batch_inputs, tiny_vlm
+from vlm_fixtures import IMAGE, PAD, assert_config_reloads, batch_inputs, tiny_vlm
 
 import tokcomp
 
@@ -202,12 +202,7 @@ def test_config_records_the_tower_method_and_reloads_it(tmp_path):
         < tokcomp.config_of(tokcomp.apply(_model(family), "fastv", keep=0.5), frames=4).macs
     )
     batch, _ = batch_inputs(model, family, LAYOUT, seed=3)
-    for suffix in (".json", ".yaml"):
-        path = config.save(tmp_path / f"c{suffix}")
-        assert tokcomp.Config.load(path) == config
-        other = tokcomp.apply(_model(family), path)
-        assert tokcomp.config_of(other) == config
-        assert torch.equal(_logits(other, batch), _logits(model, batch))
+    assert_config_reloads(config, lambda: _model(family), model, _logits, batch, tmp_path)
 
 
 def test_a_config_whose_tower_is_no_merging_method_is_refused(tmp_path):

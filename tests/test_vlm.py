@@ -26,6 +26,7 @@ from vlm_fixtures import (
     VIDEO,
     VISION_END,
     VISION_START,
+    assert_config_reloads,
     batch_inputs,
     tiny_vlm,
 )
@@ -1107,12 +1108,7 @@ def test_config_round_trips_and_reapplies(method, family, options, tmp_path):
     assert config.method == method and config.options == options
     assert config.model["architecture"] == type(model).__name__
     batch, _ = _inputs(model, family)
-    for suffix in (".json", ".yaml"):
-        path = config.save(tmp_path / f"{method}{suffix}")
-        assert tokcomp.Config.load(path) == config
-        other = tokcomp.apply(_model(family), path)
-        assert tokcomp.config_of(other) == config
-        assert torch.equal(_generate(other, batch), _generate(model, batch))
+    assert_config_reloads(config, lambda: _model(family), model, _generate, batch, tmp_path)
 
 
 def test_a_config_refuses_another_architecture(tmp_path):

@@ -234,21 +234,14 @@ def test_a_video_sweep_runs_end_to_end_with_budgets_per_video(data, family, tmp_
 
 
 def test_a_resumed_video_sweep_skips_finished_points_until_a_frame_changes(
-    tmp_path, monkeypatch, capsys
+    tmp_path, measured, capsys
 ):
     folder = tmp_path / "data"
     data = write_video_jsonl(folder / "videos.jsonl")
     model = save_tiny_video_vlm(tmp_path / "model", read_jsonl(data), VIDEO_FAMILIES[0])
     output = tmp_path / "out"
     first = evaluate(model, data, output, *SWEEP)
-    measured = []
-    real_measure = sweep.measure
-
-    def recording(model, task, device, desc, *rest):
-        measured.append(desc)
-        return real_measure(model, task, device, desc, *rest)
-
-    monkeypatch.setattr(sweep, "measure", recording)
+    measured.clear()
     assert evaluate(model, data, output, *SWEEP) == first and measured == []
     write_image(frame_paths(folder, 2)[3], seed=999)
     capsys.readouterr()

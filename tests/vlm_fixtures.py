@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import transformers as hf
 from torch import nn
+
+import tokcomp
 
 VOCAB = 128
 PAD, BOS = 0, 1
@@ -582,3 +586,21 @@ def batch_inputs(
     """A batch of prompts with (images, text tokens) per sample, and each sample alone."""
     samples = [sample(model, family, n, t, seed + 7 * i) for i, (n, t) in enumerate(layout)]
     return collate(family, samples), [collate(family, [s]) for s in samples]
+
+
+def assert_config_reloads(
+    config: Any,
+    make_model: Callable[[], nn.Module],
+    model: nn.Module,
+    run: Callable,
+    batch: Any,
+    folder: Path,
+) -> None:
+    """`config`, saved as JSON and as YAML, loads equal and, applied to a fresh model, gives the
+    same config and the same `run(model, batch)` output as `model`."""
+    for suffix in (".json", ".yaml"):
+        path = config.save(folder / f"{config.method}{suffix}")
+        assert tokcomp.Config.load(path) == config
+        other = tokcomp.apply(make_model(), path)
+        assert tokcomp.config_of(other) == config
+        assert torch.equal(run(other, batch), run(model, batch))
