@@ -10,20 +10,11 @@ import functools
 
 import pytest
 import torch
-from vlm_fixtures import IMAGE, PAD, assert_config_reloads, batch_inputs, tiny_vlm
+from vlm_fixtures import IMAGE, LLAVA_FAMILIES, PAD, assert_config_reloads, batch_inputs, tiny_vlm
 
 import tokcomp
 
 LAYOUT = [(1, 5), (2, 3), (1, 7)]
-#: The families whose tower tokcomp merges in with unmerge.
-TOWER_FAMILIES = [
-    "llava",
-    "llava_siglip",
-    "llava_next",
-    "llava_onevision",
-    "llava_onevision_video",
-    "llava_next_video",
-]
 
 
 @functools.cache
@@ -47,7 +38,7 @@ def _logits(model, batch: dict) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["fastv", "visionzip", "random"])
-@pytest.mark.parametrize("family", TOWER_FAMILIES)
+@pytest.mark.parametrize("family", LLAVA_FAMILIES)
 @torch.no_grad()
 def test_tower_merging_nothing_is_the_visual_method_alone(family, method):
     model = _model(family)

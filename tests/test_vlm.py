@@ -22,6 +22,7 @@ from vlm_fixtures import (
     IMAGE,
     IMAGE_BREAK,
     IMAGE_END,
+    LLAVA_FAMILIES,
     PAD,
     VIDEO,
     VISION_END,
@@ -45,18 +46,7 @@ LAYOUT_NEXT = [(1, 5), (2, 3), (1, 7)]  # anyres: every sample has an image (no 
 SINGLE = [(1, 4)]
 #: Every visual-token method, on every family that gives the signals it needs (the vision
 #: tower's attention: the LLaVA families, Gemma 3, Mistral 3 and Qwen3-VL only).
-TOWER_ATTENTION = {
-    "llava",
-    "llava_siglip",
-    "llava_next",
-    "llava_onevision",
-    "llava_onevision_video",
-    "llava_next_video",
-    "gemma3",
-    "mistral3",
-    "qwen3_vl",
-    "qwen3_vl_video",
-}
+TOWER_ATTENTION = {*LLAVA_FAMILIES, "gemma3", "mistral3", "qwen3_vl", "qwen3_vl_video"}
 VISUAL = tuple(tokcomp.methods("vlm"))
 
 

@@ -285,6 +285,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: The LLaVA families: a CLIP or SigLIP tower that tokcomp's hf_vision adapter patches (its
+#: attention for the tower-signal methods, merging with unmerge beside a visual-token method).
+LLAVA_FAMILIES = (
+    "llava",
+    "llava_siglip",
+    "llava_next",
+    "llava_onevision",
+    "llava_onevision_video",
+    "llava_next_video",
+)
+
+
 def tiny_vlm(family: str, seed: int = 0) -> nn.Module:
     """A tiny randomly initialised VLM of `family` in eval mode (sdpa attention). Weights are
     spread so attention and similarities are informative (no near-ties in generation)."""

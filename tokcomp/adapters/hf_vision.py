@@ -396,8 +396,14 @@ def _embedding_options(tower: nn.Module, options: dict[str, Any]) -> dict[str, A
     """The call options the tower's embeddings take (interpolate_pos_encoding, ...); the rest
     are the caller's TransformersKwargs (a VLM's vision_aspect_ratio), which the tower's own
     forward ignores too."""
-    accepted = inspect.signature(tower.embeddings.forward).parameters
+    accepted = _parameters(type(tower.embeddings))
     return {name: value for name, value in options.items() if name in accepted}
+
+
+@functools.cache
+def _parameters(embeddings: type[nn.Module]) -> frozenset[str]:
+    """The argument names of an embeddings class's forward (read once per class, not per call)."""
+    return frozenset(inspect.signature(embeddings.forward).parameters)
 
 
 def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:

@@ -54,8 +54,8 @@ def resolve_with_tower(
 def _check_tower_pair(method: Method, tower: Method, spec: ModelSpec) -> None:
     """Refuse a tower method that cannot unmerge, a model whose tower tokcomp cannot merge
     in, and a method beside it that is no visual-token method."""
-    mergers = [name for name in method_names() if _only_merges(method_class(name))]
     if not _only_merges(type(tower)):
+        mergers = [name for name in method_names() if _only_merges(method_class(name))]
         raise ValueError(
             f"tower={tower.name!r}: the tower method must be a block method that only merges "
             f"({' or '.join(mergers)}), so that unmerge restores the tower's grid"

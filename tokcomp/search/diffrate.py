@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -207,14 +207,11 @@ def gradual_counts(spec: ModelSpec, target_macs: float) -> tuple[list[int], list
         return [spec.tokens, *merge_kept[:-1]], merge_kept
 
     budget = target_macs * model_macs(spec)
-    low, high = 0.0, float(spec.tokens)
-    for _ in range(40):
-        middle = (low + high) / 2
-        if total_macs(spec, *counts(middle)) <= budget:
-            high = middle
-        else:
-            low = middle
-    return counts(high)
+
+    def within(per_block: float) -> bool:
+        return total_macs(spec, *counts(per_block)) <= budget
+
+    return counts(boundary(within, float(spec.tokens), 0.0))
 
 
 def fit_counts(
@@ -233,14 +230,24 @@ def fit_counts(
     check_reachable(spec, target_macs)
     budget = target_macs * model_macs(spec)
     fewest = min(c - spec.protected for c in merge_kept)
-    low, high = 0.0, patches / fewest  # high keeps every token
+
+    def within(factor: float) -> bool:
+        return total_macs(spec, scaled(prune_kept, factor), scaled(merge_kept, factor)) <= budget
+
+    factor = boundary(within, 0.0, patches / fewest)  # the latter keeps every token
+    return factor, scaled(prune_kept, factor), scaled(merge_kept, factor)
+
+
+def boundary(within: Callable[[float], bool], inside: float, outside: float) -> float:
+    """Bisection (40 halvings) between a value `within` accepts and one it refuses, for a
+    `within` that flips once between them: the accepted value nearest the flip."""
     for _ in range(40):
-        middle = (low + high) / 2
-        if total_macs(spec, scaled(prune_kept, middle), scaled(merge_kept, middle)) <= budget:
-            low = middle
+        middle = (inside + outside) / 2
+        if within(middle):
+            inside = middle
         else:
-            high = middle
-    return low, scaled(prune_kept, low), scaled(merge_kept, low)
+            outside = middle
+    return inside
 
 
 class _Objective(nn.Module):
