@@ -265,6 +265,7 @@ def error_coherence(model: torch.nn.Module, images: torch.Tensor, target: float)
     variants = {
         **{f"random (seed {seed})": ("random", {"seed": seed}) for seed in range(3)},
         **{name: (name, {}) for name in ("tome", "pitome", "zero_tprune", "evit")},
+        "zero_tprune without sizes": ("zero_tprune", {"similarity_sizes": False}),
     }
     rows = []
     for label, (name, options) in variants.items():

@@ -69,6 +69,15 @@ def test_timm_compiles_in_one_graph_with_the_eager_result(method, images):
     torch.testing.assert_close(got, eager_output(model, images), atol=1e-5, rtol=1e-5)
 
 
+def test_zero_tprune_with_sizes_compiles_in_one_graph(images):
+    # the setting DINOv2 carries: the S-stage's sizes follow a data-dependent pairing
+    spec = find_adapter(tiny_vit()).spec()
+    options = {**middle("zero_tprune", spec.tokens, spec.depth), "similarity_share": 1.0}
+    model = tokcomp.apply(tiny_vit(), "zero_tprune", **options, similarity_sizes=True)
+    got = compiled_output(model, images, "aot_eager")
+    torch.testing.assert_close(got, eager_output(model, images), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", HF_TOWERS)
 @pytest.mark.parametrize("method", FIXED)
 def test_hf_towers_compile_in_one_graph(method, case, images):

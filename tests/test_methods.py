@@ -164,6 +164,49 @@ def test_zero_tprune_s_stage_prunes_the_less_important_of_a_duplicate_pair():
     assert 5 not in _singletons(out)[0] and 2 in _singletons(out)[0]
 
 
+def test_zero_tprune_similarity_sizes_hand_the_pruned_twins_size_to_its_twin():
+    torch.manual_seed(3)
+    tokens, heads = 9, 2
+    keys = torch.randn(1, tokens, 4)
+    keys[0, 5] = keys[0, 2]
+    attn = torch.full((1, heads, tokens, tokens), 0.01)
+    attn[..., 2], attn[..., 5] = 0.5, 0.3
+    attn = attn / attn.sum(dim=-1, keepdim=True)
+    options = {"similarity_share": 1.0, "variance_band": [0.0, 1e9], "similarity_sizes": True}
+    method = create_method("zero_tprune", **options).with_options(iterations=[3] * 4)
+    state = _state(tokens=tokens, protected=1, batch=1)
+    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, BlockPosition(0, 4))
+    kept = out.source[0].argmax(dim=1)
+    twin = kept.tolist().index(2)
+    assert 5 not in kept.tolist() and out.source[0, twin, 5] == 1
+    assert out.size[0, twin] == 2 and out.size.sum() == tokens
+    torch.testing.assert_close(out.x[0], state.x[0, kept])  # values stay the kept tokens'
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_zero_tprune_similarity_sizes_change_sizes_not_which_tokens_or_their_values(share):
+    tokens, heads, batch = 40, 3, 4
+    torch.manual_seed(11)
+    signals = Signals(
+        keys=torch.randn(batch, tokens, 8), attn=torch.rand(batch, heads, tokens, tokens)
+    )
+    signals = Signals(keys=signals.keys, attn=signals.attn / signals.attn.sum(-1, keepdim=True))
+    method = create_method("zero_tprune", similarity_share=share, layers=[1])
+    method = method.with_options(iterations=[5] * 4, variance_band=[0.0, 1e9])
+    state = _state(tokens=tokens, batch=batch)
+    plain = method.reduce(state, signals, 24, BlockPosition(1, 4))
+    sized = method.with_options(similarity_sizes=True).reduce(
+        state, signals, 24, BlockPosition(1, 4)
+    )
+    assert plain.size is None
+    assert (sized.source >= plain.source).all()  # the same tokens kept, with their twins
+    torch.testing.assert_close(sized.x, plain.x)
+    assert torch.equal(sized.size, sized.source.sum(dim=2))  # every carried size is a patch
+    pruned_by_similarity = method.similar_pairs(tokens, 24, 1)
+    carried = sized.size.sum(dim=1) - 24
+    assert (carried > 0).all() and (carried <= pruned_by_similarity).all()
+
+
 # -- DiffRate -----------------------------------------------------------------------------
 
 

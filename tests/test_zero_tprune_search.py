@@ -78,6 +78,15 @@ def test_choose_prefers_fewer_pruning_blocks_only_within_noise():
     assert choose([_trial([1], [0.4]), _trial([1, 2], [0.3])]).layers == [1, 2]
 
 
+def test_search_tries_each_sizes_setting_with_each_share():
+    _, trials = search_zero_tprune(
+        tiny_vit(), _batches(), 0.6, shares=(0.5, 1.0), sizes=(False, True), progress=False
+    )
+    settings = [(t.options["similarity_sizes"], t.options["similarity_share"]) for t in trials]
+    assert settings == [(False, 0.5), (False, 1.0), (True, 0.5), (True, 1.0)]
+    assert trials[1].loss != trials[3].loss  # the sizes reach the attention
+
+
 def test_search_settings_differ_in_loss():
     # the search has something to choose from: importance-only and similarity-only pruning
     # keep different tokens on this model
@@ -89,7 +98,7 @@ def test_search_settings_differ_in_loss():
     ("shares", "layer_sets", "message"),
     [
         ((), (None,), "at least one similarity share"),
-        ((0.5,), (), "at least one similarity share and block list"),
+        ((0.5,), (), "at least one similarity share, block list"),
         ((1.5,), (None,), "similarity_share must be in"),
         ((0.5,), ([9],), "layers"),
     ],
@@ -110,11 +119,18 @@ def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(t
     output = tmp_path / "searched.json"
     argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--limit", "32", "--batch-size", "16", "--shares", "0,1"]
-    argv += ["--layers", "1,2", "--layers", "2"]
+    argv += ["--layers", "1,2", "--layers", "2", "--sizes", "off,on"]
     assert main([*argv, "-o", str(output)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("<- chosen") == 1 and "[1, 2]" in printed
+    assert printed.count("  on ") == 4 and printed.count("  off ") == 4
     config = tokcomp.Config.load(output)
     assert config.method == "zero_tprune" and config.options["layers"] in ([1, 2], [2])
     model = tokcomp.apply(timm.create_model("test_vit"), output)
     assert tokcomp.config_of(model).schedule == config.schedule
+
+
+def test_search_command_refuses_an_unknown_sizes_setting(capsys):
+    argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
+    assert main([*argv, "--target-macs", "0.7", "--sizes", "yes", "-o", "x.json"]) == 2
+    assert "give off, on or off,on" in capsys.readouterr().err

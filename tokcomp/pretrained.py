@@ -208,9 +208,14 @@ DINOV2_DATA_CONFIG = {
     "std": [0.229, 0.224, 0.225],
 }
 
-#: Zero-TPrune on DINOv2 ViT-S/14: every block from 1 prunes, all of it by similarity; chosen
-#: on other images than those reported (docs/methods.md section 4.4).
-DINOV2_ZERO_TPRUNE = {"layers": list(range(1, 12)), "similarity_share": 1.0}
+#: Zero-TPrune on DINOv2 ViT-S/14: every block from 1 prunes, all of it by similarity, and
+#: each pruned token's size goes to its twin; chosen on other images than those reported
+#: (docs/methods.md section 4.4).
+DINOV2_ZERO_TPRUNE = {
+    "layers": list(range(1, 12)),
+    "similarity_share": 1.0,
+    "similarity_sizes": True,
+}
 
 OFFLINE_MODELS = {
     "dinov2_vits14": OfflineModel(

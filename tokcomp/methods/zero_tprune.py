@@ -13,7 +13,7 @@ from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method, s
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
-from tokcomp.ops import attention_pagerank, best_match, gather_rows
+from tokcomp.ops import MergePlan, attention_pagerank, best_match, gather_rows
 
 #: WPR iterations in the first, middle and last third of the blocks (paper: about 30-50,
 #: 5-10 and 1).
@@ -32,6 +32,9 @@ class ZeroTPrune(BlockMethod):
     the S-stage. variance_band: heads whose importance variance (scores over the unprotected
     tokens divided by their mean, so a uniform head has 0) lies outside it are left out of
     the root-mean-square head aggregation (VHF); if none is inside, all heads count.
+    similarity_sizes: a token the S-stage prunes hands its size to its twin, so proportional
+    attention still counts it there (tokcomp's option, off in the paper; docs/methods.md
+    section 4.4).
     """
 
     name: ClassVar[str] = "zero_tprune"
@@ -42,6 +45,7 @@ class ZeroTPrune(BlockMethod):
     iterations: list[int] | None = None
     similarity_share: float = 0.5
     variance_band: list[float] | None = None
+    similarity_sizes: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,10 +89,12 @@ class ZeroTPrune(BlockMethod):
         importance = self.importance(signals.attn, protected, self.iterations[position.index])
         importance = importance[:, protected:]
         similar = self.similar_pairs(state.tokens, keep, protected)
-        score = importance.masked_fill(
-            _similarity_pruned(signals.keys[:, protected:], importance, similar), -torch.inf
-        )
-        return state.prune(top_in_order(score, keep - protected, protected))
+        marked, twin = _similarity_pruned(signals.keys[:, protected:], importance, similar)
+        score = importance.masked_fill(marked, -torch.inf)
+        keep_idx = top_in_order(score, keep - protected, protected)
+        if not self.similarity_sizes or similar == 0:
+            return state.prune(keep_idx)
+        return state.merge(*_twin_plan(state, keep_idx, marked, twin))
 
     def similar_pairs(self, tokens: int, keep: int, protected: int) -> int:
         """Tokens the S-stage prunes at a block going from `tokens` to `keep`."""
@@ -120,16 +126,46 @@ def head_filter(scores: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return inside.float()
 
 
-def _similarity_pruned(keys: torch.Tensor, importance: torch.Tensor, pairs: int) -> torch.Tensor:
+def _similarity_pruned(
+    keys: torch.Tensor, importance: torch.Tensor, pairs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """S-stage: alternate the tokens, by importance, into two groups; in each of the `pairs`
-    most similar cross-group pairs (key cosine) mark the less important token. (B, T) bool."""
+    most similar cross-group pairs (key cosine) mark the less important token. (B, T) bool
+    marks, and (B, T) each marked token's stronger twin (its own index where unmarked)."""
     pruned = torch.zeros_like(importance, dtype=torch.bool)
+    own = torch.arange(importance.shape[1], device=importance.device).expand_as(importance)
     if pairs == 0:
-        return pruned
+        return pruned, own
     order = importance.argsort(dim=1, descending=True)
     a, b = order[:, ::2], order[:, 1::2]
     score, match = best_match(gather_rows(keys, a), gather_rows(keys, b))
     top = score.topk(pairs, dim=1).indices
     first, second = a.gather(1, top), b.gather(1, match.gather(1, top))
-    weaker = torch.where(importance.gather(1, first) < importance.gather(1, second), first, second)
-    return pruned.scatter(1, weaker, True)
+    first_weaker = importance.gather(1, first) < importance.gather(1, second)
+    weaker = torch.where(first_weaker, first, second)
+    stronger = torch.where(first_weaker, second, first)
+    twin = own.scatter_reduce(1, weaker, stronger, reduce="amax", include_self=False)
+    return pruned.scatter(1, weaker, True), twin
+
+
+def _twin_plan(
+    state: TokenState, keep_idx: torch.Tensor, marked: torch.Tensor, twin: torch.Tensor
+) -> tuple[MergePlan, torch.Tensor, torch.Tensor]:
+    """Keep `keep_idx`; each dropped token the S-stage marked hands its size, not its value,
+    to its twin (to the twin's twin where the twin was marked too). The plan, weights and
+    sizes for `TokenState.merge`; a token the I-stage dropped takes its size with it."""
+    protected, (batch, tokens) = state.protected, state.x.shape[:2]
+    position = torch.full((batch, tokens), -1, dtype=torch.long, device=keep_idx.device)
+    rows = torch.arange(keep_idx.shape[1], device=keep_idx.device).expand_as(keep_idx)
+    position = position.scatter(1, keep_idx, rows)[:, protected:]
+    dropped = position < 0
+    src = (~dropped).to(torch.uint8).argsort(dim=1, stable=True)[:, : tokens - keep_idx.shape[1]]
+    heir = twin.gather(1, src)
+    heir = torch.where(dropped.gather(1, heir), twin.gather(1, heir), heir)
+    dst = position.gather(1, heir)
+    carries = marked.gather(1, src) & (dst >= 0)
+    src = src + protected
+    sizes = state.sizes()
+    size = sizes.scatter(1, src, sizes.gather(1, src) * carries)
+    weight = sizes.scatter(1, src, torch.zeros_like(src, dtype=sizes.dtype))
+    return MergePlan(keep_idx, src, dst.clamp_min(0)), weight, size

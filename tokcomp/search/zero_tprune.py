@@ -62,18 +62,27 @@ def search_zero_tprune(
     target_macs: float,
     shares: Sequence[float] = DEFAULT_SHARES,
     layer_sets: Sequence[list[int] | None] = (None,),
+    sizes: Sequence[bool] = (False,),
     progress: bool = True,
     state: SearchState | None = None,
 ) -> tuple[Config, list[Trial]]:
     """Try every similarity share in `shares` with every list of pruning blocks in
-    `layer_sets` (None: the method's default blocks) at `target_macs` on the labelled
+    `layer_sets` (None: the method's default blocks) and each `similarity_sizes` setting in
+    `sizes` at `target_macs` on the labelled
     `batches`; returns the config of the chosen trial (`choose`) and all trials. The model
     is left as it was given (unpatched). state: where each finished trial is saved and
     taken from instead of being run again (deleted once the search finishes); a state
     saved for another target or from other inputs (its fingerprint) is refused."""
-    if not shares or not layer_sets:
-        raise ValueError("zero_tprune search: give at least one similarity share and block list")
-    settings = [_options(target_macs, share, layers) for layers in layer_sets for share in shares]
+    if not shares or not layer_sets or not sizes:
+        raise ValueError(
+            "zero_tprune search: give at least one similarity share, block list and sizes setting"
+        )
+    settings = [
+        _options(target_macs, share, layers, carry)
+        for layers in layer_sets
+        for carry in sizes
+        for share in shares
+    ]
     saved = _Trials(state.with_parts(target_macs=target_macs) if state else None)
     with tqdm(settings, disable=not progress, desc="zero_tprune search") as bar:
         trials = [
@@ -88,7 +97,7 @@ def search_zero_tprune(
         f"Zero-TPrune search: target {target_macs:.3f} of the unpruned MACs; cross-entropy "
         f"{chosen.loss:.4f} (top-1 {chosen.top1:.2f}%) on {len(chosen.losses)} images, chosen "
         f"of {len(trials)} settings (similarity shares {list(shares)}, blocks "
-        f"{_blocks_text(layer_sets)})"
+        f"{_blocks_text(layer_sets)}, similarity sizes {list(sizes)})"
     )
     return config, trials
 
@@ -138,8 +147,14 @@ def choose(trials: Sequence[Trial]) -> Trial:
     return min(level, key=lambda trial: (len(trial.layers), trial.loss))
 
 
-def _options(target_macs: float, share: float, layers: list[int] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"target_macs": target_macs, "similarity_share": share}
+def _options(
+    target_macs: float, share: float, layers: list[int] | None, sizes: bool
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "target_macs": target_macs,
+        "similarity_share": share,
+        "similarity_sizes": sizes,
+    }
     if layers is not None:
         options["layers"] = list(layers)
     return options
@@ -180,16 +195,28 @@ def _blocks_text(layer_sets: Sequence[list[int] | None]) -> str:
 def format_trials(trials: Sequence[Trial]) -> str:
     """The trials as a table, the chosen one marked."""
     chosen = choose(trials)
-    lines = [f"{'share':>6} {'loss':>7} {'top1':>6}  blocks"]
+    lines = [f"{'share':>6} {'sizes':>5} {'loss':>7} {'top1':>6}  blocks"]
     for trial in trials:
         share = trial.options["similarity_share"]
+        sizes = "on" if trial.options.get("similarity_sizes") else "off"
         mark = "  <- chosen" if trial is chosen else ""
-        lines.append(f"{share:>6.2f} {trial.loss:>7.4f} {trial.top1:>6.2f}  {trial.layers}{mark}")
+        lines.append(
+            f"{share:>6.2f} {sizes:>5} {trial.loss:>7.4f} {trial.top1:>6.2f}  {trial.layers}{mark}"
+        )
     return "\n".join(lines)
 
 
 def _blocks(text: str) -> list[int]:
     return [int(name) for name in names(text)]
+
+
+def _switches(text: str) -> list[bool]:
+    settings = {"off": False, "on": True}
+    chosen = names(text)
+    unknown = [name for name in chosen if name not in settings]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"give off, on or off,on (got {text!r})")
+    return [settings[name] for name in chosen]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +235,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="a list of pruning blocks to try, e.g. 3,6,9 (repeatable; default: the method's)",
     )
+    parser.add_argument(
+        "--sizes",
+        type=_switches,
+        default=[False],
+        help="similarity_sizes settings to try: off, on or off,on (default: off, the paper's)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -224,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
         f"the finished trials are saved in {state.path}; the same command resumes"
     ):
         config, trials = search_zero_tprune(
-            model, loader, args.target_macs, args.shares, layer_sets, state=state
+            model, loader, args.target_macs, args.shares, layer_sets, args.sizes, state=state
         )
     print(format_trials(trials))
     path = config.save(args.output)
