@@ -227,8 +227,11 @@ def ablations(model, images, reference, target: float) -> list[dict]:
             "zero_tprune WPR only": (Ranked(rule="wpr"), {}),
             "WPR without the class token": (Ranked(rule="wpr_without_class_token"), {}),
             "WPR, plain head mean": (Ranked(rule="wpr_head_mean"), {}),
-            **{
-                f"zero_tprune share {share}": ("zero_tprune", {"similarity_share": share})
+            **{  # rankings alone: without the sizes this model's default hands to twins
+                f"zero_tprune share {share}": (
+                    "zero_tprune",
+                    {"similarity_share": share, "similarity_sizes": False},
+                )
                 for share in (0.0, 0.5, 1.0)
             },
         }
