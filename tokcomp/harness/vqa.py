@@ -358,7 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: the offline video-shapes LLaVA-OneVision (eval/models/vlm-videoshapes) for "
         "--data video-shapes, else the offline easy-VQA LLaVA (eval/models/vlm-easyvqa)",
     )
-    model.add_argument("--dtype", default="float32", choices=DTYPES)
+    model.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="load the model's weights in this dtype"
+    )
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data",
