@@ -11,6 +11,7 @@ from conftest import tiny_vit
 
 import tokcomp
 from tokcomp.cli import main
+from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.search.zero_tprune import Trial, choose, score, search_zero_tprune
 
 
@@ -85,6 +86,13 @@ def test_search_tries_each_sizes_setting_with_each_share():
     settings = [(t.options["similarity_sizes"], t.options["similarity_share"]) for t in trials]
     assert settings == [(False, 0.5), (False, 1.0), (True, 0.5), (True, 1.0)]
     assert trials[1].loss != trials[3].loss  # the sizes reach the attention
+    _, default = search_zero_tprune(tiny_vit(), _batches(), 0.6, shares=(1.0,), progress=False)
+    assert "similarity_sizes" not in default[0].options  # the model's own setting, else off
+    assert default[0].loss == trials[1].loss
+    carrying = tiny_vit()
+    carrying.pretrained_cfg = {METHOD_DEFAULTS: {"zero_tprune": {"similarity_sizes": True}}}
+    _, own = search_zero_tprune(carrying, _batches(), 0.6, shares=(1.0,), progress=False)
+    assert own[0].loss == trials[3].loss
 
 
 def test_search_settings_differ_in_loss():

@@ -62,14 +62,14 @@ def search_zero_tprune(
     target_macs: float,
     shares: Sequence[float] = DEFAULT_SHARES,
     layer_sets: Sequence[list[int] | None] = (None,),
-    sizes: Sequence[bool] = (False,),
+    sizes: Sequence[bool | None] = (None,),
     progress: bool = True,
     state: SearchState | None = None,
 ) -> tuple[Config, list[Trial]]:
     """Try every similarity share in `shares` with every list of pruning blocks in
-    `layer_sets` (None: the method's default blocks) and each `similarity_sizes` setting in
-    `sizes` at `target_macs` on the labelled
-    `batches`; returns the config of the chosen trial (`choose`) and all trials. The model
+    `layer_sets` and each `similarity_sizes` setting in `sizes` (None: the default, the
+    model's own where it carries one) at `target_macs` on the labelled `batches`; returns
+    the config of the chosen trial (`choose`) and all trials. The model
     is left as it was given (unpatched). state: where each finished trial is saved and
     taken from instead of being run again (deleted once the search finishes); a state
     saved for another target or from other inputs (its fingerprint) is refused."""
@@ -148,15 +148,13 @@ def choose(trials: Sequence[Trial]) -> Trial:
 
 
 def _options(
-    target_macs: float, share: float, layers: list[int] | None, sizes: bool
+    target_macs: float, share: float, layers: list[int] | None, sizes: bool | None
 ) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "target_macs": target_macs,
-        "similarity_share": share,
-        "similarity_sizes": sizes,
-    }
+    options: dict[str, Any] = {"target_macs": target_macs, "similarity_share": share}
     if layers is not None:
         options["layers"] = list(layers)
+    if sizes is not None:
+        options["similarity_sizes"] = sizes
     return options
 
 
@@ -198,7 +196,7 @@ def format_trials(trials: Sequence[Trial]) -> str:
     lines = [f"{'share':>6} {'sizes':>5} {'loss':>7} {'top1':>6}  blocks"]
     for trial in trials:
         share = trial.options["similarity_share"]
-        sizes = "on" if trial.options.get("similarity_sizes") else "off"
+        sizes = {True: "on", False: "off", None: "-"}[trial.options.get("similarity_sizes")]
         mark = "  <- chosen" if trial is chosen else ""
         lines.append(
             f"{share:>6.2f} {sizes:>5} {trial.loss:>7.4f} {trial.top1:>6.2f}  {trial.layers}{mark}"
@@ -238,8 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         type=_switches,
-        default=[False],
-        help="similarity_sizes settings to try: off, on or off,on (default: off, the paper's)",
+        default=[None],
+        help="similarity_sizes settings to try: off, on or off,on (default: the model's own "
+        "setting, else off as in the paper)",
     )
     parser.set_defaults(run=run)
 
