@@ -135,6 +135,38 @@ def test_the_sweep_reports_fidelity_and_drop_in_accuracy_and_resumes(setup, tmp_
     assert again == rows and saved.is_file()
 
 
+def test_bfloat16_runs_under_autocast_against_the_float32_reference(
+    setup, tmp_path, monkeypatch, capsys
+):
+    run_backbone(setup, tmp_path / "float32")
+    reference = next((tmp_path / "float32").glob("reference-*.pt"))
+    lowered = tmp_path / "bfloat16"
+    lowered.mkdir()
+    (lowered / reference.name).write_bytes(reference.read_bytes())
+    probes = []
+    real_probe = backbone.SpeedProbe
+    monkeypatch.setattr(backbone, "SpeedProbe", lambda *a: probes.append(a) or real_probe(*a))
+    monkeypatch.setattr(backbone, "build_reference", lambda *_: pytest.fail("not reused"))
+    unpruned, tome = run_backbone(
+        setup,
+        lowered,
+        "--dtype",
+        "bfloat16",
+        "--methods",
+        "tome",
+        "--budgets",
+        "0.7",
+        "--speed-repeats",
+        "2",
+    )
+    assert 0.98 < unpruned["cls_cos"] < 1.0  # bfloat16's own rounding against float32
+    assert tome["cls_cos"] < 1.0
+    assert probes == [(2,)]  # --speed-repeats reaches the speed probe
+    with pytest.raises(AssertionError):  # another dtype: another folder
+        run_backbone(setup, tmp_path / "float32", "--dtype", "bfloat16")
+    assert "dtype" in capsys.readouterr().err
+
+
 def test_unpruned_accuracy_is_the_heads_accuracy_on_the_reference(setup, tmp_path):
     (unpruned,) = run_backbone(setup, tmp_path)
     saved = torch.load(next(tmp_path.glob("reference-*.pt")), weights_only=True)

@@ -41,10 +41,17 @@ from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
-from tokcomp.harness.imagenet import canvas_of, data_config, model_transform
+from tokcomp.harness.imagenet import (
+    add_dtype_argument,
+    autocast_to,
+    canvas_of,
+    data_config,
+    model_transform,
+)
 from tokcomp.harness.plot import AXES, plot_sweep
 from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
+    SpeedProbe,
     SweepRun,
     add_run_arguments,
     add_sweep_arguments,
@@ -341,8 +348,9 @@ class BackboneTask:
         batch_size: int,
         workers: int,
         device: torch.device,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.reference, self.device = reference, device
+        self.reference, self.device, self.dtype = reference, device, dtype
         self.loader = DataLoader(Indexed(items), batch_size, num_workers=workers)
         self.indices = _global_indices(items)
         photos = range(reference.photos)
@@ -364,8 +372,10 @@ class BackboneTask:
             yield images.to(self.device), self.indices[positions]
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The batch's (class token, mean patch token)."""
-        return backbone_features(model, inputs)
+        """The batch's (class token, mean patch token), under autocast to the task's dtype
+        when it is not float32 (the reference features stay float32)."""
+        with autocast_to(self.device, self.dtype):
+            return backbone_features(model, inputs)
 
     def score(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> dict[str, float]:
         """Per-photo cosines; test images' summed cosine and head hits."""
@@ -445,6 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--batch-size", type=positive_int, default=32)
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
+    add_dtype_argument(parser)
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.8,0.65,0.5")
     add_run_arguments(parser)
     parser.add_argument(
@@ -465,15 +476,17 @@ def run(args: argparse.Namespace) -> None:
     evaluated = ConcatDataset([photos, test])
     name = f"{args.model or args.checkpoint.stem}-backbone-{data_source(args.data).name}"
     output = args.output or Path("results") / name
-    fingerprint = Fingerprint.of(**_context(args, len(photos)), device=device.type)
+    context = {**_context(args, len(photos)), "device": device.type}
+    fingerprint = Fingerprint.of(**context, **_precision(args))
     say = print if world.is_main else quiet
     say(
         f"model {args.model}; {len(train)} training images, {len(test)} test images of "
         f"{args.data}; {len(photos)} photos ({args.photos}); {len(points)} points on {device}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch_size}; results in {output}"
+        f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.dtype}; results "
+        f"in {output}"
     )
-    reference = cached_reference(
-        output / f"reference-{_digest(fingerprint.as_json())}-rank{world.rank}.pt",
+    reference = cached_reference(  # float32 features: the same for every --dtype
+        output / f"reference-{_digest(Fingerprint.of(**context).as_json())}-rank{world.rank}.pt",
         lambda: build_reference(
             model,
             train,
@@ -487,12 +500,13 @@ def run(args: argparse.Namespace) -> None:
     say(reference.describe())
     if args.save_head and world.is_main:
         say(f"wrote {save_with_head(model, reference.head, args.save_head, _kwargs(args))}")
-    task = BackboneTask(world.shard(evaluated), reference, args.batch_size, args.workers, device)
+    dtype = getattr(torch, args.dtype)
+    shard = world.shard(evaluated)
+    task = BackboneTask(shard, reference, args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     sweep = SweepRun(output, fingerprint, device, args.fresh)
-    rows = evaluate_sweep(
-        model, points, task_evaluation(task, device, world), sweep, settings, world
-    )
+    evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
+    rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     if world.is_main:
         print(report(rows, METRICS, output, name, COLUMNS, AXES))
         plot_sweep(rows, "cls_cos", output / "fidelity.png", name, AXES, unit=None)
@@ -538,6 +552,12 @@ def _context(args: argparse.Namespace, photos: int) -> dict[str, Any]:
         "photo_count": photos,
         "heads": {"knn": [KNN_K, KNN_TEMPERATURE], "weight_decays": WEIGHT_DECAYS},
     }
+
+
+def _precision(args: argparse.Namespace) -> dict[str, Any]:
+    """The fingerprint part of --dtype, present only when it is not float32: folders measured
+    before the option existed keep resuming."""
+    return {} if args.dtype == "float32" else {"dtype": args.dtype}
 
 
 def _digest(context: Mapping[str, Any]) -> str:

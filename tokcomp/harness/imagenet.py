@@ -101,13 +101,27 @@ class ClassificationTask:
 
     def forward(self, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """The model's logits (under autocast to the task's dtype when it is not float32)."""
-        lower = self.dtype != torch.float32
-        with torch.autocast(self.device.type, self.dtype, enabled=lower):
+        with autocast_to(self.device, self.dtype):
             return model(inputs)
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Top-1 and top-5 hits in the batch."""
         return topk_correct(outputs.float().cpu(), targets)
+
+
+def autocast_to(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to `dtype` on `device`, switched off for float32."""
+    return torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--dtype: run the model under autocast to a lower precision."""
+    parser.add_argument_group("precision").add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="run the model under autocast to this dtype (CPU: bfloat16; CUDA: both)",
+    )
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -169,12 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--limit", type=positive_int, help="evaluate N images spread over the data")
     data.add_argument("--batch-size", type=positive_int, default=64)
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
-    parser.add_argument_group("precision").add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="run the model under autocast to this dtype (CPU: bfloat16; CUDA: both)",
-    )
+    add_dtype_argument(parser)
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
     add_run_arguments(parser).add_argument(
         "--compile",
