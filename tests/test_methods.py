@@ -148,38 +148,36 @@ def test_variance_head_filter_drops_heads_outside_the_band():
     assert head_filter(scores, 10.0, 20.0).tolist() == [[1.0, 1.0, 1.0]]  # none inside: all
 
 
-def test_zero_tprune_s_stage_prunes_the_less_important_of_a_duplicate_pair():
+def _duplicate_pair(tokens: int = 9, heads: int = 2) -> Signals:
+    """Signals of one image where token 5 duplicates token 2 and is the less important."""
     torch.manual_seed(3)
-    tokens, heads = 9, 2
     keys = torch.randn(1, tokens, 4)
     keys[0, 5] = keys[0, 2]  # token 5 duplicates token 2
     attn = torch.full((1, heads, tokens, tokens), 0.01)
     attn[..., 2] = 0.5  # everyone attends to token 2 most, then to 5: 2 and 5 lead the
     attn[..., 5] = 0.3  # two importance-alternated groups, and 5 is the weaker
-    attn = attn / attn.sum(dim=-1, keepdim=True)
-    method = create_method("zero_tprune", similarity_share=1.0, variance_band=[0.0, 1e9])
-    method = method.with_options(iterations=[3] * 4)
-    state = _state(tokens=tokens, protected=1, batch=1)
-    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, BlockPosition(0, 4))
+    return Signals(keys=keys, attn=attn / attn.sum(dim=-1, keepdim=True))
+
+
+def _reduce_duplicate_pair(**options) -> tuple[TokenState, TokenState]:
+    """(input, output) of a Zero-TPrune block removing one of 9 tokens of `_duplicate_pair`."""
+    options = {"similarity_share": 1.0, "variance_band": [0.0, 1e9], **options}
+    method = create_method("zero_tprune", **options).with_options(iterations=[3] * 4)
+    state = _state(tokens=9, protected=1, batch=1)
+    return state, method.reduce(state, _duplicate_pair(), 8, BlockPosition(0, 4))
+
+
+def test_zero_tprune_s_stage_prunes_the_less_important_of_a_duplicate_pair():
+    _, out = _reduce_duplicate_pair()
     assert 5 not in _singletons(out)[0] and 2 in _singletons(out)[0]
 
 
 def test_zero_tprune_similarity_sizes_hand_the_pruned_twins_size_to_its_twin():
-    torch.manual_seed(3)
-    tokens, heads = 9, 2
-    keys = torch.randn(1, tokens, 4)
-    keys[0, 5] = keys[0, 2]
-    attn = torch.full((1, heads, tokens, tokens), 0.01)
-    attn[..., 2], attn[..., 5] = 0.5, 0.3
-    attn = attn / attn.sum(dim=-1, keepdim=True)
-    options = {"similarity_share": 1.0, "variance_band": [0.0, 1e9], "similarity_sizes": True}
-    method = create_method("zero_tprune", **options).with_options(iterations=[3] * 4)
-    state = _state(tokens=tokens, protected=1, batch=1)
-    out = method.reduce(state, Signals(keys=keys, attn=attn), tokens - 1, BlockPosition(0, 4))
+    state, out = _reduce_duplicate_pair(similarity_sizes=True)
     kept = out.source[0].argmax(dim=1)
     twin = kept.tolist().index(2)
     assert 5 not in kept.tolist() and out.source[0, twin, 5] == 1
-    assert out.size[0, twin] == 2 and out.size.sum() == tokens
+    assert out.size[0, twin] == 2 and out.size.sum() == 9
     torch.testing.assert_close(out.x[0], state.x[0, kept])  # values stay the kept tokens'
 
 
@@ -187,10 +185,8 @@ def test_zero_tprune_similarity_sizes_hand_the_pruned_twins_size_to_its_twin():
 def test_zero_tprune_similarity_sizes_change_sizes_not_which_tokens_or_their_values(share):
     tokens, heads, batch = 40, 3, 4
     torch.manual_seed(11)
-    signals = Signals(
-        keys=torch.randn(batch, tokens, 8), attn=torch.rand(batch, heads, tokens, tokens)
-    )
-    signals = Signals(keys=signals.keys, attn=signals.attn / signals.attn.sum(-1, keepdim=True))
+    attn = torch.rand(batch, heads, tokens, tokens)
+    signals = Signals(keys=torch.randn(batch, tokens, 8), attn=attn / attn.sum(-1, keepdim=True))
     method = create_method("zero_tprune", similarity_share=share, layers=[1])
     method = method.with_options(iterations=[5] * 4, variance_band=[0.0, 1e9])
     state = _state(tokens=tokens, batch=batch)

@@ -77,8 +77,7 @@ class TokenState:
     ) -> TokenState:
         """Apply `plan`. Features are averaged with `weight` (default: the sizes, ToMe's "wavg");
         output sizes sum `size` (default: the sizes); a folded row of size 0 brings no patches."""
-        carried = None if size is None else size.gather(1, plan.src_idx) > 0
-        source = self._merged_source(plan, carried)
+        source = self._merged_source(plan, size)
         if plan.src_idx.shape[1] == 0 and weight is None and size is None:
             kept_size = None if self.size is None else self.size.gather(1, plan.keep_idx)
             return replace(
@@ -94,7 +93,7 @@ class TokenState:
         return replace(self, x=x, size=new_size, source=source)
 
     def _merged_source(
-        self, plan: MergePlan, carried: torch.Tensor | None = None
+        self, plan: MergePlan, size: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         if self.source is None:
             return None
@@ -102,8 +101,8 @@ class TokenState:
         if plan.src_idx.shape[1] == 0:
             return kept
         moved = gather_rows(self.source, plan.src_idx)
-        if carried is not None:
-            moved = moved * carried[..., None]
+        if size is not None:  # a row folded with size 0 brings no patches
+            moved = moved * (size.gather(1, plan.src_idx) > 0)[..., None]
         index = plan.dst_pos[..., None].expand(-1, -1, kept.shape[-1])
         return kept.scatter_reduce(1, index, moved, reduce="amax")
 

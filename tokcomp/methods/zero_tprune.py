@@ -167,5 +167,5 @@ def _twin_plan(
     src = src + protected
     sizes = state.sizes()
     size = sizes.scatter(1, src, sizes.gather(1, src) * carries)
-    weight = sizes.scatter(1, src, torch.zeros_like(src, dtype=sizes.dtype))
+    weight = sizes.scatter(1, src, 0.0)
     return MergePlan(keep_idx, src, dst.clamp_min(0)), weight, size
