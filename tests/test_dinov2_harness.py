@@ -14,7 +14,7 @@ from fixtures.imagenet import save_safetensors, write_images
 import tokcomp
 from tokcomp.cli import main
 from tokcomp.config import METHOD_DEFAULTS
-from tokcomp.harness import backbone
+from tokcomp.harness import backbone, sweep
 from tokcomp.models import create_model
 
 
@@ -161,10 +161,38 @@ def test_bfloat16_runs_under_autocast_against_the_float32_reference(
     )
     assert 0.98 < unpruned["cls_cos"] < 1.0  # bfloat16's own rounding against float32
     assert tome["cls_cos"] < 1.0
-    assert probes == [(2,)]  # --speed-repeats reaches the speed probe
+    assert probes == [(2, False)]  # --speed-repeats reaches the speed probe (eager)
     with pytest.raises(AssertionError):  # another dtype: another folder
         run_backbone(setup, tmp_path / "float32", "--dtype", "bfloat16")
     assert "dtype" in capsys.readouterr().err
+
+
+def test_compile_runs_each_points_features_compiled_with_the_eager_figures(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """--compile: the features of the unpruned copy and of each point compile in one graph
+    (fullgraph; aot_eager stands in for inductor) and give the eager figures; the option is
+    part of the results' fingerprint."""
+    compiled = []
+
+    def aot_eager(module: torch.nn.Module) -> torch.nn.Module:
+        compiled.append(module)
+        return torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(sweep, "compiled", aot_eager)
+    options = ("--methods", "tome,zero_tprune", "--budgets", "0.7", "--speed-repeats", "2")
+    rows = run_backbone(setup, tmp_path / "compiled", *options, "--compile")
+    eager = run_backbone(setup, tmp_path / "eager", *options)
+    assert [type(module) for module in compiled] == [backbone.Features] * 4  # copy, points
+    assert compiled[0].backbone is not compiled[1].backbone  # the unpruned copy
+    figures = ("linear", "knn", "cls_cos", "cls_cos_min", "patch_cos", "test_cls_cos")
+    for row, reference in zip(rows, eager, strict=True):
+        assert row["method"] == reference["method"] and row["speedup"] > 0
+        for name in figures:
+            assert row[name] == pytest.approx(reference[name], abs=1e-5), (row["method"], name)
+    with pytest.raises(AssertionError):  # eager results are not compiled ones
+        run_backbone(setup, tmp_path / "eager", *options, "--compile")
+    assert "compile" in capsys.readouterr().err
 
 
 def test_unpruned_accuracy_is_the_heads_accuracy_on_the_reference(setup, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -203,8 +204,16 @@ def forward_tokens(model: nn.Module, *inputs: Any, **kwargs: Any) -> TokenState:
     """Run a patched model's trunk and return the final tokens with their sizes (and
     sources when the method was applied with trace_source=True)."""
     patch = _patch_of(model)
-    with torch.inference_mode(not torch.is_grad_enabled()):
+    with _inference_unless_grad():
         return patch.adapter.forward_tokens(patch.compression, *inputs, **kwargs)
+
+
+def _inference_unless_grad() -> contextlib.AbstractContextManager:
+    """Inference mode where gradients are off; nothing under torch.compile, where entering it
+    inside the compiled region fails to compile (the caller's mode applies there)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.inference_mode(not torch.is_grad_enabled())
 
 
 #: What `methods(kind)` lists: methods for vision-encoder tokens, or for a VLM's visual tokens.

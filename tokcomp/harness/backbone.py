@@ -53,6 +53,7 @@ from tokcomp.harness.results import Column, report
 from tokcomp.harness.sweep import (
     SpeedProbe,
     SweepRun,
+    add_compile_argument,
     add_run_arguments,
     add_sweep_arguments,
     evaluate_sweep,
@@ -176,6 +177,19 @@ def backbone_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Ten
         x, protected, size = model.forward_features(images), model.num_prefix_tokens, None
     size = None if size is None else size[:, protected:]
     return x[:, 0].float(), size_weighted_mean(x[:, protected:], size).float()
+
+
+class Features(nn.Module):
+    """A backbone as a module whose forward gives its `backbone_features` (what the sweep runs,
+    and compiles under --compile)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class token, mean patch token) of the images (see `backbone_features`)."""
+        return backbone_features(self.backbone, images)
 
 
 def all_features(
@@ -371,11 +385,16 @@ class BackboneTask:
         for images, positions in self.loader:
             yield images.to(self.device), self.indices[positions]
 
-    def forward(self, model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The batch's (class token, mean patch token), under autocast to the task's dtype
-        when it is not float32 (the reference features stay float32)."""
+    def module(self, model: nn.Module) -> Features:
+        """What the sweep runs (and compiles) for `model`: its features."""
+        return Features(model)
+
+    def forward(self, features: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch's (class token, mean patch token) from `features` (a `Features` module,
+        compiled or not), under autocast to the task's dtype when it is not float32 (the
+        reference features stay float32)."""
         with autocast_to(self.device, self.dtype):
-            return backbone_features(model, inputs)
+            return features(inputs)
 
     def score(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> dict[str, float]:
         """Per-photo cosines; test images' summed cosine and head hits."""
@@ -457,7 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     add_dtype_argument(parser)
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.8,0.65,0.5")
-    add_run_arguments(parser)
+    add_compile_argument(add_run_arguments(parser))
     parser.add_argument(
         "--save-head",
         type=Path,
@@ -482,8 +501,8 @@ def run(args: argparse.Namespace) -> None:
     say(
         f"model {args.model}; {len(train)} training images, {len(test)} test images of "
         f"{args.data}; {len(photos)} photos ({args.photos}); {len(points)} points on {device}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.dtype}; results "
-        f"in {output}"
+        f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.dtype}"
+        f"{', compiled (inductor)' if args.compile else ''}; results in {output}"
     )
     reference = cached_reference(  # float32 features: the same for every --dtype
         output / f"reference-{_digest(Fingerprint.of(**context).as_json())}-rank{world.rank}.pt",
@@ -505,7 +524,7 @@ def run(args: argparse.Namespace) -> None:
     task = BackboneTask(shard, reference, args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     sweep = SweepRun(output, fingerprint, device, args.fresh)
-    evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
+    evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats, args.compile))
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
     if world.is_main:
         print(report(rows, METRICS, output, name, COLUMNS, AXES))
@@ -555,9 +574,10 @@ def _context(args: argparse.Namespace, photos: int) -> dict[str, Any]:
 
 
 def _precision(args: argparse.Namespace) -> dict[str, Any]:
-    """The fingerprint part of --dtype, present only when it is not float32: folders measured
-    before the option existed keep resuming."""
-    return {} if args.dtype == "float32" else {"dtype": args.dtype}
+    """The fingerprint parts of --dtype and --compile, each present only when it is not the
+    default (float32, eager): folders measured before the options existed keep resuming."""
+    dtype = {} if args.dtype == "float32" else {"dtype": args.dtype}
+    return {**dtype, "compile": True} if args.compile else dtype
 
 
 def _digest(context: Mapping[str, Any]) -> str:

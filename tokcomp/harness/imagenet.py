@@ -34,6 +34,7 @@ from tokcomp.harness.results import report
 from tokcomp.harness.sweep import (
     SpeedProbe,
     SweepRun,
+    add_compile_argument,
     add_run_arguments,
     add_sweep_arguments,
     evaluate_sweep,
@@ -185,12 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--workers", type=non_negative_int, default=2, help="data-loading processes")
     add_dtype_argument(parser)
     add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.9,0.75")
-    add_run_arguments(parser).add_argument(
-        "--compile",
-        action="store_true",
-        help="evaluate and time every point under torch.compile (inductor), the unpruned model "
-        "compiled the same way (a compiled copy of it: twice the weights in memory)",
-    )
+    add_compile_argument(add_run_arguments(parser))
     parser.set_defaults(run=run)
 
 

@@ -40,7 +40,9 @@ class Task(Protocol):
     reports it as a percentage of all samples. A task that reports more (its own timings,
     counts) also has `tallies`, the names `score` returns (summed over batches and ranks),
     and `summarize(totals)`, which turns those totals (plus "samples") into the reported
-    figures, every metric among them (see `report_figures`).
+    figures, every metric among them (see `report_figures`). A task whose outputs are not
+    the model's forward has `module(model)`, the module whose forward gives them (what the
+    sweep runs and compiles; see `task_module`).
     """
 
     #: Reported accuracy figures (percent); the first is the headline (its change vs the
@@ -67,6 +69,13 @@ class Task(Protocol):
 def tallies(task: Task) -> tuple[str, ...]:
     """The names a task's `score` returns: its `tallies`, else its metrics."""
     return tuple(getattr(task, "tallies", task.metrics))
+
+
+def task_module(task: Task, model: nn.Module) -> nn.Module:
+    """The module whose forward gives the task's outputs for `model`: the task's
+    `module(model)` where it has one (e.g. a feature extractor), else `model` itself."""
+    module = getattr(task, "module", None)
+    return model if module is None else module(model)
 
 
 def report_figures(task: Task, totals: Mapping[str, float]) -> dict[str, float]:
@@ -255,20 +264,22 @@ class TaskEvaluation:
 
     def __call__(self, model: nn.Module, point: Point, desc: str) -> dict[str, Any]:
         """Scores of `model` (patched for `point`) on every batch, then its speed probe."""
-        timed_model = self.timed(model)
-        eager = None if timed_model is model else model
-        figures = measure(timed_model, self.task, self.device, desc, self.world, eager)
-        return {**figures, **probe_speed(model, point, timed_model, self)}
+        module = task_module(self.task, model)
+        timed_module = self.timed(model, module)
+        eager = None if timed_module is module else module
+        figures = measure(timed_module, self.task, self.device, desc, self.world, eager)
+        return {**figures, **probe_speed(model, point, timed_module, self)}
 
-    def timed(self, model: nn.Module) -> nn.Module:
-        """The model the point is evaluated and timed as: itself, or compiled afresh (every
-        point's patch is new), after the unpruned copy is compiled once."""
+    def timed(self, model: nn.Module, module: nn.Module) -> nn.Module:
+        """What the point is evaluated and timed as: the task's `module` of `model`, or that
+        compiled afresh (every point's patch is new), after the unpruned copy's is compiled
+        once."""
         if not self.probe.compile:
-            return model
+            return module
         if self.baseline is None:
-            self.baseline = compiled(unpatched_copy(model))
+            self.baseline = compiled(task_module(self.task, unpatched_copy(model)))
         torch._dynamo.reset()
-        return compiled(model)
+        return compiled(module)
 
 
 def unpatched_copy(model: nn.Module) -> nn.Module:
@@ -280,11 +291,12 @@ def unpatched_copy(model: nn.Module) -> nn.Module:
 def probe_speed(
     model: nn.Module, point: Point, timed_model: nn.Module, on: TaskEvaluation
 ) -> dict[str, float]:
-    """Throughput of `point` (`timed_model`: `model` patched for it, compiled or not) and its
-    speed-up over the unpruned model, timed in alternating rounds on the task's first batch so
-    that the machine's load hits both alike: images_per_s (the batch over the median round,
-    times the ranks; the slowest rank's), speedup (median of the per-round ratios) and
-    speedup_spread (their interquartile range over the median; rank 0's)."""
+    """Throughput of `point` (`timed_model`: the task's module of `model` patched for it,
+    compiled or not) and its speed-up over the unpruned model, timed in alternating rounds on
+    the task's first batch so that the machine's load hits both alike: images_per_s (the batch
+    over the median round, times the ranks; the slowest rank's), speedup (median of the
+    per-round ratios) and speedup_spread (their interquartile range over the median; rank
+    0's)."""
     inputs, targets = next(iter(on.task.batches()))
     variant = Contender(functools.partial(on.task.forward, timed_model, inputs))
     unpruned = point.method is None and point.config is None
@@ -316,7 +328,7 @@ def _unpruned(model: nn.Module, inputs: Any, on: TaskEvaluation) -> Contender:
     before each call."""
     if on.baseline is not None:
         return Contender(functools.partial(on.task.forward, on.baseline, inputs))
-    forward = functools.partial(on.task.forward, model, inputs)
+    forward = functools.partial(on.task.forward, task_module(on.task, model), inputs)
     return Contender(forward, lambda: is_patched(model) and remove(model))
 
 
@@ -476,3 +488,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "needed when they were measured on other data, weights or options",
     )
     return run
+
+
+def add_compile_argument(group: argparse._ArgumentGroup) -> None:
+    """--compile: evaluate and time every point compiled."""
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="evaluate and time every point under torch.compile (inductor), the unpruned model "
+        "compiled the same way (a compiled copy of it: twice the weights in memory)",
+    )
