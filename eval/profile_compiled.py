@@ -5,6 +5,7 @@ group's ratio to the unpruned model's (docs/methods.md section 8.1).
 
     python eval/profile_compiled.py --dtype bfloat16
     python eval/profile_compiled.py --dtype float32
+    python eval/profile_compiled.py --dtype bfloat16 --kernels   # each inductor kernel apart
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ os.environ.setdefault("TOKCOMP_VERIFY", "0")
 
 import argparse
 import collections
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
@@ -42,11 +45,19 @@ def op_group(key: str) -> str:
     """The row a profiler event's self time goes to."""
     if key.startswith("## Call CompiledFxGraph"):
         return "inductor kernels"
+    if key.startswith("graph_"):  # a kernel profiled apart (--kernels)
+        return kernel_name(key)
     if "flash_attention" in key:
         return "sdpa (flash, CPU)"
     if key.startswith("tokcomp::") or key in NAMED_OPS:
         return key
     return "other"
+
+
+def kernel_name(key: str) -> str:
+    """An inductor kernel's name without its graph and its index ("graph_1_cpp_fused_gelu_7"
+    -> "cpp_fused_gelu"), so that the same fusion adds up across blocks and models."""
+    return re.sub(r"_\d+$", "", re.sub(r"^graph_\d+_", "", key))
 
 
 def self_ms(forward: Callable[[], object]) -> collections.Counter:
@@ -67,7 +78,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="time each inductor kernel apart (inductor's kernel profile), not as one group; "
+        "'inductor kernels' is then the compiled graphs' own overhead",
+    )
     args = parser.parse_args(argv)
+    torch._inductor.config.cpp.enable_kernel_profile = args.kernels
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
@@ -88,14 +106,18 @@ def main(argv: list[str] | None = None) -> None:
 def print_table(totals: dict[str, collections.Counter], args: argparse.Namespace) -> None:
     """Self ms per group and model, with the ratio to the unpruned model's."""
     base = totals[VARIANTS[0].label]
-    groups = sorted({g for t in totals.values() for g in t}, key=lambda g: -base.get(g, 0.0))
+    groups = sorted(
+        {g for t in totals.values() for g in t},
+        key=lambda g: -max(t.get(g, 0.0) for t in totals.values()),
+    )
     print(
         f"{args.model}, {args.dtype}, batch {args.batch_size}, {args.threads} threads, compiled: "
         f"self ms summed over {args.rounds} profiled calls each (ratio to unpruned)"
     )
-    print(f"{'op group':<26}" + "".join(f"{label:>26}" for label in totals))
+    width = max(26, *(len(group) + 2 for group in groups))
+    print(f"{'op group':<{width}}" + "".join(f"{label:>26}" for label in totals))
     for group in [*groups, "total"]:
-        row = f"{group:<26}"
+        row = f"{group:<{width}}"
         reference = sum(base.values()) if group == "total" else base.get(group, 0.0)
         for counts in totals.values():
             value = sum(counts.values()) if group == "total" else counts.get(group, 0.0)
