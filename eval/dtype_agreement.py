@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 
 import tokcomp
-from tokcomp.harness.arguments import fractions, names, positive_int
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.data import limited
 from tokcomp.harness.imagenet import autocast_to, model_dataset
-from tokcomp.harness.sweep import Point, sweep_points
+from tokcomp.harness.sweep import Point, add_sweep_arguments, sweep_points
 from tokcomp.models import create_model
 
 CPU = torch.device("cpu")
@@ -98,20 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--limit", type=positive_int)
-    parser.add_argument("--methods", type=names, default=())
-    parser.add_argument("--budgets", type=fractions, default=())
-    parser.add_argument("--config", type=Path, action="append", default=[])
+    add_sweep_arguments(parser, budgets="target MACs fractions, e.g. 0.8,0.65")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = create_model(checkpoint=args.checkpoint).eval()
-    dataset = limited(model_dataset(args.data, model), args.limit)
+    try:
+        points = sweep_points(args.methods, args.budgets, args.variant, args.config)
+        model = create_model(checkpoint=args.checkpoint).eval()
+        dataset = limited(model_dataset(args.data, model), args.limit)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     loader = DataLoader(dataset, args.batch_size, num_workers=2)
     print(f"{args.checkpoint}, {len(dataset)} images of {args.data}, float32 vs bfloat16")
     header = ("setting", "float32", "bfloat16", "Δ", "± SE", "gained", "lost")
     print(f"{header[0]:<32}" + "".join(f"{name:>9}" for name in header[1:]))
-    for point in sweep_points(args.methods, args.budgets, (), args.config):
+    for point in points:
         result = compare(model, point, loader)
         change = result.second - result.first
         print(
