@@ -504,23 +504,17 @@ def run(args: argparse.Namespace) -> None:
         f"{torch.get_num_threads()} threads, batch {args.batch_size}, {args.dtype}"
         f"{', compiled (inductor)' if args.compile else ''}; results in {output}"
     )
+    shard = world.shard(evaluated)
     reference = cached_reference(  # float32 features: the same for every --dtype
         output / f"reference-{_digest(Fingerprint.of(**context).as_json())}-rank{world.rank}.pt",
         lambda: build_reference(
-            model,
-            train,
-            world.shard(evaluated),
-            len(photos),
-            args.batch_size,
-            args.workers,
-            device,
+            model, train, shard, len(photos), args.batch_size, args.workers, device
         ),
     )
     say(reference.describe())
     if args.save_head and world.is_main:
         say(f"wrote {save_with_head(model, reference.head, args.save_head, _kwargs(args))}")
     dtype = getattr(torch, args.dtype)
-    shard = world.shard(evaluated)
     task = BackboneTask(shard, reference, args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     sweep = SweepRun(output, fingerprint, device, args.fresh)
