@@ -15,6 +15,7 @@ from torch import nn
 
 import tokcomp
 from tokcomp.config import METHOD_DEFAULTS, ConfigError
+from tokcomp.errors import UsageError
 
 
 def test_methods_lists_tome():
@@ -206,6 +207,32 @@ def test_unsupported_timm_variant_names_the_block():
 def test_remove_on_unpatched_model_says_so():
     with pytest.raises(ValueError, match="not patched by tokcomp"):
         tokcomp.remove(tiny_vit("vit"))
+
+
+@torch.no_grad()
+def test_timm_forward_head_of_forward_features_is_the_models_output(timm_variant, images):
+    model = tokcomp.apply(tiny_vit(timm_variant), "tome", r=6)
+    features = model.forward_features(images)
+    assert features.shape[1] < tokcomp.config_of(model).schedule[0]  # tokens were merged
+    torch.testing.assert_close(model.forward_head(features), model(images))
+
+
+@torch.no_grad()
+def test_timm_pre_logits_of_merged_tokens_are_their_size_weighted_mean(images):
+    model = tokcomp.apply(tiny_vit("registers_gap"), "tome", r=6)
+    state = tokcomp.forward_tokens(model, images)
+    prefix = model.num_prefix_tokens
+    size = state.size[:, prefix:, None]
+    pooled = model.fc_norm((state.x[:, prefix:] * size).sum(dim=1) / size.sum(dim=1))
+    pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(pre_logits, pooled)
+
+
+def test_timm_average_pool_of_tokens_without_sizes_is_refused(images):
+    model = tokcomp.apply(tiny_vit("gap"), "tome", r=6)
+    features = model.forward_features(images).clone()  # a new tensor: the sizes stay behind
+    with pytest.raises(UsageError, match=r"call model\(x\), or pool tokcomp.forward_tokens"):
+        model.forward_head(features)
 
 
 def test_wrong_input_size_is_explained(images):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_vit
 
 import tokcomp
 from tokcomp.ops import _fake, cupy_kernels, dispatch, selfcheck
@@ -261,6 +262,25 @@ def test_verification_can_be_switched_off(wrong_best_match, monkeypatch: pytest.
     assert (
         tokcomp.backend("cpu", verbose=True)["best_match"] == "cpp: not checked (TOKCOMP_VERIFY=0)"
     )
+
+
+@pytest.mark.parametrize("name", sorted(selfcheck.CASES))
+def test_dtypes_the_kernels_do_not_take_use_the_reference_unchecked(name: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.compiled_op(name, torch.device("cpu"), torch.float64) is None
+    assert tokcomp.backend("cpu", verbose=True)[name] == "cpp: not checked yet (on first use)"
+
+
+@torch.no_grad()
+def test_a_float64_model_runs_without_a_warning_as_in_float32() -> None:
+    model = tokcomp.apply(tiny_vit("vit"), "pitome", keep_ratio=0.7)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = model(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = model.double()(images.double())
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
 
 
 def test_concurrent_first_calls_check_once(monkeypatch: pytest.MonkeyPatch) -> None:

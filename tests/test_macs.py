@@ -14,6 +14,13 @@ from tokcomp.adapters import find_adapter
 from tokcomp.schedule import model_macs
 
 
+def _eager_attention(model) -> None:
+    """timm's attention as explicit matmuls, which the FLOP counter sees."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+
+
 def _counted_macs(model, images) -> float:
     """MACs per image counted by torch (FLOPs / 2), attention in its eager (math) form."""
     counter = FlopCounterMode(display=False)
@@ -33,9 +40,7 @@ def _counted_macs(model, images) -> float:
 )
 def test_analytic_macs_within_2_percent_of_flop_counter(name, options):
     model = timm.create_model(name).eval()
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
+    _eager_attention(model)
     size = model.pretrained_cfg["input_size"][1:]
     images = torch.randn(1, 3, *size)
     if options is None:
@@ -43,6 +48,21 @@ def test_analytic_macs_within_2_percent_of_flop_counter(name, options):
     else:
         analytic = tokcomp.config_of(tokcomp.apply(model, "tome", **options)).macs
     assert analytic == pytest.approx(_counted_macs(model, images), rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_small_patch16_224",  # Mlp
+        "vit_giant_patch14_dinov2",  # GluMlp (SwiGLUPacked): fc1 holds both input projections
+        "aimv2_large_patch14_224",  # SwiGLU: fc1_g, fc1_x, fc2
+    ],
+)
+def test_analytic_mlp_macs_match_the_flop_counter_for_every_timm_mlp(name):
+    model = timm.create_model(name, pretrained=False, depth=2, img_size=56).eval()
+    _eager_attention(model)
+    analytic = model_macs(find_adapter(model).spec())
+    assert analytic == pytest.approx(_counted_macs(model, torch.randn(1, 3, 56, 56)), rel=0.02)
 
 
 def test_deit_small_is_4_6_gmacs():

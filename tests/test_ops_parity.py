@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -162,6 +163,51 @@ def test_best_match_edge_cases(device: str, route: str) -> None:
         ref_score, ref_index = best_match_reference(a, b, 1, 0)
         torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=0)
         assert (index == ref_index).float().mean() > 0.95
+
+
+def _merges_of_every_a_token(metric: torch.Tensor, protected: int) -> list[dict[int, int]]:
+    """Per image, token -> the token it merges into when every unprotected A (even) token
+    merges, by plain loops in float64: its most similar unprotected B token among those of
+    finite cosine, else the first unprotected B token."""
+    tokens = range(protected, metric.shape[1])
+    a_tokens, b_tokens = tokens[tokens[0] % 2 :: 2], tokens[1 - tokens[0] % 2 :: 2]
+    merges = []
+    for row in torch.nn.functional.normalize(metric.double(), dim=-1):
+        merge = {}
+        for a in a_tokens:
+            cosines = {b: float(row[a] @ row[b]) for b in b_tokens}
+            finite = {b: cosine for b, cosine in cosines.items() if math.isfinite(cosine)}
+            merge[a] = max(finite, key=finite.get) if finite else b_tokens[0]
+        merges.append(merge)
+    return merges
+
+
+def _plan_merges(plan) -> list[dict[int, int]]:
+    """Per image, token -> the token a plan merges it into."""
+    dst_tokens = plan.keep_idx.gather(1, plan.dst_pos).cpu()
+    rows = zip(plan.src_idx.cpu().tolist(), dst_tokens.tolist(), strict=True)
+    return [dict(zip(src, dst, strict=True)) for src, dst in rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend_env", ["auto", "reference"])
+@pytest.mark.parametrize("non_finite", ["none", "some_a_nan", "every_a_nan", "every_b_inf"])
+def test_bipartite_plan_merges_tokens_without_a_finite_match_into_unprotected_ones(
+    device: str, backend_env: str, non_finite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKCOMP_BACKEND", backend_env)
+    tokens, protected = 10, 2
+    metric = torch.randn(2, tokens, 8, generator=torch.Generator().manual_seed(0))
+    if non_finite == "some_a_nan":
+        metric[:, [4, 8]] = torch.nan
+    elif non_finite == "every_a_nan":
+        metric[:, protected::2] = torch.nan
+    elif non_finite == "every_b_inf":
+        metric[:, protected + 1 :: 2, 0] = torch.inf
+    plan = bipartite_plan(metric.to(device), protected, (tokens - protected) // 2)
+    assert _plan_merges(plan) == _merges_of_every_a_token(metric, protected)
+    placed = torch.cat([plan.keep_idx, plan.src_idx], dim=1).sort(dim=1).values.cpu()
+    assert torch.equal(placed, torch.arange(tokens).expand(2, -1))  # every token placed once
 
 
 def _random_plan(

@@ -216,6 +216,13 @@ def linear_macs(module: nn.Module | None) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def mlp_hidden(mlp: nn.Module, width: int) -> int:
+    """The MLP's hidden width in the MACs model's terms (2 x width x hidden MACs per token),
+    from all its linear layers: a plain MLP's hidden width, 3h/2 for a gated (SwiGLU) MLP of
+    width h, whether its input projections are packed in one layer or not."""
+    return linear_macs(mlp) // (2 * width)
+
+
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
     """Mean over tokens (B, N, C) -> (B, C), each token weighted by how many patches it holds."""
     if size is None:

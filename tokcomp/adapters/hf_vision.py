@@ -25,6 +25,7 @@ from tokcomp.adapters.base import (
     compressed_block,
     empty_batch_output,
     linear_macs,
+    mlp_hidden,
     split_heads,
 )
 from tokcomp.methods import AttentionStyle, TokenState
@@ -172,7 +173,7 @@ class _SiglipTower(_ClipTower):
         head = tower.head
         width = head.attention.embed_dim
         attention = 2 * width * width + 2 * tokens * width * width + 2 * tokens * width
-        return attention + 2 * width * head.mlp.fc1.out_features
+        return attention + linear_macs(head.mlp)
 
 
 class _VitTower(_TowerClass):
@@ -316,7 +317,7 @@ class HFVisionAdapter(Adapter):
             width=tower.config.hidden_size,
             heads=tower.config.num_attention_heads,
             attn_dim=first.attention.q_proj.out_features,
-            mlp_hidden=_mlp_hidden(first.mlp),
+            mlp_hidden=mlp_hidden(first.mlp, tower.config.hidden_size),
             stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
             head_macs=tower_class.head_macs(tower, patches + prefix) + linear_macs(self.head),
         )
@@ -460,14 +461,6 @@ def _select(
 def _or_config(value: Any, config: Any, name: str) -> Any:
     """`value`, or the config's setting `name` when it is None."""
     return getattr(config, name, None) if value is None else value
-
-
-def _mlp_hidden(mlp: nn.Module) -> int:
-    """MLP hidden width in the MACs model's terms (2 linears); a SwiGLU MLP has 3 linears of
-    width h, counted as 3h/2."""
-    if hasattr(mlp, "fc1"):
-        return mlp.fc1.out_features
-    return 3 * mlp.up_proj.out_features // 2
 
 
 def _lookup(model: nn.Module, table: dict[str, Any]) -> Any:

@@ -17,12 +17,17 @@ from tokcomp.adapters.base import (
     UnsupportedModelError,
     compressed_block,
     linear_macs,
+    mlp_hidden,
     size_weighted_mean,
 )
+from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
 _POOLS = ("token", "avg", "")
+#: The attribute of the tokens forward_features returns holding their average-pool weights
+#: (None: a plain mean), so that model.forward_head pools them as model(x) does.
+_POOL_WEIGHTS = "tokcomp_pool_weights"
 
 
 class TimmViTAdapter(Adapter):
@@ -57,7 +62,7 @@ class TimmViTAdapter(Adapter):
             width=model.embed_dim,
             heads=attn.num_heads,
             attn_dim=attn.num_heads * attn.head_dim,
-            mlp_hidden=model.blocks[0].mlp.fc1.out_features,
+            mlp_hidden=mlp_hidden(model.blocks[0].mlp, model.embed_dim),
             stem_macs=stem,
             head_macs=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None)),
         )
@@ -80,6 +85,7 @@ class TimmViTAdapter(Adapter):
         return [
             (self.model, "forward", "forward"),
             (self.model, "forward_features", "forward_features"),
+            (self.model, "forward_head", "forward_head_of_features"),
         ]
 
     # -- the compressed forward -----------------------------------------------------------
@@ -87,7 +93,19 @@ class TimmViTAdapter(Adapter):
         return self.forward_head(self.forward_tokens(compression, x))
 
     def forward_features(self, compression: Compression, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(compression, x).x
+        state = self.forward_tokens(compression, x)
+        setattr(state.x, _POOL_WEIGHTS, state.pool_weights())
+        return state.x
+
+    def forward_head_of_features(
+        self, compression: Compression, features: torch.Tensor, pre_logits: bool = False
+    ) -> torch.Tensor:
+        """timm's forward_head on forward_features' tokens, pooled as model(x) pools them."""
+        model = self.model
+        weights = getattr(features, _POOL_WEIGHTS, None)
+        if model.global_pool == "avg" and weights is None:
+            _check_not_reduced(features, compression.spec.tokens)
+        return self.forward_head(TokenState(features, model.num_prefix_tokens, weights), pre_logits)
 
     def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
         model = self.model
@@ -102,12 +120,24 @@ class TimmViTAdapter(Adapter):
         """timm's head, with the average pool weighted by token size."""
         model = self.model
         if model.global_pool != "avg":
-            return model.forward_head(state.x, pre_logits=pre_logits)
+            # the class's own forward_head: the instance's is this patch's
+            return type(model).forward_head(model, state.x, pre_logits=pre_logits)
         start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         weights = state.pool_weights()
         weights = None if weights is None else weights[:, start:]
         x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], weights)))
         return x if pre_logits else model.head(x)
+
+
+def _check_not_reduced(features: torch.Tensor, tokens: int) -> None:
+    """Raise for reduced tokens whose sizes were lost (not forward_features' own tensor): the
+    average pool needs them."""
+    if features.shape[1] != tokens:
+        raise UsageError(
+            f"forward_head got {features.shape[1]} compressed tokens without their sizes, which "
+            "the average pool weights them by; pass forward_features' output unchanged, or call "
+            "model(x), or pool tokcomp.forward_tokens(model, x) (it returns the sizes)"
+        )
 
 
 def _check_no_patch_dropout(model: VisionTransformer) -> None:

@@ -115,5 +115,6 @@ def _merge_into_important(state: TokenState, ranked: torch.Tensor, keep: int) ->
     )
     sizes = state.sizes()
     scaled = sizes.scatter(1, src, sizes.gather(1, src) * similarity.clamp_min(0))
-    plan = MergePlan(dst, src, match)
+    # a row with no finite similarity comes back matched to index 0, a protected token
+    plan = MergePlan(dst, src, match.clamp(min=state.protected))
     return state.merge(plan, weight=torch.ones_like(sizes), size=scaled)

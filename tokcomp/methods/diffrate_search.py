@@ -173,6 +173,7 @@ def _merge_masked(state: TokenState, keep: int, alive: int) -> TokenState:
     `keep` (plain mean, sizes scaled by similarity and clamped at 1) but stay in place."""
     metric = state.x[:, :alive].detach()
     similarity, match = best_match(metric[:, keep:], metric[:, :keep], 0, state.protected)
+    match = match.clamp(min=state.protected)  # no finite similarity: index 0, a protected token
     sizes = state.size
     src_sizes = (sizes[:, keep:alive] * similarity).clamp_min(1)
     dst_sizes = sizes[:, :keep].scatter_add(1, match, src_sizes)

@@ -6,7 +6,8 @@
 - "cpp": the C++/OpenMP kernels of `tokcomp._C`, on CPU;
 - "reference": the pure-PyTorch reference, when none of the above is there (one warning).
 
-Routes are resolved once per (op, device type) and cached in a module dict.
+Routes are resolved once per (op, device type) and cached in a module dict. The kernels take
+float32, bfloat16 and float16 inputs: other dtypes (float64) use the reference, silently.
 
 A compiled route is not trusted blindly: the first time it runs an op on a device for a dtype,
 its kernel is checked against the PyTorch reference on small fixed inputs (`selfcheck`, a few
@@ -44,6 +45,8 @@ _ROUTES: dict[tuple[str, str, str], str] = {}
 #: (route, op, device, dtype) -> "verified" or "failed": the first-call checks done so far.
 _CHECKS: dict[tuple[str, str, str, str], str] = {}
 _CHECK_LOCK = threading.RLock()
+#: The input dtypes the compiled kernels take (csrc/ops.h, cupy_kernels.TYPE_NAMES).
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 @cache
@@ -132,8 +135,11 @@ def route(name: str, device_type: str) -> str:
 
 @torch.compiler.assume_constant_result
 def checked_route(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`route(name, device.type)`, or "reference" where that compiled route failed its
-    first-call check for (name, device, dtype); runs the check on first use."""
+    """`route(name, device.type)`, or "reference" for a dtype the kernels do not take or where
+    that compiled route failed its first-call check for (name, device, dtype); runs the check
+    on first use."""
+    if dtype not in KERNEL_DTYPES:
+        return "reference"
     chosen = route(name, device.type)
     if chosen == "reference" or os.environ.get(VERIFY_ENV, "1") == "0":
         return chosen
