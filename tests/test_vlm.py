@@ -237,6 +237,75 @@ def test_each_sample_gets_what_it_gets_alone(family, method):
         assert torch.equal(together[row], _generate(model, inputs)[0]), f"sample {row}"
 
 
+@pytest.mark.parametrize(
+    "method", [m for m in VISUAL if _runs_on("llava", m) and m not in BATCH_POSITION_DEPENDENT]
+)
+@torch.no_grad()
+def test_a_plain_forward_gives_each_left_padded_sample_what_it_gets_alone(method):
+    """Without position ids (a plain forward and a cached step, not generate) each sample's
+    real tokens are numbered from 0, as alone: DART's pivots, by the norms of keys after RoPE,
+    depend on it, and the step continues the prompt's numbering."""
+    model = tokcomp.apply(_model("llava"), method, **_pruning(method))
+    batch, alone = _inputs(model, "llava", [(1, 5), (1, 12)])
+    together = _forward_and_step(model, batch)
+    for row, inputs in enumerate(alone):
+        for both, one in zip(together, _forward_and_step(model, inputs), strict=True):
+            torch.testing.assert_close(both[row], one[0])
+
+
+def _forward_and_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last logits of a forward of `batch` and of a cached step of one more token after it,
+    neither given position ids."""
+    out = model(**batch, use_cache=True)
+    token = torch.full_like(batch["input_ids"][:, :1], BOS)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+    step = model(input_ids=token, attention_mask=mask, cache=out.cache)
+    return out.logits[:, -1], step.logits[:, -1]
+
+
+def _right_padded(batch: dict) -> dict:
+    """`batch` with each sample's real tokens first and the padding after them."""
+    ids, mask = torch.full_like(batch["input_ids"], PAD), torch.zeros_like(batch["attention_mask"])
+    for row, real in enumerate(batch["attention_mask"].bool()):
+        ids[row, : int(real.sum())] = batch["input_ids"][row, real]
+        mask[row, : int(real.sum())] = 1
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
+def _ranking_scores(model, method: str, batch: dict) -> list[torch.Tensor]:
+    """The attention each of `method`'s choices ranks the visual tokens by, in a forward."""
+    seen = []
+
+    class Recorded(method_class(method)):
+        def select(self, visual, keep):
+            seen.append(visual.attention.clone())
+            return super().select(visual, keep)
+
+    tokcomp.apply(model, Recorded(keep=0.25))
+    model(**batch)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop"])
+@pytest.mark.parametrize(
+    ("layout", "padding"),
+    [([(1, 5), (1, 12)], _right_padded), ([(1, 0), (1, 4)], lambda batch: batch)],
+    ids=["right-padded", "ending-with-the-image"],
+)
+@torch.no_grad()
+def test_the_last_token_query_is_each_sample_s_last_text_token(method, layout, padding):
+    """The query is each sample's last real token that is not an image placeholder, wherever
+    padding lies and when a prompt ends with its image: every stage ranks by finite scores,
+    those of the sample alone."""
+    model = _model("llava")
+    batch, alone = _inputs(model, "llava", layout)
+    together = _ranking_scores(model, method, padding(batch))
+    for row, inputs in enumerate(alone):
+        for stage, scores in enumerate(_ranking_scores(model, method, inputs)):
+            assert scores.isfinite().all()
+            torch.testing.assert_close(together[stage][row], scores[0])
+
+
 # -- FastV's attention scores -------------------------------------------------------------------
 
 
@@ -329,6 +398,27 @@ def test_budgets_apply_per_video_and_per_image(family, layout, items, method):
         out = model(**batch, use_cache=True)
         dropped = [sum(n - kept(n) for n in row) for row in items]
         assert tokcomp.visual_tokens_dropped(out.cache).tolist() == dropped
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@torch.no_grad()
+def test_an_image_keeps_its_count_when_it_has_more_crops_than_that(family):
+    """Crops whose share of an image's budget is 0 keep none of their tokens: every method
+    keeps exactly its count of the image's selectable tokens (those in its crops' segments)."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    batch, _ = _inputs(model, family, [(1, 5)])
+    vlm = family_for(model)(model)
+    inputs = {name: batch[name] for name in vlm.encoder_inputs if name in batch}
+    images = vlm.images(vlm.encode((), inputs, frozenset()), inputs, frozenset(), 0)
+    crops, (selectable,) = len(images.segments), images.selectable()
+    runs = [m for m in VISUAL if _runs_on(family, m) and method_class(m).budget == "keep"]
+    for method in (m for m in runs if m != "sparsevlm"):  # SparseVLM adds recycled tokens
+        for keep in range(1, crops):
+            tokcomp.apply(model, method, keep=keep)
+            dropped = tokcomp.visual_tokens_dropped(model(**batch, use_cache=True).cache)
+            assert dropped.tolist() == [selectable - keep], (method, keep)
 
 
 #: (family, layout, per sample the (tokens, frames) of each video and image, by hand).

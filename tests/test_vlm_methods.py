@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -526,6 +527,14 @@ def test_visionzip_splits_64_into_54_dominant_and_10_contextual():
     assert zip_.split(1) == (1, 0)
 
 
+def test_visionzip_keeps_nothing_of_a_budget_of_0():
+    signals = dict(features=torch.randn(1, 16, 4), attention=torch.rand(1, 16))
+    visual = _visual(torch.randn(1, 16, 4), [], keys=torch.randn(1, 16, 4), **signals)
+    zip_ = create_method("visionzip", keep=1)
+    assert zip_.split(0) == (0, 0)
+    assert zip_.select(visual, 0).index.shape == (1, 0)
+
+
 def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_targets():
     """Dominant: 1 and 3 (most attention). The rest, in order, is [0, 2, 4, 5, 6, 7]; stride 3
     makes 0 and 5 the targets; by key direction 2 and 7 join 0, 4 and 6 join 5. A contextual
@@ -596,10 +605,11 @@ def test_dart_pivots_claim_their_least_similar_tokens_as_by_hand(keep):
 
 @torch.no_grad()
 def test_dart_in_a_model_uses_layer_k_minus_1_cached_keys_and_normed_layer_k_inputs():
-    """The unpatched model's own cache gives layer 1's post-RoPE keys (GQA: repeated per query
-    head) and its hidden states the input of layer 2; each image's pivots (text: the real
-    tokens after that image, left padding and the other image's placeholders excluded) and
-    claims from those, by hand, are what DART keeps before layer 2."""
+    """The unpatched model's own cache, numbering each sample's real tokens from 0 (as DART
+    does without position ids), gives layer 1's post-RoPE keys (GQA: repeated per query head)
+    and its hidden states the input of layer 2; each image's pivots (text: the real tokens
+    after that image, left padding and the other image's placeholders excluded) and claims
+    from those, by hand, are what DART keeps before layer 2."""
     from vlm_fixtures import IMAGE, batch_inputs, tiny_vlm
 
     model = tiny_vlm("llava")
@@ -607,7 +617,8 @@ def test_dart_in_a_model_uses_layer_k_minus_1_cached_keys_and_normed_layer_k_inp
     language = model.model.language_model
     torch.manual_seed(0)
     language.norm.weight.uniform_(0.5, 1.5)  # the initial ones leave cosines unchanged
-    out = model(**batch, use_cache=True, output_hidden_states=True)
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    out = model(**batch, position_ids=positions, use_cache=True, output_hidden_states=True)
     keys = out.cache.layers[1].keys
     keys = keys.repeat_interleave(language.config.num_attention_heads // keys.shape[1], dim=1)
     keys = keys.transpose(1, 2).flatten(2)
@@ -893,6 +904,15 @@ def test_fractional_budgets_round_as_each_methods_released_code():
     assert create_method("zoo", keep=0.125).kept_of(576) == 72
     with pytest.raises(ValueError, match="keep must be"):
         create_method("zoo", keep=0)
+
+
+@pytest.mark.parametrize(("keep", "tokens"), [(0.35, 2880), (0.7, 2880), (0.29, 100), (0.58, 100)])
+def test_a_fraction_of_a_whole_product_keeps_that_product(keep, tokens):
+    """keep * tokens in floats is a hair below the whole number for these."""
+    exact = Fraction(str(keep)) * tokens
+    assert exact.denominator == 1
+    for name in ("zoo", "divprune", "fastv"):
+        assert create_method(name, keep=keep).kept_of(tokens) == exact, name
 
 
 def test_crop_budgets_split_evenly_and_what_a_full_crop_cannot_take_goes_elsewhere():

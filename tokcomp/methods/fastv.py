@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import LLMStageMethod, VisualTokens, most_attended
+from tokcomp.methods.visual import LLMStageMethod, VisualTokens, last_text_token, most_attended
 
 QUERIES = ("last", "text")
 
@@ -20,11 +20,12 @@ QUERIES = ("last", "text")
 class FastV(LLMStageMethod):
     """After decoder layer `layer` (K; layers 0..K-1 see every token), keep per image the `keep`
     visual tokens (default half) that receive the most attention in layer K-1, averaged over
-    heads and over the queries: the prompt's last token ("last") or all its text tokens
-    ("text"). The scores come from layer K-1's own q/k projections with its RoPE, so the model
-    keeps its attention implementation (sdpa). Kept tokens keep their position ids by default,
-    as in the released code. The first K layers cache the whole prompt, the others the pruned
-    one; decoding attends to each accordingly.
+    heads and over the queries: the prompt's last text token ("last"; its last token, as in the
+    released code, unless padding or an image follows) or all its text tokens ("text"). The
+    scores come from layer K-1's own q/k projections with its RoPE, so the model keeps its
+    attention implementation (sdpa). Kept tokens keep their position ids by default, as in the
+    released code. The first K layers cache the whole prompt, the others the pruned one;
+    decoding attends to each accordingly.
     """
 
     name: ClassVar[str] = "fastv"
@@ -44,11 +45,7 @@ class FastV(LLMStageMethod):
         return [self.layer]
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
-        if self.query == "text":
-            return text
-        rows = torch.zeros_like(text)
-        rows[:, -1] = True
-        return rows
+        return text if self.query == "text" else last_text_token(text)
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         return most_attended(visual.attention, keep)

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import LLMStageMethod, VisualTokens, most_attended
+from tokcomp.methods.visual import LLMStageMethod, VisualTokens, last_text_token, most_attended
 
 
 @register
@@ -17,10 +17,11 @@ from tokcomp.methods.visual import LLMStageMethod, VisualTokens, most_attended
 class PyramidDrop(LLMStageMethod):
     """Before each decoder layer of `layers` (default: a quarter, half and three quarters of
     the depth, the released [8, 16, 24] for LLaVA-1.5's 32 layers), keep int(N0 * lambda^s)
-    of each image's N0 visual tokens at stage s = 1, 2, ...: those the prompt's last token
-    attends to most in that layer, from the layer's own q/k projections and RoPE before it runs
-    (Cooperx521/PyramidDrop modeling_llama_pdrop.py pdrop_rank_drop), averaged over heads; the
-    kept tokens keep their order and are renumbered contiguously after each stage.
+    of each image's N0 visual tokens at stage s = 1, 2, ...: those the prompt's last text
+    token (the released last instruction token) attends to most in that layer, from the layer's
+    own q/k projections and RoPE before it runs (Cooperx521/PyramidDrop modeling_llama_pdrop.py
+    pdrop_rank_drop), averaged over heads; the kept tokens keep their order and are renumbered
+    contiguously after each stage.
 
     keep: the visual tokens left after the last stage (a fraction of the image's, or a count);
     lambda = keep^(1/stages). Default 0.125: lambda = 0.5 over three stages, the paper's
@@ -50,9 +51,7 @@ class PyramidDrop(LLMStageMethod):
         return max(1, int(tokens * ratio ** (stage + 1)))
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
-        rows = torch.zeros_like(text)
-        rows[:, -1] = True
-        return rows
+        return last_text_token(text)
 
     def select(self, visual: VisualTokens, keep: int) -> torch.Tensor:
         return most_attended(visual.attention, keep)

@@ -51,8 +51,9 @@ class VisionZip(VisualMethod):
             )
 
     def split(self, keep: int) -> tuple[int, int]:
-        """(dominant, contextual) token counts for a budget of `keep`."""
-        contextual = min(round(keep * self.contextual), keep - 1)
+        """(dominant, contextual) token counts for a budget of `keep` (at least one dominant
+        token when keeping any)."""
+        contextual = min(round(keep * self.contextual), max(keep - 1, 0))
         return keep - contextual, contextual
 
     def select(self, visual: VisualTokens, keep: int) -> Selection:

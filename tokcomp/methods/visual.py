@@ -271,6 +271,13 @@ def most_attended(attention: torch.Tensor, keep: int) -> torch.Tensor:
     return order[:, :keep].sort(dim=1).values
 
 
+def last_text_token(text: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's last token of the (B, L) `text` tokens (the prompt's real tokens
+    that are not image placeholders), wherever padding and images lie."""
+    columns = torch.arange(text.shape[1], device=text.device)
+    return columns == columns.masked_fill(~text, -1).amax(dim=1, keepdim=True)
+
+
 def check_keep(name: str, keep: Any) -> None:
     """Raise ValueError unless `keep` is a fraction in (0, 1] or a count >= 1."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
@@ -293,7 +300,8 @@ def visual_budget(
     """Visual tokens kept out of `tokens` for `keep`: a count that must fit, or a fraction,
     rounded by `rounding` (at least one)."""
     if isinstance(keep, float):
-        return max(1, int(rounding(keep * tokens)))
+        # to 9 decimals: a whole product (0.35 * 2880) is no longer a hair below its integer
+        return max(1, int(rounding(round(keep * tokens, 9))))
     if keep > tokens:
         raise ValueError(
             f"{name}: keep={keep} is more than the {tokens} visual tokens of this image; pass "
@@ -341,7 +349,7 @@ class LLMStageMethod(VisualMethod):
 
     def queries(self, text: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: the query rows whose attention the choice averages, given the (B, L)
-        text tokens of the left-padded prompt."""
+        text tokens of the prompt (its real tokens that are not image placeholders)."""
         raise NotImplementedError
 
     def query_weights(

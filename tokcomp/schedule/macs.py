@@ -120,11 +120,13 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
 
 
 def _segment_choice_macs(spec: VLMSpec, method: VisualMethod, sizes: list[int], kept: int) -> int:
-    """`kept` tokens chosen over segments of `sizes` tokens."""
+    """`kept` tokens chosen over segments of `sizes` tokens (a segment whose share is 0 is
+    not chosen in: it costs nothing)."""
     shares = budget_shares(sizes, kept)
     return sum(
         method.select_macs(spec.segment_geometry(index), size, share)
         for index, (size, share) in enumerate(zip(sizes, shares, strict=True))
+        if share
     )
 
 

@@ -29,9 +29,9 @@ def keep_all(images: Images) -> list[Choice]:
 
 
 def choose(method: VisualMethod, images: Images, budgets: list[int] | None = None) -> list[Choice]:
-    """Each image's kept slots: the method's choice in every segment, plus the always-kept
-    slots (those in no segment). `budgets`: tokens kept per image (default: the method's
-    budget of the image's selectable tokens)."""
+    """Each image's kept slots: the method's choice in every segment with a share of the
+    budget, plus the always-kept slots (those in no segment). `budgets`: tokens kept per image
+    (default: the method's budget of the image's selectable tokens)."""
     shares = _budget_shares(method, images, budgets)
     groups: dict[tuple[int, int, int, tuple], list[int]] = defaultdict(list)
     for index, segment in enumerate(images.segments):
@@ -40,10 +40,16 @@ def choose(method: VisualMethod, images: Images, budgets: list[int] | None = Non
     chosen: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for (_, share, frames, _), members in groups.items():
         batch = _stack([images.segments[i].visual for i in members], frames)
-        selection = method.selection(batch, share)
+        selection = method.selection(batch, share) if share else _nothing(batch)
         for row, index in enumerate(members):
             chosen[index] = _row(selection, row)
     return [_image_choice(images, image, chosen) for image in range(len(images.embeds))]
+
+
+def _nothing(visual: VisualTokens) -> Selection:
+    """No token of any row: the choice of segments whose share of the budget is 0 (an image
+    keeping fewer tokens than it has crops), which methods are not asked for."""
+    return Selection(visual.outputs.new_zeros(visual.batch, 0, dtype=torch.long))
 
 
 def _budget_shares(

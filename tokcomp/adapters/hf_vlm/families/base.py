@@ -172,9 +172,13 @@ class VLMFamily(abc.ABC):
     def default_positions(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, inputs: dict[str, Any]
     ) -> torch.Tensor:
-        """(R, B, L) position ids the model numbers a prompt with when given none."""
-        length = input_ids.shape[1]
-        return torch.arange(length, device=input_ids.device).expand(1, input_ids.shape[0], -1)
+        """(R, B, L) position ids of a prompt given none: each sample's real tokens counted from
+        0, as generate numbers them. (The model counts padding too; its RoPE attention sees
+        only relative positions, but a method's signal may not: DART's key norms.)"""
+        if attention_mask is None:
+            length = input_ids.shape[1]
+            return torch.arange(length, device=input_ids.device).expand(1, input_ids.shape[0], -1)
+        return real_token_positions(attention_mask)[None]
 
     def given_positions(self, position_ids: torch.Tensor, batch: int) -> torch.Tensor:
         """User or generate position ids as (R, B, L)."""
@@ -186,10 +190,13 @@ class VLMFamily(abc.ABC):
         steps: torch.Tensor,
         rope_delta: torch.Tensor | None,
     ) -> torch.Tensor:
-        """(R, B, count) original positions of new tokens when none are given: `steps` (B,
-        count) counts them on from the prompt's length; `rope_delta` is what `rope_delta`
-        gave for the prompt."""
-        return steps[None]
+        """(R, B, count) original positions of new tokens when none are given: counted over the
+        real tokens of `attention_mask` (the whole sequence's), as the prompt's were, else
+        `steps` (B, count), counted on from the prompt's length; `rope_delta` is what
+        `rope_delta` gave for the prompt."""
+        if attention_mask is None:
+            return steps[None]
+        return real_token_positions(attention_mask)[None, :, -steps.shape[1] :]
 
     def renumber(
         self, positions: torch.Tensor, placeholder: torch.Tensor, pruned: torch.Tensor
@@ -254,6 +261,11 @@ class VLMFamily(abc.ABC):
             takes_videos=bool(self.video_encoder_inputs),
             **self.vision_fields(),
         )
+
+
+def real_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) each real token's count of real tokens before it (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def handled_classes() -> list[str]:

@@ -14,6 +14,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
     Images,
     VLMFamily,
     one_segment_each,
+    real_token_positions,
     tower_fields,
 )
 from tokcomp.adapters.hf_vlm.sequence import renumber_mrope
@@ -109,8 +110,7 @@ class Qwen2VL(VLMFamily):
     ) -> torch.Tensor:
         text = steps
         if attention_mask is not None:
-            text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            text = text[:, -steps.shape[1] :]
+            text = real_token_positions(attention_mask)[:, -steps.shape[1] :]
         return (text + rope_delta[:, None]).expand(3, -1, -1)
 
     def renumber(
