@@ -190,6 +190,24 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main([*argv, "--force"]) == 0 and json.loads(path.read_text())["options"] == {"r": 13}
 
 
+def test_bench_refuses_to_overwrite_its_json_without_force(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text("an earlier run")
+    argv = ["bench", "--model", "test_vit", "--batch-size", "1", "--warmup", "0", "--repeats", "1"]
+    argv += ["--json", str(path)]
+    real_benchmark = cli.benchmark
+    monkeypatch.setattr(cli, "benchmark", lambda *_: pytest.fail("benchmarked before the check"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tokcomp bench: error: --json {path} exists; pass --force to overwrite it, or give "
+        "another file name"
+    ]
+    assert path.read_text() == "an earlier run"
+    monkeypatch.setattr(cli, "benchmark", real_benchmark)
+    assert main([*argv, "--force"]) == 0
+    assert [row["label"] for row in json.loads(path.read_text())["rows"]] == ["unpruned"]
+
+
 @pytest.mark.parametrize(
     ("raised", "code", "line"),
     [

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from fixtures.imagenet import save_safetensors, write_images
+from torch.utils.data import ConcatDataset
 
 import tokcomp
 from tokcomp.cli import main
 from tokcomp.config import METHOD_DEFAULTS
+from tokcomp.errors import UsageError
 from tokcomp.harness import backbone, sweep
+from tokcomp.harness.distributed import World
 from tokcomp.models import create_model
 
 
@@ -237,8 +242,100 @@ def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
     with torch.inference_mode():
         cls, _ = backbone.backbone_features(model, images)
     head = backbone.fit_logistic(cls, torch.arange(6) % 3, 3, 1e-3)
-    path = backbone.save_with_head(model, head, tmp_path / "with-head.safetensors", kwargs)
+    path = tmp_path / "with-head.safetensors"
+    backbone.save_with_head(model, head, path, kwargs)
     classifier = create_model(checkpoint=path)
     with torch.inference_mode():
         torch.testing.assert_close(classifier(images), head.logits(cls), atol=1e-4, rtol=1e-4)
     assert tokcomp.model_defaults(classifier) == defaults  # the chosen options travel along
+
+
+@pytest.mark.parametrize(
+    ("folder", "named"), [("test", "data"), ("train", "train_data"), ("photos", "photos")]
+)
+def test_results_of_other_image_content_are_refused_naming_the_split(
+    setup, tmp_path, capsys, folder, named
+):
+    checkpoint, *folders = setup
+    copies = [shutil.copytree(path, tmp_path / path.name) for path in folders]
+    inputs = (checkpoint, *copies)
+    run_backbone(inputs, tmp_path / "out")
+    edited = tmp_path / folder
+    write_images(edited, {next(edited.iterdir()).name: 1}, size=48, seed=9)  # other pixels
+    capsys.readouterr()
+    with pytest.raises(AssertionError):
+        run_backbone(inputs, tmp_path / "out")
+    assert f"{named}: " in capsys.readouterr().err
+
+
+def test_fresh_builds_the_reference_again(setup, tmp_path, monkeypatch, capsys):
+    run_backbone(setup, tmp_path)
+    [earlier] = tmp_path.glob("reference-*.pt")
+    builds = []
+    real_build = backbone.build_reference
+    monkeypatch.setattr(backbone, "build_reference", lambda *a: builds.append(a) or real_build(*a))
+    run_backbone(setup, tmp_path, "--fresh")
+    assert len(builds) == 1 and earlier.is_file()
+    [aside] = set(tmp_path.glob("reference-*.pt")) - {earlier}
+    assert f"--fresh: earlier reference set aside in {aside}" in capsys.readouterr().out
+
+
+def test_a_timm_model_without_weights_is_fingerprinted_by_its_random_weights(
+    setup, tmp_path, capsys
+):
+    _, train, test, photos = setup
+    argv = ["eval", "backbone", "--model", "test_vit", "--data", str(test)]
+    argv += ["--train-data", str(train), "--photos", str(photos), "--workers", "0"]
+    argv += ["--output", str(tmp_path)]
+    torch.manual_seed(0)
+    assert main(argv) == 0
+    torch.manual_seed(1)  # another initialisation: other results
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "weights: tensors " in capsys.readouterr().err
+
+
+def test_a_shards_unpruned_features_match_its_own_reference(setup):
+    checkpoint, train, test, photos = setup
+    model = create_model(checkpoint=checkpoint).eval()
+    options = {"train_data": str(train), "train_limit": 100, "limit": None}
+    args = argparse.Namespace(data=str(test), photos=str(photos), **options)
+    train_set, photo_set, test_set = backbone._datasets(args, model)
+    world = World(rank=0, size=2)  # as under torchrun
+    shard = world.shard(ConcatDataset([photo_set, test_set]))
+    cpu = torch.device("cpu")
+    reference = backbone.build_reference(model, train_set, shard, len(photo_set), 4, 0, cpu)
+    task = backbone.BackboneTask(shard, reference, 4, 0, cpu)
+    totals = dict.fromkeys(task.tallies, 0.0)
+    with torch.inference_mode():
+        for images, positions in task.batches():
+            outputs = task.forward(task.module(model), images)
+            for name, value in task.score(outputs, positions).items():
+                totals[name] += value
+    on_shard = list(range(world.rank, len(photo_set), world.size))
+    assert [totals[f"cls_cos_{i}"] for i in on_shard] == pytest.approx([1.0] * len(on_shard))
+    assert totals["test_images"] == len(shard) - len(on_shard)
+    assert totals["test_cls_cos"] == pytest.approx(totals["test_images"])
+
+
+def test_each_number_of_processes_keeps_its_own_reference(tmp_path):
+    context = {"task": "backbone"}
+    paths = {backbone.reference_path(tmp_path, context, World(0, size)) for size in (1, 2)}
+    assert len(paths) == 2
+
+
+def test_a_saved_head_is_kept_when_the_same_and_another_is_refused(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4}
+    model = timm.create_model("test_vit", num_classes=0, **kwargs).eval()
+    with torch.inference_mode():
+        cls, _ = backbone.backbone_features(model, torch.randn(6, 3, 32, 32))
+    head = backbone.fit_logistic(cls, torch.arange(6) % 3, 3, 1e-3)
+    path = tmp_path / "with-head.safetensors"
+    assert backbone.save_with_head(model, head, path, kwargs)
+    written = path.read_bytes()
+    assert not backbone.save_with_head(model, head, path, kwargs)  # a resumed run
+    other = backbone.fit_logistic(cls, torch.arange(6) % 2, 2, 1e-3)
+    with pytest.raises(UsageError, match=f"--save-head {path} exists and holds another"):
+        backbone.save_with_head(model, other, path, kwargs)
+    assert path.read_bytes() == written

@@ -223,6 +223,22 @@ def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
     assert latest["key"] == rows[1]["key"] and latest["resolved_options"] == {"r": 2}
 
 
+def test_a_random_point_is_measured_again_at_another_batch_size_and_the_rest_resume(
+    tmp_path, small, measured
+):
+    data, checkpoint = small
+    options = "--variant tome:r=2 --variant random:keep_ratio=0.5"
+    evaluate(checkpoint, data, tmp_path, f"{options} --batch-size 2")
+    measured.clear()
+    rows = evaluate(checkpoint, data, tmp_path, f"{options} --batch-size 4")
+    assert measured == ["[3/3] random keep_ratio=0.5"]
+    assert [(row["method"], row["label"]) for row in rows] == [
+        ("unpruned", ""),
+        ("tome", "r=2"),
+        ("random", "keep_ratio=0.5"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -355,6 +371,34 @@ def test_the_plot_draws_each_method_from_the_unpruned_star_in_order_of_x():
             [rows[0][x]],
         )
         assert panel.get_ylabel() == "top1 (%)"
+
+
+def test_the_plot_draws_a_curve_per_setting_of_a_methods_options_besides_its_budget():
+    def point(method, resolved, gmacs, **more):
+        return {"method": method, "resolved_options": resolved, "gmacs": gmacs, **more}
+
+    margin = {"margin": 0.75}  # a model's setting every pitome row shares
+    rows = [
+        point("unpruned", {}, 4.0),
+        point("dycoke", {"k": 0.7}, 3.0),
+        point("dycoke", {"k": 0.7, "positions": "keep"}, 3.1),
+        point("pitome", {"keep_ratio": 0.9, **margin}, 3.5),
+        point("dycoke", {"k": 0.5}, 2.0),
+        point("pitome", {"keep_ratio": 0.8, **margin}, 2.5),
+        point("dycoke", {"k": 0.5, "positions": "keep"}, 2.1),
+        point("dycoke", {"k": 0.4}, 1.5, config="dycoke-searched.json"),
+    ]
+    for row in rows:
+        row.update(speedup=4.0 / row["gmacs"], top1=20 * row["gmacs"])
+    panel = sweep_figure(rows, "top1", "a sweep").axes[0]
+    lines = {line.get_label(): sorted(line.get_xdata()) for line in panel.get_lines()}
+    assert lines == {
+        "dycoke": [2.0, 3.0, 4.0],
+        "dycoke positions=keep": [2.1, 3.1, 4.0],
+        "pitome": [2.5, 3.5, 4.0],
+        "dycoke (config)": [1.5, 4.0],
+        "unpruned": [4.0],
+    }
 
 
 # -- the same numbers as timm ---------------------------------------------------------------

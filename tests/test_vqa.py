@@ -273,6 +273,17 @@ def test_a_sweep_with_other_inputs_is_refused_naming_them(tiny, tmp_path, capsys
     assert "were made from other inputs (" in line and named in line and "--fresh" in line
 
 
+def test_positions_without_budgets_is_refused(tiny, tmp_path, capsys):
+    data, model = tiny
+    argv = ["eval", "vqa", "--model", str(model), "--data", str(data), "--output", str(tmp_path)]
+    assert main([*argv, "--variant", "zoo:keep=4", "--positions", "keep"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "tokcomp eval vqa: error: --positions numbers the visual tokens of --budgets points; "
+        "give --budgets too, or positions=keep in each --variant"
+    ]
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     questions = read_jsonl(write_jsonl(tmp_path / "vqa.jsonl"))
     processor = tiny_processor(questions)

@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "warm-up rounds compile",
     )
     bench.add_argument("--json", type=Path, help="also write the results here")
+    bench.add_argument("--force", action="store_true", help="overwrite an existing --json file")
 
     export = commands.add_parser(
         "export", parents=[debug], help="write the config of a method on a model"
@@ -135,6 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.json:
+        _check_new_file(args.json, args.force, "--json")
     model = create_model(args.model, args.checkpoint)
     settings = BenchSettings(
         batch_size=args.batch_size,
@@ -162,6 +165,16 @@ def _bench(args: argparse.Namespace) -> None:
     print(format_table(rows))
     if args.json:
         args.json.write_text(rows_to_json(rows, settings, **context))
+
+
+def _check_new_file(path: Path, force: bool, option: str) -> None:
+    """Refuse, before any work, an output file that would overwrite one without --force."""
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise UsageError(
+            f"{option} {path} exists; pass --force to overwrite it, or give another file name"
+        )
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ block and no average pooling; DINO's k-NN), so the linear head is a timm classif
 head: `--save-head FILE` writes the model with it, for `tokcomp search diffrate` (a schedule
 searched on the head's loss) and `tokcomp eval imagenet`. The unpruned features (training
 split, photos, test images) are computed once and saved in the output folder, so a resumed
-run does not recompute them.
+run does not recompute them (`--fresh` sets them aside with the results).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,21 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 import tokcomp
 from tokcomp.adapters.base import size_weighted_mean
 from tokcomp.config import METHOD_DEFAULTS
+from tokcomp.errors import UsageError
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
-from tokcomp.harness.fingerprint import Fingerprint, file_digest
+from tokcomp.harness.distributed import World
+from tokcomp.harness.fingerprint import Fingerprint, file_identity, samples_digest
 from tokcomp.harness.imagenet import (
     add_dtype_argument,
     autocast_to,
     canvas_of,
     data_config,
     model_transform,
+    weights_identity,
 )
 from tokcomp.harness.plot import AXES, plot_sweep
-from tokcomp.harness.results import Column, report
+from tokcomp.harness.results import Column, report, set_aside
 from tokcomp.harness.sweep import (
     SpeedProbe,
     SweepRun,
@@ -136,9 +139,15 @@ class Photos(Dataset):
         """(image, -1)."""
         return self.transform(read_image(str(self.paths[index]))), -1
 
+    def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
+        """Each image's file (name, size, modification time), for `samples_digest`."""
+        for index in indices:
+            yield file_identity(self.paths[index])
+
 
 class Indexed(Dataset):
-    """A dataset's items as (image, index in the dataset), so scores find their references."""
+    """A dataset's items as (image, index in the dataset), so scores find their reference
+    rows."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -278,8 +287,9 @@ def knn_predict(
 # -- the reference: unpruned features, fitted heads -------------------------------------------
 @dataclass(frozen=True)
 class Reference:
-    """The unpruned model's features of the evaluation items (photos first, then the test
-    images), their labels (-1 for photos), and the heads fitted on the training split."""
+    """The unpruned model's features of this rank's shard of the evaluation items (a row per
+    item, in shard order), their labels (-1 for photos), the number of photos (the first
+    items of the whole evaluation set), and the heads fitted on the training split."""
 
     cls: torch.Tensor
     patch: torch.Tensor
@@ -316,22 +326,46 @@ def build_reference(
 
 def save_with_head(
     model: nn.Module, head: LinearHead, path: Path, model_kwargs: Mapping[str, Any]
-) -> Path:
+) -> bool:
     """Write `model` with `head` as its timm classification head, as a tokcomp .safetensors
-    (its metadata names the timm model, its arguments and its preprocessing)."""
+    (its metadata names the timm model, its arguments and its preprocessing). A file already
+    at `path` is kept when it holds the same (a resumed run: returns False) and refused when
+    it holds anything else."""
     from safetensors.torch import save_file
 
     weight, bias = head.folded()
     state = {**model.state_dict(), "head.weight": weight, "head.bias": bias}
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     metadata = {
         "timm_model": model.pretrained_cfg["architecture"],
         "model_kwargs": json.dumps({**model_kwargs, "num_classes": len(bias)}),
         "data_config": json.dumps(data_config(model)),
         METHOD_DEFAULTS: json.dumps(model.pretrained_cfg.get(METHOD_DEFAULTS, {})),
     }
+    if path.exists():
+        if _holds(path, state, metadata):
+            return False
+        raise UsageError(
+            f"--save-head {path} exists and holds another model or head; give another file "
+            "name or delete it"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata)
-    return path
+    save_file(state, str(path), metadata)
+    return True
+
+
+def _holds(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bool:
+    """Whether the .safetensors file at `path` holds exactly `state` and `metadata` (its
+    bytes may differ: safetensors writes the metadata in no fixed order)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as saved:
+            if saved.metadata() != metadata or set(saved.keys()) != set(state):
+                return False
+            return all(torch.equal(saved.get_tensor(k), v.cpu()) for k, v in state.items())
+    except SafetensorError:
+        return False
 
 
 def cached_reference(path: Path, build: Any) -> Reference:
@@ -366,7 +400,7 @@ class BackboneTask:
     ) -> None:
         self.reference, self.device, self.dtype = reference, device, dtype
         self.loader = DataLoader(Indexed(items), batch_size, num_workers=workers)
-        self.indices = _global_indices(items)
+        self.global_indices = _global_indices(items)
         photos = range(reference.photos)
         self.tallies = (
             *METRICS,
@@ -381,9 +415,9 @@ class BackboneTask:
         return len(self.loader)
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images on the device, global item indices) batches."""
+        """(images on the device, their positions in this rank's shard) batches."""
         for images, positions in self.loader:
-            yield images.to(self.device), self.indices[positions]
+            yield images.to(self.device), positions
 
     def module(self, model: nn.Module) -> Features:
         """What the sweep runs (and compiles) for `model`: its features."""
@@ -396,19 +430,21 @@ class BackboneTask:
         with autocast_to(self.device, self.dtype):
             return features(inputs)
 
-    def score(self, outputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> dict[str, float]:
-        """Per-photo cosines; test images' summed cosine and head hits."""
+    def score(self, outputs: tuple[torch.Tensor, ...], positions: torch.Tensor) -> dict[str, float]:
+        """Per-photo cosines (named by the photo's index in the whole set, so that the ranks'
+        sums keep each); test images' summed cosine and head hits."""
         ref = self.reference
         cls, patch = (o.cpu() for o in outputs)
-        cls_cos = F.cosine_similarity(cls, ref.cls[targets], dim=1)
-        patch_cos = F.cosine_similarity(patch, ref.patch[targets], dim=1)
+        cls_cos = F.cosine_similarity(cls, ref.cls[positions], dim=1)
+        patch_cos = F.cosine_similarity(patch, ref.patch[positions], dim=1)
         tallies = dict.fromkeys(self.tallies, 0.0)
-        test = targets >= ref.photos
-        photos = zip(targets[~test].tolist(), cls_cos[~test], patch_cos[~test], strict=True)
+        items = self.global_indices[positions]
+        test = items >= ref.photos
+        photos = zip(items[~test].tolist(), cls_cos[~test], patch_cos[~test], strict=True)
         for index, cls_value, patch_value in photos:
             tallies[f"cls_cos_{index}"] = float(cls_value)
             tallies[f"patch_cos_{index}"] = float(patch_value)
-        labels = ref.labels[targets[test]]
+        labels = ref.labels[positions[test]]
         linear = ref.head.logits(cls[test]).argmax(1)
         knn = knn_predict(ref.bank, ref.bank_labels, cls[test])
         tallies.update(
@@ -495,7 +531,7 @@ def run(args: argparse.Namespace) -> None:
     evaluated = ConcatDataset([photos, test])
     name = f"{args.model or args.checkpoint.stem}-backbone-{data_source(args.data).name}"
     output = args.output or Path("results") / name
-    context = {**_context(args, len(photos)), "device": device.type}
+    context = {**_context(args, model, train, photos, test), "device": device.type}
     fingerprint = Fingerprint.of(**context, **_precision(args))
     say = print if world.is_main else quiet
     say(
@@ -505,15 +541,18 @@ def run(args: argparse.Namespace) -> None:
         f"{', compiled (inductor)' if args.compile else ''}; results in {output}"
     )
     shard = world.shard(evaluated)
+    path = reference_path(output, context, world)
+    if args.fresh:
+        _set_aside_reference(path, say)
     reference = cached_reference(  # float32 features: the same for every --dtype
-        output / f"reference-{_digest(Fingerprint.of(**context).as_json())}-rank{world.rank}.pt",
+        path,
         lambda: build_reference(
             model, train, shard, len(photos), args.batch_size, args.workers, device
         ),
     )
     say(reference.describe())
-    if args.save_head and world.is_main:
-        say(f"wrote {save_with_head(model, reference.head, args.save_head, _kwargs(args))}")
+    if args.save_head:
+        _save_head(args, model, reference.head, world, say)
     dtype = getattr(torch, args.dtype)
     task = BackboneTask(shard, reference, args.batch_size, args.workers, device, dtype)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
@@ -523,6 +562,32 @@ def run(args: argparse.Namespace) -> None:
     if world.is_main:
         print(report(rows, METRICS, output, name, COLUMNS, AXES))
         plot_sweep(rows, "cls_cos", output / "fidelity.png", name, AXES, unit=None)
+
+
+def reference_path(output: Path, context: Mapping[str, Any], world: World) -> Path:
+    """Where this rank keeps its reference: named by the inputs and by the shard (rank and
+    number of processes), so that no run reads features of other items."""
+    digest = _digest(Fingerprint.of(**context).as_json())
+    return output / f"reference-{digest}-rank{world.rank}-of-{world.size}.pt"
+
+
+def _set_aside_reference(path: Path, say: Callable[[str], None]) -> None:
+    """--fresh: move this rank's saved reference out of the way, so that it is built again."""
+    moved = set_aside(path.parent, path.name)
+    if moved is not None:
+        say(f"--fresh: earlier reference set aside in {moved}")
+
+
+def _save_head(
+    args: argparse.Namespace,
+    model: nn.Module,
+    head: LinearHead,
+    world: World,
+    say: Callable[[str], None],
+) -> None:
+    """--save-head: rank 0 writes the model with `head` (a refusal stops every rank)."""
+    written = world.from_main(lambda: save_with_head(model, head, args.save_head, _kwargs(args)))
+    say(f"wrote {args.save_head}" if written else f"{args.save_head} holds this head already")
 
 
 def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Dataset, Dataset]:
@@ -544,25 +609,27 @@ def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Data
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The timm arguments the model was built with (known for the offline models)."""
     if args.model not in OFFLINE_MODELS:
-        raise ValueError(f"--save-head supports {', '.join(OFFLINE_MODELS)}, not {args.model}")
+        raise UsageError(f"--save-head supports {', '.join(OFFLINE_MODELS)}, not {args.model}")
     return OFFLINE_MODELS[args.model].model_kwargs
 
 
-def _context(args: argparse.Namespace, photos: int) -> dict[str, Any]:
-    """What identifies this run's results: model and weights, data, limits, photos, heads."""
+def _context(
+    args: argparse.Namespace, model: nn.Module, train: Dataset, photos: Dataset, test: Dataset
+) -> dict[str, Any]:
+    """What identifies this run's results: model and weights, the samples of each split,
+    limits, heads."""
     weights = args.checkpoint or (
         offline_weights(args.model) if args.model in OFFLINE_MODELS else None
     )
     return {
         "task": "backbone",
         "model": args.model,
-        "weights": f"file {file_digest(Path(weights))}" if weights else None,
-        "data": str(data_source(args.data)),
-        "train_data": str(Path(args.train_data).resolve()) if args.train_data else None,
+        "weights": weights_identity(model, weights),
+        "data": samples_digest(test),
+        "train_data": samples_digest(train),
         "train_limit": args.train_limit,
         "limit": args.limit,
-        "photos": args.photos,
-        "photo_count": photos,
+        "photos": samples_digest(photos),
         "heads": {"knn": [KNN_K, KNN_TEMPERATURE], "weight_decays": WEIGHT_DECAYS},
     }
 

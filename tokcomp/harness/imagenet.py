@@ -235,15 +235,18 @@ def model_parts(
     """The fingerprint parts of a timm model as the harness reads images for it: its
     architecture, its weights (the checkpoint file's content, else the parameters') and its
     preprocessing (data config, Fashion-MNIST canvas, training augmentation if any)."""
-    weights = (
-        f"file {file_digest(checkpoint)}" if checkpoint else f"tensors {weights_digest(model)}"
-    )
     preprocessing = {**data_config(model), "canvas": canvas_of(model), "augment": augment}
     return {
         "model": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-        "weights": weights,
+        "weights": weights_identity(model, checkpoint),
         "preprocessing": json.dumps(preprocessing, sort_keys=True, default=str),
     }
+
+
+def weights_identity(model: nn.Module, checkpoint: Path | None) -> str:
+    """The fingerprint part of a model's weights: the content of the file they were loaded
+    from, else the parameters' (timm's initialisation is random, unseeded)."""
+    return f"file {file_digest(checkpoint)}" if checkpoint else f"tensors {weights_digest(model)}"
 
 
 def _model_name(args: argparse.Namespace) -> str:

@@ -1,15 +1,19 @@
 """The picture of a sweep: accuracy against MACs and against the speed-up (or a task's own
-axes), one curve per method (a method's saved configs, e.g. searched ones, a curve of their
-own), each starting from the unpruned model."""
+axes), one curve per method and setting of its options other than the budget (a method's
+saved configs, e.g. searched ones, a curve of their own), each starting from the unpruned
+model."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from tokcomp.methods import method_class
 
 #: A panel's x axis: the row key and its label.
 Axis = tuple[str, str]
@@ -41,15 +45,17 @@ def sweep_figure(
     unit: str | None = "%",
 ) -> Figure:
     """`metric` (in `unit`) against each of `axes` (a panel each; by default GMACs and the
-    speed-up): a curve per series (`series`) from the unpruned model (`rows[0]`, a star)
-    through its points in order of x."""
+    speed-up): a curve per series (`series_names`) from the unpruned model (`rows[0]`, a
+    star) through its points in order of x."""
     base, points = rows[0], rows[1:]
+    names = series_names(points)
     figure = Figure(figsize=(5.5 * len(axes), 4.5), layout="constrained")
     figure.suptitle(title)
     panels = figure.subplots(1, len(axes), squeeze=False)[0]
     for panel, (x, x_label) in zip(panels, axes, strict=True):
-        for name in dict.fromkeys(map(series, points)):
-            curve = sorted([base, *(r for r in points if series(r) == name)], key=itemgetter(x))
+        for name in dict.fromkeys(names):
+            members = (row for row, its in zip(points, names, strict=True) if its == name)
+            curve = sorted([base, *members], key=itemgetter(x))
             panel.plot([r[x] for r in curve], [r[metric] for r in curve], "o-", label=name)
         panel.plot(base[x], base[metric], "k*", markersize=14, label="unpruned", zorder=3)
         panel.set_xlabel(x_label)
@@ -59,7 +65,45 @@ def sweep_figure(
     return figure
 
 
-def series(row: dict[str, Any]) -> str:
-    """The curve a row belongs to: its method, or "<method> (config)" for a saved config's
-    row (a searched schedule is not the method's default knob, so it gets its own curve)."""
-    return f"{row['method']} (config)" if row.get("config") else row["method"]
+def series_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The curve of each row: its method followed by the options that set its curve apart
+    from the method's other rows ("dycoke positions=keep"), or "<method> (config)" for a
+    saved config's row (a searched schedule is not the method's default knob, so it gets its
+    own curve)."""
+    differing = _differing_options(rows)
+    return [_series(row, differing.get(row["method"], [])) for row in rows]
+
+
+def _series(row: dict[str, Any], differing: Sequence[str]) -> str:
+    if row.get("config"):
+        return f"{row['method']} (config)"
+    options = _fixed_options(row)
+    shown = (f"{name}={_shown(options[name])}" for name in differing if name in options)
+    return " ".join([row["method"], *shown])
+
+
+def _differing_options(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per method, the fixed options (`_fixed_options`) whose values differ between its rows
+    (saved configs aside; an option a row does not list has its default)."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if not row.get("config"):
+            by_method.setdefault(row["method"], []).append(_fixed_options(row))
+    return {
+        method: sorted(
+            {name for a in options for name in a if any(b.get(name) != a[name] for b in options)}
+        )
+        for method, options in by_method.items()
+    }
+
+
+def _fixed_options(row: dict[str, Any]) -> dict[str, Any]:
+    """The options a method's row ran with (its resolved ones, which name what differs from
+    the defaults), but its budget: the option that moves a point along its curve."""
+    budget = method_class(row["method"]).budget
+    return {k: v for k, v in row.get("resolved_options", {}).items() if k != budget}
+
+
+def _shown(value: Any) -> str:
+    """An option's value as a variant writes it (text bare, the rest compact JSON)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

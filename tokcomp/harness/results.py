@@ -98,16 +98,17 @@ def results_path(folder: Path) -> Path:
     return folder / RESULTS
 
 
-def set_aside(folder: Path) -> Path | None:
-    """Rename the results file of `folder` (if any) to results.<time>.jsonl, out of the
-    way of a fresh run; returns its new path."""
-    path = results_path(folder)
+def set_aside(folder: Path, name: str = RESULTS) -> Path | None:
+    """Rename the file `name` of `folder` (if any; by default the results) to
+    <stem>.<time><suffix> (results.<time>.jsonl), out of the way of a fresh run; returns its
+    new path."""
+    path = results_path(folder).with_name(name)
     if not path.is_file():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved, copies = folder / f"results.{stamp}.jsonl", 1
+    moved, copies = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
     while moved.exists():
-        moved, copies = folder / f"results.{stamp}-{copies}.jsonl", copies + 1
+        moved, copies = path.with_name(f"{path.stem}.{stamp}-{copies}{path.suffix}"), copies + 1
     path.rename(moved)
     return moved
 

@@ -31,6 +31,9 @@ from tokcomp.harness.results import ResultStore, set_aside
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 UNPRUNED = "unpruned"
+#: Methods whose figures depend on how the samples are batched (random: the image at batch
+#: position i gets the i-th subset; docs/methods.md section 6.1).
+BATCH_DEPENDENT = frozenset({"random"})
 
 
 class Task(Protocol):
@@ -344,15 +347,18 @@ def run_sweep(
     """Evaluate every point whose results `store` lacks, appending each as it finishes;
     return the rows of all points, in order. The store's fingerprint (the model, data and
     options that decide the numbers) is part of each point's key; `settings` (batch size,
-    threads...) is only recorded; `frames`: MACs per reference video of that many frames (a
+    threads...) is recorded; `frames`: MACs per reference video of that many frames (a
     VLM on videos), not per image. Under torchrun every rank evaluates its shard of every
-    point; rank 0's store decides which points are finished and alone writes."""
+    point; rank 0's store decides which points are finished and alone writes. A saved row
+    is measured again when its options now resolve otherwise, or when it depends on the
+    batching and was measured at another (`same_batching`)."""
     plans = [(point, resolve(model, point, frames)) for point in points]
+    batched = batching(settings, world)
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
         row = world.broadcast(store.get(key))
-        if row is None or not same_compression(row, plan):
+        if row is None or not same_compression(row, plan) or not same_batching(row, batched):
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
             with applied(model, point):
                 figures = evaluation(model, point, desc)
@@ -379,6 +385,21 @@ def same_compression(row: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
     return saved == json.loads(json.dumps({name: plan[name] for name in fields}, default=str))
 
 
+def batching(settings: Mapping[str, Any] | None, world: World) -> dict[str, Any]:
+    """How a run batches its samples: the batch size of its `settings` and its processes."""
+    return {"batch_size": (settings or {}).get("batch_size"), "world_size": world.size}
+
+
+def same_batching(row: Mapping[str, Any], batched: dict[str, Any]) -> bool:
+    """Whether a saved row was measured at the batching `batched` (see `batching`) where its
+    figures depend on it (`BATCH_DEPENDENT`); every other row counts at any batching."""
+    if row["method"] not in BATCH_DEPENDENT:
+        return True
+    # a row without a world size was measured by one process (lmms-eval, older tokcomp)
+    saved = {"batch_size": row.get("batch_size"), "world_size": row.get("world_size", 1)}
+    return saved == batched
+
+
 def evaluate_sweep(
     model: nn.Module,
     points: Sequence[Point],
@@ -391,13 +412,14 @@ def evaluate_sweep(
     """`run_sweep` (`frames`: see there) with results in the run's output folder (rank 0
     writes; saved rows of other inputs are refused, on every rank); an interrupt ends the run
     saying that the same command resumes. Returns the rows to report: this run's points, then
-    every other point saved for the same inputs."""
+    every other point saved for the same inputs (and batching, where it counts)."""
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
         rows = run_sweep(model, points, evaluation, store, settings, world, frames)
-    done = {row["key"] for row in rows}
-    return rows + [row for row in store.rows() if row["key"] not in done]
+    done, batched = {row["key"] for row in rows}, batching(settings, world)
+    others = [row for row in store.rows() if row["key"] not in done]
+    return rows + [row for row in others if same_batching(row, batched)]
 
 
 def task_evaluation(

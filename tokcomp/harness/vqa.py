@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from tokcomp import visual_tokens_dropped
 from tokcomp.adapters import find_adapter
 from tokcomp.adapters.hf_vlm.families import video_classes
+from tokcomp.errors import UsageError
 from tokcomp.harness import hub
 from tokcomp.harness.arguments import DTYPES, non_negative_int, positive_int
 from tokcomp.harness.data import EASY_VQA, VIDEO_SHAPES, data_source, describe, limited
@@ -404,6 +405,11 @@ def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def visual_points(args: argparse.Namespace) -> list[Point]:
     """The points of a VLM sweep's arguments (see `add_visual_sweep_arguments`)."""
+    if args.positions and not args.budgets:
+        raise UsageError(
+            "--positions numbers the visual tokens of --budgets points; give --budgets too, "
+            f"or positions={args.positions} in each --variant"
+        )
     budget = functools.partial(keep_budget, positions=args.positions)
     return sweep_points(args.methods, args.budgets, args.variant, args.config, budget)
 
