@@ -223,20 +223,47 @@ def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
     assert latest["key"] == rows[1]["key"] and latest["resolved_options"] == {"r": 2}
 
 
-def test_a_random_point_is_measured_again_at_another_batch_size_and_the_rest_resume(
-    tmp_path, small, measured
+@pytest.mark.parametrize(
+    ("change", "measured"),
+    [
+        ("--batch-size 4", "batch size 4, threads 2"),
+        ("--threads 1", "batch size 2, threads 1"),
+    ],
+)
+def test_a_run_at_other_settings_does_not_add_to_saved_rows(
+    tmp_path, small, capsys, change, measured
 ):
     data, checkpoint = small
-    options = "--variant tome:r=2 --variant random:keep_ratio=0.5"
-    evaluate(checkpoint, data, tmp_path, f"{options} --batch-size 2")
-    measured.clear()
-    rows = evaluate(checkpoint, data, tmp_path, f"{options} --batch-size 4")
-    assert measured == ["[3/3] random keep_ratio=0.5"]
-    assert [(row["method"], row["label"]) for row in rows] == [
-        ("unpruned", ""),
-        ("tome", "r=2"),
-        ("random", "keep_ratio=0.5"),
-    ]
+    output = tmp_path / "out"
+    evaluate(checkpoint, data, output, "--variant tome:r=2 --batch-size 2 --threads 2")
+    saved = (output / "results.jsonl").read_bytes()
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    argv += ["--output", str(output), "--workers", "0", "--variant", "tome:r=3"]
+    argv += shlex.split(f"--batch-size 2 --threads 2 {change}")
+    capsys.readouterr()
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"tokcomp eval imagenet: error: the results in {output}/results.jsonl were measured at "
+        f"batch size 2, threads 2, processes 1, this run at {measured}, processes 1: pass the "
+        "same settings to add to them, or --fresh (sets them aside), or another --output"
+    )
+    assert (output / "results.jsonl").read_bytes() == saved
+    rows = evaluate(checkpoint, data, output, "--variant tome:r=3 --batch-size 2 --threads 2")
+    assert [row["label"] for row in rows] == ["", "r=3", "r=2"]
+
+
+def test_fresh_keeps_the_earlier_results_when_a_point_cannot_run(tmp_path, small, capsys):
+    data, checkpoint = small
+    output = tmp_path / "out"
+    evaluate(checkpoint, data, output, "--variant tome:r=2")
+    saved = (output / "results.jsonl").read_bytes()
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    argv += ["--output", str(output), "--workers", "0", "--variant", "tomee:r=2", "--fresh"]
+    assert main(argv) == 2
+    assert "unknown method 'tomee'" in capsys.readouterr().err
+    assert [path.name for path in output.glob("results*.jsonl")] == ["results.jsonl"]
+    assert (output / "results.jsonl").read_bytes() == saved
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,9 @@ def test_a_sweep_keeps_each_points_speedup_while_the_machine_gets_busier(clock):
     task = LoadedTask(clock)
     points = sweep.sweep_points(["tome", "random"], [0.8, 0.6])
     store = ResultStore(None, Fingerprint.of())
-    rows = sweep.run_sweep(tiny_vit(), points, sweep.task_evaluation(task, CPU), store)
+    model = tiny_vit()
+    plans = sweep.plan_points(model, points)
+    rows = sweep.run_sweep(model, plans, sweep.task_evaluation(task, CPU), store)
     assert rows[0]["speedup"] == 1.0 and rows[0]["speedup_spread"] == 0.0
     for row in rows[1:]:  # the load grew 2**6 between points, and within each point
         assert row["speedup"] == pytest.approx(1 / row["macs_ratio"], rel=1e-9)

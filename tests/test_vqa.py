@@ -146,6 +146,10 @@ def test_jsonl_is_parsed(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"vqa.jsonl:1 is not a JSON object"):
         read_jsonl(path)
+    typed = {"image": "x.png", "question": "q?", "answers": ["a"], "answer_type": 5}
+    path.write_text(absolute + "\n" + json.dumps(typed) + "\n")
+    with pytest.raises(ValueError, match=r"vqa.jsonl:2: 'answer_type' must be text, got 5"):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("layout", ["vqav2", "jsonl"])
@@ -293,7 +297,8 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
     task = VQATask(VQADataset(questions), processor, 4, 0, CPU, types, max_new_tokens=1)
     points = sweep.sweep_points(["zoo", "fastv"], [0.25], budget=keep_budget)
     evaluation = sweep.task_evaluation(task, CPU)
-    rows = sweep.run_sweep(model, points, evaluation, ResultStore(None, Fingerprint.of()))
+    plans = sweep.plan_points(model, points)
+    rows = sweep.run_sweep(model, plans, evaluation, ResultStore(None, Fingerprint.of()))
     # "yes" scores 0.9 (3 of 10 humans say it) and 1 (the single answer); the others 0
     for row in rows:
         assert row["vqa"] == pytest.approx(100 * 1.9 / 6)

@@ -169,7 +169,8 @@ def test_forced_answers_score_exactly_with_the_tokens_of_each_video(data, family
         ["divprune"], [0.5], [sweep.parse_variant("dycoke:decode_layer=2")], budget=keep_budget
     )
     evaluation = sweep.task_evaluation(task, CPU, probe=sweep.SpeedProbe(1))
-    rows = sweep.run_sweep(model, points, evaluation, ResultStore(None, Fingerprint.of()))
+    plans = sweep.plan_points(model, points)
+    rows = sweep.run_sweep(model, plans, evaluation, ResultStore(None, Fingerprint.of()))
     # "yes" is the answer of the 2nd question and one of the 4th's two: the others score 0
     for row in rows:
         assert row["vqa"] == 100 * 2 / 4 and row["vqa_yes_no"] == 100.0

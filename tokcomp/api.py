@@ -94,6 +94,7 @@ def _requested(
         return _bound(method_or_config, tower, spec)
     config = _as_config(method_or_config)
     if config is None:
+        _refuse_budget_with_schedule(str(method_or_config), options)
         chosen = {**defaults.get(str(method_or_config), {}), **options}
         compression = _bound(create_method(str(method_or_config), **chosen), tower, spec)
         method, schedule = compression.method, list(compression.schedule)
@@ -122,6 +123,16 @@ def _bound(method: Method, tower: Method | None, spec: ModelSpec) -> Compression
     if tower is not None:
         in_tower = Compression(tower, tuple(schedule[: spec.depth]), spec.tower(), unmerge=True)
     return Compression(method, tuple(schedule), spec, tower=in_tower)
+
+
+def _refuse_budget_with_schedule(name: str, options: dict[str, Any]) -> None:
+    """Refuse a method's budget option beside an explicit schedule, which overrides it."""
+    budget = getattr(method_class(name), "budget", None)
+    if options.get("schedule") is not None and budget in options:
+        raise ValueError(
+            f"{name}: give either schedule or {budget}, not both (the schedule sets the tokens "
+            "kept at every block)"
+        )
 
 
 def _refuse_options(options: dict[str, Any], given: str) -> None:

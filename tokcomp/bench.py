@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import statistics
@@ -55,7 +56,8 @@ def _split_options(text: str) -> list[str]:
 def _parse_option(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep:
-        raise ValueError(f"option {item!r} must look like key=value")
+        # argparse shows this message (it hides a ValueError's)
+        raise argparse.ArgumentTypeError(f"option {item!r} must look like key=value")
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:

@@ -7,13 +7,13 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import UnionType
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar
 
 import yaml
 
 from tokcomp.errors import UsageError
 from tokcomp.methods import Method, create_method, method_class
+from tokcomp.methods.registry import mistyped_option
 from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
 
 CONFIG_VERSION = 1
@@ -270,29 +270,12 @@ def _check_options(source: str, cls: type[Method], options: dict[str, Any]) -> N
                 f"{source}: options.{name} cannot be in a config: its schedule is the 'schedule' "
                 f"field; remove options.{name}"
             )
-    hints = get_type_hints(cls)
-    for name, value in options.items():
-        allowed = _kinds(hints.get(name, Any))
-        if allowed is None:
-            continue
-        for kind in (bool, str):
-            if isinstance(value, kind) and kind not in allowed:
-                raise ConfigError(
-                    f"{source}: options.{name} is {value!r}, but {cls.name}'s {name} takes "
-                    f"{_kind_names(allowed)}"
-                )
-
-
-def _kinds(hint: Any) -> tuple[type, ...] | None:
-    """The plain types a type hint admits (None: anything)."""
-    if hint is Any:
-        return None
-    args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
-    return tuple(get_origin(arg) or arg for arg in args)
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    return " or ".join("none" if kind is type(None) else kind.__name__ for kind in kinds)
+    wrong = mistyped_option(cls, options)
+    if wrong is not None:
+        name, value, takes = wrong
+        raise ConfigError(
+            f"{source}: options.{name} is {value!r}, but {cls.name}'s {name} takes {takes}"
+        )
 
 
 def _is_int(value: Any) -> bool:

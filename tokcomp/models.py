@@ -41,10 +41,15 @@ def create_model(
         name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
     method_defaults = json.loads(metadata.get(METHOD_DEFAULTS, "{}")) or method_defaults
+    saved_as = metadata.get("timm_model")
+    if name is not None and saved_as is not None and name != saved_as:
+        raise UsageError(
+            f"checkpoint {checkpoint} holds timm model {saved_as}, not {name}: drop --model (the "
+            f"checkpoint names its model), or pass --model {saved_as}"
+        )
+    name = name or saved_as
     if name is None:
-        name = metadata.get("timm_model")
-        if name is None:
-            raise ValueError("give a model name (the checkpoint does not record one)")
+        raise ValueError("give a model name (the checkpoint does not record one)")
     kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tokcomp import apply, config_of, is_patched, macs, remove
 from tokcomp.bench import Variant, compiled, parse_variant, peak_memory, timed
-from tokcomp.errors import interruption_says
+from tokcomp.errors import UsageError, interruption_says
 from tokcomp.harness.arguments import device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
@@ -31,9 +31,6 @@ from tokcomp.harness.results import ResultStore, set_aside
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 UNPRUNED = "unpruned"
-#: Methods whose figures depend on how the samples are batched (random: the image at batch
-#: position i gets the i-th subset; docs/methods.md section 6.1).
-BATCH_DEPENDENT = frozenset({"random"})
 
 
 class Task(Protocol):
@@ -335,30 +332,36 @@ def _unpruned(model: nn.Module, inputs: Any, on: TaskEvaluation) -> Contender:
     return Contender(forward, lambda: is_patched(model) and remove(model))
 
 
+def plan_points(
+    model: nn.Module, points: Sequence[Point], frames: int | None = None
+) -> list[tuple[Point, dict[str, Any]]]:
+    """Each point with what it resolves to on `model` (`resolve`; `frames`: MACs per
+    reference video of that many frames, a VLM on videos, not per image): a point that
+    cannot run is refused here, before any work."""
+    return [(point, resolve(model, point, frames)) for point in points]
+
+
 def run_sweep(
     model: nn.Module,
-    points: Sequence[Point],
+    plans: Sequence[tuple[Point, dict[str, Any]]],
     evaluation: Evaluation,
     store: ResultStore,
     settings: Mapping[str, Any] | None = None,
     world: World = SINGLE,
-    frames: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate every point whose results `store` lacks, appending each as it finishes;
-    return the rows of all points, in order. The store's fingerprint (the model, data and
-    options that decide the numbers) is part of each point's key; `settings` (batch size,
-    threads...) is recorded; `frames`: MACs per reference video of that many frames (a
-    VLM on videos), not per image. Under torchrun every rank evaluates its shard of every
-    point; rank 0's store decides which points are finished and alone writes. A saved row
-    is measured again when its options now resolve otherwise, or when it depends on the
-    batching and was measured at another (`same_batching`)."""
-    plans = [(point, resolve(model, point, frames)) for point in points]
-    batched = batching(settings, world)
+    """Evaluate every planned point (`plan_points`) whose results `store` lacks, appending
+    each as it finishes; return the rows of all points, in order. The store's fingerprint
+    (the model, data and options that decide the numbers) is part of each point's key;
+    `settings` (batch size, threads...) is recorded, and must be those of the saved rows
+    (`check_measured_alike`). Under torchrun every rank evaluates its shard of every point;
+    rank 0's store decides which points are finished and alone writes. A saved row is
+    measured again when its options now resolve otherwise."""
+    check_measured_alike(store, settings, world)
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
         key = point_key(store.fingerprint, point)
         row = world.broadcast(store.get(key))
-        if row is None or not same_compression(row, plan) or not same_batching(row, batched):
+        if row is None or not same_compression(row, plan):
             desc = f"[{index}/{len(plans)}] {plan['method']} {point.label}".strip()
             with applied(model, point):
                 figures = evaluation(model, point, desc)
@@ -385,19 +388,34 @@ def same_compression(row: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
     return saved == json.loads(json.dumps({name: plan[name] for name in fields}, default=str))
 
 
-def batching(settings: Mapping[str, Any] | None, world: World) -> dict[str, Any]:
-    """How a run batches its samples: the batch size of its `settings` and its processes."""
-    return {"batch_size": (settings or {}).get("batch_size"), "world_size": world.size}
+def check_measured_alike(
+    store: ResultStore, settings: Mapping[str, Any] | None, world: World
+) -> None:
+    """Refuse to add to saved rows measured at another batch size, thread count or number of
+    processes: their images/s and memory belong to those (and random's draws to the
+    batching), so one table would mix them."""
+    run = _measured_at(settings or {}, world.size)
+    for row in store.rows():
+        # rows record all three; a row without a world size was measured by one process
+        saved = _measured_at(row, row.get("world_size", 1))
+        if saved != run:
+            raise UsageError(
+                f"the results in {store.path} were measured at {_described(saved)}, this run "
+                f"at {_described(run)}: pass the same settings to add to them, or --fresh (sets "
+                "them aside), or another --output"
+            )
 
 
-def same_batching(row: Mapping[str, Any], batched: dict[str, Any]) -> bool:
-    """Whether a saved row was measured at the batching `batched` (see `batching`) where its
-    figures depend on it (`BATCH_DEPENDENT`); every other row counts at any batching."""
-    if row["method"] not in BATCH_DEPENDENT:
-        return True
-    # a row without a world size was measured by one process (lmms-eval, older tokcomp)
-    saved = {"batch_size": row.get("batch_size"), "world_size": row.get("world_size", 1)}
-    return saved == batched
+def _measured_at(settings: Mapping[str, Any], processes: int) -> dict[str, Any]:
+    return {
+        "batch size": settings.get("batch_size"),
+        "threads": settings.get("threads"),
+        "processes": processes,
+    }
+
+
+def _described(measured: Mapping[str, Any]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in measured.items())
 
 
 def evaluate_sweep(
@@ -409,17 +427,17 @@ def evaluate_sweep(
     world: World = SINGLE,
     frames: int | None = None,
 ) -> list[dict[str, Any]]:
-    """`run_sweep` (`frames`: see there) with results in the run's output folder (rank 0
-    writes; saved rows of other inputs are refused, on every rank); an interrupt ends the run
-    saying that the same command resumes. Returns the rows to report: this run's points, then
-    every other point saved for the same inputs (and batching, where it counts)."""
+    """`run_sweep` of `points` (planned first: see `plan_points`, `frames` there) with results
+    in the run's output folder (rank 0 writes; saved rows of other inputs are refused, on
+    every rank); an interrupt ends the run saying that the same command resumes. Returns the
+    rows to report: this run's points, then every other point saved for the same inputs."""
+    plans = plan_points(model, points, frames)
     store = world.from_main(functools.partial(_main_store, run))
     resumes = f"finished points are saved in {run.output}; the same command resumes"
     with interruption_says(resumes):
-        rows = run_sweep(model, points, evaluation, store, settings, world, frames)
-    done, batched = {row["key"] for row in rows}, batching(settings, world)
-    others = [row for row in store.rows() if row["key"] not in done]
-    return rows + [row for row in others if same_batching(row, batched)]
+        rows = run_sweep(model, plans, evaluation, store, settings, world)
+    done = {row["key"] for row in rows}
+    return rows + [row for row in store.rows() if row["key"] not in done]
 
 
 def task_evaluation(

@@ -187,6 +187,7 @@ def read_jsonl(path: Path) -> list[Question]:
                 f"'question' and a non-empty list 'answers'"
                 f"{f' (missing: {missing})' if missing else ''}"
             )
+        _check_texts(row, where)
         questions.append(
             Question(
                 **_visual_files(row, path.parent, where),
@@ -198,6 +199,14 @@ def read_jsonl(path: Path) -> list[Question]:
             )
         )
     return questions
+
+
+def _check_texts(row: dict[str, Any], where: str) -> None:
+    """Refuse a JSON-lines row whose text fields hold anything but text."""
+    for key in ("image", "question", "answer_type", "question_type"):
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: '{key}' must be text, got {value!r}")
 
 
 def _visual_files(row: dict[str, Any], folder: Path, where: str) -> dict[str, Any]:
