@@ -38,7 +38,7 @@ def test_parse_variant_reads_a_mapping_whole():
 
 
 def test_export_then_show(tmp_path, capsys):
-    path = tmp_path / "deit-tome.json"
+    path = tmp_path / "configs" / "deit-tome.json"  # its folder is made
     assert main(["export", "--model", "deit_tiny_patch16_224", "tome:r=13", "-o", str(path)]) == 0
     data = json.loads(path.read_text())
     assert data["method"] == "tome" and data["options"] == {"r": 13}
@@ -106,6 +106,7 @@ def files(tmp_path_factory) -> Path:
     torch.save({"model": model.state_dict(), "path": Path("x")}, root / "objects.pth")
     (root / "not-a-folder").write_text("")
     (root / "latin1.json").write_bytes(b'{"method": "tom\xe9"}')
+    (root / "bad.yaml").write_text("method: tome\n  options: [\n")
     write_images(root / "data", {"cat": 2, "dog": 2}, size=8)
     return root
 
@@ -145,6 +146,14 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
             "zero_tprune: iterations=-1, but its iterations takes list or none",
         ),
         ("bench --model test_vit --variant tome:r", 2, "option 'r' must look like key=value"),
+        (
+            "export --model test_vit pitome:keep_ratio=0.9,bsm_layers=[99] -o {root}/x.json",
+            2,
+            "pitome: bsm_layers [99] must be block indices in 0..",
+        ),
+        (f"{EVAL} --model test_vit --checkpoint {{root}}/data", 2, "data is a folder; give the"),
+        ("show {root}/data", 2, "data is a folder; give a config file in it"),
+        ("show {root}/bad.yaml", 2, "bad.yaml: not valid YAML: mapping values are not allowed"),
         (f"{EVAL} --checkpoint {{root}}/good.safetensors --threads -1", 2, "positive whole"),
         (f"{EVAL} --checkpoint {{root}}/good.safetensors --workers -2", 2, "must be 0 or more"),
         (f"{EVAL} --checkpoint {{root}}/good.safetensors --budgets 0.5,x", 2, "comma-separated"),

@@ -253,6 +253,19 @@ def test_a_run_at_other_settings_does_not_add_to_saved_rows(
     assert [row["label"] for row in rows] == ["", "r=3", "r=2"]
 
 
+def test_a_point_given_twice_is_evaluated_once(tmp_path):
+    config = tmp_path / "tome.json"
+    config.write_text("{}")
+    twice = [sweep.parse_variant("tome:target_macs=0.6"), sweep.parse_variant("tome:r=2")]
+    points = sweep.sweep_points(["tome"], [0.6, 0.6], twice, [config, config])
+    assert [(p.method, dict(p.options), p.config) for p in points] == [
+        (None, {}, None),
+        ("tome", {"target_macs": 0.6}, None),
+        ("tome", {"r": 2}, None),
+        (None, {}, config),
+    ]
+
+
 def test_fresh_keeps_the_earlier_results_when_a_point_cannot_run(tmp_path, small, capsys):
     data, checkpoint = small
     output = tmp_path / "out"

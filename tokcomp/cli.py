@@ -27,6 +27,7 @@ from tokcomp.harness.arguments import (
     DTYPES,
     add_model_arguments,
     check_config_output,
+    check_new_file,
     device,
     non_negative_int,
     positive_int,
@@ -137,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.json:
-        _check_new_file(args.json, args.force, "--json")
+        check_new_file(args.json, args.force, "--json")
     model = create_model(args.model, args.checkpoint)
     settings = BenchSettings(
         batch_size=args.batch_size,
@@ -164,17 +165,8 @@ def _bench(args: argparse.Namespace) -> None:
     )
     print(format_table(rows))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(rows_to_json(rows, settings, **context))
-
-
-def _check_new_file(path: Path, force: bool, option: str) -> None:
-    """Refuse, before any work, an output file that would overwrite one without --force."""
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
-    if path.exists() and not force:
-        raise UsageError(
-            f"{option} {path} exists; pass --force to overwrite it, or give another file name"
-        )
 
 
 def _export(args: argparse.Namespace) -> None:

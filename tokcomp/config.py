@@ -142,21 +142,23 @@ class Config:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        """Write as JSON (.json) or YAML (.yaml/.yml)."""
+        """Write as JSON (.json) or YAML (.yaml/.yml), creating its folder if need be."""
         path = Path(path)
-        text = self.to_dict()
-        if path.suffix in (".yaml", ".yml"):
-            path.write_text(yaml.safe_dump(text, sort_keys=False))
-        elif path.suffix == ".json":
-            path.write_text(json.dumps(text, indent=2) + "\n")
-        else:
+        if path.suffix not in CONFIG_SUFFIXES:
             raise ConfigError(f"{path}: save a config as .json, .yaml or .yml")
+        data = self.to_dict()
+        yaml_file = path.suffix in (".yaml", ".yml")
+        text = yaml.safe_dump(data, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text if yaml_file else text + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
         """Read a config saved by `save` (or written by hand); clear errors on bad files."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give a config file in it")
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
@@ -173,7 +175,8 @@ class Config:
             else:
                 raise ConfigError(f"{path}: a config file ends in .json, .yaml or .yml")
         except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from None
+            where = " ".join(str(err).split())  # YAML's message spans lines
+            raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {where}") from None
         config = cls.from_dict(data, source=str(path))
         config.source = str(path)
         return config

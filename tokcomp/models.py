@@ -67,6 +67,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a local .safetensors or .pth/.pt file (a bare state dict, or one under
     'model' / 'state_dict' as training scripts commonly save)."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":

@@ -113,6 +113,12 @@ def check_config_output(path: Path, force: bool, option: str = "-o") -> None:
     --force, before any work is done."""
     if path.suffix not in CONFIG_SUFFIXES:
         raise UsageError(f"{option} {path}: a config file ends in {', '.join(CONFIG_SUFFIXES)}")
+    check_new_file(path, force, option)
+
+
+def check_new_file(path: Path, force: bool, option: str) -> None:
+    """Refuse, before any work, an output file that is a folder or would overwrite a file
+    without --force."""
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
     if path.exists() and not force:

@@ -525,6 +525,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results."""
     points = sweep_points(args.methods, args.budgets, args.variant, args.config)
+    if args.save_head:
+        _check_head_output(args)
     world, device = start_run(args)
     model = create_model(args.model, args.checkpoint).to(device)
     train, photos, test = _datasets(args, model)
@@ -604,6 +606,13 @@ def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Data
     train = limited(open_dataset(train_data, transform, "train", canvas), args.train_limit)
     test = limited(open_dataset(args.data, transform, "test", canvas), args.limit)
     return train, Photos(photo_paths(args.photos), transform), test
+
+
+def _check_head_output(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a --save-head that cannot be written."""
+    _kwargs(args)
+    if args.save_head.is_dir():
+        raise UsageError(f"--save-head {args.save_head} is a folder; give a file name")
 
 
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def sweep_points(
 ) -> list[Point]:
     """The unpruned point, then every method at every budget (by default a target fraction of
     the unpruned MACs; `budget` turns a method and a budget into a variant), then the
-    variants, then the config files."""
+    variants, then the config files; a point given twice counts once."""
     if bool(methods) != bool(budgets):
         raise ValueError(
             "--methods and --budgets go together (e.g. --methods tome --budgets 0.9,0.75); "
@@ -141,7 +141,11 @@ def sweep_points(
         )
     budgeted = [parse_variant(budget(m, b)) for m in methods for b in budgets]
     points = [Point("")] + [Point.of(v) for v in [*budgeted, *variants]]
-    return points + [Point(path.name, config=path) for path in configs]
+    points += [Point(path.name, config=path) for path in configs]
+    unique: dict[str, Point] = {}
+    for point in points:
+        unique.setdefault(json.dumps(point.identity(), sort_keys=True, default=str), point)
+    return list(unique.values())
 
 
 def point_key(fingerprint: Fingerprint, point: Point) -> str:

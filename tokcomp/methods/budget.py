@@ -40,10 +40,11 @@ def ratio_candidates(method: Method, lowest: float = 0.0) -> Iterator[Method]:
             yield method.with_options(keep_ratio=ratio, target_macs=None, schedule=None)
 
 
-def check_layers(name: str, layers: list[int] | None, depth: int) -> None:
-    """Raise ValueError unless `layers` are valid block indices of a `depth`-block model."""
+def check_layers(name: str, layers: list[int] | None, depth: int, option: str = "layers") -> None:
+    """Raise ValueError unless `layers` (option `option`) are valid block indices of a
+    `depth`-block model."""
     if layers is not None and any(not 0 <= i < depth for i in layers):
-        raise ValueError(f"{name}: layers {layers} must be block indices in 0..{depth - 1}")
+        raise ValueError(f"{name}: {option} {layers} must be block indices in 0..{depth - 1}")
 
 
 def check_ratio(name: str, ratio: float, lowest: float = 0.0) -> None:

@@ -17,7 +17,7 @@ from tokcomp.methods.base import (
     Method,
     split_match_macs,
 )
-from tokcomp.methods.budget import check_ratio, ratio_candidates, ratio_schedule
+from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
 from tokcomp.ops import MergePlan, best_match, energy_score, gather_rows
@@ -74,6 +74,7 @@ class PiToMe(BlockMethod):
         return frozenset({Signal.KEYS}) if self.metric == "keys" else frozenset()
 
     def settle(self, geometry: Geometry) -> Method:
+        check_layers(self.name, self.bsm_layers, geometry.depth, "bsm_layers")
         return self.with_options(
             margin=DEFAULT_MARGIN[geometry.attention] if self.margin is None else self.margin,
             metric=DEFAULT_METRIC.get(geometry.attention, "hidden")
