@@ -1360,7 +1360,9 @@ def test_unsupported_models_name_what_is_supported():
         tokcomp.apply(hf.LlavaModel(_built("llava").config), "zoo", keep=2)
     with pytest.raises(ValueError, match="visionzip needs the vision tower's attention"):
         tokcomp.apply(_model("qwen2_vl"), "visionzip", keep=2)
-    with pytest.raises(ValueError, match="prunes the visual tokens of a vision-language model"):
+    with pytest.raises(
+        ValueError, match="prunes the visual tokens of a Hugging Face vision-language model"
+    ):
         tokcomp.apply(tiny_vit("vit"), "fastv")
 
 

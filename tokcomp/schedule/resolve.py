@@ -28,9 +28,8 @@ def resolve(method: Method, spec: ModelSpec) -> tuple[Method, list[int]]:
         return _resolve_on_vlm(method, spec)
     if not isinstance(method, BlockMethod):
         raise ValueError(
-            f"{method.name} prunes the visual tokens of a vision-language model (LLaVA-1.5, "
-            "LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM); this is a vision encoder "
-            f"({spec.family}): use tome, pitome, diffrate, zero_tprune, evit or random"
+            f"{method.name} prunes the visual tokens of a Hugging Face vision-language model; "
+            f"this is a vision encoder ({spec.family}): use {_encoder_methods()}"
         )
     return _resolve_on_encoder(method, spec)
 
@@ -159,6 +158,12 @@ def _runnable_on(spec: VLMSpec) -> str:
         and _signals_given(method_class(name), spec)
         and _frames_given(method_class(name), spec)
     ]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _encoder_methods() -> str:
+    """The methods that run on a vision encoder, for error messages."""
+    names = [name for name in method_names() if issubclass(method_class(name), BlockMethod)]
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
