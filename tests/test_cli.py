@@ -153,6 +153,11 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
         ),
         (f"{EVAL} --model test_vit --checkpoint {{root}}/data", 2, "data is a folder; give the"),
         ("show {root}/data", 2, "data is a folder; give a config file in it"),
+        (
+            "eval imagenet --data {root}/latin1.json --checkpoint {root}/good.safetensors",
+            2,
+            "--data {root}/latin1.json is a file; images are read from a folder of class folders",
+        ),
         ("show {root}/bad.yaml", 2, "bad.yaml: not valid YAML: mapping values are not allowed"),
         (f"{EVAL} --checkpoint {{root}}/good.safetensors --threads -1", 2, "positive whole"),
         (f"{EVAL} --checkpoint {{root}}/good.safetensors --workers -2", 2, "must be 0 or more"),

@@ -17,7 +17,7 @@ from timm.data import ImageNetInfo
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
-from tokcomp.errors import TokcompError
+from tokcomp.errors import TokcompError, UsageError
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from tokcomp.harness.fashion_mnist import FashionMNIST
 from tokcomp.harness.fingerprint import file_identity
@@ -80,6 +80,11 @@ class LabelledImageFolder(ImageFolder):
 
     def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None) -> None:
         root = Path(root)
+        if root.is_file():
+            raise UsageError(
+                f"--data {root} is a file; images are read from a folder of class folders "
+                "(root/<class>/<image>)"
+            )
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} does not exist")
         super().__init__(str(root), transform=transform, loader=read_image)
