@@ -97,9 +97,7 @@ def run_backbone(setup, output, *extra):
     argv = [
         "eval",
         "backbone",
-        "--model",
-        "test_vit",
-        "--checkpoint",
+        "--checkpoint",  # it names its model: no --model (nor the default DINOv2)
         str(checkpoint),
         "--data",
         str(test),

@@ -481,14 +481,17 @@ def _global_indices(items: Dataset) -> torch.Tensor:
 
 
 # -- command line -----------------------------------------------------------------------------
+#: The model evaluated when neither --model nor --checkpoint is given.
+DEFAULT_MODEL = "dinov2_vits14"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tokcomp eval backbone`."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default="dinov2_vits14",
         help=f"timm model name or an offline pretrained one ({', '.join(OFFLINE_MODELS)}; "
-        "the default)",
+        f"the default without --checkpoint: {DEFAULT_MODEL})",
     )
     model.add_argument("--checkpoint", type=Path, help="local .safetensors/.pth weights")
     data = parser.add_argument_group("data")
@@ -525,6 +528,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Evaluate the sweep the arguments describe, print its table, save its results."""
     points = sweep_points(args.methods, args.budgets, args.variant, args.config)
+    if args.model is None and args.checkpoint is None:
+        args.model = DEFAULT_MODEL
     if args.save_head:
         _check_head_output(args)
     world, device = start_run(args)
