@@ -1386,3 +1386,10 @@ def test_random_reaches_a_macs_target_with_a_visual_token_schedule():
     assert len(config.schedule) == spec.depth + spec.llm_depth
     assert config.schedule[spec.depth :] == [config.schedule[-1]] * spec.llm_depth
     assert abs(config.macs_ratio - 0.8) < 0.05
+
+
+@pytest.mark.parametrize("option", [{"layers": [1]}, {"prop_attn": False}, {"trace_source": True}])
+def test_random_refuses_vision_transformer_options_on_a_vlm(option):
+    [name] = option
+    with pytest.raises(ValueError, match=f"random: '{name}' has no meaning on a VLM"):
+        tokcomp.apply(_model("llava"), "random", keep_ratio=0.5, **option)

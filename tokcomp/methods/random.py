@@ -58,9 +58,12 @@ class RandomPrune(BlockMethod, VisualMethod):
         return ratio_candidates(self)
 
     def check_visual_options(self) -> None:
-        if self.layers is not None:
+        defaults = {"layers": None, "prop_attn": True, "trace_source": False}
+        given = [name for name, default in defaults.items() if getattr(self, name) != default]
+        if given:
             raise ValueError(
-                "random: 'layers' has no meaning on a VLM (it prunes visual tokens once)"
+                f"random: {', '.join(map(repr, given))} has no meaning on a VLM (it prunes "
+                "visual tokens once, before the language model); drop it"
             )
 
     def reduce(
