@@ -23,14 +23,18 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
-import argparse
 import sys
 from pathlib import Path
 
 import timm
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, refusing, script_parser, timm_models
+
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.errors import UsageError
+from tokcomp.harness.arguments import non_negative_int, positive_int
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 VARIANTS = (
@@ -57,17 +61,41 @@ def floor_report(rows: list[BenchRow]) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def json_file(folder: Path, model: str, dtype: str) -> Path:
+    """Where --json FOLDER gets `model`'s rows."""
+    return folder / f"{model}-{dtype}.json"
+
+
+def check_json_folder(folder: Path, models: list[str], dtype: str, force: bool) -> None:
+    """Refuse (UsageError), before any work, a --json folder that is a file, or whose files
+    for these models would be overwritten without --force."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--json {folder} is a file; give a folder (each model's rows go in it)")
+    for model in models:
+        check_new_file(json_file(folder, model, dtype), force, "--json")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Benchmark every model; 1 if a floor is missed."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="timm model names")
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--models", type=timm_models, default=",".join(MODELS), help="timm model names"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", type=Path, help="also write each model's rows here (a folder)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="also write each model's rows here, a folder: <model>-<dtype>.json per model",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing --json files")
     args = parser.parse_args(argv)
+    if args.json:
+        with refusing(parser):
+            check_json_folder(args.json, args.models, args.dtype, args.force)
     settings = BenchSettings(
         batch_size=args.batch_size,
         dtype=args.dtype,
@@ -77,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=True,
     )
     ok = True
-    for name in args.models.split(","):
+    for name in args.models:
         torch.manual_seed(0)
         rows = benchmark(timm.create_model(name), VARIANTS, settings)
         print(
@@ -91,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= passed
         if args.json:
             args.json.mkdir(parents=True, exist_ok=True)
-            (args.json / f"{name}-{args.dtype}.json").write_text(
+            json_file(args.json, name, args.dtype).write_text(
                 rows_to_json(rows, settings, model=name)
             )
     return 0 if ok else 1

@@ -20,7 +20,6 @@ import os
 # waiting measures the model rather than its neighbours. Must precede importing torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -30,8 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, refusing, script_parser
+
 import tokcomp
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table
+from tokcomp.harness.arguments import non_negative_int, positive_int
 
 #: Part of the ideal speed-up (unpruned MACs / pruned MACs) a compressed tower must reach.
 FLOOR = 0.8
@@ -111,13 +114,17 @@ def write_json(path: Path, settings: BenchSettings, results: dict[str, list[Benc
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark on every tower; 1 if a floor is missed."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser = script_parser(__doc__)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     args = parser.parse_args(argv)
+    if args.json:
+        with refusing(parser):
+            check_new_file(args.json, args.force, "--json")
     settings = BenchSettings(
         batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, threads=args.threads
     )

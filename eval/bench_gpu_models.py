@@ -9,16 +9,20 @@ runs) through tokcomp.bench.benchmark; fp16 autocast by default on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, refusing, script_parser
+
 import tokcomp
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.harness.arguments import DTYPES, device, non_negative_int, positive_int
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,17 +64,22 @@ def variants(model: nn.Module, diffrate: Path, zero_tprune: Path | None) -> list
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Benchmark every model of MODELS (or --models) and print one table each."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--dtype", default=None, help="autocast dtype (cuda: float16, cpu: none)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = script_parser(__doc__)
+    parser.add_argument("--device", type=device, default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="autocast dtype (cuda: float16, cpu: none)"
+    )
+    parser.add_argument("--warmup", type=non_negative_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=20)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--json", type=Path, help="write every model's rows here")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write every model's rows here (overwritten)")
+    args = parser.parse_args(argv)
+    if args.json:
+        with refusing(parser):  # a folder, or a file in a folder's place (eval/gpu_check.sh
+            check_new_file(args.json, True, "--json")  # reruns overwrite their results)
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     settings = BenchSettings(
         batch_size=args.batch_size,

@@ -6,13 +6,17 @@ python eval/bench_methods.py [--batch-size 32] [--threads 2] [--json out.json]
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import timm
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, refusing, script_parser
+
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.harness.arguments import DTYPES, device, positive_int
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "deit_small_patch16_224"
 BUDGETS = (0.8, 0.65, 0.5)
@@ -32,15 +36,19 @@ def variants() -> list[Variant]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = script_parser(__doc__)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    args = parser.parse_args(argv)
+    if args.json:
+        with refusing(parser):
+            check_new_file(args.json, args.force, "--json")
     settings = BenchSettings(
         batch_size=args.batch_size,
         device=args.device,
@@ -57,6 +65,7 @@ def main() -> None:
     for row in rows[1:]:
         print(f"  {row.label:<24}{row.speedup * row.macs_ratio:6.2f}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(rows_to_json(rows, settings, model="deit_small_patch16_224"))
 
 

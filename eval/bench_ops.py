@@ -42,6 +42,10 @@ except ImportError:  # not on Windows
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, positive_ints, refusing, script_parser
+
+from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.ops import bipartite
 from tokcomp.ops.bipartite import bipartite_plan
 from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp_reference
@@ -330,19 +334,27 @@ def _environment(args: argparse.Namespace) -> dict:
     return info
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """'8,197,384' -> (8, 197, 384): batch, tokens, channels, each at least 1."""
+    values = positive_ints(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"must be B,N,C (three whole numbers), got {text!r}")
+    return tuple(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the options, run the benchmark, print the table (and write JSON if asked)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=31)
-    parser.add_argument("--inner", type=int, default=None, help="calls per timed sample")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--warmup", type=non_negative_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=31)
+    parser.add_argument("--inner", type=positive_int, default=None, help="calls per timed sample")
     parser.add_argument(
         "--shape",
         action="append",
-        type=lambda text: tuple(int(v) for v in text.split(",")),
+        type=parse_shape,
         help="B,N,C to run instead of the default shapes (repeatable)",
     )
     parser.add_argument("--route", default="compiled", choices=["compiled", "cupy"])
@@ -350,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         "--ops", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of cases to run"
     )
     parser.add_argument("--check", action="store_true", help="also report max |diff| vs ref")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the results here (overwritten)"
+    )
     args = parser.parse_args(argv)
+    if args.json is not None:
+        with refusing(parser):  # a folder, or a file in a folder's place (eval/gpu_check.sh
+            check_new_file(args.json, True, "--json")  # reruns overwrite their results)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -27,18 +27,22 @@ in it:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
+
 import tokcomp
 from tokcomp.bench import timed
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, interleaved
 from tokcomp.methods import VisualTokens, create_method
 from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
@@ -253,17 +257,21 @@ def greedy_runs(visual: VisualTokens) -> dict[str, Callable]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: fit)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--layers", type=positive_int, default=None, help="decoder layers (default: fit)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch threads (1: on a shared 2-core machine the second core is busy elsewhere, "
         "and the pruned prefill's short matmuls scale worse over two)",
     )
-    parser.add_argument("--images", type=int, default=3, help="images for ZOO's cost and sketch")
+    parser.add_argument(
+        "--images", type=positive_int, default=3, help="images for ZOO's cost and sketch"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     layers = args.layers or layers_that_fit()

@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
-import argparse
 import sys
 from pathlib import Path
 from statistics import median
@@ -31,8 +30,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import IMAGE_TOKEN, KEEP, build
+from script_args import positive_ints, script_parser
 
 import tokcomp
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 NEW_TOKENS, HEADLINE_BATCH, HEADLINE_FLOOR = 32, 8, 1.5
@@ -120,12 +121,18 @@ def verdict(rows: list[tuple]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Benchmark every batch size; 1 if a floor is missed."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,2,4,8,16", help="batch sizes, comma separated")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers (LLaVA-1.5: 32)")
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--batches", type=positive_ints, default="1,2,4,8,16", help="batch sizes, comma separated"
+    )
+    parser.add_argument(
+        "--layers", type=positive_int, default=16, help="decoder layers (LLaVA-1.5: 32)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per batch size")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="timed rounds per batch size"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -139,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     columns = ("unpruned tok/s", "pruned tok/s")
     print(f"{'batch':>6s} {columns[0]:>14s} {columns[1]:>14s} {'speed-up':>10s} {'spread %':>8s}")
-    sizes = [int(size) for size in args.batches.split(",")]
-    return 0 if verdict(measure(model, sizes, args.rounds, dtype)) else 1
+    return 0 if verdict(measure(model, args.batches, args.rounds, dtype)) else 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -33,8 +32,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import KEEP, build, inputs, layers_that_fit
+from script_args import script_parser
 
 import tokcomp
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, PrefillTimer, Speedup, interleaved
 from tokcomp.methods import method_class
 from tokcomp.methods.visual import VisualSignal
@@ -144,11 +145,15 @@ def _ratio(speedup: Speedup) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--methods", default=",".join(IMAGE_METHODS))
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: fit)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (see bench_vlm)")
+    parser.add_argument(
+        "--layers", type=positive_int, default=None, help="decoder layers (default: fit)"
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument(
+        "--threads", type=positive_int, default=1, help="torch threads (see bench_vlm)"
+    )
     args = parser.parse_args(argv)
     methods = [name for name in args.methods.split(",") if name]
     unknown = sorted(set(methods) - set(IMAGE_METHODS))

@@ -55,7 +55,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
-import argparse
 import math
 import statistics
 import sys
@@ -69,11 +68,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import PROMPT, materialise
 from bench_vlm_methods import contenders, print_rows, table
+from script_args import refusing, script_parser
 
 import tokcomp
 from tokcomp.bench import parse_variant
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import interleaved
-from tokcomp.methods import method_class
+from tokcomp.methods import create_method, method_class
 from tokcomp.methods.dycoke import merged_kept
 
 CPU = torch.device("cpu")
@@ -215,12 +216,16 @@ def amdahl(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=8, help="decoder layers (Qwen2-7B: 28)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed rounds after a warm-up")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--frames", type=positive_int, default=8)
+    parser.add_argument(
+        "--layers", type=positive_int, default=8, help="decoder layers (Qwen2-7B: 28)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=2, help="timed rounds after a warm-up"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--tiny", action="store_true", help="toy widths: a smoke run")
     parser.add_argument(
         "--tower",
@@ -234,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: {unknown} are not visual-token methods; choose from {METHODS}")
-    if args.frames < 1 or args.layers < 1 or args.repeats < 1:
-        parser.error("--frames, --layers and --repeats are whole numbers >= 1")
+    if args.tower is not None:
+        with refusing(parser):  # the tower's method and options, before the model is built
+            create_method(args.tower["tower"], **args.tower["tower_options"])
     torch.set_num_threads(args.threads)
     model = build(TINY if args.tiny else ONEVISION, args.layers)
     tokens = args.frames * tokens_per_frame(model)

@@ -13,7 +13,6 @@ per budget, the mean Jaccard index of the two kept sets of each image.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -26,8 +25,11 @@ from typing import ClassVar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
 
 from tokcomp.cli import main as tokcomp_main
+from tokcomp.harness.arguments import positive_int
 from tokcomp.methods import VisualTokens, dart
 from tokcomp.methods.registry import register
 
@@ -69,12 +71,12 @@ class ShuffledDART(dart.DART):
             return super().select(visual, keep)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=5000)
+def main(argv: list[str] | None = None) -> int:
+    parser = script_parser(__doc__)
+    parser.add_argument("--limit", type=positive_int, default=5000)
     parser.add_argument("--budgets", default="0.1875,0.4375")
     parser.add_argument("--output", default="results/dart-pivot-order")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sweep = ["--methods", "dart,dart_shuffled", "--budgets", args.budgets, "--output", args.output]
     data = ["--data", "easy-vqa", "--limit", str(args.limit), "--threads", "1"]
     code = tokcomp_main(["eval", "vqa", *data, *sweep])

@@ -10,7 +10,6 @@ two accuracies cannot.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
@@ -20,12 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import refusing, script_parser
 
 import tokcomp
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.data import limited
 from tokcomp.harness.imagenet import autocast_to, model_dataset
-from tokcomp.harness.sweep import Point, add_sweep_arguments, sweep_points
+from tokcomp.harness.sweep import Point, add_sweep_arguments, resolve, sweep_points
 from tokcomp.models import create_model
 
 CPU = torch.device("cpu")
@@ -94,7 +95,7 @@ def describe(point: Point) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Print, per setting, float32 and bfloat16 accuracy and their paired difference."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--limit", type=positive_int)
@@ -103,12 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
+    with refusing(parser):  # every setting applied once: a bad option or config is refused
         points = sweep_points(args.methods, args.budgets, args.variant, args.config)
         model = create_model(checkpoint=args.checkpoint).eval()
+        for point in points:
+            resolve(model, point)
         dataset = limited(model_dataset(args.data, model), args.limit)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
     loader = DataLoader(dataset, args.batch_size, num_workers=2)
     print(f"{args.checkpoint}, {len(dataset)} images of {args.data}, float32 vs bfloat16")
     header = ("setting", "float32", "bfloat16", "Δ", "± SE", "gained", "lost")

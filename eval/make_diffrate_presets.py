@@ -10,11 +10,14 @@ effective counts, which give exactly the released inference behaviour.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import REPO, refusing, script_parser
 
 import tokcomp
 
@@ -67,12 +70,40 @@ def write_presets(published: dict, output: Path) -> list[Path]:
     return written
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def read_published(path: Path) -> dict:
+    """The published schedules file, refused (ValueError, FileNotFoundError) unless it holds
+    both lists of every model of MODELS."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; give diffrate_published_schedules.json")
+    try:
+        published = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    schedules = published.get("schedules") if isinstance(published, dict) else None
+    if not isinstance(schedules, dict):
+        raise ValueError(f'{path}: no "schedules" object; is it diffrate_published_schedules.json?')
+    for key in MODELS:
+        entries = schedules.get(key)
+        if not isinstance(entries, dict) or not all(
+            isinstance(lists, dict) and {"prune_kept", "merge_kept"} <= lists.keys()
+            for lists in entries.values()
+        ):
+            raise ValueError(
+                f'{path}: "schedules" lacks {key!r} with prune_kept and merge_kept per GMACs'
+            )
+    return published
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = script_parser(__doc__)
     parser.add_argument("published", type=Path, help="diffrate_published_schedules.json")
-    parser.add_argument("--output", type=Path, default=Path("configs"))
-    args = parser.parse_args()
-    write_presets(json.loads(args.published.read_text()), args.output)
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "configs", help="presets folder (the repository's)"
+    )
+    args = parser.parse_args(argv)
+    with refusing(parser):
+        published = read_published(args.published)
+    write_presets(published, args.output)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import method_name, refusing, script_parser
 
 import tokcomp
+from tokcomp.harness.arguments import positive_int, timm_model
 
 
 def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
@@ -69,22 +72,38 @@ def median_ms(calls: dict, rounds: int) -> dict:
     return {key: statistics.median(values) * 1e3 for key, values in times.items()}
 
 
+def python_option(text: str) -> tuple[str, object]:
+    """'target_macs=0.6' -> ('target_macs', 0.6): a method option, its value a Python
+    literal."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"must look like key=value, got {text!r}")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the value must be a Python literal such as 0.6, 13, True or 'text'"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print, per dtype, each block's attention time against its N^2 share."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--method", default="tome")
-    parser.add_argument("--option", action="append", default=[], help="key=value (python)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser = script_parser(__doc__)
+    parser.add_argument("--model", type=timm_model, default="deit_small_patch16_224")
+    parser.add_argument("--method", type=method_name("vision"), default="tome")
+    parser.add_argument(
+        "--option", action="append", type=python_option, default=[], help="key=value (python)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=9)
     args = parser.parse_args(argv)
-    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.option)}
-    options = options or ({"r": 13} if args.method == "tome" else {})
+    options = dict(args.option) or ({"r": 13} if args.method == "tome" else {})
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    with refusing(parser):  # the method's options, on the model, before any timing
+        counts = attended_counts(args.model, args.method, options)
     attn = timm.create_model(args.model).blocks[0].attn
-    counts = attended_counts(args.model, args.method, options)
     print(f"{args.model} {args.method} {options}: tokens attended per block {counts}")
     for dtype in (torch.bfloat16, torch.float32):
         calls = {}

@@ -20,7 +20,6 @@ share one direction (a shift a frozen head reads on every image) or point anywhe
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -31,9 +30,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import check_new_file, fraction, refusing, script_parser
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.backbone import Photos, photo_paths
 from tokcomp.harness.data import FASHION_MNIST, limited, open_dataset
 from tokcomp.harness.imagenet import data_config, model_transform
@@ -306,11 +308,11 @@ def test_images(model: torch.nn.Module, count: int) -> torch.Tensor:
     return torch.stack([data[i][0] for i in range(len(data))])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = script_parser(__doc__)
     parser.add_argument("--photos", default="foolbox-cifar+skimage")
-    parser.add_argument("--target", type=float, default=0.6, help="fraction of the MACs")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--target", type=fraction, default=0.6, help="fraction of the MACs")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument(
         "--part",
         choices=("stats", "ablate", "both", "coherence"),
@@ -318,12 +320,17 @@ def main() -> None:
         help="coherence: how systematic each method's class-token errors are, on --test-images "
         "Fashion-MNIST test images (not the photos)",
     )
-    parser.add_argument("--test-images", type=int, default=160)
+    parser.add_argument("--test-images", type=positive_int, default=160)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    args = parser.parse_args(argv)
+    with refusing(parser):  # the output and the photos, before the model
+        if args.json:
+            check_new_file(args.json, args.force, "--json")
+        paths = photo_paths(args.photos)
     torch.set_num_threads(args.threads)
     model = create_model("dinov2_vits14")
-    photos = Photos(photo_paths(args.photos), model_transform(data_config(model)))
+    photos = Photos(paths, model_transform(data_config(model)))
     images = torch.stack([photos[i][0] for i in range(len(photos))])
     results = {"photos": args.photos, "images": len(photos)}
     if args.part in ("stats", "both"):
@@ -339,6 +346,7 @@ def main() -> None:
             model, test_images(model, args.test_images), args.target
         )
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
 
 

@@ -18,7 +18,6 @@ the lost mass and how much the lost spread.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the training script's helpers
+from script_args import REPO, fractions_of_one, refusing, script_parser
 from train_vit_fmnist import normalize, patch_brightness
 
 import tokcomp
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.data import limited
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, load_arrays, place_at_fixed_offsets
 from tokcomp.harness.imagenet import canvas_of
@@ -40,6 +41,9 @@ from tokcomp.methods.budget import ratio_schedule
 from tokcomp.methods.state import Signal, Signals, TokenState, rank_by_score
 from tokcomp.models import create_model
 from tokcomp.ops import MergePlan
+
+#: The shipped Fashion-MNIST ViT (eval/train_vit_fmnist.py), wherever the script is run from.
+CHECKPOINT = REPO / "eval" / "models" / "vit-fmnist" / "model.safetensors"
 
 Score = Callable[[TokenState, Signals], torch.Tensor]
 
@@ -99,15 +103,23 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ora
 
 def main(argv: list[str] | None = None) -> None:
     """Print top-1 of every rule at every keep ratio."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="eval/models/vit-fmnist/model.safetensors")
-    p.add_argument("--limit", type=int, default=2000, help="test images, as the harness picks them")
-    p.add_argument("--keep-ratios", default="0.7,0.55", help="kept fraction at blocks 3, 6, 9")
+    p = script_parser(__doc__)
+    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    p.add_argument(
+        "--limit", type=positive_int, default=2000, help="test images, as the harness picks them"
+    )
+    p.add_argument(
+        "--keep-ratios",
+        type=fractions_of_one,
+        default="0.7,0.55",
+        help="kept fraction at blocks 3, 6, 9",
+    )
     p.add_argument("--fuse", action="store_true", help="also run each ranking with fusion")
     args = p.parse_args(argv)
     torch.manual_seed(0)  # the oracle's tie-breaking noise
-    model = create_model(checkpoint=args.checkpoint).eval()
-    images, labels = load_arrays(DEFAULT_ROOT, "test")
+    with refusing(p):  # the checkpoint and the data, before any pass
+        model = create_model(checkpoint=args.checkpoint).eval()
+        images, labels = load_arrays(DEFAULT_ROOT, "test")
     pick = torch.tensor(list(limited(range(len(images)), args.limit)))  # the harness's subset
     images = torch.from_numpy(images.copy())
     canvas = canvas_of(model)
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         "garment-oracle": oracle,
     }
     print(f"unpruned: {top1(model, images, labels, oracle):.2f}")
-    for ratio in (float(r) for r in args.keep_ratios.split(",")):
+    for ratio in args.keep_ratios:
         tokcomp.apply(model, "random", keep_ratio=ratio, layers=[3, 6, 9])
         macs = tokcomp.config_of(model).macs_ratio
         results = {"random": top1(model, images, labels, oracle)}

@@ -29,8 +29,11 @@ import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
 
 from tokcomp.bench import BASELINE, Variant, compiled, runner, variant_model
+from tokcomp.harness.arguments import positive_int, timm_model
 
 VARIANTS = (
     BASELINE,
@@ -72,12 +75,12 @@ def self_ms(forward: Callable[[], object]) -> collections.Counter:
 
 def main(argv: list[str] | None = None) -> None:
     """Print the per-group table, summed over `--rounds` profiled calls of each model."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser = script_parser(__doc__)
+    parser.add_argument("--model", type=timm_model, default="deit_small_patch16_224")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument(
         "--kernels",
         action="store_true",

@@ -8,7 +8,6 @@ VLM this reports both methods' accuracy and MACs (tokcomp's VQA sweep).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,11 @@ from typing import ClassVar
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
 
 from tokcomp.cli import main as tokcomp_main
+from tokcomp.harness.arguments import positive_int
 from tokcomp.methods import VisualTokens
 from tokcomp.methods.registry import register
 from tokcomp.methods.sparsevlm import SparseVLM
@@ -42,12 +44,12 @@ class UnrecycledSparseVLM(SparseVLM):
         return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=5000)
+def main(argv: list[str] | None = None) -> int:
+    parser = script_parser(__doc__)
+    parser.add_argument("--limit", type=positive_int, default=5000)
     parser.add_argument("--budgets", default="0.5,0.25,0.125")
     parser.add_argument("--output", default="results/sparsevlm-recycling")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     methods = "sparsevlm,sparsevlm_unrecycled"
     sweep = ["--methods", methods, "--budgets", args.budgets, "--output", args.output]
     data = ["--data", "easy-vqa", "--limit", str(args.limit), "--threads", "1"]

@@ -62,6 +62,10 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import REPO, refusing, script_parser
+
+from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.fashion_mnist import (
     CANVAS_KEY,
     CLASSES,
@@ -79,19 +83,39 @@ STD = 0.3530
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the ones used for the shipped model."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_garment_sizes(p, args)
+    if args.canvas < IMAGE_SIZE:
+        p.error(f"--canvas must be at least {IMAGE_SIZE} (a Fashion-MNIST image's side)")
+    if args.coarse_epochs == 0 and args.epochs == 0:
+        p.error("--coarse-epochs and --epochs are both 0: nothing to train")
+    if args.init and not Path(args.init).is_file():
+        p.error(f"--init {args.init}: no such file; give a model.safetensors")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (see parse_args)."""
+    p = script_parser(__doc__)
     p.add_argument("--data-root", default=DEFAULT_ROOT)
-    p.add_argument("--out", default="eval/models/vit-fmnist", help="output folder")
-    p.add_argument("--coarse-epochs", type=int, default=20, help="stage-1 epochs (0: none)")
-    p.add_argument("--coarse-patch", type=int, default=4, help="stage-1 patch size")
+    p.add_argument(
+        "--out", default=str(REPO / "eval" / "models" / "vit-fmnist"), help="output folder"
+    )
+    p.add_argument(
+        "--coarse-epochs", type=non_negative_int, default=20, help="stage-1 epochs (0: none)"
+    )
+    p.add_argument("--coarse-patch", type=positive_int, default=4, help="stage-1 patch size")
     p.add_argument("--coarse-lr", type=float, default=1e-3, help="stage-1 peak LR")
     p.add_argument("--coarse-warmup-epochs", type=float, default=0.5)
-    p.add_argument("--epochs", type=int, default=4, help="final-stage epochs at --patch-size")
-    p.add_argument("--patch-size", type=int, default=2, help="final patch size (2: 14x14)")
+    p.add_argument(
+        "--epochs", type=non_negative_int, default=4, help="final-stage epochs at --patch-size"
+    )
+    p.add_argument("--patch-size", type=positive_int, default=2, help="final patch size (2: 14x14)")
     p.add_argument("--lr", type=float, default=5e-4, help="final-stage peak LR")
     p.add_argument("--warmup-epochs", type=float, default=0.2, help="final-stage warmup")
     p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0)
@@ -105,14 +129,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--foreground-threshold",
-        type=int,
+        type=non_negative_int,
         default=25,
         help="a patch whose mean pixel (0-255) exceeds this counts as garment",
     )
-    p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels")
+    p.add_argument("--pad", type=non_negative_int, default=2, help="random-crop padding in pixels")
     p.add_argument(
         "--canvas",
-        type=int,
+        type=positive_int,
         default=IMAGE_SIZE,
         help="model input size; above 28, each garment is pasted at a random place on a black "
         "canvas this size (test images: one fixed place each), like an object in a photo",
@@ -127,17 +151,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "garment covers says nothing about its class, as RandomResizedCrop does for DeiT",
     )
     p.add_argument("--no-flip", action="store_true", help="disable random horizontal flip")
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--num-heads", type=int, default=3)
-    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--embed-dim", type=positive_int, default=96)
+    p.add_argument("--num-heads", type=positive_int, default=3)
+    p.add_argument("--depth", type=positive_int, default=12)
     p.add_argument(
         "--registers",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="register tokens (Darcet et al. 2024) next to the class token",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument(
         "--fused-attn",
@@ -146,19 +170,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--eval-images",
-        type=int,
+        type=non_negative_int,
         default=2000,
         help="test images used by the per-epoch monitoring eval (the final eval uses all)",
     )
-    p.add_argument("--limit-steps", type=int, default=0, help="debug: stop each epoch early")
+    p.add_argument(
+        "--limit-steps", type=non_negative_int, default=0, help="debug: stop each epoch early"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore an existing resume file")
     p.add_argument(
         "--init",
         help="start from this model.safetensors (its patch size must match the first stage)",
     )
-    args = p.parse_args(argv)
-    check_garment_sizes(p, args)
-    return args
+    return p
 
 
 def check_garment_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -453,13 +477,14 @@ def main(argv: list[str] | None = None) -> None:
         # 197 tokens; numerically the same model (loading later may use fused attention).
         timm.layers.set_fused_attn(False)
 
+    with refusing(build_parser()):  # the data, before any output
+        train_x, train_y = load_arrays(args.data_root, "train")
+        test_x, test_y = load_arrays(args.data_root, "test")
     out = Path(args.out)
     state_dir = out / ".train_state"
     state_dir.mkdir(parents=True, exist_ok=True)
     resume_path = state_dir / "last.pt"
 
-    train_x, train_y = load_arrays(args.data_root, "train")
-    test_x, test_y = load_arrays(args.data_root, "test")
     train_x = torch.from_numpy(train_x.copy())
     train_y = torch.from_numpy(train_y.astype(np.int64))
     test_x = torch.from_numpy(test_x.copy())

@@ -69,6 +69,10 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import REPO, script_parser
+
+from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_image
 from tokcomp.harness.vqa_data import Question, read_easy_vqa
 from tokcomp.harness.vqa_prompt import POST_PROMPT, messages
@@ -91,12 +95,15 @@ COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the ones used for the shipped model."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("eval/models/vlm-easyvqa"))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--images-per-step", type=int, default=64)
+    p = script_parser(__doc__)
+    p.add_argument("--out", type=Path, default=REPO / "eval" / "models" / "vlm-easyvqa")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--images-per-step", type=positive_int, default=64)
     p.add_argument(
-        "--questions-per-image", type=int, default=2, help="questions drawn per image (0: all)"
+        "--questions-per-image",
+        type=non_negative_int,
+        default=2,
+        help="questions drawn per image (0: all)",
     )
     add_optimizer_options(p)
     p.add_argument(
@@ -105,9 +112,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
     )
-    p.add_argument("--min-visual", type=int, default=4, help="fewest visual tokens a cut keeps")
+    p.add_argument(
+        "--min-visual", type=positive_int, default=4, help="fewest visual tokens a cut keeps"
+    )
     add_architecture_options(p)
-    p.add_argument("--monitor", type=int, default=1000, help="test questions checked per epoch")
+    p.add_argument(
+        "--monitor", type=positive_int, default=1000, help="test questions checked per epoch"
+    )
     add_run_options(p)
     return p.parse_args(argv)
 
@@ -125,21 +136,23 @@ def add_optimizer_options(p: argparse.ArgumentParser) -> None:
 
 def add_architecture_options(p: argparse.ArgumentParser) -> None:
     """The model's size options (both training scripts)."""
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-width", type=int, default=128)
-    p.add_argument("--vision-depth", type=int, default=4)
-    p.add_argument("--text-width", type=int, default=192)
-    p.add_argument("--text-depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--image-size", type=positive_int, default=64)
+    p.add_argument("--patch-size", type=positive_int, default=8)
+    p.add_argument("--vision-width", type=positive_int, default=128)
+    p.add_argument("--vision-depth", type=positive_int, default=4)
+    p.add_argument("--text-width", type=positive_int, default=192)
+    p.add_argument("--text-depth", type=positive_int, default=4)
+    p.add_argument("--heads", type=positive_int, default=4)
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Seed, threads, precision, smoke-test and restart options (both training scripts)."""
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
-    p.add_argument("--limit-steps", type=int, default=0, help="smoke test: steps per epoch")
+    p.add_argument(
+        "--limit-steps", type=non_negative_int, default=0, help="smoke test: steps per epoch"
+    )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
 
 

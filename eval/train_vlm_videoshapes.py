@@ -62,6 +62,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling train_vlm_easyvqa
+from script_args import REPO, script_parser
 from train_vlm_easyvqa import (
     BOS,
     EOS,
@@ -81,6 +82,7 @@ from train_vlm_easyvqa import (
     word_tokenizer,
 )
 
+from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_video
 from tokcomp.harness.video_shapes import (
     COLOURS,
@@ -107,18 +109,23 @@ CHAT_TEMPLATE = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; the defaults are the ones used for the shipped model."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("eval/models/vlm-videoshapes"))
-    p.add_argument("--train-clips", type=int, default=4000)
-    p.add_argument("--test-clips", type=int, default=250, help="clips of the final evaluation")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--clips-per-step", type=int, default=32)
+    p = script_parser(__doc__)
+    p.add_argument("--out", type=Path, default=REPO / "eval" / "models" / "vlm-videoshapes")
+    p.add_argument("--train-clips", type=positive_int, default=4000)
     p.add_argument(
-        "--questions-per-clip", type=int, default=0, help="questions drawn per clip (0: all)"
+        "--test-clips", type=positive_int, default=250, help="clips of the final evaluation"
+    )
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--clips-per-step", type=positive_int, default=32)
+    p.add_argument(
+        "--questions-per-clip",
+        type=non_negative_int,
+        default=0,
+        help="questions drawn per clip (0: all)",
     )
     add_optimizer_options(p)
     add_architecture_options(p)
-    p.add_argument("--monitor", type=int, default=150, help="test clips checked per epoch")
+    p.add_argument("--monitor", type=positive_int, default=150, help="test clips checked per epoch")
     add_run_options(p)
     return p.parse_args(argv)
 

@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,12 +19,14 @@ import torch
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_args import fraction, method_names, refusing, script_parser
 from train_vlm_videoshapes import greedy_accuracy
 
 import tokcomp
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.video_shapes import question_rows
-from tokcomp.harness.vqa import VIDEO_MODEL
-from tokcomp.methods import method_class
+from tokcomp.harness.vqa import VIDEO_MODEL, model_location
+from tokcomp.methods import create_method, method_class
 
 
 def budget(method: str, keep: float) -> dict[str, float]:
@@ -35,20 +36,34 @@ def budget(method: str, keep: float) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print one JSON line per method: its accuracy per answer type, question kind and all."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="divprune,random,vispruner")
-    parser.add_argument("--keep", type=float, default=0.25)
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--methods",
+        type=method_names("vlm"),
+        default="divprune,random,vispruner",
+        help="visual-token methods, comma separated",
+    )
+    parser.add_argument("--keep", type=fraction, default=0.25, help="share of the visual tokens")
     parser.add_argument("--positions", default="keep", choices=("keep", "renumber"))
-    parser.add_argument("--clips", type=int, default=50, help="test clips (6 questions each)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clips", type=positive_int, default=50, help="test clips (6 questions each)"
+    )
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
+    settings = {
+        method: {**budget(method, args.keep), "positions": args.positions}
+        for method in args.methods
+    }
+    with refusing(parser):  # each method's options and the model's folder, before it loads
+        for method, options in settings.items():
+            create_method(method, **options)
+        where = model_location(VIDEO_MODEL)
     torch.set_num_threads(args.threads)
-    processor = AutoProcessor.from_pretrained(VIDEO_MODEL)
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(VIDEO_MODEL).eval()
+    processor = AutoProcessor.from_pretrained(where)
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(where).eval()
     rows = list(question_rows("test", args.clips, seed=0))
     print(json.dumps({"method": "unpruned", **greedy_accuracy(model, processor, rows)}))
-    for method in args.methods.split(","):
-        options = {**budget(method, args.keep), "positions": args.positions}
+    for method, options in settings.items():
         tokcomp.apply(model, method, **options)
         accuracy = greedy_accuracy(model, processor, rows)
         print(json.dumps({"method": method, **options, **accuracy}), flush=True)

@@ -36,7 +36,7 @@ from tokcomp.models import create_model
 from tokcomp.search import diffrate, zero_tprune
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (the usage text is in --help)."""
 
     def error(self, message: str) -> NoReturn:
@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    parser = _Parser(prog="tokcomp", description=__doc__)
+    parser = OneLineParser(prog="tokcomp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser(
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: Errors raised by checks on what was asked (library code raises these for bad options,
 #: files or configs): usage. Failures of the run itself (torch, the system): runtime.
-_USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 _RUNTIME_ERRORS = (OSError, RuntimeError, FloatingPointError, MemoryError)
 
 
@@ -235,7 +235,7 @@ def _exit_code(err: BaseException) -> int | None:
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return INTERRUPTED
-    if isinstance(err, _USAGE_ERRORS):
+    if isinstance(err, USAGE_ERRORS):
         return USAGE
     if isinstance(err, _RUNTIME_ERRORS):
         return RUNTIME

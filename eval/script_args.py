@@ -1,0 +1,118 @@
+"""The command line the eval scripts share with `tokcomp` (tokcomp/cli.py): a value or a file
+that cannot work is refused before any long work, in one line that names the option and the
+fix, with exit code 2. The argument types of tokcomp.harness.arguments (positive_int, device,
+DTYPES...) are the rules; this module adds the parser, the refusal of what tokcomp's own
+checks reject, and the list types the scripts take.
+
+A script imports it from eval/ (sys.path[0] when the script is run)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tokcomp.api import methods
+from tokcomp.cli import USAGE_ERRORS, OneLineParser
+from tokcomp.errors import UsageError
+from tokcomp.harness import arguments
+from tokcomp.harness.arguments import names, positive_int, timm_model
+
+#: The repository: the scripts' default paths are relative to it, not to where they are run.
+REPO = Path(__file__).resolve().parent.parent
+
+
+def check_new_file(path: Path, force: bool, option: str) -> None:
+    """Refuse (UsageError), before any work, an output file that is a folder or would be
+    overwritten without --force (tokcomp.harness.arguments.check_new_file, `tokcomp bench
+    --json`'s rule), or whose folder cannot be made because a file stands in its place."""
+    arguments.check_new_file(path, force, option)
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of `doc`: a usage error is one line
+    (`tokcomp`'s parser) and exit code 2."""
+    return OneLineParser(description=doc.split("\n\n")[0])
+
+
+@contextlib.contextmanager
+def refusing(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Inside the block (the checks before the long work), an error about what was asked
+    (what `tokcomp` counts as usage: a value tokcomp refuses, a missing file) ends the script
+    through `parser.error`: its first line, exit code 2."""
+    try:
+        yield
+    except USAGE_ERRORS as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        parser.error(lines[0])
+
+
+def positive_ints(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], each a whole number of at least 1."""
+    values = [positive_int(item) for item in names(text)]
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}")
+    return values
+
+
+def timm_models(text: str) -> list[str]:
+    """'deit_small_patch16_224,vit_base_patch16_224' -> the names, each one timm knows."""
+    values = [timm_model(item) for item in names(text)]
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated timm model names, got {text!r}")
+    return values
+
+
+def method_names(kind: str | None = None) -> Callable[[str], list[str]]:
+    """The type of a comma list of tokcomp method names (of `kind`: see `tokcomp.methods`)."""
+    known = methods(kind)
+
+    def parse(text: str) -> list[str]:
+        values = names(text)
+        unknown = [name for name in values if name not in known]
+        if unknown or not values:
+            what = f"{kind} methods" if kind else "methods"
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(unknown) or repr(text)}: not among tokcomp's {what}; choose from "
+                f"{', '.join(known)}"
+            )
+        return values
+
+    return parse
+
+
+def method_name(kind: str | None = None) -> Callable[[str], str]:
+    """The type of one tokcomp method name (of `kind`)."""
+    several = method_names(kind)
+
+    def parse(text: str) -> str:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"takes one method name, got {text!r}")
+        return several(text)[0]
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def fractions_of_one(text: str) -> list[float]:
+    """'0.7,0.55' -> [0.7, 0.55], each in (0, 1]."""
+    values = [fraction(item) for item in names(text)]
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated fractions in (0, 1], got {text!r}"
+        )
+    return values

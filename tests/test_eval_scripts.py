@@ -1,0 +1,156 @@
+"""The eval scripts refuse bad input as the `tokcomp` command does: one line on stderr that
+names the option, exit code 2, before any long work (which each test replaces by a failure)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_vit
+from fixtures import EVAL, eval_script
+
+from tokcomp.methods import registry
+
+
+def long_work(*args, **kwargs):
+    raise AssertionError("the long work started before the bad input was refused")
+
+
+class LongLoad:
+    from_pretrained = staticmethod(long_work)
+
+
+def refused(script: str, argv: list[str], option: str, capsys, monkeypatch, **patched) -> str:
+    """Run eval/<script>.py's main(argv) with `patched` globals; its stderr line."""
+    module = eval_script(script)
+    for name, value in patched.items():
+        monkeypatch.setattr(module, name, value)
+    with pytest.raises(SystemExit) as done:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert option in err, err
+    return err
+
+
+CASES = [
+    ("dtype_agreement", ["--methods", "tome", "--budgets", "2"], "target_macs", {}),
+    ("dtype_agreement", ["--variant", "tome:rr=1"], "rr", {}),
+    ("video_question_kinds", ["--methods", "nosuch"], "--methods", {}),
+    ("video_question_kinds", ["--keep", "5"], "--keep", {}),
+    ("video_question_kinds", ["--clips", "0"], "--clips", {}),
+    ("bench_methods", ["--batch-size", "0"], "--batch-size", {"benchmark": long_work}),
+    ("bench_methods", ["--batch-size", "-3"], "--batch-size", {"benchmark": long_work}),
+    ("bench_methods", ["--device", "tpu"], "--device", {"benchmark": long_work}),
+    ("bench_methods", ["--repeats", "0"], "--repeats", {"benchmark": long_work}),
+    ("bench_methods", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
+    ("bench_encoders", ["--batch-size", "0"], "--batch-size", {"run_tower": long_work}),
+    ("bench_encoders", ["--device", "tpu"], "--device", {"run_tower": long_work}),
+    ("probe_cpu_attention", ["--method", "nosuch"], "--method", {"median_ms": long_work}),
+    ("probe_cpu_attention", ["--option", "r"], "--option", {"median_ms": long_work}),
+    ("bench_vlm_generate", ["--batches", "0,abc"], "--batches", {"build": long_work}),
+    ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
+    ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
+    ("bench_ops", ["--shape", "1,2"], "--shape", {"run": long_work}),
+    ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),
+    ("bench_vlm_methods", ["--repeats", "0"], "--repeats", {"build": long_work}),
+    ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
+    ("probe_dinov2_attention", ["--target", "2"], "--target", {"create_model": long_work}),
+    ("profile_compiled", ["--model", "nosuch"], "--model", {"runner": long_work}),
+    ("probe_selection", ["--keep-ratios", "2"], "--keep-ratios", {"create_model": long_work}),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "option", "patched"), CASES)
+def test_bad_input_is_one_line_and_exit_code_2_before_the_work(
+    script, argv, option, patched, capsys, monkeypatch
+):
+    if script == "dtype_agreement":  # a tiny model in place of the checkpoint; no data read
+        argv = ["--checkpoint", "model.safetensors", "--data", "fashion-mnist", *argv]
+        patched = {
+            "create_model": lambda **_: tiny_vit(),
+            "model_dataset": long_work,
+            "compare": long_work,
+        }
+    if script == "video_question_kinds":
+        patched = {"AutoProcessor": LongLoad, "LlavaOnevisionForConditionalGeneration": LongLoad}
+    refused(script, argv, option, capsys, monkeypatch, **patched)
+
+
+def test_a_malformed_config_is_refused_before_the_data(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": ')
+    argv = ["--checkpoint", "m.safetensors", "--data", "fashion-mnist", "--config", str(bad)]
+    patched = {"create_model": lambda **_: tiny_vit(), "model_dataset": long_work}
+    err = refused("dtype_agreement", argv, str(bad), capsys, monkeypatch, **patched)
+    assert "not valid JSON" in err
+
+
+@pytest.mark.parametrize("script", ["bench_methods", "bench_encoders"])
+def test_an_existing_json_output_needs_force(script, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "rows.json"
+    out.write_text("{}")
+    patched = {"benchmark": long_work} if script == "bench_methods" else {"run_tower": long_work}
+    err = refused(script, ["--json", str(out)], "--force", capsys, monkeypatch, **patched)
+    assert "--json" in err
+
+
+def test_bench_compile_checks_its_json_folder_before_the_run(tmp_path, capsys, monkeypatch):
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    argv = ["--models", "deit_small_patch16_224", "--json", str(taken)]
+    err = refused("bench_compile", argv, "--json", capsys, monkeypatch, benchmark=long_work)
+    assert "give a folder" in err
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "deit_small_patch16_224-float32.json").write_text("{}")
+    argv = ["--models", "deit_small_patch16_224", "--json", str(tmp_path / "rows")]
+    refused("bench_compile", argv, "--force", capsys, monkeypatch, benchmark=long_work)
+
+
+@pytest.mark.parametrize("content", [None, '{"schedules": '])
+def test_diffrate_presets_refuse_a_missing_or_malformed_file(
+    content, tmp_path, capsys, monkeypatch
+):
+    path = tmp_path / "published.json"
+    if content is not None:
+        path.write_text(content)
+    patched = {"write_presets": long_work}
+    err = refused("make_diffrate_presets", [str(path)], str(path), capsys, monkeypatch, **patched)
+    assert ("no such file" if content is None else "not valid JSON") in err
+
+
+def test_probe_selection_finds_its_checkpoint_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = eval_script("probe_selection")
+    loaded = []
+
+    def create_model(checkpoint):
+        loaded.append(checkpoint)
+        raise KeyboardInterrupt  # stop here: the default path is what is checked
+
+    monkeypatch.setattr(script, "create_model", create_model)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([])
+    assert loaded == [EVAL / "models" / "vit-fmnist" / "model.safetensors"]
+
+
+@pytest.mark.parametrize("script", ["dart_pivot_order", "sparsevlm_recycling"])
+def test_vqa_studies_refuse_a_non_positive_limit(script, capsys, monkeypatch):
+    # importing them registers a study method: keep it out of the registry of other tests
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    refused(script, ["--limit", "0"], "--limit", capsys, monkeypatch, tokcomp_main=long_work)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "option"),
+    [
+        ("train_vit_fmnist", ["--batch-size", "0"], "--batch-size"),
+        ("train_vit_fmnist", ["--init", "nope.safetensors"], "--init"),
+        ("train_vlm_easyvqa", ["--epochs", "0"], "--epochs"),
+        ("train_vlm_videoshapes", ["--train-clips", "0"], "--train-clips"),
+    ],
+)
+def test_training_scripts_refuse_non_positive_counts(script, argv, option, capsys):
+    with pytest.raises(SystemExit) as done:
+        eval_script(script).parse_args(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and option in err, err
