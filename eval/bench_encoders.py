@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, refusing, script_parser
+from script_args import add_json_arguments, check_json_argument, script_parser
 
 import tokcomp
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table
@@ -119,12 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=7)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_json_arguments(parser)
     args = parser.parse_args(argv)
-    if args.json:
-        with refusing(parser):
-            check_new_file(args.json, args.force, "--json")
+    check_json_argument(parser, args)
     settings = BenchSettings(
         batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, threads=args.threads
     )

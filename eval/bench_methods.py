@@ -13,7 +13,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, refusing, script_parser
+from script_args import add_json_arguments, check_json_argument, script_parser
 
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
 from tokcomp.harness.arguments import DTYPES, device, positive_int
@@ -43,12 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=7, help="timed rounds")
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_json_arguments(parser)
     args = parser.parse_args(argv)
-    if args.json:
-        with refusing(parser):
-            check_new_file(args.json, args.force, "--json")
+    check_json_argument(parser, args)
     settings = BenchSettings(
         batch_size=args.batch_size,
         device=args.device,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, fraction, refusing, script_parser
+from script_args import add_json_arguments, check_json_argument, fraction, refusing, script_parser
 
 import tokcomp
 from tokcomp.adapters import find_adapter
@@ -321,12 +321,10 @@ def main(argv: list[str] | None = None) -> None:
         "Fashion-MNIST test images (not the photos)",
     )
     parser.add_argument("--test-images", type=positive_int, default=160)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    add_json_arguments(parser, "also write the results here")
     args = parser.parse_args(argv)
-    with refusing(parser):  # the output and the photos, before the model
-        if args.json:
-            check_new_file(args.json, args.force, "--json")
+    check_json_argument(parser, args)
+    with refusing(parser):  # the photos, before the model
         paths = photo_paths(args.photos)
     torch.set_num_threads(args.threads)
     model = create_model("dinov2_vits14")

@@ -33,6 +33,21 @@ def check_new_file(path: Path, force: bool, option: str) -> None:
         raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
 
 
+def add_json_arguments(
+    parser: argparse.ArgumentParser, help: str = "also write the rows here"
+) -> None:
+    """--json FILE (`help`) and --force (to overwrite it)."""
+    parser.add_argument("--json", type=Path, help=help)
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+
+
+def check_json_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through `parser`, a --json file that `check_new_file` refuses."""
+    if args.json:
+        with refusing(parser):
+            check_new_file(args.json, args.force, "--json")
+
+
 def script_parser(doc: str) -> argparse.ArgumentParser:
     """A script's parser, described by the first paragraph of `doc`: a usage error is one line
     (`tokcomp`'s parser) and exit code 2."""
