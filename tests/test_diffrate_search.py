@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tokcomp
 from tokcomp.adapters.base import attend
@@ -188,6 +188,13 @@ def test_search_from_the_gradual_start_records_it_and_refuses_unknown_starts():
         SearchSettings(0.6, start="ramp")
 
 
+@pytest.mark.parametrize("granularity", [0, 64, 100])
+def test_a_granularity_that_leaves_one_candidate_count_is_refused(granularity):
+    settings = SearchSettings(0.6, max_steps=1, progress=False, granularity=granularity)
+    with pytest.raises(ValueError, match="among 64 patch tokens: give a granularity below 64"):
+        search_diffrate(tiny_vit("vit"), _batches(1), settings)
+
+
 def test_fit_counts_refuses_a_target_no_schedule_reaches():
     spec = _spec_197_tokens()
     with pytest.raises(ValueError, match="raise the target"):
@@ -228,7 +235,7 @@ def test_class_probability_labels_take_the_same_step_as_class_indices():
 def test_mixed_batches_blend_image_pairs_into_smoothed_class_probabilities():
     images, labels = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=8)
-    mixed = MixedBatches(loader, classes=10)
+    mixed = MixedBatches(loader, classes=10, seed=0)
     assert len(mixed) == 2 and mixed.sampler is loader.sampler
     for (images, labels), (plain, indices) in zip(mixed, loader, strict=True):
         assert labels.shape == (8, 10) and not torch.equal(images, plain)
@@ -236,6 +243,24 @@ def test_mixed_batches_blend_image_pairs_into_smoothed_class_probabilities():
         pair = F.one_hot(indices, 10).bool() | F.one_hot(indices.flip(0), 10).bool()
         assert labels[pair].sum() >= 0.9 * 8  # each image's mass: its class and its partner's
         assert labels[~pair].max() <= 0.01 + 1e-6 and labels.min() > 0  # smoothing elsewhere
+
+
+def test_mixed_batches_draw_an_epoch_alike_whether_or_not_earlier_epochs_ran():
+    data = TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+
+    def epoch_of(epochs: list[int]) -> list[torch.Tensor]:
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, seed=5)
+        loader = DataLoader(data, batch_size=8, sampler=sampler, generator=torch.Generator())
+        mixed = MixedBatches(loader, classes=10, seed=5)
+        for epoch in epochs:
+            mixed.set_epoch(epoch)
+            drawn = [tensor for batch in mixed for tensor in batch]
+        return drawn
+
+    resumed, straight = epoch_of([1]), epoch_of([0, 1])
+    for a, b in zip(resumed, straight, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(epoch_of([0])[0], straight[0])  # another epoch, other draws
 
 
 def test_deit_augmented_search_command_records_it_and_refuses_odd_batches(tmp_path, capsys):

@@ -39,8 +39,8 @@ DIFFRATE["--batch-size"] = "16"
 
 
 def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, monkeypatch, capsys):
-    output = tmp_path / "searched.json"
-    state = tmp_path / "searched.json.search-state.pt"
+    output = tmp_path / "configs" / "searched.json"  # a folder the search makes
+    state = tmp_path / "configs" / "searched.json.search-state.pt"
     steps = []
     real_backward = diffrate._backward
 

@@ -12,6 +12,7 @@ from conftest import tiny_vit
 import tokcomp
 from tokcomp.cli import main
 from tokcomp.config import METHOD_DEFAULTS
+from tokcomp.search import zero_tprune
 from tokcomp.search.zero_tprune import Trial, choose, score, search_zero_tprune
 
 
@@ -118,6 +119,21 @@ def test_search_refuses_bad_settings_with_the_fix(shares, layer_sets, message):
     assert not tokcomp.is_patched(model)
 
 
+def test_a_later_setting_that_cannot_run_is_refused_before_any_trial(monkeypatch):
+    trials = []
+    monkeypatch.setattr(zero_tprune, "_trial", lambda *args: trials.append(args))
+    with pytest.raises(ValueError, match=r"layers \[9\] must be block indices"):
+        search_zero_tprune(tiny_vit(), _batches(1), 0.6, (0.5,), ([1, 2], [9]), progress=False)
+    assert trials == []
+
+
+def test_search_command_refuses_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
+    assert main([*argv, "--target-macs", "0.7", "-o", "x.json"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
 def test_score_refuses_no_images():
     with pytest.raises(ValueError, match="no images"):
         score(tiny_vit(), [])
@@ -127,7 +143,7 @@ def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(t
     output = tmp_path / "searched.json"
     argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--limit", "32", "--batch-size", "16", "--shares", "0,1"]
-    argv += ["--layers", "1,2", "--layers", "2", "--sizes", "off,on"]
+    argv += ["--layers", "2,1,1", "--layers", "2", "--sizes", "off,on"]  # 2,1,1: blocks 1, 2
     assert main([*argv, "-o", str(output)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("<- chosen") == 1 and "[1, 2]" in printed

@@ -129,6 +129,12 @@ def search_diffrate(
     """
     spec = find_adapter(model).spec()
     check_reachable(spec, settings.target_macs)
+    patches = spec.tokens - spec.protected
+    if not 0 < settings.granularity < patches:
+        raise ValueError(
+            f"granularity {settings.granularity} leaves no choice of kept counts among "
+            f"{patches} patch tokens: give a granularity below {patches}"
+        )
     if settings.micro_batch is not None and settings.micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive image count, got {settings.micro_batch}")
     device = next(model.parameters()).device
@@ -365,9 +371,19 @@ class MixedBatches:
     """Batches whose images are mixed pairwise by DeiT's mixup or cutmix, so their labels
     become class probabilities (smoothed); len() and the sampler pass through."""
 
-    def __init__(self, batches: DataLoader, classes: int) -> None:
-        self.batches, self.sampler = batches, batches.sampler
+    def __init__(self, batches: DataLoader, classes: int, seed: int) -> None:
+        self.batches, self.sampler, self.seed = batches, batches.sampler, seed
         self.mix = Mixup(num_classes=classes, **DEIT_MIXUP)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle, and augmentation and mixing draws seeded by (seed, epoch): an epoch
+        draws the same whether or not the search was interrupted before it."""
+        self.sampler.set_epoch(epoch)
+        epoch_seed = self.seed * 1_000_003 + epoch
+        random.seed(epoch_seed)  # RandAugment's draws (in this process)
+        np.random.seed(epoch_seed)  # mixup's
+        torch.manual_seed(epoch_seed)  # random erasing's noise (in this process)
+        self.batches.generator.manual_seed(epoch_seed)  # the workers' seeds
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -378,10 +394,11 @@ class MixedBatches:
 
 
 def _set_epoch(batches: Iterable, epoch: int) -> None:
-    """Give a distributed sampler its epoch (a new shuffle each epoch, the same on all ranks)."""
-    sampler = getattr(batches, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    """Give the batches (or their distributed sampler) their epoch: a new shuffle each epoch,
+    the same on all ranks."""
+    target = batches if hasattr(batches, "set_epoch") else getattr(batches, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,6 +458,7 @@ def training_batches(
         sampler=sampler,
         num_workers=args.workers,
         drop_last=whole_batches,
+        generator=torch.Generator(),
     )
     if not mixed_classes:
         return loader
@@ -450,9 +468,7 @@ def training_batches(
             f"--augment deit mixes images in pairs, but each process gets batches of "
             f"{per_process}: give an even --batch-size (and --limit)"
         )
-    random.seed(args.seed + world.rank)  # RandAugment's draws
-    np.random.seed(args.seed + world.rank)  # mixup's
-    return MixedBatches(loader, mixed_classes)
+    return MixedBatches(loader, mixed_classes, seed=args.seed + world.rank)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ class SearchState:
         if self.path is None or not self.world.is_main:
             return
         partial = self.path.with_suffix(self.path.suffix + ".tmp")
+        partial.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"fingerprint": self.fingerprint.as_json(), **progress}, partial)
         partial.replace(self.path)
 

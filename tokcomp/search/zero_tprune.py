@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from tokcomp.api import apply, config_of, remove
 from tokcomp.config import Config
-from tokcomp.errors import interruption_says
+from tokcomp.errors import UsageError, interruption_says
 from tokcomp.harness.arguments import check_config_output, fractions, names
 from tokcomp.harness.data import describe
 from tokcomp.harness.imagenet import topk_correct
@@ -83,6 +84,8 @@ def search_zero_tprune(
         for carry in sizes
         for share in shares
     ]
+    for options in settings:  # every setting resolves before any trial runs
+        remove(apply(model, "zero_tprune", **options))
     saved = _Trials(state.with_parts(target_macs=target_macs) if state else None)
     with tqdm(settings, disable=not progress, desc="zero_tprune search") as bar:
         trials = [
@@ -205,7 +208,8 @@ def format_trials(trials: Sequence[Trial]) -> str:
 
 
 def _blocks(text: str) -> list[int]:
-    return [int(name) for name in names(text)]
+    """'3,6,9' -> [3, 6, 9]: distinct block indices, in order."""
+    return sorted({int(name) for name in names(text)})
 
 
 def _switches(text: str) -> list[bool]:
@@ -247,6 +251,11 @@ def run(args: argparse.Namespace) -> None:
     """Search, print every trial, save the chosen one's config. Each finished trial is saved
     next to the output; rerunning the same command resumes (other inputs are refused)."""
     check_config_output(args.output, args.force)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            "tokcomp search zero_tprune runs in one process (its trials are forward passes): "
+            "run it without torchrun"
+        )
     model, dataset = model_and_training_images(args, args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     print(f"searching on {args.data}: {describe(dataset)}")
