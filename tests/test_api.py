@@ -204,6 +204,23 @@ def test_unsupported_timm_variant_names_the_block():
         tokcomp.apply(model, "tome", r=1)
 
 
+@torch.no_grad()
+def test_remove_gives_back_a_forward_the_instance_held(images):
+    model, calls = tiny_vit("vit"), []
+    unwrapped = model.forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(len(calls))
+        return unwrapped(*args, **kwargs)
+
+    model.forward = wrapped
+    expected = unwrapped(images)
+    tokcomp.remove(tokcomp.apply(tokcomp.apply(model, "tome", r=4), "pitome", keep_ratio=0.9))
+    assert model.forward is wrapped
+    torch.testing.assert_close(model(images), expected, atol=0, rtol=0)
+    assert calls == [0]
+
+
 def test_remove_on_unpatched_model_says_so():
     with pytest.raises(ValueError, match="not patched by tokcomp"):
         tokcomp.remove(tiny_vit("vit"))
@@ -262,6 +279,8 @@ def test_config_for_another_model_names_the_field(tmp_path):
         tokcomp.apply(tiny_vit("vit", depth=6), path)
     with pytest.raises(ConfigError, match=r"model\.tokens=65, but the model has tokens=66"):
         tokcomp.apply(tiny_vit("deit_distilled"), path)
+    with pytest.raises(ConfigError, match=r"model\.stem_macs=\d+, but the model has stem_macs="):
+        tokcomp.apply(tiny_vit("vit", in_chans=1), path)  # the same tokens from grey images
 
 
 def test_options_beside_a_config_are_refused(tmp_path):

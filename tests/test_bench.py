@@ -29,6 +29,12 @@ def test_peak_memory_counts_live_tensors_created_during_the_call():
     assert peak_memory(forward) == 6000
 
 
+def test_benchmark_refuses_a_compressed_model_as_its_baseline():
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=4)
+    with pytest.raises(ValueError, match=r"benchmark the unpruned model \(tokcomp.remove"):
+        benchmark(model, [Variant("tome r=2", "tome", {"r": 2})], BenchSettings(batch_size=2))
+
+
 def test_benchmark_reports_each_variant_against_the_unpruned_model():
     settings = BenchSettings(batch_size=2, warmup=1, repeats=2)
     variants = [Variant("tome r=4", "tome", {"r": 4}), Variant("tome r=12", "tome", {"r": 12})]

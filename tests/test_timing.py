@@ -4,6 +4,8 @@ machine gets busier (a fake clock stands in for the load: no test times anything
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_vit
@@ -69,6 +71,12 @@ def test_paired_speedups_cancel_a_load_that_changes_between_rounds():
     assert noisy.spread > timing.TRUSTED_SPREAD and not noisy.trusted
     single = Speedup.paired([3.0], [1.5])
     assert single.ratio == 2.0 and not single.trusted  # one round shows no spread
+
+
+def test_rounds_the_clock_read_as_zero_are_left_out():
+    assert Speedup.paired([2.0, 0.0, 2.0, 2.0], [1.0, 1.0, 0.0, 1.0]).ratio == 2.0
+    unread = Speedup.paired([0.0, 1.0], [1.0, 0.0])
+    assert math.isnan(unread.ratio) and not unread.trusted
 
 
 class LoadedTask(ClassificationTask):

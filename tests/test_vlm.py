@@ -1393,3 +1393,18 @@ def test_random_refuses_vision_transformer_options_on_a_vlm(option):
     [name] = option
     with pytest.raises(ValueError, match=f"random: '{name}' has no meaning on a VLM"):
         tokcomp.apply(_model("llava"), "random", keep_ratio=0.5, **option)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("copies", [{"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}])
+def test_generate_refuses_copies_of_a_pruned_prompts_images(family, copies):
+    model = _model(family)
+    batch, _ = _inputs(model, family)
+    unpatched = _generate(model, batch, steps=1, **copies)  # generate copies whole samples
+    tokcomp.apply(model, "divprune", keep=0.5)
+    with pytest.raises(ValueError, match="generate with num_beams=1 and num_return_sequences=1"):
+        _generate(model, batch, steps=1, **copies)
+    _generate(model, batch, steps=1)  # one sequence a prompt runs
+    torch.testing.assert_close(
+        _generate(tokcomp.remove(model), batch, steps=1, **copies), unpatched
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import weakref
 from collections.abc import Callable, Sequence
@@ -164,7 +165,7 @@ def _row(
         gmacs=variant_macs / 1e9,
         macs_ratio=variant_macs / base_macs,
         selection_share=0.0 if config is None else config.selection_share,
-        images_per_s=settings.batch_size / median,
+        images_per_s=settings.batch_size / median if median > 0 else math.inf,
         speedup=speedup.ratio,
         speedup_spread=speedup.spread,
         latency_ms=median * 1e3,
@@ -179,6 +180,11 @@ def compiled(model: nn.Module) -> nn.Module:
 
 def variant_model(model: nn.Module, variant: Variant) -> nn.Module:
     """`model` itself for the unpruned variant, else a compressed copy of it."""
+    if is_patched(model):
+        raise ValueError(
+            "benchmark the unpruned model (tokcomp.remove(model) first): its variants are "
+            "compressed copies, each timed against it"
+        )
     if variant.method is None:
         return model
     return apply(copy.deepcopy(model), variant.method, **variant.options)

@@ -34,6 +34,7 @@ _MODEL_FIELDS = (
     "heads",
     "attn_dim",
     "mlp_hidden",
+    "stem_macs",
 )
 #: Method options a config holds elsewhere: the schedule they settle into is its 'schedule'.
 _SETTLED_OPTIONS = ("schedule", "target_macs")

@@ -278,14 +278,23 @@ class Adapter(abc.ABC):
         """(module, attribute, adapter method) triples: what the patch shadows, and with what."""
 
     def install(self, patch: Patch) -> None:
-        """Shadow each overridden attribute on its module instance with the adapter method."""
+        """Shadow each overridden attribute on its module instance with the adapter method,
+        keeping what the instance itself held there (a user's own wrapper of forward)."""
+        self.shadowed = [
+            (module, attribute, attribute in module.__dict__, module.__dict__.get(attribute))
+            for module, attribute, _ in self.overrides()
+        ]
         for module, attribute, method in self.overrides():
             object.__setattr__(module, attribute, Override(patch, method))
 
     def uninstall(self) -> None:
-        """Remove the instance-level overrides: the class methods are visible again."""
-        for module, attribute, _ in self.overrides():
-            module.__dict__.pop(attribute, None)
+        """Remove the instance-level overrides: what the instance held before is back, else
+        the class methods are visible again."""
+        for module, attribute, held, previous in self.shadowed:
+            if held:
+                object.__setattr__(module, attribute, previous)
+            else:
+                module.__dict__.pop(attribute, None)
 
 
 class Override:

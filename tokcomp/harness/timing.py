@@ -65,8 +65,12 @@ class Speedup:
 
     @classmethod
     def paired(cls, baseline: Sequence[float], variant: Sequence[float]) -> Speedup:
-        """The speed-up of `variant` over `baseline`, timed in the same rounds."""
-        ratios = [b / v for b, v in zip(baseline, variant, strict=True)]
+        """The speed-up of `variant` over `baseline`, timed in the same rounds (a round the
+        clock read as 0 s is left out; NaN, not trusted, when none is left)."""
+        rounds = zip(baseline, variant, strict=True)
+        ratios = [b / v for b, v in rounds if b > 0 and v > 0]
+        if not ratios:
+            return cls(math.nan, math.nan)
         median = statistics.median(ratios)
         if len(ratios) < 2:
             return cls(median, math.nan)

@@ -105,6 +105,8 @@ class VLMSpec(ModelSpec):
         "llm_depth",
         "llm_token_macs",
         "llm_attn_dim",
+        "lm_head_macs",
+        "projector_widths",
     )
 
     @property

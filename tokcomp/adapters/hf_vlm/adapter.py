@@ -72,7 +72,25 @@ class HFVLMAdapter(Adapter):
         methods = ["forward", "get_image_features"]
         if self.vlm.video_encoder_inputs:
             methods.append("get_video_features")
-        return [(inner, name, name) for name in methods]
+        expand = (self.model, "_expand_inputs_for_generation", "expand_inputs_for_generation")
+        return [*((inner, name, name) for name in methods), expand]
+
+    def expand_inputs_for_generation(
+        self, compression: Compression, expand_size: int = 1, **kwargs: Any
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """generate's copies of each prompt for beams or several sequences: refused with images
+        or videos, which generate would copy row by row (patches, crops, a sample's images)
+        rather than sample by sample under the patched image encoder."""
+        visual = sorted(name for name, value in kwargs.items() if _is_pixels(name, value))
+        if expand_size > 1 and visual:
+            raise ValueError(
+                f"tokcomp cannot yet copy a pruned VLM's {', '.join(visual)} for {expand_size} "
+                "beams or sequences per prompt: generate with num_beams=1 and "
+                "num_return_sequences=1 (greedy or sampling)"
+            )
+        return type(self.model)._expand_inputs_for_generation(
+            self.model, expand_size=expand_size, **kwargs
+        )
 
     def install(self, patch: Patch) -> None:
         """Patch the inner model; a block method, or a visual-token method's tower merging, also
@@ -292,3 +310,8 @@ def _decoder_output(hidden: torch.Tensor, call: Call) -> Any:
 
     cache = call.cache if call.use_cache else None
     return inner_output(BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache))
+
+
+def _is_pixels(name: str, value: Any) -> bool:
+    """Whether generate's keyword `name` holds images or videos (pixel_values...)."""
+    return name.startswith("pixel_values") and value is not None
