@@ -113,22 +113,11 @@ class Pruned:
         """Keep this on the generation's cache (one per generate call, never shared)."""
         if cache is not None:
             setattr(cache, _ON_CACHE, self)
-            if self.decoding is not None:
-                cache.reorder_cache = _refuse_beams
 
     def new_tokens(self, cache: Any) -> int:
         """Tokens the generation added after the prompt, as `cache` holds them."""
         last = self.spans[-1]
         return cache.get_seq_length(last.start) - last.length
-
-
-def _refuse_beams(beam_idx: torch.Tensor) -> None:
-    """Beam search's cache reordering, refused under decode-time pruning (its per-sample state
-    would stay with the old rows)."""
-    raise ValueError(
-        "decode-time pruning (DyCoke's decode_p > 0) keeps per-sample state that beam search "
-        "cannot reorder: generate with num_beams=1 (greedy or sampling) or set decode_p=0"
-    )
 
 
 def pruned_of(cache: object | None) -> Pruned | None:
