@@ -150,6 +150,10 @@ def test_jsonl_is_parsed(tmp_path):
     path.write_text(absolute + "\n" + json.dumps(typed) + "\n")
     with pytest.raises(ValueError, match=r"vqa.jsonl:2: 'answer_type' must be text, got 5"):
         read_jsonl(path)
+    annotated = {"image": "x.png", "question": "q?", "answers": [{"answer": "yes"}, None]}
+    path.write_text(json.dumps(annotated) + "\n")
+    with pytest.raises(ValueError, match=r"vqa.jsonl:1: 'answers' must be a list of texts"):
+        read_jsonl(path)
 
 
 @pytest.mark.parametrize("layout", ["vqav2", "jsonl"])
@@ -286,6 +290,13 @@ def test_positions_without_budgets_is_refused(tiny, tmp_path, capsys):
         "give --budgets too, or positions=keep in each --variant"
     ]
     assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize("types", [("yes/no", "yes-no"), ("other", "other_count")])
+def test_answer_types_whose_metric_names_clash_are_refused(tmp_path, types):
+    questions = read_jsonl(write_jsonl(tmp_path / "vqa.jsonl"))
+    with pytest.raises(ValueError, match="give clashing metric names"):
+        VQATask(VQADataset(questions), tiny_processor(questions), 4, 0, CPU, types)
 
 
 def test_forced_answers_score_exactly_at_every_budget(tmp_path):

@@ -222,6 +222,11 @@ class VQATask:
         counts = tuple(f"{name}_count" for name in self.metrics[1:])
         timing = ("visual_tokens", "prefill_s", "ttft_s", "decode_s", "decode_tokens")
         self.tallies = (*self.metrics, *counts, *timing)
+        if len(set(self.tallies)) < len(self.tallies):
+            raise ValueError(
+                f"answer types {list(self.answer_types)} give clashing metric names "
+                f"({', '.join(self.metrics[1:])}); make them differ in letters or digits"
+            )
         self.loader = DataLoader(
             dataset,
             batch_size,

@@ -188,6 +188,11 @@ def read_jsonl(path: Path) -> list[Question]:
                 f"{f' (missing: {missing})' if missing else ''}"
             )
         _check_texts(row, where)
+        if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in answers):
+            raise ValueError(
+                f"{where}: 'answers' must be a list of texts (or numbers), e.g. [\"yes\"], got "
+                f"{answers!r:.80}"
+            )
         questions.append(
             Question(
                 **_visual_files(row, path.parent, where),
