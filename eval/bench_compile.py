@@ -30,11 +30,11 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, refusing, script_parser, timm_models
+from script_args import refusing, script_parser, timm_models
 
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
 from tokcomp.errors import UsageError
-from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 VARIANTS = (

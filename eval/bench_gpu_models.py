@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, refusing, script_parser
+from script_args import refusing, script_parser
 
 import tokcomp
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
-from tokcomp.harness.arguments import DTYPES, device, non_negative_int, positive_int
+from tokcomp.harness.arguments import DTYPES, check_new_file, device, non_negative_int, positive_int
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -43,9 +43,9 @@ except ImportError:  # not on Windows
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import check_new_file, positive_ints, refusing, script_parser
+from script_args import positive_ints, refusing, script_parser
 
-from tokcomp.harness.arguments import non_negative_int, positive_int
+from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 from tokcomp.ops import bipartite
 from tokcomp.ops.bipartite import bipartite_plan
 from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp_reference

@@ -26,7 +26,7 @@ import tokcomp
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.data import limited
 from tokcomp.harness.imagenet import autocast_to, model_dataset
-from tokcomp.harness.sweep import Point, add_sweep_arguments, resolve, sweep_points
+from tokcomp.harness.sweep import Point, add_sweep_arguments, plan_points, sweep_points
 from tokcomp.models import create_model
 
 CPU = torch.device("cpu")
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     with refusing(parser):  # every setting applied once: a bad option or config is refused
         points = sweep_points(args.methods, args.budgets, args.variant, args.config)
         model = create_model(checkpoint=args.checkpoint).eval()
-        for point in points:
-            resolve(model, point)
+        plan_points(model, points)
         dataset = limited(model_dataset(args.data, model), args.limit)
     loader = DataLoader(dataset, args.batch_size, num_workers=2)
     print(f"{args.checkpoint}, {len(dataset)} images of {args.data}, float32 vs bfloat16")

@@ -15,22 +15,10 @@ from pathlib import Path
 
 from tokcomp.api import methods
 from tokcomp.cli import USAGE_ERRORS, OneLineParser
-from tokcomp.errors import UsageError
-from tokcomp.harness import arguments
-from tokcomp.harness.arguments import names, positive_int, timm_model
+from tokcomp.harness.arguments import check_new_file, names, positive_int, timm_model
 
 #: The repository: the scripts' default paths are relative to it, not to where they are run.
 REPO = Path(__file__).resolve().parent.parent
-
-
-def check_new_file(path: Path, force: bool, option: str) -> None:
-    """Refuse (UsageError), before any work, an output file that is a folder or would be
-    overwritten without --force (tokcomp.harness.arguments.check_new_file, `tokcomp bench
-    --json`'s rule), or whose folder cannot be made because a file stands in its place."""
-    arguments.check_new_file(path, force, option)
-    folder = next(parent for parent in path.absolute().parents if parent.exists())
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
 
 
 def add_json_arguments(

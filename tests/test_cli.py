@@ -147,6 +147,11 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
         ),
         ("bench --model test_vit --variant tome:r", 2, "option 'r' must look like key=value"),
         (
+            "export --model test_vit tome:r=2 -o {root}/latin1.json/x.json",
+            2,
+            "-o {root}/latin1.json/x.json: {root}/latin1.json is a file, not a folder",
+        ),
+        (
             "export --model test_vit pitome:keep_ratio=0.9,bsm_layers=[99] -o {root}/x.json",
             2,
             "pitome: bsm_layers [99] must be block indices in 0..",

@@ -117,11 +117,14 @@ def check_config_output(path: Path, force: bool, option: str = "-o") -> None:
 
 
 def check_new_file(path: Path, force: bool, option: str) -> None:
-    """Refuse, before any work, an output file that is a folder or would overwrite a file
-    without --force."""
+    """Refuse, before any work, an output file that is a folder, would overwrite a file
+    without --force, or whose folder cannot be made because a file stands in its place."""
     if path.is_dir():
         raise UsageError(f"{option} {path} is a folder; give a file name")
     if path.exists() and not force:
         raise UsageError(
             f"{option} {path} exists; pass --force to overwrite it, or give another file name"
         )
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
