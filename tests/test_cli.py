@@ -156,6 +156,16 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
             2,
             "pitome: bsm_layers [99] must be block indices in 0..",
         ),
+        (
+            "export --model test_vit evit:keep_ratio=0.7,layers=[] -o {root}/x.json",
+            2,
+            "evit: layers [] reduces at no block; name at least one",
+        ),
+        (
+            "export --model test_vit zero_tprune:layers=[1,1] -o {root}/x.json",
+            2,
+            "zero_tprune: layers [1, 1] names a block twice",
+        ),
         (f"{EVAL} --model test_vit --checkpoint {{root}}/data", 2, "data is a folder; give the"),
         ("show {root}/data", 2, "data is a folder; give a config file in it"),
         (

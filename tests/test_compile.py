@@ -14,6 +14,7 @@ from test_encoders import tiny
 from torch import nn
 
 import tokcomp
+from tokcomp import bench
 from tokcomp.adapters import find_adapter
 from tokcomp.ops import dispatch, energy, match, merge, pagerank
 
@@ -92,6 +93,19 @@ def test_inductor_gives_the_eager_result(method, images):
     model = patched(tiny_vit(), method)
     got = compiled_output(model, images, "inductor")
     torch.testing.assert_close(got, eager_output(model, images), atol=1e-5, rtol=1e-5)
+
+
+def test_benchmark_compile_freezes_the_weights_on_the_cpu_with_the_eager_result(images):
+    """tokcomp.bench.compiled, as `tokcomp bench --compile` and the harnesses' --compile run
+    every model: inductor with the weights frozen into the graph (its CPU inference setting)."""
+    model = patched(tiny_vit(), "tome")
+    want = eager_output(model, images)
+    frozen = bench.compiled(model)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(images), want, atol=1e-5, rtol=1e-5)
+        model.head.weight.mul_(2)
+        assert not torch.allclose(model(images), want)
+        torch.testing.assert_close(frozen(images), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch._inductor.config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -174,8 +175,31 @@ def _row(
 
 def compiled(model: nn.Module) -> nn.Module:
     """`model` under torch.compile (inductor), static shapes: a patched model compiles in one
-    graph for every block method (no graph break), the unpruned model the same way."""
-    return torch.compile(model, dynamic=False)
+    graph for every block method (no graph break), the unpruned model the same way. On the CPU
+    its weights are frozen into the graph (`FrozenWeights`)."""
+    graph = torch.compile(model, dynamic=False)
+    return FrozenWeights(graph) if _on_cpu(model) else graph
+
+
+class FrozenWeights(nn.Module):
+    """A compiled module whose weights inductor folds into the graph as constants when it
+    compiles (its `freezing`, the CPU inference setting: linear layers run on prepacked oneDNN
+    weights), so weights changed later are not seen. Freezing must be on while dynamo traces,
+    not only in the backend, which is why calls (the first one compiles) run under it."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch._inductor.config.patch(freezing=True):
+            return self.graph(*args, **kwargs)
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    """Whether `model`'s parameters (if any) live on the CPU."""
+    parameter = next(model.parameters(), None)
+    return parameter is None or parameter.device.type == "cpu"
 
 
 def variant_model(model: nn.Module, variant: Variant) -> nn.Module:

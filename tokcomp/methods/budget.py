@@ -40,11 +40,22 @@ def ratio_candidates(method: Method, lowest: float = 0.0) -> Iterator[Method]:
             yield method.with_options(keep_ratio=ratio, target_macs=None, schedule=None)
 
 
-def check_layers(name: str, layers: list[int] | None, depth: int, option: str = "layers") -> None:
-    """Raise ValueError unless `layers` (option `option`) are valid block indices of a
-    `depth`-block model."""
-    if layers is not None and any(not 0 <= i < depth for i in layers):
+def check_layers(
+    name: str, layers: list[int] | None, depth: int, option: str = "layers", empty_ok: bool = False
+) -> None:
+    """Raise ValueError unless `layers` (option `option`) are distinct block indices of a
+    `depth`-block model, at least one unless `empty_ok`."""
+    if layers is None:
+        return
+    if not layers and not empty_ok:
+        raise ValueError(
+            f"{name}: {option} [] reduces at no block; name at least one, or leave {option} out "
+            "for the default blocks"
+        )
+    if any(not 0 <= i < depth for i in layers):
         raise ValueError(f"{name}: {option} {layers} must be block indices in 0..{depth - 1}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{name}: {option} {layers} names a block twice; name each block once")
 
 
 def check_ratio(name: str, ratio: float, lowest: float = 0.0) -> None:

@@ -74,7 +74,7 @@ class PiToMe(BlockMethod):
         return frozenset({Signal.KEYS}) if self.metric == "keys" else frozenset()
 
     def settle(self, geometry: Geometry) -> Method:
-        check_layers(self.name, self.bsm_layers, geometry.depth, "bsm_layers")
+        check_layers(self.name, self.bsm_layers, geometry.depth, "bsm_layers", empty_ok=True)
         return self.with_options(
             margin=DEFAULT_MARGIN[geometry.attention] if self.margin is None else self.margin,
             metric=DEFAULT_METRIC.get(geometry.attention, "hidden")
