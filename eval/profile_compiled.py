@@ -52,7 +52,7 @@ def op_group(key: str) -> str:
         return kernel_name(key)
     if "flash_attention" in key:
         return "sdpa (flash, CPU)"
-    if key.startswith("tokcomp::") or key in NAMED_OPS:
+    if key.startswith(("tokcomp::", "mkldnn::")) or key in NAMED_OPS:  # mkldnn: frozen linears
         return key
     return "other"
 

@@ -49,18 +49,21 @@ def tower(case: str) -> nn.Module:
     return getattr(model, "vision_model", model)
 
 
+def output(out: object) -> torch.Tensor:
+    """A timm model's output, or a Hugging Face tower's pooled output."""
+    return getattr(out, "pooler_output", out)
+
+
 def compiled_output(model: nn.Module, images: torch.Tensor, backend: str) -> torch.Tensor:
     """The output of `model` compiled in one graph (fullgraph: a graph break raises)."""
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        out = compiled(images)
-    return getattr(out, "pooler_output", out)
+        return output(compiled(images))
 
 
 def eager_output(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        out = model(images)
-    return getattr(out, "pooler_output", out)
+        return output(model(images))
 
 
 @pytest.mark.parametrize("method", FIXED)
@@ -95,17 +98,20 @@ def test_inductor_gives_the_eager_result(method, images):
     torch.testing.assert_close(got, eager_output(model, images), atol=1e-5, rtol=1e-5)
 
 
-def test_benchmark_compile_freezes_the_weights_on_the_cpu_with_the_eager_result(images):
+@pytest.mark.parametrize("case", ["timm", "hf_vit"])
+def test_benchmark_compile_freezes_the_weights_on_the_cpu_with_the_eager_result(case, images):
     """tokcomp.bench.compiled, as `tokcomp bench --compile` and the harnesses' --compile run
     every model: inductor with the weights frozen into the graph (its CPU inference setting)."""
-    model = patched(tiny_vit(), "tome")
+    model = patched(tiny_vit() if case == "timm" else tower(case), "tome")
     want = eager_output(model, images)
     frozen = bench.compiled(model)
     with torch.no_grad():
-        torch.testing.assert_close(frozen(images), want, atol=1e-5, rtol=1e-5)
-        model.head.weight.mul_(2)
-        assert not torch.allclose(model(images), want)
-        torch.testing.assert_close(frozen(images), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(output(frozen(images)), want, atol=1e-5, rtol=1e-5)
+        for layer in model.modules():
+            if isinstance(layer, nn.Linear):  # their weights are prepacked copies once frozen
+                layer.weight.mul_(1.5)
+        assert not torch.allclose(eager_output(model, images), want)
+        torch.testing.assert_close(output(frozen(images)), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ def test_a_kernel_adds_up_across_graphs_and_blocks():
         "sdpa (flash, CPU)"
     )
     assert script.op_group("tokcomp::best_match") == "tokcomp::best_match"
+    assert script.op_group("mkldnn::_linear_pointwise") == "mkldnn::_linear_pointwise"
     assert script.op_group("aten::empty") == "other"
 
 

@@ -184,8 +184,9 @@ def compiled(model: nn.Module) -> nn.Module:
 class FrozenWeights(nn.Module):
     """A compiled module whose weights inductor folds into the graph as constants when it
     compiles (its `freezing`, the CPU inference setting: linear layers run on prepacked oneDNN
-    weights), so weights changed later are not seen. Freezing must be on while dynamo traces,
-    not only in the backend, which is why calls (the first one compiles) run under it."""
+    copies of their weights), so its weights must not change after the first call. Freezing
+    must be on while dynamo traces, not only in the backend, which is why calls (the first
+    one compiles) run under it."""
 
     def __init__(self, graph: nn.Module) -> None:
         super().__init__()
