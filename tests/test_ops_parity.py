@@ -165,6 +165,55 @@ def test_best_match_edge_cases(device: str, route: str) -> None:
         assert (index == ref_index).float().mean() > 0.95
 
 
+def _zero_size_cases() -> list[tuple[str, tuple]]:
+    """(op, args) with an empty batch, no tokens or no channels, for every op."""
+    long = torch.int64
+
+    def merge(batch: int, tokens: int, channels: int, kept: int, sources: int) -> tuple:
+        x = torch.randn(batch, tokens, channels)
+        weight = torch.rand(batch, tokens) + 0.5
+        keep = torch.arange(kept).expand(batch, -1).contiguous()
+        src = torch.arange(kept, kept + sources).expand(batch, -1).contiguous()
+        return x, weight, weight, keep, src, torch.zeros(batch, sources, dtype=long)
+
+    return [
+        ("best_match", (torch.randn(0, 3, 0), torch.randn(0, 2, 0), 0, 0)),
+        ("best_match", (torch.randn(0, 3, 4), torch.randn(0, 2, 4), 1, 1)),
+        ("best_match", (torch.randn(2, 0, 4), torch.randn(2, 3, 4), 0, 1)),
+        ("best_match", (torch.randn(2, 3, 0), torch.randn(2, 4, 0), 1, 1)),
+        ("energy_score", (torch.randn(0, 3, 4), 0.5, 1.0)),
+        ("energy_score", (torch.randn(2, 0, 4), 0.5, 1.0)),
+        ("energy_score", (torch.randn(2, 3, 0), 0.5, 1.0)),
+        ("attention_pagerank", (torch.rand(0, 2, 4, 4), 3)),
+        ("attention_pagerank", (torch.rand(2, 0, 4, 4), 3)),
+        ("attention_pagerank", (torch.rand(2, 3, 0, 0), 3)),
+        ("attention_pagerank", (torch.rand(2, 3, 0, 0), 0)),
+        ("weighted_merge", merge(0, 5, 4, 2, 2)),
+        ("weighted_merge", merge(2, 5, 4, 0, 0)),
+        ("weighted_merge", merge(2, 5, 0, 2, 3)),
+        ("greedy_maxmin", (torch.rand(0, 4, 4), torch.rand(0, 4), torch.zeros(0, dtype=long), 2)),
+        ("greedy_dpp", (torch.rand(0, 4, 4), torch.rand(0, 4), 2)),
+    ]
+
+
+@pytest.mark.parametrize(("device", "route"), ROUTES)
+def test_zero_size_inputs_match_the_reference(device: str, route: str) -> None:
+    """An empty batch, no tokens or no channels: the kernels return what the references return
+    (no crash: the CPU best_match once divided by the batch size)."""
+    for name, args in _zero_size_cases():
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        got = _as_tuple(_op(device, route, name)(*args))
+        want = _as_tuple(selfcheck.CASES[name][1](*args))
+        shapes = [tuple(t.shape) for t in args if isinstance(t, torch.Tensor)]
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape and g.dtype == w.dtype, (name, shapes)
+            torch.testing.assert_close(g.cpu(), w.cpu(), msg=f"{name} {shapes}")
+
+
+def _as_tuple(result: torch.Tensor | tuple) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
 def _merges_of_every_a_token(metric: torch.Tensor, protected: int) -> list[dict[int, int]]:
     """Per image, token -> the token it merges into when every unprotected A (even) token
     merges, by plain loops in float64: its most similar unprotected B token among those of
@@ -403,6 +452,23 @@ def test_weighted_merge_error_messages(device: str) -> None:
             op(x, w, w, keep, torch.tensor([[3, 6], [0, 1]]), dst)
         with pytest.raises(RuntimeError, match=r"keep_idx value -1 out of range \[0, 6\)"):
             op(x, w, w, torch.tensor([[0, 1, -1], [3, 4, 5]]), src, dst)
+
+
+def test_weighted_merge_without_output_rows_rejects_sources() -> None:
+    """keep_idx (B, 0) with sources: every dst_pos is out of range, an error as in the reference
+    (the CPU kernel used to return the empty result without looking at them)."""
+    x, w = torch.randn(2, 6, 8), torch.ones(2, 6)
+    keep = torch.empty(2, 0, dtype=torch.int64)
+    src, dst = torch.tensor([[3, 4], [0, 1]]), torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        weighted_merge_reference(x, w, w, keep, src, dst)
+    with pytest.raises(RuntimeError, match=r"dst_pos value 0 out of range \[0, 0\)"):
+        torch.ops.tokcomp.weighted_merge(x, w, w, keep, src, dst)
+    empty = torch.empty(2, 0, dtype=torch.int64)  # no sources either: an empty result
+    got = torch.ops.tokcomp.weighted_merge(x, w, w, keep, empty, empty)
+    want = weighted_merge_reference(x, w, w, keep, empty, empty)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and g.dtype == r.dtype
 
 
 @pytest.mark.skipif(

@@ -196,7 +196,9 @@ std::tuple<at::Tensor, at::Tensor> best_match_cpu(
   const at::Tensor b = rows_with_unit_channel_stride(b_in);
   at::Tensor score = at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kFloat));
   at::Tensor index = at::empty({a.size(0), a.size(1)}, a.options().dtype(at::kLong));
-  if (a.numel() == 0 && a.size(2) != 0) {
+  // Nothing to compute without rows of a. (Not a.numel() == 0: with C == 0 the rows still get
+  // scores, and an empty batch must return here, the row splitting divides by it.)
+  if (a.size(0) == 0 || a.size(1) == 0) {
     return {score, index};
   }
   TOKCOMP_DISPATCH_FLOAT_TYPES(a.scalar_type(), "tokcomp::best_match (CPU)", [&] {

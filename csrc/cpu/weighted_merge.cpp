@@ -181,7 +181,9 @@ std::tuple<at::Tensor, at::Tensor> weighted_merge_cpu(
   const at::Tensor dst_pos = dst_in.contiguous();
   at::Tensor out = at::empty({x.size(0), keep_idx.size(1), x.size(2)}, x.options());
   at::Tensor out_size = at::empty({x.size(0), keep_idx.size(1)}, size.options());
-  if (x.size(0) == 0 || keep_idx.size(1) == 0) {
+  // No output rows: nothing to compute, but sources (whose every dst_pos is then out of range)
+  // must still be rejected, as the reference does.
+  if (x.size(0) == 0 || (keep_idx.size(1) == 0 && src_idx.size(1) == 0)) {
     return {out, out_size};
   }
   TOKCOMP_DISPATCH_FLOAT_TYPES(x.scalar_type(), "tokcomp::weighted_merge (CPU)", [&] {

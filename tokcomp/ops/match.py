@@ -33,6 +33,8 @@ def best_match(
     score (a row holding a NaN or an inf) counts as -inf: never the best (tokcomp.ops).
     """
     _check_match_inputs(a, b, a_protected, b_protected)
+    if a.dtype != b.dtype:  # the kernels take one dtype; the reference computes in float32
+        a, b = a.float(), b.float()
     op = compiled_op("best_match", a.device, a.dtype)
     if op is None:
         return best_match_reference(a, b, a_protected, b_protected)

@@ -9,7 +9,8 @@ from tokcomp.ops.dispatch import compiled_op
 
 def attention_pagerank_reference(attn: torch.Tensor, iterations: int) -> torch.Tensor:
     """Plain PyTorch version of `attention_pagerank`."""
-    scores = attn.new_full(attn.shape[:-1], 1.0 / attn.shape[-1], dtype=torch.float32)
+    tokens = max(attn.shape[-1], 1)  # no tokens: an empty result (no division by zero)
+    scores = attn.new_full(attn.shape[:-1], 1.0 / tokens, dtype=torch.float32)
     probs = attn.float()
     for _ in range(iterations):
         scores = (scores.unsqueeze(-2) @ probs).squeeze(-2)
