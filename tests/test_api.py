@@ -245,6 +245,37 @@ def test_timm_pre_logits_of_merged_tokens_are_their_size_weighted_mean(images):
     torch.testing.assert_close(pre_logits, pooled)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("random", {"keep_ratio": 0.7}), ("evit", {"keep_ratio": 0.7, "fuse": False})],
+)
+@torch.no_grad()
+def test_timm_forward_head_of_pruned_tokens_is_the_average_pool(method, options, images):
+    model = tokcomp.apply(tiny_vit("registers_gap"), method, **options)
+    features = model.forward_features(images)
+    assert features.shape[1] < tokcomp.config_of(model).schedule[0]  # tokens were pruned
+    prefix = model.num_prefix_tokens
+    pooled = model.fc_norm(features[:, prefix:].mean(dim=1))  # pruning only: a plain mean
+    torch.testing.assert_close(model.forward_head(features, pre_logits=True), pooled)
+    torch.testing.assert_close(model.forward_head(features), model(images))
+
+
+@torch.no_grad()
+def test_timm_pool_of_merged_tokens_weighs_them_by_size(images):
+    model = tokcomp.apply(tiny_vit("registers_gap"), "tome", r=6)
+    state = tokcomp.forward_tokens(model, images)
+    prefix = model.num_prefix_tokens
+    patches, size = state.x[:, prefix:], state.size[:, prefix:, None]
+    mean = (patches * size).sum(dim=1) / size.sum(dim=1)
+    features = model.forward_features(images)
+    torch.testing.assert_close(model.pool(features), mean)
+    avgmax = model.pool(features, pool_type="avgmax")
+    torch.testing.assert_close(avgmax, 0.5 * (patches.amax(dim=1) + mean))
+    torch.testing.assert_close(model.pool(features, pool_type=""), features, atol=0, rtol=0)
+    with pytest.raises(UsageError, match=r"call model\(x\), or pool tokcomp.forward_tokens"):
+        model.pool(features.clone())
+
+
 def test_timm_average_pool_of_tokens_without_sizes_is_refused(images):
     model = tokcomp.apply(tiny_vit("gap"), "tome", r=6)
     features = model.forward_features(images).clone()  # a new tensor: the sizes stay behind

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch
 from tokcomp.schedule import model_macs
 
 METHODS = tokcomp.methods("vision")
@@ -219,6 +220,37 @@ def test_middle_budget_is_batch_independent_and_keeps_protected_tokens(method, c
         torch.testing.assert_close(state.size.sum(dim=1), torch.full((len(images),), 1.0 * tokens))
 
 
+@pytest.mark.parametrize("wrapper_first_out", [True, False])
+@pytest.mark.parametrize(
+    ("case", "tower_of", "encode"),
+    [
+        ("hf_clip", lambda m: m.vision_model, lambda t, x: t(pixel_values=x).pooler_output),
+        ("open_clip_clip", lambda m: m.visual, lambda t, x: t(x)),
+    ],
+)
+@torch.no_grad()
+def test_a_model_and_its_tower_patched_apart_are_removed_in_either_order(
+    case, tower_of, encode, wrapper_first_out, images
+):
+    model = tiny(case)
+    tower = tower_of(model)
+    original = encode(tower, images)
+    tower_alone = encode(tokcomp.apply(tower_of(tiny(case)), "tome", r=4), images)
+    tokcomp.apply(model, "tome", r=8)
+    tokcomp.apply(tower, "tome", r=4)  # the tower's own patch sits over the model's
+    first, second = (model, tower) if wrapper_first_out else (tower, model)
+    tokcomp.remove(first)
+    still = tokcomp.config_of(second)
+    kept = encode(tower, images)
+    tokcomp.remove(second)
+    assert torch.equal(encode(tower, images), original)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    if wrapper_first_out:  # the tower's own patch is left
+        torch.testing.assert_close(kept, tower_alone, atol=0, rtol=0)
+    else:  # the model's patch (r=8) compresses its tower again
+        assert still.options == {"r": 8} and not torch.equal(kept, original)
+
+
 @torch.no_grad()
 def test_an_empty_batch_gives_empty_outputs_of_the_right_shape(case, images):
     model, output = tiny(case), CASES[case].output
@@ -322,6 +354,19 @@ def test_average_pool_is_size_weighted(images):
     torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_average_pool_leaves_out_what_the_diffrate_search_masked(images):
+    visual = tiny("open_clip_avg_layerscale")
+    spec = find_adapter(visual).spec()
+    search = DiffRateSearch(rates=DiffRateRates(spec), schedule=[spec.tokens] * spec.depth)
+    tokcomp.apply(visual, search)
+    state = tokcomp.forward_tokens(visual, images)
+    assert (state.mask[:, 1:] == 0).any(dim=1).all()  # the search masked patches in every image
+    weights = (state.size * state.mask)[:, 1:, None]
+    expected = (state.x[:, 1:] * weights).sum(dim=1) / weights.sum(dim=1) @ visual.proj
+    torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
+
+
 # -- Hugging Face call paths ---------------------------------------------------------------
 
 
@@ -357,6 +402,9 @@ def test_hf_refuses_what_compression_cannot_honour(images):
     vit = tokcomp.apply(tiny("hf_vit"), "tome", r=4)
     with pytest.raises(ValueError, match="attention_mask is not supported"):
         vit(pixel_values=images, attention_mask=torch.ones(2, 65))
+    masked = torch.zeros(2, 64, dtype=torch.bool)  # ViTModel's second argument
+    with pytest.raises(ValueError, match="takes only pixel_values by position; pass its other"):
+        vit(images, masked)
 
 
 def test_unsupported_variants_are_named():

@@ -289,12 +289,36 @@ class Adapter(abc.ABC):
 
     def uninstall(self) -> None:
         """Remove the instance-level overrides: what the instance held before is back, else
-        the class methods are visible again."""
+        the class methods are visible again. Where another patch has since shadowed one of
+        them (tokcomp.apply on a model sharing the module: a CLIP model, then its image tower),
+        that patch takes over what this one had shadowed, so that removing both, in either
+        order, restores the original."""
         for module, attribute, held, previous in self.shadowed:
-            if held:
+            above = _shadowing(module, attribute, self)
+            if above is not None:
+                adapter, index = above
+                adapter.shadowed[index] = (module, attribute, held, previous)
+            elif held:
                 object.__setattr__(module, attribute, previous)
             else:
                 module.__dict__.pop(attribute, None)
+
+
+def _shadowing(module: nn.Module, attribute: str, adapter: Adapter) -> tuple[Adapter, int] | None:
+    """The adapter whose override sits directly over `adapter`'s on `module.attribute`, and the
+    index of that attribute in its `shadowed`; None where `adapter`'s is on top."""
+    current = module.__dict__.get(attribute)
+    while isinstance(current, Override) and current.patch.adapter is not adapter:
+        above = current.patch.adapter
+        entries = enumerate(getattr(above, "shadowed", ()))
+        found = [(i, e) for i, e in entries if e[0] is module and e[1] == attribute]
+        if not found:
+            return None
+        index, (_, _, _, previous) = found[0]
+        if isinstance(previous, Override) and previous.patch.adapter is adapter:
+            return above, index
+        current = previous
+    return None
 
 
 class Override:

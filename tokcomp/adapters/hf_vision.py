@@ -28,6 +28,7 @@ from tokcomp.adapters.base import (
     mlp_hidden,
     split_heads,
 )
+from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
@@ -330,6 +331,7 @@ class HFVisionAdapter(Adapter):
         self,
         compression: Compression,
         pixel_values: torch.Tensor | None = None,
+        *positional: Any,
         output_attentions: bool | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
         return_dict: bool | None = None,
@@ -340,10 +342,21 @@ class HFVisionAdapter(Adapter):
         tuple), hidden_states holding each layer's (shrinking) output when asked for."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        if positional:  # each family orders them differently: by name they cannot be misread
+            raise UsageError(
+                f"the compressed {type(self.tower).__name__} takes only pixel_values by "
+                "position; pass its other arguments by name (e.g. interpolate_pos_encoding=True)"
+            )
         if pixel_values is not None and pixel_values.shape[0] == 0:
-            options = (output_attentions, output_hidden_states, return_dict, attention_mask)
+            options = {
+                "output_attentions": output_attentions,
+                "output_hidden_states": output_hidden_states,
+                "return_dict": return_dict,
+                "attention_mask": attention_mask,
+            }
             return empty_batch_output(
-                lambda one: self.forward(compression, one, *options, **embed_options), pixel_values
+                lambda one: self.forward(compression, one, **options, **embed_options),
+                pixel_values,
             )
         config = self.tower.config
         _refuse_unsupported(

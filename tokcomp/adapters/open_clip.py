@@ -159,9 +159,9 @@ def _pool(visual: nn.Module, state: TokenState) -> tuple[torch.Tensor, torch.Ten
     x = state.x
     if visual.attn_pool is None:
         if visual.final_ln_after_pool:
-            pooled, tokens = _global_pool(visual, x, state.size)
+            pooled, tokens = _global_pool(visual, x, state.pool_weights())
             return visual.ln_post(pooled), tokens
-        return _global_pool(visual, visual.ln_post(x), state.size)
+        return _global_pool(visual, visual.ln_post(x), state.pool_weights())
     if visual.attn_pool_contrastive is None:
         queries = visual.ln_post(_attention_pool(visual.attn_pool, state))
         return _global_pool(visual, queries, None)
@@ -173,13 +173,14 @@ def _pool(visual: nn.Module, state: TokenState) -> tuple[torch.Tensor, torch.Ten
 
 
 def _global_pool(
-    visual: nn.Module, x: torch.Tensor, size: torch.Tensor | None
+    visual: nn.Module, x: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """open_clip's _global_pool with the 'avg' pool weighted by token size."""
+    """open_clip's _global_pool with the 'avg' pool weighted by `weights` (token sizes, times
+    the DiffRate search's mask; None: a plain mean)."""
     if visual.pool_type != "avg":
         return visual._global_pool(x)
     patches = x[:, _CLASS_TOKENS:]
-    weights = None if size is None else size[:, _CLASS_TOKENS:]
+    weights = None if weights is None else weights[:, _CLASS_TOKENS:]
     return size_weighted_mean(patches, weights), patches
 
 

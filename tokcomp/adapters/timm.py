@@ -25,6 +25,8 @@ from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
 _POOLS = ("token", "avg", "")
+#: timm's pools that average tokens, which tokcomp weights by token size.
+_AVERAGES = ("avg", "avgmax")
 #: The attribute of the tokens forward_features returns holding their average-pool weights
 #: (None: a plain mean), so that model.forward_head pools them as model(x) does.
 _POOL_WEIGHTS = "tokcomp_pool_weights"
@@ -86,6 +88,7 @@ class TimmViTAdapter(Adapter):
             (self.model, "forward", "forward"),
             (self.model, "forward_features", "forward_features"),
             (self.model, "forward_head", "forward_head_of_features"),
+            (self.model, "pool", "pool_of_features"),
         ]
 
     # -- the compressed forward -----------------------------------------------------------
@@ -102,10 +105,22 @@ class TimmViTAdapter(Adapter):
     ) -> torch.Tensor:
         """timm's forward_head on forward_features' tokens, pooled as model(x) pools them."""
         model = self.model
-        weights = getattr(features, _POOL_WEIGHTS, None)
-        if model.global_pool == "avg" and weights is None:
-            _check_not_reduced(features, compression.spec.tokens)
+        weights = None
+        if model.global_pool in _AVERAGES:
+            weights = _pool_weights_of(features, compression.spec.tokens)
         return self.forward_head(TokenState(features, model.num_prefix_tokens, weights), pre_logits)
+
+    def pool_of_features(
+        self, compression: Compression, features: torch.Tensor, pool_type: str | None = None
+    ) -> torch.Tensor:
+        """timm's pool on forward_features' tokens, averages weighted by size as model(x) pools."""
+        model = self.model
+        pool_type = model.global_pool if pool_type is None else pool_type
+        if pool_type not in _AVERAGES:
+            # the class's own pool: the instance's is this patch's
+            return type(model).pool(model, features, pool_type=pool_type)
+        weights = _pool_weights_of(features, compression.spec.tokens)
+        return self._average(features, weights, pool_type)
 
     def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
         model = self.model
@@ -119,25 +134,37 @@ class TimmViTAdapter(Adapter):
     def forward_head(self, state: TokenState, pre_logits: bool = False) -> torch.Tensor:
         """timm's head, with the average pool weighted by token size."""
         model = self.model
-        if model.global_pool != "avg":
+        if model.global_pool not in _AVERAGES:
             # the class's own forward_head: the instance's is this patch's
             return type(model).forward_head(model, state.x, pre_logits=pre_logits)
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        weights = state.pool_weights()
-        weights = None if weights is None else weights[:, start:]
-        x = model.head_drop(model.fc_norm(size_weighted_mean(state.x[:, start:], weights)))
+        x = self._average(state.x, state.pool_weights(), model.global_pool)
+        x = model.head_drop(model.fc_norm(x))
         return x if pre_logits else model.head(x)
 
+    def _average(
+        self, x: torch.Tensor, weights: torch.Tensor | None, pool_type: str
+    ) -> torch.Tensor:
+        """timm's 'avg' or 'avgmax' pool of tokens `x`, the mean weighted by `weights`."""
+        model = self.model
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        x = x[:, start:]
+        mean = size_weighted_mean(x, None if weights is None else weights[:, start:])
+        return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
-def _check_not_reduced(features: torch.Tensor, tokens: int) -> None:
-    """Raise for reduced tokens whose sizes were lost (not forward_features' own tensor): the
-    average pool needs them."""
+
+def _pool_weights_of(features: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """The average-pool weights forward_features left on its tokens (None where a plain mean is
+    right: nothing merged); raise for reduced tokens whose sizes were lost (not forward_features'
+    own tensor)."""
+    if hasattr(features, _POOL_WEIGHTS):
+        return getattr(features, _POOL_WEIGHTS)
     if features.shape[1] != tokens:
         raise UsageError(
-            f"forward_head got {features.shape[1]} compressed tokens without their sizes, which "
+            f"timm's pool got {features.shape[1]} compressed tokens without their sizes, which "
             "the average pool weights them by; pass forward_features' output unchanged, or call "
             "model(x), or pool tokcomp.forward_tokens(model, x) (it returns the sizes)"
         )
+    return None
 
 
 def _check_no_patch_dropout(model: VisionTransformer) -> None:
