@@ -264,12 +264,53 @@ def _forward_and_step(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _right_padded(batch: dict) -> dict:
-    """`batch` with each sample's real tokens first and the padding after them."""
-    ids, mask = torch.full_like(batch["input_ids"], PAD), torch.zeros_like(batch["attention_mask"])
-    for row, real in enumerate(batch["attention_mask"].bool()):
-        ids[row, : int(real.sum())] = batch["input_ids"][row, real]
-        mask[row, : int(real.sum())] = 1
-    return {**batch, "input_ids": ids, "attention_mask": mask}
+    """`batch` with each sample's real tokens first and the padding after them (every per-token
+    tensor moved alike: Qwen's mm_token_type_ids, Gemma's token_type_ids)."""
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    moved = {}
+    for name, value in batch.items():
+        if not (torch.is_tensor(value) and value.shape == ids.shape):
+            continue
+        padded = torch.full_like(value, PAD) if name == "input_ids" else torch.zeros_like(value)
+        for row, keep in enumerate(real):
+            padded[row, : int(keep.sum())] = value[row, keep]
+        moved[name] = padded
+    return {**batch, **moved}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision_video", "qwen3_vl_video"])
+@torch.no_grad()
+def test_a_right_padded_forward_keeps_the_caller_s_layout(family):
+    """A right-padded plain forward gives each sample's logits where the caller put its tokens,
+    padding after them: at keep-everything the unpatched model's (and generate, which reads
+    the last column, a padding token's, gives its tokens and logits); pruned (before and
+    inside the language model), the sample's own logits (as alone) at its first
+    real-minus-dropped places, and a cached step after it what the sample gets alone."""
+    model = _model(family)
+    batch, alone = _inputs(model, family, [(1, 5), (1, 12)])
+    batch = _right_padded(batch)
+    real = batch["attention_mask"].bool()
+    assert not real[:, -1].all() and real[:, 0].all()
+    expected, generated = model(**batch).logits, _greedy_logits(model, batch)
+    tokcomp.apply(model, "divprune", keep=1.0)
+    torch.testing.assert_close(model(**batch).logits[real], expected[real])
+    tokens, logits, _ = _greedy_logits(model, batch)
+    assert torch.equal(tokens, generated[0])
+    torch.testing.assert_close(logits, generated[1])
+    token = torch.full_like(batch["input_ids"][:, :1], BOS)
+    for method in ("divprune", "fastv"):
+        tokcomp.apply(model, method, keep=0.4)
+        out = model(**batch, use_cache=True)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+        step = model(input_ids=token, attention_mask=mask, cache=out.cache).logits[:, -1]
+        dropped = tokcomp.visual_tokens_dropped(out.cache)
+        for row, inputs in enumerate(alone):
+            one = model(**inputs, use_cache=True)
+            kept = int(real[row].sum() - dropped[row])
+            torch.testing.assert_close(out.logits[row, :kept], one.logits[0, -kept:])
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token[:1])], dim=1)
+            alone_step = model(input_ids=token[:1], attention_mask=mask, cache=one.cache)
+            torch.testing.assert_close(step[row], alone_step.logits[0, -1], msg=f"{method} {row}")
 
 
 def _ranking_scores(model, method: str, batch: dict) -> list[torch.Tensor]:

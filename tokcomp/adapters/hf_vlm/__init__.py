@@ -14,8 +14,9 @@ runs through:
 
 Visual-token methods (zoo, divprune, cdpruner, visionzip, random: before the language model;
 fastv: inside it) choose per image which visual tokens the language model sees; the prompt is then
-re-packed without the others, for any batch (left padding, prompts of different lengths,
-different numbers of images) and through generate's KV cache. Block methods (tome, pitome,
+re-packed without the others, for any batch (left or right padding, kept on the caller's
+side; prompts of different lengths, different numbers of images) and through generate's KV
+cache. Block methods (tome, pitome,
 ...) act inside the vision tower of LLaVA-1.5 through the hf_vision adapter; the image's
 tokens then take its first placeholders.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from tokcomp.adapters.hf_vlm.families import VLMFamily
-from tokcomp.adapters.hf_vlm.sequence import Packing, Prompt, pack
+from tokcomp.adapters.hf_vlm.sequence import Packing, Prompt, pack, right_padded
 
 #: Attribute of the Cache object that holds a generation's Pruned bookkeeping.
 _ON_CACHE = "_tokcomp_pruned"
@@ -47,7 +47,8 @@ class Call:
 @dataclass(frozen=True)
 class Span:
     """Decoder layers from `start` up to the next span's start (or the last layer) and the
-    prompt they hold in the cache: `mask` (B, Lp) of that prompt, left-padded, and `shift`
+    prompt they hold in the cache: `mask` (B, Lp) of that prompt, padded on the side the
+    caller's prompt was (left, or right for a right-padded prompt), and `shift`
     (B,), what positions after the prompt lose there ("renumber"; zeros for "keep")."""
 
     start: int
@@ -152,10 +153,11 @@ class Cut:
 
 
 def cut_prompt(family: VLMFamily, prompt: Prompt, kept: torch.Tensor, positions: str) -> Cut:
-    """Drop the placeholders not `kept` (and padding), re-pack left-padded and number positions
-    ("keep" or "renumber")."""
+    """Drop the placeholders not `kept` (and padding), re-pack on the side the prompt is padded
+    (left; right for a right-padded prompt, so that a forward's outputs keep the caller's
+    layout) and number positions ("keep" or "renumber")."""
     keep = prompt.text | kept
-    packing = pack(keep)
+    packing = pack(keep, right=right_padded(prompt.valid))
     numbered, shift = prompt.positions, keep.new_zeros(keep.shape[0], dtype=torch.long)
     dropped = prompt.placeholder & ~kept
     if positions == "renumber":

@@ -1,6 +1,7 @@
 """The prompt of a prefill and its surgery, independent of the model family: drop the pruned
-visual tokens and re-pack every sample left-padded, and number the positions of what is kept
-("keep": original ids; "renumber": contiguous, with multimodal RoPE's image extents)."""
+visual tokens and re-pack every sample, padded on the side the caller padded it (left unless
+the prompt is right-padded), and number the positions of what is kept ("keep": original ids;
+"renumber": contiguous, with multimodal RoPE's image extents)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class Prompt:
 @dataclass(frozen=True)
 class Packing:
     """Where each sample's kept tokens go: `index` (B, Lp) original positions in order, left
-    padded (pads point at 0); `mask` (B, Lp) 1 for real tokens."""
+    padded (pads point at 0) or right padded (pads point after the sample's last kept token);
+    `mask` (B, Lp) 1 for real tokens."""
 
     index: torch.Tensor
     mask: torch.Tensor
@@ -76,17 +78,32 @@ class Packing:
         return torch.stack([self.gather(row[..., None])[..., 0] for row in positions])
 
 
-def pack(keep: torch.Tensor) -> Packing:
-    """Left-padded packing of the (B, L) `keep` tokens of every sample."""
+def pack(keep: torch.Tensor, right: bool = False) -> Packing:
+    """Left-padded (`right`: right-padded) packing of the (B, L) `keep` tokens of every
+    sample. Right-padded, the pads read the tokens after each sample's last kept one, so that
+    a prompt losing nothing is packed as it came, its padding included."""
     counts = keep.sum(dim=1)
     length = int(counts.max()) if keep.numel() else 0
-    slot = length - counts[:, None] + keep.long().cumsum(dim=1) - 1
+    slot = keep.long().cumsum(dim=1) - 1
+    if not right:
+        slot = slot + length - counts[:, None]
     rows, cols = keep.nonzero(as_tuple=True)
     index = torch.zeros(keep.shape[0], length, dtype=torch.long, device=keep.device)
     mask = torch.zeros_like(index)
     index[rows, slot[rows, cols]] = cols
     mask[rows, slot[rows, cols]] = 1
+    if right and length:
+        columns = torch.arange(keep.shape[1], device=keep.device)
+        last = torch.where(keep, columns, -1).amax(dim=1, keepdim=True)
+        after = (last + 1 + columns[:length] - counts[:, None]).clamp(max=keep.shape[1] - 1)
+        index = torch.where(mask.bool(), index, after)
     return Packing(index, mask)
+
+
+def right_padded(valid: torch.Tensor) -> bool:
+    """Whether the (B, L) real tokens `valid` are right-padded: every sample starts with a real
+    token and some sample ends with padding."""
+    return valid.shape[1] > 0 and bool(valid[:, 0].all()) and not bool(valid[:, -1].all())
 
 
 def renumber_1d(positions: torch.Tensor, pruned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
