@@ -162,6 +162,16 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
             "evit: layers [] reduces at no block; name at least one",
         ),
         (
+            "export --model test_vit tome:r=4,inflection=3 -o {root}/x.json",
+            2,
+            "tome: inflection is in [-1, 1]",
+        ),
+        (
+            "export --model test_vit pitome:keep_ratio=0.9,margin=NaN -o {root}/x.json",
+            2,
+            "pitome: margin must be a finite number, got nan",
+        ),
+        (
             "export --model test_vit zero_tprune:layers=[1,1] -o {root}/x.json",
             2,
             "zero_tprune: layers [1, 1] names a block twice",

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_vit
+import torch
+from conftest import TIMM_VARIANTS, tiny_vit
+from method_options import middle
+from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp.config import ConfigError
@@ -34,6 +37,24 @@ def _write(tmp_path, data: dict, name: str = "edited.json"):
         (lambda d: d["options"].update(schedule=d["schedule"]), r"options\.schedule cannot be"),
         (lambda d: d["options"].update(r=True), r"options\.r is True, but tome's r takes int"),
         (lambda d: d["options"].update(inflection="x"), r"options\.inflection is 'x'"),
+        (
+            lambda d: d["options"].update(rr=3),
+            r"options has 'rr', which tome does not take: remove",
+        ),
+        (lambda d: d["options"].update(r=-1), r"options: tome: r must be a non-negative int"),
+        (lambda d: d["options"].update(keep_ratio=0.8), r"options has 'keep_ratio', which tome"),
+        (
+            lambda d: d.update(tower={"method": "tome", "options": {"r": 2, "ratio": 1}}),
+            r"tower\.options has 'ratio', which tome does not take",
+        ),
+        (lambda d: d.update(selection_macs="5"), r"'selection_macs' must be a non-negative int"),
+        (lambda d: d.update(selection_macs=-1), r"'selection_macs' must be a non-negative int"),
+        (
+            lambda d: d["model"].update(head_macs="480"),
+            r"model\.head_macs must be an int, got '480'",
+        ),
+        (lambda d: d["model"].update(tokens="65"), r"model\.tokens must be an int, got '65'"),
+        (lambda d: d["model"].update(protected=True), r"model\.protected must be an int, got True"),
     ],
 )
 def test_options_of_the_wrong_kind_are_refused_on_load(tmp_path, edit, message):
@@ -98,3 +119,52 @@ def test_a_config_made_with_a_classification_head_applies_to_the_headless_backbo
     data["macs"] -= 1000
     with pytest.raises(ConfigError, match=r"macs is \d+, but this model costs \d+ MACs"):
         tokcomp.apply(backbone, _write(tmp_path, data, "edited.json"))
+
+
+def _vision_options(method: str) -> list[dict]:
+    """Option sets of `method` on the tiny ViTs: a middle budget, a target_macs low enough
+    that ToMe's r is clipped at the last blocks, and an explicit schedule."""
+    if method == "diffrate":
+        return [middle(method, 65, 4)]
+    return [middle(method, 65, 4), {"target_macs": 0.45}, {"schedule": [60, 55, 50, 45]}]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@pytest.mark.parametrize("method", tokcomp.methods("vision"))
+@torch.no_grad()
+def test_every_vision_config_reloads_to_the_same_config_and_outputs(tmp_path, method, suffix):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for variant in sorted(TIMM_VARIANTS):
+        for options in _vision_options(method):
+            try:
+                model = tokcomp.apply(tiny_vit(variant), method, **options)
+            except ValueError:
+                continue  # options this variant's token count does not admit (diffrate's)
+            config = tokcomp.config_of(model)
+            path = config.save(tmp_path / f"{variant}{suffix}")
+            assert tokcomp.Config.load(path) == config
+            other = tokcomp.apply(tiny_vit(variant), path)
+            assert tokcomp.config_of(other) == config, (variant, options)
+            assert torch.equal(other(images), model(images)), (variant, options)
+
+
+@pytest.mark.parametrize("variant", ["vit", "registers"])
+@pytest.mark.parametrize("target", [0.45, 0.6])
+def test_a_target_macs_config_states_the_merges_it_makes(tmp_path, variant, target):
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(variant), "tome", target_macs=target))
+    by_options = tokcomp.config_of(tokcomp.apply(tiny_vit(variant), "tome", **config.options))
+    assert by_options == config
+    path = config.save(tmp_path / "target.json")
+    assert tokcomp.config_of(tokcomp.apply(tiny_vit(variant), path)) == config
+
+
+def test_a_config_of_a_reference_video_is_refused_with_what_to_export(tmp_path):
+    family = "llava_onevision_video"
+    model = tokcomp.apply(tiny_vlm(family), "fastv", keep=0.5)
+    path = tokcomp.config_of(model, frames=4).save(tmp_path / "video.json")
+    with pytest.raises(ConfigError, match=rf"^{path} holds .* reference video \(model\.frames=4"):
+        tokcomp.apply(tiny_vlm(family), path)
+    image = tokcomp.config_of(model).save(tmp_path / "image.json")
+    assert tokcomp.config_of(tokcomp.apply(tiny_vlm(family), image)).schedule == (
+        tokcomp.config_of(model).schedule
+    )

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import yaml
 
 from tokcomp.errors import UsageError
-from tokcomp.methods import Method, create_method, method_class
+from tokcomp.methods import Method, create_method, method_class, option_names
 from tokcomp.methods.registry import mistyped_option
 from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
 
@@ -36,6 +36,8 @@ _MODEL_FIELDS = (
     "mlp_hidden",
     "stem_macs",
 )
+#: The kinds of the model fields that are no int.
+_MODEL_KINDS = {"family": (str, "a text"), "class_token": (bool, "true or false")}
 #: Method options a config holds elsewhere: the schedule they settle into is its 'schedule'.
 _SETTLED_OPTIONS = ("schedule", "target_macs")
 
@@ -137,9 +139,16 @@ class Config:
         for name in ("macs", "base_macs"):
             if not _is_int(data[name]) or data[name] <= 0:
                 raise ConfigError(f"{source}: {name!r} must be a positive int (MACs per image)")
+        selection = data.get("selection_macs", 0)
+        if not _is_int(selection) or selection < 0:
+            raise ConfigError(
+                f"{source}: 'selection_macs' must be a non-negative int (the method's own MACs "
+                f"per image), got {selection!r}"
+            )
         missing_model = sorted(set(_MODEL_FIELDS) - set(data["model"]))
         if missing_model:
             raise ConfigError(f"{source}: 'model' lacks {missing_model}")
+        _check_model_kinds(source, data["model"])
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
@@ -186,6 +195,13 @@ class Config:
         """Refuse a model this config was not made for (naming the first differing field),
         and a config whose MACs or budget options disagree with its schedule on it."""
         actual = spec.as_dict()
+        frames = self.model.get("frames", 1)
+        if frames != actual.get("frames", 1):
+            raise ConfigError(
+                f"{self.source} holds the schedule and MACs of a reference video (model.frames="
+                f"{frames}, from tokcomp.config_of(model, frames=...)), not a config to apply: "
+                "export it without frames= (tokcomp.config_of(model)) and apply that"
+            )
         for name in (*_MODEL_FIELDS, *spec.checked):
             if self.model.get(name) != actual[name]:
                 raise ConfigError(
@@ -262,24 +278,50 @@ def _check_tower(source: str, tower: Any) -> None:
     except ValueError as err:
         raise ConfigError(f"{source}: tower: {err}") from None
     _expect(source, "tower.options", tower["options"], dict)
-    _check_options(source, cls, tower["options"])
+    _check_options(source, cls, tower["options"], "tower.options")
 
 
-def _check_options(source: str, cls: type[Method], options: dict[str, Any]) -> None:
-    """Refuse options settled elsewhere in a config, and a bool or text where the option
-    takes numbers."""
+def _check_model_kinds(source: str, model: dict[str, Any]) -> None:
+    """Refuse a 'model' field holding another kind of value than a model's shape has there
+    (it could never match a model, or would fail the MACs check with a crash)."""
+    for name in (*_MODEL_FIELDS, "head_macs"):
+        kind, described = _MODEL_KINDS.get(name, (int, "an int"))
+        value = model.get(name, 0)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{source}: model.{name} must be {described}, got {value!r}; restore it "
+                "from the model (or re-export the config with tokcomp export)"
+            )
+
+
+def _check_options(
+    source: str, cls: type[Method], options: dict[str, Any], where: str = "options"
+) -> None:
+    """Refuse options settled elsewhere in a config, options the method does not have, a bool
+    or text where the option takes numbers, and values the method refuses on any model."""
     for name in _SETTLED_OPTIONS:
         if name in options:
             raise ConfigError(
-                f"{source}: options.{name} cannot be in a config: its schedule is the 'schedule' "
-                f"field; remove options.{name}"
+                f"{source}: {where}.{name} cannot be in a config: its schedule is the 'schedule' "
+                f"field; remove {where}.{name}"
             )
+    known = [name for name in option_names(cls) if name not in _SETTLED_OPTIONS]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{source}: {where} has {', '.join(map(repr, unknown))}, which {cls.name} does not "
+            f"take: remove or rename it ({cls.name}'s options are {', '.join(known)})"
+        )
     wrong = mistyped_option(cls, options)
     if wrong is not None:
         name, value, takes = wrong
         raise ConfigError(
-            f"{source}: options.{name} is {value!r}, but {cls.name}'s {name} takes {takes}"
+            f"{source}: {where}.{name} is {value!r}, but {cls.name}'s {name} takes {takes}"
         )
+    try:
+        create_method(cls.name, **options)
+    except ValueError as err:  # a value out of its range, options that exclude each other
+        raise ConfigError(f"{source}: {where}: {err}") from None
 
 
 def _is_int(value: Any) -> bool:

@@ -3,6 +3,7 @@ docs/methods.md section 2)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -68,6 +69,10 @@ class PiToMe(BlockMethod):
         check_ratio(self.name, self.keep_ratio, lowest=0.5 - 1e-9)
         if self.metric not in (None, "keys", "hidden"):
             raise ValueError(f"pitome: metric is 'keys' or 'hidden', got {self.metric!r}")
+        for name in ("margin", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"pitome: {name} must be a finite number, got {value!r}")
 
     @property
     def needs(self) -> frozenset[Signal]:  # type: ignore[override]

@@ -45,6 +45,11 @@ class ToMe(BlockMethod):
             )
         if self.inflection is not None and isinstance(self.r, list):
             raise ValueError("tome: inflection applies to an int r, not to a per-block list")
+        if self.inflection is not None and not -1 <= self.inflection <= 1:
+            raise ValueError(
+                f"tome: inflection is in [-1, 1] (-1 decreasing, 0 constant, 1 increasing), got "
+                f"{self.inflection!r}"
+            )
 
     def merges_per_block(self, depth: int) -> list[int]:
         """ToMe's per-block r before clipping to what each block can merge."""

@@ -91,6 +91,7 @@ def _resolve_on_encoder(method: BlockMethod, spec: ModelSpec) -> tuple[Method, l
         schedule = list(method.schedule)
     elif method.target_macs is not None:
         method, schedule = _nearest_to_target(method, spec, method.candidates(spec))
+        method = method.settle(spec)  # the candidate as config_of reports it (ToMe's r)
     else:
         schedule = method.knob_schedule(spec)
     check_schedule(spec, schedule)
