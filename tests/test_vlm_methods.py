@@ -556,6 +556,22 @@ def test_fastv_keeps_the_most_attended_tokens_lowest_index_on_ties():
     assert picks.tolist() == [[1, 2], [0, 1]]
 
 
+def test_pyramiddrop_default_schedule_is_the_released_ratio_list_at_its_layers():
+    """The released pdrop_forward keeps int(N0 * ratio) before each of layers [8, 16, 24] with
+    the ratio list [0.5, 0.25, 0.125] (lambda = 0.5): the default keep 0.125 on LLaVA-1.5's 32
+    layers and 576 tokens, and the same with the released counts given as a count."""
+    released_layers, ratios = [8, 16, 24], [0.5**s for s in (1, 2, 3)]
+    expected, start, current = [], 0, 576
+    for layer, ratio in zip(released_layers, ratios, strict=True):
+        expected += [current] * (layer - start)
+        start, current = layer, int(576 * ratio)
+    expected += [current] * (32 - start)
+    for keep in (0.125, int(576 * ratios[-1])):
+        method = create_method("pyramiddrop", keep=keep)
+        assert method.boundaries(32) == released_layers
+        assert method.llm_schedule(32, 576, 0) == expected
+
+
 def _dart_by_hand(keys, states, text_keys, text_states, keep, image_pivots=4, text_pivots=4):
     """DART's rule token by token, as the released get_retained_image_token runs it, with its
     pivots in tokcomp's order (image, then text, each by descending key L1 norm) and the claims
