@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import runpy
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from operator import itemgetter
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from PIL import Image
 from safetensors import safe_open
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
+from vlm_fixtures import tiny_vlm
 
 from tokcomp.cli import main
 from tokcomp.errors import StateError
@@ -439,6 +442,90 @@ def test_the_plot_draws_a_curve_per_setting_of_a_methods_options_besides_its_bud
         "dycoke (config)": [1.5, 4.0],
         "unpruned": [4.0],
     }
+
+
+def test_the_csv_is_utf8_whatever_the_locale(tmp_path):
+    """Labels hold option text and config file names: an ASCII locale could not write them
+    (a Latin-1 one wrote them in Latin-1)."""
+    label = 'réglage, α=[1,2] "β"'
+    script = (  # the label as ASCII escapes: an ASCII locale cannot read it from argv
+        "import sys; from pathlib import Path; from tokcomp.harness.results import write_csv; "
+        f"write_csv([{{'method': 'tome', 'label': {label!a}, 'top1': 1.5}}], ['top1'], "
+        "Path(sys.argv[1]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C", "PYTHONUTF8": "0"}
+    path = tmp_path / "results.csv"
+    run = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()[-300:]
+    with path.open(encoding="utf-8", newline="") as handle:
+        [row] = csv.DictReader(handle)
+    assert (row["method"], row["label"], row["top1"]) == ("tome", label, "1.5")
+
+
+def test_a_point_without_a_speedup_leaves_the_others_in_order_of_x():
+    """A NaN x (a speed-up no round could time) compares false with everything: sorted by x
+    alone, it left the points after it unsorted, a zigzag curve."""
+    nan = float("nan")
+    rows = [{"method": "unpruned", "gmacs": 4.0, "speedup": 1.0, "top1": 80.0}]
+    for gmacs, speedup in [(1.0, 3.0), (2.0, nan), (2.5, 2.0), (3.0, 1.5)]:
+        rows.append({"method": "tome", "gmacs": gmacs, "speedup": speedup, "top1": 70 + gmacs})
+    panel = sweep_figure(rows, "top1", "a sweep").axes[1]
+    [tome] = [line for line in panel.get_lines() if line.get_label() == "tome"]
+    timed = sorted(
+        (row for row in rows if not math.isnan(row["speedup"])), key=itemgetter("speedup")
+    )
+    points = zip(tome.get_xdata(), tome.get_ydata(), strict=True)
+    drawn = [(x, y) for x, y in points if not math.isnan(x)]
+    assert drawn == [(row["speedup"], row["top1"]) for row in timed]
+
+
+def test_equal_option_values_spelled_differently_are_one_curve():
+    """margin=1 and margin=1.0 are one setting of pitome: one curve, not two."""
+    rows = [{"method": "unpruned", "resolved_options": {}, "gmacs": 4.0, "top1": 80.0}]
+    for keep, margin in [
+        (0.9, 1),
+        (0.8, 1.0),
+        (0.7, 0.5),
+        (0.6, 0.50),
+        (0.5, [1.0, 2]),
+        (0.4, [1, 2]),
+    ]:
+        options = {"keep_ratio": keep, "margin": margin}
+        rows.append({"method": "pitome", "resolved_options": options, "gmacs": 5 * keep})
+    for row in rows:
+        row.update(speedup=4.0 / row["gmacs"], top1=20 * row["gmacs"])
+    panel = sweep_figure(rows, "top1", "a sweep").axes[0]
+    drawn = sorted(sorted(line.get_xdata()) for line in panel.get_lines())
+    settings: list[tuple[object, list[float]]] = []  # margin, then the x of its curve
+    for row in rows[1:]:
+        margin = row["resolved_options"]["margin"]
+        found = [xs for value, xs in settings if value == margin]
+        if found:
+            found[0].append(row["gmacs"])
+        else:
+            settings.append((margin, [rows[0]["gmacs"], row["gmacs"]]))
+    assert drawn == sorted([[rows[0]["gmacs"]], *(sorted(xs) for _, xs in settings)])
+    assert len(settings) == 3
+
+
+def test_a_visual_method_merging_in_the_vision_tower_is_a_curve_of_its_own():
+    """zoo with ToMe in the tower and zoo alone resolve to the same options: the row also
+    records the tower, so they are two curves (they were one, zigzagging between them)."""
+    model = tiny_vlm("llava").eval()
+    tower = ',tower=tome,tower_options={"r":1}'
+    given = {
+        f"zoo:keep={keep}{extra}": bool(extra) for keep in (0.5, 0.25) for extra in ("", tower)
+    }
+    points = sweep.sweep_points(variants=[sweep.parse_variant(text) for text in given])
+    rows = [plan for _, plan in sweep.plan_points(model, points)]
+    for row in rows:
+        row.update(speedup=1 / row["macs_ratio"], top1=10 * row["gmacs"])
+    panel = sweep_figure(rows, "top1", "a sweep").axes[0]
+    drawn = sorted(sorted(line.get_xdata()) for line in panel.get_lines())
+    curves = {with_tower: [rows[0]["gmacs"]] for with_tower in (False, True)}
+    for row, with_tower in zip(rows[1:], given.values(), strict=True):
+        curves[with_tower].append(row["gmacs"])
+    assert drawn == sorted([[rows[0]["gmacs"]], *(sorted(xs) for xs in curves.values())])
 
 
 # -- the same numbers as timm ---------------------------------------------------------------

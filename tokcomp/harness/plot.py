@@ -6,8 +6,8 @@ model."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ def sweep_figure(
     for panel, (x, x_label) in zip(panels, axes, strict=True):
         for name in dict.fromkeys(names):
             members = (row for row, its in zip(points, names, strict=True) if its == name)
-            curve = sorted([base, *members], key=itemgetter(x))
+            curve = sorted([base, *members], key=lambda row, x=x: _along(row[x]))
             panel.plot([r[x] for r in curve], [r[metric] for r in curve], "o-", label=name)
         panel.plot(base[x], base[metric], "k*", markersize=14, label="unpruned", zorder=3)
         panel.set_xlabel(x_label)
@@ -63,6 +63,12 @@ def sweep_figure(
         panel.grid(alpha=0.3)
         panel.legend()
     return figure
+
+
+def _along(x: float) -> tuple[bool, float]:
+    """A point's place along a panel's x axis: in order of x, a point without one (NaN: e.g.
+    a speed-up no round could time) last, where it cannot put the others out of order."""
+    return (math.isnan(x), x)
 
 
 def series_names(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -99,11 +105,32 @@ def _differing_options(rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
 
 def _fixed_options(row: dict[str, Any]) -> dict[str, Any]:
     """The options a method's row ran with (its resolved ones, which name what differs from
-    the defaults), but its budget: the option that moves a point along its curve."""
+    the defaults), but its budget: the option that moves a point along its curve; and on a
+    VLM the method merging inside its vision tower, if any, as `tower` ("tome:r=22")."""
     budget = method_class(row["method"]).budget
-    return {k: v for k, v in row.get("resolved_options", {}).items() if k != budget}
+    options = {k: v for k, v in row.get("resolved_options", {}).items() if k != budget}
+    tower = row.get("tower")
+    if tower:
+        settings = ",".join(f"{k}={_shown(v)}" for k, v in sorted(tower["options"].items()))
+        options["tower"] = f"{tower['method']}:{settings}" if settings else tower["method"]
+    return options
 
 
 def _shown(value: Any) -> str:
-    """An option's value as a variant writes it (text bare, the rest compact JSON)."""
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    """An option's value as a variant writes it (text bare, the rest compact JSON), one
+    spelling for equal values (a whole float as its int: margin=1 and margin=1.0 are one
+    setting, so one curve)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(_one_spelling(value), separators=(",", ":"))
+
+
+def _one_spelling(value: Any) -> Any:
+    """`value` with every whole float an int (lists, tuples and dicts searched)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list | tuple):
+        return [_one_spelling(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _one_spelling(item) for key, item in value.items()}
+    return value

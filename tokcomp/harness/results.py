@@ -188,7 +188,8 @@ def write_csv(
     path: Path,
     columns: Sequence[Column] = (),
 ) -> None:
-    """Rows from `with_baseline` as CSV, one line per point (`columns` before the schedule)."""
+    """Rows from `with_baseline` as CSV (UTF-8), one line per point (`columns` before the
+    schedule)."""
     columns = [
         "method",
         "label",
@@ -206,7 +207,8 @@ def write_csv(
         "samples",
         "schedule",
     ]
-    with path.open("w", newline="") as handle:
+    # UTF-8 whatever the locale: labels hold option text and config file names
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -162,14 +162,16 @@ def resolve(model: nn.Module, point: Point, frames: int | None = None) -> dict[s
 
 
 def compression(model: nn.Module, frames: int | None = None) -> dict[str, Any]:
-    """What the model's compression is now: method, resolved options, schedule, MACs per image
-    or, with `frames`, per reference video of that many frames (a VLM's) (GMACs, the method's
-    own work included; the ratio to the unpruned model; the share that is the method's own
-    work)."""
+    """What the model's compression is now: method, resolved options, the method merging inside
+    a VLM's vision tower beside it (`tokcomp.Config.tower`; None: none), schedule, MACs per
+    image or, with `frames`, per reference video of that many frames (a VLM's) (GMACs, the
+    method's own work included; the ratio to the unpruned model; the share that is the
+    method's own work)."""
     if not is_patched(model):
         return {
             "method": UNPRUNED,
             "resolved_options": {},
+            "tower": None,
             "schedule": None,
             "gmacs": macs(model, frames) / 1e9,
             "macs_ratio": 1.0,
@@ -179,6 +181,7 @@ def compression(model: nn.Module, frames: int | None = None) -> dict[str, Any]:
     return {
         "method": config.method,
         "resolved_options": config.options,
+        "tower": config.tower,
         "schedule": config.schedule,
         "gmacs": config.macs / 1e9,
         "macs_ratio": config.macs_ratio,
