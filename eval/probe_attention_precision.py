@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = probs.shape[-1]
     for fraction in args.keeps:
         keep = max(1, round(fraction * tokens))
-        pairs = list(zip(kept(exact, keep), kept(rounded, keep)))
+        pairs = list(zip(kept(exact, keep), kept(rounded, keep), strict=True))
         images = sum(a != b for a, b in pairs)
         moved = sum(len(a - b) for a, b in pairs) / (keep * len(pairs))
         print(

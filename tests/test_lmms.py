@@ -267,6 +267,7 @@ def test_an_unsupported_family_is_one_line_naming_the_supported_ones(unsupported
     ("argv", "named"),
     [
         (["--tasks", "vqav2_val"], "task vqav2_val needs the dataset lmms-lab-encoder/VQAv2"),
+        (["--tasks", "vqav2"], "task vqav2_val needs the dataset lmms-lab-encoder/VQAv2"),
         (["--tasks", "nope"], "unknown lmms-eval task(s) ['nope']: python -m lmms_eval --tasks"),
         (["--tasks", "easyvqa", "--model", "llava-hf/none"], "needs the model llava-hf/none"),
     ],
@@ -277,6 +278,26 @@ def test_what_needs_the_hub_offline_is_one_line_naming_the_fix(argv, named, caps
     assert named in line
     if "needs the" in line:
         assert "HF_HUB_OFFLINE is set; download it once" in line and "hf download" in line
+
+
+@needs_lmms
+def test_the_fingerprint_holds_the_files_of_a_group_s_and_a_tag_s_tasks(tmp_path):
+    from tokcomp.harness.lmms import resolve_tasks, task_files, task_manager
+
+    shutil.copytree(TASKS / "easyvqa", tmp_path / "easyvqa")
+    config = tmp_path / "easyvqa" / "easyvqa.yaml"
+    config.write_text(config.read_text() + "tag: easy_tag\n")
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "easy.yaml").write_text("group: easy_group\ntask:\n- easyvqa\n")
+    manager = task_manager([tmp_path])
+    names = ["easy_group", "easy_tag"]
+    assert resolve_tasks(manager, names) == names
+    before = task_files(manager, names)
+    questions = tmp_path / "easyvqa" / "questions.jsonl"
+    questions.write_text(questions.read_text().replace('"triangle"', '"square"', 1))
+    after = task_files(manager, names)
+    assert before["easyvqa"] != after["easyvqa"]
+    assert before["easy_group"] == after["easy_group"]  # the group's own folder
 
 
 @needs_lmms
@@ -313,6 +334,64 @@ def test_loglikelihood_scores_the_continuation_after_pruned_visual_tokens():
     tokcomp.apply(model, "zoo", keep=8)
     pruned = scores()
     assert pruned != pytest.approx(unpruned) and pruned[0] > pruned[1]
+
+
+def _requests(kind: str, docs: list[dict], visual, second=None) -> list:
+    """lmms-eval's requests of `kind` for the easy-VQA documents `docs` (doc ids 0...):
+    `second` is each request's continuation or generation options."""
+    from lmms_eval.api.instance import Instance
+
+    from tokcomp.harness.vqa_prompt import POST_PROMPT
+
+    return [
+        Instance(
+            kind,
+            (doc["question"] + POST_PROMPT, second or {}, visual, i, "easyvqa", "test"),
+            0,
+            {"task": "easyvqa", "doc_id": i, "repeats": 1},
+        )
+        for i, doc in enumerate(docs)
+    ]
+
+
+@needs_lmms
+def test_loglikelihood_requests_count_their_visual_tokens_and_time():
+    from tokcomp.harness.lmms_model import HFVLM
+
+    docs = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()][:3]
+    model, processor = load_vlm(DEFAULT_MODEL)
+    tokcomp.apply(model, "zoo", keep=8)
+    lm = HFVLM(model, processor, "cpu")
+    lm.task_dict = {"easyvqa": {"test": docs}}
+    scores = lm.loglikelihood(_requests("loglikelihood", docs, _visual, " yes"))
+    assert len(scores) == 3
+    tally = lm.tallies["easyvqa"]
+    assert (tally.requests, tally.images) == (3, 3)
+    figures = tally.figures()
+    assert figures["visual_tokens"] == 8  # as generate_until counts them: the pruned model's
+    assert figures["ttft_ms"] >= figures["prefill_ms"] > 0 and lm.peak_bytes > 0
+
+
+@needs_lmms
+def test_a_text_only_task_is_answered_without_images():
+    from tokcomp.harness.lmms_model import HFVLM
+
+    docs = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()][:4]
+    model, processor = load_vlm(DEFAULT_MODEL)
+    options = {"max_new_tokens": 4, "until": ["\n\n"]}
+
+    def answers(visual) -> tuple[list[str], list]:
+        lm = HFVLM(model, processor, "cpu", 2)
+        lm.task_dict = {"easyvqa": {"test": docs}}
+        texts = lm.generate_until(_requests("generate_until", docs, visual, options))
+        return texts, lm.loglikelihood(_requests("loglikelihood", docs, visual, " yes"))
+
+    # lmms-eval's doc_to_visual of a task without one gives None; a document without its
+    # image (a None column) gives [None]
+    without = answers(lambda doc: [])
+    assert answers(lambda doc: None) == without
+    assert answers(lambda doc: [None]) == without
+    assert without != answers(_visual)
 
 
 def _visual(doc: dict) -> list:

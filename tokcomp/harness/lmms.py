@@ -98,26 +98,56 @@ def resolve_tasks(manager: Any, requested: Sequence[str]) -> list[str]:
 
 def _datasets(manager: Any, name: str) -> Iterable[tuple[str, str]]:
     """(task, dataset_path) of every task that `name` (a task, group or tag) runs."""
+    for leaf, _, config in _leaves(manager, name):
+        yield leaf, str(config.get("dataset_path", ""))
+
+
+def _leaves(manager: Any, name: str) -> Iterable[tuple[str, Path, dict[str, Any]]]:
+    """(task, YAML path, config) of every task that `name` (a task, group or tag) runs: a
+    tag lists its tasks in lmms-eval's index, a group in its YAML (`task:`; names, or inline
+    groups and tasks)."""
     from lmms_eval.utils import load_yaml_config
 
     entry = manager.task_index[name]
-    if entry["type"] in ("group", "tag"):
+    if entry["type"] == "tag":
         for member in entry["task"]:
-            if isinstance(member, str) and member in manager.task_index:
-                yield from _datasets(manager, member)
+            yield from _members(manager, member)
         return
-    if entry["yaml_path"] != -1:
-        config = load_yaml_config(entry["yaml_path"], mode="simple")
-        yield name, str(config.get("dataset_path", ""))
+    if entry["yaml_path"] == -1:
+        return
+    config = load_yaml_config(entry["yaml_path"], mode="simple")
+    if entry["type"] == "group":
+        yield from _members(manager, config.get("task", []))
+    else:
+        yield name, Path(entry["yaml_path"]), config
+
+
+def _members(manager: Any, members: Any) -> Iterable[tuple[str, Path, dict[str, Any]]]:
+    """`_leaves` of a group's `task:` entry: a name, an inline group or task, or a list."""
+    if isinstance(members, list):
+        for member in members:
+            yield from _members(manager, member)
+    elif isinstance(members, str):
+        if members in manager.task_index:
+            yield from _leaves(manager, members)
+    elif isinstance(members, dict):
+        if "group" in members:
+            yield from _members(manager, members.get("task", []))
+        elif members.get("task") in manager.task_index:
+            for leaf, path, config in _leaves(manager, members["task"]):
+                yield leaf, path, {**config, **members}
 
 
 def task_files(manager: Any, tasks: Sequence[str]) -> dict[str, str]:
-    """Each task's folder (YAML, functions, local data) by content, for the fingerprint."""
+    """Each task's folder (YAML, functions, local data) by content, for the fingerprint: of a
+    group, its own and each of its tasks'; of a tag, each of its tasks'."""
     folders = {}
     for name in tasks:
         yaml_path = manager.task_index[name]["yaml_path"]
         if yaml_path != -1:
             folders[name] = folder_digest(Path(yaml_path).parent)
+        for leaf, path, _ in _leaves(manager, name):
+            folders[leaf] = folder_digest(path.parent)
     return folders
 
 

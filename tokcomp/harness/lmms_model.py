@@ -10,10 +10,11 @@ tokcomp.harness.lmms_plugin.manifest), which its model registry reads when it st
 lmms-eval is all it takes.
 
 Besides lmms-eval's scores, each run logs through lmms-eval's throughput metrics (the
-results file's "throughput" section, averaged over its generate calls): the visual tokens
-per image the language model kept, MACs per image (the method's own work included), their
-ratio to the unpruned model, LLM prefill time and time to first token per request, and the
-peak memory of the first batch (run once more before, untimed, as the VQA harness does).
+results file's "throughput" section, averaged over its generate and log-likelihood calls):
+the visual tokens per image the language model kept, MACs per image (the method's own work
+included), their ratio to the unpruned model, LLM prefill time and time to first token per
+request (a log-likelihood request's: its forward pass), and the peak memory of the first
+batch (run once more before, untimed, as the VQA harness does).
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from tokcomp.adapters.hf_vlm.adapter import HFVLMAdapter
 from tokcomp.bench import peak_memory
 from tokcomp.errors import UsageError
 from tokcomp.harness.sweep import Point, compression
-from tokcomp.harness.vqa import DEFAULT_MODEL, GREEDY, generate, load_vlm, on_device
+from tokcomp.harness.timing import PrefillTimer, now
+from tokcomp.harness.vqa import (
+    DEFAULT_MODEL,
+    GREEDY,
+    generate,
+    load_vlm,
+    on_device,
+    placeholder_ids,
+    visual_tokens_kept,
+)
 from tokcomp.harness.vqa_prompt import encode
 from tokcomp.methods import method_class, option_names
 
@@ -128,8 +138,21 @@ class HFVLM(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """Each request's continuation: its log-probability after the context, and whether
-        greedy decoding would produce it."""
-        return [self._loglikelihood(request) for request in requests]
+        greedy decoding would produce it; tallied (one forward pass is its prefill and time to
+        first token) as generate_until's requests are."""
+        scores = []
+        run = Tally()
+        for request in requests:
+            if self.peak_bytes is None:  # warm-up, as generate_until measures
+                warm_up = functools.partial(self._loglikelihood, request)
+                self.peak_bytes = peak_memory(warm_up, self.device)
+            score, tally = self._loglikelihood(request)
+            scores.append(score)
+            self.tallies.setdefault(request.args[4], Tally()).add(tally)
+            run.add(tally)
+        if requests:
+            self._log(run)
+        return scores
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         """Multi-round tasks are not supported."""
@@ -151,9 +174,11 @@ class HFVLM(lmms):
                 yield chunk, [requests[i] for i in chunk]
 
     def _images(self, request: Instance) -> list[Image.Image]:
-        """The images of a request's document, in RGB."""
+        """The images of a request's document, in RGB (none for a text-only task or document:
+        lmms-eval's doc_to_visual gives None there, or None for a missing image)."""
         doc_to_visual, doc_id, task, split = request.args[2:]
-        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+        found = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
+        visuals = [visual for visual in found or [] if visual is not None]
         for visual in visuals:
             if not isinstance(visual, Image.Image):
                 raise UsageError(
@@ -186,7 +211,8 @@ class HFVLM(lmms):
         return [_cut(answer, stops) for answer in generation.answers], tally
 
     @torch.inference_mode()
-    def _loglikelihood(self, request: Instance) -> tuple[float, bool]:
+    def _loglikelihood(self, request: Instance) -> tuple[tuple[float, bool], Tally]:
+        """A request's (log-probability, greedy) and what its forward pass cost."""
         context, continuation, _, doc_id, task, split = request.args
         if callable(continuation):
             continuation = continuation(self.task_dict[task][split][doc_id])
@@ -194,13 +220,26 @@ class HFVLM(lmms):
         prompt = encode(self.processor, [context], images)["input_ids"].shape[1]
         inputs = encode(self.processor, [context], images, [continuation])
         length = inputs["input_ids"].shape[1] - prompt
-        logits = self.model(**on_device(inputs, self.device, self.dtype)).logits
+        inputs = on_device(inputs, self.device, self.dtype)
+        with PrefillTimer(self.model.get_decoder().layers, self.device) as prefill:
+            start = now(self.device)
+            output = self.model(**inputs, use_cache=True)
+            seconds = now(self.device) - start
         # pruned visual tokens shorten the sequence before the text: the last positions are
         # still the continuation's
-        predicted = logits[0, -length - 1 : -1].float().log_softmax(-1)
-        target = inputs["input_ids"][0, -length:].to(self.device)
+        predicted = output.logits[0, -length - 1 : -1].float().log_softmax(-1)
+        target = inputs["input_ids"][0, -length:]
         chosen = predicted.gather(-1, target[:, None]).sum()
-        return float(chosen), bool((predicted.argmax(-1) == target).all())
+        kept = visual_tokens_kept(output.cache, inputs["input_ids"], placeholder_ids(self.model))
+        tally = Tally(
+            requests=1,
+            images=len(images[0]),
+            visual_tokens=kept,
+            prefill_s=prefill.seconds or 0.0,
+            ttft_s=seconds,
+            generate_s=seconds,
+        )
+        return (float(chosen), bool((predicted.argmax(-1) == target).all())), tally
 
     @property
     def dtype(self) -> torch.dtype:
