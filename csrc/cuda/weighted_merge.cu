@@ -44,6 +44,15 @@ std::tuple<at::Tensor, at::Tensor> weighted_merge_cuda(
   at::Tensor out = at::empty({batch, K, C}, x.options());
   at::Tensor out_size = at::empty({batch, K}, size.options());
   if (batch == 0 || K == 0) {
+    // No output rows: sources are still an error (every dst_pos is out of range [0, 0)), as on
+    // the CPU and in the reference. The value is read only to word the error.
+    TORCH_CHECK(
+        batch == 0 || R == 0,
+        "tokcomp::weighted_merge: dst_pos value ",
+        dst_pos[0][0].item<int64_t>(),
+        " out of range [0, ",
+        K,
+        ")");
     return {out, out_size};
   }
 

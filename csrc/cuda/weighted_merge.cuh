@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(kMergeMaxThreads) weighted_merge_kernel(
   }
   if (tid < rows) {
     const int64_t k = keep_idx[n * K + j0 + tid];
+    TOKCOMP_KERNEL_ASSERT(0 <= k && k < N);  // also without channels (the loop above is empty)
     norm[tid] = wn[k];
     total[tid] = sn[k];
   }

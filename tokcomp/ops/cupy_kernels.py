@@ -234,6 +234,8 @@ def best_match(
         raise TypeError(f"tokcomp_cupy::best_match: a and b dtypes differ ({a.dtype}, {b.dtype})")
     a, b = a.contiguous(), b.contiguous()
     (batch, rows_a, channels), rows_b = a.shape, b.shape[1]
+    if rows_b == 0:  # as the nvcc route (csrc/ops.h); else a launch of zero blocks
+        raise ValueError("tokcomp_cupy::best_match: set B (the second input) is empty")
     score = torch.empty(batch, rows_a, device=device, dtype=torch.float32)
     index = torch.empty(batch, rows_a, device=device, dtype=torch.int64)
     if score.numel() == 0:
@@ -263,6 +265,13 @@ def weighted_merge(
     out = torch.empty(batch, kept, channels, device=device, dtype=x.dtype)
     out_size = torch.empty(batch, kept, device=device, dtype=torch.float32)
     if out_size.numel() == 0:
+        # No output rows: sources are still an error (every dst_pos is out of range [0, 0)), as
+        # on the CPU, in the reference and in csrc/cuda/weighted_merge.cu.
+        if batch and sources:
+            raise RuntimeError(
+                f"tokcomp_cupy::weighted_merge: dst_pos value {int(dst_pos[0, 0])} out of range "
+                f"[0, {kept})"
+            )
         return out, out_size
     tile_rows, chunk, chunks, threads = _merge_geometry(channels)
     tiles = -(-kept // tile_rows)
@@ -331,6 +340,11 @@ def attention_pagerank(attn: torch.Tensor, iterations: int) -> torch.Tensor:
     vectors = 2 * tokens * 4
     cached = vectors + tokens * tokens * attn.element_size()
     limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    if vectors > limit:  # as csrc/cuda/attention_pagerank.cu
+        raise RuntimeError(
+            f"tokcomp_cupy::attention_pagerank: N = {tokens} is too large for the shared memory "
+            "of this GPU"
+        )
     use_cache = iterations > 1 and cached <= limit
     kernel = _kernel("attention_pagerank", type_name, "true" if use_cache else "false")
     block = min(constants()["kPagerankMaxThreads"], max(32, (tokens + 31) // 32 * 32))
