@@ -84,7 +84,8 @@ def floor_report(rows: list[BenchRow]) -> tuple[str, bool]:
         passed = row.speedup >= floor
         ok &= passed
         verdict = "ok" if passed else "MISSED"
-        lines.append(f"  {row.label}: {row.speedup:.2f}x, floor {floor:.2f}x -> {verdict}")
+        flag = "x" if row.trusted else "? (too noisy to trust)"
+        lines.append(f"  {row.label}: {row.speedup:.2f}{flag}, floor {floor:.2f}x -> {verdict}")
     return "\n".join(lines), ok
 
 

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import add_json_arguments, check_json_argument, script_parser
 
-from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
 from tokcomp.harness.arguments import DTYPES, device, positive_int
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "deit_small_patch16_224"
@@ -34,6 +34,16 @@ def variants() -> list[Variant]:
     ]
     rows.append(Variant("zero_tprune preset", str(PRESETS / "zero_tprune-3.0g.json")))
     return rows
+
+
+def quotient_lines(rows: list[BenchRow]) -> list[str]:
+    """Each compressed row's speed-up over its MACs ratio's ideal one ("?": the speed-up is too
+    noisy to trust)."""
+    lines = ["", "speed-up / (unpruned MACs / pruned MACs):"]
+    for row in rows[1:]:
+        flag = "" if row.trusted else "?"
+        lines.append(f"  {row.label:<24}{row.speedup * row.macs_ratio:6.2f}{flag}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()
     print(f"DeiT-S, batch {args.batch_size}, {args.device} {args.dtype}, {threads} threads")
     print(format_table(rows))
-    print("\nspeed-up / (unpruned MACs / pruned MACs):")
-    for row in rows[1:]:
-        print(f"  {row.label:<24}{row.speedup * row.macs_ratio:6.2f}")
+    print("\n".join(quotient_lines(rows)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(rows_to_json(rows, settings, model="deit_small_patch16_224"))

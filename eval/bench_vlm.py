@@ -9,7 +9,8 @@ Measured in the same run, medians of interleaved repeats after a warm-up, each r
 generate(max_new_tokens=1) per variant (unpruned; ZOO-Prune at 64 of 576 visual tokens: its
 default, whose second-layer product is bfloat16 where the CPU multiplies it in hardware, the
 float32 product, and sketch=256), forward hooks timing the vision tower and the language model
-in it:
+in it. A speed-up is the median of the per-round ratios against the unpruned run of the same
+round, with their spread ("?": too wide to trust, tokcomp.harness.timing):
 - LLM prefill: the language model on the 616-token prompt vs the 104-token pruned one.
   Floor: 4x.
 - Time to first token (vision tower, ZOO-Prune's selection and the prefill), ZOO-Prune's
@@ -43,7 +44,7 @@ from script_args import script_parser
 import tokcomp
 from tokcomp.bench import timed
 from tokcomp.harness.arguments import positive_int
-from tokcomp.harness.timing import Contender, interleaved
+from tokcomp.harness.timing import TRUSTED_SPREAD, Contender, Speedup, interleaved
 from tokcomp.methods import VisualTokens, create_method
 from tokcomp.ops import cosine_distances, greedy_maxmin, greedy_maxmin_reference
 
@@ -177,21 +178,37 @@ def first_token_runs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[s
     }
 
 
-def medians(
+def rounds(
     runs: dict[str, Contender], watch: Stopwatch, repeats: int
-) -> dict[str, dict[str, float]]:
-    """Per run, the median seconds of each part over `repeats` interleaved rounds after a
-    warm-up round (tokcomp.harness.timing)."""
+) -> dict[str, list[dict[str, float]]]:
+    """Per run, the seconds of each part in each of `repeats` interleaved rounds after a
+    warm-up round (tokcomp.harness.timing), in round order: the runs of a round pair up."""
     parts: dict[str, list[dict[str, float]]] = {label: [] for label in runs}
 
     def recorded(label: str, run: Contender) -> Contender:
         return Contender(lambda: parts[label].append(watch.run(run.forward)), run.prepare)
 
-    interleaved([recorded(label, run) for label, run in runs.items()], repeats, CPU)
+    interleaved([recorded(label, run) for label, run in runs.items()], repeats, CPU, warmup=1)
+    return {label: records[1:] for label, records in parts.items()}  # the warm-up dropped
+
+
+def medians(records: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per run, the median seconds of each part over its rounds."""
     return {
-        label: {part: statistics.median(r[part] for r in rows[1:]) for part in rows[0]}
-        for label, rows in parts.items()
+        label: {part: statistics.median(r[part] for r in rows) for part in rows[0]}
+        for label, rows in records.items()
     }
+
+
+def speedup(records: dict[str, list[dict[str, float]]], label: str, part: str) -> Speedup:
+    """The speed-up of `label`'s `part` over the unpruned run's: the median of the per-round
+    ratios, with their spread."""
+    return Speedup.paired([r[part] for r in records["unpruned"]], [r[part] for r in records[label]])
+
+
+def ratio_text(speedup: Speedup) -> str:
+    """'2.76x (spread 3.1%)', with '?' for 'x' when the spread is too wide to trust."""
+    return f"{speedup.ratio:.2f}{'x' if speedup.trusted else '?'} (spread {speedup.spread:.1%})"
 
 
 def visual_tokens(model: nn.Module, pixels: torch.Tensor) -> VisualTokens:
@@ -284,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     inner = model.model
     watch = Stopwatch({"tower": inner.vision_tower, "prefill": inner.language_model})
     with torch.inference_mode():
-        times = medians(first_token_runs(model, batch), watch, args.repeats)
+        records = rounds(first_token_runs(model, batch), watch, args.repeats)
+        times = medians(records)
         print(f"{'':16s} {'first token':>12s} {'vision tower':>13s} {'LLM prefill':>12s}")
         for label, parts in times.items():
             print(
@@ -299,20 +317,29 @@ def main(argv: list[str] | None = None) -> int:
             for label, run in greedy_runs(visual).items()
         }
     config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
-    base, default = times["unpruned"], times["zoo default"]
-    prefill, first = base["prefill"] / default["prefill"], base["total"] / default["total"]
+    base = times["unpruned"]
+    prefill = speedup(records, "zoo default", "prefill")
+    first = speedup(records, "zoo default", "total")
     others = ", ".join(
-        f"{label}: {base['total'] / parts['total']:.2f}x"
-        for label, parts in times.items()
+        f"{label}: {ratio_text(speedup(records, label, 'total'))}"
+        for label in times
         if label not in ("unpruned", "zoo default")
     )
     print(
         f"MACs (tower + projector + prefill): {config.base_macs / 1e12:.2f} T unpruned, "
         f"{config.macs / 1e12:.2f} T at 64 visual tokens ({config.macs_ratio:.3f})"
     )
-    print(f"LLM prefill speed-up at 64/576 visual tokens: {prefill:.2f}x (floor {PREFILL_FLOOR}x)")
     print(
-        f"time to first token speed-up, ZOO default: {first:.2f}x (floor {TTFT_FLOOR}x); {others}"
+        f"LLM prefill speed-up at 64/576 visual tokens: {ratio_text(prefill)} "
+        f"(floor {PREFILL_FLOOR}x)"
+    )
+    print(
+        f"time to first token speed-up, ZOO default: {ratio_text(first)} (floor {TTFT_FLOOR}x); "
+        f"{others}"
+    )
+    print(
+        f'"?": the per-round speed-ups spread over more than {TRUSTED_SPREAD:.0%} of their '
+        "median (IQR)"
     )
     product = create_method("zoo").product_dtype(CPU)
     print(f"ZOO default's second-layer product here: {product}")
@@ -332,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
             f"Jaccard of the 64 kept {kept:.3f}"
         )
-    return 0 if prefill >= PREFILL_FLOOR and first >= TTFT_FLOOR else 1
+    return 0 if prefill.ratio >= PREFILL_FLOOR and first.ratio >= TTFT_FLOOR else 1
 
 
 if __name__ == "__main__":

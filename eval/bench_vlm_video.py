@@ -276,13 +276,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unpruned: time to first token {statistics.median(totals['unpruned']) * 1e3:.0f} ms")
     print(", ".join(f"{name} {opts}" for name, opts in options.items()))
     print_rows(rows)
+    print("\n".join(floor_lines(rows)))
+    return 0
+
+
+def floor_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per floor, the methods whose speed-up reaches it; one whose spread is too wide to
+    trust keeps its flag ("?")."""
+    lines = []
     for label, key, floor in (
         ("LLM prefill", "prefill", PREFILL_FLOOR),
         ("TTFT", "ttft", TTFT_FLOOR),
     ):
-        met = [row["method"] for row in rows if row[key].ratio >= floor]
-        print(f"{label} speed-up >= {floor}x: {', '.join(met) or 'none'}")
-    return 0
+        met = [
+            row["method"] + ("" if row[key].trusted else "?")
+            for row in rows
+            if row[key].ratio >= floor
+        ]
+        lines.append(f"{label} speed-up >= {floor}x: {', '.join(met) or 'none'}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from fixtures import eval_script
 import tokcomp
 from tokcomp import bench
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, peak_memory, rows_to_json
+from tokcomp.harness.timing import Speedup
 from tokcomp.methods.dycoke import merged_kept
 
 METHODS = tokcomp.methods("vlm")
@@ -68,7 +69,7 @@ def test_compiled_benchmark_times_compiled_and_eager_models_in_the_same_rounds(m
     )
     assert len(compiled) == 2 and not tokcomp.is_patched(compiled[0])
     assert tokcomp.is_patched(compiled[1])
-    assert all(row.compile_gain > 0 for row in rows)
+    assert all(row.compile_gain > 0 and row.compile_gain_spread >= 0 for row in rows)
     assert "vs eager" in format_table(rows)
 
 
@@ -94,3 +95,87 @@ def test_video_benchmark_tiny_mode_times_every_method_against_the_unpruned_model
     assert kept.pop("dycoke") == "37.5%"
     assert float(kept.pop("sparsevlm").rstrip("%")) < 9.7
     assert set(kept.values()) == {"9.7%"}
+
+
+def test_peak_memory_leaves_out_storages_that_existed_before_the_call():
+    """Views and in-place ops on the inputs or the weights allocate nothing; a new tensor
+    does."""
+    inputs = torch.zeros(1000)  # 4000 bytes, before the call
+    weight = torch.nn.Linear(50, 20).weight  # 4000 bytes
+
+    def forward():
+        with torch.inference_mode():
+            return inputs.view(10, 100), inputs.add_(1.0), weight.t(), weight[:10].reshape(-1)
+
+    assert peak_memory(forward) == 0
+    assert peak_memory(lambda: (inputs.view(10, 100), inputs * 2.0)) == 4000
+
+
+def test_compiled_benchmark_refuses_to_time_the_first_call_that_compiles(monkeypatch):
+    """Without a warm-up round the first timed round of every compiled model would be its
+    compilation, and the eager runs of that round would not pay for one."""
+    monkeypatch.setattr(bench, "compiled", lambda model: torch.compile(model, backend="eager"))
+    settings = BenchSettings(batch_size=2, warmup=0, repeats=1, compile=True)
+    with pytest.raises(ValueError, match="at least one warm-up round"):
+        benchmark(tiny_vit("vit"), [Variant("tome r=4", "tome", {"r": 4})], settings, (3, 32, 32))
+
+
+def test_a_noisy_compile_gain_is_flagged_in_the_table():
+    def row(label: str, gain: float, spread: float) -> bench.BenchRow:
+        return bench.BenchRow(label, None, {}, 1.0, 1.0, 0.0, 10.0, 1.0, 0.0, 100.0, 1.0, gain)
+
+    calm, noisy = row("unpruned", 1.2, 0.05), row("tome", 1.3, 0.4)
+    calm.compile_gain_spread, noisy.compile_gain_spread = 0.05, 0.4
+    assert calm.gain_trusted and not noisy.gain_trusted
+    table = format_table([calm, noisy])
+    assert "1.20x" in table and "1.30?" in table and "too noisy to trust" in table
+    assert "too noisy" not in format_table([calm])
+
+
+def test_vlm_benchmark_pairs_its_speedups_by_round_and_flags_a_noisy_one():
+    """eval/bench_vlm.py: the warm-up round is dropped, each round's unpruned run is paired
+    with the pruned run of the same round (a load that changes between rounds cancels), and
+    a spread too wide to trust is flagged."""
+    script = eval_script("bench_vlm")
+    load = iter([50.0, 50.0, 1.0, 1.0, 4.0, 4.0, 2.0, 2.0])  # per call; the first round: warm-up
+    cost = {"unpruned": 2.0, "zoo default": 1.0}
+    called = []
+
+    class Watch:
+        def run(self, forward):
+            forward()
+            seconds = cost[called[-1]] * next(load)
+            return {"total": seconds, "prefill": seconds / 2}
+
+    runs = {label: script.Contender(lambda k=label: called.append(k)) for label in cost}
+    records = script.rounds(runs, Watch(), repeats=3)
+    assert [r["total"] for r in records["unpruned"]] == [2.0, 8.0, 4.0]
+    assert [r["total"] for r in records["zoo default"]] == [1.0, 4.0, 2.0]
+    first = script.speedup(records, "zoo default", "total")
+    assert (first.ratio, first.spread) == (2.0, 0.0)
+    assert script.ratio_text(first).startswith("2.00x")
+    records["zoo default"][1]["prefill"] *= 3  # a load that hit only the pruned run
+    assert script.ratio_text(script.speedup(records, "zoo default", "prefill")).startswith("2.00?")
+
+
+def test_video_benchmark_keeps_the_flag_of_a_noisy_speedup_that_reaches_a_floor():
+    script = eval_script("bench_vlm_video")
+    rows = [
+        {"method": "noisy", "prefill": Speedup(9.0, 0.5), "ttft": Speedup(1.5, 0.01)},
+        {"method": "calm", "prefill": Speedup(6.0, 0.02), "ttft": Speedup(3.5, 0.01)},
+    ]
+    prefill, ttft = script.floor_lines(rows)
+    assert prefill.endswith(": noisy?, calm") and ttft.endswith(": calm")
+
+
+def test_encoder_and_method_benchmarks_keep_the_flag_of_a_noisy_speedup():
+    rows = [
+        bench.BenchRow("unpruned", None, {}, 1.0, 1.0, 0.0, 10.0, 1.0, 0.0, 100.0),
+        bench.BenchRow("tome", "tome", {}, 0.5, 0.5, 0.0, 20.0, 2.0, 0.5, 50.0),
+        bench.BenchRow("pitome", "pitome", {}, 0.5, 0.5, 0.0, 20.0, 2.0, 0.05, 50.0),
+    ]
+    report, _ = eval_script("bench_encoders").floor_report(rows)
+    noisy, calm = report.splitlines()
+    assert "2.00?" in noisy and "2.00x" in calm
+    quotients = eval_script("bench_methods").quotient_lines(rows)
+    assert quotients[-2].endswith("1.00?") and quotients[-1].endswith("1.00")

@@ -76,7 +76,8 @@ class BenchRow:
     the unpruned model's time over this variant's, speedup_spread: the interquartile range
     of those ratios over their median (too wide: not `trusted`); images_per_s and
     latency_ms: from the variant's median time; peak_memory_mb: of the eager model;
-    compile_gain (compiled runs only): the eager model's time over the compiled one's."""
+    compile_gain (compiled runs only): the median over the rounds of the eager model's time
+    over the compiled one's, compile_gain_spread: the spread of those ratios."""
 
     label: str
     method: str | None
@@ -90,11 +91,20 @@ class BenchRow:
     latency_ms: float
     peak_memory_mb: float = 0.0
     compile_gain: float | None = None
+    compile_gain_spread: float | None = None
 
     @property
     def trusted(self) -> bool:
         """Whether the speed-up's spread is narrow enough to read it."""
         return Speedup(self.speedup, self.speedup_spread).trusted
+
+    @property
+    def gain_trusted(self) -> bool:
+        """Whether the compiled model's gain over eager (if measured) is narrow enough to read."""
+        if self.compile_gain is None:
+            return True
+        spread = math.nan if self.compile_gain_spread is None else self.compile_gain_spread
+        return Speedup(self.compile_gain, spread).trusted
 
 
 @dataclass
@@ -121,7 +131,13 @@ def benchmark(
     the load of a shared machine hits all variants alike: speed-ups are paired per round.
     With `settings.compile` every model runs compiled and eagerly in the same rounds: the
     speed-ups are compiled against the compiled unpruned model, `compile_gain` each model's
-    compiled speed over its eager speed."""
+    compiled speed over its eager speed. Compiled runs need a warm-up round (their first call
+    compiles)."""
+    if settings.compile and settings.warmup < 1:
+        raise ValueError(
+            "compiled runs need at least one warm-up round: the first call of each compiled "
+            "model compiles it, which would be timed as a round"
+        )
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
@@ -141,7 +157,8 @@ def benchmark(
         row = _row(variant, compressed, base_macs, measured[0], measured[index], settings)
         row.peak_memory_mb = peak_memory(eager[index], device) / 2**20
         if settings.compile:
-            row.compile_gain = Speedup.paired(times[index], measured[index]).ratio
+            gain = Speedup.paired(times[index], measured[index])
+            row.compile_gain, row.compile_gain_spread = gain.ratio, gain.spread
         rows.append(row)
     return rows
 
@@ -251,7 +268,9 @@ def peak_memory(forward: Callable[[], Any], device: torch.device | str = "cpu") 
 
 
 class _LiveTensorBytes(TorchDispatchMode):
-    """Tracks the bytes of storages created under it that are still alive, and their peak."""
+    """Tracks the bytes of storages created under it that are still alive, and their peak. An
+    op's output that shares the storage of one of its inputs (a view, an in-place op) did not
+    allocate it: one that existed before (the inputs, the weights) is not counted."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -261,9 +280,16 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        given = {
+            id(value.untyped_storage())
+            for value in tree_flatten((args, kwargs))[0]
+            if isinstance(value, torch.Tensor)
+        }
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor) and value.device.type == "cpu":
-                self._watch(value.untyped_storage())
+                storage = value.untyped_storage()
+                if id(storage) not in given:
+                    self._watch(storage)
         return out
 
     def _watch(self, storage: torch.UntypedStorage) -> None:
@@ -301,9 +327,9 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{100 * row.selection_share:>7.1f}{row.images_per_s:>10.1f}"
             f"{row.speedup:>9.2f}{'x' if row.trusted else '?'}{100 * row.speedup_spread:>9.1f}"
             f"{row.latency_ms:>10.1f}{row.peak_memory_mb:>9.1f}"
-            + (f"{row.compile_gain:>9.2f}x" if gains else "")
+            + (f"{row.compile_gain:>9.2f}{'x' if row.gain_trusted else '?'}" if gains else "")
         )
-    if not all(row.trusted for row in rows):
+    if not all(row.trusted and row.gain_trusted for row in rows):
         lines.append(UNTRUSTED_NOTE)
     return "\n".join(lines)
 
