@@ -41,7 +41,13 @@ def test_export_then_show(tmp_path, capsys):
     path = tmp_path / "configs" / "deit-tome.json"  # its folder is made
     assert main(["export", "--model", "deit_tiny_patch16_224", "tome:r=13", "-o", str(path)]) == 0
     data = json.loads(path.read_text())
-    assert data["method"] == "tome" and data["options"] == {"r": 13}
+    assert data["method"] == "tome"
+    assert data["options"] == {
+        "prop_attn": True,
+        "trace_source": False,
+        "r": 13,
+        "inflection": None,
+    }
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "schedule  [184, 171" in out and "tome" in out
@@ -57,10 +63,11 @@ def test_export_then_show_a_vlm_config_with_tower_merging(tmp_path, capsys):
     assert main(argv) == 0
     assert tokcomp.Config.load(path).tower == {
         "method": "tome",
-        "options": {"r": 4, "inflection": -1},
+        "options": {"prop_attn": True, "trace_source": False, "r": 4, "inflection": -1},
     }
     assert main(["show", str(path)]) == 0
-    assert 'tower     tome {"r": 4, "inflection": -1}' in capsys.readouterr().out
+    tower = '{"prop_attn": true, "trace_source": false, "r": 4, "inflection": -1}'
+    assert f"tower     tome {tower}" in capsys.readouterr().out
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -244,7 +251,7 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main(argv) == 2
     assert f"-o {path} exists; pass --force to overwrite it" in capsys.readouterr().err
     assert path.read_text() == "my edits"
-    assert main([*argv, "--force"]) == 0 and json.loads(path.read_text())["options"] == {"r": 13}
+    assert main([*argv, "--force"]) == 0 and json.loads(path.read_text())["options"]["r"] == 13
 
 
 def test_bench_refuses_to_overwrite_its_json_without_force(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp.config import ConfigError
+from tokcomp.methods import method_class, option_names
 
 
 def _saved(tmp_path, method: str = "tome", **options) -> dict:
@@ -119,6 +120,20 @@ def test_a_config_made_with_a_classification_head_applies_to_the_headless_backbo
     data["macs"] -= 1000
     with pytest.raises(ConfigError, match=r"macs is \d+, but this model costs \d+ MACs"):
         tokcomp.apply(backbone, _write(tmp_path, data, "edited.json"))
+
+
+@pytest.mark.parametrize("method", tokcomp.methods("vision"))
+def test_a_config_states_every_option_it_ran_with(method):
+    """Defaults included, so that a saved config runs the same after a default changes; only
+    a budget knob left at its default beside an explicit schedule is left out (it had no part
+    in the schedule)."""
+    names = set(option_names(method_class(method))) - {"schedule", "target_macs"}
+    for options in _vision_options(method):
+        options = {"target_macs": 0.7} if "target_macs" in options else options  # reachable
+        config = tokcomp.config_of(tokcomp.apply(tiny_vit(), method, **options))
+        knob = method_class(method).budget
+        left_out = {knob} if "schedule" in options and knob not in options else set()
+        assert set(config.options) == names - left_out, options
 
 
 def _vision_options(method: str) -> list[dict]:

@@ -248,7 +248,7 @@ def test_a_model_and_its_tower_patched_apart_are_removed_in_either_order(
     if wrapper_first_out:  # the tower's own patch is left
         torch.testing.assert_close(kept, tower_alone, atol=0, rtol=0)
     else:  # the model's patch (r=8) compresses its tower again
-        assert still.options == {"r": 8} and not torch.equal(kept, original)
+        assert still.options["r"] == 8 and not torch.equal(kept, original)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tokcomp.adapters import Compression, Patch, find_adapter
-from tokcomp.config import METHOD_DEFAULTS, Config, ConfigError
+from tokcomp.config import METHOD_DEFAULTS, Config, ConfigError, budget_knobs
 from tokcomp.methods import (
     BlockMethod,
     Method,
@@ -164,22 +164,38 @@ def config_of(model: nn.Module, frames: int | None = None) -> Config:
     selection = selection_macs(spec, method, schedule, tower)
     return Config(
         method=method.name,
-        options=_settled_options(method),
+        options=_settled_options(method, spec),
         schedule=schedule,
         model=spec.as_dict(),
         macs=model_macs(spec, schedule) + selection,
         base_macs=model_macs(spec),
         selection_macs=selection,
-        tower=None if tower is None else {"method": tower.name, "options": _settled_options(tower)},
+        tower=None if tower is None else _tower_entry(compression.tower),
     )
 
 
-def _settled_options(method: Method) -> dict[str, Any]:
-    """A settled method's options as a config holds them (its schedule apart)."""
+def _tower_entry(tower: Compression) -> dict[str, Any]:
+    """A config's 'tower': the block method merging inside a VLM's vision tower."""
+    return {"method": tower.method.name, "options": _settled_options(tower.method, tower.spec)}
+
+
+def _settled_options(method: Method, spec: ModelSpec) -> dict[str, Any]:
+    """A settled method's options as a config holds them: every one, so that the config runs
+    the same after a default changes, but its schedule, and budget knobs left at their defaults
+    where it was given a schedule (they had no part in it)."""
     options = method.options()
-    for settled in ("schedule", "target_macs"):
-        options.pop(settled, None)
+    for name in ("schedule", "target_macs", *_unused_knobs(method, spec)):
+        options.pop(name, None)
     return options
+
+
+def _unused_knobs(method: Method, spec: ModelSpec) -> set[str]:
+    """The budget knobs of a method given a schedule that it holds at their defaults."""
+    if method.schedule is None:
+        return set()
+    default = create_method(method.name)
+    knobs = budget_knobs(method.name, spec)
+    return {name for name in knobs if getattr(method, name) == getattr(default, name)}
 
 
 def _on_video(patch: Patch, frames: int) -> Compression:

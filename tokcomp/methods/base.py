@@ -90,13 +90,9 @@ class Method:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
-        """The options that differ from their defaults, as plain JSON values."""
-        result = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value != _default(field):
-                result[field.name] = value
-        return result
+        """Every option's value, defaults included, as plain JSON values: a config saved from
+        them runs the same after a default changes."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     def with_options(self, **changes: Any) -> Method:
         """A copy with some options changed."""
@@ -148,14 +144,6 @@ class BlockMethod(Method):
 def split_match_macs(tokens: int, width: int) -> int:
     """MACs of matching alternate tokens (even positions against odd, cosine over `width`)."""
     return (tokens + 1) // 2 * (tokens // 2) * width
-
-
-def _default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
 
 
 def option_names(method: type[Method]) -> list[str]:
