@@ -239,15 +239,21 @@ def test_timm_forward_head_of_forward_features_is_the_models_output(timm_variant
     torch.testing.assert_close(model.forward_head(features), model(images))
 
 
+def merged_patches(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch tokens forward_tokens gives, and their mean weighted by size (a plain
+    reference of the average pool)."""
+    state = tokcomp.forward_tokens(model, images)
+    prefix = model.num_prefix_tokens
+    patches, size = state.x[:, prefix:], state.size[:, prefix:, None]
+    return patches, (patches * size).sum(dim=1) / size.sum(dim=1)
+
+
 @torch.no_grad()
 def test_timm_pre_logits_of_merged_tokens_are_their_size_weighted_mean(images):
     model = tokcomp.apply(tiny_vit("registers_gap"), "tome", r=6)
-    state = tokcomp.forward_tokens(model, images)
-    prefix = model.num_prefix_tokens
-    size = state.size[:, prefix:, None]
-    pooled = model.fc_norm((state.x[:, prefix:] * size).sum(dim=1) / size.sum(dim=1))
+    _, mean = merged_patches(model, images)
     pre_logits = model.forward_head(model.forward_features(images), pre_logits=True)
-    torch.testing.assert_close(pre_logits, pooled)
+    torch.testing.assert_close(pre_logits, model.fc_norm(mean))
 
 
 @pytest.mark.parametrize(
@@ -268,10 +274,7 @@ def test_timm_forward_head_of_pruned_tokens_is_the_average_pool(method, options,
 @torch.no_grad()
 def test_timm_pool_of_merged_tokens_weighs_them_by_size(images):
     model = tokcomp.apply(tiny_vit("registers_gap"), "tome", r=6)
-    state = tokcomp.forward_tokens(model, images)
-    prefix = model.num_prefix_tokens
-    patches, size = state.x[:, prefix:], state.size[:, prefix:, None]
-    mean = (patches * size).sum(dim=1) / size.sum(dim=1)
+    patches, mean = merged_patches(model, images)
     features = model.forward_features(images)
     torch.testing.assert_close(model.pool(features), mean)
     avgmax = model.pool(features, pool_type="avgmax")
