@@ -210,6 +210,18 @@ def test_a_run_with_other_points_reports_every_point_saved_for_the_same_inputs(
     assert [row["label"] for row in both] == ["", "target_macs=0.7", "r=2"]
 
 
+def test_a_point_the_clock_could_not_time_is_saved_without_a_throughput(
+    tmp_path, small, monkeypatch
+):
+    """Rounds the clock reads as 0 s (a coarse clock, a tiny batch): the row says so (inf
+    images/s, NaN speed-up) instead of the sweep failing before it writes the row."""
+    monkeypatch.setattr(sweep, "interleaved", lambda runs, repeats, device: [[0.0]] * len(runs))
+    data, checkpoint = small
+    rows = evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
+    assert [row["images_per_s"] for row in rows] == ["inf", "inf"]
+    assert rows[1]["speedup"] == "nan"
+
+
 def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
     tmp_path, small, measured
 ):

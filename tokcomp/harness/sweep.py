@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -315,8 +316,9 @@ def probe_speed(
     speedup = Speedup(1.0, 0.0) if unpruned else Speedup.paired(times[0], times[1])
     speedup = on.world.broadcast(speedup)
     slowest = on.world.max({"seconds": statistics.median(times[-1])})["seconds"]
+    samples = len(targets) * on.world.size
     return {
-        "images_per_s": len(targets) * on.world.size / slowest,
+        "images_per_s": samples / slowest if slowest > 0 else math.inf,  # a clock too coarse
         "speedup": speedup.ratio,
         "speedup_spread": speedup.spread,
     }
