@@ -13,7 +13,7 @@ import open_clip
 import pytest
 import torch
 import transformers as hf
-from conftest import BATCH_POSITION_DEPENDENT, spread_weights
+from conftest import BATCH_POSITION_DEPENDENT, spread_weights, tiny_vit
 from method_options import keep_all, middle
 from open_clip.transformer import VisionTransformer
 from torch import nn
@@ -391,6 +391,21 @@ def test_hf_outputs_tuples_and_hidden_states(images):
     classifier = hf.ViTForImageClassification(hf.ViTConfig(**_HF, num_labels=5)).eval()
     tokcomp.apply(classifier, "tome", r=10)
     assert classifier(pixel_values=images, return_dict=False)[0].shape == (2, 5)
+
+
+@torch.no_grad()
+def test_intermediate_layer_entry_points_are_refused_and_restored_by_remove(images):
+    """They would run the blocks uncompressed; remove gives them back."""
+    model = tokcomp.apply(tiny_vit("vit"), "tome", r=4)
+    expected = tokcomp.remove(copy.deepcopy(model)).forward_intermediates(images)
+    for call in (model.forward_intermediates, model.get_intermediate_layers):
+        with pytest.raises(ValueError, match="does not compress forward_intermediates"):
+            call(images)
+    restored = tokcomp.remove(model).forward_intermediates(images)
+    torch.testing.assert_close(restored, expected, atol=0, rtol=0)
+    clip = tokcomp.apply(_open_clip_clip(), "tome", r=4)
+    with pytest.raises(ValueError, match="does not compress forward_intermediates"):
+        clip.forward_intermediates(image=images)
 
 
 def test_hf_refuses_what_compression_cannot_honour(images):

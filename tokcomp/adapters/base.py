@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, BlockPosition, Method, Signal, Signals, TokenState
 from tokcomp.schedule import ModelSpec
 
@@ -277,6 +278,16 @@ class Adapter(abc.ABC):
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         """(module, attribute, adapter method) triples: what the patch shadows, and with what."""
 
+    def intermediates_refused(self, compression: Compression, *args: Any, **kwargs: Any) -> None:
+        """Stands in for the model's intermediate-layer entry points, which would run its
+        blocks uncompressed."""
+        raise UsageError(
+            "tokcomp does not compress forward_intermediates / get_intermediate_layers (the "
+            "blocks would run uncompressed, and merged layers hold fewer tokens than the grid); "
+            "use forward_features or tokcomp.forward_tokens, or tokcomp.remove(model) for the "
+            "original model's intermediates"
+        )
+
     def install(self, patch: Patch) -> None:
         """Shadow each overridden attribute on its module instance with the adapter method,
         keeping what the instance itself held there (a user's own wrapper of forward)."""
@@ -319,6 +330,11 @@ def _shadowing(module: nn.Module, attribute: str, adapter: Adapter) -> tuple[Ada
             return above, index
         current = previous
     return None
+
+
+def intermediates(module: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, str]]:
+    """Overrides refusing those of `module`'s intermediate-layer entry points `names` it has."""
+    return [(module, name, "intermediates_refused") for name in names if hasattr(module, name)]
 
 
 class Override:

@@ -22,6 +22,7 @@ from tokcomp.adapters.base import (
     UnsupportedModelError,
     compressed_block,
     empty_batch_output,
+    intermediates,
     size_weighted_mean,
     split_heads,
 )
@@ -99,7 +100,10 @@ class OpenClipAdapter(Adapter):
                 )
 
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
-        return [(self.visual, "forward", "forward")]
+        return [
+            (self.visual, "forward", "forward"),
+            *intermediates(self.visual, ("forward_intermediates",)),
+        ]
 
     # -- the compressed forward -----------------------------------------------------------
     def forward(

@@ -16,6 +16,7 @@ from tokcomp.adapters.base import (
     Compression,
     UnsupportedModelError,
     compressed_block,
+    intermediates,
     linear_macs,
     mlp_hidden,
     size_weighted_mean,
@@ -89,6 +90,7 @@ class TimmViTAdapter(Adapter):
             (self.model, "forward_features", "forward_features"),
             (self.model, "forward_head", "forward_head_of_features"),
             (self.model, "pool", "pool_of_features"),
+            *intermediates(self.model, ("forward_intermediates", "get_intermediate_layers")),
         ]
 
     # -- the compressed forward -----------------------------------------------------------
