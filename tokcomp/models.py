@@ -15,6 +15,7 @@ from torch import nn
 
 from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
+from tokcomp.harness import hub
 from tokcomp.pretrained import OFFLINE_MODELS, weights
 
 
@@ -51,6 +52,8 @@ def create_model(
     if name is None:
         raise ValueError("give a model name (the checkpoint does not record one)")
     kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
+    if pretrained:
+        _require_pretrained(name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint:
         state = load_state_dict(checkpoint)
@@ -71,7 +74,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         from safetensors.torch import load_file
 
         with _readable(path):
@@ -127,9 +130,27 @@ def _check_fits(
     )
 
 
+def _require_pretrained(name: str) -> None:
+    """Refuse in one line, before timm's minute of download retries, hub weights for `name`
+    that are not in the local cache when the hub cannot be reached."""
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        repo = name.split(":", 1)[1].split("@")[0]
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = cfg.hf_hub_id if cfg is not None and not (cfg.file or cfg.state_dict) else None
+    if repo:
+        hub.require(repo, "model", "pass --checkpoint FILE (local weights)", f"--pretrained {name}")
+
+
+def _is_safetensors(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".safetensors"
+
+
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:
-    if Path(path).suffix != ".safetensors":
+    if not _is_safetensors(path):
         return {}
+    if Path(path).is_dir():
+        raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     from safetensors import safe_open
