@@ -9,6 +9,7 @@ import timm
 from safetensors.torch import save_file
 
 from tokcomp.errors import UsageError
+from tokcomp.harness import vqa
 from tokcomp.models import create_model
 
 KWARGS = {"num_classes": 3, "img_size": 32, "patch_size": 16, "depth": 1}
@@ -46,3 +47,19 @@ def test_folder_named_like_a_checkpoint_says_folder(tmp_path):
     (tmp_path / "run.safetensors").mkdir()
     with pytest.raises(UsageError, match="is a folder; give the weights file in it"):
         create_model(checkpoint=tmp_path / "run.safetensors")
+
+
+def test_a_missing_two_part_model_folder_is_named_as_read_as_a_hub_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"--model results/vlm \(no folder results/vlm here, so"):
+        vqa.model_location("results/vlm")
+
+
+def test_a_relative_path_to_a_trainable_model_names_its_training_script(monkeypatch, tmp_path):
+    monkeypatch.setattr(vqa, "TRAINED_BY", {(tmp_path / "vlm").resolve(): "eval/train.py"})
+    (tmp_path / "vlm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"missing\); train it: python eval/train.py; or"):
+        vqa.model_location("vlm")

@@ -336,11 +336,13 @@ def model_location(source: str | Path) -> str:
     if (folder / "config.json").is_file():
         return str(folder)
     if not folder.exists() and hub.is_repo_id(str(source)):
-        hub.require(str(source), "model", "pass a local model folder")
+        needed_by = f"--model {source} (no folder {folder} here, so a hub id)"
+        hub.require(str(source), "model", "pass a local model folder", needed_by)
         return str(source)
-    hint = f"train it: python {TRAINED_BY[folder]}; or" if folder in TRAINED_BY else ""
+    script = TRAINED_BY.get(folder.resolve())
+    hint = f" train it: python {script}; or" if script else ""
     raise FileNotFoundError(
-        f"no model in {folder} (config.json missing); {hint} pass a local Hugging Face VLM "
+        f"no model in {folder} (config.json missing);{hint} pass a local Hugging Face VLM "
         "folder with its processor files, or a hub id such as llava-hf/llava-1.5-7b-hf"
     )
 
