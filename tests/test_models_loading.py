@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import timm
@@ -23,10 +24,22 @@ def _checkpoint(path):
     return model
 
 
-def test_pretrained_offline_and_uncached_is_one_line(monkeypatch, tmp_path):
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, offline by environment and in huggingface_hub's own
+    settings (read at import), and no socket may connect: these tests never reach a network,
+    also when the code under test fails to stop first."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def connect(*args):
+        raise AssertionError("a test tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+def test_pretrained_offline_and_uncached_is_one_line(offline_hub):
     with pytest.raises(
         UsageError,
         match=r"--pretrained deit_tiny_patch16_224 needs the model "
@@ -49,9 +62,9 @@ def test_folder_named_like_a_checkpoint_says_folder(tmp_path):
         create_model(checkpoint=tmp_path / "run.safetensors")
 
 
-def test_a_missing_two_part_model_folder_is_named_as_read_as_a_hub_id(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_a_missing_two_part_model_folder_is_named_as_read_as_a_hub_id(
+    offline_hub, monkeypatch, tmp_path
+):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match=r"--model results/vlm \(no folder results/vlm here, so"):
         vqa.model_location("results/vlm")
