@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -125,14 +125,10 @@ class HFVLM(lmms):
             contexts = [request.args[0] for request in batch]
             options = batch[0].args[1]
             images = [self._images(request) for request in batch]
-            if self.peak_bytes is None:  # warm-up, as the VQA harness measures
-                warm_up = functools.partial(self._generate, contexts, images, options)
-                self.peak_bytes = peak_memory(warm_up, self.device)
-            outputs, tally = self._generate(contexts, images, options)
+            call = functools.partial(self._generate, contexts, images, options)
+            outputs = self._tallied(call, batch[0].args[4], run)
             for index, text in zip(indices, outputs, strict=True):
                 answers[index] = text
-            self.tallies.setdefault(batch[0].args[4], Tally()).add(tally)
-            run.add(tally)
         self._log(run)
         return answers
 
@@ -140,19 +136,25 @@ class HFVLM(lmms):
         """Each request's continuation: its log-probability after the context, and whether
         greedy decoding would produce it; tallied (one forward pass is its prefill and time to
         first token) as generate_until's requests are."""
-        scores = []
         run = Tally()
-        for request in requests:
-            if self.peak_bytes is None:  # warm-up, as generate_until measures
-                warm_up = functools.partial(self._loglikelihood, request)
-                self.peak_bytes = peak_memory(warm_up, self.device)
-            score, tally = self._loglikelihood(request)
-            scores.append(score)
-            self.tallies.setdefault(request.args[4], Tally()).add(tally)
-            run.add(tally)
+        scores = [
+            self._tallied(functools.partial(self._loglikelihood, request), request.args[4], run)
+            for request in requests
+        ]
         if requests:
             self._log(run)
         return scores
+
+    def _tallied(self, call: Callable[[], tuple[Any, Tally]], task: str, run: Tally) -> Any:
+        """What `call` returns beside its tally, which is added to `task`'s and to `run`; the
+        first call of all is preceded by a warm-up that measures peak memory, as the VQA
+        harness measures it."""
+        if self.peak_bytes is None:
+            self.peak_bytes = peak_memory(call, self.device)
+        result, tally = call()
+        self.tallies.setdefault(task, Tally()).add(tally)
+        run.add(tally)
+        return result
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         """Multi-round tasks are not supported."""
