@@ -147,7 +147,8 @@ def task_files(manager: Any, tasks: Sequence[str]) -> dict[str, str]:
         if yaml_path != -1:
             folders[name] = folder_digest(Path(yaml_path).parent)
         for leaf, path, _ in _leaves(manager, name):
-            folders[leaf] = folder_digest(path.parent)
+            if leaf not in folders:  # a plain task is its own leaf: its folder is read once
+                folders[leaf] = folder_digest(path.parent)
     return folders
 
 
