@@ -185,8 +185,7 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_rerun_gives_the_uninterrupted_
     run.send_signal(signal.SIGINT)
     stderr = run.communicate(timeout=300)[1]
     assert run.returncode == 130
-    last_line = stderr.strip().splitlines()[-1].split("\r")[-1]
-    assert last_line == (
+    assert stderr.strip().splitlines()[-1] == (
         f"tokcomp eval imagenet: interrupted: finished points are saved in {output}; "
         "the same command resumes"
     )

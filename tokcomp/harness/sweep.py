@@ -219,7 +219,8 @@ def measure(
     sums = dict.fromkeys(tallies(task), 0.0)
     samples, seconds, peak = 0, 0.0, 0
     batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
-    with torch.inference_mode():
+    # `with` closes the bar, ending its line, before an interruption's message is printed
+    with batches, torch.inference_mode():
         for inputs, targets in batches:
             forward = functools.partial(task.forward, model, inputs)
             if not samples:
