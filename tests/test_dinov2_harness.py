@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -20,6 +21,7 @@ from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
 from tokcomp.harness import backbone, sweep
 from tokcomp.harness.distributed import World
+from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
 from tokcomp.models import create_model
 
 
@@ -337,3 +339,41 @@ def test_a_saved_head_is_kept_when_the_same_and_another_is_refused(tmp_path):
     with pytest.raises(UsageError, match=f"--save-head {path} exists and holds another"):
         backbone.save_with_head(model, other, path, kwargs)
     assert path.read_bytes() == written
+
+
+def _split_sets(setup, train, test, **options):
+    """backbone._datasets of the tiny model on a train and a test folder."""
+    checkpoint, *_, photos = setup
+    train = None if train is None else str(train)
+    options = {"train_data": train, "train_limit": 100, "limit": None, **options}
+    args = argparse.Namespace(data=str(test), photos=str(photos), **options)
+    return backbone._datasets(args, create_model(checkpoint=checkpoint))
+
+
+def test_test_folders_take_the_training_folders_class_indices(setup, tmp_path):
+    _, train, *_ = setup  # classes a, b, c: indices 0, 1, 2
+    test = write_images(tmp_path / "test", {"a": 1, "c": 2}, size=32)
+    train_set, _, test_set = _split_sets(setup, train, test)
+    by_name = train_set.class_to_idx  # the indices the heads predict
+    expected = [by_name[Path(path).parent.name] for path, _ in test_set.samples]
+    assert backbone.labels_of(test_set).tolist() == expected == [0, 2, 2]
+    write_images(tmp_path / "test", {"d": 1}, size=32)
+    with pytest.raises(UsageError, match=r"class folders \['d'\] of .* not among the training"):
+        _split_sets(setup, train, test)
+
+
+def test_test_images_that_are_training_images_are_refused(setup, tmp_path):
+    _, train, *_ = setup
+    linked = tmp_path / "test"
+    linked.symlink_to(train)  # the same files by another name
+    with pytest.raises(UsageError, match="--data and --train-data share 18 images"):
+        _split_sets(setup, train, linked)
+
+
+def test_fashion_mnist_from_its_own_folder_needs_no_training_folder(setup):
+    data = f"fashion-mnist:{DEFAULT_ROOT}"
+    train, _, test = _split_sets(setup, None, data, train_limit=10, limit=5)
+    train_labels = read_idx(f"{DEFAULT_ROOT}/train-labels-idx1-ubyte.gz")
+    test_labels = read_idx(f"{DEFAULT_ROOT}/t10k-labels-idx1-ubyte.gz")
+    assert backbone.labels_of(train).tolist() == train_labels[::6000].tolist()
+    assert backbone.labels_of(test).tolist() == test_labels[::2000].tolist()

@@ -3,8 +3,12 @@ errors that name the bad file or folder."""
 
 from __future__ import annotations
 
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+
 import pytest
-from fixtures.imagenet import foolbox_images, synset_folder, write_images
+from fixtures.imagenet import foolbox_images, image_folder, synset_folder, write_images
 
 from tokcomp.harness.data import (
     CorruptImageError,
@@ -17,7 +21,7 @@ from tokcomp.harness.data import (
     open_dataset,
 )
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
-from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa
+from tokcomp.harness.vqa_data import Question, VQADataset, open_vqa, read_easy_vqa
 
 
 def test_synsets_are_the_imagenet_1k_classes_in_index_order():
@@ -136,3 +140,34 @@ def test_describe_uses_the_datasets_own_line_and_counts_a_limited_vqa_set_itself
         f"10 questions on {len(images)} images; answer types "
         f"{sorted({q.answer_type for q in limited_set.questions})}"
     )
+
+
+def test_numbered_class_folders_keep_their_numbers_as_imagenetv2_lays_them_out(tmp_path):
+    images = foolbox_images()  # labels 0..999 as folder names, the ImageNetV2 layout
+    dataset = LabelledImageFolder(image_folder(tmp_path, images, str))
+    by_name = {path.name: label for path, label in images}
+    assert {path.split("/")[-1]: label for path, label in dataset.samples} == by_name
+    assert "folder numbers" in dataset.describe()
+
+
+def test_a_limit_on_questions_keeps_each_kinds_share_whatever_order_they_come_in():
+    kinds = 6  # video-shapes: six question kinds per clip, always in one order
+    questions = [
+        Question(Path(f"{i // kinds}.png"), "q", ("a",), question_type=f"kind{i % kinds}")
+        for i in range(1500)
+    ]
+    for limit in (50, 150, 250, 500):
+        picked = limited(VQADataset(questions), limit).questions
+        counts = Counter(q.question_type for q in picked)
+        assert len(counts) == kinds and max(counts.values()) - min(counts.values()) <= 1, counts
+        for kind in counts:  # each kind's questions spread over all 250 clips
+            clips = [int(q.image.stem) for q in picked if q.question_type == kind]
+            widest = max(b - a for a, b in pairwise([-1, *clips, 250]))
+            assert widest <= 2 * 250 / len(clips), (kind, clips)
+        assert limited(VQADataset(questions), limit).questions == picked
+
+
+def test_a_limit_on_questions_without_kinds_takes_the_first_of_each_run():
+    questions = [Question(Path(f"{i}.png"), "q", ("a",)) for i in range(97)]
+    picked = limited(VQADataset(questions), 10).questions
+    assert [int(q.image.stem) for q in picked] == [i * 97 // 10 for i in range(10)]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.results import ResultStore
 from tokcomp.harness.vqa import VQATask, generated_lengths, keep_budget
 from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa, read_jsonl, read_vqav2
-from tokcomp.harness.vqa_metric import normalize_answer, vqa_accuracy
+from tokcomp.harness.vqa_metric import CONTRACTIONS, normalize_answer, vqa_accuracy
 
 CPU = torch.device("cpu")
 TESTS = Path(__file__).resolve().parent
@@ -96,6 +98,49 @@ def test_fewer_than_ten_answers_score_by_exact_match():
     assert vqa_accuracy("red", ["red"] * 9) == 1.0
     with pytest.raises(ValueError, match="at least one reference answer"):
         vqa_accuracy("red", [])
+
+
+def official_accuracy(prediction, humans):
+    """GT-Vision-Lab's vqaEval.py for one question, transcribed loop for loop (answers as the
+    annotation dicts, each with its own id)."""
+    punct = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<"]
+    punct += ["@", "`", ",", "?", "!"]
+    numbers = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4"}
+    numbers |= {"five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+    def punctuation(text):
+        out = text
+        for p in punct:
+            touches = p + " " in text or " " + p in text
+            out = out.replace(p, "" if touches or re.search(r"(\d)(,)(\d)", text) else " ")
+        return re.sub(r"(?!<=\d)(\.)(?!\d)", "", out, count=re.UNICODE)
+
+    def digit_article(text):
+        words = [numbers.get(w, w) for w in text.lower().split()]
+        words = [w for w in words if w not in ("a", "an", "the")]
+        return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+    res = digit_article(punctuation(prediction.replace("\n", " ").replace("\t", " ").strip()))
+    gts = [{"answer": a, "answer_id": i} for i, a in enumerate(humans)]
+    if len({a["answer"] for a in gts}) > 1:
+        for g in gts:
+            g["answer"] = punctuation(g["answer"])
+    accs = []
+    for g in gts:
+        others = [o for o in gts if o != g]
+        accs.append(min(1, len([o for o in others if o["answer"] == res]) / 3))
+    return sum(accs) / len(accs)
+
+
+def test_accuracy_is_the_official_scripts_on_random_questions():
+    texts = ["yes", "Yes.", "no", "2", "two", "a dog", "the Dog!", "1,000", "1000", "3.5"]
+    texts += ["dont", "don't", "black/white", "black white", "red.", "(red)", "x-ray", "none"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        prediction = rng.choice(texts) + rng.choice(["", " ", "\n", "?"])
+        humans = [rng.choice(texts) for _ in range(rng.choice([10, 11]))]
+        expected = official_accuracy(prediction, humans)
+        assert vqa_accuracy(prediction, humans) == pytest.approx(expected), (prediction, humans)
 
 
 # -- data -------------------------------------------------------------------------------------

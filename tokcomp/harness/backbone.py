@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -600,7 +601,7 @@ def _save_head(
 def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Dataset, Dataset]:
     """(training split, photos, test split) as `model` takes them."""
     transform = model_transform(data_config(model))
-    if (args.data == FASHION_MNIST) == bool(args.train_data):
+    if (data_source(args.data).kind == FASHION_MNIST) == bool(args.train_data):
         raise ValueError(
             f"--train-data goes with a test image folder as --data, not with {args.data}"
             if args.train_data
@@ -608,9 +609,34 @@ def _datasets(args: argparse.Namespace, model: nn.Module) -> tuple[Dataset, Data
         )
     canvas = canvas_of(model)
     train_data = args.train_data or args.data
-    train = limited(open_dataset(train_data, transform, "train", canvas), args.train_limit)
-    test = limited(open_dataset(args.data, transform, "test", canvas), args.limit)
+    train = open_dataset(train_data, transform, "train", canvas)
+    # the test folder's classes get the training folder's indices, which the heads predict
+    labels = getattr(train, "class_to_idx", None)
+    test = limited(open_dataset(args.data, transform, "test", canvas, labels), args.limit)
+    train = limited(train, args.train_limit)
+    _check_apart(train, test)
     return train, Photos(photo_paths(args.photos), transform), test
+
+
+def _check_apart(train: Dataset, test: Dataset) -> None:
+    """Refuse test images that are also training images (the heads would score what they
+    were fitted on)."""
+    shared = _image_files(train) & _image_files(test)
+    if shared:
+        raise UsageError(
+            f"--data and --train-data share {len(shared)} images (e.g. {min(shared)}): the "
+            "heads would be tested on images they were fitted on; give a test folder apart "
+            "from the training folder"
+        )
+
+
+def _image_files(dataset: Dataset) -> set[str]:
+    """The real paths of an image folder's (or a subset of one's) files; none for others."""
+    indices = range(len(dataset))
+    if isinstance(dataset, Subset):
+        dataset, indices = dataset.dataset, dataset.indices
+    samples = getattr(dataset, "samples", None)
+    return {os.path.realpath(samples[i][0]) for i in indices} if samples else set()
 
 
 def _check_head_output(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,14 @@ def imagenet_indices(classes: Sequence[str]) -> dict[str, int] | None:
     return None
 
 
+def numbered_indices(classes: Sequence[str]) -> dict[str, int] | None:
+    """Each class's own number when every class folder is named by a decimal number
+    (ImageNetV2's 0/ ... 999/), else None."""
+    if classes and all(name.isdecimal() and name.isascii() for name in classes):
+        return {name: int(name) for name in classes}
+    return None
+
+
 def read_image(path: str) -> Image.Image:
     """Decode an image file completely, or raise CorruptImageError naming it."""
     try:
@@ -75,10 +83,18 @@ def read_video(paths: Sequence[Path]) -> np.ndarray:
 
 class LabelledImageFolder(ImageFolder):
     """root/<class>/<image> folders. When every class folder is an ImageNet-1k synset, each
-    maps to its standard index (a subset of the synsets keeps them); otherwise classes are
-    numbered in sorted folder-name order, like torchvision's ImageFolder."""
+    maps to its standard index (a subset of the synsets keeps them); when every one is named by
+    a number (ImageNetV2's layout), that number is its index; otherwise classes are numbered in
+    sorted folder-name order, like torchvision's ImageFolder. `labels` gives the indices
+    instead (another split's, so that both agree); a class folder it lacks is refused."""
 
-    def __init__(self, root: str | Path, transform: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Any], Any] | None = None,
+        labels: Mapping[str, int] | None = None,
+    ) -> None:
+        self.given_labels = None if labels is None else dict(labels)
         root = Path(root)
         if root.is_file():
             raise UsageError(
@@ -99,7 +115,9 @@ class LabelledImageFolder(ImageFolder):
                 "images per class (root/<class>/<image>); ImageNet's flat validation folder "
                 "must first be sorted into one folder per synset (e.g. n01440764/)"
             ) from None
-        return classes, imagenet_indices(classes) or by_name
+        if self.given_labels is not None:
+            return classes, given_indices(classes, self.given_labels, directory)
+        return classes, imagenet_indices(classes) or numbered_indices(classes) or by_name
 
     @property
     def uses_imagenet_indices(self) -> bool:
@@ -114,8 +132,26 @@ class LabelledImageFolder(ImageFolder):
 
     def describe(self) -> str:
         """One line: images, classes and how labels were assigned."""
-        labels = "ImageNet-1k indices" if self.uses_imagenet_indices else "sorted names"
+        if self.given_labels is not None:
+            labels = "the training split's indices"
+        elif self.uses_imagenet_indices:
+            labels = "ImageNet-1k indices"
+        else:
+            labels = "folder numbers" if numbered_indices(self.classes) else "sorted names"
         return f"{len(self)} images, {len(self.classes)} classes ({labels})"
+
+
+def given_indices(
+    classes: Sequence[str], labels: Mapping[str, int], directory: str | Path
+) -> dict[str, int]:
+    """`labels` of `classes`, or UsageError naming a class folder that `labels` lacks."""
+    unknown = [name for name in classes if name not in labels]
+    if unknown:
+        raise UsageError(
+            f"class folders {unknown[:3]} of {directory} are not among the training classes "
+            f"({len(labels)} folders): test on classes the training folder has"
+        )
+    return {name: labels[name] for name in classes}
 
 
 @dataclass(frozen=True)
@@ -163,11 +199,12 @@ def open_dataset(
     transform: Callable[[Any], Any] | None = None,
     split: str = "test",
     canvas: int | None = None,
+    labels: Mapping[str, int] | None = None,
 ) -> Dataset:
     """The labelled images of a --data value (see `data_source`): an image folder or
     Fashion-MNIST; `split` picks the Fashion-MNIST split (an image folder is whatever split
-    the user points at) and `canvas` the black canvas its garments are pasted on (see
-    `FashionMNIST`)."""
+    the user points at), `canvas` the black canvas its garments are pasted on (see
+    `FashionMNIST`) and `labels` an image folder's class indices (see `LabelledImageFolder`)."""
     source = data_source(data)
     if source.kind == FASHION_MNIST:
         return FashionMNIST(source.path, split, transform, canvas=canvas)
@@ -176,7 +213,7 @@ def open_dataset(
             f"--data {data} holds questions, not labelled images: give an image folder "
             f"(root/<class>/<image>) or {FASHION_MNIST}"
         )
-    return LabelledImageFolder(source.path, transform)
+    return LabelledImageFolder(source.path, transform, labels)
 
 
 def describe(dataset: Dataset) -> str:
@@ -190,13 +227,28 @@ def describe(dataset: Dataset) -> str:
 
 
 def limited(dataset: Dataset, limit: int | None) -> Dataset:
-    """The first of every len/limit samples: a subset spread over the whole (sorted) data,
-    the same on every run (the dataset's own `subset` where it has one). None keeps
+    """The first of every len/limit samples: a subset spread over the whole (sorted) data, the
+    same on every run (the dataset's own `subset` where it has one). A dataset that names each
+    sample's kind (`kinds()`: a question's type) is spread kind by kind, so that each kind keeps
+    its share whatever order the kinds come in (video-shapes asks its six kinds of every clip in
+    one order, which one stride over the whole meets at the same few places). None keeps
     everything."""
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {limit}")
-    indices = [i * len(dataset) // limit for i in range(limit)]
+    order = grouped_by_kind(dataset)
+    indices = sorted(order[i * len(order) // limit] for i in range(limit))
     subset = getattr(dataset, "subset", None)
     return subset(indices) if subset is not None else Subset(dataset, indices)
+
+
+def grouped_by_kind(dataset: Dataset) -> list[int]:
+    """The dataset's indices, grouped by kind (kinds in order of first appearance, each kind's
+    samples in order); in order when the dataset names no kinds."""
+    kinds = getattr(dataset, "kinds", None)
+    if kinds is None:
+        return list(range(len(dataset)))
+    rank: dict[Any, int] = {}
+    keys = [(rank.setdefault(kind, len(rank)), index) for index, kind in enumerate(kinds())]
+    return [index for _, index in sorted(keys)]

@@ -59,6 +59,10 @@ class VQADataset(Dataset):
         """The questions at `indices`, as a dataset of their own."""
         return VQADataset([self.questions[i] for i in indices])
 
+    def kinds(self) -> list[str | None]:
+        """Each question's type (what `--limit` spreads over, see `limited`)."""
+        return [q.question_type for q in self.questions]
+
     def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
         """Each question with its answers and its image or frame files (name, size, modification
         time of each)."""
