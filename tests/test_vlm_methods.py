@@ -16,7 +16,7 @@ import tokcomp
 from tokcomp.adapters.hf_vlm.families import Images, Segment
 from tokcomp.adapters.hf_vlm.selection import _budget_shares, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
-from tokcomp.methods import create_method
+from tokcomp.methods import create_method, density_peaks
 from tokcomp.methods import fastvid as fastvid_module
 from tokcomp.methods import zoo as zoo_module
 from tokcomp.methods.cdpruner import clip_relevance, instruction_relevance, load_clip
@@ -979,7 +979,8 @@ def _dyseg_by_hand(frames: list[list[float]], c: int, tau: float) -> list[int]:
 
 
 def _dpc_knn_by_hand(tokens: list[list[float]]) -> list[float]:
-    """Density (k = 4 nearest, itself included) times distance to the nearest denser token."""
+    """Density (k = 4 nearest, itself included) times distance to the nearest denser token (of
+    equally dense ones, e.g. duplicates, the earlier counts as the denser)."""
     width = len(tokens[0])
     distance = [[math.dist(a, b) / math.sqrt(width) for b in tokens] for a in tokens]
     density = [
@@ -990,7 +991,7 @@ def _dpc_knn_by_hand(tokens: list[list[float]]) -> list[float]:
     return [
         density[i]
         * min(
-            [distance[i][j] for j in range(len(tokens)) if density[j] > density[i]],
+            [distance[i][j] for j in range(len(tokens)) if (density[j], -j) > (density[i], -i)],
             default=largest,
         )
         for i in range(len(tokens))
@@ -1113,6 +1114,36 @@ def test_fastvid_selects_and_merges_as_the_plain_python_reference(frames, keep, 
         torch.testing.assert_close(selection.outputs[row], torch.tensor(values))
 
 
+@torch.no_grad()
+def test_fastvid_and_dycoke_at_their_defaults_choose_each_row_of_a_batch_as_by_hand():
+    """Default options, a batch of three 16-frame videos of 49 tokens (FastVID: 78 kept, 5 or 4
+    per frame, DySeg's 7 cuts and tau's; DyCoke: k = 0.7, 11 pruned frames keep int(0.3 x 49) = 14),
+    attention in three levels (ties: the earlier token): each row as the plain-Python rules
+    choose it, and as alone."""
+    generator = torch.Generator().manual_seed(5)
+    drift = torch.randn(16, 1, 8, generator=generator).cumsum(0)
+    outputs = (drift + 0.8 * torch.randn(3, 16, 49, 8, generator=generator)).view(3, 784, 8)
+    attention = torch.randint(0, 3, (3, 784), generator=generator).float()
+    visual = VisualTokens(outputs, (), attention=attention, frames=16)
+    fastvid, dycoke = create_method("fastvid"), create_method("dycoke")
+    keep = fastvid.kept_of(784, 16)
+    selection, ttm = fastvid.select(visual, keep), dycoke.select(visual, 0)
+    assert keep == 78 and ttm.shape == (3, dycoke.kept_of(784, 16)) == (3, 784 - 11 * 35)
+    for row in range(3):
+        alone = VisualTokens(
+            outputs[row : row + 1], (), attention=attention[row : row + 1], frames=16
+        )
+        index, values = _fastvid_by_hand(
+            outputs[row].tolist(), attention[row].tolist(), 16, keep, fastvid
+        )
+        assert selection.index[row].tolist() == index
+        torch.testing.assert_close(selection.outputs[row], torch.tensor(values))
+        assert torch.equal(fastvid.select(alone, keep).index[0], selection.index[row])
+        frames = _released_ttm_by_hand(outputs[row].view(16, 49, 8).tolist(), 0.7)
+        assert ttm[row].tolist() == [f * 49 + t for f, kept in enumerate(frames) for t in kept]
+        assert torch.equal(dycoke.select(alone, 0)[0], ttm[row])
+
+
 def test_fastvid_gives_anchor_frames_overflow_back_as_salient_tokens():
     """Keeping every token: the anchor frame cannot hold the segment's context tokens, the rest
     of them are kept as further salient tokens, and every token comes back unchanged."""
@@ -1126,6 +1157,30 @@ def test_fastvid_gives_anchor_frames_overflow_back_as_salient_tokens():
     assert torch.equal(selection.outputs, outputs)
 
 
+def test_fastvid_makes_one_of_duplicate_tokens_an_anchor_as_the_released_noise_does():
+    """Two copies of a token, the densest: released, the 1e-6 density noise makes one copy the
+    other's denser neighbour (distance 0, score 0), so only one is an anchor (unless the noise
+    ties too); tokcomp (no noise) counts the earlier copy as the denser: its anchors are those
+    of one of the released draws."""
+    torch.manual_seed(3)  # the copies are the densest of the non-salient tokens
+    outputs = torch.randn(1, 12, 6)
+    outputs[0, 9] = outputs[0, 2]
+    attention = torch.linspace(0, 1, 12)[None].flip(1)  # salient: tokens 0 and 1
+    visual = VisualTokens(outputs, (), attention=attention, frames=1)
+    method = create_method("fastvid", context=0.6)  # of 5 kept: 2 salient, 3 anchors
+    index = method.select(visual, 5).index[0].tolist()
+    expected, _ = _fastvid_by_hand(outputs[0].tolist(), attention[0].tolist(), 1, 5, method)
+    assert index == expected and 2 in index and 9 not in index
+    others = outputs[0, 2:]
+    distance = density_peaks.scaled_distances(others)
+    released = set()
+    for seed in range(20):
+        noise = 1e-6 * torch.rand(10, generator=torch.Generator().manual_seed(seed))
+        scores = density_peaks.density_peak_scores(distance, 4, noise)[1]
+        released.add(tuple(sorted((scores.topk(3).indices + 2).tolist())))
+    assert tuple(index[2:]) in released
+
+
 def test_fastvid_refuses_images_only_models_and_bad_options():
     from vlm_fixtures import tiny_vlm
 
@@ -1135,6 +1190,8 @@ def test_fastvid_refuses_images_only_models_and_bad_options():
         create_method("fastvid", segments=0)
     with pytest.raises(ValueError, match="beta must be in"):
         create_method("fastvid", beta=1.5)
+    with pytest.raises(ValueError, match=r"fastvid: tau is the cosine similarity .* got nan"):
+        create_method("fastvid", tau=float("nan"))
 
 
 # -- SparseVLM ------------------------------------------------------------------------------------

@@ -22,12 +22,18 @@ def density_peak_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., M) each token's density exp(-mean squared distance to its `neighbours` nearest,
     itself included; plus `noise`, where given, to break ties) and its score: density times
-    the distance to its nearest denser token (the largest distance for the densest)."""
+    the distance to its nearest denser token (the largest distance for the densest). Without
+    noise, of tokens of equal density the earlier counts as the denser."""
     nearest = distance.topk(min(neighbours, distance.shape[-1]), dim=-1, largest=False).values
     density = (-nearest.square().mean(dim=-1)).exp()
     if noise is not None:
         density = density + noise
     denser = density[..., None, :] > density[..., :, None]
+    if noise is None:
+        # as the released noise does, one of equally dense tokens (duplicates) is their peak
+        index = torch.arange(density.shape[-1], device=density.device)
+        tied = density[..., None, :] == density[..., :, None]
+        denser = denser | (tied & (index[None, :] < index[:, None]))
     farthest = distance.flatten(-2).amax(dim=-1)[..., None, None]
     separation = torch.where(denser, distance, farthest).amin(dim=-1)
     return density, separation * density

@@ -3,6 +3,7 @@ density-peak anchors that absorb the rest (Shen et al., 2025; docs/methods.md se
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import ClassVar
@@ -73,6 +74,11 @@ class FastVID(VisualMethod):
             raise ValueError(
                 f"fastvid: segments (c) and anchor_stride (p) must be >= 1, got "
                 f"{self.segments} and {self.anchor_stride}"
+            )
+        if math.isnan(self.tau):  # no transition would ever be cut
+            raise ValueError(
+                f"fastvid: tau is the cosine similarity of two frames below which DySeg cuts "
+                f"between them (0.9 released), got {self.tau}"
             )
         for option in ("context", "beta"):
             if not 0 <= getattr(self, option) <= 1:
