@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import timm
@@ -14,7 +15,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import tokcomp
 from tokcomp.adapters.base import attend
 from tokcomp.cli import main
-from tokcomp.methods.diffrate_search import DiffRateRates, KeptCount, ceil_ste, min_ste
+from tokcomp.methods.diffrate_search import (
+    DiffRateRates,
+    DiffRateSearch,
+    KeptCount,
+    ceil_ste,
+    min_ste,
+)
 from tokcomp.schedule import model_macs
 from tokcomp.search.diffrate import (
     MixedBatches,
@@ -188,6 +195,28 @@ def test_search_from_the_gradual_start_records_it_and_refuses_unknown_starts():
         SearchSettings(0.6, start="ramp")
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": 0.0}, "lr must be a positive learning rate, got 0.0"),
+        ({"lr_min": -0.001}, "lr_min is where the cosine schedule ends, between 0 and lr 0.01"),
+        ({"lr": 0.01, "lr_min": 0.05}, "between 0 and lr 0.01; got 0.05"),
+        ({"lam": -5.0}, "lam weighs the MACs loss and must be >= 0, got -5.0"),
+    ],
+)
+def test_settings_that_would_train_the_rates_the_wrong_way_are_refused(
+    options, message, tmp_path, capsys
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SearchSettings(0.6, **options)
+    flags = [x for name, value in options.items() for x in ("--" + name.replace("_", "-"), value)]
+    argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
+    argv += ["--target-macs", "0.7", *map(str, flags), "-o", str(tmp_path / "searched.json")]
+    assert main(argv) == 2  # refused before the model and the images load
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("granularity", [0, 64, 100])
 def test_a_granularity_that_leaves_one_candidate_count_is_refused(granularity):
     settings = SearchSettings(0.6, max_steps=1, progress=False, granularity=granularity)
@@ -271,3 +300,32 @@ def test_deit_augmented_search_command_records_it_and_refuses_odd_batches(tmp_pa
     assert "DeiT augmentation" in tokcomp.Config.load(output).notes
     assert main([*argv, "--batch-size", "15", "-o", str(output), "--force"]) == 2
     assert "give an even --batch-size" in capsys.readouterr().err
+
+
+def _pruning_rates(spec, kept: list[int]) -> DiffRateRates:
+    """Rates that select these prune counts (patch tokens) in blocks 1.. and merge nothing."""
+    rates = DiffRateRates(spec, granularity=4)
+    with torch.no_grad():
+        for counter, patches in zip(rates.prune, kept, strict=True):
+            counter.logits.copy_(torch.where(counter.candidates == patches, 30.0, -30.0))
+        for counter in rates.merge:
+            counter.logits.copy_(
+                torch.where(counter.candidates == counter.candidates[0], 30.0, -30.0)
+            )
+    return rates
+
+
+@pytest.mark.parametrize("variant", ["vit", "gap", "registers_gap"])
+def test_the_search_forward_prunes_the_tokens_the_exported_config_prunes(variant):
+    # masked tokens are gone at inference: without a class token the importance (attention
+    # received) must not count the masked tokens' own attention rows
+    model, images = tiny_vit(variant), _batches(1)[0][0]
+    spec = tokcomp.adapters.find_adapter(model).spec()
+    rates = _pruning_rates(spec, [40, 24, 12])
+    with torch.no_grad():
+        tokcomp.apply(model, DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth))
+        searched = model(images)
+        pruned, merged = rates.kept_lists()
+        assert pruned == merged == [spec.tokens, *(spec.protected + k for k in (40, 24, 12))]
+        exported = tokcomp.apply(model, "diffrate", prune_kept=pruned, merge_kept=merged)(images)
+    torch.testing.assert_close(searched, exported, rtol=0, atol=1e-5)

@@ -92,6 +92,16 @@ def test_a_diffrate_state_of_other_inputs_is_refused_and_fresh_starts_again(
     assert f"--fresh: discarded the earlier search state {state.path}" in capsys.readouterr().out
 
 
+def test_a_deit_augmented_diffrate_state_is_refused_for_another_worker_count(tmp_path, capsys):
+    # each loader worker draws its own augmentations, so the images change with their number
+    output = tmp_path / "searched.json"
+    state = SearchState.beside(output, Fingerprint.of())
+    saved_inputs = {**DIFFRATE, "--epochs": "1", "--augment": "deit"}
+    _save_first_epoch(saved_inputs, output, state)
+    assert main(_argv("diffrate", {**saved_inputs, "--workers": "2"}, output)) == 2
+    assert "workers: 0 then, 2 now" in _refusal(capsys)
+
+
 def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> None:
     """Run the search and keep its state as it was after the first epoch."""
     real_discard = SearchState.discard

@@ -151,7 +151,7 @@ def attend(
         probs = attention_probs(q, k, scale, bias, key_mask)
         attn = probs.to(q.dtype)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
-        cls_attn = probs[:, :, 0] if class_token else probs.mean(dim=2)
+        cls_attn = probs[:, :, 0] if class_token else _received(probs, key_mask)
         full_attn = probs if Signal.ATTN in needs else None
         return mixed, Signals(keys=keys, cls_attn=cls_attn, attn=full_attn)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -159,6 +159,15 @@ def attend(
     if Signal.CLS_ATTN in needs:
         cls_attn = attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
     return out, Signals(keys=keys, cls_attn=cls_attn)
+
+
+def _received(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean attention each key receives from the queries still in the sequence (all of
+    them without a search mask: masked tokens are gone from the inference forward)."""
+    if key_mask is None:
+        return probs.mean(dim=2)
+    weights = key_mask.detach().float()[:, None, :, None]
+    return (probs * weights).sum(dim=2) / weights.sum(dim=2)
 
 
 def attention_probs(

@@ -90,6 +90,15 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.start not in STARTS:
             raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive learning rate, got {self.lr}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(
+                f"lr_min is where the cosine schedule ends, between 0 and lr {self.lr}; "
+                f"got {self.lr_min}"
+            )
+        if not 0 <= self.lam < math.inf:  # a negative weight would reward missing the target
+            raise ValueError(f"lam weighs the MACs loss and must be >= 0, got {self.lam}")
 
 
 #: How the rates start: DiffRate's uniform logits, or centred on an even merging schedule.
@@ -477,17 +486,6 @@ def run(args: argparse.Namespace) -> None:
     search saves its state next to the output after every epoch; rerunning the same
     command resumes from it; other inputs or settings are refused."""
     check_config_output(args.output, args.force)
-    world = World.from_env(args.device)
-    torch.manual_seed(args.seed)
-    augment = DEIT_AUGMENT if args.augment == "deit" else None
-    device = world.device(args.device)
-    model, dataset = model_and_training_images(args, device, augment)
-    batches = training_batches(args, dataset, world, model.num_classes if augment else 0)
-    if world.is_main:
-        print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
-    state = search_state(args, model, dataset, world, augment).with_parts(
-        seed=args.seed, batch_size=args.batch_size, processes=world.size
-    )
     settings = SearchSettings(
         target_macs=args.target_macs,
         epochs=args.epochs,
@@ -498,6 +496,21 @@ def run(args: argparse.Namespace) -> None:
         fit=not args.no_fit,
         micro_batch=args.micro_batch,
         start=args.start,
+    )
+    world = World.from_env(args.device)
+    torch.manual_seed(args.seed)
+    augment = DEIT_AUGMENT if args.augment == "deit" else None
+    device = world.device(args.device)
+    model, dataset = model_and_training_images(args, device, augment)
+    batches = training_batches(args, dataset, world, model.num_classes if augment else 0)
+    if world.is_main:
+        print(f"searching on {args.data}: {describe(dataset)}, {world.size} process(es)")
+    state = search_state(args, model, dataset, world, augment).with_parts(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        processes=world.size,
+        # each loader worker draws its own augmentations: their number changes the images
+        workers=args.workers if augment else None,
     )
     saved = f"the rates after each finished epoch are saved in {state.path}"
     with interruption_says(f"{saved}; the same command resumes"):
