@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -36,6 +37,20 @@ def tiny_vit(variant: str = "vit", seed: int = 0, **overrides) -> nn.Module:
     model = cls(**{**_COMMON, **extra, **overrides}).eval()
     spread_weights(model)
     return model
+
+
+def tiny_siglip_with_head() -> nn.Module:
+    """A tiny HF SigLIP tower with its attention-pooling head (no class token)."""
+    config = transformers.SiglipVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        image_size=32,
+        patch_size=4,
+    )
+    torch.manual_seed(0)
+    return transformers.SiglipVisionModel._from_config(config, attn_implementation="sdpa").eval()
 
 
 def spread_weights(model: nn.Module) -> None:

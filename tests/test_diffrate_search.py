@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vit
+from conftest import tiny_siglip_with_head, tiny_vit
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tokcomp
@@ -102,8 +102,10 @@ def test_micro_batch_must_be_positive():
         search_diffrate(tiny_vit("vit"), _batches(1), SearchSettings(0.6, micro_batch=0))
 
 
-def test_expected_macs_equals_the_analytic_model_of_the_selected_counts():
-    model = tiny_vit("vit")
+@pytest.mark.parametrize("build", [lambda: tiny_vit("vit"), tiny_siglip_with_head])
+def test_expected_macs_equals_the_analytic_model_of_the_selected_counts(build):
+    """An attention-pooling head (SigLIP's) is priced at the tokens that reach it."""
+    model = build()
     spec = tokcomp.adapters.find_adapter(model).spec()
     rates = DiffRateRates(spec, granularity=4)
     _, merged = rates.kept_lists()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import tiny_vit
+from conftest import tiny_siglip_with_head, tiny_vit
+from open_clip.transformer import VisionTransformer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp.adapters import find_adapter
@@ -77,3 +79,61 @@ def test_schedule_macs_decrease_with_fewer_tokens():
         ratios.append(tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).macs_ratio)
     assert ratios[0] == 1.0
     assert ratios == sorted(ratios, reverse=True)
+
+
+def _open_clip_attention_pool() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return VisionTransformer(
+        image_size=32,
+        patch_size=4,
+        width=48,
+        layers=4,
+        heads=3,
+        mlp_ratio=2.0,
+        output_dim=16,
+        attentional_pool=True,
+        attn_pooler_queries=4,
+        attn_pooler_heads=2,
+    ).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_siglip_with_head, _open_clip_attention_pool])
+def test_attention_pooling_heads_are_priced_at_the_tokens_that_reach_them(build, monkeypatch):
+    """The head's keys and values are the last block's tokens (priced at the unpruned count,
+    the MACs were 2% to 12% high here). ToMe's matching counted in its PyTorch reference."""
+    monkeypatch.setenv("TOKCOMP_BACKEND", "reference")
+    model = build()
+    for method, options in [("random", {"keep_ratio": 0.5}), ("tome", {"r": 12})]:
+        config = tokcomp.config_of(tokcomp.apply(model, method, **options))
+        assert config.macs == pytest.approx(
+            _counted_macs(model, torch.randn(1, 3, 32, 32)), rel=1e-3
+        )
+
+
+def test_block_method_target_macs_on_a_vlm_is_a_fraction_of_the_vlms_macs():
+    """Inside LLaVA's tower: the r whose whole-model MACs ratio is nearest the target, as
+    config_of reports it (not the tower's own ratio)."""
+    model = tiny_vlm("llava")
+    ratios = {}
+    for r in range(9):
+        ratios[r] = tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).macs_ratio
+    for target in (0.95, 0.9, 0.8):
+        nearest = min(ratios, key=lambda r: abs(ratios[r] - target))
+        config = tokcomp.config_of(tokcomp.apply(model, "tome", target_macs=target))
+        assert config.options["r"] == nearest
+        assert config.macs_ratio == ratios[nearest]
+
+
+def test_tower_method_target_macs_is_refused_naming_its_budget():
+    with pytest.raises(
+        ValueError,
+        match=r"tome: target_macs cannot be given in tower_options; give its budget \(r=",
+    ):
+        tokcomp.apply(
+            tiny_vlm("llava"), "fastv", keep=0.5, tower="tome", tower_options={"target_macs": 0.9}
+        )
+
+
+def test_tome_target_macs_refuses_an_inflection_it_would_drop():
+    with pytest.raises(ValueError, match="tome: target_macs chooses a constant r"):
+        tokcomp.apply(tiny_vit(), "tome", target_macs=0.6, inflection=-1)

@@ -321,6 +321,7 @@ class HFVisionAdapter(Adapter):
             mlp_hidden=mlp_hidden(first.mlp, tower.config.hidden_size),
             stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
             head_macs=tower_class.head_macs(tower, patches + prefix) + linear_macs(self.head),
+            head_token_macs=tower_class.head_macs(tower, 1) - tower_class.head_macs(tower, 0),
         )
 
     def overrides(self) -> list[tuple[nn.Module, str, str]]:

@@ -76,6 +76,7 @@ class OpenClipAdapter(Adapter):
             mlp_hidden=blocks[0].mlp.c_fc.out_features,
             stem_macs=patches * conv.out_channels * conv.in_channels * math.prod(conv.kernel_size),
             head_macs=_head_macs(visual, patches + _CLASS_TOKENS),
+            head_token_macs=_head_macs(visual, 1) - _head_macs(visual, 0),
         )
 
     def _check_supported(self) -> None:
@@ -230,7 +231,7 @@ def _plain_self_attention(attn: Any) -> bool:
 
 
 def _head_macs(visual: nn.Module, tokens: int) -> int:
-    """MACs of the pooling head (attention pools at the unpruned token count) and projection."""
+    """MACs of the pooling head (attention pools over `tokens` tokens) and projection."""
     macs = 0 if visual.proj is None else visual.proj.shape[0] * visual.proj.shape[1]
     if visual.attn_pool is None:
         return macs

@@ -45,6 +45,11 @@ class ToMe(BlockMethod):
             )
         if self.inflection is not None and isinstance(self.r, list):
             raise ValueError("tome: inflection applies to an int r, not to a per-block list")
+        if self.inflection is not None and self.target_macs is not None:
+            raise ValueError(
+                "tome: target_macs chooses a constant r, so inflection has no effect with it; "
+                "drop inflection, or give r with inflection instead of target_macs"
+            )
         if self.inflection is not None and not -1 <= self.inflection <= 1:
             raise ValueError(
                 f"tome: inflection is in [-1, 1] (-1 decreasing, 0 constant, 1 increasing), got "

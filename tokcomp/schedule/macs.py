@@ -20,10 +20,15 @@ def block_macs(spec: ModelSpec, tokens_in: int, tokens_out: int) -> int:
     return projections + attention + mlp
 
 
-def encoder_macs(spec: ModelSpec, schedule: list[int] | None = None) -> int:
-    """MACs of one image through a vision encoder under `schedule` (None: unpruned)."""
+def encoder_macs(
+    spec: ModelSpec, schedule: list[int] | None = None, pooled: int | None = None
+) -> int:
+    """MACs of one image through a vision encoder under `schedule` (None: unpruned), its head
+    pooling over the tokens the last block leaves (`pooled`: over that many instead)."""
     schedule = schedule if schedule is not None else [spec.tokens] * spec.depth
-    total, tokens = spec.stem_macs + spec.head_macs, spec.tokens
+    pooled = schedule[-1] if pooled is None else pooled
+    head = spec.head_macs - spec.head_token_macs * (spec.tokens - pooled)
+    total, tokens = spec.stem_macs + head, spec.tokens
     for keep in schedule:
         total += block_macs(spec, tokens, keep)
         tokens = keep
@@ -38,13 +43,15 @@ def vlm_macs(spec: VLMSpec, schedule: list[int] | None = None) -> int:
     tower = list(schedule[: spec.depth]) if schedule else [spec.tokens] * spec.depth
     llm = list(schedule[spec.depth :]) if schedule else []
     projected = spec.projected_tokens
+    # beside a visual-token method the tower unmerges its tokens before its head
+    pooled = spec.tokens if llm else None
     if not llm:
         visual = spec.visual_tokens
         if tower[-1] != spec.tokens:
             visual = projected = tower[spec.feature_block] - spec.feature_prefix
         llm = [visual] * spec.llm_depth
     total = (
-        encoder_macs(spec, tower) * spec.crops
+        encoder_macs(spec, tower, pooled) * spec.crops
         + projected * spec.visual_geometry.projector_token_macs
         + spec.lm_head_macs
     )

@@ -74,6 +74,11 @@ def _check_tower_pair(method: Method, tower: Method, spec: ModelSpec) -> None:
             f"{method.name}: target_macs cannot be given with tower=; give its budget "
             f"({method.budget}=...) and the tower method's"
         )
+    if tower.target_macs is not None:
+        raise ValueError(
+            f"{tower.name}: target_macs cannot be given in tower_options; give its budget "
+            f"({tower.budget}=...) there"
+        )
 
 
 def _only_merges(method: type[Method]) -> bool:
@@ -85,12 +90,17 @@ def _only_merges(method: type[Method]) -> bool:
     )
 
 
-def _resolve_on_encoder(method: BlockMethod, spec: ModelSpec) -> tuple[Method, list[int]]:
+def _resolve_on_encoder(
+    method: BlockMethod, spec: ModelSpec, priced: ModelSpec | None = None
+) -> tuple[Method, list[int]]:
+    """`resolve` of a block method on the encoder `spec`; a `target_macs` is a fraction of the
+    MACs of `priced` (default: `spec`; a VLM around the tower `spec`)."""
     method = method.settle(spec)
     if method.schedule is not None:
         schedule = list(method.schedule)
     elif method.target_macs is not None:
-        method, schedule = _nearest_to_target(method, spec, method.candidates(spec))
+        candidates = method.candidates(spec)
+        method, schedule = _nearest_to_target(method, priced or spec, candidates)
         method = method.settle(spec)  # the candidate as config_of reports it (ToMe's r)
     else:
         schedule = method.knob_schedule(spec)
@@ -109,7 +119,7 @@ def _resolve_on_vlm(
                 f"vision tower of LLaVA-1.5 only, not of {spec.architecture}. For this model "
                 f"use {_runnable_on(spec)}"
             )
-        return _resolve_on_encoder(method, spec.tower())
+        return _resolve_on_encoder(method, spec.tower(), priced=spec)
     _check_visual_method(method, spec)
     method = method.settle(spec)
     if method.target_macs is not None:
@@ -197,8 +207,9 @@ def _nearest_to_target(
 
 
 def _native_schedule(method: Method, spec: ModelSpec) -> list[int]:
-    """The schedule a settled method's own knobs give on `spec`."""
-    if isinstance(spec, VLMSpec):
+    """The schedule a settled method's own knobs give on `spec` (a block method's on a VLM:
+    its vision tower's, which the VLM's geometry describes)."""
+    if isinstance(spec, VLMSpec) and isinstance(method, VisualMethod):
         return visual_schedule(method, spec)
     return method.knob_schedule(spec)
 

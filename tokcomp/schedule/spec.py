@@ -4,7 +4,7 @@ VLMSpec for a vision-language model. Adapters build them; they describe geometry
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from tokcomp.methods import Geometry
@@ -19,13 +19,16 @@ class ModelSpec(Geometry):
     """A vision encoder's shape. family is the name of the adapter that patches it ("timm",
     "open_clip", "hf_vision", "hf_vlm");
     name the architecture; mlp_hidden the MLP hidden width; stem_macs and head_macs the MACs
-    outside the blocks (patch embedding, classifier or pooling head)."""
+    outside the blocks (patch embedding, classifier or pooling head), the head's at the
+    unpruned token count; head_token_macs the part of head_macs per token the head pools over
+    (an attention pool's keys and values), paid only for the tokens that reach it."""
 
     family: str
     name: str
     mlp_hidden: int
     stem_macs: int
     head_macs: int
+    head_token_macs: int = field(default=0, kw_only=True)
 
     #: Fields a saved config must match besides Config's common ones (subclasses add theirs).
     checked: ClassVar[tuple[str, ...]] = ()

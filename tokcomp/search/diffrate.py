@@ -107,14 +107,15 @@ STARTS = ("uniform", "gradual")
 
 def expected_macs(spec: ModelSpec, rates: DiffRateRates) -> torch.Tensor:
     """Differentiable MACs per image under the rates: attention at the incoming count, then
-    min_STE(count, prune_kept, merge_kept), MLP at the new count; plus stem and head."""
+    min_STE(count, prune_kept, merge_kept), MLP at the new count; plus stem and head (an
+    attention-pooling head's per-token part at the last block's count, as `encoder_macs`)."""
     tokens = rates.prune[0].candidates.new_tensor(float(spec.tokens))
     total = tokens.new_tensor(float(spec.stem_macs + spec.head_macs))
     for index in range(spec.depth):
         reduced = min_ste(tokens, *rates.kept(index))
         total = total + block_macs(spec, tokens, reduced)
         tokens = reduced
-    return total
+    return total - spec.head_token_macs * (spec.tokens - tokens)
 
 
 def search_diffrate(
