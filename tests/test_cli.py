@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from fixtures.imagenet import save_pth, save_safetensors, write_images
+from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp import cli
@@ -310,3 +311,19 @@ def test_bench_of_a_checkpoint_names_it_in_its_json(files, tmp_path):
     argv = ["bench", "--checkpoint", str(files / "good.safetensors"), "--batch-size", "1"]
     assert main([*argv, "--warmup", "0", "--repeats", "1", "--json", str(out_json)]) == 0
     assert json.loads(out_json.read_text())["model"] == str(files / "good.safetensors")
+
+
+def test_show_states_a_reference_video_config_and_the_vlm_architecture(tmp_path, capsys):
+    model = tokcomp.apply(tiny_vlm("llava_onevision_video"), "fastv", keep=0.5)
+    image = tokcomp.config_of(model).save(tmp_path / "image.json")
+    video = tokcomp.config_of(model, frames=4).save(tmp_path / "video.json")
+    assert main(["show", str(image)]) == 0 and main(["show", str(video)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    architecture = f"(hf_vlm, {type(model).__name__})"
+    assert [line.endswith(architecture) for line in lines if line.startswith("model")] == [
+        True,
+        True,
+    ]
+    macs = [line for line in lines if line.startswith("MACs")]
+    assert "per reference video" not in macs[0]
+    assert "per reference video (model.frames=4: for reports, not to apply)" in macs[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import TIMM_VARIANTS, tiny_vit
@@ -183,3 +184,43 @@ def test_a_config_of_a_reference_video_is_refused_with_what_to_export(tmp_path):
     assert tokcomp.config_of(tokcomp.apply(tiny_vlm(family), image)).schedule == (
         tokcomp.config_of(model).schedule
     )
+
+
+@torch.no_grad()
+def test_a_config_applies_to_any_model_of_its_shape_whatever_its_name_and_weights(tmp_path):
+    """docs/methods.md section 8: model.name is informational."""
+    data = _saved(tmp_path, r=2)
+    data["model"]["name"] = "another_model_of_the_same_shape"
+    other = tokcomp.apply(tiny_vit("vit", seed=1), _write(tmp_path, data))
+    by_name = tokcomp.apply(tiny_vit("vit", seed=1), "tome", r=2)
+    assert tokcomp.config_of(other) == tokcomp.config_of(by_name)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(other(images), by_name(images))
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "plain"),
+    [
+        ("evit", {"keep_ratio": 0.7, "layers": (1, 3)}, {"keep_ratio": 0.7, "layers": [1, 3]}),
+        (
+            "random",
+            {"keep_ratio": 0.8, "layers": range(1, 3)},
+            {"keep_ratio": 0.8, "layers": [1, 2]},
+        ),
+        ("zero_tprune", {"variance_band": (0.01, 0.5)}, {"variance_band": [0.01, 0.5]}),
+        ("pitome", {"keep_ratio": np.float64(0.9)}, {"keep_ratio": 0.9}),
+        ("evit", {"layers": [np.int64(1), 3]}, {"layers": [1, 3]}),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+@torch.no_grad()
+def test_options_given_as_tuples_ranges_or_numpy_numbers_save_and_reload_equal(
+    tmp_path, method, given, plain, suffix
+):
+    model = tokcomp.apply(tiny_vit("vit"), method, **given)
+    config = tokcomp.config_of(model)
+    assert config == tokcomp.config_of(tokcomp.apply(tiny_vit("vit"), method, **plain))
+    path = config.save(tmp_path / f"config{suffix}")
+    assert tokcomp.Config.load(path) == config
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tokcomp.apply(tiny_vit("vit"), path)(images), model(images))

@@ -184,13 +184,22 @@ def _show(args: argparse.Namespace) -> None:
     print(f"method    {config.method} {json.dumps(config.options)}")
     if config.tower is not None:
         print(f"tower     {config.tower['method']} {json.dumps(config.tower['options'])}")
-    print(f"model     {config.model.get('name')} ({config.model.get('family')})")
+    kind = ", ".join(str(config.model[k]) for k in ("family", "architecture") if k in config.model)
+    print(f"model     {config.model.get('name')} ({kind})")
     macs = f"{config.macs / 1e9:.3f} G of {config.base_macs / 1e9:.3f} G"
     share = f"{config.selection_share:.1%} of it the method's own work"
-    print(f"MACs      {macs} ({config.macs_ratio:.3f}), {share}")
+    print(f"MACs      {macs} ({config.macs_ratio:.3f}){_per_item(config)}, {share}")
     print(f"schedule  {config.schedule}")
     if config.notes:
         print(f"notes     {config.notes}")
+
+
+def _per_item(config: Config) -> str:
+    """What a config's MACs are counted on, where it is not an image: a reference video."""
+    frames = config.model.get("frames", 1)
+    if frames == 1:
+        return ""
+    return f" per reference video (model.frames={frames}: for reports, not to apply)"
 
 
 def _run(args: argparse.Namespace) -> None:
