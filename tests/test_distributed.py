@@ -1,4 +1,5 @@
-"""Data-parallel sweeps and DiffRate search under torchrun (gloo, 2 CPU processes)."""
+"""Data-parallel sweeps and DiffRate search under torchrun (gloo, 2 CPU processes), and the
+speed probe's figures over ranks (threads standing in for the ranks, with a fake clock)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,29 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import tiny_vit
 from fixtures.imagenet import foolbox_images, image_folder, save_safetensors
 
+import tokcomp
+from tokcomp.bench import parse_variant
 from tokcomp.cli import main
+from tokcomp.harness import sweep, timing
+from tokcomp.harness.distributed import World
+from tokcomp.harness.imagenet import ClassificationTask
 
 TESTS = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}:{TESTS}"}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +60,7 @@ def _torchrun(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([*TORCHRUN, "-m", "tokcomp", *args], env=ENV, text=True, **kwargs)
 
 
-@pytest.mark.parametrize("limit", ["19", "20"])
+@pytest.mark.parametrize("limit", ["1", "19", "20"])  # 1: rank 1 has no images
 def test_two_processes_count_exactly_what_one_process_counts(checkpoint, folder, tmp_path, limit):
     extra = ["--limit", limit, "--variant", "tome:r=4", "--methods", "evit", "--budgets", "0.6"]
     assert main(_sweep_args(checkpoint, folder, tmp_path / "one", extra)) == 0
@@ -119,3 +130,96 @@ def test_a_killed_rank_fails_the_launch_clearly_and_a_rerun_resumes(checkpoint, 
     for row in rows:  # the points finished before the kill were not evaluated again
         if row["key"] in finished:
             assert row["finished"] == finished[row["key"]]
+
+
+class Exchange:
+    """All-gathers between threads that stand in for the ranks of one world."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size, timeout=10)
+        self.slots: list[object] = [None] * size
+
+    def gather(self, rank: int, value: object) -> list[object]:
+        self.slots[rank] = value
+        self.barrier.wait()
+        values = list(self.slots)
+        self.barrier.wait()  # every rank has read before any writes again
+        return values
+
+
+@dataclass(frozen=True)
+class ThreadWorld(World):
+    """A rank whose collectives go through an `Exchange` instead of a process group."""
+
+    exchange: Exchange | None = None
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        return self._combine(values, sum)
+
+    def max(self, values: dict[str, float]) -> dict[str, float]:
+        return self._combine(values, max)
+
+    def broadcast(self, value):
+        return self.exchange.gather(self.rank, value)[0]
+
+    def _combine(self, values, combine):
+        gathered = self.exchange.gather(self.rank, values)
+        return {name: combine(ranks[name] for ranks in gathered) for name in values}
+
+
+class ThreadClock:
+    """A clock per thread that advances only when a forward says how long it took."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def now(self, device: torch.device) -> float:
+        return getattr(self.local, "seconds", 0.0)
+
+    def spend(self, seconds: float) -> None:
+        self.local.seconds = getattr(self.local, "seconds", 0.0) + seconds
+
+
+class PerImageTask(ClassificationTask):
+    """Classification whose forward "takes" one second per image times the MACs ratio."""
+
+    def __init__(self, dataset, clock: ThreadClock) -> None:
+        super().__init__(dataset, 4, 0, CPU)
+        self.clock = clock
+
+    def forward(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        cost = tokcomp.config_of(model).macs_ratio if tokcomp.is_patched(model) else 1.0
+        self.clock.spend(len(inputs) * cost)
+        return model(inputs)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_the_speed_probe_counts_each_ranks_first_batch_over_the_slowest_rank(monkeypatch, samples):
+    """Fewer samples than the batch size: the two ranks' first batches differ (2 and 1
+    images), or one rank has none at all (its shard is empty)."""
+    clock = ThreadClock()
+    monkeypatch.setattr(timing, "now", clock.now)
+    images = [(torch.randn(3, 32, 32), 0) for _ in range(samples)]
+    exchange = Exchange(2)
+    models = [tiny_vit(), tiny_vit()]
+    points = [sweep.Point(""), sweep.Point.of(parse_variant("tome:r=2"))]
+
+    def rank(index: int) -> list[dict[str, float]]:
+        world = ThreadWorld(rank=index, size=2, exchange=exchange)
+        evaluation = sweep.TaskEvaluation(PerImageTask(world.shard(images), clock), CPU, world)
+        model, figures = models[index], []
+        for point in points:
+            with sweep.applied(model, point):
+                figures.append(sweep.probe_speed(model, point, model, evaluation))
+        return figures
+
+    with ThreadPoolExecutor(2) as pool:
+        ranks = list(pool.map(rank, [0, 1]))
+    first_batches = [len(range(r, samples, 2)) for r in (0, 1)]  # the whole shard: under 4
+    for index, point in enumerate(points):
+        with sweep.applied(tiny_vit(), point) as model:
+            cost = tokcomp.config_of(model).macs_ratio if point.method else 1.0
+        expected = sum(first_batches) / (max(first_batches) * cost)
+        for figures in ranks:
+            assert figures[index]["images_per_s"] == pytest.approx(expected, rel=1e-12)
+            assert figures[index]["speedup"] == pytest.approx(1 / cost, rel=1e-12)

@@ -240,8 +240,10 @@ def test_a_saved_point_whose_options_now_resolve_otherwise_is_measured_again(
 @pytest.mark.parametrize(
     ("change", "measured"),
     [
-        ("--batch-size 4", "batch size 4, threads 2"),
-        ("--threads 1", "batch size 2, threads 1"),
+        ("--batch-size 4", "batch size 4, threads 2, processes 1, speed repeats 5"),
+        ("--threads 1", "batch size 2, threads 1, processes 1, speed repeats 5"),
+        # more rounds for a flagged speed-up: the saved one is not handed back as if re-timed
+        ("--speed-repeats 9", "batch size 2, threads 2, processes 1, speed repeats 9"),
     ],
 )
 def test_a_run_at_other_settings_does_not_add_to_saved_rows(
@@ -259,12 +261,25 @@ def test_a_run_at_other_settings_does_not_add_to_saved_rows(
     [line] = capsys.readouterr().err.splitlines()
     assert line == (
         f"tokcomp eval imagenet: error: the results in {output}/results.jsonl were measured at "
-        f"batch size 2, threads 2, processes 1, this run at {measured}, processes 1: pass the "
-        "same settings to add to them, or --fresh (sets them aside), or another --output"
+        "batch size 2, threads 2, processes 1, speed repeats 5, this run at "
+        f"{measured}: pass the same settings to add to them, or --fresh (sets them aside), or "
+        "another --output"
     )
     assert (output / "results.jsonl").read_bytes() == saved
     rows = evaluate(checkpoint, data, output, "--variant tome:r=3 --batch-size 2 --threads 2")
     assert [row["label"] for row in rows] == ["", "r=3", "r=2"]
+
+
+def test_rows_saved_before_speed_repeats_were_recorded_still_resume(tmp_path, small, measured):
+    data, checkpoint = small
+    evaluate(checkpoint, data, tmp_path, "--variant tome:r=2")
+    saved = tmp_path / "results.jsonl"
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    for row in rows:
+        del row["speed_repeats"]  # as tokcomp wrote rows before it recorded the rounds
+    saved.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    evaluate(checkpoint, data, tmp_path, "--variant tome:r=2 --speed-repeats 3")
+    assert measured == ["[1/2] unpruned", "[2/2] tome r=2"]
 
 
 def test_a_point_given_twice_is_evaluated_once(tmp_path):

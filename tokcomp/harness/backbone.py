@@ -563,7 +563,12 @@ def run(args: argparse.Namespace) -> None:
         _save_head(args, model, reference.head, world, say)
     dtype = getattr(torch, args.dtype)
     task = BackboneTask(shard, reference, args.batch_size, args.workers, device, dtype)
-    settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
+    settings = dict(
+        device=str(device),
+        threads=torch.get_num_threads(),
+        batch_size=args.batch_size,
+        speed_repeats=args.speed_repeats,
+    )
     sweep = SweepRun(output, fingerprint, device, args.fresh)
     evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats, args.compile))
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)

@@ -221,7 +221,12 @@ def run(args: argparse.Namespace) -> None:
     )
     dtype = getattr(torch, args.dtype)
     task = ClassificationTask(world.shard(dataset), args.batch_size, args.workers, device, dtype)
-    settings = dict(device=str(device), threads=threads, batch_size=args.batch_size)
+    settings = dict(
+        device=str(device),
+        threads=threads,
+        batch_size=args.batch_size,
+        speed_repeats=args.speed_repeats,
+    )
     sweep = SweepRun(output, fingerprint, device, args.fresh)
     probe = SpeedProbe(args.speed_repeats, args.compile)
     evaluation = task_evaluation(task, device, world, probe)

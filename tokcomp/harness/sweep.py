@@ -209,13 +209,13 @@ def measure(
     world: World = SINGLE,
     eager: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Scores (percent; or the task's own figures, see `report_figures`) and peak memory of
-    `model` on the task's batches (this rank's shard; counts are summed over the ranks), and
-    the pass's own time. The first batch is run once untimed, under the peak-memory probe, as
-    warm-up (on `eager` when `model` is its compiled form: compiled code escapes the probe);
-    then every batch is timed (forward only): `pass_seconds` is the slowest rank's sum.
-    Speed-ups come from `probe_speed`, not from this pass (a shared machine's load changes
-    between points)."""
+    """Scores (percent; or the task's own figures, see `report_figures`) and peak memory (the
+    largest rank's) of `model` on the task's batches (this rank's shard; counts are summed
+    over the ranks), and the pass's own time. The first batch is run once untimed, under the
+    peak-memory probe, as warm-up (on `eager` when `model` is its compiled form: compiled code
+    escapes the probe); then every batch is timed (forward only): `pass_seconds` is the
+    slowest rank's sum. Speed-ups come from `probe_speed`, not from this pass (a shared
+    machine's load changes between points)."""
     sums = dict.fromkeys(tallies(task), 0.0)
     samples, seconds, peak = 0, 0.0, 0
     batches = tqdm(task.batches(), desc, total=len(task), unit="batch", disable=not world.is_main)
@@ -302,11 +302,31 @@ def probe_speed(
 ) -> dict[str, float]:
     """Throughput of `point` (`timed_model`: the task's module of `model` patched for it,
     compiled or not) and its speed-up over the unpruned model, timed in alternating rounds on
-    the task's first batch so that the machine's load hits both alike: images_per_s (the batch
-    over the median round, times the ranks; the slowest rank's), speedup (median of the
+    the task's first batch so that the machine's load hits both alike: images_per_s (every
+    rank's first batch over the slowest rank's median round), speedup (median of the
     per-round ratios) and speedup_spread (their interquartile range over the median; rank
-    0's)."""
-    inputs, targets = next(iter(on.task.batches()))
+    0's). A rank whose shard is empty (fewer samples than ranks) times nothing."""
+    batch = next(iter(on.task.batches()), None)
+    seconds, images, speedup = 0.0, 0, Speedup(1.0, 0.0)
+    if batch is not None:
+        inputs, targets = batch
+        seconds, speedup = _race(model, point, timed_model, on, inputs)
+        images = len(targets)
+    speedup = on.world.broadcast(speedup)  # rank 0 always has a batch
+    slowest = on.world.max({"seconds": seconds})["seconds"]
+    images = on.world.sum({"images": images})["images"]
+    return {
+        "images_per_s": images / slowest if slowest > 0 else math.inf,  # a clock too coarse
+        "speedup": speedup.ratio,
+        "speedup_spread": speedup.spread,
+    }
+
+
+def _race(
+    model: nn.Module, point: Point, timed_model: nn.Module, on: TaskEvaluation, inputs: Any
+) -> tuple[float, Speedup]:
+    """The point's median round on `inputs` and its speed-up over the unpruned model (1.0 for
+    the unpruned point itself)."""
     variant = Contender(functools.partial(on.task.forward, timed_model, inputs))
     unpruned = point.method is None and point.config is None
     contenders = [variant]
@@ -315,14 +335,7 @@ def probe_speed(
     with torch.inference_mode():
         times = interleaved(contenders, on.probe.repeats, on.device)
     speedup = Speedup(1.0, 0.0) if unpruned else Speedup.paired(times[0], times[1])
-    speedup = on.world.broadcast(speedup)
-    slowest = on.world.max({"seconds": statistics.median(times[-1])})["seconds"]
-    samples = len(targets) * on.world.size
-    return {
-        "images_per_s": samples / slowest if slowest > 0 else math.inf,  # a clock too coarse
-        "speedup": speedup.ratio,
-        "speedup_spread": speedup.spread,
-    }
+    return statistics.median(times[-1]), speedup
 
 
 def _patching(variant: Contender, model: nn.Module, point: Point, probe: SpeedProbe) -> Contender:
@@ -401,13 +414,17 @@ def same_compression(row: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
 def check_measured_alike(
     store: ResultStore, settings: Mapping[str, Any] | None, world: World
 ) -> None:
-    """Refuse to add to saved rows measured at another batch size, thread count or number of
-    processes: their images/s and memory belong to those (and random's draws to the
-    batching), so one table would mix them."""
+    """Refuse to add to saved rows measured at another batch size, thread count, number of
+    processes or number of speed-probe rounds: their images/s and memory belong to those (and
+    random's draws to the batching; their speed-ups' spread to the rounds), so one table would
+    mix them, and a rerun asking for more rounds would get the saved speed-ups back."""
     run = _measured_at(settings or {}, world.size)
     for row in store.rows():
-        # rows record all three; a row without a world size was measured by one process
-        saved = _measured_at(row, row.get("world_size", 1))
+        # rows record these; a row without a world size was measured by one process, one
+        # without speed repeats before tokcomp recorded them (taken as this run's)
+        saved = _measured_at(
+            {"speed_repeats": run["speed repeats"], **row}, row.get("world_size", 1)
+        )
         if saved != run:
             raise UsageError(
                 f"the results in {store.path} were measured at {_described(saved)}, this run "
@@ -421,6 +438,7 @@ def _measured_at(settings: Mapping[str, Any], processes: int) -> dict[str, Any]:
         "batch size": settings.get("batch_size"),
         "threads": settings.get("threads"),
         "processes": processes,
+        "speed repeats": settings.get("speed_repeats"),
     }
 
 

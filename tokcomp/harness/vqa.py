@@ -461,7 +461,11 @@ def run(args: argparse.Namespace) -> None:
     )
     unit = dataset.visual_unit
     settings = dict(
-        device=str(device), threads=threads, batch_size=args.batch_size, visual_tokens_per=unit
+        device=str(device),
+        threads=threads,
+        batch_size=args.batch_size,
+        speed_repeats=args.speed_repeats,
+        visual_tokens_per=unit,
     )
     sweep = SweepRun(output, _fingerprint(args, model, dataset, device), device, args.fresh)
     evaluation = task_evaluation(task, device, world, SpeedProbe(args.speed_repeats))
