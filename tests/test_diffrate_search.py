@@ -97,9 +97,13 @@ def test_micro_batches_take_the_same_step_as_whole_batches():
     torch.testing.assert_close(searched[1], searched[0], rtol=1e-4, atol=1e-6)
 
 
-def test_micro_batch_must_be_positive():
-    with pytest.raises(ValueError, match="micro_batch must be a positive"):
-        search_diffrate(tiny_vit("vit"), _batches(1), SearchSettings(0.6, micro_batch=0))
+@pytest.mark.parametrize(
+    "option", [{"micro_batch": 0}, {"epochs": 0}, {"max_steps": -1}, {"epochs": 2.5}]
+)
+def test_counts_of_the_search_must_be_positive_whole_numbers(option):
+    (name, value), *_ = option.items()
+    with pytest.raises(ValueError, match=f"{name} must be a positive whole number, got {value}"):
+        SearchSettings(0.6, **option)
 
 
 @pytest.mark.parametrize("build", [lambda: tiny_vit("vit"), tiny_siglip_with_head])

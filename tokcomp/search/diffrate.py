@@ -99,6 +99,10 @@ class SearchSettings:
             )
         if not 0 <= self.lam < math.inf:  # a negative weight would reward missing the target
             raise ValueError(f"lam weighs the MACs loss and must be >= 0, got {self.lam}")
+        for name in ("epochs", "max_steps", "micro_batch"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
 
 
 #: How the rates start: DiffRate's uniform logits, or centred on an even merging schedule.
@@ -145,8 +149,6 @@ def search_diffrate(
             f"granularity {settings.granularity} leaves no choice of kept counts among "
             f"{patches} patch tokens: give a granularity below {patches}"
         )
-    if settings.micro_batch is not None and settings.micro_batch < 1:
-        raise ValueError(f"micro_batch must be a positive image count, got {settings.micro_batch}")
     device = next(model.parameters()).device
     if rates is None:
         rates = DiffRateRates(spec, settings.granularity)
