@@ -151,7 +151,7 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
         (
             "export --model test_vit zero_tprune:iterations=-1 -o {root}/x.json",
             2,
-            "zero_tprune: iterations=-1, but its iterations takes list or none",
+            "zero_tprune: iterations=-1, but its iterations takes list of int or none",
         ),
         ("bench --model test_vit --variant tome:r", 2, "option 'r' must look like key=value"),
         (

@@ -32,6 +32,7 @@ from vlm_fixtures import (
 from vlm_fixtures import tiny_vlm as _tiny_vlm
 
 import tokcomp
+from tokcomp.adapters.hf_vlm.families import family_for
 from tokcomp.adapters.hf_vlm.families.base import REFERENCE_PIXELS
 from tokcomp.methods import Stage, create_method, method_class
 from tokcomp.methods.cdpruner import load_clip
@@ -521,3 +522,56 @@ def test_tower_merging_macs_match_the_flop_counter_within_one_percent(family, me
     config = tokcomp.config_of(model, frames=frames)
     assert config.macs == pytest.approx(_prefill(model, batch), rel=0.01)
     assert config.macs - config.selection_macs < alone.macs - alone.selection_macs
+
+
+# -- the schedule and MACs against what the prefill runs ------------------------------------
+
+#: (family, method, options): the LLM-stage methods on LLaVA-1.5, on the multi-crop LLaVA-NeXT
+#: and LLaVA-OneVision (SparseVLM recycles per crop; at keep 3 some crops get no share of the
+#: later stages) and on Gemma 3 (its SigLIP tower runs its pooling head); random there too.
+EXACT_CASES = [
+    *[
+        pytest.param(family, method, VISUAL_OPTIONS[method], id=f"{family}-{method}")
+        for family in ("llava", "llava_next", "gemma3")
+        for method in ("fastv", "pyramiddrop", "dart", "sparsevlm")
+    ],
+    pytest.param("llava_onevision", "sparsevlm", {"keep": 0.5}, id="llava_onevision-sparsevlm"),
+    pytest.param("llava_next", "sparsevlm", {"keep": 3}, id="llava_next-sparsevlm-3"),
+    pytest.param("gemma3", "random", {"keep_ratio": 0.5}, id="gemma3-random"),
+]
+
+
+def _layer_tokens(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[int]:
+    """Visual tokens each decoder layer runs on in the prefill of `batch` (its sequence length
+    less the REFERENCE_PROMPT text tokens), read by hooks on the layers."""
+    lengths = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        lengths.append(hidden.shape[1] - REFERENCE_PROMPT)
+
+    hooks = [
+        layer.register_forward_pre_hook(record, with_kwargs=True)
+        for layer in family_for(model)(model).language_model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return lengths
+
+
+@pytest.mark.parametrize(("family", "method", "options"), EXACT_CASES)
+def test_schedule_and_macs_are_what_the_prefill_runs(family, method, options):
+    """The schedule's visual tokens per decoder layer are those the layers run on, and the MACs
+    (model and selection) are the counted ones within 0.1% (SparseVLM's per-crop recycling was
+    4 tokens short per layer on the crops, -2.2%; Gemma 3's tower head was left out, -2.2%;
+    PyramidDrop's scoring was priced at the tokens after its cut, -0.2 to -0.4%)."""
+    model = tiny_vlm(family)
+    batch = _prompt(model, family)
+    config = tokcomp.config_of(tokcomp.apply(model, method, **options))
+    depth = config.model["llm_depth"]
+    assert config.schedule[-depth:] == _layer_tokens(model, batch)
+    assert config.macs == pytest.approx(_prefill(model, batch), rel=1e-3)

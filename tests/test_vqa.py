@@ -276,6 +276,7 @@ def test_a_sweep_runs_end_to_end_unpruned_first(tiny, tmp_path, capsys):
         assert float(row["macs_ratio"]) > 0 and {"vqa_yes_no", "vqa_number"} <= row.keys()
     table = capsys.readouterr().out
     assert "Δvqa" in table and "TTFT ms" in table and "vis tok" in table
+    assert "q/s" in table and "img/s" not in table  # questions answered per second
 
 
 def test_an_interrupted_sweep_resumes_to_the_uninterrupted_table(

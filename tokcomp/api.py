@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import numbers
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -187,17 +186,7 @@ def _settled_options(method: Method, spec: ModelSpec) -> dict[str, Any]:
     options = method.options()
     for name in ("schedule", "target_macs", *_unused_knobs(method, spec)):
         options.pop(name, None)
-    return {name: _as_saved(value) for name, value in options.items()}
-
-
-def _as_saved(value: Any) -> Any:
-    """An option's value as a saved config gives it back (so that the config saves and reloads
-    equal): tuples and ranges as lists, numpy's numbers as Python's."""
-    if isinstance(value, tuple | list | range):
-        return [_as_saved(item) for item in value]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return options
 
 
 def _unused_knobs(method: Method, spec: ModelSpec) -> set[str]:

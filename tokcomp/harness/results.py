@@ -149,15 +149,19 @@ class Column:
 
 
 def format_table(
-    rows: Sequence[dict[str, Any]], metrics: Sequence[str], columns: Sequence[Column] = ()
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    columns: Sequence[Column] = (),
+    rate: str = "img/s",
 ) -> str:
-    """Rows from `with_baseline` as a fixed-width text table, `columns` last."""
+    """Rows from `with_baseline` as a fixed-width text table, `columns` last; `rate` heads the
+    throughput column (`images_per_s`: the task's samples per second)."""
     width = max([len(row["label"]) for row in rows] + [7]) + 2
     header = (
         f"{'method':<12}{'options':<{width}}{'GMACs':>8}{'MACs':>7}{'sel %':>7}"
         + "".join(f"{name:>{_width(name)}}" for name in metrics)
         + f"{'Δ' + metrics[0]:>{_width(metrics[0]) + 1}}"
-        + f"{'img/s':>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
+        + f"{rate:>10}{'speed-up':>10}{'spread %':>9}{'peak MB':>9}"
         + "".join(f"{c.header:>{c.width()}}" for c in columns)
     )
     lines = [header, "-" * len(header)]
@@ -222,11 +226,13 @@ def report(
     columns: Sequence[Column] = (),
     axes: Sequence[Axis] = AXES,
     unit: str | None = "%",
+    rate: str = "img/s",
 ) -> str:
     """Write results.csv and results.png (titled `title`; the headline metric, in `unit`,
     against each of `axes`) for one run's rows (unpruned first) in `folder`; return the table
-    to print. `columns`: the task's own figures, after the common ones."""
+    to print. `columns`: the task's own figures, after the common ones; `rate`: the header of
+    the throughput column."""
     rows = with_baseline(rows, metrics[0])
     write_csv(rows, metrics, folder / "results.csv", columns)
     plot_sweep(rows, metrics[0], folder / "results.png", title, axes, unit)
-    return format_table(rows, metrics, columns)
+    return format_table(rows, metrics, columns, rate)

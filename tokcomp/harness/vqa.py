@@ -24,7 +24,9 @@ decoding of at most --max-new-tokens tokens; a video's frames go to the processo
 (each question's figure is its batch's): LLM prefill = the first pass through the decoder
 layers; time to first token = from generate() to the first token's logits (vision tower,
 projector, token selection and prefill); tokens/s = tokens decoded after the first one over
-the time from the first token to the end of generate() (0 when none followed).
+the time from the first token to the end of generate() (0 when none followed). The table's
+throughput column, q/s (`images_per_s` in the CSV), is questions answered per second: the
+first batch's questions (one image or video each) over its median whole generate() call.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ COLUMNS = (
     Column("ttft_ms", "TTFT ms", ".2f"),
     Column("tokens_per_s", "tok/s"),
 )
+#: The header of the throughput column: each question (one image or video) answered.
+RATE = "q/s"
 #: After "vis tok" in a VQA table: what a question's visual tokens are counted on.
 VISUAL_UNIT = Column("visual_tokens_per", "counted per", "")
 
@@ -473,7 +477,7 @@ def run(args: argparse.Namespace) -> None:
     # rows saved before tokcomp recorded the unit: the same questions, so the same unit
     rows = [{"visual_tokens_per": unit, **row} for row in rows]
     columns = (COLUMNS[0], VISUAL_UNIT, *COLUMNS[1:])
-    say(report(rows, task.metrics, output, name, columns, axes(unit)))
+    say(report(rows, task.metrics, output, name, columns, axes(unit), rate=RATE))
 
 
 def check_takes_videos(model: nn.Module, processor: Any, source: str | Path) -> None:

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from types import UnionType
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+
+import numpy as np
+import torch
 
 from tokcomp.methods.state import Signal, Signals, TokenState
 
@@ -61,7 +67,9 @@ class Method:
 
     Every method accepts `target_macs` (a fraction of the unpruned MACs; the nearest schedule
     of the method's own family is chosen) and `schedule` (tokens left after each block,
-    explicit). Its native knobs are its other fields.
+    explicit). Its native knobs are its other fields. Options hold plain values: numpy and torch
+    numbers and arrays, tuples and ranges become Python numbers and lists, and a value of a type
+    its option does not take is refused with one line naming the option.
     """
 
     name: ClassVar[str]
@@ -72,6 +80,7 @@ class Method:
     schedule: list[int] | None = None
 
     def __post_init__(self) -> None:
+        self._make_options_plain()
         if self.target_macs is not None and self.schedule is not None:
             raise ValueError(f"{self.name}: give either target_macs or schedule, not both")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
@@ -79,6 +88,19 @@ class Method:
                 f"{self.name}: target_macs is a fraction of the unpruned MACs in (0, 1], "
                 f"got {self.target_macs}"
             )
+
+    def _make_options_plain(self) -> None:
+        """Hold every option as a plain value (plain_value) of a type it takes; refuse a value
+        of another type, naming the option."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            plain = plain_value(value)
+            takes = option_takes(type(self), field.name, plain)
+            if takes is not None:
+                raise ValueError(
+                    f"{self.name}: {field.name}={value!r}, but its {field.name} takes {takes}"
+                )
+            setattr(self, field.name, plain)
 
     def settle(self, geometry: Geometry) -> Method:
         """This method with its model-dependent defaults filled in (e.g. per-family
@@ -149,3 +171,55 @@ def split_match_macs(tokens: int, width: int) -> int:
 def option_names(method: type[Method]) -> list[str]:
     """The options `method` accepts."""
     return [field.name for field in dataclasses.fields(method)]
+
+
+def plain_value(value: Any) -> Any:
+    """`value` as a plain option value: numpy and torch scalars and arrays as Python numbers
+    and lists, tuples and ranges as lists, paths as text; so every method reads them alike,
+    and a config saved from them reloads equal."""
+    if isinstance(value, np.generic | np.ndarray | torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list | tuple | range):
+        return [plain_value(item) for item in value]
+    return value
+
+
+def option_takes(method: type[Method], option: str, value: Any) -> str | None:
+    """None if option `option` of `method` takes the plain `value`'s type (an int where it
+    takes a float; never a bool where it takes a number); else the types it takes."""
+    hint = _option_hints(method).get(option, Any)
+    return None if _admits(hint, value) else _type_name(hint)
+
+
+def require(method: str, option: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise ValueError naming `option`, its `value` and the `allowed` values unless `ok`."""
+    if not ok:
+        raise ValueError(f"{method}: {option} must be {allowed}, got {value!r}")
+
+
+@functools.cache
+def _option_hints(method: type[Method]) -> dict[str, Any]:
+    return get_type_hints(method)
+
+
+def _admits(hint: Any, value: Any) -> bool:
+    """Whether type hint `hint` admits the plain `value` (list hints: every item too)."""
+    if hint is Any:
+        return True
+    if get_origin(hint) in (Union, UnionType):
+        return any(_admits(arg, value) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_admits(get_args(hint)[0], v) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) if hint is float else isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    if get_origin(hint) is list:
+        return f"list of {_type_name(get_args(hint)[0])}"
+    return "none" if hint is type(None) else hint.__name__

@@ -60,5 +60,5 @@ def check_layers(
 
 def check_ratio(name: str, ratio: float, lowest: float = 0.0) -> None:
     """Raise ValueError unless `ratio` is a keep ratio in (lowest, 1]."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not lowest < ratio <= 1:
+    if not lowest < ratio <= 1:
         raise ValueError(f"{name}: keep_ratio must be a number in ({lowest}, 1], got {ratio!r}")

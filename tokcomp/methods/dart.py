@@ -10,8 +10,15 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from tokcomp.methods.base import require
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import LLMSignal, LLMStageMethod, VisualGeometry, VisualTokens
+from tokcomp.methods.visual import (
+    LLMSignal,
+    LLMStageMethod,
+    VisualGeometry,
+    VisualTokens,
+    check_decoder_layer,
+)
 from tokcomp.ops import gather_rows
 
 
@@ -33,6 +40,7 @@ class DART(LLMStageMethod):
     """
 
     name: ClassVar[str] = "dart"
+    layers_option: ClassVar[str] = "layer"
     llm_signal: ClassVar[LLMSignal] = LLMSignal.KEYS_AND_STATES
 
     keep: int | float = 0.23
@@ -43,10 +51,10 @@ class DART(LLMStageMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_decoder_layer(self.name, "layer", self.layer)
         for option, least in (("pivot_image", 1), ("pivot_text", 0)):
             value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"dart: {option} must be an int >= {least}, got {value!r}")
+            require(self.name, option, value, value >= least, f"an int >= {least}")
 
     def boundaries(self, llm_depth: int) -> list[int]:
         return [self.layer]

@@ -10,7 +10,13 @@ from typing import ClassVar
 import torch
 
 from tokcomp.methods.registry import register
-from tokcomp.methods.visual import LLMStageMethod, VisualTokens, last_text_token, most_attended
+from tokcomp.methods.visual import (
+    LLMStageMethod,
+    VisualTokens,
+    check_decoder_layer,
+    last_text_token,
+    most_attended,
+)
 
 QUERIES = ("last", "text")
 
@@ -29,6 +35,7 @@ class FastV(LLMStageMethod):
     """
 
     name: ClassVar[str] = "fastv"
+    layers_option: ClassVar[str] = "layer"
     rounding: ClassVar[Callable[[float], int]] = staticmethod(round)
 
     keep: int | float = 0.5
@@ -38,6 +45,7 @@ class FastV(LLMStageMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_decoder_layer(self.name, "layer", self.layer)
         if self.query not in QUERIES:
             raise ValueError(f"fastv: query must be one of {QUERIES}, got {self.query!r}")
 

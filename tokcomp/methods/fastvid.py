@@ -68,8 +68,6 @@ class FastVID(VisualMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.segments, bool) or not isinstance(self.segments, int):
-            raise ValueError(f"fastvid: segments (c) must be an int >= 1, got {self.segments!r}")
         if self.segments < 1 or self.anchor_stride < 1:
             raise ValueError(
                 f"fastvid: segments (c) and anchor_stride (p) must be >= 1, got "

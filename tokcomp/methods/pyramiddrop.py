@@ -4,10 +4,12 @@ the last prompt token's attention (Xing et al., CVPR 2025; docs/methods.md secti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import ClassVar
 
 import torch
 
+from tokcomp.methods.base import require
 from tokcomp.methods.registry import register
 from tokcomp.methods.visual import LLMStageMethod, VisualTokens, last_text_token, most_attended
 
@@ -33,6 +35,12 @@ class PyramidDrop(LLMStageMethod):
     keep: int | float = 0.125
     positions: str = "renumber"
     layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        layers = self.layers
+        ok = layers is None or (layers != [] and all(a < b for a, b in pairwise([0, *layers])))
+        require(self.name, "layers", layers, ok, "None or distinct ascending decoder layers >= 1")
 
     def boundaries(self, llm_depth: int) -> list[int]:
         if self.layers is not None:

@@ -45,6 +45,10 @@ class RandomPrune(BlockMethod, VisualMethod):
         super().__post_init__()
         check_ratio(self.name, self.keep_ratio)
 
+    def visual_keep(self) -> float:
+        """keep_ratio, a fraction even when given as an int (keep_ratio=1 keeps every token)."""
+        return float(self.keep_ratio)
+
     def knob_schedule(self, geometry: Geometry) -> list[int]:
         if self.positions != "renumber":
             raise ValueError("random: positions applies to a VLM's visual tokens only")

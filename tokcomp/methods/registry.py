@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
-from tokcomp.methods.base import Method, option_names
+from tokcomp.methods.base import Method, option_names, option_takes, plain_value
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -43,10 +42,6 @@ def create_method(name: str, **options: Any) -> Method:
             f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
             f"its options are: {', '.join(valid)}"
         )
-    wrong = mistyped_option(cls, options)
-    if wrong is not None:
-        option, value, takes = wrong
-        raise ValueError(f"{name}: {option}={value!r}, but its {option} takes {takes}")
     budget = getattr(cls, "budget", None)
     if options.get("target_macs") is not None and budget in options:
         raise ValueError(
@@ -56,36 +51,11 @@ def create_method(name: str, **options: Any) -> Method:
 
 
 def mistyped_option(cls: type[Method], options: dict[str, Any]) -> tuple[str, Any, str] | None:
-    """The first option holding a plain value (a bool, number, text, list or None) of a kind
-    `cls` does not take there, as (name, value, what it takes); None if there is none."""
-    hints = get_type_hints(cls)
+    """The first option holding a value of a type `cls` does not take there (numpy and torch
+    values count as the Python numbers and lists they hold, a tuple as a list), as (name,
+    value, what it takes); None if there is none."""
     for name, value in options.items():
-        allowed = _kinds(hints.get(name, Any))
-        kind = _plain_kind(value)
-        if allowed is not None and kind is not None and not _admits(allowed, kind):
-            return name, value, _kind_names(allowed)
+        takes = option_takes(cls, name, plain_value(value))
+        if takes is not None:
+            return name, value, takes
     return None
-
-
-def _plain_kind(value: Any) -> type | None:
-    """The JSON-like kind of `value` (a tuple counts as a list), None for other objects."""
-    for kind in (bool, int, float, str, type(None)):
-        if isinstance(value, kind):
-            return kind
-    return list if isinstance(value, list | tuple) else None
-
-
-def _admits(allowed: tuple[type, ...], kind: type) -> bool:
-    return kind in allowed or (kind is int and float in allowed)
-
-
-def _kinds(hint: Any) -> tuple[type, ...] | None:
-    """The plain types a type hint admits (None: anything)."""
-    if hint is Any:
-        return None
-    args = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
-    return tuple(get_origin(arg) or arg for arg in args)
-
-
-def _kind_names(kinds: tuple[type, ...]) -> str:
-    return " or ".join("none" if kind is type(None) else kind.__name__ for kind in kinds)

@@ -77,7 +77,7 @@ class SparseVLM(LLMStageMethod):
         super().__post_init__()
         if self.layers is not None and (
             len(self.layers) != len(RELEASED_LAYERS)
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.layers)
+            or any(v < 0 for v in self.layers)
             or list(self.layers) != sorted(self.layers)
         ):
             raise ValueError(

@@ -7,7 +7,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method, split_match_macs
+from tokcomp.methods.base import (
+    BlockMethod,
+    BlockPosition,
+    Geometry,
+    Method,
+    require,
+    split_match_macs,
+)
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState
 from tokcomp.ops import bipartite_plan, max_bipartite_merges
@@ -39,10 +46,8 @@ class ToMe(BlockMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         per_block = self.r if isinstance(self.r, list) else [self.r]
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in per_block):
-            raise ValueError(
-                f"tome: r must be a non-negative int or a list of them, got {self.r!r}"
-            )
+        ok = all(v >= 0 for v in per_block)
+        require(self.name, "r", self.r, ok, "a non-negative int or a list of them")
         if self.inflection is not None and isinstance(self.r, list):
             raise ValueError("tome: inflection applies to an int r, not to a per-block list")
         if self.inflection is not None and self.target_macs is not None:

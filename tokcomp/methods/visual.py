@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokcomp.methods.base import Method
+from tokcomp.methods.base import Method, require
 
 POSITIONS = ("keep", "renumber")
 
@@ -187,7 +187,7 @@ class VisualMethod(Method):
 
     def check_budget(self) -> None:
         """Raise ValueError unless the budget option is a valid per-image budget."""
-        check_keep(self.name, self.visual_keep())
+        check_keep(self.name, self.visual_keep(), self.budget)
 
     def visual_keep(self) -> int | float:
         """The per-image budget: a count or a fraction of each image's visual tokens."""
@@ -211,11 +211,16 @@ class VisualMethod(Method):
             yield self.with_options(**{self.budget: count, "target_macs": None, "schedule": None})
 
     def llm_schedule(
-        self, llm_depth: int, selectable: int, fixed: int, frames: int = 1
+        self,
+        llm_depth: int,
+        selectable: int,
+        fixed: int,
+        frames: int = 1,
+        segments: Sequence[int] = (),
     ) -> list[int]:
         """Visual tokens per image each of the `llm_depth` language-model layers processes, for
-        an image (or a video of `frames` frames) with `selectable` tokens to choose from and
-        `fixed` always kept."""
+        an image (or a video of `frames` frames) with `selectable` tokens to choose from, in
+        `segments` of those sizes (default: one), and `fixed` always kept."""
         self.checked_decode_boundary(llm_depth)
         return [self.kept_of(selectable, frames) + fixed] * llm_depth
 
@@ -278,14 +283,18 @@ def last_text_token(text: torch.Tensor) -> torch.Tensor:
     return columns == columns.masked_fill(~text, -1).amax(dim=1, keepdim=True)
 
 
-def check_keep(name: str, keep: Any) -> None:
-    """Raise ValueError unless `keep` is a fraction in (0, 1] or a count >= 1."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"{name}: keep must be a fraction in (0, 1] or a count >= 1, got {keep!r}")
+def check_keep(name: str, keep: int | float, option: str = "keep") -> None:
+    """Raise ValueError unless `keep` (option `option`) is a fraction in (0, 1] or a count >= 1."""
     if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"{name}: keep must be a count >= 1 or a fraction, got {keep}")
+        raise ValueError(f"{name}: {option} must be a count >= 1 or a fraction, got {keep}")
     if isinstance(keep, float) and not 0 < keep <= 1:
-        raise ValueError(f"{name}: a fractional keep must be in (0, 1], got {keep}")
+        raise ValueError(f"{name}: a fractional {option} must be in (0, 1], got {keep}")
+
+
+def check_decoder_layer(name: str, option: str, layer: int) -> None:
+    """Raise ValueError unless `layer` (option `option`) can be a decoder layer to prune before:
+    at least 1 (the language model's depth bounds it when the method is applied)."""
+    require(name, option, layer, layer >= 1, "a decoder layer >= 1 (layer 0 has none before it)")
 
 
 def check_positions(name: str, positions: Any) -> None:
@@ -333,6 +342,8 @@ class LLMStageMethod(VisualMethod):
 
     stage: ClassVar[Stage] = Stage.LLM
     llm_signal: ClassVar[LLMSignal] = LLMSignal.ATTENTION
+    #: The option that places the boundaries.
+    layers_option: ClassVar[str] = "layers"
 
     def boundaries(self, llm_depth: int) -> list[int]:
         """The decoder layers, ascending, before which the method chooses."""
@@ -375,23 +386,37 @@ class LLMStageMethod(VisualMethod):
         the previous one, with its scoring layer in between."""
         boundaries, previous = self.boundaries(llm_depth), 0
         for boundary in boundaries:
-            if isinstance(boundary, bool) or not isinstance(boundary, int):
-                raise ValueError(f"{self.name}: decoder layers are ints, got {boundary!r}")
             if not (previous <= self.scoring_layer(boundary) and 1 <= boundary < llm_depth):
+                option = self.layers_option
                 raise ValueError(
-                    f"{self.name}: the layers it prunes before must be ascending in "
-                    f"1..{llm_depth - 1} (the language model has {llm_depth} layers), got "
-                    f"{boundaries}"
+                    f"{self.name}: {option}={getattr(self, option)!r} prunes before decoder "
+                    f"layers {boundaries}, which must be ascending in 1..{llm_depth - 1} (the "
+                    f"language model has {llm_depth} layers)"
                 )
             previous = boundary
         return boundaries
 
     def llm_schedule(
-        self, llm_depth: int, selectable: int, fixed: int, frames: int = 1
+        self,
+        llm_depth: int,
+        selectable: int,
+        fixed: int,
+        frames: int = 1,
+        segments: Sequence[int] = (),
     ) -> list[int]:
-        counts, start, current = [], 0, selectable
+        counts, start, sizes = [], 0, list(segments or [selectable])
         for stage, boundary in enumerate(self.checked_boundaries(llm_depth)):
-            counts += [current + fixed] * (boundary - start)
-            kept = min(self.kept_at(stage, selectable, llm_depth), current)
-            start, current = boundary, self.after_cut(kept, current)
-        return counts + [current + fixed] * (llm_depth - start)
+            counts += [sum(sizes) + fixed] * (boundary - start)
+            start, sizes = boundary, self.cut_sizes(stage, selectable, llm_depth, sizes)
+        return counts + [sum(sizes) + fixed] * (llm_depth - start)
+
+    def cut_sizes(self, stage: int, tokens: int, llm_depth: int, sizes: Sequence[int]) -> list[int]:
+        """Each segment's visual tokens after boundary `stage`, from its `sizes` before it, in
+        an image of `tokens` original ones: the stage's budget shared over the segments, each
+        cut (and, SparseVLM, recycled) on its own; a segment without a share keeps none."""
+        kept = min(self.kept_at(stage, tokens, llm_depth), sum(sizes))
+        shares = budget_shares(sizes, kept)
+        return [
+            self.after_cut(share, size) if share else 0
+            for share, size in zip(shares, sizes, strict=True)
+        ]

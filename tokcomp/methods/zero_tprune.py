@@ -9,7 +9,14 @@ from typing import ClassVar
 
 import torch
 
-from tokcomp.methods.base import BlockMethod, BlockPosition, Geometry, Method, split_match_macs
+from tokcomp.methods.base import (
+    BlockMethod,
+    BlockPosition,
+    Geometry,
+    Method,
+    require,
+    split_match_macs,
+)
 from tokcomp.methods.budget import check_layers, check_ratio, ratio_candidates, ratio_schedule
 from tokcomp.methods.registry import register
 from tokcomp.methods.state import Signal, Signals, TokenState, top_in_order
@@ -54,6 +61,9 @@ class ZeroTPrune(BlockMethod):
             raise ValueError(
                 f"zero_tprune: similarity_share must be in [0, 1], got {self.similarity_share}"
             )
+        iterations = self.iterations
+        ok = iterations is None or all(count >= 0 for count in iterations)
+        require(self.name, "iterations", iterations, ok, "None or a list of ints >= 0")
         band = self.variance_band
         if band is not None and (len(band) != 2 or not 0 <= band[0] <= band[1]):
             raise ValueError(
@@ -63,9 +73,9 @@ class ZeroTPrune(BlockMethod):
     def settle(self, geometry: Geometry) -> Method:
         check_layers(self.name, self.layers, geometry.depth)
         depth = geometry.depth
-        iterations = self.iterations or [
-            DEFAULT_ITERATIONS[min(3 * i // depth, 2)] for i in range(depth)
-        ]
+        iterations = self.iterations
+        if iterations is None:
+            iterations = [DEFAULT_ITERATIONS[min(3 * i // depth, 2)] for i in range(depth)]
         if len(iterations) != depth:
             raise ValueError(
                 f"zero_tprune: iterations lists {len(iterations)} blocks, the model has {depth}"

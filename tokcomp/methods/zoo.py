@@ -3,6 +3,7 @@ al., arXiv 2509.24837; docs/methods.md section 5)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokcomp.methods.base import require
 from tokcomp.methods.registry import register
 from tokcomp.methods.visual import (
     ProjectorForm,
@@ -99,16 +101,10 @@ class ZOOPrune(VisualMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            isinstance(self.directions, bool)
-            or not isinstance(self.directions, int)
-            or self.directions < 1
-        ):
-            raise ValueError(f"zoo: directions must be an int >= 1, got {self.directions!r}")
-        if not self.step > 0:
-            raise ValueError(f"zoo: step must be > 0, got {self.step!r}")
-        if self.sketch is not None and (isinstance(self.sketch, bool) or self.sketch < 1):
-            raise ValueError(f"zoo: sketch must be None or an int >= 1, got {self.sketch!r}")
+        require(self.name, "directions", self.directions, self.directions >= 1, "an int >= 1")
+        require(self.name, "step", self.step, 0 < self.step < math.inf, "a finite number > 0")
+        sketch = self.sketch
+        require(self.name, "sketch", sketch, sketch is None or sketch >= 1, "None or an int >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"zoo: precision is one of {PRECISIONS}, got {self.precision!r}")
 

@@ -121,8 +121,7 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
     for stage in range(len(method.checked_boundaries(spec.llm_depth))):
         kept = min(method.kept_at(stage, spec.selectable, spec.llm_depth), sum(sizes))
         total += _segment_choice_macs(spec, method, sizes, kept)
-        shares = budget_shares(sizes, kept)
-        sizes = [method.after_cut(s, n) for s, n in zip(shares, sizes, strict=True)]
+        sizes = method.cut_sizes(stage, spec.selectable, spec.llm_depth, sizes)
     return total
 
 
@@ -139,14 +138,13 @@ def _segment_choice_macs(spec: VLMSpec, method: VisualMethod, sizes: list[int], 
 
 def _visual_signal_macs(spec: VLMSpec, method: VisualMethod, schedule: list[int]) -> int:
     """The signals the adapter computes for a visual-token method: the language model's scoring
-    layer's at each boundary (LLM stage) or the tower's attention at its feature layer, per
-    crop (attention or keys declared)."""
+    layer's at each boundary (LLM stage), on the prompt before that boundary's cut (PyramidDrop
+    scores in layer b itself, but before the cut), or the tower's attention at its feature
+    layer, per crop (attention or keys declared)."""
     if method.stage is Stage.LLM:
         visual = schedule[spec.depth :]
         boundaries = method.checked_boundaries(spec.llm_depth)
-        layers = sum(
-            _layer_signal_macs(spec, method, visual[method.scoring_layer(b)]) for b in boundaries
-        )
+        layers = sum(_layer_signal_macs(spec, method, visual[b - 1]) for b in boundaries)
         return layers + _query_weight_macs(spec, method)
     if method.visual_needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
         return spec.crops * _tower_attention_macs(spec)

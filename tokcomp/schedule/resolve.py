@@ -186,7 +186,7 @@ def visual_schedule(
     the visual tokens of the reference image it processes."""
     tower = tower or [spec.tokens] * spec.depth
     return tower + method.llm_schedule(
-        spec.llm_depth, spec.selectable, spec.fixed_visual, spec.frames
+        spec.llm_depth, spec.selectable, spec.fixed_visual, spec.frames, spec.segments
     )
 
 

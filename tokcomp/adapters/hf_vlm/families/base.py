@@ -308,7 +308,7 @@ def tower_fields(
     """VLMSpec fields of the vision side of a model whose tower (blocks with `attention` and
     `mlp` attributes, `prefix` class tokens in front of the patches) gives `visual_tokens` per
     image through a projector, one crop per image; tokcomp neither compresses the tower nor
-    reads its attention."""
+    reads its attention. No pooling head: a family whose tower's forward runs one prices it."""
     first = layers[0]
     width = conv.out_channels
     return dict(

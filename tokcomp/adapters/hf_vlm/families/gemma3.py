@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.families.base import (
     Images,
     VLMFamily,
@@ -116,4 +117,13 @@ class Gemma3(VLMFamily):
             config.num_attention_heads,
             self.model.config.mm_tokens_per_image,
         )
-        return dict(fields, tower_attention=True, feature_block=len(vision.encoder.layers) - 1)
+        # the tower's forward runs its pooling head where the config has one (vision_use_head),
+        # though Gemma 3 reads last_hidden_state only: priced as the hf_vision adapter prices it
+        head = HFVisionAdapter(vision).spec()
+        return dict(
+            fields,
+            head_macs=head.head_macs,
+            head_token_macs=head.head_token_macs,
+            tower_attention=True,
+            feature_block=len(vision.encoder.layers) - 1,
+        )
