@@ -46,6 +46,25 @@ def test_each_sample_gets_what_it_gets_alone(method, timm_variant, images):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_gradients_are_those_of_the_pure_pytorch_ops(method, images, monkeypatch):
+    """The compiled kernels have no backward: with autograd on, gradients reach the input and
+    the stem as they do through the reference ops (ToMe's weighted average, EViT's fused token)."""
+    model = tiny_vit()
+    tokcomp.apply(model, method, **middle(method, *_geometry(model)))
+    grads = []
+    for backend in ("auto", "reference"):
+        monkeypatch.setenv("TOKCOMP_BACKEND", backend)
+        model.zero_grad()
+        x = images.clone().requires_grad_()
+        model(x).square().sum().backward()
+        grads.append((x.grad, model.patch_embed.proj.weight.grad.clone()))
+    (x_grad, stem_grad), (x_expected, stem_expected) = grads
+    assert x_grad is not None and x_grad.abs().sum() > 0
+    torch.testing.assert_close(x_grad, x_expected)
+    torch.testing.assert_close(stem_grad, stem_expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
 def test_protected_tokens_stay_and_patches_are_never_duplicated(method, timm_variant, images):
     model = tiny_vit(timm_variant)

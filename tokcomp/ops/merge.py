@@ -49,7 +49,8 @@ def weighted_merge(
     IEEE arithmetic (tokcomp.ops).
     """
     _check_merge_inputs(x, weight, size, keep_idx, src_idx, dst_pos)
-    op = compiled_op("weighted_merge", x.device, x.dtype)
+    # the compiled kernels have no backward: gradients go through the reference
+    op = None if _needs_grad(x, weight, size) else compiled_op("weighted_merge", x.device, x.dtype)
     if op is None:
         return weighted_merge_reference(x, weight, size, keep_idx, src_idx, dst_pos)
     return op(
@@ -60,6 +61,11 @@ def weighted_merge(
         src_idx.contiguous(),
         dst_pos.contiguous(),
     )
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on `tensors`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_merge_inputs(x, weight, size, keep_idx, src_idx, dst_pos) -> None:
