@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
     rows = benchmark(model, variants(), settings)
-    threads = torch.get_num_threads()
+    threads = args.threads or torch.get_num_threads()
     print(f"DeiT-S, batch {args.batch_size}, {args.device} {args.dtype}, {threads} threads")
     print(format_table(rows))
     print("\n".join(quotient_lines(rows)))

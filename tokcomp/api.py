@@ -51,6 +51,7 @@ def apply(
     spec = adapter.spec()
     tower_method = _tower_of(tower, tower_options)
     compression = _requested(method_or_config, options, spec, tower_method, model_defaults(model))
+    adapter.check(compression)
     if is_patched(model):
         remove(model)
     patch = Patch(adapter, compression)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import statistics
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,8 +110,9 @@ class BenchRow:
 
 @dataclass
 class BenchSettings:
-    """How to measure: batch, device, dtype (autocast), warm-up and timed repeats, threads,
-    and whether every model (the unpruned one too) runs under torch.compile."""
+    """How to measure: batch, device, dtype (autocast), warm-up and timed repeats, threads
+    (torch's intra-op threads while benchmarking, restored after), and whether every model
+    (the unpruned one too) runs under torch.compile."""
 
     batch_size: int = 32
     device: str = "cpu"
@@ -138,11 +140,34 @@ def benchmark(
             "compiled runs need at least one warm-up round: the first call of each compiled "
             "model compiles it, which would be timed as a round"
         )
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    with _threads(settings.threads):
+        return _measured(model, variants, settings, input_size)
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` (None: left as is), restored on exit."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measured(
+    model: nn.Module,
+    variants: Sequence[Variant],
+    settings: BenchSettings,
+    input_size: tuple[int, ...],
+) -> list[BenchRow]:
+    """`benchmark`'s rows (its thread count already set)."""
     device = torch.device(settings.device)
     model = model.eval().to(device)
-    images = torch.randn(settings.batch_size, *input_size, device=device)
+    # a generator of its own: benchmarking leaves the caller's global RNG stream as it was
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(settings.batch_size, *input_size, generator=generator).to(device)
     models = [variant_model(model, v) for v in [BASELINE, *variants]]
     eager = [runner(m, images, settings.dtype) for m in models]
     runs = list(eager)

@@ -153,7 +153,7 @@ def _bench(args: argparse.Namespace) -> None:
     rows = benchmark(model, args.variant, settings, input_size)
     context = {
         "model": args.model or str(args.checkpoint),
-        "threads": torch.get_num_threads(),
+        "threads": args.threads or torch.get_num_threads(),
         "ops_backend": ops.backend(args.device),
         "torch": torch.__version__,
     }

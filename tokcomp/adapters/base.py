@@ -297,6 +297,10 @@ class Adapter(abc.ABC):
             "original model's intermediates"
         )
 
+    def check(self, compression: Compression) -> None:  # noqa: B027  (optional hook)
+        """Raise for a compression this model cannot run; `apply` calls it before it replaces
+        the previous patch, so that a refused method leaves the model as it was."""
+
     def install(self, patch: Patch) -> None:
         """Shadow each overridden attribute on its module instance with the adapter method,
         keeping what the instance itself held there (a user's own wrapper of forward)."""

@@ -92,12 +92,15 @@ class HFVLMAdapter(Adapter):
             self.model, expand_size=expand_size, **kwargs
         )
 
+    def check(self, compression: Compression) -> None:
+        """A visual-token method's options checked against the vision tower."""
+        if isinstance(compression.method, VisualMethod):
+            compression.method.check_tower(getattr(self.vlm, "tower", None))
+
     def install(self, patch: Patch) -> None:
         """Patch the inner model; a block method, or a visual-token method's tower merging, also
         patches the vision tower."""
         compression = patch.compression
-        if isinstance(compression.method, VisualMethod):
-            compression.method.check_tower(getattr(self.vlm, "tower", None))
         super().install(patch)
         tower = compression.tower
         if not isinstance(compression.method, VisualMethod):

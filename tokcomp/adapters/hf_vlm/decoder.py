@@ -24,7 +24,7 @@ from tokcomp.adapters.hf_vlm.generation import (
     decode_positions,
     pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import choose, place, surviving
+from tokcomp.adapters.hf_vlm.selection import check_counts, choose, place, surviving
 from tokcomp.adapters.hf_vlm.sequence import Prompt, pack
 from tokcomp.methods import LLMStageMethod, VisualMethod
 from tokcomp.methods.visual import LLMSignal
@@ -77,6 +77,7 @@ def llm_stage_prefill(
     needs."""
     language = family.language_model
     check_callable(language, call.kwargs)
+    check_counts(prompt.placeholder, images.counts())  # filled() would drop extra tokens
     original = prompt.filled(torch.cat(images.embeds), images.injected_rows())
     none = torch.zeros_like(original.valid[:, 0], dtype=torch.long)
     queries = torch.zeros_like(original.text)

@@ -156,18 +156,25 @@ def surviving(images: Images, choices: list[Choice]) -> Images:
     return Images([choice.embeds for choice in choices], segments)
 
 
-def place(
-    placeholder: torch.Tensor, counts: list[int], choices: list[Choice]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spread per-image choices over the prompt's placeholders (row-major, as the models
-    scatter image features): (B, L) kept-placeholder mask and (T, D) tokens for all T
-    placeholders (zeros where pruned)."""
+def check_counts(placeholder: torch.Tensor, counts: list[int]) -> int:
+    """The number of the prompts' image placeholders; ValueError unless the images' visual
+    token `counts` fill them exactly."""
     total = int(placeholder.sum())
     if total != sum(counts):
         raise ValueError(
             f"Image features and image tokens do not match: the prompts hold {total} image "
             f"tokens, the images give {sum(counts)}"
         )
+    return total
+
+
+def place(
+    placeholder: torch.Tensor, counts: list[int], choices: list[Choice]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spread per-image choices over the prompt's placeholders (row-major, as the models
+    scatter image features): (B, L) kept-placeholder mask and (T, D) tokens for all T
+    placeholders (zeros where pruned)."""
+    total = check_counts(placeholder, counts)
     tokens = choices[0].embeds.new_zeros(total, choices[0].embeds.shape[-1])
     kept = torch.zeros(total, dtype=torch.bool, device=placeholder.device)
     offset = 0
