@@ -41,3 +41,18 @@ def test_llm_stage_method_refuses_extra_images_and_stays_usable():
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         model(**extra)
     torch.testing.assert_close(model(**batch).logits, expected, atol=0, rtol=0)
+
+
+def test_a_method_object_changed_after_apply_does_not_change_the_patched_model():
+    model = tiny_vit("vit")
+    method = tokcomp.create_method("evit", keep_ratio=0.7, layers=[1, 2])
+    tokcomp.apply(model, method)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(images)
+    method.keep_ratio = 0.5
+    method.layers.append(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), before, rtol=0, atol=0)
+    assert tokcomp.config_of(model).options["layers"] == [1, 2]
+    assert tokcomp.config_of(model).options["keep_ratio"] == 0.7

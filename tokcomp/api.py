@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,8 +69,15 @@ def _tower_of(tower: str | Method | None, options: dict[str, Any] | None) -> Met
         return None
     if isinstance(tower, Method):
         _refuse_options(options or {}, "a Method object as tower (set them on it)")
-        return tower
+        return _own_copy(tower)
     return create_method(tower, **(options or {}))
+
+
+def _own_copy(method: Method) -> Method:
+    """The patch's own copy of a Method object (its option lists too), so that changing the
+    object afterwards does not change what the patched model runs; modules it holds (the
+    DiffRate search's rates) stay shared."""
+    return dataclasses.replace(method)
 
 
 def _merges_frames(method: Method) -> bool:
@@ -92,7 +100,7 @@ def _requested(
 ) -> Compression:
     if isinstance(method_or_config, Method):
         _refuse_options(options, "a Method object (set them on it)")
-        return _bound(method_or_config, tower, spec)
+        return _bound(_own_copy(method_or_config), tower, spec)
     config = _as_config(method_or_config)
     if config is None:
         _refuse_budget_with_schedule(str(method_or_config), options)
