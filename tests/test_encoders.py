@@ -412,7 +412,9 @@ def test_hf_refuses_what_compression_cannot_honour(images):
     model = tokcomp.apply(_clip_tower(), "tome", r=4)
     with pytest.raises(ValueError, match="output_attentions=True is not available"):
         model(pixel_values=images, output_attentions=True)
-    with pytest.raises(ValueError, match="built for 65 tokens per image, the input gives 145"):
+    with pytest.raises(
+        ValueError, match=r"48x48 input gives 145; set model\.config\.image_size = 48"
+    ):
         model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
     vit = tokcomp.apply(tiny("hf_vit"), "tome", r=4)
     with pytest.raises(ValueError, match="attention_mask is not supported"):
@@ -420,6 +422,36 @@ def test_hf_refuses_what_compression_cannot_honour(images):
     masked = torch.zeros(2, 64, dtype=torch.bool)  # ViTModel's second argument
     with pytest.raises(ValueError, match="takes only pixel_values by position; pass its other"):
         vit(images, masked)
+
+
+HF_CASES = [case for case in sorted(CASES) if case.startswith("hf_")]
+
+
+def _at_any_size(case: str, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """CASES[case]'s output, position embeddings interpolated to the images' size."""
+    options = {} if "dinov2" in case else {"interpolate_pos_encoding": True}  # DINOv2 always does
+    forward = model.get_image_features if case in ("hf_clip", "hf_siglip") else model
+    return forward(pixel_values=images, **options).pooler_output
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+@torch.no_grad()
+def test_hf_compresses_at_the_config_image_size_not_the_built_one(case, images, monkeypatch):
+    native = find_adapter(tiny(case)).spec()  # built for the 32 px images
+    monkeypatch.setitem(_HF, "image_size", 48)  # built like facebook/dinov2 (518) fed 224 px
+    torch.manual_seed(0)
+    model = CASES[case].build().eval()
+    spread_weights(model)
+    expected = _at_any_size(case, model, images)
+    wrapped = case in ("hf_clip", "hf_siglip")
+    (model.vision_model if wrapped else model).config.image_size = 32
+    tokcomp.apply(model, "tome", **keep_all("tome", *_geometry(model)))
+    assert find_adapter(model).spec() == native
+    assert tokcomp.config_of(model).macs == model_macs(native)
+    torch.testing.assert_close(_at_any_size(case, model, images), expected, atol=1e-5, rtol=0)
+    config = r"model\.vision_model\.config" if wrapped else r"model\.config"
+    with pytest.raises(ValueError, match=config + r"\.image_size = 48 and apply tokcomp again"):
+        _at_any_size(case, model, torch.randn(1, 3, 48, 48))
 
 
 def test_unsupported_variants_are_named():

@@ -89,9 +89,12 @@ class _TowerClass(abc.ABC):
     def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
         """The patch-embedding convolution."""
 
-    @abc.abstractmethod
     def patches(self, tower: nn.Module) -> int:
-        """Patch tokens per image."""
+        """Patch tokens per image at the config's image_size (set it to the size fed: DINOv2
+        and interpolate_pos_encoding=True take any size, the embeddings keep the built one)."""
+        config = tower.config
+        sides = zip(_pair(config.image_size), _pair(config.patch_size), strict=True)
+        return math.prod(side // patch for side, patch in sides)
 
     def prefix(self, tower: nn.Module) -> int:
         """Tokens in front of the patches (class and register tokens), all protected."""
@@ -137,9 +140,6 @@ class _ClipTower(_TowerClass):
 
     def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
         return tower.embeddings.patch_embedding
-
-    def patches(self, tower: nn.Module) -> int:
-        return tower.embeddings.num_patches
 
     def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
         return tower.pre_layrnorm(tower.embeddings(pixel_values, **options))
@@ -199,9 +199,6 @@ class _VitTower(_TowerClass):
 
     def patch_conv(self, tower: nn.Module) -> nn.Conv2d:
         return tower.embeddings.patch_embeddings.projection
-
-    def patches(self, tower: nn.Module) -> int:
-        return tower.embeddings.patch_embeddings.num_patches
 
     def embed(self, tower: nn.Module, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
         pixel_values = pixel_values.to(self.patch_conv(tower).weight.dtype)
@@ -289,6 +286,7 @@ class HFVisionAdapter(Adapter):
         super().__init__(model)
         tower_name, head_name = _lookup(model, _WRAPPERS) or (None, None)
         self.tower = getattr(model, tower_name) if tower_name else model
+        self.tower_config = f"model.{tower_name}.config" if tower_name else "model.config"
         self.head = getattr(model, head_name) if head_name else None
         self.tower_class = _lookup(self.tower, _TOWERS)
 
@@ -397,6 +395,7 @@ class HFVisionAdapter(Adapter):
             raise ValueError("You have to specify pixel_values")
         tower, tower_class = self.tower, self.tower_class
         x = tower_class.embed(tower, pixel_values, **_embedding_options(tower, embed_options))
+        self._refuse_other_size(compression, pixel_values, x.shape[1])
         state = compression.start(x, tower_class.prefix(tower))
         hidden = [state] if collect else None
         for index, layer in enumerate(tower_class.layers(tower)):
@@ -405,6 +404,20 @@ class HFVisionAdapter(Adapter):
             if hidden is not None:
                 hidden.append(state)
         return state, hidden
+
+    def _refuse_other_size(
+        self, compression: Compression, pixel_values: torch.Tensor, tokens: int
+    ) -> None:
+        """Raise for an image size the schedule was not built for, naming how to rebuild it."""
+        if tokens == compression.spec.tokens:
+            return
+        height, width = pixel_values.shape[-2:]
+        size = height if height == width else (height, width)
+        raise ValueError(
+            f"this tokcomp schedule was built for {compression.spec.tokens} tokens per image "
+            f"(config.image_size), the {height}x{width} input gives {tokens}; set "
+            f"{self.tower_config}.image_size = {size} and apply tokcomp again"
+        )
 
 
 def _embedding_options(tower: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
@@ -470,6 +483,11 @@ def _select(
     asked = [wanted] if isinstance(wanted, int) else wanted
     indices = {i % count for i in asked if -count <= i < count}
     return tuple(h if i in indices else None for i, h in enumerate(hidden))
+
+
+def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """A config's image or patch size as (height, width)."""
+    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def _or_config(value: Any, config: Any, name: str) -> Any:
