@@ -5,6 +5,7 @@ Run with lmms-eval installed (make test-lmms); without it, only the refusal to r
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -169,6 +170,7 @@ def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkey
         assert row["headlines"] == ["easyvqa/vqa"]
         assert 0 <= row["easyvqa/vqa"] <= 100 and row["samples"] == 32
         assert row["ttft_ms"] >= row["prefill_ms"] > 0 and row["peak_memory_mb"] > 0
+        assert row["images_per_s"] == pytest.approx(row["samples"] / row["generate_s"])
         saved = json.loads((out / "lmms" / f"{row['key']}.json").read_text())
         assert saved["results"]["easyvqa"]["vqa,none"] == row["easyvqa/vqa"]
     assert (out / "results.png").stat().st_size > 0
@@ -176,6 +178,41 @@ def test_a_sweep_runs_lmms_eval_at_each_point_resumes_and_plots(tmp_path, monkey
     calls.clear()
     assert sweep_run(out, *options) == rows
     assert calls == []
+
+
+def _point(method: str, label: str, documents_per_s: float, tokens: float) -> dict:
+    """A saved row of `tokcomp eval lmms` (its figures made up)."""
+    return {
+        "method": method,
+        "label": label,
+        "headlines": ["easyvqa/vqa"],
+        "easyvqa/vqa": 90.0,
+        "gmacs": 1.0,
+        "macs_ratio": tokens / 64,
+        "selection_share": 0.0,
+        "images_per_s": documents_per_s,
+        "peak_memory_mb": 10.0,
+        "visual_tokens": tokens,
+        "prefill_ms": 1.0,
+        "ttft_ms": 2.0,
+        "tokens_per_s": 3.0,
+        "samples": 32,
+        "schedule": None,
+    }
+
+
+def test_the_table_s_throughput_column_counts_documents(tmp_path):
+    """A document holds any number of images (or none): the column is headed doc/s, not
+    img/s, and holds the rows' documents per second (the CSV's images_per_s)."""
+    from tokcomp.harness.lmms import write_report
+
+    rows = [_point("unpruned", "", 8.0, 64), _point("zoo", "keep=16", 20.0, 16)]
+    header, _, *lines = write_report(rows, tmp_path, "t").splitlines()
+    assert "doc/s" in header.split() and "img/s" not in header
+    column = header.index("doc/s") + len("doc/s")
+    assert [float(line[column - 10 : column]) for line in lines[:2]] == [8.0, 20.0]
+    saved = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [float(row["images_per_s"]) for row in saved] == [8.0, 20.0]
 
 
 @needs_lmms

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as hf
 from fixtures.vqa import (
     ROWS,
     VISUAL_TOKENS,
@@ -25,12 +26,15 @@ from fixtures.vqa import (
     write_jsonl,
     write_vqav2,
 )
+from tokenizers import Tokenizer, models
+from vlm_fixtures import IMAGE, IMAGE_BREAK, IMAGE_END, PAD, VOCAB, collate, sample, tiny_vlm
 
+import tokcomp
 from tokcomp.cli import main
 from tokcomp.harness import sweep
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.results import ResultStore
-from tokcomp.harness.vqa import VQATask, generated_lengths, keep_budget
+from tokcomp.harness.vqa import VQATask, generate, generated_lengths, keep_budget
 from tokcomp.harness.vqa_data import VQADataset, open_vqa, read_easy_vqa, read_jsonl, read_vqav2
 from tokcomp.harness.vqa_metric import CONTRACTIONS, normalize_answer, vqa_accuracy
 
@@ -242,6 +246,46 @@ def test_budgets_are_fractions_of_the_visual_tokens():
 def test_generated_lengths_stop_at_the_first_end_token():
     new = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0], [5, 2, 5, 2]])
     assert generated_lengths(new, [2]).tolist() == [2, 4, 1, 2]
+
+
+def _processor(family: str) -> object:
+    """A processor of `family` on the fixtures' vocabulary (token i is "t<i>"): Mistral 3's
+    Pixtral processor (it names the image-break and image-end tokens), else LLaVA-NeXT's."""
+    names = {IMAGE: "[IMG]", IMAGE_BREAK: "[IMG_BREAK]", IMAGE_END: "[IMG_END]", PAD: "<pad>"}
+    vocab = {names.get(i, f"t{i}"): i for i in range(VOCAB)}
+    tokenizer = hf.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")), pad_token="<pad>"
+    )
+    if family == "mistral3":
+        images = hf.PixtralImageProcessor()
+        return hf.PixtralProcessor(images, tokenizer, patch_size=8, spatial_merge_size=2)
+    return hf.LlavaNextProcessor(hf.LlavaNextImageProcessor(), tokenizer, image_token="[IMG]")
+
+
+@pytest.mark.parametrize("family", ["mistral3", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("method", [None, "divprune", "zoo"])
+@torch.no_grad()
+def test_visual_tokens_are_those_of_the_images_in_the_language_model_s_input(family, method):
+    """Per sample, the "vis tok" figure is the language model's input less the prompt's text
+    (Mistral 3's image-break and image-end tokens are the image's, as the schedule counts them;
+    LLaVA-NeXT/OneVision's image-newline tokens are placeholders), unpruned and pruned."""
+    model, processor = tiny_vlm(family), _processor(family)
+    if method:
+        tokcomp.apply(model, method, keep=0.5)
+    image_tokens = torch.tensor([IMAGE, IMAGE_BREAK, IMAGE_END])
+    lengths = []
+    first_layer = model.get_decoder().layers[0]
+    hook = first_layer.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append((args or [kwargs["hidden_states"]])[0].shape[1]),
+        with_kwargs=True,
+    )
+    for seed in range(3):
+        one = sample(model, family, 2, 3, seed)
+        lengths.clear()
+        kept = generate(model, processor, collate(family, [one]), CPU, 1).visual_tokens
+        text = int((~torch.isin(one.input_ids, image_tokens)).sum())
+        assert kept == lengths[0] - text, seed
+    hook.remove()
 
 
 # -- sweeps on a tiny random LLaVA ------------------------------------------------------------

@@ -6,7 +6,8 @@ method, its options, the visual tokens per image the language model kept, MACs p
 (the method's own work included) and the timings of `tokcomp eval vqa`. Rows are saved as
 points finish (a rerun resumes; rows of other inputs are refused), with each point's
 lmms-eval results file in lmms/, and plotted: each task's first metric against visual tokens
-and time to first token. Throughput (images/s, speed-up) counts the documents over the time
+and time to first token. The table's throughput column, doc/s (`images_per_s` in the CSV),
+and its speed-up count the documents (each with any number of images, or none) over the time
 the model spent generating (lmms-eval's own work excluded; `seconds`: the whole run).
 
 Needs lmms-eval (`pip install 'tokcomp[lmms]'`; `make lmms` builds .venv-lmms). Tasks whose
@@ -54,6 +55,8 @@ DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "eval" / "lmms_tasks"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Where a task's metrics come from in lmms-eval's results: 'metric,filter' keys.
 _STDERR = "_stderr"
+#: The header of the throughput column: lmms-eval documents answered (any number of images).
+RATE = "doc/s"
 
 
 def lmms_eval_version() -> str:
@@ -315,7 +318,7 @@ def write_report(rows: list[dict[str, Any]], output: Path, title: str) -> str:
     """The table (every task's headline metric), CSV and plots: results.png for the first
     task's headline, results.<task>.png for each other task's."""
     metrics = rows[0]["headlines"]
-    table = report(rows, metrics, output, title, COLUMNS, AXES, unit=None)
+    table = report(rows, metrics, output, title, COLUMNS, AXES, unit=None, rate=RATE)
     for metric in metrics[1:]:
         path = output / f"results.{metric.split('/')[0]}.png"
         plot_sweep(rows, metric, path, title, AXES, unit=None)

@@ -44,7 +44,7 @@ from tokcomp.harness.vqa import (
     generate,
     load_vlm,
     on_device,
-    placeholder_ids,
+    visual_token_ids,
     visual_tokens_kept,
 )
 from tokcomp.harness.vqa_prompt import encode
@@ -232,7 +232,8 @@ class HFVLM(lmms):
         predicted = output.logits[0, -length - 1 : -1].float().log_softmax(-1)
         target = inputs["input_ids"][0, -length:]
         chosen = predicted.gather(-1, target[:, None]).sum()
-        kept = visual_tokens_kept(output.cache, inputs["input_ids"], placeholder_ids(self.model))
+        visual_ids = visual_token_ids(self.model, self.processor)
+        kept = visual_tokens_kept(output.cache, inputs["input_ids"], visual_ids)
         tally = Tally(
             requests=1,
             images=len(images[0]),

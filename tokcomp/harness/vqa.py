@@ -27,6 +27,10 @@ projector, token selection and prefill); tokens/s = tokens decoded after the fir
 the time from the first token to the end of generate() (0 when none followed). The table's
 throughput column, q/s (`images_per_s` in the CSV), is questions answered per second: the
 first batch's questions (one image or video each) over its median whole generate() call.
+Visual tokens ("vis tok") are those of the image or video in the language model's input, as
+the schedule and MACs count them: its placeholders less those tokcomp pruned (LLaVA-NeXT's and
+LLaVA-OneVision's image-newline tokens are placeholders, always kept), plus Mistral 3's
+image-break and image-end tokens (text tokens of the prompt, always kept).
 """
 
 from __future__ import annotations
@@ -117,18 +121,22 @@ class Generation:
     decode_tokens: int
 
 
-def visual_tokens_kept(cache: object, input_ids: torch.Tensor, placeholder_ids: list[int]) -> int:
+def visual_tokens_kept(cache: object, input_ids: torch.Tensor, visual_ids: list[int]) -> int:
     """Visual tokens of the whole batch that the language model holds after the prefill: the
-    image and video placeholders (`placeholder_ids`), less the prompt tokens tokcomp pruned (its
-    record on the generation's cache; FastV: the layers after K)."""
-    ids = torch.tensor(placeholder_ids, device=input_ids.device)
-    placeholders = int(torch.isin(input_ids, ids).sum())
+    prompt's tokens of `visual_ids` (`visual_token_ids`), less those tokcomp pruned (its record
+    on the generation's cache; FastV: the layers after K)."""
+    ids = torch.tensor(visual_ids, device=input_ids.device)
+    visual = int(torch.isin(input_ids, ids).sum())
     dropped = visual_tokens_dropped(cache)
-    return placeholders if dropped is None else placeholders - int(dropped.sum())
+    return visual if dropped is None else visual - int(dropped.sum())
 
 
 #: Budget options that are the share of the visual tokens kept (what --budgets gives).
 KEPT_FRACTIONS = ("keep", "keep_ratio")
+
+#: The processor attributes naming an image's text tokens (not placeholders, so always kept)
+#: that the schedule counts as visual: Mistral 3's image-break and image-end tokens.
+TEXT_VISUAL = ("image_break_token_id", "image_end_token_id")
 
 #: Greedy decoding, the harness's generation.
 GREEDY = {"do_sample": False, "num_beams": 1}
@@ -173,7 +181,9 @@ def generate(
     lengths = generated_lengths(new, _eos_ids(model, tokenizer))
     return Generation(
         answers=processor.batch_decode(new, skip_special_tokens=True),
-        visual_tokens=visual_tokens_kept(out.cache, inputs["input_ids"], placeholder_ids(model)),
+        visual_tokens=visual_tokens_kept(
+            out.cache, inputs["input_ids"], visual_token_ids(model, processor)
+        ),
         prefill_s=prefill.seconds,
         ttft_s=first.at - start,
         decode_s=end - first.at,
@@ -181,10 +191,12 @@ def generate(
     )
 
 
-def placeholder_ids(model: nn.Module) -> list[int]:
-    """The token ids of `model`'s image and video placeholders (those it has)."""
+def visual_token_ids(model: nn.Module, processor: Any) -> list[int]:
+    """The token ids of the visual tokens in prompts `processor` encodes for `model`: its image
+    and video placeholders and the image's text tokens of `TEXT_VISUAL` (those it has)."""
     config = model.config
-    found = (getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+    found = [getattr(config, name, None) for name in ("image_token_id", "video_token_id")]
+    found += [getattr(processor, name, None) for name in TEXT_VISUAL]
     return [token for token in found if token is not None]
 
 
