@@ -16,6 +16,7 @@ import tokcomp
 from tokcomp import cli
 from tokcomp.bench import Variant
 from tokcomp.harness import video_shapes
+from tokcomp.methods import registry
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -109,6 +110,8 @@ def test_the_docs_show_commands_of_every_kind():
 
 @pytest.mark.parametrize(("where", "command"), COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_a_documented_command_parses_and_names_what_exists(where, command, monkeypatch, capsys):
+    # eval scripts that register a study method on import keep it out of other tests' registry
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda commands
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     try:

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_vit
 
 import tokcomp
-from tokcomp.methods import create_method, method_class, method_names
+from tokcomp.methods import BlockMethod, create_method, method_class, method_names
 
 #: Per type hint, what a refusal says the option takes, and values a user might pass that the
 #: hint does not take.
@@ -145,3 +145,22 @@ def test_the_decoder_layer_option_is_named_when_refused(method):
 def test_zoo_refuses_an_infinite_step():
     with pytest.raises(ValueError, match="zoo: step must be a finite number > 0, got inf"):
         create_method("zoo", step=float("inf"))
+
+
+@dataclasses.dataclass
+class _Weighted(BlockMethod):
+    """A user's method whose options are a tensor and a callable (not registered)."""
+
+    name: typing.ClassVar[str] = "weighted_for_test"
+    weights: torch.Tensor = dataclasses.field(default_factory=lambda: torch.ones(3))
+    score: typing.Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid
+    keep_ratio: float = 0.5
+
+
+def test_a_tensor_or_callable_option_is_kept_as_given_and_numbers_are_still_plain():
+    weights = torch.tensor([0.2, 0.3, 0.5])
+    method = _Weighted(weights=weights, score=torch.tanh, keep_ratio=np.float32(0.25))
+    assert method.weights is weights and method.score is torch.tanh
+    assert type(method.keep_ratio) is float and method.keep_ratio == 0.25
+    with pytest.raises(ValueError, match="weights takes Tensor"):
+        _Weighted(weights=[0.2, 0.3])

@@ -91,10 +91,12 @@ class Method:
 
     def _make_options_plain(self) -> None:
         """Hold every option as a plain value (plain_value) of a type it takes; refuse a value
-        of another type, naming the option."""
+        of another type, naming the option. A value its option takes as it is (a tensor or a
+        callable where the option is one) is kept."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            plain = plain_value(value)
+            taken = option_takes(type(self), field.name, value) is None
+            plain = value if taken and not _stands_for_plain(value) else plain_value(value)
             takes = option_takes(type(self), field.name, plain)
             if takes is not None:
                 raise ValueError(
@@ -186,6 +188,14 @@ def plain_value(value: Any) -> Any:
     return value
 
 
+def _stands_for_plain(value: Any) -> bool:
+    """Whether `value` holds numpy numbers or arrays, tuples, ranges or paths (in a list too),
+    which options hold as the Python numbers, lists and text they stand for."""
+    if isinstance(value, list):
+        return any(_stands_for_plain(item) for item in value)
+    return isinstance(value, np.generic | np.ndarray | tuple | range | os.PathLike)
+
+
 def option_takes(method: type[Method], option: str, value: Any) -> str | None:
     """None if option `option` of `method` takes the plain `value`'s type (an int where it
     takes a float; never a bool where it takes a number); else the types it takes."""
@@ -212,6 +222,10 @@ def _admits(hint: Any, value: Any) -> bool:
         return any(_admits(arg, value) for arg in get_args(hint))
     if get_origin(hint) is list:
         return isinstance(value, list) and all(_admits(get_args(hint)[0], v) for v in value)
+    if get_origin(hint) is not None:  # another generic (Callable[...], dict[...]): its class
+        return isinstance(value, get_origin(hint))
+    if not isinstance(hint, type):
+        return True
     if hint in (int, float) and isinstance(value, bool):
         return False
     return isinstance(value, int | float) if hint is float else isinstance(value, hint)
@@ -222,4 +236,4 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(arg) for arg in get_args(hint))
     if get_origin(hint) is list:
         return f"list of {_type_name(get_args(hint)[0])}"
-    return "none" if hint is type(None) else hint.__name__
+    return "none" if hint is type(None) else getattr(hint, "__name__", str(hint))
