@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from fixtures.imagenet import save_pth, save_safetensors, write_images
+from tqdm import tqdm
 from vlm_fixtures import tiny_vlm
 
 import tokcomp
@@ -271,6 +273,19 @@ def test_bench_refuses_to_overwrite_its_json_without_force(tmp_path, monkeypatch
     monkeypatch.setattr(cli, "benchmark", real_benchmark)
     assert main([*argv, "--force"]) == 0
     assert [row["label"] for row in json.loads(path.read_text())["rows"]] == ["unpruned"]
+
+
+def test_an_error_s_line_starts_after_a_progress_bar_left_open(monkeypatch, capsys):
+    """Ctrl-C can land while a bar is being made, before any `with` around it closes it."""
+    open_bars = []
+
+    def interrupted(*_):
+        open_bars.append(tqdm(range(3), "[2/7] tome", file=sys.stderr))  # drawn, not closed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "benchmark", interrupted)
+    assert main(["bench", "--model", "test_vit", "--warmup", "0", "--repeats", "1"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "tokcomp bench: interrupted"
 
 
 @pytest.mark.parametrize(

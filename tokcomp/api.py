@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import warnings
 from pathlib import Path
@@ -77,7 +78,12 @@ def _own_copy(method: Method) -> Method:
     """The patch's own copy of a Method object (its option lists too), so that changing the
     object afterwards does not change what the patched model runs; modules it holds (the
     DiffRate search's rates) stay shared."""
-    return dataclasses.replace(method)
+    lists = {
+        field.name: copy.deepcopy(value)
+        for field in dataclasses.fields(method)
+        if isinstance(value := getattr(method, field.name), list)
+    }
+    return dataclasses.replace(method, **lists)
 
 
 def _merges_frames(method: Method) -> bool:

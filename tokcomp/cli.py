@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from tqdm import tqdm
 
 from tokcomp import api, ops
 from tokcomp.bench import BenchSettings, benchmark, format_table, parse_variant, rows_to_json
@@ -220,9 +222,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _exit_code(err)
         if args.debug or code is None:
             raise
+        _end_progress_bars()
         print(f"{_command(args)}: {_one_line(err)}", file=sys.stderr)
         return code
     return 0
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, ending their lines, so that its message
+    starts a line of its own (Ctrl-C can land while a bar is being made, before any `with`
+    around it closes it)."""
+    for bar in list(tqdm._instances):
+        with contextlib.suppress(AttributeError):  # cut off before its fields were set
+            bar.close()
 
 
 #: Errors raised by checks on what was asked (library code raises these for bad options,
