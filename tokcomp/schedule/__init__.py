@@ -1,7 +1,7 @@
 """Schedules and MACs in one place: the model shapes adapters describe (spec), the analytic
 MACs model (macs) and the resolution of every method's budget on every model (resolve)."""
 
-from tokcomp.schedule.macs import block_macs, model_macs, selection_macs
+from tokcomp.schedule.macs import block_macs, head_macs_at, model_macs, selection_macs
 from tokcomp.schedule.resolve import (
     check_schedule,
     resolve,
@@ -16,6 +16,7 @@ __all__ = [
     "VLMSpec",
     "block_macs",
     "check_schedule",
+    "head_macs_at",
     "model_macs",
     "resolve",
     "resolve_with_tower",

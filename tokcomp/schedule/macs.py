@@ -20,6 +20,12 @@ def block_macs(spec: ModelSpec, tokens_in: int, tokens_out: int) -> int:
     return projections + attention + mlp
 
 
+def head_macs_at(spec: ModelSpec, pooled: int | torch.Tensor) -> int | torch.Tensor:
+    """MACs of the encoder's head pooling over `pooled` tokens (an int, or a tensor for the
+    DiffRate search's differentiable count): an attention pool pays per token that reaches it."""
+    return spec.head_macs - spec.head_token_macs * (spec.tokens - pooled)
+
+
 def encoder_macs(
     spec: ModelSpec, schedule: list[int] | None = None, pooled: int | None = None
 ) -> int:
@@ -27,8 +33,7 @@ def encoder_macs(
     pooling over the tokens the last block leaves (`pooled`: over that many instead)."""
     schedule = schedule if schedule is not None else [spec.tokens] * spec.depth
     pooled = schedule[-1] if pooled is None else pooled
-    head = spec.head_macs - spec.head_token_macs * (spec.tokens - pooled)
-    total, tokens = spec.stem_macs + head, spec.tokens
+    total, tokens = spec.stem_macs + head_macs_at(spec, pooled), spec.tokens
     for keep in schedule:
         total += block_macs(spec, tokens, keep)
         tokens = keep

@@ -28,7 +28,7 @@ from tokcomp.harness.data import describe
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.methods.diffrate import DiffRate
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch, min_ste
-from tokcomp.schedule import ModelSpec, block_macs, model_macs, selection_macs
+from tokcomp.schedule import ModelSpec, block_macs, head_macs_at, model_macs, selection_macs
 from tokcomp.search.common import (
     add_model_and_data_arguments,
     model_and_training_images,
@@ -114,12 +114,12 @@ def expected_macs(spec: ModelSpec, rates: DiffRateRates) -> torch.Tensor:
     min_STE(count, prune_kept, merge_kept), MLP at the new count; plus stem and head (an
     attention-pooling head's per-token part at the last block's count, as `encoder_macs`)."""
     tokens = rates.prune[0].candidates.new_tensor(float(spec.tokens))
-    total = tokens.new_tensor(float(spec.stem_macs + spec.head_macs))
+    total = tokens.new_tensor(float(spec.stem_macs))
     for index in range(spec.depth):
         reduced = min_ste(tokens, *rates.kept(index))
         total = total + block_macs(spec, tokens, reduced)
         tokens = reduced
-    return total - spec.head_token_macs * (spec.tokens - tokens)
+    return total + head_macs_at(spec, tokens)
 
 
 def search_diffrate(
