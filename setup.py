@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import runpy
 import shutil
 import sysconfig
 
@@ -150,6 +151,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[],
     extras_require={
+        # tokcomp[timm], tokcomp[open_clip], tokcomp[transformers]: the oldest supported releases
+        **runpy.run_path(os.path.join(ROOT, "tokcomp", "adapters", "libraries.py"))["extras"](),
         "cupy": ["cupy-cuda13x==14.2.0"],
         # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed
         "lmms": ["lmms-eval==0.7.3", "filelock<4"],

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import tiny_vit
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 import tokcomp
@@ -282,6 +283,26 @@ def test_timm_pool_of_merged_tokens_weighs_them_by_size(images):
     torch.testing.assert_close(model.pool(features, pool_type=""), features, atol=0, rtol=0)
     with pytest.raises(UsageError, match=r"call model\(x\), or pool tokcomp.forward_tokens"):
         model.pool(features.clone())
+
+
+@torch.no_grad()
+def test_timm_models_without_pool_get_none(images, monkeypatch):
+    """timm before 1.0.7 has no VisionTransformer.pool: tokcomp adds none."""
+    monkeypatch.delattr(VisionTransformer, "pool", raising=False)
+    model = tokcomp.apply(tiny_vit("gap"), "tome", r=6)
+    assert not hasattr(model, "pool")
+    model(images)
+    assert not hasattr(tokcomp.remove(model), "pool")
+
+
+@torch.no_grad()
+def test_timm_models_without_pool_include_prefix_pool_without_the_prefix(images):
+    """timm before 1.0.16 has no pool_include_prefix and leaves the prefix tokens out."""
+    model = tiny_vit("registers_gap")
+    expected = model(images)
+    model.__dict__.pop("pool_include_prefix", None)
+    tokcomp.apply(model, "tome", r=0)
+    torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=0)
 
 
 def test_timm_average_pool_of_tokens_without_sizes_is_refused(images):

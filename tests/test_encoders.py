@@ -465,6 +465,15 @@ def test_unsupported_variants_are_named():
         visual(torch.randn(1, 3, 32, 32))
 
 
+def test_open_clip_towers_without_embeds_are_compressed_exactly(images, monkeypatch):
+    """open_clip before 2.32 has no VisionTransformer._embeds: tokcomp embeds the patches."""
+    visual = _open_clip_vit(pool_type="avg")
+    expected = visual(images)
+    monkeypatch.delattr(VisionTransformer, "_embeds", raising=False)
+    tokcomp.apply(visual, "tome", **keep_all("tome", *_geometry(visual)))
+    torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=0)
+
+
 def test_image_towers_are_recognised_on_their_own():
     assert find_adapter(tiny("open_clip_clip").visual).name == "open_clip"
     assert find_adapter(tiny("hf_clip").vision_model).name == "hf_vision"

@@ -7,6 +7,7 @@ from torch import nn
 from tokcomp.adapters.base import Adapter, Compression, Patch, UnsupportedModelError
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm import HFVLMAdapter
+from tokcomp.adapters.libraries import require_library_of
 from tokcomp.adapters.open_clip import OpenClipAdapter
 from tokcomp.adapters.timm import TimmViTAdapter
 
@@ -16,8 +17,10 @@ ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapte
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for `model`; UnsupportedModelError listing what is supported otherwise."""
     _refuse_wrappers(model)
+    require_library_of(type(model).__module__)
     for adapter in ADAPTERS:
         if adapter.recognises(model):
+            adapter.library.require()
             return adapter(model)
     supported = "; ".join(adapter.supported for adapter in ADAPTERS)
     raise UnsupportedModelError(

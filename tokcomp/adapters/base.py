@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from tokcomp.adapters.libraries import Library
 from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, BlockPosition, Method, Signal, Signals, TokenState
 from tokcomp.schedule import ModelSpec
@@ -265,6 +266,8 @@ class Adapter(abc.ABC):
     attention: ClassVar[AttentionStyle]
     #: What this family's adapter supports, for error messages.
     supported: ClassVar[str]
+    #: The library its models come from, with the oldest release the adapter works with.
+    library: ClassVar[Library]
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -28,6 +28,7 @@ from tokcomp.adapters.base import (
     mlp_hidden,
     split_heads,
 )
+from tokcomp.adapters.libraries import HF_VISION
 from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
@@ -276,6 +277,7 @@ class HFVisionAdapter(Adapter):
 
     name = "hf_vision"
     attention = AttentionStyle.SEPARATE_QKV
+    library = HF_VISION
     supported = (
         "Hugging Face CLIPVisionModel, CLIPVisionModelWithProjection and CLIPModel, "
         "SiglipVisionModel and SiglipModel, ViTModel and ViTForImageClassification, Dinov2Model "

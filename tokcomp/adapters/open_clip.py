@@ -26,6 +26,7 @@ from tokcomp.adapters.base import (
     size_weighted_mean,
     split_heads,
 )
+from tokcomp.adapters.libraries import OPEN_CLIP
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 
@@ -38,6 +39,7 @@ class OpenClipAdapter(Adapter):
 
     name = "open_clip"
     attention = AttentionStyle.MULTIHEAD
+    library = OPEN_CLIP
     supported = (
         "open_clip VisionTransformer image towers built from ResidualAttentionBlock ('tok', "
         "'avg' or attention pooling, LayerScale), alone or in a CLIP, CustomTextCLIP or CoCa model"
@@ -132,10 +134,21 @@ class OpenClipAdapter(Adapter):
         """The tokens after the last block (before ln_post)."""
         visual = self.visual
         _check_no_patch_dropout(visual)
-        state = compression.start(visual._embeds(x), _CLASS_TOKENS)
+        state = compression.start(_embeds(visual, x), _CLASS_TOKENS)
         for index, block in enumerate(visual.transformer.resblocks):
             state = compressed_block(_block_parts(block), index, state, compression)
         return state
+
+
+def _embeds(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block: VisionTransformer._embeds, or for open_clip before
+    2.32, which has none, the same steps its forward runs inline."""
+    if hasattr(type(visual), "_embeds"):
+        return visual._embeds(x)
+    x = visual.conv1(x).flatten(2).transpose(1, 2)
+    class_token = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([class_token, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    return visual.ln_pre(visual.patch_dropout(x))
 
 
 def _block_parts(block: nn.Module) -> BlockParts:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+
+# vision_transformer imports Attention from timm.layers (timm 1.0.16+) or defines it (older)
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from tokcomp.adapters.base import (
@@ -21,6 +22,7 @@ from tokcomp.adapters.base import (
     mlp_hidden,
     size_weighted_mean,
 )
+from tokcomp.adapters.libraries import TIMM
 from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
@@ -38,6 +40,7 @@ class TimmViTAdapter(Adapter):
 
     name = "timm"
     attention = AttentionStyle.FUSED_QKV
+    library = TIMM
     supported = (
         "timm VisionTransformer models built from timm's Block and Attention (ViT, AugReg, "
         "DeiT and distilled DeiT, DeiT-III, register tokens), with 'token', 'avg' or no pooling"
@@ -89,7 +92,7 @@ class TimmViTAdapter(Adapter):
             (self.model, "forward", "forward"),
             (self.model, "forward_features", "forward_features"),
             (self.model, "forward_head", "forward_head_of_features"),
-            (self.model, "pool", "pool_of_features"),
+            *_pool_override(self.model),
             *intermediates(self.model, ("forward_intermediates", "get_intermediate_layers")),
         ]
 
@@ -148,10 +151,17 @@ class TimmViTAdapter(Adapter):
     ) -> torch.Tensor:
         """timm's 'avg' or 'avgmax' pool of tokens `x`, the mean weighted by `weights`."""
         model = self.model
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        # timm before 1.0.16 has no pool_include_prefix and always leaves the prefix out
+        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
         x = x[:, start:]
         mean = size_weighted_mean(x, None if weights is None else weights[:, start:])
         return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
+
+
+def _pool_override(model: VisionTransformer) -> list[tuple[nn.Module, str, str]]:
+    """The override of timm's pool where the model has one (timm 1.0.7+), none where not."""
+    # the class, not the instance: a previous patch may still shadow pool on the instance
+    return [(model, "pool", "pool_of_features")] if hasattr(type(model), "pool") else []
 
 
 def _pool_weights_of(features: torch.Tensor, tokens: int) -> torch.Tensor | None:

@@ -38,6 +38,7 @@ from tokcomp.adapters.hf_vlm.generation import (
 )
 from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
+from tokcomp.adapters.libraries import HF_VLM
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import VLMSpec
@@ -49,6 +50,7 @@ class HFVLMAdapter(Adapter):
 
     name = ADAPTER_NAME
     attention = AttentionStyle.SEPARATE_QKV
+    library = HF_VLM
     supported = "Hugging Face VLMs " + ", ".join(handled_classes())
 
     def __init__(self, model: nn.Module) -> None:
