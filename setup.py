@@ -136,6 +136,9 @@ def _extensions() -> tuple[list, dict]:
 
 
 _locate_cuda_home()
+#: tokcomp/libraries.py's names: the oldest supported releases, written once there.
+LIBRARIES = runpy.run_path(os.path.join(ROOT, "tokcomp", "libraries.py"))
+
 ext_modules, cmdclass = _extensions() if os.environ.get("TOKCOMP_EXTENSION") != "0" else ([], {})
 
 setup(
@@ -149,10 +152,10 @@ setup(
     package_dir={KERNEL_PACKAGE: os.path.join(CSRC, "cuda")},
     package_data={KERNEL_PACKAGE: ["*.cuh"]},
     python_requires=">=3.10",
-    install_requires=[],
+    install_requires=[f"torch>={LIBRARIES['TORCH'].minimum}"],
     extras_require={
         # tokcomp[timm], tokcomp[open_clip], tokcomp[transformers]: the oldest supported releases
-        **runpy.run_path(os.path.join(ROOT, "tokcomp", "adapters", "libraries.py"))["extras"](),
+        **LIBRARIES["extras"](),
         "cupy": ["cupy-cuda13x==14.2.0"],
         # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed
         "lmms": ["lmms-eval==0.7.3", "filelock<4"],

@@ -146,3 +146,12 @@ def test_bfloat16_autocast_compiles_through_the_compiled_ops(method, images, no_
         want = eager_output(model, images)
     assert want.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", FIXED)
+def test_the_signals_a_block_checks_while_traced_are_a_tuple_built_before(method):
+    """dynamo before torch 2.10 cannot trace `in` on a method's frozenset of signals: the
+    compression hands the blocks a tuple of them, built when it is made."""
+    compression = patched(tiny_vit(), method)._tokcomp.compression
+    assert isinstance(compression.needs, tuple)
+    assert set(compression.needs) == set(compression.method.needs)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_vit
@@ -9,16 +13,20 @@ from test_encoders import tiny
 from vlm_fixtures import tiny_vlm
 
 import tokcomp
-from tokcomp.adapters import UnsupportedModelError, libraries
-from tokcomp.adapters.libraries import (
+from tokcomp import libraries
+from tokcomp.adapters import UnsupportedModelError
+from tokcomp.libraries import (
     HF_VISION,
     HF_VLM,
     LIBRARIES,
     OPEN_CLIP,
     TIMM,
+    TORCH,
     extras,
     release,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pretend_installed(monkeypatch, release_: str) -> None:
@@ -102,3 +110,33 @@ def test_each_extra_asks_for_the_highest_minimum_of_its_library():
         assert release(minimum) >= release(library.minimum)
         same = [other.minimum for other in LIBRARIES if other.module == library.module]
         assert minimum in same
+
+
+def test_import_refuses_a_torch_older_than_supported():
+    """`import tokcomp` under a torch that pip records as older: one line naming the upgrade."""
+    older = _older(TORCH)
+    program = (
+        "from importlib import metadata\n"
+        "real = metadata.version\n"
+        f"metadata.version = lambda name: {older!r} if name == 'torch' else real(name)\n"
+        "import tokcomp\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    assert ran.returncode == 1
+    last = ran.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"ImportError: tokcomp needs torch>={TORCH.minimum} for {TORCH.serves} (found {older}): "
+        f"pip install -U 'torch>={TORCH.minimum}'"
+    )
+
+
+def test_the_installed_torch_is_supported():
+    assert TORCH.too_old() is None
+    assert release(torch.__version__) >= release(TORCH.minimum)
+
+
+def test_torch_is_no_extra():
+    assert TORCH not in LIBRARIES
+    assert "torch" not in extras()

@@ -4,6 +4,12 @@
 >>> model = tokcomp.apply(timm.create_model("deit_small_patch16_224"), "tome", r=13)
 """
 
+from tokcomp.libraries import TORCH
+
+# before the imports that an older torch would break with a less clear error
+if message := TORCH.too_old():
+    raise ImportError(message)
+
 from tokcomp.adapters import UnsupportedModelError
 from tokcomp.adapters.hf_vlm import visual_tokens_dropped
 from tokcomp.api import (

@@ -7,9 +7,9 @@ from torch import nn
 from tokcomp.adapters.base import Adapter, Compression, Patch, UnsupportedModelError
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm import HFVLMAdapter
-from tokcomp.adapters.libraries import require_library_of
 from tokcomp.adapters.open_clip import OpenClipAdapter
 from tokcomp.adapters.timm import TimmViTAdapter
+from tokcomp.libraries import library_too_old_for
 
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapter, HFVLMAdapter]
 
@@ -17,16 +17,22 @@ ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, OpenClipAdapter, HFVisionAdapte
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for `model`; UnsupportedModelError listing what is supported otherwise."""
     _refuse_wrappers(model)
-    require_library_of(type(model).__module__)
+    _refuse_too_old(library_too_old_for(type(model).__module__))
     for adapter in ADAPTERS:
         if adapter.recognises(model):
-            adapter.library.require()
+            _refuse_too_old(adapter.library.too_old())
             return adapter(model)
     supported = "; ".join(adapter.supported for adapter in ADAPTERS)
     raise UnsupportedModelError(
         f"tokcomp cannot patch a {type(model).__module__}.{type(model).__name__}; "
         f"supported: {supported}"
     )
+
+
+def _refuse_too_old(message: str | None) -> None:
+    """Raise `message` (a library release too old for the model's adapter), if there is one."""
+    if message is not None:
+        raise UnsupportedModelError(message)
 
 
 def _refuse_wrappers(model: nn.Module) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,9 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from tokcomp.adapters.libraries import Library
 from tokcomp.errors import UsageError
-from tokcomp.methods import AttentionStyle, BlockPosition, Method, Signal, Signals, TokenState
+from tokcomp.libraries import Library
+from tokcomp.methods import (
+    AttentionStyle,
+    BlockMethod,
+    BlockPosition,
+    Method,
+    Signal,
+    Signals,
+    TokenState,
+)
 from tokcomp.schedule import ModelSpec
 
 
@@ -40,6 +48,13 @@ class Compression:
     spec: ModelSpec
     unmerge: bool = False
     tower: Compression | None = None
+    needs: tuple[Signal, ...] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a tuple taken outside tracing: dynamo before torch 2.10 cannot trace `in` on a
+        # frozenset of enums that it did not build itself (a block method's `needs`)
+        needs = self.method.needs if isinstance(self.method, BlockMethod) else ()
+        object.__setattr__(self, "needs", tuple(needs))
 
     def start(self, x: torch.Tensor, protected: int) -> TokenState:
         """The state entering block 0 for embedded tokens `x`."""
@@ -69,7 +84,7 @@ class Compression:
         proportional attention and the search mask where they apply, plus the signals the
         method needs at this block (and only where it reduces)."""
         keep = self.schedule[index]
-        needs = self.method.needs if self.method.acts(keep, state.tokens) else frozenset()
+        needs = self.needs if self.method.acts(keep, state.tokens) else ()
         bias = state.log_size_bias() if self.method.prop_attn else None
         return attend(q, k, v, scale, bias, needs, dropout, state.mask, self.spec.class_token)
 
@@ -131,7 +146,7 @@ def attend(
     v: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
-    needs: frozenset[Signal] = frozenset(),
+    needs: Collection[Signal] = (),
     dropout: float = 0.0,
     key_mask: torch.Tensor | None = None,
     class_token: bool = True,

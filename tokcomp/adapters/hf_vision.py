@@ -28,8 +28,8 @@ from tokcomp.adapters.base import (
     mlp_hidden,
     split_heads,
 )
-from tokcomp.adapters.libraries import HF_VISION
 from tokcomp.errors import UsageError
+from tokcomp.libraries import HF_VISION
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 

@@ -26,7 +26,7 @@ from tokcomp.adapters.base import (
     size_weighted_mean,
     split_heads,
 )
-from tokcomp.adapters.libraries import OPEN_CLIP
+from tokcomp.libraries import OPEN_CLIP
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 

@@ -22,8 +22,8 @@ from tokcomp.adapters.base import (
     mlp_hidden,
     size_weighted_mean,
 )
-from tokcomp.adapters.libraries import TIMM
 from tokcomp.errors import UsageError
+from tokcomp.libraries import TIMM
 from tokcomp.methods import AttentionStyle, TokenState
 from tokcomp.schedule import ModelSpec
 

@@ -38,7 +38,7 @@ from tokcomp.adapters.hf_vlm.generation import (
 )
 from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
-from tokcomp.adapters.libraries import HF_VLM
+from tokcomp.libraries import HF_VLM
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
 from tokcomp.methods.visual import VisualSignal
 from tokcomp.schedule import VLMSpec
