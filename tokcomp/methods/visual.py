@@ -407,15 +407,21 @@ class LLMStageMethod(VisualMethod):
         counts, start, sizes = [], 0, list(segments or [selectable])
         for stage, boundary in enumerate(self.checked_boundaries(llm_depth)):
             counts += [sum(sizes) + fixed] * (boundary - start)
-            start, sizes = boundary, self.cut_sizes(stage, selectable, llm_depth, sizes)
+            shares = self.stage_shares(stage, selectable, llm_depth, sizes)
+            start, sizes = boundary, self.cut_sizes(sizes, shares)
         return counts + [sum(sizes) + fixed] * (llm_depth - start)
 
-    def cut_sizes(self, stage: int, tokens: int, llm_depth: int, sizes: Sequence[int]) -> list[int]:
-        """Each segment's visual tokens after boundary `stage`, from its `sizes` before it, in
-        an image of `tokens` original ones: the stage's budget shared over the segments, each
-        cut (and, SparseVLM, recycled) on its own; a segment without a share keeps none."""
+    def stage_shares(
+        self, stage: int, tokens: int, llm_depth: int, sizes: Sequence[int]
+    ) -> list[int]:
+        """Each segment's share of boundary `stage`'s budget in an image of `tokens` original
+        visual tokens, over segments of `sizes` tokens before it (at most what they hold)."""
         kept = min(self.kept_at(stage, tokens, llm_depth), sum(sizes))
-        shares = budget_shares(sizes, kept)
+        return budget_shares(sizes, kept)
+
+    def cut_sizes(self, sizes: Sequence[int], shares: Sequence[int]) -> list[int]:
+        """Each segment's visual tokens after a cut keeping `shares` of its `sizes`, each cut
+        (and, SparseVLM, recycled) on its own; a segment without a share keeps none."""
         return [
             self.after_cut(share, size) if share else 0
             for share, size in zip(shares, sizes, strict=True)

@@ -121,19 +121,20 @@ def _choice_macs(spec: VLMSpec, method: VisualMethod) -> int:
     method: at each boundary, among the tokens the previous ones left)."""
     if method.stage is not Stage.LLM:
         kept = method.kept_of(spec.selectable, spec.frames)
-        return _segment_choice_macs(spec, method, spec.segments, kept)
+        return _segment_choice_macs(spec, method, spec.segments, budget_shares(spec.segments, kept))
     total, sizes = 0, list(spec.segments)
     for stage in range(len(method.checked_boundaries(spec.llm_depth))):
-        kept = min(method.kept_at(stage, spec.selectable, spec.llm_depth), sum(sizes))
-        total += _segment_choice_macs(spec, method, sizes, kept)
-        sizes = method.cut_sizes(stage, spec.selectable, spec.llm_depth, sizes)
+        shares = method.stage_shares(stage, spec.selectable, spec.llm_depth, sizes)
+        total += _segment_choice_macs(spec, method, sizes, shares)
+        sizes = method.cut_sizes(sizes, shares)
     return total
 
 
-def _segment_choice_macs(spec: VLMSpec, method: VisualMethod, sizes: list[int], kept: int) -> int:
-    """`kept` tokens chosen over segments of `sizes` tokens (a segment whose share is 0 is
+def _segment_choice_macs(
+    spec: VLMSpec, method: VisualMethod, sizes: list[int], shares: list[int]
+) -> int:
+    """`shares` tokens chosen in segments of `sizes` tokens (a segment whose share is 0 is
     not chosen in: it costs nothing)."""
-    shares = budget_shares(sizes, kept)
     return sum(
         method.select_macs(spec.segment_geometry(index), size, share)
         for index, (size, share) in enumerate(zip(sizes, shares, strict=True))
