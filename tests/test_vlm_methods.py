@@ -431,6 +431,23 @@ def test_cdpruner_clip_relevance_is_the_released_formula(clip_folders):
 
 
 @torch.no_grad()
+def test_cdpruner_keeps_a_clip_per_device_and_scoring_moves_none(clip_folders):
+    """Models on two devices in one process each get their own CLIP: scoring on one device
+    never moves the copy another device is using (the meta device stands for a GPU)."""
+    folder = clip_folders[0]["llava"]
+    on_meta, on_cpu = load_clip(folder, "meta")[0], load_clip(folder)[0]
+    visual = _clip_visual(
+        torch.randn(1, 16, 12),
+        torch.randn(1, 16, on_cpu.config.vision_config.hidden_size),
+        [[1, 30, 31]],
+    )
+    assert _clip_pruner(clip_folders).relevance(visual, visual.outputs).isfinite().all()
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    assert {p.device.type for p in on_cpu.parameters()} == {"cpu"}
+    assert load_clip(folder, torch.device("cpu"))[0] is on_cpu
+
+
+@torch.no_grad()
 def test_cdpruner_clip_picks_the_greedy_map_of_its_kernel_and_follows_the_text(clip_folders):
     generator = torch.Generator().manual_seed(4)
     method = _clip_pruner(clip_folders, keep=4)

@@ -60,13 +60,19 @@ def shifted_minmax(relevance: torch.Tensor) -> torch.Tensor:
     return (relevance - low + RELEVANCE_FLOOR) / (high - low)
 
 
+def load_clip(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+    """The CLIPModel (float32, eval, on `device`) and tokenizer saved in the folder `path`;
+    one copy per device, so that models on different devices never move a shared one."""
+    return _load_clip(path, torch.device(device))
+
+
 @functools.lru_cache(maxsize=2)
-def load_clip(path: str) -> tuple[nn.Module, Any]:
-    """The CLIPModel (float32, eval) and tokenizer saved in the folder `path`."""
+def _load_clip(path: str, device: torch.device) -> tuple[nn.Module, Any]:
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        return CLIPModel.from_pretrained(path).float().eval(), AutoTokenizer.from_pretrained(path)
+        clip = CLIPModel.from_pretrained(path).float().eval().to(device)
+        return clip, AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"cdpruner: text_encoder={path!r} is no CLIP checkpoint folder with its tokenizer "
@@ -125,8 +131,8 @@ def clip_relevance(
 ) -> torch.Tensor:
     """(B, N) the released relevance of feature-layer patches (B, N, C) to their samples'
     texts: minus the mean cosine between the patches through the tower's post-layernorm and
-    visual_projection and the texts' CLIP embeddings, min-max normalised per sample."""
-    clip.to(features.device)
+    visual_projection and the texts' CLIP embeddings, min-max normalised per sample (`clip`
+    on the features' device)."""
     image = clip.visual_projection(clip.vision_model.post_layernorm(features.float()))
     unit = F.normalize(image, dim=-1)
     directions = {text: mean_direction(text_embeds(clip, tokenizer, text)) for text in set(texts)}
@@ -207,7 +213,7 @@ class CDPruner(VisualMethod):
         """(B, N) each visual token's relevance to its sample's instruction."""
         if self.text_encoder is None:
             return instruction_relevance(unit, visual.text)
-        clip, tokenizer = load_clip(self.text_encoder)
+        clip, tokenizer = load_clip(self.text_encoder, visual.features.device)
         return clip_relevance(clip, tokenizer, visual.features, self.instructions(visual))
 
     def instructions(self, visual: VisualTokens) -> list[str]:
