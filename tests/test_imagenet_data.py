@@ -8,8 +8,11 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from fixtures.imagenet import foolbox_images, image_folder, synset_folder, write_images
+import timm
+import torch
+from fixtures.imagenet import IMAGENETTE, foolbox_images, image_folder, synset_folder, write_images
 
+from tokcomp.errors import UsageError
 from tokcomp.harness.data import (
     CorruptImageError,
     DataSource,
@@ -21,6 +24,7 @@ from tokcomp.harness.data import (
     open_dataset,
 )
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
+from tokcomp.harness.imagenet import ClassificationTask, model_dataset, topk_correct
 from tokcomp.harness.vqa_data import Question, VQADataset, open_vqa, read_easy_vqa
 
 
@@ -47,6 +51,56 @@ def test_foolbox_validation_images_get_their_labels(tmp_path):
     dataset = LabelledImageFolder(synset_folder(tmp_path))
     by_name = {path.name: label for path, label in images}
     assert {path.split("/")[-1]: label for path, label in dataset.samples} == by_name
+
+
+def test_synset_folders_of_a_model_trained_on_them_get_its_sorted_name_labels(tmp_path):
+    folder = str(write_images(tmp_path, dict.fromkeys(IMAGENETTE, 1), size=8))
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    dataset = model_dataset(folder, model)
+    assert dataset.class_to_idx == {name: i for i, name in enumerate(sorted(IMAGENETTE))}
+    assert dataset.targets == list(range(10))
+    assert describe(dataset).startswith("10 images, 10 classes (sorted names: ImageNet-1k")
+    task = ClassificationTask(dataset, 10, 0, torch.device("cpu"))
+    with torch.no_grad():
+        [(images, labels)] = task.batches()
+        hits = task.score(task.forward(model, images), labels)
+    assert set(hits) == {"top1", "top5"} and hits["top5"] >= hits["top1"]
+
+
+def test_synset_folders_keep_imagenet_indices_where_they_fit_the_models_outputs(tmp_path):
+    folder = str(write_images(tmp_path, dict.fromkeys(IMAGENETTE, 1), size=8))
+    standard = [imagenet_synsets().index(name) for name in sorted(IMAGENETTE)]
+    for outputs, expected in ((10, list(range(10))), (1000, standard), (0, standard)):
+        dataset = model_dataset(folder, timm.create_model("test_vit", num_classes=outputs))
+        assert dataset.targets == expected, outputs  # 0 outputs: no classifier to fit
+        assert dataset.uses_imagenet_indices == (expected == standard)
+
+
+def test_synset_folders_that_fit_neither_way_are_refused_in_one_line(tmp_path):
+    write_images(tmp_path, dict.fromkeys(IMAGENETTE[:3], 1), size=8)
+    model = timm.create_model("test_vit", num_classes=5)
+    with pytest.raises(UsageError) as refused:
+        model_dataset(str(tmp_path), model)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "3 ImageNet synset folders (ImageNet-1k indices up to 482)" in message
+    assert "the model has 5 outputs" in message
+    assert "give exactly the 5 class folders the model was trained on" in message
+
+
+def test_numbered_folders_beyond_the_outputs_are_kept_and_the_scores_say_what_labels_are(
+    tmp_path,
+):
+    folder = str(write_images(tmp_path, {"0": 1, "7": 1}, size=8))
+    dataset = model_dataset(folder, timm.create_model("test_vit", num_classes=5))
+    assert dataset.targets == [0, 7]
+    with pytest.raises(
+        ValueError,
+        match=r"^labels 0\.\.7 do not fit a model with 5 outputs: "
+        r"they are the data's class indices .*check that --data holds",
+    ):
+        topk_correct(torch.zeros(2, 5), torch.tensor(dataset.targets))
 
 
 @pytest.mark.parametrize(

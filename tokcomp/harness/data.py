@@ -1,6 +1,7 @@
 """Evaluation data: what a --data value points at (an image folder, Fashion-MNIST, easy-VQA,
 a JSON-lines file), labelled image datasets (ImageNet synset folders get their standard
-class indices), one-line descriptions, and a deterministic `--limit` subset."""
+class indices, or sorted-name ones for a model trained on just those folders), one-line
+descriptions, and a deterministic `--limit` subset."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ EASY_VQA = "easy-vqa"
 EASY_VQA_PIN = "easy-vqa==1.0"
 #: The video QA task made of easy-VQA images (tokcomp.harness.video_shapes), its test clips.
 VIDEO_SHAPES = "video-shapes"
+#: How LabelledImageFolder numbered its classes, as `describe()` says it.
+GIVEN_LABELS = "the training split's indices"
+IMAGENET_LABELS = "ImageNet-1k indices"
+FOLDER_NUMBERS = "folder numbers"
+SORTED_NAMES = "sorted names"
 
 
 class CorruptImageError(TokcompError, ValueError):
@@ -83,18 +89,22 @@ def read_video(paths: Sequence[Path]) -> np.ndarray:
 
 class LabelledImageFolder(ImageFolder):
     """root/<class>/<image> folders. When every class folder is an ImageNet-1k synset, each
-    maps to its standard index (a subset of the synsets keeps them); when every one is named by
-    a number (ImageNetV2's layout), that number is its index; otherwise classes are numbered in
-    sorted folder-name order, like torchvision's ImageFolder. `labels` gives the indices
-    instead (another split's, so that both agree); a class folder it lacks is refused."""
+    maps to its standard index (a subset of the synsets keeps them), unless those indices do
+    not fit the model's `outputs` (see `synset_indices`); when every one is named by a number
+    (ImageNetV2's layout), that number is its index; otherwise classes are numbered in sorted
+    folder-name order, like torchvision's ImageFolder. `labels` gives the indices instead
+    (another split's, so that both agree); a class folder it lacks is refused."""
 
     def __init__(
         self,
         root: str | Path,
         transform: Callable[[Any], Any] | None = None,
         labels: Mapping[str, int] | None = None,
+        outputs: int | None = None,
     ) -> None:
         self.given_labels = None if labels is None else dict(labels)
+        self.outputs = outputs
+        self.labelled_by = ""  # set by find_classes, which ImageFolder's __init__ calls
         root = Path(root)
         if root.is_file():
             raise UsageError(
@@ -116,13 +126,20 @@ class LabelledImageFolder(ImageFolder):
                 "must first be sorted into one folder per synset (e.g. n01440764/)"
             ) from None
         if self.given_labels is not None:
+            self.labelled_by = GIVEN_LABELS
             return classes, given_indices(classes, self.given_labels, directory)
-        return classes, imagenet_indices(classes) or numbered_indices(classes) or by_name
+        synsets = synset_indices(classes, self.outputs, directory)
+        if synsets is not None:
+            indices, self.labelled_by = synsets
+            return classes, indices
+        numbered = numbered_indices(classes)
+        self.labelled_by = FOLDER_NUMBERS if numbered else SORTED_NAMES
+        return classes, numbered or by_name
 
     @property
     def uses_imagenet_indices(self) -> bool:
         """Whether labels are the standard ImageNet-1k indices of synset folders."""
-        return imagenet_indices(self.classes) is not None
+        return self.labelled_by == IMAGENET_LABELS
 
     def identities(self, indices: Sequence[int]) -> Iterator[list[Any]]:
         """Each sample's file (relative path, size, modification time) and label."""
@@ -132,13 +149,31 @@ class LabelledImageFolder(ImageFolder):
 
     def describe(self) -> str:
         """One line: images, classes and how labels were assigned."""
-        if self.given_labels is not None:
-            labels = "the training split's indices"
-        elif self.uses_imagenet_indices:
-            labels = "ImageNet-1k indices"
-        else:
-            labels = "folder numbers" if numbered_indices(self.classes) else "sorted names"
-        return f"{len(self)} images, {len(self.classes)} classes ({labels})"
+        return f"{len(self)} images, {len(self.classes)} classes ({self.labelled_by})"
+
+
+def synset_indices(
+    classes: Sequence[str], outputs: int | None, directory: str | Path
+) -> tuple[dict[str, int], str] | None:
+    """(labels, how they were assigned) of synset class folders for a model with `outputs`
+    classes (None: not known), or None when not every folder is a synset. The standard
+    ImageNet-1k indices when they fit the outputs; else, when the model has one output per
+    folder, sorted-name order (what torchvision's ImageFolder and timm's training gave a model
+    trained on these folders, e.g. ImageNette's 10); else UsageError naming the counts."""
+    standard = imagenet_indices(classes)
+    if standard is None:
+        return None
+    highest = max(standard.values())
+    if outputs is None or highest < outputs:
+        return standard, IMAGENET_LABELS
+    if outputs == len(classes):
+        why = f"ImageNet-1k indices up to {highest} do not fit the model's {outputs} outputs"
+        return {name: i for i, name in enumerate(sorted(classes))}, f"{SORTED_NAMES}: {why}"
+    raise UsageError(
+        f"{directory} holds {len(classes)} ImageNet synset folders (ImageNet-1k indices up to "
+        f"{highest}) but the model has {outputs} outputs: evaluate a 1000-class ImageNet "
+        f"model, or give exactly the {outputs} class folders the model was trained on"
+    )
 
 
 def given_indices(
@@ -200,11 +235,13 @@ def open_dataset(
     split: str = "test",
     canvas: int | None = None,
     labels: Mapping[str, int] | None = None,
+    outputs: int | None = None,
 ) -> Dataset:
     """The labelled images of a --data value (see `data_source`): an image folder or
     Fashion-MNIST; `split` picks the Fashion-MNIST split (an image folder is whatever split
     the user points at), `canvas` the black canvas its garments are pasted on (see
-    `FashionMNIST`) and `labels` an image folder's class indices (see `LabelledImageFolder`)."""
+    `FashionMNIST`), `labels` an image folder's class indices and `outputs` the number of
+    classes the model predicts, if known (see `LabelledImageFolder`)."""
     source = data_source(data)
     if source.kind == FASHION_MNIST:
         return FashionMNIST(source.path, split, transform, canvas=canvas)
@@ -213,7 +250,7 @@ def open_dataset(
             f"--data {data} holds questions, not labelled images: give an image folder "
             f"(root/<class>/<image>) or {FASHION_MNIST}"
         )
-    return LabelledImageFolder(source.path, transform, labels)
+    return LabelledImageFolder(source.path, transform, labels, outputs)
 
 
 def describe(dataset: Dataset) -> str:

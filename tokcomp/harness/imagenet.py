@@ -60,7 +60,9 @@ def topk_correct(
     if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < logits.shape[1]:
         raise ValueError(
             f"labels {int(targets.min())}..{int(targets.max())} do not fit a model with "
-            f"{logits.shape[1]} outputs; evaluate a model trained on these classes"
+            f"{logits.shape[1]} outputs: they are the data's class indices (an image folder's "
+            "are its synsets' ImageNet-1k indices, its folder numbers or its sorted-name "
+            "positions); check that --data holds the classes the model was trained on"
         )
     target_logit = logits.gather(1, targets[:, None])
     rank = ((logits >= target_logit) | logits.isnan()).sum(1)
@@ -136,9 +138,11 @@ def model_dataset(
 ) -> Dataset:
     """The --data images as `model` takes them: its evaluation transform (or, given
     `augment`, timm's training transform with those options), on the canvas its
-    Fashion-MNIST garments were pasted on in training if there was one."""
+    Fashion-MNIST garments were pasted on in training if there was one, its class folders
+    numbered to fit its outputs."""
     transform = model_transform(data_config(model), **(augment or {}))
-    return open_dataset(data, transform, split, canvas=canvas_of(model))
+    outputs = getattr(model, "num_classes", None) or None  # 0: no classifier, labels unused
+    return open_dataset(data, transform, split, canvas=canvas_of(model), outputs=outputs)
 
 
 def canvas_of(model: nn.Module) -> int | None:
@@ -179,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         help="image folder root/<class>/<image> (ImageNet synset folders get the standard "
-        f"indices) or {FASHION_MNIST}[:ROOT] (its test set)",
+        "indices, or sorted-name ones for a model trained on just those folders) or "
+        f"{FASHION_MNIST}[:ROOT] (its test set)",
     )
     data.add_argument("--limit", type=positive_int, help="evaluate N images spread over the data")
     data.add_argument("--batch-size", type=positive_int, default=64)
