@@ -367,6 +367,86 @@ def test_average_pool_leaves_out_what_the_diffrate_search_masked(images):
     torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
 
 
+@dataclass(frozen=True)
+class AttentionPooled:
+    """An attention-pooled tower: its pooled output for images, and the pooled output of one
+    image's (1, n, C) tokens, as forward_tokens gives them, through the model's own pool."""
+
+    build: Callable[[], nn.Module]
+    pooled: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    pool: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+ATTENTION_POOLED = {
+    "hf_siglip": AttentionPooled(
+        lambda: tiny("hf_siglip").vision_model,
+        lambda m, x: m(pixel_values=x).pooler_output,
+        lambda m, tokens: m.head(tokens)[0],
+    ),
+    "open_clip_coca": AttentionPooled(  # keys and values narrower than the queries (kdim)
+        lambda: tiny("open_clip_coca").visual,
+        lambda m, x: m(x)[0],
+        lambda m, tokens: m.ln_post(m.attn_pool(tokens))[0, 0] @ m.proj,
+    ),
+    "open_clip_parallel_pools": AttentionPooled(
+        lambda: tiny("open_clip_parallel_pools"),
+        lambda m, x: m(x),
+        lambda m, tokens: m.attn_pool_contrastive(tokens)[0] @ m.proj,
+    ),
+}
+
+
+def _diffrate_search(model: nn.Module, rates: DiffRateRates) -> None:
+    """Patch `model` with the DiffRate search learning `rates`."""
+    spec = find_adapter(model).spec()
+    tokcomp.apply(model, DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth))
+
+
+def _pruning_rates(model: nn.Module, patches: int) -> DiffRateRates:
+    """Search rates that keep `patches` patch tokens from block 1 on and merge none."""
+    rates = DiffRateRates(find_adapter(model).spec())
+    with torch.no_grad():
+        for counter in rates.prune:
+            counter.logits.copy_(torch.where(counter.candidates == patches, 30.0, -30.0))
+        for counter in rates.merge:
+            counter.logits.copy_(
+                torch.where(counter.candidates == counter.candidates[0], 30.0, -30.0)
+            )
+    return rates
+
+
+@pytest.mark.parametrize("pool", sorted(ATTENTION_POOLED))
+@pytest.mark.parametrize("patches", [64, 24])
+@torch.no_grad()
+def test_attention_pools_leave_out_what_the_diffrate_search_masked(pool, patches, images):
+    """The pooled output is that of the tokens the search kept, the masked ones removed
+    (with every patch kept, the mask is all ones and the pool is the unmasked one)."""
+    tower = ATTENTION_POOLED[pool]
+    model = tower.build()
+    _diffrate_search(model, _pruning_rates(model, patches))
+    state = tokcomp.forward_tokens(model, images)
+    kept = state.mask > 0.5
+    assert (kept.sum(dim=1) == state.protected + patches).all()
+    for i, got in enumerate(tower.pooled(model, images)):
+        expected = tower.pool(model, state.x[i, kept[i]][None])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", sorted(ATTENTION_POOLED))
+def test_the_diffrate_search_learns_the_last_rates_from_the_attention_pool(pool, images):
+    """After the last block, only the pool reads the mask: its gradient reaches the rates."""
+    tower = ATTENTION_POOLED[pool]
+    model = tower.build()
+    spec = find_adapter(model).spec()
+    rates = DiffRateRates(spec)
+    prune = [spec.tokens, *(spec.protected + patches for patches in (48, 24))]
+    rates.start_at(prune, [spec.tokens] * spec.depth, spread=8.0)  # the last block prunes too
+    _diffrate_search(model, rates)
+    tower.pooled(model, images).square().sum().backward()
+    grad = rates.prune[-1].logits.grad
+    assert grad is not None and grad.isfinite().all() and grad.abs().sum() > 0
+
+
 # -- Hugging Face call paths ---------------------------------------------------------------
 
 

@@ -192,31 +192,73 @@ def attention_probs(
     scale: float,
     bias: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
+    queries_are_keys: bool = True,
 ) -> torch.Tensor:
     """float32 attention probabilities softmax(q k^T scale + bias) of (..., Q, d) queries
     over (..., K, d) keys, the logits in float32 too (also under autocast: the methods rank
     tokens by these probabilities, and bfloat16 logits move them by percents); `bias` is
-    additive (-inf masks a key); `key_mask` (B, K) is DiffRate's differentiable keep-mask."""
+    additive (-inf masks a key); `key_mask` (B, K) is DiffRate's differentiable keep-mask,
+    under which each query still attends to itself where `queries_are_keys` (self-attention)."""
     with torch.autocast(q.device.type, enabled=False):
         logits = (q.float() * scale) @ k.float().transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
     if key_mask is not None:
-        return _masked_softmax(logits, key_mask)
+        return _masked_softmax(logits, key_mask, queries_are_keys)
     return logits.float().softmax(dim=-1)
 
 
 def _masked_softmax(
-    logits: torch.Tensor, key_mask: torch.Tensor, eps: float = 1e-6
+    logits: torch.Tensor, key_mask: torch.Tensor, queries_are_keys: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Softmax whose masked keys (key_mask 0) get no weight, differentiably in the mask;
-    every query still attends to itself so fully masked rows stay defined (DiffRate)."""
+    """Softmax whose masked keys (key_mask 0) get no weight, differentiably in the mask
+    (DiffRate's softmax_with_policy); where the queries are the keys, each still attends to
+    itself so that fully masked rows stay defined."""
     tokens = logits.shape[-1]
-    eye = torch.eye(tokens, device=logits.device, dtype=torch.float32)
     policy = key_mask.float()[:, None, None, :]
-    policy = policy + (1.0 - policy) * eye
+    if queries_are_keys:
+        eye = torch.eye(tokens, device=logits.device, dtype=torch.float32)
+        policy = policy + (1.0 - policy) * eye
     weights = (logits.float() - logits.float().amax(dim=-1, keepdim=True)).exp() * policy
     return (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def masked_pool_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    tokens: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_mask: torch.Tensor,
+) -> torch.Tensor:
+    """An attention pool under the DiffRate search: `attn`'s multi-head attention of (B, Q, E)
+    `query` over (B, N, kdim) `tokens` (its keys and values), batch first, through its own
+    weights, with the additive `bias` (B, 1, 1, N) on its logits and no weight on the tokens
+    that the differentiable keep-mask `key_mask` (B, N) leaves out."""
+    if attn.bias_k is not None or attn.add_zero_attn:
+        raise UnsupportedModelError(
+            "the DiffRate search cannot mask an attention pool whose nn.MultiheadAttention has "
+            "add_bias_kv or add_zero_attn; search a model whose pool has neither"
+        )
+    projections = _in_projection_weights(attn)
+    biases = (None,) * 3 if attn.in_proj_bias is None else attn.in_proj_bias.chunk(3)
+    inputs = (query, tokens, tokens)
+    q, k, v = (
+        split_heads(F.linear(x, w, b), attn.head_dim)
+        for x, w, b in zip(inputs, projections, biases, strict=True)
+    )
+    probs = attention_probs(q, k, attn.head_dim**-0.5, bias, key_mask, queries_are_keys=False)
+    probs = F.dropout(probs, attn.dropout) if attn.training and attn.dropout else probs
+    return attn.out_proj((probs.to(v.dtype) @ v).transpose(1, 2).flatten(2))
+
+
+def _in_projection_weights(
+    attn: nn.MultiheadAttention,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v projection weights: packed in one matrix, or apart where the keys and
+    values have their own widths (kdim, vdim)."""
+    if attn.in_proj_weight is not None:
+        return attn.in_proj_weight.chunk(3)
+    return attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
 
 
 def empty_batch_output(forward: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:

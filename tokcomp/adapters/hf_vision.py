@@ -25,6 +25,7 @@ from tokcomp.adapters.base import (
     compressed_block,
     empty_batch_output,
     linear_macs,
+    masked_pool_attention,
     mlp_hidden,
     split_heads,
 )
@@ -438,13 +439,17 @@ def _parameters(embeddings: type[nn.Module]) -> frozenset[str]:
 
 def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
     """SiglipMultiheadAttentionPoolingHead.forward with each key weighted by its size
-    (log-size added to the probe's attention logits, as in proportional attention)."""
+    (log-size added to the probe's attention logits, as in proportional attention); the keys
+    that the DiffRate search masked get no weight."""
     bias = state.log_size_bias()
-    if bias is None:
+    if bias is None and state.mask is None:
         return head(last)
     probe = head.probe.repeat(last.shape[0], 1, 1)
-    mask = bias.expand(-1, head.attention.num_heads, 1, -1).flatten(0, 1)
-    pooled = head.attention(probe, last, last, attn_mask=mask)[0]
+    if state.mask is not None:
+        pooled = masked_pool_attention(head.attention, probe, last, bias, state.mask)
+    else:
+        mask = bias.expand(-1, head.attention.num_heads, 1, -1).flatten(0, 1)
+        pooled = head.attention(probe, last, last, attn_mask=mask)[0]
     return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
 
 

@@ -23,6 +23,7 @@ from tokcomp.adapters.base import (
     compressed_block,
     empty_batch_output,
     intermediates,
+    masked_pool_attention,
     size_weighted_mean,
     split_heads,
 )
@@ -204,12 +205,15 @@ def _global_pool(
 
 def _attention_pool(pooler: nn.Module, state: TokenState) -> torch.Tensor:
     """AttentionalPooler.forward on the tokens of `state`, each key weighted by its size
-    (log-size added to the attention logits, as in proportional attention)."""
+    (log-size added to the attention logits, as in proportional attention); the keys that the
+    DiffRate search masked get no weight."""
     bias = state.log_size_bias()
-    if bias is None:
+    if bias is None and state.mask is None:
         return pooler(state.x)
     x = pooler.ln_k(state.x)
     query = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+    if state.mask is not None:
+        return masked_pool_attention(pooler.attn, query, x, bias, state.mask)
     mask = bias.expand(-1, pooler.attn.num_heads, query.shape[1], -1).flatten(0, 1)
     return pooler.attn(query, x, x, need_weights=False, attn_mask=mask)[0]
 
