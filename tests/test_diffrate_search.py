@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import tokcomp
 from tokcomp.adapters.base import attend
 from tokcomp.cli import main
+from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.methods.diffrate_search import (
     DiffRateRates,
     DiffRateSearch,
@@ -23,6 +24,7 @@ from tokcomp.methods.diffrate_search import (
     min_ste,
 )
 from tokcomp.schedule import model_macs
+from tokcomp.search import diffrate
 from tokcomp.search.diffrate import (
     MixedBatches,
     SearchSettings,
@@ -32,6 +34,7 @@ from tokcomp.search.diffrate import (
     search_diffrate,
     total_macs,
 )
+from tokcomp.search.state import SearchState
 
 
 def _batches(count: int = 6, batch: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -244,11 +247,23 @@ def test_search_fits_its_counts_to_the_target_by_default():
     assert "scaled by" in config.notes
 
 
+def test_a_finished_search_keeps_its_state_and_a_rerun_from_it_takes_no_step(tmp_path, monkeypatch):
+    # max_steps ends the search in its first epoch, which the state records as finished
+    state = SearchState(tmp_path / "state.pt", Fingerprint.of())
+    settings = SearchSettings(0.6, epochs=2, max_steps=1, lr=0.05, progress=False)
+    first = search_diffrate(tiny_vit("vit", depth=6), _batches(3), settings, state=state)
+    assert state.path.is_file()  # the caller discards it once the config is safe
+    monkeypatch.setattr(diffrate, "_backward", lambda *args: pytest.fail("a step ran"))
+    again = search_diffrate(tiny_vit("vit", depth=6), _batches(3), settings, state=state)
+    assert again.to_dict() == first.to_dict()
+
+
 def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):
     output = tmp_path / "searched.json"
     argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--batch-size", "16"]
     assert main([*argv, "-o", str(output)]) == 0
+    assert list(tmp_path.iterdir()) == [output]  # the search state went once it was written
     config = tokcomp.Config.load(output)
     assert config.method == "diffrate" and "DiffRate search" in config.notes
     assert "batch 16 per process, 32 images of fashion-mnist" in config.notes

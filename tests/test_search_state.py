@@ -1,17 +1,18 @@
 """Searches save their progress beside their output: an interrupted search ends with one line
 saying so, the same command resumes where it stopped, and a command with other inputs or
-settings is refused naming what changed (--fresh starts again)."""
+settings is refused naming what changed (--fresh starts again). The state goes only once the
+config is written: a failed write loses nothing, and the rerun finishes at once from it."""
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
-import timm
 import torch
-from fixtures.imagenet import save_safetensors
 
 from tokcomp.cli import main
+from tokcomp.config import Config
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.search import diffrate, zero_tprune
 from tokcomp.search.state import SearchState
@@ -20,14 +21,6 @@ from tokcomp.search.state import SearchState
 def _argv(method: str, options: dict[str, str], output) -> list[str]:
     argv = ["search", method, "--data", "fashion-mnist"]
     return [*argv, *(x for pair in options.items() for x in pair), "-o", str(output)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """test_vit's weights in a file (a search on random weights never resumes: they differ)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "test_vit.safetensors"
-    return str(save_safetensors(timm.create_model("test_vit"), path, timm_model="test_vit"))
 
 
 def _refusal(capsys) -> str:
@@ -105,7 +98,7 @@ def test_a_deit_augmented_diffrate_state_is_refused_for_another_worker_count(tmp
 def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> None:
     """Run the search and keep its state as it was after the first epoch."""
     real_discard = SearchState.discard
-    SearchState.discard = lambda self: False  # the finished search keeps its state
+    SearchState.discard = lambda self: False  # the command keeps the finished state
     try:
         assert main(_argv("diffrate", options, output)) == 0
     finally:
@@ -114,15 +107,16 @@ def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> No
     assert state.path.is_file()
 
 
-ZERO_TPRUNE = {"--target-macs": "0.7", "--limit": "16", "--shares": "0,0.5,1"}
+# random weights: --seed (default 0) draws the same ones on every run, so the search resumes
+ZERO_TPRUNE = {"--model": "test_vit", "--target-macs": "0.7", "--limit": "16"}
+ZERO_TPRUNE["--shares"] = "0,0.5,1"
 
 
 def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config(
-    tmp_path, monkeypatch, capsys, checkpoint
+    tmp_path, monkeypatch, capsys
 ):
-    search = {**ZERO_TPRUNE, "--checkpoint": checkpoint}
     whole = tmp_path / "whole.json"
-    assert main(_argv("zero_tprune", search, whole)) == 0
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, whole)) == 0
     output = tmp_path / "searched.json"
     state = tmp_path / "searched.json.search-state.pt"
     tried = []
@@ -135,7 +129,7 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
         return real_trial(model, batches, options)
 
     monkeypatch.setattr(zero_tprune, "_trial", trial_until_ctrl_c)
-    assert main(_argv("zero_tprune", search, output)) == 130
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 130
     assert _refusal(capsys) == (
         f"tokcomp search zero_tprune: interrupted: the finished trials are saved in {state}; "
         "the same command resumes"
@@ -144,11 +138,11 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
         ("--limit", "8", "limit: 16 then, 8 now"),
         ("--target-macs", "0.6", "target_macs: 0.7 then, 0.6 now"),
     ]:
-        assert main(_argv("zero_tprune", {**search, option: value}, output)) == 2
+        assert main(_argv("zero_tprune", {**ZERO_TPRUNE, option: value}, output)) == 2
         assert named in _refusal(capsys)
 
     tried.clear()
-    assert main(_argv("zero_tprune", search, output)) == 0
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 0
     assert tried == [1.0] and not state.exists()
     assert json.loads(output.read_text()) == json.loads(whole.read_text())
 
@@ -161,7 +155,7 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
     ],
 )
 def test_a_damaged_or_unfingerprinted_state_is_refused_in_one_line(
-    tmp_path, capsys, content, code, message, checkpoint
+    tmp_path, capsys, content, code, message
 ):
     output = tmp_path / "searched.json"
     state = tmp_path / "searched.json.search-state.pt"
@@ -169,7 +163,67 @@ def test_a_damaged_or_unfingerprinted_state_is_refused_in_one_line(
         torch.save({"trials": []}, state)
     else:
         state.write_bytes(content)
-    assert main(_argv("zero_tprune", {**ZERO_TPRUNE, "--checkpoint": checkpoint}, output)) == code
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == code
     line = _refusal(capsys)
     assert line.startswith("tokcomp search zero_tprune: error: ") and message in line
     assert "--fresh" in line
+
+
+def _fail_config_writes(monkeypatch) -> list[dict]:
+    """Make every config write fail as on a full disk; the configs it was given."""
+    given = []
+
+    def no_space(config: Config, path) -> None:
+        given.append(json.loads(json.dumps(config.to_dict())))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Config, "save", no_space)
+    return given
+
+
+def _count_calls(monkeypatch, module, name: str) -> list[tuple]:
+    """Record each call of module.name (still made); the list of their arguments."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_a_diffrate_search_whose_config_write_fails_keeps_its_state_and_reruns_untrained(
+    tmp_path, monkeypatch, capsys
+):
+    output = tmp_path / "searched.json"
+    state = tmp_path / "searched.json.search-state.pt"
+    with monkeypatch.context() as failing:
+        given = _fail_config_writes(failing)
+        assert main(_argv("diffrate", DIFFRATE, output)) == 1
+    assert "No space left on device" in _refusal(capsys)
+    assert state.is_file() and not output.exists()
+    assert torch.load(state, weights_only=True)["epoch"] == 2  # every epoch finished
+
+    steps = _count_calls(monkeypatch, diffrate, "_backward")
+    assert main(_argv("diffrate", DIFFRATE, output)) == 0
+    assert steps == [] and not state.exists()
+    assert json.loads(output.read_text()) == given[0]
+
+
+def test_a_zero_tprune_search_whose_config_write_fails_keeps_its_trials_and_reruns_none(
+    tmp_path, monkeypatch, capsys
+):
+    output = tmp_path / "searched.json"
+    state = tmp_path / "searched.json.search-state.pt"
+    with monkeypatch.context() as failing:
+        given = _fail_config_writes(failing)
+        assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 1
+    assert "No space left on device" in _refusal(capsys)
+    assert state.is_file() and not output.exists()
+    assert len(torch.load(state, weights_only=True)["trials"]) == 3  # every share tried
+
+    tried = _count_calls(monkeypatch, zero_tprune, "_trial")
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 0
+    assert tried == [] and not state.exists()
+    assert json.loads(output.read_text()) == given[0]

@@ -145,6 +145,7 @@ def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(t
     argv += ["--target-macs", "0.7", "--limit", "32", "--batch-size", "16", "--shares", "0,1"]
     argv += ["--layers", "2,1,1", "--layers", "2", "--sizes", "off,on"]  # 2,1,1: blocks 1, 2
     assert main([*argv, "-o", str(output)]) == 0
+    assert list(tmp_path.iterdir()) == [output]  # the search state went once it was written
     printed = capsys.readouterr().out
     assert printed.count("<- chosen") == 1 and "[1, 2]" in printed
     assert printed.count("  on ") == 4 and printed.count("  off ") == 4

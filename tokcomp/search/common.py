@@ -1,5 +1,5 @@
 """What every search takes from the command line: a model, its training images, the config
-file to write, and the state the search resumes from."""
+file to write, the seed, and the state the search resumes from."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tokcomp.search.state import SearchState
 
 def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--model/--checkpoint/--pretrained, the training images, how to read them, the device,
-    and the output config (-o, --force, --fresh)."""
+    the seed, and the output config (-o, --force, --fresh)."""
     add_model_arguments(parser)
     parser.add_argument(
         "--data",
@@ -37,6 +37,13 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--threads", type=positive_int)
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds a --model's random weights (without --checkpoint or --pretrained, so a "
+        "rerun resumes) and any draws the search makes",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help=".json or .yaml")
     parser.add_argument("--force", action="store_true", help="overwrite an existing -o file")
     parser.add_argument(
@@ -51,9 +58,11 @@ def model_and_training_images(
 ) -> tuple[nn.Module, Dataset]:
     """The model the arguments name, on `device` (--device, or a rank's own GPU under
     torchrun), and its training images, preprocessed as it expects (augmented with timm's
-    training transform when `augment` gives its options)."""
+    training transform when `augment` gives its options); a model with random weights is
+    drawn from --seed, so the same command gets the same weights and resumes its search."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
     dataset = limited(model_dataset(args.data, model, "train", augment), args.limit)
     return model.to(device), dataset

@@ -138,8 +138,10 @@ def search_diffrate(
     rates: continue from these (trained in place). world: under torchrun, the rates are
     trained data-parallel (DistributedDataParallel over the rates only; the frozen weights
     are broadcast from rank 0). state: where the search saves itself after every epoch and
-    resumes from (deleted once the search finishes); a state saved with other settings or
-    from other inputs (its fingerprint) is refused.
+    resumes from (a finished one gives its rates back at once). It is kept when the search
+    finishes, for the caller to discard once the config is safely written, so a failed write
+    loses no work; a state saved with other settings or from other inputs (its fingerprint)
+    is refused.
     """
     spec = find_adapter(model).spec()
     check_reachable(spec, settings.target_macs)
@@ -315,11 +317,6 @@ class _Checkpoint:
                 }
             )
 
-    def finish(self) -> None:
-        """The search is done: its state is no longer needed."""
-        if self.state is not None:
-            self.state.discard()
-
 
 def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> None:
     per_epoch = len(batches)
@@ -339,6 +336,8 @@ def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> N
     progress = settings.progress and world.is_main
     with tqdm(total=total, initial=step, disable=not progress, desc="diffrate search") as bar:
         for epoch in range(start, settings.epochs):
+            if step >= total:  # a resumed search max_steps ended (mid-epoch, saved as done)
+                break
             _set_epoch(batches, epoch)
             for images, labels in batches:
                 optimizer.zero_grad(set_to_none=True)
@@ -351,9 +350,6 @@ def _optimise(objective, rates, spec, batches, settings, world, checkpoint) -> N
                 if step >= total:
                     break
             checkpoint.save(epoch + 1, rates, optimizer, scheduler)
-            if step >= total:
-                break
-    checkpoint.finish()
 
 
 def _backward(objective, images, labels, penalty, micro_batch) -> tuple[float, float]:
@@ -450,7 +446,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "random erasing, mixup/cutmix, label smoothing), as the paper's search does; suits "
         "models trained that way (none: the model's evaluation preprocessing)",
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
 
 
@@ -487,7 +482,8 @@ def run(args: argparse.Namespace) -> None:
     """Search, save the config, print what it reached. Under torchrun the batches are
     split over the ranks (each rank a different shuffle shard) and rank 0 writes. The
     search saves its state next to the output after every epoch; rerunning the same
-    command resumes from it; other inputs or settings are refused."""
+    command resumes from it; other inputs or settings are refused. Rank 0 deletes the state
+    only once the config is written: a rerun after a failed write finishes at once."""
     check_config_output(args.output, args.force)
     settings = SearchSettings(
         target_macs=args.target_macs,
@@ -501,7 +497,6 @@ def run(args: argparse.Namespace) -> None:
         start=args.start,
     )
     world = World.from_env(args.device)
-    torch.manual_seed(args.seed)
     augment = DEIT_AUGMENT if args.augment == "deit" else None
     device = world.device(args.device)
     model, dataset = model_and_training_images(args, device, augment)
@@ -523,6 +518,7 @@ def run(args: argparse.Namespace) -> None:
         config.notes += "; DeiT augmentation (RandAugment, random erasing, mixup/cutmix)"
     if world.is_main:
         path = config.save(args.output)
+        state.discard()
         print(
             f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
             f"(target {args.target_macs:.3f}); schedule {config.schedule}; wrote {path}"

@@ -1,6 +1,8 @@
 """A search's progress in one file beside its output, saved after every finished piece of work
 (a DiffRate epoch, a Zero-TPrune trial) and tagged with the fingerprint of the search's
-inputs: the same command resumes from it, a command with other inputs is refused."""
+inputs: the same command resumes from it, a command with other inputs is refused. The command
+deletes it once its output is written, not the search when it finishes: a failed write then
+loses nothing, and the rerun finishes at once from the complete state."""
 
 from __future__ import annotations
 

@@ -72,8 +72,9 @@ def search_zero_tprune(
     model's own where it carries one) at `target_macs` on the labelled `batches`; returns
     the config of the chosen trial (`choose`) and all trials. The model
     is left as it was given (unpatched). state: where each finished trial is saved and
-    taken from instead of being run again (deleted once the search finishes); a state
-    saved for another target or from other inputs (its fingerprint) is refused."""
+    taken from instead of being run again; it is kept when the search finishes, for the
+    caller to discard once the config is safely written, so a failed write loses no trial.
+    A state saved for another target or from other inputs (its fingerprint) is refused."""
     if not shares or not layer_sets or not sizes:
         raise ValueError(
             "zero_tprune search: give at least one similarity share, block list and sizes setting"
@@ -91,7 +92,6 @@ def search_zero_tprune(
         trials = [
             saved.get(options) or saved.add(_trial(model, batches, options)) for options in bar
         ]
-    saved.finish()
     chosen = choose(trials)
     apply(model, "zero_tprune", **chosen.options)
     config = config_of(model)
@@ -124,11 +124,6 @@ class _Trials:
         if self.state is not None:
             self.state.save({"trials": [asdict(t) for t in self.by_options.values()]})
         return trial
-
-    def finish(self) -> None:
-        """Every trial is done: the saved ones are no longer needed."""
-        if self.state is not None:
-            self.state.discard()
 
 
 def _key(options: dict[str, Any]) -> str:
@@ -249,7 +244,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Search, print every trial, save the chosen one's config. Each finished trial is saved
-    next to the output; rerunning the same command resumes (other inputs are refused)."""
+    next to the output until the config is written; rerunning the same command resumes
+    (other inputs are refused)."""
     check_config_output(args.output, args.force)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError(
@@ -269,6 +265,7 @@ def run(args: argparse.Namespace) -> None:
         )
     print(format_trials(trials))
     path = config.save(args.output)
+    state.discard()
     print(
         f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
         f"(target {args.target_macs:.3f}); schedule {config.schedule}; wrote {path}"
