@@ -1,11 +1,12 @@
 """Where does a compiled compressed model spend its time? torch.profiler self time per op
-group for DeiT-S unpruned, ToMe r=13 and PiToMe at 0.6 of the MACs, each compiled (inductor,
-static shapes) as eval/bench_compile.py compiles them, profiled in alternation, with each
-group's ratio to the unpruned model's (docs/methods.md section 8.1).
+group for DeiT-S unpruned, ToMe r=13 and PiToMe at 0.6 of the MACs (or the --variant ones),
+each compiled (inductor, static shapes) as eval/bench_compile.py compiles them, profiled in
+alternation, with each group's ratio to the unpruned model's (docs/methods.md section 8.1).
 
     python eval/profile_compiled.py --dtype bfloat16
     python eval/profile_compiled.py --dtype float32
     python eval/profile_compiled.py --dtype bfloat16 --kernels   # each inductor kernel apart
+    python eval/profile_compiled.py --variant tome:r=13 --variant tome:r=13,prop_attn=false
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import script_parser
 
-from tokcomp.bench import BASELINE, Variant, compiled, runner, variant_model
+from tokcomp.bench import BASELINE, Variant, compiled, parse_variant, runner, variant_model
 from tokcomp.harness.arguments import positive_int, timm_model
 
-VARIANTS = (
-    BASELINE,
+DEFAULT_VARIANTS = (
     Variant("tome r=13", "tome", {"r": 13}),
     Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
 )
@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="a compressed model to profile beside the unpruned one, as METHOD:key=value,... "
+        "(repeatable; default: ToMe r=13 and PiToMe at 0.6 of the MACs)",
+    )
+    parser.add_argument(
         "--kernels",
         action="store_true",
         help="time each inductor kernel apart (inductor's kernel profile), not as one group; "
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     model = timm.create_model(args.model).eval()
     images = torch.randn(args.batch_size, 3, 224, 224)
     runs = {
-        v.label: runner(compiled(variant_model(model, v)), images, args.dtype) for v in VARIANTS
+        v.label: runner(compiled(variant_model(model, v)), images, args.dtype)
+        for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
     }
     for forward in runs.values():  # compile, then one warm call
         forward()
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(totals: dict[str, collections.Counter], args: argparse.Namespace) -> None:
     """Self ms per group and model, with the ratio to the unpruned model's."""
-    base = totals[VARIANTS[0].label]
+    base = totals[BASELINE.label]
     groups = sorted(
         {g for t in totals.values() for g in t},
         key=lambda g: -max(t.get(g, 0.0) for t in totals.values()),
