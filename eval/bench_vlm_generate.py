@@ -1,8 +1,8 @@
 """Batched generation throughput of visual-token pruning on the LLaVA-1.5-shaped VLM of
 eval/bench_vlm.py (random weights): generated tokens per second of generate() for a batch of
 requests with different prompt lengths and different images (left padding, KV cache, 32 new
-tokens each, greedy), unpruned against ZOO-Prune at 64 of 576 visual tokens (its default),
-at every batch size asked for.
+tokens each, greedy, or beam search with --num-beams), unpruned against ZOO-Prune at 64 of 576
+visual tokens (its default), at every batch size asked for.
 
 Each batch size is timed in interleaved rounds after a warm-up round (tokcomp.harness.timing:
 the unpruned and the pruned generate alternate, the patch applied or removed outside the
@@ -12,6 +12,7 @@ size; a speed-up whose spread is too wide to trust is flagged "?" and fails the 
 
     python eval/bench_vlm_generate.py                       # batches 1,2,4,8,16
     python eval/bench_vlm_generate.py --batches 8 --rounds 2 --layers 8
+    python eval/bench_vlm_generate.py --batches 1,8 --num-beams 4   # beam search
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def requests(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
-def contenders(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Contender]:
+def contenders(model: nn.Module, batch: dict[str, torch.Tensor], beams: int = 1) -> list[Contender]:
     """generate() unpruned and with ZOO-Prune at KEEP tokens, toggling the patch untimed."""
 
     def generate() -> torch.Tensor:
@@ -70,6 +71,7 @@ def contenders(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Contend
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
+            num_beams=beams,
             pad_token_id=0,
         )
 
@@ -84,14 +86,16 @@ def contenders(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[Contend
     return [Contender(generate, unpatch), Contender(generate, patch)]
 
 
-def measure(model: nn.Module, sizes: list[int], rounds: int, dtype: torch.dtype) -> list[tuple]:
+def measure(
+    model: nn.Module, sizes: list[int], rounds: int, dtype: torch.dtype, beams: int = 1
+) -> list[tuple]:
     """Per batch size: (size, unpruned tokens/s, pruned tokens/s, speed-up)."""
     rows = []
     for size in sizes:
         batch = requests(size)
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
         with torch.inference_mode():
-            times = interleaved(contenders(model, batch), rounds, torch.device("cpu"))
+            times = interleaved(contenders(model, batch, beams), rounds, torch.device("cpu"))
         speedup = Speedup.paired(*times)
         tokens = size * NEW_TOKENS
         rows.append((size, tokens / median(times[0]), tokens / median(times[1]), speedup))
@@ -133,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=positive_int, default=3, help="timed rounds per batch size"
     )
     parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument(
+        "--num-beams", type=positive_int, default=1, help="beam search with N beams (1: greedy)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -141,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         f"LLaVA-1.5-shaped, random weights, {args.dtype}, {args.layers} decoder layers, "
         f"{args.threads} threads; {NEW_TOKENS} new tokens per request, prompts of "
         f"{PROMPT_RANGE[0]}-{PROMPT_RANGE[1]} text tokens around one image each; ZOO-Prune keeps "
-        f"{KEEP} of 576 visual tokens; medians of {args.rounds} interleaved rounds after a "
-        "warm-up round"
+        f"{KEEP} of 576 visual tokens; "
+        + (f"beam search, {args.num_beams} beams; " if args.num_beams > 1 else "greedy; ")
+        + f"medians of {args.rounds} interleaved rounds after a warm-up round"
     )
     columns = ("unpruned tok/s", "pruned tok/s")
     print(f"{'batch':>6s} {columns[0]:>14s} {columns[1]:>14s} {'speed-up':>10s} {'spread %':>8s}")
-    return 0 if verdict(measure(model, args.batches, args.rounds, dtype)) else 1
+    rows = measure(model, args.batches, args.rounds, dtype, args.num_beams)
+    return 0 if verdict(rows) else 1
 
 
 if __name__ == "__main__":

@@ -598,11 +598,10 @@ def test_dycoke_refuses_a_decode_layer_the_language_model_does_not_have_when_app
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("decode_p", [0.8, 0.0])
-def test_dycoke_refuses_beam_search_on_videos(decode_p):
-    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke", decode_layer=2, decode_p=decode_p)
+def test_dycoke_refuses_beam_search_while_it_prunes_each_sequences_cache():
+    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke", decode_layer=2, decode_p=0.8)
     batch, _ = _inputs(model, "qwen2_vl_video")
-    with pytest.raises(ValueError, match="pixel_values_videos for 2 beams or sequences"):
+    with pytest.raises(ValueError, match="dycoke prunes each sequence's cache while decoding, wh"):
         _generate(model, batch, num_beams=2)
 
 
@@ -1441,16 +1440,58 @@ def test_random_refuses_vision_transformer_options_on_a_vlm(option):
         tokcomp.apply(_model("llava"), "random", keep_ratio=0.5, **option)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("copies", [{"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2}])
-def test_generate_refuses_copies_of_a_pruned_prompts_images(family, copies):
+BEAMS = ({"num_beams": 2}, {"num_beams": 3, "num_return_sequences": 2})
+
+
+@pytest.mark.parametrize("copies", BEAMS, ids=["beams", "sequences-of-beams"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+@torch.no_grad()
+def test_beam_search_at_keep_everything_is_the_unpatched_one(family, copies):
+    """generate copies each prompt for its beams; tokcomp's prefill runs each prompt once and
+    copies its cache, which must give what generate's own copies of the images give."""
     model = _model(family)
     batch, _ = _inputs(model, family)
-    unpatched = _generate(model, batch, steps=1, **copies)  # generate copies whole samples
-    tokcomp.apply(model, "divprune", keep=0.5)
-    with pytest.raises(ValueError, match="generate with num_beams=1 and num_return_sequences=1"):
-        _generate(model, batch, steps=1, **copies)
-    _generate(model, batch, steps=1)  # one sequence a prompt runs
-    torch.testing.assert_close(
-        _generate(tokcomp.remove(model), batch, steps=1, **copies), unpatched
-    )
+    expected = _generate(model, batch, steps=3, **copies)
+    method = "dycoke" if family.endswith("_video") else "divprune"
+    tokcomp.apply(model, method, **_keep_all(method))
+    assert torch.equal(_generate(model, batch, steps=3, **copies), expected)
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv", "pyramiddrop"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "idefics3", "mistral3"])
+@torch.no_grad()
+def test_each_sampled_copy_of_a_pruned_prompt_decodes_as_the_prompt_alone(family, method):
+    """Sampling from only the likeliest token, every one of a prompt's sequences is the greedy
+    generation of the pruned prompt without copies."""
+    model = tokcomp.apply(_model(family), method, **_pruning(method))
+    batch, _ = _inputs(model, family)
+    greedy = _generate(model, batch)
+    copies = _generate(model, batch, do_sample=True, top_k=1, num_return_sequences=3)
+    assert torch.equal(copies, greedy.repeat_interleave(3, dim=0))
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "options"),
+    [
+        *((f, m, _pruning(m)) for f in ("llava", "qwen2_vl") for m in ("divprune", "pyramiddrop")),
+        ("qwen2_vl_video", "dycoke", {"decode_p": 0.0}),
+    ],
+)
+@torch.no_grad()
+def test_beam_search_on_a_pruned_batch_gives_each_prompt_its_beams_alone(family, method, options):
+    model = tokcomp.apply(_model(family), method, **options)
+    batch, alone = _inputs(model, family)
+    together = _generate(model, batch, steps=3, num_beams=2, num_return_sequences=2)
+    for row, inputs in enumerate(alone):
+        own = _generate(model, inputs, steps=3, num_beams=2, num_return_sequences=2)
+        assert torch.equal(together[2 * row : 2 * row + 2], own), f"sample {row}"
+
+
+@torch.no_grad()
+def test_beam_search_on_a_pruned_vlm_without_its_cache_is_refused_in_one_line():
+    """Uncached, every step re-runs the prompts with their beams' diverging tokens, which the
+    once-per-prompt prefill cannot take."""
+    model = tokcomp.apply(_model("llava"), "divprune", keep=0.4)
+    batch, _ = _inputs(model, "llava")
+    with pytest.raises(ValueError, match=r"^beams or several .* use_cache=True \(the default\)$"):
+        _generate(model, batch, steps=2, num_beams=2, use_cache=False)

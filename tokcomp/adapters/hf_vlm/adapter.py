@@ -25,13 +25,16 @@ from tokcomp.adapters.hf_vlm.families import (
     video_classes,
 )
 from tokcomp.adapters.hf_vlm.generation import (
+    COPIES,
     Call,
     Cut,
     Decoding,
     Pruned,
     Span,
+    copied_rows,
     cut_prompt,
     decode_positions,
+    first_copies,
     inner_output,
     pruned_of,
     pruned_record,
@@ -80,19 +83,26 @@ class HFVLMAdapter(Adapter):
     def expand_inputs_for_generation(
         self, compression: Compression, expand_size: int = 1, **kwargs: Any
     ) -> tuple[torch.Tensor | None, dict[str, Any]]:
-        """generate's copies of each prompt for beams or several sequences: refused with images
-        or videos, which generate would copy row by row (patches, crops, a sample's images)
-        rather than sample by sample under the patched image encoder."""
-        visual = sorted(name for name, value in kwargs.items() if _is_pixels(name, value))
-        if expand_size > 1 and visual:
-            raise ValueError(
-                f"tokcomp cannot yet copy a pruned VLM's {', '.join(visual)} for {expand_size} "
-                "beams or sequences per prompt: generate with num_beams=1 and "
-                "num_return_sequences=1 (greedy or sampling)"
+        """generate's copies of each prompt for beams or several sequences. With images or
+        videos, only the inputs aligned with the tokens are copied (generate would copy the
+        visual ones row by row: patches, crops, a sample's images); the prefill, told the
+        number of copies, runs once per prompt and copies its cache."""
+        input_ids = kwargs.get("input_ids")
+        visual = any(_is_pixels(name, value) for name, value in kwargs.items())
+        if expand_size == 1 or not visual or input_ids is None:
+            return type(self.model)._expand_inputs_for_generation(
+                self.model, expand_size=expand_size, **kwargs
             )
-        return type(self.model)._expand_inputs_for_generation(
-            self.model, expand_size=expand_size, **kwargs
-        )
+        method = compression.method
+        if isinstance(method, VisualMethod) and method.decode_boundary() is not None:
+            raise ValueError(
+                f"{method.name} prunes each sequence's cache while decoding, which {expand_size} "
+                "beams or sequences per prompt would mix up: generate with num_beams=1 and "
+                "num_return_sequences=1, or turn decoding-time pruning off (decode_p=0)"
+            )
+        rows = input_ids.shape
+        copied = {name: copied_rows(v, rows, expand_size, name) for name, v in kwargs.items()}
+        return copied.pop("input_ids"), {**copied, COPIES: expand_size}
 
     def check(self, compression: Compression) -> None:
         """A visual-token method's options checked against the vision tower."""
@@ -148,6 +158,7 @@ class HFVLMAdapter(Adapter):
     ) -> Any:
         """The inner model's forward on the pruned sequence: a prefill with images or videos
         chooses and packs; a later call on a cache it filled is translated to the pruned cache."""
+        copies = kwargs.pop(COPIES, 1)
         images = {name: kwargs.pop(name) for name in self.vlm.image_inputs if name in kwargs}
         encoded = {kind: (mm_encoder_outputs or {}).get(kind) for kind in ("image", "video")}
         with_images = images.get("pixel_values") is not None or encoded["image"] is not None
@@ -166,13 +177,25 @@ class HFVLMAdapter(Adapter):
             return self._decode(compression.method, pruned, call)
         if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
+        if copies > 1:  # generate's copies of each prompt: the prefill runs once per prompt
+            if not call.uses_cache(self.vlm.language_model.config):
+                raise ValueError(
+                    "beams or several sequences per prompt on a pruned VLM copy the prompt's "
+                    "cache: generate with use_cache=True (the default)"
+                )
+            rows = call.input_ids.shape
+            call = call.once_per(copies)
+            images = {
+                name: first_copies(value, rows, copies, name) for name, value in images.items()
+            }
         if with_images and encoded["image"] is None:
             inputs = _present(images, self.vlm.encoder_inputs)
             encoded["image"] = self.get_image_features(compression, **inputs)
         if with_videos and encoded["video"] is None:
             inputs = _present(images, self.vlm.video_encoder_inputs)
             encoded["video"] = self.get_video_features(compression, **inputs)
-        return self._prefill(compression, call, images, encoded)
+        output = self._prefill(compression, call, images, encoded)
+        return output if copies == 1 else _copied(output, copies)
 
     # -- prefill and decoding ------------------------------------------------------------------
     def _prefill(
@@ -315,6 +338,21 @@ def _decoder_output(hidden: torch.Tensor, call: Call) -> Any:
 
     cache = call.cache if call.use_cache else None
     return inner_output(BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache))
+
+
+def _copied(output: Any, copies: int) -> Any:
+    """A prefill's output, cache and Pruned record for a batch holding each of its prompts
+    `copies` times in a row (generate's beams or sequences)."""
+    cache = output.cache
+    if cache is not None:
+        cache.batch_repeat_interleave(copies)
+        pruned_of(cache).copied(copies).attach(cache)
+    for name, value in output.items():
+        if isinstance(value, torch.Tensor):
+            output[name] = value.repeat_interleave(copies, dim=0)
+        elif isinstance(value, tuple):
+            output[name] = tuple(v.repeat_interleave(copies, dim=0) for v in value)
+    return output
 
 
 def _is_pixels(name: str, value: Any) -> bool:

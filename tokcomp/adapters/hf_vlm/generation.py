@@ -2,7 +2,8 @@
 record on the generation's Cache object (never on the model); later calls arrive in the
 original numbering (generate's attention mask and position ids count the unpruned prompt) and
 are translated to the pruned cache. Two generations never share a cache, so they never
-interfere."""
+interfere. generate's copies of a prompt (beams, several sequences) are made after the prefill,
+which runs once per prompt."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from tokcomp.adapters.hf_vlm.sequence import Packing, Prompt, pack, right_padded
 
 #: Attribute of the Cache object that holds a generation's Pruned bookkeeping.
 _ON_CACHE = "_tokcomp_pruned"
+#: generate's keyword (set when it copies prompts with images or videos) telling the prefill how
+#: many copies of each prompt follow one another in the batch.
+COPIES = "tokcomp_copies"
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,32 @@ class Call:
         named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kwargs"}
         return {**named, **self.kwargs}
 
+    def once_per(self, copies: int) -> Call:
+        """This call on the first of each `copies` consecutive copies of a prompt (the rows
+        `copied_rows` made)."""
+        rows = self.input_ids.shape
+
+        def first(value: Any, name: str = "") -> Any:
+            return first_copies(value, rows, copies, name)
+
+        return replace(
+            self,
+            input_ids=first(self.input_ids),
+            attention_mask=first(self.attention_mask),
+            position_ids=first(self.position_ids, "position_ids"),
+            inputs_embeds=first(self.inputs_embeds),
+            kwargs={name: first(value, name) for name, value in self.kwargs.items()},
+        )
+
+    def uses_cache(self, config: Any) -> bool:
+        """Whether this call keeps a cache (its use_cache, else the language model's `config`)."""
+        return config.use_cache if self.use_cache is None else self.use_cache
+
     def with_cache(self, config: Any) -> Call:
         """use_cache settled from `config`, and a fresh DynamicCache when caching without one."""
         from transformers.cache_utils import DynamicCache
 
-        use_cache = config.use_cache if self.use_cache is None else self.use_cache
+        use_cache = self.uses_cache(config)
         cache = DynamicCache(config=config) if use_cache and self.cache is None else self.cache
         return replace(self, cache=cache, use_cache=use_cache)
 
@@ -115,6 +140,18 @@ class Pruned:
         if cache is not None:
             setattr(cache, _ON_CACHE, self)
 
+    def copied(self, copies: int) -> Pruned:
+        """The record of a batch holding each of these prompts `copies` times in a row (never
+        one with decoding-time pruning, whose state is each sequence's own)."""
+
+        def rows(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.repeat_interleave(copies, dim=0)
+
+        spans = tuple(replace(s, mask=rows(s.mask), shift=rows(s.shift)) for s in self.spans)
+        return replace(
+            self, spans=spans, rope_delta=rows(self.rope_delta), dropped=rows(self.dropped)
+        )
+
     def new_tokens(self, cache: Any) -> int:
         """Tokens the generation added after the prompt, as `cache` holds them."""
         last = self.spans[-1]
@@ -132,6 +169,32 @@ def visual_tokens_dropped(cache: object | None) -> torch.Tensor | None:
     cache no pruned prefill filled."""
     pruned = pruned_of(cache)
     return None if pruned is None else pruned.dropped
+
+
+def copied_rows(value: Any, rows: torch.Size, copies: int, name: str = "") -> Any:
+    """generate's copies of a keyword for `copies` sequences per prompt: a tensor aligned with
+    the (B, L) `rows` of input_ids (masks, token types, embeddings; position_ids, whose batch
+    is dim 1 where it has 3 dims) repeated row by row, anything else (images, videos, their
+    sizes and grids) left per prompt, for the prefill to use once."""
+    dim = _row_dim(value, rows, name)
+    return value if dim is None else value.repeat_interleave(copies, dim=dim)
+
+
+def first_copies(value: Any, rows: torch.Size, copies: int, name: str = "") -> Any:
+    """What `copied_rows` copied, back to one row per prompt (`rows` counts the copies)."""
+    dim = _row_dim(value, rows, name)
+    if dim is None:
+        return value
+    return value.unflatten(dim, (-1, copies)).select(dim + 1, 0)
+
+
+def _row_dim(value: Any, rows: torch.Size, name: str) -> int | None:
+    """The batch dimension of a keyword aligned with input_ids' (B, L) `rows`, else None."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if name == "position_ids" and value.dim() == 3:
+        return 1 if value.shape[1:] == rows else None
+    return 0 if value.dim() >= 2 and value.shape[:2] == rows else None
 
 
 @dataclass(frozen=True)
