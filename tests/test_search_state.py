@@ -193,37 +193,34 @@ def _count_calls(monkeypatch, module, name: str) -> list[tuple]:
     return calls
 
 
-def test_a_diffrate_search_whose_config_write_fails_keeps_its_state_and_reruns_untrained(
-    tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    ("method", "options", "module", "work", "finished"),
+    [
+        ("diffrate", DIFFRATE, diffrate, "_backward", lambda saved: saved["epoch"] == 2),
+        (
+            "zero_tprune",
+            ZERO_TPRUNE,
+            zero_tprune,
+            "_trial",
+            lambda saved: len(saved["trials"]) == 3,
+        ),
+    ],
+)
+def test_a_search_whose_config_write_fails_keeps_its_state_and_reruns_no_work(
+    tmp_path, monkeypatch, capsys, method, options, module, work, finished
 ):
+    """A full disk at the end loses nothing: every epoch or trial stays saved, and the rerun
+    writes the config without training or trying anything again."""
     output = tmp_path / "searched.json"
     state = tmp_path / "searched.json.search-state.pt"
     with monkeypatch.context() as failing:
         given = _fail_config_writes(failing)
-        assert main(_argv("diffrate", DIFFRATE, output)) == 1
+        assert main(_argv(method, options, output)) == 1
     assert "No space left on device" in _refusal(capsys)
     assert state.is_file() and not output.exists()
-    assert torch.load(state, weights_only=True)["epoch"] == 2  # every epoch finished
+    assert finished(torch.load(state, weights_only=True))
 
-    steps = _count_calls(monkeypatch, diffrate, "_backward")
-    assert main(_argv("diffrate", DIFFRATE, output)) == 0
-    assert steps == [] and not state.exists()
-    assert json.loads(output.read_text()) == given[0]
-
-
-def test_a_zero_tprune_search_whose_config_write_fails_keeps_its_trials_and_reruns_none(
-    tmp_path, monkeypatch, capsys
-):
-    output = tmp_path / "searched.json"
-    state = tmp_path / "searched.json.search-state.pt"
-    with monkeypatch.context() as failing:
-        given = _fail_config_writes(failing)
-        assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 1
-    assert "No space left on device" in _refusal(capsys)
-    assert state.is_file() and not output.exists()
-    assert len(torch.load(state, weights_only=True)["trials"]) == 3  # every share tried
-
-    tried = _count_calls(monkeypatch, zero_tprune, "_trial")
-    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 0
-    assert tried == [] and not state.exists()
+    calls = _count_calls(monkeypatch, module, work)
+    assert main(_argv(method, options, output)) == 0
+    assert calls == [] and not state.exists()
     assert json.loads(output.read_text()) == given[0]
