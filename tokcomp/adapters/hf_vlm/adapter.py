@@ -178,16 +178,7 @@ class HFVLMAdapter(Adapter):
         if not (with_images or with_videos):
             return type(self.vlm.inner).forward(self.vlm.inner, **call.as_kwargs(), **images)
         if copies > 1:  # generate's copies of each prompt: the prefill runs once per prompt
-            if not call.uses_cache(self.vlm.language_model.config):
-                raise ValueError(
-                    "beams or several sequences per prompt on a pruned VLM copy the prompt's "
-                    "cache: generate with use_cache=True (the default)"
-                )
-            rows = call.input_ids.shape
-            call = call.once_per(copies)
-            images = {
-                name: first_copies(value, rows, copies, name) for name, value in images.items()
-            }
+            call, images = self._once_per_prompt(call, images, copies)
         if with_images and encoded["image"] is None:
             inputs = _present(images, self.vlm.encoder_inputs)
             encoded["image"] = self.get_image_features(compression, **inputs)
@@ -198,6 +189,20 @@ class HFVLMAdapter(Adapter):
         return output if copies == 1 else _copied(output, copies)
 
     # -- prefill and decoding ------------------------------------------------------------------
+    def _once_per_prompt(
+        self, call: Call, images: dict[str, Any], copies: int
+    ) -> tuple[Call, dict[str, Any]]:
+        """The prefill call and images of a batch holding each prompt `copies` times in a row,
+        on one copy of each (its cache and outputs are copied after: `_copied`)."""
+        if not call.uses_cache(self.vlm.language_model.config):
+            raise ValueError(
+                "beams or several sequences per prompt on a pruned VLM copy the prompt's "
+                "cache: generate with use_cache=True (the default)"
+            )
+        rows = call.input_ids.shape
+        once = {name: first_copies(value, rows, copies, name) for name, value in images.items()}
+        return call.once_per(copies), once
+
     def _prefill(
         self,
         compression: Compression,
