@@ -36,6 +36,7 @@ import tokcomp
 from tokcomp.adapters import find_adapter
 from tokcomp.adapters.hf_vlm.families import Images
 from tokcomp.adapters.hf_vlm.generation import pruned_of
+from tokcomp.harness.vqa import visual_tokens_kept
 from tokcomp.methods import LLMStageMethod, create_method, method_class
 from tokcomp.methods.visual import VisualSignal
 
@@ -1495,3 +1496,19 @@ def test_beam_search_on_a_pruned_vlm_without_its_cache_is_refused_in_one_line():
     batch, _ = _inputs(model, "llava")
     with pytest.raises(ValueError, match=r"^beams or several .* use_cache=True \(the default\)$"):
         _generate(model, batch, steps=2, num_beams=2, use_cache=False)
+
+
+@torch.no_grad()
+def test_the_harness_counts_each_prompts_kept_visual_tokens_once_under_beam_search():
+    model = tokcomp.apply(_model("llava"), "divprune", keep=0.4)
+    batch, _ = _inputs(model, "llava")
+
+    def kept(**options) -> int:
+        out = model.generate(
+            **batch, max_new_tokens=1, pad_token_id=PAD, return_dict_in_generate=True, **options
+        )
+        return visual_tokens_kept(out.cache, batch["input_ids"], [IMAGE])
+
+    greedy = kept(do_sample=False)
+    assert 0 < greedy < int((batch["input_ids"] == IMAGE).sum())
+    assert kept(num_beams=2) == kept(num_beams=3, num_return_sequences=3) == greedy

@@ -124,11 +124,15 @@ class Generation:
 def visual_tokens_kept(cache: object, input_ids: torch.Tensor, visual_ids: list[int]) -> int:
     """Visual tokens of the whole batch that the language model holds after the prefill: the
     prompt's tokens of `visual_ids` (`visual_token_ids`), less those tokcomp pruned (its record
-    on the generation's cache; FastV: the layers after K)."""
+    on the generation's cache, one row per beam or sequence, each prompt counted once; FastV:
+    the layers after K)."""
     ids = torch.tensor(visual_ids, device=input_ids.device)
     visual = int(torch.isin(input_ids, ids).sum())
     dropped = visual_tokens_dropped(cache)
-    return visual if dropped is None else visual - int(dropped.sum())
+    if dropped is None:
+        return visual
+    copies = dropped.shape[0] // input_ids.shape[0]
+    return visual - int(dropped[::copies].sum())
 
 
 #: Budget options that are the share of the visual tokens kept (what --budgets gives).

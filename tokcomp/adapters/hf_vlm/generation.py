@@ -165,8 +165,8 @@ def pruned_of(cache: object | None) -> Pruned | None:
 
 def visual_tokens_dropped(cache: object | None) -> torch.Tensor | None:
     """(B,) visual tokens tokcomp dropped from each prompt in the prefill that filled `cache`
-    (generate's past_key_values; an LLM-stage method: in the layers after its K); None for a
-    cache no pruned prefill filled."""
+    (generate's past_key_values, a row per beam or sequence; an LLM-stage method: in the layers
+    after its K); None for a cache no pruned prefill filled."""
     pruned = pruned_of(cache)
     return None if pruned is None else pruned.dropped
 
