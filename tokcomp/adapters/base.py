@@ -223,7 +223,24 @@ def _masked_softmax(
     return (weights + eps / tokens) / (weights.sum(dim=-1, keepdim=True) + eps)
 
 
-def masked_pool_attention(
+def pool_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    tokens: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """An attention pool's `attn` (a batch-first nn.MultiheadAttention) of (B, Q, E) `query`
+    over (B, N, kdim) `tokens`, with proportional attention's log sizes `bias` (B, 1, 1, N) on
+    its logits and, under the DiffRate search, no weight on the tokens its `key_mask` (B, N)
+    leaves out (one of the two at least given)."""
+    if key_mask is not None:
+        return _masked_pool_attention(attn, query, tokens, bias, key_mask)
+    mask = bias.expand(-1, attn.num_heads, query.shape[1], -1).flatten(0, 1)
+    return attn(query, tokens, tokens, need_weights=False, attn_mask=mask)[0]
+
+
+def _masked_pool_attention(
     attn: nn.MultiheadAttention,
     query: torch.Tensor,
     tokens: torch.Tensor,

@@ -25,8 +25,8 @@ from tokcomp.adapters.base import (
     compressed_block,
     empty_batch_output,
     linear_macs,
-    masked_pool_attention,
     mlp_hidden,
+    pool_attention,
     split_heads,
 )
 from tokcomp.errors import UsageError
@@ -445,11 +445,7 @@ def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torc
     if bias is None and state.mask is None:
         return head(last)
     probe = head.probe.repeat(last.shape[0], 1, 1)
-    if state.mask is not None:
-        pooled = masked_pool_attention(head.attention, probe, last, bias, state.mask)
-    else:
-        mask = bias.expand(-1, head.attention.num_heads, 1, -1).flatten(0, 1)
-        pooled = head.attention(probe, last, last, attn_mask=mask)[0]
+    pooled = pool_attention(head.attention, probe, last, bias, state.mask)
     return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
 
 

@@ -23,7 +23,7 @@ from tokcomp.adapters.base import (
     compressed_block,
     empty_batch_output,
     intermediates,
-    masked_pool_attention,
+    pool_attention,
     size_weighted_mean,
     split_heads,
 )
@@ -212,10 +212,7 @@ def _attention_pool(pooler: nn.Module, state: TokenState) -> torch.Tensor:
         return pooler(state.x)
     x = pooler.ln_k(state.x)
     query = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-    if state.mask is not None:
-        return masked_pool_attention(pooler.attn, query, x, bias, state.mask)
-    mask = bias.expand(-1, pooler.attn.num_heads, query.shape[1], -1).flatten(0, 1)
-    return pooler.attn(query, x, x, need_weights=False, attn_mask=mask)[0]
+    return pool_attention(pooler.attn, query, x, bias, state.mask)
 
 
 def _norm_before_pool(visual: nn.Module) -> bool:
