@@ -12,6 +12,7 @@ wide to trust (flagged "?").
 
     python eval/bench_compile.py                     # about 15-25 minutes on 2 busy cores
     python eval/bench_compile.py --dtype bfloat16 --models deit_small_patch16_224
+    python eval/bench_compile.py --dtype bfloat16 --variant tome:r=0 --variant tome:r=13
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import refusing, script_parser, timm_models
 
-from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.bench import (
+    BenchRow,
+    BenchSettings,
+    Variant,
+    benchmark,
+    format_table,
+    parse_variant,
+    rows_to_json,
+    variant_model,
+)
 from tokcomp.errors import UsageError
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 
@@ -81,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", type=timm_models, default=",".join(MODELS), help="timm model names"
     )
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="method:key=value,... to time instead of the two defaults (repeatable); "
+        "tome:r=0 runs tokcomp's blocks reducing nothing",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, default=2)
@@ -93,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing --json files")
     args = parser.parse_args(argv)
-    if args.json:
-        with refusing(parser):
+    variants = args.variant or VARIANTS
+    with refusing(parser):  # before any work: each variant applied once to each model
+        if args.json:
             check_json_folder(args.json, args.models, args.dtype, args.force)
+        for name in args.models:
+            for variant in variants:
+                variant_model(timm.create_model(name), variant)
     settings = BenchSettings(
         batch_size=args.batch_size,
         dtype=args.dtype,
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name in args.models:
         torch.manual_seed(0)
-        rows = benchmark(timm.create_model(name), VARIANTS, settings)
+        rows = benchmark(timm.create_model(name), variants, settings)
         print(
             f"\n{name}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, CPU, "
             f"compiled (inductor) and eager, medians of {args.repeats} interleaved rounds, "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as hf
 from conftest import BATCH_POSITION_DEPENDENT, spread_weights, tiny_vit
 from method_options import keep_all, middle
@@ -21,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokcomp
-from tokcomp.adapters import find_adapter
+from tokcomp.adapters import base, find_adapter
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch
 from tokcomp.schedule import model_macs
 
@@ -218,6 +219,73 @@ def test_middle_budget_is_batch_independent_and_keeps_protected_tokens(method, c
     if method in MERGE_ONLY:
         assert torch.equal(state.source.sum(dim=1), torch.ones(len(images), tokens))
         torch.testing.assert_close(state.size.sum(dim=1), torch.full((len(images),), 1.0 * tokens))
+
+
+def _self_attention_rows(monkeypatch) -> list[int]:
+    """The rows of every fused self-attention call from now on (not the pools' queries)."""
+    rows, fused = [], F.scaled_dot_product_attention
+
+    def recording(q, k, *args, **kwargs):
+        if q.shape[-2] == k.shape[-2]:
+            rows.append(q.shape[-2])
+        return fused(q, k, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return rows
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", [*sorted(CASES), "timm"])
+@torch.no_grad()
+def test_attention_rows_padded_for_the_bfloat16_cpu_kernel_change_nothing(
+    method, case, images, monkeypatch
+):
+    """The rows a block pads for PyTorch's bfloat16 CPU attention (to a multiple of 16) are
+    masked out and dropped: forced on in float32, where the comparison is exact to rounding,
+    the output is the unpadded one, and every fused attention ran on padded rows."""
+    model = tiny_vit() if case == "timm" else tiny(case)
+    output = (lambda m, x: m(x)) if case == "timm" else CASES[case].output
+    tokcomp.apply(model, method, **middle(method, *_geometry(model)))
+    want = output(model, images)
+    monkeypatch.setattr(base, "_bfloat16_on_cpu", lambda x: True)
+    rows = _self_attention_rows(monkeypatch)
+    got = output(model, images)
+    assert all(count % base.BFLOAT16_ATTENTION_ROWS == 0 for count in rows)
+    # Zero-TPrune, and EViT without a class token, may attend through the matrix everywhere
+    assert rows or method in {"zero_tprune", "evit"}
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "padded"),
+    [
+        (torch.float32, torch.bfloat16, True),
+        (torch.bfloat16, None, True),
+        (torch.float32, None, False),
+        (torch.float32, torch.float16, False),
+    ],
+)
+@torch.no_grad()
+def test_attention_rows_are_padded_where_the_cpu_attention_runs_in_bfloat16(
+    dtype, autocast, padded, images, monkeypatch
+):
+    """Padding goes with bfloat16 CPU attention (a bfloat16 model, or CPU autocast to it)
+    only; the blocks whose method needs the attention matrix keep their rows."""
+    tokens = _geometry(tiny_vit())[0]
+    model = tokcomp.apply(tiny_vit().to(dtype), "tome", r=3)
+    rows = _self_attention_rows(monkeypatch)
+    with torch.autocast("cpu", autocast or torch.bfloat16, enabled=autocast is not None):
+        model(images.to(dtype))
+    schedule = [tokens, *tokcomp.config_of(model).schedule[:-1]]
+    padding = base.BFLOAT16_ATTENTION_ROWS if padded else 1
+    assert rows == [-(-count // padding) * padding for count in schedule]
+    assert (rows != schedule) == padded
+
+    rows.clear()
+    tokcomp.apply(model, "zero_tprune", keep_ratio=0.7, layers=[1, 2])
+    with torch.autocast("cpu", torch.bfloat16):
+        model(images.to(dtype))
+    assert len(rows) == 2  # the two blocks that prune attend through the attention matrix
 
 
 @pytest.mark.parametrize("wrapper_first_out", [True, False])

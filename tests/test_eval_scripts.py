@@ -49,6 +49,8 @@ CASES = [
     ("probe_cpu_attention", ["--option", "r"], "--option", {"median_ms": long_work}),
     ("bench_vlm_generate", ["--batches", "0,abc"], "--batches", {"build": long_work}),
     ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
+    ("bench_compile", ["--variant", "tome:rr=1"], "rr", {"benchmark": long_work}),
+    ("bench_compile", ["--variant", "tome:r"], "--variant", {"benchmark": long_work}),
     ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
     ("bench_ops", ["--shape", "1,2"], "--shape", {"run": long_work}),
     ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),

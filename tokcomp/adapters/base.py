@@ -27,6 +27,11 @@ from tokcomp.methods import (
 )
 from tokcomp.schedule import ModelSpec
 
+#: Rows PyTorch's fused CPU attention is fastest on in bfloat16: a multiple of 16. At the
+#: token counts merging leaves it takes up to twice the time it takes at the next multiple
+#: of 16 (docs/methods.md section 8.1), so a block pads its rows there.
+BFLOAT16_ATTENTION_ROWS = 16
+
 
 class UnsupportedModelError(TypeError):
     """Raised for a model (or a part of one) that no adapter can patch."""
@@ -83,10 +88,25 @@ class Compression:
         """Block `index`'s multi-head attention on (B, heads, N, head_dim) q, k, v: with
         proportional attention and the search mask where they apply, plus the signals the
         method needs at this block (and only where it reduces)."""
-        keep = self.schedule[index]
-        needs = self.needs if self.method.acts(keep, state.tokens) else ()
+        needs = self._needs(index, state)
         bias = state.log_size_bias() if self.method.prop_attn else None
-        return attend(q, k, v, scale, bias, needs, dropout, state.mask, self.spec.class_token)
+        return attend(
+            q, k, v, scale, bias, needs, dropout, state.mask, self.spec.class_token, state.tokens
+        )
+
+    def attention_rows(self, index: int, state: TokenState, x: torch.Tensor) -> int:
+        """Rows block `index` runs its attention on, `x` its normed input: the tokens, padded
+        to a multiple of BFLOAT16_ATTENTION_ROWS where the fused attention runs in bfloat16
+        on the CPU (the padding rows are masked out as keys and dropped after)."""
+        tokens = state.tokens
+        fused = not full_attention(self._needs(index, state), state.mask, self.spec.class_token)
+        if not (fused and _bfloat16_on_cpu(x)):
+            return tokens
+        return -(-tokens // BFLOAT16_ATTENTION_ROWS) * BFLOAT16_ATTENTION_ROWS
+
+    def _needs(self, index: int, state: TokenState) -> tuple[Signal, ...]:
+        """The signals block `index`'s attention computes: the method's where it reduces."""
+        return self.needs if self.method.acts(self.schedule[index], state.tokens) else ()
 
     def reduce(self, index: int, state: TokenState, signals: Signals) -> TokenState:
         """Reduce `state` to block `index`'s budget (no-op where the method does not act)."""
@@ -119,9 +139,12 @@ def compressed_block(
 ) -> TokenState:
     """One encoder block with the reduction between attention and MLP."""
     x = parts.norm1(state.x)
+    rows = compression.attention_rows(index, state, x)
+    if rows > state.tokens:  # padded before the projections: the padding fuses into the norm
+        x = F.pad(x, (0, 0, 0, rows - state.tokens))
     q, k, v = parts.qkv(x)
     out, signals = compression.attention(index, state, q, k, v, parts.scale, parts.dropout)
-    out = parts.output(out.transpose(1, 2).flatten(2), x)
+    out = parts.output(out.transpose(1, 2).flatten(2), x)[:, : state.tokens]
     state = state.with_x(state.x + through(parts.after_attn, out))
     state = compression.reduce(index, state, signals)
     mlp_out = parts.mlp(parts.norm2(state.x))
@@ -150,6 +173,7 @@ def attend(
     dropout: float = 0.0,
     key_mask: torch.Tensor | None = None,
     class_token: bool = True,
+    tokens: int | None = None,
 ) -> tuple[torch.Tensor, Signals]:
     """Multi-head attention plus the requested signals.
 
@@ -158,23 +182,52 @@ def attend(
     search); the class-token row alone is computed on the side when only it is needed.
     Without a class token, CLS_ATTN is the mean attention each token receives. The signals
     are float32 whatever the model's dtype (the methods rank and match tokens by them).
+    On the fused path, q, k and v may have padding rows after their first `tokens` (default:
+    none), which no query attends to and which the signals leave out.
     """
-    keys = k.float().mean(dim=1) if Signal.KEYS in needs else None
-    full = Signal.ATTN in needs or key_mask is not None
-    if Signal.CLS_ATTN in needs and not class_token:
-        full = True
-    if full:
+    rows = q.shape[2]
+    tokens = rows if tokens is None else tokens
+    keys = k[:, :, :tokens].float().mean(dim=1) if Signal.KEYS in needs else None
+    if full_attention(needs, key_mask, class_token):
         probs = attention_probs(q, k, scale, bias, key_mask)
         attn = probs.to(q.dtype)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
         cls_attn = probs[:, :, 0] if class_token else _received(probs, key_mask)
         full_attn = probs if Signal.ATTN in needs else None
         return mixed, Signals(keys=keys, cls_attn=cls_attn, attn=full_attn)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    mask = bias if rows == tokens else _padding_masked(bias, q, tokens)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
     cls_attn = None
     if Signal.CLS_ATTN in needs:
-        cls_attn = attention_probs(q[:, :, :1], k, scale, bias)[:, :, 0]
+        cls_attn = attention_probs(q[:, :, :1], k[:, :, :tokens], scale, bias)[:, :, 0]
     return out, Signals(keys=keys, cls_attn=cls_attn)
+
+
+def full_attention(
+    needs: Collection[Signal], key_mask: torch.Tensor | None, class_token: bool
+) -> bool:
+    """Whether `attend` computes the whole attention matrix (not the fused kernel): for the
+    ATTN signal, a search mask, or CLS_ATTN without a class token (the attention received)."""
+    cls_from_matrix = Signal.CLS_ATTN in needs and not class_token
+    return Signal.ATTN in needs or key_mask is not None or cls_from_matrix
+
+
+def _padding_masked(bias: torch.Tensor | None, q: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The additive key mask (B, 1, 1, rows) over q's rows: `bias` (B, 1, 1, tokens) or zeros on
+    the tokens, -inf on the padding rows after them."""
+    if bias is None:
+        bias = q.new_zeros(q.shape[0], 1, 1, tokens)
+    return F.pad(bias, (0, q.shape[2] - tokens), value=float("-inf"))
+
+
+def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
+    """Whether the attention of a block whose normed input is `x` runs in bfloat16 on the CPU
+    (a bfloat16 model, or CPU autocast to bfloat16)."""
+    if x.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 def _received(probs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
