@@ -1,7 +1,8 @@
 """Where does bfloat16 ToMe lose its speed-up on the CPU? Time PyTorch's fused attention
 (scaled_dot_product_attention, the CPU flash kernel) at the token count each block of a
 compressed DeiT-S attends over, in bfloat16 and float32, with and without proportional
-attention's log-size mask (as a float32 and as a bfloat16 tensor).
+attention's log-size mask (as a float32 and as a bfloat16 tensor), and in bfloat16 also as
+tokcomp runs it: rows padded to a multiple of 16, the padding masked out as keys.
 
 Each token count's time is compared with the unpruned count's time scaled by (N / N0)^2, the
 share of attention MACs the block keeps: a ratio above 1 is time the kernel loses at that
@@ -33,7 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import method_name, refusing, script_parser
 
 import tokcomp
+from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS
 from tokcomp.harness.arguments import positive_int, timm_model
+
+#: The padded call's column: what a tokcomp block runs in bfloat16 on the CPU.
+PADDED = f"padded to {BFLOAT16_ATTENTION_ROWS}"
 
 
 def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
@@ -45,17 +50,30 @@ def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
 
 def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
     """One fused-attention call per mask variant (none, float32, and in q's dtype where that
-    differs), on q, k, v strided as timm's qkv split."""
-    qkv = torch.randn(batch, tokens, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    differs), on q, k, v strided as timm's qkv split; in bfloat16 also the float32 mask on
+    rows padded as a tokcomp block pads them (BFLOAT16_ATTENTION_ROWS)."""
+    q, k, v = _split_qkv(tokens, batch, heads, head_dim, dtype)
     bias = (torch.rand(batch, tokens) * 3 + 1).log()[:, None, None, :]
     masks = {"no mask": None, "fp32 mask": bias}
     if dtype != torch.float32:
         masks[f"{str(dtype).removeprefix('torch.')} mask"] = bias.to(dtype)
-    return {
+    calls = {
         name: lambda mask=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         for name, mask in masks.items()
     }
+    if dtype == torch.bfloat16:
+        multiple = BFLOAT16_ATTENTION_ROWS
+        rows = -(-tokens // multiple) * multiple
+        padded = _split_qkv(rows, batch, heads, head_dim, dtype)
+        mask = F.pad(bias, (0, rows - tokens), value=float("-inf"))
+        calls[PADDED] = lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask)
+    return calls
+
+
+def _split_qkv(rows: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> tuple:
+    """q, k, v of `rows` tokens, strided as timm's split of one qkv projection."""
+    qkv = torch.randn(batch, rows, 3, heads, head_dim, dtype=dtype).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
 
 
 def median_ms(calls: dict, rounds: int) -> dict:
@@ -132,6 +150,14 @@ def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
         f"{total / (full * len(counts)):.3f} of {len(counts)} blocks at {counts[0]} tokens "
         f"without a mask; their N^2 share {share:.3f}"
     )
+    if PADDED in names:
+        padded = sum(ms[tokens, PADDED] for tokens in counts)
+        print(
+            f"as a tokcomp block runs it (padded): {padded:.1f} ms = "
+            f"{padded / (full * len(counts)):.3f} of the same (the unpatched model), "
+            f"{padded / (ms[counts[0], PADDED] * len(counts)):.3f} of {len(counts)} padded "
+            f"blocks at {counts[0]} tokens"
+        )
 
 
 if __name__ == "__main__":
