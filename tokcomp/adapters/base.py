@@ -99,7 +99,7 @@ class Compression:
         to a multiple of BFLOAT16_ATTENTION_ROWS where the fused attention runs in bfloat16
         on the CPU (the padding rows are masked out as keys and dropped after)."""
         tokens = state.tokens
-        fused = not full_attention(self._needs(index, state), state.mask, self.spec.class_token)
+        fused = not _full_attention(self._needs(index, state), state.mask, self.spec.class_token)
         if not (fused and _bfloat16_on_cpu(x)):
             return tokens
         return -(-tokens // BFLOAT16_ATTENTION_ROWS) * BFLOAT16_ATTENTION_ROWS
@@ -188,7 +188,7 @@ def attend(
     rows = q.shape[2]
     tokens = rows if tokens is None else tokens
     keys = k[:, :, :tokens].float().mean(dim=1) if Signal.KEYS in needs else None
-    if full_attention(needs, key_mask, class_token):
+    if _full_attention(needs, key_mask, class_token):
         probs = attention_probs(q, k, scale, bias, key_mask)
         attn = probs.to(q.dtype)
         mixed = (F.dropout(attn, dropout) if dropout else attn) @ v
@@ -203,7 +203,7 @@ def attend(
     return out, Signals(keys=keys, cls_attn=cls_attn)
 
 
-def full_attention(
+def _full_attention(
     needs: Collection[Signal], key_mask: torch.Tensor | None, class_token: bool
 ) -> bool:
     """Whether `attend` computes the whole attention matrix (not the fused kernel): for the
