@@ -10,6 +10,7 @@ count. Interleaved rounds, medians (docs/methods.md section 8.1).
 
     python eval/probe_cpu_attention.py                                  # ToMe r=13
     python eval/probe_cpu_attention.py --method pitome --option target_macs=0.6
+    python eval/probe_cpu_attention.py --tokens 197,225,257,289 --model vit_base_patch16_224
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import method_name, refusing, script_parser
+from script_args import method_name, positive_ints, refusing, script_parser
 
 import tokcomp
 from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--option", action="append", type=python_option, default=[], help="key=value (python)"
     )
+    parser.add_argument(
+        "--tokens",
+        type=positive_ints,
+        help="token counts to time instead of the method's schedule, e.g. 197,225,257",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--rounds", type=positive_int, default=9)
@@ -119,10 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(args.option) or ({"r": 13} if args.method == "tome" else {})
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    with refusing(parser):  # the method's options, on the model, before any timing
-        counts = attended_counts(args.model, args.method, options)
+    if args.tokens:
+        counts = args.tokens
+        print(f"{args.model}: the token counts asked for {counts}")
+    else:
+        with refusing(parser):  # the method's options, on the model, before any timing
+            counts = attended_counts(args.model, args.method, options)
+        print(f"{args.model} {args.method} {options}: tokens attended per block {counts}")
     attn = timm.create_model(args.model).blocks[0].attn
-    print(f"{args.model} {args.method} {options}: tokens attended per block {counts}")
     for dtype in (torch.bfloat16, torch.float32):
         calls = {}
         for tokens in counts:
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
-    """One row per block; the total as the model runs it (no mask until the first merge)."""
+    """One row per block (per count asked for); the total as the model runs it (no mask until
+    the first merge)."""
     names = list(dict.fromkeys(name for _, name in ms))
     print(f"\n{dtype}, batch {args.batch_size}, {args.threads} threads, ms (median)")
     print(f"{'tokens':>6}" + "".join(f"{n:>15}" for n in names) + f"{'N^2 share':>15}")
@@ -143,6 +154,8 @@ def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
         print(
             f"{tokens:>6}" + "".join(f"{ms[tokens, n]:>15.2f}" for n in names) + f"{ideal:>15.2f}"
         )
+    if args.tokens:  # counts asked for, not a model's blocks: no total as the model runs it
+        return
     total = full + sum(ms[tokens, "fp32 mask"] for tokens in counts[1:])
     share = sum(t * t for t in counts) / (len(counts) * counts[0] ** 2)
     print(

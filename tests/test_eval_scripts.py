@@ -47,6 +47,7 @@ CASES = [
     ("bench_encoders", ["--device", "tpu"], "--device", {"run_tower": long_work}),
     ("probe_cpu_attention", ["--method", "nosuch"], "--method", {"median_ms": long_work}),
     ("probe_cpu_attention", ["--option", "r"], "--option", {"median_ms": long_work}),
+    ("probe_cpu_attention", ["--tokens", "197,0"], "--tokens", {"median_ms": long_work}),
     ("bench_vlm_generate", ["--batches", "0,abc"], "--batches", {"build": long_work}),
     ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
     ("bench_compile", ["--variant", "tome:rr=1"], "rr", {"benchmark": long_work}),
