@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             check_json_folder(args.json, args.models, args.dtype, args.force)
         for name in args.models:
+            model = timm.create_model(name)
             for variant in variants:
-                variant_model(timm.create_model(name), variant)
+                variant_model(model, variant)
     settings = BenchSettings(
         batch_size=args.batch_size,
         dtype=args.dtype,

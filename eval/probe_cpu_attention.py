@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import method_name, positive_ints, refusing, script_parser
 
 import tokcomp
-from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS
+from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS, padded_attention_rows
 from tokcomp.harness.arguments import positive_int, timm_model
 
 #: The padded call's column: what a tokcomp block runs in bfloat16 on the CPU.
@@ -52,7 +52,7 @@ def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
 def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
     """One fused-attention call per mask variant (none, float32, and in q's dtype where that
     differs), on q, k, v strided as timm's qkv split; in bfloat16 also the float32 mask on
-    rows padded as a tokcomp block pads them (BFLOAT16_ATTENTION_ROWS)."""
+    rows padded as a tokcomp block pads them (padded_attention_rows)."""
     q, k, v = _split_qkv(tokens, batch, heads, head_dim, dtype)
     bias = (torch.rand(batch, tokens) * 3 + 1).log()[:, None, None, :]
     masks = {"no mask": None, "fp32 mask": bias}
@@ -63,8 +63,7 @@ def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: t
         for name, mask in masks.items()
     }
     if dtype == torch.bfloat16:
-        multiple = BFLOAT16_ATTENTION_ROWS
-        rows = -(-tokens // multiple) * multiple
+        rows = padded_attention_rows(tokens)
         padded = _split_qkv(rows, batch, heads, head_dim, dtype)
         mask = F.pad(bias, (0, rows - tokens), value=float("-inf"))
         calls[PADDED] = lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask)

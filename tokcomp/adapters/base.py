@@ -100,9 +100,7 @@ class Compression:
         on the CPU (the padding rows are masked out as keys and dropped after)."""
         tokens = state.tokens
         fused = not _full_attention(self._needs(index, state), state.mask, self.spec.class_token)
-        if not (fused and _bfloat16_on_cpu(x)):
-            return tokens
-        return -(-tokens // BFLOAT16_ATTENTION_ROWS) * BFLOAT16_ATTENTION_ROWS
+        return padded_attention_rows(tokens) if fused and _bfloat16_on_cpu(x) else tokens
 
     def _needs(self, index: int, state: TokenState) -> tuple[Signal, ...]:
         """The signals block `index`'s attention computes: the method's where it reduces."""
@@ -218,6 +216,11 @@ def _padding_masked(bias: torch.Tensor | None, q: torch.Tensor, tokens: int) -> 
     if bias is None:
         bias = q.new_zeros(q.shape[0], 1, 1, tokens)
     return F.pad(bias, (0, q.shape[2] - tokens), value=float("-inf"))
+
+
+def padded_attention_rows(tokens: int) -> int:
+    """`tokens` rounded up to the multiple of BFLOAT16_ATTENTION_ROWS a block pads them to."""
+    return -(-tokens // BFLOAT16_ATTENTION_ROWS) * BFLOAT16_ATTENTION_ROWS
 
 
 def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
