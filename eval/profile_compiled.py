@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import script_parser
+from script_args import refusing, script_parser
 
 from tokcomp.bench import BASELINE, Variant, compiled, parse_variant, runner, variant_model
 from tokcomp.harness.arguments import positive_int, timm_model
@@ -100,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
     images = torch.randn(args.batch_size, 3, 224, 224)
-    runs = {
-        v.label: runner(compiled(variant_model(model, v)), images, args.dtype)
-        for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
-    }
+    with refusing(parser):  # a variant the model cannot take, before any compiling
+        variants = {
+            v.label: variant_model(model, v)
+            for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
+        }
+    runs = {label: runner(compiled(v), images, args.dtype) for label, v in variants.items()}
     for forward in runs.values():  # compile, then one warm call
         forward()
         forward()

@@ -59,6 +59,7 @@ CASES = [
     ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
     ("probe_dinov2_attention", ["--target", "2"], "--target", {"create_model": long_work}),
     ("profile_compiled", ["--model", "nosuch"], "--model", {"runner": long_work}),
+    ("profile_compiled", ["--variant", "tome:rr=1"], "rr", {"runner": long_work}),
     ("probe_selection", ["--keep-ratios", "2"], "--keep-ratios", {"create_model": long_work}),
     ("probe_attention_precision", ["--keeps", "0"], "--keeps", {"load_vlm": long_work}),
     ("probe_attention_precision", ["--images", "0"], "--images", {"load_vlm": long_work}),
