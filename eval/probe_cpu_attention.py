@@ -2,7 +2,8 @@
 (scaled_dot_product_attention, the CPU flash kernel) at the token count each block of a
 compressed DeiT-S attends over, in bfloat16 and float32, with and without proportional
 attention's log-size mask (as a float32 and as a bfloat16 tensor), and in bfloat16 also as
-tokcomp runs it: rows padded to a multiple of 16, the padding masked out as keys.
+tokcomp runs it below 192 tokens: rows padded to a multiple of 16, the padding masked out as
+keys (and, with --multiples, padded to other multiples, to compare).
 
 Each token count's time is compared with the unpruned count's time scaled by (N / N0)^2, the
 share of attention MACs the block keeps: a ratio above 1 is time the kernel loses at that
@@ -11,6 +12,7 @@ count. Interleaved rounds, medians (docs/methods.md section 8.1).
     python eval/probe_cpu_attention.py                                  # ToMe r=13
     python eval/probe_cpu_attention.py --method pitome --option target_macs=0.6
     python eval/probe_cpu_attention.py --tokens 197,225,257,289 --model vit_base_patch16_224
+    python eval/probe_cpu_attention.py --tokens 184,257,289,385,577 --multiples 32,64
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import argparse
 import ast
 import statistics
 import sys
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import timm
@@ -35,9 +37,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import method_name, positive_ints, refusing, script_parser
 
 import tokcomp
-from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS, padded_attention_rows
+from tokcomp.adapters.base import (
+    BFLOAT16_ATTENTION_ROWS,
+    BFLOAT16_PADDED_BELOW,
+    padded_attention_rows,
+    rounded_up,
+)
 from tokcomp.harness.arguments import positive_int, timm_model
+from tokcomp.harness.timing import Contender, interleaved
 
+CPU = torch.device("cpu")
 #: The padded call's column: what a tokcomp block runs in bfloat16 on the CPU.
 PADDED = f"padded to {BFLOAT16_ATTENTION_ROWS}"
 
@@ -49,10 +58,18 @@ def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
     return [config.model["tokens"], *config.schedule[:-1]]
 
 
-def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> dict:
+def attention_calls(
+    tokens: int,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    multiples: Sequence[int] = (),
+) -> dict:
     """One fused-attention call per mask variant (none, float32, and in q's dtype where that
     differs), on q, k, v strided as timm's qkv split; in bfloat16 also the float32 mask on
-    rows padded as a tokcomp block pads them (padded_attention_rows)."""
+    rows padded to a multiple of 16, as a tokcomp block pads them below BFLOAT16_PADDED_BELOW
+    tokens, and padded to each of the other `multiples` for comparison."""
     q, k, v = _split_qkv(tokens, batch, heads, head_dim, dtype)
     bias = (torch.rand(batch, tokens) * 3 + 1).log()[:, None, None, :]
     masks = {"no mask": None, "fp32 mask": bias}
@@ -63,11 +80,19 @@ def attention_calls(tokens: int, batch: int, heads: int, head_dim: int, dtype: t
         for name, mask in masks.items()
     }
     if dtype == torch.bfloat16:
-        rows = padded_attention_rows(tokens)
-        padded = _split_qkv(rows, batch, heads, head_dim, dtype)
-        mask = F.pad(bias, (0, rows - tokens), value=float("-inf"))
-        calls[PADDED] = lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask)
+        for multiple in (BFLOAT16_ATTENTION_ROWS, *multiples):
+            calls[f"padded to {multiple}"] = _padded_call(tokens, multiple, bias, heads, head_dim)
     return calls
+
+
+def _padded_call(
+    tokens: int, multiple: int, bias: torch.Tensor, heads: int, head_dim: int
+) -> Callable[[], torch.Tensor]:
+    """The bfloat16 attention call on rows padded to `multiple`, the padding masked out."""
+    rows = rounded_up(tokens, multiple)
+    padded = _split_qkv(rows, bias.shape[0], heads, head_dim, torch.bfloat16)
+    mask = F.pad(bias, (0, rows - tokens), value=float("-inf"))
+    return lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask)
 
 
 def _split_qkv(rows: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> tuple:
@@ -78,16 +103,12 @@ def _split_qkv(rows: int, batch: int, heads: int, head_dim: int, dtype: torch.dt
 
 def median_ms(calls: dict, rounds: int) -> dict:
     """Median milliseconds of each call over `rounds` rounds that each run every call once
-    (one warm-up round), so that the machine's load hits all calls alike."""
-    times: dict = {key: [] for key in calls}
+    (one warm-up round), in reverse order every other round, so that the machine's load and a
+    call's place in the round hit all calls alike."""
     with torch.inference_mode():
-        for round_index in range(rounds + 1):
-            for key, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if round_index:
-                    times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) * 1e3 for key, values in times.items()}
+        times = interleaved([Contender(call) for call in calls.values()], rounds, CPU)
+    medians = [statistics.median(seconds) * 1e3 for seconds in times]
+    return dict(zip(calls, medians, strict=True))
 
 
 def python_option(text: str) -> tuple[str, object]:
@@ -117,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         type=positive_ints,
         help="token counts to time instead of the method's schedule, e.g. 197,225,257",
     )
+    parser.add_argument(
+        "--multiples",
+        type=positive_ints,
+        default=[],
+        help="other row multiples to pad to beside tokcomp's 16, for comparison, e.g. 32,64",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--rounds", type=positive_int, default=9)
@@ -135,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in (torch.bfloat16, torch.float32):
         calls = {}
         for tokens in counts:
-            shaped = attention_calls(tokens, args.batch_size, attn.num_heads, attn.head_dim, dtype)
+            shaped = attention_calls(
+                tokens, args.batch_size, attn.num_heads, attn.head_dim, dtype, args.multiples
+            )
             calls.update({(tokens, name): call for name, call in shaped.items()})
         ms = median_ms(calls, args.rounds)
         print_table(ms, counts, dtype, args)
@@ -163,13 +192,20 @@ def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
         f"without a mask; their N^2 share {share:.3f}"
     )
     if PADDED in names:
-        padded = sum(ms[tokens, PADDED] for tokens in counts)
+        runs = [_as_tokcomp_runs(ms, tokens, tokens == counts[0]) for tokens in counts]
         print(
-            f"as a tokcomp block runs it (padded): {padded:.1f} ms = "
-            f"{padded / (full * len(counts)):.3f} of the same (the unpatched model), "
-            f"{padded / (ms[counts[0], PADDED] * len(counts)):.3f} of {len(counts)} padded "
-            f"blocks at {counts[0]} tokens"
+            f"as a tokcomp block runs it (padded to {BFLOAT16_ATTENTION_ROWS} below "
+            f"{BFLOAT16_PADDED_BELOW} tokens): {sum(runs):.1f} ms = "
+            f"{sum(runs) / (full * len(counts)):.3f} of the same (the unpatched model)"
         )
+
+
+def _as_tokcomp_runs(ms: dict, tokens: int, first: bool) -> float:
+    """The median time of the call a tokcomp block makes at `tokens` in bfloat16: padded, or
+    unpadded (without a mask in the first block, before any merge)."""
+    if padded_attention_rows(tokens) > tokens:
+        return ms[tokens, PADDED]
+    return ms[tokens, "no mask" if first else "fp32 mask"]
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ names the option, exit code 2, before any long work (which each test replaces by
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_vit
 from fixtures import EVAL, eval_script
 
@@ -48,6 +49,7 @@ CASES = [
     ("probe_cpu_attention", ["--method", "nosuch"], "--method", {"median_ms": long_work}),
     ("probe_cpu_attention", ["--option", "r"], "--option", {"median_ms": long_work}),
     ("probe_cpu_attention", ["--tokens", "197,0"], "--tokens", {"median_ms": long_work}),
+    ("probe_cpu_attention", ["--multiples", "32,0"], "--multiples", {"median_ms": long_work}),
     ("bench_vlm_generate", ["--batches", "0,abc"], "--batches", {"build": long_work}),
     ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
     ("bench_compile", ["--variant", "tome:rr=1"], "rr", {"benchmark": long_work}),
@@ -122,6 +124,14 @@ def test_diffrate_presets_refuse_a_missing_or_malformed_file(
     patched = {"write_presets": long_work}
     err = refused("make_diffrate_presets", [str(path)], str(path), capsys, monkeypatch, **patched)
     assert ("no such file" if content is None else "not valid JSON") in err
+
+
+def test_probe_cpu_attention_pads_bfloat16_rows_to_each_multiple_asked_for():
+    script = eval_script("probe_cpu_attention")
+    calls = script.attention_calls(197, 2, 3, 8, torch.bfloat16, multiples=[32, 64])
+    rows = {name: call().shape[2] for name, call in calls.items() if name.startswith("padded")}
+    assert rows == {"padded to 16": 208, "padded to 32": 224, "padded to 64": 256}
+    assert "padded to 16" not in script.attention_calls(197, 2, 3, 8, torch.float32, [32])
 
 
 def test_probe_selection_finds_its_checkpoint_from_any_folder(tmp_path, monkeypatch):

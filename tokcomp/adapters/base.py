@@ -27,10 +27,13 @@ from tokcomp.methods import (
 )
 from tokcomp.schedule import ModelSpec
 
-#: Rows PyTorch's fused CPU attention is fastest on in bfloat16: a multiple of 16. At the
-#: token counts merging leaves it takes up to twice the time it takes at the next multiple
-#: of 16 (docs/methods.md section 8.1), so a block pads its rows there.
+#: Rows PyTorch's fused CPU attention is fastest on in bfloat16 below BFLOAT16_PADDED_BELOW
+#: tokens: a multiple of 16. At the token counts merging leaves there it takes up to twice the
+#: time it takes at the next multiple of 16 (docs/methods.md section 8.1), so a block pads.
 BFLOAT16_ATTENTION_ROWS = 16
+#: From this many tokens on a block keeps its rows: there the kernel splits the queries into
+#: 64-row blocks (32 below), and padding gains at some counts, loses at others (section 8.1).
+BFLOAT16_PADDED_BELOW = 192
 
 
 class UnsupportedModelError(TypeError):
@@ -96,8 +99,8 @@ class Compression:
 
     def attention_rows(self, index: int, state: TokenState, x: torch.Tensor) -> int:
         """Rows block `index` runs its attention on, `x` its normed input: the tokens, padded
-        to a multiple of BFLOAT16_ATTENTION_ROWS where the fused attention runs in bfloat16
-        on the CPU (the padding rows are masked out as keys and dropped after)."""
+        (`padded_attention_rows`) where the fused attention runs in bfloat16 on the CPU (the
+        padding rows are masked out as keys and dropped after)."""
         tokens = state.tokens
         fused = not _full_attention(self._needs(index, state), state.mask, self.spec.class_token)
         return padded_attention_rows(tokens) if fused and _bfloat16_on_cpu(x) else tokens
@@ -219,8 +222,16 @@ def _padding_masked(bias: torch.Tensor | None, q: torch.Tensor, tokens: int) -> 
 
 
 def padded_attention_rows(tokens: int) -> int:
-    """`tokens` rounded up to the multiple of BFLOAT16_ATTENTION_ROWS a block pads them to."""
-    return -(-tokens // BFLOAT16_ATTENTION_ROWS) * BFLOAT16_ATTENTION_ROWS
+    """The rows a block's bfloat16 CPU attention runs on: below BFLOAT16_PADDED_BELOW tokens,
+    `tokens` rounded up to a multiple of BFLOAT16_ATTENTION_ROWS; from there on, `tokens`."""
+    if tokens >= BFLOAT16_PADDED_BELOW:
+        return tokens
+    return rounded_up(tokens, BFLOAT16_ATTENTION_ROWS)
+
+
+def rounded_up(count: int, multiple: int) -> int:
+    """`count` rounded up to a multiple of `multiple`."""
+    return -(-count // multiple) * multiple
 
 
 def _bfloat16_on_cpu(x: torch.Tensor) -> bool:
