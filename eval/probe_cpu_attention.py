@@ -2,8 +2,8 @@
 (scaled_dot_product_attention, the CPU flash kernel) at the token count each block of a
 compressed DeiT-S attends over, in bfloat16 and float32, with and without proportional
 attention's log-size mask (as a float32 and as a bfloat16 tensor), and in bfloat16 also as
-tokcomp runs it below 192 tokens: rows padded to a multiple of 16, the padding masked out as
-keys (and, with --multiples, padded to other multiples, to compare).
+tokcomp runs it: rows padded to a multiple of 16, the padding masked out as keys (and, with
+--multiples, padded to other multiples, to compare).
 
 Each token count's time is compared with the unpruned count's time scaled by (N / N0)^2, the
 share of attention MACs the block keeps: a ratio above 1 is time the kernel loses at that
@@ -37,12 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import method_name, positive_ints, refusing, script_parser
 
 import tokcomp
-from tokcomp.adapters.base import (
-    BFLOAT16_ATTENTION_ROWS,
-    BFLOAT16_PADDED_BELOW,
-    padded_attention_rows,
-    rounded_up,
-)
+from tokcomp.adapters.base import BFLOAT16_ATTENTION_ROWS, rounded_up
 from tokcomp.harness.arguments import positive_int, timm_model
 from tokcomp.harness.timing import Contender, interleaved
 
@@ -68,8 +63,8 @@ def attention_calls(
 ) -> dict:
     """One fused-attention call per mask variant (none, float32, and in q's dtype where that
     differs), on q, k, v strided as timm's qkv split; in bfloat16 also the float32 mask on
-    rows padded to a multiple of 16, as a tokcomp block pads them below BFLOAT16_PADDED_BELOW
-    tokens, and padded to each of the other `multiples` for comparison."""
+    rows padded to a multiple of 16, as a tokcomp block pads them, and padded to each of the
+    other `multiples` for comparison."""
     q, k, v = _split_qkv(tokens, batch, heads, head_dim, dtype)
     bias = (torch.rand(batch, tokens) * 3 + 1).log()[:, None, None, :]
     masks = {"no mask": None, "fp32 mask": bias}
@@ -192,20 +187,13 @@ def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
         f"without a mask; their N^2 share {share:.3f}"
     )
     if PADDED in names:
-        runs = [_as_tokcomp_runs(ms, tokens, tokens == counts[0]) for tokens in counts]
+        padded = sum(ms[tokens, PADDED] for tokens in counts)
         print(
-            f"as a tokcomp block runs it (padded to {BFLOAT16_ATTENTION_ROWS} below "
-            f"{BFLOAT16_PADDED_BELOW} tokens): {sum(runs):.1f} ms = "
-            f"{sum(runs) / (full * len(counts)):.3f} of the same (the unpatched model)"
+            f"as a tokcomp block runs it (padded): {padded:.1f} ms = "
+            f"{padded / (full * len(counts)):.3f} of the same (the unpatched model), "
+            f"{padded / (ms[counts[0], PADDED] * len(counts)):.3f} of {len(counts)} padded "
+            f"blocks at {counts[0]} tokens"
         )
-
-
-def _as_tokcomp_runs(ms: dict, tokens: int, first: bool) -> float:
-    """The median time of the call a tokcomp block makes at `tokens` in bfloat16: padded, or
-    unpadded (without a mask in the first block, before any merge)."""
-    if padded_attention_rows(tokens) > tokens:
-        return ms[tokens, PADDED]
-    return ms[tokens, "no mask" if first else "fp32 mask"]
 
 
 if __name__ == "__main__":

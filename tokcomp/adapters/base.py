@@ -27,13 +27,10 @@ from tokcomp.methods import (
 )
 from tokcomp.schedule import ModelSpec
 
-#: Rows PyTorch's fused CPU attention is fastest on in bfloat16 below BFLOAT16_PADDED_BELOW
-#: tokens: a multiple of 16. At the token counts merging leaves there it takes up to twice the
-#: time it takes at the next multiple of 16 (docs/methods.md section 8.1), so a block pads.
+#: Rows PyTorch's fused CPU attention is fastest on in bfloat16: a multiple of 16. At the
+#: token counts merging leaves it takes up to twice the time it takes at the next multiple
+#: of 16 (docs/methods.md section 8.1), so a block pads its rows there.
 BFLOAT16_ATTENTION_ROWS = 16
-#: From this many tokens on a block keeps its rows: there the kernel splits the queries into
-#: 64-row blocks (32 below), and padding gains at some counts, loses at others (section 8.1).
-BFLOAT16_PADDED_BELOW = 192
 
 
 class UnsupportedModelError(TypeError):
@@ -222,10 +219,8 @@ def _padding_masked(bias: torch.Tensor | None, q: torch.Tensor, tokens: int) -> 
 
 
 def padded_attention_rows(tokens: int) -> int:
-    """The rows a block's bfloat16 CPU attention runs on: below BFLOAT16_PADDED_BELOW tokens,
-    `tokens` rounded up to a multiple of BFLOAT16_ATTENTION_ROWS; from there on, `tokens`."""
-    if tokens >= BFLOAT16_PADDED_BELOW:
-        return tokens
+    """The rows a block's bfloat16 CPU attention runs on: `tokens` rounded up to a multiple of
+    BFLOAT16_ATTENTION_ROWS."""
     return rounded_up(tokens, BFLOAT16_ATTENTION_ROWS)
 
 
