@@ -42,8 +42,15 @@ from tokcomp.harness.arguments import positive_int, timm_model
 from tokcomp.harness.timing import Contender, interleaved
 
 CPU = torch.device("cpu")
+
+
+def padded_column(multiple: int) -> str:
+    """The column of the bfloat16 call on rows padded to `multiple`."""
+    return f"padded to {multiple}"
+
+
 #: The padded call's column: what a tokcomp block runs in bfloat16 on the CPU.
-PADDED = f"padded to {BFLOAT16_ATTENTION_ROWS}"
+PADDED = padded_column(BFLOAT16_ATTENTION_ROWS)
 
 
 def attended_counts(model_name: str, method: str, options: dict) -> list[int]:
@@ -76,7 +83,7 @@ def attention_calls(
     }
     if dtype == torch.bfloat16:
         for multiple in (BFLOAT16_ATTENTION_ROWS, *multiples):
-            calls[f"padded to {multiple}"] = _padded_call(tokens, multiple, bias, heads, head_dim)
+            calls[padded_column(multiple)] = _padded_call(tokens, multiple, bias, heads, head_dim)
     return calls
 
 

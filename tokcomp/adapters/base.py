@@ -96,11 +96,13 @@ class Compression:
 
     def attention_rows(self, index: int, state: TokenState, x: torch.Tensor) -> int:
         """Rows block `index` runs its attention on, `x` its normed input: the tokens, padded
-        (`padded_attention_rows`) where the fused attention runs in bfloat16 on the CPU (the
-        padding rows are masked out as keys and dropped after)."""
+        to a multiple of BFLOAT16_ATTENTION_ROWS where the fused attention runs in bfloat16
+        on the CPU (the padding rows are masked out as keys and dropped after)."""
         tokens = state.tokens
         fused = not _full_attention(self._needs(index, state), state.mask, self.spec.class_token)
-        return padded_attention_rows(tokens) if fused and _bfloat16_on_cpu(x) else tokens
+        if not (fused and _bfloat16_on_cpu(x)):
+            return tokens
+        return rounded_up(tokens, BFLOAT16_ATTENTION_ROWS)
 
     def _needs(self, index: int, state: TokenState) -> tuple[Signal, ...]:
         """The signals block `index`'s attention computes: the method's where it reduces."""
@@ -216,12 +218,6 @@ def _padding_masked(bias: torch.Tensor | None, q: torch.Tensor, tokens: int) -> 
     if bias is None:
         bias = q.new_zeros(q.shape[0], 1, 1, tokens)
     return F.pad(bias, (0, q.shape[2] - tokens), value=float("-inf"))
-
-
-def padded_attention_rows(tokens: int) -> int:
-    """The rows a block's bfloat16 CPU attention runs on: `tokens` rounded up to a multiple of
-    BFLOAT16_ATTENTION_ROWS."""
-    return rounded_up(tokens, BFLOAT16_ATTENTION_ROWS)
 
 
 def rounded_up(count: int, multiple: int) -> int:
