@@ -12,6 +12,7 @@ from conftest import tiny_vit
 from method_options import middle
 from test_encoders import tiny
 from torch import nn
+from torch._inductor.utils import run_and_get_code
 
 import tokcomp
 from tokcomp import bench
@@ -99,14 +100,17 @@ def test_inductor_gives_the_eager_result(method, images):
 
 
 @pytest.mark.parametrize("case", ["timm", "hf_vit"])
-def test_benchmark_compile_freezes_the_weights_on_the_cpu_with_the_eager_result(case, images):
+def test_benchmark_compile_uses_the_cpu_inference_settings_with_the_eager_result(case, images):
     """tokcomp.bench.compiled, as `tokcomp bench --compile` and the harnesses' --compile run
-    every model: inductor with the weights frozen into the graph (its CPU inference setting)."""
+    every model: inductor with its CPU inference settings, the weights frozen into the graph
+    and the kernels called from a C++ wrapper (no Python `call`)."""
     model = patched(tiny_vit() if case == "timm" else tower(case), "tome")
     want = eager_output(model, images)
     frozen = bench.compiled(model)
     with torch.no_grad():
-        torch.testing.assert_close(output(frozen(images)), want, atol=1e-5, rtol=1e-5)
+        got, code = run_and_get_code(frozen, images)
+        torch.testing.assert_close(output(got), want, atol=1e-5, rtol=1e-5)
+        assert code and not any("def call(" in source for source in code)
         for layer in model.modules():
             if isinstance(layer, nn.Linear):  # their weights are prepacked copies once frozen
                 layer.weight.mul_(1.5)

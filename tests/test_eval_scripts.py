@@ -52,6 +52,8 @@ CASES = [
     ("probe_cpu_attention", ["--multiples", "32,0"], "--multiples", {"median_ms": long_work}),
     ("bench_vlm_generate", ["--batches", "0,abc"], "--batches", {"build": long_work}),
     ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
+    ("bench_cpp_wrapper", ["--model", "nosuch"], "--model", {"wrapped": long_work}),
+    ("bench_cpp_wrapper", ["--variant", "tome:rr=1"], "rr", {"wrapped": long_work}),
     ("bench_compile", ["--variant", "tome:rr=1"], "rr", {"benchmark": long_work}),
     ("bench_compile", ["--variant", "tome:r"], "--variant", {"benchmark": long_work}),
     ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),

@@ -1,0 +1,117 @@
+"""What inductor's C++ wrapper gives compiled models on the CPU: the unpruned model, ToMe r=13
+and PiToMe at 0.6 of the MACs (or the --variant ones), each compiled with tokcomp's CPU
+inference settings (tokcomp.bench.CPU_INFERENCE_SETTINGS) and again with the Python wrapper
+instead, all timed in the same interleaved rounds (docs/methods.md section 8.1).
+
+Prints each model's time with either wrapper, the C++ wrapper's gain per model (medians of
+paired per-round ratios, with their spread) and each compressed model's speed-up over the
+unpruned one under either wrapper. The outputs of the two wrappers are the same kernels'.
+
+    python eval/bench_cpp_wrapper.py --dtype bfloat16 --repeats 21
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in eval/bench_compile.py: passive OpenMP waiting, no first-call kernel checks timed.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKCOMP_VERIFY", "0")
+
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import refusing, script_parser
+
+from tokcomp.bench import (
+    BASELINE,
+    CPU_INFERENCE_SETTINGS,
+    CpuInference,
+    Variant,
+    parse_variant,
+    runner,
+    variant_model,
+)
+from tokcomp.harness.arguments import positive_int, timm_model
+from tokcomp.harness.timing import Contender, Speedup, interleaved
+
+DEFAULT_VARIANTS = (
+    Variant("tome r=13", "tome", {"r": 13}),
+    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
+)
+WRAPPERS = {"C++": True, "Python": False}
+
+
+def wrapped(model: torch.nn.Module, cpp_wrapper: bool) -> CpuInference:
+    """`model` compiled as tokcomp.bench.compiled compiles it, with the C++ wrapper or not."""
+    settings = {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper}
+    return CpuInference(torch.compile(model, dynamic=False), settings)
+
+
+def report(seconds: dict[tuple[str, str], Sequence[float]], repeats: int) -> list[str]:
+    """The lines printed for per-(model label, wrapper) seconds timed in the same rounds."""
+    labels = list(dict.fromkeys(label for label, _ in seconds))
+    lines = [f"{'model':<28}" + "".join(f"{w + ' ms':>12}" for w in WRAPPERS) + "  C++ gain"]
+    for label in labels:
+        gain = Speedup.paired(seconds[label, "Python"], seconds[label, "C++"])
+        times = "".join(f"{1e3 * statistics.median(seconds[label, w]):>12.1f}" for w in WRAPPERS)
+        lines.append(f"{label:<28}{times}  {gain.ratio:.3f}x (spread {gain.spread:.1%})")
+    lines.append(f"speed-up over the unpruned model, medians of {repeats} rounds:")
+    for label in labels[1:]:
+        ups = {w: Speedup.paired(seconds[BASELINE.label, w], seconds[label, w]) for w in WRAPPERS}
+        figures = (f"{w} {u.ratio:.3f}x ({u.spread:.1%})" for w, u in ups.items())
+        lines.append(f"  {label}: " + ", ".join(figures))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time every model with both wrappers in the same rounds and print the comparison."""
+    parser = script_parser(__doc__)
+    parser.add_argument("--model", type=timm_model, default="deit_small_patch16_224")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="a compressed model to time beside the unpruned one, as METHOD:key=value,... "
+        "(repeatable; default: ToMe r=13 and PiToMe at 0.6 of the MACs)",
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model).eval()
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    with refusing(parser):  # a variant the model cannot take, before any compiling
+        variants = {
+            v.label: variant_model(model, v)
+            for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
+        }
+    runs = {
+        (label, name): runner(wrapped(v, cpp), images, args.dtype)
+        for label, v in variants.items()
+        for name, cpp in WRAPPERS.items()
+    }
+    for forward in runs.values():  # compile, then one warm call
+        forward()
+        forward()
+    contenders = [Contender(forward) for forward in runs.values()]
+    times = interleaved(contenders, args.repeats, images.device)
+    print(
+        f"{args.model}, {args.dtype}, batch {args.batch_size}, {args.threads} threads, "
+        f"compiled (inductor, freezing), {args.repeats} interleaved rounds"
+    )
+    print("\n".join(report(dict(zip(runs, times, strict=True)), args.repeats)))
+
+
+if __name__ == "__main__":
+    main()
