@@ -30,13 +30,13 @@ from pathlib import Path
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
+from compiled_comparison import TOME_AND_PITOME
 from script_args import refusing, script_parser, timm_models
 
 from tokcomp.bench import (
     BenchRow,
     BenchSettings,
-    Variant,
     benchmark,
     format_table,
     parse_variant,
@@ -47,10 +47,6 @@ from tokcomp.errors import UsageError
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
-VARIANTS = (
-    Variant("tome r=13", "tome", {"r": 13}),
-    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
-)
 #: Part of the ideal speed-up (unpruned MACs / MACs) a compiled compressed model must reach.
 FLOOR = 0.95
 
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing --json files")
     args = parser.parse_args(argv)
-    variants = args.variant or VARIANTS
+    variants = args.variant or TOME_AND_PITOME
     with refusing(parser):  # before any work: each variant applied once to each model
         if args.json:
             check_json_folder(args.json, args.models, args.dtype, args.force)

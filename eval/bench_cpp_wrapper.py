@@ -23,29 +23,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import refusing, script_parser
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
+from compiled_comparison import add_model_arguments, models_by_label
+from script_args import script_parser
 
-from tokcomp.bench import (
-    BASELINE,
-    CPU_INFERENCE_SETTINGS,
-    CpuInference,
-    Variant,
-    parse_variant,
-    runner,
-    variant_model,
-)
-from tokcomp.harness.arguments import positive_int, timm_model
+from tokcomp.bench import BASELINE, CPU_INFERENCE_SETTINGS, CpuInference, runner
+from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
-DEFAULT_VARIANTS = (
-    Variant("tome r=13", "tome", {"r": 13}),
-    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
-)
 WRAPPERS = {"C++": True, "Python": False}
 
 
@@ -74,28 +62,10 @@ def report(seconds: dict[tuple[str, str], Sequence[float]], repeats: int) -> lis
 def main(argv: list[str] | None = None) -> None:
     """Time every model with both wrappers in the same rounds and print the comparison."""
     parser = script_parser(__doc__)
-    parser.add_argument("--model", type=timm_model, default="deit_small_patch16_224")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    add_model_arguments(parser, "time")
     parser.add_argument("--repeats", type=positive_int, default=15)
-    parser.add_argument(
-        "--variant",
-        type=parse_variant,
-        action="append",
-        help="a compressed model to time beside the unpruned one, as METHOD:key=value,... "
-        "(repeatable; default: ToMe r=13 and PiToMe at 0.6 of the MACs)",
-    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model).eval()
-    images = torch.randn(args.batch_size, 3, 224, 224)
-    with refusing(parser):  # a variant the model cannot take, before any compiling
-        variants = {
-            v.label: variant_model(model, v)
-            for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
-        }
+    images, variants = models_by_label(parser, args)
     runs = {
         (label, name): runner(wrapped(v, cpp), images, args.dtype)
         for label, v in variants.items()

@@ -24,22 +24,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import refusing, script_parser
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
+from compiled_comparison import add_model_arguments, models_by_label
+from script_args import script_parser
 
-from tokcomp.bench import BASELINE, Variant, compiled, parse_variant, runner, variant_model
-from tokcomp.harness.arguments import positive_int, timm_model
+from tokcomp.bench import BASELINE, compiled, runner
+from tokcomp.harness.arguments import positive_int
 
-DEFAULT_VARIANTS = (
-    Variant("tome r=13", "tome", {"r": 13}),
-    Variant("pitome target_macs=0.6", "pitome", {"target_macs": 0.6}),
-)
 #: ATen ops reported on their own; every other ATen op is "other".
 NAMED_OPS = ("aten::addmm", "aten::copy_", "aten::mkldnn_convolution", "aten::sort")
 
@@ -76,18 +72,8 @@ def self_ms(forward: Callable[[], object]) -> collections.Counter:
 def main(argv: list[str] | None = None) -> None:
     """Print the per-group table, summed over `--rounds` profiled calls of each model."""
     parser = script_parser(__doc__)
-    parser.add_argument("--model", type=timm_model, default="deit_small_patch16_224")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    add_model_arguments(parser, "profile")
     parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument(
-        "--variant",
-        type=parse_variant,
-        action="append",
-        help="a compressed model to profile beside the unpruned one, as METHOD:key=value,... "
-        "(repeatable; default: ToMe r=13 and PiToMe at 0.6 of the MACs)",
-    )
     parser.add_argument(
         "--kernels",
         action="store_true",
@@ -96,15 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch._inductor.config.cpp.enable_kernel_profile = args.kernels
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model).eval()
-    images = torch.randn(args.batch_size, 3, 224, 224)
-    with refusing(parser):  # a variant the model cannot take, before any compiling
-        variants = {
-            v.label: variant_model(model, v)
-            for v in (BASELINE, *(args.variant or DEFAULT_VARIANTS))
-        }
+    images, variants = models_by_label(parser, args)
     runs = {label: runner(compiled(v), images, args.dtype) for label, v in variants.items()}
     for forward in runs.values():  # compile, then one warm call
         forward()

@@ -22,7 +22,7 @@ def test_each_wrapper_compiles_as_asked_with_the_same_result(cpp_wrapper):
         got, code = run_and_get_code(script().wrapped(model, cpp_wrapper), x)
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
     python_call = any("def call(" in source for source in code)
-    assert python_call is not cpp_wrapper
+    assert python_call == (not cpp_wrapper)
 
 
 def test_gains_are_medians_of_paired_ratios():
