@@ -23,24 +23,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
-from compiled_comparison import add_model_arguments, models_by_label
+from compiled_comparison import add_model_arguments, compiled_with, models_by_label
 from script_args import script_parser
 
-from tokcomp.bench import BASELINE, CPU_INFERENCE_SETTINGS, CpuInference, runner
+from tokcomp.bench import BASELINE, runner
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 WRAPPERS = {"C++": True, "Python": False}
-
-
-def wrapped(model: torch.nn.Module, cpp_wrapper: bool) -> CpuInference:
-    """`model` compiled as tokcomp.bench.compiled compiles it, with the C++ wrapper or not."""
-    settings = {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper}
-    return CpuInference(torch.compile(model, dynamic=False), settings)
 
 
 def report(seconds: dict[tuple[str, str], Sequence[float]], repeats: int) -> list[str]:
@@ -67,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     images, variants = models_by_label(parser, args)
     runs = {
-        (label, name): runner(wrapped(v, cpp), images, args.dtype)
+        (label, name): runner(compiled_with(v, cpp), images, args.dtype)
         for label, v in variants.items()
         for name, cpp in WRAPPERS.items()
     }

@@ -1,6 +1,7 @@
 """Where does a compiled compressed model spend its time? torch.profiler self time per op
 group for DeiT-S unpruned, ToMe r=13 and PiToMe at 0.6 of the MACs (or the --variant ones),
-each compiled (inductor, static shapes) as eval/bench_compile.py compiles them, profiled in
+each compiled (inductor, static shapes) as eval/bench_compile.py compiles them but with
+inductor's Python wrapper, whose calls the profiler sees (the same kernels), profiled in
 alternation, with each group's ratio to the unpruned model's (docs/methods.md section 8.1).
 
     python eval/profile_compiled.py --dtype bfloat16
@@ -30,10 +31,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
-from compiled_comparison import add_model_arguments, models_by_label
+from compiled_comparison import add_model_arguments, compiled_with, models_by_label
 from script_args import script_parser
 
-from tokcomp.bench import BASELINE, compiled, runner
+from tokcomp.bench import BASELINE, runner
 from tokcomp.harness.arguments import positive_int
 
 #: ATen ops reported on their own; every other ATen op is "other".
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch._inductor.config.cpp.enable_kernel_profile = args.kernels
     images, variants = models_by_label(parser, args)
-    runs = {label: runner(compiled(v), images, args.dtype) for label, v in variants.items()}
+    runs = {
+        label: runner(compiled_with(v, cpp_wrapper=False), images, args.dtype)
+        for label, v in variants.items()
+    }
     for forward in runs.values():  # compile, then one warm call
         forward()
         forward()

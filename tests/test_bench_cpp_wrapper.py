@@ -1,4 +1,5 @@
-"""eval/bench_cpp_wrapper.py: the two wrappers it compares, and its figures."""
+"""eval/bench_cpp_wrapper.py and eval/profile_compiled.py: the two wrappers they compile with
+(eval/compiled_comparison.py), and the C++ wrapper's figures."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_each_wrapper_compiles_as_asked_with_the_same_result(cpp_wrapper):
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
     x = torch.randn(8, 16)
     with torch.no_grad():
-        got, code = run_and_get_code(script().wrapped(model, cpp_wrapper), x)
+        compiled = script().compiled_with(model, cpp_wrapper)
+        got, code = run_and_get_code(compiled, x)
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
     python_call = any("def call(" in source for source in code)
     assert python_call == (not cpp_wrapper)

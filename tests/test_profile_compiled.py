@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from fixtures import eval_script
+from torch import nn
 
 
 def profiler():
@@ -23,13 +24,28 @@ def test_a_kernel_adds_up_across_graphs_and_blocks():
     assert script.op_group("aten::empty") == "other"
 
 
-def test_kernel_profile_times_each_inductor_kernel(monkeypatch):
+def test_kernel_profile_times_each_inductor_kernel():
     script = profiler()
-    monkeypatch.setattr(torch._inductor.config.cpp, "enable_kernel_profile", True)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: (x * 2.0).relu().sum(dim=1), dynamic=False)
     x = torch.randn(64, 256)
-    compiled(x)
-    rows = script.self_ms(lambda: compiled(x))
+    # inductor's own patch: monkeypatch's undo hides a config entry (it reads as unset)
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        compiled(x)
+        rows = script.self_ms(lambda: compiled(x))
     assert any(name.startswith("cpp_fused") for name in rows), sorted(rows)
     assert all(not name.startswith("graph_") for name in rows)
+
+
+def test_the_profiled_models_show_their_linear_layers():
+    """Compiled with the Python wrapper: under the C++ one the profiler records no linear
+    layer or attention call, only the graph's own time."""
+    script = profiler()
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    compiled = script.compiled_with(model, cpp_wrapper=False)
+    x = torch.randn(32, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(x)
+        rows = script.self_ms(lambda: compiled(x))
+    assert "mkldnn::_linear_pointwise" in rows, sorted(rows)
