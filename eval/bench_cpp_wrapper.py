@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
-from compiled_comparison import add_model_arguments, compiled_with, models_by_label
+from compiled_comparison import add_model_arguments, models_by_label
 from script_args import script_parser
 
-from tokcomp.bench import BASELINE, runner
+from tokcomp.bench import BASELINE, compiled, runner
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     images, variants = models_by_label(parser, args)
     runs = {
-        (label, name): runner(compiled_with(v, cpp), images, args.dtype)
+        (label, name): runner(compiled(v, cpp_wrapper=cpp), images, args.dtype)
         for label, v in variants.items()
         for name, cpp in WRAPPERS.items()
     }

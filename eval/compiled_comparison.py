@@ -13,14 +13,7 @@ import torch
 from script_args import refusing
 from torch import nn
 
-from tokcomp.bench import (
-    BASELINE,
-    CPU_INFERENCE_SETTINGS,
-    CpuInference,
-    Variant,
-    parse_variant,
-    variant_model,
-)
+from tokcomp.bench import BASELINE, Variant, parse_variant, variant_model
 from tokcomp.harness.arguments import positive_int, timm_model
 
 #: ToMe r=13 and PiToMe at 0.6 of the MACs: the settings of issue 24's compiled CPU floors.
@@ -61,11 +54,3 @@ def models_by_label(
             v.label: variant_model(model, v) for v in (BASELINE, *(args.variant or TOME_AND_PITOME))
         }
     return images, variants
-
-
-def compiled_with(model: nn.Module, cpp_wrapper: bool) -> CpuInference:
-    """`model` compiled as tokcomp.bench.compiled compiles it on the CPU, with inductor's C++
-    wrapper or its Python one. The profiler sees into the Python one only: under the C++
-    wrapper the linear layers and the attention are not recorded as ops of their own."""
-    settings = {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper}
-    return CpuInference(torch.compile(model, dynamic=False), settings)

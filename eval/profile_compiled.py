@@ -31,10 +31,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
-from compiled_comparison import add_model_arguments, compiled_with, models_by_label
+from compiled_comparison import add_model_arguments, models_by_label
 from script_args import script_parser
 
-from tokcomp.bench import BASELINE, runner
+from tokcomp.bench import BASELINE, compiled, runner
 from tokcomp.harness.arguments import positive_int
 
 #: ATen ops reported on their own; every other ATen op is "other".
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     torch._inductor.config.cpp.enable_kernel_profile = args.kernels
     images, variants = models_by_label(parser, args)
     runs = {
-        label: runner(compiled_with(v, cpp_wrapper=False), images, args.dtype)
+        label: runner(compiled(v, cpp_wrapper=False), images, args.dtype)
         for label, v in variants.items()
     }
     for forward in runs.values():  # compile, then one warm call

@@ -1,5 +1,5 @@
-"""eval/bench_cpp_wrapper.py and eval/profile_compiled.py: the two wrappers they compile with
-(eval/compiled_comparison.py), and the C++ wrapper's figures."""
+"""eval/bench_cpp_wrapper.py: the two wrappers it compiles with (tokcomp.bench.compiled's
+cpp_wrapper, which eval/profile_compiled.py turns off), and the C++ wrapper's figures."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_each_wrapper_compiles_as_asked_with_the_same_result(cpp_wrapper):
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
     x = torch.randn(8, 16)
     with torch.no_grad():
-        compiled = script().compiled_with(model, cpp_wrapper)
+        compiled = script().compiled(model, cpp_wrapper=cpp_wrapper)
         got, code = run_and_get_code(compiled, x)
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
     python_call = any("def call(" in source for source in code)

@@ -43,7 +43,7 @@ def test_the_profiled_models_show_their_linear_layers():
     script = profiler()
     torch._dynamo.reset()
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
-    compiled = script.compiled_with(model, cpp_wrapper=False)
+    compiled = script.compiled(model, cpp_wrapper=False)
     x = torch.randn(32, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(x)

@@ -215,12 +215,17 @@ def _row(
     )
 
 
-def compiled(model: nn.Module) -> nn.Module:
+def compiled(model: nn.Module, cpp_wrapper: bool = True) -> nn.Module:
     """`model` under torch.compile (inductor), static shapes: a patched model compiles in one
     graph for every block method (no graph break), the unpruned model the same way. On the CPU
-    it compiles with inductor's CPU inference settings (`CpuInference`)."""
+    it compiles with inductor's CPU inference settings (`CpuInference`), or with the Python
+    wrapper instead of the C++ one where `cpp_wrapper` is False (the profiler sees into the
+    Python one only: under the C++ one the linear layers and the attention are not recorded
+    as ops of their own)."""
     graph = torch.compile(model, dynamic=False)
-    return CpuInference(graph) if _on_cpu(model) else graph
+    if not _on_cpu(model):
+        return graph
+    return CpuInference(graph, {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper})
 
 
 #: Inductor's settings for CPU inference. freezing: the weights become graph constants (linear
@@ -231,14 +236,14 @@ CPU_INFERENCE_SETTINGS = {"freezing": True, "cpp_wrapper": True}
 
 
 class CpuInference(nn.Module):
-    """A compiled module that compiles and runs under inductor `settings` (default:
+    """A compiled module that compiles and runs under inductor `settings` (those of
     CPU_INFERENCE_SETTINGS). They must be on while dynamo traces, not only in the backend,
     which is why every call (the first one compiles) runs under them."""
 
-    def __init__(self, graph: nn.Module, settings: dict[str, Any] | None = None) -> None:
+    def __init__(self, graph: nn.Module, settings: dict[str, Any]) -> None:
         super().__init__()
         self.graph = graph
-        self.settings = CPU_INFERENCE_SETTINGS if settings is None else settings
+        self.settings = settings
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch._inductor.config.patch(self.settings):
