@@ -598,12 +598,74 @@ def test_dycoke_refuses_a_decode_layer_the_language_model_does_not_have_when_app
     tokcomp.apply(model, "dycoke", decode_p=0.0)  # no decoding pruning: no decode_layer needed
 
 
+class _Forced(hf.LogitsProcessor):
+    """Makes generate pick `tokens` (steps,), one per step after a `prompt`-token prompt."""
+
+    def __init__(self, tokens: torch.Tensor, prompt: int) -> None:
+        self.tokens, self.prompt = tokens, prompt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt]] = 0.0
+        return forced
+
+
+def _log_likelihood(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """The summed log-probabilities of `tokens` (steps,) after the one prompt of `inputs`, as
+    generate decodes them through the cache, one step at a time."""
+    prompt = inputs["input_ids"].shape[1]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=len(tokens),
+        do_sample=False,
+        pad_token_id=PAD,
+        logits_processor=hf.LogitsProcessorList([_Forced(tokens, prompt)]),
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    assert torch.equal(out.sequences[0, prompt:], tokens)
+    steps = zip(out.logits, tokens, strict=True)
+    return torch.stack([logits[0].float().log_softmax(-1)[t] for logits, t in steps]).sum()
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("family", [*QWEN_VIDEO, "llava_onevision_video", "llava_next_video"])
 @torch.no_grad()
-def test_dycoke_refuses_beam_search_while_it_prunes_each_sequences_cache():
-    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke", decode_layer=2, decode_p=0.8)
-    batch, _ = _inputs(model, "qwen2_vl_video")
-    with pytest.raises(ValueError, match="dycoke prunes each sequence's cache while decoding, wh"):
-        _generate(model, batch, num_beams=2)
+def test_dycoke_beams_score_each_sequence_as_it_decodes_alone(family, reuse):
+    """Beam search with decode-time pruning (3 beams returned per prompt, a left-padded batch of
+    3): each beam's score is its tokens' log-likelihood when that one sequence is decoded alone,
+    so each beam pruned its steps with its own state, carried through generate's reordering
+    (which, skipped, moves these scores by 1e-3 to 5e-2)."""
+    method = create_method("dycoke", k=0.5, decode_layer=2, decode_p=0.8, decode_reuse=reuse)
+    model = tokcomp.apply(_model(family), method)
+    batch, alone = _inputs(model, family)
+    out = model.generate(
+        **batch,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        num_beams=3,
+        num_return_sequences=3,
+        length_penalty=0.0,  # scores: summed log-probabilities
+        suppress_tokens=[IMAGE],
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    beams = out.sequences[:, batch["input_ids"].shape[1] :]
+    alone_scores = [_log_likelihood(model, alone[row // 3], seq) for row, seq in enumerate(beams)]
+    torch.testing.assert_close(torch.stack(alone_scores), out.sequences_scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl_video", "llava_onevision_video"])
+@torch.no_grad()
+def test_dycoke_sampled_copies_of_a_prompt_each_decode_as_the_prompt_alone(family):
+    """Decode-time pruning on several sequences per prompt: each copy starts from its prompt's
+    state, so sampling from the likeliest token gives every copy the greedy generation."""
+    model = tokcomp.apply(_model(family), "dycoke", k=0.5, decode_layer=2, decode_p=0.8)
+    batch, _ = _inputs(model, family)
+    greedy = _generate(model, batch)
+    copies = _generate(model, batch, do_sample=True, top_k=1, num_return_sequences=3)
+    assert torch.equal(copies, greedy.repeat_interleave(3, dim=0))
 
 
 @torch.no_grad()

@@ -78,7 +78,8 @@ class HFVLMAdapter(Adapter):
         if self.vlm.video_encoder_inputs:
             methods.append("get_video_features")
         expand = (self.model, "_expand_inputs_for_generation", "expand_inputs_for_generation")
-        return [*((inner, name, name) for name in methods), expand]
+        reorder = (self.model, "_reorder_cache", "reorder_cache")
+        return [*((inner, name, name) for name in methods), expand, reorder]
 
     def expand_inputs_for_generation(
         self, compression: Compression, expand_size: int = 1, **kwargs: Any
@@ -93,16 +94,18 @@ class HFVLMAdapter(Adapter):
             return type(self.model)._expand_inputs_for_generation(
                 self.model, expand_size=expand_size, **kwargs
             )
-        method = compression.method
-        if isinstance(method, VisualMethod) and method.decode_boundary() is not None:
-            raise ValueError(
-                f"{method.name} prunes each sequence's cache while decoding, which {expand_size} "
-                "beams or sequences per prompt would mix up: generate with num_beams=1 and "
-                "num_return_sequences=1, or turn decoding-time pruning off (decode_p=0)"
-            )
         rows = input_ids.shape
         copied = {name: copied_rows(v, rows, expand_size, name) for name, v in kwargs.items()}
         return copied.pop("input_ids"), {**copied, COPIES: expand_size}
+
+    def reorder_cache(self, compression: Compression, cache: Any, beam_idx: torch.Tensor) -> Any:
+        """generate's beam search after each step: the cache's rows reordered by `beam_idx`,
+        and with them the state of decode-time pruning a pruned prefill left on it."""
+        cache.reorder_cache(beam_idx)
+        pruned = pruned_of(cache)
+        if pruned is not None:
+            pruned.reordered(beam_idx).attach(cache)
+        return cache
 
     def check(self, compression: Compression) -> None:
         """A visual-token method's options checked against the vision tower."""

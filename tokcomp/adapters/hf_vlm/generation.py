@@ -116,6 +116,14 @@ class Decoding:
     attention: torch.Tensor | None = None
     kept: torch.Tensor | None = None
 
+    def selected(self, rows: torch.Tensor) -> Decoding:
+        """The state of the sequences that the (B',) index `rows` picks, row by row."""
+
+        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.index_select(0, rows.to(value.device))
+
+        return Decoding(pick(self.video), pick(self.attention), pick(self.kept))
+
 
 @dataclass(frozen=True)
 class Pruned:
@@ -141,16 +149,31 @@ class Pruned:
             setattr(cache, _ON_CACHE, self)
 
     def copied(self, copies: int) -> Pruned:
-        """The record of a batch holding each of these prompts `copies` times in a row (never
-        one with decoding-time pruning, whose state is each sequence's own)."""
+        """The record of a batch holding each of these prompts `copies` times in a row."""
 
         def rows(value: torch.Tensor | None) -> torch.Tensor | None:
             return None if value is None else value.repeat_interleave(copies, dim=0)
 
         spans = tuple(replace(s, mask=rows(s.mask), shift=rows(s.shift)) for s in self.spans)
+        decoding = self.decoding
+        if decoding is not None:  # each copy starts from its prompt's state
+            prompts = torch.arange(self.dropped.shape[0], device=self.dropped.device)
+            decoding = decoding.selected(rows(prompts))
         return replace(
-            self, spans=spans, rope_delta=rows(self.rope_delta), dropped=rows(self.dropped)
+            self,
+            spans=spans,
+            rope_delta=rows(self.rope_delta),
+            dropped=rows(self.dropped),
+            decoding=decoding,
         )
+
+    def reordered(self, rows: torch.Tensor) -> Pruned:
+        """The record after generate reorders its beams (row i goes on from row rows[i]): the
+        state of decode-time pruning follows its sequence; the rest is per prompt, the same for
+        all of a prompt's beams."""
+        if self.decoding is None:
+            return self
+        return replace(self, decoding=self.decoding.selected(rows))
 
     def new_tokens(self, cache: Any) -> int:
         """Tokens the generation added after the prompt, as `cache` holds them."""
