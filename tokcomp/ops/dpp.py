@@ -49,13 +49,15 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_dpp_reference(similarity: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
-    """The definition (module docstring) as a plain loop vectorised over the batch."""
+    """The definition (module docstring), vectorised over the batch and the candidate rows."""
     batch, tokens = relevance.shape
     rows = torch.arange(batch, device=relevance.device)
-    diagonal = similarity.diagonal(dim1=1, dim2=2)
-    d2 = (relevance * diagonal) * relevance
+    # residual[b, j, m]: L[j, m] less c_t[j] * c_t[m] for the steps t so far, in step order: the
+    # e of the definition for every j at once, so that a step costs a few ops, not one per t
+    residual = (relevance[:, :, None] * similarity) * relevance[:, None, :]
+    products = torch.empty_like(residual)  # reused: a fresh (B, N, N) per step costs page faults
+    d2 = residual.diagonal(dim1=1, dim2=2).clone()
     taken = torch.zeros(batch, tokens, dtype=torch.bool, device=relevance.device)
-    vectors = relevance.new_empty(k, batch, tokens)
     chosen = torch.empty(batch, k, dtype=torch.long, device=relevance.device)
     for step in range(k):
         pick = _ranked(d2, taken).argmax(dim=1)
@@ -63,11 +65,8 @@ def greedy_dpp_reference(similarity: torch.Tensor, relevance: torch.Tensor, k: i
         taken[rows, pick] = True
         if step == k - 1:
             break
-        e = (relevance[rows, pick, None] * similarity[rows, pick]) * relevance
-        for earlier in range(step):
-            e = e - vectors[earlier, rows, pick, None] * vectors[earlier]
-        e = e / _sqrt(d2[rows, pick, None])
-        vectors[step] = e
+        e = residual[rows, pick] / _sqrt(d2[rows, pick, None])
+        residual -= torch.mul(e[:, :, None], e[:, None, :], out=products)
         d2 = d2 - e * e
     return chosen.sort(dim=1).values
 
