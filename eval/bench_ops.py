@@ -9,11 +9,10 @@ Groups (--ops, default all):
 - pagerank: attention_pagerank (Zero-TPrune) at B=32, H=6, N=197, iterations 1, 5, 30.
 - maxmin: greedy_maxmin (DivPrune, ZOO-Prune) at N=576, k=64, B in {1, 4}, against both the
   plain loop reference and the fast PyTorch form the op falls back to.
-- dpp: greedy_dpp (CDPruner) at B=1, N=576, k=64 and (CPU only: on a GPU the loop's k^2/2
-  steps are as many kernel launches, seconds per call) N=2880, k=320 (LLaVA-1.5 and
+- dpp: greedy_dpp (CDPruner) at B=1, N=576, k=64 and N=2880, k=320 (LLaVA-1.5 and
   LLaVA-NeXT's five crops), on the cosine similarities of features of width 4096 (LLaVA-1.5-7B's
-  projected tokens), against the plain loop reference (also the op's fallback). The similarity
-  matmul is the caller's, outside both timings.
+  projected tokens), against the reference (also the op's fallback: k steps, each updating
+  every row's residual). The similarity matmul is the caller's, outside both timings.
 Both sides run in the same process, alternating, after a warm-up; the table gives medians and
 speed-ups. --route cupy (CUDA) times torch.ops.tokcomp_cupy.* instead of torch.ops.tokcomp.*.
 
@@ -280,11 +279,11 @@ def run(args: argparse.Namespace) -> list[Row]:
                     lambda d=dist, w=weight, f=first: ops.greedy_maxmin(d, w, f, k),
                 )
     if "dpp" in args.ops:
-        for tokens, k in ((576, 64), (2880, 320))[: 1 if device.type == "cuda" else 2]:
+        for tokens, k in ((576, 64), (2880, 320)):
             similarity = cosine_similarity_matrix(random(1, tokens, 4096)).to(dtype)
             relevance = torch.rand(1, tokens, generator=generator).to(device)
             add(
-                "greedy_dpp/loop",
+                "greedy_dpp/reference",
                 (1, tokens, tokens),
                 f"k={k}",
                 lambda s=similarity, r=relevance, k=k: greedy_dpp_reference(s.float(), r, k),
