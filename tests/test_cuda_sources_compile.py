@@ -20,6 +20,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -111,25 +114,54 @@ def test_cuda_sources_exist() -> None:
     assert CUDA_SOURCES, "no csrc/cuda/*.cu files found"
 
 
-@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: path.name)
-def test_cuda_source_compiles(source: Path, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Compile:
+    """One source's nvcc command and the stamp that records its success."""
+
+    source: Path
+    command: list[str]
+    stamp: Path
+
+
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, Future | None]]:
+    """Every csrc/cuda/*.cu not compiled before (no stamp), started at once, as many at a time
+    as there are cores (an nvcc of these files runs on one core for about a minute): source ->
+    its (Compile, CompletedProcess) future, None where the stamp is there."""
     cuda_home = _cuda_home()
     if cuda_home is None:
         pytest.skip("nvcc not found (no CUDA toolkit: set CUDA_HOME or put nvcc on PATH)")
     nvcc = str(cuda_home / "bin" / "nvcc")
     flags = _flags(cuda_home)
-    stamp = CACHE / f"{source.stem}-{_cache_key(source, nvcc, flags)}.ok"
-    if stamp.is_file():
+    objects = tmp_path_factory.mktemp("cuda-objects")
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    runs: dict[Path, Future | None] = {}
+    for source in CUDA_SOURCES:
+        stamp = CACHE / f"{source.stem}-{_cache_key(source, nvcc, flags)}.ok"
+        command = [nvcc, *flags, "-c", str(source), "-o", str(objects / f"{source.stem}.o")]
+        job = Compile(source, command, stamp)
+        runs[source] = None if stamp.is_file() else pool.submit(_compiled, job)
+    yield runs
+    pool.shutdown(wait=True)
+
+
+def _compiled(job: Compile) -> tuple[Compile, subprocess.CompletedProcess]:
+    return job, subprocess.run(job.command, capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: path.name)
+def test_cuda_source_compiles(source: Path, nvcc_runs: dict[Path, Future | None]) -> None:
+    run = nvcc_runs[source]
+    if run is None:  # compiled before, with these sources, flags and versions
         return
-    command = [nvcc, *flags, "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    job, result = run.result()
     assert result.returncode == 0, (
         f"nvcc failed on {source.relative_to(ROOT)} (exit {result.returncode})\n"
-        f"command: {' '.join(command)}\n--- stderr ---\n{result.stderr}\n"
+        f"command: {' '.join(job.command)}\n--- stderr ---\n{result.stderr}\n"
         f"--- stdout ---\n{result.stdout}"
     )
     CACHE.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(" ".join(command) + "\n")
+    job.stamp.write_text(" ".join(job.command) + "\n")
 
 
 def test_cupy_kernel_source_compiles_with_nvrtc() -> None:
