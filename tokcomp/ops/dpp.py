@@ -8,8 +8,9 @@ Semantics every implementation (reference, compiled `tokcomp::greedy_dpp`) must 
 
 - Inputs: `similarity` (B, N, N) float32, S[b]; `relevance` (B, N) float32, r[b]; `k`,
   1 <= k <= N. Other float dtypes are converted to float32 before the op. The kernel is
-  L[j, m] = (r[j] * S[j, m]) * r[m]; it is never materialised: only the diagonal and the rows
-  of picked j are read (S need not be symmetric).
+  L[j, m] = (r[j] * S[j, m]) * r[m]; the compiled op never materialises it (it reads only the
+  diagonal and the rows of picked j; the reference keeps a (B, N, N) residual). S need not be
+  symmetric.
 - d2[m] = L[m, m]. Step i (0-based) picks j, the unpicked m with the largest d2[m] (ties: the
   lowest index). Unless it is the last step, it then forms, in float32 with every product and
   difference rounded on its own (no fused multiply-add), e[m] = L[j, m], then for t = 0..i-1 in
