@@ -118,7 +118,6 @@ def test_cuda_sources_exist() -> None:
 class Compile:
     """One source's nvcc command and the stamp that records its success."""
 
-    source: Path
     command: list[str]
     stamp: Path
 
@@ -139,13 +138,14 @@ def nvcc_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, F
     for source in CUDA_SOURCES:
         stamp = CACHE / f"{source.stem}-{_cache_key(source, nvcc, flags)}.ok"
         command = [nvcc, *flags, "-c", str(source), "-o", str(objects / f"{source.stem}.o")]
-        job = Compile(source, command, stamp)
+        job = Compile(command, stamp)
         runs[source] = None if stamp.is_file() else pool.submit(_compiled, job)
     yield runs
     pool.shutdown(wait=True)
 
 
 def _compiled(job: Compile) -> tuple[Compile, subprocess.CompletedProcess]:
+    """`job` and how its nvcc run ended."""
     return job, subprocess.run(job.command, capture_output=True, text=True, cwd=ROOT)
 
 
