@@ -57,7 +57,7 @@ def greedy_dpp_reference(similarity: torch.Tensor, relevance: torch.Tensor, k: i
     # e of the definition for every j at once, so that a step costs a few ops, not one per t
     residual = (relevance[:, :, None] * similarity) * relevance[:, None, :]
     products = torch.empty_like(residual)  # reused: a fresh (B, N, N) per step costs page faults
-    d2 = residual.diagonal(dim1=1, dim2=2).clone()
+    d2 = residual.diagonal(dim1=1, dim2=2)  # a view: each step's update is d2 - e * e there
     taken = torch.zeros(batch, tokens, dtype=torch.bool, device=relevance.device)
     chosen = torch.empty(batch, k, dtype=torch.long, device=relevance.device)
     for step in range(k):
@@ -68,7 +68,6 @@ def greedy_dpp_reference(similarity: torch.Tensor, relevance: torch.Tensor, k: i
             break
         e = residual[rows, pick] / _sqrt(d2[rows, pick, None])
         residual -= torch.mul(e[:, :, None], e[:, None, :], out=products)
-        d2 = d2 - e * e
     return chosen.sort(dim=1).values
 
 
