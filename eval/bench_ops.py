@@ -4,8 +4,10 @@ Groups (--ops, default all):
 - tome: best_match alone, weighted_merge alone, "match+argsort+merge" (best_match on the even
   and odd tokens with the class token protected, an argsort of the scores, weighted_merge of a
   precomputed ToMe plan) and the full ToMe step (bipartite_plan + weighted_merge, weight =
-  size); at B=32, N=197, C in {64, 384}, r in {13, 98}, and at B=1, N=577.
+  size); at B=32, N=197, C in {64, 384}, and at B=1, N=577; r = 13 and the most a step
+  can merge (98 at N=197).
 - energy: energy_score (PiToMe) at B=32, T=196, C in {64, 384}, and B=1, T=577, C=384.
+--shape B,N,C (repeatable) runs the tome and energy groups at those shapes instead.
 - pagerank: attention_pagerank (Zero-TPrune) at B=32, H=6, N=197, iterations 1, 5, 30.
 - maxmin: greedy_maxmin (DivPrune, ZOO-Prune) at N=576, k=64, B in {1, 4}, against both the
   plain loop reference and the fast PyTorch form the op falls back to.
@@ -46,7 +48,7 @@ from script_args import positive_ints, refusing, script_parser
 
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 from tokcomp.ops import bipartite
-from tokcomp.ops.bipartite import bipartite_plan
+from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges
 from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp_reference
 from tokcomp.ops.energy import energy_score_reference
 from tokcomp.ops.match import best_match_reference
@@ -213,7 +215,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                 lambda a=a, b=b: best_match_reference(a, b, 1, 0),
                 lambda a=a, b=b: match(a, b, 1, 0),
             )
-            for r in (13, 98):
+            most = max_bipartite_merges(tokens, 1)
+            for r in sorted({min(13, most), most}):
                 plan = tuple(t.contiguous() for t in bipartite_plan(x, 1, r))
                 add(
                     "weighted_merge",
@@ -241,7 +244,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                     lambda x=x, s=size, r=r: tome_step(x, s, r, match, merge),
                 )
     if "energy" in args.ops:
-        for shape in [(32, 196, 64), (32, 196, 384), (1, 577, 384)]:
+        for shape in args.shape or [(32, 196, 64), (32, 196, 384), (1, 577, 384)]:
             metric = random(*shape)
             add(
                 "energy_score",
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shape",
         action="append",
         type=parse_shape,
-        help="B,N,C to run instead of the default shapes (repeatable)",
+        help="B,N,C to run the tome and energy groups at instead of their default shapes "
+        "(repeatable)",
     )
     parser.add_argument("--route", default="compiled", choices=["compiled", "cupy"])
     parser.add_argument(
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=None, help="write the results here (overwritten)"
     )
     args = parser.parse_args(argv)
+    if args.shape and not {"tome", "energy"} & set(args.ops):
+        parser.error("--shape sets the shapes of the tome and energy groups: add one to --ops")
     if args.json is not None:
         with refusing(parser):  # a folder, or a file in a folder's place (eval/gpu_check.sh
             check_new_file(args.json, True, "--json")  # reruns overwrite their results)

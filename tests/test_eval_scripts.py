@@ -58,6 +58,7 @@ CASES = [
     ("bench_cpp_wrapper", ["--variant", "tome:rr=1"], "rr", {"compiled": long_work}),
     ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
     ("bench_ops", ["--shape", "1,2"], "--shape", {"run": long_work}),
+    ("bench_ops", ["--ops", "dpp", "--shape", "1,2,3"], "--shape", {"run": long_work}),
     ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),
     ("bench_vlm_methods", ["--repeats", "0"], "--repeats", {"build": long_work}),
     ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
@@ -134,6 +135,21 @@ def test_probe_cpu_attention_pads_bfloat16_rows_to_each_multiple_asked_for():
     rows = {name: call().shape[2] for name, call in calls.items() if name.startswith("padded")}
     assert rows == {"padded to 16": 208, "padded to 32": 224, "padded to 64": 256}
     assert "padded to 16" not in script.attention_calls(197, 2, 3, 8, torch.float32, [32])
+
+
+def test_bench_ops_runs_the_tome_and_energy_groups_at_any_shape_given(capsys):
+    argv = ["--ops", "tome", "energy", "--shape", "2,9,8", "--repeats", "1", "--warmup", "0"]
+    assert eval_script("bench_ops").main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    cases = {(row[0], row[2]) for row in rows if len(row) > 2 and row[1] == "2x9x8"}
+    # r up to the most a 9-token step merges with the class token protected: 4
+    assert cases == {
+        ("best_match", "-"),
+        ("weighted_merge", "r=4"),
+        ("match+argsort+merge", "r=4"),
+        ("tome_step", "r=4"),
+        ("energy_score", "margin=0.5"),
+    }
 
 
 def test_probe_selection_finds_its_checkpoint_from_any_folder(tmp_path, monkeypatch):
