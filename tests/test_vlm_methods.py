@@ -764,11 +764,11 @@ def test_random_select_draws_a_seeded_subset_per_image():
 
 
 def _released_ttm_by_hand(frames: list[list[list[float]]], k: float) -> list[list[int]]:
-    """Per frame, the positions DyCoke's TTM keeps, by the loops of KD-TAO/DyCoke llava_arch.py
-    `dycole_ttm` in plain Python: pairs (i, i + 1), then windows of four whose first frame i
-    < count - 4 replace frame i + 2 by its least similar tokens to frame i. Two deliberate
-    differences (docs/methods.md 6.12): a pair compares its own two frames (the released code
-    takes pair i - 1's similarities), and an odd last frame is kept whole (dropped there)."""
+    """Per frame, the positions DyCoke's TTM keeps, by the loops of KD-TAO/DyCoke@dd74634
+    llava_arch.py `dycole_ttm` in plain Python: pairs (i, i + 1), each pruning its second frame
+    by its own similarities, then windows of four whose first frame i < count - 4 replace frame
+    i + 2 by its least similar tokens to frame i. One deliberate difference (docs/methods.md
+    6.12): an odd last frame is kept whole (dropped there)."""
     count, per = len(frames), len(frames[0])
     keep = int((1 - k) * per)
 

@@ -35,8 +35,8 @@ CLIP_NEEDS = frozenset({VisualSignal.FEATURES, VisualSignal.PROMPT})
 def instruction_relevance(unit: torch.Tensor, text: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(B, N) relevance of unit-norm visual tokens (B, N, D) to their prompts' text: the mean
     over the text tokens of their cosine similarity to the token (one matmul with the mean
-    unit text vector), min-max normalised per sample to (0, 1] as the released code does over
-    its whole batch."""
+    unit text vector), min-max normalised per sample as the released code does over its whole
+    batch (shifted_minmax: from 1e-6 / (max - min) up to just above 1)."""
     rows = []
     for tokens, words in zip(unit, text, strict=True):
         if words.shape[0] == 0:
@@ -156,7 +156,8 @@ class CDPruner(VisualMethod):
     """Greedy MAP of the DPP with kernel L = diag(r) S diag(r) over an image's projector outputs
     (S their cosine similarities, r their relevance to the prompt's text), exactly `keep` steps
     (default 64, the released scripts' smallest budget; 128 and 192 are the others;
-    LLaVA-NeXT: per crop, even shares); kept tokens in raster order, numbered contiguously.
+    LLaVA-NeXT: the image's budget in even shares per crop, where the released budget is per
+    crop); kept tokens in raster order, numbered contiguously.
 
     By default r is instruction_relevance: the prompt's own tokens in the language model's input
     embeddings (a Hugging Face VLM checkpoint holds no CLIP text tower). With `text_encoder`,

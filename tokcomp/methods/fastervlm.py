@@ -20,8 +20,9 @@ class FasterVLM(VisualMethod):
     vision tower's feature layer (the layer whose output the projector takes: layer 22 of
     LLaVA-1.5's CLIP-L, `attentions[-2]` in Theia-4869/FasterVLM clip_encoder.py), averaged
     over heads; kept tokens stay in raster order and are numbered contiguously, as the released
-    code inserts fewer tokens. LLaVA-NeXT: per crop, image-newline tokens kept. Towers without
-    a class token (SigLIP) rank by the mean attention each token receives.
+    code inserts fewer tokens. LLaVA-NeXT: `keep` is the image's budget, shared evenly by its
+    crops (the released budget is per crop: keep = T x crops), image-newline tokens kept.
+    Towers without a class token (SigLIP) rank by the mean attention each token receives.
     """
 
     name: ClassVar[str] = "fastervlm"
