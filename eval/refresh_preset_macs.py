@@ -5,18 +5,24 @@ gives for that schedule. Each preset folder names its architecture: a timm model
 suffix: the fine-tuned, average-pooled classifier DiffRate reports), one of tokcomp's own
 checkpoints (SEARCHED), or an offline pretrained model (tokcomp.pretrained.OFFLINE_MODELS).
 
-    python eval/refresh_preset_macs.py            # every configs/*/*.json
+    python eval/refresh_preset_macs.py                      # every configs/*/*.json
+    python eval/refresh_preset_macs.py --configs /tmp/copy  # the presets of another folder
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import timm
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
+
 import tokcomp
+from tokcomp.adapters import find_adapter
 from tokcomp.models import create_model
 from tokcomp.pretrained import OFFLINE_MODELS
 
@@ -40,19 +46,25 @@ def architecture(folder: str) -> torch.nn.Module:
 def refresh(path: Path) -> bool:
     """Rewrite `path`'s MACs fields; whether they changed."""
     config = tokcomp.Config.load(path)
-    model = architecture(path.parent.name)
-    tokcomp.apply(model, config.method, **config.options, schedule=config.schedule)
-    applied = tokcomp.config_of(model)
-    fields = {name: getattr(applied, name) for name in ("macs", "selection_macs", "base_macs")}
+    fields = config.macs_on(find_adapter(architecture(path.parent.name)).spec())
     if all(getattr(config, name) == value for name, value in fields.items()):
         return False
     replace(config, **fields).save(path)
     return True
 
 
-def main() -> None:
-    for path in sorted((ROOT / "configs").glob("*/*.json")):
-        print(f"{path.relative_to(ROOT)}: {'updated' if refresh(path) else 'unchanged'}")
+def main(argv: list[str] | None = None) -> None:
+    """Rewrite the MACs fields of every preset under --configs, saying which changed."""
+    parser = script_parser(__doc__)
+    parser.add_argument(
+        "--configs", type=Path, default=ROOT / "configs", help="the folder of preset folders"
+    )
+    args = parser.parse_args(argv)
+    paths = sorted(args.configs.glob("*/*.json"))
+    if not paths:
+        parser.error(f"--configs {args.configs} holds no preset (FOLDER/*.json)")
+    for path in paths:
+        print(f"{path}: {'updated' if refresh(path) else 'unchanged'}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ names the option, exit code 2, before any long work (which each test replaces by
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import tiny_vit
@@ -188,3 +191,23 @@ def test_training_scripts_refuse_non_positive_counts(script, argv, option, capsy
         eval_script(script).parse_args(argv)
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and option in err, err
+
+
+def test_refresh_preset_macs_rewrites_stale_macs_and_leaves_current_ones(tmp_path, capsys):
+    for folder, name in (
+        ("deit_tiny_patch16_224", "diffrate-0.6g.json"),
+        ("vit-fmnist", "zero_tprune-0.5.json"),
+    ):
+        (tmp_path / folder).mkdir()
+        shutil.copy(EVAL.parent / "configs" / folder / name, tmp_path / folder / name)
+    stale = tmp_path / "deit_tiny_patch16_224" / "diffrate-0.6g.json"
+    current = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**current, "macs": current["macs"] + 1, "base_macs": 1}))
+    eval_script("refresh_preset_macs").main(["--configs", str(tmp_path)])
+    said = capsys.readouterr().out.splitlines()
+    assert said == [
+        f"{stale}: updated",
+        f"{tmp_path / 'vit-fmnist' / 'zero_tprune-0.5.json'}: unchanged",
+    ]
+    refreshed = json.loads(stale.read_text())
+    assert (refreshed["macs"], refreshed["base_macs"]) == (current["macs"], current["base_macs"])

@@ -210,33 +210,39 @@ class Config:
                     "use a config exported from this architecture (or build a new one with "
                     "tokcomp.apply(model, method, ...))"
                 )
+        self._check_macs(spec)
+        self._check_budget_options(spec)
+
+    def macs_on(self, spec: ModelSpec) -> dict[str, int]:
+        """The MACs fields (macs, selection_macs, base_macs) that this config's method and
+        schedule cost on `spec`. A config made on the same backbone with another
+        classification head (its model.head_macs) counts that head's."""
         try:
             method = create_method(self.method, **self.options, schedule=self.schedule)
             settled, tower, schedule = resolve_with_tower(method, self.tower_method(), spec)
         except ValueError as err:
             raise ConfigError(f"{self.source}: {err}; re-export it for this model") from None
-        self._check_macs(spec, settled, schedule, tower)
-        self._check_budget_options(spec)
-
-    def _check_macs(
-        self, spec: ModelSpec, method: Method, schedule: list[int], tower: Method | None
-    ) -> None:
-        """Refuse MACs that are not what the schedule costs on `spec` (a hand edit). A config
-        made on the same backbone with another classification head (its model.head_macs)
-        applies: its MACs are compared with that head's."""
-        selection = selection_macs(spec, method, schedule, tower)
+        selection = selection_macs(spec, settled, schedule, tower)
         head = self.model.get("head_macs", spec.head_macs) - spec.head_macs
-        expected = {
-            "macs": (model_macs(spec, schedule) + selection + head, "under its schedule"),
-            "selection_macs": (selection, "in the method's own work"),
-            "base_macs": (model_macs(spec) + head, "unpruned"),
+        return {
+            "macs": model_macs(spec, schedule) + selection + head,
+            "selection_macs": selection,
+            "base_macs": model_macs(spec) + head,
         }
-        for name, (value, how) in expected.items():
+
+    def _check_macs(self, spec: ModelSpec) -> None:
+        """Refuse MACs that are not what the schedule costs on `spec` (a hand edit)."""
+        how = {
+            "macs": "under its schedule",
+            "selection_macs": "in the method's own work",
+            "base_macs": "unpruned",
+        }
+        for name, value in self.macs_on(spec).items():
             if getattr(self, name) != value:
                 raise ConfigError(
                     f"{self.source}: {name} is {getattr(self, name)}, but this model costs "
-                    f"{value} MACs per image {how}: fix {name!r} (or re-export the config with "
-                    "tokcomp export)"
+                    f"{value} MACs per image {how[name]}: fix {name!r} (or re-export the config "
+                    "with tokcomp export)"
                 )
 
     def _check_budget_options(self, spec: ModelSpec) -> None:
