@@ -13,7 +13,7 @@ import torch
 from script_args import refusing
 from torch import nn
 
-from tokcomp.bench import BASELINE, Variant, parse_variant, variant_model
+from tokcomp.bench import BASELINE, Variant, input_size_of, parse_variant, variant_model
 from tokcomp.harness.arguments import positive_int, timm_model
 
 #: ToMe r=13 and PiToMe at 0.6 of the MACs: the settings of issue 24's compiled CPU floors.
@@ -48,7 +48,7 @@ def models_by_label(
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model(args.model).eval()
-    images = torch.randn(args.batch_size, 3, 224, 224)
+    images = torch.randn(args.batch_size, *input_size_of(model))
     with refusing(parser):
         variants = {
             v.label: variant_model(model, v) for v in (BASELINE, *(args.variant or TOME_AND_PITOME))

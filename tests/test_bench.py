@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 from conftest import tiny_vit
 from fixtures import eval_script
 
 import tokcomp
 from tokcomp import bench
-from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, peak_memory, rows_to_json
+from tokcomp.bench import (
+    BenchSettings,
+    Variant,
+    benchmark,
+    format_table,
+    input_size_of,
+    peak_memory,
+    rows_to_json,
+)
 from tokcomp.harness.timing import Speedup
 from tokcomp.methods.dycoke import merged_kept
 
@@ -39,7 +48,7 @@ def test_benchmark_refuses_a_compressed_model_as_its_baseline():
 def test_benchmark_reports_each_variant_against_the_unpruned_model():
     settings = BenchSettings(batch_size=2, warmup=1, repeats=2)
     variants = [Variant("tome r=4", "tome", {"r": 4}), Variant("tome r=12", "tome", {"r": 12})]
-    rows = benchmark(tiny_vit("vit"), variants, settings, input_size=(3, 32, 32))
+    rows = benchmark(tiny_vit("vit"), variants, settings)  # the model's own 32 x 32 images
     assert [r.label for r in rows] == ["unpruned", "tome r=4", "tome r=12"]
     assert rows[0].speedup == 1.0 and rows[0].macs_ratio == 1.0
     assert rows[0].gmacs > rows[1].gmacs > rows[2].gmacs
@@ -51,6 +60,16 @@ def test_benchmark_reports_each_variant_against_the_unpruned_model():
     assert "tome r=12" in table and "speed-up" in table and "sel %" in table
     data = json.loads(rows_to_json(rows, settings, model="tiny"))
     assert data["model"] == "tiny" and len(data["rows"]) == 3
+
+
+def test_input_size_is_what_the_model_was_built_for():
+    with torch.device("meta"):
+        resized = timm.create_model("vit_tiny_patch16_384", img_size=64, in_chans=1)
+    assert input_size_of(resized) == (1, 64, 64)  # not its pretrained_cfg's (3, 384, 384)
+    stem = torch.nn.Conv2d(3, 8, 4)
+    stem.pretrained_cfg = {"input_size": (3, 96, 96)}
+    assert input_size_of(stem) == (3, 96, 96)
+    assert input_size_of(torch.nn.Identity()) == (3, 224, 224)
 
 
 def test_compiled_benchmark_times_compiled_and_eager_models_in_the_same_rounds(monkeypatch):

@@ -127,9 +127,10 @@ def benchmark(
     model: nn.Module,
     variants: Sequence[Variant],
     settings: BenchSettings,
-    input_size: tuple[int, ...] = (3, 224, 224),
+    input_size: tuple[int, ...] | None = None,
 ) -> list[BenchRow]:
-    """Time every variant (unpruned first) on random images in interleaved rounds, so that
+    """Time every variant (unpruned first) on random images (of `input_size`, default the
+    model's own: `input_size_of`) in interleaved rounds, so that
     the load of a shared machine hits all variants alike: speed-ups are paired per round.
     With `settings.compile` every model runs compiled and eagerly in the same rounds: the
     speed-ups are compiled against the compiled unpruned model, `compile_gain` each model's
@@ -141,7 +142,17 @@ def benchmark(
             "model compiles it, which would be timed as a round"
         )
     with _threads(settings.threads):
-        return _measured(model, variants, settings, input_size)
+        return _measured(model, variants, settings, input_size or input_size_of(model))
+
+
+def input_size_of(model: nn.Module) -> tuple[int, ...]:
+    """The (C, H, W) of the images `model` takes: a timm ViT's patch embedding's (what it was
+    built for; its `pretrained_cfg` keeps the checkpoint's size when img_size was overridden),
+    else its `pretrained_cfg` input_size, else 3 x 224 x 224."""
+    embed = getattr(model, "patch_embed", None)
+    if getattr(embed, "img_size", None) is not None:
+        return (embed.proj.in_channels, *embed.img_size)
+    return tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
 
 
 @contextlib.contextmanager

@@ -151,8 +151,7 @@ def _bench(args: argparse.Namespace) -> None:
         threads=args.threads,
         compile=args.compile,
     )
-    input_size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-    rows = benchmark(model, args.variant, settings, input_size)
+    rows = benchmark(model, args.variant, settings)
     context = {
         "model": args.model or str(args.checkpoint),
         "threads": args.threads or torch.get_num_threads(),
