@@ -337,10 +337,15 @@ def _environment(args: argparse.Namespace) -> dict:
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
-    """'8,197,384' -> (8, 197, 384): batch, tokens, channels, each at least 1."""
+    """'8,197,384' -> (8, 197, 384): batch, tokens, channels, each at least 1, and at least 2
+    tokens (the ToMe cases protect the first: a class token and one token to match)."""
     values = positive_ints(text)
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"must be B,N,C (three whole numbers), got {text!r}")
+    if values[1] < 2:
+        raise argparse.ArgumentTypeError(
+            f"N must be at least 2 (a class token and a token to match), got {text!r}"
+        )
     return tuple(values)
 
 

@@ -62,6 +62,7 @@ CASES = [
     ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
     ("bench_ops", ["--shape", "1,2"], "--shape", {"run": long_work}),
     ("bench_ops", ["--ops", "dpp", "--shape", "1,2,3"], "--shape", {"run": long_work}),
+    ("bench_ops", ["--ops", "tome", "--shape", "1,1,4"], "--shape", {"run": long_work}),
     ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),
     ("bench_vlm_methods", ["--repeats", "0"], "--repeats", {"build": long_work}),
     ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
