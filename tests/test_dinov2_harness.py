@@ -232,6 +232,13 @@ def test_a_folder_without_training_images_is_refused(setup, tmp_path, capsys):
     assert "needs --train-data" in capsys.readouterr().err
 
 
+def test_an_unknown_model_name_is_refused_in_one_line(capsys):
+    assert main(["eval", "backbone", "--model", "deit_smal_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown timm model 'deit_smal_patch16_224'" in err
+    assert "dinov2_vits14" in err
+
+
 def test_a_saved_head_makes_a_timm_classifier_with_the_heads_logits(tmp_path):
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "patch_size": 4}
