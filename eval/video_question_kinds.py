@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,13 +26,20 @@ from train_vlm_videoshapes import greedy_accuracy
 import tokcomp
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.video_shapes import question_rows
-from tokcomp.harness.vqa import VIDEO_MODEL, model_location
-from tokcomp.methods import create_method, method_class
+from tokcomp.harness.vqa import VIDEO_MODEL, kept_share_option, model_location
+from tokcomp.methods import create_method
 
 
-def budget(method: str, keep: float) -> dict[str, float]:
-    """`keep` of each video's visual tokens in `method`'s budget knob."""
-    return {method_class(method).budget: keep}
+def kept_share(parser: argparse.ArgumentParser, method: str) -> str:
+    """`method`'s option for the share of the visual tokens it keeps (--keep sets it); a
+    method without one (DyCoke's k is the share merged away) is refused through `parser`."""
+    try:
+        return kept_share_option(method)
+    except ValueError:
+        parser.error(
+            f"--methods: {method} has no option for the share of the visual tokens it keeps, "
+            "which --keep sets; compare it with tokcomp eval vqa --variant instead"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
     settings = {
-        method: {**budget(method, args.keep), "positions": args.positions}
+        method: {kept_share(parser, method): args.keep, "positions": args.positions}
         for method in args.methods
     }
     with refusing(parser):  # each method's options and the model's folder, before it loads

@@ -42,6 +42,7 @@ CASES = [
     ("video_question_kinds", ["--methods", "nosuch"], "--methods", {}),
     ("video_question_kinds", ["--keep", "5"], "--keep", {}),
     ("video_question_kinds", ["--clips", "0"], "--clips", {}),
+    ("video_question_kinds", ["--methods", "divprune,dycoke"], "dycoke", {}),
     ("bench_methods", ["--batch-size", "0"], "--batch-size", {"benchmark": long_work}),
     ("bench_methods", ["--batch-size", "-3"], "--batch-size", {"benchmark": long_work}),
     ("bench_methods", ["--device", "tpu"], "--device", {"benchmark": long_work}),

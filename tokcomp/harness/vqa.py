@@ -321,20 +321,30 @@ def keep_budget(method: str, budget: float, positions: str | None = None) -> str
     """A --budgets entry of a VQA sweep, as a variant: keep `budget` of each image's or
     video's visual tokens (the method's keep, or random's keep_ratio), numbered as `positions`
     says (None: the method's default)."""
+    try:
+        option = kept_share_option(method)
+    except ValueError as err:
+        raise ValueError(f"--budgets keep a fraction of the visual tokens; {err}") from None
+    numbering = f",positions={positions}" if positions else ""
+    return f"{method}:{option}={budget}{numbering}"
+
+
+def kept_share_option(method: str) -> str:
+    """The option of visual-token method `method` that sets the share of the visual tokens it
+    keeps; a method without one is refused, naming its own options instead."""
     cls = method_class(method)
     if not issubclass(cls, VisualMethod):
         raise ValueError(
-            f"--budgets keep a fraction of the visual tokens; {method} acts inside the vision "
-            f"tower: give its own options with --variant (e.g. {method}:r=4)"
+            f"{method} acts inside the vision tower: give its own options with --variant "
+            f"(e.g. {method}:r=4)"
         )
     if cls.budget not in KEPT_FRACTIONS:
         default = cls.__dataclass_fields__[cls.budget].default
         raise ValueError(
-            f"--budgets keep a fraction of the visual tokens; {method}'s budget {cls.budget} is "
-            f"not the share it keeps: give it with --variant (e.g. {method}:{cls.budget}={default})"
+            f"{method}'s budget {cls.budget} is not the share it keeps: give it with --variant "
+            f"(e.g. {method}:{cls.budget}={default})"
         )
-    numbering = f",positions={positions}" if positions else ""
-    return f"{method}:{cls.budget}={budget}{numbering}"
+    return cls.budget
 
 
 def load_vlm(source: str | Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
