@@ -76,6 +76,7 @@ from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.timing import interleaved
 from tokcomp.methods import create_method, method_class
 from tokcomp.methods.dycoke import merged_kept
+from tokcomp.schedule.resolve import check_tower_method
 
 CPU = torch.device("cpu")
 SHARE = 0.1
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--methods: {unknown} are not visual-token methods; choose from {METHODS}")
     if args.tower is not None:
         with refusing(parser):  # the tower's method and options, before the model is built
-            create_method(args.tower["tower"], **args.tower["tower_options"])
+            check_tower_method(create_method(args.tower["tower"], **args.tower["tower_options"]))
     torch.set_num_threads(args.threads)
     model = build(TINY if args.tiny else ONEVISION, args.layers)
     tokens = args.frames * tokens_per_frame(model)

@@ -53,12 +53,7 @@ def resolve_with_tower(
 def _check_tower_pair(method: Method, tower: Method, spec: ModelSpec) -> None:
     """Refuse a tower method that cannot unmerge, a model whose tower tokcomp cannot merge
     in, and a method beside it that is no visual-token method."""
-    if not _only_merges(type(tower)):
-        mergers = [name for name in method_names() if _only_merges(method_class(name))]
-        raise ValueError(
-            f"tower={tower.name!r}: the tower method must be a block method that only merges "
-            f"({' or '.join(mergers)}), so that unmerge restores the tower's grid"
-        )
+    check_tower_method(tower)
     if not isinstance(spec, VLMSpec) or not spec.tower_unmerge:
         raise ValueError(
             "tower= merges inside the vision tower of LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video "
@@ -78,6 +73,17 @@ def _check_tower_pair(method: Method, tower: Method, spec: ModelSpec) -> None:
         raise ValueError(
             f"{tower.name}: target_macs cannot be given in tower_options; give its budget "
             f"({tower.budget}=...) there"
+        )
+
+
+def check_tower_method(tower: Method) -> None:
+    """Refuse a method that cannot run inside a VLM's vision tower (tower=): one that does
+    not only merge, whose tokens unmerge could not restore to the tower's grid."""
+    if not _only_merges(type(tower)):
+        mergers = [name for name in method_names() if _only_merges(method_class(name))]
+        raise ValueError(
+            f"tower={tower.name!r}: the tower method must be a block method that only merges "
+            f"({' or '.join(mergers)}), so that unmerge restores the tower's grid"
         )
 
 
