@@ -36,6 +36,23 @@ def check_json_argument(parser: argparse.ArgumentParser, args: argparse.Namespac
             check_new_file(args.json, args.force, "--json")
 
 
+#: A training script's finished model, in its --out folder (written at the end of the run).
+MODEL_FILE = "model.safetensors"
+
+
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """--force (to train over a finished model in --out)."""
+    parser.add_argument(
+        "--force", action="store_true", help=f"overwrite a finished model ({MODEL_FILE}) in --out"
+    )
+
+
+def check_model_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through `parser`, a finished model in --out without --force (resuming has none)."""
+    with refusing(parser):
+        check_new_file(Path(args.out) / MODEL_FILE, args.force, "--out")
+
+
 def script_parser(doc: str) -> argparse.ArgumentParser:
     """A script's parser, described by the first paragraph of `doc`: a usage error is one line
     (`tokcomp`'s parser) and exit code 2."""

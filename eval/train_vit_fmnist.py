@@ -23,7 +23,8 @@ background the class does not depend on. ``--token-label-weight`` (a per-patch l
 
 The run checkpoints after every epoch to ``<out>/.train_state/last.pt`` and resumes from it
 when started again with the same command. At the end it writes ``<out>/model.safetensors``
-with the metadata needed to rebuild the model:
+(an ``--out`` that already holds one, such as the shipped model's, is refused before any work
+unless ``--force``) with the metadata needed to rebuild the model:
 
     meta = safetensors.safe_open(path, "pt").metadata()
     model = timm.create_model(meta["timm_model"], pretrained=False,
@@ -32,7 +33,7 @@ with the metadata needed to rebuild the model:
 
 Example (the exact command used for the shipped model is in eval/models/vit-fmnist/README.md):
 
-    nohup .venv/bin/python eval/train_vit_fmnist.py >> train.log 2>&1 &
+    nohup .venv/bin/python eval/train_vit_fmnist.py --force >> train.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import REPO, refusing, script_parser
+from script_args import REPO, add_force_argument, check_model_output, refusing, script_parser
 
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.fashion_mnist import (
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--coarse-epochs and --epochs are both 0: nothing to train")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file; give a model.safetensors")
+    check_model_output(p, args)
     return args
 
 
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=str(REPO / "eval" / "models" / "vit-fmnist"), help="output folder"
     )
+    add_force_argument(p)
     p.add_argument(
         "--coarse-epochs", type=non_negative_int, default=20, help="stage-1 epochs (0: none)"
     )
@@ -510,8 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = make_optimizer(model, args)
     if resume_path.exists() and not args.fresh:
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in state["args"].items() if k not in ("fresh",)}
-        now = {k: v for k, v in vars(args).items() if k not in ("fresh",)}
+        ignored = ("fresh", "force")
+        saved = {k: v for k, v in state["args"].items() if k not in ignored}
+        now = {k: v for k, v in vars(args).items() if k not in ignored}
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise SystemExit(

@@ -27,9 +27,10 @@ AdamW, linear warm-up then cosine decay, bf16 autocast, seeded (random, numpy, t
 every epoch: the first-token accuracy on --monitor test questions (monitoring only: the saved
 model is the last epoch's) and a checkpoint in <out>/.train_state/last.pt, from which the same
 command resumes. The final model is written with save_pretrained (safetensors, float32) with
-its processor.
+its processor; an --out that already holds a model.safetensors (the shipped model's) is refused
+before any work unless --force.
 
-    OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_easyvqa.py \\
+    OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_easyvqa.py --force \\
         > eval/models/vlm-easyvqa/.train_state/train.log 2>&1 &
 """
 
@@ -70,7 +71,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import REPO, script_parser
+from script_args import REPO, add_force_argument, check_model_output, script_parser
 
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_image
@@ -120,7 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--monitor", type=positive_int, default=1000, help="test questions checked per epoch"
     )
     add_run_options(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_model_output(p, args)
+    return args
 
 
 def add_optimizer_options(p: argparse.ArgumentParser) -> None:
@@ -154,6 +157,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--limit-steps", type=non_negative_int, default=0, help="smoke test: steps per epoch"
     )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    add_force_argument(p)
 
 
 def seed_everything(seed: int) -> None:
@@ -540,7 +544,7 @@ def resume(path: Path, args: argparse.Namespace, parts: tuple) -> dict:
     if not path.exists() or args.fresh:
         return {"epoch": 0, "elapsed_s": 0.0, "history": []}
     state = torch.load(path, map_location="cpu", weights_only=False)
-    ignored = ("fresh", "threads")
+    ignored = ("fresh", "threads", "force")
     saved = {k: v for k, v in state["args"].items() if k not in ignored}
     now = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     changed = sorted(k for k in saved if saved[k] != now.get(k))

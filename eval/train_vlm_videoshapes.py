@@ -24,11 +24,12 @@ image get the same tokens, as in the unaugmented video); the same training-only 
 tower (TowerProbe; not saved); loss on the answer word and end-of-sequence token; AdamW,
 warm-up then cosine, bf16 autocast, seeded. After every epoch: first-token accuracy per
 question kind on --monitor test clips and a checkpoint (<out>/.train_state/last.pt) from which
-the same command resumes. At the end: the model and processor (save_pretrained, safetensors)
+the same command resumes. At the end: the model and processor (save_pretrained, safetensors;
+an --out that already holds a model.safetensors is refused before any work unless --force)
 and the greedy accuracy of the saved model on the test clips through the processor and
 model.generate (left padding, batches), per answer type and question kind.
 
-    OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_videoshapes.py \\
+    OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_videoshapes.py --force \\
         > train-videoshapes.log 2>&1 &
 """
 
@@ -62,7 +63,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling train_vlm_easyvqa
-from script_args import REPO, script_parser
+from script_args import REPO, check_model_output, script_parser
 from train_vlm_easyvqa import (
     BOS,
     EOS,
@@ -127,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_architecture_options(p)
     p.add_argument("--monitor", type=positive_int, default=150, help="test clips checked per epoch")
     add_run_options(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_model_output(p, args)
+    return args
 
 
 # -- processor, model --------------------------------------------------------------------------

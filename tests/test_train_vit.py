@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 from fixtures import eval_script
+from safetensors import safe_open
 
 from tokcomp.harness.fashion_mnist import place_on_canvas
 
@@ -91,7 +93,8 @@ def test_with_registers_refuses_to_drop_registers():
 
 @pytest.mark.parametrize("registers", [0, 2])
 def test_init_from_a_28px_model_resamples_it_onto_the_canvas(tmp_path, registers):
-    small = ["--embed-dim", "24", "--num-heads", "2", "--depth", "2", "--patch-size"]
+    out = ["--out", str(tmp_path)]
+    small = [*out, "--embed-dim", "24", "--num-heads", "2", "--depth", "2", "--patch-size"]
     full_frame = script().parse_args([*small, "2"])
     canvas = script().parse_args([*small, "3", "--canvas", "42", "--registers", str(registers)])
     torch.manual_seed(0)
@@ -140,3 +143,52 @@ def test_garment_sizes_that_would_be_ignored_or_not_fit_are_refused(options, mes
     with pytest.raises(SystemExit):
         script().parse_args(options)
     assert message in capsys.readouterr().err
+
+
+def tiny_run(out, *options):
+    """A tiny one-epoch run into `out` (no fused attention or thread count left changed)."""
+    tiny = ["--embed-dim", "24", "--num-heads", "2", "--depth", "2", "--fused-attn"]
+    threads = ["--threads", str(torch.get_num_threads())]
+    return ["--out", str(out), "--coarse-epochs", "0", "--epochs", "1", *tiny, *threads, *options]
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the data was read or a training step run")
+
+
+def test_a_finished_model_in_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    module = script()
+    monkeypatch.setattr(module, "load_arrays", must_not_run)
+    monkeypatch.setattr(module, "augment", must_not_run)
+    (tmp_path / "model.safetensors").write_bytes(b"shipped")
+    with pytest.raises(SystemExit) as refused:
+        module.main(tiny_run(tmp_path, "--limit-steps", "1"))
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--out {tmp_path / 'model.safetensors'} exists; pass --force to overwrite" in err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"shipped"
+    assert not (tmp_path / ".train_state").exists()
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["force-over-a-model", "resume-unfinished"])
+def test_force_or_a_checkpoint_of_a_forced_run_resumes_and_writes_the_model(
+    tmp_path, monkeypatch, forced
+):
+    """A checkpoint at the last epoch, of a run started with --force: resumed with --force over
+    a finished model, or without it where the run has not written its model yet."""
+    module = script()
+    args = module.parse_args(tiny_run(tmp_path, "--force"))
+    model = module.create(args, 2)
+    state = {"epoch": 1, "patch": 2, "model": model.state_dict(), "elapsed_s": 1, "cpu_s": 1}
+    state |= {"optimizer": module.make_optimizer(model, args).state_dict(), "history": []}
+    (tmp_path / ".train_state").mkdir()
+    module.save_state(tmp_path / ".train_state" / "last.pt", {**state, "args": vars(args)})
+    if forced:
+        (tmp_path / "model.safetensors").write_bytes(b"shipped")
+    images = np.zeros((4, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(module, "load_arrays", lambda root, split: (images, np.arange(4)))
+    monkeypatch.setattr(module, "augment", must_not_run)
+    module.main(tiny_run(tmp_path, *(["--force"] if forced else [])))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as written:
+        assert written.metadata()["train_wall_s"] == "1"  # the checkpoint's time: resumed

@@ -105,3 +105,66 @@ def test_the_tower_probe_asks_shape_and_colour_of_the_patches_on_the_shape_only(
     torch.testing.assert_close(probe.loss(states, shown, facts), sum(log))
     probe.loss(states, shown, facts).backward()
     assert states.grad[:, 0].abs().sum() == 0  # the class token is not probed
+
+
+class Reached(Exception):
+    """The script got past its checks to its first work (reading the data)."""
+
+
+def reach(*args, **kwargs):
+    raise Reached
+
+
+def must_not_run(*args, **kwargs):
+    raise AssertionError("the data was read or the model trained")
+
+
+def run(out, *options):
+    """A smoke run into `out`, at the thread count of now (the script sets it)."""
+    threads = ["--threads", str(torch.get_num_threads())]
+    return ["--out", str(out), "--epochs", "1", "--limit-steps", "1", *threads, *options]
+
+
+def test_a_finished_model_in_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    script = training_script()
+    monkeypatch.setattr(script, "read_easy_vqa", must_not_run)
+    monkeypatch.setattr(script, "fit", must_not_run)
+    (tmp_path / "model.safetensors").write_bytes(b"shipped")
+    with pytest.raises(SystemExit) as refused:
+        script.main(run(tmp_path))
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--out {tmp_path / 'model.safetensors'} exists; pass --force to overwrite" in err
+    assert (tmp_path / "model.safetensors").read_bytes() == b"shipped"
+    assert not (tmp_path / ".train_state").exists()
+
+
+@pytest.mark.parametrize(
+    ("existing", "options"),
+    [("model.safetensors", ["--force"]), (".train_state/last.pt", [])],
+    ids=["force-over-a-model", "resume-unfinished"],
+)
+def test_force_or_an_unfinished_run_goes_on_to_its_work(tmp_path, monkeypatch, existing, options):
+    script = training_script()
+    monkeypatch.setattr(script, "read_easy_vqa", reach)
+    (tmp_path / existing).parent.mkdir(exist_ok=True)
+    (tmp_path / existing).write_bytes(b"earlier")
+    with pytest.raises(Reached):
+        script.main(run(tmp_path, *options))
+
+
+def test_a_checkpoint_of_a_forced_run_resumes_without_force(tmp_path):
+    """--force is no training setting: the checkpoint of a run started with it resumes
+    without it."""
+    script = training_script()
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    forced = script.parse_args(["--out", str(tmp_path), "--force"])
+    state = {"epoch": 3, "elapsed_s": 5.0, "history": [], "model": layer.state_dict()}
+    state |= {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    state["args"] = {k: str(v) if k == "out" else v for k, v in vars(forced).items()}
+    script.save_state(tmp_path / "last.pt", state)
+    again = script.parse_args(["--out", str(tmp_path)])
+    assert script.resume(tmp_path / "last.pt", again, (layer, optimizer, schedule))["epoch"] == 3
