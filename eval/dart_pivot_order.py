@@ -3,7 +3,10 @@ pivots in the order of a Python set of token positions (an artefact); tokcomp fi
 (image pivots, then text pivots, each by descending key norm; docs/methods.md section 6.10).
 `dart_shuffled` claims with the same pivots and quotas in a random order (one seeded draw per
 batch). On the easy-VQA demo VLM this reports both methods' accuracy (tokcomp's VQA sweep) and,
-per budget, the mean Jaccard index of the two kept sets of each image.
+per budget, the mean Jaccard index of the two kept sets of each distinct selection (an image
+under its question's pivots: the sweep's memory and speed probes, which select again on its
+first batch, are not counted twice). Selections run only for results the sweep measures: on a
+rerun that reuses saved results the script says so instead of a mean.
 
     OMP_WAIT_POLICY=PASSIVE python eval/dart_pivot_order.py --limit 5000 \\
         --budgets 0.1875,0.4375 --output results/dart-pivot-order
@@ -14,6 +17,7 @@ per budget, the mean Jaccard index of the two kept sets of each image.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 import sys
 from collections import defaultdict
@@ -33,8 +37,9 @@ from tokcomp.harness.arguments import positive_int
 from tokcomp.methods import VisualTokens, dart
 from tokcomp.methods.registry import register
 
-#: Per kept count, the Jaccard index of tokcomp's and the shuffled order's kept sets per image.
-AGREEMENT: dict[int, list[float]] = defaultdict(list)
+#: Per kept count, the Jaccard index of tokcomp's and the shuffled order's kept sets, by the
+#: digest of the selection's inputs (its first draw is kept).
+AGREEMENT: dict[int, dict[str, float]] = defaultdict(dict)
 ORDERS = torch.Generator().manual_seed(0)
 FIXED_ORDER_CLAIM = dart._claim
 
@@ -46,8 +51,18 @@ def _claim_in_random_order(
     fixed = FIXED_ORDER_CLAIM(states, pivots, quotas, taken)
     shuffled = FIXED_ORDER_CLAIM(states, pivots[:, order], quotas[:, order], taken)
     jaccard = (fixed & shuffled).sum(dim=1) / (fixed | shuffled).sum(dim=1)
-    AGREEMENT[int(fixed[0].sum())].extend(jaccard.tolist())
+    for row, value in enumerate(jaccard.tolist()):
+        key = _digest(states[row], pivots[row], quotas[row], taken[row])
+        AGREEMENT[int(fixed[row].sum())].setdefault(key, value)
     return shuffled
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """A digest of the values of `tensors`: the same selection problem gives the same one."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -80,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     sweep = ["--methods", "dart,dart_shuffled", "--budgets", args.budgets, "--output", args.output]
     data = ["--data", "easy-vqa", "--limit", str(args.limit), "--threads", "1"]
     code = tokcomp_main(["eval", "vqa", *data, *sweep])
-    for kept, values in sorted(AGREEMENT.items()):
+    if not AGREEMENT:
+        print(
+            f"no DART selection ran: the sweep reused the results saved in {args.output}; give "
+            "another --output to measure how much the pivot order changes the kept sets"
+        )
+    for kept, by_selection in sorted(AGREEMENT.items()):
+        values = list(by_selection.values())
         print(
             f"keep {kept}: mean Jaccard of the kept sets, fixed vs random pivot order: "
-            f"{statistics.fmean(values):.3f} over {len(values)} images (identical: "
+            f"{statistics.fmean(values):.3f} over {len(values)} selections (identical: "
             f"{sum(v == 1.0 for v in values) / len(values):.1%})"
         )
     return code

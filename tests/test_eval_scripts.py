@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -214,3 +216,19 @@ def test_refresh_preset_macs_rewrites_stale_macs_and_leaves_current_ones(tmp_pat
     ]
     refreshed = json.loads(stale.read_text())
     assert (refreshed["macs"], refreshed["base_macs"]) == (current["macs"], current["base_macs"])
+
+
+def test_dart_pivot_order_counts_each_selection_once_and_says_when_none_ran(tmp_path):
+    """The sweep's memory and speed probes select again on its first batch: 3 questions are 3
+    selections. A rerun reuses the saved results and runs none. (A subprocess: the script
+    registers a method.)"""
+    argv = ["--limit", "3", "--budgets", "0.4375", "--output", str(tmp_path / "sweep")]
+
+    def run() -> str:
+        script = [sys.executable, str(EVAL / "dart_pivot_order.py"), *argv]
+        done = subprocess.run(script, capture_output=True, text=True, timeout=600, check=True)
+        return done.stdout
+
+    assert "keep 28: mean Jaccard of the kept sets" in (first := run())
+    assert " over 3 selections " in first
+    assert "no DART selection ran: the sweep reused the results saved in" in run()
