@@ -227,6 +227,30 @@ def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, capsys, offline):
 
 
 @needs_lmms
+def test_log_samples_refuses_saved_points_without_samples_until_fresh(tmp_path, capsys, offline):
+    """Resuming skips saved points: those saved without --log-samples are named, not passed
+    over silently, and left as they are; --fresh evaluates them again with their samples."""
+    out = tmp_path / "out"
+    options = ("--limit", "8", "--variant", "zoo:keep=8")
+    saved = sweep_run(out, *options)
+    results = (out / "results.jsonl").read_text()
+    capsys.readouterr()
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--output", str(out), *options]
+    assert main([*argv, "--log-samples"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--log-samples: the points unpruned, zoo keep=8 are saved in" in line
+    assert "without per-question samples" in line and "--fresh" in line
+    assert (out / "results.jsonl").read_text() == results
+    assert not list((out / "lmms").glob("*.jsonl"))
+    logged = sweep_run(out, *options, "--log-samples", "--fresh")
+    assert [row["key"] for row in logged] == [row["key"] for row in saved]
+    for row in logged:
+        samples = (out / "lmms" / f"{row['key']}.easyvqa.jsonl").read_text().splitlines()
+        assert len(samples) == 8
+    assert sweep_run(out, *options, "--log-samples") == logged  # their samples are saved
+
+
+@needs_lmms
 def test_a_config_file_from_tokcomp_export_is_model_args_config(tmp_path):
     from tokcomp.harness.lmms_model import TokcompModel
 
@@ -444,6 +468,18 @@ def test_without_lmms_eval_the_command_says_how_to_install_it(capsys):
     assert main(["eval", "lmms", "--tasks", "easyvqa"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert "lmms-eval is not installed here: pip install 'tokcomp[lmms]'" in line
+
+
+def test_speed_repeats_is_not_an_option_of_the_command(tmp_path, capsys):
+    """The command runs no speed probe (its speed figures time lmms-eval's own generation):
+    --speed-repeats is not offered, so giving it is refused before any work, not ignored."""
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--limit", "1", "--output", str(tmp_path)]
+    assert main([*argv, "--speed-repeats", "3"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "unrecognized arguments: --speed-repeats 3" in line
+    assert not (tmp_path / "results.jsonl").exists()
+    main(["eval", "lmms", "--help"])
+    assert "--speed-repeats" not in capsys.readouterr().out
 
 
 def test_the_local_task_holds_every_easy_vqa_test_question():

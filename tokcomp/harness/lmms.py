@@ -32,7 +32,7 @@ from tokcomp.harness import hub
 from tokcomp.harness.arguments import names, positive_int
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest
 from tokcomp.harness.plot import plot_sweep
-from tokcomp.harness.results import report
+from tokcomp.harness.results import FRESH_FIX, ResultStore, report
 from tokcomp.harness.sweep import (
     Point,
     SweepRun,
@@ -274,8 +274,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="save lmms-eval's per-question outputs of each point in <output>/lmms/",
     )
-    add_visual_sweep_arguments(parser)
+    # no speed probe: its speed figures time lmms-eval's own generation
+    add_visual_sweep_arguments(parser, speed_probe=False)
     parser.set_defaults(run=run)
+
+
+def refuse_points_without_samples(sweep: SweepRun, points: Sequence[Point]) -> None:
+    """Under --log-samples, refuse this sweep's saved points that lack per-question samples
+    (resuming skips them, so theirs would never be written); --fresh sets them aside."""
+    if sweep.fresh:
+        return
+    store = ResultStore(sweep.output, sweep.fingerprint)
+    unlogged = []
+    for point in points:
+        row = store.get(point_key(sweep.fingerprint, point))
+        if row is not None and not any((sweep.output / "lmms").glob(f"{row['key']}.*.jsonl")):
+            unlogged.append(f"{row['method']} {point.label}".strip())
+    if unlogged:
+        raise UsageError(
+            f"--log-samples: the points {', '.join(unlogged)} are saved in {store.path} "
+            f"without per-question samples, and a rerun does not evaluate them again: {FRESH_FIX}"
+        )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -308,6 +327,8 @@ def run(args: argparse.Namespace) -> None:
         device=device.type,
     )
     sweep = SweepRun(output, fingerprint, device, args.fresh)
+    if args.log_samples:
+        refuse_points_without_samples(sweep, points)
     evaluation = LMMSEvaluation(processor, args, manager, tasks, sweep)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)

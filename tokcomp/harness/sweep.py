@@ -535,19 +535,23 @@ def add_sweep_arguments(
     return sweep
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The run options of an eval task: --device, --threads, --speed-repeats, --output and
-    --fresh. Returns the group, for a task's own run options."""
+def add_run_arguments(
+    parser: argparse.ArgumentParser, speed_probe: bool = True
+) -> argparse._ArgumentGroup:
+    """The run options of an eval task: --device, --threads, --speed-repeats (where the task
+    runs a speed probe), --output and --fresh. Returns the group, for a task's own options."""
     run = parser.add_argument_group("run")
     run.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     run.add_argument("--threads", type=positive_int, help="torch.set_num_threads")
-    run.add_argument(
-        "--speed-repeats",
-        type=positive_int,
-        default=SpeedProbe.repeats,
-        help="rounds of each point's speed probe: the point and the unpruned model timed in "
-        "turn on the first batch (medians; a speed-up whose spread is too wide is flagged ?)",
-    )
+    if speed_probe:
+        run.add_argument(
+            "--speed-repeats",
+            type=positive_int,
+            default=SpeedProbe.repeats,
+            help="rounds of each point's speed probe: the point and the unpruned model timed "
+            "in turn on the first batch (medians; a speed-up whose spread is too wide is "
+            "flagged ?)",
+        )
     run.add_argument("--output", type=Path, help="results folder (default results/<model>-<data>)")
     run.add_argument(
         "--fresh",

@@ -422,9 +422,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run)
 
 
-def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+def add_visual_sweep_arguments(parser: argparse.ArgumentParser, speed_probe: bool = True) -> None:
     """The sweep and run options of a VLM task: --budgets keep fractions of the visual tokens,
-    --positions numbers them (see `keep_budget`)."""
+    --positions numbers them (see `keep_budget`); --speed-repeats where it runs a speed probe."""
     sweep = add_sweep_arguments(
         parser,
         budgets="fractions of each image's or video's visual tokens to keep, e.g. 0.5,0.25,0.125",
@@ -437,7 +437,7 @@ def add_visual_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --budgets: number every method's kept visual tokens this way (default: "
         "each method's own; keep = original position ids, renumber = contiguous)",
     )
-    add_run_arguments(parser)
+    add_run_arguments(parser, speed_probe)
 
 
 def visual_points(args: argparse.Namespace) -> list[Point]:
