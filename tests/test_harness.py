@@ -36,6 +36,7 @@ from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.utils import accuracy
 from vlm_fixtures import tiny_vlm
 
+import tokcomp
 from tokcomp.cli import main
 from tokcomp.errors import StateError
 from tokcomp.harness import sweep
@@ -286,13 +287,30 @@ def test_a_point_given_twice_is_evaluated_once(tmp_path):
     config = tmp_path / "tome.json"
     config.write_text("{}")
     twice = [sweep.parse_variant("tome:target_macs=0.6"), sweep.parse_variant("tome:r=2")]
-    points = sweep.sweep_points(["tome"], [0.6, 0.6], twice, [config, config])
+    (tmp_path / "sub").mkdir()
+    spelled_otherwise = tmp_path / "sub" / ".." / "tome.json"
+    points = sweep.sweep_points(["tome"], [0.6, 0.6], twice, [config, spelled_otherwise])
     assert [(p.method, dict(p.options), p.config) for p in points] == [
         (None, {}, None),
         ("tome", {"target_macs": 0.6}, None),
         ("tome", {"r": 2}, None),
         (None, {}, config),
     ]
+
+
+def test_a_config_file_edited_since_its_saved_row_shows_only_as_it_is_now(tmp_path, small, capsys):
+    data, checkpoint = small
+    config = tmp_path / "tome.json"
+    model = create_model(checkpoint=checkpoint)
+    for r in (2, 4):
+        tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).save(config)
+        rows = evaluate(checkpoint, data, tmp_path / "out", f"--config {config}")
+    assert [row["label"] for row in rows] == ["", "tome.json"]
+    assert float(rows[1]["macs_ratio"]) == pytest.approx(tokcomp.config_of(model).macs_ratio)
+    assert "left out of the table: 1 saved rows of tome.json as it was before" in (
+        capsys.readouterr().out
+    )
+    assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 3  # all kept
 
 
 def test_fresh_keeps_the_earlier_results_when_a_point_cannot_run(tmp_path, small, capsys):

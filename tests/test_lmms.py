@@ -229,7 +229,8 @@ def test_a_sweep_refuses_saved_rows_of_other_inputs(tmp_path, capsys, offline):
 @needs_lmms
 def test_log_samples_refuses_saved_points_without_samples_until_fresh(tmp_path, capsys, offline):
     """Resuming skips saved points: those saved without --log-samples are named, not passed
-    over silently, and left as they are; --fresh evaluates them again with their samples."""
+    over silently, and left as they are; --fresh evaluates them again with their samples,
+    setting the earlier rows' lmms-eval outputs aside with them."""
     out = tmp_path / "out"
     options = ("--limit", "8", "--variant", "zoo:keep=8")
     saved = sweep_run(out, *options)
@@ -242,8 +243,11 @@ def test_log_samples_refuses_saved_points_without_samples_until_fresh(tmp_path, 
     assert "without per-question samples" in line and "--fresh" in line
     assert (out / "results.jsonl").read_text() == results
     assert not list((out / "lmms").glob("*.jsonl"))
+    earlier = {path.name: path.read_bytes() for path in (out / "lmms").iterdir()}
     logged = sweep_run(out, *options, "--log-samples", "--fresh")
     assert [row["key"] for row in logged] == [row["key"] for row in saved]
+    (aside,) = out.glob("lmms.*")  # the set-aside rows' lmms-eval results, as they were
+    assert {path.name: path.read_bytes() for path in aside.iterdir()} == earlier
     for row in logged:
         samples = (out / "lmms" / f"{row['key']}.easyvqa.jsonl").read_text().splitlines()
         assert len(samples) == 8

@@ -32,7 +32,7 @@ from tokcomp.harness import hub
 from tokcomp.harness.arguments import names, positive_int
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest
 from tokcomp.harness.plot import plot_sweep
-from tokcomp.harness.results import FRESH_FIX, ResultStore, report
+from tokcomp.harness.results import FRESH_FIX, ResultStore, report, set_aside
 from tokcomp.harness.sweep import (
     Point,
     SweepRun,
@@ -53,6 +53,8 @@ from tokcomp.harness.vqa import (
 #: The repository's local lmms-eval tasks (the offline easy-VQA task).
 DEFAULT_TASKS = Path(__file__).resolve().parents[2] / "eval" / "lmms_tasks"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: The folder of <output> holding lmms-eval's results (and samples) per point key.
+OUTPUTS = "lmms"
 #: Where a task's metrics come from in lmms-eval's results: 'metric,filter' keys.
 _STDERR = "_stderr"
 #: The header of the throughput column: lmms-eval documents answered (any number of images).
@@ -236,7 +238,7 @@ class LMMSEvaluation:
     def _save(self, results: dict[str, Any], key: str) -> None:
         """lmms-eval's results of a point as lmms/<key>.json; with --log-samples its
         per-question outputs as lmms/<key>.<task>.jsonl."""
-        folder = self.output / "lmms"
+        folder = self.output / OUTPUTS
         folder.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", None) or {}
         (folder / f"{key}.json").write_text(json.dumps(results, indent=1, default=str))
@@ -288,7 +290,7 @@ def refuse_points_without_samples(sweep: SweepRun, points: Sequence[Point]) -> N
     unlogged = []
     for point in points:
         row = store.get(point_key(sweep.fingerprint, point))
-        if row is not None and not any((sweep.output / "lmms").glob(f"{row['key']}.*.jsonl")):
+        if row is not None and not any((sweep.output / OUTPUTS).glob(f"{row['key']}.*.jsonl")):
             unlogged.append(f"{row['method']} {point.label}".strip())
     if unlogged:
         raise UsageError(
@@ -329,6 +331,10 @@ def run(args: argparse.Namespace) -> None:
     sweep = SweepRun(output, fingerprint, device, args.fresh)
     if args.log_samples:
         refuse_points_without_samples(sweep, points)
+    if args.fresh and world.is_main:  # lmms-eval's files of the rows --fresh sets aside
+        moved = set_aside(output, OUTPUTS)
+        if moved is not None:
+            print(f"--fresh: earlier lmms-eval outputs set aside in {moved}")
     evaluation = LMMSEvaluation(processor, args, manager, tasks, sweep)
     settings = dict(device=str(device), threads=torch.get_num_threads(), batch_size=args.batch_size)
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)

@@ -99,11 +99,11 @@ def results_path(folder: Path) -> Path:
 
 
 def set_aside(folder: Path, name: str = RESULTS) -> Path | None:
-    """Rename the file `name` of `folder` (if any; by default the results) to
+    """Rename the file or folder `name` of `folder` (if any; by default the results) to
     <stem>.<time><suffix> (results.<time>.jsonl), out of the way of a fresh run; returns its
     new path."""
     path = results_path(folder).with_name(name)
-    if not path.is_file():
+    if not path.exists():
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved, copies = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1

@@ -106,9 +106,10 @@ class Point:
         return cls(label, variant.method, variant.options)
 
     def identity(self) -> dict[str, Any]:
-        """What makes this point's results reusable (a config file counts by its content)."""
+        """What makes this point's results reusable (a config file counts by where it is,
+        however the path was written, and by its content)."""
         if self.config is not None:
-            return {"config": str(self.config), "config_sha256": file_digest(self.config)}
+            return {"config": str(self.config.resolve()), "config_sha256": file_digest(self.config)}
         return {"method": self.method, "options": dict(self.options)}
 
     def apply_to(self, model: nn.Module) -> nn.Module:
@@ -465,7 +466,27 @@ def evaluate_sweep(
     with interruption_says(resumes):
         rows = run_sweep(model, plans, evaluation, store, settings, world)
     done = {row["key"] for row in rows}
-    return rows + [row for row in store.rows() if row["key"] not in done]
+    others, superseded = earlier_points(store.rows(), done, points)
+    if superseded and world.is_main:
+        names = ", ".join(sorted({Path(row["config"]).name for row in superseded}))
+        print(f"left out of the table: {len(superseded)} saved rows of {names} as it was before")
+    return rows + others
+
+
+def earlier_points(
+    saved: Sequence[dict[str, Any]], done: set[str], points: Sequence[Point]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The saved rows of points other than this run's, and apart those of a config file this
+    run evaluated whose content has changed since (they stay saved, out of the table: they
+    would sit under its name beside its current row)."""
+    configs = {str(point.config.resolve()) for point in points if point.config is not None}
+    others, superseded = [], []
+    for row in saved:
+        if row["key"] in done:
+            continue
+        stale = row.get("config") and str(Path(row["config"]).resolve()) in configs
+        (superseded if stale else others).append(row)
+    return others, superseded
 
 
 def task_evaluation(
