@@ -33,7 +33,7 @@ class ZeroTPrune(BlockMethod):
     """Prune by Weighted-PageRank importance (I-stage) and by similarity (S-stage).
 
     keep_ratio / layers: each block in `layers` keeps this fraction of its unprotected
-    tokens; the default (0.7 at blocks 3, 6, 9 of 12, scaled to the depth) removes 34.7% of
+    tokens; the default (0.7 at blocks 3, 6, 9 of 12, scaled to the depth) removes 34.8% of
     DeiT-S's MACs, the paper's operating point. iterations: WPR steps per block (default by
     position, DEFAULT_ITERATIONS). similarity_share: the part of each block's pruning done by
     the S-stage. variance_band: heads whose importance variance (scores over the unprotected
