@@ -9,6 +9,7 @@ import threading
 import warnings
 
 import pytest
+import timm
 import torch
 from conftest import tiny_vit
 from timm.models.vision_transformer import VisionTransformer
@@ -208,6 +209,23 @@ def test_unsupported_timm_variant_names_the_block():
     model = tiny_vit("vit", global_pool="map")
     with pytest.raises(tokcomp.UnsupportedModelError, match="global_pool='map'"):
         tokcomp.apply(model, "tome", r=1)
+
+
+def test_a_hybrid_cnn_stem_is_refused():
+    """timm's R26 hybrids embed with a ResNet stem, whose MACs the model would miss (3x)."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_small_r26_s32_224")
+    with pytest.raises(tokcomp.UnsupportedModelError, match="embeds its patches with HybridEmbed"):
+        tokcomp.apply(model, "tome", r=1)
+
+
+def test_timm_attention_masks_are_refused_and_their_defaults_accepted(images):
+    model = tokcomp.apply(tiny_vit(), "tome", r=2)
+    for call in (model, model.forward_features):
+        call(images, attn_mask=None, is_causal=False)
+        for given in ({"attn_mask": torch.zeros(16, 16, dtype=torch.bool)}, {"is_causal": True}):
+            with pytest.raises(UsageError, match="attn_mask and is_causal are not supported"):
+                call(images, **given)
 
 
 @torch.no_grad()

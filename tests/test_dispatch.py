@@ -329,3 +329,20 @@ def test_a_wrong_kernel_is_caught_under_torch_compile(wrong_best_match) -> None:
     want_score, want_index = best_match_reference(a, b, 1, 2)
     torch.testing.assert_close(score, want_score)
     assert torch.equal(index, want_index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cupy_route_hands_over_inputs_that_require_grad(monkeypatch, dtype) -> None:
+    """DLPack refuses a tensor that requires grad (PiToMe's energy on a training model's
+    keys, Zero-TPrune's attention): the cupy view is taken of the detached tensor. Checked
+    through torch's own DLPack export, which cupy.from_dlpack calls."""
+    monkeypatch.setattr(cupy_kernels, "_cupy", lambda: SimpleNamespace(from_dlpack=_exported))
+    tensor = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    assert cupy_kernels._array(tensor).equal(
+        tensor.detach().view(torch.int16) if dtype == torch.bfloat16 else tensor.detach()
+    )
+
+
+def _exported(tensor: torch.Tensor) -> torch.Tensor:
+    """What a DLPack consumer receives of `tensor` (raises where torch refuses to export)."""
+    return torch.from_dlpack(tensor.__dlpack__())

@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokcomp
 from tokcomp.adapters import base, find_adapter
+from tokcomp.errors import UsageError
 from tokcomp.methods.diffrate_search import DiffRateRates, DiffRateSearch
 from tokcomp.schedule import model_macs
 
@@ -329,6 +330,55 @@ def test_an_empty_batch_gives_empty_outputs_of_the_right_shape(case, images):
     assert state.x.shape == (0, *tokcomp.forward_tokens(model, images).x.shape[1:])
 
 
+def _first_block_and_attention(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The first block of a tiny model's vision transformer (any family; not of a CLIP's text
+    tower), and its attention module."""
+    blocks = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.endswith(("blocks.0", "resblocks.0", "layers.0", "layer.0"))
+    ]
+    vision = [(n, m) for n, m in blocks if "vision" in n or "visual" in n]
+    for _, module in vision or blocks:
+        attention = next(m for n, m in module.named_children() if "attn" in n or "attention" in n)
+        return module, attention
+    raise AssertionError("no block found")
+
+
+def _checkpoint_activations(model: nn.Module) -> None:
+    """Turn gradient checkpointing on, each library its own way."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers
+        model.activation_checkpointing_enable()
+    else:
+        model.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("case", [*sorted(CASES), "timm"])
+def test_what_the_compressed_blocks_would_leave_out_is_refused(case, images):
+    """Hooks on a block or its attention would never fire, and gradient checkpointing would
+    not checkpoint: both are refused, not dropped; hooks elsewhere and no-grad runs go on."""
+    model = tiny_vit() if case == "timm" else tiny(case)
+    output = (lambda m, x: m(x)) if case == "timm" else CASES[case].output
+    tokcomp.apply(model, "tome", r=1)
+    for module in _first_block_and_attention(model):
+        handle = module.register_forward_hook(lambda *_: None)
+        with pytest.raises(UsageError, match=r"forward hooks on \S+ would never run"):
+            output(model, images)
+        handle.remove()
+    mlp_inputs = []
+    block, _ = _first_block_and_attention(model)
+    mlp = next(m for n, m in block.named_children() if "mlp" in n)
+    handle = mlp.register_forward_pre_hook(lambda _, args: mlp_inputs.append(args[0].shape[1]))
+    output(model, images)
+    handle.remove()
+    assert mlp_inputs and mlp_inputs[0] < _geometry(model)[0]  # ran, on the compressed tokens
+    _checkpoint_activations(model)
+    with pytest.raises(UsageError, match="gradient checkpointing is on"):
+        output(model, images)
+    with torch.no_grad():
+        output(model, images)
+
+
 def _assert_protected_kept_alone(state, class_token: bool) -> None:
     """Each protected row holds exactly one protected input token, all of them are there,
     and the class token stays first."""
@@ -565,8 +615,11 @@ def test_hf_refuses_what_compression_cannot_honour(images):
     ):
         model(pixel_values=torch.randn(1, 3, 48, 48), interpolate_pos_encoding=True)
     vit = tokcomp.apply(tiny("hf_vit"), "tome", r=4)
-    with pytest.raises(ValueError, match="attention_mask is not supported"):
+    with pytest.raises(ValueError, match="attention_mask and is_causal are not supported"):
         vit(pixel_values=images, attention_mask=torch.ones(2, 65))
+    with pytest.raises(ValueError, match="attention_mask and is_causal are not supported"):
+        vit(pixel_values=images, is_causal=True)  # the unpatched model honours it under sdpa
+    vit(pixel_values=images, is_causal=False)
     masked = torch.zeros(2, 64, dtype=torch.bool)  # ViTModel's second argument
     with pytest.raises(ValueError, match="takes only pixel_values by position; pass its other"):
         vit(images, masked)

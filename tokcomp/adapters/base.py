@@ -336,6 +336,56 @@ def _in_projection_weights(
     return attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight
 
 
+def refuse_skipped_work(
+    model: nn.Module, skipped: Sequence[nn.Module], checkpointing: bool, turn_off: str
+) -> None:
+    """Refuse what a compressed forward would silently leave out: gradient checkpointing (on,
+    with gradients on; `turn_off` says how to switch it off) and forward hooks on `skipped`,
+    the modules whose own forward it never calls (the blocks, their container, their
+    attention: the layers inside them run, on the compressed tokens)."""
+    if torch.compiler.is_compiling():
+        return
+    if checkpointing and torch.is_grad_enabled():
+        raise UsageError(
+            "gradient checkpointing is on, and tokcomp's compressed blocks do not checkpoint "
+            f"(activations would be kept): turn it off ({turn_off}), or run without gradients"
+        )
+    hooked = {id(module) for module in skipped if _users_hooks(module)}
+    if hooked:
+        names = [
+            name or "the model" for name, module in model.named_modules() if id(module) in hooked
+        ]
+        raise UsageError(
+            f"forward hooks on {', '.join(names)} would never run: a patched model runs its "
+            "blocks through tokcomp's compressed forward, not their own; remove them "
+            "(handle.remove()), hook the layers inside the blocks, or read the compressed "
+            "tokens with tokcomp.forward_tokens(model, x)"
+        )
+
+
+#: Where the forward hooks that libraries install on their own layers come from (transformers
+#: records hidden states and attentions through hooks; tokcomp gives them itself, or refuses).
+_LIBRARY_HOOKS = ("transformers.utils.output_capturing",)
+
+
+def _users_hooks(module: nn.Module) -> list[Callable]:
+    """The forward hooks and pre-hooks on `module` that its library did not install."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [hook for hook in hooks if getattr(hook, "__module__", None) not in _LIBRARY_HOOKS]
+
+
+def path_to(root: nn.Module, target: nn.Module) -> list[nn.Module]:
+    """The modules from `root` down to `target` (both included; empty if it is not inside)."""
+    for name, module in root.named_modules():
+        if module is target:
+            parts = name.split(".") if name else []
+            return [
+                root,
+                *(root.get_submodule(".".join(parts[:n])) for n in range(1, len(parts) + 1)),
+            ]
+    return []
+
+
 def empty_batch_output(forward: Callable[[torch.Tensor], Any], images: torch.Tensor) -> Any:
     """`forward`'s output for an empty batch of `images`: the model's own code may not reshape
     zero images, so one zero image runs and every tensor of its output keeps 0 rows."""

@@ -26,7 +26,9 @@ from tokcomp.adapters.base import (
     empty_batch_output,
     linear_macs,
     mlp_hidden,
+    path_to,
     pool_attention,
+    refuse_skipped_work,
     split_heads,
 )
 from tokcomp.errors import UsageError
@@ -362,7 +364,9 @@ class HFVisionAdapter(Adapter):
             )
         config = self.tower.config
         _refuse_unsupported(
-            _or_config(output_attentions, config, "output_attentions"), attention_mask
+            _or_config(output_attentions, config, "output_attentions"),
+            attention_mask,
+            embed_options.get("is_causal", False),
         )
         wanted = _or_config(output_hidden_states, config, "output_hidden_states")
         state, hidden = self._trunk(compression, pixel_values, bool(wanted), **embed_options)
@@ -397,6 +401,7 @@ class HFVisionAdapter(Adapter):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         tower, tower_class = self.tower, self.tower_class
+        self._refuse_skipped_work()
         x = tower_class.embed(tower, pixel_values, **_embedding_options(tower, embed_options))
         self._refuse_other_size(compression, pixel_values, x.shape[1])
         state = compression.start(x, tower_class.prefix(tower))
@@ -407,6 +412,24 @@ class HFVisionAdapter(Adapter):
             if hidden is not None:
                 hidden.append(state)
         return state, hidden
+
+    def _refuse_skipped_work(self) -> None:
+        """Refuse gradient checkpointing and hooks the compressed layers would leave out."""
+        from transformers import PreTrainedModel
+
+        tower, tower_class = self.tower, self.tower_class
+        layers = tower_class.layers(tower)
+        owners = path_to(tower, layers)[1:]  # the encoder (if any) and the layer list
+        attention = [
+            module
+            for layer in layers
+            for module in path_to(layer, tower_class.parts(layer).attention)[1:]
+        ]
+        # the flag sits on the encoder (older transformers) or on every layer
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in [*owners, *layers])
+        renamed = hasattr(PreTrainedModel, "activation_checkpointing_disable")  # 5.24
+        disable = f"model.{'activation' if renamed else 'gradient'}_checkpointing_disable()"
+        refuse_skipped_work(tower, [*owners, *layers, *attention], checkpointing, disable)
 
     def _refuse_other_size(
         self, compression: Compression, pixel_values: torch.Tensor, tokens: int
@@ -449,7 +472,9 @@ def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torc
     return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
 
 
-def _refuse_unsupported(output_attentions: bool, attention_mask: torch.Tensor | None) -> None:
+def _refuse_unsupported(
+    output_attentions: bool, attention_mask: torch.Tensor | None, is_causal: bool
+) -> None:
     """Raise for the call options a compressed forward cannot honour."""
     if output_attentions:
         raise ValueError(
@@ -457,10 +482,10 @@ def _refuse_unsupported(output_attentions: bool, attention_mask: torch.Tensor | 
             "fused attention and the maps change size from layer to layer); call "
             "tokcomp.remove(model) to get attention maps"
         )
-    if attention_mask is not None:
+    if attention_mask is not None or is_causal:
         raise ValueError(
-            "attention_mask is not supported on a token-compressed model (merged tokens no "
-            "longer match the mask's patches); call tokcomp.remove(model) to use a mask"
+            "attention_mask and is_causal are not supported on a token-compressed model (merged "
+            "tokens no longer match the mask's patches); call tokcomp.remove(model) to use them"
         )
 
 

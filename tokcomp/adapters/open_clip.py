@@ -24,6 +24,7 @@ from tokcomp.adapters.base import (
     empty_batch_output,
     intermediates,
     pool_attention,
+    refuse_skipped_work,
     size_weighted_mean,
     split_heads,
 )
@@ -135,6 +136,11 @@ class OpenClipAdapter(Adapter):
         """The tokens after the last block (before ln_post)."""
         visual = self.visual
         _check_no_patch_dropout(visual)
+        transformer = visual.transformer
+        blocks = transformer.resblocks
+        skipped = [transformer, blocks, *blocks, *(block.attn for block in blocks)]
+        checkpointing = getattr(transformer, "grad_checkpointing", False)
+        refuse_skipped_work(visual, skipped, checkpointing, "model.set_grad_checkpointing(False)")
         state = compression.start(_embeds(visual, x), _CLASS_TOKENS)
         for index, block in enumerate(visual.transformer.resblocks):
             state = compressed_block(_block_parts(block), index, state, compression)

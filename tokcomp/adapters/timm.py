@@ -8,6 +8,7 @@ import math
 import torch
 
 # vision_transformer imports Attention from timm.layers (timm 1.0.16+) or defines it (older)
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
@@ -20,6 +21,7 @@ from tokcomp.adapters.base import (
     intermediates,
     linear_macs,
     mlp_hidden,
+    refuse_skipped_work,
     size_weighted_mean,
 )
 from tokcomp.errors import UsageError
@@ -75,6 +77,12 @@ class TimmViTAdapter(Adapter):
 
     def _check_supported(self) -> None:
         model = self.model
+        if not isinstance(model.patch_embed, PatchEmbed):
+            raise UnsupportedModelError(
+                f"this {type(model).__name__} embeds its patches with "
+                f"{type(model.patch_embed).__name__} (a hybrid CNN stem, whose MACs tokcomp does "
+                f"not model); tokcomp supports {self.supported}, with timm's PatchEmbed"
+            )
         for index, block in enumerate(model.blocks):
             if type(block) is not Block or type(block.attn) is not Attention:
                 raise UnsupportedModelError(
@@ -97,10 +105,24 @@ class TimmViTAdapter(Adapter):
         ]
 
     # -- the compressed forward -----------------------------------------------------------
-    def forward(self, compression: Compression, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        compression: Compression,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        _refuse_masks(attn_mask, is_causal)
         return self.forward_head(self.forward_tokens(compression, x))
 
-    def forward_features(self, compression: Compression, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+        self,
+        compression: Compression,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        _refuse_masks(attn_mask, is_causal)
         state = self.forward_tokens(compression, x)
         setattr(state.x, _POOL_WEIGHTS, state.pool_weights())
         return state.x
@@ -130,6 +152,10 @@ class TimmViTAdapter(Adapter):
     def forward_tokens(self, compression: Compression, x: torch.Tensor) -> TokenState:
         model = self.model
         _check_no_patch_dropout(model)
+        blocks = model.blocks
+        checkpointing = getattr(model, "grad_checkpointing", False)
+        skipped = [blocks, *blocks, *(block.attn for block in blocks)]
+        refuse_skipped_work(model, skipped, checkpointing, "model.set_grad_checkpointing(False)")
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         state = compression.start(x, model.num_prefix_tokens)
         for index, block in enumerate(model.blocks):
@@ -177,6 +203,16 @@ def _pool_weights_of(features: torch.Tensor, tokens: int) -> torch.Tensor | None
             "model(x), or pool tokcomp.forward_tokens(model, x) (it returns the sizes)"
         )
     return None
+
+
+def _refuse_masks(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+    """Refuse timm's attention mask and causal attention: merged tokens no longer match a
+    mask's patches."""
+    if attn_mask is not None or is_causal:
+        raise UsageError(
+            "attn_mask and is_causal are not supported on a token-compressed model (merged "
+            "tokens no longer match the mask's patches); call tokcomp.remove(model) to use them"
+        )
 
 
 def _check_no_patch_dropout(model: VisionTransformer) -> None:

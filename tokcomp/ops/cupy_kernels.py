@@ -161,7 +161,9 @@ def available() -> bool:
 
 
 def _array(tensor: torch.Tensor) -> Any:
-    """A zero-copy cupy view of a contiguous tensor (16-bit floats as int16: same bits)."""
+    """A zero-copy cupy view of a contiguous tensor (16-bit floats as int16: same bits).
+    Detached: DLPack refuses a tensor that requires grad, and the ops' outputs take none."""
+    tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.view(torch.int16)
     return _cupy().from_dlpack(tensor)
