@@ -67,6 +67,20 @@ def test_analytic_mlp_macs_match_the_flop_counter_for_every_timm_mlp(name):
     assert analytic == pytest.approx(_counted_macs(model, torch.randn(1, 3, 56, 56)), rel=0.02)
 
 
+@pytest.mark.parametrize("pool", ["", "token", "avg"])
+def test_a_timm_head_is_priced_on_every_token_it_reads(pool):
+    """Without a pool (global_pool='') timm's head classifies every token; exact unpruned,
+    and after pruning at the tokens left (random: no matching work the counter cannot see)."""
+    model = timm.create_model(
+        "vit_tiny_patch16_224", global_pool=pool, num_classes=10, img_size=32, patch_size=8
+    ).eval()
+    _eager_attention(model)
+    images = torch.randn(1, 3, 32, 32)
+    assert model_macs(find_adapter(model).spec()) == _counted_macs(model, images)
+    tokcomp.apply(model, "random", keep_ratio=0.5)
+    assert tokcomp.config_of(model).macs == _counted_macs(model, images)
+
+
 def test_deit_small_is_4_6_gmacs():
     spec = find_adapter(timm.create_model("deit_small_patch16_224")).spec()
     assert model_macs(spec) / 1e9 == pytest.approx(4.6, abs=0.05)

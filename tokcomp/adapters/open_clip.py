@@ -251,10 +251,11 @@ def _plain_self_attention(attn: Any) -> bool:
 
 
 def _head_macs(visual: nn.Module, tokens: int) -> int:
-    """MACs of the pooling head (attention pools over `tokens` tokens) and projection."""
+    """MACs of the pooling head (attention pools over `tokens` tokens) and projection (of
+    every token where nothing pools them)."""
     macs = 0 if visual.proj is None else visual.proj.shape[0] * visual.proj.shape[1]
     if visual.attn_pool is None:
-        return macs
+        return macs * tokens if visual.pool_type == "none" else macs
     macs += _pooler_macs(visual.attn_pool, tokens)
     if visual.attn_pool_contrastive is not None:
         parallel = visual.attn_pool_type == "parallel"

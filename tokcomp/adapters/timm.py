@@ -59,8 +59,12 @@ class TimmViTAdapter(Adapter):
         patch = model.patch_embed
         stem = patch.num_patches * model.embed_dim * patch.proj.in_channels
         stem *= math.prod(patch.patch_size)
+        tokens = patch.num_patches + model.num_prefix_tokens
+        distilled = getattr(model, "head_dist", None)  # its heads read their own two tokens
+        head = linear_macs(model.head) + linear_macs(distilled)
+        per_token = head if model.global_pool == "" and distilled is None else 0  # every token
         return ModelSpec(
-            tokens=patch.num_patches + model.num_prefix_tokens,
+            tokens=tokens,
             protected=model.num_prefix_tokens,
             depth=len(model.blocks),
             class_token=model.cls_token is not None,
@@ -72,7 +76,8 @@ class TimmViTAdapter(Adapter):
             attn_dim=attn.num_heads * attn.head_dim,
             mlp_hidden=mlp_hidden(model.blocks[0].mlp, model.embed_dim),
             stem_macs=stem,
-            head_macs=linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None)),
+            head_macs=head + per_token * (tokens - 1),
+            head_token_macs=per_token,
         )
 
     def _check_supported(self) -> None:
