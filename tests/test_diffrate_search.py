@@ -195,6 +195,25 @@ def test_gradual_start_centres_the_rates_on_its_counts():
     assert uniform[1] < 110 < searched_merged[1]  # uniform starts at half the patches
 
 
+@pytest.mark.parametrize("start", ["uniform", "gradual"])
+def test_an_average_pooled_model_keeps_its_last_block_whole_as_the_released_mae_search(start):
+    """DiffRate/patch/mae.py: non_compressed_block_index = [0, len(model.blocks) - 1]; a
+    class-token model searches every block after the first."""
+    pooled = tiny_vit("vit", depth=6, global_pool="avg", class_token=False)
+    settings = SearchSettings(0.5, epochs=2, lr=0.05, progress=False, start=start)
+    config = search_diffrate(pooled, _batches(2), settings)
+    prune_kept, merge_kept = config.options["prune_kept"], config.options["merge_kept"]
+    assert prune_kept[-1] == merge_kept[-1] == merge_kept[-2] < merge_kept[0]
+    assert config.macs_ratio <= 0.5
+    spec = tokcomp.adapters.find_adapter(pooled).spec()
+    assert len(DiffRateRates(spec, whole_last=True).prune) == spec.depth - 2
+    assert len(DiffRateRates(spec).prune) == spec.depth - 1
+    with pytest.raises(ValueError, match="leaves its first and last blocks whole: this 2-block"):
+        DiffRateRates(
+            tokcomp.adapters.find_adapter(tiny_vit("vit", depth=2)).spec(), whole_last=True
+        )
+
+
 def test_search_from_the_gradual_start_records_it_and_refuses_unknown_starts():
     model = tiny_vit("vit", depth=6)
     settings = SearchSettings(0.6, epochs=1, lr=0.05, progress=False, start="gradual")

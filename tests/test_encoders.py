@@ -485,6 +485,16 @@ def test_average_pool_leaves_out_what_the_diffrate_search_masked(images):
     torch.testing.assert_close(visual(images), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_average_pools_mask_gradient_flows_through_its_sum_only():
+    """As the released MAE search pools: (x * size * mask).sum() / num.detach()."""
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 5, 3), torch.rand(2, 5) + 0.5
+    mask = torch.rand(2, 5).requires_grad_()
+    base.size_weighted_mean(x, size * mask).sum().backward()
+    numerator_only = x.sum(dim=2) * size / (size * mask).sum(dim=1, keepdim=True).detach()
+    torch.testing.assert_close(mask.grad, numerator_only)
+
+
 @dataclass(frozen=True)
 class AttentionPooled:
     """An attention-pooled tower: its pooled output for images, and the pooled output of one

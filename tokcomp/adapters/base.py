@@ -417,10 +417,12 @@ def mlp_hidden(mlp: nn.Module, width: int) -> int:
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens (B, N, C) -> (B, C), each token weighted by how many patches it holds."""
+    """Mean over tokens (B, N, C) -> (B, C), each token weighted by how many patches it holds.
+    A weight's gradient (the DiffRate search's mask in the sizes) flows through the sum only,
+    not the normaliser, as the released MAE search divides by `num.detach()`."""
     if size is None:
         return x.mean(dim=1)
-    weights = (size / size.sum(dim=1, keepdim=True)).to(x.dtype)
+    weights = (size / size.sum(dim=1, keepdim=True).detach()).to(x.dtype)
     return (x * weights[..., None]).sum(dim=1)
 
 
@@ -481,6 +483,11 @@ class Adapter(abc.ABC):
             "use forward_features or tokcomp.forward_tokens, or tokcomp.remove(model) for the "
             "original model's intermediates"
         )
+
+    def pools_by_average(self) -> bool:
+        """Whether the model's output averages its tokens (an 'avg' pool), not reading a class
+        token or an attention pool (the DiffRate search then leaves the last block whole)."""
+        return False
 
     def check(self, compression: Compression) -> None:  # noqa: B027  (optional hook)
         """Raise for a compression this model cannot run; `apply` calls it before it replaces

@@ -83,6 +83,9 @@ class OpenClipAdapter(Adapter):
             head_token_macs=_head_macs(visual, 1) - _head_macs(visual, 0),
         )
 
+    def pools_by_average(self) -> bool:
+        return self.visual.attn_pool is None and self.visual.pool_type == "avg"
+
     def _check_supported(self) -> None:
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 

@@ -100,6 +100,9 @@ class TimmViTAdapter(Adapter):
                 f"{self.supported} (create the model with global_pool='token' or 'avg')"
             )
 
+    def pools_by_average(self) -> bool:
+        return self.model.global_pool in _AVERAGES
+
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         return [
             (self.model, "forward", "forward"),

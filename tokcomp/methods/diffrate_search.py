@@ -78,40 +78,48 @@ class KeptCount(nn.Module):
 
 
 class DiffRateRates(nn.Module):
-    """Prune and merge KeptCounts for every block but block 0 (never compressed)."""
+    """Prune and merge KeptCounts for every block but block 0 (never compressed) and, with
+    `whole_last`, the last block (the released MAE search's, for average-pooled models)."""
 
-    def __init__(self, geometry: Geometry, granularity: int = 4) -> None:
+    def __init__(self, geometry: Geometry, granularity: int = 4, whole_last: bool = False) -> None:
         super().__init__()
         patches = geometry.tokens - geometry.protected
-        self.tokens = geometry.tokens
+        self.tokens, self.depth = geometry.tokens, geometry.depth
+        self.compressed = geometry.depth - 1 - int(whole_last)  # blocks 1, 2, ... with counts
+        if self.compressed < 1:
+            whole = "its first and last blocks" if whole_last else "its first block"
+            raise ValueError(
+                f"a DiffRate search leaves {whole} whole: this {geometry.depth}-block model has "
+                "no block left to search"
+            )
+        self.register_buffer("full", torch.tensor(float(geometry.tokens)), persistent=False)
 
         def counts() -> nn.ModuleList:
             return nn.ModuleList(
-                KeptCount(patches, geometry.protected, granularity)
-                for _ in range(geometry.depth - 1)
+                KeptCount(patches, geometry.protected, granularity) for _ in range(self.compressed)
             )
 
         self.prune, self.merge = counts(), counts()
 
     def start_at(self, prune_kept: list[int], merge_kept: list[int], spread: float) -> None:
-        """Centre every block's choices on these counts (block 0's, never compressed, are
-        ignored)."""
+        """Centre every block's choices on these counts (those of the blocks never compressed
+        are ignored)."""
         for index, counter in enumerate(self.prune):
             counter.centre_on(prune_kept[index + 1], spread)
         for index, counter in enumerate(self.merge):
             counter.centre_on(merge_kept[index + 1], spread)
 
     def kept(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `index`'s differentiable (prune_kept, merge_kept)."""
-        if index == 0:
-            full = self.prune[0].candidates.new_tensor(float(self.tokens))
-            return full, full
+        """Block `index`'s differentiable (prune_kept, merge_kept); all tokens for a block
+        never compressed (it keeps what reaches it)."""
+        if index == 0 or index > self.compressed:
+            return self.full, self.full
         return self.prune[index - 1].kept(), self.merge[index - 1].kept()
 
     def kept_lists(self) -> tuple[list[int], list[int]]:
         """The counts the rates select now, as DiffRate's inference effectively keeps them."""
         tokens, pruned, merged = self.tokens, [], []
-        for index in range(len(self.prune) + 1):
+        for index in range(self.depth):
             prune, merge = (int(v.item()) for v in self.kept(index))
             pruned.append(min(tokens, prune))
             tokens = min(pruned[-1], merge)

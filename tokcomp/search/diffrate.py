@@ -143,7 +143,8 @@ def search_diffrate(
     loses no work; a state saved with other settings or from other inputs (its fingerprint)
     is refused.
     """
-    spec = find_adapter(model).spec()
+    adapter = find_adapter(model)
+    spec, whole_last = adapter.spec(), adapter.pools_by_average()
     check_reachable(spec, settings.target_macs)
     patches = spec.tokens - spec.protected
     if not 0 < settings.granularity < patches:
@@ -153,9 +154,10 @@ def search_diffrate(
         )
     device = next(model.parameters()).device
     if rates is None:
-        rates = DiffRateRates(spec, settings.granularity)
+        rates = DiffRateRates(spec, settings.granularity, whole_last)
         if settings.start == "gradual":
-            rates.start_at(*gradual_counts(spec, settings.target_macs), 2 * settings.granularity)
+            start = gradual_counts(spec, settings.target_macs, whole_last)
+            rates.start_at(*start, 2 * settings.granularity)
     rates = rates.to(device)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
@@ -214,14 +216,18 @@ def total_macs(spec: ModelSpec, prune_kept: list[int], merge_kept: list[int]) ->
     return model_macs(spec, merge_kept) + selection_macs(spec, method, merge_kept)
 
 
-def gradual_counts(spec: ModelSpec, target_macs: float) -> tuple[list[int], list[int]]:
-    """(prune_kept, merge_kept) of the gradual start: every block from 1 merges the same number
-    of tokens (as ToMe's constant r) and prunes none, the fewest merges within `target_macs`."""
+def gradual_counts(
+    spec: ModelSpec, target_macs: float, whole_last: bool = False
+) -> tuple[list[int], list[int]]:
+    """(prune_kept, merge_kept) of the gradual start: every block from 1 (to the one before the
+    last with `whole_last`) merges the same number of tokens (as ToMe's constant r) and prunes
+    none, the fewest merges within `target_macs`."""
     check_reachable(spec, target_macs)
+    merging = spec.depth - int(whole_last)
 
     def counts(per_block: float) -> tuple[list[int], list[int]]:
         merge_kept = [
-            max(spec.protected + 1, round(spec.tokens - per_block * index))
+            max(spec.protected + 1, round(spec.tokens - per_block * min(index, merging - 1)))
             for index in range(spec.depth)
         ]
         return [spec.tokens, *merge_kept[:-1]], merge_kept
