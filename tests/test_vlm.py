@@ -36,6 +36,7 @@ import tokcomp
 from tokcomp.adapters import find_adapter
 from tokcomp.adapters.hf_vlm.families import Images
 from tokcomp.adapters.hf_vlm.generation import pruned_of
+from tokcomp.errors import UsageError
 from tokcomp.harness.vqa import visual_tokens_kept
 from tokcomp.methods import LLMStageMethod, create_method, method_class
 from tokcomp.methods.visual import VisualSignal
@@ -1574,3 +1575,83 @@ def test_the_harness_counts_each_prompts_kept_visual_tokens_once_under_beam_sear
     greedy = kept(do_sample=False)
     assert 0 < greedy < int((batch["input_ids"] == IMAGE).sum())
     assert kept(num_beams=2) == kept(num_beams=3, num_return_sequences=3) == greedy
+
+
+@torch.no_grad()
+def test_what_indexes_the_unpruned_sequence_is_refused_and_an_int_logits_to_keep_runs():
+    """labels (and a tensor logits_to_keep) index the caller's sequence; the logits follow the
+    pruned one, so the loss would score other tokens."""
+    model = tokcomp.apply(_model("llava"), "divprune", keep=0.4)
+    batch, _ = _inputs(model, "llava")
+    with pytest.raises(UsageError, match=r"^labels index the unpruned prompt"):
+        model(**batch, labels=batch["input_ids"])
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    with pytest.raises(UsageError, match=r"^a tensor logits_to_keep indexes the unpruned"):
+        model(**batch, logits_to_keep=keep)
+    assert model(**batch, logits_to_keep=1).logits.shape[1] == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"prompt_lookup_num_tokens": 2},
+        {"cache_implementation": "static"},
+        {"cache_implementation": "sliding_window"},
+    ],
+)
+@torch.no_grad()
+def test_decoding_modes_a_pruned_cache_cannot_follow_are_refused_in_one_line(options):
+    """Prompt lookup and assisted decoding crop the pruned cache (they crashed or diverged);
+    static caches have no 2-D masks (they failed inside transformers)."""
+    model = tokcomp.apply(_model("qwen2_vl"), "divprune", keep=0.4)
+    batch, _ = _inputs(model, "qwen2_vl")
+    with pytest.raises(UsageError, match=r"(prompt-lookup decoding|needs a DynamicCache)"):
+        _generate(model, batch, steps=2, **options)
+    with pytest.raises(UsageError, match="assisted and prompt-lookup decoding"):
+        _generate(model, batch, steps=2, assistant_model=_model("qwen2_vl"))
+    static = hf.StaticCache(config=model.config.get_text_config(), max_cache_len=64)
+    with pytest.raises(UsageError, match="needs a DynamicCache"):
+        _generate(model, batch, steps=2, past_key_values=static)
+
+
+@torch.no_grad()
+def test_dycoke_refuses_a_decoding_call_of_several_tokens():
+    """Its decode-time pruning follows one new token per step (a call verifying or continuing
+    with several diverged from greedy decoding)."""
+    model = tokcomp.apply(_model("qwen2_vl_video"), "dycoke", k=0.5, decode_layer=2)
+    batch, _ = _inputs(model, "qwen2_vl_video")
+    out = model(**batch, use_cache=True)
+    mask = torch.cat([batch["attention_mask"], batch["attention_mask"][:, -2:]], dim=1)
+    with pytest.raises(UsageError, match="one token at a time; this call brings 2"):
+        model(input_ids=batch["input_ids"][:, -2:], attention_mask=mask, cache=out.cache)
+
+
+@torch.no_grad()
+def test_a_generation_continues_from_its_pruned_cache_with_its_last_token_only():
+    """transformers' continuation pattern feeds the whole sequence, sliced by the cache's
+    length, which is the pruned one: the tokens the cache holds were fed again. Refused; the
+    last token alone continues as one uninterrupted generation does."""
+    model = tokcomp.apply(_model("llava"), "divprune", keep=0.4)
+    batch, _ = batch_inputs(model, "llava", [(1, 5)], seed=3)
+    greedy = {"do_sample": False, "suppress_tokens": [IMAGE], "pad_token_id": PAD}
+    whole = _generate(model, batch, steps=6)
+
+    def first_three() -> object:
+        return model.generate(**batch, max_new_tokens=3, return_dict_in_generate=True, **greedy)
+
+    def go_on(input_ids: torch.Tensor, cache: object) -> torch.Tensor:
+        mask = torch.ones(1, batch["input_ids"].shape[1] + 3, dtype=torch.long)
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=3,
+            **greedy,
+        )
+
+    first = first_three()
+    with pytest.raises(ValueError, match="pass only the tokens after those the cache holds"):
+        go_on(first.sequences, first.cache)
+    again = first_three()
+    more = go_on(again.sequences[:, -1:], again.cache)
+    assert torch.equal(torch.cat([again.sequences[:, -3:], more[:, 1:]], dim=1), whole)

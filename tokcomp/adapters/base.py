@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -470,6 +471,10 @@ class Adapter(abc.ABC):
     def forward_tokens(self, compression: Compression, *args: Any, **kwargs: Any) -> TokenState:
         """Run the compressed trunk; the final token state (after the final norm)."""
 
+    #: Adapter methods whose overrides show the signature of the method they stand in for
+    #: (where a caller checks keywords against it); the others show (*args, **kwargs).
+    signed: ClassVar[frozenset[str]] = frozenset()
+
     @abc.abstractmethod
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         """(module, attribute, adapter method) triples: what the patch shadows, and with what."""
@@ -501,7 +506,8 @@ class Adapter(abc.ABC):
             for module, attribute, _ in self.overrides()
         ]
         for module, attribute, method in self.overrides():
-            object.__setattr__(module, attribute, Override(patch, method))
+            signed = (type(module), attribute) if method in self.signed else None
+            object.__setattr__(module, attribute, Override(patch, method, signed))
 
     def uninstall(self) -> None:
         """Remove the instance-level overrides: what the instance held before is back, else
@@ -518,6 +524,15 @@ class Adapter(abc.ABC):
                 object.__setattr__(module, attribute, previous)
             else:
                 module.__dict__.pop(attribute, None)
+
+
+#: The signature of an override that does not show the one of the method it stands in for.
+_ANY_ARGUMENTS = inspect.Signature(
+    [
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
 
 
 def _shadowing(module: nn.Module, attribute: str, adapter: Adapter) -> tuple[Adapter, int] | None:
@@ -544,12 +559,22 @@ def intermediates(module: nn.Module, names: Sequence[str]) -> list[tuple[nn.Modu
 
 class Override:
     """An instance attribute standing in for a module's method: calls the patch's adapter
-    method `method` with the compression first. A plain object (not a closure), so patched
-    models pickle and deep-copy."""
+    method `method` with the compression first. Its signature is (*args, **kwargs), or with
+    `signed` (the class and name of the method it stands in for) that method's. A plain object
+    (not a closure), so patched models pickle and deep-copy."""
 
-    def __init__(self, patch: Patch, method: str) -> None:
+    def __init__(self, patch: Patch, method: str, signed: tuple[type, str] | None = None) -> None:
         self.patch = patch
         self.method = method
+        self.signed = signed
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The signature callers inspect (see the class docstring)."""
+        if self.signed is None:
+            return _ANY_ARGUMENTS
+        unbound = inspect.signature(getattr(*self.signed))
+        return unbound.replace(parameters=list(unbound.parameters.values())[1:])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         patch = self.patch

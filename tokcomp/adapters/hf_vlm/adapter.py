@@ -41,6 +41,7 @@ from tokcomp.adapters.hf_vlm.generation import (
 )
 from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_prompt, with_text
 from tokcomp.adapters.hf_vlm.sequence import Prompt
+from tokcomp.errors import UsageError
 from tokcomp.libraries import HF_VLM
 from tokcomp.methods import AttentionStyle, Method, Stage, TokenState, VisualMethod
 from tokcomp.methods.visual import VisualSignal
@@ -72,6 +73,11 @@ class HFVLMAdapter(Adapter):
         """The geometry of a reference video of `frames` frames, in place of the reference image."""
         return self.vlm.video_spec(frames)
 
+    #: generate checks its keywords against the VLM's forward (and pre-encodes the images when
+    #: the forward takes mm_encoder_outputs and get_image_features names its inputs: the
+    #: patched get_image_features keeps (*args, **kwargs), so the prefill encodes them itself).
+    signed = frozenset({"outer_forward"})
+
     def overrides(self) -> list[tuple[nn.Module, str, str]]:
         inner = self.vlm.inner
         methods = ["forward", "get_image_features"]
@@ -79,7 +85,49 @@ class HFVLMAdapter(Adapter):
             methods.append("get_video_features")
         expand = (self.model, "_expand_inputs_for_generation", "expand_inputs_for_generation")
         reorder = (self.model, "_reorder_cache", "reorder_cache")
-        return [*((inner, name, name) for name in methods), expand, reorder]
+        outer = [(self.model, "forward", "outer_forward"), (self.model, "generate", "generate")]
+        return [*((inner, name, name) for name in methods), expand, reorder, *outer]
+
+    def outer_forward(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
+        """The VLM's forward, refusing what indexes the unpruned sequence its logits no longer
+        follow: labels (the loss would score other tokens) and a tensor logits_to_keep."""
+        if kwargs.get("labels") is not None:
+            raise UsageError(
+                "labels index the unpruned prompt, whose visual tokens tokcomp drops, so the loss "
+                "would score other tokens: compute it from the logits of the kept sequence, or "
+                "call tokcomp.remove(model) to train"
+            )
+        if isinstance(kwargs.get("logits_to_keep"), torch.Tensor):
+            raise UsageError(
+                "a tensor logits_to_keep indexes the unpruned sequence, whose visual tokens "
+                "tokcomp drops: pass an int (the last n positions) or call tokcomp.remove(model)"
+            )
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    def generate(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
+        """generate, refusing the decoding modes a pruned cache cannot follow: assisted and
+        prompt-lookup decoding (they crop the cache the prefill pruned) and caches other than a
+        DynamicCache (static, sliding-window: their masks are not 2-D)."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        assisted = kwargs.get("assistant_model") is not None
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+        if assisted or lookup:
+            raise UsageError(
+                "assisted and prompt-lookup decoding are not supported on a pruned VLM (they crop "
+                "the cache the pruned prefill filled): generate without assistant_model and "
+                "prompt_lookup_num_tokens, or call tokcomp.remove(model)"
+            )
+        from transformers.cache_utils import DynamicCache
+
+        implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        given = kwargs.get("past_key_values", kwargs.get("cache"))
+        other_cache = given is not None and not isinstance(given, DynamicCache)
+        if implementation not in (None, "dynamic") or other_cache:
+            raise UsageError(
+                "a pruned VLM generation needs a DynamicCache (the default): static and other "
+                "compiled caches are not supported; drop cache_implementation and past_key_values"
+            )
+        return type(self.model).generate(self.model, *args, **kwargs)
 
     def expand_inputs_for_generation(
         self, compression: Compression, expand_size: int = 1, **kwargs: Any
@@ -300,7 +348,14 @@ class HFVLMAdapter(Adapter):
         new = pruned.new_tokens(call.cache)
         if len(pruned.spans) > 1:
             return _decoder_output(llm_stage_decode(vlm, pruned, call, embeds, new), call)
-        if pruned.decoding is not None and embeds.shape[1] == 1:
+        if pruned.decoding is not None:
+            if embeds.shape[1] != 1:
+                raise UsageError(
+                    f"{method.name} prunes the video tokens each decoding step attends to, one "
+                    f"token at a time; this call brings {embeds.shape[1]} (a continuation or "
+                    "a verification of several tokens): decode one token per call, or apply it "
+                    "with decode_p=0"
+                )
             hidden = decode_pruned(vlm, method, pruned, call, embeds, new)
             return _decoder_output(hidden, call)
         (span,) = pruned.spans

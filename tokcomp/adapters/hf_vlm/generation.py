@@ -15,6 +15,12 @@ import torch
 from tokcomp.adapters.hf_vlm.families import VLMFamily
 from tokcomp.adapters.hf_vlm.sequence import Packing, Prompt, pack, right_padded
 
+#: How a later call on a pruned cache is made (said where one is not).
+FOLLOW_THE_CACHE = (
+    "pass only the tokens after those the cache holds (its prompt's kept tokens, fewer than the "
+    "prompt: to continue a generation, its last token, not the whole sequence) with the mask "
+    "of the whole sequence, as generate does"
+)
 #: Attribute of the Cache object that holds a generation's Pruned bookkeeping.
 _ON_CACHE = "_tokcomp_pruned"
 #: generate's keyword (set when it copies prompts with images or videos) telling the prefill how
@@ -98,9 +104,9 @@ class Span:
             tail = attention_mask[:, prompt:].to(self.mask.dtype)
             if tail.shape[1] != new:
                 raise ValueError(
-                    f"attention_mask has {attention_mask.shape[1]} columns; this generation's "
-                    f"prompt had {prompt} tokens and {new} followed (pass the mask of the "
-                    "whole sequence, as generate does)"
+                    f"attention_mask has {attention_mask.shape[1]} columns, but this "
+                    f"generation's prompt had {prompt} tokens and {new} follow, this call's "
+                    f"included: {FOLLOW_THE_CACHE}"
                 )
         return torch.cat([self.mask, tail], dim=1)
 
@@ -280,11 +286,19 @@ def decode_positions(
     """(R, B, count) positions, in the original numbering, of the `count` tokens of a later
     call `new` tokens after the prompt: given by the caller, or counted on from the prompt."""
     device, batch = pruned.dropped.device, pruned.dropped.shape[0]
-    if call.position_ids is not None:
-        return family.given_positions(call.position_ids, batch)
     past = pruned.length + new
     steps = torch.arange(past, past + count, device=device).expand(batch, -1)
-    return family.decode_positions(call.attention_mask, steps, pruned.rope_delta)
+    if call.position_ids is None:
+        return family.decode_positions(call.attention_mask, steps, pruned.rope_delta)
+    given = family.given_positions(call.position_ids, batch)
+    # without a mask (no padding: generate drops an all-ones one) the positions are the count
+    # of the tokens before; a 1-D position behind it repeats tokens the cache already holds
+    if call.attention_mask is None and given.shape[0] == 1 and bool((given[0, :, 0] < past).any()):
+        raise ValueError(
+            f"this call's tokens start at position {int(given[0, :, 0].min())}, but the pruned "
+            f"cache holds the generation's first {past}: {FOLLOW_THE_CACHE}"
+        )
+    return given
 
 
 def inner_output(output: Any) -> Any:
