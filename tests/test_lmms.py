@@ -20,7 +20,7 @@ import transformers as hf
 
 import tokcomp
 from tokcomp.cli import main
-from tokcomp.harness import sweep
+from tokcomp.harness import lmms, sweep
 from tokcomp.harness.vqa import DEFAULT_MODEL, VQATask, load_vlm
 from tokcomp.harness.vqa_data import VQADataset, read_easy_vqa
 
@@ -495,3 +495,32 @@ def test_the_local_task_holds_every_easy_vqa_test_question():
         assert row["answers"] == list(question.answers)
         assert row["answer_type"] == question.answer_type
         assert question.image.as_posix().endswith(row["image"])
+
+
+def test_a_tasks_headline_is_its_first_metric_under_its_filter_or_its_first_number():
+    """lmms-eval keys scores 'metric,filter': a named filter (illusionvqa's flexible-extract)
+    and a first metric that is a submission file, not a number (vqav2_test), both had no
+    'task/metric' score and the table failed on them."""
+    results = {
+        "results": {
+            "illusionvqa": {
+                "exact_match,flexible-extract": 41.0,
+                "exact_match_stderr,flexible-extract": 2.0,
+            },
+            "vqav2_test": {"submission,none": None, "exact_match,none": 70.5},
+            "easyvqa": {"vqa,none": 98.0},
+        },
+        "configs": {
+            "illusionvqa": {"metric_list": [{"metric": "exact_match"}]},
+            "vqav2_test": {"metric_list": [{"metric": "submission"}, {"metric": "exact_match"}]},
+            "easyvqa": {"metric_list": [{"metric": "vqa"}]},
+        },
+    }
+    scores = lmms.task_scores(results)
+    heads = lmms.headlines(results, scores)
+    assert heads == [
+        "illusionvqa/exact_match/flexible-extract",
+        "vqav2_test/exact_match",
+        "easyvqa/vqa",
+    ]
+    assert [scores[head] for head in heads] == [41.0, 70.5, 98.0]

@@ -169,13 +169,17 @@ def task_scores(results: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def headlines(results: dict[str, Any]) -> list[str]:
-    """Each task's first metric (its headline), as 'task/metric'."""
-    return [
-        f"{task}/{config['metric_list'][0]['metric']}"
-        for task, config in results["configs"].items()
-        if config.get("metric_list")
-    ]
+def headlines(results: dict[str, Any], scores: dict[str, float]) -> list[str]:
+    """Each task's headline, a key of `scores` (task_scores): its first metric under the first
+    filter it was scored with; where that metric is no number (a submission file), the task's
+    first numeric score."""
+    found = []
+    for task, config in results["configs"].items():
+        own = [key for key in scores if key.split("/")[0] == task]
+        first = (config.get("metric_list") or [{}])[0].get("metric")
+        named = [key for key in own if key.split("/")[1] == first]
+        found += (named or own)[:1]
+    return found
 
 
 class LMMSEvaluation:
@@ -224,9 +228,10 @@ class LMMSEvaluation:
             for task, tally in lm.tallies.items()
             for name, value in tally.figures().items()
         }
+        scores = task_scores(results)
         return {
-            **task_scores(results),
-            "headlines": headlines(results),
+            **scores,
+            "headlines": headlines(results, scores),
             **total.figures(),
             **per_task,
             "samples": samples,
