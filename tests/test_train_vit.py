@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 from fixtures import eval_script
+from fixtures.training import assert_a_finished_model_is_refused, must_not_run
 from safetensors import safe_open
 
 from tokcomp.harness.fashion_mnist import place_on_canvas
@@ -152,23 +153,13 @@ def tiny_run(out, *options):
     return ["--out", str(out), "--coarse-epochs", "0", "--epochs", "1", *tiny, *threads, *options]
 
 
-def must_not_run(*args, **kwargs):
-    raise AssertionError("the data was read or a training step run")
-
-
 def test_a_finished_model_in_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     module = script()
     monkeypatch.setattr(module, "load_arrays", must_not_run)
     monkeypatch.setattr(module, "augment", must_not_run)
-    (tmp_path / "model.safetensors").write_bytes(b"shipped")
-    with pytest.raises(SystemExit) as refused:
-        module.main(tiny_run(tmp_path, "--limit-steps", "1"))
-    assert refused.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert f"--out {tmp_path / 'model.safetensors'} exists; pass --force to overwrite" in err
-    assert (tmp_path / "model.safetensors").read_bytes() == b"shipped"
-    assert not (tmp_path / ".train_state").exists()
+    assert_a_finished_model_is_refused(
+        module.main, tiny_run(tmp_path, "--limit-steps", "1"), tmp_path, capsys
+    )
 
 
 @pytest.mark.parametrize("forced", [True, False], ids=["force-over-a-model", "resume-unfinished"])

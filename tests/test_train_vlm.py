@@ -7,6 +7,8 @@ from argparse import Namespace
 
 import pytest
 import torch
+from fixtures import eval_script
+from fixtures.training import Reached, assert_a_finished_model_is_refused, must_not_run, reach
 from fixtures.vqa import VISUAL_TOKENS, tiny_llava, tiny_processor, training_script, write_jsonl
 
 from tokcomp.harness.vqa_data import read_jsonl
@@ -107,47 +109,35 @@ def test_the_tower_probe_asks_shape_and_colour_of_the_patches_on_the_shape_only(
     assert states.grad[:, 0].abs().sum() == 0  # the class token is not probed
 
 
-class Reached(Exception):
-    """The script got past its checks to its first work (reading the data)."""
-
-
-def reach(*args, **kwargs):
-    raise Reached
-
-
-def must_not_run(*args, **kwargs):
-    raise AssertionError("the data was read or the model trained")
-
-
 def run(out, *options):
     """A smoke run into `out`, at the thread count of now (the script sets it)."""
     threads = ["--threads", str(torch.get_num_threads())]
     return ["--out", str(out), "--epochs", "1", "--limit-steps", "1", *threads, *options]
 
 
-def test_a_finished_model_in_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    script = training_script()
-    monkeypatch.setattr(script, "read_easy_vqa", must_not_run)
+#: The VLM training scripts and their first work (reading or making the data).
+FIRST_WORK = {"train_vlm_easyvqa": "read_easy_vqa", "train_vlm_videoshapes": "make_clips"}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_WORK))
+def test_a_finished_model_in_out_is_refused_before_any_work(name, tmp_path, monkeypatch, capsys):
+    script = eval_script(name)
+    monkeypatch.setattr(script, FIRST_WORK[name], must_not_run)
     monkeypatch.setattr(script, "fit", must_not_run)
-    (tmp_path / "model.safetensors").write_bytes(b"shipped")
-    with pytest.raises(SystemExit) as refused:
-        script.main(run(tmp_path))
-    assert refused.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert f"--out {tmp_path / 'model.safetensors'} exists; pass --force to overwrite" in err
-    assert (tmp_path / "model.safetensors").read_bytes() == b"shipped"
-    assert not (tmp_path / ".train_state").exists()
+    assert_a_finished_model_is_refused(script.main, run(tmp_path), tmp_path, capsys)
 
 
+@pytest.mark.parametrize("name", sorted(FIRST_WORK))
 @pytest.mark.parametrize(
     ("existing", "options"),
     [("model.safetensors", ["--force"]), (".train_state/last.pt", [])],
     ids=["force-over-a-model", "resume-unfinished"],
 )
-def test_force_or_an_unfinished_run_goes_on_to_its_work(tmp_path, monkeypatch, existing, options):
-    script = training_script()
-    monkeypatch.setattr(script, "read_easy_vqa", reach)
+def test_force_or_an_unfinished_run_goes_on_to_its_work(
+    name, tmp_path, monkeypatch, existing, options
+):
+    script = eval_script(name)
+    monkeypatch.setattr(script, FIRST_WORK[name], reach)
     (tmp_path / existing).parent.mkdir(exist_ok=True)
     (tmp_path / existing).write_bytes(b"earlier")
     with pytest.raises(Reached):

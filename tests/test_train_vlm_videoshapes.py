@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-import pytest
 import torch
 from fixtures import eval_script
 
@@ -66,50 +65,3 @@ def test_a_packed_clip_gives_every_question_the_logits_of_its_own_prompt():
     assert batch.ids.shape[1] > split.prefix + 6 * 20  # six question blocks after the video
     torch.testing.assert_close(packed, torch.stack(alone), atol=1e-5, rtol=1e-5)
     assert batch.kinds == [kind for clip in clips for kind, _, _ in clip.questions]
-
-
-class Reached(Exception):
-    """The script got past its checks to its first work (making the clips)."""
-
-
-def reach(*args, **kwargs):
-    raise Reached
-
-
-def must_not_run(*args, **kwargs):
-    raise AssertionError("the data was made or the model trained")
-
-
-def run(out, *options):
-    """A smoke run into `out`, at the thread count of now (the script sets it)."""
-    threads = ["--threads", str(torch.get_num_threads())]
-    return ["--out", str(out), "--epochs", "1", "--limit-steps", "1", *threads, *options]
-
-
-def test_a_finished_model_in_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    script = eval_script("train_vlm_videoshapes")
-    monkeypatch.setattr(script, "make_clips", must_not_run)
-    monkeypatch.setattr(script, "fit", must_not_run)
-    (tmp_path / "model.safetensors").write_bytes(b"shipped")
-    with pytest.raises(SystemExit) as refused:
-        script.main(run(tmp_path))
-    assert refused.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert f"--out {tmp_path / 'model.safetensors'} exists; pass --force to overwrite" in err
-    assert (tmp_path / "model.safetensors").read_bytes() == b"shipped"
-    assert not (tmp_path / ".train_state").exists()
-
-
-@pytest.mark.parametrize(
-    ("existing", "options"),
-    [("model.safetensors", ["--force"]), (".train_state/last.pt", [])],
-    ids=["force-over-a-model", "resume-unfinished"],
-)
-def test_force_or_an_unfinished_run_goes_on_to_its_work(tmp_path, monkeypatch, existing, options):
-    script = eval_script("train_vlm_videoshapes")
-    monkeypatch.setattr(script, "make_clips", reach)
-    (tmp_path / existing).parent.mkdir(exist_ok=True)
-    (tmp_path / existing).write_bytes(b"earlier")
-    with pytest.raises(Reached):
-        script.main(run(tmp_path, *options))

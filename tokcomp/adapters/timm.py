@@ -4,6 +4,7 @@ register-token and global-average-pool models."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -113,24 +114,14 @@ class TimmViTAdapter(Adapter):
         ]
 
     # -- the compressed forward -----------------------------------------------------------
-    def forward(
-        self,
-        compression: Compression,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        _refuse_masks(attn_mask, is_causal)
+    def forward(self, compression: Compression, x: torch.Tensor, **masks: Any) -> torch.Tensor:
+        _refuse_masks(**masks)
         return self.forward_head(self.forward_tokens(compression, x))
 
     def forward_features(
-        self,
-        compression: Compression,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
+        self, compression: Compression, x: torch.Tensor, **masks: Any
     ) -> torch.Tensor:
-        _refuse_masks(attn_mask, is_causal)
+        _refuse_masks(**masks)
         state = self.forward_tokens(compression, x)
         setattr(state.x, _POOL_WEIGHTS, state.pool_weights())
         return state.x
@@ -213,9 +204,9 @@ def _pool_weights_of(features: torch.Tensor, tokens: int) -> torch.Tensor | None
     return None
 
 
-def _refuse_masks(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-    """Refuse timm's attention mask and causal attention: merged tokens no longer match a
-    mask's patches."""
+def _refuse_masks(attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> None:
+    """Refuse timm's attention mask and causal attention (forward's and forward_features'
+    options): merged tokens no longer match a mask's patches."""
     if attn_mask is not None or is_causal:
         raise UsageError(
             "attn_mask and is_causal are not supported on a token-compressed model (merged "
