@@ -346,3 +346,72 @@ def test_the_cupy_route_hands_over_inputs_that_require_grad(monkeypatch, dtype) 
 def _exported(tensor: torch.Tensor) -> torch.Tensor:
     """What a DLPack consumer receives of `tensor` (raises where torch refuses to export)."""
     return torch.from_dlpack(tensor.__dlpack__())
+
+
+def test_a_kernel_that_failed_its_check_stays_replaced_when_checks_are_switched_off(
+    wrong_best_match, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _inputs()
+    with pytest.warns(RuntimeWarning, match="cpp kernel of best_match"):
+        best_match(a, b, 1, 2)
+    monkeypatch.setenv(dispatch.VERIFY_ENV, "0")
+    assert torch.equal(best_match(a, b, 1, 2)[1], best_match_reference(a, b, 1, 2)[1])
+    report = tokcomp.backend("cpu", verbose=True)["best_match"]
+    assert report == "cpp: float32 on cpu failed; not checked (TOKCOMP_VERIFY=0)"
+
+
+def _first_k(similarity_or_dist: torch.Tensor, *args) -> torch.Tensor:
+    """A wrong greedy kernel: the first k tokens, whatever the scores."""
+    k = args[-1]
+    return torch.arange(k).expand(similarity_or_dist.shape[0], -1).clone()
+
+
+def _last_of_ties(a, b, a_protected, b_protected):
+    """A wrong best_match kernel: the last of equal best scores wins (not the first)."""
+    score, index = best_match_reference(a, b, a_protected, b_protected)
+    scores = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).mT
+    scores[:, :, :b_protected] = -torch.inf
+    at_best = scores == score[..., None]
+    last = (at_best * torch.arange(b.shape[1])).argmax(dim=-1)
+    return score, torch.where(at_best.any(dim=-1) & (score > -torch.inf), last, index)
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [("greedy_dpp", _first_k), ("greedy_maxmin", _first_k), ("best_match", _last_of_ties)],
+)
+def test_the_first_call_check_catches_a_kernel_that_picks_wrongly(name, wrong) -> None:
+    """The checks pick k < N tokens (with k = N every sorted answer passed) and hold a tie."""
+    assert selfcheck.mismatch(name, wrong, torch.device("cpu"), F32) is not None
+    right = selfcheck.CASES[name][1]
+    assert selfcheck.mismatch(name, right, torch.device("cpu"), F32) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selection_ops_compute_in_float32_under_autocast_and_give_no_gradient(dtype) -> None:
+    """Under CPU autocast the references' products ran in bfloat16 (float64 inputs take the
+    reference); inputs that require grad gave outputs whose backward left no gradient."""
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 9, 8, generator=generator, dtype=dtype).requires_grad_()
+    attn = torch.rand(2, 2, 9, 9, generator=generator, dtype=dtype).softmax(-1).requires_grad_()
+    plain = (
+        best_match(metric, metric, 1, 1),
+        energy_score(metric, 0.3),
+        attention_pagerank(attn, 3),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = (
+            best_match(metric, metric, 1, 1),
+            energy_score(metric, 0.3),
+            attention_pagerank(attn, 3),
+        )
+    for want, got in zip(tuple_of_tensors(plain), tuple_of_tensors(cast), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        assert not got.requires_grad
+    with pytest.raises(ValueError, match="margin and alpha must be finite"):
+        energy_score(metric, float("nan"))
+
+
+def tuple_of_tensors(outputs) -> list[torch.Tensor]:
+    """best_match's pair and the other ops' tensors, flat."""
+    return [t for out in outputs for t in (out if isinstance(out, tuple) else (out,))]

@@ -259,6 +259,14 @@ def test_bipartite_plan_merges_tokens_without_a_finite_match_into_unprotected_on
     assert torch.equal(placed, torch.arange(tokens).expand(2, -1))  # every token placed once
 
 
+@pytest.mark.parametrize(("tokens", "protected"), [(0, 0), (1, 0), (1, 1)])
+def test_bipartite_plan_of_fewer_than_two_tokens_keeps_them(tokens, protected) -> None:
+    """No B token to merge into: r = 0 (the range it allows) keeps everything (it raised)."""
+    plan = bipartite_plan(torch.randn(2, tokens, 4), protected, 0)
+    assert torch.equal(plan.keep_idx, torch.arange(tokens).expand(2, -1))
+    assert plan.src_idx.shape == plan.dst_pos.shape == (2, 0)
+
+
 def _random_plan(
     batch: int, tokens: int, kept: int, sources: int, generator: torch.Generator, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

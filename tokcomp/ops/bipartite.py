@@ -28,6 +28,10 @@ def bipartite_plan(metric: torch.Tensor, protected: int, r: int) -> MergePlan:
             f"bipartite step can merge 0..{max_bipartite_merges(tokens, protected)} of {tokens} "
             f"tokens with {protected} protected, asked for {r}"
         )
+    batch, device = metric.shape[0], metric.device
+    if tokens < 2:  # no B token: nothing to merge into (r is 0)
+        everything = torch.arange(tokens, device=device).expand(batch, -1)
+        return MergePlan(everything, everything[:, :0], everything[:, :0])
     a_protected, b_protected = (protected + 1) // 2, protected // 2
     score, match = best_match(metric[:, ::2], metric[:, 1::2], a_protected, b_protected)
     # ranked among the unprotected rows only: a protected row's -inf ties with a row that has
@@ -37,7 +41,6 @@ def bipartite_plan(metric: torch.Tensor, protected: int, r: int) -> MergePlan:
     unmerged_a = order[:, r:].sort(dim=1).values
     dst_b = match.gather(1, src_a).clamp(min=b_protected)
     a_count, b_count = score.shape[1], metric.shape[1] // 2
-    batch, device = metric.shape[0], metric.device
     b_rows = torch.arange(b_protected, b_count, device=device).expand(batch, -1)
     keep_idx = torch.cat(
         [

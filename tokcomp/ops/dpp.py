@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokcomp.ops.dispatch import compiled_op
+from tokcomp.ops.dispatch import compiled_op, float32_math
 from tokcomp.ops.maxmin import LOWEST
 
 
@@ -49,6 +49,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return x.double().sqrt().float()
 
 
+@float32_math
 def greedy_dpp_reference(similarity: torch.Tensor, relevance: torch.Tensor, k: int) -> torch.Tensor:
     """The definition (module docstring), vectorised over the batch and the candidate rows."""
     batch, tokens = relevance.shape

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokcomp.ops.dispatch import compiled_op
+from tokcomp.ops.dispatch import compiled_op, float32_math
 
 
+@float32_math
 def best_match_reference(
     a: torch.Tensor, b: torch.Tensor, a_protected: int = 0, b_protected: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +31,11 @@ def best_match(
     a: (B, Na, C), b: (B, Nb, C), any float dtype (computed in float32). The first
     `a_protected` rows of `a` never match (score -inf, index 0); the first `b_protected`
     rows of `b` are never chosen. A row with no eligible partner gets -inf and index 0. A NaN
-    score (a row holding a NaN or an inf) counts as -inf: never the best (tokcomp.ops).
+    score (a row holding a NaN or an inf) counts as -inf: never the best (tokcomp.ops). No
+    gradient: a selection signal (the inputs are taken detached).
     """
     _check_match_inputs(a, b, a_protected, b_protected)
+    a, b = a.detach(), b.detach()
     if a.dtype != b.dtype:  # the kernels take one dtype; the reference computes in float32
         a, b = a.float(), b.float()
     op = compiled_op("best_match", a.device, a.dtype)

@@ -48,7 +48,8 @@ def greedy_maxmin_reference(
     dist: torch.Tensor, weight: torch.Tensor, first: torch.Tensor, k: int
 ) -> torch.Tensor:
     """The definition (module docstring) as a plain loop vectorised over the batch: per step one
-    masked argmax and one running minimum."""
+    masked argmax and one running minimum, in float32 as the op computes."""
+    dist, weight = dist.float(), weight.float()
     batch, tokens = weight.shape
     rows = torch.arange(batch, device=dist.device)
     chosen = torch.empty(batch, k, dtype=torch.long, device=dist.device)

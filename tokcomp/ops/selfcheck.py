@@ -29,9 +29,10 @@ def _generator() -> torch.Generator:
 def _best_match_inputs(dtype: torch.dtype) -> tuple:
     """Rows of a near copies of rows of b (clear winners), one protected row in each; a's row 2
     is nearest to b's protected row 0, so its answer is its clear second best, b's row 7. A NaN
-    row in a, an inf in b."""
+    row in a, an inf in b; b's row 4 a copy of its row 1 (a tie: the first index wins)."""
     generator = _generator()
     b = torch.randn(2, 10, 32, generator=generator)
+    b[:, 4] = b[:, 1]
     a = b[:, [3, 1, 0, 1, 5, 9, 2]] * 1.5 + 0.05 * torch.randn(2, 7, 32, generator=generator)
     a[:, 2] += 1.5 * b[:, 7]
     a[:, 6] = torch.nan
@@ -66,25 +67,26 @@ def _attention_pagerank_inputs(dtype: torch.dtype) -> tuple:
 
 
 def _greedy_maxmin_inputs(dtype: torch.dtype) -> tuple:
-    """Cosine distances of random rows, all of them picked (k = N); a row at NaN distance, one
-    at inf."""
+    """Cosine distances of random rows, 9 of 12 picked (k < N: which ones is checked, not only
+    their order); a row at NaN distance, one at inf."""
     generator = _generator()
     dist = cosine_distances(torch.randn(2, 12, 16, generator=generator))
     dist[0, :, 7] = torch.nan
     dist[1, :, 4] = torch.inf
     weight = torch.rand(2, 12, generator=generator) + 0.1
-    return dist.to(dtype), weight, weight.argmax(dim=1), 12
+    return dist.to(dtype), weight, weight.argmax(dim=1), 9
 
 
 def _greedy_dpp_inputs(dtype: torch.dtype) -> tuple:
-    """Cosine similarities of random rows with random relevance, all of them picked (k = N, so
-    d2 runs out and turns NaN at the end); a row of NaN relevance, one of inf similarity."""
+    """Cosine similarities of 12 random rows (rank 16, so no residual runs out) with random
+    relevance, 9 picked (k < N: which ones is checked, not only their order); a row of NaN
+    relevance, one of inf similarity."""
     generator = _generator()
     similarity = cosine_similarity_matrix(torch.randn(2, 12, 16, generator=generator))
     relevance = torch.rand(2, 12, generator=generator) + 0.1
     relevance[0, 5] = torch.nan
     similarity[1, 3, 3] = torch.inf
-    return similarity.to(dtype), relevance, 12
+    return similarity.to(dtype), relevance, 9
 
 
 #: Op name -> (its check inputs on the CPU for a dtype, its reference).
