@@ -211,6 +211,15 @@ def test_unsupported_timm_variant_names_the_block():
         tokcomp.apply(model, "tome", r=1)
 
 
+def test_a_method_name_stays_a_method_where_a_file_of_that_name_is_at_hand(
+    tmp_path, monkeypatch, images
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tome").write_text("notes")
+    model = tokcomp.apply(tiny_vit(), "tome", r=2)
+    assert tokcomp.config_of(model).method == "tome"
+
+
 def test_a_hybrid_cnn_stem_is_refused():
     """timm's R26 hybrids embed with a ResNet stem, whose MACs the model would miss (3x)."""
     with torch.device("meta"):

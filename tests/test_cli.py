@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -38,6 +39,27 @@ def test_parse_variant_reads_a_mapping_whole():
         "tower": "tome",
         "tower_options": {"r": 4, "inflection": -1},
     }
+
+
+def test_parse_variant_refuses_an_option_given_twice():
+    """tome:r=4,r=5 kept the last silently."""
+    with pytest.raises(argparse.ArgumentTypeError, match=r"option r is given twice"):
+        parse_variant("tome:r=4,r=5")
+
+
+def test_the_offline_pretrained_model_is_a_model_bench_export_and_search_take(tmp_path):
+    """`make bench-dinov2` runs tokcomp bench --model dinov2_vits14 (it was refused as an
+    unknown timm model)."""
+    out = tmp_path / "dinov2-tome.json"
+    assert main(["export", "--model", "dinov2_vits14", "tome:r=4", "-o", str(out)]) == 0
+    assert tokcomp.Config.load(out).model["name"] == "vit_small_patch14_dinov2"
+
+
+def test_a_config_saved_with_a_byte_order_mark_loads(tmp_path, capsys):
+    model = tokcomp.apply(timm.create_model("test_vit"), "tome", r=2)
+    path = tokcomp.config_of(model).save(tmp_path / "tome.json")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Windows Notepad saves UTF-8
+    assert tokcomp.Config.load(path) == tokcomp.config_of(model)
 
 
 def test_export_then_show(tmp_path, capsys):

@@ -286,6 +286,8 @@ def _as_config(method_or_config: str | Path | Config) -> Config | None:
     if isinstance(method_or_config, Config):
         return method_or_config
     path = Path(method_or_config)
+    if isinstance(method_or_config, str) and method_or_config in method_names():
+        return None  # a method's name, even where a file of that name sits in the folder
     if path.suffix in _CONFIG_SUFFIXES or path.is_file():
         return Config.load(path)
     if not isinstance(method_or_config, str):

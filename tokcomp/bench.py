@@ -39,7 +39,12 @@ def parse_variant(text: str) -> Variant:
     """'tome:r=13,prop_attn=false' -> Variant('tome r=13 prop_attn=false', 'tome', {...}).
     Values are read as JSON where they parse (numbers, lists, true/false), else as text."""
     method, _, rest = text.partition(":")
-    options = dict(_parse_option(item) for item in _split_options(rest))
+    items = [_parse_option(item) for item in _split_options(rest)]
+    options = dict(items)
+    if len(options) < len(items):
+        repeated = sorted({key for key, _ in items if [k for k, _ in items].count(key) > 1})
+        # argparse shows this message (it hides a ValueError's)
+        raise argparse.ArgumentTypeError(f"option {', '.join(repeated)} is given twice in {text!r}")
     label = " ".join([method, *(f"{k}={_compact(v)}" for k, v in options.items())])
     return Variant(label, method, options)
 

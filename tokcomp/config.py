@@ -172,7 +172,7 @@ class Config:
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) is dropped
         except UnicodeDecodeError as err:
             raise ConfigError(
                 f"{path}: not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8"

@@ -91,11 +91,27 @@ def timm_model(text: str) -> str:
     )
 
 
+def model_name(text: str) -> str:
+    """An offline pretrained model's name (tokcomp.pretrained) or a model name timm knows."""
+    from tokcomp.pretrained import OFFLINE_MODELS
+
+    if text in OFFLINE_MODELS:
+        return text
+    try:
+        return timm_model(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(
+            f"{err} (or an offline pretrained model: {', '.join(OFFLINE_MODELS)})"
+        ) from None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, pretrained: bool = True) -> None:
     """--model and --checkpoint (and --pretrained when `pretrained`): a timm model by name,
     with weights from a local file or timm's hub."""
     parser.add_argument(
-        "--model", type=timm_model, help="timm model name (random weights unless loaded)"
+        "--model",
+        type=model_name,
+        help="timm model name (random weights unless loaded) or an offline pretrained one",
     )
     parser.add_argument(
         "--checkpoint",

@@ -40,7 +40,7 @@ import tokcomp
 from tokcomp.adapters.base import size_weighted_mean
 from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
-from tokcomp.harness.arguments import non_negative_int, positive_int, timm_model
+from tokcomp.harness.arguments import model_name, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
 from tokcomp.harness.distributed import World
 from tokcomp.harness.fingerprint import Fingerprint, file_identity, samples_digest
@@ -486,24 +486,12 @@ def _global_indices(items: Dataset) -> torch.Tensor:
 DEFAULT_MODEL = "dinov2_vits14"
 
 
-def backbone_model(text: str) -> str:
-    """An offline pretrained model's name or a model name timm knows."""
-    if text in OFFLINE_MODELS:
-        return text
-    try:
-        return timm_model(text)
-    except argparse.ArgumentTypeError as err:
-        raise argparse.ArgumentTypeError(
-            f"{err} (or an offline pretrained model: {', '.join(OFFLINE_MODELS)})"
-        ) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tokcomp eval backbone`."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        type=backbone_model,
+        type=model_name,
         help=f"timm model name or an offline pretrained one ({', '.join(OFFLINE_MODELS)}; "
         f"the default without --checkpoint: {DEFAULT_MODEL})",
     )
