@@ -87,6 +87,20 @@ def test_a_hand_edited_config_that_contradicts_its_schedule_is_refused_on_apply(
         tokcomp.apply(tiny_vit("vit"), path)
 
 
+def test_a_config_saved_before_selection_macs_were_counted_still_applies(tmp_path):
+    """Such configs load with selection_macs 0 and macs without them (docs/methods.md); a
+    hand edit of macs is still refused."""
+    data = _saved(tmp_path, r=2)
+    selection = data.pop("selection_macs")
+    assert selection > 0
+    data["macs"] -= selection
+    model = tokcomp.apply(tiny_vit("vit"), _write(tmp_path, data))
+    assert tokcomp.config_of(model).selection_macs == selection
+    data["macs"] -= 1
+    with pytest.raises(ConfigError, match="macs is"):
+        tokcomp.apply(tiny_vit("vit"), _write(tmp_path, data))
+
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [

@@ -237,13 +237,25 @@ class Config:
             "selection_macs": "in the method's own work",
             "base_macs": "unpruned",
         }
-        for name, value in self.macs_on(spec).items():
+        expected = self.macs_on(spec)
+        if self._saved_before_selection_macs(expected):
+            return
+        for name, value in expected.items():
             if getattr(self, name) != value:
                 raise ConfigError(
                     f"{self.source}: {name} is {getattr(self, name)}, but this model costs "
                     f"{value} MACs per image {how[name]}: fix {name!r} (or re-export the config "
                     "with tokcomp export)"
                 )
+
+    def _saved_before_selection_macs(self, expected: dict[str, int]) -> bool:
+        """Whether this config was saved before a method's own work was counted: no
+        selection_macs, and macs without it (such configs apply; config_of counts it)."""
+        return (
+            self.selection_macs == 0 < expected["selection_macs"]
+            and self.macs == expected["macs"] - expected["selection_macs"]
+            and self.base_macs == expected["base_macs"]
+        )
 
     def _check_budget_options(self, spec: ModelSpec) -> None:
         """Refuse budget options (r, keep_ratio, keep, ...) that give another schedule than
