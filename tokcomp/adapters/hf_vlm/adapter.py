@@ -105,28 +105,10 @@ class HFVLMAdapter(Adapter):
         return type(self.model).forward(self.model, *args, **kwargs)
 
     def generate(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
-        """generate, refusing the decoding modes a pruned cache cannot follow: assisted and
-        prompt-lookup decoding (they crop the cache the prefill pruned) and caches other than a
-        DynamicCache (static, sliding-window: their masks are not 2-D)."""
+        """generate, refusing the decoding modes a pruned cache cannot follow
+        (`_refuse_decoding_modes`)."""
         config = kwargs.get("generation_config") or self.model.generation_config
-        assisted = kwargs.get("assistant_model") is not None
-        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
-        if assisted or lookup:
-            raise UsageError(
-                "assisted and prompt-lookup decoding are not supported on a pruned VLM (they crop "
-                "the cache the pruned prefill filled): generate without assistant_model and "
-                "prompt_lookup_num_tokens, or call tokcomp.remove(model)"
-            )
-        from transformers.cache_utils import DynamicCache
-
-        implementation = kwargs.get("cache_implementation", config.cache_implementation)
-        given = kwargs.get("past_key_values", kwargs.get("cache"))
-        other_cache = given is not None and not isinstance(given, DynamicCache)
-        if implementation not in (None, "dynamic") or other_cache:
-            raise UsageError(
-                "a pruned VLM generation needs a DynamicCache (the default): static and other "
-                "compiled caches are not supported; drop cache_implementation and past_key_values"
-            )
+        _refuse_decoding_modes(kwargs, config)
         return type(self.model).generate(self.model, *args, **kwargs)
 
     def expand_inputs_for_generation(
@@ -369,6 +351,29 @@ class HFVLMAdapter(Adapter):
             **call.kwargs,
         )
         return inner_output(output)
+
+
+def _refuse_decoding_modes(options: dict[str, Any], config: Any) -> None:
+    """Refuse generate `options` (over generation `config`) a pruned cache cannot follow:
+    assisted and prompt-lookup decoding (they crop the cache the prefill pruned) and caches
+    other than a DynamicCache (static, sliding-window: their masks are not 2-D)."""
+    from transformers.cache_utils import DynamicCache
+
+    lookup = options.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+    if options.get("assistant_model") is not None or lookup:
+        raise UsageError(
+            "assisted and prompt-lookup decoding are not supported on a pruned VLM (they crop "
+            "the cache the pruned prefill filled): generate without assistant_model and "
+            "prompt_lookup_num_tokens, or call tokcomp.remove(model)"
+        )
+    implementation = options.get("cache_implementation", config.cache_implementation)
+    given = options.get("past_key_values", options.get("cache"))
+    other_cache = given is not None and not isinstance(given, DynamicCache)
+    if implementation not in (None, "dynamic") or other_cache:
+        raise UsageError(
+            "a pruned VLM generation needs a DynamicCache (the default): static and other "
+            "compiled caches are not supported; drop cache_implementation and past_key_values"
+        )
 
 
 def _present(inputs: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
