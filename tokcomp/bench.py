@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import json
@@ -42,7 +43,8 @@ def parse_variant(text: str) -> Variant:
     items = [_parse_option(item) for item in _split_options(rest)]
     options = dict(items)
     if len(options) < len(items):
-        repeated = sorted({key for key, _ in items if [k for k, _ in items].count(key) > 1})
+        counts = collections.Counter(key for key, _ in items)
+        repeated = sorted(key for key, count in counts.items() if count > 1)
         # argparse shows this message (it hides a ValueError's)
         raise argparse.ArgumentTypeError(f"option {', '.join(repeated)} is given twice in {text!r}")
     label = " ".join([method, *(f"{k}={_compact(v)}" for k, v in options.items())])

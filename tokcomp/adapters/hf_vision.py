@@ -417,6 +417,18 @@ class HFVisionAdapter(Adapter):
         """Refuse gradient checkpointing and hooks the compressed layers would leave out."""
         from transformers import PreTrainedModel
 
+        skipped, flagged = self._skipped_modules
+        # the flag sits on the encoder (older transformers) or on every layer
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in flagged)
+        renamed = hasattr(PreTrainedModel, "activation_checkpointing_disable")  # 5.24
+        disable = f"model.{'activation' if renamed else 'gradient'}_checkpointing_disable()"
+        refuse_skipped_work(self.tower, skipped, checkpointing, disable)
+
+    @functools.cached_property
+    def _skipped_modules(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The modules whose own forward the compressed layers never call (the encoder, the
+        layer list, the layers, the modules down to their attention), and those of them that
+        may hold the gradient-checkpointing flag; found once, not on every call."""
         tower, tower_class = self.tower, self.tower_class
         layers = tower_class.layers(tower)
         owners = path_to(tower, layers)[1:]  # the encoder (if any) and the layer list
@@ -425,11 +437,7 @@ class HFVisionAdapter(Adapter):
             for layer in layers
             for module in path_to(layer, tower_class.parts(layer).attention)[1:]
         ]
-        # the flag sits on the encoder (older transformers) or on every layer
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in [*owners, *layers])
-        renamed = hasattr(PreTrainedModel, "activation_checkpointing_disable")  # 5.24
-        disable = f"model.{'activation' if renamed else 'gradient'}_checkpointing_disable()"
-        refuse_skipped_work(tower, [*owners, *layers, *attention], checkpointing, disable)
+        return [*owners, *layers, *attention], [*owners, *layers]
 
     def _refuse_other_size(
         self, compression: Compression, pixel_values: torch.Tensor, tokens: int
