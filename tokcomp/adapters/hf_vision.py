@@ -294,6 +294,9 @@ class HFVisionAdapter(Adapter):
         self.tower_config = f"model.{tower_name}.config" if tower_name else "model.config"
         self.head = getattr(model, head_name) if head_name else None
         self.tower_class = _lookup(self.tower, _TOWERS)
+        # found once, not on every call; a plain attribute, since dynamo breaks the graph on
+        # functools.cached_property's lock
+        self._skipped_modules = self._find_skipped_modules() if self.tower_class else ([], [])
 
     @classmethod
     def recognises(cls, model: nn.Module) -> bool:
@@ -424,11 +427,10 @@ class HFVisionAdapter(Adapter):
         disable = f"model.{'activation' if renamed else 'gradient'}_checkpointing_disable()"
         refuse_skipped_work(self.tower, skipped, checkpointing, disable)
 
-    @functools.cached_property
-    def _skipped_modules(self) -> tuple[list[nn.Module], list[nn.Module]]:
+    def _find_skipped_modules(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """The modules whose own forward the compressed layers never call (the encoder, the
         layer list, the layers, the modules down to their attention), and those of them that
-        may hold the gradient-checkpointing flag; found once, not on every call."""
+        may hold the gradient-checkpointing flag."""
         tower, tower_class = self.tower, self.tower_class
         layers = tower_class.layers(tower)
         owners = path_to(tower, layers)[1:]  # the encoder (if any) and the layer list
