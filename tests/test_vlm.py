@@ -823,6 +823,27 @@ def test_qwen3_vl_video_cut_to_its_last_temporal_patch_is_the_model_on_the_short
     assert not torch.allclose(model(**batch).logits[:, -1], expected, rtol=1e-3, atol=1e-3)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", sorted(f for f in TOWER_ATTENTION if "video" not in f))
+def test_image_features_lacking_the_tower_layer_a_method_reads_are_refused(family):
+    """mm_encoder_outputs from the unpatched get_image_features hold no tower attention input;
+    the patched model's own get_image_features does, and gives what pixel_values give."""
+    from tokcomp.adapters.hf_vlm.families import family_for
+
+    model = _model(family)
+    batch, _ = _inputs(model, family)
+    encoder_inputs = family_for(model)(model).encoder_inputs
+    inputs = {name: value for name, value in batch.items() if name in encoder_inputs}
+    plain = model.model.get_image_features(**inputs)
+    tokcomp.apply(model, "visionzip", keep=0.5)
+    rest = {name: value for name, value in batch.items() if name != "pixel_values"}
+    with pytest.raises(UsageError, match=r"^these image features hold no hidden state of the"):
+        model(**rest, mm_encoder_outputs={"image": plain})
+    own = model.model.get_image_features(**inputs)
+    logits = model(**rest, mm_encoder_outputs={"image": own}).logits
+    torch.testing.assert_close(logits, model(**batch).logits)
+
+
 def _record_qwen3_tower_attention(model: torch.nn.Module) -> list[torch.Tensor]:
     """Switch the Qwen3-VL tower of `model` to eager attention that records each call's weights
     (of its first batch row); the list it fills."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from tokcomp.adapters.base import linear_macs
 from tokcomp.adapters.hf_vlm.sequence import Prompt, renumber_1d
+from tokcomp.errors import UsageError
 from tokcomp.methods import AttentionStyle, VisualTokens
 from tokcomp.methods.visual import VisualSignal, projector_form
 from tokcomp.schedule import REFERENCE_PROMPT, VLMSpec
@@ -332,6 +333,20 @@ def tower_fields(
         stem_macs=patches * width * conv.in_channels * math.prod(conv.kernel_size),
         head_macs=0,
     )
+
+
+def tower_hidden(encoded: Any, index: int) -> torch.Tensor:
+    """Hidden state `index` of the vision tower in get_*_features' output, refusing encoder
+    outputs made without it (mm_encoder_outputs from the unpatched get_image_features)."""
+    hidden = getattr(encoded, "hidden_states", None)
+    state = None if hidden is None else hidden[index]
+    if state is None:
+        raise UsageError(
+            f"these image features hold no hidden state of the vision tower's layer {index}, "
+            "which the method reads: pass the images themselves (pixel_values), or make "
+            "mm_encoder_outputs with the patched model's get_image_features"
+        )
+    return state
 
 
 def one_segment_each(

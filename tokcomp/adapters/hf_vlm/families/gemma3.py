@@ -15,6 +15,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
     VLMFamily,
     one_segment_each,
     tower_fields,
+    tower_hidden,
 )
 from tokcomp.adapters.hf_vlm.families.llava import tower_attention
 from tokcomp.adapters.hf_vlm.sequence import Prompt
@@ -72,8 +73,8 @@ class Gemma3(VLMFamily):
         if VisualSignal.FEATURES in needs:
             signals["features"] = self._pool(encoded.last_hidden_state)
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
-            block = len(encoded.hidden_states) - 2
-            attention, keys = tower_attention(self.tower, encoded.hidden_states[block], block)
+            block = self.tower.config.num_hidden_layers - 1  # the last
+            attention, keys = tower_attention(self.tower, tower_hidden(encoded, block), block)
             signals["attention"] = self._pool(attention[..., None])[..., 0]
             signals["keys"] = self._pool(keys)
         return one_segment_each(list(encoded.pooler_output), self.projector, signals)

@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokcomp.adapters.hf_vlm.families.base import Images, VLMFamily, one_segment_each, tower_fields
+from tokcomp.adapters.hf_vlm.families.base import (
+    Images,
+    VLMFamily,
+    one_segment_each,
+    tower_fields,
+    tower_hidden,
+)
 from tokcomp.methods.visual import VisualSignal
 
 _MODELS = "transformers.models."
@@ -48,7 +54,7 @@ class InternVL(VLMFamily):
         """(tiles, N, C) the pixel-shuffled features the projector takes, as the model makes
         them in get_image_features."""
         layer = self.option(inputs, "vision_feature_layer")
-        hidden = encoded.last_hidden_state if layer == -1 else encoded.hidden_states[layer]
+        hidden = encoded.last_hidden_state if layer == -1 else tower_hidden(encoded, layer)
         if self.option(inputs, "vision_feature_select_strategy") == "default":
             hidden = hidden[:, 1:]
         tiles, tokens, width = hidden.shape

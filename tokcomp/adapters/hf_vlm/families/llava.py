@@ -16,6 +16,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
     Segment,
     VLMFamily,
     one_segment_each,
+    tower_hidden,
 )
 from tokcomp.methods import VisualTokens
 from tokcomp.methods.visual import VisualSignal
@@ -72,16 +73,19 @@ class Llava(VLMFamily):
         self, encoded: Any, inputs: dict[str, Any], needs: frozenset[VisualSignal]
     ) -> dict[str, torch.Tensor]:
         """Per crop (C, N, ...) tower-side signals: features, attention, keys as needed."""
-        hidden = encoded.hidden_states
         layer = self.option(inputs, "vision_feature_layer")
         drop = 1 if self.option(inputs, "vision_feature_select_strategy") == "default" else 0
         signals = {}
         if VisualSignal.FEATURES in needs:
             layers = [layer] if isinstance(layer, int) else layer
-            signals["features"] = torch.cat([hidden[i][:, drop:] for i in layers], dim=-1)
+            signals["features"] = torch.cat(
+                [tower_hidden(encoded, i)[:, drop:] for i in layers], dim=-1
+            )
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
             index = self.feature_index(inputs)
-            attention, keys = tower_attention(self.tower, hidden[index - 1], index - 1)
+            attention, keys = tower_attention(
+                self.tower, tower_hidden(encoded, index - 1), index - 1
+            )
             signals.update(attention=attention[:, drop:], keys=keys[:, drop:])
         return signals
 

@@ -17,6 +17,7 @@ from tokcomp.adapters.hf_vlm.families.base import (
     VLMFamily,
     one_segment_each,
     tower_fields,
+    tower_hidden,
 )
 from tokcomp.methods.visual import VisualSignal
 
@@ -63,14 +64,14 @@ class Mistral3(VLMFamily):
         if VisualSignal.FEATURES in needs:
             layer = self.option(inputs, "vision_feature_layer")
             layers = [layer] if isinstance(layer, int) else layer
-            hidden = torch.cat([encoded.hidden_states[i] for i in layers], dim=-1)[0]
+            hidden = torch.cat([tower_hidden(encoded, i) for i in layers], dim=-1)[0]
             normed = self.inner.multi_modal_projector.norm(hidden).split(sizes)
             signals["features"] = [
                 self._merged(x, grid, F.unfold) for x, grid in zip(normed, grids, strict=True)
             ]
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
             block = self._feature_block(inputs)
-            block_inputs = encoded.hidden_states[block][0].split(sizes)
+            block_inputs = tower_hidden(encoded, block)[0].split(sizes)
             pairs = [
                 (*self._attention(x, grid, block), grid)
                 for x, grid in zip(block_inputs, grids, strict=True)

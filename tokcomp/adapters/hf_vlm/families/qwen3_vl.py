@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcomp.adapters.base import attention_probs
-from tokcomp.adapters.hf_vlm.families.base import Images, one_segment_each
+from tokcomp.adapters.hf_vlm.families.base import Images, one_segment_each, tower_hidden
 from tokcomp.adapters.hf_vlm.families.qwen2_vl import Qwen2VL
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.methods.visual import VisualSignal
@@ -67,7 +67,7 @@ class Qwen3VL(Qwen2VL):
             x = merger.norm(encoded.last_hidden_state).view(-1, merger.hidden_size)
             signals["features"] = x.split(sizes)
         if needs & {VisualSignal.ATTENTION, VisualSignal.KEYS}:
-            block = encoded.hidden_states[len(visual.blocks) - 1]
+            block = tower_hidden(encoded, len(visual.blocks) - 1)
             received, keys = self._attention(block, grid)
             unit = visual.spatial_merge_size**2  # a merged token's patches are consecutive
             signals["attention"] = received.view(-1, unit).mean(dim=1).split(sizes)
