@@ -354,13 +354,13 @@ def test_show_states_a_reference_video_config_and_the_vlm_architecture(tmp_path,
     model = tokcomp.apply(tiny_vlm("llava_onevision_video"), "fastv", keep=0.5)
     image = tokcomp.config_of(model).save(tmp_path / "image.json")
     video = tokcomp.config_of(model, frames=4).save(tmp_path / "video.json")
-    assert main(["show", str(image)]) == 0 and main(["show", str(video)]) == 0
+    frame = tokcomp.config_of(model, frames=1).save(tmp_path / "frame.json")
+    assert all(main(["show", str(path)]) == 0 for path in (image, video, frame))
     lines = capsys.readouterr().out.splitlines()
     architecture = f"(hf_vlm, {type(model).__name__})"
-    assert [line.endswith(architecture) for line in lines if line.startswith("model")] == [
-        True,
-        True,
-    ]
+    models = [line for line in lines if line.startswith("model")]
+    assert [line.endswith(architecture) for line in models] == [True] * 3
     macs = [line for line in lines if line.startswith("MACs")]
     assert "per reference video" not in macs[0]
     assert "per reference video (model.frames=4: for reports, not to apply)" in macs[1]
+    assert "per reference video (model.frames=1: for reports, not to apply)" in macs[2]

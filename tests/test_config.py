@@ -14,7 +14,7 @@ from method_options import middle
 from vlm_fixtures import tiny_vlm
 
 import tokcomp
-from tokcomp.config import ConfigError
+from tokcomp.config import Config, ConfigError
 from tokcomp.methods import method_class, option_names
 
 
@@ -188,16 +188,26 @@ def test_a_target_macs_config_states_the_merges_it_makes(tmp_path, variant, targ
     assert tokcomp.config_of(tokcomp.apply(tiny_vit(variant), path)) == config
 
 
-def test_a_config_of_a_reference_video_is_refused_with_what_to_export(tmp_path):
+@pytest.mark.parametrize("frames", [1, 4])
+def test_a_config_of_a_reference_video_is_refused_with_what_to_export(tmp_path, frames):
     family = "llava_onevision_video"
     model = tokcomp.apply(tiny_vlm(family), "fastv", keep=0.5)
-    path = tokcomp.config_of(model, frames=4).save(tmp_path / "video.json")
-    with pytest.raises(ConfigError, match=rf"^{path} holds .* reference video \(model\.frames=4"):
+    path = tokcomp.config_of(model, frames=frames).save(tmp_path / "video.json")
+    with pytest.raises(ConfigError, match=rf"^{path} holds .* reference video \(model\.video"):
         tokcomp.apply(tiny_vlm(family), path)
     image = tokcomp.config_of(model).save(tmp_path / "image.json")
     assert tokcomp.config_of(tokcomp.apply(tiny_vlm(family), image)).schedule == (
         tokcomp.config_of(model).schedule
     )
+
+
+def test_a_video_config_saved_before_model_video_is_known_by_its_frames(tmp_path):
+    model = tokcomp.apply(tiny_vlm("llava_onevision_video"), "fastv", keep=0.5)
+    data = tokcomp.config_of(model, frames=4).to_dict()
+    del data["model"]["video"]
+    assert Config.from_dict(data).on_video
+    del data["model"]["frames"]
+    assert not Config.from_dict(data).on_video
 
 
 @torch.no_grad()

@@ -197,9 +197,9 @@ def _show(args: argparse.Namespace) -> None:
 
 def _per_item(config: Config) -> str:
     """What a config's MACs are counted on, where it is not an image: a reference video."""
-    frames = config.model.get("frames", 1)
-    if frames == 1:
+    if not config.on_video:
         return ""
+    frames = config.model["frames"]
     return f" per reference video (model.frames={frames}: for reports, not to apply)"
 
 

@@ -82,6 +82,12 @@ class Config:
         """MACs under compression as a fraction of the unpruned MACs."""
         return self.macs / self.base_macs
 
+    @property
+    def on_video(self) -> bool:
+        """Whether this config's MACs are counted on a reference video (for reports, not to
+        apply); configs saved before model.video mark a video by its frames."""
+        return self.model.get("video", self.model.get("frames", 1) > 1)
+
     def tower_method(self) -> Method | None:
         """The block method merging inside the VLM's vision tower (None: none)."""
         if self.tower is None:
@@ -195,12 +201,11 @@ class Config:
         """Refuse a model this config was not made for (naming the first differing field),
         and a config whose MACs or budget options disagree with its schedule on it."""
         actual = spec.as_dict()
-        frames = self.model.get("frames", 1)
-        if frames != actual.get("frames", 1):
+        if self.on_video:
             raise ConfigError(
-                f"{self.source} holds the schedule and MACs of a reference video (model.frames="
-                f"{frames}, from tokcomp.config_of(model, frames=...)), not a config to apply: "
-                "export it without frames= (tokcomp.config_of(model)) and apply that"
+                f"{self.source} holds the schedule and MACs of a reference video (model.video, "
+                "from tokcomp.config_of(model, frames=...)), not a config to apply: export it "
+                "without frames= (tokcomp.config_of(model)) and apply that"
             )
         for name in (*_MODEL_FIELDS, *spec.checked):
             if self.model.get(name) != actual[name]:

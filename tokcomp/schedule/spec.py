@@ -69,7 +69,8 @@ class VLMSpec(ModelSpec):
     is one tokcomp's hf_vision adapter patches). tower_attention: whether the adapter
     gives methods the tower's attention and keys at that layer. takes_videos: whether tokcomp
     gives the model videos (and methods their frames); frames: the frames the reference item
-    spans (1: the reference is an image; Qwen's temporal patches), for per-frame budgets.
+    spans (1: the reference is an image; Qwen's temporal patches), for per-frame budgets;
+    video: whether the reference is a video (`config_of(model, frames=N)`), one frame or more.
     text_visual: of the fixed visual tokens, those that are text tokens of the prompt rather
     than image placeholders (Mistral 3's image-break and image-end tokens): in-LLM methods
     that read text rows read theirs too. unprojected_segments: the segments whose tokens are
@@ -97,6 +98,7 @@ class VLMSpec(ModelSpec):
     tower_attention: bool
     takes_videos: bool = False
     frames: int = 1
+    video: bool = False
     text_visual: int = 0
     unprojected_segments: tuple[int, ...] = ()
     tower_unmerge: bool = False

@@ -71,7 +71,7 @@ class HFVLMAdapter(Adapter):
 
     def video_spec(self, frames: int) -> VLMSpec:
         """The geometry of a reference video of `frames` frames, in place of the reference image."""
-        return self.vlm.video_spec(frames)
+        return replace(self.vlm.video_spec(frames), video=True)
 
     #: generate checks its keywords against the VLM's forward (and pre-encodes the images when
     #: the forward takes mm_encoder_outputs and get_image_features names its inputs: the
