@@ -623,11 +623,15 @@ def test_greedy_maxmin_ties_and_inputs(device: str, route: str) -> None:
     got = op(dist.to(device), weight, torch.tensor([4], device=device), 5)
     assert got.tolist() == greedy_maxmin_reference(dist.to(device), weight, got[:, 0], 5).tolist()
     assert got[0, :2].tolist() == [4, 2] and got[0, 2:].tolist() == [0, 1, 3]
-    # Non-contiguous distances, a 16-bit weight (converted by the op), k = N.
+    # Non-contiguous distances (rows scaled: not symmetric, so a kernel reading columns for
+    # rows disagrees), a 16-bit weight (converted by the op), k < N.
     generator = torch.Generator().manual_seed(8)
-    dist, weight, first = (t.to(device) for t in _maxmin_inputs(3, 40, generator))
-    want = greedy_maxmin_reference(dist, weight.bfloat16().float(), first, 40)
-    got = op(dist.transpose(1, 2).contiguous().transpose(1, 2), weight.bfloat16(), first, 40)
+    dist, weight, first = _maxmin_inputs(3, 40, generator)
+    dist = (dist * torch.rand(3, 40, 1, generator=generator)).to(device)
+    weight, first = weight.to(device), first.to(device)
+    want = greedy_maxmin_reference(dist, weight.bfloat16().float(), first, 25)
+    assert not torch.equal(want, greedy_maxmin_reference(dist.mT, weight, first, 25))
+    got = op(dist.mT.contiguous().mT, weight.bfloat16(), first, 25)
     assert torch.equal(got, want)
     assert op(dist[:0], weight[:0], first[:0], 3).shape == (0, 3)
 
@@ -708,13 +712,15 @@ def test_greedy_dpp_ties_and_inputs(device: str, route: str) -> None:
     relevance = torch.ones(2, 9, device=device)
     relevance[1, 6] = 2.0
     assert op(similarity, relevance, 3).tolist() == [[0, 1, 2], [0, 1, 6]]
-    # Non-contiguous similarities, a 16-bit relevance (converted by the op), k = N.
+    # Non-contiguous similarities (not symmetric: S need not be), a 16-bit relevance
+    # (converted by the op), k < N.
     generator = torch.Generator().manual_seed(8)
-    similarity, relevance = (t.to(device) for t in _dpp_inputs(3, 40, generator))
-    want = greedy_dpp_reference(similarity, relevance.bfloat16().float(), 40)
-    strided = similarity.transpose(1, 2).contiguous().transpose(1, 2)
-    assert torch.equal(op(strided, relevance.bfloat16(), 40), want)
-    assert torch.equal(want, torch.arange(40, device=device).expand(3, 40))
+    similarity, relevance = _dpp_inputs(3, 40, generator)
+    similarity = similarity + 0.3 * torch.rand(3, 40, 40, generator=generator)
+    similarity, relevance = similarity.to(device), relevance.to(device)
+    want = greedy_dpp_reference(similarity, relevance.bfloat16().float(), 25)
+    assert not torch.equal(want, greedy_dpp_reference(similarity.mT, relevance, 25))
+    assert torch.equal(op(similarity.mT.contiguous().mT, relevance.bfloat16(), 25), want)
     assert op(similarity[:0], relevance[:0], 3).shape == (0, 3)
 
 

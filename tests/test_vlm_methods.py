@@ -32,6 +32,7 @@ from tokcomp.ops import (
     greedy_maxmin,
     greedy_maxmin_reference,
 )
+from tokcomp.ops.maxmin import _greedy_maxmin_fast
 
 
 def _visual(outputs: torch.Tensor, projector=(), **signals) -> VisualTokens:
@@ -92,7 +93,8 @@ def test_greedy_maxmin_fast_form_equals_reference_on_many_inputs():
         first = torch.randint(0, 30, (2,), generator=generator)
         dist = cosine_distances(x)
         assert torch.equal(
-            greedy_maxmin(dist, weight, first, 17), greedy_maxmin_reference(dist, weight, first, 17)
+            _greedy_maxmin_fast(dist, weight, first, 17),
+            greedy_maxmin_reference(dist, weight, first, 17),
         )
 
 
