@@ -159,3 +159,13 @@ def test_search_command_refuses_an_unknown_sizes_setting(capsys):
     argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
     assert main([*argv, "--target-macs", "0.7", "--sizes", "yes", "-o", "x.json"]) == 2
     assert "give off, on or off,on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["zero_tprune", "diffrate"])
+def test_a_search_refuses_a_model_without_a_classifier(method, tmp_path, capsys):
+    """dinov2_vits14 has no head: its 384 features were scored as logits of the 10 classes."""
+    output = tmp_path / "searched.json"
+    argv = ["search", method, "--model", "dinov2_vits14", "--data", "fashion-mnist"]
+    assert main([*argv, "--target-macs", "0.8", "-o", str(output)]) == 2
+    assert "has no classifier (num_classes 0)" in capsys.readouterr().err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
