@@ -166,6 +166,7 @@ def test_a_search_refuses_a_model_without_a_classifier(method, tmp_path, capsys)
     """dinov2_vits14 has no head: its 384 features were scored as logits of the 10 classes."""
     output = tmp_path / "searched.json"
     argv = ["search", method, "--model", "dinov2_vits14", "--data", "fashion-mnist"]
+    argv += ["--limit", "4", "--batch-size", "4"]
     assert main([*argv, "--target-macs", "0.8", "-o", str(output)]) == 2
     assert "has no classifier (num_classes 0)" in capsys.readouterr().err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
