@@ -18,15 +18,21 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKCOMP_VERIFY", "0")
 
+import copy
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tokcomp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args, compiled_comparison
 from compiled_comparison import add_model_arguments, models_by_label
 from script_args import script_parser
+from torch._dynamo.utils import counters
 
 from tokcomp.bench import BASELINE, compiled, runner
 from tokcomp.harness.arguments import positive_int
@@ -51,6 +57,19 @@ def report(seconds: dict[tuple[str, str], Sequence[float]], repeats: int) -> lis
     return lines
 
 
+def compiled_runs(
+    variants: dict[str, nn.Module], images: torch.Tensor, dtype: str
+) -> dict[tuple[str, str], Callable[[], Any]]:
+    """Per (model label, wrapper) a call of the model compiled with that wrapper, each on a
+    copy of its own: dynamo reuses a model's compiled code whatever the inductor settings, so
+    a second wrapper compiled on the same model runs the first one's code."""
+    return {
+        (label, name): runner(compiled(copy.deepcopy(v), cpp_wrapper=cpp), images, dtype)
+        for label, v in variants.items()
+        for name, cpp in WRAPPERS.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Time every model with both wrappers in the same rounds and print the comparison."""
     parser = script_parser(__doc__)
@@ -58,14 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=15)
     args = parser.parse_args(argv)
     images, variants = models_by_label(parser, args)
-    runs = {
-        (label, name): runner(compiled(v, cpp_wrapper=cpp), images, args.dtype)
-        for label, v in variants.items()
-        for name, cpp in WRAPPERS.items()
-    }
-    for forward in runs.values():  # compile, then one warm call
-        forward()
-        forward()
+    runs = compiled_runs(variants, images, args.dtype)
+    with torch._dynamo.config.patch(recompile_limit=max(8, len(runs))):
+        for forward in runs.values():  # compile, then one warm call
+            forward()
+            forward()
+    if counters["frames"]["ok"] != len(runs):
+        raise SystemExit(f"{counters['frames']['ok']} compiles for {len(runs)} compiled models")
     contenders = [Contender(forward) for forward in runs.values()]
     times = interleaved(contenders, args.repeats, images.device)
     print(

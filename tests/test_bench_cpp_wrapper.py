@@ -7,6 +7,7 @@ import pytest
 import torch
 from fixtures import eval_script
 from torch import nn
+from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 
@@ -25,6 +26,19 @@ def test_each_wrapper_compiles_as_asked_with_the_same_result(cpp_wrapper):
         torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
     python_call = any("def call(" in source for source in code)
     assert python_call == (not cpp_wrapper)
+
+
+def test_each_model_is_compiled_with_each_wrapper():
+    """Compiling the second wrapper on the same model compiled nothing: it ran the first's."""
+    torch._dynamo.reset()
+    models = {name: nn.Sequential(nn.Linear(16, 4)).eval() for name in ("unpruned", "other")}
+    x = torch.randn(8, 16)
+    runs = script().compiled_runs(models, x, "float32")
+    for label in models:
+        before = counters["frames"]["ok"]
+        torch.testing.assert_close(runs[label, "C++"](), models[label](x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runs[label, "Python"](), models[label](x), atol=1e-5, rtol=1e-5)
+        assert counters["frames"]["ok"] - before == 2  # a compile each
 
 
 def test_gains_are_medians_of_paired_ratios():

@@ -118,6 +118,17 @@ def test_benchmark_compile_uses_the_cpu_inference_settings_with_the_eager_result
         torch.testing.assert_close(output(frozen(images)), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_model_past_the_recompile_limit_raises_instead_of_running_eagerly():
+    """Frozen weights are guarded by identity, so each compiled instance of a class adds code
+    for its forward; past dynamo's limit it ran the next one eagerly, timed as compiled."""
+    x = torch.randn(2, 8)
+    first, second = (bench.compiled(nn.Sequential(nn.Linear(8, 8))) for _ in range(2))
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        first(x)
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            second(x)
+
+
 @pytest.fixture
 def no_reference_ops(monkeypatch):
     """Every op's PyTorch reference raises: the compiled kernels must serve every call (their

@@ -190,6 +190,7 @@ def _measured(
     eager = [runner(m, images, settings.dtype) for m in models]
     runs = list(eager)
     if settings.compile:
+        torch._dynamo.reset()  # the compiled code of earlier models counts towards the limit
         runs += [runner(compiled(m), images, settings.dtype) for m in models]
     with torch._dynamo.config.patch(recompile_limit=max(8, 2 * len(models))):
         times = interleaved([Contender(r) for r in runs], settings.repeats, device, settings.warmup)
@@ -236,27 +237,30 @@ def _row(
 def compiled(model: nn.Module, cpp_wrapper: bool = True) -> nn.Module:
     """`model` under torch.compile (inductor), static shapes: a patched model compiles in one
     graph for every block method (no graph break), the unpruned model the same way. On the CPU
-    it compiles with inductor's CPU inference settings (`CpuInference`), or with the Python
-    wrapper instead of the C++ one where `cpp_wrapper` is False (the profiler sees into the
-    Python one only: under the C++ one the linear layers and the attention are not recorded
-    as ops of their own)."""
+    it compiles with inductor's CPU inference settings (CPU_INFERENCE_SETTINGS), or with the
+    Python wrapper instead of the C++ one where `cpp_wrapper` is False (the profiler sees into
+    the Python one only: under the C++ one the linear layers and the attention are not
+    recorded as ops of their own). Compile each setting on a model of its own: dynamo reuses
+    a model's compiled code whatever the inductor settings."""
     graph = torch.compile(model, dynamic=False)
-    if not _on_cpu(model):
-        return graph
-    return CpuInference(graph, {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper})
+    settings = {**CPU_INFERENCE_SETTINGS, "cpp_wrapper": cpp_wrapper} if _on_cpu(model) else {}
+    return CompiledModel(graph, settings)
 
 
 #: Inductor's settings for CPU inference. freezing: the weights become graph constants (linear
 #: layers run on prepacked oneDNN copies), so they must not change after the first call.
 #: cpp_wrapper: the graph's kernels are called from generated C++, not Python (docs/methods.md
-#: section 8.1: every model 2-4% faster, the same outputs).
+#: section 8.1).
 CPU_INFERENCE_SETTINGS = {"freezing": True, "cpp_wrapper": True}
 
 
-class CpuInference(nn.Module):
-    """A compiled module that compiles and runs under inductor `settings` (those of
-    CPU_INFERENCE_SETTINGS). They must be on while dynamo traces, not only in the backend,
-    which is why every call (the first one compiles) runs under them."""
+class CompiledModel(nn.Module):
+    """A compiled module that compiles and runs under inductor `settings` (on the CPU those of
+    CPU_INFERENCE_SETTINGS: they must be on while dynamo traces, not only in the backend, which
+    is why every call, the first one compiling, runs under them), and that raises where dynamo
+    would run it eagerly for having compiled its forward too often (every compiled instance of
+    one class counts, freezing guarding on each one's weights): a benchmark never times an
+    eager model as a compiled one."""
 
     def __init__(self, graph: nn.Module, settings: dict[str, Any]) -> None:
         super().__init__()
@@ -264,7 +268,10 @@ class CpuInference(nn.Module):
         self.settings = settings
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch._inductor.config.patch(self.settings):
+        with (
+            torch._inductor.config.patch(self.settings),
+            torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+        ):
             return self.graph(*args, **kwargs)
 
 
