@@ -248,3 +248,28 @@ def test_options_given_as_tuples_ranges_or_numpy_numbers_save_and_reload_equal(
     assert tokcomp.Config.load(path) == config
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(tokcomp.apply(tiny_vit("vit"), path)(images), model(images))
+
+
+def test_save_refuses_a_file_that_appeared_unless_asked_and_never_leaves_half_a_file(
+    tmp_path, monkeypatch
+):
+    """A search checks -o at its start and writes at its end: a file made meanwhile was
+    replaced without --force; and a write interrupted halfway left a truncated config."""
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=2))
+    path = tmp_path / "tome.json"
+    path.write_text("another run's config")
+    with pytest.raises(ConfigError, match=r"tome\.json exists now .* pass --force"):
+        config.save(path, overwrite=False)
+    assert path.read_text() == "another run's config" and list(tmp_path.iterdir()) == [path]
+
+    def half_then_interrupted(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(path), "write_text", half_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            config.save(path)
+    assert path.read_text() == "another run's config" and list(tmp_path.iterdir()) == [path]
+    assert Config.load(config.save(path)) == config

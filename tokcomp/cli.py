@@ -176,7 +176,7 @@ def _export(args: argparse.Namespace) -> None:
         raise UsageError("--vlm replaces --model and --checkpoint; give one model")
     model = vqa.load_vlm(args.vlm)[0] if args.vlm else create_model(args.model, args.checkpoint)
     api.apply(model, args.variant.method, **args.variant.options)
-    path = api.config_of(model).save(args.output)
+    path = api.config_of(model).save(args.output, overwrite=args.force)
     print(f"wrote {path}")
 
 

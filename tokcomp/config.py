@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -157,8 +158,10 @@ class Config:
         _check_model_kinds(source, data["model"])
         return cls(**data)
 
-    def save(self, path: str | Path) -> Path:
-        """Write as JSON (.json) or YAML (.yaml/.yml), creating its folder if need be."""
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        """Write as JSON (.json) or YAML (.yaml/.yml), creating its folder if need be; whole
+        or not at all (an interrupted write leaves the file as it was). `overwrite=False`
+        refuses a file that exists by then (one that appeared while a search ran)."""
         path = Path(path)
         if path.suffix not in CONFIG_SUFFIXES:
             raise ConfigError(f"{path}: save a config as .json, .yaml or .yml")
@@ -166,7 +169,18 @@ class Config:
         yaml_file = path.suffix in (".yaml", ".yml")
         text = yaml.safe_dump(data, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text if yaml_file else text + "\n")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            partial.write_text(text if yaml_file else text + "\n")
+            if not overwrite and path.exists():
+                raise ConfigError(
+                    f"{path} exists now (it appeared while this ran); pass --force to "
+                    "overwrite it (a search resumes from its saved state), or give another "
+                    "file name"
+                )
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> None:
             model, loader, args.target_macs, args.shares, layer_sets, args.sizes, state=state
         )
     print(format_trials(trials))
-    path = config.save(args.output)
+    path = config.save(args.output, overwrite=args.force)
     state.discard()
     print(
         f"reached {config.macs / 1e9:.3f} GMACs = {config.macs_ratio:.3f} of unpruned "
