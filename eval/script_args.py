@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -51,6 +52,26 @@ def check_model_output(parser: argparse.ArgumentParser, args: argparse.Namespace
     """Refuse, through `parser`, a finished model in --out without --force (resuming has none)."""
     with refusing(parser):
         check_new_file(Path(args.out) / MODEL_FILE, args.force, "--out")
+
+
+def refuse_ignored(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, option: str, needs: str, used: bool
+) -> None:
+    """Refuse, through `parser`, `option` given away from its default where it is not `used`
+    (it would be ignored): it works only with `needs`."""
+    name = option.removeprefix("--").replace("-", "_")
+    if not used and getattr(args, name) != parser.get_default(name):
+        parser.error(f"{option} has no effect without {needs}")
+
+
+def finite_loss(loss: float, where: str) -> float:
+    """`loss`, which must be finite: a training run that diverged ends there, writing nothing."""
+    if not math.isfinite(loss):
+        raise SystemExit(
+            f"the training loss is {loss} at {where}: the run diverged; lower the learning "
+            "rate (or check the other options) and rerun with --fresh; no model was written"
+        )
+    return loss
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
@@ -125,6 +146,41 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def _finite(text: str, rule: str) -> float:
+    """`text` as a finite float, else an error saying it must be `rule`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (a learning rate)."""
+    value = _finite(text, "a number above 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (a weight, a warm-up length)."""
+    value = _finite(text, "a number of at least 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
+def share(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _finite(text, "a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
     return value
 
 

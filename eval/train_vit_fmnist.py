@@ -22,9 +22,10 @@ background the class does not depend on. ``--token-label-weight`` (a per-patch l
 ``--registers`` are the other variants the model cards compare.
 
 The run checkpoints after every epoch to ``<out>/.train_state/last.pt`` and resumes from it
-when started again with the same command. At the end it writes ``<out>/model.safetensors``
-(an ``--out`` that already holds one, such as the shipped model's, is refused before any work
-unless ``--force``) with the metadata needed to rebuild the model:
+when started again with the same command (the checkpoint is deleted once the model is
+written). At the end it writes ``<out>/model.safetensors`` (an ``--out`` that already holds
+one, such as the shipped model's, is refused before any work unless ``--force``) with the
+metadata needed to rebuild the model:
 
     meta = safetensors.safe_open(path, "pt").metadata()
     model = timm.create_model(meta["timm_model"], pretrained=False,
@@ -64,7 +65,18 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import REPO, add_force_argument, check_model_output, refusing, script_parser
+from script_args import (
+    REPO,
+    add_force_argument,
+    check_model_output,
+    finite_loss,
+    non_negative_float,
+    positive_float,
+    refuse_ignored,
+    refusing,
+    script_parser,
+    share,
+)
 
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.fashion_mnist import (
@@ -91,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--canvas must be at least {IMAGE_SIZE} (a Fashion-MNIST image's side)")
     if args.coarse_epochs == 0 and args.epochs == 0:
         p.error("--coarse-epochs and --epochs are both 0: nothing to train")
+    for option in ("--coarse-patch", "--coarse-lr", "--coarse-warmup-epochs"):
+        refuse_ignored(p, args, option, "--coarse-epochs above 0", args.coarse_epochs > 0)
+    refuse_ignored(
+        p, args, "--foreground-threshold", "--token-label-weight", bool(args.token_label_weight)
+    )
+    peaks = [stage.lr for stage in stages(args)]
+    if args.min_lr > min(peaks):
+        p.error(f"--min-lr {args.min_lr} is above a peak learning rate ({min(peaks)})")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file; give a model.safetensors")
     check_model_output(p, args)
@@ -109,23 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--coarse-epochs", type=non_negative_int, default=20, help="stage-1 epochs (0: none)"
     )
     p.add_argument("--coarse-patch", type=positive_int, default=4, help="stage-1 patch size")
-    p.add_argument("--coarse-lr", type=float, default=1e-3, help="stage-1 peak LR")
-    p.add_argument("--coarse-warmup-epochs", type=float, default=0.5)
+    p.add_argument("--coarse-lr", type=positive_float, default=1e-3, help="stage-1 peak LR")
+    p.add_argument("--coarse-warmup-epochs", type=non_negative_float, default=0.5)
     p.add_argument(
         "--epochs", type=non_negative_int, default=4, help="final-stage epochs at --patch-size"
     )
     p.add_argument("--patch-size", type=positive_int, default=2, help="final patch size (2: 14x14)")
-    p.add_argument("--lr", type=float, default=5e-4, help="final-stage peak LR")
-    p.add_argument("--warmup-epochs", type=float, default=0.2, help="final-stage warmup")
-    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--lr", type=positive_float, default=5e-4, help="final-stage peak LR")
+    p.add_argument(
+        "--warmup-epochs", type=non_negative_float, default=0.2, help="final-stage warmup"
+    )
+    p.add_argument("--min-lr", type=non_negative_float, default=1e-5)
     p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--drop-path", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--label-smoothing", type=share, default=0.1)
+    p.add_argument("--clip-grad", type=non_negative_float, default=1.0, help="0: off")
+    p.add_argument("--drop-path", type=share, default=0.0)
     p.add_argument(
         "--token-label-weight",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="weight of the per-patch loss: the head applied to every final patch token must "
         "predict the image's class on garment patches and nothing (uniform) on background",
@@ -592,12 +614,13 @@ def main(argv: list[str] | None = None) -> None:
                         patch_logits = model.head(tokens[:, model.num_prefix_tokens :])
                     fg = foreground_patches(images, patch, args.foreground_threshold)
                     loss = loss + args.token_label_weight * token_label_loss(patch_logits, y, fg)
+                value = finite_loss(loss.item(), f"epoch {epoch + 1}, step {i + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 opt.step()
-                loss_sum += loss.item() * len(y)
+                loss_sum += value * len(y)
                 correct += (logits.argmax(-1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(
@@ -664,6 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     (state_dir / "history.json").write_text(json.dumps(history, indent=1))
+    resume_path.unlink()  # finished: a rerun with --force trains again
     print(
         f"wrote {out / 'model.safetensors'}; training wall time {elapsed / 60:.1f} min, "
         f"CPU time {cpu_s / 60:.1f} min"

@@ -26,9 +26,9 @@ The loss is on the answer word and the end-of-sequence token only (the prompt is
 AdamW, linear warm-up then cosine decay, bf16 autocast, seeded (random, numpy, torch). After
 every epoch: the first-token accuracy on --monitor test questions (monitoring only: the saved
 model is the last epoch's) and a checkpoint in <out>/.train_state/last.pt, from which the same
-command resumes. The final model is written with save_pretrained (safetensors, float32) with
-its processor; an --out that already holds a model.safetensors (the shipped model's) is refused
-before any work unless --force.
+command resumes (deleted once the model is written). The final model is written with
+save_pretrained (safetensors, float32) with its processor; an --out that already holds a
+model.safetensors (the shipped model's) is refused before any work unless --force.
 
     OMP_WAIT_POLICY=PASSIVE nohup .venv/bin/python eval/train_vlm_easyvqa.py --force \\
         > eval/models/vlm-easyvqa/.train_state/train.log 2>&1 &
@@ -71,7 +71,17 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
-from script_args import REPO, add_force_argument, check_model_output, script_parser
+from script_args import (
+    REPO,
+    add_force_argument,
+    check_model_output,
+    finite_loss,
+    non_negative_float,
+    positive_float,
+    refuse_ignored,
+    script_parser,
+    share,
+)
 
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_image
@@ -109,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_optimizer_options(p)
     p.add_argument(
         "--drop-visual",
-        type=float,
+        type=share,
         default=0.0,
         help="share of training images whose visual tokens are cut to a random subset (0: off)",
     )
@@ -122,19 +132,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_run_options(p)
     args = p.parse_args(argv)
+    refuse_ignored(p, args, "--min-visual", "--drop-visual", bool(args.drop_visual))
     check_model_output(p, args)
     return args
 
 
 def add_optimizer_options(p: argparse.ArgumentParser) -> None:
     """The optimiser's options (both training scripts)."""
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=share, default=0.05, help="warm-up, fraction of all steps")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
     p.add_argument(
-        "--probe-weight", type=float, default=1.0, help="tower shape/colour loss weight (0: off)"
+        "--probe-weight",
+        type=non_negative_float,
+        default=1.0,
+        help="tower shape/colour loss weight (0: off)",
     )
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--clip-grad", type=positive_float, default=1.0)
 
 
 def add_architecture_options(p: argparse.ArgumentParser) -> None:
@@ -652,6 +666,7 @@ def fit(
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     (state_dir / "history.json").write_text(json.dumps(progress["history"], indent=1))
+    (state_dir / "last.pt").unlink(missing_ok=True)  # finished: a rerun with --force trains again
     print(
         f"wrote {args.out}; training wall time {progress['elapsed_s'] / 60:.1f} min "
         f"({params / 1e6:.2f}M parameters)",
@@ -681,12 +696,13 @@ def train_epoch(
     total = 0.0
     for step in bar:
         loss = step_loss(order[step * per_step : (step + 1) * per_step], generator)
+        value = finite_loss(loss.item(), f"epoch {epoch + 1}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip_grad)
         optimizer.step()
         schedule.step()
-        total += loss.item()
+        total += value
         bar.set_postfix(loss=f"{total / (step + 1):.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
     return total / steps
 

@@ -189,9 +189,35 @@ def test_vqa_studies_refuse_a_non_positive_limit(script, capsys, monkeypatch):
         ("train_vit_fmnist", ["--init", "nope.safetensors"], "--init"),
         ("train_vlm_easyvqa", ["--epochs", "0"], "--epochs"),
         ("train_vlm_videoshapes", ["--train-clips", "0"], "--train-clips"),
+        # settings that trained a model of NaNs (exit 0), or were ignored
+        ("train_vit_fmnist", ["--coarse-lr", "nan"], "--coarse-lr: must be a number above 0"),
+        ("train_vit_fmnist", ["--lr=-1e-3"], "--lr: must be a number above 0"),
+        ("train_vit_fmnist", ["--min-lr", "-0.5"], "--min-lr: must be a number of at least 0"),
+        ("train_vit_fmnist", ["--min-lr", "0.01"], "--min-lr 0.01 is above a peak learning"),
+        ("train_vit_fmnist", ["--drop-path", "1.5"], "--drop-path: must be a number in [0, 1]"),
+        (
+            "train_vit_fmnist",
+            ["--coarse-epochs", "0", "--coarse-lr", "0.01"],
+            "--coarse-lr has no effect without --coarse-epochs above 0",
+        ),
+        (
+            "train_vit_fmnist",
+            ["--foreground-threshold", "30"],
+            "--foreground-threshold has no effect without --token-label-weight",
+        ),
+        ("train_vlm_easyvqa", ["--warmup", "7"], "--warmup: must be a number in [0, 1]"),
+        ("train_vlm_easyvqa", ["--drop-visual", "-3"], "--drop-visual: must be a number in"),
+        ("train_vlm_easyvqa", ["--probe-weight", "nan"], "--probe-weight: must be a number"),
+        ("train_vlm_easyvqa", ["--clip-grad", "0"], "--clip-grad: must be a number above 0"),
+        (
+            "train_vlm_easyvqa",
+            ["--min-visual", "8"],
+            "--min-visual has no effect without --drop-visual",
+        ),
+        ("train_vlm_videoshapes", ["--lr", "inf"], "--lr: must be a number above 0"),
     ],
 )
-def test_training_scripts_refuse_non_positive_counts(script, argv, option, capsys):
+def test_training_scripts_refuse_settings_that_cannot_train(script, argv, option, capsys):
     with pytest.raises(SystemExit) as done:
         eval_script(script).parse_args(argv)
     err = capsys.readouterr().err

@@ -183,3 +183,16 @@ def test_force_or_a_checkpoint_of_a_forced_run_resumes_and_writes_the_model(
     module.main(tiny_run(tmp_path, *(["--force"] if forced else [])))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as written:
         assert written.metadata()["train_wall_s"] == "1"  # the checkpoint's time: resumed
+    # finished: no checkpoint left, from which a rerun with --force would only rewrite it
+    assert not (tmp_path / ".train_state" / "last.pt").exists()
+
+
+def test_a_diverged_run_stops_and_writes_no_model(tmp_path, monkeypatch, capsys):
+    module = script()
+    images = np.zeros((8, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(module, "load_arrays", lambda root, split: (images, np.arange(8) % 10))
+    nan = torch.tensor(math.nan, requires_grad=True)
+    monkeypatch.setattr(F, "cross_entropy", lambda *args, **kwargs: nan * 1)
+    with pytest.raises(SystemExit, match=r"loss is nan at epoch 1, step 1: the run diverged"):
+        module.main(tiny_run(tmp_path, "--batch-size", "4"))
+    assert not (tmp_path / "model.safetensors").exists()

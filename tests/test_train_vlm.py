@@ -3,6 +3,7 @@ for the kept tokens only and fills them with exactly those tokens' features."""
 
 from __future__ import annotations
 
+import math
 from argparse import Namespace
 
 import pytest
@@ -158,3 +159,20 @@ def test_a_checkpoint_of_a_forced_run_resumes_without_force(tmp_path):
     script.save_state(tmp_path / "last.pt", state)
     again = script.parse_args(["--out", str(tmp_path)])
     assert script.resume(tmp_path / "last.pt", again, (layer, optimizer, schedule))["epoch"] == 3
+
+
+def test_a_diverged_epoch_stops_before_the_step(tmp_path):
+    """A non-finite loss ends the run at once: no optimiser step, so nothing is saved."""
+    script = training_script()
+    args = script.parse_args(["--out", str(tmp_path)])
+    layer = torch.nn.Linear(2, 2)
+    before = layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(layer.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def step_loss(items, generator):
+        return layer(torch.ones(1, 2)).sum() * math.inf
+
+    with pytest.raises(SystemExit, match=r"loss is (nan|inf) at epoch 1, step 1: the run"):
+        script.train_epoch(layer, optimizer, schedule, 0, 2, 4, 2, step_loss, args)
+    assert torch.equal(layer.weight, before)
