@@ -34,7 +34,13 @@ def add_model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=positive_int, help="search on this many images (spread evenly)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        help="images per batch (64, for a CPU's memory; DiffRate's paper steps on 1024: "
+        "--batch-size 1024 --micro-batch 64 takes that step with a chunk's memory)",
+    )
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--threads", type=positive_int)
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
