@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import positive_ints, refusing, script_parser
 
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
+from tokcomp.harness.timing import TRUSTED_SPREAD, Speedup
 from tokcomp.ops import bipartite
 from tokcomp.ops.bipartite import bipartite_plan, max_bipartite_merges
 from tokcomp.ops.dpp import cosine_similarity_matrix, greedy_dpp_reference
@@ -76,12 +77,18 @@ class Row:
     """One benchmark line; speed-ups are reference / compiled. max_abs_diff: of the floating
     outputs, or the number of differing entries when every output is an integer (picks)."""
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the speed-up's spread is narrow enough to read it."""
+        return Speedup(self.speedup, self.speedup_spread).trusted
+
     case: str
     shape: str  # B x N x C (B x H x N for attention)
     param: str  # r=, it=, k=, margin=
     reference: Timing
     compiled: Timing
-    speedup: float
+    speedup: float  # median of the per-round ratios
+    speedup_spread: float  # their interquartile range over the median
     cpu_speedup: float
     max_abs_diff: float | None = None
 
@@ -119,8 +126,10 @@ def time_pair(
     warmup: int,
     repeats: int,
     inner: int,
-) -> tuple[Timing, Timing]:
-    """Time both functions, alternating, after `warmup` calls of each."""
+) -> tuple[Timing, Timing, Speedup]:
+    """Time both functions after `warmup` calls of each: `repeats` rounds of one sample each,
+    the order reversed every other round (as tokcomp.harness.timing.interleaved), and the
+    compiled op's speed-up as the median of the per-round ratios with their spread."""
     for _ in range(warmup):
         reference()
         compiled()
@@ -128,8 +137,9 @@ def time_pair(
     wall: dict[str, list[float]] = {"reference": [], "compiled": []}
     cpu: dict[str, list[float]] = {"reference": [], "compiled": []}
     faults: dict[str, int] = {"reference": 0, "compiled": 0}
-    for _ in range(repeats):
-        for name, fn in (("reference", reference), ("compiled", compiled)):
+    pair = [("reference", reference), ("compiled", compiled)]
+    for round_ in range(repeats):
+        for name, fn in pair if round_ % 2 == 0 else pair[::-1]:
             _sync(device)
             start_faults = _minor_faults()
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -139,7 +149,7 @@ def time_pair(
             wall[name].append((time.perf_counter() - start) * 1e3 / inner)
             cpu[name].append((time.process_time() - start_cpu) * 1e3 / inner)
             faults[name] += _minor_faults() - start_faults
-    timings = (
+    reference_timing, compiled_timing = (
         Timing(
             statistics.median(wall[k]),
             min(wall[k]),
@@ -148,7 +158,8 @@ def time_pair(
         )
         for k in ("reference", "compiled")
     )
-    return tuple(timings)
+    speedup = Speedup.paired(wall["reference"], wall["compiled"])
+    return reference_timing, compiled_timing, speedup
 
 
 def _max_diff(got: object, want: object) -> float:
@@ -187,12 +198,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     generator = torch.Generator().manual_seed(0)
 
     def add(case: str, shape: tuple[int, ...], param: str, ref_fn, cpp_fn) -> None:
-        ref, cpp = time_pair(ref_fn, cpp_fn, device, args.warmup, args.repeats, inner)
+        ref, cpp, speedup = time_pair(ref_fn, cpp_fn, device, args.warmup, args.repeats, inner)
         diff = _max_diff(cpp_fn(), ref_fn()) if args.check else None
-        speedup = ref.median_ms / cpp.median_ms
         cpu_speedup = ref.cpu_median_ms / max(cpp.cpu_median_ms, 1e-9)
         label = "x".join(map(str, shape))
-        rows.append(Row(case, label, param, ref, cpp, speedup, cpu_speedup, diff))
+        row = Row(case, label, param, ref, cpp, speedup.ratio, speedup.spread, cpu_speedup, diff)
+        rows.append(row)
         print(_format_row(rows[-1]), flush=True)
 
     def random(*shape: int) -> torch.Tensor:
@@ -298,7 +309,8 @@ def run(args: argparse.Namespace) -> list[Row]:
 def _header() -> str:
     line = (
         f"{'case':<20} {'shape':>11} {'param':>10} "
-        f"{'reference ms':>12} {'compiled ms':>12} {'speed-up':>8} {'CPU-time speed-up':>17}"
+        f"{'reference ms':>12} {'compiled ms':>12} {'speed-up':>8} {'spread':>7} "
+        f"{'CPU-time speed-up':>17}"
     )
     return line + "\n" + "-" * len(line)
 
@@ -306,8 +318,8 @@ def _header() -> str:
 def _format_row(row: Row) -> str:
     text = (
         f"{row.case:<20} {row.shape:>11} {row.param:>10} "
-        f"{row.reference.median_ms:>12.3f} {row.compiled.median_ms:>12.3f} {row.speedup:>7.2f}x "
-        f"{row.cpu_speedup:>16.2f}x"
+        f"{row.reference.median_ms:>12.3f} {row.compiled.median_ms:>12.3f} {row.speedup:>7.2f}"
+        f"{'x' if row.trusted else '?'} {row.speedup_spread:>7.1%} {row.cpu_speedup:>16.2f}x"
     )
     if row.max_abs_diff is not None:
         text += f"  (max |diff| {row.max_abs_diff:.1e})"
@@ -401,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("warmup", "repeats"))
     )
     print(
-        f"wall-clock medians of {args.repeats} alternating samples after {args.warmup} warm-up "
-        "calls; last column: ratio of median process CPU times (robust to preemption on a "
-        "shared machine; with several threads it also counts their waiting)\n"
+        f"wall-clock medians of {args.repeats} rounds after {args.warmup} warm-up calls, the "
+        "order reversed every other round; speed-up: median of the per-round ratios, spread: "
+        f"their interquartile range over it (? above {TRUSTED_SPREAD:.0%}: too noisy to trust); "
+        "last column: ratio of median process CPU times (robust to preemption on a shared "
+        "machine; with several threads it also counts their waiting)\n"
     )
     with torch.inference_mode():
         rows = run(args)

@@ -145,6 +145,30 @@ def test_probe_cpu_attention_pads_bfloat16_rows_to_each_multiple_asked_for():
     assert "padded to 16" not in script.attention_calls(197, 2, 3, 8, torch.float32, [32])
 
 
+def test_bench_ops_alternates_the_order_and_pairs_the_rounds(monkeypatch):
+    """The reference always ran first, and the speed-up was a ratio of medians, no spread."""
+    script = eval_script("bench_ops")
+    clock, order = [0.0], []
+    milliseconds = {"reference": iter([2, 2, 2, 4]), "compiled": iter([1, 1, 1, 1])}
+
+    def timed(name):
+        def call():
+            order.append(name)
+            clock[0] += next(milliseconds[name]) / 1e3
+
+        return call
+
+    monkeypatch.setattr(script.time, "perf_counter", lambda: clock[0])
+    reference, compiled, speedup = script.time_pair(
+        timed("reference"), timed("compiled"), torch.device("cpu"), 0, 4, 1
+    )
+    assert order == ["reference", "compiled", "compiled", "reference"] * 2
+    assert (reference.median_ms, compiled.median_ms) == pytest.approx((2.0, 1.0))
+    # per-round ratios 2, 2, 2, 4: median 2, interquartile range 2 to 2.5
+    assert (speedup.ratio, speedup.spread) == pytest.approx((2.0, 0.25))
+    assert not speedup.trusted
+
+
 def test_bench_ops_runs_the_tome_and_energy_groups_at_any_shape_given(capsys):
     argv = ["--ops", "tome", "energy", "--shape", "2,9,8", "--repeats", "1", "--warmup", "0"]
     assert eval_script("bench_ops").main(argv) == 0
