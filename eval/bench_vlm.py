@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
             f"Jaccard of the 64 kept {kept:.3f}"
         )
-    return 0 if prefill.ratio >= PREFILL_FLOOR and first.ratio >= TTFT_FLOOR else 1
+    floors = prefill.ratio >= PREFILL_FLOOR and first.ratio >= TTFT_FLOOR
+    return 0 if floors and prefill.trusted and first.trusted else 1
 
 
 if __name__ == "__main__":

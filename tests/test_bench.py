@@ -193,8 +193,10 @@ def test_encoder_and_method_benchmarks_keep_the_flag_of_a_noisy_speedup():
         bench.BenchRow("tome", "tome", {}, 0.5, 0.5, 0.0, 20.0, 2.0, 0.5, 50.0),
         bench.BenchRow("pitome", "pitome", {}, 0.5, 0.5, 0.0, 20.0, 2.0, 0.05, 50.0),
     ]
-    report, _ = eval_script("bench_encoders").floor_report(rows)
+    floor_report = eval_script("bench_encoders").floor_report
+    report, passed = floor_report(rows)
     noisy, calm = report.splitlines()
     assert "2.00?" in noisy and "2.00x" in calm
+    assert not passed and floor_report([rows[0], rows[2]])[1]  # a floor needs a trusted figure
     quotients = eval_script("bench_methods").quotient_lines(rows)
     assert quotients[-2].endswith("1.00?") and quotients[-1].endswith("1.00")
