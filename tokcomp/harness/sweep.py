@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tokcomp import apply, config_of, is_patched, macs, remove
+from tokcomp import apply, backend, config_of, is_patched, macs, remove
 from tokcomp.bench import Variant, compiled, parse_variant, peak_memory, timed
 from tokcomp.errors import UsageError, interruption_says
 from tokcomp.harness.arguments import device, fractions, names, positive_int
@@ -380,6 +381,7 @@ def run_sweep(
     (`check_measured_alike`). Under torchrun every rank evaluates its shard of every point;
     rank 0's store decides which points are finished and alone writes. A saved row is
     measured again when its options now resolve otherwise."""
+    settings = {**(settings or {}), **measured_on((settings or {}).get("device", "cpu"))}
     check_measured_alike(store, settings, world)
     rows = []
     for index, (point, plan) in enumerate(plans, 1):
@@ -412,25 +414,45 @@ def same_compression(row: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
     return saved == json.loads(json.dumps({name: plan[name] for name in fields}, default=str))
 
 
+def measured_on(device: str) -> dict[str, str]:
+    """What else a row's speed depends on: torch's version, the route tokcomp's ops take on
+    `device` (compiled kernels or the PyTorch reference) and the processor or GPU."""
+    chosen = torch.device(device)
+    return {"torch": torch.__version__, "ops": backend(chosen), "processor": processor(chosen)}
+
+
+def processor(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's model name (its architecture where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def check_measured_alike(
     store: ResultStore, settings: Mapping[str, Any] | None, world: World
 ) -> None:
     """Refuse to add to saved rows measured at another batch size, thread count, number of
-    processes or number of speed-probe rounds: their images/s and memory belong to those (and
-    random's draws to the batching; their speed-ups' spread to the rounds), so one table would
-    mix them, and a rerun asking for more rounds would get the saved speed-ups back."""
+    processes or of speed-probe rounds, or on another torch, ops route or processor: their
+    images/s and memory belong to those (and random's draws to the batching; their speed-ups'
+    spread to the rounds), so one table would mix them, and a rerun asking for more rounds
+    would get the saved speed-ups back."""
     run = _measured_at(settings or {}, world.size)
+    recorded_later = {"speed_repeats": run["speed repeats"], **_machine_of(run)}
     for row in store.rows():
         # rows record these; a row without a world size was measured by one process, one
-        # without speed repeats before tokcomp recorded them (taken as this run's)
-        saved = _measured_at(
-            {"speed_repeats": run["speed repeats"], **row}, row.get("world_size", 1)
-        )
-        if saved != run:
+        # without speed repeats or the machine before tokcomp recorded them (taken as this
+        # run's)
+        saved = _measured_at({**recorded_later, **row}, row.get("world_size", 1))
+        differing = [name for name in run if saved[name] != run[name]]
+        if differing:
             raise UsageError(
-                f"the results in {store.path} were measured at {_described(saved)}, this run "
-                f"at {_described(run)}: pass the same settings to add to them, or --fresh (sets "
-                "them aside), or another --output"
+                f"the results in {store.path} were measured at "
+                f"{_described(saved, differing)}, this run at {_described(run, differing)}: "
+                "pass the same settings to add to them, or --fresh (sets them aside), or "
+                "another --output"
             )
 
 
@@ -440,11 +462,20 @@ def _measured_at(settings: Mapping[str, Any], processes: int) -> dict[str, Any]:
         "threads": settings.get("threads"),
         "processes": processes,
         "speed repeats": settings.get("speed_repeats"),
+        **{name: settings.get(name) for name in MACHINE},
     }
 
 
-def _described(measured: Mapping[str, Any]) -> str:
-    return ", ".join(f"{name} {value}" for name, value in measured.items())
+#: The settings `measured_on` records.
+MACHINE = ("torch", "ops", "processor")
+
+
+def _machine_of(measured: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: measured[name] for name in MACHINE}
+
+
+def _described(measured: Mapping[str, Any], names: Sequence[str]) -> str:
+    return ", ".join(f"{name} {measured[name]}" for name in names)
 
 
 def evaluate_sweep(
