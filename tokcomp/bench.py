@@ -314,9 +314,12 @@ def timed(forward: Callable[[], Any], device: torch.device) -> tuple[Any, float]
 
 
 def peak_memory(forward: Callable[[], Any], device: torch.device | str = "cpu") -> int:
-    """Peak bytes of tensors allocated during one call of `forward` (beyond what existed)."""
+    """Peak bytes of tensors allocated during one call of `forward` (beyond what existed). On
+    CUDA after an untimed call: a process's first products allocate cuBLAS's workspace, which
+    stays, and would count in the first model probed only."""
     device = torch.device(device)
     if device.type == "cuda":
+        forward()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

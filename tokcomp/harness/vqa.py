@@ -26,7 +26,9 @@ layers; time to first token = from generate() to the first token's logits (visio
 projector, token selection and prefill); tokens/s = tokens decoded after the first one over
 the time from the first token to the end of generate() (0 when none followed). The table's
 throughput column, q/s (`images_per_s` in the CSV), is questions answered per second: the
-first batch's questions (one image or video each) over its median whole generate() call.
+first batch's questions (one image or video each) over its median whole generate() call, and
+the speed-up races those calls: each stops at its answers' end, so a method that makes answers
+longer or shorter counts in it, as in serving (eval/bench_vlm_generate.py fixes the count).
 Visual tokens ("vis tok") are those of the image or video in the language model's input, as
 the schedule and MACs count them: its placeholders less those tokcomp pruned (LLaVA-NeXT's and
 LLaVA-OneVision's image-newline tokens are placeholders, always kept), plus Mistral 3's
