@@ -1,5 +1,7 @@
 """The official VQA accuracy (Antol et al., ICCV 2015; Goyal et al., CVPR 2017), as the VQAv2
-evaluation script (GT-Vision-Lab/VQA, vqaEval.py) computes it, written from its description.
+evaluation script (GT-Vision-Lab/VQA, vqaEval.py at c4e6a0e, its Python 3 version; the Python 2
+one before it has curly apostrophes in most contractions and another punctuation list) computes
+it, written from its description.
 
 Normalisation. The prediction: newlines and tabs become spaces, then the text is stripped,
 punctuation is processed, and word by word it is lowercased, number words become digits
