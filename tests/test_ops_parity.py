@@ -34,6 +34,8 @@ ROUTES = [(device, "compiled") for device in DEVICES] + (
     if torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
     else []
 )
+
+
 SHAPES = [
     (batch, tokens, channels)
     for batch in (1, 7)
@@ -860,3 +862,14 @@ def test_greedy_maxmin_non_finite(device: str, route: str, dtype: torch.dtype) -
     assert got[0, -3:].tolist() == [3, 7, 20] and got[1, 1] == 4
     if (device, route) == ("cpu", "compiled"):  # the PyTorch fallback of greedy_maxmin too
         assert torch.equal(got, _greedy_maxmin_fast(dist.float(), weight, first, 40))
+
+
+def test_the_cuda_routes_are_collected_where_a_gpu_is_visible() -> None:
+    """Without a GPU the CUDA and cupy cases below are not collected: this skip says so in
+    the summary instead of a run that looks complete."""
+    if not torch.cuda.is_available():
+        pytest.skip(
+            "no visible GPU: the CUDA and cupy cases of this file were not collected "
+            "(eval/gpu_check.sh runs them on a GPU)"
+        )
+    assert ("cuda", "compiled") in ROUTES
