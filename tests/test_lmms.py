@@ -401,6 +401,50 @@ def test_loglikelihood_scores_the_continuation_after_pruned_visual_tokens():
     assert pruned != pytest.approx(unpruned) and pruned[0] > pruned[1]
 
 
+@needs_lmms
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop"])
+def test_loglikelihood_scores_an_answer_with_the_visual_tokens_its_context_chose(method):
+    """FastV and PyramidDrop rank visual tokens by the prompt's last text token: in one pass
+    over context and answer that was the answer's own last token, so each choice was scored
+    with visual tokens it chose (8 of 12 best choices changed)."""
+    from tokcomp.harness.lmms_model import HFVLM
+    from tokcomp.harness.vqa_prompt import encode
+
+    docs = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()][:3]
+    model, processor = load_vlm(DEFAULT_MODEL)
+    tokcomp.apply(model, method, keep=4)
+    lm = HFVLM(model, processor, "cpu")
+    lm.task_dict = {"easyvqa": {"test": docs}}
+    for answer in ("circle", "triangle"):  # one token each
+        requests = _requests("loglikelihood", docs, _visual, answer)
+        scores = [score for score, _ in lm.loglikelihood(requests)]
+        for request, score in zip(requests, scores, strict=True):
+            context, images = request.args[0], [_visual(docs[request.args[3]])]
+            with torch.no_grad():
+                logits = model(**encode(processor, [context], images)).logits[0, -1]
+            token = encode(processor, [context], images, [answer])["input_ids"][0, -1]
+            assert score == pytest.approx(logits.float().log_softmax(-1)[token].item(), abs=1e-4)
+
+
+@needs_lmms
+def test_generation_options_follow_do_sample_and_keep_the_penalties():
+    """A task's do_sample: false with a temperature sampled; top_k and repetition_penalty
+    were dropped."""
+    from tokcomp.harness.lmms_model import _sampling
+
+    greedy = _sampling({"do_sample": False, "temperature": 0.5, "repetition_penalty": 1.2})
+    assert greedy == {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.2}
+    sampled = _sampling({"temperature": 0.2, "top_p": 0.9, "top_k": 20})
+    assert sampled == {
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 20,
+        "num_beams": 1,
+    }
+    assert _sampling({}) == {"do_sample": False, "num_beams": 1}
+
+
 def _requests(kind: str, docs: list[dict], visual, second=None) -> list:
     """lmms-eval's requests of `kind` for the easy-VQA documents `docs` (doc ids 0...):
     `second` is each request's continuation or generation options."""

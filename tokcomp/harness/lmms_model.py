@@ -32,6 +32,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
 from torch import nn
+from transformers import LogitsProcessorList
 
 from tokcomp.adapters.hf_vlm.adapter import HFVLMAdapter
 from tokcomp.bench import peak_memory
@@ -214,26 +215,40 @@ class HFVLM(lmms):
 
     @torch.inference_mode()
     def _loglikelihood(self, request: Instance) -> tuple[tuple[float, bool], Tally]:
-        """A request's (log-probability, greedy) and what its forward pass cost."""
+        """A request's (log-probability, greedy) and what its passes cost. The continuation is
+        decoded after a prefill of the context alone, as generate would decode it: a method
+        that chooses visual tokens by the prompt's last text token (FastV, PyramidDrop) sees
+        the context's, not the scored answer's (in one pass over both, each answer chose the
+        visual tokens it was scored with)."""
         context, continuation, _, doc_id, task, split = request.args
         if callable(continuation):
             continuation = continuation(self.task_dict[task][split][doc_id])
         images = [self._images(request)]
-        prompt = encode(self.processor, [context], images)["input_ids"].shape[1]
-        inputs = encode(self.processor, [context], images, [continuation])
-        length = inputs["input_ids"].shape[1] - prompt
-        inputs = on_device(inputs, self.device, self.dtype)
+        prompt = encode(self.processor, [context], images)
+        target = encode(self.processor, [context], images, [continuation])["input_ids"]
+        target = target[0, prompt["input_ids"].shape[1] :].to(self.device)
+        inputs = on_device(prompt, self.device, self.dtype)
         with PrefillTimer(self.model.get_decoder().layers, self.device) as prefill:
             start = now(self.device)
-            output = self.model(**inputs, use_cache=True)
+            out = self.model.generate(
+                **inputs,
+                **GREEDY,
+                max_new_tokens=len(target),
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([_Forced(target)]),
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
             seconds = now(self.device) - start
-        # pruned visual tokens shorten the sequence before the text: the last positions are
-        # still the continuation's
-        predicted = output.logits[0, -length - 1 : -1].float().log_softmax(-1)
-        target = inputs["input_ids"][0, -length:]
+        if len(out.logits) != len(target):
+            raise UsageError(
+                f"the continuation {continuation!r} holds the end-of-sequence token before its "
+                "last token, where decoding stops: it cannot be scored token by token"
+            )
+        predicted = torch.cat(out.logits).float().log_softmax(-1)
         chosen = predicted.gather(-1, target[:, None]).sum()
         visual_ids = visual_token_ids(self.model, self.processor)
-        kept = visual_tokens_kept(output.cache, inputs["input_ids"], visual_ids)
+        kept = visual_tokens_kept(out.cache, inputs["input_ids"], visual_ids)
         tally = Tally(
             requests=1,
             images=len(images[0]),
@@ -347,18 +362,36 @@ def _batch_size(value: int | str) -> int:
 
 
 def _sampling(options: Mapping[str, Any]) -> Mapping[str, Any]:
-    """generate's decoding options for a task's generation_kwargs: greedy unless it sets a
-    temperature above 0."""
-    beams = int(options.get("num_beams") or 1)
+    """generate's decoding options for a task's generation_kwargs: sampling where it sets
+    do_sample, or else a temperature above 0 (its do_sample: false wins over a temperature, as
+    in lmms-eval's llava_onevision); top_p and top_k when sampling; num_beams and
+    repetition_penalty either way."""
     temperature = float(options.get("temperature") or 0.0)
-    if temperature <= 0:
-        return {**GREEDY, "num_beams": beams}
-    return {
-        "do_sample": True,
-        "temperature": temperature,
-        "top_p": options.get("top_p"),
-        "num_beams": beams,
-    }
+    shared = {"num_beams": int(options.get("num_beams") or 1)}
+    if options.get("repetition_penalty") is not None:
+        shared["repetition_penalty"] = float(options["repetition_penalty"])
+    if not options.get("do_sample", temperature > 0):
+        return {**GREEDY, **shared}
+    sampled = {"temperature": temperature or 1.0, "top_p": options.get("top_p")}
+    if options.get("top_k") is not None:
+        sampled["top_k"] = int(options["top_k"])
+    return {"do_sample": True, **sampled, **shared}
+
+
+class _Forced:
+    """A logits processor that makes generate pick `target`'s tokens in turn (the raw logits,
+    which generate also returns, are left as the model gave them)."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        self.target = target
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Every token but the target's next one to -inf."""
+        forced = torch.full_like(scores, -torch.inf)
+        forced[:, self.target[self.step]] = 0
+        self.step += 1
+        return forced
 
 
 def _stops(until: str | Sequence[str] | None) -> list[str]:
