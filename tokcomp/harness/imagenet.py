@@ -236,7 +236,8 @@ def run(args: argparse.Namespace) -> None:
     probe = SpeedProbe(args.speed_repeats, args.compile)
     evaluation = task_evaluation(task, device, world, probe)
     rows = evaluate_sweep(model, points, evaluation, sweep, settings, world)
-    say(report(rows, task.metrics, output, title=name))
+    if world.is_main:  # rank 0 alone writes the table, CSV and plot
+        print(report(rows, task.metrics, output, title=name))
 
 
 def model_parts(

@@ -505,7 +505,8 @@ def run(args: argparse.Namespace) -> None:
     # rows saved before tokcomp recorded the unit: the same questions, so the same unit
     rows = [{"visual_tokens_per": unit, **row} for row in rows]
     columns = (COLUMNS[0], VISUAL_UNIT, *COLUMNS[1:])
-    say(report(rows, task.metrics, output, name, columns, axes(unit), rate=RATE))
+    if world.is_main:  # rank 0 alone writes the table, CSV and plot
+        print(report(rows, task.metrics, output, name, columns, axes(unit), rate=RATE))
 
 
 def check_takes_videos(model: nn.Module, processor: Any, source: str | Path) -> None:
