@@ -20,6 +20,7 @@ import transformers as hf
 
 import tokcomp
 from tokcomp.cli import main
+from tokcomp.errors import UsageError
 from tokcomp.harness import lmms, sweep
 from tokcomp.harness.vqa import DEFAULT_MODEL, VQATask, load_vlm
 from tokcomp.harness.vqa_data import VQADataset, read_easy_vqa
@@ -424,6 +425,23 @@ def test_loglikelihood_scores_an_answer_with_the_visual_tokens_its_context_chose
                 logits = model(**encode(processor, [context], images)).logits[0, -1]
             token = encode(processor, [context], images, [answer])["input_ids"][0, -1]
             assert score == pytest.approx(logits.float().log_softmax(-1)[token].item(), abs=1e-4)
+
+
+@needs_lmms
+@pytest.mark.parametrize("kind", ["generate_until", "loglikelihood"])
+def test_a_task_text_that_places_its_images_is_refused(kind):
+    """lmms-eval's own models split such text at <image>; tokcomp puts the images first, so
+    on a Qwen processor the mark stayed as text and the image moved, silently."""
+    from tokcomp.harness.lmms_model import HFVLM
+
+    docs = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()][:1]
+    docs[0]["question"] = "<image> " + docs[0]["question"]
+    model, processor = load_vlm(DEFAULT_MODEL)
+    lm = HFVLM(model, processor, "cpu")
+    lm.task_dict = {"easyvqa": {"test": docs}}
+    second = {"max_new_tokens": 2} if kind == "generate_until" else " yes"
+    with pytest.raises(UsageError, match=r"places its images with <image> .* non-interleaved"):
+        getattr(lm, kind)(_requests(kind, docs, _visual, second))
 
 
 @needs_lmms

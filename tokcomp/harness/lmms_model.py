@@ -194,6 +194,7 @@ class HFVLM(lmms):
         self, contexts: list[str], images: list[list[Image.Image]], options: Mapping[str, Any]
     ) -> tuple[list[str], Tally]:
         """The answers of one batch and what they cost."""
+        _refuse_inline_images(contexts)
         inputs = on_device(encode(self.processor, contexts, images), self.device, self.dtype)
         new_tokens = int(options.get("max_new_tokens", MAX_NEW_TOKENS))
         generation = generate(
@@ -224,6 +225,7 @@ class HFVLM(lmms):
         if callable(continuation):
             continuation = continuation(self.task_dict[task][split][doc_id])
         images = [self._images(request)]
+        _refuse_inline_images([context])
         prompt = encode(self.processor, [context], images)
         target = encode(self.processor, [context], images, [continuation])["input_ids"]
         target = target[0, prompt["input_ids"].shape[1] :].to(self.device)
@@ -376,6 +378,21 @@ def _sampling(options: Mapping[str, Any]) -> Mapping[str, Any]:
     if options.get("top_k") is not None:
         sampled["top_k"] = int(options["top_k"])
     return {"do_sample": True, **sampled, **shared}
+
+
+#: Where an interleaved task's text places an image (MMMU's interleaved format, mmmu_pro).
+IMAGE_MARK = "<image>"
+
+
+def _refuse_inline_images(contexts: Sequence[str]) -> None:
+    """Refuse task text that places its images itself: tokcomp puts a request's images before
+    its text, so they would move (a Qwen processor keeps the mark as plain text)."""
+    if any(IMAGE_MARK in context for context in contexts):
+        raise UsageError(
+            f"this task's text places its images with {IMAGE_MARK} (an interleaved format), "
+            "and tokcomp's lmms-eval model puts every image before the text: run the task's "
+            "non-interleaved variant"
+        )
 
 
 class _Forced:
