@@ -681,13 +681,22 @@ def test_a_corrupt_image_read_by_a_worker_stops_the_run_with_one_line_naming_it(
 ):
     _, checkpoint = small
     bad = tmp_path / "data" / "cat" / "broken.png"
-    write_images(tmp_path / "data", {"cat": 1, "dog": 1}, size=8)
+    write_images(tmp_path / "data", {"cat": 1, "dog": 1, "emu": 1}, size=8)  # the 3 classes
     bad.write_bytes(b"\x89PNG\r\n\x1a\n")
     argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data")]
     assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "2"]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith(f"tokcomp eval imagenet: error: cannot decode image {bad} (")
     assert line.endswith("); replace or delete the file")
+
+
+def test_a_model_without_a_classifier_is_refused_with_what_to_run(tmp_path, capsys):
+    """dinov2_vits14 has no head: its 384 features were scored as top-1 and top-5 logits."""
+    argv = ["eval", "imagenet", "--model", "dinov2_vits14", "--data", "fashion-mnist"]
+    assert main([*argv, "--limit", "4", "--output", str(tmp_path / "out")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "has no classifier (num_classes 0), and top-1 and top-5 score its" in line
+    assert not (tmp_path / "out").exists()
 
 
 # -- the default Fashion-MNIST model --------------------------------------------------------

@@ -117,6 +117,37 @@ def test_other_folders_number_classes_in_sorted_order(tmp_path, names, expected)
     assert not dataset.uses_imagenet_indices
 
 
+def test_hidden_folders_and_files_are_no_classes_and_no_samples(tmp_path):
+    """A .thumbs folder sorted first: every synset got the next one's label."""
+    write_images(tmp_path, dict.fromkeys(IMAGENETTE[:3], 1), size=8)
+    write_images(tmp_path / ".thumbs", {"small": 1}, size=8)
+    write_images(tmp_path / IMAGENETTE[0], {".ipynb_checkpoints": 1}, size=8)
+    dataset = LabelledImageFolder(tmp_path, outputs=1000)
+    assert dataset.uses_imagenet_indices and dataset.classes == sorted(IMAGENETTE[:3])
+    assert len(dataset) == 3
+
+
+def test_synset_folders_beside_a_stray_one_are_refused(tmp_path):
+    write_images(tmp_path, dict.fromkeys([*IMAGENETTE[:3], "extra"], 1), size=8)
+    with pytest.raises(UsageError, match=r"3 ImageNet synset folders and 1 others \(extra\)"):
+        LabelledImageFolder(tmp_path, outputs=1000)
+
+
+def test_synset_folders_get_imagenet_1k_indices_only_from_a_1000_class_model(tmp_path):
+    """An ImageNet-21k model's (21843 outputs) classes come in another order."""
+    write_images(tmp_path, dict.fromkeys(IMAGENETTE[:3], 1), size=8)
+    with pytest.raises(UsageError, match="the model has 21843 outputs"):
+        LabelledImageFolder(tmp_path, outputs=21843)
+
+
+def test_sorted_name_folders_of_another_class_count_than_the_model_are_refused(tmp_path):
+    """Three folders fit a 1000-class model's outputs and were scored as its classes 0-2."""
+    write_images(tmp_path, dict.fromkeys(["cat", "dog", "emu"], 1), size=8)
+    with pytest.raises(UsageError, match="3 class folders, numbered by sorted name, but the "):
+        LabelledImageFolder(tmp_path, outputs=1000)
+    assert LabelledImageFolder(tmp_path, outputs=3).targets == [0, 1, 2]
+
+
 @pytest.mark.parametrize("damage", ["not an image", "bad header", "truncated jpeg"])
 def test_a_corrupt_image_error_names_the_file(tmp_path, damage):
     write_images(tmp_path, {"a": 1}, size=8)

@@ -17,6 +17,7 @@ from PIL import Image
 from timm.data import ImageNetInfo
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from tokcomp.errors import TokcompError, UsageError
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
@@ -33,6 +34,8 @@ GIVEN_LABELS = "the training split's indices"
 IMAGENET_LABELS = "ImageNet-1k indices"
 FOLDER_NUMBERS = "folder numbers"
 SORTED_NAMES = "sorted names"
+#: Classes of an ImageNet-1k model, whose label space the synset folders' standard indices are.
+IMAGENET_CLASSES = 1000
 
 
 class CorruptImageError(TokcompError, ValueError):
@@ -113,12 +116,19 @@ class LabelledImageFolder(ImageFolder):
             )
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} does not exist")
-        super().__init__(str(root), transform=transform, loader=read_image)
+        super().__init__(
+            str(root), transform=transform, loader=read_image, is_valid_file=_visible_image(root)
+        )
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        """Class folder names and their label indices (standard ones for ImageNet synsets)."""
+        """Class folder names and their label indices (standard ones for ImageNet synsets);
+        hidden folders (.ipynb_checkpoints, .thumbs) are no classes."""
         try:
-            classes, by_name = super().find_classes(directory)
+            classes, _ = super().find_classes(directory)
+            classes = [name for name in classes if not name.startswith(".")]
+            if not classes:
+                raise FileNotFoundError
+            by_name = {name: index for index, name in enumerate(classes)}
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"no class folders in {directory}: an image folder holds one sub-folder of "
@@ -128,13 +138,16 @@ class LabelledImageFolder(ImageFolder):
         if self.given_labels is not None:
             self.labelled_by = GIVEN_LABELS
             return classes, given_indices(classes, self.given_labels, directory)
+        _refuse_stray_folders(classes, directory)
         synsets = synset_indices(classes, self.outputs, directory)
         if synsets is not None:
             indices, self.labelled_by = synsets
             return classes, indices
         numbered = numbered_indices(classes)
         self.labelled_by = FOLDER_NUMBERS if numbered else SORTED_NAMES
-        return classes, numbered or by_name
+        indices = numbered or by_name
+        _refuse_unfit_labels(indices, self.outputs, self.labelled_by, directory)
+        return classes, indices
 
     @property
     def uses_imagenet_indices(self) -> bool:
@@ -152,19 +165,57 @@ class LabelledImageFolder(ImageFolder):
         return f"{len(self)} images, {len(self.classes)} classes ({self.labelled_by})"
 
 
+def _visible_image(root: Path) -> Callable[[str], bool]:
+    """Whether a file under `root` is an image ImageFolder reads, outside hidden folders and
+    not hidden itself (a notebook's .ipynb_checkpoints copies are no samples)."""
+
+    def visible(path: str) -> bool:
+        hidden = any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+        return not hidden and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+    return visible
+
+
+def _refuse_stray_folders(classes: Sequence[str], directory: str | Path) -> None:
+    """Refuse ImageNet synset folders beside others: one other folder turned the standard
+    indices into sorted-name ones, every synset's label shifted."""
+    synsets = set(imagenet_synsets())
+    others = [name for name in classes if name not in synsets]
+    if others and len(others) < len(classes) / 2:
+        raise UsageError(
+            f"{directory} holds {len(classes) - len(others)} ImageNet synset folders and "
+            f"{len(others)} others ({', '.join(others[:3])}), which would renumber every "
+            "class: move the others out"
+        )
+
+
+def _refuse_unfit_labels(
+    indices: Mapping[str, int], outputs: int | None, how: str, directory: str | Path
+) -> None:
+    """Refuse sorted-name labels of another number of classes than the model's `outputs`:
+    fewer folders fit its outputs and were scored as its first classes. (Folder numbers past
+    the outputs are refused by `topk_correct`, naming them.)"""
+    if outputs is not None and how == SORTED_NAMES and len(indices) != outputs:
+        raise UsageError(
+            f"{directory} holds {len(indices)} class folders, numbered by sorted name, but the "
+            f"model has {outputs} outputs: give the {outputs} class folders it was trained on"
+        )
+
+
 def synset_indices(
     classes: Sequence[str], outputs: int | None, directory: str | Path
 ) -> tuple[dict[str, int], str] | None:
     """(labels, how they were assigned) of synset class folders for a model with `outputs`
     classes (None: not known), or None when not every folder is a synset. The standard
-    ImageNet-1k indices when they fit the outputs; else, when the model has one output per
-    folder, sorted-name order (what torchvision's ImageFolder and timm's training gave a model
-    trained on these folders, e.g. ImageNette's 10); else UsageError naming the counts."""
+    ImageNet-1k indices for a 1000-class model (one of another label space, ImageNet-21k's or
+    -12k's, orders its classes otherwise); else, when the model has one output per folder,
+    sorted-name order (torchvision's ImageFolder order, in which tokcomp trains, and timm's
+    training for synset names, e.g. ImageNette's 10); else UsageError naming the counts."""
     standard = imagenet_indices(classes)
     if standard is None:
         return None
     highest = max(standard.values())
-    if outputs is None or highest < outputs:
+    if outputs is None or outputs == IMAGENET_CLASSES:
         return standard, IMAGENET_LABELS
     if outputs == len(classes):
         why = f"ImageNet-1k indices up to {highest} do not fit the model's {outputs} outputs"

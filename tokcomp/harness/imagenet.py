@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from tokcomp.errors import UsageError
 from tokcomp.harness.arguments import DTYPES, add_model_arguments, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, describe, limited, open_dataset
 from tokcomp.harness.fashion_mnist import CANVAS_KEY
@@ -145,6 +146,17 @@ def model_dataset(
     return open_dataset(data, transform, split, canvas=canvas_of(model), outputs=outputs)
 
 
+def refuse_headless(model: nn.Module, name: str, scored: str) -> None:
+    """Refuse a model without a classifier where its class predictions are `scored`: its
+    features would be read as logits."""
+    if not getattr(model, "num_classes", 0):
+        raise UsageError(
+            f"{name} has no classifier (num_classes 0), and {scored} its class predictions: "
+            "give --checkpoint of it with a head (tokcomp eval backbone --save-head FILE "
+            "writes one), or evaluate its features with tokcomp eval backbone"
+        )
+
+
 def canvas_of(model: nn.Module) -> int | None:
     """The Fashion-MNIST canvas `model` was trained on, if its data config names one."""
     return (getattr(model, "pretrained_cfg", None) or {}).get(CANVAS_KEY)
@@ -201,6 +213,7 @@ def run(args: argparse.Namespace) -> None:
     points = sweep_points(args.methods, args.budgets, args.variant, args.config)
     world, device = start_run(args)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained).to(device)
+    refuse_headless(model, args.checkpoint or args.model, "top-1 and top-5 score")
     dataset = limited(model_dataset(args.data, model), args.limit)
     name = f"{_model_name(args)}-{data_source(args.data).name}"
     output = args.output or Path("results") / name

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tokcomp.errors import UsageError
 from tokcomp.harness.arguments import add_model_arguments, device, non_negative_int, positive_int
 from tokcomp.harness.data import limited
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, samples_digest
-from tokcomp.harness.imagenet import model_dataset, model_parts
+from tokcomp.harness.imagenet import model_dataset, model_parts, refuse_headless
 from tokcomp.models import create_model
 from tokcomp.search.state import SearchState
 
@@ -71,12 +70,7 @@ def model_and_training_images(
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = create_model(args.model, args.checkpoint, pretrained=args.pretrained)
-    if not getattr(model, "num_classes", 0):
-        raise UsageError(
-            f"{args.checkpoint or args.model} has no classifier (num_classes 0), and a search "
-            "scores its class predictions: give --checkpoint of it with a head (tokcomp eval "
-            "backbone --save-head FILE writes one)"
-        )
+    refuse_headless(model, args.checkpoint or args.model, "a search scores")
     dataset = limited(model_dataset(args.data, model, "train", augment), args.limit)
     return model.to(device), dataset
 
