@@ -173,7 +173,7 @@ def _fail_config_writes(monkeypatch) -> list[dict]:
     """Make every config write fail as on a full disk; the configs it was given."""
     given = []
 
-    def no_space(config: Config, path) -> None:
+    def no_space(config: Config, path, overwrite: bool = True) -> None:
         given.append(json.loads(json.dumps(config.to_dict())))
         raise OSError(errno.ENOSPC, "No space left on device")
 
