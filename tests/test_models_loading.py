@@ -76,3 +76,21 @@ def test_a_relative_path_to_a_trainable_model_names_its_training_script(monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"missing\); train it: python eval/train.py; or"):
         vqa.model_location("vlm")
+
+
+def test_a_hub_folders_config_gives_its_weights_their_preprocessing(tmp_path):
+    """timm's default tag of an architecture may preprocess otherwise (crop_pct 0.9 for
+    deit3_small_patch16_224, 1.0 for its fb_in22k_ft_in1k weights): the folder's config.json
+    was ignored."""
+    model = timm.create_model("test_vit")
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))  # no tokcomp metadata
+    default = timm.create_model("test_vit").pretrained_cfg
+    own = {"crop_pct": 0.5, "mean": [0.1, 0.2, 0.3], "interpolation": "bilinear"}
+    assert all(default.get(key) != value for key, value in own.items())
+    config = {"architecture": "test_vit", "pretrained_cfg": {**own, "license": "x"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = create_model("test_vit", tmp_path / "model.safetensors").pretrained_cfg
+    assert {key: loaded[key] for key in own} == own
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"config\.json \(beside checkpoint model\.safetensors"):
+        create_model("test_vit", tmp_path / "model.safetensors")

@@ -59,8 +59,10 @@ def create_model(
         state = load_state_dict(checkpoint)
         _check_fits(model, state, checkpoint, name)
         model.load_state_dict(state)
-    if "data_config" in metadata:
-        model.pretrained_cfg = {**model.pretrained_cfg, **json.loads(metadata["data_config"])}
+    data_config = json.loads(metadata.get("data_config", "{}"))
+    if checkpoint and not data_config:
+        data_config = _hub_data_config(Path(checkpoint))
+    model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
     if method_defaults:
         model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: method_defaults}
     return model.eval()
@@ -144,6 +146,28 @@ def _require_pretrained(name: str) -> None:
 
 def _is_safetensors(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".safetensors"
+
+
+#: The preprocessing entries of a timm pretrained_cfg.
+DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def _hub_data_config(checkpoint: Path) -> dict[str, Any]:
+    """The preprocessing a Hugging Face hub folder's config.json gives the weights beside it
+    (timm's layout: model.safetensors or pytorch_model.bin next to config.json), {} without
+    one: the architecture's default tag may preprocess otherwise (crop_pct, mean and std)."""
+    path = checkpoint.with_name("config.json")
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(
+            f"{path} (beside checkpoint {checkpoint.name}, whose preprocessing it would give) "
+            f"is not valid JSON ({err}); fix it or move it away"
+        ) from None
+    cfg = config.get("pretrained_cfg") if isinstance(config, dict) else None
+    return {key: cfg[key] for key in DATA_KEYS if key in cfg} if isinstance(cfg, dict) else {}
 
 
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:
