@@ -139,7 +139,7 @@ def files(tmp_path_factory) -> Path:
     (root / "not-a-folder").write_text("")
     (root / "latin1.json").write_bytes(b'{"method": "tom\xe9"}')
     (root / "bad.yaml").write_text("method: tome\n  options: [\n")
-    write_images(root / "data", {"cat": 2, "dog": 2}, size=8)
+    write_images(root / "data", {"cat": 2, "dog": 2, "emu": 2}, size=8)  # the 3 classes
     return root
 
 
