@@ -94,3 +94,18 @@ def test_a_hub_folders_config_gives_its_weights_their_preprocessing(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UsageError, match=r"config\.json \(beside checkpoint model\.safetensors"):
         create_model("test_vit", tmp_path / "model.safetensors")
+
+
+def test_a_checkpoints_data_config_is_not_overridden_by_the_default_tags_test_size(tmp_path):
+    """resnet10t's default tag evaluates at 224 px, crop 0.95 (test_input_size): those won
+    over the checkpoint's own 160 px, crop 0.9 under timm's use_test_size."""
+    from fixtures.imagenet import save_safetensors
+    from timm.data import resolve_data_config
+
+    model = timm.create_model("resnet10t")
+    own = {"input_size": [3, 160, 160], "crop_pct": 0.9}
+    path = save_safetensors(
+        model, tmp_path / "r.safetensors", timm_model="resnet10t", data_config=own
+    )
+    resolved = resolve_data_config(model=create_model(checkpoint=path), use_test_size=True)
+    assert (tuple(resolved["input_size"]), resolved["crop_pct"]) == ((3, 160, 160), 0.9)

@@ -62,7 +62,9 @@ def create_model(
     data_config = json.loads(metadata.get("data_config", "{}"))
     if checkpoint and not data_config:
         data_config = _hub_data_config(Path(checkpoint))
-    model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+    if data_config:  # the default tag's test-time size would win over the checkpoint's own
+        default = {k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}
+        model.pretrained_cfg = {**default, **data_config}
     if method_defaults:
         model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: method_defaults}
     return model.eval()
@@ -149,7 +151,16 @@ def _is_safetensors(path: str | Path) -> bool:
 
 
 #: The preprocessing entries of a timm pretrained_cfg.
-DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+DATA_KEYS = (
+    "input_size",
+    "interpolation",
+    "mean",
+    "std",
+    "crop_pct",
+    "crop_mode",
+    "test_input_size",
+    "test_crop_pct",
+)
 
 
 def _hub_data_config(checkpoint: Path) -> dict[str, Any]:
