@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,7 @@ def fake_model(tmp_path, monkeypatch) -> tuple[pretrained.OfflineModel, Path, li
     return model, package / "w.bin", calls
 
 
-def test_conversion_runs_once_and_again_when_the_source_changes(fake_model):
+def test_conversion_runs_once_and_again_when_the_source_or_recipe_changes(fake_model, monkeypatch):
     from safetensors import safe_open
 
     _, source, calls = fake_model
@@ -153,6 +154,13 @@ def test_conversion_runs_once_and_again_when_the_source_changes(fake_model):
         assert handle.get_tensor("w").tolist() == [3.0, 4.0, 5.0]
         assert handle.metadata()["source_sha256"] == pretrained.sha256(source)
     assert first.parent == Path(pretrained.cache_dir())
+    # the code's recipe changed (a cached file kept the old data config, which won)
+    model = dataclasses.replace(pretrained.OFFLINE_MODELS["fake"], data_config={"crop_pct": 1.0})
+    monkeypatch.setitem(pretrained.OFFLINE_MODELS, "fake", model)
+    third = pretrained.weights("fake")
+    assert third != second and len(calls) == 3
+    with safe_open(str(third), framework="pt") as handle:
+        assert json.loads(handle.metadata()["data_config"]) == {"crop_pct": 1.0}
 
 
 def test_a_missing_package_names_the_install_command(fake_model, monkeypatch):

@@ -89,7 +89,9 @@ def weights(name: str) -> Path:
     model = offline_model(name)
     source = model.source()
     digest = sha256(source)
-    path = cache_dir() / f"{name}-{digest[:16]}-v{CONVERTER_VERSION}.safetensors"
+    recipe = hashlib.sha256(json.dumps(model.metadata(source, "")).encode()).hexdigest()
+    # the name follows what the file records too: a changed data config is a new file
+    path = cache_dir() / f"{name}-{digest[:16]}-{recipe[:8]}-v{CONVERTER_VERSION}.safetensors"
     if not path.is_file():
         save_atomically(model.convert(source), path, model.metadata(source, digest))
     return path
