@@ -129,7 +129,7 @@ def test_hidden_folders_and_files_are_no_classes_and_no_samples(tmp_path):
 
 def test_synset_folders_beside_a_stray_one_are_refused(tmp_path):
     write_images(tmp_path, dict.fromkeys([*IMAGENETTE[:3], "extra"], 1), size=8)
-    with pytest.raises(UsageError, match=r"3 ImageNet synset folders and 1 others \(extra\)"):
+    with pytest.raises(UsageError, match=r"3 ImageNet synset folders and 1 other folder \(extra\)"):
         LabelledImageFolder(tmp_path, outputs=1000)
 
 

@@ -184,8 +184,8 @@ def _refuse_stray_folders(classes: Sequence[str], directory: str | Path) -> None
     if others and len(others) < len(classes) / 2:
         raise UsageError(
             f"{directory} holds {len(classes) - len(others)} ImageNet synset folders and "
-            f"{len(others)} others ({', '.join(others[:3])}), which would renumber every "
-            "class: move the others out"
+            f"{len(others)} other folder{'s' * (len(others) > 1)} ({', '.join(others[:3])}), "
+            "which would renumber every class: move them out"
         )
 
 
