@@ -78,6 +78,7 @@ from script_args import (
     share,
 )
 
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.fashion_mnist import (
     CANVAS_KEY,
@@ -468,13 +469,6 @@ def load_init(
     return model, float(meta["train_wall_s"]), float(meta["train_cpu_s"]), [rec]
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write the resume file atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def save_model(
     path: Path, model: torch.nn.Module, args: argparse.Namespace, patch: int, extra: dict
 ) -> None:
@@ -656,8 +650,7 @@ def main(argv: list[str] | None = None) -> None:
                     patch,
                     {"test_top1": f"{top1:.4f}"},
                 )
-            save_state(
-                resume_path,
+            torch_save_whole(
                 {
                     "epoch": done,
                     "patch": patch,
@@ -668,6 +661,7 @@ def main(argv: list[str] | None = None) -> None:
                     "history": history,
                     "args": vars(args),
                 },
+                resume_path,
             )
         first = last
 

@@ -83,6 +83,7 @@ from script_args import (
     share,
 )
 
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_image
 from tokcomp.harness.vqa_data import Question, read_easy_vqa
@@ -545,13 +546,6 @@ def optimizer_for(model: torch.nn.Module, args: argparse.Namespace) -> torch.opt
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write the checkpoint atomically."""
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
 def resume(path: Path, args: argparse.Namespace, parts: tuple) -> dict:
     """Load the checkpoint into (model, optimizer, schedule) when it was written with the
     same settings; the progress so far (epoch, elapsed, history)."""
@@ -650,8 +644,7 @@ def fit(
         }
         progress["history"].append(record)
         print(json.dumps(record), flush=True)
-        save_state(
-            state_dir / "last.pt",
+        torch_save_whole(
             {
                 "epoch": epoch + 1,
                 "elapsed_s": progress["elapsed_s"],
@@ -661,6 +654,7 @@ def fit(
                 "schedule": schedule.state_dict(),
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             },
+            state_dir / "last.pt",
         )
     model.eval()
     model.save_pretrained(args.out)

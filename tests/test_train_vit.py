@@ -14,6 +14,7 @@ from fixtures import eval_script
 from fixtures.training import assert_a_finished_model_is_refused, must_not_run
 from safetensors import safe_open
 
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.fashion_mnist import place_on_canvas
 
 
@@ -174,7 +175,7 @@ def test_force_or_a_checkpoint_of_a_forced_run_resumes_and_writes_the_model(
     state = {"epoch": 1, "patch": 2, "model": model.state_dict(), "elapsed_s": 1, "cpu_s": 1}
     state |= {"optimizer": module.make_optimizer(model, args).state_dict(), "history": []}
     (tmp_path / ".train_state").mkdir()
-    module.save_state(tmp_path / ".train_state" / "last.pt", {**state, "args": vars(args)})
+    torch_save_whole({**state, "args": vars(args)}, tmp_path / ".train_state" / "last.pt")
     if forced:
         (tmp_path / "model.safetensors").write_bytes(b"shipped")
     images = np.zeros((4, 28, 28), dtype=np.uint8)

@@ -12,6 +12,7 @@ from fixtures import eval_script
 from fixtures.training import Reached, assert_a_finished_model_is_refused, must_not_run, reach
 from fixtures.vqa import VISUAL_TOKENS, tiny_llava, tiny_processor, training_script, write_jsonl
 
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.vqa_data import read_jsonl
 
 IMAGE = 9
@@ -156,7 +157,7 @@ def test_a_checkpoint_of_a_forced_run_resumes_without_force(tmp_path):
     state = {"epoch": 3, "elapsed_s": 5.0, "history": [], "model": layer.state_dict()}
     state |= {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
     state["args"] = {k: str(v) if k == "out" else v for k, v in vars(forced).items()}
-    script.save_state(tmp_path / "last.pt", state)
+    torch_save_whole(state, tmp_path / "last.pt")
     again = script.parse_args(["--out", str(tmp_path)])
     assert script.resume(tmp_path / "last.pt", again, (layer, optimizer, schedule))["epoch"] == 3
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +12,7 @@ from typing import Any, ClassVar
 import yaml
 
 from tokcomp.errors import UsageError
+from tokcomp.files import written_whole
 from tokcomp.methods import Method, create_method, method_class, option_names
 from tokcomp.methods.registry import mistyped_option
 from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
@@ -169,8 +169,7 @@ class Config:
         yaml_file = path.suffix in (".yaml", ".yml")
         text = yaml.safe_dump(data, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
+        with written_whole(path) as partial:
             partial.write_text(text if yaml_file else text + "\n")
             if not overwrite and path.exists():
                 raise ConfigError(
@@ -178,9 +177,6 @@ class Config:
                     "overwrite it (a search resumes from its saved state), or give another "
                     "file name"
                 )
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokcomp.files import written_whole
+
 #: Bump when a converter's output changes, so that caches written by older code are redone.
 CONVERTER_VERSION = 1
 #: Where converted weights are cached (TOKCOMP_CACHE overrides it).
@@ -102,9 +104,8 @@ def save_atomically(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=metadata)
-    os.replace(partial, path)
+    with written_whole(path) as partial:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata=metadata)
 
 
 def offline_model(name: str) -> OfflineModel:

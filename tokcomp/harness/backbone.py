@@ -40,6 +40,7 @@ import tokcomp
 from tokcomp.adapters.base import size_weighted_mean
 from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.arguments import model_name, non_negative_int, positive_int
 from tokcomp.harness.data import FASHION_MNIST, data_source, limited, open_dataset, read_image
 from tokcomp.harness.distributed import World
@@ -377,9 +378,7 @@ def cached_reference(path: Path, build: Any) -> Reference:
     reference = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = {**reference.__dict__, "head": reference.head.__dict__}
-    partial = path.with_suffix(".partial")
-    torch.save(fields, partial)
-    partial.replace(path)
+    torch_save_whole(fields, path)
     return reference
 
 

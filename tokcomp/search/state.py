@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tokcomp.errors import StateError
+from tokcomp.files import torch_save_whole
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint
 
@@ -44,10 +45,8 @@ class SearchState:
         """Replace the saved progress (atomically; rank 0 only)."""
         if self.path is None or not self.world.is_main:
             return
-        partial = self.path.with_suffix(self.path.suffix + ".tmp")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"fingerprint": self.fingerprint.as_json(), **progress}, partial)
-        partial.replace(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch_save_whole({"fingerprint": self.fingerprint.as_json(), **progress}, self.path)
 
     def discard(self) -> bool:
         """Delete the saved progress (rank 0 only); whether there was any."""
