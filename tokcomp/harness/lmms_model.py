@@ -228,7 +228,8 @@ class HFVLM(lmms):
         _refuse_inline_images([context])
         prompt = encode(self.processor, [context], images)
         target = encode(self.processor, [context], images, [continuation])["input_ids"]
-        target = target[0, prompt["input_ids"].shape[1] :].to(self.device)
+        length = prompt["input_ids"].shape[1]
+        target = target[0, length:].to(self.device)
         inputs = on_device(prompt, self.device, self.dtype)
         with PrefillTimer(self.model.get_decoder().layers, self.device) as prefill:
             start = now(self.device)
@@ -237,7 +238,7 @@ class HFVLM(lmms):
                 **GREEDY,
                 max_new_tokens=len(target),
                 pad_token_id=self.processor.tokenizer.pad_token_id,
-                logits_processor=LogitsProcessorList([_Forced(target)]),
+                logits_processor=LogitsProcessorList([_Forced(target, length)]),
                 output_logits=True,
                 return_dict_in_generate=True,
             )
@@ -396,18 +397,18 @@ def _refuse_inline_images(contexts: Sequence[str]) -> None:
 
 
 class _Forced:
-    """A logits processor that makes generate pick `target`'s tokens in turn (the raw logits,
-    which generate also returns, are left as the model gave them)."""
+    """A logits processor that makes generate pick `target`'s tokens in turn after a prompt of
+    `start` tokens (the raw logits, which generate also returns, are left as the model gave
+    them)."""
 
-    def __init__(self, target: torch.Tensor) -> None:
+    def __init__(self, target: torch.Tensor, start: int) -> None:
         self.target = target
-        self.step = 0
+        self.start = start
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Every token but the target's next one to -inf."""
         forced = torch.full_like(scores, -torch.inf)
-        forced[:, self.target[self.step]] = 0
-        self.step += 1
+        forced[:, self.target[input_ids.shape[1] - self.start]] = 0
         return forced
 
 
