@@ -138,50 +138,35 @@ def method_name(kind: str | None = None) -> Callable[[str], str]:
     return parse
 
 
-def fraction(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
-    return value
-
-
-def _finite(text: str, rule: str) -> float:
-    """`text` as a finite float, else an error saying it must be `rule`."""
+def _number(text: str, rule: str, within: Callable[[float], bool]) -> float:
+    """`text` as a finite float `within` its bounds, else an error saying it must be `rule`."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
+    if not (math.isfinite(value) and within(value)):
         raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    return _number(text, "a fraction in (0, 1]", lambda value: 0 < value <= 1)
+
+
 def positive_float(text: str) -> float:
     """A finite number above 0 (a learning rate)."""
-    value = _finite(text, "a number above 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+    return _number(text, "a number above 0", lambda value: value > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number of at least 0 (a weight, a warm-up length)."""
-    value = _finite(text, "a number of at least 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
-    return value
+    return _number(text, "a number of at least 0", lambda value: value >= 0)
 
 
 def share(text: str) -> float:
     """A number in [0, 1]."""
-    value = _finite(text, "a number in [0, 1]")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
+    return _number(text, "a number in [0, 1]", lambda value: 0 <= value <= 1)
 
 
 def fractions_of_one(text: str) -> list[float]:
