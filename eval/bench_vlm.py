@@ -206,6 +206,13 @@ def speedup(records: dict[str, list[dict[str, float]]], label: str, part: str) -
     return Speedup.paired([r[part] for r in records["unpruned"]], [r[part] for r in records[label]])
 
 
+def floors_hold(prefill: Speedup, first: Speedup) -> bool:
+    """Whether ZOO's prefill and time-to-first-token speed-ups both reach their floors with a
+    spread narrow enough to trust."""
+    reached = prefill.ratio >= PREFILL_FLOOR and first.ratio >= TTFT_FLOOR
+    return reached and prefill.trusted and first.trusted
+
+
 def ratio_text(speedup: Speedup) -> str:
     """'2.76x (spread 3.1%)', with '?' for 'x' when the spread is too wide to trust."""
     return f"{speedup.ratio:.2f}{'x' if speedup.trusted else '?'} (spread {speedup.spread:.1%})"
@@ -359,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
             f"Jaccard of the 64 kept {kept:.3f}"
         )
-    floors = prefill.ratio >= PREFILL_FLOOR and first.ratio >= TTFT_FLOOR
-    return 0 if floors and prefill.trusted and first.trusted else 1
+    return 0 if floors_hold(prefill, first) else 1
 
 
 if __name__ == "__main__":

@@ -200,3 +200,53 @@ def test_encoder_and_method_benchmarks_keep_the_flag_of_a_noisy_speedup():
     assert not passed and floor_report([rows[0], rows[2]])[1]  # a floor needs a trusted figure
     quotients = eval_script("bench_methods").quotient_lines(rows)
     assert quotients[-2].endswith("1.00?") and quotients[-1].endswith("1.00")
+
+
+def _compiled_row(speedup: float, spread: float, gain: float, gain_spread: float) -> bench.BenchRow:
+    """A compressed row at half the MACs, compiled, with these figures."""
+    figures = dict(compile_gain=gain, compile_gain_spread=gain_spread)
+    return bench.BenchRow("tome", "tome", {}, 0.5, 0.5, 0.0, 20.0, speedup, spread, 50.0, **figures)
+
+
+@pytest.mark.parametrize(
+    ("row", "passes"),
+    [
+        (_compiled_row(1.95, 0.02, 1.2, 0.02), True),
+        (_compiled_row(1.85, 0.02, 1.2, 0.02), False),  # under 0.95 of the MACs ratio
+        (_compiled_row(1.95, 0.5, 1.2, 0.02), False),  # the speed-up too noisy to trust
+        (_compiled_row(1.95, 0.02, 0.98, 0.02), False),  # compiled slower than eager
+        (_compiled_row(1.95, 0.02, 1.2, 0.5), False),  # the compiled gain too noisy to trust
+    ],
+)
+def test_compiled_floors_need_each_figure_reached_and_trusted(row, passes):
+    """eval/bench_compile.py: the speed-up at 0.95 of the MACs ratio and compiled faster than
+    eager, each with a spread narrow enough to read."""
+    unpruned = bench.BenchRow("unpruned", None, {}, 1.0, 1.0, 0.0, 10.0, 1.0, 0.0, 100.0)
+    report, passed = eval_script("bench_compile").floor_report([unpruned, row])
+    assert passed is passes
+    assert report.endswith("ok" if passes else "MISSED")
+
+
+@pytest.mark.parametrize(
+    ("prefill", "first", "holds"),
+    [
+        (Speedup(4.2, 0.02), Speedup(2.6, 0.02), True),
+        (Speedup(3.9, 0.02), Speedup(2.6, 0.02), False),
+        (Speedup(4.2, 0.02), Speedup(2.4, 0.02), False),
+        (Speedup(4.2, 0.5), Speedup(2.6, 0.02), False),
+        (Speedup(4.2, 0.02), Speedup(2.6, 0.5), False),
+    ],
+)
+def test_vlm_floors_need_both_speedups_reached_and_trusted(prefill, first, holds):
+    assert eval_script("bench_vlm").floors_hold(prefill, first) is holds
+
+
+def test_generation_floors_hold_at_every_batch_with_trusted_figures(capsys):
+    """eval/bench_vlm_generate.py: 1.5x at batch 8, never slower than unpruned elsewhere."""
+    verdict = eval_script("bench_vlm_generate").verdict
+    calm = [(1, 0, 0, Speedup(1.02, 0.02)), (8, 0, 0, Speedup(1.6, 0.02))]
+    assert verdict(calm)
+    assert not verdict([(1, 0, 0, Speedup(0.97, 0.02)), calm[1]])  # slower at batch 1
+    assert not verdict([calm[0], (8, 0, 0, Speedup(1.4, 0.02))])  # under 1.5x at batch 8
+    assert not verdict([calm[0], (8, 0, 0, Speedup(1.6, 0.5))])  # too noisy to trust
+    assert capsys.readouterr().out.count("MISSED") == 3
