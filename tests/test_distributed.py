@@ -23,7 +23,7 @@ from fixtures.imagenet import foolbox_images, image_folder, save_safetensors
 import tokcomp
 from tokcomp.bench import parse_variant
 from tokcomp.cli import main
-from tokcomp.harness import sweep, timing
+from tokcomp.harness import imagenet, sweep, timing
 from tokcomp.harness.distributed import World
 from tokcomp.harness.imagenet import ClassificationTask
 
@@ -71,6 +71,23 @@ def test_two_processes_count_exactly_what_one_process_counts(checkpoint, folder,
     for a, b in zip(one_rows, two_rows, strict=True):
         assert b["samples"] == a["samples"] == int(limit)
         assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
+
+
+def test_a_rank_other_than_0_prints_and_writes_no_table(
+    checkpoint, folder, tmp_path, monkeypatch, capsys
+):
+    """Every rank evaluates its shard; rank 0 alone writes the table, CSV and plot (two ranks
+    wrote the same files at once)."""
+
+    def report(*args, **kwargs):
+        raise AssertionError("rank 1 wrote the report")
+
+    monkeypatch.setattr(imagenet, "start_run", lambda args: (World(rank=1, size=2), CPU))
+    monkeypatch.setattr(imagenet, "evaluate_sweep", lambda *args, **kwargs: [])
+    monkeypatch.setattr(imagenet, "report", report)
+    extra = ["--methods", "tome", "--budgets", "0.6"]
+    assert main(_sweep_args(checkpoint, folder, tmp_path / "out", extra)) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_search_steps_leave_identical_rates_and_weights_on_both_ranks_micro_batched_or_not(

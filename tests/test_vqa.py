@@ -31,7 +31,8 @@ from vlm_fixtures import IMAGE, IMAGE_BREAK, IMAGE_END, PAD, VOCAB, collate, sam
 
 import tokcomp
 from tokcomp.cli import main
-from tokcomp.harness import sweep
+from tokcomp.harness import sweep, vqa
+from tokcomp.harness.distributed import World
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.results import ResultStore
 from tokcomp.harness.vqa import VQATask, generate, generated_lengths, keep_budget
@@ -407,6 +408,22 @@ def test_forced_answers_score_exactly_at_every_budget(tmp_path):
         assert row["vqa_number"] == row["vqa_other"] == 0.0
         assert row["tokens_per_s"] == 0.0  # one token each: nothing decoded after the first
     assert [row["visual_tokens"] for row in rows] == [16, 4, 4]
+
+
+def test_a_rank_other_than_0_prints_and_writes_no_table(tiny, tmp_path, monkeypatch, capsys):
+    """Every rank evaluates its shard; rank 0 alone writes the table, CSV and plot."""
+
+    def report(*args, **kwargs):
+        raise AssertionError("rank 1 wrote the report")
+
+    data, model = tiny
+    world = World(rank=1, size=2)
+    monkeypatch.setattr(vqa, "start_run", lambda args: (world, torch.device("cpu")))
+    monkeypatch.setattr(vqa, "evaluate_sweep", lambda *args, **kwargs: [])
+    monkeypatch.setattr(vqa, "report", report)
+    argv = ["--model", model, "--data", data, "--output", tmp_path, "--methods", "zoo"]
+    assert main(["eval", "vqa", *map(str, argv), "--budgets", "0.5"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_two_processes_count_exactly_what_one_process_counts(tiny, tmp_path):
