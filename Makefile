@@ -79,8 +79,12 @@ demo-video-full: install
 	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 600 --methods $(VQA_METHODS),fastvid \
 		--output results/demo-video-shapes-full
 
+# One worker per core (at most 4), whole files per worker: the tests run on one thread each, and
+# a file's module fixtures (the nvcc compiles of test_cuda_sources_compile.py) run once.
+PYTEST_PARALLEL := -n logical --maxprocesses 4 --dist loadfile
+
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 	$(MAKE) test-lmms
 
 # The lmms-eval model and command (tokcomp[lmms]), with lmms-eval installed, offline.
