@@ -1665,7 +1665,7 @@ def test_a_generation_continues_from_its_pruned_cache_with_its_last_token_only()
         return model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=3,
             **greedy,
         )

@@ -294,9 +294,12 @@ class HFVisionAdapter(Adapter):
         self.tower_config = f"model.{tower_name}.config" if tower_name else "model.config"
         self.head = getattr(model, head_name) if head_name else None
         self.tower_class = _lookup(self.tower, _TOWERS)
-        # found once, not on every call; a plain attribute, since dynamo breaks the graph on
-        # functools.cached_property's lock
+        # found once, not on every call; plain attributes, since dynamo breaks the graph on
+        # functools.cached_property's lock (and warns on tracing through functools.cache)
         self._skipped_modules = self._find_skipped_modules() if self.tower_class else ([], [])
+        self._embedding_options = (
+            _options_taken_by_embeddings(self.tower) if self.tower_class else frozenset()
+        )
 
     @classmethod
     def recognises(cls, model: nn.Module) -> bool:
@@ -405,7 +408,8 @@ class HFVisionAdapter(Adapter):
             raise ValueError("You have to specify pixel_values")
         tower, tower_class = self.tower, self.tower_class
         self._refuse_skipped_work()
-        x = tower_class.embed(tower, pixel_values, **_embedding_options(tower, embed_options))
+        taken = {k: v for k, v in embed_options.items() if k in self._embedding_options}
+        x = tower_class.embed(tower, pixel_values, **taken)
         self._refuse_other_size(compression, pixel_values, x.shape[1])
         state = compression.start(x, tower_class.prefix(tower))
         hidden = [state] if collect else None
@@ -456,18 +460,11 @@ class HFVisionAdapter(Adapter):
         )
 
 
-def _embedding_options(tower: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """The call options the tower's embeddings take (interpolate_pos_encoding, ...); the rest
-    are the caller's TransformersKwargs (a VLM's vision_aspect_ratio), which the tower's own
-    forward ignores too."""
-    accepted = _parameters(type(tower.embeddings))
-    return {name: value for name, value in options.items() if name in accepted}
-
-
-@functools.cache
-def _parameters(embeddings: type[nn.Module]) -> frozenset[str]:
-    """The argument names of an embeddings class's forward (read once per class, not per call)."""
-    return frozenset(inspect.signature(embeddings.forward).parameters)
+def _options_taken_by_embeddings(tower: nn.Module) -> frozenset[str]:
+    """The call options the tower's embeddings take (interpolate_pos_encoding, ...); the
+    others are the caller's TransformersKwargs (a VLM's vision_aspect_ratio), which the
+    tower's own forward ignores too."""
+    return frozenset(inspect.signature(type(tower.embeddings).forward).parameters)
 
 
 def _siglip_pool(head: nn.Module, last: torch.Tensor, state: TokenState) -> torch.Tensor:
