@@ -11,6 +11,7 @@ from method_options import keep_all, middle
 
 import tokcomp
 from tokcomp.methods import BlockPosition, Signals, TokenState, create_method
+from tokcomp.methods.base import MAX_SEED
 from tokcomp.methods.zero_tprune import head_filter
 from tokcomp.ops import attention_pagerank, energy_score
 
@@ -305,3 +306,16 @@ def test_random_positions_apply_to_vlms_only():
         tokcomp.apply(model, "random", keep_ratio=0.5, positions="keep")
     with pytest.raises(ValueError, match="positions must be one of"):
         tokcomp.apply(model, "random", keep_ratio=0.5, positions="shuffle")
+
+
+@pytest.mark.parametrize("method", ["random", "zoo", "sparsevlm"])
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 10**14])
+def test_a_seed_out_of_range_is_refused_when_the_method_is_made(method, seed):
+    """random's 10**14 was taken, then overflowed its 64-bit generator seed at the first call."""
+    with pytest.raises(ValueError, match=f"{method}: seed must be an int from 0 to {MAX_SEED}"):
+        create_method(method, seed=seed)
+
+
+def test_random_runs_at_the_largest_seed():
+    model = tokcomp.apply(tiny_vit(), "random", keep_ratio=0.5, seed=MAX_SEED)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -22,6 +22,10 @@ import torch
 
 from tokcomp.methods.state import Signal, Signals, TokenState
 
+#: The largest `seed` a seeded method takes: random mixes it with the block index into one
+#: 64-bit generator seed (seed * 100_003 + block).
+MAX_SEED = 2**32 - 1
+
 
 class AttentionStyle(enum.Enum):
     """How a model family implements attention; some released methods set their defaults per
@@ -81,6 +85,8 @@ class Method:
 
     def __post_init__(self) -> None:
         self._make_options_plain()
+        seed = getattr(self, "seed", 0)
+        require(self.name, "seed", seed, 0 <= seed <= MAX_SEED, f"an int from 0 to {MAX_SEED}")
         if self.target_macs is not None and self.schedule is not None:
             raise ValueError(f"{self.name}: give either target_macs or schedule, not both")
         if self.target_macs is not None and not 0 < self.target_macs <= 1:
