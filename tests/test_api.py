@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -432,3 +434,16 @@ def test_methods_by_kind():
     assert set(vision) | set(vlm) == set(tokcomp.methods())
     with pytest.raises(ValueError, match="kind must be one of"):
         tokcomp.methods("text")
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (None, "expected a method name, a Method, a Config or a config path, got None"),
+        (123, "expected a method name, a Method, a Config or a config path, got 123"),
+        (Path("tome"), "no config file tome: give the path of a saved config"),
+    ],
+)
+def test_what_is_neither_a_method_nor_a_config_is_refused_naming_what_apply_takes(given, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tokcomp.apply(tiny_vit(), given)

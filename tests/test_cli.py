@@ -110,7 +110,9 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     [
         (["export", "--model", "deit_tiny_patch16_224", "tomme", "-o", "x.json"], "unknown method"),
         (["show", "missing.json"], "no such config file"),
-        (["export", "tome:r=1", "-o", "x.json"], "give a model name"),
+        (["export", "tome:r=1", "-o", "x.json"], "give a model: a timm model name (--model)"),
+        (["export", "--checkpoint", "nope.pth", "tome:r=1", "-o", "x.json"], "does not exist"),
+        (["bench", "--checkpoint", "nope.pth", "--variant", "tome:r=1"], "does not exist"),
     ],
 )
 def test_errors_are_reported_without_a_traceback(argv, message, capsys):

@@ -285,13 +285,16 @@ def _patch_of(model: nn.Module) -> Patch:
 def _as_config(method_or_config: str | Path | Config) -> Config | None:
     if isinstance(method_or_config, Config):
         return method_or_config
+    if not isinstance(method_or_config, (str, Path)):
+        raise ConfigError(
+            f"expected a method name, a Method, a Config or a config path, got "
+            f"{method_or_config!r}"
+        )
     path = Path(method_or_config)
     if isinstance(method_or_config, str) and method_or_config in method_names():
         return None  # a method's name, even where a file of that name sits in the folder
     if path.suffix in _CONFIG_SUFFIXES or path.is_file():
         return Config.load(path)
-    if not isinstance(method_or_config, str):
-        raise ConfigError(
-            f"expected a method name, a Config or a config path, got {method_or_config!r}"
-        )
+    if isinstance(method_or_config, Path):
+        raise ConfigError(f"no config file {path}: give the path of a saved config")
     return None

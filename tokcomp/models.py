@@ -49,8 +49,14 @@ def create_model(
             f"checkpoint names its model), or pass --model {saved_as}"
         )
     name = name or saved_as
+    if name is None and not checkpoint:
+        raise UsageError("give a model: a timm model name (--model) or a checkpoint (--checkpoint)")
     if name is None:
-        raise ValueError("give a model name (the checkpoint does not record one)")
+        if not Path(checkpoint).exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise UsageError(
+            f"give a model name (--model): checkpoint {checkpoint} does not record its timm model"
+        )
     kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
     if pretrained:
         _require_pretrained(name)
