@@ -366,3 +366,14 @@ def test_show_states_a_reference_video_config_and_the_vlm_architecture(tmp_path,
     assert "per reference video" not in macs[0]
     assert "per reference video (model.frames=4: for reports, not to apply)" in macs[1]
     assert "per reference video (model.frames=1: for reports, not to apply)" in macs[2]
+
+
+def test_show_states_a_video_config_that_does_not_record_its_frames(tmp_path, capsys):
+    """A config edited to model.video without model.frames showed a KeyError traceback."""
+    model = tokcomp.apply(tiny_vlm("llava_onevision_video"), "fastv", keep=0.5)
+    data = tokcomp.config_of(model, frames=4).to_dict()
+    del data["model"]["frames"]
+    path = tmp_path / "video.json"
+    path.write_text(json.dumps(data))
+    assert main(["show", str(path)]) == 0
+    assert "per reference video (for reports, not to apply)" in capsys.readouterr().out

@@ -199,8 +199,9 @@ def _per_item(config: Config) -> str:
     """What a config's MACs are counted on, where it is not an image: a reference video."""
     if not config.on_video:
         return ""
-    frames = config.model["frames"]
-    return f" per reference video (model.frames={frames}: for reports, not to apply)"
+    frames = config.model.get("frames")
+    counted = "" if frames is None else f"model.frames={frames}: "
+    return f" per reference video ({counted}for reports, not to apply)"
 
 
 def _run(args: argparse.Namespace) -> None:
