@@ -287,8 +287,7 @@ def _as_config(method_or_config: str | Path | Config) -> Config | None:
         return method_or_config
     if not isinstance(method_or_config, (str, Path)):
         raise ConfigError(
-            f"expected a method name, a Method, a Config or a config path, got "
-            f"{method_or_config!r}"
+            f"expected a method name, a Method, a Config or a config path, got {method_or_config!r}"
         )
     path = Path(method_or_config)
     if isinstance(method_or_config, str) and method_or_config in method_names():
