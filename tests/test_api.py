@@ -447,3 +447,26 @@ def test_methods_by_kind():
 def test_what_is_neither_a_method_nor_a_config_is_refused_naming_what_apply_takes(given, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         tokcomp.apply(tiny_vit(), given)
+
+
+@pytest.mark.parametrize(
+    ("method", "option"),
+    [
+        ("tome", {"r": 2}),
+        ("tome", {"inflection": 0.5}),
+        ("evit", {"layers": [1]}),
+        ("random", {"layers": [1]}),
+        ("zero_tprune", {"layers": [1]}),
+        ("pitome", {"keep_ratio": 0.9}),
+    ],
+)
+def test_an_option_that_only_shapes_the_derived_schedule_is_refused_beside_a_schedule(
+    method, option
+):
+    """evit's layers=[1] beside a schedule cutting at block 2 was kept in the config, and
+    ignored."""
+    (name,) = option
+    schedule = [60, 55, 50, 45]
+    with pytest.raises(ValueError, match=f"{method}: give either schedule or {name}, not both"):
+        tokcomp.apply(tiny_vit(), method, schedule=schedule, **option)
+    assert tokcomp.is_patched(tokcomp.apply(tiny_vit(), method, schedule=schedule))

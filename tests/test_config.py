@@ -105,7 +105,7 @@ def test_a_config_saved_before_selection_macs_were_counted_still_applies(tmp_pat
     ("method", "options"),
     [
         ("tome", {"schedule": [60, 55, 50, 45]}),
-        ("evit", {"schedule": [65, 40, 40, 30], "layers": [1, 3]}),
+        ("evit", {"schedule": [65, 40, 40, 30]}),
         ("pitome", {"keep_ratio": 0.8}),
         ("zero_tprune", {"target_macs": 0.6}),
     ],

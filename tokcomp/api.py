@@ -141,13 +141,17 @@ def _bound(method: Method, tower: Method | None, spec: ModelSpec) -> Compression
 
 
 def _refuse_budget_with_schedule(name: str, options: dict[str, Any]) -> None:
-    """Refuse a method's budget option beside an explicit schedule, which overrides it."""
-    budget = getattr(method_class(name), "budget", None)
-    if options.get("schedule") is not None and budget in options:
-        raise ValueError(
-            f"{name}: give either schedule or {budget}, not both (the schedule sets the tokens "
-            "kept at every block)"
-        )
+    """Refuse a method's budget option, or an option shaping the schedule derived from it,
+    beside an explicit schedule, which overrides them."""
+    cls = method_class(name)
+    if options.get("schedule") is None:
+        return
+    for option in (getattr(cls, "budget", None), *cls.schedule_shapers):
+        if options.get(option) is not None:
+            raise ValueError(
+                f"{name}: give either schedule or {option}, not both (the schedule sets the "
+                "tokens kept at every block)"
+            )
 
 
 def _refuse_options(options: dict[str, Any], given: str) -> None:

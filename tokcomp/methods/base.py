@@ -79,6 +79,9 @@ class Method:
     name: ClassVar[str]
     #: The option holding the method's budget (what `target_macs` chooses).
     budget: ClassVar[str]
+    #: Options beside the budget that only shape the schedule derived from it (an explicit
+    #: schedule leaves them without effect).
+    schedule_shapers: ClassVar[tuple[str, ...]] = ()
 
     target_macs: float | None = None
     schedule: list[int] | None = None

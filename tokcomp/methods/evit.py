@@ -28,6 +28,7 @@ class EViT(BlockMethod):
 
     name: ClassVar[str] = "evit"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
+    schedule_shapers: ClassVar[tuple[str, ...]] = ("layers",)
 
     keep_ratio: float = 0.7
     layers: list[int] | None = None

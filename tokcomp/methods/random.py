@@ -35,6 +35,7 @@ class RandomPrune(BlockMethod, VisualMethod):
     name: ClassVar[str] = "random"
     needs: ClassVar[frozenset[Signal]] = frozenset()
     budget: ClassVar[str] = "keep_ratio"
+    schedule_shapers: ClassVar[tuple[str, ...]] = ("layers",)
 
     keep_ratio: float = 1.0
     layers: list[int] | None = None

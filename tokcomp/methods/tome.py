@@ -37,6 +37,7 @@ class ToMe(BlockMethod):
 
     name: ClassVar[str] = "tome"
     budget: ClassVar[str] = "r"
+    schedule_shapers: ClassVar[tuple[str, ...]] = ("inflection",)
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEYS})
     only_merges: ClassVar[bool] = True
 

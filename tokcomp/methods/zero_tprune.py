@@ -46,6 +46,7 @@ class ZeroTPrune(BlockMethod):
 
     name: ClassVar[str] = "zero_tprune"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.ATTN, Signal.KEYS})
+    schedule_shapers: ClassVar[tuple[str, ...]] = ("layers",)
 
     keep_ratio: float = 0.7
     layers: list[int] | None = None
