@@ -258,7 +258,7 @@ def test_save_refuses_a_file_that_appeared_unless_asked_and_never_leaves_half_a_
     config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=2))
     path = tmp_path / "tome.json"
     path.write_text("another run's config")
-    with pytest.raises(ConfigError, match=r"tome\.json exists now .* pass --force"):
+    with pytest.raises(ConfigError, match=r"tome\.json exists: .* overwrite=True in Config\.save"):
         config.save(path, overwrite=False)
     assert path.read_text() == "another run's config" and list(tmp_path.iterdir()) == [path]
 

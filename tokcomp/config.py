@@ -173,9 +173,9 @@ class Config:
             partial.write_text(text if yaml_file else text + "\n")
             if not overwrite and path.exists():
                 raise ConfigError(
-                    f"{path} exists now (it appeared while this ran); pass --force to "
-                    "overwrite it (a search resumes from its saved state), or give another "
-                    "file name"
+                    f"{path} exists: give another file name, or overwrite it (--force on the "
+                    "command line, where a search resumes from its saved state; "
+                    "overwrite=True in Config.save)"
                 )
         return path
 
