@@ -377,3 +377,13 @@ def test_show_states_a_video_config_that_does_not_record_its_frames(tmp_path, ca
     path.write_text(json.dumps(data))
     assert main(["show", str(path)]) == 0
     assert "per reference video (for reports, not to apply)" in capsys.readouterr().out
+
+
+def test_a_warning_is_one_line_naming_its_category(tmp_path, capsys):
+    """tokcomp export of a method without options (it compresses nothing) printed Python's
+    two-line warning with tokcomp's file and line."""
+    path = tmp_path / "none.json"
+    assert main(["export", "--model", "test_vit", "tome", "-o", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: tokcomp.apply(model, 'tome') without options compresses")
+    assert err.endswith("(UserWarning)\n") and err.count("\n") == 1

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -217,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code
     handlers = {"bench": _bench, "export": _export, "show": _show, "eval": _run, "search": _run}
     try:
-        handlers[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _warning_line
+            handlers[args.command](args)
     except (Exception, KeyboardInterrupt) as err:
         code = _exit_code(err)
         if args.debug or code is None:
@@ -226,6 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_command(args)}: {_one_line(err)}", file=sys.stderr)
         return code
     return 0
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: object) -> None:
+    """A warning as one line on stderr, as the command's errors are (--debug: Python's form,
+    with the file and line)."""
+    lines = str(message).strip().splitlines() or [""]
+    more = " ..." if len(lines) > 1 else ""
+    print(f"warning: {lines[0]}{more} ({category.__name__})", file=sys.stderr)
 
 
 def _end_progress_bars() -> None:
