@@ -168,6 +168,7 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
             "good.safetensors holds timm model test_vit, not vit_tiny_patch16_224: drop --model",
         ),
         ("export --model test_vit tome:target_macs=0.6,r=5 -o {root}/x.json", 2, "or r, not"),
+        ("bench --model test_vit --force", 2, "--force overwrites the --json file; give --json"),
         ("export --model test_vit tome:schedule=[9,8],r=5 -o {root}/x.json", 2, "or r, not both"),
         (
             "export --model test_vit tome:r=2,prop_attn=maybe -o {root}/x.json",

@@ -140,6 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.force and not args.json:
+        raise UsageError("--force overwrites the --json file; give --json FILE, or drop --force")
     if args.json:
         check_new_file(args.json, args.force, "--json")
     model = create_model(args.model, args.checkpoint)
