@@ -30,6 +30,8 @@ def test_parse_variant_reads_json_values_and_lists():
     assert variant.method == "tome"
     assert variant.options == {"r": [3, 2, 1], "prop_attn": False, "inflection": -1}
     assert parse_variant("tome").options == {}
+    python = parse_variant("tome:r=2,prop_attn=False,trace_source=True,inflection=None")
+    assert python.options == {"r": 2, "prop_attn": False, "trace_source": True, "inflection": None}
 
 
 def test_parse_variant_reads_a_mapping_whole():

@@ -51,6 +51,10 @@ def parse_variant(text: str) -> Variant:
     return Variant(label, method, options)
 
 
+#: Option values written as in Python, read as their JSON spellings (true, false, null) are.
+PYTHON_CONSTANTS = {"True": True, "False": False, "None": None}
+
+
 def _split_options(text: str) -> list[str]:
     items, depth, current = [], 0, ""
     for char in text:
@@ -71,7 +75,7 @@ def _parse_option(item: str) -> tuple[str, Any]:
     try:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
-        return key.strip(), value
+        return key.strip(), PYTHON_CONSTANTS.get(value.strip(), value)
 
 
 def _compact(value: Any) -> str:
