@@ -109,7 +109,7 @@ def _requested(
         return _bound(_own_copy(method_or_config), tower, spec)
     config = _as_config(method_or_config)
     if config is None:
-        _refuse_budget_with_schedule(str(method_or_config), options)
+        _refuse_what_the_schedule_overrides(str(method_or_config), options)
         chosen = {**defaults.get(str(method_or_config), {}), **options}
         compression = _bound(create_method(str(method_or_config), **chosen), tower, spec)
         method, schedule = compression.method, list(compression.schedule)
@@ -140,7 +140,7 @@ def _bound(method: Method, tower: Method | None, spec: ModelSpec) -> Compression
     return Compression(method, tuple(schedule), spec, tower=in_tower)
 
 
-def _refuse_budget_with_schedule(name: str, options: dict[str, Any]) -> None:
+def _refuse_what_the_schedule_overrides(name: str, options: dict[str, Any]) -> None:
     """Refuse a method's budget option, or an option shaping the schedule derived from it,
     beside an explicit schedule, which overrides them."""
     cls = method_class(name)

@@ -237,9 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _warning_line(message: Warning | str, category: type[Warning], *_: object) -> None:
     """A warning as one line on stderr, as the command's errors are (--debug: Python's form,
     with the file and line)."""
-    lines = str(message).strip().splitlines() or [""]
-    more = " ..." if len(lines) > 1 else ""
-    print(f"warning: {lines[0]}{more} ({category.__name__})", file=sys.stderr)
+    print(f"warning: {_first_line(str(message))} ({category.__name__})", file=sys.stderr)
 
 
 def _end_progress_bars() -> None:
@@ -284,6 +282,11 @@ def _one_line(err: BaseException) -> str:
         return "interrupted"
     if isinstance(err, TokcompError):
         return f"error: {err}" if err.exit_code != INTERRUPTED else str(err)
-    lines = original_message(str(err)).strip().splitlines() or [""]
-    more = " ..." if len(lines) > 1 else ""
-    return f"error: {lines[0]}{more} ({type(err).__name__}; --debug shows the traceback)"
+    message = _first_line(original_message(str(err)))
+    return f"error: {message} ({type(err).__name__}; --debug shows the traceback)"
+
+
+def _first_line(message: str) -> str:
+    """A message's first line, with " ..." where more lines follow."""
+    lines = message.strip().splitlines() or [""]
+    return lines[0] + (" ..." if len(lines) > 1 else "")

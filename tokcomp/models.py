@@ -52,8 +52,7 @@ def create_model(
     if name is None and not checkpoint:
         raise UsageError("give a model: a timm model name (--model) or a checkpoint (--checkpoint)")
     if name is None:
-        if not Path(checkpoint).exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        _check_checkpoint_file(Path(checkpoint))
         raise UsageError(
             f"give a model name (--model): checkpoint {checkpoint} does not record its timm model"
         )
@@ -80,10 +79,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a local .safetensors or .pth/.pt file (a bare state dict, or one under
     'model' / 'state_dict' as training scripts commonly save)."""
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_checkpoint_file(path)
     if _is_safetensors(path):
         from safetensors.torch import load_file
 
@@ -187,13 +183,18 @@ def _hub_data_config(checkpoint: Path) -> dict[str, Any]:
     return {key: cfg[key] for key in DATA_KEYS if key in cfg} if isinstance(cfg, dict) else {}
 
 
+def _check_checkpoint_file(path: Path) -> None:
+    """Refuse a checkpoint path that is a folder or names no file, in one line."""
+    if path.is_dir():
+        raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:
     if not _is_safetensors(path):
         return {}
-    if Path(path).is_dir():
-        raise UsageError(f"checkpoint {path} is a folder; give the weights file in it")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_checkpoint_file(Path(path))
     from safetensors import safe_open
 
     with _readable(Path(path)), safe_open(str(path), framework="pt") as handle:
