@@ -51,7 +51,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -486,206 +488,311 @@ def save_model(
     save_file(tensors, str(path), metadata=meta)
 
 
+@dataclass
+class Data:
+    """The training images and labels, and the test ones (placed on the canvas)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    monitored: int  # the first test images, evaluated after every epoch
+
+    def monitor(self, model: torch.nn.Module, bf16: bool) -> float:
+        """Top-1 on the monitored test images."""
+        return evaluate(model, self.test_x[: self.monitored], self.test_y[: self.monitored], bf16)
+
+    def test_top1(self, model: torch.nn.Module) -> float:
+        """Plain float32 top-1 on every test image."""
+        return evaluate(model, self.test_x, self.test_y, bf16=False)
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """Fashion-MNIST as tensors; a missing or broken data folder is one line naming the fix."""
+    with refusing(build_parser()):
+        train_x, train_y = load_arrays(args.data_root, "train")
+        test_x, test_y = load_arrays(args.data_root, "test")
+    test = torch.from_numpy(test_x.copy())
+    if args.canvas != IMAGE_SIZE:
+        test = place_at_fixed_offsets(test, args.canvas)
+    return Data(
+        torch.from_numpy(train_x.copy()),
+        torch.from_numpy(train_y.astype(np.int64)),
+        test,
+        torch.from_numpy(test_y.astype(np.int64)),
+        min(args.eval_images or len(test), len(test)),
+    )
+
+
+@dataclass
+class Progress:
+    """What a run checkpoints after every epoch: its model and optimiser, the model's patch
+    size, the epochs done, the time spent and the per-epoch records."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.AdamW
+    patch: int
+    done: int = 0
+    elapsed: float = 0.0
+    cpu_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Add the wall and CPU time of the block to the run's."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.elapsed += time.perf_counter() - wall
+        self.cpu_s += time.process_time() - cpu
+
+    def record(self, record: dict) -> None:
+        """Keep `record` in the history and print it."""
+        self.history.append(record)
+        print(json.dumps(record), flush=True)
+
+    def state(self, args: argparse.Namespace) -> dict:
+        """The checkpoint: everything a restarted run needs to go on bit for bit."""
+        return {
+            "epoch": self.done,
+            "patch": self.patch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "elapsed_s": self.elapsed,
+            "cpu_s": self.cpu_s,
+            "history": self.history,
+            "args": vars(args),
+        }
+
+
+def start(args: argparse.Namespace, patch: int) -> Progress:
+    """A new run at `patch`: a seeded random model, or the --init one."""
+    seed_everything(args.seed)
+    model, elapsed, cpu_s, history = create(args, patch), 0.0, 0.0, []
+    if args.init:
+        model, elapsed, cpu_s, history = load_init(model, args.init, args)
+    return Progress(model, make_optimizer(model, args), patch, 0, elapsed, cpu_s, history)
+
+
+def resume(args: argparse.Namespace, path: Path) -> Progress:
+    """The run saved at `path`, which must have been started with the same settings."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    ignored = ("fresh", "force")
+    saved = {k: v for k, v in state["args"].items() if k not in ignored}
+    now = {k: v for k, v in vars(args).items() if k not in ignored}
+    if saved != now:
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        raise SystemExit(
+            f"{path} was written with different settings ({', '.join(diff)}); "
+            "rerun the same command or pass --fresh"
+        )
+    model = create(args, state["patch"])
+    model.load_state_dict(state["model"])
+    optimizer = make_optimizer(model, args)
+    optimizer.load_state_dict(state["optimizer"])
+    return Progress(
+        model,
+        optimizer,
+        state["patch"],
+        state["epoch"],
+        state["elapsed_s"],
+        state["cpu_s"],
+        state["history"],
+    )
+
+
+class Trainer:
+    """One run through the stages, checkpointed after every epoch."""
+
+    def __init__(self, args: argparse.Namespace, data: Data) -> None:
+        self.args, self.data = args, data
+        self.bf16 = not args.no_bf16
+        self.plan = stages(args)
+        self.total_epochs = sum(stage.epochs for stage in self.plan)
+        whole_batches = len(data.train_x) // args.batch_size  # the last partial one dropped
+        self.steps_per_epoch = min(whole_batches, args.limit_steps or whole_batches)
+        self.state_dir = Path(args.out) / ".train_state"
+        self.resume_path = self.state_dir / "last.pt"
+
+    def run(self) -> None:
+        """Train (or resume), then write model.safetensors."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume_path.exists() and not self.args.fresh:
+            progress = resume(self.args, self.resume_path)
+            done = f"{progress.done}/{self.total_epochs}"
+            print(f"resumed from {self.resume_path} after epoch {done}", flush=True)
+        else:
+            progress = start(self.args, self.plan[0].patch)
+        first = 0  # the run's index of the stage's first epoch
+        for number, stage in enumerate(self.plan, 1):
+            last = first + stage.epochs
+            if progress.done < last:
+                self.train_stage(progress, number, stage, range(max(progress.done, first), last))
+            first = last
+        self.finish(progress)
+
+    def train_stage(self, progress: Progress, number: int, stage: Stage, epochs: range) -> None:
+        """Train `epochs` of `stage`, moving the model to the stage's patch size first."""
+        if progress.patch != stage.patch:
+            self.repatch(progress, stage.patch)
+        n_params = sum(p.numel() for p in progress.model.parameters())
+        model = progress.model
+        print(
+            f"stage {number}/{len(self.plan)} {stage.name}: "
+            f"{json.dumps(model_kwargs(self.args, stage.patch))} "
+            f"tokens={model.patch_embed.num_patches + model.num_prefix_tokens} "
+            f"params={n_params / 1e6:.3f}M bf16={self.bf16} threads={self.args.threads} "
+            f"steps/epoch={self.steps_per_epoch}",
+            flush=True,
+        )
+        first = epochs.stop - stage.epochs
+        for epoch in epochs:
+            self.train_epoch(progress, stage, epoch, epoch - first)
+            if epoch + 1 == epochs.stop and number < len(self.plan):
+                self.keep_stage_model(progress, stage)
+            torch_save_whole(progress.state(self.args), self.resume_path)
+
+    def repatch(self, progress: Progress, patch: int) -> None:
+        """Resample the model to `patch`, with a new optimiser."""
+        with progress.timed():
+            progress.model = repatch(progress.model, self.args, patch)
+            progress.patch = patch
+            progress.optimizer = make_optimizer(progress.model, self.args)
+            accuracy = self.data.monitor(progress.model, self.bf16)
+        progress.record(
+            {"event": f"repatch to {patch}", f"test{self.data.monitored}_acc": accuracy}
+        )
+
+    def train_epoch(self, progress: Progress, stage: Stage, epoch: int, in_stage: int) -> None:
+        """One epoch (the run's `epoch`, the stage's `in_stage`), then its record."""
+        started = time.perf_counter()
+        with progress.timed():
+            train_loss, train_acc = self.epoch_steps(progress, stage, epoch, in_stage)
+            accuracy = self.data.monitor(progress.model, self.bf16)
+        progress.done = epoch + 1
+        progress.record(
+            {
+                "epoch": epoch + 1,
+                "stage": stage.name,
+                "patch": progress.patch,
+                "train_loss": round(train_loss, 5),
+                "train_acc": round(train_acc, 5),
+                f"test{self.data.monitored}_acc": accuracy,
+                "epoch_s": round(time.perf_counter() - started, 1),
+                "elapsed_s": round(progress.elapsed, 1),
+                "cpu_s": round(progress.cpu_s, 1),
+            }
+        )
+
+    def epoch_steps(
+        self, progress: Progress, stage: Stage, epoch: int, in_stage: int
+    ) -> tuple[float, float]:
+        """The epoch's optimiser steps; their mean training loss and accuracy."""
+        args = self.args
+        progress.model.train()
+        # One generator per epoch: resuming at an epoch boundary reproduces the run.
+        generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+        torch.manual_seed(args.seed * 100_003 + epoch)  # drop-path randomness
+        order = torch.randperm(len(self.data.train_x), generator=generator)
+        loss_sum, correct, seen = 0.0, 0, 0
+        where = f"({stage.name}, patch {progress.patch})"
+        bar = tqdm(
+            range(self.steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{self.total_epochs} {where}",
+            mininterval=30,
+            file=sys.stdout,
+        )
+        for step in bar:
+            lr = self.learning_rate(stage, in_stage * self.steps_per_epoch + step)
+            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+            images = self.augmented(batch, generator)
+            at = f"epoch {epoch + 1}, step {step + 1}"
+            loss, right = self.train_step(progress, images, self.data.train_y[batch], lr, at)
+            loss_sum += loss * len(batch)
+            correct += right
+            seen += len(batch)
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.2e}"
+            )
+        bar.close()
+        return loss_sum / seen, correct / seen
+
+    def learning_rate(self, stage: Stage, step: int) -> float:
+        """The learning rate at the stage's `step`: warmup, then cosine decay."""
+        total = stage.epochs * self.steps_per_epoch
+        warmup = int(stage.warmup_epochs * self.steps_per_epoch)
+        return lr_at(step, total, warmup, stage.lr, self.args.min_lr)
+
+    def augmented(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The training images at `batch`, cropped and flipped (and pasted on the canvas)."""
+        args = self.args
+        images = augment(self.data.train_x[batch], args.pad, not args.no_flip, generator)
+        if args.canvas == IMAGE_SIZE:
+            return images
+        sizes = args.garment_sizes or (IMAGE_SIZE, IMAGE_SIZE)
+        return paste_resized(images, args.canvas, sizes, generator)
+
+    def train_step(
+        self, progress: Progress, images: torch.Tensor, labels: torch.Tensor, lr: float, where: str
+    ) -> tuple[float, int]:
+        """One optimiser step at `lr`; the batch's mean loss and its correct predictions."""
+        args, model, optimizer = self.args, progress.model, progress.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            tokens = model.forward_features(normalize(images))
+            logits = model.forward_head(tokens)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=args.label_smoothing)
+        if args.token_label_weight:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                patch_logits = model.head(tokens[:, model.num_prefix_tokens :])
+            garment = foreground_patches(images, progress.patch, args.foreground_threshold)
+            loss = loss + args.token_label_weight * token_label_loss(patch_logits, labels, garment)
+        value = finite_loss(loss.item(), where)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        return value, (logits.argmax(-1) == labels).sum().item()
+
+    def keep_stage_model(self, progress: Progress, stage: Stage) -> None:
+        """Save the model at the end of a stage before the last (the 7x7 one) for reference."""
+        top1 = self.data.test_top1(progress.model)
+        print(f"{stage.name} stage fp32 test top-1 (all {len(self.data.test_x)}): {top1:.4f}")
+        progress.history.append({"event": f"end of {stage.name}", "test_top1": top1})
+        save_model(
+            self.state_dir / f"{stage.name}_model.safetensors",
+            progress.model,
+            self.args,
+            progress.patch,
+            {"test_top1": f"{top1:.4f}"},
+        )
+
+    def finish(self, progress: Progress) -> None:
+        """Evaluate on every test image, write the model, drop the checkpoint."""
+        top1 = self.data.test_top1(progress.model)
+        print(f"final fp32 test top-1 on {len(self.data.test_x)} images: {top1:.4f}", flush=True)
+        path = Path(self.args.out) / "model.safetensors"
+        times = {"train_wall_s": f"{progress.elapsed:.0f}", "train_cpu_s": f"{progress.cpu_s:.0f}"}
+        extra = {"test_top1": f"{top1:.4f}", "train_seed": self.args.seed, **times}
+        save_model(path, progress.model, self.args, progress.patch, extra)
+        (self.state_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
+        self.resume_path.unlink()  # finished: a rerun with --force trains again
+        print(
+            f"wrote {path}; training wall time {progress.elapsed / 60:.1f} min, "
+            f"CPU time {progress.cpu_s / 60:.1f} min"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Train (or resume), then write model.safetensors."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    bf16 = not args.no_bf16
     if not args.fused_attn:
         # Plain q@k^T/softmax/@v is ~1.8x faster than the CPU flash-attention kernel at
         # 197 tokens; numerically the same model (loading later may use fused attention).
         timm.layers.set_fused_attn(False)
-
-    with refusing(build_parser()):  # the data, before any output
-        train_x, train_y = load_arrays(args.data_root, "train")
-        test_x, test_y = load_arrays(args.data_root, "test")
-    out = Path(args.out)
-    state_dir = out / ".train_state"
-    state_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = state_dir / "last.pt"
-
-    train_x = torch.from_numpy(train_x.copy())
-    train_y = torch.from_numpy(train_y.astype(np.int64))
-    test_x = torch.from_numpy(test_x.copy())
-    if args.canvas != IMAGE_SIZE:
-        test_x = place_at_fixed_offsets(test_x, args.canvas)
-    test_y = torch.from_numpy(test_y.astype(np.int64))
-    n_mon = min(args.eval_images or len(test_x), len(test_x))
-
-    plan = stages(args)
-    if not plan:
-        raise SystemExit("nothing to train: --coarse-epochs and --epochs are both 0")
-    total_epochs = sum(s.epochs for s in plan)
-    steps_per_epoch = len(train_x) // args.batch_size  # drop the last partial batch
-    if args.limit_steps:
-        steps_per_epoch = min(steps_per_epoch, args.limit_steps)
-
-    seed_everything(args.seed)
-    patch = plan[0].patch
-    model = create(args, patch)
-    done, elapsed, cpu_s, history = 0, 0.0, 0.0, []
-    if args.init:
-        model, elapsed, cpu_s, history = load_init(model, args.init, args)
-    opt = make_optimizer(model, args)
-    if resume_path.exists() and not args.fresh:
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        ignored = ("fresh", "force")
-        saved = {k: v for k, v in state["args"].items() if k not in ignored}
-        now = {k: v for k, v in vars(args).items() if k not in ignored}
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise SystemExit(
-                f"{resume_path} was written with different settings ({', '.join(diff)}); "
-                "rerun the same command or pass --fresh"
-            )
-        patch = state["patch"]
-        model = create(args, patch)
-        model.load_state_dict(state["model"])
-        opt = make_optimizer(model, args)
-        opt.load_state_dict(state["optimizer"])
-        done, elapsed, cpu_s = state["epoch"], state["elapsed_s"], state["cpu_s"]
-        history = state["history"]
-        print(f"resumed from {resume_path} after epoch {done}/{total_epochs}", flush=True)
-
-    first = 0  # global index of the first epoch of the current stage
-    for si, stage in enumerate(plan):
-        last = first + stage.epochs
-        if done >= last:
-            first = last
-            continue
-        if patch != stage.patch:
-            t0, c0 = time.perf_counter(), time.process_time()
-            model = repatch(model, args, stage.patch)
-            patch = stage.patch
-            opt = make_optimizer(model, args)
-            acc0 = evaluate(model, test_x[:n_mon], test_y[:n_mon], bf16)
-            elapsed += time.perf_counter() - t0
-            cpu_s += time.process_time() - c0
-            rec = {"event": f"repatch to {patch}", f"test{n_mon}_acc": acc0}
-            history.append(rec)
-            print(json.dumps(rec), flush=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"stage {si + 1}/{len(plan)} {stage.name}: {json.dumps(model_kwargs(args, patch))} "
-            f"tokens={model.patch_embed.num_patches + model.num_prefix_tokens} "
-            f"params={n_params / 1e6:.3f}M bf16={bf16} threads={args.threads} "
-            f"steps/epoch={steps_per_epoch}",
-            flush=True,
-        )
-        total_steps = stage.epochs * steps_per_epoch
-        warmup_steps = int(stage.warmup_epochs * steps_per_epoch)
-        for epoch in range(max(done, first), last):
-            t0, c0 = time.perf_counter(), time.process_time()
-            model.train()
-            # One generator per epoch: resuming at an epoch boundary reproduces the run.
-            gen = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-            torch.manual_seed(args.seed * 100_003 + epoch)  # drop-path randomness
-            perm = torch.randperm(len(train_x), generator=gen)
-            loss_sum, correct, seen = 0.0, 0, 0
-            bar = tqdm(
-                range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{total_epochs} ({stage.name}, patch {patch})",
-                mininterval=30,
-                file=sys.stdout,
-            )
-            for i in bar:
-                step = (epoch - first) * steps_per_epoch + i
-                lr = lr_at(step, total_steps, warmup_steps, stage.lr, args.min_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                idx = perm[i * args.batch_size : (i + 1) * args.batch_size]
-                images = augment(train_x[idx], args.pad, not args.no_flip, gen)
-                if args.canvas != IMAGE_SIZE:
-                    sizes = args.garment_sizes or (IMAGE_SIZE, IMAGE_SIZE)
-                    images = paste_resized(images, args.canvas, sizes, gen)
-                y = train_y[idx]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    tokens = model.forward_features(normalize(images))
-                    logits = model.forward_head(tokens)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-                if args.token_label_weight:
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        patch_logits = model.head(tokens[:, model.num_prefix_tokens :])
-                    fg = foreground_patches(images, patch, args.foreground_threshold)
-                    loss = loss + args.token_label_weight * token_label_loss(patch_logits, y, fg)
-                value = finite_loss(loss.item(), f"epoch {epoch + 1}, step {i + 1}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                opt.step()
-                loss_sum += value * len(y)
-                correct += (logits.argmax(-1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.2e}"
-                )
-            bar.close()
-            test_acc = evaluate(model, test_x[:n_mon], test_y[:n_mon], bf16)
-            elapsed += time.perf_counter() - t0
-            cpu_s += time.process_time() - c0
-            rec = {
-                "epoch": epoch + 1,
-                "stage": stage.name,
-                "patch": patch,
-                "train_loss": round(loss_sum / seen, 5),
-                "train_acc": round(correct / seen, 5),
-                f"test{n_mon}_acc": test_acc,
-                "epoch_s": round(time.perf_counter() - t0, 1),
-                "elapsed_s": round(elapsed, 1),
-                "cpu_s": round(cpu_s, 1),
-            }
-            history.append(rec)
-            print(json.dumps(rec), flush=True)
-            done = epoch + 1
-            if done == last and si + 1 < len(plan):
-                # Keep the end of a non-final stage (e.g. the 7x7 model) for reference.
-                top1 = evaluate(model, test_x, test_y, bf16=False)
-                print(f"{stage.name} stage fp32 test top-1 (all {len(test_x)}): {top1:.4f}")
-                history.append({"event": f"end of {stage.name}", "test_top1": top1})
-                save_model(
-                    state_dir / f"{stage.name}_model.safetensors",
-                    model,
-                    args,
-                    patch,
-                    {"test_top1": f"{top1:.4f}"},
-                )
-            torch_save_whole(
-                {
-                    "epoch": done,
-                    "patch": patch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "elapsed_s": elapsed,
-                    "cpu_s": cpu_s,
-                    "history": history,
-                    "args": vars(args),
-                },
-                resume_path,
-            )
-        first = last
-
-    # Final plain fp32 evaluation on all 10,000 test images.
-    test_top1 = evaluate(model, test_x, test_y, bf16=False)
-    print(f"final fp32 test top-1 on {len(test_x)} images: {test_top1:.4f}", flush=True)
-    save_model(
-        out / "model.safetensors",
-        model,
-        args,
-        patch,
-        {
-            "test_top1": f"{test_top1:.4f}",
-            "train_seed": args.seed,
-            "train_wall_s": f"{elapsed:.0f}",
-            "train_cpu_s": f"{cpu_s:.0f}",
-        },
-    )
-    (state_dir / "history.json").write_text(json.dumps(history, indent=1))
-    resume_path.unlink()  # finished: a rerun with --force trains again
-    print(
-        f"wrote {out / 'model.safetensors'}; training wall time {elapsed / 60:.1f} min, "
-        f"CPU time {cpu_s / 60:.1f} min"
-    )
+    Trainer(args, load_data(args)).run()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ checked against a per-patch loop of plain cross-entropies."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import tiny_vit
 from fixtures import eval_script
 from fixtures.training import assert_a_finished_model_is_refused, must_not_run
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tokcomp.files import torch_save_whole
 from tokcomp.harness.fashion_mnist import place_on_canvas
@@ -197,3 +199,56 @@ def test_a_diverged_run_stops_and_writes_no_model(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit, match=r"loss is nan at epoch 1, step 1: the run diverged"):
         module.main(tiny_run(tmp_path, "--batch-size", "4"))
     assert not (tmp_path / "model.safetensors").exists()
+
+
+class Interrupted(Exception):
+    """Stands in for the run being killed right after a checkpoint."""
+
+
+def fake_fashion_mnist(monkeypatch, module, count=16):
+    """Random 28x28 images with labels 0..9 in place of the Fashion-MNIST files."""
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count) % 10
+    monkeypatch.setattr(module, "load_arrays", lambda root, split: (images, labels))
+
+
+def written_tensors(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("killed_after", [1, 2], ids=["at-the-stage-boundary", "mid-stage"])
+def test_a_run_killed_after_an_epoch_and_restarted_writes_the_uninterrupted_model(
+    tmp_path, monkeypatch, killed_after
+):
+    """Two stages (a coarse epoch at patch 4, two fine epochs at patch 2): resumed from its
+    checkpoint, the run repatches, restores the optimiser and redraws its epochs as the
+    uninterrupted run did, bit for bit, and its history lists every epoch once."""
+    module = script()
+    fake_fashion_mnist(monkeypatch, module)
+    stages = ["--coarse-epochs", "1", "--coarse-patch", "4", "--epochs", "2"]
+    small = ["--batch-size", "4", "--limit-steps", "2", "--eval-images", "4", "--drop-path", "0.1"]
+
+    def run(out):
+        module.main(tiny_run(out, *small, *stages))  # the later --coarse-epochs, --epochs win
+
+    run(tmp_path / "whole")
+    save = module.torch_save_whole
+
+    def save_then_die(state, path):
+        save(state, path)
+        if state["epoch"] == killed_after:
+            raise Interrupted
+
+    monkeypatch.setattr(module, "torch_save_whole", save_then_die)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(module, "torch_save_whole", save)
+    run(tmp_path / "resumed")
+
+    whole, resumed = written_tensors(tmp_path / "whole"), written_tensors(tmp_path / "resumed")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    history = json.loads((tmp_path / "resumed" / ".train_state" / "history.json").read_text())
+    assert [record.get("epoch") for record in history if "epoch" in record] == [1, 2, 3]
