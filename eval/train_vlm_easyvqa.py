@@ -644,23 +644,35 @@ def fit(
         }
         progress["history"].append(record)
         print(json.dumps(record), flush=True)
-        torch_save_whole(
-            {
-                "epoch": epoch + 1,
-                "elapsed_s": progress["elapsed_s"],
-                "history": progress["history"],
-                "model": trained.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            },
-            state_dir / "last.pt",
-        )
+        progress["epoch"] = epoch + 1
+        save_checkpoint(state_dir / "last.pt", progress, (trained, optimizer, schedule), args)
+    write_model(args, state_dir, model, processor, progress)
+
+
+def save_checkpoint(path: Path, progress: dict, parts: tuple, args: argparse.Namespace) -> None:
+    """The run after `progress["epoch"]` epochs: what `resume` reads back."""
+    state = {name: progress[name] for name in ("epoch", "elapsed_s", "history")}
+    for part, name in zip(parts, ("model", "optimizer", "schedule"), strict=True):
+        state[name] = part.state_dict()
+    state["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    torch_save_whole(state, path)
+
+
+def write_model(
+    args: argparse.Namespace,
+    state_dir: Path,
+    model: torch.nn.Module,
+    processor: ProcessorMixin,
+    progress: dict,
+) -> None:
+    """Write the trained model and `processor` to --out and the history beside the checkpoint,
+    which goes: a rerun with --force trains again."""
     model.eval()
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     (state_dir / "history.json").write_text(json.dumps(progress["history"], indent=1))
-    (state_dir / "last.pt").unlink(missing_ok=True)  # finished: a rerun with --force trains again
+    (state_dir / "last.pt").unlink(missing_ok=True)
+    params = sum(p.numel() for p in model.parameters())
     print(
         f"wrote {args.out}; training wall time {progress['elapsed_s'] / 60:.1f} min "
         f"({params / 1e6:.2f}M parameters)",

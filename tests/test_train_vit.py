@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
 from fixtures import eval_script
-from fixtures.training import assert_a_finished_model_is_refused, must_not_run
+from fixtures.training import assert_a_finished_model_is_refused, killed_after_epoch, must_not_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -201,10 +201,6 @@ def test_a_diverged_run_stops_and_writes_no_model(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "model.safetensors").exists()
 
 
-class Interrupted(Exception):
-    """Stands in for the run being killed right after a checkpoint."""
-
-
 def fake_fashion_mnist(monkeypatch, module, count=16):
     """Random 28x28 images with labels 0..9 in place of the Fashion-MNIST files."""
     generator = np.random.default_rng(0)
@@ -233,17 +229,8 @@ def test_a_run_killed_after_an_epoch_and_restarted_writes_the_uninterrupted_mode
         module.main(tiny_run(out, *small, *stages))  # the later --coarse-epochs, --epochs win
 
     run(tmp_path / "whole")
-    save = module.torch_save_whole
-
-    def save_then_die(state, path):
-        save(state, path)
-        if state["epoch"] == killed_after:
-            raise Interrupted
-
-    monkeypatch.setattr(module, "torch_save_whole", save_then_die)
-    with pytest.raises(Interrupted):
+    with killed_after_epoch(monkeypatch, module, killed_after):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(module, "torch_save_whole", save)
     run(tmp_path / "resumed")
 
     whole, resumed = written_tensors(tmp_path / "whole"), written_tensors(tmp_path / "resumed")

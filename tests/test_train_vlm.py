@@ -3,13 +3,21 @@ for the kept tokens only and fills them with exactly those tokens' features."""
 
 from __future__ import annotations
 
+import json
 import math
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
 from fixtures import eval_script
-from fixtures.training import Reached, assert_a_finished_model_is_refused, must_not_run, reach
+from fixtures.training import (
+    Reached,
+    assert_a_finished_model_is_refused,
+    killed_after_epoch,
+    must_not_run,
+    reach,
+)
 from fixtures.vqa import VISUAL_TOKENS, tiny_llava, tiny_processor, training_script, write_jsonl
 
 from tokcomp.files import torch_save_whole
@@ -177,3 +185,54 @@ def test_a_diverged_epoch_stops_before_the_step(tmp_path):
     with pytest.raises(SystemExit, match=r"loss is (nan|inf) at epoch 1, step 1: the run"):
         script.train_epoch(layer, optimizer, schedule, 0, 2, 4, 2, step_loss, args)
     assert torch.equal(layer.weight, before)
+
+
+class SavedLinear(torch.nn.Linear):
+    """A linear layer that `fit` can write as it writes a Hugging Face model."""
+
+    def save_pretrained(self, folder):
+        torch_save_whole(self.state_dict(), Path(folder) / "weights.pt")
+
+
+class NoProcessor:
+    """Writes nothing; its tokenizer's length is the vocabulary `fit` prints."""
+
+    tokenizer = ()
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def fit_linear(script, out):
+    """`fit` three epochs of a seeded linear model and probe on 8 noisy items, 2 a step."""
+    args = script.parse_args(["--out", str(out), "--epochs", "3", "--threads", "1"])
+    torch.manual_seed(0)
+    model, probe, items = SavedLinear(4, 2), torch.nn.Linear(4, 1), torch.randn(8, 4)
+    (out / ".train_state").mkdir(parents=True, exist_ok=True)
+
+    def step_loss(chosen, generator):
+        noisy = items[chosen] + torch.randn(len(chosen), 4, generator=generator)
+        return model(noisy).pow(2).mean() + probe(noisy).abs().mean()
+
+    def monitor():
+        return {"weight": round(model.weight.sum().item(), 4)}
+
+    script.fit(args, out / ".train_state", model, probe, NoProcessor(), 8, 2, step_loss, monitor)
+    return torch.load(out / "weights.pt")
+
+
+@pytest.mark.parametrize("killed_after", [1, 2])
+def test_a_run_killed_after_an_epoch_and_restarted_writes_the_uninterrupted_model(
+    tmp_path, monkeypatch, killed_after
+):
+    """Resumed from its checkpoint, `fit` restores model, probe, optimiser and schedule and
+    redraws its epochs as the uninterrupted run did, bit for bit."""
+    script = training_script()
+    whole = fit_linear(script, tmp_path / "whole")
+    with killed_after_epoch(monkeypatch, script, killed_after):
+        fit_linear(script, tmp_path / "resumed")
+    resumed = fit_linear(script, tmp_path / "resumed")
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    history = json.loads((tmp_path / "resumed" / ".train_state" / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    assert not (tmp_path / "resumed" / ".train_state" / "last.pt").exists()
