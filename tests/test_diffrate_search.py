@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 
 import pytest
@@ -86,6 +87,16 @@ def test_search_step_moves_only_the_rates_and_keeps_weights_bit_identical():
     assert not tokcomp.is_patched(model)
     moved = [c.logits.abs().sum().item() for c in (*rates.prune, *rates.merge)]
     assert all(m > 0 for m in moved)  # every block's logits got a gradient step
+
+
+def test_a_diverged_search_leaves_the_model_unpatched_and_trainable():
+    model = tiny_vit("vit")
+    images, labels = _batches(1)[0]
+    settings = SearchSettings(0.6, max_steps=1, progress=False)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        search_diffrate(model, [(images * math.nan, labels)], settings)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not tokcomp.is_patched(model)
 
 
 def test_micro_batches_take_the_same_step_as_whole_batches():

@@ -7,7 +7,7 @@ import argparse
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -146,6 +146,29 @@ def search_diffrate(
     """
     adapter = find_adapter(model)
     spec, whole_last = adapter.spec(), adapter.pools_by_average()
+    _check_settings(spec, settings)
+    device = next(model.parameters()).device
+    if rates is None:
+        rates = _starting_rates(spec, settings, whole_last)
+    rates = rates.to(device)
+    with _weights_frozen(model):
+        try:
+            search = DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth)
+            apply(model.eval(), search)
+            objective = _Objective(model, rates, spec)
+            if world.size > 1:
+                ids = [device] if device.type == "cuda" else None
+                objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+            checkpoint = _Checkpoint(state.with_parts(**_deciding(settings)) if state else None)
+            _optimise(objective, rates, spec, batches, settings, world, checkpoint)
+        finally:
+            remove(model)
+    return _searched_config(model, spec, rates, settings, world)
+
+
+def _check_settings(spec: ModelSpec, settings: SearchSettings) -> None:
+    """Raise ValueError for a target no schedule reaches or a granularity that leaves no
+    choice of kept counts."""
     check_reachable(spec, settings.target_macs)
     patches = spec.tokens - spec.protected
     if not 0 < settings.granularity < patches:
@@ -153,28 +176,35 @@ def search_diffrate(
             f"granularity {settings.granularity} leaves no choice of kept counts among "
             f"{patches} patch tokens: give a granularity below {patches}"
         )
-    device = next(model.parameters()).device
-    if rates is None:
-        rates = DiffRateRates(spec, settings.granularity, whole_last)
-        if settings.start == "gradual":
-            start = gradual_counts(spec, settings.target_macs, whole_last)
-            rates.start_at(*start, 2 * settings.granularity)
-    rates = rates.to(device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:
+
+
+def _starting_rates(spec: ModelSpec, settings: SearchSettings, whole_last: bool) -> DiffRateRates:
+    """New rates: the paper's uniform start, or the gradual one at the target's MACs."""
+    rates = DiffRateRates(spec, settings.granularity, whole_last)
+    if settings.start == "gradual":
+        start = gradual_counts(spec, settings.target_macs, whole_last)
+        rates.start_at(*start, 2 * settings.granularity)
+    return rates
+
+
+@contextmanager
+def _weights_frozen(model: nn.Module) -> Iterator[None]:
+    """The model's trainable weights frozen within the block, trainable again after it."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        apply(model.eval(), DiffRateSearch(rates=rates, schedule=[spec.tokens] * spec.depth))
-        objective = _Objective(model, rates, spec)
-        if world.size > 1:
-            ids = [device] if device.type == "cuda" else None
-            objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-        checkpoint = _Checkpoint(state.with_parts(**_deciding(settings)) if state else None)
-        _optimise(objective, rates, spec, batches, settings, world, checkpoint)
+        yield
     finally:
-        remove(model)
-        for parameter in frozen:
+        for parameter in trainable:
             parameter.requires_grad_(True)
+
+
+def _searched_config(
+    model: nn.Module, spec: ModelSpec, rates: DiffRateRates, settings: SearchSettings, world: World
+) -> Config:
+    """The config of the rates' schedule, fitted to the target unless settings.fit is off,
+    with notes on how it was searched."""
     prune_kept, merge_kept = rates.kept_lists()
     notes = (
         f"DiffRate search: target {settings.target_macs:.3f} of the unpruned MACs, "
