@@ -101,57 +101,13 @@ class Config:
     @classmethod
     def from_dict(cls, data: Any, source: str = "config") -> Config:
         """Validate `data` (as parsed from a file) and build a Config."""
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{source}: expected a mapping of config fields, got {type(data).__name__}"
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown field(s) {unknown}; a tokcomp config has {sorted(known)}"
-            )
-        missing = sorted(
-            {"method", "options", "schedule", "model", "macs", "base_macs"} - set(data)
-        )
-        if missing:
-            raise ConfigError(f"{source}: missing field(s) {missing}")
-        _expect(source, "version", data.get("version", CONFIG_VERSION), int)
-        if data.get("version", CONFIG_VERSION) < 1:
-            raise ConfigError(
-                f"{source}: 'version' must be a positive int (this tokcomp writes {CONFIG_VERSION})"
-            )
-        if data.get("version", CONFIG_VERSION) > CONFIG_VERSION:
-            raise ConfigError(
-                f"{source}: config version {data['version']} is newer than this tokcomp "
-                f"understands ({CONFIG_VERSION}); upgrade tokcomp"
-            )
-        _expect(source, "method", data["method"], str)
-        try:
-            method_class(data["method"])
-        except ValueError as err:
-            raise ConfigError(f"{source}: {err}") from None
-        _expect(source, "options", data["options"], dict)
-        _check_options(source, method_class(data["method"]), data["options"])
-        if data.get("tower") is not None:
-            _check_tower(source, data["tower"])
+        _check_fields(source, data, {f.name for f in fields(cls)})
+        _check_version(source, data.get("version", CONFIG_VERSION))
+        _check_method(source, data)
         _expect(source, "model", data["model"], dict)
         _expect(source, "notes", data.get("notes", ""), str)
         _expect(source, "extra", data.get("extra", {}), dict)
-        schedule = data["schedule"]
-        if not isinstance(schedule, list) or not all(_is_int(v) for v in schedule):
-            raise ConfigError(
-                f"{source}: 'schedule' must be a list of ints (tokens left after each block)"
-            )
-        for name in ("macs", "base_macs"):
-            if not _is_int(data[name]) or data[name] <= 0:
-                raise ConfigError(f"{source}: {name!r} must be a positive int (MACs per image)")
-        selection = data.get("selection_macs", 0)
-        if not _is_int(selection) or selection < 0:
-            raise ConfigError(
-                f"{source}: 'selection_macs' must be a non-negative int (the method's own MACs "
-                f"per image), got {selection!r}"
-            )
+        _check_counts(source, data)
         missing_model = sorted(set(_MODEL_FIELDS) - set(data["model"]))
         if missing_model:
             raise ConfigError(f"{source}: 'model' lacks {missing_model}")
@@ -359,6 +315,67 @@ def _check_options(
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(source: str, data: Any, known: set[str]) -> None:
+    """Raise ConfigError unless `data` is a mapping of known fields with the required ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of config fields, got {type(data).__name__}"
+        )
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {unknown}; a tokcomp config has {sorted(known)}"
+        )
+    missing = sorted({"method", "options", "schedule", "model", "macs", "base_macs"} - set(data))
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {missing}")
+
+
+def _check_version(source: str, version: Any) -> None:
+    """Raise ConfigError unless `version` is one this tokcomp reads."""
+    _expect(source, "version", version, int)
+    if version < 1:
+        raise ConfigError(
+            f"{source}: 'version' must be a positive int (this tokcomp writes {CONFIG_VERSION})"
+        )
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{source}: config version {version} is newer than this tokcomp "
+            f"understands ({CONFIG_VERSION}); upgrade tokcomp"
+        )
+
+
+def _check_method(source: str, data: dict) -> None:
+    """Raise ConfigError unless the method is registered and its options and tower valid."""
+    _expect(source, "method", data["method"], str)
+    try:
+        method = method_class(data["method"])
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    _expect(source, "options", data["options"], dict)
+    _check_options(source, method, data["options"])
+    if data.get("tower") is not None:
+        _check_tower(source, data["tower"])
+
+
+def _check_counts(source: str, data: dict) -> None:
+    """Raise ConfigError unless the schedule and the MACs are counts."""
+    schedule = data["schedule"]
+    if not isinstance(schedule, list) or not all(_is_int(v) for v in schedule):
+        raise ConfigError(
+            f"{source}: 'schedule' must be a list of ints (tokens left after each block)"
+        )
+    for name in ("macs", "base_macs"):
+        if not _is_int(data[name]) or data[name] <= 0:
+            raise ConfigError(f"{source}: {name!r} must be a positive int (MACs per image)")
+    selection = data.get("selection_macs", 0)
+    if not _is_int(selection) or selection < 0:
+        raise ConfigError(
+            f"{source}: 'selection_macs' must be a non-negative int (the method's own MACs "
+            f"per image), got {selection!r}"
+        )
 
 
 def _expect(source: str, name: str, value: Any, kind: type) -> None:
