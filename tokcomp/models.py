@@ -42,20 +42,7 @@ def create_model(
         name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
     method_defaults = json.loads(metadata.get(METHOD_DEFAULTS, "{}")) or method_defaults
-    saved_as = metadata.get("timm_model")
-    if name is not None and saved_as is not None and name != saved_as:
-        raise UsageError(
-            f"checkpoint {checkpoint} holds timm model {saved_as}, not {name}: drop --model (the "
-            f"checkpoint names its model), or pass --model {saved_as}"
-        )
-    name = name or saved_as
-    if name is None and not checkpoint:
-        raise UsageError("give a model: a timm model name (--model) or a checkpoint (--checkpoint)")
-    if name is None:
-        _check_checkpoint_file(Path(checkpoint))
-        raise UsageError(
-            f"give a model name (--model): checkpoint {checkpoint} does not record its timm model"
-        )
+    name = _timm_name(name, checkpoint, metadata.get("timm_model"))
     kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
     if pretrained:
         _require_pretrained(name)
@@ -64,15 +51,36 @@ def create_model(
         state = load_state_dict(checkpoint)
         _check_fits(model, state, checkpoint, name)
         model.load_state_dict(state)
-    data_config = json.loads(metadata.get("data_config", "{}"))
-    if checkpoint and not data_config:
-        data_config = _hub_data_config(Path(checkpoint))
-    if data_config:  # the default tag's test-time size would win over the checkpoint's own
-        default = {k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}
-        model.pretrained_cfg = {**default, **data_config}
+    if checkpoint:
+        _take_data_config(model, metadata, Path(checkpoint))
     if method_defaults:
         model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: method_defaults}
     return model.eval()
+
+
+def _timm_name(name: str | None, checkpoint: str | Path | None, saved_as: str | None) -> str:
+    """The timm model to build: `name`, or the one the checkpoint records (`saved_as`)."""
+    if name is not None and saved_as is not None and name != saved_as:
+        raise UsageError(
+            f"checkpoint {checkpoint} holds timm model {saved_as}, not {name}: drop --model (the "
+            f"checkpoint names its model), or pass --model {saved_as}"
+        )
+    if name or saved_as:
+        return name or saved_as
+    if not checkpoint:
+        raise UsageError("give a model: a timm model name (--model) or a checkpoint (--checkpoint)")
+    _check_checkpoint_file(Path(checkpoint))
+    raise UsageError(
+        f"give a model name (--model): checkpoint {checkpoint} does not record its timm model"
+    )
+
+
+def _take_data_config(model: nn.Module, metadata: dict[str, str], checkpoint: Path) -> None:
+    """Give `model` the preprocessing its checkpoint records (in its metadata or beside it)."""
+    data_config = json.loads(metadata.get("data_config", "{}")) or _hub_data_config(checkpoint)
+    if data_config:  # the default tag's test-time size would win over the checkpoint's own
+        default = {k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}
+        model.pretrained_cfg = {**default, **data_config}
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
