@@ -31,9 +31,11 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 try:
@@ -58,7 +60,11 @@ from tokcomp.ops.merge import weighted_merge_reference
 from tokcomp.ops.pagerank import attention_pagerank_reference
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+#: torch.ops.tokcomp or torch.ops.tokcomp_cupy (see _ops): the ops timed as "compiled".
+OpNamespace = Any
 GROUPS = ("tome", "energy", "pagerank", "maxmin", "dpp")
+TOME_SHAPES = ((32, 197, 64), (32, 197, 384), (1, 577, 64), (1, 577, 384))
+ENERGY_SHAPES = ((32, 196, 64), (32, 196, 384), (1, 577, 384))
 
 
 @dataclass
@@ -177,7 +183,7 @@ def _max_diff(got: object, want: object) -> float:
     return diff
 
 
-def _ops(route: str) -> object:
+def _ops(route: str) -> OpNamespace:
     """The op namespace timed as "compiled": torch.ops.tokcomp or torch.ops.tokcomp_cupy."""
     if route == "cupy":
         from tokcomp.ops import cupy_kernels
@@ -188,121 +194,190 @@ def _ops(route: str) -> object:
     return torch.ops.tokcomp
 
 
+@dataclass
+class Case:
+    """One comparison to time: its row's labels and the reference and compiled calls."""
+
+    name: str
+    shape: tuple[int, ...]
+    param: str
+    reference: Callable[[], object]
+    compiled: Callable[[], object]
+
+
+class Inputs:
+    """The cases' random tensors, drawn in turn from one generator seeded at 0."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.generator = torch.Generator().manual_seed(0)
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        """Standard normal values in the benchmark's dtype, on its device."""
+        values = torch.randn(shape, generator=self.generator)
+        return values.to(device=self.device, dtype=self.dtype)
+
+    def uniform(self, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """float32 values uniform in [low, high), on the benchmark's device."""
+        values = torch.rand(shape, generator=self.generator) * (high - low) + low
+        return values.to(self.device)
+
+
+def tome_cases(
+    ops: OpNamespace, inputs: Inputs, shapes: Iterable[tuple[int, int, int]]
+) -> Iterator[Case]:
+    """At each shape: best_match, then merge_cases at r = 13 and at the most a step can
+    merge."""
+    for shape in shapes:
+        batch, tokens, _ = shape
+        x = inputs.normal(*shape)
+        size = inputs.uniform(batch, tokens, low=1.0, high=4.0)
+        # The compiled ops are called directly, best_match on the strided views x[:, ::2] and
+        # x[:, 1::2] (the CPU kernel reads strided rows in place), as tokcomp.ops calls them.
+        a, b = x[:, ::2], x[:, 1::2]
+        reference = partial(best_match_reference, a, b, 1, 0)
+        yield Case("best_match", shape, "-", reference, partial(ops.best_match, a, b, 1, 0))
+        most = max_bipartite_merges(tokens, 1)
+        for r in sorted({min(13, most), most}):
+            yield from merge_cases(ops, x, size, r, shape)
+
+
+def merge_cases(
+    ops: OpNamespace, x: torch.Tensor, size: torch.Tensor, r: int, shape: tuple[int, ...]
+) -> Iterator[Case]:
+    """weighted_merge of a precomputed ToMe plan merging `r`, match+argsort+merge of that
+    plan, and the full ToMe step."""
+    plan = tuple(t.contiguous() for t in bipartite_plan(x, 1, r))
+    references = (best_match_reference, weighted_merge_reference)
+    compiled = (ops.best_match, ops.weighted_merge)
+    yield Case(
+        "weighted_merge",
+        shape,
+        f"r={r}",
+        partial(weighted_merge_reference, x, size, size, *plan),
+        partial(ops.weighted_merge, x, size, size, *plan),
+    )
+    yield Case(
+        "match+argsort+merge",
+        shape,
+        f"r={r}",
+        partial(match_argsort_merge, x, size, plan, *references),
+        partial(match_argsort_merge, x, size, plan, *compiled),
+    )
+    yield Case(
+        "tome_step",
+        shape,
+        f"r={r}",
+        partial(tome_step, x, size, r, *references),
+        partial(tome_step, x, size, r, *compiled),
+    )
+
+
+def energy_cases(
+    ops: OpNamespace, inputs: Inputs, shapes: Iterable[tuple[int, int, int]]
+) -> Iterator[Case]:
+    """energy_score at margin 0.5 at each shape."""
+    for shape in shapes:
+        metric = inputs.normal(*shape)
+        yield Case(
+            "energy_score",
+            shape,
+            "margin=0.5",
+            partial(energy_score_reference, metric, 0.5, 1.0),
+            partial(ops.energy_score, metric, 0.5, 1.0),
+        )
+
+
+def pagerank_cases(ops: OpNamespace, inputs: Inputs) -> Iterator[Case]:
+    """attention_pagerank at B=32, H=6, N=197 over 1, 5 and 30 iterations."""
+    shape = (32, 6, 197)
+    attn = inputs.normal(*shape, shape[-1]).float().softmax(dim=-1).to(inputs.dtype)
+    for iterations in (1, 5, 30):
+        yield Case(
+            "attention_pagerank",
+            shape,
+            f"it={iterations}",
+            partial(attention_pagerank_reference, attn, iterations),
+            partial(ops.attention_pagerank, attn, iterations),
+        )
+
+
+def maxmin_cases(ops: OpNamespace, inputs: Inputs) -> Iterator[Case]:
+    """greedy_maxmin at N=576, k=64, B in {1, 4}, against the loop reference and the fast
+    PyTorch form."""
+    tokens, k = 576, 64
+    for batch in (1, 4):
+        dist = cosine_distances(inputs.normal(batch, tokens, 64))
+        weight = inputs.uniform(batch, tokens)
+        first = weight.argmax(dim=1)
+        compiled = partial(ops.greedy_maxmin, dist, weight, first, k)
+        for case, reference in (
+            ("greedy_maxmin/loop", greedy_maxmin_reference),
+            ("greedy_maxmin/fast", _greedy_maxmin_fast),
+        ):
+            timed = partial(reference, dist, weight, first, k)
+            yield Case(case, (batch, tokens, tokens), f"k={k}", timed, compiled)
+
+
+def dpp_cases(ops: OpNamespace, inputs: Inputs) -> Iterator[Case]:
+    """greedy_dpp at B=1, N=576, k=64 and N=2880, k=320 on the cosine similarities of
+    features of width 4096; the reference takes them in float32."""
+    for tokens, k in ((576, 64), (2880, 320)):
+        similarity = cosine_similarity_matrix(inputs.normal(1, tokens, 4096)).to(inputs.dtype)
+        relevance = inputs.uniform(1, tokens)
+        yield Case(
+            "greedy_dpp/reference",
+            (1, tokens, tokens),
+            f"k={k}",
+            lambda s=similarity, r=relevance, k=k: greedy_dpp_reference(s.float(), r, k),
+            partial(ops.greedy_dpp, similarity, relevance, k),
+        )
+
+
+def cases(
+    groups: Collection[str],
+    shapes: list[tuple[int, int, int]] | None,
+    ops: OpNamespace,
+    inputs: Inputs,
+) -> Iterator[Case]:
+    """The cases of the selected groups, in the order of GROUPS; `shapes`, when given, in
+    place of the tome and energy groups' own."""
+    if "tome" in groups:
+        yield from tome_cases(ops, inputs, shapes or TOME_SHAPES)
+    if "energy" in groups:
+        yield from energy_cases(ops, inputs, shapes or ENERGY_SHAPES)
+    if "pagerank" in groups:
+        yield from pagerank_cases(ops, inputs)
+    if "maxmin" in groups:
+        yield from maxmin_cases(ops, inputs)
+    if "dpp" in groups:
+        yield from dpp_cases(ops, inputs)
+
+
+def measure(case: Case, device: torch.device, inner: int, args: argparse.Namespace) -> Row:
+    """Time one case as `args` asks (with --check, also compare its outputs): its row."""
+    ref, cpp, speedup = time_pair(
+        case.reference, case.compiled, device, args.warmup, args.repeats, inner
+    )
+    diff = _max_diff(case.compiled(), case.reference()) if args.check else None
+    cpu_speedup = ref.cpu_median_ms / max(cpp.cpu_median_ms, 1e-9)
+    shape = "x".join(map(str, case.shape))
+    return Row(
+        case.name, shape, case.param, ref, cpp, speedup.ratio, speedup.spread, cpu_speedup, diff
+    )
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     """Time every case of the selected groups; print each row as it is measured."""
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     inner = args.inner or (20 if device.type == "cuda" else 1)
     ops = _ops(args.route)
+    inputs = Inputs(device, getattr(torch, args.dtype))
     rows: list[Row] = []
-    generator = torch.Generator().manual_seed(0)
-
-    def add(case: str, shape: tuple[int, ...], param: str, ref_fn, cpp_fn) -> None:
-        ref, cpp, speedup = time_pair(ref_fn, cpp_fn, device, args.warmup, args.repeats, inner)
-        diff = _max_diff(cpp_fn(), ref_fn()) if args.check else None
-        cpu_speedup = ref.cpu_median_ms / max(cpp.cpu_median_ms, 1e-9)
-        label = "x".join(map(str, shape))
-        row = Row(case, label, param, ref, cpp, speedup.ratio, speedup.spread, cpu_speedup, diff)
-        rows.append(row)
-        print(_format_row(rows[-1]), flush=True)
-
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
-
     print(_header(), flush=True)
-    if "tome" in args.ops:
-        # The compiled ops are called directly, best_match on the strided views x[:, ::2] and
-        # x[:, 1::2] (the CPU kernel reads strided rows in place), as tokcomp.ops calls them.
-        match, merge = ops.best_match, ops.weighted_merge
-        for shape in args.shape or [(32, 197, 64), (32, 197, 384), (1, 577, 64), (1, 577, 384)]:
-            batch, tokens, _ = shape
-            x = random(*shape)
-            size = (torch.rand(batch, tokens, generator=generator) * 3 + 1).to(device)
-            a, b = x[:, ::2], x[:, 1::2]
-            add(
-                "best_match",
-                shape,
-                "-",
-                lambda a=a, b=b: best_match_reference(a, b, 1, 0),
-                lambda a=a, b=b: match(a, b, 1, 0),
-            )
-            most = max_bipartite_merges(tokens, 1)
-            for r in sorted({min(13, most), most}):
-                plan = tuple(t.contiguous() for t in bipartite_plan(x, 1, r))
-                add(
-                    "weighted_merge",
-                    shape,
-                    f"r={r}",
-                    lambda x=x, s=size, p=plan: weighted_merge_reference(x, s, s, *p),
-                    lambda x=x, s=size, p=plan: merge(x, s, s, *p),
-                )
-                add(
-                    "match+argsort+merge",
-                    shape,
-                    f"r={r}",
-                    lambda x=x, s=size, p=plan: match_argsort_merge(
-                        x, s, p, best_match_reference, weighted_merge_reference
-                    ),
-                    lambda x=x, s=size, p=plan: match_argsort_merge(x, s, p, match, merge),
-                )
-                add(
-                    "tome_step",
-                    shape,
-                    f"r={r}",
-                    lambda x=x, s=size, r=r: tome_step(
-                        x, s, r, best_match_reference, weighted_merge_reference
-                    ),
-                    lambda x=x, s=size, r=r: tome_step(x, s, r, match, merge),
-                )
-    if "energy" in args.ops:
-        for shape in args.shape or [(32, 196, 64), (32, 196, 384), (1, 577, 384)]:
-            metric = random(*shape)
-            add(
-                "energy_score",
-                shape,
-                "margin=0.5",
-                lambda m=metric: energy_score_reference(m, 0.5, 1.0),
-                lambda m=metric: ops.energy_score(m, 0.5, 1.0),
-            )
-    if "pagerank" in args.ops:
-        shape = (32, 6, 197)
-        attn = random(*shape, shape[-1]).float().softmax(dim=-1).to(dtype)
-        for iterations in (1, 5, 30):
-            add(
-                "attention_pagerank",
-                shape,
-                f"it={iterations}",
-                lambda it=iterations: attention_pagerank_reference(attn, it),
-                lambda it=iterations: ops.attention_pagerank(attn, it),
-            )
-    if "maxmin" in args.ops:
-        tokens, k = 576, 64
-        for batch in (1, 4):
-            dist = cosine_distances(random(batch, tokens, 64))
-            weight = torch.rand(batch, tokens, generator=generator).to(device)
-            first = weight.argmax(dim=1)
-            for case, reference in (
-                ("greedy_maxmin/loop", greedy_maxmin_reference),
-                ("greedy_maxmin/fast", _greedy_maxmin_fast),
-            ):
-                add(
-                    case,
-                    (batch, tokens, tokens),
-                    f"k={k}",
-                    lambda d=dist, w=weight, f=first, ref=reference: ref(d, w, f, k),
-                    lambda d=dist, w=weight, f=first: ops.greedy_maxmin(d, w, f, k),
-                )
-    if "dpp" in args.ops:
-        for tokens, k in ((576, 64), (2880, 320)):
-            similarity = cosine_similarity_matrix(random(1, tokens, 4096)).to(dtype)
-            relevance = torch.rand(1, tokens, generator=generator).to(device)
-            add(
-                "greedy_dpp/reference",
-                (1, tokens, tokens),
-                f"k={k}",
-                lambda s=similarity, r=relevance, k=k: greedy_dpp_reference(s.float(), r, k),
-                lambda s=similarity, r=relevance, k=k: ops.greedy_dpp(s, r, k),
-            )
+    for case in cases(args.ops, args.shape, ops, inputs):
+        rows.append(measure(case, device, inner, args))
+        print(_format_row(rows[-1]), flush=True)
     return rows
 
 
@@ -361,8 +436,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return tuple(values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the options, run the benchmark, print the table (and write JSON if asked)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     parser = script_parser(__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -385,29 +460,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=Path, default=None, help="write the results here (overwritten)"
     )
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The options, refusing through `parser` a --shape no selected group takes and a --json
+    path that cannot be written."""
     args = parser.parse_args(argv)
     if args.shape and not {"tome", "energy"} & set(args.ops):
         parser.error("--shape sets the shapes of the tome and energy groups: add one to --ops")
     if args.json is not None:
         with refusing(parser):  # a folder, or a file in a folder's place (eval/gpu_check.sh
             check_new_file(args.json, True, "--json")  # reruns overwrite their results)
+    return args
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+
+def checked_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:
+    """The run's environment, or None after saying why the extension cannot run the ops here;
+    a device or route that cannot work is refused through `parser`."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no GPU")
     try:
         info = _environment(args)
     except ImportError as err:
         print(f"tokcomp._C is not built ({err}); build it first (pip install -e .)")
-        return 1
+        return None
     if args.route == "cupy" and args.device != "cuda":
         parser.error("--route cupy runs on CUDA tensors: add --device cuda")
     if args.device == "cuda" and args.route == "compiled" and not info["extension_with_cuda"]:
         print("tokcomp._C was built without CUDA; rebuild with TOKCOMP_CUDA=1 (or --route cupy)")
-        return 1
-    import tokcomp.ops._fake  # noqa: F401  (registers the fake kernels, as the dispatcher does)
+        return None
+    return info
 
+
+def print_preamble(args: argparse.Namespace, info: dict) -> None:
+    """The environment, and how the table's figures were measured and are read."""
     print(
         "tokcomp ops benchmark: "
         + ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("warmup", "repeats"))
@@ -419,14 +506,33 @@ def main(argv: list[str] | None = None) -> int:
         "last column: ratio of median process CPU times (robust to preemption on a shared "
         "machine; with several threads it also counts their waiting)\n"
     )
+
+
+def write_json(path: Path, info: dict, rows: list[Row]) -> None:
+    """Write the environment and the rows to `path` (making its folder), and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    )
+    print(f"\nwrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run the benchmark, print the table (and write JSON if asked)."""
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    info = checked_environment(parser, args)
+    if info is None:
+        return 1
+    import tokcomp.ops._fake  # noqa: F401  (registers the fake kernels, as the dispatcher does)
+
+    print_preamble(args, info)
     with torch.inference_mode():
         rows = run(args)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
-        )
-        print(f"\nwrote {args.json}")
+        write_json(args.json, info, rows)
     return 0
 
 
