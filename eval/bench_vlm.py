@@ -28,6 +28,7 @@ round, with their spread ("?": too wide to trust, tokcomp.harness.timing):
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -280,7 +281,8 @@ def greedy_runs(visual: VisualTokens) -> dict[str, Callable]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The script's options."""
     parser = script_parser(__doc__)
     parser.add_argument(
         "--layers", type=positive_int, default=None, help="decoder layers (default: fit)"
@@ -296,40 +298,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", type=positive_int, default=3, help="images for ZOO's cost and sketch"
     )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    layers = args.layers or layers_that_fit()
-    print(
-        f"LLaVA-1.5-shaped, random weights, fp32, {layers} decoder layers, {args.threads} "
-        f"threads, median of {args.repeats} after a warm-up",
-        flush=True,
-    )
-    model, batch = build(layers), inputs()
+    return parser.parse_args(argv)
+
+
+def first_token_records(
+    model: nn.Module, batch: dict[str, torch.Tensor], repeats: int
+) -> dict[str, list[dict[str, float]]]:
+    """`rounds` of `first_token_runs`, timing the vision tower and the LLM prefill in each."""
     inner = model.model
     watch = Stopwatch({"tower": inner.vision_tower, "prefill": inner.language_model})
-    with torch.inference_mode():
-        records = rounds(first_token_runs(model, batch), watch, args.repeats)
-        times = medians(records)
-        print(f"{'':16s} {'first token':>12s} {'vision tower':>13s} {'LLM prefill':>12s}")
-        for label, parts in times.items():
-            print(
-                f"{label:16s} {parts['total'] * 1e3:10.0f} ms {parts['tower'] * 1e3:10.0f} ms "
-                f"{parts['prefill'] * 1e3:10.0f} ms",
-                flush=True,
-            )
-        costs, agreements = agreement(model, args.images)
-        visual = visual_tokens(model, batch["pixel_values"])
-        greedy = {
-            label: statistics.median(timed(run, CPU)[1] for _ in range(5))
-            for label, run in greedy_runs(visual).items()
-        }
-    config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
-    base = times["unpruned"]
+    return rounds(first_token_runs(model, batch), watch, repeats)
+
+
+def greedy_medians(model: nn.Module, pixels: torch.Tensor) -> dict[str, float]:
+    """Median seconds of five calls of each of `greedy_runs` on the visual tokens of `pixels`."""
+    visual = visual_tokens(model, pixels)
+    return {
+        label: statistics.median(timed(run, CPU)[1] for _ in range(5))
+        for label, run in greedy_runs(visual).items()
+    }
+
+
+def print_times(times: dict[str, dict[str, float]]) -> None:
+    """The median milliseconds of each run's first token, vision tower and LLM prefill."""
+    print(f"{'':16s} {'first token':>12s} {'vision tower':>13s} {'LLM prefill':>12s}")
+    for label, parts in times.items():
+        print(
+            f"{label:16s} {parts['total'] * 1e3:10.0f} ms {parts['tower'] * 1e3:10.0f} ms "
+            f"{parts['prefill'] * 1e3:10.0f} ms",
+            flush=True,
+        )
+
+
+def print_speedups(
+    records: dict[str, list[dict[str, float]]], config: tokcomp.Config
+) -> tuple[Speedup, Speedup]:
+    """The MACs and the speed-ups against the floors; ZOO default's prefill and
+    time-to-first-token speed-ups."""
     prefill = speedup(records, "zoo default", "prefill")
     first = speedup(records, "zoo default", "total")
     others = ", ".join(
         f"{label}: {ratio_text(speedup(records, label, 'total'))}"
-        for label in times
+        for label in records
         if label not in ("unpruned", "zoo default")
     )
     print(
@@ -348,24 +358,63 @@ def main(argv: list[str] | None = None) -> int:
         f'"?": the per-round speed-ups spread over more than {TRUSTED_SPREAD:.0%} of their '
         "median (IQR)"
     )
+    return prefill, first
+
+
+def print_selection_costs(costs: dict[str, float], unpruned_prefill: float) -> None:
+    """ZOO-Prune's product dtype here, and each setting's selection time against the
+    unpruned LLM prefill's."""
     product = create_method("zoo").product_dtype(CPU)
     print(f"ZOO default's second-layer product here: {product}")
     for label, seconds in costs.items():
         print(
             f"ZOO {label:14s} selection {seconds * 1e3:8.0f} ms = "
-            f"{seconds / base['prefill']:.1%} of the unpruned LLM prefill"
+            f"{seconds / unpruned_prefill:.1%} of the unpruned LLM prefill"
         )
+
+
+def print_greedy(greedy: dict[str, float]) -> None:
+    """The reference greedy max-min's time against the dispatched op's."""
     (reference, slow), (dispatched, fast) = greedy.items()
     print(
         f"greedy max-min N=576 k=64: {reference} {slow * 1e3:.2f} ms, {dispatched} "
         f"{fast * 1e3:.2f} ms ({slow / fast:.1f}x)"
     )
-    print(f"agreement with ZOO's float32 scores (seed 0) over {args.images} images:")
+
+
+def print_agreements(agreements: list[tuple], images: int) -> None:
+    """Each setting's agreement with ZOO-Prune's float32 scores (see `agreement`)."""
+    print(f"agreement with ZOO's float32 scores (seed 0) over {images} images:")
     for label, spearman, top, kept in agreements:
         print(
             f"  {label:14s} Spearman {spearman:.4f}, top-64 overlap {top:.3f}, "
             f"Jaccard of the 64 kept {kept:.3f}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the first token unpruned and with ZOO-Prune, then ZOO-Prune's own cost and
+    agreement; 1 when a floor is missed."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    layers = args.layers or layers_that_fit()
+    print(
+        f"LLaVA-1.5-shaped, random weights, fp32, {layers} decoder layers, {args.threads} "
+        f"threads, median of {args.repeats} after a warm-up",
+        flush=True,
+    )
+    model, batch = build(layers), inputs()
+    with torch.inference_mode():
+        records = first_token_records(model, batch, args.repeats)
+        times = medians(records)
+        print_times(times)
+        costs, agreements = agreement(model, args.images)
+        greedy = greedy_medians(model, batch["pixel_values"])
+    config = tokcomp.config_of(tokcomp.apply(model, "zoo", keep=KEEP))
+    prefill, first = print_speedups(records, config)
+    print_selection_costs(costs, times["unpruned"]["prefill"])
+    print_greedy(greedy)
+    print_agreements(agreements, args.images)
     return 0 if floors_hold(prefill, first) else 1
 
 
