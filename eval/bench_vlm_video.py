@@ -55,6 +55,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval/bench_encoders.py
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
+import argparse
 import math
 import statistics
 import sys
@@ -216,7 +217,8 @@ def amdahl(
     return bounds[0], bounds[1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     parser = script_parser(__doc__)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--frames", type=positive_int, default=8)
@@ -235,17 +237,26 @@ def main(argv: list[str] | None = None) -> int:
         help="also time each method with this method merging in the tower, e.g. "
         "tome:r=22,inflection=-1 (default: off)",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, --methods as a list of names; unknown methods and a tower method that
+    cannot run in the tower are refused before the model is built."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    methods = [name for name in args.methods.split(",") if name]
-    unknown = sorted(set(methods) - set(METHODS))
+    args.methods = [name for name in args.methods.split(",") if name]
+    unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: {unknown} are not visual-token methods; choose from {METHODS}")
     if args.tower is not None:
-        with refusing(parser):  # the tower's method and options, before the model is built
+        with refusing(parser):
             check_tower_method(create_method(args.tower["tower"], **args.tower["tower_options"]))
-    torch.set_num_threads(args.threads)
-    model = build(TINY if args.tiny else ONEVISION, args.layers)
-    tokens = args.frames * tokens_per_frame(model)
+    return args
+
+
+def print_setting(args: argparse.Namespace, tokens: int) -> None:
+    """The model, the video and how it is timed."""
     print(
         f"LLaVA-OneVision-shaped{' (tiny)' if args.tiny else ''}, random weights, fp32, "
         f"{args.layers} decoder layers, {args.threads} threads, one {args.frames}-frame video "
@@ -253,31 +264,60 @@ def main(argv: list[str] | None = None) -> int:
         "rounds after a warm-up",
         flush=True,
     )
-    at_share, at_one = amdahl(model, args.frames)
+
+
+def print_bounds(model: nn.Module, frames: int, tower: dict[str, Any] | None) -> None:
+    """The `amdahl` bounds, and with `tower` also those with it merging in the tower."""
+    at_share, at_one = amdahl(model, frames)
     print(
         f"Amdahl bound by MACs (the tower sees every frame): time to first token {at_share:.2f}x "
         f"at {SHARE:.0%}, {at_one:.2f}x keeping one token (floor {TTFT_FLOOR}x; LLM prefill "
         f"floor {PREFILL_FLOOR}x)",
         flush=True,
     )
-    if args.tower is not None:
-        at_share, at_one = amdahl(model, args.frames, args.tower)
+    if tower is not None:
+        at_share, at_one = amdahl(model, frames, tower)
         print(
-            f"with {args.tower['tower']} {args.tower['tower_options']} in the tower: "
+            f"with {tower['tower']} {tower['tower_options']} in the tower: "
             f"{at_share:.2f}x at {SHARE:.0%}, {at_one:.2f}x keeping one token",
             flush=True,
         )
-    options = budgets(methods, tokens, args.frames, args.tower)
+
+
+def time_methods(
+    model: nn.Module, options: dict[str, dict[str, Any]], frames: int, repeats: int
+) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+    """The unpruned model and each method at its `options` in the same interleaved rounds on
+    one video of `frames` frames: each run's seconds per round, and `table`'s rows."""
     prefill: dict[str, list[float]] = {}
-    runs = contenders(model, inputs(model, args.frames), options, prefill)
+    runs = contenders(model, inputs(model, frames), options, prefill)
     with torch.inference_mode():
-        seconds = interleaved(list(runs.values()), args.repeats, CPU)
+        seconds = interleaved(list(runs.values()), repeats, CPU)
     totals = dict(zip(runs, seconds, strict=True))
-    rows = table(model, options, totals, prefill, frames=args.frames)
+    return totals, table(model, options, totals, prefill, frames=frames)
+
+
+def print_report(
+    totals: dict[str, list[float]], options: dict[str, dict[str, Any]], rows: list[dict[str, Any]]
+) -> None:
+    """The unpruned time to first token, each method's options, the table and the floors."""
     print(f"unpruned: time to first token {statistics.median(totals['unpruned']) * 1e3:.0f} ms")
     print(", ".join(f"{name} {opts}" for name, opts in options.items()))
     print_rows(rows)
     print("\n".join(floor_lines(rows)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every selected method against the unpruned model on one video; print the table."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build(TINY if args.tiny else ONEVISION, args.layers)
+    tokens = args.frames * tokens_per_frame(model)
+    print_setting(args, tokens)
+    print_bounds(model, args.frames, args.tower)
+    options = budgets(args.methods, tokens, args.frames, args.tower)
+    totals, rows = time_methods(model, options, args.frames, args.repeats)
+    print_report(totals, options, rows)
     return 0
 
 
