@@ -24,7 +24,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKCOMP_VERIFY", "0")  # the kernels' first-call checks stay untimed
 
+import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import timm
@@ -37,6 +39,7 @@ from script_args import refusing, script_parser, timm_models
 from tokcomp.bench import (
     BenchRow,
     BenchSettings,
+    Variant,
     benchmark,
     format_table,
     parse_variant,
@@ -83,8 +86,8 @@ def check_json_folder(folder: Path, models: list[str], dtype: str, force: bool) 
         check_new_file(json_file(folder, model, dtype), force, "--json")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Benchmark every model; 1 if a floor is missed."""
+def build_parser() -> argparse.ArgumentParser:
+    """The script's command line."""
     parser = script_parser(__doc__)
     parser.add_argument(
         "--models", type=timm_models, default=",".join(MODELS), help="timm model names"
@@ -107,16 +110,47 @@ def main(argv: list[str] | None = None) -> int:
         help="also write each model's rows here, a folder: <model>-<dtype>.json per model",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing --json files")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, --variant defaulting to TOME_AND_PITOME; refused before any work: a --json
+    folder `check_json_folder` refuses, and a variant that cannot apply to a model."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    variants = args.variant or TOME_AND_PITOME
-    with refusing(parser):  # before any work: each variant applied once to each model
+    args.variant = args.variant or TOME_AND_PITOME
+    with refusing(parser):
         if args.json:
             check_json_folder(args.json, args.models, args.dtype, args.force)
-        for name in args.models:
-            model = timm.create_model(name)
-            for variant in variants:
-                variant_model(model, variant)
-    settings = BenchSettings(
+        check_variants(args.models, args.variant)
+    return args
+
+
+def check_variants(models: list[str], variants: Sequence[Variant]) -> None:
+    """Apply each variant once to each model, raising what tokcomp raises for one that
+    cannot apply."""
+    for name in models:
+        model = timm.create_model(name)
+        for variant in variants:
+            variant_model(model, variant)
+
+
+def print_report(name: str, args: argparse.Namespace, rows: list[BenchRow]) -> bool:
+    """`name`'s setting, table and floors; whether every floor is met."""
+    print(
+        f"\n{name}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, CPU, "
+        f"compiled (inductor) and eager, medians of {args.repeats} interleaved rounds, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
+    print(format_table(rows))
+    report, passed = floor_report(rows)
+    print(report, flush=True)
+    return passed
+
+
+def bench_settings(args: argparse.Namespace) -> BenchSettings:
+    """The measurement the options ask for, every model compiled."""
+    return BenchSettings(
         batch_size=args.batch_size,
         dtype=args.dtype,
         warmup=args.warmup,
@@ -124,24 +158,25 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         compile=True,
     )
+
+
+def write_rows(path: Path, rows: list[BenchRow], settings: BenchSettings, model: str) -> None:
+    """`model`'s rows and the settings as JSON at `path`, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rows_to_json(rows, settings, model=model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark every model; 1 if a floor is missed."""
+    args = parse_args(argv)
+    settings = bench_settings(args)
     ok = True
     for name in args.models:
         torch.manual_seed(0)
-        rows = benchmark(timm.create_model(name), variants, settings)
-        print(
-            f"\n{name}, batch {args.batch_size}, {args.threads} threads, {args.dtype}, CPU, "
-            f"compiled (inductor) and eager, medians of {args.repeats} interleaved rounds, "
-            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
-        )
-        print(format_table(rows))
-        report, passed = floor_report(rows)
-        print(report, flush=True)
-        ok &= passed
+        rows = benchmark(timm.create_model(name), args.variant, settings)
+        ok &= print_report(name, args, rows)
         if args.json:
-            args.json.mkdir(parents=True, exist_ok=True)
-            json_file(args.json, name, args.dtype).write_text(
-                rows_to_json(rows, settings, model=name)
-            )
+            write_rows(json_file(args.json, name, args.dtype), rows, settings, name)
     return 0 if ok else 1
 
 
