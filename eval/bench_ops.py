@@ -257,20 +257,12 @@ def merge_cases(
         partial(weighted_merge_reference, x, size, size, *plan),
         partial(ops.weighted_merge, x, size, size, *plan),
     )
-    yield Case(
-        "match+argsort+merge",
-        shape,
-        f"r={r}",
-        partial(match_argsort_merge, x, size, plan, *references),
-        partial(match_argsort_merge, x, size, plan, *compiled),
-    )
-    yield Case(
-        "tome_step",
-        shape,
-        f"r={r}",
-        partial(tome_step, x, size, r, *references),
-        partial(tome_step, x, size, r, *compiled),
-    )
+    steps = {
+        "match+argsort+merge": partial(match_argsort_merge, x, size, plan),
+        "tome_step": partial(tome_step, x, size, r),
+    }
+    for name, step in steps.items():
+        yield Case(name, shape, f"r={r}", partial(step, *references), partial(step, *compiled))
 
 
 def energy_cases(

@@ -261,13 +261,7 @@ def _check_tower(source: str, tower: Any) -> None:
             f"{source}: 'tower' must be null or a mapping of 'method' (a name) and 'options' "
             "(the block method merging inside the vision tower)"
         )
-    _expect(source, "tower.method", tower["method"], str)
-    try:
-        cls = method_class(tower["method"])
-    except ValueError as err:
-        raise ConfigError(f"{source}: tower: {err}") from None
-    _expect(source, "tower.options", tower["options"], dict)
-    _check_options(source, cls, tower["options"], "tower.options")
+    _check_method_and_options(source, tower, "tower")
 
 
 def _check_model_kinds(source: str, model: dict[str, Any]) -> None:
@@ -349,15 +343,22 @@ def _check_version(source: str, version: Any) -> None:
 
 def _check_method(source: str, data: dict) -> None:
     """Raise ConfigError unless the method is registered and its options and tower valid."""
-    _expect(source, "method", data["method"], str)
-    try:
-        method = method_class(data["method"])
-    except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    _expect(source, "options", data["options"], dict)
-    _check_options(source, method, data["options"])
+    _check_method_and_options(source, data)
     if data.get("tower") is not None:
         _check_tower(source, data["tower"])
+
+
+def _check_method_and_options(source: str, data: dict, part: str = "") -> None:
+    """Refuse a 'method' that names no registered method, or 'options' it does not take (of
+    the config's `part`, such as its tower, or of the config itself)."""
+    prefix = f"{part}." if part else ""
+    _expect(source, f"{prefix}method", data["method"], str)
+    try:
+        cls = method_class(data["method"])
+    except ValueError as err:
+        raise ConfigError(f"{source}: {part + ': ' if part else ''}{err}") from None
+    _expect(source, f"{prefix}options", data["options"], dict)
+    _check_options(source, cls, data["options"], f"{prefix}options")
 
 
 def _check_counts(source: str, data: dict) -> None:
