@@ -39,7 +39,14 @@ from tokcomp.adapters.hf_vlm.generation import (
     pruned_of,
     pruned_record,
 )
-from tokcomp.adapters.hf_vlm.selection import choose, keep_all, place, with_prompt, with_text
+from tokcomp.adapters.hf_vlm.selection import (
+    Choice,
+    choose,
+    keep_all,
+    place,
+    with_prompt,
+    with_text,
+)
 from tokcomp.adapters.hf_vlm.sequence import Prompt
 from tokcomp.errors import UsageError
 from tokcomp.libraries import HF_VLM
@@ -244,13 +251,7 @@ class HFVLMAdapter(Adapter):
         encoded: dict[str, Any],
     ) -> Any:
         vlm, method = self.vlm, compression.method
-        if call.input_ids is None:
-            raise ValueError(
-                "tokcomp finds the image placeholders by their token id: pass input_ids, not "
-                "inputs_embeds, with the images"
-            )
-        if call.cache is not None and call.cache.get_seq_length() > 0:
-            raise ValueError("images can be given only with an empty cache (in the prefill)")
+        _check_prefill_call(call)
         call = call.with_cache(vlm.language_model.config)
         prompt = self._prompt(call, images)
         found = self._found(prompt, call.input_ids, images, encoded, compression)
@@ -258,14 +259,7 @@ class HFVLMAdapter(Adapter):
             hidden, pruned = llm_stage_prefill(vlm, method, call, prompt, found)
             pruned.attach(call.cache)
             return _decoder_output(hidden, call)
-        if isinstance(method, VisualMethod) and found.placeholders is None:
-            if VisualSignal.TEXT in _visual_needs(method):
-                found = with_text(found, prompt)
-            if VisualSignal.PROMPT in _visual_needs(method):
-                found = with_prompt(found, prompt, call.input_ids)
-            choices, positions = choose(method, found), method.positions
-        else:  # a block method acted inside the tower: its tokens take the first places
-            choices, positions = keep_all(found), "renumber"
+        choices, positions = _choices(method, found, prompt, call.input_ids)
         kept, tokens = place(prompt.placeholder, found.counts(), choices)
         cut = cut_prompt(vlm, prompt.filled(tokens, found.injected_rows()), kept, positions)
         output = vlm.language_model(
@@ -398,6 +392,32 @@ def _video_tokens(
     video = torch.zeros_like(prompt.placeholder)
     video[prompt.placeholder] = in_segment & (input_ids[prompt.placeholder] == video_token_id)
     return video
+
+
+def _check_prefill_call(call: Call) -> None:
+    """Refuse a call with images that tokcomp cannot prune: no input_ids, or a filled cache."""
+    if call.input_ids is None:
+        raise ValueError(
+            "tokcomp finds the image placeholders by their token id: pass input_ids, not "
+            "inputs_embeds, with the images"
+        )
+    if call.cache is not None and call.cache.get_seq_length() > 0:
+        raise ValueError("images can be given only with an empty cache (in the prefill)")
+
+
+def _choices(
+    method: Method, found: Images, prompt: Prompt, input_ids: torch.Tensor
+) -> tuple[list[Choice], str]:
+    """The visual tokens each image keeps before the language model, and how the kept ones
+    are positioned: a visual method's choice (given the text or prompt it reads), or every
+    token a block method left inside the tower, in the first places."""
+    if not isinstance(method, VisualMethod) or found.placeholders is not None:
+        return keep_all(found), "renumber"
+    if VisualSignal.TEXT in _visual_needs(method):
+        found = with_text(found, prompt)
+    if VisualSignal.PROMPT in _visual_needs(method):
+        found = with_prompt(found, prompt, input_ids)
+    return choose(method, found), method.positions
 
 
 def _decoder_output(hidden: torch.Tensor, call: Call) -> Any:
