@@ -93,6 +93,7 @@ def test_preset_applies_in_one_line_with_its_schedule(path):
     folder = path.parent.name
     model = tokcomp.apply(_model(folder, "meta"), path)
     applied = tokcomp.config_of(model)
+    assert applied.options == config.options  # every option it runs with (methods.md §8)
     assert applied.schedule == config.schedule
     head = config.model["head_macs"] - applied.model["head_macs"]  # searched with a head
     assert (applied.macs + head, applied.selection_macs) == (config.macs, config.selection_macs)

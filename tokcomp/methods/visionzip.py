@@ -23,7 +23,7 @@ from tokcomp.ops import gather_rows
 @register
 @dataclass(kw_only=True)
 class VisionZip(VisualMethod):
-    """Keep per image `keep` tokens: round(keep * (1 - contextual)) dominant ones (at least one),
+    """Keep per image `keep` tokens: keep - round(keep * contextual) dominant ones (at least one),
     those receiving the most class-token attention (summed over heads) in the vision tower's
     feature layer (the one LLaVA takes features from); without a class token (SigLIP), the most
     attention received on average over all queries. The remaining tokens, in original order,

@@ -34,7 +34,8 @@ class ZeroTPrune(BlockMethod):
 
     keep_ratio / layers: each block in `layers` keeps this fraction of its unprotected
     tokens; the default (0.7 at blocks 3, 6, 9 of 12, scaled to the depth) removes 34.8% of
-    DeiT-S's MACs, the paper's operating point. iterations: WPR steps per block (default by
+    DeiT-S's model MACs (34.6% with its own PageRank and matching counted), the paper's
+    operating point. iterations: WPR steps per block (default by
     position, DEFAULT_ITERATIONS). similarity_share: the part of each block's pruning done by
     the S-stage. variance_band: heads whose importance variance (scores over the unprotected
     tokens divided by their mean, so a uniform head has 0) lies outside it are left out of

@@ -84,8 +84,10 @@ class ZOOPrune(VisualMethod):
     the exact scores. A single Linear projector has the same sensitivity mean_j ||W u_j|| for
     every token (s = 1, plain max-min diversity). Any other projector (e.g. one with a
     normalisation inside) takes the general path: all 2*m*N perturbed rows through P, batched
-    (correct, about 2m times the projector's cost). The MLP path runs in float32;
-    the general path in the projector's dtype.
+    (correct, about 2m times the projector's cost). The MLP path computes its first layer in
+    float32 and its second-layer product in `precision` ("auto": bfloat16 where the device
+    multiplies bfloat16 natively, float32 elsewhere; see product_dtype); the general path runs
+    in the projector's dtype.
     """
 
     name: ClassVar[str] = "zoo"
