@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import tiny_siglip_with_head, tiny_vit
+from fixtures.imagenet import fashion_mnist_checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tokcomp
@@ -289,11 +290,12 @@ def test_a_finished_search_keeps_its_state_and_a_rerun_from_it_takes_no_step(tmp
 
 
 def test_search_command_on_fashion_mnist_writes_a_config_that_reloads(tmp_path):
-    output = tmp_path / "searched.json"
-    argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
+    output = tmp_path / "search" / "searched.json"
+    argv = ["search", "diffrate", "--checkpoint", str(fashion_mnist_checkpoint(tmp_path))]
+    argv += ["--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--batch-size", "16"]
     assert main([*argv, "-o", str(output)]) == 0
-    assert list(tmp_path.iterdir()) == [output]  # the search state went once it was written
+    assert list(output.parent.iterdir()) == [output]  # the search state went once it was written
     config = tokcomp.Config.load(output)
     assert config.method == "diffrate" and "DiffRate search" in config.notes
     assert "batch 16 per process, 32 images of fashion-mnist" in config.notes
@@ -344,8 +346,9 @@ def test_mixed_batches_draw_an_epoch_alike_whether_or_not_earlier_epochs_ran():
 
 
 def test_deit_augmented_search_command_records_it_and_refuses_odd_batches(tmp_path, capsys):
-    output = tmp_path / "searched.json"
-    argv = ["search", "diffrate", "--model", "test_vit", "--data", "fashion-mnist"]
+    output = tmp_path / "search" / "searched.json"
+    argv = ["search", "diffrate", "--checkpoint", str(fashion_mnist_checkpoint(tmp_path))]
+    argv += ["--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--epochs", "1", "--limit", "32", "--augment", "deit"]
     assert main([*argv, "--batch-size", "16", "-o", str(output)]) == 0
     assert "DeiT augmentation" in tokcomp.Config.load(output).notes

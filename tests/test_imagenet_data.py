@@ -199,6 +199,15 @@ def test_fashion_mnist_is_its_test_split(tmp_path):
         open_dataset(f"fashion-mnist:{tmp_path}")
 
 
+@pytest.mark.parametrize("classes", [1000, 9])
+def test_fashion_mnist_is_refused_for_a_model_of_another_class_count(classes):
+    """Its labels 0-9 would fit a 1000-class head and be scored as its first ten classes."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=classes)
+    with pytest.raises(UsageError, match=f"has 10 classes, but the model predicts {classes}: "):
+        model_dataset("fashion-mnist", model)
+    assert len(open_dataset("fashion-mnist", outputs=10)) == 10_000  # its own count is fine
+
+
 def test_one_data_source_names_every_kind_and_each_reader_refuses_the_others(tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("")

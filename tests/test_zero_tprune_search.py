@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
+from fixtures.imagenet import fashion_mnist_checkpoint
 
 import tokcomp
 from tokcomp.cli import main
@@ -140,12 +141,13 @@ def test_score_refuses_no_images():
 
 
 def test_search_command_on_fashion_mnist_prints_the_trials_and_writes_a_config(tmp_path, capsys):
-    output = tmp_path / "searched.json"
-    argv = ["search", "zero_tprune", "--model", "test_vit", "--data", "fashion-mnist"]
+    output = tmp_path / "search" / "searched.json"
+    argv = ["search", "zero_tprune", "--checkpoint", str(fashion_mnist_checkpoint(tmp_path))]
+    argv += ["--data", "fashion-mnist"]
     argv += ["--target-macs", "0.7", "--limit", "32", "--batch-size", "16", "--shares", "0,1"]
     argv += ["--layers", "2,1,1", "--layers", "2", "--sizes", "off,on"]  # 2,1,1: blocks 1, 2
     assert main([*argv, "-o", str(output)]) == 0
-    assert list(tmp_path.iterdir()) == [output]  # the search state went once it was written
+    assert list(output.parent.iterdir()) == [output]  # the search state went once it was written
     printed = capsys.readouterr().out
     assert printed.count("<- chosen") == 1 and "[1, 2]" in printed
     assert printed.count("  on ") == 4 and printed.count("  off ") == 4

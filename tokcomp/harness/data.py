@@ -20,6 +20,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from tokcomp.errors import TokcompError, UsageError
+from tokcomp.harness.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from tokcomp.harness.fashion_mnist import FashionMNIST
 from tokcomp.harness.fingerprint import file_identity
@@ -295,6 +296,7 @@ def open_dataset(
     classes the model predicts, if known (see `LabelledImageFolder`)."""
     source = data_source(data)
     if source.kind == FASHION_MNIST:
+        _refuse_other_class_counts(data, outputs)
         return FashionMNIST(source.path, split, transform, canvas=canvas)
     if source.kind != "folder":
         raise ValueError(
@@ -302,6 +304,18 @@ def open_dataset(
             f"(root/<class>/<image>) or {FASHION_MNIST}"
         )
     return LabelledImageFolder(source.path, transform, labels, outputs)
+
+
+def _refuse_other_class_counts(data: str, outputs: int | None) -> None:
+    """Refuse Fashion-MNIST for a model that predicts another number of classes: its labels
+    0-9 would be read as that model's first ten classes, and every score would be noise."""
+    if outputs is not None and outputs != len(FASHION_MNIST_CLASSES):
+        raise UsageError(
+            f"--data {data} has {len(FASHION_MNIST_CLASSES)} classes, but the model predicts "
+            f"{outputs}: give a model trained on it (the default vit-fmnist, or a checkpoint "
+            "with a 10-class head: tokcomp eval backbone --save-head writes one), or score its "
+            "features with tokcomp eval backbone"
+        )
 
 
 def describe(dataset: Dataset) -> str:
