@@ -312,9 +312,10 @@ def _refuse_other_class_counts(data: str, outputs: int | None) -> None:
     if outputs is not None and outputs != len(FASHION_MNIST_CLASSES):
         raise UsageError(
             f"--data {data} has {len(FASHION_MNIST_CLASSES)} classes, but the model predicts "
-            f"{outputs}: give a model trained on it (the default vit-fmnist, or a checkpoint "
-            "with a 10-class head: tokcomp eval backbone --save-head writes one), or score its "
-            "features with tokcomp eval backbone"
+            f"{outputs}: give a model trained on it (--checkpoint "
+            "eval/models/vit-fmnist/model.safetensors, or one with a 10-class head, which "
+            "tokcomp eval backbone --save-head writes), or score its features with tokcomp "
+            "eval backbone"
         )
 
 
