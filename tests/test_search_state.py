@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from fixtures.imagenet import fashion_mnist_checkpoint
 
 from tokcomp.cli import main
 from tokcomp.config import Config
@@ -18,8 +19,14 @@ from tokcomp.search import diffrate, zero_tprune
 from tokcomp.search.state import SearchState
 
 
-def _argv(method: str, options: dict[str, str], output) -> list[str]:
-    argv = ["search", method, "--data", "fashion-mnist"]
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The searched model: a 10-class test_vit, as Fashion-MNIST's labels need."""
+    return fashion_mnist_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+def _argv(method: str, options: dict[str, str], output, checkpoint) -> list[str]:
+    argv = ["search", method, "--checkpoint", str(checkpoint), "--data", "fashion-mnist"]
     return [*argv, *(x for pair in options.items() for x in pair), "-o", str(output)]
 
 
@@ -27,11 +34,13 @@ def _refusal(capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-DIFFRATE = {"--model": "test_vit", "--target-macs": "0.7", "--epochs": "2", "--limit": "32"}
+DIFFRATE = {"--target-macs": "0.7", "--epochs": "2", "--limit": "32"}
 DIFFRATE["--batch-size"] = "16"
 
 
-def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
     output = tmp_path / "configs" / "searched.json"  # a folder the search makes
     state = tmp_path / "configs" / "searched.json.search-state.pt"
     steps = []
@@ -44,7 +53,7 @@ def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, m
         return real_backward(*args)
 
     monkeypatch.setattr(diffrate, "_backward", backward_until_ctrl_c)
-    assert main(_argv("diffrate", DIFFRATE, output)) == 130
+    assert main(_argv("diffrate", DIFFRATE, output, checkpoint)) == 130
     assert _refusal(capsys) == (
         f"tokcomp search diffrate: interrupted: the rates after each finished epoch are saved "
         f"in {state}; the same command resumes"
@@ -53,7 +62,7 @@ def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, m
     assert torch.load(state, weights_only=True)["epoch"] == 1
 
     steps[:] = [0]  # resumed: only the second epoch's two steps run
-    assert main(_argv("diffrate", DIFFRATE, output)) == 0
+    assert main(_argv("diffrate", DIFFRATE, output, checkpoint)) == 0
     assert len(steps) == 3 and not state.exists() and output.is_file()
 
 
@@ -68,39 +77,41 @@ def test_an_interrupted_diffrate_search_resumes_after_its_last_epoch(tmp_path, m
     ],
 )
 def test_a_diffrate_state_of_other_inputs_is_refused_and_fresh_starts_again(
-    tmp_path, capsys, option, value, named
+    checkpoint, tmp_path, capsys, option, value, named
 ):
     output = tmp_path / "searched.json"
     state = SearchState.beside(output, Fingerprint.of())
     saved_inputs = {**DIFFRATE, "--epochs": "1"}
-    _save_first_epoch(saved_inputs, output, state)
+    _save_first_epoch(saved_inputs, output, state, checkpoint)
     changed = {**saved_inputs, option: value}
-    assert main(_argv("diffrate", changed, output)) == 2
+    assert main(_argv("diffrate", changed, output, checkpoint)) == 2
     line = _refusal(capsys)
     assert f"the search state {state.path} was saved from other inputs (" in line
     assert named in line and line.endswith(
         "rerun with --fresh to discard it and start again, or give another -o"
     )
-    assert main([*_argv("diffrate", changed, output), "--fresh"]) == 0
+    assert main([*_argv("diffrate", changed, output, checkpoint), "--fresh"]) == 0
     assert f"--fresh: discarded the earlier search state {state.path}" in capsys.readouterr().out
 
 
-def test_a_deit_augmented_diffrate_state_is_refused_for_another_worker_count(tmp_path, capsys):
+def test_a_deit_augmented_diffrate_state_is_refused_for_another_worker_count(
+    checkpoint, tmp_path, capsys
+):
     # each loader worker draws its own augmentations, so the images change with their number
     output = tmp_path / "searched.json"
     state = SearchState.beside(output, Fingerprint.of())
     saved_inputs = {**DIFFRATE, "--epochs": "1", "--augment": "deit"}
-    _save_first_epoch(saved_inputs, output, state)
-    assert main(_argv("diffrate", {**saved_inputs, "--workers": "2"}, output)) == 2
+    _save_first_epoch(saved_inputs, output, state, checkpoint)
+    assert main(_argv("diffrate", {**saved_inputs, "--workers": "2"}, output, checkpoint)) == 2
     assert "workers: 0 then, 2 now" in _refusal(capsys)
 
 
-def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> None:
+def _save_first_epoch(options: dict[str, str], output, state: SearchState, checkpoint) -> None:
     """Run the search and keep its state as it was after the first epoch."""
     real_discard = SearchState.discard
     SearchState.discard = lambda self: False  # the command keeps the finished state
     try:
-        assert main(_argv("diffrate", options, output)) == 0
+        assert main(_argv("diffrate", options, output, checkpoint)) == 0
     finally:
         SearchState.discard = real_discard
     output.unlink()
@@ -108,15 +119,15 @@ def _save_first_epoch(options: dict[str, str], output, state: SearchState) -> No
 
 
 # random weights: --seed (default 0) draws the same ones on every run, so the search resumes
-ZERO_TPRUNE = {"--model": "test_vit", "--target-macs": "0.7", "--limit": "16"}
+ZERO_TPRUNE = {"--target-macs": "0.7", "--limit": "16"}
 ZERO_TPRUNE["--shares"] = "0,0.5,1"
 
 
 def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config(
-    tmp_path, monkeypatch, capsys
+    checkpoint, tmp_path, monkeypatch, capsys
 ):
     whole = tmp_path / "whole.json"
-    assert main(_argv("zero_tprune", ZERO_TPRUNE, whole)) == 0
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, whole, checkpoint)) == 0
     output = tmp_path / "searched.json"
     state = tmp_path / "searched.json.search-state.pt"
     tried = []
@@ -129,7 +140,7 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
         return real_trial(model, batches, options)
 
     monkeypatch.setattr(zero_tprune, "_trial", trial_until_ctrl_c)
-    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 130
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output, checkpoint)) == 130
     assert _refusal(capsys) == (
         f"tokcomp search zero_tprune: interrupted: the finished trials are saved in {state}; "
         "the same command resumes"
@@ -138,11 +149,11 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
         ("--limit", "8", "limit: 16 then, 8 now"),
         ("--target-macs", "0.6", "target_macs: 0.7 then, 0.6 now"),
     ]:
-        assert main(_argv("zero_tprune", {**ZERO_TPRUNE, option: value}, output)) == 2
+        assert main(_argv("zero_tprune", {**ZERO_TPRUNE, option: value}, output, checkpoint)) == 2
         assert named in _refusal(capsys)
 
     tried.clear()
-    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == 0
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output, checkpoint)) == 0
     assert tried == [1.0] and not state.exists()
     assert json.loads(output.read_text()) == json.loads(whole.read_text())
 
@@ -155,7 +166,7 @@ def test_an_interrupted_zero_tprune_search_resumes_its_trials_to_the_same_config
     ],
 )
 def test_a_damaged_or_unfingerprinted_state_is_refused_in_one_line(
-    tmp_path, capsys, content, code, message
+    checkpoint, tmp_path, capsys, content, code, message
 ):
     output = tmp_path / "searched.json"
     state = tmp_path / "searched.json.search-state.pt"
@@ -163,7 +174,7 @@ def test_a_damaged_or_unfingerprinted_state_is_refused_in_one_line(
         torch.save({"trials": []}, state)
     else:
         state.write_bytes(content)
-    assert main(_argv("zero_tprune", ZERO_TPRUNE, output)) == code
+    assert main(_argv("zero_tprune", ZERO_TPRUNE, output, checkpoint)) == code
     line = _refusal(capsys)
     assert line.startswith("tokcomp search zero_tprune: error: ") and message in line
     assert "--fresh" in line
@@ -207,7 +218,7 @@ def _count_calls(monkeypatch, module, name: str) -> list[tuple]:
     ],
 )
 def test_a_search_whose_config_write_fails_keeps_its_state_and_reruns_no_work(
-    tmp_path, monkeypatch, capsys, method, options, module, work, finished
+    checkpoint, tmp_path, monkeypatch, capsys, method, options, module, work, finished
 ):
     """A full disk at the end loses nothing: every epoch or trial stays saved, and the rerun
     writes the config without training or trying anything again."""
@@ -215,12 +226,12 @@ def test_a_search_whose_config_write_fails_keeps_its_state_and_reruns_no_work(
     state = tmp_path / "searched.json.search-state.pt"
     with monkeypatch.context() as failing:
         given = _fail_config_writes(failing)
-        assert main(_argv(method, options, output)) == 1
+        assert main(_argv(method, options, output, checkpoint)) == 1
     assert "No space left on device" in _refusal(capsys)
     assert state.is_file() and not output.exists()
     assert finished(torch.load(state, weights_only=True))
 
     calls = _count_calls(monkeypatch, module, work)
-    assert main(_argv(method, options, output)) == 0
+    assert main(_argv(method, options, output, checkpoint)) == 0
     assert calls == [] and not state.exists()
     assert json.loads(output.read_text()) == given[0]
