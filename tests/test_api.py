@@ -395,6 +395,10 @@ def _valid_dict() -> dict:
         ({"method": "nope"}, "unknown method 'nope'"),
         ({"version": 99}, "version 99 is newer"),
         ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
+        (
+            {"model": {**_valid_dict()["model"], "tokenz": 197}},
+            r"'model' has unknown field\(s\) \['tokenz'\]",
+        ),
         ({"macs": -3}, "'macs' must be a positive int"),
         ({"options": []}, "'options' must be a dict"),
     ],

@@ -15,7 +15,13 @@ from tokcomp.errors import UsageError
 from tokcomp.files import written_whole
 from tokcomp.methods import Method, create_method, method_class, option_names
 from tokcomp.methods.registry import mistyped_option
-from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
+from tokcomp.schedule import (
+    ModelSpec,
+    VLMSpec,
+    model_macs,
+    resolve_with_tower,
+    selection_macs,
+)
 
 CONFIG_VERSION = 1
 #: Where a model's own method defaults live: in its timm pretrained_cfg and in the metadata of
@@ -37,6 +43,8 @@ _MODEL_FIELDS = (
     "mlp_hidden",
     "stem_macs",
 )
+#: Every field a saved model shape can have (a VLM's holds them all).
+_SHAPE_FIELDS = frozenset(f.name for f in fields(VLMSpec))
 #: The kinds of the model fields that are no int.
 _MODEL_KINDS = {"family": (str, "a text"), "class_token": (bool, "true or false")}
 #: Method options a config holds elsewhere: the schedule they settle into is its 'schedule'.
@@ -108,9 +116,7 @@ class Config:
         _expect(source, "notes", data.get("notes", ""), str)
         _expect(source, "extra", data.get("extra", {}), dict)
         _check_counts(source, data)
-        missing_model = sorted(set(_MODEL_FIELDS) - set(data["model"]))
-        if missing_model:
-            raise ConfigError(f"{source}: 'model' lacks {missing_model}")
+        _check_model_fields(source, data["model"])
         _check_model_kinds(source, data["model"])
         return cls(**data)
 
@@ -262,6 +268,20 @@ def _check_tower(source: str, tower: Any) -> None:
             "(the block method merging inside the vision tower)"
         )
     _check_method_and_options(source, tower, "tower")
+
+
+def _check_model_fields(source: str, model: dict[str, Any]) -> None:
+    """Refuse a 'model' that lacks a field every model's shape has, or has one no shape has
+    (a misspelt field would be ignored)."""
+    missing = sorted(set(_MODEL_FIELDS) - set(model))
+    if missing:
+        raise ConfigError(f"{source}: 'model' lacks {missing}")
+    unknown = sorted(set(model) - _SHAPE_FIELDS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: 'model' has unknown field(s) {unknown}; a model's shape has "
+            f"{sorted(_SHAPE_FIELDS)}"
+        )
 
 
 def _check_model_kinds(source: str, model: dict[str, Any]) -> None:
