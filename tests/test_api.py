@@ -395,10 +395,6 @@ def _valid_dict() -> dict:
         ({"method": "nope"}, "unknown method 'nope'"),
         ({"version": 99}, "version 99 is newer"),
         ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
-        (
-            {"model": {**_valid_dict()["model"], "tokenz": 197}},
-            r"'model' has unknown field\(s\) \['tokenz'\]",
-        ),
         ({"macs": -3}, "'macs' must be a positive int"),
         ({"options": []}, "'options' must be a dict"),
     ],
@@ -407,6 +403,13 @@ def test_malformed_config_gets_a_clear_error(tmp_path, change, message):
     path = _write(tmp_path, json.dumps({**_valid_dict(), **change}))
     with pytest.raises(ConfigError, match=message):
         tokcomp.apply(tiny_vit("vit"), path)
+
+
+def test_a_model_field_no_model_shape_has_is_refused(tmp_path):
+    data = _valid_dict()
+    data["model"]["tokenz"] = 197
+    with pytest.raises(ConfigError, match=r"'model' has unknown field\(s\) \['tokenz'\]"):
+        tokcomp.apply(tiny_vit("vit"), _write(tmp_path, json.dumps(data)))
 
 
 def test_config_missing_fields_and_bad_syntax(tmp_path):
