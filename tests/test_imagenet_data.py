@@ -7,10 +7,12 @@ from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from fixtures.imagenet import IMAGENETTE, foolbox_images, image_folder, synset_folder, write_images
+from PIL import Image
 
 from tokcomp.errors import UsageError
 from tokcomp.harness.data import (
@@ -22,6 +24,7 @@ from tokcomp.harness.data import (
     imagenet_synsets,
     limited,
     open_dataset,
+    read_image,
 )
 from tokcomp.harness.fashion_mnist import DEFAULT_ROOT, read_idx
 from tokcomp.harness.imagenet import ClassificationTask, model_dataset, topk_correct
@@ -163,6 +166,30 @@ def test_a_corrupt_image_error_names_the_file(tmp_path, damage):
     dataset[0]  # 0.png reads fine
     with pytest.raises(CorruptImageError, match=f"cannot decode image {bad}"):
         dataset[1]
+
+
+def test_a_16_bit_grayscale_png_keeps_its_contrast(tmp_path):
+    """Pillow opens it as "I;16", whose conversion to RGB clipped every value above 255."""
+    ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "eight.png")
+    deep = np.asarray(read_image(str(tmp_path / "deep.png")).convert("RGB"))
+    eight = np.asarray(read_image(str(tmp_path / "eight.png")).convert("RGB"))
+    assert deep.min() == 0 and deep.max() == 255
+    assert np.array_equal(deep, eight)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "mode", "extrema"),
+    [(np.int32([[0, 1000]]), "I", "0 to 1000"), (np.float32([[0.0, 300.5]]), "F", "0.0 to 300.5")],
+)
+def test_pixels_that_rgb_would_clip_are_refused_naming_the_file(tmp_path, pixels, mode, extrema):
+    path = tmp_path / "wide.tif"
+    Image.fromarray(pixels, mode).save(path)
+    with pytest.raises(CorruptImageError, match=f"image {path} has {mode} pixels from {extrema},"):
+        read_image(str(path))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(pixels.dtype), mode).save(path)
+    assert np.asarray(read_image(str(path)).convert("L")).tolist() == [[0, 255]]
 
 
 def test_a_folder_without_class_folders_says_how_to_lay_it_out(tmp_path):

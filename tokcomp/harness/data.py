@@ -75,6 +75,26 @@ def read_image(path: str) -> Image.Image:
         raise CorruptImageError(
             f"cannot decode image {path} ({err}); replace or delete the file"
         ) from None
+    return eight_bit(image, path)
+
+
+#: Pillow's modes for 16-bit grayscale (a 16-bit grayscale PNG opens as "I;16").
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """`image` with 8-bit channels, so that converting it to RGB or L keeps its contrast:
+    16-bit grayscale keeps its high byte (as Pillow reads 16-bit colour PNGs); 32-bit integer
+    or float pixels outside 0-255, which the conversion would clip, are refused naming `name`."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise CorruptImageError(
+                f"image {name} has {image.mode} pixels from {low} to {high}, which converting "
+                "to RGB would clip to 0-255; save it with 8 or 16 bits per channel"
+            )
     return image
 
 

@@ -37,6 +37,7 @@ from transformers import LogitsProcessorList
 from tokcomp.adapters.hf_vlm.adapter import HFVLMAdapter
 from tokcomp.bench import peak_memory
 from tokcomp.errors import UsageError
+from tokcomp.harness.data import eight_bit
 from tokcomp.harness.sweep import Point, compression
 from tokcomp.harness.timing import PrefillTimer, now
 from tokcomp.harness.vqa import (
@@ -188,7 +189,7 @@ class HFVLM(lmms):
                     f"task {task} gives a {type(visual).__name__} where tokcomp's lmms-eval "
                     "model takes images (PIL); choose image tasks"
                 )
-        return [visual.convert("RGB") for visual in visuals]
+        return [eight_bit(visual, f"{task} document {doc_id}").convert("RGB") for visual in visuals]
 
     def _generate(
         self, contexts: list[str], images: list[list[Image.Image]], options: Mapping[str, Any]
