@@ -64,7 +64,7 @@ def write_presets(published: dict, output: Path) -> list[Path]:
             )
             path = output / arch / f"diffrate-{gmacs}g.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            written.append(config.save(path))
+            written.append(config.save(path, overwrite=True))
             print(f"{path}: {config.macs / 1e9:.2f} GMACs ({config.macs_ratio:.3f})")
         del model
     return written

@@ -49,7 +49,7 @@ def refresh(path: Path) -> bool:
     fields = config.macs_on(find_adapter(architecture(path.parent.name)).spec())
     if all(getattr(config, name) == value for name, value in fields.items()):
         return False
-    replace(config, **fields).save(path)
+    replace(config, **fields).save(path, overwrite=True)
     return True
 
 

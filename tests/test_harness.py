@@ -313,7 +313,7 @@ def test_a_config_file_edited_since_its_saved_row_shows_only_as_it_is_now(tmp_pa
     config = tmp_path / "tome.json"
     model = create_model(checkpoint=checkpoint)
     for r in (2, 4):
-        tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).save(config)
+        tokcomp.config_of(tokcomp.apply(model, "tome", r=r)).save(config, overwrite=True)
         rows = evaluate(checkpoint, data, tmp_path / "out", f"--config {config}")
     assert [row["label"] for row in rows] == ["", "tome.json"]
     assert float(rows[1]["macs_ratio"]) == pytest.approx(tokcomp.config_of(model).macs_ratio)

@@ -120,10 +120,10 @@ class Config:
         _check_model_kinds(source, data["model"])
         return cls(**data)
 
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write as JSON (.json) or YAML (.yaml/.yml), creating its folder if need be; whole
-        or not at all (an interrupted write leaves the file as it was). `overwrite=False`
-        refuses a file that exists by then (one that appeared while a search ran)."""
+        or not at all (an interrupted write leaves the file as it was). A file that exists
+        is replaced only with `overwrite=True`."""
         path = Path(path)
         if path.suffix not in CONFIG_SUFFIXES:
             raise ConfigError(f"{path}: save a config as .json, .yaml or .yml")
