@@ -14,9 +14,11 @@ import sys
 from importlib.util import find_spec, module_from_spec, spec_from_file_location
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as hf
+from PIL import Image
 
 import tokcomp
 from tokcomp.cli import main
@@ -519,6 +521,23 @@ def test_a_text_only_task_is_answered_without_images():
     assert answers(lambda doc: None) == without
     assert answers(lambda doc: [None]) == without
     assert without != answers(_visual)
+
+
+@needs_lmms
+def test_a_16_bit_grayscale_image_reaches_the_model_with_its_contrast():
+    """Pillow opens a 16-bit grayscale image as "I;16", whose conversion to RGB clipped every
+    value above 255 (a white picture)."""
+    from tokcomp.harness.lmms_model import HFVLM
+
+    docs = [json.loads(line) for line in (TASKS / "easyvqa" / "questions.jsonl").open()][:1]
+    gray = _visual(docs[0])[0].convert("L")
+    deep = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
+    assert deep.mode == "I;16"
+    lm = HFVLM(*load_vlm(DEFAULT_MODEL), "cpu", 2)
+    lm.task_dict = {"easyvqa": {"test": docs}}
+    (request,) = _requests("generate_until", docs, lambda doc: [deep])
+    (seen,) = lm._images(request)
+    assert np.array_equal(np.asarray(seen), np.asarray(gray.convert("RGB")))
 
 
 def _visual(doc: dict) -> list:
