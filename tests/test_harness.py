@@ -16,12 +16,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from operator import itemgetter
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import transformers
 from fixtures.imagenet import (
     foolbox_images,
     image_folder,
@@ -38,11 +40,11 @@ from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp.cli import main
-from tokcomp.errors import StateError
+from tokcomp.errors import StaleResultsError, StateError
 from tokcomp.harness import sweep
 from tokcomp.harness.data import open_dataset
 from tokcomp.harness.fashion_mnist import load_arrays, place_at_fixed_offsets
-from tokcomp.harness.fingerprint import Fingerprint
+from tokcomp.harness.fingerprint import PACKAGE, Fingerprint, code_identity
 from tokcomp.harness.imagenet import (
     ClassificationTask,
     data_config,
@@ -419,6 +421,49 @@ def test_a_half_written_last_line_is_dropped_and_a_broken_row_is_named(tmp_path)
         with pytest.raises(StateError, match=rf"results.jsonl:3 is not a results row \({problem}"):
             ResultStore(tmp_path, inputs)
         store.path.write_text("".join(store.path.read_text().splitlines(keepends=True)[:2]))
+
+
+def test_a_whole_last_row_without_its_line_break_is_kept(tmp_path):
+    """An editor that ends files without a line break left a finished row looking half
+    written: it was dropped from the file and its point evaluated again."""
+    inputs = Fingerprint.of(data="6 samples")
+    store = ResultStore(tmp_path, inputs)
+    store.add({"key": "a", "top1": 1.0})
+    store.add({"key": "b", "top1": 2.0})
+    store.path.write_text(store.path.read_text().rstrip("\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        store = ResultStore(tmp_path, inputs)
+    assert store.get("b") == {"key": "b", "top1": 2.0, "fingerprint": inputs.as_json()}
+    store.add({"key": "c"})
+    assert [json.loads(line)["key"] for line in store.path.read_text().splitlines()] == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+def test_a_results_store_refuses_rows_of_other_code_or_library_releases(tmp_path):
+    """The version alone (0.3.0 through every change so far) let a sweep resume from rows
+    that other code had measured."""
+    package = tmp_path / "package"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_identity(package)
+    (package / "__pycache__").mkdir(exist_ok=True)
+    (package / "__pycache__" / "stale.pyc").write_bytes(b"\0")
+    assert code_identity.__wrapped__(package) == before == code_identity(PACKAGE)
+    with (package / "methods" / "tome.py").open("a") as handle:
+        handle.write("# edited\n")
+    edited = code_identity.__wrapped__(package)
+    assert edited != before and edited.startswith(f"{tokcomp.__version__}, files ")
+
+    inputs = Fingerprint.of(data="6 samples")
+    assert f"timm {timm.__version__}, " in inputs.parts["libraries"]
+    assert f"transformers {transformers.__version__}" in inputs.parts["libraries"]
+    ResultStore(tmp_path, inputs).add({"key": "a"})
+    edited_code = Fingerprint({**inputs.parts, "tokcomp": edited})
+    with pytest.raises(StaleResultsError, match=f"tokcomp: {before} then, {edited} now"):
+        ResultStore(tmp_path, edited_code)
 
 
 def test_every_point_is_checked_before_any_is_evaluated(tmp_path, small, capsys):

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 
 import tokcomp
 from tokcomp.errors import StaleResultsError
+from tokcomp.libraries import LIBRARIES, TORCH, installed
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class Fingerprint:
 
     @classmethod
     def of(cls, **parts: Any) -> Fingerprint:
-        """The fingerprint of `parts`, led by tokcomp's version."""
-        return cls({"tokcomp": tokcomp.__version__, **parts})
+        """The fingerprint of `parts`, led by tokcomp's code and the libraries' releases."""
+        return cls({"tokcomp": code_identity(), "libraries": library_releases(), **parts})
 
     def extended(self, **parts: Any) -> Fingerprint:
         """This fingerprint with more parts."""
@@ -66,6 +67,30 @@ class Fingerprint:
         changed = self.differences(saved)
         if changed:
             raise StaleResultsError(f"{what} from other inputs ({'; '.join(changed)}); {fix}")
+
+
+#: The folder of tokcomp's package: its sources and compiled extension.
+PACKAGE = Path(tokcomp.__file__).parent
+
+
+@functools.cache
+def code_identity(package: Path = PACKAGE) -> str:
+    """tokcomp's version and a short SHA-256 of the files of its `package` folder (sources and
+    compiled extension; __pycache__ left out): the version alone stays the same while the code
+    changes."""
+    files = sorted(
+        path for path in package.rglob("*") if path.is_file() and "__pycache__" not in path.parts
+    )
+    digest = _digest([path.relative_to(package).as_posix(), file_digest(path)] for path in files)
+    return f"{tokcomp.__version__}, files {digest}"
+
+
+def library_releases() -> str:
+    """The installed releases of torch and the model libraries ('torch 2.14.1, timm 1.0.19, ...';
+    a library that is not installed is left out)."""
+    names = dict.fromkeys(library.distribution for library in (TORCH, *LIBRARIES))
+    found = {name: installed(name) for name in names}
+    return ", ".join(f"{name} {version}" for name, version in found.items() if version)
 
 
 def _shown(value: Any) -> str:

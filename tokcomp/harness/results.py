@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -63,8 +64,7 @@ class ResultStore:
         text = self.path.read_text()
         lines = text.splitlines()
         if lines and not text.endswith("\n"):
-            self._drop_partial_line(text)
-            lines.pop()
+            self._end_last_line(text, lines)
         return [self._row(number, line) for number, line in enumerate(lines, 1)]
 
     def _row(self, number: int, line: str) -> dict[str, Any]:
@@ -81,10 +81,21 @@ class ResultStore:
             )
         return row
 
-    def _drop_partial_line(self, text: str) -> None:
-        """A run killed while writing leaves half a line: drop it so appends stay valid."""
+    def _end_last_line(self, text: str, lines: list[str]) -> None:
+        """A last line without its line break: a whole row (an editor that ends files without
+        one) gets the break, so appends stay valid; half a row (a run killed while writing)
+        is cut off the file and from `lines`."""
+        try:
+            whole = isinstance(json.loads(lines[-1]), dict)
+        except json.JSONDecodeError:
+            whole = False
+        if whole:
+            with self.path.open("a") as handle:
+                handle.write("\n")
+            return
         warnings.warn(f"{self.path}: dropping an unfinished last line", stacklevel=3)
-        self.path.write_text(text[: text.rfind("\n") + 1])
+        os.truncate(self.path, len(text[: text.rfind("\n") + 1].encode()))
+        lines.pop()
 
 
 def results_path(folder: Path) -> Path:
