@@ -51,10 +51,19 @@ def inputs(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def answers(model, processor, batch: dict[str, torch.Tensor]) -> list[str]:
+    return generated(model, processor, batch)[0]
+
+
+def generated(model, processor, batch: dict[str, torch.Tensor]) -> tuple[list[str], list[int]]:
+    """The replies to `batch`, and the visual tokens tokcomp dropped from each prompt."""
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-    new = out[:, batch["input_ids"].shape[1] :]
-    return [reply.strip() for reply in processor.batch_decode(new, skip_special_tokens=True)]
+        out = model.generate(
+            **batch, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+        )
+    new = out.sequences[:, batch["input_ids"].shape[1] :]
+    dropped = tokcomp.visual_tokens_dropped(out.past_key_values)
+    replies = [reply.strip() for reply in processor.batch_decode(new, skip_special_tokens=True)]
+    return replies, [] if dropped is None else dropped.tolist()
 
 
 def test_the_video_vlm_answers_test_clips_in_a_left_padded_batch(video_vlm, tmp_path):
@@ -89,8 +98,9 @@ def test_the_video_methods_prune_the_video_vlm_and_it_still_answers(
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     tokcomp.apply(model, method, **options)
     try:
-        replies = answers(model, processor, inputs(processor, rows))
+        replies, dropped = generated(model, processor, inputs(processor, rows))
     finally:
         tokcomp.remove(model)
+    assert len(dropped) == len(rows) and min(dropped) > 0, dropped
     correct = [reply in row["answers"] for reply, row in zip(replies, rows, strict=True)]
     assert sum(correct) >= 0.85 * len(rows), list(zip(replies, rows, strict=True))
