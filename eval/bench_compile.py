@@ -47,6 +47,7 @@ from tokcomp.bench import (
     variant_model,
 )
 from tokcomp.errors import UsageError
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
@@ -162,8 +163,7 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
 
 def write_rows(path: Path, rows: list[BenchRow], settings: BenchSettings, model: str) -> None:
     """`model`'s rows and the settings as JSON at `path`, its folder made if missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(rows_to_json(rows, settings, model=model))
+    write_text_whole(path, rows_to_json(rows, settings, model=model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from script_args import add_json_arguments, check_json_argument, script_parser
 
 import tokcomp
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import non_negative_int, positive_int
 
 #: Part of the ideal speed-up (unpruned MACs / pruned MACs) a compressed tower must reach.
@@ -110,8 +111,7 @@ def write_json(path: Path, settings: BenchSettings, results: dict[str, list[Benc
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         "towers": {name: [asdict(row) for row in rows] for name, rows in results.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    write_text_whole(path, json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from script_args import refusing, script_parser
 
 import tokcomp
 from tokcomp.bench import BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import DTYPES, check_new_file, device, non_negative_int, positive_int
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_text_whole(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

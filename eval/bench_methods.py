@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import add_json_arguments, check_json_argument, script_parser
 
 from tokcomp.bench import BenchRow, BenchSettings, Variant, benchmark, format_table, rows_to_json
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import DTYPES, device, positive_int
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "deit_small_patch16_224"
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(rows))
     print("\n".join(quotient_lines(rows)))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(rows_to_json(rows, settings, model="deit_small_patch16_224"))
+        write_text_whole(args.json, rows_to_json(rows, settings, model="deit_small_patch16_224"))
 
 
 if __name__ == "__main__":

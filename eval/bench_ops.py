@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import positive_ints, refusing, script_parser
 
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
 from tokcomp.harness.timing import TRUSTED_SPREAD, Speedup
 from tokcomp.ops import bipartite
@@ -502,9 +503,8 @@ def print_preamble(args: argparse.Namespace, info: dict) -> None:
 
 def write_json(path: Path, info: dict, rows: list[Row]) -> None:
     """Write the environment and the rows to `path` (making its folder), and say so."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    write_text_whole(
+        path, json.dumps({"environment": info, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
     )
     print(f"\nwrote {path}")
 

@@ -35,6 +35,7 @@ from script_args import add_json_arguments, check_json_argument, fraction, refus
 
 import tokcomp
 from tokcomp.adapters import find_adapter
+from tokcomp.files import write_text_whole
 from tokcomp.harness.arguments import positive_int
 from tokcomp.harness.backbone import Photos, photo_paths
 from tokcomp.harness.data import FASHION_MNIST, limited, open_dataset
@@ -344,8 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             model, test_images(model, args.test_images), args.target
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        write_text_whole(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

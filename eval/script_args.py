@@ -16,7 +16,13 @@ from pathlib import Path
 
 from tokcomp.api import methods
 from tokcomp.cli import USAGE_ERRORS, OneLineParser
-from tokcomp.harness.arguments import check_new_file, names, positive_int, timm_model
+from tokcomp.harness.arguments import (
+    check_json_output,
+    check_new_file,
+    names,
+    positive_int,
+    timm_model,
+)
 
 #: The repository: the scripts' default paths are relative to it, not to where they are run.
 REPO = Path(__file__).resolve().parent.parent
@@ -31,10 +37,9 @@ def add_json_arguments(
 
 
 def check_json_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, through `parser`, a --json file that `check_new_file` refuses."""
-    if args.json:
-        with refusing(parser):
-            check_new_file(args.json, args.force, "--json")
+    """Refuse, through `parser`, what `check_json_output` refuses."""
+    with refusing(parser):
+        check_json_output(args.json, args.force)
 
 
 #: A training script's finished model, in its --out folder (written at the end of the run).

@@ -61,7 +61,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from tqdm import tqdm
 
@@ -80,7 +80,7 @@ from script_args import (
     share,
 )
 
-from tokcomp.files import torch_save_whole
+from tokcomp.files import torch_save_whole, write_text_whole
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.fashion_mnist import (
     CANVAS_KEY,
@@ -90,6 +90,7 @@ from tokcomp.harness.fashion_mnist import (
     load_arrays,
     place_at_fixed_offsets,
 )
+from tokcomp.pretrained import save_atomically
 
 TIMM_MODEL = "vit_tiny_patch16_224"
 # Fashion-MNIST training-set pixel statistics (pixels scaled to [0, 1]).
@@ -485,7 +486,7 @@ def save_model(
         **{k: str(v) for k, v in extra.items()},
     }
     tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
+    save_atomically(tensors, path, meta)
 
 
 @dataclass
@@ -776,7 +777,7 @@ class Trainer:
         times = {"train_wall_s": f"{progress.elapsed:.0f}", "train_cpu_s": f"{progress.cpu_s:.0f}"}
         extra = {"test_top1": f"{top1:.4f}", "train_seed": self.args.seed, **times}
         save_model(path, progress.model, self.args, progress.patch, extra)
-        (self.state_dir / "history.json").write_text(json.dumps(progress.history, indent=1))
+        write_text_whole(self.state_dir / "history.json", json.dumps(progress.history, indent=1))
         self.resume_path.unlink()  # finished: a rerun with --force trains again
         print(
             f"wrote {path}; training wall time {progress.elapsed / 60:.1f} min, "

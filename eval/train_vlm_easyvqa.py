@@ -44,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -72,6 +73,7 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import (
+    MODEL_FILE,
     REPO,
     add_force_argument,
     check_model_output,
@@ -83,7 +85,7 @@ from script_args import (
     share,
 )
 
-from tokcomp.files import torch_save_whole
+from tokcomp.files import torch_save_whole, write_text_whole
 from tokcomp.harness.arguments import non_negative_int, positive_int
 from tokcomp.harness.data import read_image
 from tokcomp.harness.vqa_data import Question, read_easy_vqa
@@ -658,6 +660,22 @@ def save_checkpoint(path: Path, progress: dict, parts: tuple, args: argparse.Nam
     torch_save_whole(state, path)
 
 
+def save_whole(out: Path, model: torch.nn.Module, processor: ProcessorMixin) -> None:
+    """`model` and `processor` saved (save_pretrained) into a folder beside their files in
+    `out`, then moved in one file at a time, model.safetensors last: an interrupted write
+    leaves no half model in `out`, and no model file beside another run's processor."""
+    staging = Path(out) / f".saving.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for file in sorted(staging.iterdir(), key=lambda file: file.name == MODEL_FILE):
+            os.replace(file, Path(out) / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_model(
     args: argparse.Namespace,
     state_dir: Path,
@@ -668,9 +686,8 @@ def write_model(
     """Write the trained model and `processor` to --out and the history beside the checkpoint,
     which goes: a rerun with --force trains again."""
     model.eval()
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    (state_dir / "history.json").write_text(json.dumps(progress["history"], indent=1))
+    save_whole(args.out, model, processor)
+    write_text_whole(state_dir / "history.json", json.dumps(progress["history"], indent=1))
     (state_dir / "last.pt").unlink(missing_ok=True)
     params = sum(p.numel() for p in model.parameters())
     print(

@@ -113,6 +113,15 @@ def test_an_existing_json_output_needs_force(script, tmp_path, capsys, monkeypat
     assert "--json" in err
 
 
+@pytest.mark.parametrize("script", ["bench_methods", "bench_encoders", "probe_dinov2_attention"])
+def test_force_without_a_json_file_is_refused(script, capsys, monkeypatch):
+    """--force overwrites the --json file; without one it was ignored without a word."""
+    work = {"bench_methods": "benchmark", "bench_encoders": "run_tower"}
+    long = {work.get(script, "create_model"): long_work}
+    err = refused(script, ["--force"], "--force overwrites the --json", capsys, monkeypatch, **long)
+    assert "give --json FILE, or drop --force" in err
+
+
 def test_bench_compile_checks_its_json_folder_before_the_run(tmp_path, capsys, monkeypatch):
     taken = tmp_path / "taken.json"
     taken.write_text("{}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tokcomp.harness import video_shapes
 from tokcomp.harness.data import easy_vqa_root
 from tokcomp.harness.video_shapes import FRAMES, write_video_shapes
 from tokcomp.harness.vqa import VIDEO_MODEL, default_model
@@ -95,6 +96,20 @@ def test_bad_split_or_clip_count_is_refused_in_one_line(tmp_path):
         write_video_shapes("val", tmp_path, clips=1, seed=0)
     with pytest.raises(ValueError, match="clips must be at least 1"):
         write_video_shapes("test", tmp_path, clips=0, seed=0)
+
+
+def test_the_command_keeps_an_existing_file_unless_forced(tmp_path, capsys):
+    path = tmp_path / "video-shapes-test.jsonl"
+    path.write_text("a file of my own\n")
+    argv = ["--clips", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as done:
+        video_shapes.main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert f"--out {path} exists; pass --force to overwrite it" in err
+    assert path.read_text() == "a file of my own\n"
+    video_shapes.main([*argv, "--force"])
+    assert path.read_bytes() == write_video_shapes("test", tmp_path / "again", 1, 0).read_bytes()
 
 
 def test_data_video_shapes_is_the_written_test_file_s_questions_and_picks_its_model(tmp_path):

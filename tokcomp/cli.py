@@ -25,12 +25,13 @@ from tokcomp.errors import (
     UsageError,
     original_message,
 )
+from tokcomp.files import write_text_whole
 from tokcomp.harness import backbone, imagenet, lmms, vqa
 from tokcomp.harness.arguments import (
     DTYPES,
     add_model_arguments,
     check_config_output,
-    check_new_file,
+    check_json_output,
     device,
     non_negative_int,
     positive_int,
@@ -140,10 +141,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    if args.force and not args.json:
-        raise UsageError("--force overwrites the --json file; give --json FILE, or drop --force")
-    if args.json:
-        check_new_file(args.json, args.force, "--json")
+    check_json_output(args.json, args.force)
     model = create_model(args.model, args.checkpoint)
     settings = BenchSettings(
         batch_size=args.batch_size,
@@ -169,8 +167,7 @@ def _bench(args: argparse.Namespace) -> None:
     )
     print(format_table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(rows_to_json(rows, settings, **context))
+        write_text_whole(args.json, rows_to_json(rows, settings, **context))
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -24,6 +24,13 @@ def written_whole(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+def write_text_whole(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path`, written whole, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+
+
 def torch_save_whole(obj: Any, path: Path) -> None:
     """torch.save `obj` to `path`, written whole."""
     with written_whole(path) as partial:

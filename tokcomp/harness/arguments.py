@@ -132,6 +132,15 @@ def check_config_output(path: Path, force: bool, option: str = "-o") -> None:
     check_new_file(path, force, option)
 
 
+def check_json_output(path: Path | None, force: bool) -> None:
+    """Refuse --force without a --json file (it would overwrite nothing), and a --json file
+    that `check_new_file` refuses."""
+    if force and path is None:
+        raise UsageError("--force overwrites the --json file; give --json FILE, or drop --force")
+    if path is not None:
+        check_new_file(path, force, "--json")
+
+
 def check_new_file(path: Path, force: bool, option: str) -> None:
     """Refuse, before any work, an output file that is a folder, would overwrite a file
     without --force, or whose folder cannot be made because a file stands in its place."""

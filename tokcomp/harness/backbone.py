@@ -68,7 +68,7 @@ from tokcomp.harness.sweep import (
     task_evaluation,
 )
 from tokcomp.models import create_model
-from tokcomp.pretrained import OFFLINE_MODELS
+from tokcomp.pretrained import OFFLINE_MODELS, save_atomically
 from tokcomp.pretrained import weights as offline_weights
 
 METRICS = ("linear", "knn")
@@ -333,8 +333,6 @@ def save_with_head(
     (its metadata names the timm model, its arguments and its preprocessing). A file already
     at `path` is kept when it holds the same (a resumed run: returns False) and refused when
     it holds anything else."""
-    from safetensors.torch import save_file
-
     weight, bias = head.folded()
     state = {**model.state_dict(), "head.weight": weight, "head.bias": bias}
     state = {name: tensor.contiguous() for name, tensor in state.items()}
@@ -351,8 +349,7 @@ def save_with_head(
             f"--save-head {path} exists and holds another model or head; give another file "
             "name or delete it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata)
+    save_atomically(state, path, metadata)
     return True
 
 

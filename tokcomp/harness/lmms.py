@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tokcomp.errors import UsageError
+from tokcomp.files import write_text_whole
 from tokcomp.harness import hub
 from tokcomp.harness.arguments import names, positive_int
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest
@@ -244,12 +245,11 @@ class LMMSEvaluation:
         """lmms-eval's results of a point as lmms/<key>.json; with --log-samples its
         per-question outputs as lmms/<key>.<task>.jsonl."""
         folder = self.output / OUTPUTS
-        folder.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", None) or {}
-        (folder / f"{key}.json").write_text(json.dumps(results, indent=1, default=str))
+        write_text_whole(folder / f"{key}.json", json.dumps(results, indent=1, default=str))
         for task, rows in samples.items():
             lines = "".join(json.dumps(row, default=str) + "\n" for row in rows)
-            (folder / f"{key}.{task}.jsonl").write_text(lines)
+            write_text_whole(folder / f"{key}.{task}.jsonl", lines)
 
 
 # -- command line -----------------------------------------------------------------------------

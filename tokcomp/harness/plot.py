@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from tokcomp.files import written_whole
 from tokcomp.methods import method_class
 
 #: A panel's x axis: the row key and its label.
@@ -33,8 +34,9 @@ def plot_sweep(
     axes: Sequence[Axis] = AXES,
     unit: str | None = "%",
 ) -> None:
-    """Save `sweep_figure` as a PNG."""
-    sweep_figure(rows, metric, title, axes, unit).savefig(path, dpi=120)
+    """Save `sweep_figure` as a PNG, written whole."""
+    with written_whole(path) as partial:
+        sweep_figure(rows, metric, title, axes, unit).savefig(partial, dpi=120, format="png")
 
 
 def sweep_figure(

@@ -16,6 +16,7 @@ from typing import Any
 
 from tokcomp.bench import UNTRUSTED_NOTE
 from tokcomp.errors import StateError, UsageError
+from tokcomp.files import written_whole
 from tokcomp.harness.fingerprint import Fingerprint
 from tokcomp.harness.plot import AXES, Axis, plot_sweep
 from tokcomp.harness.timing import Speedup
@@ -223,7 +224,7 @@ def write_csv(
         "schedule",
     ]
     # UTF-8 whatever the locale: labels hold option text and config file names
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with written_whole(path) as partial, partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

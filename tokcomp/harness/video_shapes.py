@@ -23,7 +23,6 @@ writes JSON lines {"video": [frame paths], "question", "answers", "answer_type",
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
@@ -33,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokcomp.cli import OneLineParser
+from tokcomp.errors import UsageError
+from tokcomp.files import write_text_whole
+from tokcomp.harness.arguments import check_new_file
 from tokcomp.harness.data import easy_vqa_root
 
 FRAMES = 8
@@ -164,22 +167,31 @@ def question_rows(split: str, clips: int, seed: int) -> Iterator[dict[str, Any]]
 def write_video_shapes(split: str, folder: Path, clips: int, seed: int) -> Path:
     """Write `clips` clips of `split` (every question of each) as JSON lines to
     folder/video-shapes-<split>.jsonl and return its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"video-shapes-{split}.jsonl"
-    with path.open("w") as out:
-        for row in question_rows(split, clips, seed):
-            out.write(json.dumps(row) + "\n")
+    path = video_shapes_path(split, folder)
+    write_text_whole(
+        path, "".join(json.dumps(row) + "\n" for row in question_rows(split, clips, seed))
+    )
     return path
+
+
+def video_shapes_path(split: str, folder: Path) -> Path:
+    """Where `write_video_shapes` writes `split` in `folder`."""
+    return folder / f"video-shapes-{split}.jsonl"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Write one split's JSON-lines file and print its path."""
-    parser = argparse.ArgumentParser(description="Write video-shapes clips as JSON lines.")
+    parser = OneLineParser(description="Write video-shapes clips as JSON lines.")
     parser.add_argument("--split", choices=("train", "test"), default="test")
     parser.add_argument("--clips", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("data"))
+    parser.add_argument("--force", action="store_true", help="overwrite the split's file in --out")
     args = parser.parse_args(argv)
+    try:
+        check_new_file(video_shapes_path(args.split, args.out), args.force, "--out")
+    except UsageError as err:
+        parser.error(str(err))
     print(write_video_shapes(args.split, args.out, args.clips, args.seed))
 
 
