@@ -323,6 +323,11 @@ def test_a_config_file_edited_since_its_saved_row_shows_only_as_it_is_now(tmp_pa
         capsys.readouterr().out
     )
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 3  # all kept
+    # a later run of other points lists the file's saved row as it is now, the old one not
+    rows = evaluate(checkpoint, data, tmp_path / "out", "--variant tome:r=1")
+    assert [row["label"] for row in rows] == ["", "r=1", "tome.json"]
+    assert float(rows[2]["macs_ratio"]) == pytest.approx(tokcomp.config_of(model).macs_ratio)
+    assert "left out of the table: 1 saved rows of tome.json" in capsys.readouterr().out
 
 
 def test_fresh_keeps_the_earlier_results_when_a_point_cannot_run(tmp_path, small, capsys):

@@ -497,7 +497,7 @@ def evaluate_sweep(
     with interruption_says(resumes):
         rows = run_sweep(model, plans, evaluation, store, settings, world)
     done = {row["key"] for row in rows}
-    others, superseded = earlier_points(store.rows(), done, points)
+    others, superseded = earlier_points(store.rows(), done)
     if superseded and world.is_main:
         names = ", ".join(sorted({Path(row["config"]).name for row in superseded}))
         print(f"left out of the table: {len(superseded)} saved rows of {names} as it was before")
@@ -505,19 +505,24 @@ def evaluate_sweep(
 
 
 def earlier_points(
-    saved: Sequence[dict[str, Any]], done: set[str], points: Sequence[Point]
+    saved: Sequence[dict[str, Any]], done: set[str]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The saved rows of points other than this run's, and apart those of a config file this
-    run evaluated whose content has changed since (they stay saved, out of the table: they
-    would sit under its name beside its current row)."""
-    configs = {str(point.config.resolve()) for point in points if point.config is not None}
+    """The saved rows of points other than this run's, and apart those of a config file whose
+    content has changed since, whether this run evaluated it or not (they stay saved, out of
+    the table: they would show under its name what it no longer holds)."""
     others, superseded = [], []
     for row in saved:
         if row["key"] in done:
             continue
-        stale = row.get("config") and str(Path(row["config"]).resolve()) in configs
-        (superseded if stale else others).append(row)
+        (superseded if _config_edited_since(row) else others).append(row)
     return others, superseded
+
+
+def _config_edited_since(row: Mapping[str, Any]) -> bool:
+    """Whether the config file a saved row measured now holds other content (a deleted file's
+    row stays: nothing newer stands under its name)."""
+    path = Path(row["config"]) if row.get("config") else None
+    return path is not None and path.is_file() and file_digest(path) != row.get("config_sha256")
 
 
 def task_evaluation(
