@@ -566,6 +566,27 @@ def test_the_csv_is_utf8_whatever_the_locale(tmp_path):
     assert (row["method"], row["label"], row["top1"]) == ("tome", label, "1.5")
 
 
+def test_a_speedup_too_noisy_to_trust_is_hollow_on_the_plot():
+    """The table flags it with "?"; the plot drew it as any other point."""
+    rows = [
+        {"method": "unpruned", "gmacs": 4.0, "speedup": 1.0, "top1": 80.0, "trusted": True},
+        {"method": "tome", "gmacs": 2.0, "speedup": 1.9, "top1": 70.0, "trusted": False},
+        {"method": "tome", "gmacs": 3.0, "speedup": 1.3, "top1": 76.0, "trusted": True},
+    ]
+    macs_panel, speed_panel = sweep_figure(rows, "top1", "a sweep").axes
+    lines = {line.get_label(): line for line in speed_panel.get_lines()}
+    hollow = lines["_untrusted"]
+    assert (list(hollow.get_xdata()), list(hollow.get_ydata())) == ([1.9], [70.0])
+    assert hollow.get_markerfacecolor() == "white"
+    assert hollow.get_color() == lines["tome"].get_color()
+    assert speed_panel.get_xlabel().endswith("\nhollow: too noisy to trust")
+    assert "_untrusted" not in {line.get_label() for line in macs_panel.get_lines()}
+    rows[1]["trusted"] = True
+    speed_panel = sweep_figure(rows, "top1", "a sweep").axes[1]
+    assert "_untrusted" not in {line.get_label() for line in speed_panel.get_lines()}
+    assert "hollow" not in speed_panel.get_xlabel()
+
+
 def test_a_point_without_a_speedup_leaves_the_others_in_order_of_x():
     """A NaN x (a speed-up no round could time) compares false with everything: sorted by x
     alone, it left the points after it unsorted, a zigzag curve."""

@@ -48,7 +48,8 @@ def sweep_figure(
 ) -> Figure:
     """`metric` (in `unit`) against each of `axes` (a panel each; by default GMACs and the
     speed-up): a curve per series (`series_names`) from the unpruned model (`rows[0]`, a
-    star) through its points in order of x."""
+    star) through its points in order of x; a speed-up too noisy to trust (the table's "?")
+    is a hollow marker."""
     base, points = rows[0], rows[1:]
     names = series_names(points)
     figure = Figure(figsize=(5.5 * len(axes), 4.5), layout="constrained")
@@ -58,13 +59,26 @@ def sweep_figure(
         for name in dict.fromkeys(names):
             members = (row for row, its in zip(points, names, strict=True) if its == name)
             curve = sorted([base, *members], key=lambda row, x=x: _along(row[x]))
-            panel.plot([r[x] for r in curve], [r[metric] for r in curve], "o-", label=name)
+            (line,) = panel.plot(
+                [r[x] for r in curve], [r[metric] for r in curve], "o-", label=name
+            )
+            if x == "speedup":
+                _hollow_untrusted(panel, curve[1:], metric, line.get_color())
         panel.plot(base[x], base[metric], "k*", markersize=14, label="unpruned", zorder=3)
-        panel.set_xlabel(x_label)
+        untrusted = x == "speedup" and not all(row.get("trusted", True) for row in points)
+        panel.set_xlabel(f"{x_label}\nhollow: too noisy to trust" if untrusted else x_label)
         panel.set_ylabel(f"{metric} ({unit})" if unit else metric)
         panel.grid(alpha=0.3)
         panel.legend()
     return figure
+
+
+def _hollow_untrusted(panel: Any, rows: Sequence[dict[str, Any]], metric: str, color: str) -> None:
+    """Redraw the speed-ups of `rows` that are too noisy to trust as hollow markers."""
+    untrusted = [row for row in rows if not row.get("trusted", True)]
+    if untrusted:
+        xs, ys = [row["speedup"] for row in untrusted], [row[metric] for row in untrusted]
+        panel.plot(xs, ys, "o", color=color, markerfacecolor="white", label="_untrusted")
 
 
 def _along(x: float) -> tuple[bool, float]:
