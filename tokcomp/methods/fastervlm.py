@@ -21,7 +21,9 @@ class FasterVLM(VisualMethod):
     LLaVA-1.5's CLIP-L, `attentions[-2]` in Theia-4869/FasterVLM clip_encoder.py), averaged
     over heads; kept tokens stay in raster order and are numbered contiguously, as the released
     code inserts fewer tokens. LLaVA-NeXT: `keep` is the image's budget, shared evenly by its
-    crops (the released budget is per crop: keep = T x crops), image-newline tokens kept.
+    crops (the released budget is per crop: keep = T x crops) among the checkpoint's unpadded
+    tokens, image-newline tokens kept (the released code neither unpads nor adds newlines:
+    docs/methods.md section 6.6).
     Towers without a class token (SigLIP) rank by the mean attention each token receives.
     """
 
