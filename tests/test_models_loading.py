@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -109,3 +112,49 @@ def test_a_checkpoints_data_config_is_not_overridden_by_the_default_tags_test_si
     )
     resolved = resolve_data_config(model=create_model(checkpoint=path), use_test_size=True)
     assert (tuple(resolved["input_size"]), resolved["crop_pct"]) == ((3, 160, 160), 0.9)
+
+
+def test_a_hub_folders_config_names_its_architecture_and_class_count(tmp_path):
+    """Its architecture was not compared with --model (clip_224 and clip_quickgelu_224 share
+    every tensor name and shape, not the activation) and its num_classes was not used."""
+    model = timm.create_model("test_vit", num_classes=10)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    config = {"architecture": "test_vit.r160_in1k", "num_classes": 10, "pretrained_cfg": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = create_model(checkpoint=tmp_path / "model.safetensors")
+    assert loaded.num_classes == 10 and loaded.pretrained_cfg["architecture"] == "test_vit"
+    assert create_model("test_vit", tmp_path / "model.safetensors").num_classes == 10
+    with pytest.raises(UsageError, match=r"holds timm model test_vit\.r160_in1k, not test_vit2: "):
+        create_model("test_vit2", tmp_path / "model.safetensors")
+
+
+def test_a_checkpoint_without_a_data_config_is_preprocessed_at_its_own_image_size(tmp_path):
+    """timm keeps the default tag's 224 px when img_size is overridden: 224-px images were fed
+    to a model built for 32."""
+    from timm.data import resolve_data_config
+
+    _checkpoint(tmp_path / "small.safetensors")
+    model = create_model(checkpoint=tmp_path / "small.safetensors")
+    assert tuple(resolve_data_config(model=model)["input_size"]) == (3, 32, 32)
+    assert tuple(resolve_data_config(model=model, use_test_size=True)["input_size"]) == (3, 32, 32)
+
+
+def test_converting_the_onnx_weights_without_onnx_says_what_to_install(monkeypatch, tmp_path):
+    from tokcomp.pretrained import onnx_weights
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(UsageError, match="needs the onnx package: pip install onnx"):
+        onnx_weights(tmp_path / "model.onnx")
+
+
+def test_a_vlm_folder_missing_weights_is_refused_not_run_with_random_ones(tmp_path):
+    """transformers initialises missing weights at random and only prints a report."""
+    from safetensors.torch import load_file
+
+    folder = Path(shutil.copytree(vqa.DEFAULT_MODEL, tmp_path / "vlm"))
+    weights = load_file(str(folder / "model.safetensors"))
+    dropped = sorted(name for name in weights if "multi_modal_projector" in name)[0]
+    del weights[dropped]
+    save_file(weights, str(folder / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(UsageError, match=rf"model {folder} lacks weights .*\(.*{dropped}"):
+        vqa.load_vlm(folder)

@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from tokcomp.bench import input_size_of
 from tokcomp.config import METHOD_DEFAULTS
 from tokcomp.errors import UsageError
 from tokcomp.harness import hub
@@ -41,9 +42,15 @@ def create_model(
         method_defaults = copy.deepcopy(OFFLINE_MODELS[name].method_defaults)
         name, checkpoint = None, weights(name)
     metadata = _safetensors_metadata(checkpoint) if checkpoint else {}
+    hub_config = _hub_config(Path(checkpoint)) if checkpoint else {}
     method_defaults = json.loads(metadata.get(METHOD_DEFAULTS, "{}")) or method_defaults
-    name = _timm_name(name, checkpoint, metadata.get("timm_model"))
-    kwargs = {**json.loads(metadata.get("model_kwargs", "{}")), **kwargs}
+    saved_as = metadata.get("timm_model") or hub_config.get("architecture")
+    name = _timm_name(name, checkpoint, saved_as)
+    kwargs = {
+        **_hub_model_kwargs(hub_config),
+        **json.loads(metadata.get("model_kwargs", "{}")),
+        **kwargs,
+    }
     if pretrained:
         _require_pretrained(name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -52,15 +59,16 @@ def create_model(
         _check_fits(model, state, checkpoint, name)
         model.load_state_dict(state)
     if checkpoint:
-        _take_data_config(model, metadata, Path(checkpoint))
+        _take_data_config(model, metadata, hub_config)
     if method_defaults:
         model.pretrained_cfg = {**model.pretrained_cfg, METHOD_DEFAULTS: method_defaults}
     return model.eval()
 
 
 def _timm_name(name: str | None, checkpoint: str | Path | None, saved_as: str | None) -> str:
-    """The timm model to build: `name`, or the one the checkpoint records (`saved_as`)."""
-    if name is not None and saved_as is not None and name != saved_as:
+    """The timm model to build: `name`, or the one the checkpoint records (`saved_as`); the
+    two must be one architecture (a pretrained tag after a dot aside)."""
+    if name is not None and saved_as is not None and _architecture(name) != _architecture(saved_as):
         raise UsageError(
             f"checkpoint {checkpoint} holds timm model {saved_as}, not {name}: drop --model (the "
             f"checkpoint names its model), or pass --model {saved_as}"
@@ -75,9 +83,23 @@ def _timm_name(name: str | None, checkpoint: str | Path | None, saved_as: str | 
     )
 
 
-def _take_data_config(model: nn.Module, metadata: dict[str, str], checkpoint: Path) -> None:
-    """Give `model` the preprocessing its checkpoint records (in its metadata or beside it)."""
-    data_config = json.loads(metadata.get("data_config", "{}")) or _hub_data_config(checkpoint)
+def _architecture(name: str) -> str:
+    """A timm model name without its pretrained tag ("vit_base_patch16_224.augreg_in21k" ->
+    "vit_base_patch16_224")."""
+    return name.split(".")[0]
+
+
+def _take_data_config(
+    model: nn.Module, metadata: dict[str, str], hub_config: dict[str, Any]
+) -> None:
+    """Give `model` the preprocessing its checkpoint records (in its metadata or in the hub
+    folder's config.json beside it); without one, at least the image size it was built for
+    where that is not the default tag's (timm keeps the tag's input_size when img_size is
+    overridden)."""
+    data_config = json.loads(metadata.get("data_config", "{}")) or _hub_data_config(hub_config)
+    built_for = list(input_size_of(model))
+    if not data_config and built_for != list(model.pretrained_cfg.get("input_size", built_for)):
+        data_config = {"input_size": built_for}
     if data_config:  # the default tag's test-time size would win over the checkpoint's own
         default = {k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}
         model.pretrained_cfg = {**default, **data_config}
@@ -173,10 +195,9 @@ DATA_KEYS = (
 )
 
 
-def _hub_data_config(checkpoint: Path) -> dict[str, Any]:
-    """The preprocessing a Hugging Face hub folder's config.json gives the weights beside it
-    (timm's layout: model.safetensors or pytorch_model.bin next to config.json), {} without
-    one: the architecture's default tag may preprocess otherwise (crop_pct, mean and std)."""
+def _hub_config(checkpoint: Path) -> dict[str, Any]:
+    """A Hugging Face hub folder's config.json beside the weights (timm's layout:
+    model.safetensors or pytorch_model.bin next to config.json), {} without one."""
     path = checkpoint.with_name("config.json")
     if not path.is_file():
         return {}
@@ -184,10 +205,25 @@ def _hub_data_config(checkpoint: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(
-            f"{path} (beside checkpoint {checkpoint.name}, whose preprocessing it would give) "
-            f"is not valid JSON ({err}); fix it or move it away"
+            f"{path} (beside checkpoint {checkpoint.name}, whose model and preprocessing it "
+            f"would give) is not valid JSON ({err}); fix it or move it away"
         ) from None
-    cfg = config.get("pretrained_cfg") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def _hub_model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments a hub config gives its architecture, as timm reads them: its
+    model_args and its class count."""
+    kwargs = dict(config.get("model_args") or {})
+    if "num_classes" in config:
+        kwargs["num_classes"] = config["num_classes"]
+    return kwargs
+
+
+def _hub_data_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing a hub config gives the weights beside it ({} without one: the
+    architecture's default tag may preprocess otherwise: crop_pct, mean and std)."""
+    cfg = config.get("pretrained_cfg")
     return {key: cfg[key] for key in DATA_KEYS if key in cfg} if isinstance(cfg, dict) else {}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokcomp.errors import UsageError
 from tokcomp.files import written_whole
 
 #: Bump when a converter's output changes, so that caches written by older code are redone.
@@ -124,7 +125,7 @@ def onnx_weights(path: Path) -> dict[str, np.ndarray]:
         import onnx
         from onnx import numpy_helper
     except ModuleNotFoundError:
-        raise ModuleNotFoundError(
+        raise UsageError(
             "converting the ONNX weights needs the onnx package: pip install onnx"
         ) from None
     graph = onnx.load(str(path)).graph

@@ -357,7 +357,18 @@ def load_vlm(source: str | Path, dtype: str = "float32") -> tuple[nn.Module, Any
     where = model_location(source)
     processor = AutoProcessor.from_pretrained(where)
     weights_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(where, dtype=weights_dtype)
+    model, loading = AutoModelForImageTextToText.from_pretrained(
+        where, dtype=weights_dtype, output_loading_info=True
+    )
+    missing = sorted(loading["missing_keys"])
+    if missing:  # transformers initialises them at random and only prints a report
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise UsageError(
+            f"model {where} lacks weights its architecture needs ({shown}), which would be "
+            "random: give the folder with its complete weights"
+        )
     return model.eval(), processor
 
 
