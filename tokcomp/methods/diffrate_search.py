@@ -55,11 +55,29 @@ class KeptCount(nn.Module):
         self.logits = nn.Parameter(torch.zeros(len(self.candidates)))
 
     def centre_on(self, count: int, spread: float) -> None:
-        """Start the choice as a Gaussian over the candidates around `count` (protected tokens
-        included), `spread` tokens wide, instead of uniform."""
-        offset = (self.candidates + self.protected - count) / spread
+        """Start the choice as a Gaussian over the candidates, `spread` tokens wide, whose
+        expectation is `count` (protected tokens included; at most `count`, within float
+        precision, so that the kept count starts there): near the ends of the candidates,
+        which cut the Gaussian, its centre moves outwards (at the top count it would
+        otherwise start tokens lower)."""
+        goal = count - self.protected
+        low = self.candidates.min().item() - 10 * spread
+        high = self.candidates.max().item() + 10 * spread
+        for _ in range(60):  # the expectation grows with the centre: bisect for the goal
+            middle = (low + high) / 2
+            low, high = (
+                (low, middle) if self._expectation(middle, spread) > goal else (middle, high)
+            )
         with torch.no_grad():
-            self.logits.copy_(-0.5 * offset**2)
+            self.logits.copy_(self._gaussian(low, spread))
+
+    def _gaussian(self, centre: float, spread: float) -> torch.Tensor:
+        """Logits of a Gaussian over the candidates around `centre`, `spread` tokens wide."""
+        return -0.5 * ((self.candidates - centre) / spread) ** 2
+
+    def _expectation(self, centre: float, spread: float) -> float:
+        """The expected candidate under `_gaussian(centre, spread)`."""
+        return (self.candidates @ self._gaussian(centre, spread).softmax(dim=0)).item()
 
     def kept(self) -> torch.Tensor:
         """ceil_STE(sum_k c_k p_k) + protected, a differentiable scalar."""

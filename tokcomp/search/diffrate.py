@@ -406,7 +406,10 @@ def _backward(objective, images, labels, penalty, micro_batch) -> tuple[float, f
             ce = F.cross_entropy(logits, part_labels, reduction="sum") / len(images)
             loss = ce + penalty(macs) if last else ce
             if not math.isfinite(loss.item()):
-                raise FloatingPointError("diffrate search diverged (loss is not finite)")
+                raise FloatingPointError(
+                    "diffrate search diverged (loss is not finite): lower --lr or --lam and "
+                    "rerun with --fresh"
+                )
             loss.backward()
         total += ce.item()
     return total, macs.item()
@@ -491,9 +494,16 @@ def training_batches(
 ) -> DataLoader | MixedBatches:
     """This rank's shuffled shard of `dataset` in --batch-size batches (whole ones when there
     is at least one per rank), mixed pairwise over `mixed_classes` classes when that is set
-    (DeiT's mixup/cutmix, seeded per rank like its augmentation)."""
+    (DeiT's mixup/cutmix, seeded per rank like its augmentation). The shards leave out the
+    last images of the shuffle (fewer than one per rank) rather than repeat some on two
+    ranks, which would train on them twice in an epoch."""
     sampler = DistributedSampler(
-        dataset, num_replicas=world.size, rank=world.rank, shuffle=True, seed=args.seed
+        dataset,
+        num_replicas=world.size,
+        rank=world.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
     )
     whole_batches = len(dataset) >= args.batch_size * world.size
     loader = DataLoader(
