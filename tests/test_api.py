@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 from conftest import tiny_vit
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
 
 import tokcomp
@@ -210,6 +210,11 @@ def test_unsupported_model_says_what_is_supported():
 def test_unsupported_timm_variant_names_the_block():
     model = tiny_vit("vit", global_pool="map")
     with pytest.raises(tokcomp.UnsupportedModelError, match="global_pool='map'"):
+        tokcomp.apply(model, "tome", r=1)
+    model = tiny_vit("vit", block_fn=ParallelScalingBlock)  # no attn: it raised AttributeError
+    with pytest.raises(
+        tokcomp.UnsupportedModelError, match="is ParallelScalingBlock with no attn; "
+    ):
         tokcomp.apply(model, "tome", r=1)
 
 

@@ -4,6 +4,7 @@ still applies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -286,3 +287,19 @@ def test_save_refuses_a_file_that_appeared_unless_asked_and_never_leaves_half_a_
             config.save(path)
     assert path.read_text() == "another run's config" and list(tmp_path.iterdir()) == [path]
     assert Config.load(config.save(path, overwrite=True)) == config
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda config: {"version": 99}, "config version 99 is newer"),
+        (lambda config: {"macs": float(config.macs)}, "'macs' must be a positive int"),
+        (lambda config: {"schedule": [float(n) for n in config.schedule]}, "schedule"),
+    ],
+)
+def test_a_config_object_is_checked_as_a_file_would_be(change, message):
+    """apply() took a Config object as it was: an edited one skipped every check of a file."""
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=2))
+    with pytest.raises(ConfigError, match=message):
+        tokcomp.apply(tiny_vit(), dataclasses.replace(config, **change(config)))
+    assert tokcomp.config_of(tokcomp.apply(tiny_vit(), config)) == config

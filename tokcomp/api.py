@@ -287,8 +287,10 @@ def _patch_of(model: nn.Module) -> Patch:
 
 
 def _as_config(method_or_config: str | Path | Config) -> Config | None:
-    if isinstance(method_or_config, Config):
-        return method_or_config
+    if isinstance(method_or_config, Config):  # checked as a file's would be: it may be edited
+        checked = Config.from_dict(method_or_config.to_dict(), source=method_or_config.source)
+        checked.source = method_or_config.source
+        return checked
     if not isinstance(method_or_config, (str, Path)):
         raise ConfigError(
             f"expected a method name, a Method, a Config or a config path, got {method_or_config!r}"

@@ -90,10 +90,12 @@ class TimmViTAdapter(Adapter):
                 f"not model); tokcomp supports {self.supported}, with timm's PatchEmbed"
             )
         for index, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
+            attention = getattr(block, "attn", None)  # a parallel block has none
+            if type(block) is not Block or type(attention) is not Attention:
+                what = "no attn" if attention is None else type(attention).__name__
                 raise UnsupportedModelError(
                     f"block {index} of this {type(model).__name__} is {type(block).__name__} "
-                    f"with {type(block.attn).__name__}; tokcomp supports {self.supported}"
+                    f"with {what}; tokcomp supports {self.supported}"
                 )
         if model.attn_pool is not None or model.global_pool not in _POOLS:
             raise UnsupportedModelError(
