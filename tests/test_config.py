@@ -303,3 +303,25 @@ def test_a_config_object_is_checked_as_a_file_would_be(change, message):
     with pytest.raises(ConfigError, match=message):
         tokcomp.apply(tiny_vit(), dataclasses.replace(config, **change(config)))
     assert tokcomp.config_of(tokcomp.apply(tiny_vit(), config)) == config
+
+
+@pytest.mark.parametrize(
+    ("method", "shaper", "edited"),
+    [
+        ("evit", "layers", [1, 2]),
+        ("zero_tprune", "layers", [1, 3]),
+        ("random", "layers", [2]),
+        ("tome", "inflection", 0.5),
+    ],
+)
+def test_an_edit_of_an_option_the_explicit_schedule_overrides_is_refused(method, shaper, edited):
+    """It was accepted and changed nothing: the schedule sets every block's count."""
+    schedule = [65, 57, 49, 41]
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), method, schedule=schedule))
+    assert shaper in config.options
+    changed = dataclasses.replace(config, options={**config.options, shaper: edited})
+    with pytest.raises(
+        ConfigError, match=rf"options\.{shaper} is .*, which the explicit schedule"
+    ):
+        tokcomp.apply(tiny_vit(), changed)
+    assert tokcomp.config_of(tokcomp.apply(tiny_vit(), config)) == config

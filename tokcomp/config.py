@@ -239,6 +239,7 @@ class Config:
         the config's own; a config made for an explicit schedule has none."""
         knobs = sorted(budget_knobs(self.method, spec) & set(self.options))
         if not knobs:
+            self._check_overridden_shapers(spec)
             return
         method = create_method(self.method, **self.options)
         _, _, own = resolve_with_tower(method, self.tower_method(), spec)
@@ -248,6 +249,28 @@ class Config:
                 f"{self.source}: options {given} give the schedule {own}, but its 'schedule' is "
                 f"{self.schedule}: correct one of them (or re-export the config)"
             )
+
+    def _check_overridden_shapers(self, spec: ModelSpec) -> None:
+        """Refuse, in a config made for an explicit schedule, an option that would shape a
+        budget's schedule (layers, inflection) with another value than the one the method
+        derives there, which config_of states: the schedule overrides it, so an edit of it
+        would change nothing."""
+        shapers = [
+            name for name in method_class(self.method).schedule_shapers if name in self.options
+        ]
+        if not shapers:
+            return
+        others = {name: value for name, value in self.options.items() if name not in shapers}
+        method = create_method(self.method, **others, schedule=self.schedule)
+        settled, _, _ = resolve_with_tower(method, self.tower_method(), spec)
+        for name in shapers:
+            derived = json.loads(json.dumps(getattr(settled, name)))
+            if self.options[name] != derived:
+                raise ConfigError(
+                    f"{self.source}: options.{name} is {self.options[name]!r}, which the explicit "
+                    f"schedule overrides (config_of states {derived!r}): set it back, or give a "
+                    "budget option in place of the schedule"
+                )
 
 
 def budget_knobs(method: str, spec: ModelSpec) -> set[str]:
