@@ -320,8 +320,6 @@ def test_an_edit_of_an_option_the_explicit_schedule_overrides_is_refused(method,
     config = tokcomp.config_of(tokcomp.apply(tiny_vit(), method, schedule=schedule))
     assert shaper in config.options
     changed = dataclasses.replace(config, options={**config.options, shaper: edited})
-    with pytest.raises(
-        ConfigError, match=rf"options\.{shaper} is .*, which the explicit schedule"
-    ):
+    with pytest.raises(ConfigError, match=rf"options\.{shaper} is .*, which the explicit schedule"):
         tokcomp.apply(tiny_vit(), changed)
     assert tokcomp.config_of(tokcomp.apply(tiny_vit(), config)) == config
