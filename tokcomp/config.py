@@ -264,7 +264,7 @@ class Config:
         method = create_method(self.method, **others, schedule=self.schedule)
         settled, _, _ = resolve_with_tower(method, self.tower_method(), spec)
         for name in shapers:
-            derived = json.loads(json.dumps(getattr(settled, name)))
+            derived = getattr(settled, name)
             if self.options[name] != derived:
                 raise ConfigError(
                     f"{self.source}: options.{name} is {self.options[name]!r}, which the explicit "

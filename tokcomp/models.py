@@ -96,10 +96,11 @@ def _take_data_config(
     folder's config.json beside it); without one, at least the image size it was built for
     where that is not the default tag's (timm keeps the tag's input_size when img_size is
     overridden)."""
-    data_config = json.loads(metadata.get("data_config", "{}")) or _hub_data_config(hub_config)
-    built_for = list(input_size_of(model))
-    if not data_config and built_for != list(model.pretrained_cfg.get("input_size", built_for)):
-        data_config = {"input_size": built_for}
+    data_config = (
+        json.loads(metadata.get("data_config", "{}"))
+        or _hub_data_config(hub_config)
+        or _built_size(model)
+    )
     if data_config:  # the default tag's test-time size would win over the checkpoint's own
         default = {k: v for k, v in model.pretrained_cfg.items() if not k.startswith("test_")}
         model.pretrained_cfg = {**default, **data_config}
@@ -193,6 +194,13 @@ DATA_KEYS = (
     "test_input_size",
     "test_crop_pct",
 )
+
+
+def _built_size(model: nn.Module) -> dict[str, Any]:
+    """The image size `model` was built for where its default tag states another, else {}."""
+    built_for = list(input_size_of(model))
+    stated = list(model.pretrained_cfg.get("input_size", built_for))
+    return {} if built_for == stated else {"input_size": built_for}
 
 
 def _hub_config(checkpoint: Path) -> dict[str, Any]:
