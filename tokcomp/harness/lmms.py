@@ -33,7 +33,7 @@ from tokcomp.harness import hub
 from tokcomp.harness.arguments import names, positive_int
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest
 from tokcomp.harness.plot import plot_sweep
-from tokcomp.harness.results import FRESH_FIX, ResultStore, report, set_aside
+from tokcomp.harness.results import ResultStore, fresh_fix, report, set_aside
 from tokcomp.harness.sweep import (
     Point,
     SweepRun,
@@ -300,7 +300,7 @@ def refuse_points_without_samples(sweep: SweepRun, points: Sequence[Point]) -> N
     if unlogged:
         raise UsageError(
             f"--log-samples: the points {', '.join(unlogged)} are saved in {store.path} "
-            f"without per-question samples, and a rerun does not evaluate them again: {FRESH_FIX}"
+            f"without per-question samples, and a rerun does not evaluate them again: {fresh_fix()}"
         )
 
 

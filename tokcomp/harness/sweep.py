@@ -29,7 +29,7 @@ from tokcomp.errors import UsageError, interruption_says
 from tokcomp.harness.arguments import device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
-from tokcomp.harness.results import ResultStore, set_aside
+from tokcomp.harness.results import ResultStore, fresh_fix, set_aside
 from tokcomp.harness.timing import Contender, Speedup, interleaved
 
 UNPRUNED = "unpruned"
@@ -451,8 +451,7 @@ def check_measured_alike(
             raise UsageError(
                 f"the results in {store.path} were measured at "
                 f"{_described(saved, differing)}, this run at {_described(run, differing)}: "
-                "pass the same settings to add to them, or --fresh (sets them aside), or "
-                "another --output"
+                f"pass the same settings to add to them, or {fresh_fix()}"
             )
 
 
