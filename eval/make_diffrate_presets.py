@@ -2,6 +2,10 @@
 
 Usage: python eval/make_diffrate_presets.py PATH/diffrate_published_schedules.json
 
+That file holds the counts of compression_rate.json in OpenGVLab/DiffRate (commit 91ae3e3) as
+{"schedules": {MODEL: {GMACS: {"prune_kept": [...], "merge_kept": [...]}}}}, MODEL one of the
+keys of MODELS below, each list a count per block from block 0, the class token included.
+
 The published lists are DiffRate's exported (prune_kept, merge_kept) counts. Some are not
 monotone; DiffRate's own inference slices with them, so a block effectively keeps
 min(tokens so far, prune_kept) and then min(that, merge_kept). The presets store those

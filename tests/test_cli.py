@@ -184,6 +184,16 @@ CHECKPOINT_FIX = "save the weights where the model was made, with torch.save(mod
         ),
         ("bench --model test_vit --variant tome:r", 2, "option 'r' must look like key=value"),
         (
+            f"{EVAL} --checkpoint {{root}}/good.safetensors --config {{root}}/none.json",
+            2,
+            "argument --config: {root}/none.json: no such config file",
+        ),
+        (
+            f"{EVAL} --checkpoint {{root}}/good.safetensors --config {{root}}/data",
+            2,
+            "argument --config: {root}/data is a folder; give a config file in it",
+        ),
+        (
             "export --model test_vit tome:r=2 -o {root}/latin1.json/x.json",
             2,
             "-o {root}/latin1.json/x.json: {root}/latin1.json is a file, not a folder",

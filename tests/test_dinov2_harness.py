@@ -348,6 +348,22 @@ def test_a_saved_head_is_kept_when_the_same_and_another_is_refused(tmp_path):
     assert path.read_bytes() == written
 
 
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [("head.txt", "give a name ending in .safetensors"), ("folder", "is a folder; give a file")],
+)
+def test_a_head_file_that_could_not_be_read_back_is_refused_before_any_work(
+    tmp_path, name, refusal
+):
+    (tmp_path / "folder").mkdir()
+    args = argparse.Namespace(model="dinov2_vits14", save_head=tmp_path / name)
+    with pytest.raises(UsageError, match=f"--save-head {tmp_path / name}.*{refusal}"):
+        backbone._check_head_output(args)
+    backbone._check_head_output(
+        argparse.Namespace(**{**vars(args), "save_head": tmp_path / "h.SAFETENSORS"})
+    )
+
+
 def _split_sets(setup, train, test, **options):
     """backbone._datasets of the tiny model on a train and a test folder."""
     checkpoint, *_, photos = setup

@@ -685,6 +685,10 @@ def test_dycoke_refuses_a_decode_layer_after_a_sliding_window_layer():
 def test_dycoke_refuses_target_macs_naming_its_knob():
     with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
         tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)
+    with pytest.raises(ValueError, match=r"\); give k instead of a different schedule$"):
+        tokcomp.apply(_model("qwen2_vl"), "dycoke", decode_layer=2, schedule=[1])
+    with pytest.raises(ValueError, match=r"give keep \(or target_macs\) instead of a different"):
+        tokcomp.apply(_model("qwen2_vl"), "divprune", schedule=[1])
 
 
 @pytest.mark.parametrize("family", QWEN_VIDEO)

@@ -54,6 +54,16 @@ def fractions(text: str) -> list[float]:
         ) from None
 
 
+def config_file(text: str) -> Path:
+    """A saved config's path: an existing file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a config file in it")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such config file")
+    return path
+
+
 def device(text: str) -> str:
     """A device this machine has: cpu, cuda or cuda:N (only with a visible GPU)."""
     try:

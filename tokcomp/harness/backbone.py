@@ -646,6 +646,11 @@ def _check_head_output(args: argparse.Namespace) -> None:
     _kwargs(args)
     if args.save_head.is_dir():
         raise UsageError(f"--save-head {args.save_head} is a folder; give a file name")
+    if args.save_head.suffix.lower() != ".safetensors":
+        raise UsageError(
+            f"--save-head {args.save_head}: it is written as safetensors, which --checkpoint "
+            "reads by the file's suffix: give a name ending in .safetensors"
+        )
 
 
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -122,7 +122,8 @@ def load_arrays(
         if not p.is_file():
             raise FileNotFoundError(
                 f"Fashion-MNIST file not found: {p}. Install it with `{INSTALL_HINT}` "
-                f"(puts the files in {DEFAULT_ROOT}) or pass root= the folder that holds them."
+                f"(puts the files in {DEFAULT_ROOT}) or name the folder that holds them "
+                "(root=, or --data fashion-mnist:FOLDER on the command line)."
             )
     images = read_idx(paths[0])
     labels = read_idx(paths[1])

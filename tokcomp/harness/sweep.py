@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tokcomp import apply, backend, config_of, is_patched, macs, remove
 from tokcomp.bench import Variant, compiled, parse_variant, peak_memory, timed
 from tokcomp.errors import UsageError, interruption_says
-from tokcomp.harness.arguments import device, fractions, names, positive_int
+from tokcomp.harness.arguments import config_file, device, fractions, names, positive_int
 from tokcomp.harness.distributed import SINGLE, World
 from tokcomp.harness.fingerprint import Fingerprint, file_digest
 from tokcomp.harness.results import ResultStore, fresh_fix, set_aside
@@ -586,7 +586,7 @@ def add_sweep_arguments(
         help=f"method:key=value,... (repeatable), e.g. {variant}",
     )
     sweep.add_argument(
-        "--config", action="append", type=Path, default=[], help="saved config (repeatable)"
+        "--config", action="append", type=config_file, default=[], help="saved config (repeatable)"
     )
     return sweep
 

@@ -95,6 +95,7 @@ class DyCoke(VisualMethod):
     name: ClassVar[str] = "dycoke"
     visual_needs: ClassVar[frozenset[VisualSignal]] = frozenset({VisualSignal.FRAMES})
     budget: ClassVar[str] = "k"
+    takes_target_macs: ClassVar[bool] = False
 
     k: float = 0.7
     decode_layer: int = 3

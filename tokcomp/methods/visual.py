@@ -177,6 +177,9 @@ class VisualMethod(Method):
     #: How a fractional budget rounds, as the method's released code does (ZOO-Prune:
     #: int(keep * N); DivPrune and FastV: round).
     rounding: ClassVar[Callable[[float], int]] = staticmethod(math.floor)
+    #: Whether target_macs can choose the budget (not where the reference image tokcomp prices
+    #: budgets on loses nothing to the method, as with DyCoke's frame merging).
+    takes_target_macs: ClassVar[bool] = True
 
     positions: str = "renumber"
 

@@ -132,9 +132,10 @@ def _resolve_on_vlm(
         return _nearest_to_target(method, spec, method.budget_candidates(spec.selectable))
     schedule = visual_schedule(method, spec, tower)
     if method.schedule is not None and list(method.schedule) != schedule:
+        budget = f"{method.budget} (or target_macs)" if method.takes_target_macs else method.budget
         raise ValueError(
             f"{method.name}'s schedule on {spec.architecture} follows from its options "
-            f"({schedule}); give {method.budget} (or target_macs) instead of a different schedule"
+            f"({schedule}); give {budget} instead of a different schedule"
         )
     return method, schedule
 
