@@ -136,7 +136,10 @@ class LabelledImageFolder(ImageFolder):
                 "(root/<class>/<image>)"
             )
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder {root} does not exist")
+            raise FileNotFoundError(
+                f"data folder {root} does not exist; give a folder of class folders, or "
+                f"{FASHION_MNIST} for the built-in Fashion-MNIST test set"
+            )
         super().__init__(
             str(root), transform=transform, loader=read_image, is_valid_file=_visible_image(root)
         )
