@@ -105,7 +105,9 @@ def _extensions() -> tuple[list, dict]:
     # -fno-trapping-math: no kernel enables floating-point exceptions, and without the flag GCC
     # keeps a float compare-and-select as a branch, which stops energy_score's ELU loop from
     # vectorising (a 1.4-2.7x slower op; the results are bit for bit the same either way).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # -g0: no debug info (Python's build flags add -g): it records pip's random build folder, so
+    # each build of the same sources was another file, and tokcomp's fingerprint hashes it.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # AVX2 + FMA (+ F16C, on every AVX2 CPU): any x86-64 CPU since 2013-2015. No -march=native.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c"]

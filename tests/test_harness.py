@@ -505,6 +505,13 @@ def test_a_results_store_refuses_rows_of_other_code_or_library_releases(tmp_path
         ResultStore(tmp_path, edited_code)
 
 
+def test_the_compiled_extension_carries_no_debug_info_naming_its_build_folder():
+    """The fingerprint hashes the extension's file; debug info records pip's random build
+    folder, so each rebuild of the same sources refused every saved result."""
+    [extension] = PACKAGE.glob("_C.*.so")
+    assert b".debug_" not in extension.read_bytes()
+
+
 def test_every_point_is_checked_before_any_is_evaluated(tmp_path, small, capsys):
     data, checkpoint = small
     argv = ["eval", "imagenet", "--checkpoint", str(checkpoint), "--data", str(data)]
