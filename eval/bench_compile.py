@@ -48,7 +48,7 @@ from tokcomp.bench import (
 )
 from tokcomp.errors import UsageError
 from tokcomp.files import write_text_whole
-from tokcomp.harness.arguments import check_new_file, non_negative_int, positive_int
+from tokcomp.harness.arguments import check_new_file, positive_int
 
 MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 #: Part of the ideal speed-up (unpruned MACs / MACs) a compiled compressed model must reach.
@@ -103,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument(
+        "--warmup",
+        type=positive_int,
+        default=2,
+        help="untimed rounds first (at least 1: the first call of a compiled model compiles it)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument(
         "--json",
@@ -121,6 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.variant = args.variant or TOME_AND_PITOME
     with refusing(parser):
+        if args.force and not args.json:
+            raise UsageError("--force overwrites the --json files; give --json FOLDER, or drop it")
         if args.json:
             check_json_folder(args.json, args.models, args.dtype, args.force)
         check_variants(args.models, args.variant)

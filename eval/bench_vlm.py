@@ -344,7 +344,8 @@ def print_speedups(
     )
     print(
         f"MACs (tower + projector + prefill): {config.base_macs / 1e12:.2f} T unpruned, "
-        f"{config.macs / 1e12:.2f} T at 64 visual tokens ({config.macs_ratio:.3f})"
+        f"{config.macs / 1e12:.2f} T at 64 visual tokens, ZOO's selection included "
+        f"({config.macs_ratio:.3f})"
     )
     print(
         f"LLM prefill speed-up at 64/576 visual tokens: {ratio_text(prefill)} "

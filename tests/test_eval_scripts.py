@@ -60,6 +60,8 @@ CASES = [
     ("bench_compile", ["--models", "nosuch"], "--models", {"benchmark": long_work}),
     ("bench_compile", ["--variant", "tome:rr=1"], "rr", {"benchmark": long_work}),
     ("bench_compile", ["--variant", "tome:r"], "--variant", {"benchmark": long_work}),
+    ("bench_compile", ["--warmup", "0"], "--warmup", {"benchmark": long_work}),
+    ("bench_compile", ["--force"], "--force overwrites the --json", {"benchmark": long_work}),
     ("bench_cpp_wrapper", ["--model", "nosuch"], "--model", {"compiled": long_work}),
     ("bench_cpp_wrapper", ["--variant", "tome:rr=1"], "rr", {"compiled": long_work}),
     ("bench_gpu_models", ["--dtype", "float64"], "--dtype", {"benchmark": long_work}),
