@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = ["--methods", "dart,dart_shuffled", "--budgets", args.budgets, "--output", args.output]
     data = ["--data", "easy-vqa", "--limit", str(args.limit), "--threads", "1"]
     code = tokcomp_main(["eval", "vqa", *data, *sweep])
+    if code != 0:
+        return code
     if not AGREEMENT:
         print(
             f"no DART selection ran: the sweep reused the results saved in {args.output}; give "

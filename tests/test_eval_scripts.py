@@ -279,6 +279,16 @@ def test_refresh_preset_macs_rewrites_stale_macs_and_leaves_current_ones(tmp_pat
     assert (refreshed["macs"], refreshed["base_macs"]) == (current["macs"], current["base_macs"])
 
 
+def test_dart_pivot_order_passes_on_a_failed_sweep_without_blaming_saved_results(
+    capsys, monkeypatch
+):
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # as above
+    module = eval_script("dart_pivot_order")
+    monkeypatch.setattr(module, "tokcomp_main", lambda argv: 2)  # the sweep refused its input
+    assert module.main(["--budgets", "abc"]) == 2
+    assert "no DART selection ran" not in capsys.readouterr().out
+
+
 def test_dart_pivot_order_counts_each_selection_once_and_says_when_none_ran(tmp_path):
     """The sweep's memory and speed probes select again on its first batch: 3 questions are 3
     selections. A rerun reuses the saved results and runs none. (A subprocess: the script
