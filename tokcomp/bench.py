@@ -377,7 +377,8 @@ class _LiveTensorBytes(TorchDispatchMode):
 #: The table's footnote for a flagged speed-up.
 UNTRUSTED_NOTE = (
     f"? = the per-round speed-ups spread over more than {TRUSTED_SPREAD:.0%} of their median "
-    "(interquartile range): too noisy to trust; rerun with more repeats or on a quieter machine"
+    "(interquartile range), or one round gave no spread: too noisy to trust; rerun with more "
+    "repeats or on a quieter machine"
 )
 
 
