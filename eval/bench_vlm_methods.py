@@ -157,11 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = [name for name in args.methods.split(",") if name]
     unknown = sorted(set(methods) - set(IMAGE_METHODS))
-    if unknown:
-        parser.error(
-            f"--methods: {unknown} are not visual-token methods that prune images; "
-            f"choose from {', '.join(IMAGE_METHODS)}"
-        )
+    if unknown or not methods:
+        which = f"{unknown} are not visual-token methods that prune images" if unknown else "none"
+        parser.error(f"--methods: {which}; choose from {', '.join(IMAGE_METHODS)}")
     torch.set_num_threads(args.threads)
     layers = args.layers or layers_that_fit()
     print(

@@ -70,6 +70,7 @@ CASES = [
     ("bench_ops", ["--ops", "tome", "--shape", "1,1,4"], "--shape", {"run": long_work}),
     ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),
     ("bench_vlm_methods", ["--repeats", "0"], "--repeats", {"build": long_work}),
+    ("bench_vlm_methods", ["--methods", ","], "--methods", {"build": long_work}),
     ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
     ("bench_vlm_video", ["--tiny", "--tower", "zoo:keep=0.1"], "zoo", {"build": long_work}),
     ("probe_dinov2_attention", ["--target", "2"], "--target", {"create_model": long_work}),
