@@ -144,11 +144,7 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> Config:
         """Read a config saved by `save` (or written by hand); clear errors on bad files."""
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"{path} is a folder; give a config file in it")
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+        path = existing_config_file(path)
         try:
             text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) is dropped
         except UnicodeDecodeError as err:
@@ -271,6 +267,16 @@ class Config:
                     f"schedule overrides (config_of states {derived!r}): set it back, or give a "
                     "budget option in place of the schedule"
                 )
+
+
+def existing_config_file(path: str | Path) -> Path:
+    """`path` as a Path, refused (ConfigError) unless it is a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a config file in it")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    return path
 
 
 def budget_knobs(method: str, spec: ModelSpec) -> set[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import timm
 import torch
 
-from tokcomp.config import CONFIG_SUFFIXES
+from tokcomp.config import CONFIG_SUFFIXES, ConfigError, existing_config_file
 from tokcomp.errors import UsageError
 
 #: The precisions the harnesses run models in.
@@ -56,12 +56,10 @@ def fractions(text: str) -> list[float]:
 
 def config_file(text: str) -> Path:
     """A saved config's path: an existing file."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a config file in it")
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such config file")
-    return path
+    try:
+        return existing_config_file(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def device(text: str) -> str:
