@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import KEEP, build, inputs, layers_that_fit
-from script_args import script_parser
+from script_args import refusing, script_parser
 
 import tokcomp
 from tokcomp.harness.arguments import positive_int
@@ -82,6 +82,14 @@ def contenders(
         "unpruned": patching("unpruned", None),
         **{label: patching(label, label) for label in budgets},
     }
+
+
+def check_methods_apply(model: nn.Module, budgets: dict[str, dict]) -> None:
+    """Apply each method in `budgets` once (then remove it), raising what tokcomp raises for
+    one that cannot apply to `model` (DART's pivot layer beyond a one-layer model, say)."""
+    for label, options in budgets.items():
+        tokcomp.apply(model, method_of(label), **options)
+        tokcomp.remove(model)
 
 
 def method_of(label: str) -> str:
@@ -169,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     model, batch = build(layers), inputs()
-    prefill: dict[str, list[float]] = {}
     budgets = {name: budget(name) for name in methods}
+    with refusing(parser):
+        check_methods_apply(model, budgets)
+    prefill: dict[str, list[float]] = {}
     runs = contenders(model, batch, budgets, prefill)
     with torch.inference_mode():
         seconds = interleaved(list(runs.values()), args.repeats, CPU)

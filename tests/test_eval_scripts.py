@@ -12,12 +12,21 @@ import pytest
 import torch
 from conftest import tiny_vit
 from fixtures import EVAL, eval_script
+from vlm_fixtures import tiny_vlm
 
 from tokcomp.methods import registry
 
 
 def long_work(*args, **kwargs):
     raise AssertionError("the long work started before the bad input was refused")
+
+
+def llava_of_depth(layers: int):
+    """The tiny LLaVA cut to its first `layers` decoder layers."""
+    model = tiny_vlm("llava")
+    model.model.language_model.layers = model.model.language_model.layers[:layers]
+    model.config.text_config.num_hidden_layers = layers
+    return model
 
 
 class LongLoad:
@@ -71,6 +80,12 @@ CASES = [
     ("bench_vlm", ["--layers", "0"], "--layers", {"build": long_work}),
     ("bench_vlm_methods", ["--repeats", "0"], "--repeats", {"build": long_work}),
     ("bench_vlm_methods", ["--methods", ","], "--methods", {"build": long_work}),
+    (
+        "bench_vlm_methods",
+        ["--methods", "dart", "--layers", "1"],
+        "has 1 layer: dart prunes between decoder layers and needs at least 2",
+        {"build": llava_of_depth, "interleaved": long_work},
+    ),
     ("bench_vlm_video", ["--tiny", "--tower", "tome:rr=1"], "rr", {"build": long_work}),
     ("bench_vlm_video", ["--tiny", "--tower", "zoo:keep=0.1"], "zoo", {"build": long_work}),
     ("probe_dinov2_attention", ["--target", "2"], "--target", {"create_model": long_work}),

@@ -390,14 +390,23 @@ class LLMStageMethod(VisualMethod):
         boundaries, previous = self.boundaries(llm_depth), 0
         for boundary in boundaries:
             if not (previous <= self.scoring_layer(boundary) and 1 <= boundary < llm_depth):
-                option = self.layers_option
-                raise ValueError(
-                    f"{self.name}: {option}={getattr(self, option)!r} prunes before decoder "
-                    f"layers {boundaries}, which must be ascending in 1..{llm_depth - 1} (the "
-                    f"language model has {llm_depth} layers)"
-                )
+                raise ValueError(self._boundaries_error(boundaries, llm_depth))
             previous = boundary
         return boundaries
+
+    def _boundaries_error(self, boundaries: list[int], llm_depth: int) -> str:
+        """Why `boundaries` cannot split a language model `llm_depth` layers deep."""
+        option = self.layers_option
+        asked = f"{self.name}: {option}={getattr(self, option)!r} prunes before decoder layers "
+        if llm_depth < 2:
+            return (
+                f"{asked}{boundaries}, but the language model has {llm_depth} layer: {self.name} "
+                "prunes between decoder layers and needs at least 2"
+            )
+        return (
+            f"{asked}{boundaries}, which must be ascending in 1..{llm_depth - 1} (the language "
+            f"model has {llm_depth} layers)"
+        )
 
     def llm_schedule(
         self,
