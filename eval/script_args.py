@@ -69,6 +69,21 @@ def refuse_ignored(
         parser.error(f"{option} has no effect without {needs}")
 
 
+def check_heads_divide(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, heads: str, *widths: str
+) -> None:
+    """Refuse, through `parser`, a width option the `heads` option does not divide: each
+    attention head takes an equal share of the width."""
+    count = getattr(args, heads.removeprefix("--").replace("-", "_"))
+    for option in widths:
+        width = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if width % count:
+            parser.error(
+                f"{option} {width} is not a multiple of {heads} {count}: each attention head "
+                "takes an equal share of the width"
+            )
+
+
 def finite_loss(loss: float, where: str) -> float:
     """`loss`, which must be finite: a training run that diverged ends there, writing nothing."""
     if not math.isfinite(loss):

@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import (
     REPO,
     add_force_argument,
+    check_heads_divide,
     check_model_output,
     finite_loss,
     non_negative_float,
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     check_garment_sizes(p, args)
+    check_heads_divide(p, args, "--num-heads", "--embed-dim")
     if args.canvas < IMAGE_SIZE:
         p.error(f"--canvas must be at least {IMAGE_SIZE} (a Fashion-MNIST image's side)")
     if args.coarse_epochs == 0 and args.epochs == 0:

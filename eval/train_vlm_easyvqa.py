@@ -76,6 +76,7 @@ from script_args import (
     MODEL_FILE,
     REPO,
     add_force_argument,
+    check_heads_divide,
     check_model_output,
     finite_loss,
     non_negative_float,
@@ -135,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_run_options(p)
     args = p.parse_args(argv)
+    check_heads_divide(p, args, "--heads", "--vision-width", "--text-width")
     refuse_ignored(p, args, "--min-visual", "--drop-visual", bool(args.drop_visual))
     check_model_output(p, args)
     return args

@@ -63,7 +63,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling train_vlm_easyvqa
-from script_args import REPO, check_model_output, script_parser
+from script_args import REPO, check_heads_divide, check_model_output, script_parser
 from train_vlm_easyvqa import (
     BOS,
     EOS,
@@ -129,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor", type=positive_int, default=150, help="test clips checked per epoch")
     add_run_options(p)
     args = p.parse_args(argv)
+    check_heads_divide(p, args, "--heads", "--vision-width", "--text-width")
     check_model_output(p, args)
     return args
 

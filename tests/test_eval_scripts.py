@@ -266,6 +266,11 @@ def test_vqa_studies_refuse_a_non_positive_limit(script, capsys, monkeypatch):
             "--min-visual has no effect without --drop-visual",
         ),
         ("train_vlm_videoshapes", ["--lr", "inf"], "--lr: must be a number above 0"),
+        # widths the heads do not divide (a traceback from timm or transformers)
+        ("train_vit_fmnist", ["--embed-dim", "100"], "--embed-dim 100 is not a multiple of"),
+        ("train_vlm_easyvqa", ["--vision-width", "130"], "--vision-width 130 is not a"),
+        ("train_vlm_videoshapes", ["--heads", "5"], "--vision-width 128 is not a multiple"),
+        ("train_vlm_videoshapes", ["--text-width", "190"], "--text-width 190 is not a"),
     ],
 )
 def test_training_scripts_refuse_settings_that_cannot_train(script, argv, option, capsys):
