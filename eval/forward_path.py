@@ -16,6 +16,9 @@ import timm
 import torch
 import transformers as hf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
+from script_args import script_parser
+
 import tokcomp
 
 PACKAGE = Path(tokcomp.__file__).resolve().parent
@@ -78,7 +81,9 @@ def show(title: str, path: list[str]) -> None:
     print("  visits: " + ", ".join(f"{name} {count}" for name, count in counts.items()))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print the three paths (the script takes no options; --help says what it does)."""
+    script_parser(__doc__).parse_args(argv)
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", depth=1).eval()
     tokcomp.apply(vit, "tome", r=8)

@@ -324,3 +324,17 @@ def test_dart_pivot_order_counts_each_selection_once_and_says_when_none_ran(tmp_
     assert "keep 28: mean Jaccard of the kept sets" in (first := run())
     assert " over 3 selections " in first
     assert "no DART selection ran: the sweep reused the results saved in" in run()
+
+
+#: Every eval script with a command line (a `main`).
+SCRIPTS = sorted(path.stem for path in EVAL.glob("*.py") if "def main(" in path.read_text())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_an_unknown_option_in_one_line(script, capsys, monkeypatch):
+    """Before any work: a script that read no command line ran in full, ignoring it."""
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # studies register
+    with pytest.raises(SystemExit) as done:
+        eval_script(script).main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and " error: " in err, err
