@@ -176,8 +176,11 @@ def print_table(ms: dict, counts: list[int], dtype: torch.dtype, args) -> None:
     """One row per block (per count asked for); the total as the model runs it (no mask until
     the first merge)."""
     names = list(dict.fromkeys(name for _, name in ms))
-    print(f"\n{dtype}, batch {args.batch_size}, {args.threads} threads, ms (median)")
-    print(f"{'tokens':>6}" + "".join(f"{n:>15}" for n in names) + f"{'N^2 share':>15}")
+    print(
+        f"\n{dtype}, batch {args.batch_size}, {args.threads} threads, ms (median); N^2 ideal: "
+        f"the {counts[0]}-token time without a mask x (N / {counts[0]})^2"
+    )
+    print(f"{'tokens':>6}" + "".join(f"{n:>15}" for n in names) + f"{'N^2 ideal':>15}")
     full = ms[counts[0], "no mask"]
     for tokens in counts:
         ideal = full * (tokens / counts[0]) ** 2
