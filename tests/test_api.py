@@ -16,10 +16,12 @@ import torch
 from conftest import tiny_vit
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch import nn
+from vlm_fixtures import tiny_vlm
 
 import tokcomp
 from tokcomp.config import METHOD_DEFAULTS, ConfigError
 from tokcomp.errors import UsageError
+from tokcomp.methods import create_method
 
 
 def test_methods_lists_tome():
@@ -52,6 +54,10 @@ def test_apply_twice_replaces_the_previous_method(images):
     assert tokcomp.config_of(twice).options["r"] == 5
     tokcomp.remove(twice)
     assert not tokcomp.is_patched(twice)
+
+
+def test_is_patched_is_false_for_what_is_no_module():
+    assert not tokcomp.is_patched(3) and not tokcomp.is_patched("model")
 
 
 @torch.no_grad()
@@ -190,9 +196,31 @@ def test_unknown_method_lists_the_known_ones():
         tokcomp.apply(tiny_vit("vit"), "tomme")
 
 
+def test_a_folder_given_as_the_method_is_named_as_a_folder(tmp_path):
+    """It was reported as an unknown method."""
+    with pytest.raises(
+        ConfigError, match=rf"{re.escape(str(tmp_path))} is a folder; give a config"
+    ):
+        tokcomp.apply(tiny_vit("vit"), str(tmp_path))
+
+
+def test_a_schedule_for_a_visual_token_method_by_name_is_refused_naming_the_budget():
+    """On a VLM the schedule follows from keep: with none, the default keep was checked against
+    a tiny image and the message advised a keep that, given, was refused beside schedule."""
+    model = tiny_vlm("llava")
+    schedule = tokcomp.config_of(tokcomp.apply(model, "divprune", keep=4)).schedule
+    for options in ({}, {"keep": 4}):
+        with pytest.raises(ValueError, match=r"divprune: on a VLM the schedule follows from keep"):
+            tokcomp.apply(model, "divprune", schedule=schedule, **options)
+    assert tokcomp.config_of(model).options["keep"] == 4  # a refused apply leaves the patch
+
+
 def test_unknown_option_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"no option 'ratio'; its options are: .*\br\b"):
         tokcomp.apply(tiny_vit("vit"), "tome", ratio=0.5)
+    with pytest.raises(ValueError, match="no option 'foo'") as refused:
+        create_method("dycoke", foo=1)
+    assert "target_macs" not in str(refused.value)  # dycoke refuses it
 
 
 def test_impossible_budget_states_the_reachable_range():
@@ -401,7 +429,8 @@ def _valid_dict() -> dict:
         ({"version": 99}, "version 99 is newer"),
         ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
         ({"macs": -3}, "'macs' must be a positive int"),
-        ({"options": []}, "'options' must be a dict"),
+        ({"options": []}, "'options' must be a mapping"),
+        ({"version": "1"}, "'version' must be an int, got '1'"),
     ],
 )
 def test_malformed_config_gets_a_clear_error(tmp_path, change, message):

@@ -289,6 +289,33 @@ def test_save_refuses_a_file_that_appeared_unless_asked_and_never_leaves_half_a_
     assert Config.load(config.save(path, overwrite=True)) == config
 
 
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_key_given_twice_is_refused_not_the_last_one_taken(tmp_path, suffix):
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=2))
+    saved = config.save(tmp_path / f"tome{suffix}")
+    assert Config.load(saved) == config
+    text = saved.read_text()
+    if suffix == ".json":
+        text = text.replace('"r": 2', '"r": 2, "r": 3')
+    else:
+        text = text.replace("  r: 2\n", "  r: 2\n  r: 3\n")
+    edited = tmp_path / f"edited{suffix}"
+    edited.write_text(text)
+    with pytest.raises(ConfigError, match=r"edited\.\w+: key 'r' is given twice; keep one"):
+        Config.load(edited)
+
+
+def test_save_refuses_a_folder_or_a_file_in_the_way_in_one_line(tmp_path):
+    config = tokcomp.config_of(tokcomp.apply(tiny_vit(), "tome", r=2))
+    (tmp_path / "taken.json").mkdir()
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(ConfigError, match=r"taken\.json is a folder; give a config file name"):
+        config.save(tmp_path / "taken.json", overwrite=True)
+    with pytest.raises(ConfigError, match=r"notes\.txt is a file, not a folder; save elsewhere"):
+        config.save(tmp_path / "notes.txt" / "sub" / "tome.json")
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

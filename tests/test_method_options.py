@@ -121,6 +121,23 @@ def test_random_keep_ratio_one_as_an_int_keeps_every_visual_token():
         create_method("random", keep_ratio=12.0)
 
 
+@pytest.mark.parametrize(
+    ("method", "ratio", "interval"),
+    [
+        ("pitome", 0.4, r"\[0\.5, 1\]"),
+        ("pitome", 1.2, r"\[0\.5, 1\]"),
+        ("evit", 0.0, r"\(0\.0, 1\]"),
+    ],
+)
+def test_a_keep_ratio_out_of_range_is_refused_naming_its_interval(method, ratio, interval):
+    """PiToMe merges at most half the tokens per block: 0.5 is allowed, shown as such."""
+    with pytest.raises(ValueError, match=rf"{method}: keep_ratio must be a number in {interval}"):
+        create_method(method, keep_ratio=ratio)
+    if method == "pitome":
+        assert create_method(method, keep_ratio=0.5).keep_ratio == 0.5
+        assert create_method(method, keep_ratio=0.5 - 1e-12).keep_ratio == 0.5 - 1e-12
+
+
 def test_zero_tprune_iterations_are_checked_before_the_first_forward():
     with pytest.raises(ValueError, match=r"iterations must be None or a list of ints >= 0"):
         create_method("zero_tprune", iterations=[-1, 1, 1, 1])

@@ -56,6 +56,27 @@ def test_tower_merging_nothing_is_the_visual_method_alone(family, method):
     assert "forward" not in model.model.vision_tower.__dict__
 
 
+@torch.no_grad()
+def test_a_vlm_and_its_vision_tower_are_not_patched_apart():
+    """The tower's own patch merged tokens the VLM's schedule and budget never saw."""
+    model = _model("llava")
+    tower = model.model.vision_tower
+    batch, _ = batch_inputs(model, "llava", LAYOUT, seed=3)
+    tokcomp.apply(model, "divprune", keep=4)
+    tokcomp.apply(tower, "tome", r=2)  # nothing of the VLM's patch sits inside its tower
+    with pytest.raises(ValueError, match="vision tower is patched on its own"):
+        model(**batch)
+    with pytest.raises(ValueError, match=r"model\.model\.vision_tower \(\w+\) is patched on"):
+        tokcomp.apply(model, "divprune", keep=4, tower="tome", tower_options={"r": 2})
+    tokcomp.remove(tower)
+    tokcomp.apply(model, "divprune", keep=4, tower="tome", tower_options={"r": 2})
+    tokcomp.apply(model, "divprune", keep=4, tower="tome", tower_options={"r": 1})  # replaces
+    assert tokcomp.config_of(model).tower["options"]["r"] == 1
+    with pytest.raises(ValueError, match="is part of a LlavaForConditionalGeneration"):
+        tokcomp.apply(tower, "tome", r=2)
+    model(**batch)
+
+
 def _tome_by_hand(tower, pixels: torch.Tensor, r: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The embeddings and every layer's output of a CLIP or SigLIP tower under plain ToMe
     (eager attention with the log-size bias, keys metric, the class token never merged), each

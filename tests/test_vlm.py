@@ -12,6 +12,7 @@ import sys
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import transformers as hf
@@ -685,10 +686,13 @@ def test_dycoke_refuses_a_decode_layer_after_a_sliding_window_layer():
 def test_dycoke_refuses_target_macs_naming_its_knob():
     with pytest.raises(ValueError, match="dycoke: give k instead of target_macs"):
         tokcomp.apply(_model("qwen2_vl"), "dycoke", target_macs=0.5)
-    with pytest.raises(ValueError, match=r"\); give k instead of a different schedule$"):
+    with pytest.raises(ValueError, match=r"follows from k; give k instead of schedule"):
         tokcomp.apply(_model("qwen2_vl"), "dycoke", decode_layer=2, schedule=[1])
-    with pytest.raises(ValueError, match=r"give keep \(or target_macs\) instead of a different"):
+    with pytest.raises(ValueError, match=r"give keep \(or target_macs\) instead of schedule"):
         tokcomp.apply(_model("qwen2_vl"), "divprune", schedule=[1])
+    method = create_method("dycoke", decode_layer=2, schedule=[1])
+    with pytest.raises(ValueError, match=r"but its schedule is \[1\]: .* follows from k;"):
+        tokcomp.apply(_model("qwen2_vl"), method)
 
 
 @pytest.mark.parametrize("family", QWEN_VIDEO)
@@ -960,8 +964,13 @@ def test_llava_next_video_is_one_segment_of_its_resampled_frames():
 
 
 def test_videos_where_none_are_taken_and_bad_frame_counts_are_refused():
-    with pytest.raises(ValueError, match="frame count"):
-        tokcomp.config_of(tokcomp.apply(_model("qwen2_vl"), "divprune", keep=4), frames=0)
+    qwen = tokcomp.apply(_model("qwen2_vl"), "divprune", keep=4)
+    for frames in (0, 1.5, "4", True):  # 1.5 was priced, as a float the config cannot hold
+        with pytest.raises(ValueError, match="frame count"):
+            tokcomp.config_of(qwen, frames=frames)
+        with pytest.raises(ValueError, match="frame count"):
+            tokcomp.macs(qwen, frames=frames)
+    assert tokcomp.macs(qwen, frames=np.int64(2)) == tokcomp.macs(qwen, frames=2)
     model = tokcomp.apply(_model("llava"), "divprune", keep=4)
     with pytest.raises(ValueError, match="takes no videos"):
         tokcomp.config_of(model, frames=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from tokcomp.adapters import Compression, Patch, find_adapter
+from tokcomp.adapters.base import PATCH_ATTRIBUTE, check_unshared, patched_on_its_own
 from tokcomp.config import METHOD_DEFAULTS, Config, ConfigError, budget_knobs
 from tokcomp.methods import (
     BlockMethod,
@@ -24,11 +26,10 @@ from tokcomp.methods import (
     method_names,
 )
 from tokcomp.methods.visual import VisualSignal
-from tokcomp.schedule import ModelSpec, model_macs, resolve_with_tower, selection_macs
+from tokcomp.schedule import ModelSpec, VLMSpec, model_macs, resolve_with_tower, selection_macs
 
 M = TypeVar("M", bound=nn.Module)
 
-_PATCH = "_tokcomp"
 _CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
@@ -54,11 +55,12 @@ def apply(
     tower_method = _tower_of(tower, tower_options)
     compression = _requested(method_or_config, options, spec, tower_method, model_defaults(model))
     adapter.check(compression)
+    check_unshared(model)
     if is_patched(model):
         remove(model)
     patch = Patch(adapter, compression)
     adapter.install(patch)
-    object.__setattr__(model, _PATCH, patch)
+    object.__setattr__(model, PATCH_ATTRIBUTE, patch)
     return model
 
 
@@ -109,6 +111,7 @@ def _requested(
         return _bound(_own_copy(method_or_config), tower, spec)
     config = _as_config(method_or_config)
     if config is None:
+        _refuse_a_visual_schedule(str(method_or_config), options, spec)
         _refuse_what_the_schedule_overrides(str(method_or_config), options)
         chosen = {**defaults.get(str(method_or_config), {}), **options}
         compression = _bound(create_method(str(method_or_config), **chosen), tower, spec)
@@ -140,6 +143,20 @@ def _bound(method: Method, tower: Method | None, spec: ModelSpec) -> Compression
     return Compression(method, tuple(schedule), spec, tower=in_tower)
 
 
+def _refuse_a_visual_schedule(name: str, options: dict[str, Any], spec: ModelSpec) -> None:
+    """Refuse a schedule given to a visual-token method on a VLM: there it follows from the
+    budget (a saved config's is checked against its options, not taken as is)."""
+    cls = method_class(name)
+    if options.get("schedule") is None or not isinstance(spec, VLMSpec):
+        return
+    if issubclass(cls, VisualMethod):
+        budget = f"{cls.budget} (or target_macs)" if cls.takes_target_macs else cls.budget
+        raise ValueError(
+            f"{name}: on a VLM the schedule follows from {cls.budget}; give {budget} instead "
+            "of schedule (or apply a saved config)"
+        )
+
+
 def _refuse_what_the_schedule_overrides(name: str, options: dict[str, Any]) -> None:
     """Refuse a method's budget option, or an option shaping the schedule derived from it,
     beside an explicit schedule, which overrides them."""
@@ -163,13 +180,13 @@ def remove(model: M) -> M:
     """Undo `apply`: the model's original forward, exactly; returns the model."""
     patch = _patch_of(model)
     patch.adapter.uninstall()
-    del model.__dict__[_PATCH]
+    del model.__dict__[PATCH_ATTRIBUTE]
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether tokcomp has patched `model`."""
-    return _PATCH in model.__dict__
+    return isinstance(model, nn.Module) and patched_on_its_own(model)
 
 
 def config_of(model: nn.Module, frames: int | None = None) -> Config:
@@ -231,9 +248,9 @@ def _video_spec(adapter: Any, frames: int) -> ModelSpec:
     video_spec = getattr(adapter, "video_spec", None)
     if video_spec is None:
         raise ValueError("frames= gives a VLM's MACs on a video; this model is no VLM")
-    if frames < 1:
-        raise ValueError(f"frames={frames}: give the video's frame count (an int >= 1)")
-    return video_spec(frames)
+    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
+        raise ValueError(f"frames={frames!r}: give the video's frame count (an int >= 1)")
+    return video_spec(int(frames))
 
 
 def macs(model: nn.Module, frames: int | None = None) -> int:
@@ -283,7 +300,7 @@ def _patch_of(model: nn.Module) -> Patch:
         raise ValueError(
             "this model is not patched by tokcomp; call tokcomp.apply(model, ...) first"
         )
-    return model.__dict__[_PATCH]
+    return model.__dict__[PATCH_ATTRIBUTE]
 
 
 def _as_config(method_or_config: str | Path | Config) -> Config | None:
@@ -298,8 +315,8 @@ def _as_config(method_or_config: str | Path | Config) -> Config | None:
     path = Path(method_or_config)
     if isinstance(method_or_config, str) and method_or_config in method_names():
         return None  # a method's name, even where a file of that name sits in the folder
-    if path.suffix in _CONFIG_SUFFIXES or path.is_file():
-        return Config.load(path)
+    if path.suffix in _CONFIG_SUFFIXES or path.is_file() or path.is_dir():
+        return Config.load(path)  # which refuses a folder, naming it
     if isinstance(method_or_config, Path):
         raise ConfigError(f"no config file {path}: give the path of a saved config")
     return None

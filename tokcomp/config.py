@@ -127,6 +127,11 @@ class Config:
         path = Path(path)
         if path.suffix not in CONFIG_SUFFIXES:
             raise ConfigError(f"{path}: save a config as .json, .yaml or .yml")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give a config file name in it")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"{path}: {blocking} is a file, not a folder; save elsewhere")
         data = self.to_dict()
         yaml_file = path.suffix in (".yaml", ".yml")
         text = yaml.safe_dump(data, sort_keys=False) if yaml_file else json.dumps(data, indent=2)
@@ -153,11 +158,13 @@ class Config:
             ) from None
         try:
             if path.suffix in (".yaml", ".yml"):
-                data = yaml.safe_load(text)
+                data = yaml.load(text, Loader=_UniqueKeysLoader)
             elif path.suffix == ".json":
-                data = json.loads(text)
+                data = json.loads(text, object_pairs_hook=_unique_keys)
             else:
                 raise ConfigError(f"{path}: a config file ends in .json, .yaml or .yml")
+        except _DuplicateKeyError as err:
+            raise ConfigError(f"{path}: {err}; keep one of them") from None
         except (json.JSONDecodeError, yaml.YAMLError) as err:
             where = " ".join(str(err).split())  # YAML's message spans lines
             raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {where}") from None
@@ -267,6 +274,32 @@ class Config:
                     f"schedule overrides (config_of states {derived!r}): set it back, or give a "
                     "budget option in place of the schedule"
                 )
+
+
+class _DuplicateKeyError(ValueError):
+    """A config file names one key twice in one mapping (its reader would keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A mapping from its (key, value) pairs, refusing a key named twice."""
+    seen: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKeyError(f"key {key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key named twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping of `node` (see `_unique_keys`)."""
+        pairs = [
+            (self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
+            for key, value in node.value
+        ]
+        return _unique_keys(pairs)
 
 
 def existing_config_file(path: str | Path) -> Path:
@@ -428,6 +461,10 @@ def _check_counts(source: str, data: dict) -> None:
         )
 
 
+#: How a config's error names each JSON type it expects.
+_KIND_NAMES = {int: "an int", str: "a string", dict: "a mapping"}
+
+
 def _expect(source: str, name: str, value: Any, kind: type) -> None:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{source}: {name!r} must be a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: {name!r} must be {_KIND_NAMES[kind]}, got {value!r}")

@@ -434,6 +434,14 @@ class Patch:
 
     adapter: Adapter
     compression: Compression
+    #: The model `tokcomp.apply` patched where this patch is a part of its patch (a VLM's, on
+    #: its vision tower); None: the adapter's model.
+    owner: nn.Module | None = None
+
+    @property
+    def patched_model(self) -> nn.Module:
+        """The model whose `tokcomp.apply` made this patch."""
+        return self.adapter.model if self.owner is None else self.owner
 
 
 class Adapter(abc.ABC):
@@ -511,16 +519,9 @@ class Adapter(abc.ABC):
 
     def uninstall(self) -> None:
         """Remove the instance-level overrides: what the instance held before is back, else
-        the class methods are visible again. Where another patch has since shadowed one of
-        them (tokcomp.apply on a model sharing the module: a CLIP model, then its image tower),
-        that patch takes over what this one had shadowed, so that removing both, in either
-        order, restores the original."""
+        the class methods are visible again."""
         for module, attribute, held, previous in self.shadowed:
-            above = _shadowing(module, attribute, self)
-            if above is not None:
-                adapter, index = above
-                adapter.shadowed[index] = (module, attribute, held, previous)
-            elif held:
+            if held:
                 object.__setattr__(module, attribute, previous)
             else:
                 module.__dict__.pop(attribute, None)
@@ -535,21 +536,38 @@ _ANY_ARGUMENTS = inspect.Signature(
 )
 
 
-def _shadowing(module: nn.Module, attribute: str, adapter: Adapter) -> tuple[Adapter, int] | None:
-    """The adapter whose override sits directly over `adapter`'s on `module.attribute`, and the
-    index of that attribute in its `shadowed`; None where `adapter`'s is on top."""
-    current = module.__dict__.get(attribute)
-    while isinstance(current, Override) and current.patch.adapter is not adapter:
-        above = current.patch.adapter
-        entries = enumerate(getattr(above, "shadowed", ()))
-        found = [(i, e) for i, e in entries if e[0] is module and e[1] == attribute]
-        if not found:
-            return None
-        index, (_, _, _, previous) = found[0]
-        if isinstance(previous, Override) and previous.patch.adapter is adapter:
-            return above, index
-        current = previous
-    return None
+#: Where `tokcomp.apply` keeps the Patch on the model it patched.
+PATCH_ATTRIBUTE = "_tokcomp"
+
+
+def patched_on_its_own(module: nn.Module) -> bool:
+    """Whether `tokcomp.apply` patched `module` itself (not as a part of a model holding it)."""
+    return PATCH_ATTRIBUTE in module.__dict__
+
+
+def check_unshared(model: nn.Module) -> None:
+    """Refuse (ValueError) to patch `model` where tokcomp already compresses a part of it under
+    another patch: a module inside it patched on its own (a CLIP model's or a VLM's image
+    tower), or modules of it patched as part of a model holding it. Either patch would run
+    unseen by the other's config (its method, schedule and MACs)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if not isinstance(value, Override) or value.patch.patched_model is model:
+                continue
+            holder = value.patch.patched_model
+            if id(holder) in names:
+                raise ValueError(
+                    f"model.{names[id(holder)]} ({type(holder).__name__}) is patched on its "
+                    "own: call tokcomp.remove on it first, then patch one of the two (a "
+                    "LLaVA-family VLM merges inside its vision tower through tokcomp.apply's "
+                    "tower= option)"
+                )
+            raise ValueError(
+                f"this {type(model).__name__} is part of a {type(holder).__name__} that tokcomp "
+                f"has patched: call tokcomp.remove on the {type(holder).__name__} first, or "
+                "apply the method to it (applying again replaces its method)"
+            )
 
 
 def intermediates(module: nn.Module, names: Sequence[str]) -> list[tuple[nn.Module, str, str]]:

@@ -58,7 +58,10 @@ def check_layers(
         raise ValueError(f"{name}: {option} {layers} names a block twice; name each block once")
 
 
-def check_ratio(name: str, ratio: float, lowest: float = 0.0) -> None:
-    """Raise ValueError unless `ratio` is a keep ratio in (lowest, 1]."""
-    if not lowest < ratio <= 1:
-        raise ValueError(f"{name}: keep_ratio must be a number in ({lowest}, 1], got {ratio!r}")
+def check_ratio(name: str, ratio: float, lowest: float = 0.0, inclusive: bool = False) -> None:
+    """Raise ValueError unless `ratio` is a keep ratio in (lowest, 1], or with `inclusive` in
+    [lowest, 1] (a hair below `lowest`, what arithmetic leaves of it, counts as it)."""
+    inside = lowest - 1e-9 <= ratio <= 1 if inclusive else lowest < ratio <= 1
+    if not inside:
+        interval = f"[{lowest}, 1]" if inclusive else f"({lowest}, 1]"
+        raise ValueError(f"{name}: keep_ratio must be a number in {interval}, got {ratio!r}")

@@ -66,7 +66,7 @@ class PiToMe(BlockMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ratio(self.name, self.keep_ratio, lowest=0.5 - 1e-9)
+        check_ratio(self.name, self.keep_ratio, lowest=0.5, inclusive=True)
         if self.metric not in (None, "keys", "hidden"):
             raise ValueError(f"pitome: metric is 'keys' or 'hidden', got {self.metric!r}")
         for name in ("margin", "alpha"):

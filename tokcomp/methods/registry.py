@@ -38,9 +38,12 @@ def create_method(name: str, **options: Any) -> Method:
     valid = option_names(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
+        offered = [
+            o for o in valid if o != "target_macs" or getattr(cls, "takes_target_macs", True)
+        ]
         raise ValueError(
             f"method {name!r} has no option {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(valid)}"
+            f"its options are: {', '.join(offered)}"
         )
     budget = getattr(cls, "budget", None)
     if options.get("target_macs") is not None and budget in options:

@@ -134,8 +134,9 @@ def _resolve_on_vlm(
     if method.schedule is not None and list(method.schedule) != schedule:
         budget = f"{method.budget} (or target_macs)" if method.takes_target_macs else method.budget
         raise ValueError(
-            f"{method.name}'s schedule on {spec.architecture} follows from its options "
-            f"({schedule}); give {budget} instead of a different schedule"
+            f"{method.name}: its options give the schedule {schedule} on {spec.architecture}, "
+            f"but its schedule is {list(method.schedule)}: correct one of them (the schedule "
+            f"follows from {budget}; a saved config: re-export it for this model)"
         )
     return method, schedule
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokcomp.adapters.base import Adapter, Compression, Patch
+from tokcomp.adapters.base import Adapter, Compression, Patch, patched_on_its_own
 from tokcomp.adapters.hf_vision import HFVisionAdapter
 from tokcomp.adapters.hf_vlm.decoder import decode_pruned, llm_stage_decode, llm_stage_prefill
 from tokcomp.adapters.hf_vlm.families import (
@@ -159,7 +159,7 @@ class HFVLMAdapter(Adapter):
             spec = compression.spec.tower()
             tower = Compression(compression.method, compression.schedule, spec)
         if tower is not None:
-            self.tower_patch = Patch(HFVisionAdapter(self.vlm.tower), tower)
+            self.tower_patch = Patch(HFVisionAdapter(self.vlm.tower), tower, self.model)
             self.tower_patch.adapter.install(self.tower_patch)
 
     def uninstall(self) -> None:
@@ -177,12 +177,26 @@ class HFVLMAdapter(Adapter):
     # -- the patched methods -------------------------------------------------------------------
     def get_image_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
         """The model's own get_image_features, with the vision hidden states the method needs."""
+        self._refuse_tower_patched_apart()
         return self.vlm.encode(args, kwargs, _visual_needs(compression.method))
 
     def get_video_features(self, compression: Compression, *args: Any, **kwargs: Any) -> Any:
         """The model's own get_video_features, with the vision hidden states the method needs
         (patched, as get_image_features, so that generate leaves the videos to the forward)."""
+        self._refuse_tower_patched_apart()
         return self.vlm.encode_videos(args, kwargs, _visual_needs(compression.method))
+
+    def _refuse_tower_patched_apart(self) -> None:
+        """Refuse a vision tower tokcomp.apply patched on its own after this VLM (apply refuses
+        the other order): its tokens would reach the language model unseen by this patch's
+        schedule, MACs and budgets."""
+        tower = getattr(self.vlm, "tower", None)
+        if tower is not None and patched_on_its_own(tower):
+            raise UsageError(
+                "this VLM's vision tower is patched on its own: call tokcomp.remove on the "
+                "tower (a LLaVA-family VLM merges inside its vision tower through "
+                "tokcomp.apply's tower= option)"
+            )
 
     def forward(
         self,
