@@ -10,7 +10,8 @@ from conftest import BATCH_POSITION_DEPENDENT, tiny_vit
 from method_options import keep_all, middle
 
 import tokcomp
-from tokcomp.methods import BlockPosition, Signals, TokenState, create_method
+from tokcomp.adapters.base import attend
+from tokcomp.methods import BlockPosition, Signal, Signals, TokenState, create_method
 from tokcomp.methods.base import MAX_SEED
 from tokcomp.methods.zero_tprune import head_filter
 from tokcomp.ops import attention_pagerank, energy_score
@@ -94,6 +95,21 @@ def test_exported_config_round_trips(method, tmp_path, images):
 
 
 # -- PiToMe -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_fused_attention_s_class_row_is_the_softmax_with_the_size_bias(padding):
+    """The fused path computes the class-token row apart: softmax(q_0 k^T * scale + log
+    size), by hand, the padding rows after the tokens left out."""
+    torch.manual_seed(0)
+    tokens, scale = 7, 0.5
+    q, k, v = (torch.randn(2, 3, tokens + padding, 4) for _ in range(3))
+    sizes = torch.randint(1, 5, (2, tokens)).float()
+    bias = sizes.log()[:, None, None, :]
+    needs = frozenset({Signal.CLS_ATTN})
+    _, signals = attend(q, k, v, scale, bias, needs, tokens=tokens)
+    logits = (q[:, :, 0, None] * k[:, :, :tokens]).sum(dim=-1) * scale + sizes.log()[:, None]
+    torch.testing.assert_close(signals.cls_attn, logits.softmax(dim=-1))
 
 
 def _state(tokens: int = 21, channels: int = 8, protected: int = 1, batch: int = 2) -> TokenState:

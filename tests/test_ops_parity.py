@@ -90,6 +90,19 @@ def _tolerances(dtype: torch.dtype) -> tuple[float, float]:
 
 def _check_match(op, a: torch.Tensor, b: torch.Tensor, a_protected: int, b_protected: int) -> None:
     score, index = op(a, b, a_protected, b_protected)
+    _check_match_result(score, index, a, b, a_protected, b_protected)
+
+
+def _check_match_result(
+    score: torch.Tensor,
+    index: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_protected: int,
+    b_protected: int,
+) -> None:
+    """best_match's (score, index) of a against b: the reference's scores, and its indices
+    wherever a row has a clear winner, else a column within the near-tie tolerance of it."""
     ref_score, ref_index = best_match_reference(a, b, a_protected, b_protected)
     assert score.dtype == torch.float32 and index.dtype == torch.int64
     assert score.shape == ref_score.shape == index.shape == (a.shape[0], a.shape[1])
@@ -133,8 +146,6 @@ def test_best_match_parity(
     generator = torch.Generator().manual_seed(tokens * 1000 + channels + batch)
     x = torch.randn(batch, tokens, channels, generator=generator).to(device=device, dtype=dtype)
     a, b = x[:, ::2].contiguous(), x[:, 1::2].contiguous()
-    if b.shape[1] == 0:
-        return
     for a_protected, b_protected in _protected_pairs(a.shape[1], b.shape[1]):
         _check_match(op, a, b, a_protected, b_protected)
 
@@ -161,10 +172,7 @@ def test_best_match_edge_cases(device: str, route: str) -> None:
     x = torch.randn(4, 50, 64, generator=generator).to(device)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     for a, b in ((x[:, ::2], x[:, 1::2]), (xt[:, ::2], xt[:, 1::2]), (x[1:3, 3:20], x[2:4, 20:])):
-        score, index = op(a, b, 1, 0)
-        ref_score, ref_index = best_match_reference(a, b, 1, 0)
-        torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=0)
-        assert (index == ref_index).float().mean() > 0.95
+        _check_match(op, a, b, 1, 0)
 
 
 def _zero_size_cases() -> list[tuple[str, tuple]]:
@@ -484,32 +492,38 @@ def test_weighted_merge_without_output_rows_rejects_sources() -> None:
 @pytest.mark.skipif(
     not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 only"
 )
-def test_portable_cpu_kernel_without_avx512() -> None:
-    """The AVX2 kernels (chosen on CPUs without AVX-512, or with TOKCOMP_CPU_AVX512=0)."""
+def test_portable_cpu_kernel_without_avx512(tmp_path) -> None:
+    """The AVX2 kernels (chosen on CPUs without AVX-512, or with TOKCOMP_CPU_AVX512=0); the
+    matches are checked here, from what the subprocess saved."""
     code = (
-        "import torch, tokcomp._C\n"
-        "from tokcomp.ops.match import best_match_reference as ref\n"
+        "import sys, torch, tokcomp._C\n"
         "from tokcomp.ops.energy import energy_score_reference\n"
         "from tokcomp.ops.pagerank import attention_pagerank_reference\n"
         "g = torch.Generator().manual_seed(3)\n"
+        "matches = []\n"
         "for n, c in ((197, 384), (577, 64), (9, 100)):\n"
         "    x = torch.randn(3, n, c, generator=g)\n"
         "    a, b = x[:, ::2].contiguous(), x[:, 1::2].contiguous()\n"
         "    s, i = torch.ops.tokcomp.best_match(a, b, 1, 2)\n"
-        "    rs, ri = ref(a, b, 1, 2)\n"
-        "    torch.testing.assert_close(s, rs, atol=1e-5, rtol=0)\n"
-        "    assert (i == ri).float().mean() > 0.99\n"
+        "    matches.append((s, i, a, b))\n"
         "    e = torch.ops.tokcomp.energy_score(x, 0.4, 1.0)\n"
         "    torch.testing.assert_close(e, energy_score_reference(x, 0.4), atol=1e-5, rtol=0)\n"
         "    p = torch.rand(2, 2, n, n, generator=g).softmax(-1)\n"
         "    want = attention_pagerank_reference(p, 7)\n"
         "    torch.testing.assert_close(torch.ops.tokcomp.attention_pagerank(p, 7), want)\n"
+        "torch.save(matches, sys.argv[1])\n"
     )
     env = {**os.environ, "TOKCOMP_CPU_AVX512": "0"}
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, "-c", code, str(tmp_path / "matches.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+    for score, index, a, b in torch.load(tmp_path / "matches.pt"):
+        _check_match_result(score, index, a, b, 1, 2)
 
 
 # ---- energy_score, attention_pagerank, greedy_maxmin -------------------------------------------

@@ -386,6 +386,36 @@ def test_fastv_scores_equal_the_eager_attention_weights(family):
     )
 
 
+@pytest.mark.parametrize("query", ["last", "text"])
+@torch.no_grad()
+def test_fastv_ranks_by_layer_k_minus_1_attention_from_its_query_rows(query):
+    """FastV (K = 2) scores each visual token by the attention it receives in layer 1 of the
+    unpruned prompt, head mean, from the last token ("last", the default) or averaged over the
+    prompt's text tokens ("text"): eager attention weights, by hand."""
+    model = _model("llava")
+    batch, _ = _inputs(model, "llava", [(1, 5), (1, 3)])
+    language = model.model.language_model
+    language.config._attn_implementation = "eager"
+    weights = model(**batch, output_attentions=True).attentions[1].mean(dim=1)
+    placeholder = batch["input_ids"] == IMAGE
+    if query == "last":
+        expected = weights[:, -1]
+    else:
+        text = (batch["attention_mask"].bool() & ~placeholder).float()
+        expected = (weights * text[..., None]).sum(dim=1) / text.sum(dim=1, keepdim=True)
+    seen = []
+
+    class Recorded(method_class("fastv")):
+        def select(self, visual, keep):
+            seen.append(visual.attention.clone())
+            return super().select(visual, keep)
+
+    tokcomp.apply(model, Recorded(keep=4, query=query))
+    model.set_attn_implementation("sdpa")
+    model(**batch)
+    torch.testing.assert_close(seen[0], expected[placeholder].view(2, 16), rtol=1e-4, atol=1e-6)
+
+
 @torch.no_grad()
 def test_pyramiddrop_ranks_by_the_last_tokens_attention_in_each_cut_layer():
     """Stage 1 (before layer 1 of 3) ranks the unpruned prompt's visual tokens by layer 1's
