@@ -64,9 +64,9 @@ def floor_report(rows: list[BenchRow]) -> tuple[str, bool]:
         passed &= row.gain_trusted
         ok &= passed
         lines.append(
-            f"  {row.label}: compiled speed-up {row.speedup:.2f}x (spread "
-            f"{row.speedup_spread:.1%}), floor {ideal:.2f}x = {FLOOR} / MACs ratio "
-            f"{row.macs_ratio:.3f}, i.e. {row.speedup * row.macs_ratio:.2f} of the MACs ratio; "
+            f"  {row.label}: compiled speed-up {row.speedup:.3f}x (spread "
+            f"{row.speedup_spread:.1%}), floor {ideal:.3f}x = {FLOOR} / MACs ratio "
+            f"{row.macs_ratio:.3f}, i.e. {row.speedup * row.macs_ratio:.3f} of the MACs ratio; "
             f"compiled over eager {row.compile_gain:.2f}{'x' if row.gain_trusted else '?'} -> "
             f"{'ok' if passed else 'MISSED'}"
         )

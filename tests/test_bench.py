@@ -213,6 +213,7 @@ def _compiled_row(speedup: float, spread: float, gain: float, gain_spread: float
     [
         (_compiled_row(1.95, 0.02, 1.2, 0.02), True),
         (_compiled_row(1.85, 0.02, 1.2, 0.02), False),  # under 0.95 of the MACs ratio
+        (_compiled_row(1.899, 0.02, 1.2, 0.02), False),  # 0.9495: printed 0.95 before
         (_compiled_row(1.95, 0.5, 1.2, 0.02), False),  # the speed-up too noisy to trust
         (_compiled_row(1.95, 0.02, 0.98, 0.02), False),  # compiled slower than eager
         (_compiled_row(1.95, 0.02, 1.2, 0.5), False),  # the compiled gain too noisy to trust
@@ -225,6 +226,7 @@ def test_compiled_floors_need_each_figure_reached_and_trusted(row, passes):
     report, passed = eval_script("bench_compile").floor_report([unpruned, row])
     assert passed is passes
     assert report.endswith("ok" if passes else "MISSED")
+    assert f"i.e. {row.speedup * row.macs_ratio:.3f} of the MACs ratio" in report
 
 
 @pytest.mark.parametrize(
