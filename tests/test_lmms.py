@@ -555,6 +555,14 @@ def test_without_lmms_eval_the_command_says_how_to_install_it(capsys):
     assert "lmms-eval is not installed here: pip install 'tokcomp[lmms]'" in line
 
 
+def test_a_missing_include_path_is_refused_in_one_line(tmp_path, capsys):
+    """It was ignored (exit 0), and a task inside a mistyped folder was 'unknown'."""
+    argv = ["eval", "lmms", "--tasks", "easyvqa", "--include-path", str(tmp_path / "tasks")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"--include-path: {tmp_path / 'tasks'}: no such folder" in line
+
+
 def test_speed_repeats_is_not_an_option_of_the_command(tmp_path, capsys):
     """The command runs no speed probe (its speed figures time lmms-eval's own generation):
     --speed-repeats is not offered, so giving it is refused before any work, not ignored."""

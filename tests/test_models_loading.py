@@ -51,6 +51,13 @@ def test_pretrained_offline_and_uncached_is_one_line(offline_hub):
         create_model("deit_tiny_patch16_224", pretrained=True)
 
 
+def test_pretrained_and_a_checkpoint_are_refused_together(offline_hub, tmp_path):
+    """The checkpoint's weights replaced timm's pretrained ones, unsaid."""
+    _checkpoint(tmp_path / "weights.safetensors")
+    with pytest.raises(UsageError, match="give --checkpoint or --pretrained, not both"):
+        create_model(checkpoint=tmp_path / "weights.safetensors", pretrained=True)
+
+
 def test_upper_case_suffix_reads_as_safetensors(tmp_path):
     model = _checkpoint(tmp_path / "weights.SAFETENSORS")
     loaded = create_model(checkpoint=tmp_path / "weights.SAFETENSORS")

@@ -35,6 +35,11 @@ def create_model(
     that a registry package ships, converted and cached on first use, with the method
     options chosen for them (in pretrained_cfg[METHOD_DEFAULTS], which tokcomp.apply reads).
     """
+    if checkpoint and pretrained:
+        raise UsageError(
+            "give --checkpoint or --pretrained, not both: the checkpoint's weights would replace "
+            "timm's pretrained ones (pretrained=True and checkpoint= in Python)"
+        )
     method_defaults = {}
     if name in OFFLINE_MODELS:
         if checkpoint or pretrained:

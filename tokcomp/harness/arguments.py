@@ -54,6 +54,14 @@ def fractions(text: str) -> list[float]:
         ) from None
 
 
+def existing_folder(text: str) -> Path:
+    """The path of a folder that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
 def config_file(text: str) -> Path:
     """A saved config's path: an existing file."""
     try:

@@ -30,7 +30,7 @@ from torch import nn
 from tokcomp.errors import UsageError
 from tokcomp.files import write_text_whole
 from tokcomp.harness import hub
-from tokcomp.harness.arguments import names, positive_int
+from tokcomp.harness.arguments import existing_folder, names, positive_int
 from tokcomp.harness.fingerprint import Fingerprint, folder_digest
 from tokcomp.harness.plot import plot_sweep
 from tokcomp.harness.results import ResultStore, fresh_fix, report, set_aside
@@ -270,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument(
         "--include-path",
         action="append",
-        type=Path,
+        type=existing_folder,
         default=[DEFAULT_TASKS],
         help="folder of local task YAMLs (repeatable; eval/lmms_tasks always included)",
     )
