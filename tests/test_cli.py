@@ -49,6 +49,12 @@ def test_parse_variant_refuses_an_option_given_twice():
         parse_variant("tome:r=4,r=5")
 
 
+def test_parse_variant_refuses_a_variant_naming_no_method():
+    """:r=3 went on to be read as a config path, '.', once the model had loaded."""
+    with pytest.raises(argparse.ArgumentTypeError, match=r"':r=3' names no method"):
+        parse_variant(":r=3")
+
+
 def test_the_offline_pretrained_model_is_a_model_bench_export_and_search_take(tmp_path):
     """`make bench-dinov2` runs tokcomp bench --model dinov2_vits14 (it was refused as an
     unknown timm model)."""

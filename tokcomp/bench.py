@@ -40,6 +40,10 @@ def parse_variant(text: str) -> Variant:
     """'tome:r=13,prop_attn=false' -> Variant('tome r=13 prop_attn=false', 'tome', {...}).
     Values are read as JSON where they parse (numbers, lists, true/false), else as text."""
     method, _, rest = text.partition(":")
+    if not method.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names no method: write method:key=value,... (e.g. tome:r=13)"
+        )
     items = [_parse_option(item) for item in _split_options(rest)]
     options = dict(items)
     if len(options) < len(items):
