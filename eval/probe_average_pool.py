@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # script_args
 from script_args import refusing, script_parser
 
 import tokcomp
+from tokcomp.adapters.base import size_weighted_mean
 from tokcomp.bench import Variant, parse_variant
 from tokcomp.harness.backbone import Photos, backbone_features, photo_paths
 from tokcomp.harness.imagenet import data_config, model_transform
@@ -41,10 +42,10 @@ VARIANTS = [
 def mean_patch_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The final normed patch tokens' mean, size-weighted (tokcomp's pool) and plain."""
     with torch.inference_mode():
-        weighted = backbone_features(model, images)[1]
         state = tokcomp.forward_tokens(model, images)
-        plain = state.x[:, state.protected :].mean(dim=1)
-    return weighted, plain
+    patches = state.x[:, state.protected :]
+    sizes = None if state.size is None else state.size[:, state.protected :]
+    return size_weighted_mean(patches, sizes), patches.mean(dim=1)
 
 
 def agreement(pooled: torch.Tensor, reference: torch.Tensor) -> str:

@@ -64,7 +64,7 @@ def refuse_ignored(
 ) -> None:
     """Refuse, through `parser`, `option` given away from its default where it is not `used`
     (it would be ignored): it works only with `needs`."""
-    name = option.removeprefix("--").replace("-", "_")
+    name = _destination(option)
     if not used and getattr(args, name) != parser.get_default(name):
         parser.error(f"{option} has no effect without {needs}")
 
@@ -74,14 +74,19 @@ def check_heads_divide(
 ) -> None:
     """Refuse, through `parser`, a width option the `heads` option does not divide: each
     attention head takes an equal share of the width."""
-    count = getattr(args, heads.removeprefix("--").replace("-", "_"))
+    count = getattr(args, _destination(heads))
     for option in widths:
-        width = getattr(args, option.removeprefix("--").replace("-", "_"))
+        width = getattr(args, _destination(option))
         if width % count:
             parser.error(
                 f"{option} {width} is not a multiple of {heads} {count}: each attention head "
                 "takes an equal share of the width"
             )
+
+
+def _destination(option: str) -> str:
+    """The attribute argparse stores `option` in ("--embed-dim" -> "embed_dim")."""
+    return option.removeprefix("--").replace("-", "_")
 
 
 def finite_loss(loss: float, where: str) -> float:

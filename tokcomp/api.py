@@ -150,10 +150,9 @@ def _refuse_a_visual_schedule(name: str, options: dict[str, Any], spec: ModelSpe
     if options.get("schedule") is None or not isinstance(spec, VLMSpec):
         return
     if issubclass(cls, VisualMethod):
-        budget = f"{cls.budget} (or target_macs)" if cls.takes_target_macs else cls.budget
         raise ValueError(
-            f"{name}: on a VLM the schedule follows from {cls.budget}; give {budget} instead "
-            "of schedule (or apply a saved config)"
+            f"{name}: on a VLM the schedule follows from {cls.budget}; give "
+            f"{cls.budget_choices()} instead of schedule (or apply a saved config)"
         )
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import yaml
 
 from tokcomp.errors import UsageError
-from tokcomp.files import written_whole
+from tokcomp.files import blocking_file, written_whole
 from tokcomp.methods import Method, create_method, method_class, option_names
 from tokcomp.methods.registry import mistyped_option
 from tokcomp.schedule import (
@@ -129,7 +129,7 @@ class Config:
             raise ConfigError(f"{path}: save a config as .json, .yaml or .yml")
         if path.is_dir():
             raise ConfigError(f"{path} is a folder; give a config file name in it")
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        blocking = blocking_file(path)
         if blocking is not None:
             raise ConfigError(f"{path}: {blocking} is a file, not a folder; save elsewhere")
         data = self.to_dict()

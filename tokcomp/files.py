@@ -11,6 +11,13 @@ from typing import Any
 import torch
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The file standing where a folder of `path` should be (so `path` cannot be written),
+    or None."""
+    nearest = next(parent for parent in path.absolute().parents if parent.exists())
+    return None if nearest.is_dir() else nearest
+
+
 @contextlib.contextmanager
 def written_whole(path: Path) -> Iterator[Path]:
     """A partial file beside `path` for the block to write; when the block ends without an

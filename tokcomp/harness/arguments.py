@@ -11,6 +11,7 @@ import torch
 
 from tokcomp.config import CONFIG_SUFFIXES, ConfigError, existing_config_file
 from tokcomp.errors import UsageError
+from tokcomp.files import blocking_file
 
 #: The precisions the harnesses run models in.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -166,6 +167,6 @@ def check_new_file(path: Path, force: bool, option: str) -> None:
         raise UsageError(
             f"{option} {path} exists; pass --force to overwrite it, or give another file name"
         )
-    folder = next(parent for parent in path.absolute().parents if parent.exists())
-    if not folder.is_dir():
-        raise UsageError(f"{option} {path}: {folder} is a file, not a folder")
+    blocking = blocking_file(path)
+    if blocking is not None:
+        raise UsageError(f"{option} {path}: {blocking} is a file, not a folder")

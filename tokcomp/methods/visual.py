@@ -188,6 +188,11 @@ class VisualMethod(Method):
         self.check_budget()
         check_positions(self.name, self.positions)
 
+    @classmethod
+    def budget_choices(cls) -> str:
+        """How an error names the options that set this method's budget."""
+        return f"{cls.budget} (or target_macs)" if cls.takes_target_macs else cls.budget
+
     def check_budget(self) -> None:
         """Raise ValueError unless the budget option is a valid per-image budget."""
         check_keep(self.name, self.visual_keep(), self.budget)

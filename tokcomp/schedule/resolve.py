@@ -132,11 +132,10 @@ def _resolve_on_vlm(
         return _nearest_to_target(method, spec, method.budget_candidates(spec.selectable))
     schedule = visual_schedule(method, spec, tower)
     if method.schedule is not None and list(method.schedule) != schedule:
-        budget = f"{method.budget} (or target_macs)" if method.takes_target_macs else method.budget
         raise ValueError(
             f"{method.name}: its options give the schedule {schedule} on {spec.architecture}, "
             f"but its schedule is {list(method.schedule)}: correct one of them (the schedule "
-            f"follows from {budget}; a saved config: re-export it for this model)"
+            f"follows from {method.budget_choices()}; a saved config: re-export it for this model)"
         )
     return method, schedule
 
